@@ -1,0 +1,1 @@
+"""The HTTP API: A1111's ``/sdapi/v1/*`` routes."""

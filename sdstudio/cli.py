@@ -1,0 +1,249 @@
+"""The ``sdstudio`` command line: txt2img, pnginfo, models, serve.
+
+Errors print one line naming the problem and exit with status 2 (bad input) or 1 (internal error);
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .core.names import UnknownNameError, sampler_labels, schedule_labels
+from .core.params import RequestError, Txt2ImgRequest, from_infotext
+from .core.paths import DeviceOptions, Paths
+
+USER_ERRORS: tuple[type[BaseException], ...] = (RequestError, UnknownNameError, FileNotFoundError)
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """A1111's directory and device flags, shared by every command and by the server."""
+    g = parser.add_argument_group("folders (A1111 names)")
+    g.add_argument("--data-dir", default=os.environ.get("SDSTUDIO_DATA_DIR", "."),
+                   help="base folder holding models/, embeddings/, outputs/ (default: current folder)")
+    g.add_argument("--ckpt-dir", action="append", default=[], help="extra folder with checkpoints")
+    g.add_argument("--vae-dir", help="folder with VAE files (default: models/VAE)")
+    g.add_argument("--lora-dir", help="folder with LoRA files (default: models/Lora)")
+    g.add_argument("--embeddings-dir", help="folder with textual inversion embeddings (default: embeddings)")
+    g.add_argument("--hypernetwork-dir", help="folder with hypernetworks (default: models/hypernetworks)")
+    g.add_argument("--esrgan-models-path", help="folder with ESRGAN upscalers (default: models/ESRGAN)")
+    g.add_argument("--controlnet-dir", help="folder with ControlNet models (default: models/ControlNet)")
+    d = parser.add_argument_group("device")
+    d.add_argument("--precision", choices=["full", "autocast", "half"], default="autocast")
+    d.add_argument("--no-half", action="store_true", help="run the model in float32 on the GPU")
+    d.add_argument("--no-half-vae", action="store_true", help="run the VAE in float32 on the GPU")
+    d.add_argument("--medvram", action="store_true", help="keep only the component in use on the GPU")
+    d.add_argument("--lowvram", action="store_true", help="stream UNet blocks to the GPU one by one")
+    d.add_argument("--xformers", action="store_true", help="use xformers attention when installed")
+    d.add_argument("--use-cpu", nargs="*", help="run on the CPU even when a GPU is present")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def paths_from(args: argparse.Namespace) -> Paths:
+    return Paths(Path(args.data_dir), ckpt_dirs=[Path(p) for p in args.ckpt_dir], vae_dir=args.vae_dir,
+                 lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, hypernetwork_dir=args.hypernetwork_dir,
+                 esrgan_dir=args.esrgan_models_path, controlnet_dir=args.controlnet_dir)
+
+
+def device_options_from(args: argparse.Namespace) -> DeviceOptions:
+    return DeviceOptions(precision=args.precision, no_half=args.no_half, no_half_vae=args.no_half_vae,
+                         medvram=args.medvram, lowvram=args.lowvram, xformers=args.xformers,
+                         use_cpu=args.use_cpu is not None)
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = text.lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x768, got {text!r}") from None
+
+
+# Flags of ``txt2img`` -> request fields. Defaults are None so that, with --from-png / --infotext,
+# only the flags actually given override the pasted parameters.
+_TXT2IMG_FLAGS = {
+    "negative_prompt": "negative_prompt", "steps": "steps", "sampler": "sampler_name", "scheduler": "scheduler",
+    "cfg": "cfg_scale", "seed": "seed", "subseed": "subseed", "subseed_strength": "subseed_strength",
+    "batch_count": "n_iter", "batch_size": "batch_size", "clip_skip": "clip_skip", "model": "model", "vae": "vae",
+    "rng": "rng", "eta": "eta", "ensd": "eta_noise_seed_delta",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdstudio", description="Stable Diffusion studio (A1111-compatible)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("txt2img", help="generate images from a prompt")
+    t.add_argument("prompt", nargs="?", default=None)
+    t.add_argument("-n", "--negative-prompt", dest="negative_prompt")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--sampler", help=f"one of: {', '.join(sampler_labels())}")
+    t.add_argument("--scheduler", "--schedule-type", dest="scheduler", help=f"one of: {', '.join(schedule_labels())}")
+    t.add_argument("--cfg", "--cfg-scale", dest="cfg", type=float)
+    t.add_argument("--seed", type=int, help="-1 for random")
+    t.add_argument("--subseed", "--variation-seed", dest="subseed", type=int)
+    t.add_argument("--subseed-strength", "--variation-strength", dest="subseed_strength", type=float)
+    t.add_argument("--seed-resize-from", type=_size, metavar="WxH")
+    t.add_argument("--size", type=_size, metavar="WxH")
+    t.add_argument("--width", "-W", type=int)
+    t.add_argument("--height", "-H", type=int)
+    t.add_argument("--batch-count", "--n-iter", dest="batch_count", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--clip-skip", type=int)
+    t.add_argument("--model", help="checkpoint name (file stem), title or hash")
+    t.add_argument("--vae", help="Automatic, None or a VAE name from models/VAE")
+    t.add_argument("--rng", choices=["GPU", "CPU", "NV"])
+    t.add_argument("--eta", type=float)
+    t.add_argument("--ensd", type=int, help="eta noise seed delta")
+    t.add_argument("--tiling", action="store_true", default=None)
+    t.add_argument("--from-png", metavar="IMAGE", help="re-create an image from its embedded parameters")
+    t.add_argument("--infotext", help="re-create from pasted A1111 parameters text")
+    t.add_argument("--outdir", help="write images here instead of outputs/txt2img-images/DATE")
+    t.add_argument("--format", choices=["png", "jpg", "webp"], default="png")
+    t.add_argument("--no-grid", action="store_true", help="do not save a grid for batches")
+    add_common_flags(t)
+
+    p = sub.add_parser("pnginfo", help="print the generation parameters stored in an image")
+    p.add_argument("image")
+    p.add_argument("--json", action="store_true", help="print the parsed fields as JSON")
+    p.add_argument("--debug", action="store_true")
+
+    m = sub.add_parser("models", help="list checkpoints and VAEs with their hashes")
+    add_common_flags(m)
+
+    s = sub.add_parser("serve", help="start the web UI and/or the A1111-compatible API")
+    from .server import add_server_flags
+
+    add_server_flags(s)
+    add_common_flags(s)
+    return parser
+
+
+def request_from_args(args: argparse.Namespace) -> Txt2ImgRequest:
+    from .core.outputs import read_infotext
+
+    if args.from_png:
+        text = read_infotext(Path(args.from_png))
+        if not text:
+            raise RequestError(f"{args.from_png}: the image holds no generation parameters")
+        req = from_infotext(text)
+    elif args.infotext:
+        req = from_infotext(args.infotext)
+    else:
+        req = Txt2ImgRequest()
+    changes = {field: getattr(args, flag) for flag, field in _TXT2IMG_FLAGS.items() if getattr(args, flag) is not None}
+    if args.prompt is not None:
+        changes["prompt"] = args.prompt
+    if args.size:
+        changes["width"], changes["height"] = args.size
+    if args.width is not None:
+        changes["width"] = args.width
+    if args.height is not None:
+        changes["height"] = args.height
+    if args.seed_resize_from:
+        changes["seed_resize_from_w"], changes["seed_resize_from_h"] = args.seed_resize_from
+    if args.tiling:
+        changes["tiling"] = True
+    return req.replace(**changes).validate()
+
+
+def cmd_txt2img(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .core import outputs
+    from .engine.txt2img import Engine
+
+    req = request_from_args(args)
+    paths = paths_from(args)
+    engine = Engine(paths, device_options_from(args))
+    outdir = Path(args.outdir) if args.outdir else outputs.dated_dir(paths.outputs_dir, "txt2img-images")
+    grid_dir = Path(args.outdir) if args.outdir else outputs.dated_dir(paths.outputs_dir, "txt2img-grids")
+    bar = tqdm(total=req.n_iter * req.steps, desc="sampling", unit="step", file=sys.stderr, leave=False)
+    written: list[Path] = []
+
+    def on_progress(p) -> None:
+        bar.n = p.job_no * p.steps + p.step
+        bar.refresh()
+
+    def on_image(image) -> None:  # saved as soon as it exists: an interrupt loses nothing finished
+        written.append(outputs.save_image(image.image, outdir, infotext=image.infotext, suffix=str(image.seed),
+                                          fmt=args.format))
+
+    try:
+        result = engine.txt2img(req, on_progress=on_progress, on_image=on_image)
+    finally:
+        bar.close()
+    for path in written:
+        print(path)
+    if len(result.images) > 1 and not args.no_grid:
+        grid = outputs.image_grid([g.image for g in result.images], req.batch_size)
+        print(outputs.save_image(grid, grid_dir, infotext=result.images[0].infotext, basename="grid", fmt=args.format))
+    if result.interrupted:
+        print("interrupted: kept the images finished so far", file=sys.stderr)
+    return 0
+
+
+def cmd_pnginfo(args: argparse.Namespace) -> int:
+    import json
+
+    from .core import infotext
+    from .core.outputs import read_infotext
+
+    path = Path(args.image)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    text = read_infotext(path)
+    if not text:
+        print(f"{path.name}: no generation parameters in this image", file=sys.stderr)
+        return 1
+    print(json.dumps(infotext.parse(text), indent=1, ensure_ascii=False) if args.json else text)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models.registry import ModelRegistry
+
+    registry = ModelRegistry(paths_from(args))
+    print("checkpoints:")
+    for m in registry.checkpoints:
+        print(f"  {m.title}  name={m.name}  old-hash={m.legacy_hash}")
+    print("VAEs:")
+    for v in registry.vaes:
+        print(f"  {v.title}  name={v.name}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .core.outputs import NotAnImageError
+    from .models.errors import ModelFileError, ModelNotFoundError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
+    commands = {"txt2img": cmd_txt2img, "pnginfo": cmd_pnginfo, "models": cmd_models}
+    try:
+        if args.command == "serve":
+            from .server import serve
+
+            return serve(args)
+        return commands[args.command](args)
+    except (*USER_ERRORS, ModelFileError, ModelNotFoundError, NotAnImageError) as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback
+        if args.debug:
+            raise
+        print(f"error: internal error ({type(exc).__name__}: {exc}); run with --debug for details", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

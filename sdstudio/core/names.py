@@ -1,0 +1,128 @@
+"""A1111 sampler and schedule names, as data.
+
+Each sampler row says which k-diffusion-style function in :mod:`sdstudio.engine.samplers` runs it
+and the options A1111 gives it (default schedule for "Automatic", whether the next-to-last sigma is
+discarded, whether it uses the eta-noise-seed-delta or Brownian noise). Adding a sampler is one row
+here plus one function there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class UnknownNameError(ValueError):
+    """An unknown sampler or schedule name; the message lists the valid ones."""
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    label: str
+    function: str
+    aliases: tuple[str, ...] = ()
+    scheduler: str = "automatic"  # the schedule "Automatic" resolves to
+    discard_next_to_last_sigma: bool = False
+    uses_ensd: bool = False
+    brownian_noise: bool = False
+    second_order: bool = False
+    timesteps: bool = False  # DDIM-family: A1111 picks timesteps, not a sigma schedule
+
+
+SAMPLERS: tuple[SamplerInfo, ...] = (
+    SamplerInfo("DPM++ 2M", "dpmpp_2m", ("k_dpmpp_2m",), scheduler="karras"),
+    SamplerInfo("DPM++ SDE", "dpmpp_sde", ("k_dpmpp_sde",), scheduler="karras", second_order=True,
+                brownian_noise=True),
+    SamplerInfo("DPM++ 2M SDE", "dpmpp_2m_sde", ("k_dpmpp_2m_sde",), scheduler="exponential",
+                brownian_noise=True),
+    SamplerInfo("DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun", ("k_dpmpp_2m_sde_heun",), scheduler="exponential",
+                brownian_noise=True),
+    SamplerInfo("DPM++ 2S a", "dpmpp_2s_ancestral", ("k_dpmpp_2s_a",), scheduler="karras", uses_ensd=True,
+                second_order=True),
+    SamplerInfo("DPM++ 3M SDE", "dpmpp_3m_sde", ("k_dpmpp_3m_sde",), scheduler="exponential",
+                discard_next_to_last_sigma=True, brownian_noise=True),
+    SamplerInfo("Euler a", "euler_ancestral", ("k_euler_a", "k_euler_ancestral"), uses_ensd=True),
+    SamplerInfo("Euler", "euler", ("k_euler",)),
+    SamplerInfo("LMS", "lms", ("k_lms",)),
+    SamplerInfo("Heun", "heun", ("k_heun",), second_order=True),
+    SamplerInfo("DPM2", "dpm_2", ("k_dpm_2",), scheduler="karras", discard_next_to_last_sigma=True,
+                second_order=True),
+    SamplerInfo("DPM2 a", "dpm_2_ancestral", ("k_dpm_2_a",), scheduler="karras",
+                discard_next_to_last_sigma=True, uses_ensd=True, second_order=True),
+    SamplerInfo("DDIM", "ddim", ("ddim",), timesteps=True),
+    SamplerInfo("PLMS", "plms", ("plms",), timesteps=True),
+    SamplerInfo("LCM", "lcm", ("k_lcm",)),
+)
+
+
+@dataclass(frozen=True)
+class ScheduleInfo:
+    name: str
+    label: str
+    aliases: tuple[str, ...] = ()
+
+
+SCHEDULES: tuple[ScheduleInfo, ...] = (
+    ScheduleInfo("automatic", "Automatic"),
+    ScheduleInfo("uniform", "Uniform"),
+    ScheduleInfo("karras", "Karras"),
+    ScheduleInfo("exponential", "Exponential"),
+    ScheduleInfo("polyexponential", "Polyexponential"),
+    ScheduleInfo("sgm_uniform", "SGM Uniform", ("SGMUniform",)),
+    ScheduleInfo("kl_optimal", "KL Optimal"),
+    ScheduleInfo("align_your_steps", "Align Your Steps"),
+    ScheduleInfo("simple", "Simple"),
+    ScheduleInfo("normal", "Normal"),
+    ScheduleInfo("ddim", "DDIM"),
+    ScheduleInfo("beta", "Beta"),
+)
+
+
+def _key(name: str) -> str:
+    return name.strip().lower()
+
+
+_SAMPLER_INDEX = {_key(n): s for s in SAMPLERS for n in (s.label, *s.aliases)}
+_SCHEDULE_INDEX = {_key(n): s for s in SCHEDULES for n in (s.name, s.label, *s.aliases)}
+
+
+def sampler_labels() -> list[str]:
+    return [s.label for s in SAMPLERS]
+
+
+def schedule_labels() -> list[str]:
+    return [s.label for s in SCHEDULES]
+
+
+def get_sampler(name: str) -> SamplerInfo:
+    try:
+        return _SAMPLER_INDEX[_key(name)]
+    except KeyError:
+        raise UnknownNameError(
+            f"unknown sampler {name!r}; valid samplers: {', '.join(sampler_labels())}") from None
+
+
+def get_schedule(name: str | None) -> ScheduleInfo:
+    try:
+        return _SCHEDULE_INDEX[_key(name or "automatic")]
+    except KeyError:
+        raise UnknownNameError(
+            f"unknown schedule type {name!r}; valid schedule types: {', '.join(schedule_labels())}") from None
+
+
+def split_legacy_sampler(name: str) -> tuple[str, str | None]:
+    """``"DPM++ 2M Karras"`` (pre-1.9 infotexts) -> ``("DPM++ 2M", "Karras")``; other names unchanged."""
+    if _key(name) in _SAMPLER_INDEX:
+        return _SAMPLER_INDEX[_key(name)].label, None
+    for schedule in SCHEDULES[1:]:
+        suffix = " " + schedule.label
+        if name.endswith(suffix) and _key(name[: -len(suffix)]) in _SAMPLER_INDEX:
+            return _SAMPLER_INDEX[_key(name[: -len(suffix)])].label, schedule.label
+    return name, None
+
+
+def resolve_schedule(sampler: SamplerInfo, schedule: str | None) -> ScheduleInfo:
+    """The concrete schedule a (sampler, schedule type) pair runs with; "Automatic" -> the sampler's default."""
+    chosen = get_schedule(schedule)
+    if chosen.name == "automatic":
+        chosen = get_schedule(sampler.scheduler) if sampler.scheduler != "automatic" else get_schedule("uniform")
+    return chosen

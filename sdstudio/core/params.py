@@ -1,0 +1,210 @@
+"""The typed request that flows from UI / API / CLI to the engine, and its infotext round trip.
+
+Field names are A1111's API names (``sampler_name``, ``cfg_scale``, ``n_iter``...). The table
+``INFOTEXT_FIELDS`` ties each infotext key to one field, so writing and reading infotext are the
+same data read in two directions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import infotext
+from .names import get_sampler, get_schedule, split_legacy_sampler
+
+RNG_SOURCES = ("GPU", "CPU", "NV")
+MAX_SIDE = 8192
+
+
+class RequestError(ValueError):
+    """A request that cannot run; the message names the bad field and why."""
+
+
+@dataclass
+class Txt2ImgRequest:
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_w: int = 0
+    seed_resize_from_h: int = 0
+    sampler_name: str = "DPM++ 2M"
+    scheduler: str = "Automatic"
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    tiling: bool = False
+    clip_skip: int = 1
+    rng: str = "GPU"  # A1111's default; on a machine without CUDA "GPU" runs the NV imitation
+    eta_noise_seed_delta: int = 0
+    eta: float | None = None
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = float("inf")
+    s_noise: float = 1.0
+    model: str | None = None  # checkpoint name (file stem), title or short hash; None = current
+    vae: str = "Automatic"  # "Automatic", "None" or a VAE name
+    extra: dict[str, str] = field(default_factory=dict)  # infotext keys we do not interpret, kept
+
+    def validate(self) -> "Txt2ImgRequest":
+        """Raise :class:`RequestError` naming the first bad field; returns self for chaining."""
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 64 or value > MAX_SIDE or value % 8:
+                raise RequestError(f"{name} must be a multiple of 8 between 64 and {MAX_SIDE}, got {value!r}")
+        for name, low, high in (("steps", 1, 1000), ("batch_size", 1, 64), ("n_iter", 1, 10000),
+                                ("clip_skip", 1, 12)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not low <= value <= high:
+                raise RequestError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+        if not 0.0 <= self.subseed_strength <= 1.0:
+            raise RequestError(f"subseed_strength must be between 0 and 1, got {self.subseed_strength!r}")
+        if not 0.0 <= self.cfg_scale <= 100.0:
+            raise RequestError(f"cfg_scale must be between 0 and 100, got {self.cfg_scale!r}")
+        if self.rng not in RNG_SOURCES:
+            raise RequestError(f"rng must be one of {', '.join(RNG_SOURCES)}, got {self.rng!r}")
+        try:
+            get_sampler(self.sampler_name)
+            get_schedule(self.scheduler)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        return self
+
+    def replace(self, **changes: Any) -> "Txt2ImgRequest":
+        return dataclasses.replace(self, **changes)
+
+
+# ---- infotext <-> request ------------------------------------------------------------------------
+
+def _fmt_float(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", text)
+    if not match:
+        raise RequestError(f"bad size {text!r}; expected WxH such as 512x768")
+    return int(match.group(1)), int(match.group(2))
+
+
+@dataclass(frozen=True)
+class InfotextField:
+    key: str
+    write: Callable[[Txt2ImgRequest], object | None]  # None = not written
+    read: Callable[[str], dict[str, Any]]
+
+
+def _simple(key: str, attr: str, conv: Callable[[str], Any], *, skip: Callable[[Any], bool] = lambda v: False,
+            show: Callable[[Any], object] = lambda v: v) -> InfotextField:
+    def write(req: Txt2ImgRequest) -> object | None:
+        value = getattr(req, attr)
+        return None if skip(value) else show(value)
+
+    return InfotextField(key, write, lambda text: {attr: conv(text)})
+
+
+def _read_sampler(text: str) -> dict[str, Any]:
+    sampler, schedule = split_legacy_sampler(text)
+    return {"sampler_name": sampler, **({"scheduler": schedule} if schedule else {})}
+
+
+def _read_int(text: str) -> int:
+    return int(float(text))
+
+
+def _read_bool(text: str) -> bool:
+    return text.strip().lower() in ("true", "1", "yes", "on")
+
+
+# Reading: each infotext key sets request fields. Writing: each returns its value or None (left out).
+INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
+    _simple("Steps", "steps", _read_int),
+    InfotextField("Sampler", lambda r: r.sampler_name, _read_sampler),
+    _simple("Schedule type", "scheduler", str, skip=lambda v: v in ("", "Automatic")),
+    _simple("CFG scale", "cfg_scale", float, show=_fmt_float),
+    _simple("Seed", "seed", _read_int),
+    InfotextField("Size", lambda r: f"{r.width}x{r.height}",
+                  lambda t: dict(zip(("width", "height"), _parse_size(t)))),
+    _simple("Model", "model", str, skip=lambda v: not v),
+    _simple("VAE", "vae", str, skip=lambda v: v in ("", "Automatic", "None")),
+    _simple("Clip skip", "clip_skip", _read_int, skip=lambda v: v <= 1),
+    _simple("Tiling", "tiling", _read_bool, skip=lambda v: not v),
+    InfotextField("Variation seed", lambda r: r.subseed if r.subseed_strength > 0 else None,
+                  lambda t: {"subseed": _read_int(t)}),
+    InfotextField("Variation seed strength",
+                  lambda r: _fmt_float(r.subseed_strength) if r.subseed_strength > 0 else None,
+                  lambda t: {"subseed_strength": float(t)}),
+    InfotextField("Seed resize from",
+                  lambda r: f"{r.seed_resize_from_w}x{r.seed_resize_from_h}"
+                  if r.seed_resize_from_w > 0 and r.seed_resize_from_h > 0 else None,
+                  lambda t: dict(zip(("seed_resize_from_w", "seed_resize_from_h"), _parse_size(t)))),
+    _simple("RNG", "rng", str, skip=lambda v: v == "GPU"),
+    _simple("ENSD", "eta_noise_seed_delta", _read_int, skip=lambda v: not v),
+    _simple("Eta", "eta", float, skip=lambda v: v is None, show=_fmt_float),
+    _simple("Sigma churn", "s_churn", float, skip=lambda v: not v, show=_fmt_float),
+    _simple("Sigma tmin", "s_tmin", float, skip=lambda v: not v, show=_fmt_float),
+    _simple("Sigma noise", "s_noise", float, skip=lambda v: v == 1.0, show=_fmt_float),
+)
+_FIELD_BY_KEY = {f.key: f for f in INFOTEXT_FIELDS}
+
+# A1111's key order; keys not listed (extensions, scripts, keys we keep unread) go before Version.
+KEY_ORDER = (
+    "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Face restoration", "Size", "Model hash", "Model",
+    "VAE hash", "VAE", "Denoising strength", "Clip skip", "Tiling", "Variation seed", "Variation seed strength",
+    "Seed resize from", "RNG", "ENSD", "Eta", "Sigma churn", "Sigma tmin", "Sigma noise", "Hires upscale",
+    "Hires resize", "Hires steps", "Hires upscaler", "Hires sampler", "Hires prompt", "Lora hashes", "TI hashes",
+    "Emphasis",
+)
+# Keys that describe the result rather than the request: never turned into request fields.
+_RESULT_KEYS = {"Model hash", "VAE hash", "Version"}
+
+
+def to_infotext_params(req: Txt2ImgRequest, **resolved: object) -> dict[str, object]:
+    """Ordered infotext pairs for one image.
+
+    ``resolved`` holds what the engine decided, by infotext key: ``Seed`` (this image's seed),
+    ``Model hash``, ``Model``, ``VAE hash``, ``VAE``, ``Schedule type``, ``Version``...
+    """
+    pairs: dict[str, object] = {f.key: f.write(req) for f in INFOTEXT_FIELDS}
+    pairs.update(req.extra)
+    pairs.update(resolved)
+    rank = {key: i for i, key in enumerate(KEY_ORDER)}
+    ordered = sorted((k for k in pairs if k != "Version"), key=lambda k: rank.get(k, len(rank)))
+    params: dict[str, object] = {infotext.PROMPT: req.prompt, infotext.NEGATIVE: req.negative_prompt}
+    params.update({k: pairs[k] for k in ordered})
+    params["Version"] = pairs.get("Version")
+    return params
+
+
+def from_infotext(text_or_params: str | dict[str, str], base: Txt2ImgRequest | None = None) -> Txt2ImgRequest:
+    """A request that re-creates the image described by an infotext (A1111, Forge or ours).
+
+    Missing keys take A1111's meaning of absence (Clip skip 1, RNG GPU, Schedule type Automatic);
+    keys we do not interpret are kept in ``extra`` so they are written back unchanged.
+    """
+    params = infotext.parse(text_or_params) if isinstance(text_or_params, str) else dict(text_or_params)
+    req = base.replace() if base else Txt2ImgRequest()
+    changes: dict[str, Any] = {
+        "prompt": params.pop(infotext.PROMPT, ""), "negative_prompt": params.pop(infotext.NEGATIVE, ""),
+        "clip_skip": 1, "rng": "GPU", "scheduler": "Automatic", "subseed_strength": 0.0,
+        "seed_resize_from_w": 0, "seed_resize_from_h": 0, "tiling": False, "extra": {},
+    }
+    extra: dict[str, str] = {}
+    for key, value in params.items():
+        f = _FIELD_BY_KEY.get(key)
+        try:
+            if f is not None:
+                changes.update(f.read(value))
+            elif key not in _RESULT_KEYS:
+                extra[key] = value
+        except (ValueError, TypeError) as exc:
+            raise RequestError(f"infotext field {key}: cannot read {value!r} ({exc})") from None
+    changes["extra"] = extra
+    return req.replace(**changes)

@@ -1,0 +1,56 @@
+"""Where models and outputs live: A1111's folder layout under a data directory, each folder overridable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Paths:
+    data_dir: Path
+    ckpt_dirs: list[Path] = field(default_factory=list)  # --ckpt-dir adds to models/Stable-diffusion
+    vae_dir: Path | None = None
+    lora_dir: Path | None = None
+    embeddings_dir: Path | None = None
+    hypernetwork_dir: Path | None = None
+    esrgan_dir: Path | None = None
+    controlnet_dir: Path | None = None
+    outputs_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).expanduser().resolve()
+        models = self.data_dir / "models"
+        default_ckpt = models / "Stable-diffusion"
+        self.ckpt_dirs = [Path(p).expanduser() for p in self.ckpt_dirs] + [default_ckpt]
+        self.vae_dir = Path(self.vae_dir or models / "VAE").expanduser()
+        self.lora_dir = Path(self.lora_dir or models / "Lora").expanduser()
+        self.embeddings_dir = Path(self.embeddings_dir or self.data_dir / "embeddings").expanduser()
+        self.hypernetwork_dir = Path(self.hypernetwork_dir or models / "hypernetworks").expanduser()
+        self.esrgan_dir = Path(self.esrgan_dir or models / "ESRGAN").expanduser()
+        self.controlnet_dir = Path(self.controlnet_dir or models / "ControlNet").expanduser()
+        self.outputs_dir = Path(self.outputs_dir or self.data_dir / "outputs").expanduser()
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    def create_layout(self) -> None:
+        """Make the folders a user drops files into, as A1111 does on first start."""
+        for d in (self.ckpt_dirs[-1], self.vae_dir, self.lora_dir, self.embeddings_dir, self.hypernetwork_dir,
+                  self.esrgan_dir, self.controlnet_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+@dataclass(frozen=True)
+class DeviceOptions:
+    """Launch flags about the device: ``--precision full``, ``--no-half``, ``--no-half-vae``,
+    ``--medvram``, ``--lowvram``, ``--xformers``, ``--use-cpu``."""
+
+    precision: str = "autocast"
+    no_half: bool = False
+    no_half_vae: bool = False
+    medvram: bool = False
+    lowvram: bool = False
+    xformers: bool = False
+    use_cpu: bool = False

@@ -1,0 +1,200 @@
+"""txt2img: a request in, images with their infotext out.
+
+The engine owns the loaded models and the device plan; each call gets everything else from the
+request (model, VAE, sampler, seeds...), so two jobs never change each other's settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from .. import __version__
+from ..core import infotext
+from ..core.names import get_sampler, resolve_schedule
+from ..core.params import RequestError, Txt2ImgRequest, to_infotext_params
+from ..core.paths import DeviceOptions, Paths
+from ..models.files import ModelFile
+from ..models.loader import LoadedModel, ModelCache, load_vae_file
+from ..models.registry import ModelRegistry
+from . import vae as vae_ops
+from .conditioning import TextConditioner
+from .denoiser import CFGDenoiser, Interrupted, ScheduledConditioning
+from .devices import Placement, plan_devices
+from .rng import BrownianNoise, image_noise, NoiseGenerator
+from .samplers import SAMPLER_FUNCTIONS
+from .schedules import DiscreteSchedule, ddim_timesteps, get_sigmas
+from .tiling import circular_padding
+
+log = logging.getLogger(__name__)
+VERSION = f"sdstudio-{__version__}"
+MAX_SEED = 4294967294
+
+
+@dataclass
+class Progress:
+    job_no: int  # which batch (0-based) of n_iter
+    job_count: int
+    step: int  # sampling step within this batch (1-based once a step finished)
+    steps: int
+    latent: torch.Tensor | None = None  # current denoised estimate, for live previews
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    seed: int
+    subseed: int
+    infotext: str
+
+
+@dataclass
+class Txt2ImgResult:
+    request: Txt2ImgRequest  # with seeds made concrete
+    images: list[GeneratedImage]
+    all_seeds: list[int]
+    all_subseeds: list[int]
+    model_name: str
+    model_hash: str
+    interrupted: bool = False
+    info: dict = field(default_factory=dict)
+
+
+def _concrete_seed(seed: int) -> int:
+    return int(random.randrange(MAX_SEED)) if seed is None or int(seed) == -1 else int(seed)
+
+
+class Engine:
+    def __init__(self, paths: Paths, device_options: DeviceOptions = DeviceOptions(), cache_size: int = 1):
+        self.paths = paths
+        self.registry = ModelRegistry(paths)
+        self.plan = plan_devices(device_options)
+        self.placement = Placement(self.plan)
+        self.models = ModelCache(cache_size)
+        self._vaes: dict[str, object] = {}
+        self.schedule = DiscreteSchedule()
+        self.lock = threading.Lock()  # one generation at a time per device
+
+    # ---- models -----------------------------------------------------------------------------------
+    def load(self, name: str | None) -> tuple[ModelFile, LoadedModel]:
+        file = self.registry.checkpoint(name)
+        return file, self.models.get(file.path, self.plan.dtype, self.plan.vae_dtype)
+
+    def vae_module(self, file: ModelFile, model: LoadedModel, choice: str):
+        vae_file = self.registry.vae_for(file, choice)
+        if vae_file is None:
+            return model.vae, None
+        key = str(vae_file.path)
+        if key not in self._vaes:
+            self._vaes = {key: load_vae_file(vae_file.path, model.vae, self.plan.vae_dtype)}
+        return self._vaes[key], vae_file
+
+    # ---- generation --------------------------------------------------------------------------------
+    def txt2img(self, req: Txt2ImgRequest, *, on_progress: Callable[[Progress], None] | None = None,
+                should_stop: Callable[[], bool] | None = None,
+                on_image: Callable[[GeneratedImage], None] | None = None) -> Txt2ImgResult:
+        req.validate()
+        sampler = get_sampler(req.sampler_name)
+        schedule = resolve_schedule(sampler, req.scheduler)
+        seed, subseed = _concrete_seed(req.seed), _concrete_seed(req.subseed)
+        req = req.replace(seed=seed, subseed=subseed, sampler_name=sampler.label)
+        total = req.n_iter * req.batch_size
+        all_seeds = [seed + i for i in range(total)]
+        all_subseeds = [subseed + i for i in range(total)]
+        with self.lock:
+            file, model = self.load(req.model)
+            vae, vae_file = self.vae_module(file, model, req.vae)
+            resolved = {"Model hash": file.short_hash, "Model": file.name, "Version": VERSION}
+            if vae_file is not None:
+                resolved.update({"VAE hash": vae_file.short_hash, "VAE": vae_file.name})
+            if not sampler.timesteps:
+                resolved["Schedule type"] = schedule.label
+            if sampler.uses_ensd and req.eta_noise_seed_delta:
+                resolved["ENSD"] = req.eta_noise_seed_delta
+            req_for_text = req.replace(model=file.name)
+            images: list[GeneratedImage] = []
+            interrupted = False
+            with circular_padding([model.unet, vae], req.tiling):
+                conds = self._encode(model, req)
+                for n in range(req.n_iter):
+                    seeds = all_seeds[n * req.batch_size:(n + 1) * req.batch_size]
+                    subseeds = all_subseeds[n * req.batch_size:(n + 1) * req.batch_size]
+                    try:
+                        latents = self._sample(model, req, sampler, schedule.name, conds, seeds, subseeds, n,
+                                               on_progress, should_stop)
+                    except Interrupted:
+                        interrupted = True
+                        break
+                    with self.placement.use(vae):
+                        pixels = vae_ops.decode(vae, latents, self.plan.device)
+                    for image, s, ss in zip(vae_ops.to_pil(pixels), seeds, subseeds):
+                        params = to_infotext_params(req_for_text.replace(seed=s, subseed=ss), **{**resolved, "Seed": s})
+                        generated = GeneratedImage(image, s, ss, infotext.format(params))
+                        images.append(generated)
+                        if on_image is not None:
+                            on_image(generated)
+        return Txt2ImgResult(req, images, all_seeds, all_subseeds, file.name, file.short_hash, interrupted)
+
+    def _encode(self, model: LoadedModel, req: Txt2ImgRequest):
+        conditioner = TextConditioner(model, self.plan.device)
+        with self.placement.use(model.text_encoders[0]):
+            for te in model.text_encoders[1:]:
+                self.placement.prepare(te)
+            cond = conditioner.encode(req.prompt, req.clip_skip)
+            uncond = conditioner.encode(req.negative_prompt, req.clip_skip)
+        return ScheduledConditioning([(req.steps, cond)]), ScheduledConditioning([(req.steps, uncond)])
+
+    def _sample(self, model, req, sampler, schedule_name, conds, seeds, subseeds, batch_no, on_progress,
+                should_stop) -> torch.Tensor:
+        h, w = req.height // 8, req.width // 8
+        shape = (model.spec.unet["out_channels"], h, w)
+        noises, gens = [], []
+        for s, ss in zip(seeds, subseeds):
+            noise, gen = image_noise(s, shape, source=req.rng, subseed=ss, subseed_strength=req.subseed_strength,
+                                     resize_from=(req.seed_resize_from_w, req.seed_resize_from_h),
+                                     device=self.plan.device)
+            if req.eta_noise_seed_delta:
+                gen = NoiseGenerator(s + req.eta_noise_seed_delta, req.rng, self.plan.device)
+            noises.append(noise.cpu())
+            gens.append(gen)
+        x = torch.stack(noises)
+        if sampler.timesteps:
+            sigmas = self.schedule.sigmas[ddim_timesteps(req.steps)].flip(0)
+        else:
+            sigmas = get_sigmas(schedule_name, req.steps, self.schedule,
+                                discard_next_to_last=sampler.discard_next_to_last_sigma, sdxl=model.spec.is_sdxl)
+        if sampler.brownian_noise:
+            noise_fn = BrownianNoise(x, sigmas, seeds)
+        else:
+            def noise_fn(sigma, sigma_next):
+                return torch.stack([g.randn(shape).cpu() for g in gens])
+        add_time_ids = None
+        if model.spec.is_sdxl:
+            add_time_ids = torch.tensor([[req.height, req.width, 0, 0, req.height, req.width]], dtype=torch.float32)
+        cond, uncond = conds
+        denoiser = CFGDenoiser(model.unet, self.schedule, model.spec.prediction, [cond] * len(seeds),
+                               [uncond] * len(seeds), req.cfg_scale, dtype=self.plan.dtype, device=self.plan.device,
+                               add_time_ids=add_time_ids, should_stop=should_stop)
+        n_steps = len(sigmas) - 1
+
+        def callback(d: dict) -> None:
+            if on_progress is not None:
+                on_progress(Progress(batch_no, req.n_iter, d["i"] + 1, n_steps, d["denoised"]))
+
+        # Timestep samplers (DDIM, PLMS) start from unit-variance noise in the model's own space.
+        scale = (sigmas[0] ** 2 + 1) ** 0.5 if sampler.timesteps else sigmas[0]
+        options = {"s_churn": req.s_churn, "s_tmin": req.s_tmin, "s_tmax": req.s_tmax, "s_noise": req.s_noise}
+        if req.eta is not None:
+            options["eta"] = req.eta
+        fn = SAMPLER_FUNCTIONS[sampler.function]
+        with torch.no_grad(), self.placement.use(model.unet):
+            latents = fn(denoiser, x * scale, sigmas, noise=noise_fn, callback=callback, **options)
+        if sampler.timesteps:
+            latents = latents / (sigmas[-1] ** 2 + 1) ** 0.5
+        return latents

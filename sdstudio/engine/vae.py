@@ -1,0 +1,35 @@
+"""Latents <-> images through the VAE, with A1111's NaN guard: a half-precision VAE that produces
+NaNs is retried in float32 (and stays float32 for that model)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+class VAENaNError(RuntimeError):
+    pass
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Latents (already divided out of the sampler space) -> images in [0, 1], float32 on the CPU."""
+    scaled = latents / vae.config.scaling_factor
+    out = vae.decode(scaled.to(device, vae.dtype)).sample.float()
+    if torch.isnan(out).any():
+        if vae.dtype == torch.float32:
+            raise VAENaNError("the VAE produced NaNs even in float32; the model or VAE file is likely broken")
+        log.warning("VAE produced NaNs in half precision; retrying in float32 (use --no-half-vae to skip this)")
+        vae.to(torch.float32)
+        out = vae.decode(scaled.to(device, torch.float32)).sample.float()
+    return ((out + 1) / 2).clamp(0, 1).cpu()
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    arr = (images.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)  # truncation, as A1111
+    return [Image.fromarray(a) for a in arr]
