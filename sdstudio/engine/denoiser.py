@@ -39,7 +39,7 @@ class CFGDenoiser:
     def __init__(self, unet, schedule: DiscreteSchedule, prediction: str, cond: list[ScheduledConditioning],
                  uncond: list[ScheduledConditioning], cfg_scale: float, *, dtype: torch.dtype,
                  device: torch.device, add_time_ids: torch.Tensor | None = None,
-                 should_stop: Callable[[], bool] | None = None):
+                 should_stop: Callable[[], bool] | None = None, batch_invariant: bool = False):
         self.unet = unet
         self.schedule = schedule
         self.v_prediction = prediction == "v_prediction"
@@ -48,6 +48,9 @@ class CFGDenoiser:
         self.dtype, self.device = dtype, device
         self.add_time_ids = add_time_ids
         self.should_stop = should_stop
+        # One image per UNet call makes every image independent of its batch-mates, so an image
+        # re-created alone from its infotext has the same pixels (batched GEMMs round differently).
+        self.batch_invariant = batch_invariant
         self.step = 0
 
     def _unet(self, x: torch.Tensor, t: torch.Tensor, conds: list[Conditioning]) -> torch.Tensor:
@@ -71,12 +74,19 @@ class CFGDenoiser:
         conds = [c.at(self.step) for c in self.cond]
         unconds = [u.at(self.step) for u in self.uncond]
         x_in = (x * c_in).to(self.device)
-        if all(c.crossattn.shape == u.crossattn.shape for c, u in zip(conds, unconds)):
-            out = self._unet(torch.cat([x_in, x_in]), torch.cat([t, t]), conds + unconds)
-            out_cond, out_uncond = out[:batch], out[batch:]
-        else:  # different token lengths: run separately, as A1111 does without cond/uncond padding
-            out_cond = self._unet(x_in, t, conds)
-            out_uncond = self._unet(x_in, t, unconds)
+        groups = [slice(i, i + 1) for i in range(batch)] if self.batch_invariant else [slice(0, batch)]
+        outs_c, outs_u = [], []
+        for g in groups:
+            c, u, xg, tg = conds[g], unconds[g], x_in[g], t[g]
+            if all(ci.crossattn.shape == ui.crossattn.shape for ci, ui in zip(c, u)):
+                out = self._unet(torch.cat([xg, xg]), torch.cat([tg, tg]), c + u)
+                n = xg.shape[0]
+                outs_c.append(out[:n])
+                outs_u.append(out[n:])
+            else:  # different token lengths: run separately, as A1111 does without cond/uncond padding
+                outs_c.append(self._unet(xg, tg, c))
+                outs_u.append(self._unet(xg, tg, u))
+        out_cond, out_uncond = torch.cat(outs_c), torch.cat(outs_u)
         out_cond, out_uncond = out_cond.to(x.device), out_uncond.to(x.device)
         if self.v_prediction:
             d_cond = x / (s ** 2 + 1) - out_cond * s / (s ** 2 + 1) ** 0.5

@@ -132,7 +132,10 @@ class Engine:
                         interrupted = True
                         break
                     with self.placement.use(vae):
-                        pixels = vae_ops.decode(vae, latents, self.plan.device)
+                        if self.plan.device.type == "cpu":  # per image: batch-invariant pixels (see CFGDenoiser)
+                            pixels = torch.cat([vae_ops.decode(vae, lat[None], self.plan.device) for lat in latents])
+                        else:
+                            pixels = vae_ops.decode(vae, latents, self.plan.device)
                     for image, s, ss in zip(vae_ops.to_pil(pixels), seeds, subseeds):
                         params = to_infotext_params(req_for_text.replace(seed=s, subseed=ss), **{**resolved, "Seed": s})
                         generated = GeneratedImage(image, s, ss, infotext.format(params))
@@ -180,7 +183,8 @@ class Engine:
         cond, uncond = conds
         denoiser = CFGDenoiser(model.unet, self.schedule, model.spec.prediction, [cond] * len(seeds),
                                [uncond] * len(seeds), req.cfg_scale, dtype=self.plan.dtype, device=self.plan.device,
-                               add_time_ids=add_time_ids, should_stop=should_stop)
+                               add_time_ids=add_time_ids, should_stop=should_stop,
+                               batch_invariant=self.plan.device.type == "cpu")
         n_steps = len(sigmas) - 1
 
         def callback(d: dict) -> None:

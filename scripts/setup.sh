@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Create .venv and install sdstudio with everything it needs; a no-op when nothing changed.
+# torch: on a machine with an NVIDIA driver pip picks its default (CUDA) build; elsewhere we pin the
+# CPU build (torch==2.13.0). Override with SDSTUDIO_TORCH="torch==X.Y.Z".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+VENV=.venv
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "sdstudio: creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+  TORCH_SPEC="${SDSTUDIO_TORCH:-torch}"
+else
+  TORCH_SPEC="${SDSTUDIO_TORCH:-torch==2.13.0}"
+fi
+STAMP="$VENV/.sdstudio-install"
+WANT="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1) $TORCH_SPEC"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+  echo "sdstudio: installing dependencies (first run takes a few minutes)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
+  "$VENV/bin/python" -m pip install -q -e ".[test]"
+  echo "$WANT" > "$STAMP"
+fi
+# The bundled demo model (a placeholder with random weights until the trained one lands).
+if [ ! -f models/Stable-diffusion/sdstudio-placeholder-sd1.safetensors ]; then
+  "$VENV/bin/python" tools/make_placeholder_model.py --data-dir .
+fi

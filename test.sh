@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up (first run) and run the test suite. ./test.sh --full also runs the slow tests
+# (full-size checkpoints). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")"
+./scripts/setup.sh
+export HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
+MARK=(-m "not full")
+if [ "${1:-}" = "--full" ]; then shift; MARK=(-m "full or not full"); fi
+exec .venv/bin/python -m pytest -n auto -q "${MARK[@]}" "$@"

@@ -1,0 +1,64 @@
+"""The request object: validation messages and the infotext round trip."""
+
+import re
+
+import pytest
+
+from sdstudio.core import infotext
+from sdstudio.core.params import RequestError, Txt2ImgRequest, from_infotext, to_infotext_params
+
+
+def test_defaults_validate():
+    assert Txt2ImgRequest(prompt="x").validate().steps == 20
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"width": 500}, "width must be a multiple of 8"),
+    ({"height": 0}, "height must be a multiple of 8"),
+    ({"steps": 0}, "steps must be an integer"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"sampler_name": "Bogus"}, "valid samplers: DPM++ 2M"),
+    ({"scheduler": "Wobbly"}, "valid schedule types: Automatic"),
+    ({"rng": "TPU"}, "rng must be one of GPU, CPU, NV"),
+    ({"subseed_strength": 2.0}, "subseed_strength"),
+    ({"clip_skip": 0}, "clip_skip"),
+])
+def test_validation_names_the_problem(change, needle):
+    with pytest.raises(RequestError, match=re.escape(needle)):
+        Txt2ImgRequest(**change).validate()
+
+
+def test_a1111_infotext_to_request():
+    req = from_infotext("a cat\nNegative prompt: dog\nSteps: 28, Sampler: DPM++ 2M Karras, CFG scale: 6.5, "
+                        "Seed: 123, Size: 640x384, Model hash: abc, Model: foo, Clip skip: 2, "
+                        "Variation seed: 9, Variation seed strength: 0.25, Seed resize from: 512x512, RNG: NV, "
+                        "Tiling: True, Lora hashes: \"x: 1\", Version: v1.10.1")
+    assert (req.prompt, req.negative_prompt, req.steps) == ("a cat", "dog", 28)
+    assert (req.sampler_name, req.scheduler) == ("DPM++ 2M", "Karras")  # legacy name split
+    assert (req.cfg_scale, req.seed, req.width, req.height) == (6.5, 123, 640, 384)
+    assert (req.model, req.clip_skip, req.rng, req.tiling) == ("foo", 2, "NV", True)
+    assert (req.subseed, req.subseed_strength) == (9, 0.25)
+    assert (req.seed_resize_from_w, req.seed_resize_from_h) == (512, 512)
+    assert req.extra == {"Lora hashes": "x: 1"}  # kept, not dropped; result keys (hash, version) not kept
+
+
+def test_absent_keys_mean_a1111_defaults():
+    req = from_infotext("p\nSteps: 5, Sampler: Euler, Seed: 1, Size: 64x64", Txt2ImgRequest(clip_skip=3, rng="CPU"))
+    assert req.clip_skip == 1 and req.rng == "GPU" and req.scheduler == "Automatic"
+
+
+def test_request_to_infotext_and_back():
+    req = Txt2ImgRequest(prompt="a, b", negative_prompt="c", steps=7, sampler_name="Euler a", cfg_scale=5.5,
+                         seed=42, width=320, height=192, clip_skip=2, rng="CPU", subseed=3, subseed_strength=0.5,
+                         tiling=True, extra={"Lora hashes": "a: 1, b: 2"})
+    params = to_infotext_params(req, **{"Model hash": "0123456789", "Model": "m", "Version": "sdstudio-x"})
+    text = infotext.format(params)
+    assert list(infotext.parse(text))[-1] == "Version"
+    back = from_infotext(text)
+    assert back.replace(model=None) == req
+    assert back.model == "m"
+
+
+def test_unreadable_value_is_a_clear_error():
+    with pytest.raises(RequestError, match="Size"):
+        from_infotext("p\nSteps: 5, Sampler: Euler, Size: big")
