@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random-weight checkpoints of each family, written once per test worker."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    from sdstudio.models.synthetic import write_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    for family in ("sd1", "sd2", "sdxl"):
+        write_checkpoint(root / f"tiny-{family}.safetensors", family, "tiny", seed=7)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tiny_dir) -> Path:
+    return tiny_dir / "tiny-sd1.safetensors"
+
+
+@pytest.fixture
+def data_dir(tmp_path, tiny_sd1) -> Path:
+    """A fresh A1111-style data dir holding the tiny SD1 checkpoint (hard-linked, no copy)."""
+    ckpt = tmp_path / "models" / "Stable-diffusion"
+    ckpt.mkdir(parents=True)
+    os.link(tiny_sd1, ckpt / "tiny-sd1.safetensors")
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def session_engine(tmp_path_factory, tiny_sd1):
+    """One engine over a read-only data dir, shared by tests that only generate."""
+    from sdstudio.core.paths import Paths
+    from sdstudio.engine.txt2img import Engine
+
+    root = tmp_path_factory.mktemp("engine")
+    (root / "models" / "Stable-diffusion").mkdir(parents=True)
+    os.link(tiny_sd1, root / "models" / "Stable-diffusion" / "tiny-sd1.safetensors")
+    return Engine(Paths(root))

@@ -1,0 +1,108 @@
+"""Our single-file loader against diffusers' own ``from_single_file`` (given local configs), weight by weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from sdstudio.models.diffusers_layout import load_folder, write_config_folder
+from sdstudio.models.loader import ModelCache, load_checkpoint
+from sdstudio.models.synthetic import write_checkpoint
+
+
+def _state(module):
+    return {k: v for k, v in module.state_dict().items() if not k.endswith("position_ids")}
+
+
+def assert_same_weights(ours, theirs, what, unused_by_them=()):
+    """``unused_by_them``: key prefixes diffusers deliberately leaves unloaded (SD2's last OpenCLIP
+    layer, which penultimate-layer conditioning never uses)."""
+    a, b = _state(ours), _state(theirs)
+    a = {k.removeprefix("text_model."): v for k, v in a.items()}
+    b = {k.removeprefix("text_model."): v for k, v in b.items()}
+    skipped = {k for k, v in b.items() if v.is_meta}
+    assert all(k.startswith(unused_by_them) for k in skipped) if unused_by_them else not skipped, sorted(skipped)[:5]
+    a = {k: v for k, v in a.items() if k not in skipped}
+    b = {k: v for k, v in b.items() if k not in skipped}
+    assert set(a) == set(b), (what, sorted(set(a) ^ set(b))[:5])
+    bad = [k for k in a if not torch.equal(a[k].float(), b[k].float())]
+    assert not bad, (what, bad[:5])
+
+
+def compare_with_diffusers(path, tmp_path, dtype=torch.float32):
+    ours = load_checkpoint(path, dtype)
+    config = write_config_folder(ours.spec, tmp_path / "config")
+    cls = StableDiffusionXLPipeline if ours.spec.is_sdxl else StableDiffusionPipeline
+    pipe = cls.from_single_file(str(path), config=str(config), local_files_only=True, torch_dtype=dtype)
+    assert_same_weights(ours.unet, pipe.unet, "unet")
+    assert_same_weights(ours.vae, pipe.vae, "vae")
+    last = ours.spec.text_encoders[0].config["num_hidden_layers"] - 1
+    unused = (f"encoder.layers.{last}.",) if ours.spec.family == "sd2" else ()
+    assert_same_weights(ours.text_encoders[0], pipe.text_encoder, "text_encoder", unused)
+    if ours.spec.is_sdxl:
+        assert_same_weights(ours.text_encoders[1], pipe.text_encoder_2, "text_encoder_2")
+    return ours, pipe
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_tiny_matches_diffusers_from_single_file(family, tiny_dir, tmp_path):
+    compare_with_diffusers(tiny_dir / f"tiny-{family}.safetensors", tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_files_load_as_float32(dtype, tmp_path):
+    path = write_checkpoint(tmp_path / "half.safetensors", "sd1", "tiny", dtype=dtype)
+    model = load_checkpoint(path, torch.float32)
+    assert next(model.unet.parameters()).dtype == torch.float32
+    ref = load_checkpoint(write_checkpoint(tmp_path / "full.safetensors", "sd1", "tiny"), torch.float32)
+    w, r = model.unet.conv_in.weight, ref.unet.conv_in.weight
+    assert torch.allclose(w, r, atol=1e-2) and not torch.equal(w, r)  # same values, rounded through half
+
+
+def test_ckpt_and_safetensors_load_the_same(tmp_path):
+    a = load_checkpoint(write_checkpoint(tmp_path / "m.safetensors", "sd1", "tiny", seed=3, ema=True))
+    b = load_checkpoint(write_checkpoint(tmp_path / "m.ckpt", "sd1", "tiny", seed=3, ema=True))
+    assert_same_weights(a.unet, b.unet, "unet")
+    assert_same_weights(a.text_encoders[0], b.text_encoders[0], "te")
+
+
+def test_no_meta_tensors_left(tiny_dir):
+    model = load_checkpoint(tiny_dir / "tiny-sdxl.safetensors")
+    for module in (model.unet, model.vae, *model.text_encoders):
+        assert not any(t.is_meta for t in module.state_dict().values())
+
+
+def test_v_prediction_from_yaml_beside(tmp_path):
+    path = write_checkpoint(tmp_path / "v2.safetensors", "sd2", "tiny")
+    assert load_checkpoint(path).spec.prediction == "epsilon"
+    path.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
+    assert load_checkpoint(path).spec.prediction == "v_prediction"
+
+
+def test_cache_returns_same_model_and_reloads_changed_file(tmp_path):
+    path = write_checkpoint(tmp_path / "c.safetensors", "sd1", "tiny")
+    cache = ModelCache(1)
+    first = cache.get(path, torch.float32)
+    assert cache.get(path, torch.float32) is first
+    write_checkpoint(tmp_path / "other.safetensors", "sd1", "tiny", seed=9)
+    path.unlink()
+    (tmp_path / "other.safetensors").rename(path)
+    assert cache.get(path, torch.float32) is not first
+
+
+def test_diffusers_folder_loads_and_matches(tiny_dir, tmp_path):
+    ours, pipe = compare_with_diffusers(tiny_dir / "tiny-sd1.safetensors", tmp_path)
+    pipe.save_pretrained(tmp_path / "folder", safe_serialization=True)
+    folder = load_folder(tmp_path / "folder", torch.float32)
+    assert folder.spec.family == "sd1"
+    assert_same_weights(folder.unet, ours.unet, "unet")
+    assert_same_weights(folder.text_encoders[0], ours.text_encoders[0], "te")
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_full_size_matches_diffusers_from_single_file(family, tmp_path):
+    """Full-size random-weight checkpoints in the real layout (fp16 on disk to keep memory in reach)."""
+    path = write_checkpoint(tmp_path / f"full-{family}.safetensors", family, "full", dtype=torch.float16)
+    compare_with_diffusers(path, tmp_path, dtype=torch.float16)
