@@ -161,12 +161,14 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
     engine = Engine(paths, device_options_from(args))
     outdir = Path(args.outdir) if args.outdir else outputs.dated_dir(paths.outputs_dir, "txt2img-images")
     grid_dir = Path(args.outdir) if args.outdir else outputs.dated_dir(paths.outputs_dir, "txt2img-grids")
-    bar = tqdm(total=req.n_iter * req.steps, desc="sampling", unit="step", file=sys.stderr, leave=False)
+    bars: list = []  # created at the first step, so errors before sampling print alone
     written: list[Path] = []
 
     def on_progress(p) -> None:
-        bar.n = p.job_no * p.steps + p.step
-        bar.refresh()
+        if not bars:
+            bars.append(tqdm(total=p.job_count * p.steps, desc="sampling", unit="step", file=sys.stderr, leave=False))
+        bars[0].n = p.job_no * p.steps + p.step
+        bars[0].refresh()
 
     def on_image(image) -> None:  # saved as soon as it exists: an interrupt loses nothing finished
         written.append(outputs.save_image(image.image, outdir, infotext=image.infotext, suffix=str(image.seed),
@@ -175,7 +177,8 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
     try:
         result = engine.txt2img(req, on_progress=on_progress, on_image=on_image)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     for path in written:
         print(path)
     if len(result.images) > 1 and not args.no_grid:

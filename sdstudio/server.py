@@ -5,14 +5,14 @@ A1111), ``--api-auth user:pass[,user2:pass2]`` (HTTP basic auth on the API), ``-
 for the UI), ``--share`` (refused: sdstudio works offline).
 """
 
-from __future__ import annotations
-
 import argparse
 import base64
 import logging
 import os
 import secrets
 import sys
+
+from starlette.requests import Request
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def parse_credentials(text: str | None) -> dict[str, str]:
 
 
 def create_app(args: argparse.Namespace):
-    from fastapi import Depends, FastAPI, HTTPException, Request
+    from fastapi import Depends, FastAPI, HTTPException
     from fastapi.responses import JSONResponse
 
     from .api.a1111 import make_router

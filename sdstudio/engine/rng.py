@@ -13,6 +13,8 @@ ancestral samplers.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -155,5 +157,7 @@ class BrownianNoise:
         a, b = torch.as_tensor(sigma).float(), torch.as_tensor(sigma_next).float()
         lo, hi, sign = (a, b, 1.0) if a < b else (b, a, -1.0)
         lo, hi = torch.clamp(lo, self.t0, self.t1), torch.clamp(hi, self.t0, self.t1)
-        w = torch.stack([tree(lo, hi) for tree in self.trees]) * sign
+        with warnings.catch_warnings():  # torchsde compares float32 ends in float64 and warns at the edges
+            warnings.filterwarnings("ignore", message="Should have")
+            w = torch.stack([tree(lo, hi) for tree in self.trees]) * sign
         return w / (b - a).abs().sqrt()

@@ -1,0 +1,100 @@
+"""The command line as a user runs it."""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdstudio.cli import main
+from sdstudio.core.outputs import read_infotext
+
+SMALL = ["--steps", "2", "--size", "64x64", "--seed", "42"]
+
+
+def run(args, data_dir, capsys):
+    code = main([*args, "--data-dir", str(data_dir)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_issue_example_writes_a1111_layout(data_dir, capsys):
+    code, out, _ = run(["txt2img", "a red circle", "-n", "blurry", "--steps", "2", "--sampler", "DPM++ 2M",
+                        "--scheduler", "karras", "--cfg", "7", "--seed", "42", "--size", "64x64", "--batch-count", "2",
+                        "--batch-size", "2", "--clip-skip", "2", "--model", "tiny-sd1"], data_dir, capsys)
+    assert code == 0
+    day = datetime.date.today().isoformat()
+    images = data_dir / "outputs" / "txt2img-images" / day
+    assert sorted(p.name for p in images.iterdir()) == ["00000-42.png", "00001-43.png", "00002-44.png", "00003-45.png"]
+    grid = data_dir / "outputs" / "txt2img-grids" / day / "grid-0000.png"
+    assert grid.is_file() and Image.open(grid).size == (128, 128)
+    assert str(images / "00000-42.png") in out and str(grid) in out
+    code, out, _ = run(["txt2img", "again", *SMALL], data_dir, capsys)
+    assert (images / "00004-42.png").is_file()  # numbering continues, nothing overwritten
+
+
+def test_pnginfo_and_from_png_recreate_pixels(data_dir, capsys, tmp_path):
+    run(["txt2img", "a blue square", *SMALL, "--batch-size", "2", "--sampler", "Euler a", "--outdir", str(tmp_path / "a")],
+        data_dir, capsys)
+    src = tmp_path / "a" / "00001-43.png"
+    code = main(["pnginfo", str(src)])
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("a blue square\n") and "Seed: 43" in out and "Sampler: Euler a" in out
+    run(["txt2img", "--from-png", str(src), "--outdir", str(tmp_path / "b")], data_dir, capsys)
+    again = tmp_path / "b" / "00000-43.png"
+    assert np.array_equal(np.asarray(Image.open(src)), np.asarray(Image.open(again)))
+    text = read_infotext(src)
+    run(["txt2img", "--infotext", text, "--outdir", str(tmp_path / "c")], data_dir, capsys)
+    assert np.array_equal(np.asarray(Image.open(src)), np.asarray(Image.open(tmp_path / "c" / "00000-43.png")))
+    # flags given with --from-png override the pasted values
+    run(["txt2img", "--from-png", str(src), "--seed", "7", "--outdir", str(tmp_path / "d")], data_dir, capsys)
+    assert (tmp_path / "d" / "00000-7.png").is_file()
+
+
+def test_jpeg_output_keeps_infotext(data_dir, capsys, tmp_path):
+    run(["txt2img", "x", *SMALL, "--format", "jpg", "--outdir", str(tmp_path)], data_dir, capsys)
+    code = main(["pnginfo", str(tmp_path / "00000-42.jpg")])
+    assert code == 0 and "Seed: 42" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["txt2img", "x", "--size", "500x512"], "width must be a multiple of 8"),
+    (["txt2img", "x", "--steps", "0"], "steps must be an integer"),
+    (["txt2img", "x", "--sampler", "Eulr"], "valid samplers: DPM++ 2M"),
+    (["txt2img", "x", "--model", "v1-5-pruned-emaonly"], "no checkpoint named 'v1-5-pruned-emaonly'"),
+])
+def test_bad_input_is_one_line_and_nonzero(args, needle, data_dir, capsys):
+    code, _, err = run(args, data_dir, capsys)
+    assert code == 2
+    assert err.startswith("error: ") and needle in err and err.count("\n") == 1
+    assert not (data_dir / "outputs").exists()
+
+
+def test_pnginfo_of_non_image(tmp_path, capsys):
+    bad = tmp_path / "readme.txt"
+    bad.write_text("not an image")
+    assert main(["pnginfo", str(bad)]) == 2
+    assert "readme.txt: not an image" in capsys.readouterr().err
+    assert main(["pnginfo", str(tmp_path / "missing.png")]) == 2
+
+
+def test_models_lists_names_and_hashes(data_dir, capsys):
+    code, out, _ = run(["models"], data_dir, capsys)
+    assert code == 0 and "tiny-sd1.safetensors [" in out and "name=tiny-sd1" in out
+
+
+def test_broken_checkpoint_via_console_script(tmp_path):
+    """The installed ``sdstudio`` script: a corrupt model file is one line, no traceback."""
+    ckpt = tmp_path / "models" / "Stable-diffusion"
+    ckpt.mkdir(parents=True)
+    (ckpt / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    exe = Path(sys.executable).with_name("sdstudio")
+    proc = subprocess.run([str(exe), "txt2img", "x", "--data-dir", str(tmp_path), *SMALL],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "broken.safetensors" in proc.stderr
