@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback
+    except Exception as exc:
         if args.debug:
             raise
         print(f"error: internal error ({type(exc).__name__}: {exc}); run with --debug for details", file=sys.stderr)

@@ -95,6 +95,6 @@ def test_broken_checkpoint_via_console_script(tmp_path):
     (ckpt / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     exe = Path(sys.executable).with_name("sdstudio")
     proc = subprocess.run([str(exe), "txt2img", "x", "--data-dir", str(tmp_path), *SMALL],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "broken.safetensors" in proc.stderr

@@ -1,7 +1,13 @@
 import pytest
 
-from sdstudio.core.names import (UnknownNameError, get_sampler, get_schedule, resolve_schedule, sampler_labels,
-                                 split_legacy_sampler)
+from sdstudio.core.names import (
+    UnknownNameError,
+    get_sampler,
+    get_schedule,
+    resolve_schedule,
+    sampler_labels,
+    split_legacy_sampler,
+)
 from sdstudio.engine.samplers import SAMPLER_FUNCTIONS
 
 

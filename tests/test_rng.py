@@ -62,7 +62,7 @@ def test_variation_seed_blend():
 
 def test_resize_seed_pastes_old_noise_centred():
     old, _ = image_noise(11, (4, 8, 8), source="CPU")
-    new, gen = image_noise(11, (4, 12, 16), source="CPU", resize_from=(64, 64))
+    new, _gen = image_noise(11, (4, 12, 16), source="CPU", resize_from=(64, 64))
     assert torch.equal(new[:, 2:10, 4:12], old)
     bigger_from, _ = image_noise(11, (4, 8, 8), source="CPU", resize_from=(128, 96))  # crop from a larger noise
     old_big, _ = image_noise(11, (4, 12, 16), source="CPU")

@@ -13,7 +13,7 @@ from sdstudio.core.params import Txt2ImgRequest, from_infotext
 from sdstudio.core.paths import Paths
 from sdstudio.engine.txt2img import Engine
 
-BASE = dict(prompt="a red circle", negative_prompt="blurry", steps=3, width=64, height=64, seed=42)
+BASE = {"prompt": "a red circle", "negative_prompt": "blurry", "steps": 3, "width": 64, "height": 64, "seed": 42}
 
 
 def px(result, i=0):
@@ -64,7 +64,7 @@ def test_tiling_is_per_job(session_engine):
     tiled = gen(session_engine, tiling=True)
     assert "Tiling: True" in tiled.images[0].infotext
     assert not np.array_equal(px(tiled), px(gen(session_engine)))
-    file, model = session_engine.load(None)
+    _file, model = session_engine.load(None)
     assert all(m.padding_mode == "zeros" for m in model.unet.modules() if isinstance(m, torch.nn.Conv2d))
 
 
@@ -129,3 +129,30 @@ def test_long_prompt_uses_more_chunks(session_engine):
 def test_prompt_of_ten_thousand_tokens_works(session_engine):
     r = gen(session_engine, prompt="red " * 10_000, steps=1)
     assert len(r.images) == 1
+
+
+def test_renamed_checkpoint_found_by_model_hash(data_dir):
+    engine = Engine(Paths(data_dir))
+    text = gen(engine).images[0].infotext
+    ckpt = data_dir / "models" / "Stable-diffusion"
+    (ckpt / "tiny-sd1.safetensors").rename(ckpt / "renamed.safetensors")
+    engine.registry.refresh()
+    again = engine.txt2img(from_infotext(text))
+    assert infotext.parse(again.images[0].infotext)["Model"] == "renamed"
+    legacy = text.replace(infotext.parse(text)["Model hash"], engine.registry.checkpoint("renamed").legacy_hash)
+    assert infotext.parse(engine.txt2img(from_infotext(legacy)).images[0].infotext)["Model"] == "renamed"
+
+
+def test_half_precision_vae_nan_is_retried_in_float32():
+    from diffusers import AutoencoderKL
+
+    from sdstudio.engine import vae as vae_ops
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[32, 32], down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, latent_channels=4)
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(3000.0)  # overflows float16 (max 65504), fine in float32
+    vae = vae.half()
+    images = vae_ops.decode(vae, torch.randn(1, 4, 8, 8) * 0.18215, torch.device("cpu"))
+    assert not torch.isnan(images).any() and vae.dtype == torch.float32

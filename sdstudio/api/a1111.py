@@ -184,7 +184,6 @@ def make_router(engine, state: JobState, options: dict, cmd_flags: dict) -> APIR
             except ModelNotFoundError as exc:
                 raise HTTPException(404, str(exc)) from None
         options.update(values)
-        return None
 
     @r.get("/cmd-flags")
     def get_cmd_flags():
@@ -209,11 +208,9 @@ def make_router(engine, state: JobState, options: dict, cmd_flags: dict) -> APIR
     @r.post("/refresh-checkpoints")
     def refresh_checkpoints():
         engine.registry.refresh()
-        return None
 
     @r.post("/refresh-vae")
     def refresh_vae():
         engine.registry.refresh()
-        return None
 
     return r

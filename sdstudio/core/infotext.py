@@ -57,7 +57,7 @@ def parse(text: str) -> dict[str, str]:
     return result
 
 
-def format(params: dict[str, object]) -> str:  # noqa: A001 - the public name asked for
+def format(params: dict[str, object]) -> str:
     """Inverse of :func:`parse`. ``None`` values are left out; other values are written with ``str``."""
     prompt = str(params.get(PROMPT) or "")
     negative = str(params.get(NEGATIVE) or "")

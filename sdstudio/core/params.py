@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from . import infotext
 from .names import get_sampler, get_schedule, split_legacy_sampler
@@ -50,10 +51,11 @@ class Txt2ImgRequest:
     s_tmax: float = float("inf")
     s_noise: float = 1.0
     model: str | None = None  # checkpoint name (file stem), title or short hash; None = current
+    model_hash: str | None = None  # from a pasted infotext: finds the checkpoint when the name differs
     vae: str = "Automatic"  # "Automatic", "None" or a VAE name
     extra: dict[str, str] = field(default_factory=dict)  # infotext keys we do not interpret, kept
 
-    def validate(self) -> "Txt2ImgRequest":
+    def validate(self) -> Txt2ImgRequest:
         """Raise :class:`RequestError` naming the first bad field; returns self for chaining."""
         for name in ("width", "height"):
             value = getattr(self, name)
@@ -77,7 +79,7 @@ class Txt2ImgRequest:
             raise RequestError(str(exc)) from None
         return self
 
-    def replace(self, **changes: Any) -> "Txt2ImgRequest":
+    def replace(self, **changes: Any) -> Txt2ImgRequest:
         return dataclasses.replace(self, **changes)
 
 
@@ -132,6 +134,7 @@ INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
     _simple("Seed", "seed", _read_int),
     InfotextField("Size", lambda r: f"{r.width}x{r.height}",
                   lambda t: dict(zip(("width", "height"), _parse_size(t)))),
+    InfotextField("Model hash", lambda r: None, lambda t: {"model_hash": t.strip()}),  # written by the engine
     _simple("Model", "model", str, skip=lambda v: not v),
     _simple("VAE", "vae", str, skip=lambda v: v in ("", "Automatic", "None")),
     _simple("Clip skip", "clip_skip", _read_int, skip=lambda v: v <= 1),
@@ -163,7 +166,7 @@ KEY_ORDER = (
     "Emphasis",
 )
 # Keys that describe the result rather than the request: never turned into request fields.
-_RESULT_KEYS = {"Model hash", "VAE hash", "Version"}
+_RESULT_KEYS = {"VAE hash", "Version"}
 
 
 def to_infotext_params(req: Txt2ImgRequest, **resolved: object) -> dict[str, object]:
@@ -194,7 +197,7 @@ def from_infotext(text_or_params: str | dict[str, str], base: Txt2ImgRequest | N
     changes: dict[str, Any] = {
         "prompt": params.pop(infotext.PROMPT, ""), "negative_prompt": params.pop(infotext.NEGATIVE, ""),
         "clip_skip": 1, "rng": "GPU", "scheduler": "Automatic", "subseed_strength": 0.0,
-        "seed_resize_from_w": 0, "seed_resize_from_h": 0, "tiling": False, "extra": {},
+        "seed_resize_from_w": 0, "seed_resize_from_h": 0, "tiling": False, "extra": {}, "model_hash": None,
     }
     extra: dict[str, str] = {}
     for key, value in params.items():

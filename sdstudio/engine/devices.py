@@ -8,6 +8,7 @@ CUDA with fp16 when present (fp32 with ``--no-half`` / ``--precision full``; the
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 from dataclasses import dataclass
 
@@ -31,7 +32,8 @@ class DevicePlan:
         return self.device
 
 
-def plan_devices(opts: DeviceOptions = DeviceOptions()) -> DevicePlan:
+def plan_devices(opts: DeviceOptions | None = None) -> DevicePlan:
+    opts = opts or DeviceOptions()
     if torch.cuda.is_available() and not opts.use_cpu:
         device = torch.device("cuda")
         full = opts.no_half or opts.precision == "full"
@@ -40,15 +42,13 @@ def plan_devices(opts: DeviceOptions = DeviceOptions()) -> DevicePlan:
         offload = "sequential" if opts.lowvram else "model" if opts.medvram else "none"
     else:
         device, dtype, vae_dtype, offload = torch.device("cpu"), torch.float32, torch.float32, "none"
-    xformers = False
+    use_xformers = False
     if opts.xformers:
-        try:
-            import xformers  # noqa: F401
-
-            xformers = device.type == "cuda"
-        except ImportError:
+        if importlib.util.find_spec("xformers") is None:
             log.warning("--xformers given but xformers is not installed; using PyTorch SDPA attention")
-    return DevicePlan(device, dtype, vae_dtype, offload, xformers)
+        else:
+            use_xformers = device.type == "cuda"
+    return DevicePlan(device, dtype, vae_dtype, offload, use_xformers)
 
 
 class Placement:

@@ -18,8 +18,9 @@ from PIL import Image
 from .. import __version__
 from ..core import infotext
 from ..core.names import get_sampler, resolve_schedule
-from ..core.params import RequestError, Txt2ImgRequest, to_infotext_params
+from ..core.params import Txt2ImgRequest, to_infotext_params
 from ..core.paths import DeviceOptions, Paths
+from ..models.errors import ModelNotFoundError
 from ..models.files import ModelFile
 from ..models.loader import LoadedModel, ModelCache, load_vae_file
 from ..models.registry import ModelRegistry
@@ -27,7 +28,7 @@ from . import vae as vae_ops
 from .conditioning import TextConditioner
 from .denoiser import CFGDenoiser, Interrupted, ScheduledConditioning
 from .devices import Placement, plan_devices
-from .rng import BrownianNoise, image_noise, NoiseGenerator
+from .rng import BrownianNoise, NoiseGenerator, image_noise
 from .samplers import SAMPLER_FUNCTIONS
 from .schedules import DiscreteSchedule, ddim_timesteps, get_sigmas
 from .tiling import circular_padding
@@ -71,7 +72,7 @@ def _concrete_seed(seed: int) -> int:
 
 
 class Engine:
-    def __init__(self, paths: Paths, device_options: DeviceOptions = DeviceOptions(), cache_size: int = 1):
+    def __init__(self, paths: Paths, device_options: DeviceOptions | None = None, cache_size: int = 1):
         self.paths = paths
         self.registry = ModelRegistry(paths)
         self.plan = plan_devices(device_options)
@@ -82,8 +83,14 @@ class Engine:
         self.lock = threading.Lock()  # one generation at a time per device
 
     # ---- models -----------------------------------------------------------------------------------
-    def load(self, name: str | None) -> tuple[ModelFile, LoadedModel]:
-        file = self.registry.checkpoint(name)
+    def load(self, name: str | None, model_hash: str | None = None) -> tuple[ModelFile, LoadedModel]:
+        """The checkpoint by name; a pasted infotext's ``Model hash`` finds it when the file was renamed."""
+        try:
+            file = self.registry.checkpoint(name)
+        except ModelNotFoundError:
+            if not model_hash:
+                raise
+            file = self.registry.checkpoint(model_hash)
         return file, self.models.get(file.path, self.plan.dtype, self.plan.vae_dtype)
 
     def vae_module(self, file: ModelFile, model: LoadedModel, choice: str):
@@ -108,7 +115,7 @@ class Engine:
         all_seeds = [seed + i for i in range(total)]
         all_subseeds = [subseed + i for i in range(total)]
         with self.lock:
-            file, model = self.load(req.model)
+            file, model = self.load(req.model, req.model_hash)
             vae, vae_file = self.vae_module(file, model, req.vae)
             resolved = {"Model hash": file.short_hash, "Model": file.name, "Version": VERSION}
             if vae_file is not None:
@@ -117,7 +124,7 @@ class Engine:
                 resolved["Schedule type"] = schedule.label
             if sampler.uses_ensd and req.eta_noise_seed_delta:
                 resolved["ENSD"] = req.eta_noise_seed_delta
-            req_for_text = req.replace(model=file.name)
+            req_for_text = req.replace(model=file.name, model_hash=None)
             images: list[GeneratedImage] = []
             interrupted = False
             with circular_padding([model.unet, vae], req.tiling):

@@ -19,7 +19,7 @@ def build(engine, state: JobState) -> gr.Blocks:
     checkpoints = [m.title for m in engine.registry.checkpoints]
 
     def generate(model, prompt, negative, sampler, scheduler, steps, cfg, seed, width, height, n_iter, batch_size,
-                 clip_skip, progress=gr.Progress()):
+                 clip_skip, progress=gr.Progress()):  # noqa: B008 - gradio's way to ask for progress
         req = Txt2ImgRequest(prompt=prompt, negative_prompt=negative, sampler_name=sampler, scheduler=scheduler,
                              steps=int(steps), cfg_scale=float(cfg), seed=int(seed), width=int(width),
                              height=int(height), n_iter=int(n_iter), batch_size=int(batch_size),

@@ -1,0 +1,58 @@
+"""Load time of a full-size SD 1.5-layout fp16 .safetensors: sdstudio vs diffusers ``from_single_file``.
+
+Both run in fresh processes (imports excluded from the timing), alternating, best of N, with the file
+in the page cache for both. Goal: ratio <= 0.5, and a second load of the same model (cache) <= 0.1 s.
+Usage: python benchmarks/bench_load.py [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from common import config_folder, full_sd15, in_fresh_process
+
+OURS = """
+import time, json, torch
+from sdstudio.models.loader import ModelCache
+cache = ModelCache(1)
+t = time.perf_counter(); m = cache.get({path!r}, torch.{dtype}); first = time.perf_counter() - t
+t = time.perf_counter(); cache.get({path!r}, torch.{dtype}); second = time.perf_counter() - t
+print(json.dumps({{"first": first, "second": second}}))
+"""
+
+THEIRS = """
+import time, json, torch
+from diffusers import StableDiffusionPipeline
+t = time.perf_counter()
+pipe = StableDiffusionPipeline.from_single_file({path!r}, config={config!r}, local_files_only=True,
+                                                torch_dtype=torch.{dtype})
+print(json.dumps({{"first": time.perf_counter() - t}}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    path = full_sd15()
+    config = config_folder(path)
+    # float32: what runs on a CPU (every weight converted); float16: what runs on a GPU (same dtype as the file)
+    for dtype in ("float32", "float16"):
+        ours, theirs, second = [], [], []
+        for _ in range(args.repeat):
+            r = in_fresh_process(OURS.format(path=str(path), dtype=dtype))
+            ours.append(r["first"])
+            second.append(r["second"])
+            theirs.append(in_fresh_process(THEIRS.format(path=str(path), config=str(config), dtype=dtype))["first"])
+        result = {"file": "SD1.5 layout, fp16", "file_gb": round(path.stat().st_size / 1e9, 2), "model_dtype": dtype,
+                  "sdstudio_s": round(min(ours), 3), "diffusers_s": round(min(theirs), 3),
+                  "ratio": round(min(ours) / min(theirs), 3), "second_load_s": round(min(second), 4)}
+        print(json.dumps(result))
+        print(f"load into {dtype}: sdstudio {result['sdstudio_s']} s vs diffusers from_single_file "
+              f"{result['diffusers_s']} s -> ratio {result['ratio']} (goal <= 0.5); "
+              f"second load {result['second_load_s']} s (goal <= 0.1)")
+
+
+if __name__ == "__main__":
+    main()
