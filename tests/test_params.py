@@ -55,8 +55,8 @@ def test_request_to_infotext_and_back():
     text = infotext.format(params)
     assert list(infotext.parse(text))[-1] == "Version"
     back = from_infotext(text)
-    assert back.replace(model=None) == req
-    assert back.model == "m"
+    assert back.replace(model=None, model_hash=None) == req
+    assert (back.model, back.model_hash) == ("m", "0123456789")
 
 
 def test_unreadable_value_is_a_clear_error():

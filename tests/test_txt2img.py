@@ -152,7 +152,7 @@ def test_half_precision_vae_nan_is_retried_in_float32():
     vae = AutoencoderKL(block_out_channels=[32, 32], down_block_types=["DownEncoderBlock2D"] * 2,
                         up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, latent_channels=4)
     with torch.no_grad():
-        vae.decoder.conv_in.weight.mul_(3000.0)  # overflows float16 (max 65504), fine in float32
+        vae.post_quant_conv.weight.fill_(6e4)  # overflows float16 (max 65504) to inf -> NaN; fine in float32
     vae = vae.half()
-    images = vae_ops.decode(vae, torch.randn(1, 4, 8, 8) * 0.18215, torch.device("cpu"))
+    images = vae_ops.decode(vae, torch.full((1, 4, 8, 8), 0.18215 * 10), torch.device("cpu"))
     assert not torch.isnan(images).any() and vae.dtype == torch.float32
