@@ -39,3 +39,62 @@ def test_weights_follow_their_tokens():
     weights = [1.0] * 61 + [1.5] * 20
     chunks = chunk_tokens(tokens, weights)
     assert chunks[1][1] == [1.5] * 20
+
+
+# ---- with a real tokenizer and the tiny model ------------------------------------------------------
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sdstudio.engine.conditioning import BREAK_TOKEN, TextConditioner, token_count, weighted_tokens  # noqa: E402
+from sdstudio.models.loader import clip_tokenizer, load_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def conditioner(tiny_sd1):
+    return TextConditioner(load_checkpoint(tiny_sd1), torch.device("cpu"))
+
+
+def test_weighted_tokens():
+    tok = clip_tokenizer()
+    tokens, weights = weighted_tokens(tok, "a (red:1.5) circle BREAK blue")
+    assert tokens == [320, 736, 7117, BREAK_TOKEN, 1746]
+    assert weights == [1.0, 1.5, 1.0, 1.0, 1.0]
+    tokens, _ = weighted_tokens(tok, "(a BREAK b)")  # a weighted BREAK is just a word
+    assert BREAK_TOKEN not in tokens and len(tokens) == 3
+
+
+def test_break_starts_a_new_chunk():
+    tok = clip_tokenizer()
+    chunks = chunk_tokens(*weighted_tokens(tok, "a red circle BREAK blue background"))
+    assert [len(c[0]) for c in chunks] == [3, 2]
+    assert [len(c[0]) for c in chunk_tokens(*weighted_tokens(tok, "BREAK a"))] == [0, 1]
+
+
+def test_token_counter():
+    tok = clip_tokenizer()
+    assert token_count(tok, "") == (0, 75)
+    assert token_count(tok, "a photo of a cat") == (5, 75)
+    assert token_count(tok, "red " * 80) == (80, 150)
+    assert token_count(tok, "a BREAK b") == (76, 150)
+
+
+def test_emphasis_scales_tokens_and_keeps_the_mean(conditioner):
+    plain = conditioner.encode("a red circle").crossattn
+    weighted = conditioner.encode("a (red:1.5) circle").crossattn
+    assert weighted.shape == plain.shape == (1, 77, 64)
+    assert torch.allclose(weighted.mean(), plain.mean(), atol=1e-6)
+    ratio = plain.mean() / (plain * torch.tensor([1, 1, 1.5] + [1] * 74)[None, :, None]).mean()
+    assert torch.allclose(weighted[0, 2], plain[0, 2] * 1.5 * ratio, atol=1e-5)  # token 2 is "red"
+    assert torch.allclose(weighted[0, 1], plain[0, 1] * ratio, atol=1e-5)
+    assert torch.equal(conditioner.encode("(a red circle:1)").crossattn, plain)
+
+
+def test_break_and_long_prompts_make_more_chunks(conditioner):
+    assert conditioner.encode("a BREAK b").crossattn.shape[1] == 154
+    assert conditioner.encode("red, " * 50).crossattn.shape[1] == 154
+
+
+def test_clip_skip_changes_hidden_states(conditioner):
+    assert not torch.allclose(conditioner.encode("a red circle", 1).crossattn,
+                              conditioner.encode("a red circle", 2).crossattn)

@@ -156,3 +156,31 @@ def test_half_precision_vae_nan_is_retried_in_float32():
     vae = vae.half()
     images = vae_ops.decode(vae, torch.full((1, 4, 8, 8), 0.18215 * 10), torch.device("cpu"))
     assert not torch.isnan(images).any() and vae.dtype == torch.float32
+
+
+@pytest.mark.parametrize("a, b, same", [
+    ("a (red:1.0) circle", "a red circle", True),
+    ("a (red) circle", "a red circle", False),
+    ("a [red] circle", "a red circle", False),
+    ("a [red:blue:0.5] circle", "a red circle", False),
+    ("a [red:blue:0.5] circle", "a blue circle", False),
+    ("a [red:blue:0] circle", "a blue circle", True),  # switches before the first step
+    ("a [red:blue:99] circle", "a red circle", True),  # never switches
+    ("a [red|blue] circle", "a red circle", False),
+    ("a red circle AND a blue square", "a red circle", False),
+    # a zero-weight part contributes nothing (it only changes the UNet batch, so the last bit may differ)
+    ("a red circle :1 AND a red circle :0", "a red circle", "close"),
+    ("a red circle BREAK on a blue background", "a red circle on a blue background", False),
+])
+def test_prompt_language_reaches_the_image(session_engine, a, b, same):
+    pa, pb = px(gen(session_engine, prompt=a)), px(gen(session_engine, prompt=b))
+    if same == "close":
+        assert np.abs(pa.astype(int) - pb.astype(int)).max() <= 1
+    else:
+        assert np.array_equal(pa, pb) is same
+
+
+def test_prompt_editing_with_second_order_sampler_and_batch(session_engine):
+    r = gen(session_engine, prompt="a [red:blue:2] circle AND square :0.5", sampler_name="Heun", batch_size=2)
+    again = session_engine.txt2img(from_infotext(r.images[1].infotext))
+    assert np.array_equal(px(again), px(r, 1))

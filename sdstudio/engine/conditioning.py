@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.prompt import parse_attention
 from ..models.loader import LoadedModel
 
 CHUNK = 75
+BREAK_TOKEN = -1  # stands for BREAK in a token list: the current chunk ends there
 COMMA_BACKTRACK = 20
 BOS, EOS = 49406, 49407
 COMMA = 267  # ",</w>"
@@ -30,13 +32,18 @@ class Conditioning:
 
 
 def chunk_tokens(tokens: list[int], weights: list[float] | None = None) -> list[tuple[list[int], list[float]]]:
-    """Split token ids (and their weights) into chunks of at most 75 with A1111's comma back-off."""
+    """Split token ids (and their weights) into chunks of at most 75 with A1111's comma back-off;
+    :data:`BREAK_TOKEN` closes the current chunk (even an empty one, which becomes all padding)."""
     weights = weights or [1.0] * len(tokens)
     chunks: list[tuple[list[int], list[float]]] = []
     cur_t: list[int] = []
     cur_w: list[float] = []
     last_comma = -1
     for tok, w in zip(tokens, weights):
+        if tok == BREAK_TOKEN:
+            chunks.append((cur_t, cur_w))
+            cur_t, cur_w, last_comma = [], [], -1
+            continue
         if tok == COMMA:
             last_comma = len(cur_t)
         elif len(cur_t) == CHUNK and last_comma != -1 and len(cur_t) - last_comma <= COMMA_BACKTRACK:
@@ -53,10 +60,27 @@ def chunk_tokens(tokens: list[int], weights: list[float] | None = None) -> list[
     return chunks
 
 
-def token_count(model: LoadedModel, text: str) -> tuple[int, int]:
-    """(tokens used, token limit) as the UI counter shows them: ``12/75``, ``80/150``."""
-    ids = model.tokenizers[0](text, add_special_tokens=False, truncation=False).input_ids
-    return len(ids), CHUNK * len(chunk_tokens(ids))
+def weighted_tokens(tokenizer, text: str) -> tuple[list[int], list[float]]:
+    """Token ids and per-token weights of a prompt in the A1111 language (emphasis and BREAK).
+    Only an unweighted BREAK (-1) breaks; inside brackets A1111 reads it as the word "BREAK"."""
+    tokens: list[int] = []
+    weights: list[float] = []
+    for run, weight in parse_attention(text):
+        if run == "BREAK" and weight == -1:
+            tokens.append(BREAK_TOKEN)
+            weights.append(1.0)
+            continue
+        ids = tokenizer(run, add_special_tokens=False, truncation=False).input_ids
+        tokens += ids
+        weights += [weight] * len(ids)
+    return tokens, weights
+
+
+def token_count(tokenizer, text: str) -> tuple[int, int]:
+    """(tokens used, token limit) as A1111's counter shows them: ``12/75``, ``80/150``."""
+    chunks = chunk_tokens(*weighted_tokens(tokenizer, text))
+    used = CHUNK * (len(chunks) - 1) + len(chunks[-1][0])
+    return used, max(CHUNK, -(-max(used, 1) // CHUNK) * CHUNK)
 
 
 class TextConditioner:
@@ -66,8 +90,6 @@ class TextConditioner:
         self.model = model
         self.device = device
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.model.tokenizers[0](text, add_special_tokens=False, truncation=False).input_ids
 
     def _hidden(self, encoder_index: int, ids: torch.Tensor, clip_skip: int):
         spec = self.model.spec.text_encoders[encoder_index]
@@ -83,12 +105,9 @@ class TextConditioner:
         return z, pooled
 
     @torch.no_grad()
-    def encode(self, text: str, clip_skip: int = 1, weights_for=None) -> Conditioning:
-        """Encode a prompt. ``weights_for`` (issue: prompt language) maps text to (tokens, weights)."""
-        if weights_for is None:
-            tokens, weights = self.tokenize(text), None
-        else:
-            tokens, weights = weights_for(text)
+    def encode(self, text: str, clip_skip: int = 1) -> Conditioning:
+        """Encode one prompt (no AND, no scheduling: those are resolved before)."""
+        tokens, weights = weighted_tokens(self.model.tokenizers[0], text)
         zs, pooled = [], None
         for i, (chunk_t, chunk_w) in enumerate(chunk_tokens(tokens, weights)):
             pad = CHUNK - len(chunk_t)

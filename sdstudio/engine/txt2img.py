@@ -20,13 +20,14 @@ from ..core import infotext
 from ..core.names import get_sampler, resolve_schedule
 from ..core.params import Txt2ImgRequest, to_infotext_params
 from ..core.paths import DeviceOptions, Paths
+from ..core.prompt import prompt_schedule, split_and
 from ..models.errors import ModelNotFoundError
 from ..models.files import ModelFile
 from ..models.loader import LoadedModel, ModelCache, load_vae_file
 from ..models.registry import ModelRegistry
 from . import vae as vae_ops
 from .conditioning import TextConditioner
-from .denoiser import CFGDenoiser, Interrupted, ScheduledConditioning
+from .denoiser import CFGDenoiser, ComposedConditioning, Interrupted, ScheduledConditioning
 from .devices import Placement, plan_devices
 from .rng import BrownianNoise, NoiseGenerator, image_noise
 from .samplers import SAMPLER_FUNCTIONS
@@ -151,14 +152,26 @@ class Engine:
                             on_image(generated)
         return Txt2ImgResult(req, images, all_seeds, all_subseeds, file.name, file.short_hash, interrupted)
 
-    def _encode(self, model: LoadedModel, req: Txt2ImgRequest):
+    def _encode(self, model: LoadedModel, req: Txt2ImgRequest) -> tuple[ComposedConditioning, ScheduledConditioning]:
+        """The prompt's AND parts and the negative prompt, each scheduled per step; each distinct text
+        is encoded once."""
         conditioner = TextConditioner(model, self.plan.device)
+        encoded: dict[str, object] = {}
+
+        def scheduled(text: str) -> ScheduledConditioning:
+            entries = []
+            for end, step_text in prompt_schedule(text, req.steps):
+                if step_text not in encoded:
+                    encoded[step_text] = conditioner.encode(step_text, req.clip_skip)
+                entries.append((end, encoded[step_text]))
+            return ScheduledConditioning(entries)
+
         with self.placement.use(model.text_encoders[0]):
             for te in model.text_encoders[1:]:
                 self.placement.prepare(te)
-            cond = conditioner.encode(req.prompt, req.clip_skip)
-            uncond = conditioner.encode(req.negative_prompt, req.clip_skip)
-        return ScheduledConditioning([(req.steps, cond)]), ScheduledConditioning([(req.steps, uncond)])
+            cond = ComposedConditioning([(scheduled(text), weight) for text, weight in split_and(req.prompt)])
+            uncond = scheduled(req.negative_prompt)  # A1111 does not split the negative prompt on AND
+        return cond, uncond
 
     def _sample(self, model, req, sampler, schedule_name, conds, seeds, subseeds, batch_no, on_progress,
                 should_stop) -> torch.Tensor:

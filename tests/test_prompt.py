@@ -1,0 +1,117 @@
+"""The A1111 prompt language: documented examples, edge cases and properties."""
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from sdstudio.core.prompt import parse_attention, prompt_schedule, split_and
+
+ATTENTION_CASES = [
+    ("normal text", [("normal text", 1.0)]),
+    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+    ("(unbalanced", [("unbalanced", 1.1)]),
+    ("\\(literal\\]", [("(literal]", 1.0)]),
+    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+     [("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+      (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
+    ("", [("", 1.0)]),
+    ("()", [("", 1.0)]),
+    ("[]", [("", 1.0)]),
+    ("((x))", [("x", 1.2100000000000002)]),
+    ("[x]", [("x", 1 / 1.1)]),
+    ("[[x]]", [("x", (1 / 1.1) * (1 / 1.1))]),
+    ("(x:1.5)", [("x", 1.5)]),
+    ("( x : 1.5 )", [(" x ", 1.5)]),  # whitespace around the weight is allowed
+    ("(x:0)", [("x", 0.0)]),
+    ("(x:-1)", [("x", -1.0)]),
+    ("((x:2):3)", [("x", 6.0)]),
+    ("(a:b)", [("a:b", 1.1)]),  # ':' without a number is text inside the group
+    ("a:1.5)", [("a:1.5)", 1.0)]),  # a weight with no open bracket is text
+    ("x)", [("x)", 1.0)]),
+    ("x]", [("x]", 1.0)]),
+    ("\\\\", [("\\", 1.0)]),
+    ("end\\", [("end", 1.0)]),  # a lone backslash at the end is dropped
+    ("猫 (🐱:1.2)", [("猫 ", 1.0), ("🐱", 1.2)]),
+    ("a BREAK b", [("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]),
+    # inside brackets the BREAK marker is multiplied too, so it no longer reads as a break (as in A1111)
+    ("(a BREAK b)", [("a", 1.1), ("BREAK", -1.1), ("b", 1.1)]),
+    ("BREAKfast", [("BREAKfast", 1.0)]),
+    ("a, (b), (c)", [("a, ", 1.0), ("b", 1.1), (", ", 1.0), ("c", 1.1)]),
+]
+
+
+@pytest.mark.parametrize("text, expected", ATTENTION_CASES)
+def test_parse_attention(text, expected):
+    assert parse_attention(text) == expected
+
+
+def test_novelai_braces_are_optional():
+    assert parse_attention("{x}") == [("{x}", 1.0)]
+    assert parse_attention("{x}", novelai_braces=True) == [("x", 1.05)]
+    assert parse_attention("{{x}} (y)", novelai_braces=True) == [("x", 1.05 * 1.05), (" ", 1.0), ("y", 1.1)]
+    assert parse_attention("\\{x\\}", novelai_braces=True) == [("{x}", 1.0)]
+
+
+SCHEDULE_CASES = [
+    ("test", [(10, "test")]),
+    ("a [b:3]", [(3, "a "), (10, "a b")]),
+    ("a [b: 3]", [(3, "a "), (10, "a b")]),
+    ("a [[[b]]:2]", [(2, "a "), (10, "a [[b]]")]),
+    ("[(a:2):3]", [(3, ""), (10, "(a:2)")]),
+    ("a [b : c : 1] d", [(1, "a b  d"), (10, "a  c  d")]),
+    ("a[b:[c:d:2]:1]e", [(1, "abe"), (2, "ace"), (10, "ade")]),
+    ("a [unbalanced", [(10, "a [unbalanced")]),
+    ("a [b:.5] c", [(5, "a  c"), (10, "a b c")]),
+    ("((a][:b:c [d:3]", [(3, "((a][:b:c "), (10, "((a][:b:c d")]),
+    ("[a|(b:1.1)]", [(i, "a" if i % 2 else "(b:1.1)") for i in range(1, 11)]),
+    ("[fe|]male", [(i, "female" if i % 2 else "male") for i in range(1, 11)]),
+    ("[fe|||]male", [(i, "female" if i % 4 == 1 else "male") for i in range(1, 11)]),
+    ("[from::4] x", [(4, "from x"), (10, " x")]),
+    ("[a:b:0]", [(10, "b")]),  # "when" 0: never before
+    ("[a:b:20]", [(10, "a")]),  # past the last step: clamped, "before" throughout
+    ("[a:b:0.0]", [(10, "b")]),
+    ("a [b|c] [d:e:0.5]", [(1, "a b d"), (2, "a c d"), (3, "a b d"), (4, "a c d"), (5, "a b d"),
+                           (6, "a c e"), (7, "a b e"), (8, "a c e"), (9, "a b e"), (10, "a c e")]),
+    ("a [b:c:x] d", [(10, "a [b:c:x] d")]),  # not a number: plain text
+    ("a [{b|d{:.5] c", [(10, "a [{b|d{:.5] c")]),  # A1111 1.10's grammar rejects it too (stale doctest)
+]
+
+
+@pytest.mark.parametrize("prompt, expected", SCHEDULE_CASES)
+def test_prompt_schedule(prompt, expected):
+    assert prompt_schedule(prompt, 10) == expected
+
+
+def test_hires_pass_uses_its_own_steps():
+    assert prompt_schedule("a [b:.5] c", 10, hires_steps=10) == [(10, "a b c")]
+    assert prompt_schedule("a [b:1.5] c", 10, hires_steps=10) == [(5, "a  c"), (10, "a b c")]
+    assert prompt_schedule("a [b:13] c", 10, hires_steps=10) == [(3, "a  c"), (10, "a b c")]
+
+
+def test_split_and():
+    assert split_and("a cat") == [("a cat", 1.0)]
+    assert split_and("a cat :1.2 AND a dog") == [("a cat", 1.2), (" a dog", 1.0)]
+    assert split_and("a AND b:-0.5 AND c") == [("a", 1.0), (" b", -0.5), (" c", 1.0)]
+    assert split_and("ANDROID and ANDY") == [("ANDROID and ANDY", 1.0)]
+    assert split_and("x:.5") == [("x", 0.5)]
+
+
+_prompts = st.lists(st.sampled_from(list("ab ,()[]:|\\.0123456789") + ["BREAK", " AND ", "猫", "🐱"]),
+                   max_size=30).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_prompts)
+def test_parsers_never_raise_and_keep_the_words(text):
+    runs = parse_attention(text)
+    assert runs and all(isinstance(t, str) and isinstance(w, float) for t, w in runs)
+    joined = "".join(t for t, w in runs)
+    for word in ("猫", "🐱"):
+        assert joined.count(word) == text.count(word)
+    schedule = prompt_schedule(text, 7)
+    assert schedule[-1][0] == 7 and all(1 <= step <= 7 for step, _ in schedule)
+    assert [s for s, _ in schedule] == sorted({s for s, _ in schedule})
+    for _, scheduled in schedule:
+        for word in ("猫", "🐱"):
+            assert scheduled.count(word) <= text.count(word)
+    assert split_and(text)
