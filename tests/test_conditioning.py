@@ -1,6 +1,18 @@
 """Token chunking as A1111 does it (75 per chunk, comma back-off within the last 20 tokens)."""
 
-from sdstudio.engine.conditioning import CHUNK, COMMA, chunk_tokens
+import pytest
+import torch
+
+from sdstudio.engine.conditioning import (
+    BREAK_TOKEN,
+    CHUNK,
+    COMMA,
+    TextConditioner,
+    chunk_tokens,
+    token_count,
+    weighted_tokens,
+)
+from sdstudio.models.loader import clip_tokenizer, load_checkpoint
 
 
 def test_short_and_empty():
@@ -42,12 +54,6 @@ def test_weights_follow_their_tokens():
 
 
 # ---- with a real tokenizer and the tiny model ------------------------------------------------------
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from sdstudio.engine.conditioning import BREAK_TOKEN, TextConditioner, token_count, weighted_tokens  # noqa: E402
-from sdstudio.models.loader import clip_tokenizer, load_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """The A1111 prompt language: documented examples, edge cases and properties."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sdstudio.core.prompt import parse_attention, prompt_schedule, split_and
 
