@@ -17,14 +17,16 @@ from PIL import Image
 
 from .. import __version__
 from ..core import infotext
+from ..core.extra_networks import extract, lora_uses
 from ..core.names import get_sampler, resolve_schedule
 from ..core.params import Txt2ImgRequest, to_infotext_params
 from ..core.paths import DeviceOptions, Paths
 from ..core.prompt import prompt_schedule, split_and
 from ..models.errors import ModelNotFoundError
-from ..models.files import ModelFile
+from ..models.files import ModelFile, addnet_hash
 from ..models.loader import LoadedModel, ModelCache, load_vae_file
 from ..models.registry import ModelRegistry
+from . import lora as lora_ops
 from . import vae as vae_ops
 from .conditioning import TextConditioner
 from .denoiser import CFGDenoiser, ComposedConditioning, Interrupted, ScheduledConditioning
@@ -80,6 +82,7 @@ class Engine:
         self.placement = Placement(self.plan)
         self.models = ModelCache(cache_size)
         self._vaes: dict[str, object] = {}
+        self._loras: dict[tuple, lora_ops.LoraFile] = {}
         self.schedule = DiscreteSchedule()
         self.lock = threading.Lock()  # one generation at a time per device
 
@@ -126,10 +129,15 @@ class Engine:
             if sampler.uses_ensd and req.eta_noise_seed_delta:
                 resolved["ENSD"] = req.eta_noise_seed_delta
             req_for_text = req.replace(model=file.name, model_hash=None)
+            prompt, tags = extract(req.prompt)
+            negative, negative_tags = extract(req.negative_prompt)
+            networks = self._networks(model, tags + negative_tags)
+            if networks:
+                resolved["Lora hashes"] = ", ".join(f"{lf.path.stem}: {addnet_hash(lf.path)}" for lf, _, _ in networks)
             images: list[GeneratedImage] = []
             interrupted = False
-            with circular_padding([model.unet, vae], req.tiling):
-                conds = self._encode(model, req)
+            with circular_padding([model.unet, vae], req.tiling), lora_ops.applied(model, networks):
+                conds = self._encode(model, req.replace(prompt=prompt, negative_prompt=negative))
                 for n in range(req.n_iter):
                     seeds = all_seeds[n * req.batch_size:(n + 1) * req.batch_size]
                     subseeds = all_subseeds[n * req.batch_size:(n + 1) * req.batch_size]
@@ -151,6 +159,18 @@ class Engine:
                         if on_image is not None:
                             on_image(generated)
         return Txt2ImgResult(req, images, all_seeds, all_subseeds, file.name, file.short_hash, interrupted)
+
+    def _networks(self, model: LoadedModel, tags) -> list[tuple[lora_ops.LoraFile, float, float]]:
+        """The LoRA files a prompt's ``<lora:...>`` tags name, parsed for this model (cached)."""
+        out = []
+        for use in lora_uses(tags):
+            file = self.registry.lora(use.name)
+            st = file.path.stat()
+            key = (str(file.path), st.st_size, st.st_mtime, id(model))
+            if key not in self._loras:
+                self._loras[key] = lora_ops.LoraFile(file.path, model)
+            out.append((self._loras[key], use.te, use.unet))
+        return out
 
     def _encode(self, model: LoadedModel, req: Txt2ImgRequest) -> tuple[ComposedConditioning, ScheduledConditioning]:
         """The prompt's AND parts and the negative prompt, each scheduled per step; each distinct text

@@ -1,0 +1,160 @@
+"""LoRA and LyCORIS networks applied to a loaded model for the length of one job.
+
+Supported files: kohya / A1111 LoRA and LoCon (``lora_unet_*``, ``lora_te_*``, SDXL ``lora_te1_*`` /
+``lora_te2_*``, with diffusers- or LDM-style module names), LyCORIS LoHa (``hada_*``), LoKr (``lokr_*``),
+(IA)^3 (``weight`` + ``on_input``) and full-diff (``diff``, ``diff_b``), and diffusers / PEFT files
+(``unet.<module>.lora.down.weight``, ``lora_A`` / ``lora_B``). Delta = scale x multiplier x update, with
+scale = alpha / rank.
+
+Applying merges the deltas into new weight tensors and swaps them in; leaving swaps the original
+tensors back. The originals are never modified, so any number of jobs with any weights leaves the base
+model bit-identical (no drift), and sampling costs nothing extra.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from ..models.convert import unet_hf_to_ldm
+from ..models.errors import ModelFileError
+from ..models.loader import LoadedModel
+from ..models.safe_load import open_state_dict
+
+_SUFFIXES = (
+    "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "lora.down.weight", "lora.up.weight",
+    "lora_A.weight", "lora_B.weight", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a",
+    "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "diff", "diff_b", "weight", "on_input", "dora_scale",
+)
+
+
+def _module_index(model: LoadedModel) -> dict[str, tuple[str, torch.nn.Module]]:
+    """Every LoRA-able module under each name a LoRA file may use for it -> ("unet"|"te", module)."""
+    index: dict[str, tuple[str, torch.nn.Module]] = {}
+    lpb, up_attn = model.spec.layers_per_block, list(model.spec.up_has_attention)
+    for name, module in model.unet.named_modules():
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        index["lora_unet_" + name.replace(".", "_")] = ("unet", module)
+        index["unet." + name] = ("unet", module)
+        ldm = unet_hf_to_ldm(name + ".weight", lpb, up_attn)
+        if ldm:
+            index["lora_unet_" + ldm.removesuffix(".weight").replace(".", "_")] = ("unet", module)
+    prefixes = [("lora_te_", "text_encoder.")] if len(model.text_encoders) == 1 else \
+        [("lora_te1_", "text_encoder."), ("lora_te2_", "text_encoder_2.")]
+    for (kohya, diffusers), encoder in zip(prefixes, model.text_encoders):
+        for name, module in encoder.named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            canonical = name if name.startswith(("text_model.", "text_projection")) else "text_model." + name
+            index[kohya + canonical.replace(".", "_")] = ("te", module)
+            index[diffusers + canonical] = ("te", module)
+            index[diffusers + name] = ("te", module)
+    return index
+
+
+def _group(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key in state:
+        for suffix in _SUFFIXES:
+            if key.endswith("." + suffix):
+                groups[key[: -len(suffix) - 1]][suffix] = state[key]
+                break
+    return groups
+
+
+def _delta(parts: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """The full-size weight update one module's entries describe (before the multiplier)."""
+    shape = weight.shape
+    f = {k: v.float() for k, v in parts.items()}
+    alpha = float(f["alpha"]) if "alpha" in f else None
+    if "lora_down.weight" in f or "lora.down.weight" in f or "lora_A.weight" in f:
+        down = f.get("lora_down.weight", f.get("lora.down.weight", f.get("lora_A.weight")))
+        up = f.get("lora_up.weight", f.get("lora.up.weight", f.get("lora_B.weight")))
+        if "lora_mid.weight" in f:
+            raise ModelFileError("LoCon with a CP-decomposed mid weight is not supported yet")
+        rank = down.shape[0]
+        # Linear, 1x1 conv and LoCon's kxk-down / 1x1-up conv all reduce to one matrix product.
+        return (up.flatten(1) @ down.flatten(1)).reshape(shape) * ((alpha / rank) if alpha else 1.0)
+    if "hada_w1_a" in f:
+        rank = f["hada_w1_b"].shape[0]
+        d = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
+        return d.reshape(shape) * ((alpha / rank) if alpha else 1.0)
+    if any(k.startswith("lokr_") for k in f):
+        w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
+        w2 = f["lokr_w2"] if "lokr_w2" in f else (f["lokr_w2_a"] @ f["lokr_w2_b"].flatten(1))
+        rank = f["lokr_w1_b"].shape[0] if "lokr_w1_b" in f else f["lokr_w2_b"].shape[0] if "lokr_w2_b" in f else None
+        if w2.ndim == 4 or len(shape) == 4:
+            w2 = w2.reshape(w2.shape[0], -1)
+        d = torch.kron(w1, w2).reshape(shape)
+        return d * ((alpha / rank) if (alpha and rank) else 1.0)
+    if "diff" in f:
+        return f["diff"].reshape(shape)
+    if "weight" in f:  # (IA)^3: scale the weight per output (or per input) channel
+        w = f["weight"]
+        if "on_input" in f and bool(f["on_input"]):
+            return weight.float() * w.reshape(1, -1, *([1] * (len(shape) - 2)))
+        return weight.float() * w.reshape(-1, *([1] * (len(shape) - 1)))
+    raise ModelFileError(f"unknown network entries {sorted(f)}")
+
+
+class LoraFile:
+    """A network file, grouped per module and resolved against one model's modules."""
+
+    def __init__(self, path, model: LoadedModel):
+        self.path = path
+        state = open_state_dict(path)
+        groups = _group(state)
+        if not groups:
+            raise ModelFileError(f"{path.name}: no LoRA/LyCORIS entries found")
+        index = _module_index(model)
+        self.targets: list[tuple[str, torch.nn.Module, dict[str, torch.Tensor]]] = []
+        unmatched = []
+        for key, parts in groups.items():
+            found = index.get(key.replace("base_model.model.", ""))  # PEFT wraps names in base_model.model.
+            if found is None:
+                unmatched.append(key)
+                continue
+            self.targets.append((found[0], found[1], parts))
+        if not self.targets:
+            raise ModelFileError(f"{path.name}: none of its {len(groups)} modules fit this model "
+                                 f"(e.g. {unmatched[0]}); is it for another architecture?")
+        self.unmatched = unmatched
+        self.metadata = state.metadata
+
+
+@contextlib.contextmanager
+def applied(model: LoadedModel, networks: list[tuple[LoraFile, float, float]]) -> Iterator[None]:
+    """Within the block the model's weights include the networks, each ``(file, te_mult, unet_mult)``."""
+    if not networks:
+        yield
+        return
+    deltas: dict[torch.nn.Module, torch.Tensor] = {}
+    for lora, te_mult, unet_mult in networks:
+        for kind, module, parts in lora.targets:
+            mult = te_mult if kind == "te" else unet_mult
+            if mult == 0:
+                continue
+            weight = module.weight
+            try:
+                d = _delta(parts, weight) * mult
+            except RuntimeError as exc:  # shapes that do not fit
+                raise ModelFileError(f"{lora.path.name}: does not fit this model ({exc})") from None
+            deltas[module] = deltas[module] + d if module in deltas else d
+            if "diff_b" in parts and module.bias is not None:
+                deltas[(module, "bias")] = deltas.get((module, "bias"), 0) + parts["diff_b"].float() * mult
+    originals = []
+    try:
+        for key, d in deltas.items():
+            module, attr = key if isinstance(key, tuple) else (key, "weight")
+            original = getattr(module, attr)
+            originals.append((module, attr, original))
+            merged = (original.float() + d.to(original.device)).to(original.dtype)
+            setattr(module, attr, torch.nn.Parameter(merged, requires_grad=False))
+        yield
+    finally:
+        for module, attr, original in reversed(originals):
+            setattr(module, attr, original)
