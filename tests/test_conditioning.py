@@ -16,8 +16,8 @@ from sdstudio.models.loader import clip_tokenizer, load_checkpoint
 
 
 def test_short_and_empty():
-    assert chunk_tokens([]) == [([], [])]
-    assert chunk_tokens([5, 6]) == [([5, 6], [1.0, 1.0])]
+    assert chunk_tokens([]) == [([], [], [])]
+    assert chunk_tokens([5, 6]) == [([5, 6], [1.0, 1.0], [])]
 
 
 def test_exact_fill_then_overflow():

@@ -38,7 +38,7 @@ def make_lora(engine, path, kind="lora", rank=4, te=True, ldm_names=False, scale
         if kohya and ldm_style != ldm_names:
             continue
         out_f, in_f = module.weight.shape[:2]
-        r = lambda *s: torch.randn(*s, generator=g) * scale  # noqa: E731
+        r = lambda *s: torch.randn(*s, generator=g) * scale
         if kind in ("lora", "peft"):
             down, up = r(rank, in_f), r(out_f, rank)
             if kind == "peft":

@@ -22,6 +22,7 @@ from ..core.names import get_sampler, resolve_schedule
 from ..core.params import Txt2ImgRequest, to_infotext_params
 from ..core.paths import DeviceOptions, Paths
 from ..core.prompt import prompt_schedule, split_and
+from ..models.embeddings import EmbeddingLibrary
 from ..models.errors import ModelNotFoundError
 from ..models.files import ModelFile, addnet_hash
 from ..models.loader import LoadedModel, ModelCache, load_vae_file
@@ -83,6 +84,7 @@ class Engine:
         self.models = ModelCache(cache_size)
         self._vaes: dict[str, object] = {}
         self._loras: dict[tuple, lora_ops.LoraFile] = {}
+        self.embeddings = EmbeddingLibrary(paths.embeddings_dir)
         self.schedule = DiscreteSchedule()
         self.lock = threading.Lock()  # one generation at a time per device
 
@@ -137,7 +139,9 @@ class Engine:
             images: list[GeneratedImage] = []
             interrupted = False
             with circular_padding([model.unet, vae], req.tiling), lora_ops.applied(model, networks):
-                conds = self._encode(model, req.replace(prompt=prompt, negative_prompt=negative))
+                conds, used = self._encode(model, req.replace(prompt=prompt, negative_prompt=negative))
+                if used:
+                    resolved["TI hashes"] = ", ".join(f"{e.name}: {e.short_hash}" for e in used.values())
                 for n in range(req.n_iter):
                     seeds = all_seeds[n * req.batch_size:(n + 1) * req.batch_size]
                     subseeds = all_subseeds[n * req.batch_size:(n + 1) * req.batch_size]
@@ -172,10 +176,11 @@ class Engine:
             out.append((self._loras[key], use.te, use.unet))
         return out
 
-    def _encode(self, model: LoadedModel, req: Txt2ImgRequest) -> tuple[ComposedConditioning, ScheduledConditioning]:
-        """The prompt's AND parts and the negative prompt, each scheduled per step; each distinct text
-        is encoded once."""
-        conditioner = TextConditioner(model, self.plan.device)
+    def _encode(self, model: LoadedModel, req: Txt2ImgRequest):
+        """The prompt's AND parts and the negative prompt, each scheduled per step (each distinct text
+        encoded once), and the embeddings they used."""
+        widths = [te.config["hidden_size"] for te in model.spec.text_encoders]
+        conditioner = TextConditioner(model, self.plan.device, self.embeddings.usable(widths))
         encoded: dict[str, object] = {}
 
         def scheduled(text: str) -> ScheduledConditioning:
@@ -191,7 +196,7 @@ class Engine:
                 self.placement.prepare(te)
             cond = ComposedConditioning([(scheduled(text), weight) for text, weight in split_and(req.prompt)])
             uncond = scheduled(req.negative_prompt)  # A1111 does not split the negative prompt on AND
-        return cond, uncond
+        return (cond, uncond), conditioner.used_embeddings
 
     def _sample(self, model, req, sampler, schedule_name, conds, seeds, subseeds, batch_no, on_progress,
                 should_stop) -> torch.Tensor:
