@@ -31,6 +31,7 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--hypernetwork-dir", help="folder with hypernetworks (default: models/hypernetworks)")
     g.add_argument("--esrgan-models-path", help="folder with ESRGAN upscalers (default: models/ESRGAN)")
     g.add_argument("--controlnet-dir", help="folder with ControlNet models (default: models/ControlNet)")
+    g.add_argument("--styles-file", help="prompt styles CSV (default: styles.csv in the data dir)")
     d = parser.add_argument_group("device")
     d.add_argument("--precision", choices=["full", "autocast", "half"], default="autocast")
     d.add_argument("--no-half", action="store_true", help="run the model in float32 on the GPU")
@@ -45,7 +46,7 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 def paths_from(args: argparse.Namespace) -> Paths:
     return Paths(Path(args.data_dir), ckpt_dirs=[Path(p) for p in args.ckpt_dir], vae_dir=args.vae_dir,
                  lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, hypernetwork_dir=args.hypernetwork_dir,
-                 esrgan_dir=args.esrgan_models_path, controlnet_dir=args.controlnet_dir)
+                 esrgan_dir=args.esrgan_models_path, controlnet_dir=args.controlnet_dir, styles_file=args.styles_file)
 
 
 def device_options_from(args: argparse.Namespace) -> DeviceOptions:
@@ -68,7 +69,7 @@ _TXT2IMG_FLAGS = {
     "negative_prompt": "negative_prompt", "steps": "steps", "sampler": "sampler_name", "scheduler": "scheduler",
     "cfg": "cfg_scale", "seed": "seed", "subseed": "subseed", "subseed_strength": "subseed_strength",
     "batch_count": "n_iter", "batch_size": "batch_size", "clip_skip": "clip_skip", "model": "model", "vae": "vae",
-    "rng": "rng", "eta": "eta", "ensd": "eta_noise_seed_delta",
+    "rng": "rng", "eta": "eta", "ensd": "eta_noise_seed_delta", "styles": "styles",
 }
 
 
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eta", type=float)
     t.add_argument("--ensd", type=int, help="eta noise seed delta")
     t.add_argument("--tiling", action="store_true", default=None)
+    t.add_argument("--style", dest="styles", action="append", help="apply a style from styles.csv (repeatable)")
     t.add_argument("--from-png", metavar="IMAGE", help="re-create an image from its embedded parameters")
     t.add_argument("--infotext", help="re-create from pasted A1111 parameters text")
     t.add_argument("--outdir", help="write images here instead of outputs/txt2img-images/DATE")

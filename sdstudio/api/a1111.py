@@ -65,7 +65,8 @@ class OptionsBody(BaseModel):
 def to_request(body: Txt2ImgBody, options: dict) -> Txt2ImgRequest:
     settings = {**options, **body.override_settings}
     return Txt2ImgRequest(
-        prompt=body.prompt, negative_prompt=body.negative_prompt, seed=body.seed, subseed=body.subseed,
+        prompt=body.prompt, negative_prompt=body.negative_prompt, styles=list(body.styles), seed=body.seed,
+        subseed=body.subseed,
         subseed_strength=body.subseed_strength, seed_resize_from_w=max(body.seed_resize_from_w, 0),
         seed_resize_from_h=max(body.seed_resize_from_h, 0),
         sampler_name=body.sampler_name or body.sampler_index or "Euler", scheduler=body.scheduler or "Automatic",

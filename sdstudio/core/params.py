@@ -28,6 +28,7 @@ class RequestError(ValueError):
 class Txt2ImgRequest:
     prompt: str = ""
     negative_prompt: str = ""
+    styles: list[str] = field(default_factory=list)  # applied to the prompts before generating
     seed: int = -1
     subseed: int = -1
     subseed_strength: float = 0.0
@@ -198,6 +199,7 @@ def from_infotext(text_or_params: str | dict[str, str], base: Txt2ImgRequest | N
         "prompt": params.pop(infotext.PROMPT, ""), "negative_prompt": params.pop(infotext.NEGATIVE, ""),
         "clip_skip": 1, "rng": "GPU", "scheduler": "Automatic", "subseed_strength": 0.0,
         "seed_resize_from_w": 0, "seed_resize_from_h": 0, "tiling": False, "extra": {}, "model_hash": None,
+        "styles": [],  # the infotext holds the styled prompt already
     }
     extra: dict[str, str] = {}
     for key, value in params.items():

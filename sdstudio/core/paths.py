@@ -17,6 +17,7 @@ class Paths:
     esrgan_dir: Path | None = None
     controlnet_dir: Path | None = None
     outputs_dir: Path | None = None
+    styles_file: Path | None = None
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().resolve()
@@ -30,6 +31,7 @@ class Paths:
         self.esrgan_dir = Path(self.esrgan_dir or models / "ESRGAN").expanduser()
         self.controlnet_dir = Path(self.controlnet_dir or models / "ControlNet").expanduser()
         self.outputs_dir = Path(self.outputs_dir or self.data_dir / "outputs").expanduser()
+        self.styles_file = Path(self.styles_file or self.data_dir / "styles.csv").expanduser()
 
     @property
     def cache_dir(self) -> Path:

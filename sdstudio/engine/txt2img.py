@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from .. import __version__
-from ..core import infotext
+from ..core import infotext, styles
 from ..core.extra_networks import extract, lora_uses
 from ..core.names import get_sampler, resolve_schedule
 from ..core.params import Txt2ImgRequest, to_infotext_params
@@ -113,6 +113,9 @@ class Engine:
                 should_stop: Callable[[], bool] | None = None,
                 on_image: Callable[[GeneratedImage], None] | None = None) -> Txt2ImgResult:
         req.validate()
+        if req.styles:  # the styled text is what gets generated and written to the infotext
+            prompt, negative = styles.apply(req.prompt, req.negative_prompt, req.styles, styles.load(self.paths.styles_file))
+            req = req.replace(prompt=prompt, negative_prompt=negative, styles=[])
         sampler = get_sampler(req.sampler_name)
         schedule = resolve_schedule(sampler, req.scheduler)
         seed, subseed = _concrete_seed(req.seed), _concrete_seed(req.subseed)
