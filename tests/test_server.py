@@ -129,3 +129,23 @@ def test_webui_sh_with_a1111_flags(data_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_extra_network_listings(data_dir):
+    import torch
+    from safetensors.torch import save_file
+
+    (data_dir / "models" / "Lora").mkdir(parents=True)
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, str(data_dir / "models" / "Lora" / "style.safetensors"))
+    (data_dir / "embeddings").mkdir()
+    save_file({"emb_params": torch.zeros(2, 64)}, str(data_dir / "embeddings" / "good.safetensors"))
+    save_file({"emb_params": torch.zeros(1, 768)}, str(data_dir / "embeddings" / "other-model.safetensors"))
+    (data_dir / "styles.csv").write_text("name,prompt,negative_prompt\nBlue,{prompt} in blue,red\n")
+    api = make_client(data_dir, "--api", "--nowebui")
+    assert [x["name"] for x in api.get("/sdapi/v1/loras").json()] == ["style"]
+    emb = api.get("/sdapi/v1/embeddings").json()
+    assert emb["loaded"]["good"]["vectors"] == 2 and "other-model" in emb["skipped"]
+    assert api.get("/sdapi/v1/prompt-styles").json() == [{"name": "Blue", "prompt": "{prompt} in blue",
+                                                          "negative_prompt": "red"}]
+    assert api.get("/sdapi/v1/hypernetworks").json() == []
+    assert api.post("/sdapi/v1/refresh-loras").status_code == 200

@@ -15,7 +15,7 @@ from datetime import datetime
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..core import infotext
+from ..core import infotext, styles
 from ..core.names import SAMPLERS, SCHEDULES
 from ..core.outputs import NotAnImageError, dated_dir, read_infotext, save_image
 from ..core.params import RequestError, Txt2ImgRequest
@@ -213,5 +213,43 @@ def make_router(engine, state: JobState, options: dict, cmd_flags: dict) -> APIR
     @r.post("/refresh-vae")
     def refresh_vae():
         engine.registry.refresh()
+
+    @r.post("/refresh-loras")
+    def refresh_loras():
+        engine.registry.refresh()
+
+    @r.post("/refresh-embeddings")
+    def refresh_embeddings():
+        engine.embeddings.refresh()
+
+    @r.get("/loras")
+    def loras():
+        return [{"name": m.name, "alias": m.name, "path": str(m.path), "metadata": {}} for m in engine.registry.loras]
+
+    @r.get("/hypernetworks")
+    def hypernetworks():
+        return [{"name": m.name, "path": str(m.path)} for m in engine.registry.hypernetworks]
+
+    @r.get("/embeddings")
+    def embeddings():
+        """A1111's shape: embeddings that fit the current model are "loaded", the others "skipped"."""
+        widths = []
+        if engine.registry.checkpoints:
+            _, current = engine.load(None)
+            widths = [te.config["hidden_size"] for te in current.spec.text_encoders]
+        usable = engine.embeddings.usable(widths) if widths else {}
+
+        def entry(e):
+            return {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                    "shape": int(e.vectors[0].shape[-1]), "vectors": e.count}
+
+        everything = {name: engine.embeddings.get(name) for name in engine.embeddings.names()}
+        return {"loaded": {n: entry(e) for n, e in everything.items() if n in usable},
+                "skipped": {n: entry(e) for n, e in everything.items() if n not in usable}}
+
+    @r.get("/prompt-styles")
+    def prompt_styles():
+        return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
+                for s in styles.load(engine.paths.styles_file).values()]
 
     return r

@@ -47,6 +47,11 @@ def extract(prompt: str) -> tuple[str, list[NetworkTag]]:
     return _TAG.sub(take, prompt), tags
 
 
+def hypernetwork_uses(tags: list[NetworkTag]) -> list[tuple[str, float]]:
+    """``<hypernet:name:strength>`` (strength defaults to 1)."""
+    return [(t.name, t.number(0, "strength", 1.0)) for t in tags if t.kind == "hypernet"]
+
+
 @dataclass(frozen=True)
 class LoraUse:
     name: str

@@ -17,7 +17,7 @@ from PIL import Image
 
 from .. import __version__
 from ..core import infotext, styles
-from ..core.extra_networks import extract, lora_uses
+from ..core.extra_networks import extract, hypernetwork_uses, lora_uses
 from ..core.names import get_sampler, resolve_schedule
 from ..core.params import Txt2ImgRequest, to_infotext_params
 from ..core.paths import DeviceOptions, Paths
@@ -27,6 +27,7 @@ from ..models.errors import ModelNotFoundError
 from ..models.files import ModelFile, addnet_hash
 from ..models.loader import LoadedModel, ModelCache, load_vae_file
 from ..models.registry import ModelRegistry
+from . import hypernetwork as hypernetwork_ops
 from . import lora as lora_ops
 from . import vae as vae_ops
 from .conditioning import TextConditioner
@@ -84,6 +85,7 @@ class Engine:
         self.models = ModelCache(cache_size)
         self._vaes: dict[str, object] = {}
         self._loras: dict[tuple, lora_ops.LoraFile] = {}
+        self._hypernets: dict[tuple, hypernetwork_ops.Hypernetwork] = {}
         self.embeddings = EmbeddingLibrary(paths.embeddings_dir)
         self.schedule = DiscreteSchedule()
         self.lock = threading.Lock()  # one generation at a time per device
@@ -141,7 +143,9 @@ class Engine:
                 resolved["Lora hashes"] = ", ".join(f"{lf.path.stem}: {addnet_hash(lf.path)}" for lf, _, _ in networks)
             images: list[GeneratedImage] = []
             interrupted = False
-            with circular_padding([model.unet, vae], req.tiling), lora_ops.applied(model, networks):
+            hypernets = [(self._hypernetwork(name), strength) for name, strength in hypernetwork_uses(tags + negative_tags)]
+            with circular_padding([model.unet, vae], req.tiling), lora_ops.applied(model, networks), \
+                    hypernetwork_ops.applied(model.unet, hypernets):
                 conds, used = self._encode(model, req.replace(prompt=prompt, negative_prompt=negative))
                 if used:
                     resolved["TI hashes"] = ", ".join(f"{e.name}: {e.short_hash}" for e in used.values())
@@ -178,6 +182,13 @@ class Engine:
                 self._loras[key] = lora_ops.LoraFile(file.path, model)
             out.append((self._loras[key], use.te, use.unet))
         return out
+
+    def _hypernetwork(self, name: str) -> hypernetwork_ops.Hypernetwork:
+        file = self.registry.hypernetwork(name)
+        key = (str(file.path), file.path.stat().st_mtime)
+        if key not in self._hypernets:
+            self._hypernets[key] = hypernetwork_ops.Hypernetwork(file.path)
+        return self._hypernets[key]
 
     def _encode(self, model: LoadedModel, req: Txt2ImgRequest):
         """The prompt's AND parts and the negative prompt, each scheduled per step (each distinct text
