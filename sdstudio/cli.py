@@ -186,6 +186,8 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
     if len(result.images) > 1 and not args.no_grid:
         grid = outputs.image_grid([g.image for g in result.images], req.batch_size)
         print(outputs.save_image(grid, grid_dir, infotext=result.images[0].infotext, basename="grid", fmt=args.format))
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if result.interrupted:
         print("interrupted: kept the images finished so far", file=sys.stderr)
     return 0

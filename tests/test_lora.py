@@ -13,7 +13,6 @@ from sdstudio.core.params import RequestError, Txt2ImgRequest, from_infotext
 from sdstudio.core.paths import Paths
 from sdstudio.engine.lora import _module_index
 from sdstudio.engine.txt2img import Engine
-from sdstudio.models.errors import ModelNotFoundError
 from sdstudio.models.files import addnet_hash
 
 BASE = {"prompt": "a red circle", "steps": 3, "width": 64, "height": 64, "seed": 42}
@@ -135,14 +134,26 @@ def test_many_requests_no_drift_and_infotext_round_trip(engine):
     assert np.array_equal(np.asarray(again.images[0].image), np.asarray(first.images[0].image))
 
 
-def test_missing_and_wrong_networks_are_named(engine, tiny_dir):
-    with pytest.raises(ModelNotFoundError, match="no LoRA named 'nothere'"):
-        px(engine, prompt="<lora:nothere:1>")
-    from sdstudio.models.errors import ModelFileError
-
+def test_missing_and_wrong_networks_warn_and_generation_goes_on(engine):
+    plain = px(engine)
+    r = engine.txt2img(Txt2ImgRequest(**{**BASE, "prompt": "a red circle<lora:nothere:1>"}))
+    assert np.array_equal(np.asarray(r.images[0].image), plain)
+    expected = f"LoRA left out: no LoRA named 'nothere'; available: (none; put LoRA files in {engine.paths.lora_dir})"
+    assert r.warnings == [expected]
     save_file({"lora_unet_nothing_like_this.lora_down.weight": torch.zeros(2, 8),
                "lora_unet_nothing_like_this.lora_up.weight": torch.zeros(8, 2)},
               str(engine.paths.lora_dir / "alien.safetensors"))
+    (engine.paths.lora_dir / "broken.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{bad}")
+    path = make_lora(engine, engine.paths.lora_dir / "partial.safetensors", te=False)
+    from safetensors.torch import load_file
+
+    partial = load_file(str(path))
+    partial["lora_unet_not_a_module.lora_down.weight"] = torch.zeros(2, 8)
+    partial["lora_unet_not_a_module.lora_up.weight"] = torch.zeros(8, 2)
+    save_file(partial, str(path))
     engine.registry.refresh()
-    with pytest.raises(ModelFileError, match="alien.safetensors: none of its 1 modules fit this model"):
-        px(engine, prompt="<lora:alien:1>")
+    r = engine.txt2img(Txt2ImgRequest(**{**BASE, "prompt": "a red circle<lora:alien:1><lora:broken:1><lora:partial:1>"}))
+    assert len(r.images) == 1 and len(r.warnings) == 3
+    assert "alien.safetensors: none of its 1 modules fit this model" in r.warnings[0]
+    assert "broken.safetensors" in r.warnings[1]
+    assert r.warnings[2].startswith("partial.safetensors: 1 of ") and "lora_unet_not_a_module" in r.warnings[2]

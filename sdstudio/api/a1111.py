@@ -140,7 +140,7 @@ def make_router(engine, state: JobState, options: dict, cmd_flags: dict) -> APIR
             "extra_generation_params": {}, "index_of_first_image": 0,
             "infotexts": [g.infotext for g in result.images], "styles": body.styles,
             "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"), "clip_skip": req.clip_skip,
-            "is_using_inpainting_conditioning": False, "version": "sdstudio",
+            "is_using_inpainting_conditioning": False, "version": "sdstudio", "warnings": result.warnings,
         }
         images = [encode_png(g.image, g.infotext) for g in result.images] if body.send_images else []
         return {"images": images, "parameters": body.model_dump(), "info": json.dumps(info, ensure_ascii=False)}

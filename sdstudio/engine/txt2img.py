@@ -23,7 +23,7 @@ from ..core.params import Txt2ImgRequest, to_infotext_params
 from ..core.paths import DeviceOptions, Paths
 from ..core.prompt import prompt_schedule, split_and
 from ..models.embeddings import EmbeddingLibrary
-from ..models.errors import ModelNotFoundError
+from ..models.errors import ModelFileError, ModelNotFoundError
 from ..models.files import ModelFile, addnet_hash
 from ..models.loader import LoadedModel, ModelCache, load_vae_file
 from ..models.registry import ModelRegistry
@@ -69,6 +69,7 @@ class Txt2ImgResult:
     model_name: str
     model_hash: str
     interrupted: bool = False
+    warnings: list[str] = field(default_factory=list)  # e.g. a LoRA that was not found or did not fit
     info: dict = field(default_factory=dict)
 
 
@@ -138,12 +139,13 @@ class Engine:
             req_for_text = req.replace(model=file.name, model_hash=None)
             prompt, tags = extract(req.prompt)
             negative, negative_tags = extract(req.negative_prompt)
-            networks = self._networks(model, tags + negative_tags)
+            warnings: list[str] = []
+            networks = self._networks(model, tags + negative_tags, warnings)
             if networks:
                 resolved["Lora hashes"] = ", ".join(f"{lf.path.stem}: {addnet_hash(lf.path)}" for lf, _, _ in networks)
             images: list[GeneratedImage] = []
             interrupted = False
-            hypernets = [(self._hypernetwork(name), strength) for name, strength in hypernetwork_uses(tags + negative_tags)]
+            hypernets = self._hypernetworks(hypernetwork_uses(tags + negative_tags), warnings)
             with circular_padding([model.unet, vae], req.tiling), lora_ops.applied(model, networks), \
                     hypernetwork_ops.applied(model.unet, hypernets):
                 conds, used = self._encode(model, req.replace(prompt=prompt, negative_prompt=negative))
@@ -169,18 +171,39 @@ class Engine:
                         images.append(generated)
                         if on_image is not None:
                             on_image(generated)
-        return Txt2ImgResult(req, images, all_seeds, all_subseeds, file.name, file.short_hash, interrupted)
+        for w in warnings:
+            log.warning(w)
+        return Txt2ImgResult(req, images, all_seeds, all_subseeds, file.name, file.short_hash, interrupted,
+                             warnings)
 
-    def _networks(self, model: LoadedModel, tags) -> list[tuple[lora_ops.LoraFile, float, float]]:
-        """The LoRA files a prompt's ``<lora:...>`` tags name, parsed for this model (cached)."""
+    def _networks(self, model: LoadedModel, tags, warnings: list[str]) -> list[tuple[lora_ops.LoraFile, float, float]]:
+        """The LoRA files a prompt's ``<lora:...>`` tags name, parsed for this model (cached). A missing
+        or unusable file is reported in ``warnings`` and left out; the job goes on, as in A1111."""
         out = []
         for use in lora_uses(tags):
-            file = self.registry.lora(use.name)
-            st = file.path.stat()
-            key = (str(file.path), st.st_size, st.st_mtime, id(model))
-            if key not in self._loras:
-                self._loras[key] = lora_ops.LoraFile(file.path, model)
-            out.append((self._loras[key], use.te, use.unet))
+            try:
+                file = self.registry.lora(use.name)
+                st = file.path.stat()
+                key = (str(file.path), st.st_size, st.st_mtime, id(model))
+                if key not in self._loras:
+                    self._loras[key] = lora_ops.LoraFile(file.path, model)
+            except (ModelNotFoundError, ModelFileError) as exc:
+                warnings.append(f"LoRA left out: {exc}")
+                continue
+            lora = self._loras[key]
+            if lora.unmatched:
+                warnings.append(f"{file.path.name}: {len(lora.unmatched)} of {len(lora.unmatched) + len(lora.targets)} "
+                                f"modules do not fit this model (e.g. {lora.unmatched[0]}); applied the rest")
+            out.append((lora, use.te, use.unet))
+        return out
+
+    def _hypernetworks(self, uses, warnings: list[str]) -> list[tuple[hypernetwork_ops.Hypernetwork, float]]:
+        out = []
+        for name, strength in uses:
+            try:
+                out.append((self._hypernetwork(name), strength))
+            except (ModelNotFoundError, ModelFileError) as exc:
+                warnings.append(f"hypernetwork left out: {exc}")
         return out
 
     def _hypernetwork(self, name: str) -> hypernetwork_ops.Hypernetwork:
