@@ -20,6 +20,7 @@ from ..core.names import SAMPLERS, SCHEDULES
 from ..core.outputs import NotAnImageError, dated_dir, read_infotext, save_image
 from ..core.params import RequestError, Txt2ImgRequest
 from ..models.errors import ModelFileError, ModelNotFoundError
+from ..models.network_info import network_info
 from ..service.state import JobState
 
 
@@ -224,7 +225,14 @@ def make_router(engine, state: JobState, options: dict, cmd_flags: dict) -> APIR
 
     @r.get("/loras")
     def loras():
-        return [{"name": m.name, "alias": m.name, "path": str(m.path), "metadata": {}} for m in engine.registry.loras]
+        """A1111's fields (name, alias, path, metadata) plus trigger words, preferred weight and preview."""
+        out = []
+        for m in engine.registry.loras:
+            info = network_info(m.path)
+            out.append({"name": m.name, "alias": info.alias, "path": str(m.path), "metadata": info.metadata,
+                        "trigger_words": info.trigger_words, "preferred_weight": info.preferred_weight,
+                        "preview": str(info.preview) if info.preview else None})
+        return out
 
     @r.get("/hypernetworks")
     def hypernetworks():
