@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list checkpoints and VAEs with their hashes")
     add_common_flags(m)
 
+    st = sub.add_parser("styles", help="list, save or delete prompt styles (styles.csv)")
+    st.add_argument("action", choices=["list", "save", "delete"], nargs="?", default="list")
+    st.add_argument("name", nargs="?")
+    st.add_argument("--prompt", default="", help="style prompt; {prompt} marks where the user's prompt goes")
+    st.add_argument("--negative", default="", help="style negative prompt")
+    add_common_flags(st)
+
     s = sub.add_parser("serve", help="start the web UI and/or the A1111-compatible API")
     from .server import add_server_flags
 
@@ -223,6 +230,24 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_styles(args: argparse.Namespace) -> int:
+    from .core import styles
+
+    path = paths_from(args).styles_file
+    if args.action in ("save", "delete") and not args.name:
+        raise RequestError(f"styles {args.action} needs a style name")
+    if args.action == "save":
+        styles.upsert(path, styles.Style(args.name, args.prompt, args.negative))
+        print(f"saved style {args.name!r} to {path}")
+    elif args.action == "delete":
+        styles.delete(path, args.name)
+        print(f"deleted style {args.name!r} from {path}")
+    else:
+        for s in styles.load(path).values():
+            print(f"{s.name}\tprompt: {s.prompt}\tnegative: {s.negative_prompt}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .core.outputs import NotAnImageError
     from .models.errors import ModelFileError, ModelNotFoundError
@@ -230,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
-    commands = {"txt2img": cmd_txt2img, "pnginfo": cmd_pnginfo, "models": cmd_models}
+    commands = {"txt2img": cmd_txt2img, "pnginfo": cmd_pnginfo, "models": cmd_models, "styles": cmd_styles}
     try:
         if args.command == "serve":
             from .server import serve

@@ -84,7 +84,10 @@ def create_app(args: argparse.Namespace):
         return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=500)
 
     if args.api or args.nowebui:
+        from .api import styles as styles_api
+
         app.include_router(make_router(engine, state, options, cmd_flags), dependencies=[Depends(check_api_auth)])
+        app.include_router(styles_api.make_router(paths), dependencies=[Depends(check_api_auth)])
     if not args.nowebui:
         import gradio as gr
 

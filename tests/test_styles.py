@@ -42,3 +42,32 @@ def test_engine_applies_styles_and_infotext_recreates_without_them(data_dir):
     (data_dir / "styles.csv").unlink()
     again = engine.txt2img(from_infotext(styled.images[0].infotext))
     assert np.array_equal(np.asarray(again.images[0].image), np.asarray(styled.images[0].image))
+
+
+def test_style_is_applied_once():
+    style = styles.Style("S", "{prompt}, masterpiece", "lowres")
+    p, n = styles.apply("a cat", "", ["S"], {"S": style})
+    assert (p, n) == ("a cat, masterpiece", "lowres")
+    assert styles.apply(p, n, ["S"], {"S": style}) == (p, n)  # re-applying to a pasted, styled prompt
+    plain = styles.Style("P", "oil painting")
+    once = styles.apply("a cat", "", ["P"], {"P": plain})[0]
+    assert styles.apply(once, "", ["P"], {"P": plain})[0] == "a cat, oil painting"
+
+
+def test_cli_and_api_edit_styles(data_dir, capsys):
+    from fastapi.testclient import TestClient
+
+    from sdstudio.cli import build_parser, main
+    from sdstudio.server import create_app
+
+    assert main(["styles", "save", "Neon", "--prompt", "{prompt}, neon", "--negative", "dull",
+                 "--data-dir", str(data_dir)]) == 0
+    assert main(["styles", "--data-dir", str(data_dir)]) == 0
+    assert "Neon\tprompt: {prompt}, neon\tnegative: dull" in capsys.readouterr().out
+    api = TestClient(create_app(build_parser().parse_args(["serve", "--api", "--nowebui", "--data-dir", str(data_dir)])))
+    assert api.post("/sdstudio/v1/styles", json={"name": "Ink", "prompt": "ink drawing"}).status_code == 200
+    assert [s["name"] for s in api.get("/sdapi/v1/prompt-styles").json()] == ["Neon", "Ink"]
+    assert api.delete("/sdstudio/v1/styles/Neon").status_code == 200
+    assert api.delete("/sdstudio/v1/styles/Neon").status_code == 404
+    assert main(["styles", "delete", "Ghost", "--data-dir", str(data_dir)]) == 2
+    assert [s.name for s in styles.load(data_dir / "styles.csv").values()] == ["Ink"]

@@ -23,7 +23,19 @@ class Style:
     description: str = ""
 
 
+def already_applied(style_text: str, prompt: str) -> bool:
+    """True when ``prompt`` already holds this style's text (a pasted, already styled prompt)."""
+    if not style_text.strip():
+        return True
+    if "{prompt}" in style_text:
+        before, after = style_text.split("{prompt}", 1)
+        return prompt.startswith(before) and prompt.endswith(after.replace("{prompt}", ""))
+    return prompt.rstrip().endswith(style_text.strip())
+
+
 def merge(style_text: str, prompt: str) -> str:
+    if already_applied(style_text, prompt):  # style text is applied once, never twice
+        return prompt
     if "{prompt}" in style_text:
         return style_text.replace("{prompt}", prompt)
     return ", ".join(p for p in (prompt.strip(), style_text.strip()) if p)
@@ -54,6 +66,21 @@ def save(path: Path, styles: dict[str, Style]) -> None:
         for s in styles.values():
             writer.writerow([s.name, s.prompt, s.negative_prompt, s.description])
     os.replace(tmp, path)
+
+
+def upsert(path: Path, style: Style) -> None:
+    """Add or replace one style in the file."""
+    current = load(path)
+    current[style.name] = style
+    save(path, current)
+
+
+def delete(path: Path, name: str) -> None:
+    current = load(path)
+    if name not in current:
+        raise RequestError(f"no style named {name!r}; available: {', '.join(current) or '(none)'}")
+    del current[name]
+    save(path, current)
 
 
 def apply(prompt: str, negative: str, names: list[str], styles: dict[str, Style]) -> tuple[str, str]:
