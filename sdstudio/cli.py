@@ -69,7 +69,8 @@ _TXT2IMG_FLAGS = {
     "negative_prompt": "negative_prompt", "steps": "steps", "sampler": "sampler_name", "scheduler": "scheduler",
     "cfg": "cfg_scale", "seed": "seed", "subseed": "subseed", "subseed_strength": "subseed_strength",
     "batch_count": "n_iter", "batch_size": "batch_size", "clip_skip": "clip_skip", "model": "model", "vae": "vae",
-    "rng": "rng", "eta": "eta", "ensd": "eta_noise_seed_delta", "styles": "styles",
+    "rng": "rng", "eta": "eta", "ensd": "eta_noise_seed_delta", "styles": "styles", "emphasis": "emphasis",
+    "novelai_braces": "novelai_braces",
 }
 
 
@@ -100,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eta", type=float)
     t.add_argument("--ensd", type=int, help="eta noise seed delta")
     t.add_argument("--tiling", action="store_true", default=None)
+    t.add_argument("--emphasis", choices=["Original", "No norm", "None"])
+    t.add_argument("--novelai-braces", action="store_true", default=None, help="{x} weighs x by 1.05")
     t.add_argument("--style", dest="styles", action="append", help="apply a style from styles.csv (repeatable)")
     t.add_argument("--from-png", metavar="IMAGE", help="re-create an image from its embedded parameters")
     t.add_argument("--infotext", help="re-create from pasted A1111 parameters text")

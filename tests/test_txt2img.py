@@ -184,3 +184,18 @@ def test_prompt_editing_with_second_order_sampler_and_batch(session_engine):
     r = gen(session_engine, prompt="a [red:blue:2] circle AND square :0.5", sampler_name="Heun", batch_size=2)
     again = session_engine.txt2img(from_infotext(r.images[1].infotext))
     assert np.array_equal(px(again), px(r, 1))
+
+
+def test_emphasis_modes_and_novelai_braces(session_engine):
+    weighted = "a (red:1.6) circle"
+    original = gen(session_engine, prompt=weighted)
+    no_norm = gen(session_engine, prompt=weighted, emphasis="No norm")
+    ignored = gen(session_engine, prompt=weighted, emphasis="None")
+    assert np.array_equal(px(ignored), px(gen(session_engine, prompt="a red circle")))
+    assert len({px(original).tobytes(), px(no_norm).tobytes(), px(ignored).tobytes()}) == 3
+    assert "Emphasis: No norm" in no_norm.images[0].infotext
+    assert np.array_equal(px(session_engine.txt2img(from_infotext(no_norm.images[0].infotext))), px(no_norm))
+    braces = gen(session_engine, prompt="a {red} circle", novelai_braces=True)
+    assert "NovelAI braces: True" in braces.images[0].infotext
+    assert np.array_equal(px(braces), px(gen(session_engine, prompt="a (red:1.05) circle")))
+    assert not np.array_equal(px(braces), px(gen(session_engine, prompt="a {red} circle")))

@@ -17,6 +17,7 @@ from . import infotext
 from .names import get_sampler, get_schedule, split_legacy_sampler
 
 RNG_SOURCES = ("GPU", "CPU", "NV")
+EMPHASIS_MODES = ("Original", "No norm", "None")
 MAX_SIDE = 8192
 
 
@@ -44,6 +45,8 @@ class Txt2ImgRequest:
     height: int = 512
     tiling: bool = False
     clip_skip: int = 1
+    emphasis: str = "Original"  # A1111's emphasis modes: "Original" (rescale to the mean), "No norm", "None"
+    novelai_braces: bool = False  # {x} weighs x by 1.05
     rng: str = "GPU"  # A1111's default; on a machine without CUDA "GPU" runs the NV imitation
     eta_noise_seed_delta: int = 0
     eta: float | None = None
@@ -71,6 +74,8 @@ class Txt2ImgRequest:
             raise RequestError(f"subseed_strength must be between 0 and 1, got {self.subseed_strength!r}")
         if not 0.0 <= self.cfg_scale <= 100.0:
             raise RequestError(f"cfg_scale must be between 0 and 100, got {self.cfg_scale!r}")
+        if self.emphasis not in EMPHASIS_MODES:
+            raise RequestError(f"emphasis must be one of {', '.join(EMPHASIS_MODES)}, got {self.emphasis!r}")
         if self.rng not in RNG_SOURCES:
             raise RequestError(f"rng must be one of {', '.join(RNG_SOURCES)}, got {self.rng!r}")
         try:
@@ -140,6 +145,8 @@ INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
     _simple("VAE", "vae", str, skip=lambda v: v in ("", "Automatic", "None")),
     _simple("Clip skip", "clip_skip", _read_int, skip=lambda v: v <= 1),
     _simple("Tiling", "tiling", _read_bool, skip=lambda v: not v),
+    _simple("Emphasis", "emphasis", str, skip=lambda v: v == "Original"),
+    _simple("NovelAI braces", "novelai_braces", _read_bool, skip=lambda v: not v),
     InfotextField("Variation seed", lambda r: r.subseed if r.subseed_strength > 0 else None,
                   lambda t: {"subseed": _read_int(t)}),
     InfotextField("Variation seed strength",
@@ -200,6 +207,7 @@ def from_infotext(text_or_params: str | dict[str, str], base: Txt2ImgRequest | N
         "clip_skip": 1, "rng": "GPU", "scheduler": "Automatic", "subseed_strength": 0.0,
         "seed_resize_from_w": 0, "seed_resize_from_h": 0, "tiling": False, "extra": {}, "model_hash": None,
         "styles": [],  # the infotext holds the styled prompt already
+        "emphasis": "Original", "novelai_braces": False,
     }
     extra: dict[str, str] = {}
     for key, value in params.items():

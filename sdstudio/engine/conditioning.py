@@ -103,12 +103,13 @@ def embedding_lookup(tokenizer, embeddings: dict[str, Embedding]) -> EmbeddingLo
     return lookup
 
 
-def weighted_tokens(tokenizer, text: str, embeddings: EmbeddingLookup | None = None) -> tuple[list, list[float]]:
+def weighted_tokens(tokenizer, text: str, embeddings: EmbeddingLookup | None = None, *,
+                    novelai_braces: bool = False) -> tuple[list, list[float]]:
     """Token ids and per-token weights of a prompt in the A1111 language (emphasis, BREAK, embeddings by
     name). Only an unweighted BREAK (-1) breaks; inside brackets A1111 reads it as the word "BREAK"."""
     tokens: list = []
     weights: list[float] = []
-    for run, weight in parse_attention(text):
+    for run, weight in parse_attention(text, novelai_braces=novelai_braces):
         if run == "BREAK" and weight == -1:
             tokens.append(BREAK_TOKEN)
             weights.append(1.0)
@@ -185,9 +186,11 @@ class TextConditioner:
             handle.remove()
 
     @torch.no_grad()
-    def encode(self, text: str, clip_skip: int = 1) -> Conditioning:
+    def encode(self, text: str, clip_skip: int = 1, *, emphasis: str = "Original",
+               novelai_braces: bool = False) -> Conditioning:
         """Encode one prompt (no AND, no scheduling: those are resolved before)."""
-        tokens, weights = weighted_tokens(self.model.tokenizers[0], text, self.embeddings)
+        tokens, weights = weighted_tokens(self.model.tokenizers[0], text, self.embeddings,
+                                          novelai_braces=novelai_braces)
         zs, pooled = [], None
         for i, chunk in enumerate(chunk_tokens(tokens, weights)):
             for _, emb in chunk.fixes:
@@ -203,9 +206,10 @@ class TextConditioner:
                     pooled = pool
             z = torch.cat(parts, dim=-1)
             w = torch.tensor([1.0] + chunk.weights + [1.0] * (pad + 1), device=z.device, dtype=z.dtype)
-            if not torch.all(w == 1):
+            if emphasis != "None" and not torch.all(w == 1):
                 original_mean = z.mean()
                 z = z * w[None, :, None]
-                z = z * (original_mean / z.mean())
+                if emphasis == "Original":
+                    z = z * (original_mean / z.mean())
             zs.append(z)
         return Conditioning(torch.cat(zs, dim=1), pooled)

@@ -224,7 +224,8 @@ class Engine:
             entries = []
             for end, step_text in prompt_schedule(text, req.steps):
                 if step_text not in encoded:
-                    encoded[step_text] = conditioner.encode(step_text, req.clip_skip)
+                    encoded[step_text] = conditioner.encode(step_text, req.clip_skip, emphasis=req.emphasis,
+                                                            novelai_braces=req.novelai_braces)
                 entries.append((end, encoded[step_text]))
             return ScheduledConditioning(entries)
 
