@@ -157,3 +157,15 @@ def test_missing_and_wrong_networks_warn_and_generation_goes_on(engine):
     assert "alien.safetensors: none of its 1 modules fit this model" in r.warnings[0]
     assert "broken.safetensors" in r.warnings[1]
     assert r.warnings[2].startswith("partial.safetensors: 1 of ") and "lora_unet_not_a_module" in r.warnings[2]
+
+
+def test_pasted_infotext_finds_a_renamed_lora_by_hash(engine):
+    make_lora(engine, engine.paths.lora_dir / "detail_tweaker.safetensors")
+    engine.registry.refresh()
+    first = engine.txt2img(Txt2ImgRequest(**{**BASE, "prompt": "a red circle <lora:detail_tweaker:0.6>"}))
+    (engine.paths.lora_dir / "detail_tweaker.safetensors").rename(engine.paths.lora_dir / "add_detail.safetensors")
+    engine.registry.refresh()
+    again = engine.txt2img(from_infotext(first.images[0].infotext))  # the tag still says detail_tweaker
+    assert again.warnings == []
+    assert np.array_equal(np.asarray(again.images[0].image), np.asarray(first.images[0].image))
+    assert infotext.parse(again.images[0].infotext)["Lora hashes"] == infotext.parse(first.images[0].infotext)["Lora hashes"]

@@ -24,7 +24,7 @@ from ..core.paths import DeviceOptions, Paths
 from ..core.prompt import prompt_schedule, split_and
 from ..models.embeddings import EmbeddingLibrary
 from ..models.errors import ModelFileError, ModelNotFoundError
-from ..models.files import ModelFile, addnet_hash
+from ..models.files import ModelFile
 from ..models.loader import LoadedModel, ModelCache, load_vae_file
 from ..models.registry import ModelRegistry
 from . import hypernetwork as hypernetwork_ops
@@ -71,6 +71,12 @@ class Txt2ImgResult:
     interrupted: bool = False
     warnings: list[str] = field(default_factory=list)  # e.g. a LoRA that was not found or did not fit
     info: dict = field(default_factory=dict)
+
+
+def _named_hashes(text: str) -> dict[str, str]:
+    """``"a: 0123abcd, b: 4567ef01"`` (an infotext's ``Lora hashes``) -> ``{"a": "0123abcd", ...}``."""
+    pairs = (part.split(":", 1) for part in text.split(",") if ":" in part)
+    return {name.strip(): value.strip() for name, value in pairs}
 
 
 def _concrete_seed(seed: int) -> int:
@@ -140,9 +146,12 @@ class Engine:
             prompt, tags = extract(req.prompt)
             negative, negative_tags = extract(req.negative_prompt)
             warnings: list[str] = []
-            networks = self._networks(model, tags + negative_tags, warnings)
+            networks = self._networks(model, tags + negative_tags, warnings,
+                                      _named_hashes(req.extra.get("Lora hashes", "")))
             if networks:
-                resolved["Lora hashes"] = ", ".join(f"{lf.path.stem}: {addnet_hash(lf.path)}" for lf, _, _ in networks)
+                resolved["Lora hashes"] = ", ".join(f"{name}: {self.registry.hashes.addnet(lf.path)}"
+                                                    for name, (lf, _, _) in networks.items())
+            networks = list(networks.values())
             images: list[GeneratedImage] = []
             interrupted = False
             hypernets = self._hypernetworks(hypernetwork_uses(tags + negative_tags), warnings)
@@ -176,13 +185,14 @@ class Engine:
         return Txt2ImgResult(req, images, all_seeds, all_subseeds, file.name, file.short_hash, interrupted,
                              warnings)
 
-    def _networks(self, model: LoadedModel, tags, warnings: list[str]) -> list[tuple[lora_ops.LoraFile, float, float]]:
-        """The LoRA files a prompt's ``<lora:...>`` tags name, parsed for this model (cached). A missing
-        or unusable file is reported in ``warnings`` and left out; the job goes on, as in A1111."""
-        out = []
+    def _networks(self, model: LoadedModel, tags, warnings: list[str], known_hashes: dict[str, str]
+                  ) -> dict[str, tuple[lora_ops.LoraFile, float, float]]:
+        """The LoRA files a prompt's ``<lora:...>`` tags name (by the tag's name), parsed for this model
+        (cached). A missing or unusable file is reported in ``warnings`` and left out; the job goes on."""
+        out = {}
         for use in lora_uses(tags):
             try:
-                file = self.registry.lora(use.name)
+                file = self.registry.lora(use.name, known_hashes.get(use.name))
                 st = file.path.stat()
                 key = (str(file.path), st.st_size, st.st_mtime, id(model))
                 if key not in self._loras:
@@ -194,7 +204,7 @@ class Engine:
             if lora.unmatched:
                 warnings.append(f"{file.path.name}: {len(lora.unmatched)} of {len(lora.unmatched) + len(lora.targets)} "
                                 f"modules do not fit this model (e.g. {lora.unmatched[0]}); applied the rest")
-            out.append((lora, use.te, use.unet))
+            out[use.name] = (lora, use.te, use.unet)
         return out
 
     def _hypernetworks(self, uses, warnings: list[str]) -> list[tuple[hypernetwork_ops.Hypernetwork, float]]:
