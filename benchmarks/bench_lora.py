@@ -10,6 +10,7 @@ plain weights; the cost is paid once per request when weights change. Usage:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import tempfile
@@ -70,14 +71,18 @@ def main() -> None:
         engine.txt2img(req)
         return time.perf_counter() - t
 
+    def per_step(req, steps=5) -> float:
+        """Median time between step callbacks: sampling only, without text encoding or LoRA merging."""
+        stamps: list[float] = []
+        engine.txt2img(req.replace(steps=steps), on_progress=lambda p: stamps.append(time.perf_counter()))
+        return statistics.median(b - a for a, b in itertools.pairwise(stamps))
+
     timed(base.replace(steps=1))
     timed(base.replace(prompt=three, steps=1))  # parse and cache the LoRA files once
-    lo, hi = 2, 6
     plain, with_lora, switch = [], [], []
     for r in range(args.repeat):
-        plain.append((timed(base.replace(steps=hi)) - timed(base.replace(steps=lo))) / (hi - lo))
-        with_lora.append((timed(base.replace(prompt=three, steps=hi)) - timed(base.replace(prompt=three, steps=lo)))
-                         / (hi - lo))
+        plain.append(per_step(base))
+        with_lora.append(per_step(base.replace(prompt=three)))
         other = f"a red circle <lora:l0:{0.2 + 0.1 * r}> <lora:l1:0.9> <lora:l2:{0.6 + 0.1 * r}>"
         switch.append(timed(base.replace(prompt=other, steps=1)) - timed(base.replace(steps=1)))
     result = {"model": source.name, "size": args.size, "plain_s_per_step": round(statistics.median(plain), 4),

@@ -66,19 +66,29 @@ def _group(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tenso
     return groups
 
 
+def _low_rank(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """(up, down, scale) of a plain LoRA/LoCon entry as 2-D matrices, or None for other network kinds.
+    Linear, 1x1 conv and LoCon's kxk-down / 1x1-up conv all reduce to ``up @ down``."""
+    down = parts.get("lora_down.weight", parts.get("lora.down.weight", parts.get("lora_A.weight")))
+    if down is None:
+        return None
+    if "lora_mid.weight" in parts:
+        raise ModelFileError("LoCon with a CP-decomposed mid weight is not supported yet")
+    up = parts.get("lora_up.weight", parts.get("lora.up.weight", parts.get("lora_B.weight")))
+    alpha = float(parts["alpha"]) if "alpha" in parts else None
+    rank = down.shape[0]
+    return up.float().flatten(1), down.float().flatten(1), (alpha / rank) if alpha else 1.0
+
+
 def _delta(parts: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
     """The full-size weight update one module's entries describe (before the multiplier)."""
     shape = weight.shape
+    low_rank = _low_rank(parts)
+    if low_rank is not None:
+        up, down, scale = low_rank
+        return (up @ down).reshape(shape) * scale
     f = {k: v.float() for k, v in parts.items()}
     alpha = float(f["alpha"]) if "alpha" in f else None
-    if "lora_down.weight" in f or "lora.down.weight" in f or "lora_A.weight" in f:
-        down = f.get("lora_down.weight", f.get("lora.down.weight", f.get("lora_A.weight")))
-        up = f.get("lora_up.weight", f.get("lora.up.weight", f.get("lora_B.weight")))
-        if "lora_mid.weight" in f:
-            raise ModelFileError("LoCon with a CP-decomposed mid weight is not supported yet")
-        rank = down.shape[0]
-        # Linear, 1x1 conv and LoCon's kxk-down / 1x1-up conv all reduce to one matrix product.
-        return (up.flatten(1) @ down.flatten(1)).reshape(shape) * ((alpha / rank) if alpha else 1.0)
     if "hada_w1_a" in f:
         rank = f["hada_w1_b"].shape[0]
         d = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
@@ -126,34 +136,39 @@ class LoraFile:
         self.metadata = state.metadata
 
 
+def _add_update(buffer: torch.Tensor, parts: dict[str, torch.Tensor], mult: float) -> None:
+    """``buffer += mult * update`` in float32; low-rank updates go straight in with one ``addmm_``."""
+    low_rank = _low_rank(parts)
+    if low_rank is not None:
+        up, down, scale = low_rank
+        buffer.view(buffer.shape[0], -1).addmm_(up.to(buffer.device), down.to(buffer.device), alpha=scale * mult)
+    else:
+        buffer += _delta(parts, buffer).to(buffer.device) * mult
+
+
 @contextlib.contextmanager
 def applied(model: LoadedModel, networks: list[tuple[LoraFile, float, float]]) -> Iterator[None]:
     """Within the block the model's weights include the networks, each ``(file, te_mult, unet_mult)``."""
-    if not networks:
-        yield
-        return
-    deltas: dict[torch.nn.Module, torch.Tensor] = {}
+    work: dict[tuple[torch.nn.Module, str], list[tuple[dict, float]]] = defaultdict(list)
     for lora, te_mult, unet_mult in networks:
         for kind, module, parts in lora.targets:
             mult = te_mult if kind == "te" else unet_mult
-            if mult == 0:
-                continue
-            weight = module.weight
-            try:
-                d = _delta(parts, weight) * mult
-            except RuntimeError as exc:  # shapes that do not fit
-                raise ModelFileError(f"{lora.path.name}: does not fit this model ({exc})") from None
-            deltas[module] = deltas[module] + d if module in deltas else d
-            if "diff_b" in parts and module.bias is not None:
-                deltas[(module, "bias")] = deltas.get((module, "bias"), 0) + parts["diff_b"].float() * mult
+            if mult:
+                work[(module, "weight")].append((parts, mult))
+                if "diff_b" in parts and module.bias is not None:
+                    work[(module, "bias")].append(({"diff": parts["diff_b"]}, mult))
     originals = []
     try:
-        for key, d in deltas.items():
-            module, attr = key if isinstance(key, tuple) else (key, "weight")
+        for (module, attr), updates in work.items():
             original = getattr(module, attr)
+            merged = original.detach().float().clone()  # one working copy per weight; the original is kept
+            try:
+                for parts, mult in updates:
+                    _add_update(merged, parts, mult)
+            except RuntimeError as exc:  # shapes that do not fit
+                raise ModelFileError(f"a network does not fit this model ({exc})") from None
             originals.append((module, attr, original))
-            merged = (original.float() + d.to(original.device)).to(original.dtype)
-            setattr(module, attr, torch.nn.Parameter(merged, requires_grad=False))
+            setattr(module, attr, torch.nn.Parameter(merged.to(original.dtype), requires_grad=False))
         yield
     finally:
         for module, attr, original in reversed(originals):
