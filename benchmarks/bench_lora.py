@@ -80,9 +80,13 @@ def main() -> None:
     timed(base.replace(steps=1))
     timed(base.replace(prompt=three, steps=1))  # parse and cache the LoRA files once
     plain, with_lora, switch = [], [], []
-    for r in range(args.repeat):
-        plain.append(per_step(base))
-        with_lora.append(per_step(base.replace(prompt=three)))
+    for r in range(args.repeat):  # alternate the order so drifting machine state favours neither side
+        if r % 2:
+            with_lora.append(per_step(base.replace(prompt=three)))
+            plain.append(per_step(base))
+        else:
+            plain.append(per_step(base))
+            with_lora.append(per_step(base.replace(prompt=three)))
         other = f"a red circle <lora:l0:{0.2 + 0.1 * r}> <lora:l1:0.9> <lora:l2:{0.6 + 0.1 * r}>"
         switch.append(timed(base.replace(prompt=other, steps=1)) - timed(base.replace(steps=1)))
     result = {"model": source.name, "size": args.size, "plain_s_per_step": round(statistics.median(plain), 4),
