@@ -99,3 +99,15 @@ def test_library_lists_and_refreshes(tmp_path):
     assert lib.names() == []
     save_file({"emb_params": torch.randn(1, 64)}, str(tmp_path / "new.safetensors"))
     assert lib.names() == ["new"]
+
+
+def test_pasted_infotext_finds_a_renamed_embedding_by_hash(data_dir):
+    emb_dir = data_dir / "embeddings"
+    emb_dir.mkdir()
+    a1111_pt(emb_dir / "badhands.pt", torch.randn(3, 64) * 2)
+    engine = Engine(Paths(data_dir))
+    first = engine.txt2img(Txt2ImgRequest(**{**BASE, "negative_prompt": "badhands"}))
+    os.rename(emb_dir / "badhands.pt", emb_dir / "bad-hands-v2.pt")
+    again = engine.txt2img(from_infotext(first.images[0].infotext))
+    assert np.array_equal(np.asarray(again.images[0].image), np.asarray(first.images[0].image))
+    assert infotext.parse(again.images[0].infotext)["TI hashes"] == infotext.parse(first.images[0].infotext)["TI hashes"]

@@ -227,7 +227,8 @@ class Engine:
         """The prompt's AND parts and the negative prompt, each scheduled per step (each distinct text
         encoded once), and the embeddings they used."""
         widths = [te.config["hidden_size"] for te in model.spec.text_encoders]
-        conditioner = TextConditioner(model, self.plan.device, self.embeddings.usable(widths))
+        known = _named_hashes(req.extra.get("TI hashes", ""))
+        conditioner = TextConditioner(model, self.plan.device, self.embeddings.usable(widths, known))
         encoded: dict[str, object] = {}
 
         def scheduled(text: str) -> ScheduledConditioning:
