@@ -1,0 +1,1 @@
+"""Model files: finding, hashing, safely reading, detecting the architecture, converting layouts, loading."""

@@ -1,0 +1,153 @@
+"""Build diffusers / transformers modules from a single-file checkpoint.
+
+Modules are constructed on the ``meta`` device (no random initialisation of weights that are about
+to be replaced), then each parameter is assigned the converted tensor read from the memory-mapped
+file. Loaded models are kept in a small cache keyed by file identity and dtype, so switching back to
+a recent model is instant.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers.initialization import no_init_weights
+
+from .convert import convert_component, module_text_state
+from .detect import UNET_PREFIX, VAE_PREFIX, ModelSpec, TextEncoderSpec, detect, detect_vae
+from .errors import ModelFileError
+from .safe_load import open_state_dict
+
+
+@lru_cache(maxsize=4)
+def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """The CLIP BPE tokenizer from the files shipped in this package (no download)."""
+    folder = resources.files("sdstudio.models") / "configs" / "clip_tokenizer"
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token,
+                         model_max_length=77)
+
+
+def _materialize(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, what: str) -> None:
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ModelFileError(f"{what}: weights do not fit the detected architecture "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ModelFileError(f"{what}: {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}")
+    module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    # Buffers that are not saved (e.g. CLIP's position ids) were created on the real device already.
+    module.eval().requires_grad_(False)
+
+
+def build_unet(spec: ModelSpec, source, dtype: torch.dtype, prefix: str = UNET_PREFIX) -> UNet2DConditionModel:
+    with init_empty_weights(include_buffers=False):
+        unet = UNet2DConditionModel(**spec.unet)
+    state = convert_component(source, prefix, "unet", layers_per_block=spec.layers_per_block)
+    _materialize(unet, state, dtype, "UNet")
+    return unet
+
+
+def build_vae(config: dict, levels: int, source, prefix: str, dtype: torch.dtype) -> AutoencoderKL:
+    with init_empty_weights(include_buffers=False):
+        vae = AutoencoderKL(**config)
+    state = convert_component(source, prefix, "vae", levels=levels)
+    _materialize(vae, state, dtype, "VAE")
+    return vae
+
+
+def build_text_encoder(te: TextEncoderSpec, source, dtype: torch.dtype) -> CLIPTextModel:
+    config = CLIPTextConfig(**te.config)
+    cls = CLIPTextModelWithProjection if te.with_projection else CLIPTextModel
+    with init_empty_weights(include_buffers=False), no_init_weights():  # weights are assigned next
+        model = cls(config)
+    state = convert_component(source, te.prefix, te.layout)
+    if not te.with_projection:
+        state.pop("text_projection.weight", None)
+    state = module_text_state(state, model.state_dict().keys())
+    _materialize(model, state, dtype, "text encoder")
+    return model
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    spec: ModelSpec
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: list[torch.nn.Module]
+    tokenizers: list[CLIPTokenizer]
+    dtype: torch.dtype
+    vae_source: str = "checkpoint"  # "checkpoint" or the VAE file's path
+    extras: dict = field(default_factory=dict)
+
+
+def _v_prediction_hint(path: Path) -> bool | None:
+    """A1111's convention: a ``.yaml`` beside the checkpoint with ``parameterization: "v"``."""
+    yaml = path.with_suffix(".yaml")
+    if yaml.is_file():
+        text = yaml.read_text(errors="replace")
+        return "parameterization: \"v\"" in text or "parameterization: v" in text or "parameterization: 'v'" in text
+    return None
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None) -> LoadedModel:
+    path = Path(path)
+    source = open_state_dict(path)
+    try:
+        spec = detect(source.shapes, v_prediction=_v_prediction_hint(path))
+    except ModelFileError as exc:
+        raise ModelFileError(f"{path.name}: {exc}") from None
+    try:
+        unet = build_unet(spec, source, dtype)
+        vae = build_vae(spec.vae, spec.vae_levels, source, VAE_PREFIX, vae_dtype or dtype)
+        encoders = [build_text_encoder(te, source, dtype) for te in spec.text_encoders]
+    except ModelFileError as exc:
+        raise ModelFileError(f"{path.name}: {exc}") from None
+    tokenizers = [clip_tokenizer(te.pad_token) for te in spec.text_encoders]
+    return LoadedModel(path, spec, unet, vae, encoders, tokenizers, dtype)
+
+
+def load_vae_file(path: str | Path, like: AutoencoderKL, dtype: torch.dtype) -> AutoencoderKL:
+    """A stand-alone VAE (``models/VAE``), built with the checkpoint's latent scaling factor."""
+    path = Path(path)
+    source = open_state_dict(path)
+    try:
+        prefix, config, levels = detect_vae(source.shapes)
+        config["scaling_factor"] = like.config.scaling_factor
+        return build_vae(config, levels, source, prefix, dtype)
+    except ModelFileError as exc:
+        raise ModelFileError(f"{path.name}: {exc}") from None
+
+
+class ModelCache:
+    """Recently loaded checkpoints, keyed by (path, size, mtime, dtype); least recently used evicted."""
+
+    def __init__(self, capacity: int = 1):
+        self.capacity = capacity
+        self._items: OrderedDict[tuple, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: Path, dtype: torch.dtype, vae_dtype: torch.dtype | None = None) -> LoadedModel:
+        st = Path(path).stat()
+        key = (str(Path(path).resolve()), st.st_size, st.st_mtime, dtype, vae_dtype)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        model = load_checkpoint(path, dtype, vae_dtype)
+        with self._lock:
+            self._items[key] = model
+            while len(self._items) > max(self.capacity, 1):
+                self._items.popitem(last=False)
+        return model
