@@ -169,3 +169,11 @@ def test_pasted_infotext_finds_a_renamed_lora_by_hash(engine):
     assert again.warnings == []
     assert np.array_equal(np.asarray(again.images[0].image), np.asarray(first.images[0].image))
     assert infotext.parse(again.images[0].infotext)["Lora hashes"] == infotext.parse(first.images[0].infotext)["Lora hashes"]
+
+
+def test_stale_hashes_from_a_pasted_infotext_are_not_written_back(engine):
+    make_lora(engine, engine.paths.lora_dir / "style.safetensors")
+    engine.registry.refresh()
+    text = engine.txt2img(Txt2ImgRequest(**{**BASE, "prompt": "a red circle <lora:style:1>"})).images[0].infotext
+    edited = from_infotext(text).replace(prompt="a red circle")  # the user removed the LoRA tag
+    assert "Lora hashes" not in engine.txt2img(edited).images[0].infotext

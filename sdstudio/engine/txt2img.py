@@ -143,23 +143,15 @@ class Engine:
             if sampler.uses_ensd and req.eta_noise_seed_delta:
                 resolved["ENSD"] = req.eta_noise_seed_delta
             req_for_text = req.replace(model=file.name, model_hash=None)
-            prompt, tags = extract(req.prompt)
-            negative, negative_tags = extract(req.negative_prompt)
             warnings: list[str] = []
-            networks = self._networks(model, tags + negative_tags, warnings,
-                                      _named_hashes(req.extra.get("Lora hashes", "")))
-            if networks:
-                resolved["Lora hashes"] = ", ".join(f"{name}: {self.registry.hashes.addnet(lf.path)}"
-                                                    for name, (lf, _, _) in networks.items())
-            networks = list(networks.values())
+            bare, loras, hypernets = self._extra_networks(model, req, warnings, resolved)
             images: list[GeneratedImage] = []
             interrupted = False
-            hypernets = self._hypernetworks(hypernetwork_uses(tags + negative_tags), warnings)
-            with circular_padding([model.unet, vae], req.tiling), lora_ops.applied(model, networks), \
+            with circular_padding([model.unet, vae], req.tiling), lora_ops.applied(model, loras), \
                     hypernetwork_ops.applied(model.unet, hypernets):
-                conds, used = self._encode(model, req.replace(prompt=prompt, negative_prompt=negative))
-                if used:
-                    resolved["TI hashes"] = ", ".join(f"{e.name}: {e.short_hash}" for e in used.values())
+                conds, used = self._encode(model, bare)
+                # hashes of what this job used; a pasted infotext's stale ones are not written back
+                resolved["TI hashes"] = ", ".join(f"{e.name}: {e.short_hash}" for e in used.values()) or None
                 for n in range(req.n_iter):
                     seeds = all_seeds[n * req.batch_size:(n + 1) * req.batch_size]
                     subseeds = all_subseeds[n * req.batch_size:(n + 1) * req.batch_size]
@@ -169,12 +161,7 @@ class Engine:
                     except Interrupted:
                         interrupted = True
                         break
-                    with self.placement.use(vae):
-                        if self.plan.device.type == "cpu":  # per image: batch-invariant pixels (see CFGDenoiser)
-                            pixels = torch.cat([vae_ops.decode(vae, lat[None], self.plan.device) for lat in latents])
-                        else:
-                            pixels = vae_ops.decode(vae, latents, self.plan.device)
-                    for image, s, ss in zip(vae_ops.to_pil(pixels), seeds, subseeds):
+                    for image, s, ss in zip(vae_ops.to_pil(self._decode(vae, latents)), seeds, subseeds):
                         params = to_infotext_params(req_for_text.replace(seed=s, subseed=ss), **{**resolved, "Seed": s})
                         generated = GeneratedImage(image, s, ss, infotext.format(params))
                         images.append(generated)
@@ -184,6 +171,23 @@ class Engine:
             log.warning(w)
         return Txt2ImgResult(req, images, all_seeds, all_subseeds, file.name, file.short_hash, interrupted,
                              warnings)
+
+    def _decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        with self.placement.use(vae):
+            if self.plan.device.type == "cpu":  # per image: batch-invariant pixels (see CFGDenoiser)
+                return torch.cat([vae_ops.decode(vae, lat[None], self.plan.device) for lat in latents])
+            return vae_ops.decode(vae, latents, self.plan.device)
+
+    def _extra_networks(self, model: LoadedModel, req: Txt2ImgRequest, warnings: list[str], resolved: dict):
+        """Take ``<lora:...>`` / ``<hypernet:...>`` tags out of both prompts and load what they name.
+        Returns the request with bare prompts, the LoRAs and the hypernetworks; records ``Lora hashes``."""
+        prompt, tags = extract(req.prompt)
+        negative, negative_tags = extract(req.negative_prompt)
+        loras = self._networks(model, tags + negative_tags, warnings, _named_hashes(req.extra.get("Lora hashes", "")))
+        resolved["Lora hashes"] = ", ".join(f"{name}: {self.registry.hashes.addnet(lf.path)}"
+                                            for name, (lf, _, _) in loras.items()) or None
+        hypernets = self._hypernetworks(hypernetwork_uses(tags + negative_tags), warnings)
+        return req.replace(prompt=prompt, negative_prompt=negative), list(loras.values()), hypernets
 
     def _networks(self, model: LoadedModel, tags, warnings: list[str], known_hashes: dict[str, str]
                   ) -> dict[str, tuple[lora_ops.LoraFile, float, float]]:

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .errors import ModelFileError
 
@@ -83,9 +83,9 @@ def open_safetensors(path: Path) -> LazyStateDict:
     _check_safetensors_header(path)
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")
-        shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+        shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118 - not a dict
         metadata = handle.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types
+    except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(f"{path.name}: cannot read safetensors file ({exc})") from None
     return LazyStateDict(path, shapes, handle.get_tensor, metadata)
 

@@ -18,23 +18,43 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from .convert import canonical_text_state, component_to_ldm
 
 _VAE = {
-    "full": dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2),
-    "tiny": dict(block_out_channels=[32, 32, 64, 64], layers_per_block=1),
+    "full": {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2},
+    "tiny": {"block_out_channels": [32, 32, 64, 64], "layers_per_block": 1},
 }
 _CLIP_L = {
-    "full": dict(hidden_size=768, num_hidden_layers=12, intermediate_size=3072, num_attention_heads=12),
-    "tiny": dict(hidden_size=64, num_hidden_layers=4, intermediate_size=256, num_attention_heads=1),
+    "full": {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "intermediate_size": 3072,
+        "num_attention_heads": 12,
+    },
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 4, "intermediate_size": 256, "num_attention_heads": 1},
 }
 _OPENCLIP_H = {
-    "full": dict(hidden_size=1024, num_hidden_layers=24, intermediate_size=4096, num_attention_heads=16),
-    "tiny": dict(hidden_size=64, num_hidden_layers=3, intermediate_size=256, num_attention_heads=1),
+    "full": {
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "intermediate_size": 4096,
+        "num_attention_heads": 16,
+    },
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 3, "intermediate_size": 256, "num_attention_heads": 1},
 }
 _OPENCLIP_BIGG = {
-    "full": dict(hidden_size=1280, num_hidden_layers=32, intermediate_size=5120, num_attention_heads=20,
-                 projection_dim=1280),
+    "full": {
+        "hidden_size": 1280,
+        "num_hidden_layers": 32,
+        "intermediate_size": 5120,
+        "num_attention_heads": 20,
+        "projection_dim": 1280,
+    },
     # wider than the tiny CLIP-L, as in the real model (768 vs 1280): tools tell the encoders apart by width
-    "tiny": dict(hidden_size=128, num_hidden_layers=3, intermediate_size=256, num_attention_heads=2,
-                 projection_dim=128),
+    "tiny": {
+        "hidden_size": 128,
+        "num_hidden_layers": 3,
+        "intermediate_size": 256,
+        "num_attention_heads": 2,
+        "projection_dim": 128,
+    },
 }
 
 
@@ -42,34 +62,58 @@ def unet_config(family: str, size: str, in_channels: int = 4) -> dict:
     tiny = size == "tiny"
     if family == "sd1":
         ch = [32, 64, 64, 64] if tiny else [320, 640, 1280, 1280]
-        return dict(in_channels=in_channels, block_out_channels=ch, layers_per_block=2, attention_head_dim=8,
-                    cross_attention_dim=64 if tiny else 768,
-                    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+        return {
+            "in_channels": in_channels,
+            "block_out_channels": ch,
+            "layers_per_block": 2,
+            "attention_head_dim": 8,
+            "cross_attention_dim": 64 if tiny else 768,
+            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        }
     if family == "sd2":
         ch = [64, 64, 128, 128] if tiny else [320, 640, 1280, 1280]
-        return dict(in_channels=in_channels, block_out_channels=ch, layers_per_block=2,
-                    attention_head_dim=[c // 64 for c in ch], cross_attention_dim=64 if tiny else 1024,
-                    use_linear_projection=True, upcast_attention=True,
-                    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+        return {
+            "in_channels": in_channels,
+            "block_out_channels": ch,
+            "layers_per_block": 2,
+            "attention_head_dim": [c // 64 for c in ch],
+            "cross_attention_dim": 64 if tiny else 1024,
+            "use_linear_projection": True,
+            "upcast_attention": True,
+            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        }
     if family == "sdxl":
         ch = [64, 128, 128] if tiny else [320, 640, 1280]
         pooled = _OPENCLIP_BIGG[size]["projection_dim"]
-        return dict(in_channels=in_channels, block_out_channels=ch, layers_per_block=2,
-                    attention_head_dim=[c // 64 for c in ch], cross_attention_dim=192 if tiny else 2048,
-                    use_linear_projection=True, transformer_layers_per_block=[1, 2, 2] if tiny else [1, 2, 10],
-                    addition_embed_type="text_time", addition_time_embed_dim=256,
-                    projection_class_embeddings_input_dim=6 * 256 + pooled,
-                    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"])
+        return {
+            "in_channels": in_channels,
+            "block_out_channels": ch,
+            "layers_per_block": 2,
+            "attention_head_dim": [c // 64 for c in ch],
+            "cross_attention_dim": 192 if tiny else 2048,
+            "use_linear_projection": True,
+            "transformer_layers_per_block": [1, 2, 2] if tiny else [1, 2, 10],
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 6 * 256 + pooled,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        }
     raise ValueError(family)
 
 
 def _clip_config(base: dict, act: str, pad: int) -> CLIPTextConfig:
-    return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_act=act, bos_token_id=49406,
-                          eos_token_id=49407, pad_token_id=pad, **{"projection_dim": base.get("projection_dim", 768),
-                                                                    **base})
+    return CLIPTextConfig(
+        vocab_size=49408,
+        max_position_embeddings=77,
+        hidden_act=act,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=pad,
+        **{"projection_dim": base.get("projection_dim", 768), **base},
+    )
 
 
 def _realistic_norms(module: torch.nn.Module) -> None:
@@ -82,8 +126,16 @@ def _realistic_norms(module: torch.nn.Module) -> None:
                 m.bias.normal_(0.05, 0.1)
 
 
-def make_checkpoint(family: str = "sd1", size: str = "tiny", *, seed: int = 0, dtype: torch.dtype = torch.float32,
-                    inpainting: bool = False, ema: bool = False, meta: bool = False) -> dict[str, torch.Tensor]:
+def make_checkpoint(
+    family: str = "sd1",
+    size: str = "tiny",
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    inpainting: bool = False,
+    ema: bool = False,
+    meta: bool = False,
+) -> dict[str, torch.Tensor]:
     """A random-weight state dict in the original layout of ``family`` (sd1, sd2, sdxl).
     ``meta=True`` gives shape-only tensors (no memory, instant), for layout and detection checks."""
     if meta:
@@ -94,33 +146,56 @@ def make_checkpoint(family: str = "sd1", size: str = "tiny", *, seed: int = 0, d
     torch.manual_seed(seed)
     ucfg = unet_config(family, size, 9 if inpainting else 4)
     unet = UNet2DConditionModel(**ucfg)
-    vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                        latent_channels=4, **_VAE[size])
+    vae = AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4,
+        **_VAE[size],
+    )
     if family == "sd1":
-        encoders = [(CLIPTextModel(_clip_config(_CLIP_L[size], "quick_gelu", 49407)),
-                     "cond_stage_model.transformer.", "clip_hf")]
+        encoders = [
+            (
+                CLIPTextModel(_clip_config(_CLIP_L[size], "quick_gelu", 49407)),
+                "cond_stage_model.transformer.",
+                "clip_hf",
+            )
+        ]
     elif family == "sd2":
-        encoders = [(CLIPTextModelWithProjection(_clip_config(_OPENCLIP_H[size], "gelu", 0)),
-                     "cond_stage_model.model.", "openclip")]
+        encoders = [
+            (
+                CLIPTextModelWithProjection(_clip_config(_OPENCLIP_H[size], "gelu", 0)),
+                "cond_stage_model.model.",
+                "openclip",
+            )
+        ]
     elif family == "sdxl":
-        encoders = [(CLIPTextModel(_clip_config(_CLIP_L[size], "quick_gelu", 49407)),
-                     "conditioner.embedders.0.transformer.", "clip_hf"),
-                    (CLIPTextModelWithProjection(_clip_config(_OPENCLIP_BIGG[size], "gelu", 0)),
-                     "conditioner.embedders.1.model.", "openclip")]
+        encoders = [
+            (
+                CLIPTextModel(_clip_config(_CLIP_L[size], "quick_gelu", 49407)),
+                "conditioner.embedders.0.transformer.",
+                "clip_hf",
+            ),
+            (
+                CLIPTextModelWithProjection(_clip_config(_OPENCLIP_BIGG[size], "gelu", 0)),
+                "conditioner.embedders.1.model.",
+                "openclip",
+            ),
+        ]
     else:
         raise ValueError(family)
     for module in [unet, vae] + [e[0] for e in encoders]:
         _realistic_norms(module)
     lpb = ucfg["layers_per_block"]
     up_attn = [t.startswith("CrossAttn") for t in ucfg["up_block_types"]]
-    sd = component_to_ldm(unet.state_dict(), "model.diffusion_model.", "unet", layers_per_block=lpb,
-                          up_has_attention=up_attn)
+    sd = component_to_ldm(
+        unet.state_dict(), "model.diffusion_model.", "unet", layers_per_block=lpb, up_has_attention=up_attn
+    )
     sd.update(component_to_ldm(vae.state_dict(), "first_stage_model.", "vae", levels=4))
     for encoder, prefix, layout in encoders:
         sd.update(component_to_ldm(canonical_text_state(encoder.state_dict()), prefix, layout))
     if ema:  # full training checkpoints also carry EMA copies; loaders must ignore them
         for k in [k for k in sd if k.startswith("model.diffusion_model.")][:8]:
-            sd["model_ema." + k[len("model.diffusion_model."):].replace(".", "")] = sd[k].clone()
+            sd["model_ema." + k[len("model.diffusion_model.") :].replace(".", "")] = sd[k].clone()
     return {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
 
 
