@@ -81,12 +81,9 @@ def _low_rank(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _delta(parts: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
-    """The full-size weight update one module's entries describe (before the multiplier)."""
+    """The full-size update of a LyCORIS / full-diff / (IA)^3 entry (before the multiplier); ``weight`` is
+    the base weight, which (IA)^3 scales. Plain LoRA entries never get here (see :func:`_add_update`)."""
     shape = weight.shape
-    low_rank = _low_rank(parts)
-    if low_rank is not None:
-        up, down, scale = low_rank
-        return (up @ down).reshape(shape) * scale
     f = {k: v.float() for k, v in parts.items()}
     alpha = float(f["alpha"]) if "alpha" in f else None
     if "hada_w1_a" in f:
@@ -136,14 +133,14 @@ class LoraFile:
         self.metadata = state.metadata
 
 
-def _add_update(buffer: torch.Tensor, parts: dict[str, torch.Tensor], mult: float) -> None:
+def _add_update(buffer: torch.Tensor, base: torch.Tensor, parts: dict[str, torch.Tensor], mult: float) -> None:
     """``buffer += mult * update`` in float32; low-rank updates go straight in with one ``addmm_``."""
     low_rank = _low_rank(parts)
     if low_rank is not None:
         up, down, scale = low_rank
         buffer.view(buffer.shape[0], -1).addmm_(up.to(buffer.device), down.to(buffer.device), alpha=scale * mult)
     else:
-        buffer += _delta(parts, buffer).to(buffer.device) * mult
+        buffer += _delta(parts, base).to(buffer.device) * mult
 
 
 @contextlib.contextmanager
@@ -164,7 +161,7 @@ def applied(model: LoadedModel, networks: list[tuple[LoraFile, float, float]]) -
             merged = original.detach().float().clone()  # one working copy per weight; the original is kept
             try:
                 for parts, mult in updates:
-                    _add_update(merged, parts, mult)
+                    _add_update(merged, original.detach(), parts, mult)
             except RuntimeError as exc:  # shapes that do not fit
                 raise ModelFileError(f"a network does not fit this model ({exc})") from None
             originals.append((module, attr, original))
