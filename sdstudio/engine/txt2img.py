@@ -262,9 +262,10 @@ class Engine:
                                      device=self.plan.device)
             if req.eta_noise_seed_delta:
                 gen = NoiseGenerator(s + req.eta_noise_seed_delta, req.rng, self.plan.device)
-            noises.append(noise.cpu())
+            noises.append(noise)
             gens.append(gen)
-        x = torch.stack(noises)
+        device = self.plan.device  # the sampler's arithmetic runs where the UNet runs: no per-step copies
+        x = torch.stack([n.to(device) for n in noises])
         if sampler.timesteps:
             sigmas = self.schedule.sigmas[ddim_timesteps(req.steps)].flip(0)
         else:
@@ -274,7 +275,7 @@ class Engine:
             noise_fn = BrownianNoise(x, sigmas, seeds)
         else:
             def noise_fn(sigma, sigma_next):
-                return torch.stack([g.randn(shape).cpu() for g in gens])
+                return torch.stack([g.randn(shape).to(device) for g in gens])
         add_time_ids = None
         if model.spec.is_sdxl:
             add_time_ids = torch.tensor([[req.height, req.width, 0, 0, req.height, req.width]], dtype=torch.float32)
