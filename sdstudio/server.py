@@ -60,7 +60,8 @@ def create_app(args: argparse.Namespace):
     first = engine.registry.checkpoints[0].title if engine.registry.checkpoints else None
     options = {"sd_model_checkpoint": first, "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1,
                "samples_format": "png", "randn_source": "GPU", "eta_noise_seed_delta": 0}
-    cmd_flags = {k: v for k, v in vars(args).items() if k != "func"}
+    secret = {"api_auth", "gradio_auth"}  # never echoed back by /cmd-flags
+    cmd_flags = {k: ("***" if k in secret and v else v) for k, v in vars(args).items() if k != "func"}
     api_users = parse_credentials(args.api_auth)
 
     def check_api_auth(request: Request) -> None:

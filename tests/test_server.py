@@ -43,6 +43,20 @@ def test_auth_required(api):
     assert api.get("/sdapi/v1/sd-models", headers=AUTH).status_code == 200
 
 
+def test_cmd_flags_hide_passwords(data_dir):
+    client = make_client(data_dir, "--api", "--gradio-auth", "admin:hunter2")
+    flags = client.get("/sdapi/v1/cmd-flags").json()
+    assert flags["gradio_auth"] == "***" and "hunter2" not in str(flags) and flags["api"] is True
+
+
+def test_override_settings_reach_the_request(api):
+    body = {"prompt": "a (red:1.5) circle", "steps": 1, "width": 64, "height": 64, "seed": 5,
+            "override_settings": {"emphasis": "No norm", "randn_source": "CPU"}}
+    info = json.loads(api.post("/sdapi/v1/txt2img", json=body, headers=AUTH).json()["info"])
+    p = infotext.parse(info["infotexts"][0])
+    assert p["Emphasis"] == "No norm" and p["RNG"] == "CPU"
+
+
 def test_lists(api):
     models = api.get("/sdapi/v1/sd-models", headers=AUTH).json()
     assert models[0]["model_name"] == "tiny-sd1" and models[0]["title"].startswith("tiny-sd1.safetensors [")

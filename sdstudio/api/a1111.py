@@ -75,6 +75,7 @@ def to_request(body: Txt2ImgBody, options: dict) -> Txt2ImgRequest:
         width=body.width, height=body.height, tiling=bool(body.tiling), eta=body.eta, s_churn=body.s_churn,
         s_tmin=body.s_tmin, s_tmax=body.s_tmax if body.s_tmax is not None else float("inf"), s_noise=body.s_noise,
         clip_skip=int(settings.get("CLIP_stop_at_last_layers", 1)), rng=settings.get("randn_source", "GPU"),
+        emphasis=settings.get("emphasis", "Original"),
         eta_noise_seed_delta=int(settings.get("eta_noise_seed_delta", 0)),
         model=settings.get("sd_model_checkpoint") or None, vae=settings.get("sd_vae", "Automatic"),
     )
