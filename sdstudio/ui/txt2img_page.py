@@ -15,34 +15,41 @@ from ..models.errors import ModelFileError, ModelNotFoundError
 from ..service.state import JobState
 
 
+def generate(engine, state: JobState, req: Txt2ImgRequest, progress=None) -> tuple[list[str], str]:
+    """Run one txt2img job for the page: images saved as A1111 names them, paths and infotext returned.
+    Bad input becomes a ``gr.Error`` (a message in the page), never a traceback."""
+    folder = outputs.dated_dir(engine.paths.outputs_dir, "txt2img-images")
+    saved = []
+
+    def on_progress(p):
+        state.update(p.job_no, p.step, p.steps)
+        if progress is not None:
+            progress((p.job_no * p.steps + p.step) / (p.job_count * p.steps), desc=f"step {p.step}/{p.steps}")
+
+    try:
+        req.validate()
+        state.begin("txt2img", req.n_iter, req.steps)
+        result = engine.txt2img(req, on_progress=on_progress, should_stop=lambda: state.interrupted,
+                                on_image=lambda g: saved.append(
+                                    outputs.save_image(g.image, folder, infotext=g.infotext, suffix=str(g.seed))))
+    except (RequestError, ModelNotFoundError, ModelFileError) as exc:
+        raise gr.Error(str(exc)) from None
+    finally:
+        state.end()
+    text = result.images[0].infotext if result.images else ""
+    return [str(p) for p in saved], text
+
+
 def build(engine, state: JobState) -> gr.Blocks:
     checkpoints = [m.title for m in engine.registry.checkpoints]
 
-    def generate(model, prompt, negative, sampler, scheduler, steps, cfg, seed, width, height, n_iter, batch_size,
-                 clip_skip, progress=gr.Progress()):  # noqa: B008 - gradio's way to ask for progress
+    def on_generate(model, prompt, negative, sampler, scheduler, steps, cfg, seed, width, height, n_iter, batch_size,
+                    clip_skip, progress=gr.Progress()):  # noqa: B008 - gradio's way to ask for progress
         req = Txt2ImgRequest(prompt=prompt, negative_prompt=negative, sampler_name=sampler, scheduler=scheduler,
                              steps=int(steps), cfg_scale=float(cfg), seed=int(seed), width=int(width),
                              height=int(height), n_iter=int(n_iter), batch_size=int(batch_size),
                              clip_skip=int(clip_skip), model=model or None)
-        folder = outputs.dated_dir(engine.paths.outputs_dir, "txt2img-images")
-        saved = []
-
-        def on_progress(p):
-            state.update(p.job_no, p.step, p.steps)
-            progress((p.job_no * p.steps + p.step) / (p.job_count * p.steps), desc=f"step {p.step}/{p.steps}")
-
-        try:
-            req.validate()
-            state.begin("txt2img", req.n_iter, req.steps)
-            result = engine.txt2img(req, on_progress=on_progress, should_stop=lambda: state.interrupted,
-                                    on_image=lambda g: saved.append(
-                                        outputs.save_image(g.image, folder, infotext=g.infotext, suffix=str(g.seed))))
-        except (RequestError, ModelNotFoundError, ModelFileError) as exc:
-            raise gr.Error(str(exc)) from None
-        finally:
-            state.end()
-        text = result.images[0].infotext if result.images else ""
-        return [str(p) for p in saved], text
+        return generate(engine, state, req, progress)
 
     with gr.Blocks(title="sdstudio") as page:
         gr.Markdown("## sdstudio — txt2img")
@@ -73,7 +80,7 @@ def build(engine, state: JobState) -> gr.Blocks:
             with gr.Column():
                 gallery = gr.Gallery(label="Output", columns=2, elem_id="txt2img_gallery")
                 info = gr.Textbox(label="Generation parameters", lines=4, elem_id="txt2img_infotext")
-        go.click(generate, [model, prompt, negative, sampler, scheduler, steps, cfg, seed, width, height, n_iter,
+        go.click(on_generate, [model, prompt, negative, sampler, scheduler, steps, cfg, seed, width, height, n_iter,
                             batch_size, clip_skip], [gallery, info])
         stop.click(lambda: setattr(state, "interrupted", True), None, None)
     return page
