@@ -1,8 +1,9 @@
 """The server: the web UI and/or the A1111-compatible API on one FastAPI app, with A1111's launch flags.
 
 ``--listen`` (bind 0.0.0.0), ``--port``, ``--api``, ``--nowebui`` (API only, port 7861 by default as in
-A1111), ``--api-auth user:pass[,user2:pass2]`` (HTTP basic auth on the API), ``--gradio-auth`` (login
-for the UI), ``--share`` (refused: sdstudio works offline).
+A1111), ``--api-auth user:pass[,user2:pass2]`` (HTTP basic auth on the API), ``--gradio-auth`` /
+``--gradio-auth-path`` (login for the UI), ``--cors-allow-origins``, ``--share`` (refused: sdstudio
+works offline). All generation goes through one durable job queue (``--queue-db``, ``--resume-queue``).
 """
 
 import argparse
@@ -26,6 +27,13 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--nowebui", action="store_true", help="serve only the API")
     g.add_argument("--api-auth", help="user:password[,user2:password2] required for the API")
     g.add_argument("--gradio-auth", help="user:password[,user2:password2] required for the UI")
+    g.add_argument("--gradio-auth-path", help="file with user:password lines (or comma-separated) for the UI")
+    g.add_argument("--cors-allow-origins", help="comma-separated origins allowed to call the API from a browser")
+    g.add_argument("--cors-allow-origins-regex", help="regular expression of origins allowed (CORS)")
+    g.add_argument("--queue-db", help="the job queue's SQLite file (default: jobs.sqlite3 in the data dir)")
+    g.add_argument("--resume-queue", action="store_true",
+                   help="re-run jobs that were running when the server stopped (default: mark them failed)")
+    g.add_argument("--max-request-mb", type=float, default=200.0, help="largest request body accepted (MB)")
     g.add_argument("--share", action="store_true", help="(not available: sdstudio works offline)")
     g.add_argument("--autolaunch", action="store_true", help="(ignored)")
     g.add_argument("--enable-insecure-extension-access", action="store_true", help="(ignored)")
@@ -44,19 +52,35 @@ def parse_credentials(text: str | None) -> dict[str, str]:
     return creds
 
 
+def read_auth_file(path: str | None) -> str:
+    """``--gradio-auth-path``: credentials one per line or comma-separated, as A1111 reads them."""
+    if not path:
+        return ""
+    with open(path, encoding="utf-8") as f:
+        return ",".join(line.strip() for line in f if line.strip())
+
+
 def create_app(args: argparse.Namespace):
     from fastapi import Depends, FastAPI, HTTPException
     from fastapi.responses import JSONResponse
 
+    from .api import jobs as jobs_api
     from .api.a1111 import make_router
     from .cli import device_options_from, paths_from
     from .engine.txt2img import Engine
-    from .service.state import JobState
+    from .service.jobs import JobService
+    from .service.queue import SQLiteJobQueue
 
     paths = paths_from(args)
     paths.create_layout()
     engine = Engine(paths, device_options_from(args))
-    state = JobState()
+    queue = SQLiteJobQueue(args.queue_db or paths.data_dir / "jobs.sqlite3")
+    service = JobService(engine, queue, resume=args.resume_queue)
+    if service.recovered:
+        what = "queued again" if args.resume_queue else "marked failed (use --resume-queue to re-run them)"
+        print(f"sdstudio: {len(service.recovered)} job(s) were running when the server stopped: {what}",
+              file=sys.stderr)
+    service.start()
     first = engine.registry.checkpoints[0].title if engine.registry.checkpoints else None
     options = {"sd_model_checkpoint": first, "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1,
                "samples_format": "png", "randn_source": "GPU", "eta_noise_seed_delta": 0}
@@ -73,11 +97,30 @@ def create_app(args: argparse.Namespace):
                 user, _, password = base64.b64decode(header[6:]).decode().partition(":")
             except ValueError:
                 user, password = "", ""
-            if user in api_users and secrets.compare_digest(api_users[user], password):
+            if user in api_users and secrets.compare_digest(api_users[user].encode(), password.encode()):
+                request.state.api_user = user
                 return
         raise HTTPException(401, "Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
 
     app = FastAPI(title="sdstudio", version="0.1.0")
+    app.state.service = service
+    max_body = int(args.max_request_mb * 1024 * 1024)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > max_body:
+            return JSONResponse({"error": "RequestTooLarge",
+                                 "detail": f"request body of {int(length)} bytes is over the limit of {max_body} "
+                                           "(--max-request-mb)"}, status_code=413)
+        return await call_next(request)
+
+    if args.cors_allow_origins or args.cors_allow_origins_regex:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        origins = [o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip()]
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_origin_regex=args.cors_allow_origins_regex,
+                           allow_methods=["*"], allow_headers=["*"], allow_credentials=True)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):  # one line, never a traceback to clients
@@ -87,16 +130,19 @@ def create_app(args: argparse.Namespace):
     if args.api or args.nowebui:
         from .api import styles as styles_api
 
-        app.include_router(make_router(engine, state, options, cmd_flags), dependencies=[Depends(check_api_auth)])
-        app.include_router(styles_api.make_router(paths), dependencies=[Depends(check_api_auth)])
+        guarded = [Depends(check_api_auth)]
+        app.include_router(make_router(service, options, cmd_flags), dependencies=guarded)
+        app.include_router(jobs_api.make_router(service, options), dependencies=guarded)
+        app.include_router(styles_api.make_router(paths), dependencies=guarded)
     if not args.nowebui:
         import gradio as gr
 
         from .ui.txt2img_page import build
 
-        ui_users = parse_credentials(args.gradio_auth)
-        auth = (lambda u, p: u in ui_users and secrets.compare_digest(ui_users[u], p)) if ui_users else None
-        app = gr.mount_gradio_app(app, build(engine, state), path="/", auth=auth)
+        ui_users = parse_credentials(",".join(filter(None, [args.gradio_auth, read_auth_file(args.gradio_auth_path)])))
+        auth = (lambda u, p: u in ui_users and secrets.compare_digest(ui_users[u].encode(), p.encode())) \
+            if ui_users else None
+        app = gr.mount_gradio_app(app, build(service), path="/", auth=auth)
     return app
 
 
@@ -110,6 +156,12 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     host = args.server_name or ("0.0.0.0" if args.listen else "127.0.0.1")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        if (args.api or args.nowebui) and not args.api_auth:
+            print("warning: the API is open to the network without --api-auth: anyone who can reach this "
+                  "machine can use it", file=sys.stderr)
+        if not args.nowebui and not (args.gradio_auth or args.gradio_auth_path):
+            print("warning: the UI is open to the network without --gradio-auth", file=sys.stderr)
     port = args.port or (7861 if args.nowebui else 7860)
     app = create_app(args)
     what = "API" if args.nowebui else "UI" + (" and API" if args.api else "")

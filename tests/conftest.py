@@ -51,3 +51,17 @@ def session_engine(tmp_path_factory, tiny_sd1):
     (root / "models" / "Stable-diffusion").mkdir(parents=True)
     os.link(tiny_sd1, root / "models" / "Stable-diffusion" / "tiny-sd1.safetensors")
     return Engine(Paths(root))
+
+
+@pytest.fixture
+def service(data_dir):
+    """A running job service (queue in the data dir, one worker) on the tiny SD1 checkpoint."""
+    from sdstudio.core.paths import Paths
+    from sdstudio.engine.txt2img import Engine
+    from sdstudio.service.jobs import JobService
+    from sdstudio.service.queue import SQLiteJobQueue
+
+    svc = JobService(Engine(Paths(data_dir)), SQLiteJobQueue(data_dir / "jobs.sqlite3")).start()
+    yield svc
+    svc.stop()
+    svc.queue.close()

@@ -1,27 +1,29 @@
 """A1111-compatible routes under ``/sdapi/v1``: field names, shapes and status codes as A1111's.
 
-This issue's subset: txt2img, png-info, progress, interrupt, options, cmd-flags, samplers, schedulers,
-sd-models, sd-vae, refresh-checkpoints. Requests become a :class:`Txt2ImgRequest`; A1111 fields we
-do not implement yet are accepted and ignored, as A1111 ignores unknown ones.
+Generation routes submit a job to the queue and wait for it, as A1111's blocking API does; the job
+belongs to the caller (see :func:`~sdstudio.api.common.client_id`), so ``/progress``, ``/interrupt``
+and ``/skip`` act on the caller's own job, never on another client's. ``override_settings`` are part
+of the job: the model, VAE and options of one request never change under another.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
-from datetime import datetime
+import os
+import platform
 
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
 
 from ..core import infotext, styles
 from ..core.names import SAMPLERS, SCHEDULES
-from ..core.outputs import NotAnImageError, dated_dir, read_infotext, save_image
-from ..core.params import RequestError, Txt2ImgRequest
-from ..models.errors import ModelFileError, ModelNotFoundError
+from ..core.outputs import NotAnImageError, read_infotext
+from ..core.params import Txt2ImgRequest
+from ..models.errors import ModelNotFoundError
 from ..models.network_info import network_info
-from ..service.state import JobState
+from ..service.jobs import JobError, JobService, Txt2ImgJob, a1111_info
+from .common import client_id, decode_image, encode_file, inside
 
 
 class Txt2ImgBody(BaseModel):
@@ -51,8 +53,12 @@ class Txt2ImgBody(BaseModel):
     s_tmax: float | None = None
     s_noise: float = 1.0
     override_settings: dict = Field(default_factory=dict)
+    override_settings_restore_afterwards: bool = True
     send_images: bool = True
     save_images: bool = False
+    do_not_save_grid: bool = False
+    outpath_samples: str | None = None
+    outpath_grids: str | None = None
 
 
 class PngInfoBody(BaseModel):
@@ -81,27 +87,55 @@ def to_request(body: Txt2ImgBody, options: dict) -> Txt2ImgRequest:
     )
 
 
-def encode_png(image, text: str | None) -> str:
-    buf = io.BytesIO()
-    from PIL import PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    if text:
-        info.add_text("parameters", text)
-    image.save(buf, format="PNG", pnginfo=info)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def decode_image_b64(data: str) -> io.BytesIO:
-    if data.startswith("data:"):
-        data = data.split(",", 1)[1]
+def txt2img_job(body: Txt2ImgBody, options: dict, outputs_dir) -> Txt2ImgJob:
+    """The queue job an A1111 txt2img request asks for; bad fields are an HTTP 4xx naming them."""
     try:
-        return io.BytesIO(base64.b64decode(data, validate=False))
-    except ValueError:
-        raise HTTPException(422, "image is not valid base64") from None
+        req = to_request(body, options)
+    except (TypeError, ValueError) as exc:
+        raise HTTPException(422, f"override_settings: {exc}") from None
+    outdir = inside(outputs_dir, body.outpath_samples, "outpath_samples")
+    inside(outputs_dir, body.outpath_grids, "outpath_grids")
+    settings = {**options, **body.override_settings}
+    return Txt2ImgJob(req, save_images=body.save_images, save_grid=not body.do_not_save_grid,
+                      samples_format=str(settings.get("samples_format", "png")),
+                      outdir=str(outdir) if outdir else None)
 
 
-def make_router(engine, state: JobState, options: dict, cmd_flags: dict) -> APIRouter:
+def check_models(engine, req: Txt2ImgRequest) -> None:
+    """Unknown checkpoint or VAE: 404 at once, before the job waits in the queue."""
+    try:
+        file = engine.registry.checkpoint(req.model)
+        engine.registry.vae_for(file, req.vae)
+    except ModelNotFoundError as exc:
+        raise HTTPException(404, str(exc)) from None
+
+
+def run_blocking(service: JobService, client: str, job: Txt2ImgJob, body: Txt2ImgBody) -> dict:
+    """Submit, wait, answer as A1111 does: ``{images, parameters, info}``."""
+    check_models(service.engine, job.request)
+    try:
+        submitted = service.submit_txt2img(client, job)
+    except JobError as exc:
+        raise HTTPException(422, str(exc)) from None
+    done = service.wait(submitted.id)
+    if done.status == "failed":
+        status = 404 if "no checkpoint named" in (done.error or "") else 500
+        raise HTTPException(status, done.error or "the job failed")
+    result = done.result
+    req = Txt2ImgRequest.from_dict(done.request["request"])
+    info = a1111_info(req, result)
+    paths = ([result["grid"]] if result.get("grid") else []) + [im["path"] for im in result.get("images", [])]
+    images = [encode_file(p) for p in paths] if body.send_images else []
+    return {"images": images, "parameters": body.model_dump(), "info": json.dumps(info, ensure_ascii=False)}
+
+
+UPSCALERS = ("None", "Lanczos", "Nearest")
+LATENT_UPSCALE_MODES = ("Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
+                        "Latent (nearest)", "Latent (nearest-exact)")
+
+
+def make_router(service: JobService, options: dict, cmd_flags: dict) -> APIRouter:
+    engine = service.engine
     r = APIRouter(prefix="/sdapi/v1")
 
     def model_entry(m) -> dict:
@@ -109,70 +143,36 @@ def make_router(engine, state: JobState, options: dict, cmd_flags: dict) -> APIR
                 "filename": str(m.path), "config": None}
 
     @r.post("/txt2img")
-    def txt2img(body: Txt2ImgBody):
-        try:
-            req = to_request(body, options).validate()
-            state.begin("txt2img", req.n_iter, req.steps)
-            result = engine.txt2img(
-                req, on_progress=lambda p: state.update(p.job_no, p.step, p.steps),
-                should_stop=lambda: state.interrupted)
-        except RequestError as exc:
-            raise HTTPException(422, str(exc)) from None
-        except ModelNotFoundError as exc:
-            raise HTTPException(404, str(exc)) from None
-        except ModelFileError as exc:
-            raise HTTPException(500, str(exc)) from None
-        finally:
-            state.end()
-        if body.save_images:
-            folder = dated_dir(engine.paths.outputs_dir, "txt2img-images")
-            for g in result.images:
-                save_image(g.image, folder, infotext=g.infotext, suffix=str(g.seed))
-        req = result.request
-        info = {
-            "prompt": req.prompt, "all_prompts": [req.prompt] * len(result.all_seeds),
-            "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * len(result.all_seeds),
-            "seed": req.seed, "all_seeds": result.all_seeds, "subseed": req.subseed, "all_subseeds": result.all_subseeds,
-            "subseed_strength": req.subseed_strength, "width": req.width, "height": req.height,
-            "sampler_name": req.sampler_name, "cfg_scale": req.cfg_scale, "steps": req.steps,
-            "batch_size": req.batch_size, "restore_faces": False, "face_restoration_model": None,
-            "sd_model_name": result.model_name, "sd_model_hash": result.model_hash, "sd_vae_name": None,
-            "sd_vae_hash": None, "seed_resize_from_w": req.seed_resize_from_w or -1,
-            "seed_resize_from_h": req.seed_resize_from_h or -1, "denoising_strength": None,
-            "extra_generation_params": {}, "index_of_first_image": 0,
-            "infotexts": [g.infotext for g in result.images], "styles": body.styles,
-            "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"), "clip_skip": req.clip_skip,
-            "is_using_inpainting_conditioning": False, "version": "sdstudio", "warnings": result.warnings,
-        }
-        images = [encode_png(g.image, g.infotext) for g in result.images] if body.send_images else []
-        return {"images": images, "parameters": body.model_dump(), "info": json.dumps(info, ensure_ascii=False)}
+    def txt2img(body: Txt2ImgBody, request: Request):
+        job = txt2img_job(body, options, engine.paths.outputs_dir)
+        return run_blocking(service, client_id(request), job, body)
 
     @r.post("/png-info")
     def png_info(body: PngInfoBody):
+        image = decode_image(body.image)
         try:
-            text = read_infotext(decode_image_b64(body.image))
+            text = read_infotext(image)
         except NotAnImageError as exc:
             raise HTTPException(422, str(exc)) from None
         parsed = infotext.parse(text) if text else {}
         return {"info": text or "", "items": {"parameters": text} if text else {}, "parameters": parsed}
 
     @r.get("/progress")
-    def progress(skip_current_image: bool = False):
-        return {"progress": state.progress, "eta_relative": state.eta(),
-                "state": {"skipped": state.skipped, "interrupted": state.interrupted, "job": state.job,
-                          "job_count": state.job_count, "job_timestamp": "", "job_no": state.job_no,
-                          "sampling_step": state.sampling_step, "sampling_steps": state.sampling_steps},
-                "current_image": None, "textinfo": None}
+    def progress(request: Request, skip_current_image: bool = False):
+        """The caller's job: its step and ETA, or its place in the queue; a live preview when enabled."""
+        client = client_id(request)
+        out = service.progress(client)
+        show = options.get("live_previews_enable", True) and not skip_current_image
+        out["current_image"] = service.preview_png(client) if show else None
+        return out
 
     @r.post("/interrupt")
-    def interrupt():
-        state.interrupted = True
-        return {}
+    def interrupt(request: Request):
+        return {"interrupted": service.interrupt(client_id(request))}
 
     @r.post("/skip")
-    def skip():
-        state.skipped = True
-        return {}
+    def skip(request: Request):
+        return {"skipped": service.skip(client_id(request))}
 
     @r.get("/options")
     def get_options():
@@ -186,7 +186,7 @@ def make_router(engine, state: JobState, options: dict, cmd_flags: dict) -> APIR
                 values["sd_model_checkpoint"] = engine.registry.checkpoint(values["sd_model_checkpoint"]).title
             except ModelNotFoundError as exc:
                 raise HTTPException(404, str(exc)) from None
-        options.update(values)
+        options.update(values)  # the defaults of later jobs; a queued or running job keeps its own
 
     @r.get("/cmd-flags")
     def get_cmd_flags():
@@ -255,6 +255,51 @@ def make_router(engine, state: JobState, options: dict, cmd_flags: dict) -> APIR
         everything = {name: engine.embeddings.get(name) for name in engine.embeddings.names()}
         return {"loaded": {n: entry(e) for n, e in everything.items() if n in usable},
                 "skipped": {n: entry(e) for n, e in everything.items() if n not in usable}}
+
+    @r.get("/upscalers")
+    def upscalers():
+        return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                for n in UPSCALERS]
+
+    @r.get("/latent-upscale-modes")
+    def latent_upscale_modes():
+        return [{"name": n} for n in LATENT_UPSCALE_MODES]
+
+    @r.get("/face-restorers")
+    def face_restorers():
+        return []  # none installed until GFPGAN/CodeFormer weights are supported
+
+    @r.get("/scripts")
+    def scripts():
+        return {"txt2img": [], "img2img": []}
+
+    @r.get("/script-info")
+    def script_info():
+        return []
+
+    @r.get("/memory")
+    def memory():
+        import torch
+
+        ram = {"error": "unknown"}
+        try:
+            pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+            avail = os.sysconf("SC_AVPHYS_PAGES") * size
+            ram = {"free": avail, "used": pages * size - avail, "total": pages * size}
+        except (ValueError, OSError, AttributeError):
+            pass
+        cuda = {"error": "unavailable"}
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            stats = torch.cuda.memory_stats()
+            cuda = {"system": {"free": free, "used": total - free, "total": total},
+                    "active": {"current": stats.get("active_bytes.all.current", 0),
+                               "peak": stats.get("active_bytes.all.peak", 0)}}
+        return {"ram": ram, "cuda": cuda, "platform": platform.platform()}
+
+    @r.post("/interrogate")
+    def interrogate():
+        raise HTTPException(404, "no interrogator installed: CLIP/BLIP and DeepBooru weights are not supported yet")
 
     @r.get("/prompt-styles")
     def prompt_styles():

@@ -98,18 +98,24 @@ class NotAnImageError(ValueError):
 
 def read_infotext(path) -> str | None:
     """The generation parameters stored in an image (PNG text chunk or EXIF UserComment); None if none.
-    ``path`` may also be a binary file object."""
+    ``path`` may also be a binary file object or an opened image."""
+    if isinstance(path, Image.Image):
+        return _infotext_of(path)
     try:
         with Image.open(path) as im:
             im.load()
-            text = im.info.get("parameters")
-            if text:
-                return str(text)
-            comment = im.getexif().get_ifd(_EXIF_IFD).get(_EXIF_USER_COMMENT)
-            return _decode_exif_comment(comment) if comment else None
+            return _infotext_of(im)
     except (OSError, SyntaxError, ValueError) as exc:
         name = Path(path).name if isinstance(path, (str, Path)) else "the upload"
         raise NotAnImageError(f"{name}: not an image this program can read ({exc})") from None
+
+
+def _infotext_of(im: Image.Image) -> str | None:
+    text = im.info.get("parameters")
+    if text:
+        return str(text)
+    comment = im.getexif().get_ifd(_EXIF_IFD).get(_EXIF_USER_COMMENT)
+    return _decode_exif_comment(comment) if comment else None
 
 
 def grid_shape(n: int, batch_size: int = 1, n_rows: int = -1) -> tuple[int, int]:

@@ -8,6 +8,7 @@ same data read in two directions.
 from __future__ import annotations
 
 import dataclasses
+import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,6 +88,31 @@ class Txt2ImgRequest:
 
     def replace(self, **changes: Any) -> Txt2ImgRequest:
         return dataclasses.replace(self, **changes)
+
+    def with_concrete_seeds(self) -> Txt2ImgRequest:
+        """-1 (random) seeds drawn now, so the request re-creates its images wherever it runs next."""
+        return self.replace(seed=concrete_seed(self.seed), subseed=concrete_seed(self.subseed))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (the queue stores requests as JSON)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Txt2ImgRequest:
+        """The inverse of :meth:`to_dict`; unknown keys are a :class:`RequestError` naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise RequestError(f"unknown request field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+MAX_SEED = 4294967294
+
+
+def concrete_seed(seed: int | None) -> int:
+    """A1111's rule: -1 (or nothing) means a random seed, which is then written down."""
+    return int(random.randrange(MAX_SEED)) if seed is None or int(seed) == -1 else int(seed)
 
 
 # ---- infotext <-> request ------------------------------------------------------------------------

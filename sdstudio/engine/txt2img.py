@@ -7,7 +7,6 @@ request (model, VAE, sampler, seeds...), so two jobs never change each other's s
 from __future__ import annotations
 
 import logging
-import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +39,6 @@ from .tiling import circular_padding
 
 log = logging.getLogger(__name__)
 VERSION = f"sdstudio-{__version__}"
-MAX_SEED = 4294967294
 
 
 @dataclass
@@ -71,6 +69,8 @@ class Txt2ImgResult:
     interrupted: bool = False
     warnings: list[str] = field(default_factory=list)  # e.g. a LoRA that was not found or did not fit
     info: dict = field(default_factory=dict)
+    batches_done: int = 0  # batches (of n_iter) finished, counting the ones skipped by ``first_batch``
+    paused: bool = False  # stopped between batches because ``should_pause`` said so
 
 
 def _named_hashes(text: str) -> dict[str, str]:
@@ -79,8 +79,9 @@ def _named_hashes(text: str) -> dict[str, str]:
     return {name.strip(): value.strip() for name, value in pairs}
 
 
-def _concrete_seed(seed: int) -> int:
-    return int(random.randrange(MAX_SEED)) if seed is None or int(seed) == -1 else int(seed)
+def _either(*checks: Callable[[], bool] | None) -> Callable[[], bool] | None:
+    live = [c for c in checks if c is not None]
+    return (lambda: any(c() for c in live)) if live else None
 
 
 class Engine:
@@ -120,15 +121,24 @@ class Engine:
     # ---- generation --------------------------------------------------------------------------------
     def txt2img(self, req: Txt2ImgRequest, *, on_progress: Callable[[Progress], None] | None = None,
                 should_stop: Callable[[], bool] | None = None,
-                on_image: Callable[[GeneratedImage], None] | None = None) -> Txt2ImgResult:
+                on_image: Callable[[GeneratedImage], None] | None = None,
+                should_skip: Callable[[], bool] | None = None,
+                should_pause: Callable[[], bool] | None = None, first_batch: int = 0,
+                on_batch: Callable[[int, list[GeneratedImage]], None] | None = None) -> Txt2ImgResult:
+        """Generate ``req``. ``should_stop`` (checked every step) interrupts: the images finished so far
+        are returned. ``should_skip`` drops the current batch and goes on with the next. ``first_batch``
+        starts at that batch of ``n_iter`` (the seeds are those the full run would give it), and
+        ``should_pause``, checked between batches, stops early so a queue can serve someone else and
+        resume later with ``first_batch=result.batches_done``: the images are the same either way.
+        ``on_batch(batches_done, images_of_that_batch)`` is called after each batch (a skipped one: no images)."""
         req.validate()
         if req.styles:  # the styled text is what gets generated and written to the infotext
             prompt, negative = styles.apply(req.prompt, req.negative_prompt, req.styles, styles.load(self.paths.styles_file))
             req = req.replace(prompt=prompt, negative_prompt=negative, styles=[])
         sampler = get_sampler(req.sampler_name)
         schedule = resolve_schedule(sampler, req.scheduler)
-        seed, subseed = _concrete_seed(req.seed), _concrete_seed(req.subseed)
-        req = req.replace(seed=seed, subseed=subseed, sampler_name=sampler.label)
+        req = req.with_concrete_seeds().replace(sampler_name=sampler.label)
+        seed, subseed = req.seed, req.subseed
         total = req.n_iter * req.batch_size
         all_seeds = [seed + i for i in range(total)]
         all_subseeds = [subseed + i for i in range(total)]
@@ -146,31 +156,46 @@ class Engine:
             warnings: list[str] = []
             bare, loras, hypernets = self._extra_networks(model, req, warnings, resolved)
             images: list[GeneratedImage] = []
-            interrupted = False
+            interrupted = paused = False
+            batches_done = first_batch
             with circular_padding([model.unet, vae], req.tiling), lora_ops.applied(model, loras), \
                     hypernetwork_ops.applied(model.unet, hypernets):
                 conds, used = self._encode(model, bare)
                 # hashes of what this job used; a pasted infotext's stale ones are not written back
                 resolved["TI hashes"] = ", ".join(f"{e.name}: {e.short_hash}" for e in used.values()) or None
-                for n in range(req.n_iter):
+                for n in range(first_batch, req.n_iter):
+                    if n > first_batch and should_pause is not None and should_pause():
+                        paused = True
+                        break
                     seeds = all_seeds[n * req.batch_size:(n + 1) * req.batch_size]
                     subseeds = all_subseeds[n * req.batch_size:(n + 1) * req.batch_size]
+                    stop_batch = _either(should_stop, should_skip)
                     try:
                         latents = self._sample(model, req, sampler, schedule.name, conds, seeds, subseeds, n,
-                                               on_progress, should_stop)
+                                               on_progress, stop_batch)
                     except Interrupted:
-                        interrupted = True
-                        break
+                        if should_stop is not None and should_stop():
+                            interrupted = True
+                            break
+                        batches_done = n + 1  # skipped: this batch gives no images, the next one runs
+                        if on_batch is not None:
+                            on_batch(batches_done, [])
+                        continue
+                    batches_done = n + 1
+                    batch_images: list[GeneratedImage] = []
                     for image, s, ss in zip(vae_ops.to_pil(self._decode(vae, latents)), seeds, subseeds):
                         params = to_infotext_params(req_for_text.replace(seed=s, subseed=ss), **{**resolved, "Seed": s})
                         generated = GeneratedImage(image, s, ss, infotext.format(params))
                         images.append(generated)
+                        batch_images.append(generated)
                         if on_image is not None:
                             on_image(generated)
+                    if on_batch is not None:
+                        on_batch(batches_done, batch_images)
         for w in warnings:
             log.warning(w)
         return Txt2ImgResult(req, images, all_seeds, all_subseeds, file.name, file.short_hash, interrupted,
-                             warnings)
+                             warnings, batches_done=batches_done, paused=paused)
 
     def _decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
         with self.placement.use(vae):

@@ -1,55 +1,65 @@
 """A minimal txt2img page (the full A1111-style UI is its own piece of work).
 
-It submits the same :class:`Txt2ImgRequest` the CLI and API use and shows the infotext under the
-gallery, so what a user sees is what gets written into the PNG.
+It queues the same :class:`Txt2ImgRequest` the CLI and API use, as a job of this browser window,
+and shows the infotext under the gallery, so what a user sees is what gets written into the PNG.
 """
 
 from __future__ import annotations
 
 import gradio as gr
 
-from ..core import outputs
 from ..core.names import sampler_labels, schedule_labels
-from ..core.params import RequestError, Txt2ImgRequest
-from ..models.errors import ModelFileError, ModelNotFoundError
-from ..service.state import JobState
+from ..core.params import Txt2ImgRequest
+from ..service.jobs import JobError, JobService, Txt2ImgJob
 
 
-def generate(engine, state: JobState, req: Txt2ImgRequest, progress=None) -> tuple[list[str], str]:
-    """Run one txt2img job for the page: images saved as A1111 names them, paths and infotext returned.
-    Bad input becomes a ``gr.Error`` (a message in the page), never a traceback."""
-    folder = outputs.dated_dir(engine.paths.outputs_dir, "txt2img-images")
-    saved = []
+def client_of(request: gr.Request | None) -> str:
+    """Each browser window (gradio session) is its own queue client: its Interrupt stops its own job."""
+    session = getattr(request, "session_hash", None) if request is not None else None
+    return f"ui:{session or 'anonymous'}"
 
-    def on_progress(p):
-        state.update(p.job_no, p.step, p.steps)
-        if progress is not None:
-            progress((p.job_no * p.steps + p.step) / (p.job_count * p.steps), desc=f"step {p.step}/{p.steps}")
 
+def generate(service: JobService, client: str, req: Txt2ImgRequest, progress=None) -> tuple[list[str], str]:
+    """Queue one txt2img job for the page and wait for it, reporting the queue place and the steps.
+    Images are saved as A1111 names them; paths and the first infotext are returned. Bad input becomes
+    a ``gr.Error`` (a message in the page), never a traceback."""
     try:
-        req.validate()
-        state.begin("txt2img", req.n_iter, req.steps)
-        result = engine.txt2img(req, on_progress=on_progress, should_stop=lambda: state.interrupted,
-                                on_image=lambda g: saved.append(
-                                    outputs.save_image(g.image, folder, infotext=g.infotext, suffix=str(g.seed))))
-    except (RequestError, ModelNotFoundError, ModelFileError) as exc:
+        job = service.submit_txt2img(client, Txt2ImgJob(req))
+    except JobError as exc:
         raise gr.Error(str(exc)) from None
-    finally:
-        state.end()
-    text = result.images[0].infotext if result.images else ""
-    return [str(p) for p in saved], text
+    version = -1
+    while True:
+        version = service.wait_for_change(version, 0.5)
+        current = service.queue.get(job.id)
+        if current.status in ("done", "failed", "cancelled"):
+            break
+        if progress is not None:
+            p = service.progress(client, job.id)
+            state = p["state"]
+            if state["sampling_steps"]:
+                progress(p["progress"], desc=f"step {state['sampling_step']}/{state['sampling_steps']}")
+            else:
+                progress(0.0, desc=f"in queue: {max(p['queue_position'], 0)} job(s) ahead")
+    if current.status == "failed":
+        raise gr.Error(current.error or "the job failed")
+    images = current.result.get("images", [])
+    return [im["path"] for im in images], images[0]["infotext"] if images else ""
 
 
-def build(engine, state: JobState) -> gr.Blocks:
+def build(service: JobService) -> gr.Blocks:
+    engine = service.engine
     checkpoints = [m.title for m in engine.registry.checkpoints]
 
     def on_generate(model, prompt, negative, sampler, scheduler, steps, cfg, seed, width, height, n_iter, batch_size,
-                    clip_skip, progress=gr.Progress()):  # noqa: B008 - gradio's way to ask for progress
+                    clip_skip, request: gr.Request, progress=gr.Progress()):  # noqa: B008 - gradio's way
         req = Txt2ImgRequest(prompt=prompt, negative_prompt=negative, sampler_name=sampler, scheduler=scheduler,
                              steps=int(steps), cfg_scale=float(cfg), seed=int(seed), width=int(width),
                              height=int(height), n_iter=int(n_iter), batch_size=int(batch_size),
                              clip_skip=int(clip_skip), model=model or None)
-        return generate(engine, state, req, progress)
+        return generate(service, client_of(request), req, progress)
+
+    def on_interrupt(request: gr.Request):
+        service.interrupt(client_of(request))
 
     with gr.Blocks(title="sdstudio") as page:
         gr.Markdown("## sdstudio — txt2img")
@@ -82,5 +92,5 @@ def build(engine, state: JobState) -> gr.Blocks:
                 info = gr.Textbox(label="Generation parameters", lines=4, elem_id="txt2img_infotext")
         go.click(on_generate, [model, prompt, negative, sampler, scheduler, steps, cfg, seed, width, height, n_iter,
                             batch_size, clip_skip], [gallery, info])
-        stop.click(lambda: setattr(state, "interrupted", True), None, None)
+        stop.click(on_interrupt, None, None)
     return page

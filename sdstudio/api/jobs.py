@@ -1,0 +1,128 @@
+"""sdstudio's asynchronous job API (beyond A1111): ``/sdstudio/v1/jobs``.
+
+``POST /sdstudio/v1/jobs`` queues a job and answers at once with its id; ``GET .../jobs/{id}`` tells
+its state, ``GET .../jobs/{id}/events`` streams its progress as server-sent events, ``GET
+.../jobs/{id}/images/{n}`` serves its pictures, ``POST .../jobs/{id}/cancel`` (or ``DELETE``) cancels
+it, and ``GET .../jobs`` lists the caller's jobs with paging.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from fastapi import APIRouter, HTTPException, Query
+from fastapi.responses import FileResponse, StreamingResponse
+from pydantic import BaseModel
+from starlette.requests import Request
+
+from ..service.jobs import JobError, JobService
+from ..service.queue import FINISHED, QUEUED
+from .a1111 import Txt2ImgBody, check_models, txt2img_job
+from .common import client_id
+
+
+class JobBody(BaseModel):
+    kind: Literal["txt2img"] = "txt2img"
+    request: Txt2ImgBody
+
+
+def make_router(service: JobService, options: dict) -> APIRouter:
+    r = APIRouter(prefix="/sdstudio/v1")
+    engine = service.engine
+
+    def describe(job) -> dict:
+        out = job.public()
+        out["queue_position"] = service.queue.position(job.id) if job.status == QUEUED else -1
+        out["images"] = [f"/sdstudio/v1/jobs/{job.id}/images/{i}" for i in range(len(job.result.get("images", [])))]
+        running = service.running_job()
+        if running is not None and running.id == job.id:
+            p = service.progress(None, job.id)
+            out["progress"], out["eta_relative"], out["state"] = p["progress"], p["eta_relative"], p["state"]
+        else:
+            out["progress"] = 1.0 if job.status in FINISHED else 0.0
+        return out
+
+    def found(job_id: str):
+        job = service.queue.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r}")
+        return job
+
+    @r.post("/jobs", status_code=202)
+    def submit(body: JobBody, request: Request):
+        job = txt2img_job(body.request, options, engine.paths.outputs_dir)
+        job.save_images = body.request.save_images
+        check_models(engine, job.request)
+        try:
+            submitted = service.submit_txt2img(client_id(request), job)
+        except JobError as exc:
+            raise HTTPException(422, str(exc)) from None
+        return describe(submitted)
+
+    @r.get("/jobs")
+    def list_jobs(request: Request, offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500),
+                  status: str | None = None):
+        statuses = tuple(s.strip() for s in status.split(",")) if status else None
+        jobs = service.queue.list(client_id(request), offset, limit, statuses)
+        return {"jobs": [describe(j) for j in jobs], "offset": offset, "limit": limit}
+
+    @r.get("/jobs/{job_id}")
+    def get_job(job_id: str):
+        return describe(found(job_id))
+
+    @r.post("/jobs/{job_id}/cancel")
+    def cancel(job_id: str, request: Request):
+        found(job_id)
+        job = service.cancel(job_id, client_id(request))
+        if job is None:
+            raise HTTPException(403, "only the client that submitted a job can cancel it")
+        return describe(job)
+
+    @r.delete("/jobs/{job_id}")
+    def delete(job_id: str, request: Request):
+        return cancel(job_id, request)
+
+    @r.get("/jobs/{job_id}/images/{n}")
+    def image(job_id: str, n: int):
+        images = found(job_id).result.get("images", [])
+        if not 0 <= n < len(images):
+            raise HTTPException(404, f"job {job_id} has {len(images)} image(s); no image {n}")
+        path = Path(images[n]["path"])
+        if not path.is_file():
+            raise HTTPException(410, f"the image file is gone: {path.name}")
+        return FileResponse(path)
+
+    @r.get("/jobs/{job_id}/events")
+    def events(job_id: str):
+        """Server-sent events: a ``progress`` event whenever the job's state changes, ``end`` when done."""
+        found(job_id)
+
+        def stream():
+            version, last = -1, None
+            while True:
+                version = service.wait_for_change(version, 15.0)
+                job = service.queue.get(job_id)
+                state = describe(job)
+                if state != last:
+                    last = state
+                    kind = "end" if job.status in FINISHED else "progress"
+                    yield f"event: {kind}\ndata: {json.dumps(state)}\n\n"
+                    if kind == "end":
+                        return
+                else:
+                    yield ": keep-alive\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @r.get("/queue")
+    def queue_summary(request: Request):
+        mine = client_id(request)
+        waiting = service.queue.list(statuses=(QUEUED,), limit=10000)
+        running = service.running_job()
+        return {"queued": len(waiting), "queued_mine": sum(j.client == mine for j in waiting),
+                "running": running is not None, "running_mine": running is not None and running.client == mine}
+
+    return r

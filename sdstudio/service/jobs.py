@@ -1,0 +1,328 @@
+"""The job service: one worker per device takes jobs from the queue and runs them on the engine.
+
+UI, API and CLI ``--server`` all call :meth:`JobService.submit`; nobody else calls the engine's
+generation methods, so two callers never run at once on a device or change each other's settings
+(each job carries its own checkpoint, VAE, LoRA and options).
+
+Progress, interrupt and skip belong to the job and its client: :meth:`interrupt` stops only the
+caller's running job, :meth:`progress` reports the caller's own job. Outputs reach the disk (temp
+file, fsync, rename) before the queue records them; a job is marked done after its last image.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from ..core import outputs
+from ..core.params import RequestError, Txt2ImgRequest
+from ..models.errors import ModelFileError, ModelNotFoundError
+from .queue import CANCELLED, DONE, FAILED, FINISHED, QUEUED, Job, JobQueue
+
+log = logging.getLogger(__name__)
+
+
+class JobError(Exception):
+    """A job that cannot be submitted (bad request): the message names the problem."""
+
+
+@dataclass
+class Live:
+    """In-memory state of the running job (the queue holds the durable part)."""
+
+    job: Job
+    job_count: int = 1
+    job_no: int = 0
+    step: int = 0
+    steps: int = 0
+    started: float = field(default_factory=time.time)
+    latent: object = None  # the last denoised estimate (for previews)
+    sdxl: bool = False
+    interrupted: bool = False
+    skip: bool = False
+    paused_for_others: bool = False
+
+    @property
+    def progress(self) -> float:
+        if not self.job_count or not self.steps:
+            return 0.0
+        return min(1.0, (self.job_no + self.step / self.steps) / self.job_count)
+
+    def eta(self) -> float:
+        p = self.progress
+        return 0.0 if p <= 0 else (time.time() - self.started) * (1 - p) / p
+
+
+@dataclass
+class Txt2ImgJob:
+    """What a txt2img job stores: the request (seeds concrete) and where its images go."""
+
+    request: Txt2ImgRequest
+    save_images: bool = True  # True: outputs/txt2img-images with A1111 names; False: the job's own folder
+    save_grid: bool = True
+    samples_format: str = "png"
+    outdir: str | None = None  # a folder inside the outputs dir (already checked)
+
+    def to_dict(self) -> dict:
+        return {"request": self.request.to_dict(), "save_images": self.save_images, "save_grid": self.save_grid,
+                "samples_format": self.samples_format, "outdir": self.outdir}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Txt2ImgJob:
+        return cls(Txt2ImgRequest.from_dict(data["request"]), data.get("save_images", True),
+                   data.get("save_grid", True), data.get("samples_format", "png"), data.get("outdir"))
+
+
+def a1111_info(req: Txt2ImgRequest, result: dict) -> dict:
+    """The ``info`` JSON A1111's API returns, from a finished job's request and result."""
+    seeds, subseeds = result.get("all_seeds", []), result.get("all_subseeds", [])
+    images = result.get("images", [])
+    return {
+        "prompt": req.prompt, "all_prompts": [req.prompt] * len(seeds),
+        "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * len(seeds),
+        "seed": req.seed, "all_seeds": seeds, "subseed": req.subseed, "all_subseeds": subseeds,
+        "subseed_strength": req.subseed_strength, "width": req.width, "height": req.height,
+        "sampler_name": req.sampler_name, "cfg_scale": req.cfg_scale, "steps": req.steps,
+        "batch_size": req.batch_size, "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": result.get("model_name"), "sd_model_hash": result.get("model_hash"),
+        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": req.seed_resize_from_w or -1,
+        "seed_resize_from_h": req.seed_resize_from_h or -1, "denoising_strength": None,
+        "extra_generation_params": {}, "index_of_first_image": 1 if result.get("grid") else 0,
+        "infotexts": ([images[0]["infotext"]] if result.get("grid") and images else [])
+        + [im["infotext"] for im in images],
+        "styles": req.styles, "job_timestamp": result.get("job_timestamp", ""), "clip_skip": req.clip_skip,
+        "is_using_inpainting_conditioning": False, "version": "sdstudio", "warnings": result.get("warnings", []),
+    }
+
+
+class JobService:
+    def __init__(self, engine, queue: JobQueue, *, resume: bool = False, jobs_dir: Path | None = None):
+        self.engine = engine
+        self.queue = queue
+        self.jobs_dir = Path(jobs_dir or engine.paths.cache_dir / "jobs")
+        self.changed = threading.Condition()
+        self.version = 0  # bumped on every change; waiters compare
+        self.live: Live | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.recovered = queue.recover(resume=resume)
+        self.runners: dict[str, Callable[[Job, Live], None]] = {"txt2img": self._run_txt2img}
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> JobService:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="sdstudio-worker", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self.live is not None:
+            self.live.interrupted = True
+        self._notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _notify(self) -> None:
+        with self.changed:
+            self.version += 1
+            self.changed.notify_all()
+
+    # ---- submitting and waiting -------------------------------------------------------------------
+    def submit_txt2img(self, client: str, job: Txt2ImgJob) -> Job:
+        try:
+            job.request = job.request.with_concrete_seeds().validate()
+        except RequestError as exc:
+            raise JobError(str(exc)) from None
+        return self._submit(client, "txt2img", job.to_dict())
+
+    def _submit(self, client: str, kind: str, payload: dict) -> Job:
+        if kind not in self.runners:
+            raise JobError(f"unknown job kind {kind!r}; known: {', '.join(self.runners)}")
+        job = self.queue.submit(client, kind, payload)
+        self._notify()
+        return job
+
+    def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        """Block until the job has finished (or ``timeout`` seconds passed); returns its last state."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self.changed:
+                job = self.queue.get(job_id)
+                if job is None or job.status in FINISHED:
+                    return job
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return job
+                self.changed.wait(0.5 if left is None else min(left, 0.5))
+
+    def wait_for_change(self, since: int, timeout: float) -> int:
+        with self.changed:
+            if self.version == since:
+                self.changed.wait(timeout)
+            return self.version
+
+    # ---- control ----------------------------------------------------------------------------------
+    def interrupt(self, client: str | None) -> list[str]:
+        """Stop the caller's running job (its finished images are kept) and end its parked ones."""
+        touched = []
+        live = self.live
+        if live is not None and (client is None or live.job.client == client):
+            live.interrupted = True
+            touched.append(live.job.id)
+        for job in self.queue.list(client=client, statuses=(QUEUED,), limit=1000):
+            if job.batches_done > 0:
+                self.queue.finish(job.id, DONE, {**job.result, "interrupted": True})
+                touched.append(job.id)
+        self._notify()
+        return touched
+
+    def skip(self, client: str | None) -> list[str]:
+        live = self.live
+        if live is not None and (client is None or live.job.client == client):
+            live.skip = True
+            return [live.job.id]
+        return []
+
+    def cancel(self, job_id: str, client: str | None) -> Job | None:
+        job = self.queue.cancel(job_id, client)
+        live = self.live
+        if job is not None and live is not None and live.job.id == job_id:
+            live.interrupted = True
+        self._notify()
+        return job
+
+    def progress(self, client: str | None, job_id: str | None = None) -> dict:
+        """A1111's ``/progress`` fields for the caller's running job (or its next queued one)."""
+        live = self.live
+        mine = live is not None and (client is None or live.job.client == client) and \
+            (job_id is None or live.job.id == job_id)
+        if mine:
+            return {"progress": live.progress, "eta_relative": live.eta(), "job_id": live.job.id,
+                    "state": {"skipped": live.skip, "interrupted": live.interrupted, "job": live.job.kind,
+                              "job_count": live.job_count, "job_timestamp": "", "job_no": live.job_no,
+                              "sampling_step": live.step, "sampling_steps": live.steps},
+                    "queue_position": 0, "textinfo": None}
+        waiting = [j for j in self.queue.list(client=client, statuses=(QUEUED,), limit=1000)
+                   if job_id is None or j.id == job_id]
+        position = min((self.queue.position(j.id) for j in waiting), default=-1)
+        return {"progress": 0.0, "eta_relative": 0.0, "job_id": waiting[-1].id if waiting else None,
+                "state": {"skipped": False, "interrupted": False, "job": "", "job_count": 0, "job_timestamp": "",
+                          "job_no": 0, "sampling_step": 0, "sampling_steps": 0},
+                "queue_position": position, "textinfo": f"In queue: {position} ahead" if waiting else None}
+
+    def preview_png(self, client: str | None) -> str | None:
+        """The caller's running job's latest step as a base64 PNG (cheap approximation), or None."""
+        live = self.live
+        if live is None or live.latent is None or (client is not None and live.job.client != client):
+            return None
+        from ..engine.preview import cheap_preview
+
+        buf = io.BytesIO()
+        cheap_preview(live.latent, live.sdxl).save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    # ---- the worker -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            job = self.queue.claim()
+            if job is None:
+                with self.changed:
+                    self.changed.wait(0.5)
+                continue
+            self._run(job)
+
+    def _run(self, job: Job) -> None:
+        live = Live(job)
+        self.live = live
+        self._notify()
+        try:
+            self.runners[job.kind](job, live)
+        except (RequestError, ModelNotFoundError, ModelFileError) as exc:
+            self.queue.finish(job.id, FAILED, error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug: the job fails with a message, the worker lives on
+            log.error("job %s failed:\n%s", job.id, traceback.format_exc())
+            self.queue.finish(job.id, FAILED, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self.live = None
+            self._notify()
+
+    def _run_txt2img(self, job: Job, live: Live) -> None:
+        spec = Txt2ImgJob.from_dict(job.request)
+        req = spec.request
+        live.job_count, live.steps = req.n_iter, req.steps
+        result = dict(job.result) or {"images": [], "warnings": [],
+                                      "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S")}
+        folder = self._folder(job, spec, "txt2img-images")
+
+        def on_progress(p) -> None:
+            live.job_no, live.step, live.steps, live.latent = p.job_no, p.step, p.steps, p.latent
+            self._notify()
+
+        def on_batch(batches_done: int, images) -> None:
+            for g in images:
+                path = outputs.save_image(g.image, folder, infotext=g.infotext, suffix=str(g.seed),
+                                          fmt=spec.samples_format if spec.save_images else "png")
+                result["images"].append({"path": str(path), "seed": g.seed, "subseed": g.subseed,
+                                         "infotext": g.infotext})
+            self.queue.save_progress(job.id, batches_done, result)  # after the files are on disk
+
+        def should_skip() -> bool:
+            if live.skip:
+                live.skip = False
+                return True
+            return False
+
+        def should_pause() -> bool:
+            if self.queue.others_waiting(job.client):
+                live.paused_for_others = True
+            return live.paused_for_others
+
+        out = self.engine.txt2img(req, on_progress=on_progress, should_stop=lambda: live.interrupted,
+                                  should_skip=should_skip, should_pause=should_pause,
+                                  first_batch=job.batches_done, on_batch=on_batch)
+        result.update({"all_seeds": out.all_seeds, "all_subseeds": out.all_subseeds, "model_name": out.model_name,
+                       "model_hash": out.model_hash})
+        result["warnings"] = sorted(set(result["warnings"]) | set(out.warnings))
+        if out.paused:
+            self.queue.save_progress(job.id, out.batches_done, result)
+            self.queue.park(job.id)
+            return
+        result["interrupted"] = out.interrupted
+        if spec.save_images and spec.save_grid and len(result["images"]) > 1:
+            result["grid"] = str(self._grid(result["images"], req, spec))
+        cancelled = self.queue.get(job.id).cancel_requested
+        self.queue.finish(job.id, CANCELLED if cancelled else DONE, result, error="cancelled" if cancelled else None)
+
+    def _folder(self, job: Job, spec: Txt2ImgJob, kind: str) -> Path:
+        if spec.outdir:
+            return Path(spec.outdir)
+        if spec.save_images:
+            return outputs.dated_dir(self.engine.paths.outputs_dir, kind)
+        return self.jobs_dir / job.id
+
+    def _grid(self, images: list[dict], req: Txt2ImgRequest, spec: Txt2ImgJob) -> Path:
+        from PIL import Image
+
+        pictures = []
+        for im in images:
+            with Image.open(im["path"]) as f:
+                pictures.append(f.convert("RGB"))
+        grid = outputs.image_grid(pictures, req.batch_size)
+        folder = outputs.dated_dir(self.engine.paths.outputs_dir, "txt2img-grids")
+        return outputs.save_image(grid, folder, infotext=images[0]["infotext"], basename="grid",
+                                  fmt=spec.samples_format)
+
+    def running_job(self) -> Job | None:
+        live = self.live
+        return live.job if live is not None else None
+

@@ -1,0 +1,134 @@
+"""The job service on the tiny model: jobs run in queue order, belong to their client, survive parking."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdstudio.core import infotext
+from sdstudio.core.params import Txt2ImgRequest
+from sdstudio.core.paths import Paths
+from sdstudio.engine.txt2img import Engine
+from sdstudio.service.jobs import JobError, JobService, Txt2ImgJob
+from sdstudio.service.queue import CANCELLED, DONE, FAILED, SQLiteJobQueue
+
+
+def small(**kw) -> Txt2ImgRequest:
+    return Txt2ImgRequest(**{"prompt": "a red circle", "steps": 2, "width": 64, "height": 64, "seed": 3,
+                             "sampler_name": "Euler", **kw})
+
+
+@pytest.fixture
+def idle(data_dir):
+    """A service whose worker is not started yet: tests queue jobs first, then start it."""
+    svc = JobService(Engine(Paths(data_dir)), SQLiteJobQueue(data_dir / "jobs.sqlite3"))
+    yield svc
+    svc.stop()
+    svc.queue.close()
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def wait_until(check, timeout=60.0):
+    deadline = time.time() + timeout
+    while not check():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_job_writes_its_images_before_it_is_done(service):
+    job = service.submit_txt2img("a", Txt2ImgJob(small(batch_size=2, n_iter=2)))
+    done = service.wait(job.id, timeout=120)
+    assert done.status == DONE
+    images = done.result["images"]
+    assert [im["seed"] for im in images] == [3, 4, 5, 6] and all(Path(im["path"]).is_file() for im in images)
+    assert infotext.parse(images[2]["infotext"])["Seed"] == "5"
+    assert Path(done.result["grid"]).name.startswith("grid-") and done.result["all_seeds"] == [3, 4, 5, 6]
+
+
+def test_random_seed_is_fixed_at_submit(service):
+    job = service.submit_txt2img("a", Txt2ImgJob(small(seed=-1)))
+    stored = job.request["request"]["seed"]
+    assert stored != -1
+    assert service.wait(job.id, 120).result["images"][0]["seed"] == stored
+
+
+def test_bad_requests_are_refused_at_submit(service):
+    with pytest.raises(JobError, match="steps must be"):
+        service.submit_txt2img("a", Txt2ImgJob(small(steps=0)))
+    assert service.queue.list() == []
+
+
+def test_a_failing_job_fails_alone(service):
+    bad = service.submit_txt2img("a", Txt2ImgJob(small(model="missing-model")))
+    good = service.submit_txt2img("a", Txt2ImgJob(small()))
+    assert service.wait(bad.id, 120).status == FAILED and "missing-model" in service.queue.get(bad.id).error
+    assert service.wait(good.id, 120).status == DONE
+
+
+def test_long_job_is_parked_so_another_client_goes_first(idle, data_dir):
+    long = idle.submit_txt2img("a", Txt2ImgJob(small(n_iter=3, seed=100), save_images=False))
+    short = idle.submit_txt2img("b", Txt2ImgJob(small(seed=7), save_images=False))
+    idle.start()
+    a, b = idle.wait(long.id, 120), idle.wait(short.id, 120)
+    assert a.status == b.status == DONE
+    assert b.finished < a.finished  # b's single image did not wait for a's three batches
+    assert [im["seed"] for im in a.result["images"]] == [100, 101, 102]
+    # the parked-and-resumed job made the pictures an uninterrupted run makes
+    alone = Engine(Paths(data_dir)).txt2img(small(n_iter=3, seed=100))
+    for im, ref in zip(a.result["images"], alone.images):
+        assert np.array_equal(pixels(im["path"]), np.asarray(ref.image))
+        assert im["infotext"] == ref.infotext
+
+
+def test_interrupt_touches_only_the_callers_job(idle):
+    a = idle.submit_txt2img("a", Txt2ImgJob(small(steps=40, n_iter=2)))
+    b = idle.submit_txt2img("b", Txt2ImgJob(small()))
+    idle.start()
+    wait_until(lambda: idle.live is not None and idle.live.step >= 1)
+    assert idle.interrupt("b") == []  # b's job is not running: nothing of a's is touched
+    assert idle.live is not None and not idle.live.interrupted
+    assert idle.interrupt("a") == [a.id]
+    done = idle.wait(a.id, 120)
+    assert done.status == DONE and done.result["interrupted"] and done.result["images"] == []
+    assert idle.wait(b.id, 120).status == DONE and len(idle.queue.get(b.id).result["images"]) == 1
+
+
+def test_progress_is_per_client(idle):
+    a = idle.submit_txt2img("a", Txt2ImgJob(small(steps=40)))
+    b = idle.submit_txt2img("b", Txt2ImgJob(small()))
+    assert idle.progress("b")["queue_position"] == 1 and idle.progress("a")["queue_position"] == 0
+    idle.start()
+    wait_until(lambda: idle.live is not None and idle.live.step >= 2)
+    mine = idle.progress("a")
+    assert mine["job_id"] == a.id and mine["state"]["sampling_steps"] == 40 and mine["progress"] > 0
+    theirs = idle.progress("b")
+    assert theirs["job_id"] == b.id and theirs["state"]["sampling_step"] == 0 and theirs["queue_position"] == 0
+    assert idle.preview_png("a") is not None and idle.preview_png("b") is None
+    idle.interrupt("a")
+
+
+def test_cancel_queued_and_running(idle):
+    a = idle.submit_txt2img("a", Txt2ImgJob(small(steps=40)))
+    later = idle.submit_txt2img("a", Txt2ImgJob(small()))
+    assert idle.cancel(later.id, "b") is None  # not b's
+    assert idle.cancel(later.id, "a").status == CANCELLED
+    idle.start()
+    wait_until(lambda: idle.live is not None and idle.live.step >= 1)
+    idle.cancel(a.id, "a")
+    assert idle.wait(a.id, 120).status == CANCELLED
+
+
+def test_skip_drops_the_current_batch(idle):
+    a = idle.submit_txt2img("a", Txt2ImgJob(small(steps=30, n_iter=2, seed=50)))
+    idle.start()
+    wait_until(lambda: idle.live is not None and idle.live.step >= 1)
+    assert idle.skip("a") == [a.id]
+    done = idle.wait(a.id, 120)
+    assert done.status == DONE and [im["seed"] for im in done.result["images"]] == [51]
