@@ -6,8 +6,15 @@ import threading
 
 import pytest
 
-from sdstudio.service.queue import (CANCELLED, DONE, FAILED, INTERRUPTED_BY_RESTART, QUEUED, RUNNING,
-                                    SQLiteJobQueue)
+from sdstudio.service.queue import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    INTERRUPTED_BY_RESTART,
+    QUEUED,
+    RUNNING,
+    SQLiteJobQueue,
+)
 
 
 @pytest.fixture

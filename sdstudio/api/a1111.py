@@ -8,6 +8,8 @@ of the job: the model, VAE and options of one request never change under another
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import platform
@@ -19,7 +21,7 @@ from starlette.requests import Request
 from ..core import infotext, styles
 from ..core.names import SAMPLERS, SCHEDULES
 from ..core.outputs import NotAnImageError, read_infotext
-from ..core.params import Txt2ImgRequest
+from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest
 from ..models.errors import ModelNotFoundError
 from ..models.network_info import network_info
 from ..service.jobs import JobError, JobService, Txt2ImgJob, a1111_info
@@ -61,6 +63,55 @@ class Txt2ImgBody(BaseModel):
     outpath_grids: str | None = None
 
 
+class Img2ImgBody(Txt2ImgBody):
+    init_images: list[str] = Field(default_factory=list)
+    resize_mode: int = 0
+    denoising_strength: float = 0.75
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    include_init_images: bool = False
+
+
+class ExtrasBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    image: str = ""
+    resize_mode: int = 0  # 0: scale by upscaling_resize, 1: to upscaling_resize_w x upscaling_resize_h
+    show_extras_results: bool = True
+    gfpgan_visibility: float = 0.0
+    codeformer_visibility: float = 0.0
+    codeformer_weight: float = 0.0
+    upscaling_resize: float = 2.0
+    upscaling_resize_w: int = 512
+    upscaling_resize_h: int = 512
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = 0.0
+
+
+class FileData(BaseModel):
+    data: str
+    name: str = ""
+
+
+class ExtrasBatchBody(ExtrasBody):
+    imageList: list[FileData] = Field(default_factory=list)  # A1111 spells it so
+
+
+def png_b64(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 class PngInfoBody(BaseModel):
     image: str
 
@@ -69,9 +120,9 @@ class OptionsBody(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-def to_request(body: Txt2ImgBody, options: dict) -> Txt2ImgRequest:
+def to_request(body: Txt2ImgBody, options: dict, request_type=Txt2ImgRequest, **more) -> Txt2ImgRequest:
     settings = {**options, **body.override_settings}
-    return Txt2ImgRequest(
+    return request_type(**more,
         prompt=body.prompt, negative_prompt=body.negative_prompt, styles=list(body.styles), seed=body.seed,
         subseed=body.subseed,
         subseed_strength=body.subseed_strength, seed_resize_from_w=max(body.seed_resize_from_w, 0),
@@ -79,7 +130,7 @@ def to_request(body: Txt2ImgBody, options: dict) -> Txt2ImgRequest:
         sampler_name=body.sampler_name or body.sampler_index or "Euler", scheduler=body.scheduler or "Automatic",
         batch_size=body.batch_size, n_iter=body.n_iter, steps=body.steps, cfg_scale=body.cfg_scale,
         width=body.width, height=body.height, tiling=bool(body.tiling), eta=body.eta, s_churn=body.s_churn,
-        s_tmin=body.s_tmin, s_tmax=body.s_tmax if body.s_tmax is not None else float("inf"), s_noise=body.s_noise,
+        s_tmin=body.s_tmin, s_tmax=body.s_tmax or float("inf"), s_noise=body.s_noise,
         clip_skip=int(settings.get("CLIP_stop_at_last_layers", 1)), rng=settings.get("randn_source", "GPU"),
         emphasis=settings.get("emphasis", "Original"),
         eta_noise_seed_delta=int(settings.get("eta_noise_seed_delta", 0)),
@@ -87,12 +138,40 @@ def to_request(body: Txt2ImgBody, options: dict) -> Txt2ImgRequest:
     )
 
 
-def txt2img_job(body: Txt2ImgBody, options: dict, outputs_dir) -> Txt2ImgJob:
-    """The queue job an A1111 txt2img request asks for; bad fields are an HTTP 4xx naming them."""
+def img2img_request(body: Img2ImgBody, options: dict, service: JobService) -> Img2ImgRequest:
+    """A1111's img2img fields; the uploaded pictures are stored as files the queued job reads."""
+    if not body.init_images:
+        raise HTTPException(422, "init_images: img2img needs at least one init image")
+    if len(body.init_images) > 64:
+        raise HTTPException(413, "init_images: at most 64 images per request")
+    inits = [decode_image(b64, f"init_images[{i}]") for i, b64 in enumerate(body.init_images)]
+    mask = decode_image(body.mask, "mask") if body.mask else None
+    settings = {**options, **body.override_settings}
+    paths = service.store_inputs(inits)
+    mask_path = service.store_inputs([mask], "mask")[0] if mask is not None else None
+    blur = body.mask_blur if body.mask_blur is not None else max(body.mask_blur_x, body.mask_blur_y)
+    noise = body.initial_noise_multiplier
+    return to_request(
+        body, options, Img2ImgRequest, init_images=paths, mask=mask_path, denoising_strength=body.denoising_strength,
+        resize_mode=body.resize_mode, mask_blur=blur, inpainting_fill=body.inpainting_fill,
+        inpaint_full_res=body.inpaint_full_res, inpaint_full_res_padding=body.inpaint_full_res_padding,
+        inpainting_mask_invert=body.inpainting_mask_invert,
+        initial_noise_multiplier=float(settings.get("initial_noise_multiplier", 1.0) if noise is None else noise),
+        inpainting_mask_weight=float(settings.get("inpainting_mask_weight", 1.0)),
+        fix_steps=bool(settings.get("img2img_fix_steps", False)))
+
+
+def txt2img_job(body: Txt2ImgBody, options: dict, outputs_dir, make_request=None) -> Txt2ImgJob:
+    """The queue job an A1111 txt2img (or, with ``make_request``, img2img) request asks for; bad fields
+    are an HTTP 4xx naming them."""
     try:
-        req = to_request(body, options)
+        req = make_request() if make_request is not None else to_request(body, options)
     except (TypeError, ValueError) as exc:
         raise HTTPException(422, f"override_settings: {exc}") from None
+    try:
+        req.validate()
+    except RequestError as exc:
+        raise HTTPException(422, str(exc)) from None
     outdir = inside(outputs_dir, body.outpath_samples, "outpath_samples")
     inside(outputs_dir, body.outpath_grids, "outpath_grids")
     settings = {**options, **body.override_settings}
@@ -122,14 +201,59 @@ def run_blocking(service: JobService, client: str, job: Txt2ImgJob, body: Txt2Im
         status = 404 if "no checkpoint named" in (done.error or "") else 500
         raise HTTPException(status, done.error or "the job failed")
     result = done.result
-    req = Txt2ImgRequest.from_dict(done.request["request"])
+    req = Txt2ImgJob.from_dict(done.request, done.kind).request
     info = a1111_info(req, result)
     paths = ([result["grid"]] if result.get("grid") else []) + [im["path"] for im in result.get("images", [])]
     images = [encode_file(p) for p in paths] if body.send_images else []
+    if getattr(body, "include_init_images", False) and body.send_images:
+        images += list(body.init_images)
     return {"images": images, "parameters": body.model_dump(), "info": json.dumps(info, ensure_ascii=False)}
 
 
 UPSCALERS = ("None", "Lanczos", "Nearest")
+MAX_EXTRAS_PIXELS = 64 * 1024 * 1024
+
+
+def extras_upscale(image, body: ExtrasBody):
+    """Extras' upscale step with the built-in upscalers (None, Lanczos, Nearest); upscaler 2 is blended
+    in by its visibility. Model upscalers (ESRGAN...) and face restoration are not available yet."""
+    from PIL import Image
+
+    from ..core.imageops import resize_image
+
+    for name in (body.upscaler_1, body.upscaler_2):
+        if name not in UPSCALERS:
+            raise HTTPException(404, f"upscaler {name!r} is not available; available: {', '.join(UPSCALERS)}")
+    if body.gfpgan_visibility > 0 or body.codeformer_visibility > 0:
+        raise HTTPException(404, "face restoration is not installed: GFPGAN/CodeFormer are not supported yet")
+    image = image.convert("RGB")
+    if body.resize_mode == 1:
+        w, h = body.upscaling_resize_w, body.upscaling_resize_h
+    else:
+        if not 0 < body.upscaling_resize <= 8:
+            raise HTTPException(422, f"upscaling_resize must be between 0 and 8, got {body.upscaling_resize}")
+        w, h = round(image.width * body.upscaling_resize), round(image.height * body.upscaling_resize)
+    if not (0 < w and 0 < h) or w * h > MAX_EXTRAS_PIXELS:
+        raise HTTPException(422, f"target size {w}x{h} must be positive and at most {MAX_EXTRAS_PIXELS // 2**20} MP")
+    methods = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
+
+    def upscale(name):
+        if name == "None":
+            return image
+        big = image.resize((w, h) if body.resize_mode != 1 or not body.upscaling_crop else
+                           _cover(image.size, w, h), methods[name])
+        return resize_image(1, big, w, h) if body.resize_mode == 1 and body.upscaling_crop else big
+
+    first = upscale(body.upscaler_1)
+    if body.upscaler_2 != "None" and body.extras_upscaler_2_visibility > 0:
+        second = upscale(body.upscaler_2).resize(first.size)
+        first = Image.blend(first, second, min(1.0, body.extras_upscaler_2_visibility))
+    return first
+
+
+def _cover(size: tuple[int, int], w: int, h: int) -> tuple[int, int]:
+    scale = max(w / size[0], h / size[1])
+    return max(w, round(size[0] * scale)), max(h, round(size[1] * scale))
 LATENT_UPSCALE_MODES = ("Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
                         "Latent (nearest)", "Latent (nearest-exact)")
 
@@ -146,6 +270,22 @@ def make_router(service: JobService, options: dict, cmd_flags: dict) -> APIRoute
     def txt2img(body: Txt2ImgBody, request: Request):
         job = txt2img_job(body, options, engine.paths.outputs_dir)
         return run_blocking(service, client_id(request), job, body)
+
+    @r.post("/img2img")
+    def img2img(body: Img2ImgBody, request: Request):
+        job = txt2img_job(body, options, engine.paths.outputs_dir, lambda: img2img_request(body, options, service))
+        return run_blocking(service, client_id(request), job, body)
+
+    @r.post("/extra-single-image")
+    def extra_single_image(body: ExtrasBody):
+        return {"html_info": "", "image": png_b64(extras_upscale(decode_image(body.image), body))}
+
+    @r.post("/extra-batch-images")
+    def extra_batch_images(body: ExtrasBatchBody):
+        if len(body.imageList) > 256:
+            raise HTTPException(413, "imageList: at most 256 images per request")
+        images = [decode_image(item.data, f"imageList[{i}]") for i, item in enumerate(body.imageList)]
+        return {"html_info": "", "images": [png_b64(extras_upscale(im, body)) for im in images]}
 
     @r.post("/png-info")
     def png_info(body: PngInfoBody):

@@ -15,11 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import infotext
+from .imageops import MASKED_CONTENT, RESIZE_MODES
 from .names import get_sampler, get_schedule, split_legacy_sampler
 
 RNG_SOURCES = ("GPU", "CPU", "NV")
 EMPHASIS_MODES = ("Original", "No norm", "None")
 MAX_SIDE = 8192
+MAX_PIXELS = 4096 * 4096  # one image; more does not fit a VAE decode on any consumer machine
+MAX_PROMPT_CHARS = 50_000
 
 
 class RequestError(ValueError):
@@ -66,7 +69,9 @@ class Txt2ImgRequest:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 64 or value > MAX_SIDE or value % 8:
                 raise RequestError(f"{name} must be a multiple of 8 between 64 and {MAX_SIDE}, got {value!r}")
-        for name, low, high in (("steps", 1, 1000), ("batch_size", 1, 64), ("n_iter", 1, 10000),
+        if self.width * self.height > MAX_PIXELS:
+            raise RequestError(f"{self.width}x{self.height} is over the limit of {MAX_PIXELS // 2**20} megapixels")
+        for name, low, high in (("steps", 1, 1000), ("batch_size", 1, 64), ("n_iter", 1, 1000),
                                 ("clip_skip", 1, 12)):
             value = getattr(self, name)
             if not isinstance(value, int) or not low <= value <= high:
@@ -75,6 +80,11 @@ class Txt2ImgRequest:
             raise RequestError(f"subseed_strength must be between 0 and 1, got {self.subseed_strength!r}")
         if not 0.0 <= self.cfg_scale <= 100.0:
             raise RequestError(f"cfg_scale must be between 0 and 100, got {self.cfg_scale!r}")
+        for name in ("prompt", "negative_prompt"):
+            if len(getattr(self, name)) > MAX_PROMPT_CHARS:
+                raise RequestError(f"{name} is {len(getattr(self, name))} characters; the limit is {MAX_PROMPT_CHARS}")
+        for name in ("model", "vae"):
+            check_model_name(getattr(self, name), name)
         if self.emphasis not in EMPHASIS_MODES:
             raise RequestError(f"emphasis must be one of {', '.join(EMPHASIS_MODES)}, got {self.emphasis!r}")
         if self.rng not in RNG_SOURCES:
@@ -110,9 +120,62 @@ class Txt2ImgRequest:
 MAX_SEED = 4294967294
 
 
+def check_model_name(name: str | None, field_name: str) -> None:
+    """Model names are looked up in the model folders; a path that could leave them is refused."""
+    if not name:
+        return
+    text = str(name).replace("\\", "/")
+    if text.startswith("/") or re.match(r"^[A-Za-z]:", text) or ".." in text.split(" [")[0].split("/"):
+        raise RequestError(f"{field_name}: {name!r} is a path; give a model name from the model folders")
+
+
 def concrete_seed(seed: int | None) -> int:
     """A1111's rule: -1 (or nothing) means a random seed, which is then written down."""
     return int(random.randrange(MAX_SEED)) if seed is None or int(seed) == -1 else int(seed)
+
+
+@dataclass
+class Img2ImgRequest(Txt2ImgRequest):
+    """txt2img's fields plus the init image(s) (paths of files the job owns) and A1111's inpaint options."""
+
+    init_images: list[str] = field(default_factory=list)
+    mask: str | None = None  # white = repaint (see inpainting_mask_invert)
+    denoising_strength: float = 0.75
+    resize_mode: int = 0  # RESIZE_MODES index
+    mask_blur: int = 4
+    inpainting_fill: int = 1  # MASKED_CONTENT index: fill, original, latent noise, latent nothing
+    inpaint_full_res: bool = False  # "Only masked"
+    inpaint_full_res_padding: int = 32
+    inpainting_mask_invert: int = 0  # 1 = "Inpaint not masked"
+    initial_noise_multiplier: float = 1.0
+    inpainting_mask_weight: float = 1.0  # conditioning mask strength (9-channel inpainting models)
+    fix_steps: bool = False  # "do exactly the amount of steps the slider specifies"
+
+    def validate(self) -> Img2ImgRequest:
+        super().validate()
+        if not self.init_images:
+            raise RequestError("img2img needs an init image")
+        if not 0.0 <= self.denoising_strength <= 1.0:
+            raise RequestError(f"denoising_strength must be between 0 and 1, got {self.denoising_strength!r}")
+        if self.resize_mode not in range(len(RESIZE_MODES)):
+            raise RequestError(f"resize_mode must be 0-{len(RESIZE_MODES) - 1}, got {self.resize_mode!r}")
+        if self.inpainting_fill not in range(len(MASKED_CONTENT)):
+            raise RequestError(f"inpainting_fill must be 0-{len(MASKED_CONTENT) - 1}, got {self.inpainting_fill!r}")
+        if not 0 <= self.mask_blur <= 256:
+            raise RequestError(f"mask_blur must be from 0 to 256, got {self.mask_blur!r}")
+        if not 0 <= self.inpaint_full_res_padding <= 1024:
+            raise RequestError(f"inpaint_full_res_padding must be from 0 to 1024, got {self.inpaint_full_res_padding!r}")
+        if not 0.0 <= self.inpainting_mask_weight <= 1.0:
+            raise RequestError(f"inpainting_mask_weight must be between 0 and 1, got {self.inpainting_mask_weight!r}")
+        return self
+
+    def steps_to_run(self) -> tuple[int, int]:
+        """A1111's rule: (length of the full schedule, steps actually run). Normally
+        ``int(steps × strength) + 1`` of ``steps``; with ``fix_steps`` exactly ``steps`` of a longer schedule."""
+        strength = min(self.denoising_strength, 0.999)
+        if self.fix_steps:
+            return (int(self.steps / strength) if strength > 0 else 0), self.steps
+        return self.steps, int(strength * self.steps) + 1
 
 
 # ---- infotext <-> request ------------------------------------------------------------------------
@@ -138,6 +201,8 @@ class InfotextField:
 def _simple(key: str, attr: str, conv: Callable[[str], Any], *, skip: Callable[[Any], bool] = lambda v: False,
             show: Callable[[Any], object] = lambda v: v) -> InfotextField:
     def write(req: Txt2ImgRequest) -> object | None:
+        if not hasattr(req, attr):  # e.g. "Denoising strength" of a txt2img request
+            return None
         value = getattr(req, attr)
         return None if skip(value) else show(value)
 
@@ -188,13 +253,31 @@ INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
     _simple("Sigma churn", "s_churn", float, skip=lambda v: not v, show=_fmt_float),
     _simple("Sigma tmin", "s_tmin", float, skip=lambda v: not v, show=_fmt_float),
     _simple("Sigma noise", "s_noise", float, skip=lambda v: v == 1.0, show=_fmt_float),
+    # img2img / inpaint (written only for an Img2ImgRequest)
+    _simple("Denoising strength", "denoising_strength", float, show=_fmt_float),
+    InfotextField("Mask blur", lambda r: r.mask_blur if getattr(r, "mask", None) else None,
+                  lambda t: {"mask_blur": _read_int(t)}),
+    InfotextField("Mask mode", lambda r: "Inpaint not masked" if getattr(r, "mask", None) and r.inpainting_mask_invert
+                  else None, lambda t: {"inpainting_mask_invert": int(t.strip() == "Inpaint not masked")}),
+    InfotextField("Masked content", lambda r: MASKED_CONTENT[r.inpainting_fill]
+                  if getattr(r, "mask", None) and r.inpainting_fill != 1 else None,
+                  lambda t: {"inpainting_fill": MASKED_CONTENT.index(t.strip())}),
+    InfotextField("Inpaint area", lambda r: "Only masked" if getattr(r, "mask", None) and r.inpaint_full_res else None,
+                  lambda t: {"inpaint_full_res": t.strip() == "Only masked"}),
+    InfotextField("Masked area padding", lambda r: r.inpaint_full_res_padding
+                  if getattr(r, "mask", None) and r.inpaint_full_res else None,
+                  lambda t: {"inpaint_full_res_padding": _read_int(t)}),
+    InfotextField("Resize mode", lambda r: RESIZE_MODES[r.resize_mode] if getattr(r, "resize_mode", 0) else None,
+                  lambda t: {"resize_mode": RESIZE_MODES.index(t.strip())}),
+    _simple("Noise multiplier", "initial_noise_multiplier", float, skip=lambda v: v == 1.0, show=_fmt_float),
 )
 _FIELD_BY_KEY = {f.key: f for f in INFOTEXT_FIELDS}
 
 # A1111's key order; keys not listed (extensions, scripts, keys we keep unread) go before Version.
 KEY_ORDER = (
     "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Face restoration", "Size", "Model hash", "Model",
-    "VAE hash", "VAE", "Denoising strength", "Clip skip", "Tiling", "Variation seed", "Variation seed strength",
+    "VAE hash", "VAE", "Denoising strength", "Mask blur", "Mask mode", "Masked content", "Inpaint area",
+    "Masked area padding", "Resize mode", "Noise multiplier", "Clip skip", "Tiling", "Variation seed", "Variation seed strength",
     "Seed resize from", "RNG", "ENSD", "Eta", "Sigma churn", "Sigma tmin", "Sigma noise", "Hires upscale",
     "Hires resize", "Hires steps", "Hires upscaler", "Hires sampler", "Hires prompt", "Lora hashes", "TI hashes",
     "Emphasis",
@@ -236,11 +319,16 @@ def from_infotext(text_or_params: str | dict[str, str], base: Txt2ImgRequest | N
         "emphasis": "Original", "novelai_braces": False,
     }
     extra: dict[str, str] = {}
+    own = {f.name for f in dataclasses.fields(req)}
     for key, value in params.items():
         f = _FIELD_BY_KEY.get(key)
         try:
             if f is not None:
-                changes.update(f.read(value))
+                read = f.read(value)
+                if set(read) <= own:
+                    changes.update(read)
+                else:  # a key this kind of request does not have (Denoising strength for txt2img): kept
+                    extra[key] = value
             elif key not in _RESULT_KEYS:
                 extra[key] = value
         except (ValueError, TypeError) as exc:

@@ -61,7 +61,9 @@ class CFGDenoiser:
     def __init__(self, unet, schedule: DiscreteSchedule, prediction: str, cond: list[ComposedConditioning],
                  uncond: list[ScheduledConditioning], cfg_scale: float, *, dtype: torch.dtype,
                  device: torch.device, add_time_ids: torch.Tensor | None = None,
-                 should_stop: Callable[[], bool] | None = None, batch_invariant: bool = False):
+                 should_stop: Callable[[], bool] | None = None, batch_invariant: bool = False,
+                 image_cond: torch.Tensor | None = None,
+                 latent_mask: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.unet = unet
         self.schedule = schedule
         self.v_prediction = prediction == "v_prediction"
@@ -73,6 +75,10 @@ class CFGDenoiser:
         # One image per UNet call makes every image independent of its batch-mates, so an image
         # re-created alone from its infotext has the same pixels (batched GEMMs round differently).
         self.batch_invariant = batch_invariant
+        # 9-channel inpainting UNets: mask + masked-image latent, concatenated to the UNet input
+        self.image_cond = image_cond
+        # inpainting: (init latent, keep mask); the prediction keeps the original where keep = 1
+        self.latent_mask = latent_mask
         self.step = 0  # counts denoiser calls, as A1111 does (second-order samplers advance it twice)
 
     def _unet(self, x: torch.Tensor, t: torch.Tensor, conds: list[Conditioning]) -> torch.Tensor:
@@ -121,6 +127,8 @@ class CFGDenoiser:
         s = sigma.float().to(x.device)[:, None, None, None]
         t = self.schedule.sigma_to_t(sigma.float().cpu())
         x_in = (x / (s ** 2 + 1) ** 0.5).to(self.device)
+        if self.image_cond is not None:
+            x_in = torch.cat([x_in, self.image_cond.to(x_in.device, x_in.dtype)], dim=1)
         groups = [range(i, i + 1) for i in range(batch)] if self.batch_invariant else [range(batch)]
         results = []
         for images in groups:
@@ -132,4 +140,8 @@ class CFGDenoiser:
                     d += (self._to_denoised(x[i], out_c.to(x.device), s[i]) - d_u) * (w * self.cfg_scale)
                 results.append(d)
         self.step += 1
-        return torch.stack(results)
+        denoised = torch.stack(results)
+        if self.latent_mask is not None:
+            init, keep = (t.to(denoised.device) for t in self.latent_mask)
+            denoised = init * keep + (1 - keep) * denoised
+        return denoised

@@ -18,7 +18,7 @@ from .. import __version__
 from ..core import infotext, styles
 from ..core.extra_networks import extract, hypernetwork_uses, lora_uses
 from ..core.names import get_sampler, resolve_schedule
-from ..core.params import Txt2ImgRequest, to_infotext_params
+from ..core.params import Img2ImgRequest, Txt2ImgRequest, to_infotext_params
 from ..core.paths import DeviceOptions, Paths
 from ..core.prompt import prompt_schedule, split_and
 from ..models.embeddings import EmbeddingLibrary
@@ -27,6 +27,7 @@ from ..models.files import ModelFile
 from ..models.loader import LoadedModel, ModelCache, load_vae_file
 from ..models.registry import ModelRegistry
 from . import hypernetwork as hypernetwork_ops
+from . import img2img as img2img_ops
 from . import lora as lora_ops
 from . import vae as vae_ops
 from .conditioning import TextConditioner
@@ -71,6 +72,7 @@ class Txt2ImgResult:
     info: dict = field(default_factory=dict)
     batches_done: int = 0  # batches (of n_iter) finished, counting the ones skipped by ``first_batch``
     paused: bool = False  # stopped between batches because ``should_pause`` said so
+    inpainting_model: bool = False  # the UNet took image conditioning (9 input channels)
 
 
 def _named_hashes(text: str) -> dict[str, str]:
@@ -119,18 +121,20 @@ class Engine:
         return self._vaes[key], vae_file
 
     # ---- generation --------------------------------------------------------------------------------
-    def txt2img(self, req: Txt2ImgRequest, *, on_progress: Callable[[Progress], None] | None = None,
+    def generate(self, req: Txt2ImgRequest, *, on_progress: Callable[[Progress], None] | None = None,
                 should_stop: Callable[[], bool] | None = None,
                 on_image: Callable[[GeneratedImage], None] | None = None,
                 should_skip: Callable[[], bool] | None = None,
                 should_pause: Callable[[], bool] | None = None, first_batch: int = 0,
-                on_batch: Callable[[int, list[GeneratedImage]], None] | None = None) -> Txt2ImgResult:
+                on_batch: Callable[[int, list[GeneratedImage]], None] | None = None,
+                keep_images: bool = True) -> Txt2ImgResult:
         """Generate ``req``. ``should_stop`` (checked every step) interrupts: the images finished so far
         are returned. ``should_skip`` drops the current batch and goes on with the next. ``first_batch``
         starts at that batch of ``n_iter`` (the seeds are those the full run would give it), and
         ``should_pause``, checked between batches, stops early so a queue can serve someone else and
         resume later with ``first_batch=result.batches_done``: the images are the same either way.
-        ``on_batch(batches_done, images_of_that_batch)`` is called after each batch (a skipped one: no images)."""
+        ``on_batch(batches_done, images_of_that_batch)`` is called after each batch (a skipped one: no images);
+        with ``keep_images=False`` the result does not hold them (a queue worker saves them per batch)."""
         req.validate()
         if req.styles:  # the styled text is what gets generated and written to the infotext
             prompt, negative = styles.apply(req.prompt, req.negative_prompt, req.styles, styles.load(self.paths.styles_file))
@@ -161,6 +165,10 @@ class Engine:
             with circular_padding([model.unet, vae], req.tiling), lora_ops.applied(model, loras), \
                     hypernetwork_ops.applied(model.unet, hypernets):
                 conds, used = self._encode(model, bare)
+                prepared = None
+                if isinstance(req, Img2ImgRequest):
+                    with self.placement.use(vae):
+                        prepared = img2img_ops.prepare(req, vae, self.plan.device, model.spec.inpainting)
                 # hashes of what this job used; a pasted infotext's stale ones are not written back
                 resolved["TI hashes"] = ", ".join(f"{e.name}: {e.short_hash}" for e in used.values()) or None
                 for n in range(first_batch, req.n_iter):
@@ -170,9 +178,12 @@ class Engine:
                     seeds = all_seeds[n * req.batch_size:(n + 1) * req.batch_size]
                     subseeds = all_subseeds[n * req.batch_size:(n + 1) * req.batch_size]
                     stop_batch = _either(should_stop, should_skip)
+                    inits = None
+                    if prepared is not None:
+                        inits = [prepared[(n * req.batch_size + j) % len(prepared)] for j in range(len(seeds))]
                     try:
-                        latents = self._sample(model, req, sampler, schedule.name, conds, seeds, subseeds, n,
-                                               on_progress, stop_batch)
+                        latents = self._sample(model, vae, req, sampler, schedule.name, conds, seeds, subseeds, n,
+                                               on_progress, stop_batch, inits)
                     except Interrupted:
                         if should_stop is not None and should_stop():
                             interrupted = True
@@ -183,10 +194,13 @@ class Engine:
                         continue
                     batches_done = n + 1
                     batch_images: list[GeneratedImage] = []
-                    for image, s, ss in zip(vae_ops.to_pil(self._decode(vae, latents)), seeds, subseeds):
+                    for j, (image, s, ss) in enumerate(zip(vae_ops.to_pil(self._decode(vae, latents)), seeds, subseeds)):
+                        if inits is not None:
+                            image = img2img_ops.finish(inits[j], image)
                         params = to_infotext_params(req_for_text.replace(seed=s, subseed=ss), **{**resolved, "Seed": s})
                         generated = GeneratedImage(image, s, ss, infotext.format(params))
-                        images.append(generated)
+                        if keep_images:
+                            images.append(generated)
                         batch_images.append(generated)
                         if on_image is not None:
                             on_image(generated)
@@ -195,7 +209,11 @@ class Engine:
         for w in warnings:
             log.warning(w)
         return Txt2ImgResult(req, images, all_seeds, all_subseeds, file.name, file.short_hash, interrupted,
-                             warnings, batches_done=batches_done, paused=paused)
+                             warnings, batches_done=batches_done, paused=paused,
+                             inpainting_model=model.spec.inpainting)
+
+    txt2img = generate
+    img2img = generate  # an Img2ImgRequest brings its init images, mask and denoising strength
 
     def _decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
         with self.placement.use(vae):
@@ -276,8 +294,8 @@ class Engine:
             uncond = scheduled(req.negative_prompt)  # A1111 does not split the negative prompt on AND
         return (cond, uncond), conditioner.used_embeddings
 
-    def _sample(self, model, req, sampler, schedule_name, conds, seeds, subseeds, batch_no, on_progress,
-                should_stop) -> torch.Tensor:
+    def _sample(self, model, vae, req, sampler, schedule_name, conds, seeds, subseeds, batch_no, on_progress,
+                should_stop, inits: list[img2img_ops.Prepared] | None = None) -> torch.Tensor:
         h, w = req.height // 8, req.width // 8
         shape = (model.spec.unet["out_channels"], h, w)
         noises, gens = [], []
@@ -291,11 +309,14 @@ class Engine:
             gens.append(gen)
         device = self.plan.device  # the sampler's arithmetic runs where the UNet runs: no per-step copies
         x = torch.stack([n.to(device) for n in noises])
+        total, run = req.steps_to_run() if inits is not None else (req.steps, req.steps)
         if sampler.timesteps:
-            sigmas = self.schedule.sigmas[ddim_timesteps(req.steps)].flip(0)
+            sigmas = self.schedule.sigmas[ddim_timesteps(total)].flip(0)
         else:
-            sigmas = get_sigmas(schedule_name, req.steps, self.schedule,
+            sigmas = get_sigmas(schedule_name, total, self.schedule,
                                 discard_next_to_last=sampler.discard_next_to_last_sigma, sdxl=model.spec.is_sdxl)
+        # img2img starts part-way down the schedule (timestep schedules have no trailing zero)
+        sigmas = sigmas[len(sigmas) - run - (0 if sampler.timesteps else 1):]
         if sampler.brownian_noise:
             noise_fn = BrownianNoise(x, sigmas, seeds)
         else:
@@ -305,10 +326,26 @@ class Engine:
         if model.spec.is_sdxl:
             add_time_ids = torch.tensor([[req.height, req.width, 0, 0, req.height, req.width]], dtype=torch.float32)
         cond, uncond = conds
+        image_cond = latent_mask = init = keep = None
+        if inits is not None:
+            init = torch.cat([p.latent for p in inits]).to(device)
+            if inits[0].keep is not None:
+                keep = torch.cat([p.keep for p in inits]).to(device)
+                if req.inpainting_fill == img2img_ops.LATENT_NOISE:
+                    init = init * keep + x * (1 - keep)
+                elif req.inpainting_fill == img2img_ops.LATENT_NOTHING:
+                    init = init * keep
+                latent_mask = (init, keep)
+            if model.spec.inpainting:
+                image_cond = torch.cat([p.image_cond for p in inits])
+        elif model.spec.inpainting:
+            with self.placement.use(vae):
+                image_cond = img2img_ops.txt2img_conditioning(vae, self.plan.device, len(seeds), req.height, req.width)
         denoiser = CFGDenoiser(model.unet, self.schedule, model.spec.prediction, [cond] * len(seeds),
                                [uncond] * len(seeds), req.cfg_scale, dtype=self.plan.dtype, device=self.plan.device,
                                add_time_ids=add_time_ids, should_stop=should_stop,
-                               batch_invariant=self.plan.device.type == "cpu")
+                               batch_invariant=self.plan.device.type == "cpu", image_cond=image_cond,
+                               latent_mask=latent_mask)
         n_steps = len(sigmas) - 1
 
         def callback(d: dict) -> None:
@@ -321,8 +358,11 @@ class Engine:
         if req.eta is not None:
             options["eta"] = req.eta
         fn = SAMPLER_FUNCTIONS[sampler.function]
+        start = x * scale if init is None else init + x * req.initial_noise_multiplier * sigmas[0]
         with torch.no_grad(), self.placement.use(model.unet):
-            latents = fn(denoiser, x * scale, sigmas, noise=noise_fn, callback=callback, **options)
+            latents = fn(denoiser, start, sigmas, noise=noise_fn, callback=callback, **options)
         if sampler.timesteps:
             latents = latents / (sigmas[-1] ** 2 + 1) ** 0.5
+        if keep is not None:
+            latents = latents * (1 - keep) + init * keep
         return latents

@@ -30,6 +30,19 @@ def decode(vae, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
     return ((out + 1) / 2).clamp(0, 1).cpu()
 
 
+@torch.no_grad()
+def encode(vae, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Images in [-1, 1] (B×3×H×W) -> scaled latents on the CPU, float32. The distribution's mean is
+    used (A1111 samples it with an unseeded generator, which no one can reproduce)."""
+    dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
+    latent = dist.mean.float()
+    if torch.isnan(latent).any() and vae.dtype != torch.float32:
+        log.warning("VAE encode produced NaNs in half precision; retrying in float32")
+        vae.to(torch.float32)
+        latent = vae.encode(pixels.to(device, torch.float32)).latent_dist.mean.float()
+    return (latent * vae.config.scaling_factor).cpu()
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     arr = (images.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)  # truncation, as A1111
     return [Image.fromarray(a) for a in arr]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..core.paths import Paths
 from .errors import ModelNotFoundError
 from .files import CHECKPOINT_SUFFIXES, VAE_SUFFIXES, HashCache, ModelFile, find, scan
@@ -72,9 +70,6 @@ class ModelRegistry:
             return None
         found = find(self.vaes, choice) or find(self.vaes, choice + ".vae")
         if found is None:
-            path = Path(choice)
-            if path.is_file():
-                return ModelFile(path.resolve(), path.resolve().parent, self.hashes)
             names = ", ".join(v.name for v in self.vaes) or "(none)"
             raise ModelNotFoundError(f"no VAE named {choice!r}; available: Automatic, None, {names}")
         return found

@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..core import outputs
-from ..core.params import RequestError, Txt2ImgRequest
+from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest
 from ..models.errors import ModelFileError, ModelNotFoundError
 from .queue import CANCELLED, DONE, FAILED, FINISHED, QUEUED, Job, JobQueue
 
@@ -63,7 +63,8 @@ class Live:
 
 @dataclass
 class Txt2ImgJob:
-    """What a txt2img job stores: the request (seeds concrete) and where its images go."""
+    """What a generation job stores: the request (seeds concrete; an :class:`Img2ImgRequest` makes it
+    an img2img job) and where its images go."""
 
     request: Txt2ImgRequest
     save_images: bool = True  # True: outputs/txt2img-images with A1111 names; False: the job's own folder
@@ -71,17 +72,23 @@ class Txt2ImgJob:
     samples_format: str = "png"
     outdir: str | None = None  # a folder inside the outputs dir (already checked)
 
+    @property
+    def kind(self) -> str:
+        return "img2img" if isinstance(self.request, Img2ImgRequest) else "txt2img"
+
     def to_dict(self) -> dict:
         return {"request": self.request.to_dict(), "save_images": self.save_images, "save_grid": self.save_grid,
                 "samples_format": self.samples_format, "outdir": self.outdir}
 
     @classmethod
-    def from_dict(cls, data: dict) -> Txt2ImgJob:
-        return cls(Txt2ImgRequest.from_dict(data["request"]), data.get("save_images", True),
+    def from_dict(cls, data: dict, kind: str = "txt2img") -> Txt2ImgJob:
+        request_type = Img2ImgRequest if kind == "img2img" else Txt2ImgRequest
+        return cls(request_type.from_dict(data["request"]), data.get("save_images", True),
                    data.get("save_grid", True), data.get("samples_format", "png"), data.get("outdir"))
 
 
 def a1111_info(req: Txt2ImgRequest, result: dict) -> dict:
+    denoising = getattr(req, "denoising_strength", None)
     """The ``info`` JSON A1111's API returns, from a finished job's request and result."""
     seeds, subseeds = result.get("all_seeds", []), result.get("all_subseeds", [])
     images = result.get("images", [])
@@ -94,12 +101,12 @@ def a1111_info(req: Txt2ImgRequest, result: dict) -> dict:
         "batch_size": req.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": result.get("model_name"), "sd_model_hash": result.get("model_hash"),
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": req.seed_resize_from_w or -1,
-        "seed_resize_from_h": req.seed_resize_from_h or -1, "denoising_strength": None,
+        "seed_resize_from_h": req.seed_resize_from_h or -1, "denoising_strength": denoising,
         "extra_generation_params": {}, "index_of_first_image": 1 if result.get("grid") else 0,
         "infotexts": ([images[0]["infotext"]] if result.get("grid") and images else [])
         + [im["infotext"] for im in images],
         "styles": req.styles, "job_timestamp": result.get("job_timestamp", ""), "clip_skip": req.clip_skip,
-        "is_using_inpainting_conditioning": False, "version": "sdstudio", "warnings": result.get("warnings", []),
+        "is_using_inpainting_conditioning": result.get("inpainting_model", False), "version": "sdstudio", "warnings": result.get("warnings", []),
     }
 
 
@@ -114,7 +121,8 @@ class JobService:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.recovered = queue.recover(resume=resume)
-        self.runners: dict[str, Callable[[Job, Live], None]] = {"txt2img": self._run_txt2img}
+        self.runners: dict[str, Callable[[Job, Live], None]] = {"txt2img": self._run_generate,
+                                                                "img2img": self._run_generate}
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> JobService:
@@ -143,7 +151,23 @@ class JobService:
             job.request = job.request.with_concrete_seeds().validate()
         except RequestError as exc:
             raise JobError(str(exc)) from None
-        return self._submit(client, "txt2img", job.to_dict())
+        return self._submit(client, job.kind, job.to_dict())
+
+    submit = submit_txt2img  # an Img2ImgRequest makes it an img2img job
+
+    def store_inputs(self, images, prefix: str = "init") -> list[str]:
+        """Save uploaded pictures (init images, masks) where queued jobs can read them: a job refers to
+        files, so it can wait in the queue and survive a restart."""
+        import uuid
+
+        folder = self.jobs_dir / "inputs"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for image in images:
+            path = folder / f"{prefix}-{uuid.uuid4().hex}.png"
+            outputs.write_image(image, path, infotext=image.info.get("parameters"))
+            paths.append(str(path))
+        return paths
 
     def _submit(self, client: str, kind: str, payload: dict) -> Job:
         if kind not in self.runners:
@@ -256,13 +280,13 @@ class JobService:
             self.live = None
             self._notify()
 
-    def _run_txt2img(self, job: Job, live: Live) -> None:
-        spec = Txt2ImgJob.from_dict(job.request)
+    def _run_generate(self, job: Job, live: Live) -> None:
+        spec = Txt2ImgJob.from_dict(job.request, job.kind)
         req = spec.request
         live.job_count, live.steps = req.n_iter, req.steps
         result = dict(job.result) or {"images": [], "warnings": [],
                                       "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S")}
-        folder = self._folder(job, spec, "txt2img-images")
+        folder = self._folder(job, spec, f"{job.kind}-images")
 
         def on_progress(p) -> None:
             live.job_no, live.step, live.steps, live.latent = p.job_no, p.step, p.steps, p.latent
@@ -287,11 +311,11 @@ class JobService:
                 live.paused_for_others = True
             return live.paused_for_others
 
-        out = self.engine.txt2img(req, on_progress=on_progress, should_stop=lambda: live.interrupted,
+        out = self.engine.generate(req, on_progress=on_progress, should_stop=lambda: live.interrupted,
                                   should_skip=should_skip, should_pause=should_pause,
-                                  first_batch=job.batches_done, on_batch=on_batch)
+                                  first_batch=job.batches_done, on_batch=on_batch, keep_images=False)
         result.update({"all_seeds": out.all_seeds, "all_subseeds": out.all_subseeds, "model_name": out.model_name,
-                       "model_hash": out.model_hash})
+                       "model_hash": out.model_hash, "inpainting_model": out.inpainting_model})
         result["warnings"] = sorted(set(result["warnings"]) | set(out.warnings))
         if out.paused:
             self.queue.save_progress(job.id, out.batches_done, result)
@@ -299,7 +323,7 @@ class JobService:
             return
         result["interrupted"] = out.interrupted
         if spec.save_images and spec.save_grid and len(result["images"]) > 1:
-            result["grid"] = str(self._grid(result["images"], req, spec))
+            result["grid"] = str(self._grid(result["images"], req, spec, f"{job.kind}-grids"))
         cancelled = self.queue.get(job.id).cancel_requested
         self.queue.finish(job.id, CANCELLED if cancelled else DONE, result, error="cancelled" if cancelled else None)
 
@@ -310,7 +334,7 @@ class JobService:
             return outputs.dated_dir(self.engine.paths.outputs_dir, kind)
         return self.jobs_dir / job.id
 
-    def _grid(self, images: list[dict], req: Txt2ImgRequest, spec: Txt2ImgJob) -> Path:
+    def _grid(self, images: list[dict], req: Txt2ImgRequest, spec: Txt2ImgJob, kind: str) -> Path:
         from PIL import Image
 
         pictures = []
@@ -318,7 +342,7 @@ class JobService:
             with Image.open(im["path"]) as f:
                 pictures.append(f.convert("RGB"))
         grid = outputs.image_grid(pictures, req.batch_size)
-        folder = outputs.dated_dir(self.engine.paths.outputs_dir, "txt2img-grids")
+        folder = outputs.dated_dir(self.engine.paths.outputs_dir, kind)
         return outputs.save_image(grid, folder, infotext=images[0]["infotext"], basename="grid",
                                   fmt=spec.samples_format)
 

@@ -1,0 +1,159 @@
+"""Picture geometry for img2img and inpainting, as A1111 does it (PIL and numpy, no torch).
+
+- :func:`resize_image`: the four resize modes (Just resize, Crop and resize, Resize and fill, and
+  Just resize (latent upscale), whose pixel part is a plain resize).
+- Masks: :func:`binary_mask` (threshold at 128, alpha channel of an RGBA drawing), :func:`blur_mask`
+  (Gaussian, kernel radius ``int(2.5 * blur + 0.5)``), :func:`fill_masked` ("fill" masked content:
+  the hole painted with ever finer blurs of its surroundings).
+- "Only masked": :func:`crop_region` (the mask's box plus padding) widened by :func:`expand_to_ratio`
+  to the processing size's aspect ratio.
+- :func:`overlay`: the original pasted back over the result outside the mask, so unmasked pixels
+  are the original's exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageFilter, ImageOps
+
+RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
+
+
+def resize_mode_index(mode: int | str) -> int:
+    if isinstance(mode, str):
+        if mode not in RESIZE_MODES:
+            raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+        return RESIZE_MODES.index(mode)
+    if not 0 <= int(mode) < len(RESIZE_MODES):
+        raise ValueError(f"resize_mode must be 0-3, got {mode!r}")
+    return int(mode)
+
+
+def _resize(im: Image.Image, w: int, h: int) -> Image.Image:
+    return im if im.size == (w, h) else im.resize((w, h), Image.Resampling.LANCZOS)
+
+
+def resize_image(mode: int, im: Image.Image, width: int, height: int) -> Image.Image:
+    """``im`` brought to ``width`` × ``height`` by A1111's resize mode ``mode`` (0-3)."""
+    if mode in (0, 3):
+        return _resize(im, width, height)
+    ratio, src_ratio = width / height, im.width / im.height
+    if mode == 1:  # crop and resize: fill the frame, cut what sticks out
+        src_w = width if ratio > src_ratio else im.width * height // im.height
+        src_h = height if ratio <= src_ratio else im.height * width // im.width
+    else:  # resize and fill: fit inside, stretch the edge rows/columns into the bands
+        src_w = width if ratio < src_ratio else im.width * height // im.height
+        src_h = height if ratio >= src_ratio else im.height * width // im.width
+    resized = _resize(im, src_w, src_h)
+    out = Image.new(im.mode if im.mode in ("RGB", "L") else "RGB", (width, height))
+    out.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
+    if mode == 2:
+        if ratio < src_ratio:
+            band = height // 2 - src_h // 2
+            if band > 0:
+                out.paste(resized.resize((width, band), box=(0, 0, width, 0)), box=(0, 0))
+                out.paste(resized.resize((width, band), box=(0, resized.height, width, resized.height)),
+                          box=(0, band + src_h))
+        elif ratio > src_ratio:
+            band = width // 2 - src_w // 2
+            if band > 0:
+                out.paste(resized.resize((band, height), box=(0, 0, 0, height)), box=(0, 0))
+                out.paste(resized.resize((band, height), box=(resized.width, 0, resized.width, height)),
+                          box=(band + src_w, 0))
+    return out
+
+
+def binary_mask(mask: Image.Image, threshold: bool = True) -> Image.Image:
+    """An uploaded or drawn mask as "L": white = repaint. A transparent RGBA drawing uses its alpha."""
+    if mask.mode == "RGBA" and mask.getextrema()[-1] != (255, 255):
+        mask = mask.split()[-1]
+    mask = mask.convert("L")
+    return mask.point(lambda v: 255 if v > 128 else 0) if threshold else mask
+
+
+def blur_mask(mask: Image.Image, blur_x: float, blur_y: float | None = None) -> Image.Image:
+    """Gaussian blur of a mask, separately in x and y (A1111's "Mask blur")."""
+    from scipy.ndimage import gaussian_filter1d
+
+    blur_y = blur_x if blur_y is None else blur_y
+    arr = np.asarray(mask, dtype=np.float64)
+    for axis, sigma in ((1, blur_x), (0, blur_y)):
+        if sigma > 0:
+            radius = int(2.5 * sigma + 0.5)
+            arr = gaussian_filter1d(arr, sigma, axis=axis, mode="mirror", truncate=radius / sigma)
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+
+
+def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """The masked area painted from its surroundings: blurs of the unmasked pixels at falling radii,
+    each laid over the last (A1111's "fill")."""
+    keep = ImageOps.invert(mask.convert("L"))
+    src = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+    alpha = np.asarray(keep, dtype=np.float64) / 255.0
+    premultiplied = Image.fromarray(np.uint8(np.rint(np.dstack([src * alpha[..., None], alpha]) * 255)), "RGBA")
+    out = np.zeros(src.shape[:2] + (3,))
+    out_alpha = np.zeros(src.shape[:2])
+    for radius, repeats in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        blurred = premultiplied.filter(ImageFilter.GaussianBlur(radius)) if radius else premultiplied
+        b = np.asarray(blurred, dtype=np.float64) / 255.0
+        a = b[..., 3]
+        colour = np.where(a[..., None] > 0, b[..., :3] / np.maximum(a[..., None], 1e-8), 0)
+        for _ in range(repeats):  # "over" compositing of the blurred layer onto what is there
+            new_alpha = a + out_alpha * (1 - a)
+            out = np.where(new_alpha[..., None] > 0,
+                           (colour * a[..., None] + out * out_alpha[..., None] * (1 - a[..., None]))
+                           / np.maximum(new_alpha[..., None], 1e-8), 0)
+            out_alpha = new_alpha
+    return Image.fromarray(np.uint8(np.clip(np.rint(out * 255), 0, 255)), "RGB")
+
+
+def crop_region(mask: Image.Image, pad: int = 0) -> tuple[int, int, int, int] | None:
+    """The box (x1, y1, x2, y2) around the mask's non-zero pixels grown by ``pad``; None if empty."""
+    box = mask.convert("L").getbbox()
+    if box is None:
+        return None
+    x1, y1, x2, y2 = box
+    w, h = mask.size
+    return max(x1 - pad, 0), max(y1 - pad, 0), min(x2 + pad, w), min(y2 + pad, h)
+
+
+def expand_to_ratio(region: tuple[int, int, int, int], width: int, height: int, image_w: int, image_h: int
+                    ) -> tuple[int, int, int, int]:
+    """Grow a region to the aspect ratio of ``width`` × ``height`` and keep it inside the image."""
+    x1, y1, x2, y2 = region
+    if (x2 - x1) / (y2 - y1) > width / height:
+        diff = int((x2 - x1) * height / width - (y2 - y1))
+        y1, y2 = y1 - diff // 2, y2 + diff - diff // 2
+        if y2 >= image_h:
+            y1, y2 = y1 - (y2 - image_h), image_h
+        if y1 < 0:
+            y1, y2 = 0, y2 - y1
+        y2 = min(y2, image_h)
+    else:
+        diff = int((y2 - y1) * width / height - (x2 - x1))
+        x1, x2 = x1 - diff // 2, x2 + diff - diff // 2
+        if x2 >= image_w:
+            x1, x2 = x1 - (x2 - image_w), image_w
+        if x1 < 0:
+            x1, x2 = 0, x2 - x1
+        x2 = min(x2, image_w)
+    return x1, y1, x2, y2
+
+
+def overlay(result: Image.Image, original: Image.Image, mask: Image.Image,
+            region: tuple[int, int, int, int] | None = None) -> Image.Image:
+    """The result (placed at ``region`` of the original for "only masked") shown where ``mask`` is
+    white, the original where it is black, blended in between."""
+    base = original.convert("RGB").copy()
+    if region is not None:
+        x1, y1, x2, y2 = region
+        base.paste(result.convert("RGB").resize((x2 - x1, y2 - y1), Image.Resampling.LANCZOS), (x1, y1))
+        result = base
+    else:
+        result = result.convert("RGB")
+    a = np.asarray(mask.convert("L"), dtype=np.uint16)[..., None]
+    res = np.asarray(result, dtype=np.uint16)
+    org = np.asarray(original.convert("RGB"), dtype=np.uint16)
+    mixed = (res * a + org * (255 - a) + 127) // 255
+    return Image.fromarray(mixed.astype(np.uint8), "RGB")

@@ -1,0 +1,123 @@
+"""The async job API, limits on requests and paths, and the A1111 img2img/extras routes."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from sdstudio.cli import build_parser
+from sdstudio.server import create_app
+
+
+@pytest.fixture
+def client(data_dir):
+    args = build_parser().parse_args(["serve", "--data-dir", str(data_dir), "--api", "--nowebui"])
+    app = create_app(args)
+    with TestClient(app) as c:
+        yield c
+    app.state.service.stop()
+
+
+def b64png(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+SMALL = {"prompt": "a red circle", "steps": 2, "width": 64, "height": 64, "seed": 11}
+
+
+def test_submit_returns_at_once_then_events_and_images(client):
+    r = client.post("/sdstudio/v1/jobs", json={"request": {**SMALL, "batch_size": 2}})
+    assert r.status_code == 202
+    job = r.json()
+    assert job["status"] in ("queued", "running") and len(job["id"]) == 32
+    with client.stream("GET", f"/sdstudio/v1/jobs/{job['id']}/events") as stream:
+        events = [line for line in stream.iter_lines() if line.startswith("event:")]
+    assert events[-1] == "event: end"
+    done = client.get(f"/sdstudio/v1/jobs/{job['id']}").json()
+    assert done["status"] == "done" and done["progress"] == 1.0 and len(done["images"]) == 2
+    png = client.get(done["images"][1])
+    assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).info["parameters"].count("Seed: 12") == 1
+    assert client.get(f"/sdstudio/v1/jobs/{job['id']}/images/5").status_code == 404
+    listed = client.get("/sdstudio/v1/jobs?limit=1").json()
+    assert [j["id"] for j in listed["jobs"]] == [job["id"]]
+    assert client.get("/sdstudio/v1/jobs/nope").status_code == 404
+
+
+def test_jobs_belong_to_their_client(client):
+    job = client.post("/sdstudio/v1/jobs", json={"request": SMALL}, headers={"X-Sdstudio-Client": "a"}).json()
+    assert client.get("/sdstudio/v1/jobs", headers={"X-Sdstudio-Client": "b"}).json()["jobs"] == []
+    assert len(client.get("/sdstudio/v1/jobs", headers={"X-Sdstudio-Client": "a"}).json()["jobs"]) == 1
+    assert client.delete(f"/sdstudio/v1/jobs/{job['id']}", headers={"X-Sdstudio-Client": "b"}).status_code == 403
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"steps": 1_000_000}, 422, "steps must be"),
+    ({"batch_size": 10_000}, 422, "batch_size must be"),
+    ({"n_iter": 10_000}, 422, "n_iter must be"),
+    ({"width": 8192, "height": 8192}, 422, "megapixels"),
+    ({"override_settings": {"sd_model_checkpoint": "../../etc/passwd"}}, 422, "is a path"),
+    ({"override_settings": {"sd_vae": "/etc/passwd"}}, 422, "is a path"),
+    ({"save_images": True, "outpath_samples": "../../elsewhere"}, 403, "outside the outputs folder"),
+    ({"save_images": True, "outpath_samples": "/tmp"}, 403, "outside the outputs folder"),
+    ({"steps": "many"}, 422, "steps"),
+])
+def test_bad_requests_are_4xx_naming_the_field(client, body, status, words):
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, **body})
+    assert r.status_code == status, r.text
+    assert words in json.dumps(r.json())
+
+
+def test_malformed_json_and_huge_bodies(client, data_dir):
+    r = client.post("/sdapi/v1/txt2img", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+    r = client.post("/sdapi/v1/png-info", content=b"x", headers={"Content-Length": str(10**12),
+                                                                  "Content-Type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_giant_images_are_refused_before_decoding(client):
+    huge = Image.new("1", (10_000, 10_000))  # 100 MP, small as a PNG
+    r = client.post("/sdapi/v1/png-info", json={"image": b64png(huge)})
+    assert r.status_code == 413 and "megapixels" in r.json()["detail"]
+    r = client.post("/sdapi/v1/img2img", json={**SMALL, "init_images": ["not base64 at all!"]})
+    assert r.status_code == 422
+
+
+def test_img2img_route_and_outputs_folder(client, data_dir):
+    init = Image.new("RGB", (96, 64), (200, 10, 10))
+    r = client.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [b64png(init)], "denoising_strength": 0.4,
+                                               "resize_mode": 1, "save_images": True})
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert info["denoising_strength"] == 0.4 and "Resize mode: Crop and resize" in info["infotexts"][0]
+    saved = list((data_dir / "outputs" / "img2img-images").rglob("*.png"))
+    assert [p.name for p in saved] == ["00000-11.png"]
+
+
+def test_extras_upscale(client):
+    image = Image.new("RGB", (32, 16), (1, 2, 3))
+    r = client.post("/sdapi/v1/extra-single-image", json={"image": b64png(image), "upscaling_resize": 2,
+                                                          "upscaler_1": "Lanczos"})
+    out = Image.open(io.BytesIO(base64.b64decode(r.json()["image"])))
+    assert out.size == (64, 32)
+    r = client.post("/sdapi/v1/extra-batch-images", json={"imageList": [{"data": b64png(image), "name": "a"}],
+                                                          "resize_mode": 1, "upscaling_resize_w": 40,
+                                                          "upscaling_resize_h": 40, "upscaler_1": "Nearest"})
+    assert Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).size == (40, 40)
+    r = client.post("/sdapi/v1/extra-single-image", json={"image": b64png(image), "upscaler_1": "R-ESRGAN 4x+"})
+    assert r.status_code == 404 and "not available" in r.json()["detail"]
+
+
+def test_utility_routes(client):
+    assert client.get("/sdapi/v1/memory").json()["ram"]["total"] > 0
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+    assert client.post("/sdapi/v1/interrogate", json={}).status_code == 404
+    assert client.get("/sdapi/v1/progress").json()["state"]["job"] == ""
+    assert client.get("/docs").status_code == 200
