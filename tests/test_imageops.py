@@ -1,0 +1,89 @@
+"""img2img/inpaint picture geometry: resize modes, masks, crop regions, the overlay."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from sdstudio.core import imageops
+
+
+def stripes(w: int, h: int) -> Image.Image:
+    arr = np.zeros((h, w, 3), np.uint8)
+    arr[..., 0] = np.arange(w)[None, :] * 255 // max(w - 1, 1)
+    arr[..., 1] = np.arange(h)[:, None] * 255 // max(h - 1, 1)
+    return Image.fromarray(arr)
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+def test_every_mode_gives_the_asked_size(mode):
+    for size in [(100, 50), (50, 100), (64, 64)]:
+        assert imageops.resize_image(mode, stripes(*size), 80, 48).size == (80, 48)
+
+
+def test_crop_and_resize_cuts_the_sides_of_a_wide_image():
+    im = stripes(200, 100)  # 2:1 into 1:1 -> the middle 100 columns
+    out = np.asarray(imageops.resize_image(1, im, 100, 100))
+    assert np.array_equal(out, np.asarray(im)[:, 50:150])
+
+
+def test_resize_and_fill_pads_with_stretched_edges():
+    im = stripes(200, 100)  # 2:1 into 1:1: fitted to 100x50, bands of 25 rows above and below
+    out = np.asarray(imageops.resize_image(2, im, 100, 100)).astype(int)
+    fitted = np.asarray(im.resize((100, 50), Image.Resampling.LANCZOS)).astype(int)
+    assert np.array_equal(out[25:75], fitted)
+    assert np.abs(out[0] - fitted[0]).max() <= 2 and np.abs(out[99] - fitted[-1]).max() <= 2
+
+
+def test_binary_mask_thresholds_and_reads_alpha():
+    grey = Image.fromarray(np.array([[0, 128, 129, 255]], np.uint8))
+    assert np.asarray(imageops.binary_mask(grey)).tolist() == [[0, 0, 255, 255]]
+    drawing = Image.new("RGBA", (4, 1), (0, 0, 0, 0))
+    drawing.putpixel((2, 0), (255, 0, 0, 255))
+    assert np.asarray(imageops.binary_mask(drawing)).tolist() == [[0, 0, 255, 0]]
+
+
+def test_blur_spreads_within_its_radius_and_keeps_the_mean():
+    mask = Image.new("L", (41, 41), 0)
+    mask.putpixel((20, 20), 255)
+    arr = np.asarray(imageops.blur_mask(Image.new("L", (41, 41), 0).point(lambda v: 0), 4)).astype(int)
+    assert arr.sum() == 0
+    big = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(big).rectangle((0, 0, 31, 63), fill=255)
+    blurred = np.asarray(imageops.blur_mask(big, 4)).astype(int)
+    radius = int(2.5 * 4 + 0.5)
+    assert (blurred[:, :32 - radius - 1] == 255).all() and (blurred[:, 32 + radius:] == 0).all()
+    assert 0 < blurred[0, 32] < 255 and abs(blurred.mean() - 127.5) < 1
+
+
+def test_fill_paints_the_hole_from_its_surroundings():
+    im = Image.new("RGB", (64, 64), (10, 200, 30))
+    ImageDraw.Draw(im).rectangle((24, 24, 40, 40), fill=(255, 0, 255))
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((24, 24, 40, 40), fill=255)
+    filled = np.asarray(imageops.fill_masked(im, mask)).astype(int)
+    assert np.abs(filled[32, 32] - [10, 200, 30]).max() <= 3  # the magenta is gone
+    assert np.abs(filled[:10, :10] - [10, 200, 30]).max() <= 1
+
+
+def test_crop_region_and_ratio():
+    mask = Image.new("L", (100, 100), 0)
+    ImageDraw.Draw(mask).rectangle((40, 45, 49, 54), fill=255)
+    assert imageops.crop_region(mask, 0) == (40, 45, 50, 55)
+    assert imageops.crop_region(mask, 60) == (0, 0, 100, 100)
+    assert imageops.crop_region(Image.new("L", (8, 8)), 4) is None
+    x1, y1, x2, y2 = imageops.expand_to_ratio((40, 45, 50, 55), 128, 64, 100, 100)
+    assert (x2 - x1) == 2 * (y2 - y1) and 0 <= x1 and x2 <= 100
+    x1, y1, x2, y2 = imageops.expand_to_ratio((90, 0, 100, 10), 128, 64, 100, 100)  # pushed back inside
+    assert x2 == 100 and x2 - x1 == 20
+
+
+def test_overlay_is_exact_outside_the_mask():
+    original, result = stripes(64, 64), Image.new("RGB", (64, 64), (1, 2, 3))
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((0, 0, 31, 63), fill=255)
+    mixed = np.asarray(imageops.overlay(result, original, mask))
+    assert np.array_equal(mixed[:, 32:], np.asarray(original)[:, 32:]) and (mixed[:, :32] == [1, 2, 3]).all()
+    placed = np.asarray(imageops.overlay(Image.new("RGB", (16, 16), (9, 9, 9)), original, mask, (0, 0, 32, 32)))
+    assert (placed[:32, :32] == 9).all() and np.array_equal(placed[32:, 32:], np.asarray(original)[32:, 32:])
