@@ -33,6 +33,9 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--queue-db", help="the job queue's SQLite file (default: jobs.sqlite3 in the data dir)")
     g.add_argument("--resume-queue", action="store_true",
                    help="re-run jobs that were running when the server stopped (default: mark them failed)")
+    g.add_argument("--limit-steps", type=int, default=1000, help="most sampling steps one request may ask for")
+    g.add_argument("--limit-pixels", type=int, default=4096 * 4096, help="largest width x height a request may ask for")
+    g.add_argument("--limit-images", type=int, default=10000, help="most images (batch count x size) per request")
     g.add_argument("--max-request-mb", type=float, default=200.0, help="largest request body accepted (MB)")
     g.add_argument("--share", action="store_true", help="(not available: sdstudio works offline)")
     g.add_argument("--autolaunch", action="store_true", help="(ignored)")
@@ -82,6 +85,7 @@ def create_app(args: argparse.Namespace):
               file=sys.stderr)
     service.start()
     first = engine.registry.checkpoints[0].title if engine.registry.checkpoints else None
+    limits = {"steps": args.limit_steps, "pixels": args.limit_pixels, "images": args.limit_images}
     options = {"sd_model_checkpoint": first, "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1,
                "samples_format": "png", "randn_source": "GPU", "eta_noise_seed_delta": 0}
     secret = {"api_auth", "gradio_auth"}  # never echoed back by /cmd-flags
@@ -131,8 +135,8 @@ def create_app(args: argparse.Namespace):
         from .api import styles as styles_api
 
         guarded = [Depends(check_api_auth)]
-        app.include_router(make_router(service, options, cmd_flags), dependencies=guarded)
-        app.include_router(jobs_api.make_router(service, options), dependencies=guarded)
+        app.include_router(make_router(service, options, cmd_flags, limits), dependencies=guarded)
+        app.include_router(jobs_api.make_router(service, options, limits), dependencies=guarded)
         app.include_router(styles_api.make_router(paths), dependencies=guarded)
     if not args.nowebui:
         import gradio as gr

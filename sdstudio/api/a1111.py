@@ -161,7 +161,21 @@ def img2img_request(body: Img2ImgBody, options: dict, service: JobService) -> Im
         fix_steps=bool(settings.get("img2img_fix_steps", False)))
 
 
-def txt2img_job(body: Txt2ImgBody, options: dict, outputs_dir, make_request=None) -> Txt2ImgJob:
+def check_limits(req: Txt2ImgRequest, limits: dict | None) -> None:
+    """The server's own limits (``--limit-steps``, ``--limit-pixels``, ``--limit-images``): 422 naming them."""
+    if not limits:
+        return
+    if req.steps > limits["steps"]:
+        raise HTTPException(422, f"steps: {req.steps} is over this server's limit of {limits['steps']} (--limit-steps)")
+    if req.width * req.height > limits["pixels"]:
+        raise HTTPException(422, f"width x height: {req.width}x{req.height} is over this server's limit of "
+                                 f"{limits['pixels']} pixels (--limit-pixels)")
+    if req.n_iter * req.batch_size > limits["images"]:
+        raise HTTPException(422, f"n_iter x batch_size: {req.n_iter * req.batch_size} images is over this server's "
+                                 f"limit of {limits['images']} (--limit-images)")
+
+
+def txt2img_job(body: Txt2ImgBody, options: dict, outputs_dir, make_request=None, limits=None) -> Txt2ImgJob:
     """The queue job an A1111 txt2img (or, with ``make_request``, img2img) request asks for; bad fields
     are an HTTP 4xx naming them."""
     try:
@@ -172,6 +186,7 @@ def txt2img_job(body: Txt2ImgBody, options: dict, outputs_dir, make_request=None
         req.validate()
     except RequestError as exc:
         raise HTTPException(422, str(exc)) from None
+    check_limits(req, limits)
     outdir = inside(outputs_dir, body.outpath_samples, "outpath_samples")
     inside(outputs_dir, body.outpath_grids, "outpath_grids")
     settings = {**options, **body.override_settings}
@@ -258,7 +273,7 @@ LATENT_UPSCALE_MODES = ("Latent", "Latent (antialiased)", "Latent (bicubic)", "L
                         "Latent (nearest)", "Latent (nearest-exact)")
 
 
-def make_router(service: JobService, options: dict, cmd_flags: dict) -> APIRouter:
+def make_router(service: JobService, options: dict, cmd_flags: dict, limits: dict | None = None) -> APIRouter:
     engine = service.engine
     r = APIRouter(prefix="/sdapi/v1")
 
@@ -268,12 +283,13 @@ def make_router(service: JobService, options: dict, cmd_flags: dict) -> APIRoute
 
     @r.post("/txt2img")
     def txt2img(body: Txt2ImgBody, request: Request):
-        job = txt2img_job(body, options, engine.paths.outputs_dir)
+        job = txt2img_job(body, options, engine.paths.outputs_dir, limits=limits)
         return run_blocking(service, client_id(request), job, body)
 
     @r.post("/img2img")
     def img2img(body: Img2ImgBody, request: Request):
-        job = txt2img_job(body, options, engine.paths.outputs_dir, lambda: img2img_request(body, options, service))
+        job = txt2img_job(body, options, engine.paths.outputs_dir, lambda: img2img_request(body, options, service),
+                          limits)
         return run_blocking(service, client_id(request), job, body)
 
     @r.post("/extra-single-image")

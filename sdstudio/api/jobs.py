@@ -28,7 +28,7 @@ class JobBody(BaseModel):
     request: Txt2ImgBody
 
 
-def make_router(service: JobService, options: dict) -> APIRouter:
+def make_router(service: JobService, options: dict, limits: dict | None = None) -> APIRouter:
     r = APIRouter(prefix="/sdstudio/v1")
     engine = service.engine
 
@@ -52,7 +52,7 @@ def make_router(service: JobService, options: dict) -> APIRouter:
 
     @r.post("/jobs", status_code=202)
     def submit(body: JobBody, request: Request):
-        job = txt2img_job(body.request, options, engine.paths.outputs_dir)
+        job = txt2img_job(body.request, options, engine.paths.outputs_dir, limits=limits)
         job.save_images = body.request.save_images
         check_models(engine, job.request)
         try:
