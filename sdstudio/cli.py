@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--outdir", help="write images here instead of outputs/txt2img-images/DATE")
     t.add_argument("--format", choices=["png", "jpg", "webp"], default="png")
     t.add_argument("--no-grid", action="store_true", help="do not save a grid for batches")
+    t.add_argument("--server", metavar="URL", help="queue the job on a running sdstudio server (e.g. "
+                   "http://127.0.0.1:7860) instead of running it here; the server saves the images")
+    t.add_argument("--server-auth", metavar="USER:PASS", help="--api-auth credentials of that server")
     add_common_flags(t)
 
     p = sub.add_parser("pnginfo", help="print the generation parameters stored in an image")
@@ -169,6 +172,8 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
     from .engine.txt2img import Engine
 
     req = request_from_args(args)
+    if args.server:
+        return submit_to_server(args, req)
     paths = paths_from(args)
     engine = Engine(paths, device_options_from(args))
     outdir = Path(args.outdir) if args.outdir else outputs.dated_dir(paths.outputs_dir, "txt2img-images")
@@ -200,6 +205,68 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     if result.interrupted:
         print("interrupted: kept the images finished so far", file=sys.stderr)
+    return 0
+
+
+def a1111_body(req: Txt2ImgRequest) -> dict:
+    """A request in A1111's API fields (what ``/sdapi/v1/txt2img`` and ``/sdstudio/v1/jobs`` take)."""
+    fields = ("prompt", "negative_prompt", "styles", "seed", "subseed", "subseed_strength", "sampler_name",
+              "scheduler", "batch_size", "n_iter", "steps", "cfg_scale", "width", "height", "tiling", "eta",
+              "s_churn", "s_tmin", "s_noise")
+    body = {f: getattr(req, f) for f in fields}
+    body.update({"seed_resize_from_w": req.seed_resize_from_w or -1, "seed_resize_from_h": req.seed_resize_from_h or -1,
+                 "save_images": True})
+    settings = {"CLIP_stop_at_last_layers": req.clip_skip, "randn_source": req.rng, "emphasis": req.emphasis,
+                "eta_noise_seed_delta": req.eta_noise_seed_delta, "sd_vae": req.vae}
+    if req.model:
+        settings["sd_model_checkpoint"] = req.model
+    body["override_settings"] = settings
+    return body
+
+
+def submit_to_server(args: argparse.Namespace, req: Txt2ImgRequest) -> int:
+    """``txt2img --server URL``: the job goes into that server's queue; progress is followed over its
+    event stream and the paths the server wrote are printed."""
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+
+    base = args.server.rstrip("/")
+    headers = {"Content-Type": "application/json", "X-Sdstudio-Client": f"cli:{os.getpid()}"}
+    if args.server_auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(args.server_auth.encode()).decode()
+
+    def call(path: str, body: dict | None = None):
+        data = json.dumps(body).encode() if body is not None else None
+        return urllib.request.urlopen(urllib.request.Request(base + path, data=data, headers=headers), timeout=3600)
+
+    try:
+        job = json.loads(call("/sdstudio/v1/jobs", {"request": a1111_body(req)}).read())
+        print(f"queued job {job['id']} ({job['queue_position']} ahead)", file=sys.stderr)
+        with call(f"/sdstudio/v1/jobs/{job['id']}/events") as stream:
+            for raw in stream:
+                line = raw.decode().strip()
+                if line.startswith("data:"):
+                    state = json.loads(line[5:])
+                    if state.get("state"):
+                        s = state["state"]
+                        print(f"\rstep {s['sampling_step']}/{s['sampling_steps']} of batch {s['job_no'] + 1}"
+                              f"/{s['job_count']}", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        job = json.loads(call(f"/sdstudio/v1/jobs/{job['id']}").read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        raise RequestError(f"the server refused the job ({exc.code}): {detail}") from None
+    except urllib.error.URLError as exc:
+        raise RequestError(f"cannot reach {base}: {exc.reason}") from None
+    for image in job["result"].get("images", []):
+        print(image["path"])
+    if job["result"].get("grid"):
+        print(job["result"]["grid"])
+    if job["status"] != "done":
+        print(f"error: the job {job['status']}: {job.get('error')}", file=sys.stderr)
+        return 1
     return 0
 
 

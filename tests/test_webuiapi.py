@@ -139,3 +139,19 @@ def test_another_client_cannot_interrupt(server):
                       headers={"X-Sdstudio-Client": "alice"})
     assert r.status_code == 200
     assert service.wait(job["id"], 60).status == "cancelled"
+
+
+def test_cli_queues_on_a_running_server(server, capsys, data_dir):
+    from sdstudio.cli import main
+
+    port, _ = server
+    code = main(["txt2img", "a red circle", "--steps", "2", "--size", "64x64", "--seed", "4", "--batch-size", "2",
+                 "--clip-skip", "2", "--server", f"http://127.0.0.1:{port}", "--server-auth", "user:secret"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    paths = out.out.split()
+    assert [p.split("/")[-1] for p in paths[:2]] == ["00000-4.png", "00001-5.png"] and "grid-" in paths[2]
+    assert all(str(data_dir) in p for p in paths)  # written by the server, in its outputs folder
+    assert "Clip skip: 2" in Image.open(paths[0]).info["parameters"]
+    assert main(["txt2img", "x", "--steps", "2", "--size", "64x64", "--server", f"http://127.0.0.1:{port}"]) == 2
+    assert "401" in capsys.readouterr().err
