@@ -22,7 +22,7 @@ from ..core import infotext, styles
 from ..core.names import SAMPLERS, SCHEDULES
 from ..core.outputs import NotAnImageError, read_infotext
 from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest
-from ..models.errors import ModelNotFoundError
+from ..models.errors import ModelFileError, ModelNotFoundError
 from ..models.network_info import network_info
 from ..service.jobs import JobError, JobService, Txt2ImgJob, a1111_info
 from .common import client_id, decode_image, encode_file, inside
@@ -398,10 +398,17 @@ def make_router(service: JobService, options: dict, cmd_flags: dict, limits: dic
     @r.get("/embeddings")
     def embeddings():
         """A1111's shape: embeddings that fit the current model are "loaded", the others "skipped"."""
+        from ..models.detect import detect
+        from ..models.safe_load import open_state_dict
+
         widths = []
-        if engine.registry.checkpoints:
-            _, current = engine.load(None)
-            widths = [te.config["hidden_size"] for te in current.spec.text_encoders]
+        if engine.registry.checkpoints:  # the default model's text encoders, read from the file header only
+            file = engine.registry.checkpoint(options.get("sd_model_checkpoint"))
+            try:
+                spec = detect(open_state_dict(file.path).shapes)
+            except (ModelFileError, OSError, ValueError):  # e.g. a diffusers folder: load it
+                spec = engine.load(file.name)[1].spec
+            widths = [te.config["hidden_size"] for te in spec.text_encoders]
         usable = engine.embeddings.usable(widths) if widths else {}
 
         def entry(e):
