@@ -121,3 +121,13 @@ def test_utility_routes(client):
     assert client.post("/sdapi/v1/interrogate", json={}).status_code == 404
     assert client.get("/sdapi/v1/progress").json()["state"]["job"] == ""
     assert client.get("/docs").status_code == 200
+
+
+def test_refused_img2img_leaves_no_files(client, data_dir):
+    init = b64png(Image.new("RGB", (64, 64)))
+    r = client.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [init], "steps": 0})
+    assert r.status_code == 422
+    r = client.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [init],
+                                               "override_settings": {"sd_model_checkpoint": "missing"}})
+    assert r.status_code == 404
+    assert not list((data_dir / "cache" / "jobs").rglob("*.png"))

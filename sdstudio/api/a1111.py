@@ -138,8 +138,12 @@ def to_request(body: Txt2ImgBody, options: dict, request_type=Txt2ImgRequest, **
     )
 
 
-def img2img_request(body: Img2ImgBody, options: dict, service: JobService) -> Img2ImgRequest:
-    """A1111's img2img fields; the uploaded pictures are stored as files the queued job reads."""
+PENDING_UPLOAD = "(upload)"
+
+
+def img2img_request(body: Img2ImgBody, options: dict) -> tuple[Img2ImgRequest, list, object]:
+    """A1111's img2img fields, and the decoded uploads (stored by :func:`store_uploads` once the request
+    has passed every check, so a refused request leaves no files behind)."""
     if not body.init_images:
         raise HTTPException(422, "init_images: img2img needs at least one init image")
     if len(body.init_images) > 64:
@@ -147,18 +151,25 @@ def img2img_request(body: Img2ImgBody, options: dict, service: JobService) -> Im
     inits = [decode_image(b64, f"init_images[{i}]") for i, b64 in enumerate(body.init_images)]
     mask = decode_image(body.mask, "mask") if body.mask else None
     settings = {**options, **body.override_settings}
-    paths = service.store_inputs(inits)
-    mask_path = service.store_inputs([mask], "mask")[0] if mask is not None else None
     blur = body.mask_blur if body.mask_blur is not None else max(body.mask_blur_x, body.mask_blur_y)
     noise = body.initial_noise_multiplier
-    return to_request(
-        body, options, Img2ImgRequest, init_images=paths, mask=mask_path, denoising_strength=body.denoising_strength,
+    req = to_request(
+        body, options, Img2ImgRequest, init_images=[PENDING_UPLOAD] * len(inits),
+        mask=PENDING_UPLOAD if mask is not None else None, denoising_strength=body.denoising_strength,
         resize_mode=body.resize_mode, mask_blur=blur, inpainting_fill=body.inpainting_fill,
         inpaint_full_res=body.inpaint_full_res, inpaint_full_res_padding=body.inpaint_full_res_padding,
         inpainting_mask_invert=body.inpainting_mask_invert,
         initial_noise_multiplier=float(settings.get("initial_noise_multiplier", 1.0) if noise is None else noise),
         inpainting_mask_weight=float(settings.get("inpainting_mask_weight", 1.0)),
         fix_steps=bool(settings.get("img2img_fix_steps", False)))
+    return req, inits, mask
+
+
+def store_uploads(service: JobService, job: Txt2ImgJob, inits: list, mask) -> None:
+    """Write the checked request's uploads where the queued job reads them (it may wait, or outlive a restart)."""
+    job.request = job.request.replace(
+        init_images=service.store_inputs(inits),
+        mask=service.store_inputs([mask], "mask")[0] if mask is not None else None)
 
 
 def check_limits(req: Txt2ImgRequest, limits: dict | None) -> None:
@@ -288,8 +299,15 @@ def make_router(service: JobService, options: dict, cmd_flags: dict, limits: dic
 
     @r.post("/img2img")
     def img2img(body: Img2ImgBody, request: Request):
-        job = txt2img_job(body, options, engine.paths.outputs_dir, lambda: img2img_request(body, options, service),
-                          limits)
+        uploads = {}
+
+        def make_request():
+            req, uploads["inits"], uploads["mask"] = img2img_request(body, options)
+            return req
+
+        job = txt2img_job(body, options, engine.paths.outputs_dir, make_request, limits)
+        check_models(engine, job.request)
+        store_uploads(service, job, uploads["inits"], uploads["mask"])
         return run_blocking(service, client_id(request), job, body)
 
     @r.post("/extra-single-image")
