@@ -43,7 +43,7 @@ def wait_until(check, timeout=60.0):
 
 
 def test_a_job_writes_its_images_before_it_is_done(service):
-    job = service.submit_txt2img("a", Txt2ImgJob(small(batch_size=2, n_iter=2)))
+    job = service.submit("a", Txt2ImgJob(small(batch_size=2, n_iter=2)))
     done = service.wait(job.id, timeout=120)
     assert done.status == DONE
     images = done.result["images"]
@@ -53,7 +53,7 @@ def test_a_job_writes_its_images_before_it_is_done(service):
 
 
 def test_random_seed_is_fixed_at_submit(service):
-    job = service.submit_txt2img("a", Txt2ImgJob(small(seed=-1)))
+    job = service.submit("a", Txt2ImgJob(small(seed=-1)))
     stored = job.request["request"]["seed"]
     assert stored != -1
     assert service.wait(job.id, 120).result["images"][0]["seed"] == stored
@@ -61,20 +61,20 @@ def test_random_seed_is_fixed_at_submit(service):
 
 def test_bad_requests_are_refused_at_submit(service):
     with pytest.raises(JobError, match="steps must be"):
-        service.submit_txt2img("a", Txt2ImgJob(small(steps=0)))
+        service.submit("a", Txt2ImgJob(small(steps=0)))
     assert service.queue.list() == []
 
 
 def test_a_failing_job_fails_alone(service):
-    bad = service.submit_txt2img("a", Txt2ImgJob(small(model="missing-model")))
-    good = service.submit_txt2img("a", Txt2ImgJob(small()))
+    bad = service.submit("a", Txt2ImgJob(small(model="missing-model")))
+    good = service.submit("a", Txt2ImgJob(small()))
     assert service.wait(bad.id, 120).status == FAILED and "missing-model" in service.queue.get(bad.id).error
     assert service.wait(good.id, 120).status == DONE
 
 
 def test_long_job_is_parked_so_another_client_goes_first(idle, data_dir):
-    long = idle.submit_txt2img("a", Txt2ImgJob(small(n_iter=3, seed=100), save_images=False))
-    short = idle.submit_txt2img("b", Txt2ImgJob(small(seed=7), save_images=False))
+    long = idle.submit("a", Txt2ImgJob(small(n_iter=3, seed=100), save_images=False))
+    short = idle.submit("b", Txt2ImgJob(small(seed=7), save_images=False))
     idle.start()
     a, b = idle.wait(long.id, 120), idle.wait(short.id, 120)
     assert a.status == b.status == DONE
@@ -88,8 +88,8 @@ def test_long_job_is_parked_so_another_client_goes_first(idle, data_dir):
 
 
 def test_interrupt_touches_only_the_callers_job(idle):
-    a = idle.submit_txt2img("a", Txt2ImgJob(small(steps=40, n_iter=2)))
-    b = idle.submit_txt2img("b", Txt2ImgJob(small()))
+    a = idle.submit("a", Txt2ImgJob(small(steps=40, n_iter=2)))
+    b = idle.submit("b", Txt2ImgJob(small()))
     idle.start()
     wait_until(lambda: idle.live is not None and idle.live.step >= 1)
     assert idle.interrupt("b") == []  # b's job is not running: nothing of a's is touched
@@ -101,8 +101,8 @@ def test_interrupt_touches_only_the_callers_job(idle):
 
 
 def test_progress_is_per_client(idle):
-    a = idle.submit_txt2img("a", Txt2ImgJob(small(steps=40)))
-    b = idle.submit_txt2img("b", Txt2ImgJob(small()))
+    a = idle.submit("a", Txt2ImgJob(small(steps=40)))
+    b = idle.submit("b", Txt2ImgJob(small()))
     assert idle.progress("b")["queue_position"] == 1 and idle.progress("a")["queue_position"] == 0
     idle.start()
     wait_until(lambda: idle.live is not None and idle.live.step >= 2)
@@ -115,8 +115,8 @@ def test_progress_is_per_client(idle):
 
 
 def test_cancel_queued_and_running(idle):
-    a = idle.submit_txt2img("a", Txt2ImgJob(small(steps=40)))
-    later = idle.submit_txt2img("a", Txt2ImgJob(small()))
+    a = idle.submit("a", Txt2ImgJob(small(steps=40)))
+    later = idle.submit("a", Txt2ImgJob(small()))
     assert idle.cancel(later.id, "b") is None  # not b's
     assert idle.cancel(later.id, "a").status == CANCELLED
     idle.start()
@@ -126,9 +126,21 @@ def test_cancel_queued_and_running(idle):
 
 
 def test_skip_drops_the_current_batch(idle):
-    a = idle.submit_txt2img("a", Txt2ImgJob(small(steps=30, n_iter=2, seed=50)))
+    a = idle.submit("a", Txt2ImgJob(small(steps=30, n_iter=2, seed=50)))
     idle.start()
     wait_until(lambda: idle.live is not None and idle.live.step >= 1)
     assert idle.skip("a") == [a.id]
     done = idle.wait(a.id, 120)
     assert done.status == DONE and [im["seed"] for im in done.result["images"]] == [51]
+
+
+def test_progress_says_which_latent_space(tmp_path, tiny_dir):
+    """Live previews map SDXL latents to RGB with their own coefficients: progress must say which."""
+    import os
+
+    folder = tmp_path / "models" / "Stable-diffusion"
+    folder.mkdir(parents=True)
+    os.link(tiny_dir / "tiny-sdxl.safetensors", folder / "tiny-sdxl.safetensors")
+    seen = []
+    Engine(Paths(tmp_path)).txt2img(small(steps=1), on_progress=lambda p: seen.append(p.sdxl))
+    assert seen == [True]

@@ -49,6 +49,7 @@ class Progress:
     step: int  # sampling step within this batch (1-based once a step finished)
     steps: int
     latent: torch.Tensor | None = None  # current denoised estimate, for live previews
+    sdxl: bool = False  # which latent space ``latent`` is in (previews map it to RGB differently)
 
 
 @dataclass
@@ -350,7 +351,7 @@ class Engine:
 
         def callback(d: dict) -> None:
             if on_progress is not None:
-                on_progress(Progress(batch_no, req.n_iter, d["i"] + 1, n_steps, d["denoised"]))
+                on_progress(Progress(batch_no, req.n_iter, d["i"] + 1, n_steps, d["denoised"], model.spec.is_sdxl))
 
         # Timestep samplers (DDIM, PLMS) start from unit-variance noise in the model's own space.
         scale = (sigmas[0] ** 2 + 1) ** 0.5 if sampler.timesteps else sigmas[0]

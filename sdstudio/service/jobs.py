@@ -45,7 +45,7 @@ class Live:
     steps: int = 0
     started: float = field(default_factory=time.time)
     latent: object = None  # the last denoised estimate (for previews)
-    sdxl: bool = False
+    sdxl: bool = False  # the model's latent space, for the preview's colour map
     interrupted: bool = False
     skip: bool = False
     paused_for_others: bool = False
@@ -88,8 +88,8 @@ class Txt2ImgJob:
 
 
 def a1111_info(req: Txt2ImgRequest, result: dict) -> dict:
-    denoising = getattr(req, "denoising_strength", None)
     """The ``info`` JSON A1111's API returns, from a finished job's request and result."""
+    denoising = getattr(req, "denoising_strength", None)
     seeds, subseeds = result.get("all_seeds", []), result.get("all_subseeds", [])
     images = result.get("images", [])
     return {
@@ -146,14 +146,15 @@ class JobService:
             self.changed.notify_all()
 
     # ---- submitting and waiting -------------------------------------------------------------------
-    def submit_txt2img(self, client: str, job: Txt2ImgJob) -> Job:
+    def submit(self, client: str, job: Txt2ImgJob) -> Job:
+        """Queue a generation job (an :class:`Img2ImgRequest` makes it an img2img job) for ``client``."""
         try:
             job.request = job.request.with_concrete_seeds().validate()
         except RequestError as exc:
             raise JobError(str(exc)) from None
-        return self._submit(client, job.kind, job.to_dict())
-
-    submit = submit_txt2img  # an Img2ImgRequest makes it an img2img job
+        submitted = self.queue.submit(client, job.kind, job.to_dict())
+        self._notify()
+        return submitted
 
     def store_inputs(self, images, prefix: str = "init") -> list[str]:
         """Save uploaded pictures (init images, masks) where queued jobs can read them: a job refers to
@@ -168,13 +169,6 @@ class JobService:
             outputs.write_image(image, path, infotext=image.info.get("parameters"))
             paths.append(str(path))
         return paths
-
-    def _submit(self, client: str, kind: str, payload: dict) -> Job:
-        if kind not in self.runners:
-            raise JobError(f"unknown job kind {kind!r}; known: {', '.join(self.runners)}")
-        job = self.queue.submit(client, kind, payload)
-        self._notify()
-        return job
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Block until the job has finished (or ``timeout`` seconds passed); returns its last state."""
@@ -289,7 +283,7 @@ class JobService:
         folder = self._folder(job, spec, f"{job.kind}-images")
 
         def on_progress(p) -> None:
-            live.job_no, live.step, live.steps, live.latent = p.job_no, p.step, p.steps, p.latent
+            live.job_no, live.step, live.steps, live.latent, live.sdxl = p.job_no, p.step, p.steps, p.latent, p.sdxl
             self._notify()
 
         def on_batch(batches_done: int, images) -> None:

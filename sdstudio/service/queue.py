@@ -46,10 +46,6 @@ class Job:
     batches_done: int = 0
     cancel_requested: bool = False
 
-    @property
-    def finished_ok(self) -> bool:
-        return self.status == DONE
-
     def public(self) -> dict:
         """The job as the API shows it (without the request's large fields such as init images)."""
         return {"id": self.id, "client": self.client, "kind": self.kind, "status": self.status,

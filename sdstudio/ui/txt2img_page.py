@@ -11,6 +11,7 @@ import gradio as gr
 from ..core.names import sampler_labels, schedule_labels
 from ..core.params import Txt2ImgRequest
 from ..service.jobs import JobError, JobService, Txt2ImgJob
+from ..service.queue import FAILED, FINISHED
 
 
 def client_of(request: gr.Request | None) -> str:
@@ -24,14 +25,14 @@ def generate(service: JobService, client: str, req: Txt2ImgRequest, progress=Non
     Images are saved as A1111 names them; paths and the first infotext are returned. Bad input becomes
     a ``gr.Error`` (a message in the page), never a traceback."""
     try:
-        job = service.submit_txt2img(client, Txt2ImgJob(req))
+        job = service.submit(client, Txt2ImgJob(req))
     except JobError as exc:
         raise gr.Error(str(exc)) from None
     version = -1
     while True:
         version = service.wait_for_change(version, 0.5)
         current = service.queue.get(job.id)
-        if current.status in ("done", "failed", "cancelled"):
+        if current.status in FINISHED:
             break
         if progress is not None:
             p = service.progress(client, job.id)
@@ -40,7 +41,7 @@ def generate(service: JobService, client: str, req: Txt2ImgRequest, progress=Non
                 progress(p["progress"], desc=f"step {state['sampling_step']}/{state['sampling_steps']}")
             else:
                 progress(0.0, desc=f"in queue: {max(p['queue_position'], 0)} job(s) ahead")
-    if current.status == "failed":
+    if current.status == FAILED:
         raise gr.Error(current.error or "the job failed")
     images = current.result.get("images", [])
     return [im["path"] for im in images], images[0]["infotext"] if images else ""
