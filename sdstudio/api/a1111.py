@@ -120,6 +120,16 @@ class OptionsBody(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+def setting(settings: dict, key: str, default, convert=lambda v: v):
+    """One option from ``override_settings`` (else the server's options), converted; a value that cannot
+    be is a 422 naming the key."""
+    value = settings.get(key, default)
+    try:
+        return convert(value)
+    except (TypeError, ValueError) as exc:
+        raise HTTPException(422, f"override_settings: {key} = {value!r} is not usable ({exc})") from None
+
+
 def to_request(body: Txt2ImgBody, options: dict, request_type=Txt2ImgRequest, **more) -> Txt2ImgRequest:
     settings = {**options, **body.override_settings}
     return request_type(**more,
@@ -131,9 +141,9 @@ def to_request(body: Txt2ImgBody, options: dict, request_type=Txt2ImgRequest, **
         batch_size=body.batch_size, n_iter=body.n_iter, steps=body.steps, cfg_scale=body.cfg_scale,
         width=body.width, height=body.height, tiling=bool(body.tiling), eta=body.eta, s_churn=body.s_churn,
         s_tmin=body.s_tmin, s_tmax=body.s_tmax or float("inf"), s_noise=body.s_noise,
-        clip_skip=int(settings.get("CLIP_stop_at_last_layers", 1)), rng=settings.get("randn_source", "GPU"),
+        clip_skip=setting(settings, "CLIP_stop_at_last_layers", 1, int), rng=settings.get("randn_source", "GPU"),
         emphasis=settings.get("emphasis", "Original"),
-        eta_noise_seed_delta=int(settings.get("eta_noise_seed_delta", 0)),
+        eta_noise_seed_delta=setting(settings, "eta_noise_seed_delta", 0, int),
         model=settings.get("sd_model_checkpoint") or None, vae=settings.get("sd_vae", "Automatic"),
     )
 
@@ -159,9 +169,9 @@ def img2img_request(body: Img2ImgBody, options: dict) -> tuple[Img2ImgRequest, l
         resize_mode=body.resize_mode, mask_blur=blur, inpainting_fill=body.inpainting_fill,
         inpaint_full_res=body.inpaint_full_res, inpaint_full_res_padding=body.inpaint_full_res_padding,
         inpainting_mask_invert=body.inpainting_mask_invert,
-        initial_noise_multiplier=float(settings.get("initial_noise_multiplier", 1.0) if noise is None else noise),
-        inpainting_mask_weight=float(settings.get("inpainting_mask_weight", 1.0)),
-        fix_steps=bool(settings.get("img2img_fix_steps", False)))
+        initial_noise_multiplier=setting(settings, "initial_noise_multiplier", 1.0, float) if noise is None else noise,
+        inpainting_mask_weight=setting(settings, "inpainting_mask_weight", 1.0, float),
+        fix_steps=setting(settings, "img2img_fix_steps", False, bool))
     return req, inits, mask
 
 
@@ -186,20 +196,17 @@ def check_limits(req: Txt2ImgRequest, limits: dict | None) -> None:
                                  f"limit of {limits['images']} (--limit-images)")
 
 
-def txt2img_job(body: Txt2ImgBody, options: dict, outputs_dir, make_request=None, limits=None) -> Txt2ImgJob:
-    """The queue job an A1111 txt2img (or, with ``make_request``, img2img) request asks for; bad fields
-    are an HTTP 4xx naming them."""
-    try:
-        req = make_request() if make_request is not None else to_request(body, options)
-    except (TypeError, ValueError) as exc:
-        raise HTTPException(422, f"override_settings: {exc}") from None
+def queue_job(body: Txt2ImgBody, req: Txt2ImgRequest, options: dict, engine, limits=None) -> Txt2ImgJob:
+    """The queue job an A1111 txt2img or img2img request asks for, checked before it may wait in the
+    queue: bad fields, the server's limits, paths and unknown models are an HTTP 4xx naming them."""
     try:
         req.validate()
     except RequestError as exc:
         raise HTTPException(422, str(exc)) from None
     check_limits(req, limits)
-    outdir = inside(outputs_dir, body.outpath_samples, "outpath_samples")
-    inside(outputs_dir, body.outpath_grids, "outpath_grids")
+    outdir = inside(engine.paths.outputs_dir, body.outpath_samples, "outpath_samples")
+    inside(engine.paths.outputs_dir, body.outpath_grids, "outpath_grids")
+    check_models(engine, req)
     settings = {**options, **body.override_settings}
     return Txt2ImgJob(req, save_images=body.save_images, save_grid=not body.do_not_save_grid,
                       samples_format=str(settings.get("samples_format", "png")),
@@ -217,9 +224,8 @@ def check_models(engine, req: Txt2ImgRequest) -> None:
 
 def run_blocking(service: JobService, client: str, job: Txt2ImgJob, body: Txt2ImgBody) -> dict:
     """Submit, wait, answer as A1111 does: ``{images, parameters, info}``."""
-    check_models(service.engine, job.request)
     try:
-        submitted = service.submit_txt2img(client, job)
+        submitted = service.submit(client, job)
     except JobError as exc:
         raise HTTPException(422, str(exc)) from None
     done = service.wait(submitted.id)
@@ -294,20 +300,14 @@ def make_router(service: JobService, options: dict, cmd_flags: dict, limits: dic
 
     @r.post("/txt2img")
     def txt2img(body: Txt2ImgBody, request: Request):
-        job = txt2img_job(body, options, engine.paths.outputs_dir, limits=limits)
+        job = queue_job(body, to_request(body, options), options, engine, limits)
         return run_blocking(service, client_id(request), job, body)
 
     @r.post("/img2img")
     def img2img(body: Img2ImgBody, request: Request):
-        uploads = {}
-
-        def make_request():
-            req, uploads["inits"], uploads["mask"] = img2img_request(body, options)
-            return req
-
-        job = txt2img_job(body, options, engine.paths.outputs_dir, make_request, limits)
-        check_models(engine, job.request)
-        store_uploads(service, job, uploads["inits"], uploads["mask"])
+        req, inits, mask = img2img_request(body, options)
+        job = queue_job(body, req, options, engine, limits)
+        store_uploads(service, job, inits, mask)
         return run_blocking(service, client_id(request), job, body)
 
     @r.post("/extra-single-image")

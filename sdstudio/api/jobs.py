@@ -19,7 +19,7 @@ from starlette.requests import Request
 
 from ..service.jobs import JobError, JobService
 from ..service.queue import FINISHED, QUEUED
-from .a1111 import Txt2ImgBody, check_models, txt2img_job
+from .a1111 import Txt2ImgBody, queue_job, to_request
 from .common import client_id
 
 
@@ -52,11 +52,9 @@ def make_router(service: JobService, options: dict, limits: dict | None = None) 
 
     @r.post("/jobs", status_code=202)
     def submit(body: JobBody, request: Request):
-        job = txt2img_job(body.request, options, engine.paths.outputs_dir, limits=limits)
-        job.save_images = body.request.save_images
-        check_models(engine, job.request)
+        job = queue_job(body.request, to_request(body.request, options), options, engine, limits)
         try:
-            submitted = service.submit_txt2img(client_id(request), job)
+            submitted = service.submit(client_id(request), job)
         except JobError as exc:
             raise HTTPException(422, str(exc)) from None
         return describe(submitted)
