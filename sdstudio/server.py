@@ -55,6 +55,11 @@ def parse_credentials(text: str | None) -> dict[str, str]:
     return creds
 
 
+def credentials_match(users: dict[str, str], user: str, password: str) -> bool:
+    """Constant-time password check (the same for the API and the UI)."""
+    return user in users and secrets.compare_digest(users[user].encode(), password.encode())
+
+
 def read_auth_file(path: str | None) -> str:
     """``--gradio-auth-path``: credentials one per line or comma-separated, as A1111 reads them."""
     if not path:
@@ -101,7 +106,7 @@ def create_app(args: argparse.Namespace):
                 user, _, password = base64.b64decode(header[6:]).decode().partition(":")
             except ValueError:
                 user, password = "", ""
-            if user in api_users and secrets.compare_digest(api_users[user].encode(), password.encode()):
+            if credentials_match(api_users, user, password):
                 request.state.api_user = user
                 return
         raise HTTPException(401, "Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
@@ -144,8 +149,7 @@ def create_app(args: argparse.Namespace):
         from .ui.txt2img_page import build
 
         ui_users = parse_credentials(",".join(filter(None, [args.gradio_auth, read_auth_file(args.gradio_auth_path)])))
-        auth = (lambda u, p: u in ui_users and secrets.compare_digest(ui_users[u].encode(), p.encode())) \
-            if ui_users else None
+        auth = (lambda u, p: credentials_match(ui_users, u, p)) if ui_users else None
         app = gr.mount_gradio_app(app, build(service), path="/", auth=auth)
     return app
 

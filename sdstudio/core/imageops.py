@@ -118,26 +118,24 @@ def crop_region(mask: Image.Image, pad: int = 0) -> tuple[int, int, int, int] | 
     return max(x1 - pad, 0), max(y1 - pad, 0), min(x2 + pad, w), min(y2 + pad, h)
 
 
+def _grow(lo: int, hi: int, diff: int, limit: int) -> tuple[int, int]:
+    """The span [lo, hi) grown by ``diff`` (split evenly), shifted back inside [0, limit]."""
+    lo, hi = lo - diff // 2, hi + diff - diff // 2
+    if hi >= limit:
+        lo, hi = lo - (hi - limit), limit
+    if lo < 0:
+        lo, hi = 0, hi - lo
+    return lo, min(hi, limit)
+
+
 def expand_to_ratio(region: tuple[int, int, int, int], width: int, height: int, image_w: int, image_h: int
                     ) -> tuple[int, int, int, int]:
     """Grow a region to the aspect ratio of ``width`` × ``height`` and keep it inside the image."""
     x1, y1, x2, y2 = region
     if (x2 - x1) / (y2 - y1) > width / height:
-        diff = int((x2 - x1) * height / width - (y2 - y1))
-        y1, y2 = y1 - diff // 2, y2 + diff - diff // 2
-        if y2 >= image_h:
-            y1, y2 = y1 - (y2 - image_h), image_h
-        if y1 < 0:
-            y1, y2 = 0, y2 - y1
-        y2 = min(y2, image_h)
+        y1, y2 = _grow(y1, y2, int((x2 - x1) * height / width - (y2 - y1)), image_h)
     else:
-        diff = int((y2 - y1) * width / height - (x2 - x1))
-        x1, x2 = x1 - diff // 2, x2 + diff - diff // 2
-        if x2 >= image_w:
-            x1, x2 = x1 - (x2 - image_w), image_w
-        if x1 < 0:
-            x1, x2 = 0, x2 - x1
-        x2 = min(x2, image_w)
+        x1, x2 = _grow(x1, x2, int((y2 - y1) * width / height - (x2 - x1)), image_w)
     return x1, y1, x2, y2
 
 
