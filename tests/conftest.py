@@ -65,3 +65,16 @@ def service(data_dir):
     yield svc
     svc.stop()
     svc.queue.close()
+
+
+@pytest.fixture
+def free_port():
+    """A function giving a TCP port that is free on 127.0.0.1 right now (for tests that start servers)."""
+    import socket
+
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick

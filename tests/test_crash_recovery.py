@@ -5,19 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _call(port: int, path: str, body: dict | None = None, method: str | None = None) -> dict:
@@ -42,8 +35,8 @@ def _start(data_dir: Path, port: int, *flags: str) -> subprocess.Popen:
             time.sleep(0.2)
 
 
-def _run_crash(data_dir: Path, resume: bool) -> tuple[list[dict], str]:
-    port = _free_port()
+def _run_crash(data_dir: Path, resume: bool, free_port) -> tuple[list[dict], str]:
+    port = free_port()
     proc = _start(data_dir, port)
     ids = []
     for n in range(5):  # two batches each, so a job can be cut off half-way
@@ -60,7 +53,7 @@ def _run_crash(data_dir: Path, resume: bool) -> tuple[list[dict], str]:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(30)
 
-    port = _free_port()
+    port = free_port()
     proc = _start(data_dir, port, *(["--resume-queue"] if resume else []))
     try:
         deadline = time.time() + 300
@@ -76,8 +69,8 @@ def _run_crash(data_dir: Path, resume: bool) -> tuple[list[dict], str]:
     return jobs, out
 
 
-def test_killed_job_is_marked_failed_and_the_rest_run(data_dir):
-    jobs, log = _run_crash(data_dir, resume=False)
+def test_killed_job_is_marked_failed_and_the_rest_run(data_dir, free_port):
+    jobs, log = _run_crash(data_dir, resume=False, free_port=free_port)
     assert jobs[0]["status"] == "failed" and "interrupted" in jobs[0]["error"]
     assert len(jobs[0]["result"]["images"]) == 1  # its finished first batch is kept and listed
     assert [j["status"] for j in jobs[1:]] == ["done"] * 4
@@ -85,8 +78,8 @@ def test_killed_job_is_marked_failed_and_the_rest_run(data_dir):
     _check_files(data_dir, jobs)
 
 
-def test_resume_queue_finishes_the_killed_job_without_duplicates(data_dir):
-    jobs, _ = _run_crash(data_dir, resume=True)
+def test_resume_queue_finishes_the_killed_job_without_duplicates(data_dir, free_port):
+    jobs, _ = _run_crash(data_dir, resume=True, free_port=free_port)
     assert [j["status"] for j in jobs] == ["done"] * 5
     assert [im["seed"] for im in jobs[0]["result"]["images"]] == [0, 1]  # batch 1 kept, batch 2 run once
     _check_files(data_dir, jobs)

@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.error
@@ -108,15 +107,9 @@ def test_ui_page_is_served(data_dir):
     assert client.get("/sdapi/v1/samplers").status_code == 200  # no --api-auth: open
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_webui_sh_with_a1111_flags(data_dir):
+def test_webui_sh_with_a1111_flags(data_dir, free_port):
     """``./webui.sh --api --nowebui --port P --api-auth u:p`` serves the API (setup is a no-op once installed)."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([str(ROOT / "webui.sh"), "--api", "--nowebui", "--port", str(port), "--api-auth", "u:p",
                              "--data-dir", str(data_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})

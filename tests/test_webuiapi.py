@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -19,15 +18,9 @@ from sdstudio.server import create_app
 webuiapi = pytest.importorskip("webuiapi")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def server(data_dir):
-    port = _free_port()
+def server(data_dir, free_port):
+    port = free_port()
     args = build_parser().parse_args(["serve", "--data-dir", str(data_dir), "--api", "--nowebui",
                                       "--api-auth", "user:secret"])
     app = create_app(args)
