@@ -47,6 +47,7 @@ def test_submit_returns_at_once_then_events_and_images(client):
     assert client.get(f"/sdstudio/v1/jobs/{job['id']}/images/5").status_code == 404
     listed = client.get("/sdstudio/v1/jobs?limit=1").json()
     assert [j["id"] for j in listed["jobs"]] == [job["id"]]
+    assert client.get(f"/sdstudio/v1/jobs?offset={2**70}").status_code == 422  # found by the fuzzer: was a 500
     assert client.get("/sdstudio/v1/jobs/nope").status_code == 404
 
 

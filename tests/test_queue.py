@@ -124,6 +124,7 @@ def test_list_pages_and_filters(queue):
     mine = queue.list("a")
     assert [j.id for j in mine] == [ids[5], ids[3], ids[1]]  # newest first
     assert [j.id for j in queue.list("a", offset=1, limit=1)] == [ids[3]]
+    assert queue.list("a", offset=10**30, limit=10**30) == []  # past SQLite's integers: empty, not OverflowError
     queue.finish(queue.claim().id, FAILED, error="x")
     assert [j.status for j in queue.list(statuses=(FAILED,))] == [FAILED]
 

@@ -60,7 +60,7 @@ def make_router(service: JobService, options: dict, limits: dict | None = None) 
         return describe(submitted)
 
     @r.get("/jobs")
-    def list_jobs(request: Request, offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500),
+    def list_jobs(request: Request, offset: int = Query(0, ge=0, le=2**62), limit: int = Query(50, ge=1, le=500),
                   status: str | None = None):
         statuses = tuple(s.strip() for s in status.split(",")) if status else None
         jobs = service.queue.list(client_id(request), offset, limit, statuses)

@@ -31,6 +31,9 @@ FINISHED = (DONE, FAILED, CANCELLED)
 INTERRUPTED_BY_RESTART = "interrupted: the server stopped while this job ran"
 
 
+SQLITE_MAX = 2**63 - 1  # SQLite's INTEGER range; a larger offset would raise OverflowError
+
+
 @dataclass
 class Job:
     id: str
@@ -179,7 +182,8 @@ class SQLiteJobQueue(JobQueue):
         sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY seq DESC LIMIT ? OFFSET ?"
         with self._lock:
-            return [self._job(r) for r in self._db.execute(sql, (*args, max(0, limit), max(0, offset)))]
+            rows = self._db.execute(sql, (*args, min(max(0, limit), SQLITE_MAX), min(max(0, offset), SQLITE_MAX)))
+            return [self._job(r) for r in rows]
 
     def _next_row(self, db) -> sqlite3.Row | None:
         # the client served longest ago (never = first) goes next; within a client, oldest job first
