@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,5 +38,6 @@ def config_folder(path: Path) -> Path:
 def in_fresh_process(code: str) -> dict:
     """Run ``code`` in a new interpreter; it must print one JSON object as its last line."""
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": str(torch.get_num_threads())})
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": str(torch.get_num_threads()),
+                              **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}})
     return json.loads(out.stdout.strip().splitlines()[-1])

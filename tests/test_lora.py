@@ -73,7 +73,7 @@ def px(engine, **kw):
 
 def unet_state(engine):
     _, model = engine.load(None)
-    return {k: v.clone() for k, v in {**model.unet.state_dict(),
+    return {k: v.cpu().clone() for k, v in {**model.unet.state_dict(),
                                       **model.text_encoders[0].state_dict()}.items()}
 
 

@@ -20,6 +20,17 @@ def px(result, i=0):
     return np.asarray(result.images[i].image)
 
 
+def assert_recreated(engine, again, original):
+    """The CPU path is batch-invariant: exact pixels. On CUDA, batched fp16 GEMMs round differently from
+    a batch of one (as in A1111), so an image re-created alone is only nearly the same."""
+    if engine.plan.device.type == "cpu":
+        assert np.array_equal(again, original)
+    else:
+        diff = np.abs(again.astype(int) - original.astype(int))
+        print(f"re-created alone vs in its batch on {engine.plan.device}: mean {diff.mean():.3f}, max {diff.max()}")
+        assert diff.mean() < 1
+
+
 def gen(engine, **kw):
     return engine.txt2img(Txt2ImgRequest(**{**BASE, **kw}))
 
@@ -37,7 +48,7 @@ def test_every_image_of_a_batch_is_recreated_exactly_from_its_infotext(session_e
     r = gen(session_engine, batch_size=3, sampler_name="DPM++ 2M SDE", rng="NV")
     for i, g in enumerate(r.images):
         again = session_engine.txt2img(from_infotext(g.infotext))
-        assert np.array_equal(px(again), px(r, i)), i
+        assert_recreated(session_engine, px(again), px(r, i))
 
 
 def test_random_seed_is_made_concrete(session_engine):
@@ -183,7 +194,7 @@ def test_prompt_language_reaches_the_image(session_engine, a, b, same):
 def test_prompt_editing_with_second_order_sampler_and_batch(session_engine):
     r = gen(session_engine, prompt="a [red:blue:2] circle AND square :0.5", sampler_name="Heun", batch_size=2)
     again = session_engine.txt2img(from_infotext(r.images[1].infotext))
-    assert np.array_equal(px(again), px(r, 1))
+    assert_recreated(session_engine, px(again), px(r, 1))
 
 
 def test_emphasis_modes_and_novelai_braces(session_engine):

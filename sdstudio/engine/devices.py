@@ -2,7 +2,7 @@
 
 CUDA with fp16 when present (fp32 with ``--no-half`` / ``--precision full``; the VAE in fp32 with
 ``--no-half-vae``); fp32 on the CPU. ``--medvram`` keeps only the component in use on the GPU;
-``--lowvram`` streams the UNet's blocks one at a time (accelerate's sequential offload).
+``--lowvram`` also streams the UNet's blocks to the GPU one at a time.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -52,37 +53,62 @@ def plan_devices(opts: DeviceOptions | None = None) -> DevicePlan:
 
 
 class Placement:
-    """Puts a model's components on the compute device according to the plan's offload policy."""
+    """Puts a model's components on the compute device according to the plan's offload policy.
+
+    The modules keep ordinary parameters under every policy (no meta tensors, no hidden weight maps),
+    so code that swaps a weight for a while, as LoRA does, works the same with ``--lowvram``.
+    """
 
     def __init__(self, plan: DevicePlan):
         self.plan = plan
-        self._prepared: set[int] = set()
+        self._prepared: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # ids get reused; modules don't
 
-    def prepare(self, module: torch.nn.Module) -> None:
-        """Called once per module after loading."""
-        if id(module) in self._prepared:
-            return
-        self._prepared.add(id(module))
-        if self.plan.offload == "none":
-            module.to(self.plan.device)
-        elif self.plan.offload == "sequential" and hasattr(module, "down_blocks"):
-            from accelerate import cpu_offload
+    def prepare(self, *modules: torch.nn.Module) -> None:
+        """Called after loading, before anything touches the weights; later calls do nothing."""
+        for module in modules:
+            if module in self._prepared:
+                continue
+            self._prepared.add(module)
+            if self.plan.offload == "none":
+                module.to(self.plan.device)
+            elif self._streamed(module):
+                _stream_blocks(module, self.plan.device)
+            if self.plan.xformers and hasattr(module, "enable_xformers_memory_efficient_attention"):
+                module.enable_xformers_memory_efficient_attention()
 
-            cpu_offload(module, execution_device=self.plan.device)
-        if self.plan.xformers and hasattr(module, "enable_xformers_memory_efficient_attention"):
-            module.enable_xformers_memory_efficient_attention()
+    def _streamed(self, module: torch.nn.Module) -> bool:
+        return self.plan.offload == "sequential" and hasattr(module, "down_blocks")
 
     @contextlib.contextmanager
-    def use(self, module: torch.nn.Module):
-        """Within the block the module is on the compute device."""
-        self.prepare(module)
-        moved = self.plan.offload == "model" or (self.plan.offload == "sequential" and not hasattr(module, "down_blocks"))
-        if moved:
-            module.to(self.plan.device)
+    def use(self, *modules: torch.nn.Module):
+        """Within the block the modules are on the compute device (a streamed UNet: block by block)."""
+        self.prepare(*modules)
+        moved = [m for m in modules if self.plan.offload != "none" and not self._streamed(m)]
+        for m in moved:
+            m.to(self.plan.device)
         try:
-            yield module
+            yield modules[0] if len(modules) == 1 else modules
         finally:
-            if moved:
-                module.to("cpu")
-                if self.plan.device.type == "cuda":
-                    torch.cuda.empty_cache()
+            for m in moved:
+                m.to("cpu")
+            if moved and self.plan.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _stream_blocks(unet: torch.nn.Module, device: torch.device) -> None:
+    """``--lowvram``: the UNet stays in CPU memory and each top-level block moves to ``device`` when it
+    runs, pushing the previous one back (A1111's scheme: one block's weights on the GPU at a time)."""
+    blocks: list[torch.nn.Module] = []
+    for child in unet.children():
+        blocks.extend(child if isinstance(child, torch.nn.ModuleList) else [child])
+    resident: list[torch.nn.Module] = []
+
+    def bring(block, _args):
+        if resident and resident[0] is not block:
+            resident.pop().to("cpu")
+        if not resident:
+            block.to(device)
+            resident.append(block)
+
+    for block in blocks:
+        block.register_forward_pre_hook(bring)

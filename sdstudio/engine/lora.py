@@ -84,7 +84,7 @@ def _delta(parts: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor
     """The full-size update of a LyCORIS / full-diff / (IA)^3 entry (before the multiplier); ``weight`` is
     the base weight, which (IA)^3 scales. Plain LoRA entries never get here (see :func:`_add_update`)."""
     shape = weight.shape
-    f = {k: v.float() for k, v in parts.items()}
+    f = {k: v.to(weight.device, torch.float32) for k, v in parts.items()}  # computed where the weight lives
     alpha = float(f["alpha"]) if "alpha" in f else None
     if "hada_w1_a" in f:
         rank = f["hada_w1_b"].shape[0]
@@ -140,7 +140,7 @@ def _add_update(buffer: torch.Tensor, base: torch.Tensor, parts: dict[str, torch
         up, down, scale = low_rank
         buffer.view(buffer.shape[0], -1).addmm_(up.to(buffer.device), down.to(buffer.device), alpha=scale * mult)
     else:
-        buffer += _delta(parts, base).to(buffer.device) * mult
+        buffer += _delta(parts, base) * mult
 
 
 @contextlib.contextmanager
@@ -169,4 +169,7 @@ def applied(model: LoadedModel, networks: list[tuple[LoraFile, float, float]]) -
         yield
     finally:
         for module, attr, original in reversed(originals):
+            now = getattr(module, attr)
+            if original.device != now.device:  # an offload policy moved the module meanwhile
+                original.data = original.data.to(now.device)
             setattr(module, attr, original)

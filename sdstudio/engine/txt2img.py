@@ -150,6 +150,7 @@ class Engine:
         with self.lock:
             file, model = self.load(req.model, req.model_hash)
             vae, vae_file = self.vae_module(file, model, req.vae)
+            self.placement.prepare(model.unet, *model.text_encoders, vae)  # before LoRA swaps any weight
             resolved = {"Model hash": file.short_hash, "Model": file.name, "Version": VERSION}
             if vae_file is not None:
                 resolved.update({"VAE hash": vae_file.short_hash, "VAE": vae_file.name})
@@ -288,9 +289,7 @@ class Engine:
                 entries.append((end, encoded[step_text]))
             return ScheduledConditioning(entries)
 
-        with self.placement.use(model.text_encoders[0]):
-            for te in model.text_encoders[1:]:
-                self.placement.prepare(te)
+        with self.placement.use(*model.text_encoders):
             cond = ComposedConditioning([(scheduled(text), weight) for text, weight in split_and(req.prompt)])
             uncond = scheduled(req.negative_prompt)  # A1111 does not split the negative prompt on AND
         return (cond, uncond), conditioner.used_embeddings
