@@ -30,6 +30,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--embeddings-dir", help="folder with textual inversion embeddings (default: embeddings)")
     g.add_argument("--hypernetwork-dir", help="folder with hypernetworks (default: models/hypernetworks)")
     g.add_argument("--esrgan-models-path", help="folder with ESRGAN upscalers (default: models/ESRGAN)")
+    g.add_argument("--realesrgan-models-path", help="folder with Real-ESRGAN upscalers (default: models/RealESRGAN)")
+    g.add_argument("--swinir-models-path", help="folder with SwinIR upscalers (default: models/SwinIR)")
+    g.add_argument("--dat-models-path", help="folder with DAT upscalers (default: models/DAT)")
     g.add_argument("--controlnet-dir", help="folder with ControlNet models (default: models/ControlNet)")
     g.add_argument("--styles-file", help="prompt styles CSV (default: styles.csv in the data dir)")
     d = parser.add_argument_group("device")
@@ -46,7 +49,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 def paths_from(args: argparse.Namespace) -> Paths:
     return Paths(Path(args.data_dir), ckpt_dirs=[Path(p) for p in args.ckpt_dir], vae_dir=args.vae_dir,
                  lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, hypernetwork_dir=args.hypernetwork_dir,
-                 esrgan_dir=args.esrgan_models_path, controlnet_dir=args.controlnet_dir, styles_file=args.styles_file)
+                 esrgan_dir=args.esrgan_models_path,
+                 realesrgan_dir=args.realesrgan_models_path, swinir_dir=args.swinir_models_path,
+                 dat_dir=args.dat_models_path, controlnet_dir=args.controlnet_dir, styles_file=args.styles_file)
 
 
 def device_options_from(args: argparse.Namespace) -> DeviceOptions:
@@ -70,7 +75,10 @@ _TXT2IMG_FLAGS = {
     "cfg": "cfg_scale", "seed": "seed", "subseed": "subseed", "subseed_strength": "subseed_strength",
     "batch_count": "n_iter", "batch_size": "batch_size", "clip_skip": "clip_skip", "model": "model", "vae": "vae",
     "rng": "rng", "eta": "eta", "ensd": "eta_noise_seed_delta", "styles": "styles", "emphasis": "emphasis",
-    "novelai_braces": "novelai_braces",
+    "novelai_braces": "novelai_braces", "tiled_vae": "tiled_vae",
+    "hires": "enable_hr", "hr_scale": "hr_scale", "hr_upscaler": "hr_upscaler", "hr_steps": "hr_second_pass_steps",
+    "denoising_strength": "denoising_strength", "hr_sampler": "hr_sampler_name", "hr_scheduler": "hr_scheduler",
+    "hr_prompt": "hr_prompt", "hr_negative_prompt": "hr_negative_prompt", "hr_cfg": "hr_cfg",
 }
 
 
@@ -104,6 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--emphasis", choices=["Original", "No norm", "None"])
     t.add_argument("--novelai-braces", action="store_true", default=None, help="{x} weighs x by 1.05")
     t.add_argument("--style", dest="styles", action="append", help="apply a style from styles.csv (repeatable)")
+    t.add_argument("--tiled-vae", action="store_true", default=None, help="decode in tiles (big images, little memory)")
+    h = t.add_argument_group("Hires. fix")
+    h.add_argument("--hires", "--enable-hr", dest="hires", action="store_true", default=None,
+                   help="upscale the first pass and refine it with an img2img pass")
+    h.add_argument("--hr-scale", type=float, help="upscale by (default 2)")
+    h.add_argument("--hr-resize", type=_size, metavar="WxH", help="resize to, instead of --hr-scale (0 = keep ratio)")
+    h.add_argument("--hr-upscaler", help="Latent, Latent (nearest-exact)..., Lanczos, Nearest or a models/ESRGAN name")
+    h.add_argument("--hr-steps", type=int, help="hires steps (0 = same as --steps)")
+    h.add_argument("--denoising-strength", type=float, help="hires denoising strength (default 0.7)")
+    h.add_argument("--hr-sampler", help="hires sampler (default: the same)")
+    h.add_argument("--hr-scheduler", help="hires schedule type (default: the same)")
+    h.add_argument("--hr-prompt", help="hires prompt (default: the same)")
+    h.add_argument("--hr-negative-prompt", help="hires negative prompt (default: the same)")
+    h.add_argument("--hr-cfg", type=float, help="hires CFG scale (default: the same)")
     t.add_argument("--from-png", metavar="IMAGE", help="re-create an image from its embedded parameters")
     t.add_argument("--infotext", help="re-create from pasted A1111 parameters text")
     t.add_argument("--outdir", help="write images here instead of outputs/txt2img-images/DATE")
@@ -162,6 +184,8 @@ def request_from_args(args: argparse.Namespace) -> Txt2ImgRequest:
         changes["seed_resize_from_w"], changes["seed_resize_from_h"] = args.seed_resize_from
     if args.tiling:
         changes["tiling"] = True
+    if args.hr_resize:
+        changes["hr_resize_x"], changes["hr_resize_y"] = args.hr_resize
     return req.replace(**changes).validate()
 
 
@@ -212,7 +236,9 @@ def a1111_body(req: Txt2ImgRequest) -> dict:
     """A request in A1111's API fields (what ``/sdapi/v1/txt2img`` and ``/sdstudio/v1/jobs`` take)."""
     fields = ("prompt", "negative_prompt", "styles", "seed", "subseed", "subseed_strength", "sampler_name",
               "scheduler", "batch_size", "n_iter", "steps", "cfg_scale", "width", "height", "tiling", "eta",
-              "s_churn", "s_tmin", "s_noise")
+              "s_churn", "s_tmin", "s_noise", "tiled_vae", "enable_hr", "hr_scale", "hr_upscaler",
+              "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_sampler_name", "hr_scheduler", "hr_prompt",
+              "hr_negative_prompt", "hr_cfg", "denoising_strength")
     body = {f: getattr(req, f) for f in fields}
     body.update({"seed_resize_from_w": req.seed_resize_from_w or -1, "seed_resize_from_h": req.seed_resize_from_h or -1,
                  "save_images": True})

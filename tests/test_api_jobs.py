@@ -113,7 +113,28 @@ def test_extras_upscale(client):
                                                           "upscaling_resize_h": 40, "upscaler_1": "Nearest"})
     assert Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).size == (40, 40)
     r = client.post("/sdapi/v1/extra-single-image", json={"image": b64png(image), "upscaler_1": "R-ESRGAN 4x+"})
-    assert r.status_code == 404 and "not available" in r.json()["detail"]
+    assert r.status_code == 404 and "not found; available: None, Lanczos, Nearest" in r.json()["detail"]
+
+
+def test_extras_and_hires_with_a_model_upscaler(client, data_dir):
+    from sdstudio.models.synthetic import write_upscaler
+
+    write_upscaler(data_dir / "models" / "ESRGAN" / "4x-tiny.safetensors", "esrgan", 4)
+    listed = client.get("/sdapi/v1/upscalers").json()
+    assert [u["name"] for u in listed] == ["None", "Lanczos", "Nearest", "4x-tiny"] and listed[3]["scale"] == 4
+    image = Image.new("RGB", (32, 16), (200, 20, 20))
+    r = client.post("/sdapi/v1/extra-single-image", json={"image": b64png(image), "upscaling_resize": 3,
+                                                          "upscaler_1": "4x-tiny", "upscaler_2": "Lanczos",
+                                                          "extras_upscaler_2_visibility": 0.5})
+    assert Image.open(io.BytesIO(base64.b64decode(r.json()["image"]))).size == (96, 48)
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "4x-tiny",
+                                               "denoising_strength": 0.4, "hr_sampler_name": "Use same sampler"})
+    assert r.status_code == 200, r.text
+    assert Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).size == (96, 96)
+    info = json.loads(r.json()["info"])
+    assert "Hires upscaler: 4x-tiny" in info["infotexts"][0] and "Denoising strength: 0.4" in info["infotexts"][0]
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "enable_hr": True, "hr_upscaler": "4x-nope"})
+    assert r.status_code == 404 and "4x-nope" in r.json()["detail"]
 
 
 def test_utility_routes(client):

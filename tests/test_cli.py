@@ -98,3 +98,18 @@ def test_broken_checkpoint_via_console_script(tmp_path):
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "broken.safetensors" in proc.stderr
+
+
+def test_hires_flags(data_dir, capsys, tmp_path):
+    code, _out, err = run(["txt2img", "a red circle", *SMALL, "--hires", "--hr-resize", "96x0", "--hr-steps", "3",
+                          "--denoising-strength", "0.6", "--hr-upscaler", "Latent (nearest-exact)", "--tiled-vae",
+                          "--outdir", str(tmp_path)], data_dir, capsys)
+    assert code == 0, err
+    image = tmp_path / "00000-42.png"
+    assert Image.open(image).size == (96, 96)
+    text = read_infotext(image)
+    for part in ("Denoising strength: 0.6", "Hires resize: 96x0", "Hires steps: 3",
+                 "Hires upscaler: Latent (nearest-exact)", "Tiled VAE: True"):
+        assert part in text
+    code, _, err = run(["txt2img", *SMALL, "--hires", "--hr-scale", "50"], data_dir, capsys)
+    assert code != 0 and "hr_scale" in err

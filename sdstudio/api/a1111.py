@@ -13,15 +13,17 @@ import io
 import json
 import os
 import platform
+import re
 
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 
 from ..core import infotext, styles
-from ..core.names import SAMPLERS, SCHEDULES
+from ..core.names import LATENT_UPSCALE_MODES, SAMPLERS, SCHEDULES
 from ..core.outputs import NotAnImageError, read_infotext
 from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest
+from ..engine.upscalers import Upscalers
 from ..models.errors import ModelFileError, ModelNotFoundError
 from ..models.network_info import network_info
 from ..service.jobs import JobError, JobService, Txt2ImgJob, a1111_info
@@ -61,12 +63,26 @@ class Txt2ImgBody(BaseModel):
     do_not_save_grid: bool = False
     outpath_samples: str | None = None
     outpath_grids: str | None = None
+    tiled_vae: bool = False  # sdstudio: decode in tiles (big images in little memory)
+    # Hires. fix (txt2img)
+    enable_hr: bool = False
+    denoising_strength: float | None = None
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    hr_cfg: float | None = None
 
 
 class Img2ImgBody(Txt2ImgBody):
     init_images: list[str] = Field(default_factory=list)
     resize_mode: int = 0
-    denoising_strength: float = 0.75
+    denoising_strength: float | None = 0.75
     image_cfg_scale: float | None = None
     mask: str | None = None
     mask_blur_x: int = 4
@@ -130,9 +146,23 @@ def setting(settings: dict, key: str, default, convert=lambda v: v):
         raise HTTPException(422, f"override_settings: {key} = {value!r} is not usable ({exc})") from None
 
 
+def _hires_fields(body: Txt2ImgBody) -> dict:
+    """A1111's hires parameters ("Use same sampler"/"Use same scheduler" mean the first pass's)."""
+    same = ("", "Use same sampler", "Use same scheduler")
+    return {"enable_hr": body.enable_hr, "hr_scale": body.hr_scale, "hr_upscaler": body.hr_upscaler or "Latent",
+            "hr_second_pass_steps": body.hr_second_pass_steps, "hr_resize_x": body.hr_resize_x,
+            "hr_resize_y": body.hr_resize_y,
+            "hr_sampler_name": "" if (body.hr_sampler_name or "") in same else body.hr_sampler_name,
+            "hr_scheduler": "" if (body.hr_scheduler or "") in same else body.hr_scheduler,
+            "hr_prompt": body.hr_prompt, "hr_negative_prompt": body.hr_negative_prompt, "hr_cfg": body.hr_cfg,
+            **({"denoising_strength": body.denoising_strength} if body.denoising_strength is not None else {})}
+
+
 def to_request(body: Txt2ImgBody, options: dict, request_type=Txt2ImgRequest, **more) -> Txt2ImgRequest:
     settings = {**options, **body.override_settings}
-    return request_type(**more,
+    if request_type is Txt2ImgRequest:
+        more = {**_hires_fields(body), **more}
+    return request_type(**more, tiled_vae=bool(body.tiled_vae),
         prompt=body.prompt, negative_prompt=body.negative_prompt, styles=list(body.styles), seed=body.seed,
         subseed=body.subseed,
         subseed_strength=body.subseed_strength, seed_resize_from_w=max(body.seed_resize_from_w, 0),
@@ -165,7 +195,8 @@ def img2img_request(body: Img2ImgBody, options: dict) -> tuple[Img2ImgRequest, l
     noise = body.initial_noise_multiplier
     req = to_request(
         body, options, Img2ImgRequest, init_images=[PENDING_UPLOAD] * len(inits),
-        mask=PENDING_UPLOAD if mask is not None else None, denoising_strength=body.denoising_strength,
+        mask=PENDING_UPLOAD if mask is not None else None,
+        denoising_strength=0.75 if body.denoising_strength is None else body.denoising_strength,
         resize_mode=body.resize_mode, mask_blur=blur, inpainting_fill=body.inpainting_fill,
         inpaint_full_res=body.inpaint_full_res, inpaint_full_res_padding=body.inpaint_full_res_padding,
         inpainting_mask_invert=body.inpainting_mask_invert,
@@ -214,10 +245,12 @@ def queue_job(body: Txt2ImgBody, req: Txt2ImgRequest, options: dict, engine, lim
 
 
 def check_models(engine, req: Txt2ImgRequest) -> None:
-    """Unknown checkpoint or VAE: 404 at once, before the job waits in the queue."""
+    """Unknown checkpoint, VAE or Hires. fix upscaler: 404 at once, before the job waits in the queue."""
     try:
         file = engine.registry.checkpoint(req.model)
         engine.registry.vae_for(file, req.vae)
+        if req.enable_hr and req.hr_upscaler not in LATENT_UPSCALE_MODES:
+            engine.upscalers.get(req.hr_upscaler)
     except ModelNotFoundError as exc:
         raise HTTPException(404, str(exc)) from None
 
@@ -242,20 +275,21 @@ def run_blocking(service: JobService, client: str, job: Txt2ImgJob, body: Txt2Im
     return {"images": images, "parameters": body.model_dump(), "info": json.dumps(info, ensure_ascii=False)}
 
 
-UPSCALERS = ("None", "Lanczos", "Nearest")
 MAX_EXTRAS_PIXELS = 64 * 1024 * 1024
 
 
-def extras_upscale(image, body: ExtrasBody):
-    """Extras' upscale step with the built-in upscalers (None, Lanczos, Nearest); upscaler 2 is blended
-    in by its visibility. Model upscalers (ESRGAN...) and face restoration are not available yet."""
+def extras_upscale(image, body: ExtrasBody, upscalers: Upscalers):
+    """Extras' upscale step: upscaler 1 (a built-in resampler or a model file), then upscaler 2 blended
+    in by its visibility; "Crop to fit" crops a resize-to result to the exact size."""
     from PIL import Image
 
     from ..core.imageops import resize_image
 
     for name in (body.upscaler_1, body.upscaler_2):
-        if name not in UPSCALERS:
-            raise HTTPException(404, f"upscaler {name!r} is not available; available: {', '.join(UPSCALERS)}")
+        try:
+            upscalers.get(name)
+        except ModelNotFoundError as exc:
+            raise HTTPException(404, str(exc)) from None
     if body.gfpgan_visibility > 0 or body.codeformer_visibility > 0:
         raise HTTPException(404, "face restoration is not installed: GFPGAN/CodeFormer are not supported yet")
     image = image.convert("RGB")
@@ -267,14 +301,16 @@ def extras_upscale(image, body: ExtrasBody):
         w, h = round(image.width * body.upscaling_resize), round(image.height * body.upscaling_resize)
     if not (0 < w and 0 < h) or w * h > MAX_EXTRAS_PIXELS:
         raise HTTPException(422, f"target size {w}x{h} must be positive and at most {MAX_EXTRAS_PIXELS // 2**20} MP")
-    methods = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
+    crop = body.resize_mode == 1 and body.upscaling_crop
 
     def upscale(name):
         if name == "None":
             return image
-        big = image.resize((w, h) if body.resize_mode != 1 or not body.upscaling_crop else
-                           _cover(image.size, w, h), methods[name])
-        return resize_image(1, big, w, h) if body.resize_mode == 1 and body.upscaling_crop else big
+        try:
+            big = upscalers.upscale(image, *(_cover(image.size, w, h) if crop else (w, h)), name)
+        except ModelFileError as exc:
+            raise HTTPException(422, f"upscaler {name!r}: {exc}") from None
+        return resize_image(1, big, w, h) if crop else big
 
     first = upscale(body.upscaler_1)
     if body.upscaler_2 != "None" and body.extras_upscaler_2_visibility > 0:
@@ -283,11 +319,16 @@ def extras_upscale(image, body: ExtrasBody):
     return first
 
 
+def _scale_from_name(name: str) -> float:
+    """A1111 guesses a model upscaler's scale from its name (``4x-UltraSharp``, ``RealESRGAN_x2plus``)."""
+    found = re.search(r"(?:^|[^0-9])([1-8])x|x([1-8])(?:[^0-9]|$)", name)
+    return float(found.group(1) or found.group(2)) if found else 4.0
+
+
 def _cover(size: tuple[int, int], w: int, h: int) -> tuple[int, int]:
     scale = max(w / size[0], h / size[1])
     return max(w, round(size[0] * scale)), max(h, round(size[1] * scale))
-LATENT_UPSCALE_MODES = ("Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
-                        "Latent (nearest)", "Latent (nearest-exact)")
+
 
 
 def make_router(service: JobService, options: dict, cmd_flags: dict, limits: dict | None = None) -> APIRouter:
@@ -312,14 +353,14 @@ def make_router(service: JobService, options: dict, cmd_flags: dict, limits: dic
 
     @r.post("/extra-single-image")
     def extra_single_image(body: ExtrasBody):
-        return {"html_info": "", "image": png_b64(extras_upscale(decode_image(body.image), body))}
+        return {"html_info": "", "image": png_b64(extras_upscale(decode_image(body.image), body, engine.upscalers))}
 
     @r.post("/extra-batch-images")
     def extra_batch_images(body: ExtrasBatchBody):
         if len(body.imageList) > 256:
             raise HTTPException(413, "imageList: at most 256 images per request")
         images = [decode_image(item.data, f"imageList[{i}]") for i, item in enumerate(body.imageList)]
-        return {"html_info": "", "images": [png_b64(extras_upscale(im, body)) for im in images]}
+        return {"html_info": "", "images": [png_b64(extras_upscale(im, body, engine.upscalers)) for im in images]}
 
     @r.post("/png-info")
     def png_info(body: PngInfoBody):
@@ -439,8 +480,9 @@ def make_router(service: JobService, options: dict, cmd_flags: dict, limits: dic
 
     @r.get("/upscalers")
     def upscalers():
-        return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-                for n in UPSCALERS]
+        return [{"name": u.name, "model_name": u.path.stem if u.path else None,
+                 "model_path": str(u.path) if u.path else None, "model_url": None,
+                 "scale": _scale_from_name(u.name)} for u in engine.upscalers.available()]
 
     @r.get("/latent-upscale-modes")
     def latent_upscale_modes():

@@ -126,3 +126,14 @@ def resolve_schedule(sampler: SamplerInfo, schedule: str | None) -> ScheduleInfo
     if chosen.name == "automatic":
         chosen = get_schedule(sampler.scheduler) if sampler.scheduler != "automatic" else get_schedule("uniform")
     return chosen
+
+
+# Hires. fix's latent upscalers: A1111 name -> (torch interpolate mode, antialias)
+LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}

@@ -61,6 +61,20 @@ class Txt2ImgRequest:
     model: str | None = None  # checkpoint name (file stem), title or short hash; None = current
     model_hash: str | None = None  # from a pasted infotext: finds the checkpoint when the name differs
     vae: str = "Automatic"  # "Automatic", "None" or a VAE name
+    tiled_vae: bool = False  # decode (and encode) the VAE in overlapping tiles: big images in little memory
+    # Hires. fix: a second img2img pass at a larger size (txt2img only)
+    enable_hr: bool = False
+    denoising_strength: float = 0.7  # of the hires pass (img2img: of the whole job)
+    hr_scale: float = 2.0
+    hr_resize_x: int = 0  # "Resize width to"; with hr_resize_y, replaces hr_scale
+    hr_resize_y: int = 0
+    hr_upscaler: str = "Latent"  # a latent mode (LATENT_UPSCALE_MODES) or an image upscaler's name
+    hr_second_pass_steps: int = 0  # 0 = the same as steps
+    hr_sampler_name: str = ""  # "" = the same sampler
+    hr_scheduler: str = ""  # "" = the same schedule type
+    hr_prompt: str = ""  # "" = the same prompt
+    hr_negative_prompt: str = ""
+    hr_cfg: float | None = None  # None = the same CFG scale
     extra: dict[str, str] = field(default_factory=dict)  # infotext keys we do not interpret, kept
 
     def validate(self) -> Txt2ImgRequest:
@@ -94,7 +108,58 @@ class Txt2ImgRequest:
             get_schedule(self.scheduler)
         except ValueError as exc:
             raise RequestError(str(exc)) from None
+        if self.enable_hr:
+            self._validate_hires()
         return self
+
+    def _validate_hires(self) -> None:
+        if not 0.0 <= self.denoising_strength <= 1.0:
+            raise RequestError(f"denoising_strength must be between 0 and 1, got {self.denoising_strength!r}")
+        if not 1.0 <= self.hr_scale <= 8.0:
+            raise RequestError(f"hr_scale must be between 1 and 8, got {self.hr_scale!r}")
+        for name in ("hr_resize_x", "hr_resize_y"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0 or value > MAX_SIDE:
+                raise RequestError(f"{name} must be 0 (unset) or a size up to {MAX_SIDE}, got {value!r}")
+        if not isinstance(self.hr_second_pass_steps, int) or not 0 <= self.hr_second_pass_steps <= 1000:
+            raise RequestError(f"hr_second_pass_steps must be an integer from 0 to 1000, got {self.hr_second_pass_steps!r}")
+        if self.hr_cfg is not None and not 0.0 <= self.hr_cfg <= 100.0:
+            raise RequestError(f"hr_cfg must be between 0 and 100, got {self.hr_cfg!r}")
+        for name in ("hr_prompt", "hr_negative_prompt"):
+            if len(getattr(self, name)) > MAX_PROMPT_CHARS:
+                raise RequestError(f"{name} is over the limit of {MAX_PROMPT_CHARS} characters")
+        if not self.hr_upscaler or len(self.hr_upscaler) > 200:
+            raise RequestError(f"hr_upscaler must name an upscaler, got {self.hr_upscaler!r}")
+        check_model_name(self.hr_upscaler, "hr_upscaler")
+        try:
+            get_sampler(self.hr_sampler_name or self.sampler_name)
+            get_schedule(self.hr_scheduler or self.scheduler)
+        except ValueError as exc:
+            raise RequestError(f"hires: {exc}") from None
+        (w, h), _ = self.hires_size()
+        if w < 64 or h < 64 or w * h > MAX_PIXELS or max(w, h) > MAX_SIDE:
+            raise RequestError(f"Hires. fix to {w}x{h} is outside 64..{MAX_SIDE} per side or over "
+                               f"{MAX_PIXELS // 2**20} megapixels")
+
+    def hires_size(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """A1111's Hires. fix geometry: ((width, height) the first pass is upscaled to, (truncate_x,
+        truncate_y) latent pixels cropped off when both "resize to" sides are given and the aspect differs)."""
+        rx, ry, w, h = self.hr_resize_x, self.hr_resize_y, self.width, self.height
+        if rx == 0 and ry == 0:
+            return (int(w * self.hr_scale), int(h * self.hr_scale)), (0, 0)
+        if ry == 0:
+            return (rx, rx * h // w), (0, 0)
+        if rx == 0:
+            return (ry * w // h, ry), (0, 0)
+        if w / h < rx / ry:
+            up = (rx, rx * h // w)
+        else:
+            up = (ry * w // h, ry)
+        return up, ((up[0] - rx) // 8, (up[1] - ry) // 8)
+
+    def uses_denoising(self) -> bool:
+        """Whether ``denoising_strength`` matters (and is written to the infotext)."""
+        return self.enable_hr
 
     def replace(self, **changes: Any) -> Txt2ImgRequest:
         return dataclasses.replace(self, **changes)
@@ -155,6 +220,8 @@ class Img2ImgRequest(Txt2ImgRequest):
         super().validate()
         if not self.init_images:
             raise RequestError("img2img needs an init image")
+        if self.enable_hr:
+            raise RequestError("Hires. fix is a txt2img option; img2img sets its size directly")
         if not 0.0 <= self.denoising_strength <= 1.0:
             raise RequestError(f"denoising_strength must be between 0 and 1, got {self.denoising_strength!r}")
         if self.resize_mode not in range(len(RESIZE_MODES)):
@@ -168,6 +235,9 @@ class Img2ImgRequest(Txt2ImgRequest):
         if not 0.0 <= self.inpainting_mask_weight <= 1.0:
             raise RequestError(f"inpainting_mask_weight must be between 0 and 1, got {self.inpainting_mask_weight!r}")
         return self
+
+    def uses_denoising(self) -> bool:
+        return True
 
     def steps_to_run(self) -> tuple[int, int]:
         """A1111's rule: (length of the full schedule, steps actually run). Normally
@@ -222,6 +292,10 @@ def _read_bool(text: str) -> bool:
     return text.strip().lower() in ("true", "1", "yes", "on")
 
 
+def _hires(req: Txt2ImgRequest) -> bool:
+    return req.enable_hr
+
+
 # Reading: each infotext key sets request fields. Writing: each returns its value or None (left out).
 INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
     _simple("Steps", "steps", _read_int),
@@ -253,8 +327,29 @@ INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
     _simple("Sigma churn", "s_churn", float, skip=lambda v: not v, show=_fmt_float),
     _simple("Sigma tmin", "s_tmin", float, skip=lambda v: not v, show=_fmt_float),
     _simple("Sigma noise", "s_noise", float, skip=lambda v: v == 1.0, show=_fmt_float),
+    _simple("Tiled VAE", "tiled_vae", _read_bool, skip=lambda v: not v),
+    # img2img, and txt2img's Hires. fix
+    InfotextField("Denoising strength", lambda r: _fmt_float(r.denoising_strength) if r.uses_denoising() else None,
+                  lambda t: {"denoising_strength": float(t)}),
+    InfotextField("Hires upscale", lambda r: _fmt_float(r.hr_scale) if _hires(r) and not (r.hr_resize_x or r.hr_resize_y)
+                  else None, lambda t: {"hr_scale": float(t)}),
+    InfotextField("Hires resize", lambda r: f"{r.hr_resize_x}x{r.hr_resize_y}" if _hires(r) and
+                  (r.hr_resize_x or r.hr_resize_y) else None,
+                  lambda t: dict(zip(("hr_resize_x", "hr_resize_y"), _parse_size(t)))),
+    InfotextField("Hires steps", lambda r: r.hr_second_pass_steps if _hires(r) and r.hr_second_pass_steps else None,
+                  lambda t: {"hr_second_pass_steps": _read_int(t)}),
+    InfotextField("Hires upscaler", lambda r: r.hr_upscaler if _hires(r) else None, lambda t: {"hr_upscaler": t.strip()}),
+    InfotextField("Hires sampler", lambda r: r.hr_sampler_name if _hires(r) and r.hr_sampler_name else None,
+                  lambda t: {"hr_sampler_name": "" if t.strip() == "Use same sampler" else t.strip()}),
+    InfotextField("Hires schedule type", lambda r: r.hr_scheduler if _hires(r) and r.hr_scheduler else None,
+                  lambda t: {"hr_scheduler": "" if t.strip() == "Use same scheduler" else t.strip()}),
+    InfotextField("Hires prompt", lambda r: r.hr_prompt if _hires(r) and r.hr_prompt and r.hr_prompt != r.prompt
+                  else None, lambda t: {"hr_prompt": t}),
+    InfotextField("Hires negative prompt", lambda r: r.hr_negative_prompt if _hires(r) and r.hr_negative_prompt
+                  and r.hr_negative_prompt != r.negative_prompt else None, lambda t: {"hr_negative_prompt": t}),
+    InfotextField("Hires CFG Scale", lambda r: _fmt_float(r.hr_cfg) if _hires(r) and r.hr_cfg is not None
+                  and r.hr_cfg != r.cfg_scale else None, lambda t: {"hr_cfg": float(t)}),
     # img2img / inpaint (written only for an Img2ImgRequest)
-    _simple("Denoising strength", "denoising_strength", float, show=_fmt_float),
     InfotextField("Mask blur", lambda r: r.mask_blur if getattr(r, "mask", None) else None,
                   lambda t: {"mask_blur": _read_int(t)}),
     InfotextField("Mask mode", lambda r: "Inpaint not masked" if getattr(r, "mask", None) and r.inpainting_mask_invert
@@ -279,8 +374,8 @@ KEY_ORDER = (
     "VAE hash", "VAE", "Denoising strength", "Mask blur", "Mask mode", "Masked content", "Inpaint area",
     "Masked area padding", "Resize mode", "Noise multiplier", "Clip skip", "Tiling", "Variation seed", "Variation seed strength",
     "Seed resize from", "RNG", "ENSD", "Eta", "Sigma churn", "Sigma tmin", "Sigma noise", "Hires upscale",
-    "Hires resize", "Hires steps", "Hires upscaler", "Hires sampler", "Hires prompt", "Lora hashes", "TI hashes",
-    "Emphasis",
+    "Hires resize", "Hires steps", "Hires upscaler", "Hires sampler", "Hires schedule type", "Hires prompt",
+    "Hires negative prompt", "Hires CFG Scale", "Tiled VAE", "Lora hashes", "TI hashes", "Emphasis",
 )
 # Keys that describe the result rather than the request: never turned into request fields.
 _RESULT_KEYS = {"VAE hash", "Version"}
@@ -316,7 +411,7 @@ def from_infotext(text_or_params: str | dict[str, str], base: Txt2ImgRequest | N
         "clip_skip": 1, "rng": "GPU", "scheduler": "Automatic", "subseed_strength": 0.0,
         "seed_resize_from_w": 0, "seed_resize_from_h": 0, "tiling": False, "extra": {}, "model_hash": None,
         "styles": [],  # the infotext holds the styled prompt already
-        "emphasis": "Original", "novelai_braces": False,
+        "emphasis": "Original", "novelai_braces": False, "tiled_vae": False, "enable_hr": False,
     }
     extra: dict[str, str] = {}
     own = {f.name for f in dataclasses.fields(req)}
@@ -334,4 +429,8 @@ def from_infotext(text_or_params: str | dict[str, str], base: Txt2ImgRequest | N
         except (ValueError, TypeError) as exc:
             raise RequestError(f"infotext field {key}: cannot read {value!r} ({exc})") from None
     changes["extra"] = extra
+    # A1111's rule: Hires. fix was on when the text has a denoising strength and a hires key
+    hires_keys = ("Hires upscale", "Hires resize", "Hires upscaler", "Hires steps")
+    if "enable_hr" in own and "Denoising strength" in params and any(k in params for k in hires_keys):
+        changes["enable_hr"] = not isinstance(req, Img2ImgRequest)
     return req.replace(**changes)

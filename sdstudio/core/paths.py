@@ -15,6 +15,9 @@ class Paths:
     embeddings_dir: Path | None = None
     hypernetwork_dir: Path | None = None
     esrgan_dir: Path | None = None
+    realesrgan_dir: Path | None = None
+    swinir_dir: Path | None = None
+    dat_dir: Path | None = None
     controlnet_dir: Path | None = None
     outputs_dir: Path | None = None
     styles_file: Path | None = None
@@ -29,9 +32,16 @@ class Paths:
         self.embeddings_dir = Path(self.embeddings_dir or self.data_dir / "embeddings").expanduser()
         self.hypernetwork_dir = Path(self.hypernetwork_dir or models / "hypernetworks").expanduser()
         self.esrgan_dir = Path(self.esrgan_dir or models / "ESRGAN").expanduser()
+        self.realesrgan_dir = Path(self.realesrgan_dir or models / "RealESRGAN").expanduser()
+        self.swinir_dir = Path(self.swinir_dir or models / "SwinIR").expanduser()
+        self.dat_dir = Path(self.dat_dir or models / "DAT").expanduser()
         self.controlnet_dir = Path(self.controlnet_dir or models / "ControlNet").expanduser()
         self.outputs_dir = Path(self.outputs_dir or self.data_dir / "outputs").expanduser()
         self.styles_file = Path(self.styles_file or self.data_dir / "styles.csv").expanduser()
+
+    @property
+    def upscaler_dirs(self) -> list[Path]:
+        return [self.esrgan_dir, self.realesrgan_dir, self.swinir_dir, self.dat_dir]
 
     @property
     def cache_dir(self) -> Path:

@@ -45,7 +45,8 @@ def open_image(path: str, what: str) -> Image.Image:
         raise RequestError(f"{what}: cannot read the image ({exc})") from None
 
 
-def _to_tensor(image: Image.Image) -> torch.Tensor:
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """A PIL image -> 1×3×H×W in [-1, 1] (what the VAE encodes)."""
     arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1)[None]
 
@@ -80,8 +81,8 @@ def prepare(req: Img2ImgRequest, vae, device: torch.device, inpainting_model: bo
                                     Image.Resampling.LANCZOS)
         else:
             image = imageops.resize_image(req.resize_mode, original, req.width, req.height)
-        pixels = _to_tensor(image)
-        latent = vae_ops.encode(vae, pixels, device)
+        pixels = to_tensor(image)
+        latent = vae_ops.encode(vae, pixels, device, req.tiled_vae)
         if latent.shape[-2:] != (req.height // 8, req.width // 8):
             latent = F.interpolate(latent, size=(req.height // 8, req.width // 8), mode="bilinear")
         keep = None

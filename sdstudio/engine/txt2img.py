@@ -6,18 +6,20 @@ request (model, VAE, sampler, seeds...), so two jobs never change each other's s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .. import __version__
 from ..core import infotext, styles
 from ..core.extra_networks import extract, hypernetwork_uses, lora_uses
-from ..core.names import get_sampler, resolve_schedule
+from ..core.names import LATENT_UPSCALE_MODES, get_sampler, resolve_schedule
 from ..core.params import Img2ImgRequest, Txt2ImgRequest, to_infotext_params
 from ..core.paths import DeviceOptions, Paths
 from ..core.prompt import prompt_schedule, split_and
@@ -37,6 +39,7 @@ from .rng import BrownianNoise, NoiseGenerator, image_noise
 from .samplers import SAMPLER_FUNCTIONS
 from .schedules import DiscreteSchedule, ddim_timesteps, get_sigmas
 from .tiling import circular_padding
+from .upscalers import Upscalers
 
 log = logging.getLogger(__name__)
 VERSION = f"sdstudio-{__version__}"
@@ -76,6 +79,21 @@ class Txt2ImgResult:
     inpainting_model: bool = False  # the UNet took image conditioning (9 input channels)
 
 
+@dataclass
+class HiresPass:
+    request: Img2ImgRequest  # the second pass: size, steps, sampler, CFG, prompts, denoising strength
+    sampler: object
+    schedule: str
+    schedule_label: str
+    conds: tuple
+    upscaler: str
+    upscale_to: tuple[int, int]  # (width, height) before truncation
+    truncate: tuple[int, int]  # latent pixels cropped (x, y) when both "resize to" sides were given
+    first_steps: int
+    steps: int
+    tiled_vae: bool
+
+
 def _named_hashes(text: str) -> dict[str, str]:
     """``"a: 0123abcd, b: 4567ef01"`` (an infotext's ``Lora hashes``) -> ``{"a": "0123abcd", ...}``."""
     pairs = (part.split(":", 1) for part in text.split(",") if ":" in part)
@@ -99,6 +117,7 @@ class Engine:
         self._hypernets: dict[tuple, hypernetwork_ops.Hypernetwork] = {}
         self.embeddings = EmbeddingLibrary(paths.embeddings_dir)
         self.schedule = DiscreteSchedule()
+        self.upscalers = Upscalers(paths.upscaler_dirs, self.plan.device, self.plan.dtype)
         self.lock = threading.Lock()  # one generation at a time per device
 
     # ---- models -----------------------------------------------------------------------------------
@@ -167,6 +186,9 @@ class Engine:
             with circular_padding([model.unet, vae], req.tiling), lora_ops.applied(model, loras), \
                     hypernetwork_ops.applied(model.unet, hypernets):
                 conds, used = self._encode(model, bare)
+                hires = self._hires_pass(model, req, bare, conds, sampler, schedule.name) if req.enable_hr else None
+                if hires is not None and not hires.sampler.timesteps and hires.schedule_label != schedule.label:
+                    resolved["Hires schedule type"] = hires.schedule_label  # "Automatic" resolved, as above
                 prepared = None
                 if isinstance(req, Img2ImgRequest):
                     with self.placement.use(vae):
@@ -184,8 +206,12 @@ class Engine:
                     if prepared is not None:
                         inits = [prepared[(n * req.batch_size + j) % len(prepared)] for j in range(len(seeds))]
                     try:
+                        span = None if hires is None else (0, hires.first_steps + hires.steps)
                         latents = self._sample(model, vae, req, sampler, schedule.name, conds, seeds, subseeds, n,
-                                               on_progress, stop_batch, inits)
+                                               on_progress, stop_batch, inits, span)
+                        if hires is not None:
+                            latents = self._run_hires(hires, model, vae, latents, seeds, subseeds, n, on_progress,
+                                                      stop_batch)
                     except Interrupted:
                         if should_stop is not None and should_stop():
                             interrupted = True
@@ -196,7 +222,7 @@ class Engine:
                         continue
                     batches_done = n + 1
                     batch_images: list[GeneratedImage] = []
-                    for j, (image, s, ss) in enumerate(zip(vae_ops.to_pil(self._decode(vae, latents)), seeds, subseeds)):
+                    for j, (image, s, ss) in enumerate(zip(vae_ops.to_pil(self._decode(vae, latents, req.tiled_vae)), seeds, subseeds)):
                         if inits is not None:
                             image = img2img_ops.finish(inits[j], image)
                         params = to_infotext_params(req_for_text.replace(seed=s, subseed=ss), **{**resolved, "Seed": s})
@@ -217,11 +243,70 @@ class Engine:
     txt2img = generate
     img2img = generate  # an Img2ImgRequest brings its init images, mask and denoising strength
 
-    def _decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
+    def _decode(self, vae, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
         with self.placement.use(vae):
             if self.plan.device.type == "cpu":  # per image: batch-invariant pixels (see CFGDenoiser)
-                return torch.cat([vae_ops.decode(vae, lat[None], self.plan.device) for lat in latents])
-            return vae_ops.decode(vae, latents, self.plan.device)
+                return torch.cat([vae_ops.decode(vae, lat[None], self.plan.device, tiled) for lat in latents])
+            return vae_ops.decode(vae, latents, self.plan.device, tiled)
+
+    # ---- Hires. fix ---------------------------------------------------------------------------------
+    def _hires_pass(self, model, req: Txt2ImgRequest, bare: Txt2ImgRequest, conds, sampler, schedule_name
+                    ) -> HiresPass:
+        """Everything the second pass needs, worked out once per job: its request (an img2img request at
+        the upscaled size), sampler, schedule, conditioning and step counts."""
+        (up_w, up_h), (cut_x, cut_y) = req.hires_size()
+        hr_sampler = get_sampler(req.hr_sampler_name or req.sampler_name)
+        hr_schedule = resolve_schedule(hr_sampler, req.hr_scheduler or req.scheduler)
+        prompt, _ = extract(req.hr_prompt) if req.hr_prompt else (bare.prompt, None)
+        negative, _ = extract(req.hr_negative_prompt) if req.hr_negative_prompt else (bare.negative_prompt, None)
+        fields = {f.name: getattr(bare, f.name) for f in dataclasses.fields(Txt2ImgRequest)}
+        hr_req = Img2ImgRequest(**{**fields, "enable_hr": False}).replace(
+            width=(up_w // 8 - cut_x) * 8, height=(up_h // 8 - cut_y) * 8, steps=req.hr_second_pass_steps or req.steps,
+            sampler_name=hr_sampler.label, cfg_scale=req.cfg_scale if req.hr_cfg is None else req.hr_cfg,
+            prompt=prompt, negative_prompt=negative)
+        hr_conds = conds
+        if (prompt, negative, hr_req.steps) != (bare.prompt, bare.negative_prompt, bare.steps):
+            hr_conds, _ = self._encode(model, hr_req)  # schedules like [a:b:0.5] follow the hires steps
+        if req.hr_upscaler not in LATENT_UPSCALE_MODES:
+            self.upscalers.get(req.hr_upscaler)  # an unknown name fails now, before any sampling
+        first = len(self._sigmas(model, bare, sampler, schedule_name, False)) - 1
+        steps = len(self._sigmas(model, hr_req, hr_sampler, hr_schedule.name, True)) - 1
+        return HiresPass(hr_req, hr_sampler, hr_schedule.name, hr_schedule.label, hr_conds, req.hr_upscaler,
+                         (up_w, up_h), (cut_x, cut_y), first, steps, req.tiled_vae)
+
+    def _run_hires(self, hires: HiresPass, model, vae, latents: torch.Tensor, seeds, subseeds, batch_no, on_progress,
+                   should_stop) -> torch.Tensor:
+        """Upscale a batch's first-pass latents (in latent space, or decoded, upscaled and re-encoded) and
+        run the img2img pass over them, as A1111's ``sample_hr_pass``."""
+        (up_w, up_h), (cut_x, cut_y) = hires.upscale_to, hires.truncate
+        pixels = None
+        if hires.upscaler in LATENT_UPSCALE_MODES:
+            mode, antialias = LATENT_UPSCALE_MODES[hires.upscaler]
+            big = F.interpolate(latents.float(), size=(up_h // 8, up_w // 8), mode=mode, antialias=antialias)
+        else:
+            images = vae_ops.to_pil(self._decode(vae, latents, hires.tiled_vae))
+            w8, h8 = up_w // 8 * 8, up_h // 8 * 8
+            pixels = torch.cat([img2img_ops.to_tensor(self.upscalers.upscale(im, w8, h8, hires.upscaler))
+                                for im in images])
+            with self.placement.use(vae):
+                big = torch.cat([vae_ops.encode(vae, p[None], self.plan.device, hires.tiled_vae) for p in pixels])
+        h, w = big.shape[-2:]
+        big = big[:, :, cut_y // 2:h - (cut_y + 1) // 2, cut_x // 2:w - (cut_x + 1) // 2]
+        inits = []
+        for i in range(big.shape[0]):
+            image_cond = None
+            if model.spec.inpainting:
+                with self.placement.use(vae):
+                    if pixels is None:
+                        image_cond = img2img_ops.txt2img_conditioning(vae, self.plan.device, 1, big.shape[-2] * 8,
+                                                                      big.shape[-1] * 8)
+                    else:
+                        crop = pixels[i:i + 1, :, cut_y // 2 * 8:, cut_x // 2 * 8:][..., :big.shape[-2] * 8, :big.shape[-1] * 8]
+                        image_cond = img2img_ops.inpaint_conditioning(vae, self.plan.device, crop, None, 1.0,
+                                                                      big.shape[-2:])
+            inits.append(img2img_ops.Prepared(None, big[i:i + 1].cpu(), None, None, None, None, image_cond))
+        return self._sample(model, vae, hires.request, hires.sampler, hires.schedule, hires.conds, seeds, subseeds,
+                            batch_no, on_progress, should_stop, inits, (hires.first_steps, hires.first_steps + hires.steps))
 
     def _extra_networks(self, model: LoadedModel, req: Txt2ImgRequest, warnings: list[str], resolved: dict):
         """Take ``<lora:...>`` / ``<hypernet:...>`` tags out of both prompts and load what they name.
@@ -294,8 +379,22 @@ class Engine:
             uncond = scheduled(req.negative_prompt)  # A1111 does not split the negative prompt on AND
         return (cond, uncond), conditioner.used_embeddings
 
+    def _sigmas(self, model, req, sampler, schedule_name, img2img: bool) -> torch.Tensor:
+        """The noise levels this pass steps through (img2img: the tail its denoising strength reaches)."""
+        total, run = req.steps_to_run() if img2img else (req.steps, req.steps)
+        if sampler.timesteps:
+            sigmas = self.schedule.sigmas[ddim_timesteps(total)].flip(0)
+        else:
+            sigmas = get_sigmas(schedule_name, total, self.schedule,
+                                discard_next_to_last=sampler.discard_next_to_last_sigma, sdxl=model.spec.is_sdxl)
+        # img2img starts part-way down the schedule (timestep schedules have no trailing zero)
+        return sigmas[len(sigmas) - run - (0 if sampler.timesteps else 1):]
+
     def _sample(self, model, vae, req, sampler, schedule_name, conds, seeds, subseeds, batch_no, on_progress,
-                should_stop, inits: list[img2img_ops.Prepared] | None = None) -> torch.Tensor:
+                should_stop, inits: list[img2img_ops.Prepared] | None = None,
+                progress_span: tuple[int, int] | None = None) -> torch.Tensor:
+        """One sampling pass for one batch. ``progress_span`` = (steps reported before this pass, steps of
+        the whole job's passes), so a Hires. fix job counts its two passes as one run of steps."""
         h, w = req.height // 8, req.width // 8
         shape = (model.spec.unet["out_channels"], h, w)
         noises, gens = [], []
@@ -309,14 +408,7 @@ class Engine:
             gens.append(gen)
         device = self.plan.device  # the sampler's arithmetic runs where the UNet runs: no per-step copies
         x = torch.stack([n.to(device) for n in noises])
-        total, run = req.steps_to_run() if inits is not None else (req.steps, req.steps)
-        if sampler.timesteps:
-            sigmas = self.schedule.sigmas[ddim_timesteps(total)].flip(0)
-        else:
-            sigmas = get_sigmas(schedule_name, total, self.schedule,
-                                discard_next_to_last=sampler.discard_next_to_last_sigma, sdxl=model.spec.is_sdxl)
-        # img2img starts part-way down the schedule (timestep schedules have no trailing zero)
-        sigmas = sigmas[len(sigmas) - run - (0 if sampler.timesteps else 1):]
+        sigmas = self._sigmas(model, req, sampler, schedule_name, inits is not None)
         if sampler.brownian_noise:
             noise_fn = BrownianNoise(x, sigmas, seeds)
         else:
@@ -346,11 +438,12 @@ class Engine:
                                add_time_ids=add_time_ids, should_stop=should_stop,
                                batch_invariant=self.plan.device.type == "cpu", image_cond=image_cond,
                                latent_mask=latent_mask)
-        n_steps = len(sigmas) - 1
+        offset, n_steps = progress_span or (0, len(sigmas) - 1)
 
         def callback(d: dict) -> None:
             if on_progress is not None:
-                on_progress(Progress(batch_no, req.n_iter, d["i"] + 1, n_steps, d["denoised"], model.spec.is_sdxl))
+                on_progress(Progress(batch_no, req.n_iter, offset + d["i"] + 1, n_steps, d["denoised"],
+                                     model.spec.is_sdxl))
 
         # Timestep samplers (DDIM, PLMS) start from unit-variance noise in the model's own space.
         scale = (sigmas[0] ** 2 + 1) ** 0.5 if sampler.timesteps else sigmas[0]

@@ -107,8 +107,9 @@ def load_pickle(path: Path) -> dict:
 
 
 def _flatten_tensors(obj: dict) -> dict[str, torch.Tensor]:
-    """Checkpoints nest the weights under ``state_dict`` (or ``module``); keep only the tensors."""
-    for wrapper in ("state_dict", "module", "model"):
+    """Checkpoints nest the weights under ``state_dict`` (or ``module``; BasicSR upscalers under
+    ``params_ema`` / ``params``); keep only the tensors."""
+    for wrapper in ("state_dict", "params_ema", "params", "module", "model"):
         inner = obj.get(wrapper) if isinstance(obj, dict) else None
         if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
             obj = inner

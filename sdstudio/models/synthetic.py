@@ -208,3 +208,59 @@ def write_checkpoint(path: str | Path, family: str = "sd1", size: str = "tiny", 
     else:
         torch.save({"state_dict": sd, "global_step": 0}, str(path))
     return path
+
+
+def write_upscaler(path: str | Path, arch: str = "esrgan", scale: int = 4, nf: int = 8, nb: int = 1,
+                   seed: int = 0) -> Path:
+    """A random-weight upscaler file: ``esrgan`` (RRDBNet, new key layout), ``esrgan-old`` (the original
+    ESRGAN key names) or ``compact`` (Real-ESRGAN's SRVGGNet). Scales 1/2 of RRDBNet use pixel-unshuffle
+    as Real-ESRGAN's x2/x1 models do."""
+    from ..engine.upscalers import RRDBNet, SRVGGNetCompact
+
+    torch.manual_seed(seed)
+    if arch == "compact":
+        model: torch.nn.Module = SRVGGNetCompact(3, 3, nf, 2, scale, prelu=True)
+    else:
+        n_up = {1: 2, 2: 2, 4: 2, 8: 3}[scale]
+        unshuffle = {1: 4, 2: 2}.get(scale, 1)
+        model = RRDBNet(3 * unshuffle ** 2, 3, nf, nb, max(nf // 2, 4), n_up, unshuffle)
+    for p in model.parameters():  # small weights: the network stays near its residual path
+        p.data.mul_(0.3)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if arch != "compact":
+        sd = {_basicsr_name(k): v for k, v in sd.items()}
+        if arch == "esrgan-old":
+            sd = _old_esrgan_names(sd, nb, len([k for k in sd if k.startswith("conv_up") and k.endswith("weight")]))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
+
+
+def _basicsr_name(key: str) -> str:
+    """RRDBNet's ``ups.N`` -> BasicSR's ``conv_up{N+1}``."""
+    if key.startswith("ups."):
+        n, rest = key[4:].split(".", 1)
+        return f"conv_up{int(n) + 1}.{rest}"
+    return key
+
+
+def _old_esrgan_names(sd: dict[str, torch.Tensor], nb: int, n_up: int) -> dict[str, torch.Tensor]:
+    hr = 3 + 3 * n_up - 1  # model.0 conv, model.1 body, then [upsample, conv, lrelu] per step
+    out = {}
+    for k, v in sd.items():
+        name, param = k.rsplit(".", 1)
+        if name.startswith("body."):
+            _, i, rdb, conv = name.split(".")
+            out[f"model.1.sub.{i}.{rdb.upper()}.{conv}.0.{param}"] = v
+        elif name == "conv_body":
+            out[f"model.1.sub.{nb}.{param}"] = v
+        elif name == "conv_first":
+            out[f"model.0.{param}"] = v
+        elif name.startswith("conv_up"):
+            out[f"model.{3 * int(name[7:])}.{param}"] = v
+        elif name == "conv_hr":
+            out[f"model.{hr}.{param}"] = v
+        elif name == "conv_last":
+            out[f"model.{hr + 2}.{param}"] = v
+    return out
