@@ -107,7 +107,9 @@ def test_batches_and_seeds(engine):
     result, _ = run(engine, batch_size=2, n_iter=2, hr_upscaler="Latent")
     assert [g.seed for g in result.images] == [3, 4, 5, 6]
     alone = engine.txt2img(from_infotext(result.images[3].infotext))
-    assert np.array_equal(px(alone), px(result, 3))
+    diff = np.abs(px(alone).astype(int) - px(result, 3).astype(int))
+    # exact on the CPU (batch-invariant); on CUDA batched fp16 GEMMs round differently (see test_txt2img)
+    assert diff.max() == 0 if engine.plan.device.type == "cpu" else diff.mean() < 1
 
 
 def test_unknown_upscaler_fails_before_sampling(engine):

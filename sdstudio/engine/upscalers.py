@@ -173,13 +173,19 @@ def load_model(path: Path) -> tuple[nn.Module, int]:
     """A model file -> (module in eval mode taking 0..1 RGB, its scale)."""
     state = open_state_dict(path)
     sd = {k.removeprefix("module."): state[k] for k in state}
-    described = _spandrel_model(sd)
-    if described is not None:
-        return described.model.eval(), int(described.scale)
+    spandrel_error = None
+    try:
+        described = _spandrel_model(sd)
+        if described is not None:
+            return described.model.eval(), int(described.scale)
+    except ModelFileError as exc:  # e.g. an ESRGAN with unusual growth channels: ours may still fit
+        spandrel_error = exc
     try:
         model = _builtin_model(sd)
     except (RuntimeError, KeyError, ValueError, IndexError) as exc:
         raise ModelFileError(f"{path.name}: the weights do not fit an ESRGAN-family network ({exc})") from None
+    if model is None and spandrel_error is not None:
+        raise ModelFileError(f"{path.name}: {spandrel_error}") from None
     if model is None:
         raise ModelFileError(f"{path.name}: not an ESRGAN / Real-ESRGAN model; other architectures (SwinIR, DAT, "
                              "HAT...) need the spandrel package, which needs torchvision")

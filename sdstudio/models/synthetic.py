@@ -223,7 +223,7 @@ def write_upscaler(path: str | Path, arch: str = "esrgan", scale: int = 4, nf: i
     else:
         n_up = {1: 2, 2: 2, 4: 2, 8: 3}[scale]
         unshuffle = {1: 4, 2: 2}.get(scale, 1)
-        model = RRDBNet(3 * unshuffle ** 2, 3, nf, nb, max(nf // 2, 4), n_up, unshuffle)
+        model = RRDBNet(3 * unshuffle ** 2, 3, nf, nb, 32, n_up, unshuffle)  # growth channels: ESRGAN's 32
     for p in model.parameters():  # small weights: the network stays near its residual path
         p.data.mul_(0.3)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
