@@ -139,7 +139,8 @@ def test_extras_and_hires_with_a_model_upscaler(client, data_dir):
 
 def test_utility_routes(client):
     assert client.get("/sdapi/v1/memory").json()["ram"]["total"] > 0
-    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": ["sd upscale", "loopback",
+                                                                                 "poor man's outpainting"]}
     assert client.post("/sdapi/v1/interrogate", json={}).status_code == 404
     assert client.get("/sdapi/v1/progress").json()["state"]["job"] == ""
     assert client.get("/docs").status_code == 200
@@ -153,3 +154,19 @@ def test_refused_img2img_leaves_no_files(client, data_dir):
                                                "override_settings": {"sd_model_checkpoint": "missing"}})
     assert r.status_code == 404
     assert not list((data_dir / "cache" / "jobs").rglob("*.png"))
+
+
+def test_img2img_scripts_over_the_a1111_api(client):
+    init = b64png(Image.new("RGB", (64, 64), (30, 60, 200)))
+    r = client.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [init], "width": 32 * 2, "height": 64,
+                                               "script_name": "sd upscale", "script_args": ["", 16, 1, 2]})
+    assert r.status_code == 200, r.text
+    assert Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).size == (128, 128)
+    assert "SD upscale upscaler: Lanczos" in json.loads(r.json()["info"])["infotexts"][0]
+    r = client.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [init], "script_name": "x/y/z plot"})
+    assert r.status_code == 422 and "available: SD upscale, Loopback" in r.json()["detail"]
+    r = client.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [init], "script_name": "SD upscale",
+                                               "script_args": {"upscaler": "4x-nope"}})
+    assert r.status_code == 404
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "script_name": "x/y/z plot"})
+    assert r.status_code == 422 and "not a txt2img script" in r.json()["detail"]

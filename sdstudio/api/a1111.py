@@ -23,6 +23,7 @@ from ..core import infotext, styles
 from ..core.names import LATENT_UPSCALE_MODES, SAMPLERS, SCHEDULES
 from ..core.outputs import NotAnImageError, read_infotext
 from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest
+from ..core.scripts import SCRIPTS, ScriptError, from_a1111_list
 from ..engine.upscalers import Upscalers
 from ..models.errors import ModelFileError, ModelNotFoundError
 from ..models.network_info import network_info
@@ -64,6 +65,8 @@ class Txt2ImgBody(BaseModel):
     outpath_samples: str | None = None
     outpath_grids: str | None = None
     tiled_vae: bool = False  # sdstudio: decode in tiles (big images in little memory)
+    script_name: str | None = None
+    script_args: list | dict = Field(default_factory=list)  # A1111's positional list, or our dict
     # Hires. fix (txt2img)
     enable_hr: bool = False
     denoising_strength: float | None = None
@@ -181,7 +184,25 @@ def to_request(body: Txt2ImgBody, options: dict, request_type=Txt2ImgRequest, **
 PENDING_UPLOAD = "(upload)"
 
 
-def img2img_request(body: Img2ImgBody, options: dict) -> tuple[Img2ImgRequest, list, object]:
+def script_fields(body: Txt2ImgBody, upscaler_names: list[str], kind: str) -> dict:
+    """``script_name`` (matched without regard to case, as A1111 does) and its arguments as our dict."""
+    if not body.script_name:
+        return {}
+    names = {n.lower(): n for n in SCRIPTS} if kind == "img2img" else {}
+    name = names.get(body.script_name.strip().lower())
+    if name is None:
+        raise HTTPException(422, f"script_name: {body.script_name!r} is not a {kind} script here; "
+                                 f"available: {', '.join(names.values()) or 'none yet'}")
+    try:
+        args = dict(body.script_args) if isinstance(body.script_args, dict) else \
+            from_a1111_list(name, body.script_args, upscaler_names)
+    except ScriptError as exc:
+        raise HTTPException(422, f"script_args: {exc}") from None
+    return {"script_name": name, "script_args": args}
+
+
+def img2img_request(body: Img2ImgBody, options: dict, upscaler_names: list[str]
+                    ) -> tuple[Img2ImgRequest, list, object]:
     """A1111's img2img fields, and the decoded uploads (stored by :func:`store_uploads` once the request
     has passed every check, so a refused request leaves no files behind)."""
     if not body.init_images:
@@ -202,7 +223,8 @@ def img2img_request(body: Img2ImgBody, options: dict) -> tuple[Img2ImgRequest, l
         inpainting_mask_invert=body.inpainting_mask_invert,
         initial_noise_multiplier=setting(settings, "initial_noise_multiplier", 1.0, float) if noise is None else noise,
         inpainting_mask_weight=setting(settings, "inpainting_mask_weight", 1.0, float),
-        fix_steps=setting(settings, "img2img_fix_steps", False, bool))
+        fix_steps=setting(settings, "img2img_fix_steps", False, bool),
+        **script_fields(body, upscaler_names, "img2img"))
     return req, inits, mask
 
 
@@ -251,6 +273,8 @@ def check_models(engine, req: Txt2ImgRequest) -> None:
         engine.registry.vae_for(file, req.vae)
         if req.enable_hr and req.hr_upscaler not in LATENT_UPSCALE_MODES:
             engine.upscalers.get(req.hr_upscaler)
+        if getattr(req, "script_name", "") == "SD upscale":
+            engine.upscalers.get(req.script_args.get("upscaler", "None"))
     except ModelNotFoundError as exc:
         raise HTTPException(404, str(exc)) from None
 
@@ -341,12 +365,13 @@ def make_router(service: JobService, options: dict, cmd_flags: dict, limits: dic
 
     @r.post("/txt2img")
     def txt2img(body: Txt2ImgBody, request: Request):
+        script_fields(body, [], "txt2img")  # none yet: a named script is refused, not silently skipped
         job = queue_job(body, to_request(body, options), options, engine, limits)
         return run_blocking(service, client_id(request), job, body)
 
     @r.post("/img2img")
     def img2img(body: Img2ImgBody, request: Request):
-        req, inits, mask = img2img_request(body, options)
+        req, inits, mask = img2img_request(body, options, [u.name for u in engine.upscalers.available()])
         job = queue_job(body, req, options, engine, limits)
         store_uploads(service, job, inits, mask)
         return run_blocking(service, client_id(request), job, body)
@@ -494,7 +519,7 @@ def make_router(service: JobService, options: dict, cmd_flags: dict, limits: dic
 
     @r.get("/scripts")
     def scripts():
-        return {"txt2img": [], "img2img": []}
+        return {"txt2img": [], "img2img": [name.lower() for name in SCRIPTS]}
 
     @r.get("/script-info")
     def script_info():

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import infotext
+from . import infotext, scripts
 from .imageops import MASKED_CONTENT, RESIZE_MODES
 from .names import get_sampler, get_schedule, split_legacy_sampler
 
@@ -203,8 +203,8 @@ def concrete_seed(seed: int | None) -> int:
 class Img2ImgRequest(Txt2ImgRequest):
     """txt2img's fields plus the init image(s) (paths of files the job owns) and A1111's inpaint options."""
 
-    init_images: list[str] = field(default_factory=list)
-    mask: str | None = None  # white = repaint (see inpainting_mask_invert)
+    init_images: list[Any] = field(default_factory=list)  # paths (what a job stores); scripts' inner passes: PIL images
+    mask: Any = None  # a path (or a PIL image, as above); white = repaint (see inpainting_mask_invert)
     denoising_strength: float = 0.75
     resize_mode: int = 0  # RESIZE_MODES index
     mask_blur: int = 4
@@ -215,6 +215,8 @@ class Img2ImgRequest(Txt2ImgRequest):
     initial_noise_multiplier: float = 1.0
     inpainting_mask_weight: float = 1.0  # conditioning mask strength (9-channel inpainting models)
     fix_steps: bool = False  # "do exactly the amount of steps the slider specifies"
+    script_name: str = ""  # an img2img script (sdstudio.core.scripts.SCRIPTS), "" = none
+    script_args: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> Img2ImgRequest:
         super().validate()
@@ -234,6 +236,11 @@ class Img2ImgRequest(Txt2ImgRequest):
             raise RequestError(f"inpaint_full_res_padding must be from 0 to 1024, got {self.inpaint_full_res_padding!r}")
         if not 0.0 <= self.inpainting_mask_weight <= 1.0:
             raise RequestError(f"inpainting_mask_weight must be between 0 and 1, got {self.inpainting_mask_weight!r}")
+        if self.script_name:
+            try:
+                scripts.parse(self.script_name, self.script_args)
+            except scripts.ScriptError as exc:
+                raise RequestError(str(exc)) from None
         return self
 
     def uses_denoising(self) -> bool:
@@ -388,6 +395,8 @@ def to_infotext_params(req: Txt2ImgRequest, **resolved: object) -> dict[str, obj
     ``Model hash``, ``Model``, ``VAE hash``, ``VAE``, ``Schedule type``, ``Version``...
     """
     pairs: dict[str, object] = {f.key: f.write(req) for f in INFOTEXT_FIELDS}
+    if getattr(req, "script_name", ""):
+        pairs.update(scripts.infotext_pairs(req.script_name, req.script_args))
     pairs.update(req.extra)
     pairs.update(resolved)
     rank = {key: i for i, key in enumerate(KEY_ORDER)}
@@ -415,6 +424,13 @@ def from_infotext(text_or_params: str | dict[str, str], base: Txt2ImgRequest | N
     }
     extra: dict[str, str] = {}
     own = {f.name for f in dataclasses.fields(req)}
+    script = scripts.from_infotext_pairs(params)
+    if script is not None and "script_name" in own:
+        keys = {"Script", *scripts.SCRIPTS[script[0]].keys.values()}
+        params = {k: v for k, v in params.items() if k not in keys}
+        changes.update(script_name=script[0], script_args=script[1])
+    elif "script_name" in own:
+        changes.update(script_name="", script_args={})
     for key, value in params.items():
         f = _FIELD_BY_KEY.get(key)
         try:

@@ -36,7 +36,10 @@ class Prepared:
     image_cond: torch.Tensor | None  # 9-channel models: 1×5×h×w
 
 
-def open_image(path: str, what: str) -> Image.Image:
+def open_image(path: str | Image.Image, what: str) -> Image.Image:
+    """A path's image, loaded; a PIL image (a script's inner pass hands over its tiles) as it is."""
+    if isinstance(path, Image.Image):
+        return path
     try:
         with Image.open(path) as im:
             im.load()

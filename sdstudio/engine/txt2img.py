@@ -31,6 +31,7 @@ from ..models.registry import ModelRegistry
 from . import hypernetwork as hypernetwork_ops
 from . import img2img as img2img_ops
 from . import lora as lora_ops
+from . import scripts as scripts_ops
 from . import vae as vae_ops
 from .conditioning import TextConditioner
 from .denoiser import CFGDenoiser, ComposedConditioning, Interrupted, ScheduledConditioning
@@ -156,6 +157,9 @@ class Engine:
         ``on_batch(batches_done, images_of_that_batch)`` is called after each batch (a skipped one: no images);
         with ``keep_images=False`` the result does not hold them (a queue worker saves them per batch)."""
         req.validate()
+        if isinstance(req, Img2ImgRequest) and req.script_name:
+            return scripts_ops.run(self, req, on_progress=on_progress, should_stop=should_stop, on_image=on_image,
+                                   on_batch=on_batch, keep_images=keep_images)
         if req.styles:  # the styled text is what gets generated and written to the infotext
             prompt, negative = styles.apply(req.prompt, req.negative_prompt, req.styles, styles.load(self.paths.styles_file))
             req = req.replace(prompt=prompt, negative_prompt=negative, styles=[])

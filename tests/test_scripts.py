@@ -1,0 +1,116 @@
+"""img2img scripts on the tiny model: SD upscale, Loopback, Poor man's outpainting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from sdstudio.core import infotext, scripts
+from sdstudio.core.params import Img2ImgRequest, RequestError, from_infotext
+from sdstudio.core.paths import Paths
+from sdstudio.engine.txt2img import Engine
+from sdstudio.models.synthetic import write_upscaler
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_sd1):
+    import os
+
+    root = tmp_path_factory.mktemp("scripts")
+    (root / "models" / "Stable-diffusion").mkdir(parents=True)
+    os.link(tiny_sd1, root / "models" / "Stable-diffusion" / "tiny-sd1.safetensors")
+    write_upscaler(root / "models" / "ESRGAN" / "2x-tiny.safetensors", "esrgan", 2)
+    im = Image.new("RGB", (96, 64), (30, 60, 200))
+    ImageDraw.Draw(im).ellipse((20, 10, 60, 50), fill=(220, 40, 40))
+    im.save(root / "init.png")
+    return Engine(Paths(root)), root / "init.png"
+
+
+def request(init, **kw) -> Img2ImgRequest:
+    return Img2ImgRequest(**{"prompt": "a red circle", "init_images": [str(init)], "width": 64, "height": 64,
+                             "steps": 4, "seed": 1, "sampler_name": "Euler", "denoising_strength": 0.4, **kw})
+
+
+def run(engine, req):
+    jobs = []
+    result = engine.img2img(req.validate(), on_progress=lambda p: jobs.append((p.job_no, p.job_count)))
+    return result, jobs
+
+
+def recreated(engine, image, init):
+    again = engine.img2img(from_infotext(image.infotext, Img2ImgRequest(init_images=[str(init)])))
+    return np.array_equal(np.asarray(again.images[-1].image), np.asarray(image.image))
+
+
+def test_sd_upscale_tiles_and_infotext(setup):
+    engine, init = setup
+    result, jobs = run(engine, request(init, script_name="SD upscale",
+                                       script_args={"overlap": 16, "upscaler": "2x-tiny", "scale": 2.0}))
+    assert [g.image.size for g in result.images] == [(192, 128)]
+    assert jobs[-1] == (11, 12)  # 4 × 3 tiles of 64 px, one pass each, counted as one job's progress
+    fields = infotext.parse(result.images[0].infotext)
+    assert fields["Script"] == "SD upscale" and fields["SD upscale upscaler"] == "2x-tiny"
+    assert fields["SD upscale scale"] == "2" and fields["Seed"] == "1"
+    assert recreated(engine, result.images[0], init)
+
+
+def test_sd_upscale_batches_tiles_and_none_keeps_the_size(setup):
+    engine, init = setup
+    one, _ = run(engine, request(init, script_name="SD upscale", script_args={"overlap": 8, "upscaler": "None"}))
+    batched, jobs = run(engine, request(init, batch_size=2, script_name="SD upscale",
+                                        script_args={"overlap": 8, "upscaler": "None"}))
+    assert one.images[0].image.size == (96, 64) and batched.images[0].image.size == (96, 64)
+    assert jobs[-1] == (0, 1)  # 2 tiles in one batch
+    with pytest.raises(RequestError, match="smaller than one"):
+        run(engine, request(init, width=128, height=128, script_name="SD upscale", script_args={"upscaler": "None"}))
+
+
+def test_loopback_strength_schedule_and_outputs(setup):
+    engine, init = setup
+    args = scripts.Loopback(loops=4, final_denoising_strength=0.8, denoising_curve="Linear")
+    assert [round(args.strength(0.2, i), 3) for i in range(4)] == [0.2, 0.4, 0.6, 0.8]
+    lazy = scripts.Loopback(loops=3, final_denoising_strength=1.0, denoising_curve="Lazy")
+    aggressive = scripts.Loopback(loops=3, final_denoising_strength=1.0, denoising_curve="Aggressive")
+    assert lazy.strength(0.0, 1) < 0.5 < aggressive.strength(0.0, 1)
+    result, jobs = run(engine, request(init, script_name="Loopback",
+                                       script_args={"loops": 3, "final_denoising_strength": 0.6}))
+    assert [g.seed for g in result.images] == [1, 2, 3] and jobs[-1] == (2, 3)
+    frames = [np.asarray(g.image) for g in result.images]
+    assert not np.array_equal(frames[0], frames[1]) and not np.array_equal(frames[1], frames[2])
+    assert "Final denoising strength: 0.6" in result.images[2].infotext
+    assert recreated(engine, result.images[2], init)
+
+
+def test_poor_mans_outpainting_keeps_the_picture_and_fills_the_band(setup):
+    engine, init = setup
+    result, _jobs = run(engine, request(init, script_name="Poor man's outpainting",
+                                       script_args={"pixels": 32, "mask_blur": 2, "direction": ["left", "down"]}))
+    out = result.images[0].image
+    assert out.size == (128, 128)  # 96 + 32 and 64 + 32, up to multiples of 64
+    arr = np.asarray(out).astype(int)
+    original = np.asarray(Image.open(init)).astype(int)
+    # the old picture sits at x 32, y 0; away from the blurred mask edge (blur 2 × 2 = 4: radius 10) it is
+    # the original to the last pixel, tile seams included
+    assert np.array_equal(arr[0:64 - 4 - 10, 32 + 4 + 10:], original[0:50, 14:])
+    assert arr[100:, :].std() > 0  # the new band got content
+    assert "Script: Poor man's outpainting" in result.images[0].infotext
+    assert recreated(engine, result.images[0], init)
+
+
+def test_bad_script_requests():
+    for name, args, word in [("Nope", {}, "unknown script"), ("Loopback", {"loops": 0}, "loops"),
+                             ("SD upscale", {"scale": 20}, "scale"), ("Loopback", {"wat": 1}, "unknown argument"),
+                             ("Poor man's outpainting", {"direction": ["sideways"]}, "directions")]:
+        with pytest.raises(RequestError, match=word):
+            Img2ImgRequest(init_images=["x.png"], script_name=name, script_args=args).validate()
+
+
+def test_a1111_positional_script_args():
+    assert scripts.from_a1111_list("SD upscale", [None, 32, 1, 3], ["None", "Lanczos"]) == \
+        {"overlap": 32, "upscaler": "Lanczos", "scale": 3.0}
+    assert scripts.from_a1111_list("Loopback", [2, 0.3, "Lazy", "None"], []) == \
+        {"loops": 2, "final_denoising_strength": 0.3, "denoising_curve": "Lazy"}
+    assert scripts.from_a1111_list("Poor man's outpainting", [64, 4, "latent noise", ["up"]], [])["inpainting_fill"] == 2
+    with pytest.raises(scripts.ScriptError, match="out of range"):
+        scripts.from_a1111_list("SD upscale", [None, 32, 9, 2], ["None"])
