@@ -1,4 +1,4 @@
-"""The ``sdstudio`` command line: txt2img, pnginfo, models, serve.
+"""The ``sdstudio`` command line: txt2img, img2img, pnginfo, models, styles, serve.
 
 Errors print one line naming the problem and exit with status 2 (bad input) or 1 (internal error);
 ``--debug`` shows the traceback instead.
@@ -12,8 +12,9 @@ import os
 import sys
 from pathlib import Path
 
+from .core.imageops import MASKED_CONTENT, RESIZE_MODES
 from .core.names import UnknownNameError, sampler_labels, schedule_labels
-from .core.params import RequestError, Txt2ImgRequest, from_infotext
+from .core.params import Img2ImgRequest, RequestError, Txt2ImgRequest, from_infotext
 from .core.paths import DeviceOptions, Paths
 
 USER_ERRORS: tuple[type[BaseException], ...] = (RequestError, UnknownNameError, FileNotFoundError)
@@ -82,12 +83,8 @@ _TXT2IMG_FLAGS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdstudio", description="Stable Diffusion studio (A1111-compatible)")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("txt2img", help="generate images from a prompt")
-    t.add_argument("prompt", nargs="?", default=None)
+def add_generation_flags(t: argparse.ArgumentParser) -> None:
+    """The flags txt2img and img2img share (request fields, re-creating, output)."""
     t.add_argument("-n", "--negative-prompt", dest="negative_prompt")
     t.add_argument("--steps", type=int)
     t.add_argument("--sampler", help=f"one of: {', '.join(sampler_labels())}")
@@ -113,28 +110,67 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--novelai-braces", action="store_true", default=None, help="{x} weighs x by 1.05")
     t.add_argument("--style", dest="styles", action="append", help="apply a style from styles.csv (repeatable)")
     t.add_argument("--tiled-vae", action="store_true", default=None, help="decode in tiles (big images, little memory)")
+    t.add_argument("--denoising-strength", type=float, help="img2img: how far from the init (default 0.75); "
+                   "txt2img: the Hires. fix pass's (default 0.7)")
+    t.add_argument("--from-png", metavar="IMAGE", help="re-create an image from its embedded parameters")
+    t.add_argument("--infotext", help="re-create from pasted A1111 parameters text")
+    t.add_argument("--outdir", help="write images here instead of outputs/<kind>-images/DATE")
+    t.add_argument("--format", choices=["png", "jpg", "webp"], default="png")
+    t.add_argument("--no-grid", action="store_true", help="do not save a grid for batches")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdstudio", description="Stable Diffusion studio (A1111-compatible)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("txt2img", help="generate images from a prompt")
+    t.add_argument("prompt", nargs="?", default=None)
+    add_generation_flags(t)
     h = t.add_argument_group("Hires. fix")
     h.add_argument("--hires", "--enable-hr", dest="hires", action="store_true", default=None,
-                   help="upscale the first pass and refine it with an img2img pass")
+                   help="upscale the first pass and refine it with an img2img pass (--denoising-strength: its strength)")
     h.add_argument("--hr-scale", type=float, help="upscale by (default 2)")
     h.add_argument("--hr-resize", type=_size, metavar="WxH", help="resize to, instead of --hr-scale (0 = keep ratio)")
     h.add_argument("--hr-upscaler", help="Latent, Latent (nearest-exact)..., Lanczos, Nearest or a models/ESRGAN name")
     h.add_argument("--hr-steps", type=int, help="hires steps (0 = same as --steps)")
-    h.add_argument("--denoising-strength", type=float, help="hires denoising strength (default 0.7)")
     h.add_argument("--hr-sampler", help="hires sampler (default: the same)")
     h.add_argument("--hr-scheduler", help="hires schedule type (default: the same)")
     h.add_argument("--hr-prompt", help="hires prompt (default: the same)")
     h.add_argument("--hr-negative-prompt", help="hires negative prompt (default: the same)")
     h.add_argument("--hr-cfg", type=float, help="hires CFG scale (default: the same)")
-    t.add_argument("--from-png", metavar="IMAGE", help="re-create an image from its embedded parameters")
-    t.add_argument("--infotext", help="re-create from pasted A1111 parameters text")
-    t.add_argument("--outdir", help="write images here instead of outputs/txt2img-images/DATE")
-    t.add_argument("--format", choices=["png", "jpg", "webp"], default="png")
-    t.add_argument("--no-grid", action="store_true", help="do not save a grid for batches")
     t.add_argument("--server", metavar="URL", help="queue the job on a running sdstudio server (e.g. "
                    "http://127.0.0.1:7860) instead of running it here; the server saves the images")
     t.add_argument("--server-auth", metavar="USER:PASS", help="--api-auth credentials of that server")
     add_common_flags(t)
+
+    i = sub.add_parser("img2img", help="generate from an image: img2img, inpaint, inpaint sketch, scripts, batch")
+    i.add_argument("init", nargs="?", default=None, help="the init image (or --input-dir for a batch)")
+    i.add_argument("prompt", nargs="?", default=None)
+    i.add_argument("-p", "--prompt", dest="prompt_flag", help="the prompt (handy with --input-dir)")
+    add_generation_flags(i)
+    g = i.add_argument_group("img2img and inpaint")
+    g.add_argument("--resize-mode", choices=list(RESIZE_MODES), help="how the init image is brought to the size")
+    g.add_argument("--mask", help="inpaint mask (white = repaint)")
+    g.add_argument("--sketch", help="inpaint sketch: this image is the init with colour strokes drawn on it; "
+                   "the strokes become the content and the mask")
+    g.add_argument("--mask-alpha", type=float, default=0.0, help="inpaint sketch mask transparency, 0-100")
+    g.add_argument("--mask-blur", type=int)
+    g.add_argument("--invert-mask", action="store_true", default=None, help="inpaint not masked")
+    g.add_argument("--masked-content", choices=list(MASKED_CONTENT))
+    g.add_argument("--only-masked", action="store_true", default=None, help="inpaint area: only masked")
+    g.add_argument("--padding", type=int, help="only masked padding, pixels")
+    g.add_argument("--fix-steps", action="store_true", default=None,
+                   help="do exactly the amount of steps the slider specifies")
+    g.add_argument("--script", help="SD upscale, Loopback or Poor man's outpainting")
+    g.add_argument("--script-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a script argument (repeatable), e.g. upscaler=4x-UltraSharp scale=2 overlap=64")
+    b = i.add_argument_group("batch (A1111's Batch tab)")
+    b.add_argument("--input-dir", help="run over every image in this folder")
+    b.add_argument("--output-dir", help="where the batch's results go (default: outputs/img2img-images/DATE)")
+    b.add_argument("--mask-dir", help="masks with the same file names as the inputs")
+    b.add_argument("--use-png-info", action="store_true",
+                   help="take prompt, negative prompt, seed, sampler, CFG and steps from each input's PNG info")
+    add_common_flags(i)
 
     p = sub.add_parser("pnginfo", help="print the generation parameters stored in an image")
     p.add_argument("image")
@@ -159,19 +195,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def request_from_args(args: argparse.Namespace) -> Txt2ImgRequest:
+def request_from_args(args: argparse.Namespace, base: Txt2ImgRequest | None = None) -> Txt2ImgRequest:
+    """The request the flags describe (pasted parameters first, flags over them); checked, except for an
+    img2img base, which the caller completes with its init image first."""
     from .core.outputs import read_infotext
 
+    base = base or Txt2ImgRequest()
     if args.from_png:
         text = read_infotext(Path(args.from_png))
         if not text:
             raise RequestError(f"{args.from_png}: the image holds no generation parameters")
-        req = from_infotext(text)
+        req = from_infotext(text, base)
     elif args.infotext:
-        req = from_infotext(args.infotext)
+        req = from_infotext(args.infotext, base)
     else:
-        req = Txt2ImgRequest()
-    changes = {field: getattr(args, flag) for flag, field in _TXT2IMG_FLAGS.items() if getattr(args, flag) is not None}
+        req = base
+    changes = {field: getattr(args, flag) for flag, field in _TXT2IMG_FLAGS.items()
+               if getattr(args, flag, None) is not None}  # img2img has no Hires. fix flags
     if args.prompt is not None:
         changes["prompt"] = args.prompt
     if args.size:
@@ -184,24 +224,31 @@ def request_from_args(args: argparse.Namespace) -> Txt2ImgRequest:
         changes["seed_resize_from_w"], changes["seed_resize_from_h"] = args.seed_resize_from
     if args.tiling:
         changes["tiling"] = True
-    if args.hr_resize:
+    if getattr(args, "hr_resize", None):
         changes["hr_resize_x"], changes["hr_resize_y"] = args.hr_resize
-    return req.replace(**changes).validate()
+    req = req.replace(**changes)
+    return req if isinstance(req, Img2ImgRequest) else req.validate()
 
 
 def cmd_txt2img(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .core import outputs
     from .engine.txt2img import Engine
 
     req = request_from_args(args)
     if args.server:
         return submit_to_server(args, req)
     paths = paths_from(args)
-    engine = Engine(paths, device_options_from(args))
-    outdir = Path(args.outdir) if args.outdir else outputs.dated_dir(paths.outputs_dir, "txt2img-images")
-    grid_dir = Path(args.outdir) if args.outdir else outputs.dated_dir(paths.outputs_dir, "txt2img-grids")
+    return generate_and_save(Engine(paths, device_options_from(args)), req, args, paths, "txt2img")
+
+
+def generate_and_save(engine, req: Txt2ImgRequest, args: argparse.Namespace, paths: Paths, kind: str,
+                      outdir: Path | None = None) -> int:
+    """Run ``req`` with a progress bar, save each image as it is finished, print where they went."""
+    from tqdm import tqdm
+
+    from .core import outputs
+
+    outdir = outdir or (Path(args.outdir) if args.outdir else outputs.dated_dir(paths.outputs_dir, f"{kind}-images"))
+    grid_dir = Path(args.outdir) if args.outdir else outputs.dated_dir(paths.outputs_dir, f"{kind}-grids")
     bars: list = []  # created at the first step, so errors before sampling print alone
     written: list[Path] = []
 
@@ -216,7 +263,7 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
                                           fmt=args.format))
 
     try:
-        result = engine.txt2img(req, on_progress=on_progress, on_image=on_image)
+        result = engine.generate(req, on_progress=on_progress, on_image=on_image)
     finally:
         for bar in bars:
             bar.close()
@@ -229,6 +276,80 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     if result.interrupted:
         print("interrupted: kept the images finished so far", file=sys.stderr)
+    return 0
+
+
+_IMG2IMG_FLAGS = {"mask_blur": "mask_blur", "padding": "inpaint_full_res_padding", "fix_steps": "fix_steps"}
+
+
+def _script_args(pairs: list[str]) -> dict:
+    import json
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise RequestError(f"--script-arg {pair!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value.split(",") if key.strip() == "direction" else value
+    return out
+
+
+def img2img_request(args: argparse.Namespace, init, mask=None) -> Img2ImgRequest:
+    """The img2img request the flags describe for one init image (a path or a PIL image)."""
+    req = request_from_args(args, Img2ImgRequest())
+    changes = {field: getattr(args, flag) for flag, field in _IMG2IMG_FLAGS.items() if getattr(args, flag) is not None}
+    if args.resize_mode:
+        changes["resize_mode"] = RESIZE_MODES.index(args.resize_mode)
+    if args.masked_content:
+        changes["inpainting_fill"] = MASKED_CONTENT.index(args.masked_content)
+    if args.invert_mask:
+        changes["inpainting_mask_invert"] = 1
+    if args.only_masked:
+        changes["inpaint_full_res"] = True
+    if args.script:
+        changes["script_name"], changes["script_args"] = args.script, _script_args(args.script_arg)
+    return req.replace(init_images=[init], mask=mask, **changes).validate()
+
+
+def cmd_img2img(args: argparse.Namespace) -> int:
+    from .core import imageops, outputs
+    from .engine.img2img import open_image
+    from .engine.txt2img import Engine
+
+    if bool(args.init) == bool(args.input_dir):
+        raise RequestError("give an init image, or --input-dir for a batch (not both; -p gives the prompt)")
+    if args.prompt_flag is not None:
+        args.prompt = args.prompt_flag
+    paths = paths_from(args)
+    engine = Engine(paths, device_options_from(args))
+    if args.init:
+        mask = args.mask
+        init = args.init
+        if args.sketch:  # inpaint sketch: the strokes are the content and, where they differ, the mask
+            original = open_image(args.init, "init image").convert("RGB")
+            init, mask = imageops.inpaint_sketch(original, open_image(args.sketch, "sketch").convert("RGB"),
+                                                 args.mask_blur if args.mask_blur is not None else 4, args.mask_alpha)
+        return generate_and_save(engine, img2img_request(args, init, mask), args, paths, "img2img")
+    inputs = sorted(p for p in Path(args.input_dir).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not inputs:
+        raise RequestError(f"{args.input_dir}: no images (png, jpg, webp) in it")
+    outdir = Path(args.output_dir) if args.output_dir else outputs.dated_dir(paths.outputs_dir, "img2img-images")
+    for path in inputs:
+        mask = None
+        if args.mask_dir:
+            found = [m for m in Path(args.mask_dir).glob(path.stem + ".*") if m.suffix.lower() in (".png", ".jpg", ".webp")]
+            mask = str(found[0]) if found else None
+        req = img2img_request(args, str(path), mask)
+        if args.use_png_info:
+            text = outputs.read_infotext(path)
+            if text:  # the input's own parameters, for what it describes
+                pasted = from_infotext(text, req)
+                req = req.replace(**{f: getattr(pasted, f) for f in ("prompt", "negative_prompt", "seed", "sampler_name",
+                                                                        "scheduler", "cfg_scale", "steps")})
+        generate_and_save(engine, req.validate(), args, paths, "img2img", outdir=outdir)
     return 0
 
 
@@ -351,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
-    commands = {"txt2img": cmd_txt2img, "pnginfo": cmd_pnginfo, "models": cmd_models, "styles": cmd_styles}
+    commands = {"txt2img": cmd_txt2img, "img2img": cmd_img2img, "pnginfo": cmd_pnginfo, "models": cmd_models,
+                "styles": cmd_styles}
     try:
         if args.command == "serve":
             from .server import serve

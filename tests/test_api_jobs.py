@@ -168,5 +168,7 @@ def test_img2img_scripts_over_the_a1111_api(client):
     r = client.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [init], "script_name": "SD upscale",
                                                "script_args": {"upscaler": "4x-nope"}})
     assert r.status_code == 404
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "restore_faces": True})
+    assert r.status_code == 404 and "face restoration is not installed" in r.json()["detail"]
     r = client.post("/sdapi/v1/txt2img", json={**SMALL, "script_name": "x/y/z plot"})
     assert r.status_code == 422 and "not a txt2img script" in r.json()["detail"]

@@ -113,3 +113,75 @@ def test_hires_flags(data_dir, capsys, tmp_path):
         assert part in text
     code, _, err = run(["txt2img", *SMALL, "--hires", "--hr-scale", "50"], data_dir, capsys)
     assert code != 0 and "hr_scale" in err
+
+
+def _init(path, size=(64, 64)):
+    from PIL import ImageDraw
+
+    im = Image.new("RGB", size, (30, 60, 200))
+    ImageDraw.Draw(im).ellipse((16, 16, 48, 48), fill=(220, 40, 40))
+    im.save(path)
+    return im
+
+
+def test_img2img_inpaint_and_script_flags(data_dir, capsys, tmp_path):
+    _init(tmp_path / "init.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    mask.save(tmp_path / "mask.png")
+    code, _, err = run(["img2img", str(tmp_path / "init.png"), "a star", *SMALL, "--mask", str(tmp_path / "mask.png"),
+                        "--mask-blur", "0", "--masked-content", "latent noise", "--denoising-strength", "0.6",
+                        "--outdir", str(tmp_path / "out")], data_dir, capsys)
+    assert code == 0, err
+    out = tmp_path / "out" / "00000-42.png"
+    text = read_infotext(out)
+    assert "Denoising strength: 0.6" in text and "Masked content: latent noise" in text and "Mask blur: 0" in text
+    result, original = np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "init.png"))
+    assert np.array_equal(result[:, 32:], original[:, 32:]) and not np.array_equal(result[:, :32], original[:, :32])
+    code, _, err = run(["img2img", str(tmp_path / "init.png"), *SMALL, "--script", "SD upscale",
+                        "--script-arg", "upscaler=Lanczos", "--script-arg", "scale=2", "--script-arg", "overlap=16",
+                        "--outdir", str(tmp_path / "up")], data_dir, capsys)
+    assert code == 0, err
+    assert Image.open(tmp_path / "up" / "00000-42.png").size == (128, 128)
+    code, _, err = run(["img2img", str(tmp_path / "init.png"), *SMALL, "--script", "Loopback",
+                        "--script-arg", "loops=0"], data_dir, capsys)
+    assert code == 2 and "loops" in err
+
+
+def test_img2img_inpaint_sketch(data_dir, capsys, tmp_path):
+    from PIL import ImageDraw
+
+    original = _init(tmp_path / "init.png")
+    sketch = original.copy()
+    ImageDraw.Draw(sketch).rectangle((40, 4, 60, 24), fill=(255, 255, 0))
+    sketch.save(tmp_path / "sketch.png")
+    code, _, err = run(["img2img", str(tmp_path / "init.png"), *SMALL, "--sketch", str(tmp_path / "sketch.png"),
+                        "--mask-blur", "0", "--outdir", str(tmp_path / "out")], data_dir, capsys)
+    assert code == 0, err
+    result = np.asarray(Image.open(tmp_path / "out" / "00000-42.png"))
+    assert np.array_equal(result[30:, :], np.asarray(original)[30:, :])  # far from the strokes: untouched
+    assert not np.array_equal(result[4:25, 40:61], np.asarray(original)[4:25, 40:61])
+
+
+def test_img2img_batch_folder_with_masks_and_png_info(data_dir, capsys, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "masks").mkdir()
+    _init(tmp_path / "in" / "a.png")
+    code, _, err = run(["txt2img", "a blue square", *SMALL, "--seed", "7", "--outdir", str(tmp_path / "made")],
+                       data_dir, capsys)
+    assert code == 0, err
+    (tmp_path / "made" / "00000-7.png").rename(tmp_path / "in" / "b.png")
+    Image.new("L", (64, 64), 255).save(tmp_path / "masks" / "a.png")
+    code, _, err = run(["img2img", "--input-dir", str(tmp_path / "in"), "--mask-dir", str(tmp_path / "masks"),
+                          "--output-dir", str(tmp_path / "res"), "--use-png-info", "a prompt", *SMALL],
+                         data_dir, capsys)
+    assert code == 2 and "not both" in err  # a positional prompt is taken as an init image: refused clearly
+    code, _out, err = run(["img2img", "--input-dir", str(tmp_path / "in"), "--mask-dir", str(tmp_path / "masks"),
+                          "--output-dir", str(tmp_path / "res"), "--use-png-info", "-p", "a red circle", *SMALL],
+                         data_dir, capsys)
+    assert code == 0, err
+    written = sorted((tmp_path / "res").iterdir())
+    assert len(written) == 2
+    texts = [read_infotext(p) for p in written]
+    assert any("a blue square" in t and "Seed: 7" in t for t in texts)  # b.png's own parameters
+    assert any("a red circle" in t and "Mask blur" in t and "Seed: 42" in t for t in texts)  # a.png: flags, mask

@@ -87,3 +87,21 @@ def test_overlay_is_exact_outside_the_mask():
     assert np.array_equal(mixed[:, 32:], np.asarray(original)[:, 32:]) and (mixed[:, :32] == [1, 2, 3]).all()
     placed = np.asarray(imageops.overlay(Image.new("RGB", (16, 16), (9, 9, 9)), original, mask, (0, 0, 32, 32)))
     assert (placed[:32, :32] == 9).all() and np.array_equal(placed[32:, 32:], np.asarray(original)[32:, 32:])
+
+
+def test_inpaint_sketch_mask_is_the_strokes():
+    from PIL import ImageDraw
+
+    from sdstudio.core.imageops import inpaint_sketch
+
+    original = Image.new("RGB", (40, 30), (10, 20, 30))
+    sketch = original.copy()
+    ImageDraw.Draw(sketch).rectangle((5, 5, 14, 9), fill=(250, 0, 0))
+    init, mask = inpaint_sketch(original, sketch, mask_blur=0)
+    m = np.asarray(mask)
+    assert m[5:10, 5:15].min() == 255 and m.sum() == 255 * 50  # exactly the 10 × 5 stroke
+    assert np.array_equal(np.asarray(init), np.asarray(sketch))  # no blur: the sketch itself
+    _, dimmed = inpaint_sketch(original, sketch, mask_blur=0, mask_alpha=50)
+    assert np.asarray(dimmed).max() == 127  # "mask transparency" 50 %
+    soft, _ = inpaint_sketch(original, sketch, mask_blur=2)
+    assert np.asarray(soft)[20, 30].tolist() == [10, 20, 30]  # far from the strokes: the original

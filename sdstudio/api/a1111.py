@@ -162,6 +162,9 @@ def _hires_fields(body: Txt2ImgBody) -> dict:
 
 
 def to_request(body: Txt2ImgBody, options: dict, request_type=Txt2ImgRequest, **more) -> Txt2ImgRequest:
+    if body.restore_faces:
+        raise HTTPException(404, "restore_faces: face restoration is not installed (GFPGAN/CodeFormer are not "
+                                 "supported yet); send restore_faces: false")
     settings = {**options, **body.override_settings}
     if request_type is Txt2ImgRequest:
         more = {**_hires_fields(body), **more}

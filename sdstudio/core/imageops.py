@@ -9,12 +9,14 @@
   to the processing size's aspect ratio.
 - :func:`overlay`: the original pasted back over the result outside the mask, so unmasked pixels
   are the original's exactly.
+- :func:`inpaint_sketch`: A1111's "Inpaint sketch": the mask is where the sketch differs from the
+  original, the init is the (blurred) strokes over the original.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
@@ -155,3 +157,18 @@ def overlay(result: Image.Image, original: Image.Image, mask: Image.Image,
     org = np.asarray(original.convert("RGB"), dtype=np.uint16)
     mixed = (res * a + org * (255 - a) + 127) // 255
     return Image.fromarray(mixed.astype(np.uint8), "RGB")
+
+
+def inpaint_sketch(original: Image.Image, sketch: Image.Image, mask_blur: int = 4,
+                   mask_alpha: float = 0.0) -> tuple[Image.Image, Image.Image]:
+    """(init image, mask) for an inpaint sketch: ``sketch`` is ``original`` with colour strokes drawn on
+    it. The mask is every pixel the strokes changed, dimmed by ``mask_alpha`` % ("mask transparency");
+    the init is the sketch, blurred by ``mask_blur``, laid over the original through the blurred mask."""
+    if sketch.size != original.size:
+        sketch = sketch.resize(original.size, Image.Resampling.LANCZOS)
+    original, sketch = original.convert("RGB"), sketch.convert("RGB")
+    changed = np.any(np.asarray(sketch) != np.asarray(original), axis=-1)
+    mask = Image.fromarray(changed.astype(np.uint8) * 255, "L")
+    mask = ImageEnhance.Brightness(mask).enhance(1 - mask_alpha / 100)
+    blur = ImageFilter.GaussianBlur(mask_blur)
+    return Image.composite(sketch.filter(blur), original, mask.filter(blur)), mask
