@@ -172,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take prompt, negative prompt, seed, sampler, CFG and steps from each input's PNG info")
     add_common_flags(i)
 
+    q = sub.add_parser("interrogate", help="describe an image as a prompt (CLIP: BLIP caption + CLIP terms; "
+                       "deepdanbooru: tags)")
+    q.add_argument("image")
+    q.add_argument("--model", choices=["clip", "deepdanbooru"], default="clip")
+    add_common_flags(q)
+
     p = sub.add_parser("pnginfo", help="print the generation parameters stored in an image")
     p.add_argument("image")
     p.add_argument("--json", action="store_true", help="print the parsed fields as JSON")
@@ -353,6 +359,17 @@ def cmd_img2img(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_interrogate(args: argparse.Namespace) -> int:
+    from .engine.devices import plan_devices
+    from .engine.img2img import open_image
+    from .engine.interrogate import Interrogators
+
+    plan = plan_devices(device_options_from(args))
+    image = open_image(args.image, "image")
+    print(Interrogators(paths_from(args).models_dir, plan.device, plan.dtype).interrogate(image, args.model))
+    return 0
+
+
 def a1111_body(req: Txt2ImgRequest) -> dict:
     """A request in A1111's API fields (what ``/sdapi/v1/txt2img`` and ``/sdstudio/v1/jobs`` take)."""
     fields = ("prompt", "negative_prompt", "styles", "seed", "subseed", "subseed_strength", "sampler_name",
@@ -472,8 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
-    commands = {"txt2img": cmd_txt2img, "img2img": cmd_img2img, "pnginfo": cmd_pnginfo, "models": cmd_models,
-                "styles": cmd_styles}
+    commands = {"txt2img": cmd_txt2img, "img2img": cmd_img2img, "interrogate": cmd_interrogate,
+                "pnginfo": cmd_pnginfo, "models": cmd_models, "styles": cmd_styles}
     try:
         if args.command == "serve":
             from .server import serve

@@ -135,6 +135,11 @@ class PngInfoBody(BaseModel):
     image: str
 
 
+class InterrogateBody(BaseModel):
+    image: str
+    model: str = "clip"  # or "deepdanbooru"
+
+
 class OptionsBody(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -549,8 +554,14 @@ def make_router(service: JobService, options: dict, cmd_flags: dict, limits: dic
         return {"ram": ram, "cuda": cuda, "platform": platform.platform()}
 
     @r.post("/interrogate")
-    def interrogate():
-        raise HTTPException(404, "no interrogator installed: CLIP/BLIP and DeepBooru weights are not supported yet")
+    def interrogate(body: InterrogateBody):
+        image = decode_image(body.image, "image")
+        try:
+            return {"caption": engine.interrogators.interrogate(image, body.model)}
+        except ModelNotFoundError as exc:
+            raise HTTPException(404, str(exc)) from None
+        except ModelFileError as exc:
+            raise HTTPException(422, str(exc)) from None
 
     @r.get("/prompt-styles")
     def prompt_styles():

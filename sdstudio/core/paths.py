@@ -40,6 +40,10 @@ class Paths:
         self.styles_file = Path(self.styles_file or self.data_dir / "styles.csv").expanduser()
 
     @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
     def upscaler_dirs(self) -> list[Path]:
         return [self.esrgan_dir, self.realesrgan_dir, self.swinir_dir, self.dat_dir]
 

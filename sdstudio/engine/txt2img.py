@@ -36,6 +36,7 @@ from . import vae as vae_ops
 from .conditioning import TextConditioner
 from .denoiser import CFGDenoiser, ComposedConditioning, Interrupted, ScheduledConditioning
 from .devices import Placement, plan_devices
+from .interrogate import Interrogators
 from .rng import BrownianNoise, NoiseGenerator, image_noise
 from .samplers import SAMPLER_FUNCTIONS
 from .schedules import DiscreteSchedule, ddim_timesteps, get_sigmas
@@ -119,6 +120,7 @@ class Engine:
         self.embeddings = EmbeddingLibrary(paths.embeddings_dir)
         self.schedule = DiscreteSchedule()
         self.upscalers = Upscalers(paths.upscaler_dirs, self.plan.device, self.plan.dtype)
+        self.interrogators = Interrogators(paths.models_dir, self.plan.device, self.plan.dtype)
         self.lock = threading.Lock()  # one generation at a time per device
 
     # ---- models -----------------------------------------------------------------------------------

@@ -264,3 +264,56 @@ def _old_esrgan_names(sd: dict[str, torch.Tensor], nb: int, n_up: int) -> dict[s
         elif name == "conv_last":
             out[f"model.{hr + 2}.{param}"] = v
     return out
+
+
+_TAGGER_TAGS = ("circle", "square", "triangle", "star", "red", "green", "blue", "yellow", "simple_background",
+                "no_humans")
+_CAPTION_WORDS = ("a", "an", "the", "red", "green", "blue", "yellow", "circle", "square", "triangle", "star", "on",
+                  "background", "small", "large", "left", "right", "picture", "of", "with")
+
+
+def write_interrogators(models_dir: str | Path, seed: int = 0) -> Path:
+    """Tiny random-weight interrogation models in the folders :mod:`sdstudio.engine.interrogate` reads:
+    ``BLIP`` (captioner with a small word-piece vocabulary), ``CLIP`` (using our CLIP tokenizer's
+    vocabulary) and ``deepbooru`` (a ViT multi-label tagger over a few tags)."""
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        ViTConfig,
+        ViTForImageClassification,
+        ViTImageProcessor,
+    )
+
+    models_dir = Path(models_dir)
+    torch.manual_seed(seed)
+    blip_dir = models_dir / "BLIP"
+    blip_dir.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[DEC]", "[SEP]", "[UNK]", "[CLS]", "[MASK]", *_CAPTION_WORDS]
+    (blip_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    blip = BlipConfig(vision_config={**small, "image_size": 32, "patch_size": 16},
+                      text_config={**small, "vocab_size": len(vocab), "bos_token_id": 1, "sep_token_id": 2,
+                                   "eos_token_id": 2, "pad_token_id": 0, "max_position_embeddings": 64},
+                      projection_dim=32)
+    BlipForConditionalGeneration(blip).save_pretrained(str(blip_dir))
+    tokenizer = BertTokenizer(str(blip_dir / "vocab.txt"), bos_token="[DEC]", unk_token="[UNK]", sep_token="[SEP]",
+                              pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
+    BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer).save_pretrained(str(blip_dir))
+    clip_dir = models_dir / "CLIP"
+    clip = CLIPConfig(text_config={**small, "vocab_size": 49408, "max_position_embeddings": 77, "eos_token_id": 49407},
+                      vision_config={**small, "image_size": 32, "patch_size": 16}, projection_dim=32)
+    CLIPModel(clip).save_pretrained(str(clip_dir))
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(clip_dir))
+    tagger_dir = models_dir / "deepbooru"
+    tags = dict(enumerate(_TAGGER_TAGS))
+    vit = ViTConfig(**small, image_size=32, patch_size=16, num_labels=len(tags), id2label=tags,
+                    label2id={v: k for k, v in tags.items()}, problem_type="multi_label_classification")
+    ViTForImageClassification(vit).save_pretrained(str(tagger_dir))
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(str(tagger_dir))
+    return models_dir
