@@ -139,8 +139,8 @@ def test_extras_and_hires_with_a_model_upscaler(client, data_dir):
 
 def test_utility_routes(client):
     assert client.get("/sdapi/v1/memory").json()["ram"]["total"] > 0
-    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": ["sd upscale", "loopback",
-                                                                                 "poor man's outpainting"]}
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": [
+        "sd upscale", "loopback", "poor man's outpainting", "outpainting mk2"]}
     assert client.post("/sdapi/v1/interrogate", json={}).status_code == 422  # no image
     assert client.get("/sdapi/v1/progress").json()["state"]["job"] == ""
     assert client.get("/docs").status_code == 200

@@ -114,3 +114,36 @@ def test_a1111_positional_script_args():
     assert scripts.from_a1111_list("Poor man's outpainting", [64, 4, "latent noise", ["up"]], [])["inpainting_fill"] == 2
     with pytest.raises(scripts.ScriptError, match="out of range"):
         scripts.from_a1111_list("SD upscale", [None, 32, 9, 2], ["None"])
+
+
+def test_outpainting_mk2_grows_each_side_and_keeps_the_picture(setup):
+    engine, init = setup
+    result, jobs = run(engine, request(init, script_name="Outpainting mk2",
+                                       script_args={"pixels": 32, "mask_blur": 4, "direction": ["left", "up"]}))
+    out = result.images[0].image
+    assert out.size == (96 + 32, 64 + 32) and jobs[-1] == (1, 2)  # one pass per side
+    arr, original = np.asarray(out).astype(int), np.asarray(Image.open(init)).astype(int)
+    # the old picture sits at (32, 32); well inside it (mask blur 4: radius 10, plus the 4 px margin) it is exact
+    assert np.array_equal(arr[32 + 14:, 32 + 14:], original[14:, 14:])
+    assert arr[:16, :].std() > 0 and arr[:, :16].std() > 0
+    assert "Script: Outpainting mk2" in result.images[0].infotext and "Outpaint fall-off exponent: 1" in result.images[0].infotext
+    assert recreated(engine, result.images[0], init)
+
+
+def test_matched_noise_follows_the_known_colours():
+    from sdstudio.core.imageops import match_histogram, matched_noise
+
+    image = np.zeros((64, 96, 3))
+    image[..., 0] = 0.8
+    image[..., 2] = np.linspace(0, 1, 96)[None, :]
+    unknown = np.zeros((64, 96))
+    unknown[:, 64:] = 1
+    out = matched_noise(image, unknown)
+    assert np.array_equal(out[:, :64], image[:, :64])  # known pixels untouched
+    assert np.allclose(np.sort(out[:, 64:, 2].ravel())[[0, -1]], [image[:, :64, 2].min(), image[:, :64, 2].max()],
+                       atol=0.02)  # the fill spans the known range of each channel
+    assert np.allclose(out[:, 64:, 0], 0.8) and out[:, 64:, 1].max() == 0
+    assert np.array_equal(matched_noise(image, unknown), out)  # deterministic
+    ref = np.random.default_rng(0).normal(size=(500, 1))
+    matched = match_histogram(np.random.default_rng(1).random((500, 1)), ref)
+    assert np.allclose(np.sort(matched[:, 0]), np.quantile(ref[:, 0], (np.arange(500) + 0.5) / 500))

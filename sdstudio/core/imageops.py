@@ -172,3 +172,41 @@ def inpaint_sketch(original: Image.Image, sketch: Image.Image, mask_blur: int = 
     mask = ImageEnhance.Brightness(mask).enhance(1 - mask_alpha / 100)
     blur = ImageFilter.GaussianBlur(mask_blur)
     return Image.composite(sketch.filter(blur), original, mask.filter(blur)), mask
+
+
+def match_histogram(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``values`` (N×C) remapped per channel so their distribution is ``reference``'s (M×C): each value
+    goes to the reference quantile of its own rank."""
+    out = np.empty_like(values, dtype=np.float64)
+    for c in range(values.shape[1]):
+        order = np.argsort(values[:, c], kind="stable")
+        quantiles = (np.arange(len(order)) + 0.5) / len(order)
+        out[order, c] = np.quantile(reference[:, c], quantiles)
+    return out
+
+
+def matched_noise(image: np.ndarray, unknown: np.ndarray, falloff: float = 1.0, color_variation: float = 0.05,
+                  seed: int = 0) -> np.ndarray:
+    """Fill for outpainting ("Outpainting mk2"): noise with the known picture's spatial spectrum and
+    colour distribution in the ``unknown`` part (H×W, 1 = unknown) of ``image`` (H×W×3 in 0..1).
+
+    Grey-ish noise (``color_variation`` of it keeps its own colour) is shaped in the frequency domain to
+    the known picture's amplitude spectrum raised to ``falloff`` (lower = more fine detail), keeping the
+    noise's own phases, then each channel is histogram-matched to the known pixels. Deterministic."""
+    h, w, _ = image.shape
+    known = unknown < 1e-3
+    if not known.any() or known.all():
+        return image.copy()
+    mean = image[known].mean(axis=0)
+    filled = image * (1 - unknown[..., None]) + mean * unknown[..., None]
+    src_amplitude = np.abs(np.fft.fft2(filled - mean, axes=(0, 1)))
+    rng = np.random.default_rng(seed)
+    noise = rng.random((h, w, 3))
+    grey = noise.mean(axis=2, keepdims=True)
+    noise = noise * color_variation + grey * (1 - color_variation)
+    spectrum = np.fft.fft2(noise - noise.mean(axis=(0, 1)), axes=(0, 1))
+    phase = spectrum / np.maximum(np.abs(spectrum), 1e-12)
+    shaped = np.real(np.fft.ifft2(phase * src_amplitude ** falloff, axes=(0, 1)))
+    fill = unknown > 1e-6
+    shaped[fill] = match_histogram(shaped[fill], image[known])
+    return np.clip(image * (1 - unknown[..., None]) + shaped * unknown[..., None], 0.0, 1.0)

@@ -19,6 +19,12 @@ class ScriptError(ValueError):
     pass
 
 
+def _padded(args: list, defaults: list) -> list:
+    """A1111's positional arguments, the missing trailing ones taking their defaults (extra ones ignored)."""
+    args = list(args)[:len(defaults)]
+    return args + defaults[len(args):]
+
+
 @dataclass
 class SDUpscale:
     """Upscale the init image, then img2img it in overlapping tiles of the request's size."""
@@ -39,7 +45,7 @@ class SDUpscale:
     @classmethod
     def from_list(cls, args: list, upscaler_names: list[str]) -> SDUpscale:
         # A1111: [info, overlap, upscaler_index, scale_factor]
-        _, overlap, index, scale = (list(args) + [None, 64, 0, 2.0])[:4]
+        _, overlap, index, scale = _padded(args, [None, 64, 0, 2.0])
         if isinstance(index, str):
             upscaler = index
         elif not 0 <= int(index) < len(upscaler_names):
@@ -83,7 +89,7 @@ class Loopback:
     @classmethod
     def from_list(cls, args: list, upscaler_names: list[str]) -> Loopback:
         # A1111: [loops, final_denoising_strength, denoising_curve, append_interrogation]
-        loops, final, curve = (list(args) + [4, 0.5, "Linear"])[:3]
+        loops, final, curve = _padded(args, [4, 0.5, "Linear"])
         return cls(int(loops), float(final), str(curve))
 
 
@@ -113,13 +119,43 @@ class PoorMansOutpainting:
     @classmethod
     def from_list(cls, args: list, upscaler_names: list[str]) -> PoorMansOutpainting:
         # A1111: [pixels, mask_blur, inpainting_fill, direction]
-        pixels, blur, fill, direction = (list(args) + [128, 4, 1, list(OUTPAINT_DIRECTIONS)])[:4]
+        pixels, blur, fill, direction = _padded(args, [128, 4, 1, list(OUTPAINT_DIRECTIONS)])
         fills = ("fill", "original", "latent noise", "latent nothing")
         fill = fills.index(fill) if isinstance(fill, str) and fill in fills else int(fill)
         return cls(int(pixels), int(blur), fill, [str(d) for d in direction])
 
 
-SCRIPTS: dict[str, type] = {s.name: s for s in (SDUpscale, Loopback, PoorMansOutpainting)}
+@dataclass
+class OutpaintingMk2:
+    """Grow the canvas side by side, filling each new band with noise matched to the picture's spectrum
+    and colours, then inpainting it (one pass per side)."""
+
+    name: ClassVar[str] = "Outpainting mk2"
+    pixels: int = 128
+    mask_blur: int = 8
+    direction: list[str] = field(default_factory=lambda: list(OUTPAINT_DIRECTIONS))
+    noise_q: float = 1.0  # fall-off exponent (lower = more detail)
+    color_variation: float = 0.05
+    keys: ClassVar[dict[str, str]] = {"pixels": "Outpaint pixels", "mask_blur": "Outpaint mask blur",
+                                      "direction": "Outpaint direction", "noise_q": "Outpaint fall-off exponent",
+                                      "color_variation": "Outpaint color variation"}
+
+    def check(self) -> None:
+        PoorMansOutpainting(self.pixels, min(self.mask_blur, 64), 1, self.direction).check()
+        if not 0.0 <= self.noise_q <= 4.0:
+            raise ScriptError(f"Outpainting mk2: fall-off exponent must be from 0 to 4, got {self.noise_q!r}")
+        if not 0.0 <= self.color_variation <= 1.0:
+            raise ScriptError(f"Outpainting mk2: color variation must be from 0 to 1, got {self.color_variation!r}")
+
+    @classmethod
+    def from_list(cls, args: list, upscaler_names: list[str]) -> OutpaintingMk2:
+        # A1111: [info, pixels, mask_blur, direction, noise_q, color_variation]
+        _, pixels, blur, direction, noise_q, variation = _padded(args, [None, 128, 8, list(OUTPAINT_DIRECTIONS),
+                                                                         1.0, 0.05])
+        return cls(int(pixels), int(blur), [str(d) for d in direction], float(noise_q), float(variation))
+
+
+SCRIPTS: dict[str, type] = {s.name: s for s in (SDUpscale, Loopback, PoorMansOutpainting, OutpaintingMk2)}
 
 
 def parse(name: str, args: dict[str, Any]):

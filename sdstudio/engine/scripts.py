@@ -7,6 +7,9 @@ on the engine, put together the way A1111's script does it.
   each loop; masked content becomes "original" after the first loop.
 - Poor man's outpainting: the canvas grown by ``pixels`` on the chosen sides (to a multiple of 64), the
   new band masked (blur × 2), and only the tiles touching it inpainted.
+- Outpainting mk2: one side at a time (left, right, up, down): the band filled with noise matched to the
+  picture (:func:`sdstudio.core.imageops.matched_noise`), then inpainted over a window of at most the
+  request's size at that edge, masked content "original".
 
 The result's infotext is the first pass's with the script and its arguments added (``Script: …``), so
 pasting it back with the same init image runs the script again.
@@ -17,9 +20,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 from PIL import Image, ImageDraw
 
-from ..core import infotext, scripts, tiles
+from ..core import imageops, infotext, scripts, tiles
 from ..core.params import Img2ImgRequest, RequestError
 from . import img2img as img2img_ops
 
@@ -65,7 +69,8 @@ def run(engine, req: Img2ImgRequest, *, on_progress=None, should_stop: Callable[
     args = scripts.parse(req.script_name, req.script_args)
     req = req.with_concrete_seeds()
     inner = req.replace(script_name="", script_args={})
-    runner = {"SD upscale": _sd_upscale, "Loopback": _loopback, "Poor man's outpainting": _outpaint}[args.name]
+    runner = {"SD upscale": _sd_upscale, "Loopback": _loopback, "Poor man's outpainting": _outpaint,
+              "Outpainting mk2": _outpaint_mk2}[args.name]
     images: list[GeneratedImage] = []
     interrupted = False
     batches = 0
@@ -170,3 +175,60 @@ def _outpaint(engine, req: Img2ImgRequest, args: scripts.PoorMansOutpainting, on
             done[i] = result.images[0].image
             seed += 1
         yield start, [(tiles.combine(grid, done), passes.first.images[0].infotext)]
+
+
+def _grow_one_side(engine, passes: _Passes, req: Img2ImgRequest, args: scripts.OutpaintingMk2, images: list, side: str,
+                   seed: int):
+    """Every image of ``images`` grown by ``args.pixels`` on ``side``; one inpaint pass for the batch."""
+    horizontal = side in ("left", "right")
+    grow_w, grow_h = (args.pixels, 0) if horizontal else (0, args.pixels)
+    canvases, masks, crops, sizes = [], [], [], []
+    for image in images:
+        res_w, res_h = image.width + grow_w, image.height + grow_h
+        w, h = math.ceil(res_w / 64) * 64, math.ceil(res_h / 64) * 64
+        canvas = Image.new("RGB", (w, h))
+        canvas.paste(image, (grow_w if side == "left" else 0, grow_h if side == "up" else 0))
+        mask = Image.new("L", (w, h), 255)
+        blur = args.mask_blur
+        ImageDraw.Draw(mask).rectangle((args.pixels + blur if side == "left" else 0, args.pixels + blur if side == "up" else 0,
+                                        w - args.pixels - blur if side == "right" else res_w,
+                                        h - args.pixels - blur if side == "down" else res_h), fill=0)
+        pixels = np.asarray(canvas, dtype=np.float64) / 255.0
+        filled = imageops.matched_noise(pixels, np.asarray(mask, dtype=np.float64) / 255.0, args.noise_q,
+                                        args.color_variation)
+        canvas = Image.fromarray((filled * 255).round().astype(np.uint8))
+        tw = min(req.width, image.width + grow_w) if horizontal else w
+        th = min(req.height, image.height + grow_h) if not horizontal else h
+        box = (0 if side == "left" else w - tw, 0 if side == "up" else h - th,
+               tw if side == "left" else w, th if side == "up" else h)
+        canvases.append(canvas)
+        masks.append(mask.crop(box))
+        crops.append(canvas.crop(box))
+        sizes.append((res_w, res_h))
+    tw, th = crops[0].size
+    result = passes.run(req.replace(init_images=crops, mask=masks[0], width=tw // 8 * 8, height=th // 8 * 8,
+                                    batch_size=len(crops), n_iter=1, seed=seed, mask_blur=args.mask_blur,
+                                    inpainting_fill=1, inpaint_full_res=False, inpainting_mask_invert=0))
+    if result.interrupted:
+        return None
+    out = []
+    for canvas, done, (res_w, res_h) in zip(canvases, result.images, sizes):
+        piece = done.image.resize((tw, th), Image.Resampling.LANCZOS) if done.image.size != (tw, th) else done.image
+        canvas.paste(piece, (0 if side == "left" else canvas.width - tw, 0 if side == "up" else canvas.height - th))
+        out.append(canvas.crop((0, 0, res_w, res_h)))
+    return out
+
+
+def _outpaint_mk2(engine, req: Img2ImgRequest, args: scripts.OutpaintingMk2, on_progress, should_stop):
+    init = img2img_ops.open_image(req.init_images[0], "init image").convert("RGB")
+    sides = [d for d in scripts.OUTPAINT_DIRECTIONS if d in args.direction]
+    passes = _Passes(engine, req.n_iter * len(sides), on_progress, should_stop)
+    for n in range(req.n_iter):
+        seed = start = req.seed + n * req.batch_size
+        images = [init] * req.batch_size
+        for side in sides:
+            images = _grow_one_side(engine, passes, req, args, images, side, seed)
+            if images is None:
+                yield start, None
+                return
+        yield start, [(image, passes.first.images[0].infotext) for image in images]
