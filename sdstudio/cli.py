@@ -178,6 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", choices=["clip", "deepdanbooru"], default="clip")
     add_common_flags(q)
 
+    e = sub.add_parser("extras", help="upscale images (A1111's Extras tab): one image or a folder")
+    e.add_argument("image", nargs="?", help="the image (or --input-dir)")
+    e.add_argument("--input-dir", help="every image in this folder (A1111's 'Batch from directory')")
+    e.add_argument("--output-dir", help="where results go (default: outputs/extras-images/DATE)")
+    e.add_argument("--scale", type=float, default=2.0, help="scale by (default 2)")
+    e.add_argument("--resize", type=_size, metavar="WxH", help="scale to, instead of --scale")
+    e.add_argument("--no-crop", action="store_true", help="with --resize: stretch instead of crop to fit")
+    e.add_argument("--upscaler", default="Lanczos", help="None, Lanczos, Nearest or a models/ESRGAN name")
+    e.add_argument("--upscaler-2", default="None")
+    e.add_argument("--upscaler-2-visibility", type=float, default=0.0)
+    add_common_flags(e)
+
     p = sub.add_parser("pnginfo", help="print the generation parameters stored in an image")
     p.add_argument("image")
     p.add_argument("--json", action="store_true", help="print the parsed fields as JSON")
@@ -359,6 +371,31 @@ def cmd_img2img(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extras(args: argparse.Namespace) -> int:
+    from .core import outputs
+    from .engine import extras
+    from .engine.devices import plan_devices
+    from .engine.img2img import open_image
+    from .engine.upscalers import Upscalers
+
+    if bool(args.image) == bool(args.input_dir):
+        raise RequestError("give an image, or --input-dir for a folder (not both)")
+    paths = paths_from(args)
+    plan = plan_devices(device_options_from(args))
+    upscalers = Upscalers(paths.upscaler_dirs, plan.device, plan.dtype)
+    req = extras.ExtrasRequest(scale=args.scale, resize_to=args.resize, crop=not args.no_crop,
+                               upscaler_1=args.upscaler, upscaler_2=args.upscaler_2,
+                               upscaler_2_visibility=args.upscaler_2_visibility)
+    extras.check(req, upscalers)
+    inputs = [Path(args.image)] if args.image else sorted(
+        p for p in Path(args.input_dir).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    outdir = Path(args.output_dir) if args.output_dir else outputs.dated_dir(paths.outputs_dir, "extras-images")
+    for path in inputs:
+        result = extras.run(open_image(str(path), str(path)), req, upscalers)
+        print(outputs.save_image(result, outdir, infotext=outputs.read_infotext(path), suffix=path.stem))
+    return 0
+
+
 def cmd_interrogate(args: argparse.Namespace) -> int:
     from .engine.devices import plan_devices
     from .engine.img2img import open_image
@@ -489,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
-    commands = {"txt2img": cmd_txt2img, "img2img": cmd_img2img, "interrogate": cmd_interrogate,
+    commands = {"txt2img": cmd_txt2img, "img2img": cmd_img2img, "extras": cmd_extras, "interrogate": cmd_interrogate,
                 "pnginfo": cmd_pnginfo, "models": cmd_models, "styles": cmd_styles}
     try:
         if args.command == "serve":

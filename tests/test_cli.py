@@ -185,3 +185,24 @@ def test_img2img_batch_folder_with_masks_and_png_info(data_dir, capsys, tmp_path
     texts = [read_infotext(p) for p in written]
     assert any("a blue square" in t and "Seed: 7" in t for t in texts)  # b.png's own parameters
     assert any("a red circle" in t and "Mask blur" in t and "Seed: 42" in t for t in texts)  # a.png: flags, mask
+
+
+def test_extras_single_and_folder(data_dir, capsys, tmp_path):
+    from sdstudio.models.synthetic import write_upscaler
+
+    write_upscaler(data_dir / "models" / "ESRGAN" / "2x-tiny.safetensors", "esrgan", 2)
+    (tmp_path / "in").mkdir()
+    _init(tmp_path / "in" / "a.png", (40, 30))
+    _init(tmp_path / "in" / "b.png", (20, 20))
+    code, out, err = run(["extras", str(tmp_path / "in" / "a.png"), "--upscaler", "2x-tiny", "--scale", "3",
+                          "--output-dir", str(tmp_path / "one")], data_dir, capsys)
+    assert code == 0, err
+    assert Image.open(out.strip()).size == (120, 90)
+    code, out, err = run(["extras", "--input-dir", str(tmp_path / "in"), "--resize", "64x32", "--upscaler", "Lanczos",
+                          "--upscaler-2", "2x-tiny", "--upscaler-2-visibility", "0.5",
+                          "--output-dir", str(tmp_path / "many")], data_dir, capsys)
+    assert code == 0, err
+    written = out.split()
+    assert len(written) == 2 and all(Image.open(p).size == (64, 32) for p in written)
+    code, _, err = run(["extras", str(tmp_path / "in" / "a.png"), "--upscaler", "4x-nope"], data_dir, capsys)
+    assert code == 2 and "4x-nope" in err

@@ -24,6 +24,8 @@ from ..core.names import LATENT_UPSCALE_MODES, SAMPLERS, SCHEDULES
 from ..core.outputs import NotAnImageError, read_infotext
 from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest
 from ..core.scripts import SCRIPTS, ScriptError, from_a1111_list
+from ..engine import extras
+from ..engine.extras import ExtrasRequest
 from ..engine.upscalers import Upscalers
 from ..models.errors import ModelFileError, ModelNotFoundError
 from ..models.network_info import network_info
@@ -307,59 +309,27 @@ def run_blocking(service: JobService, client: str, job: Txt2ImgJob, body: Txt2Im
     return {"images": images, "parameters": body.model_dump(), "info": json.dumps(info, ensure_ascii=False)}
 
 
-MAX_EXTRAS_PIXELS = 64 * 1024 * 1024
+def extras_request(body: ExtrasBody) -> ExtrasRequest:
+    return ExtrasRequest(scale=body.upscaling_resize, crop=body.upscaling_crop,
+                         resize_to=(body.upscaling_resize_w, body.upscaling_resize_h) if body.resize_mode == 1 else None,
+                         upscaler_1=body.upscaler_1, upscaler_2=body.upscaler_2,
+                         upscaler_2_visibility=min(1.0, max(0.0, body.extras_upscaler_2_visibility)),
+                         gfpgan_visibility=body.gfpgan_visibility, codeformer_visibility=body.codeformer_visibility)
 
 
 def extras_upscale(image, body: ExtrasBody, upscalers: Upscalers):
-    """Extras' upscale step: upscaler 1 (a built-in resampler or a model file), then upscaler 2 blended
-    in by its visibility; "Crop to fit" crops a resize-to result to the exact size."""
-    from PIL import Image
-
-    from ..core.imageops import resize_image
-
-    for name in (body.upscaler_1, body.upscaler_2):
-        try:
-            upscalers.get(name)
-        except ModelNotFoundError as exc:
-            raise HTTPException(404, str(exc)) from None
-    if body.gfpgan_visibility > 0 or body.codeformer_visibility > 0:
-        raise HTTPException(404, "face restoration is not installed: GFPGAN/CodeFormer are not supported yet")
-    image = image.convert("RGB")
-    if body.resize_mode == 1:
-        w, h = body.upscaling_resize_w, body.upscaling_resize_h
-    else:
-        if not 0 < body.upscaling_resize <= 8:
-            raise HTTPException(422, f"upscaling_resize must be between 0 and 8, got {body.upscaling_resize}")
-        w, h = round(image.width * body.upscaling_resize), round(image.height * body.upscaling_resize)
-    if not (0 < w and 0 < h) or w * h > MAX_EXTRAS_PIXELS:
-        raise HTTPException(422, f"target size {w}x{h} must be positive and at most {MAX_EXTRAS_PIXELS // 2**20} MP")
-    crop = body.resize_mode == 1 and body.upscaling_crop
-
-    def upscale(name):
-        if name == "None":
-            return image
-        try:
-            big = upscalers.upscale(image, *(_cover(image.size, w, h) if crop else (w, h)), name)
-        except ModelFileError as exc:
-            raise HTTPException(422, f"upscaler {name!r}: {exc}") from None
-        return resize_image(1, big, w, h) if crop else big
-
-    first = upscale(body.upscaler_1)
-    if body.upscaler_2 != "None" and body.extras_upscaler_2_visibility > 0:
-        second = upscale(body.upscaler_2).resize(first.size)
-        first = Image.blend(first, second, min(1.0, body.extras_upscaler_2_visibility))
-    return first
+    try:
+        return extras.run(image, extras_request(body), upscalers)
+    except ModelNotFoundError as exc:
+        raise HTTPException(404, str(exc)) from None
+    except (RequestError, ModelFileError) as exc:
+        raise HTTPException(422, str(exc)) from None
 
 
 def _scale_from_name(name: str) -> float:
     """A1111 guesses a model upscaler's scale from its name (``4x-UltraSharp``, ``RealESRGAN_x2plus``)."""
     found = re.search(r"(?:^|[^0-9])([1-8])x|x([1-8])(?:[^0-9]|$)", name)
     return float(found.group(1) or found.group(2)) if found else 4.0
-
-
-def _cover(size: tuple[int, int], w: int, h: int) -> tuple[int, int]:
-    scale = max(w / size[0], h / size[1])
-    return max(w, round(size[0] * scale)), max(h, round(size[1] * scale))
 
 
 
