@@ -117,6 +117,20 @@ def add_generation_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--outdir", help="write images here instead of outputs/<kind>-images/DATE")
     t.add_argument("--format", choices=["png", "jpg", "webp"], default="png")
     t.add_argument("--no-grid", action="store_true", help="do not save a grid for batches")
+    sc = t.add_argument_group("scripts")
+    sc.add_argument("--script", help="xyz, prompt-matrix, prompt-sr, prompts-from-file; img2img also: "
+                    "\"SD upscale\", Loopback, \"Poor man's outpainting\", \"Outpainting mk2\"")
+    sc.add_argument("--script-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="a script argument (repeatable), e.g. upscaler=4x-UltraSharp scale=2 overlap=64")
+    for axis in ("x", "y", "z"):
+        sc.add_argument(f"--{axis}-type", help=f"X/Y/Z plot: the {axis.upper()} axis (e.g. \"CFG Scale\", Steps, Sampler)")
+        sc.add_argument(f"--{axis}-values", help=f"X/Y/Z plot: the {axis.upper()} values (e.g. \"3,7\", \"1-5 (+2)\")")
+    sc.add_argument("--no-legend", action="store_true", help="X/Y/Z plot: no axis labels")
+    sc.add_argument("--include-sub-images", action="store_true", help="X/Y/Z plot: also save every cell's image")
+    sc.add_argument("--include-sub-grids", action="store_true", help="X/Y/Z plot: also save each Z value's grid")
+    sc.add_argument("--keep-random-seeds", action="store_true", help="X/Y/Z plot: keep -1 seeds random per cell")
+    sc.add_argument("--margin", type=int, help="X/Y/Z plot / prompt matrix: pixels between cells")
+    sc.add_argument("--file", help="prompts-from-file: the file (one prompt or --option line per line)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,9 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--padding", type=int, help="only masked padding, pixels")
     g.add_argument("--fix-steps", action="store_true", default=None,
                    help="do exactly the amount of steps the slider specifies")
-    g.add_argument("--script", help="SD upscale, Loopback or Poor man's outpainting")
-    g.add_argument("--script-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="a script argument (repeatable), e.g. upscaler=4x-UltraSharp scale=2 overlap=64")
     b = i.add_argument_group("batch (A1111's Batch tab)")
     b.add_argument("--input-dir", help="run over every image in this folder")
     b.add_argument("--output-dir", help="where the batch's results go (default: outputs/img2img-images/DATE)")
@@ -244,6 +255,8 @@ def request_from_args(args: argparse.Namespace, base: Txt2ImgRequest | None = No
         changes["tiling"] = True
     if getattr(args, "hr_resize", None):
         changes["hr_resize_x"], changes["hr_resize_y"] = args.hr_resize
+    if args.script:
+        changes["script_name"], changes["script_args"] = script_from_args(args)
     req = req.replace(**changes)
     return req if isinstance(req, Img2ImgRequest) else req.validate()
 
@@ -277,6 +290,10 @@ def generate_and_save(engine, req: Txt2ImgRequest, args: argparse.Namespace, pat
         bars[0].refresh()
 
     def on_image(image) -> None:  # saved as soon as it exists: an interrupt loses nothing finished
+        if image.grid:  # a script's own grid
+            written.append(outputs.save_image(image.image, grid_dir, infotext=image.infotext, basename="grid",
+                                              fmt=args.format))
+            return
         written.append(outputs.save_image(image.image, outdir, infotext=image.infotext, suffix=str(image.seed),
                                           fmt=args.format))
 
@@ -287,7 +304,7 @@ def generate_and_save(engine, req: Txt2ImgRequest, args: argparse.Namespace, pat
             bar.close()
     for path in written:
         print(path)
-    if len(result.images) > 1 and not args.no_grid:
+    if len(result.images) > 1 and not args.no_grid and not req.script_name:
         grid = outputs.image_grid([g.image for g in result.images], req.batch_size)
         print(outputs.save_image(grid, grid_dir, infotext=result.images[0].infotext, basename="grid", fmt=args.format))
     for warning in result.warnings:
@@ -295,6 +312,42 @@ def generate_and_save(engine, req: Txt2ImgRequest, args: argparse.Namespace, pat
     if result.interrupted:
         print("interrupted: kept the images finished so far", file=sys.stderr)
     return 0
+
+
+SCRIPT_ALIASES = {"xyz": "X/Y/Z plot", "x/y/z": "X/Y/Z plot", "prompt-sr": "X/Y/Z plot",
+                  "prompt-matrix": "Prompt matrix", "prompts-from-file": "Prompts from file or textbox",
+                  "sd-upscale": "SD upscale", "loopback": "Loopback", "outpainting": "Poor man's outpainting",
+                  "outpainting-mk2": "Outpainting mk2"}
+
+
+def script_from_args(args: argparse.Namespace) -> tuple[str, dict]:
+    """``--script`` and its flags -> (script name, arguments)."""
+    from .core.scripts import SCRIPTS
+
+    name = SCRIPT_ALIASES.get(args.script.lower(), args.script)
+    name = next((n for n in SCRIPTS if n.lower() == name.lower()), name)
+    values = _script_args(args.script_arg)
+    if name == "X/Y/Z plot":
+        if args.script.lower() == "prompt-sr":
+            values.setdefault("x_type", "Prompt S/R")
+        for axis in ("x", "y", "z"):
+            if getattr(args, f"{axis}_type"):
+                values[f"{axis}_type"] = getattr(args, f"{axis}_type")
+            if getattr(args, f"{axis}_values") is not None:
+                values[f"{axis}_values"] = getattr(args, f"{axis}_values")
+        for flag, key, value in (("no_legend", "draw_legend", False), ("include_sub_images", "include_lone_images", True),
+                                 ("include_sub_grids", "include_sub_grids", True),
+                                 ("keep_random_seeds", "no_fixed_seeds", True)):
+            if getattr(args, flag):
+                values[key] = value
+    if args.margin is not None and name in ("X/Y/Z plot", "Prompt matrix"):
+        values["margin_size"] = args.margin
+    if args.file:
+        try:
+            values["prompt_txt"] = Path(args.file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise RequestError(f"--file: {exc}") from None
+    return name, values
 
 
 _IMG2IMG_FLAGS = {"mask_blur": "mask_blur", "padding": "inpaint_full_res_padding", "fix_steps": "fix_steps"}
@@ -327,8 +380,6 @@ def img2img_request(args: argparse.Namespace, init, mask=None) -> Img2ImgRequest
         changes["inpainting_mask_invert"] = 1
     if args.only_masked:
         changes["inpaint_full_res"] = True
-    if args.script:
-        changes["script_name"], changes["script_args"] = args.script, _script_args(args.script_arg)
     return req.replace(init_images=[init], mask=mask, **changes).validate()
 
 

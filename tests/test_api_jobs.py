@@ -139,8 +139,9 @@ def test_extras_and_hires_with_a_model_upscaler(client, data_dir):
 
 def test_utility_routes(client):
     assert client.get("/sdapi/v1/memory").json()["ram"]["total"] > 0
-    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": [
-        "sd upscale", "loopback", "poor man's outpainting", "outpainting mk2"]}
+    both = ["x/y/z plot", "prompt matrix", "prompts from file or textbox"]
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": both, "img2img": [
+        "sd upscale", "loopback", "poor man's outpainting", "outpainting mk2", *both]}
     assert client.post("/sdapi/v1/interrogate", json={}).status_code == 422  # no image
     assert client.get("/sdapi/v1/progress").json()["state"]["job"] == ""
     assert client.get("/docs").status_code == 200
@@ -163,12 +164,38 @@ def test_img2img_scripts_over_the_a1111_api(client):
     assert r.status_code == 200, r.text
     assert Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).size == (128, 128)
     assert "SD upscale upscaler: Lanczos" in json.loads(r.json()["info"])["infotexts"][0]
-    r = client.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [init], "script_name": "x/y/z plot"})
+    r = client.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [init], "script_name": "ultimate sd upscale"})
     assert r.status_code == 422 and "available: SD upscale, Loopback" in r.json()["detail"]
     r = client.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [init], "script_name": "SD upscale",
                                                "script_args": {"upscaler": "4x-nope"}})
     assert r.status_code == 404
     r = client.post("/sdapi/v1/txt2img", json={**SMALL, "restore_faces": True})
     assert r.status_code == 404 and "face restoration is not installed" in r.json()["detail"]
-    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "script_name": "x/y/z plot"})
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "script_name": "sd upscale"})
     assert r.status_code == 422 and "not a txt2img script" in r.json()["detail"]
+
+
+def test_xyz_plot_over_the_a1111_api_with_positional_args(client):
+    args = [6, "3,7", [], 4, "1,2", [], 0, "", [], True, True, False, False, False, False, False, 0, False]
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "script_name": "x/y/z plot", "script_args": args})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["images"]) == 5  # the grid first, then the 4 cells ("include sub images")
+    info = json.loads(body["info"])
+    assert "X Type: CFG Scale" in info["infotexts"][0] and info["index_of_first_image"] == 1
+    grid = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
+    assert grid.width > 128 and grid.height > 128
+    job = client.post("/sdstudio/v1/jobs", json={"request": {**SMALL, "script_name": "Prompt matrix",
+                                                             "prompt": "a|b|c", "script_args": {}}}).json()
+    with client.stream("GET", f"/sdstudio/v1/jobs/{job['id']}/events") as stream:
+        list(stream.iter_lines())
+    done = client.get(f"/sdstudio/v1/jobs/{job['id']}").json()
+    assert len(done["grids"]) == 1 and len(done["images"]) == 4
+    assert client.get(done["grids"][0]).status_code == 200
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "script_name": "x/y/z plot",
+                                               "script_args": [6, "3,x", []]})
+    assert r.status_code == 422 and "CFG Scale: 'x'" in r.json()["detail"]
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "script_name": "x/y/z plot",
+                                               "script_args": ["Checkpoint name", "tiny-sd1, missing", []]})
+    assert r.status_code == 422 and "'missing'" in r.json()["detail"]
+    assert client.get("/sdstudio/v1/queue").json()["queued"] == 0  # refused before it queued

@@ -206,3 +206,34 @@ def test_extras_single_and_folder(data_dir, capsys, tmp_path):
     assert len(written) == 2 and all(Image.open(p).size == (64, 32) for p in written)
     code, _, err = run(["extras", str(tmp_path / "in" / "a.png"), "--upscaler", "4x-nope"], data_dir, capsys)
     assert code == 2 and "4x-nope" in err
+
+
+def test_xyz_prompt_matrix_and_prompts_file_from_the_cli(data_dir, capsys, tmp_path):
+    code, _out, err = run(["txt2img", "a red circle", *SMALL, "--script", "xyz", "--x-type", "CFG Scale", "--x-values",
+                          "3,7", "--y-type", "Steps", "--y-values", "1,2", "--include-sub-images",
+                          "--outdir", str(tmp_path / "xyz")], data_dir, capsys)
+    assert code == 0, err
+    written = sorted((tmp_path / "xyz").iterdir())
+    assert [p.name for p in written if p.name.startswith("grid")] == ["grid-0000.png"]
+    assert len(written) == 5 and "X Type: CFG Scale" in read_infotext(tmp_path / "xyz" / "grid-0000.png")
+    code, _, err = run(["txt2img", *SMALL, "--from-png", str(tmp_path / "xyz" / "grid-0000.png"), "--outdir",
+                        str(tmp_path / "again")], data_dir, capsys)
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again" / "grid-0000.png")),
+                          np.asarray(Image.open(tmp_path / "xyz" / "grid-0000.png")))  # the plot re-made from PNG info
+    code, _, err = run(["txt2img", "a red circle", *SMALL, "--script", "prompt-sr", "--x-values", "red, blue, green",
+                        "--outdir", str(tmp_path / "sr")], data_dir, capsys)
+    assert code == 0, err
+    assert "X Type: Prompt S/R" in read_infotext(tmp_path / "sr" / "grid-0000.png")
+    code, _, err = run(["txt2img", "a cat|in a hat|red", *SMALL, "--script", "prompt-matrix", "--outdir",
+                        str(tmp_path / "pm")], data_dir, capsys)
+    assert code == 0, err
+    assert len(list((tmp_path / "pm").iterdir())) == 5  # the labelled grid and 4 images
+    (tmp_path / "prompts.txt").write_text("a cat\n--prompt a dog --steps 1\n")
+    code, _, err = run(["txt2img", *SMALL, "--script", "prompts-from-file", "--file", str(tmp_path / "prompts.txt"),
+                        "--outdir", str(tmp_path / "pf")], data_dir, capsys)
+    assert code == 0, err
+    assert len(list((tmp_path / "pf").iterdir())) == 2
+    code, _, err = run(["txt2img", *SMALL, "--script", "xyz", "--x-type", "Sampler", "--x-values", "Euler, Nope"],
+                       data_dir, capsys)
+    assert code == 2 and "'Nope'" in err

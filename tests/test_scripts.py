@@ -99,7 +99,7 @@ def test_poor_mans_outpainting_keeps_the_picture_and_fills_the_band(setup):
 
 
 def test_bad_script_requests():
-    for name, args, word in [("Nope", {}, "unknown script"), ("Loopback", {"loops": 0}, "loops"),
+    for name, args, word in [("Nope", {}, "unknown img2img script"), ("Loopback", {"loops": 0}, "loops"),
                              ("SD upscale", {"scale": 20}, "scale"), ("Loopback", {"wat": 1}, "unknown argument"),
                              ("Poor man's outpainting", {"direction": ["sideways"]}, "directions")]:
         with pytest.raises(RequestError, match=word):

@@ -23,13 +23,14 @@ from ..core import infotext, styles
 from ..core.names import LATENT_UPSCALE_MODES, SAMPLERS, SCHEDULES
 from ..core.outputs import NotAnImageError, read_infotext
 from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest
-from ..core.scripts import SCRIPTS, ScriptError, from_a1111_list
+from ..core.scripts import ScriptError, from_a1111_list, names_for
 from ..engine import extras
+from ..engine import scripts as scripts_ops
 from ..engine.extras import ExtrasRequest
 from ..engine.upscalers import Upscalers
 from ..models.errors import ModelFileError, ModelNotFoundError
 from ..models.network_info import network_info
-from ..service.jobs import JobError, JobService, Txt2ImgJob, a1111_info
+from ..service.jobs import JobError, JobService, Txt2ImgJob, a1111_info, grid_paths
 from .common import client_id, decode_image, encode_file, inside
 
 
@@ -198,14 +199,14 @@ def script_fields(body: Txt2ImgBody, upscaler_names: list[str], kind: str) -> di
     """``script_name`` (matched without regard to case, as A1111 does) and its arguments as our dict."""
     if not body.script_name:
         return {}
-    names = {n.lower(): n for n in SCRIPTS} if kind == "img2img" else {}
+    names = {n.lower(): n for n in names_for(kind)}
     name = names.get(body.script_name.strip().lower())
     if name is None:
         raise HTTPException(422, f"script_name: {body.script_name!r} is not a {kind} script here; "
-                                 f"available: {', '.join(names.values()) or 'none yet'}")
+                                 f"available: {', '.join(names.values())}")
     try:
         args = dict(body.script_args) if isinstance(body.script_args, dict) else \
-            from_a1111_list(name, body.script_args, upscaler_names)
+            from_a1111_list(name, body.script_args, upscaler_names, kind)
     except ScriptError as exc:
         raise HTTPException(422, f"script_args: {exc}") from None
     return {"script_name": name, "script_args": args}
@@ -283,8 +284,9 @@ def check_models(engine, req: Txt2ImgRequest) -> None:
         engine.registry.vae_for(file, req.vae)
         if req.enable_hr and req.hr_upscaler not in LATENT_UPSCALE_MODES:
             engine.upscalers.get(req.hr_upscaler)
-        if getattr(req, "script_name", "") == "SD upscale":
-            engine.upscalers.get(req.script_args.get("upscaler", "None"))
+        scripts_ops.precheck(engine, req)
+    except RequestError as exc:
+        raise HTTPException(422, str(exc)) from None
     except ModelNotFoundError as exc:
         raise HTTPException(404, str(exc)) from None
 
@@ -302,7 +304,7 @@ def run_blocking(service: JobService, client: str, job: Txt2ImgJob, body: Txt2Im
     result = done.result
     req = Txt2ImgJob.from_dict(done.request, done.kind).request
     info = a1111_info(req, result)
-    paths = ([result["grid"]] if result.get("grid") else []) + [im["path"] for im in result.get("images", [])]
+    paths = grid_paths(result) + [im["path"] for im in result.get("images", [])]
     images = [encode_file(p) for p in paths] if body.send_images else []
     if getattr(body, "include_init_images", False) and body.send_images:
         images += list(body.init_images)
@@ -343,8 +345,8 @@ def make_router(service: JobService, options: dict, cmd_flags: dict, limits: dic
 
     @r.post("/txt2img")
     def txt2img(body: Txt2ImgBody, request: Request):
-        script_fields(body, [], "txt2img")  # none yet: a named script is refused, not silently skipped
-        job = queue_job(body, to_request(body, options), options, engine, limits)
+        req = to_request(body, options, **script_fields(body, [], "txt2img"))
+        job = queue_job(body, req, options, engine, limits)
         return run_blocking(service, client_id(request), job, body)
 
     @r.post("/img2img")
@@ -497,7 +499,7 @@ def make_router(service: JobService, options: dict, cmd_flags: dict, limits: dic
 
     @r.get("/scripts")
     def scripts():
-        return {"txt2img": [], "img2img": [name.lower() for name in SCRIPTS]}
+        return {kind: [name.lower() for name in names_for(kind)] for kind in ("txt2img", "img2img")}
 
     @r.get("/script-info")
     def script_info():

@@ -17,9 +17,9 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.requests import Request
 
-from ..service.jobs import JobError, JobService
+from ..service.jobs import JobError, JobService, grid_paths
 from ..service.queue import FINISHED, QUEUED
-from .a1111 import Txt2ImgBody, queue_job, to_request
+from .a1111 import Txt2ImgBody, queue_job, script_fields, to_request
 from .common import client_id
 
 
@@ -36,6 +36,7 @@ def make_router(service: JobService, options: dict, limits: dict | None = None) 
         out = job.public()
         out["queue_position"] = service.queue.position(job.id) if job.status == QUEUED else -1
         out["images"] = [f"/sdstudio/v1/jobs/{job.id}/images/{i}" for i in range(len(job.result.get("images", [])))]
+        out["grids"] = [f"/sdstudio/v1/jobs/{job.id}/grids/{i}" for i in range(len(grid_paths(job.result)))]
         running = service.running_job()
         if running is not None and running.id == job.id:
             p = service.progress(None, job.id)
@@ -52,7 +53,8 @@ def make_router(service: JobService, options: dict, limits: dict | None = None) 
 
     @r.post("/jobs", status_code=202)
     def submit(body: JobBody, request: Request):
-        job = queue_job(body.request, to_request(body.request, options), options, engine, limits)
+        req = to_request(body.request, options, **script_fields(body.request, [], "txt2img"))
+        job = queue_job(body.request, req, options, engine, limits)
         try:
             submitted = service.submit(client_id(request), job)
         except JobError as exc:
@@ -90,6 +92,16 @@ def make_router(service: JobService, options: dict, limits: dict | None = None) 
         path = Path(images[n]["path"])
         if not path.is_file():
             raise HTTPException(410, f"the image file is gone: {path.name}")
+        return FileResponse(path)
+
+    @r.get("/jobs/{job_id}/grids/{n}")
+    def grid(job_id: str, n: int):
+        grids = grid_paths(found(job_id).result)
+        if not 0 <= n < len(grids):
+            raise HTTPException(404, f"job {job_id} has {len(grids)} grid(s); no grid {n}")
+        path = Path(grids[n])
+        if not path.is_file():
+            raise HTTPException(410, f"the grid file is gone: {path.name}")
         return FileResponse(path)
 
     @r.get("/jobs/{job_id}/events")

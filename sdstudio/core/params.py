@@ -75,6 +75,8 @@ class Txt2ImgRequest:
     hr_prompt: str = ""  # "" = the same prompt
     hr_negative_prompt: str = ""
     hr_cfg: float | None = None  # None = the same CFG scale
+    script_name: str = ""  # a script (sdstudio.core.scripts.SCRIPTS) for this kind of request; "" = none
+    script_args: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, str] = field(default_factory=dict)  # infotext keys we do not interpret, kept
 
     def validate(self) -> Txt2ImgRequest:
@@ -110,7 +112,16 @@ class Txt2ImgRequest:
             raise RequestError(str(exc)) from None
         if self.enable_hr:
             self._validate_hires()
+        if self.script_name:
+            try:
+                scripts.parse(self.script_name, self.script_args, self.kind)
+            except scripts.ScriptError as exc:
+                raise RequestError(str(exc)) from None
         return self
+
+    @property
+    def kind(self) -> str:
+        return "txt2img"
 
     def _validate_hires(self) -> None:
         if not 0.0 <= self.denoising_strength <= 1.0:
@@ -215,8 +226,6 @@ class Img2ImgRequest(Txt2ImgRequest):
     initial_noise_multiplier: float = 1.0
     inpainting_mask_weight: float = 1.0  # conditioning mask strength (9-channel inpainting models)
     fix_steps: bool = False  # "do exactly the amount of steps the slider specifies"
-    script_name: str = ""  # an img2img script (sdstudio.core.scripts.SCRIPTS), "" = none
-    script_args: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> Img2ImgRequest:
         super().validate()
@@ -236,15 +245,14 @@ class Img2ImgRequest(Txt2ImgRequest):
             raise RequestError(f"inpaint_full_res_padding must be from 0 to 1024, got {self.inpaint_full_res_padding!r}")
         if not 0.0 <= self.inpainting_mask_weight <= 1.0:
             raise RequestError(f"inpainting_mask_weight must be between 0 and 1, got {self.inpainting_mask_weight!r}")
-        if self.script_name:
-            try:
-                scripts.parse(self.script_name, self.script_args)
-            except scripts.ScriptError as exc:
-                raise RequestError(str(exc)) from None
         return self
 
     def uses_denoising(self) -> bool:
         return True
+
+    @property
+    def kind(self) -> str:
+        return "img2img"
 
     def steps_to_run(self) -> tuple[int, int]:
         """A1111's rule: (length of the full schedule, steps actually run). Normally
@@ -395,7 +403,7 @@ def to_infotext_params(req: Txt2ImgRequest, **resolved: object) -> dict[str, obj
     ``Model hash``, ``Model``, ``VAE hash``, ``VAE``, ``Schedule type``, ``Version``...
     """
     pairs: dict[str, object] = {f.key: f.write(req) for f in INFOTEXT_FIELDS}
-    if getattr(req, "script_name", ""):
+    if req.script_name:
         pairs.update(scripts.infotext_pairs(req.script_name, req.script_args))
     pairs.update(req.extra)
     pairs.update(resolved)

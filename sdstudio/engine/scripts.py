@@ -17,21 +17,24 @@ pasting it back with the same init image runs the script again.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..core import imageops, infotext, scripts, tiles
-from ..core.params import Img2ImgRequest, RequestError
+from ..core import grids, imageops, infotext, scripts, tiles, xyz
+from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest
+from ..models.errors import ModelNotFoundError
 from . import img2img as img2img_ops
 
 
-def _with_script(text: str, req: Img2ImgRequest) -> str:
+def _with_script(text: str, req: Txt2ImgRequest, args: dict | None = None) -> str:
+    """``text`` with ``Script: …`` and the script's arguments (``args``: instead of the request's)."""
     params = infotext.parse(text)
     version = params.pop("Version", None)
-    params.update(scripts.infotext_pairs(req.script_name, req.script_args))
+    params.update(scripts.infotext_pairs(req.script_name, req.script_args if args is None else args))
     if version is not None:
         params["Version"] = version
     return infotext.format(params)
@@ -45,7 +48,7 @@ class _Passes:
         self.on_progress, self.should_stop = on_progress, should_stop
         self.first = None  # the first pass's result: its infotext describes the script's output
 
-    def run(self, req: Img2ImgRequest):
+    def run(self, req: Txt2ImgRequest):
         from .txt2img import Progress
 
         index = self.done
@@ -61,16 +64,19 @@ class _Passes:
         return result
 
 
-def run(engine, req: Img2ImgRequest, *, on_progress=None, should_stop: Callable[[], bool] | None = None,
+def run(engine, req: Txt2ImgRequest, *, on_progress=None, should_stop: Callable[[], bool] | None = None,
         on_image=None, on_batch=None, keep_images: bool = True):
-    """Run ``req``'s script; returns a ``Txt2ImgResult`` of its output images."""
+    """Run ``req``'s script; returns a ``Txt2ImgResult`` of its output images (grids first)."""
     from .txt2img import GeneratedImage, Txt2ImgResult
 
-    args = scripts.parse(req.script_name, req.script_args)
-    req = req.with_concrete_seeds()
+    try:
+        args = scripts.parse(req.script_name, req.script_args, req.kind)
+    except scripts.ScriptError as exc:
+        raise RequestError(str(exc)) from None
+    runner = RUNNERS[args.name]
     inner = req.replace(script_name="", script_args={})
-    runner = {"SD upscale": _sd_upscale, "Loopback": _loopback, "Poor man's outpainting": _outpaint,
-              "Outpainting mk2": _outpaint_mk2}[args.name]
+    if args.name != "Prompts from file or textbox":  # that one draws a seed per line unless told otherwise
+        inner = inner.with_concrete_seeds()
     images: list[GeneratedImage] = []
     interrupted = False
     batches = 0
@@ -78,7 +84,14 @@ def run(engine, req: Img2ImgRequest, *, on_progress=None, should_stop: Callable[
         if outputs is None:
             interrupted = True
             break
-        batch = [GeneratedImage(image, seed, req.subseed, _with_script(text, req)) for image, text in outputs]
+        batch = []
+        for item in outputs:  # an inner pass's own image as it is, or (image, first pass's infotext[, "grid"])
+            if isinstance(item, GeneratedImage):
+                batch.append(item)
+                continue
+            image, text, *kind = item
+            text = text if kind else _with_script(text, req)
+            batch.append(GeneratedImage(image, seed, inner.subseed, text, grid=kind == ["grid"]))
         batches += 1
         for g in batch:
             if on_image is not None:
@@ -88,7 +101,8 @@ def run(engine, req: Img2ImgRequest, *, on_progress=None, should_stop: Callable[
         if keep_images:
             images.extend(batch)
     seeds = [g.seed for g in images]
-    return Txt2ImgResult(req, images, seeds, [req.subseed] * len(seeds), "", "", interrupted, batches_done=batches)
+    return Txt2ImgResult(inner, images, seeds, [inner.subseed] * len(seeds), "", "", interrupted,
+                         batches_done=batches)
 
 
 def _sd_upscale(engine, req: Img2ImgRequest, args: scripts.SDUpscale, on_progress, should_stop):
@@ -232,3 +246,198 @@ def _outpaint_mk2(engine, req: Img2ImgRequest, args: scripts.OutpaintingMk2, on_
                 yield start, None
                 return
         yield start, [(image, passes.first.images[0].infotext) for image in images]
+
+
+# ---- X/Y/Z plot, prompt matrix, prompts from file ----------------------------------------------------
+def _confirm(engine, ax: xyz.Axis, values: list, kind: str) -> None:
+    """Axis values checked against what exists, before any image is made."""
+    from ..core.names import LATENT_UPSCALE_MODES, get_sampler, get_schedule
+
+    if ax.only is not None and ax.only != kind:
+        raise RequestError(f"X/Y/Z plot: {ax.label} is a {ax.only} axis")
+    for v in values:
+        try:
+            if ax.choices == "samplers":
+                get_sampler(v)
+            elif ax.choices == "schedules":
+                get_schedule(v)
+            elif ax.choices == "checkpoints":
+                engine.registry.checkpoint(v)
+            elif ax.choices == "vaes" and v not in ("Automatic", "None"):
+                engine.registry.vae_for(engine.registry.checkpoint(None), v)
+            elif ax.choices == "upscalers" and v not in LATENT_UPSCALE_MODES:
+                engine.upscalers.get(v)
+        except (ValueError, ModelNotFoundError) as exc:
+            raise RequestError(f"X/Y/Z plot: {ax.label} value {v!r}: {exc}") from None
+
+
+def _xyz_plan(engine, req: Txt2ImgRequest, args: scripts.XYZPlot):
+    """Axes, their values, and every cell's checked request in the order they are made."""
+    axes = [xyz.axis(kind) for kind, _ in args.axes()]
+    values = []
+    for ax, (_, text) in zip(axes, args.axes()):
+        try:
+            values.append(xyz.axis_values(ax, text, args.no_fixed_seeds))
+        except xyz.AxisError as exc:
+            raise RequestError(f"X/Y/Z plot: {exc}") from None
+        _confirm(engine, ax, values[-1], req.kind)
+    shape = (len(values[0]), len(values[1]), len(values[2]))
+
+    def cell_request(ix: int, iy: int, iz: int) -> Txt2ImgRequest:
+        cell = req
+        for ax, vals, i in zip(axes, values, (ix, iy, iz)):  # X, then Y, then Z, as A1111 applies them
+            try:
+                cell = ax.apply(cell, vals[i], vals)
+            except xyz.AxisError as exc:
+                raise RequestError(f"X/Y/Z plot: {exc}") from None
+        return cell.validate()
+
+    order = xyz.cell_order(shape, tuple(ax.cost for ax in axes))
+    return axes, values, shape, order, {c: cell_request(*c) for c in order}  # every cell checked up front
+
+
+def _xyz(engine, req: Txt2ImgRequest, args: scripts.XYZPlot, on_progress, should_stop):
+    axes, values, shape, order, cells = _xyz_plan(engine, req, args)
+    passes = _Passes(engine, len(order), on_progress, should_stop)
+    made: dict[tuple[int, int, int], object] = {}
+    interrupted = False
+    for c in order:
+        result = passes.run(cells[c])
+        if result.images:
+            made[c] = result.images
+        if result.interrupted:
+            interrupted = True
+            break
+    if not made:
+        yield req.seed, None
+        return
+    size = next(iter(made.values()))[0].image.size
+    labels = [[xyz.label(ax, v) for v in vals] for ax, vals in zip(axes, values)]
+    sub_grids = []
+    for iz in range(shape[2]):
+        cells_z = [made.get((ix, iy, iz)) for iy in range(shape[1]) for ix in range(shape[0])]
+        grid = grids.plain([c[0].image if c else Image.new("RGB", size) for c in cells_z], shape[0], shape[1])
+        if args.draw_legend:
+            grid = grids.annotate(grid, *size, [[grids.Label(t)] for t in labels[0]],
+                                  [[grids.Label(t)] for t in labels[1]], args.margin_size)
+        sub_grids.append(grid)
+    drawn = dataclasses.asdict(args)  # the seeds as drawn (-1 made concrete): the grid re-creates this plot
+    for ax, vals, attr in zip(axes, values, ("x_values", "y_values", "z_values")):
+        if ax.label in ("Seed", "Var. seed") and not args.no_fixed_seeds:
+            drawn[attr] = ", ".join(str(v) for v in vals)
+    text = _with_script(passes.first.images[0].infotext, req.replace(script_name=args.name), drawn)
+    outputs = []
+    if shape[2] > 1:
+        z_grid = grids.plain(sub_grids, len(sub_grids), 1) if len({g.size for g in sub_grids}) == 1 else sub_grids[0]
+        if args.draw_legend:
+            z_grid = grids.annotate(z_grid, *sub_grids[0].size, [[grids.Label(t)] for t in labels[2]], [[grids.Label("")]])
+        outputs.append((z_grid, text, "grid"))
+        if args.include_sub_grids:
+            outputs += [(g, text, "grid") for g in sub_grids]
+    else:
+        outputs.append((sub_grids[0], text, "grid"))
+    if args.include_lone_images:
+        outputs += [g for c in order if c in made for g in made[c]]
+    yield req.seed, outputs
+    if interrupted:
+        yield req.seed, None
+
+
+def _prompt_matrix(engine, req: Txt2ImgRequest, args: scripts.PromptMatrix, on_progress, should_stop):
+    positive = args.prompt_type == "positive"
+    parts = (req.prompt if positive else req.negative_prompt).split("|")
+    if len(parts) < 2:
+        raise RequestError("Prompt matrix: separate the variable parts of the prompt with | (a cat|in a hat)")
+    if len(parts) > 11:
+        raise RequestError(f"Prompt matrix: {len(parts) - 1} variable parts make {2 ** (len(parts) - 1)} images; "
+                           "at most 10 parts")
+    delimiter = ", " if args.variations_delimiter == "comma" else " "
+    prompts = []
+    for combination in range(2 ** (len(parts) - 1)):
+        chosen = [t.strip().strip(",") for n, t in enumerate(parts[1:]) if combination & (1 << n)]
+        prompts.append(delimiter.join(chosen + [parts[0]] if args.put_at_start else [parts[0]] + chosen))
+    passes = _Passes(engine, len(prompts), on_progress, should_stop)
+    images = []
+    for i, prompt in enumerate(prompts):
+        change = {"prompt": prompt} if positive else {"negative_prompt": prompt}
+        result = passes.run(req.replace(**change, seed=req.seed + (i if args.different_seeds else 0), n_iter=1,
+                                        batch_size=1).validate())
+        if result.interrupted or not result.images:
+            yield req.seed, None
+            return
+        images.append(result.images[0])
+    variable = parts[1:]
+    boundary = -(-len(variable) // 2)
+    cols, rows = 1 << boundary, 1 << (len(variable) - boundary)
+    grid = grids.plain([g.image for g in images], cols, rows)
+    w, h = images[0].image.size
+    columns = [[grids.Label(t.strip(), bool(pos & (1 << i))) for i, t in enumerate(variable[:boundary])]
+               for pos in range(cols)]
+    row_labels = [[grids.Label(t.strip(), bool(pos & (1 << i))) for i, t in enumerate(variable[boundary:])]
+                  for pos in range(rows)]
+    grid = grids.annotate(grid, w, h, columns, row_labels, args.margin_size)
+    yield req.seed, [(grid, _with_script(images[0].infotext, req.replace(script_name=args.name),
+                                         dataclasses.asdict(args)), "grid"),
+                     *images]
+
+
+def _file_jobs(engine, req: Txt2ImgRequest, args: scripts.PromptsFromFile) -> list[Txt2ImgRequest]:
+    """One checked request per line."""
+    from ..core.prompts_file import parse_lines
+
+    jobs = parse_lines(args.prompt_txt)
+    if args.checkbox_iterate or args.checkbox_iterate_batch:
+        req = req.with_concrete_seeds()  # one seed for all lines, or the start of the iteration
+    requests = []
+    seed = req.seed
+    for number, fields in enumerate(jobs, 1):
+        line = dict(fields)
+        for key, base in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
+            if line.get(key) and base:
+                line[key] = f"{line[key]} {base}" if args.prompt_position == "start" else f"{base} {line[key]}"
+        job = req.replace(**line) if "seed" in line else req.replace(**line, seed=seed)
+        try:
+            job.validate()
+            if job.model:
+                engine.registry.checkpoint(job.model)
+        except (RequestError, ModelNotFoundError) as exc:
+            raise RequestError(f"Prompts from file, line {number}: {exc}") from None
+        requests.append(job)
+        if args.checkbox_iterate:
+            seed += job.batch_size * job.n_iter
+    return requests
+
+
+def _prompts_from_file(engine, req: Txt2ImgRequest, args: scripts.PromptsFromFile, on_progress, should_stop):
+    requests = _file_jobs(engine, req, args)
+    passes = _Passes(engine, len(requests), on_progress, should_stop)
+    for job in requests:
+        result = passes.run(job)
+        if result.images:
+            yield result.images[0].seed, list(result.images)
+        if result.interrupted:
+            yield job.seed, None
+            return
+
+
+def precheck(engine, req: Txt2ImgRequest) -> None:
+    """What a script would refuse, found before it is queued: X/Y/Z values against the real samplers,
+    checkpoints, VAEs and upscalers and every cell's request; each prompt-file line's request."""
+    if not req.script_name:
+        return
+    try:
+        args = scripts.parse(req.script_name, req.script_args, req.kind)
+    except scripts.ScriptError as exc:
+        raise RequestError(str(exc)) from None
+    inner = req.replace(script_name="", script_args={})
+    if isinstance(args, scripts.XYZPlot):
+        _xyz_plan(engine, inner, args)
+    elif isinstance(args, scripts.PromptsFromFile):
+        _file_jobs(engine, inner, args)
+    elif isinstance(args, scripts.SDUpscale):
+        engine.upscalers.get(args.upscaler)
+
+
+RUNNERS = {"SD upscale": _sd_upscale, "Loopback": _loopback, "Poor man's outpainting": _outpaint,
+           "Outpainting mk2": _outpaint_mk2, "X/Y/Z plot": _xyz, "Prompt matrix": _prompt_matrix,
+           "Prompts from file or textbox": _prompts_from_file}

@@ -63,6 +63,7 @@ class GeneratedImage:
     seed: int
     subseed: int
     infotext: str
+    grid: bool = False  # a script's grid (X/Y/Z plot, prompt matrix, a Loopback history): saved with the grids
 
 
 @dataclass
@@ -159,7 +160,7 @@ class Engine:
         ``on_batch(batches_done, images_of_that_batch)`` is called after each batch (a skipped one: no images);
         with ``keep_images=False`` the result does not hold them (a queue worker saves them per batch)."""
         req.validate()
-        if isinstance(req, Img2ImgRequest) and req.script_name:
+        if req.script_name:
             return scripts_ops.run(self, req, on_progress=on_progress, should_stop=should_stop, on_image=on_image,
                                    on_batch=on_batch, keep_images=keep_images)
         if req.styles:  # the styled text is what gets generated and written to the infotext

@@ -137,6 +137,7 @@ class ModelCache:
         self.capacity = capacity
         self._items: OrderedDict[tuple, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
+        self.loads = 0  # checkpoints read from disk so far (an X/Y/Z plot's ordering keeps this low)
 
     def get(self, path: Path, dtype: torch.dtype, vae_dtype: torch.dtype | None = None) -> LoadedModel:
         st = Path(path).stat()
@@ -147,6 +148,7 @@ class ModelCache:
                 return self._items[key]
         model = load_checkpoint(path, dtype, vae_dtype)
         with self._lock:
+            self.loads += 1
             self._items[key] = model
             while len(self._items) > max(self.capacity, 1):
                 self._items.popitem(last=False)

@@ -61,6 +61,20 @@ class Live:
         return 0.0 if p <= 0 else (time.time() - self.started) * (1 - p) / p
 
 
+def _grid_entries(result: dict) -> list[dict]:
+    """A job's grids, first to last: a script's own grids, or the one made of a batch's images."""
+    if result.get("grids"):
+        return result["grids"]
+    if result.get("grid"):
+        images = result.get("images", [])
+        return [{"path": result["grid"], "infotext": images[0]["infotext"] if images else ""}]
+    return []
+
+
+def grid_paths(result: dict) -> list[str]:
+    return [g["path"] for g in _grid_entries(result)]
+
+
 @dataclass
 class Txt2ImgJob:
     """What a generation job stores: the request (seeds concrete; an :class:`Img2ImgRequest` makes it
@@ -102,9 +116,8 @@ def a1111_info(req: Txt2ImgRequest, result: dict) -> dict:
         "sd_model_name": result.get("model_name"), "sd_model_hash": result.get("model_hash"),
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": req.seed_resize_from_w or -1,
         "seed_resize_from_h": req.seed_resize_from_h or -1, "denoising_strength": denoising,
-        "extra_generation_params": {}, "index_of_first_image": 1 if result.get("grid") else 0,
-        "infotexts": ([images[0]["infotext"]] if result.get("grid") and images else [])
-        + [im["infotext"] for im in images],
+        "extra_generation_params": {}, "index_of_first_image": len(_grid_entries(result)),
+        "infotexts": [g["infotext"] for g in _grid_entries(result)] + [im["infotext"] for im in images],
         "styles": req.styles, "job_timestamp": result.get("job_timestamp", ""), "clip_skip": req.clip_skip,
         "is_using_inpainting_conditioning": result.get("inpainting_model", False), "version": "sdstudio", "warnings": result.get("warnings", []),
     }
@@ -288,8 +301,15 @@ class JobService:
 
         def on_batch(batches_done: int, images) -> None:
             for g in images:
-                path = outputs.save_image(g.image, folder, infotext=g.infotext, suffix=str(g.seed),
-                                          fmt=spec.samples_format if spec.save_images else "png")
+                fmt = spec.samples_format if spec.save_images else "png"
+                if g.grid:  # a script's own grid (X/Y/Z plot...): with the grids, listed before the images
+                    grids_folder = outputs.dated_dir(self.engine.paths.outputs_dir, f"{job.kind}-grids") \
+                        if spec.save_images and not spec.outdir else folder
+                    path = outputs.save_image(g.image, grids_folder, infotext=g.infotext, basename="grid", fmt=fmt)
+                    result.setdefault("grids", []).append({"path": str(path), "infotext": g.infotext})
+                    result.setdefault("grid", str(path))
+                    continue
+                path = outputs.save_image(g.image, folder, infotext=g.infotext, suffix=str(g.seed), fmt=fmt)
                 result["images"].append({"path": str(path), "seed": g.seed, "subseed": g.subseed,
                                          "infotext": g.infotext})
             self.queue.save_progress(job.id, batches_done, result)  # after the files are on disk
@@ -316,7 +336,7 @@ class JobService:
             self.queue.park(job.id)
             return
         result["interrupted"] = out.interrupted
-        if spec.save_images and spec.save_grid and len(result["images"]) > 1:
+        if spec.save_images and spec.save_grid and len(result["images"]) > 1 and not result.get("grids"):
             result["grid"] = str(self._grid(result["images"], req, spec, f"{job.kind}-grids"))
         cancelled = self.queue.get(job.id).cancel_requested
         self.queue.finish(job.id, CANCELLED if cancelled else DONE, result, error="cancelled" if cancelled else None)
