@@ -208,3 +208,28 @@ def test_prompts_from_file(engine):
     assert [g.seed for g in iterate.images] == [5, 6]
     with pytest.raises(RequestError, match="line 2: unknown option --colour.*line 3: --steps: 'x'"):
         req.replace(script_args={"prompt_txt": "ok\n--colour red\n--steps x"}).validate()
+
+
+def test_discard_penultimate_sigma_and_extra_noise(engine, tmp_path):
+
+    def px(r):
+        return np.asarray(r.images[0].image)
+
+    plain = engine.txt2img(Txt2ImgRequest(**BASE))
+    discard = engine.txt2img(Txt2ImgRequest(**BASE, always_discard_next_to_last_sigma=True))
+    assert not np.array_equal(px(plain), px(discard))
+    assert "Discard penultimate sigma: True" in discard.images[0].infotext
+    assert np.array_equal(px(engine.txt2img(from_infotext(discard.images[0].infotext))), px(discard))
+    dpm2 = {**BASE, "sampler_name": "DPM2"}  # discards already: the option changes nothing
+    assert np.array_equal(px(engine.txt2img(Txt2ImgRequest(**dpm2))),
+                          px(engine.txt2img(Txt2ImgRequest(**dpm2, always_discard_next_to_last_sigma=True))))
+    plain.images[0].image.save(tmp_path / "init.png")
+    from sdstudio.core.params import Img2ImgRequest
+
+    i2i = {**BASE, "init_images": [str(tmp_path / "init.png")], "denoising_strength": 0.5}
+    base, noisy = (engine.img2img(Img2ImgRequest(**i2i, extra_noise=e)) for e in (0.0, 0.5))
+    assert not np.array_equal(px(base), px(noisy)) and "Extra noise: 0.5" in noisy.images[0].infotext
+    assert "Extra noise" not in base.images[0].infotext and "Extra noise" not in plain.images[0].infotext
+    result, _ = plot(engine, x_type="Always discard next-to-last sigma", x_values="False, True", y_type="Extra noise",
+                     y_values="0, 0.2")
+    assert result.images[0].grid

@@ -58,6 +58,8 @@ class Txt2ImgRequest:
     s_tmin: float = 0.0
     s_tmax: float = float("inf")
     s_noise: float = 1.0
+    always_discard_next_to_last_sigma: bool = False  # A1111's option; some samplers always do it
+    extra_noise: float = 0.0  # img2img / hires pass: noise added to the start on top of the schedule's (A1111's option)
     model: str | None = None  # checkpoint name (file stem), title or short hash; None = current
     model_hash: str | None = None  # from a pasted infotext: finds the checkpoint when the name differs
     vae: str = "Automatic"  # "Automatic", "None" or a VAE name
@@ -94,6 +96,8 @@ class Txt2ImgRequest:
                 raise RequestError(f"{name} must be an integer from {low} to {high}, got {value!r}")
         if not 0.0 <= self.subseed_strength <= 1.0:
             raise RequestError(f"subseed_strength must be between 0 and 1, got {self.subseed_strength!r}")
+        if not 0.0 <= self.extra_noise <= 1.0:
+            raise RequestError(f"extra_noise must be between 0 and 1, got {self.extra_noise!r}")
         if not 0.0 <= self.cfg_scale <= 100.0:
             raise RequestError(f"cfg_scale must be between 0 and 100, got {self.cfg_scale!r}")
         for name in ("prompt", "negative_prompt"):
@@ -342,6 +346,9 @@ INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
     _simple("Sigma churn", "s_churn", float, skip=lambda v: not v, show=_fmt_float),
     _simple("Sigma tmin", "s_tmin", float, skip=lambda v: not v, show=_fmt_float),
     _simple("Sigma noise", "s_noise", float, skip=lambda v: v == 1.0, show=_fmt_float),
+    _simple("Discard penultimate sigma", "always_discard_next_to_last_sigma", _read_bool, skip=lambda v: not v),
+    InfotextField("Extra noise", lambda r: _fmt_float(r.extra_noise) if r.extra_noise and r.uses_denoising() else None,
+                  lambda t: {"extra_noise": float(t)}),
     _simple("Tiled VAE", "tiled_vae", _read_bool, skip=lambda v: not v),
     # img2img, and txt2img's Hires. fix
     InfotextField("Denoising strength", lambda r: _fmt_float(r.denoising_strength) if r.uses_denoising() else None,
@@ -388,7 +395,8 @@ KEY_ORDER = (
     "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Face restoration", "Size", "Model hash", "Model",
     "VAE hash", "VAE", "Denoising strength", "Mask blur", "Mask mode", "Masked content", "Inpaint area",
     "Masked area padding", "Resize mode", "Noise multiplier", "Clip skip", "Tiling", "Variation seed", "Variation seed strength",
-    "Seed resize from", "RNG", "ENSD", "Eta", "Sigma churn", "Sigma tmin", "Sigma noise", "Hires upscale",
+    "Seed resize from", "RNG", "ENSD", "Eta", "Sigma churn", "Sigma tmin", "Sigma noise", "Discard penultimate sigma",
+    "Extra noise", "Hires upscale",
     "Hires resize", "Hires steps", "Hires upscaler", "Hires sampler", "Hires schedule type", "Hires prompt",
     "Hires negative prompt", "Hires CFG Scale", "Tiled VAE", "Lora hashes", "TI hashes", "Emphasis",
 )
@@ -429,6 +437,7 @@ def from_infotext(text_or_params: str | dict[str, str], base: Txt2ImgRequest | N
         "seed_resize_from_w": 0, "seed_resize_from_h": 0, "tiling": False, "extra": {}, "model_hash": None,
         "styles": [],  # the infotext holds the styled prompt already
         "emphasis": "Original", "novelai_braces": False, "tiled_vae": False, "enable_hr": False,
+        "always_discard_next_to_last_sigma": False, "extra_noise": 0.0,
     }
     extra: dict[str, str] = {}
     own = {f.name for f in dataclasses.fields(req)}

@@ -215,6 +215,10 @@ AXES: dict[str, Axis] = {a.label: a for a in (
     _field("Sigma max", float, "s_tmax"),
     _field("Sigma noise", float, "s_noise"),
     Axis("Size", str, _size),
+    Axis("Always discard next-to-last sigma", str,
+         lambda req, v, vs: req.replace(always_discard_next_to_last_sigma=_bool(v).strip().lower() in ("true", "yes", "1", "on")),
+         field="always_discard_next_to_last_sigma"),
+    _field("Extra noise", float, "extra_noise"),
     Axis("Face restore", str, _face_restore),
     Axis("LoRA weight", float, _lora_weight),
 )}

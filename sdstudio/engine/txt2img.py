@@ -393,7 +393,8 @@ class Engine:
             sigmas = self.schedule.sigmas[ddim_timesteps(total)].flip(0)
         else:
             sigmas = get_sigmas(schedule_name, total, self.schedule,
-                                discard_next_to_last=sampler.discard_next_to_last_sigma, sdxl=model.spec.is_sdxl)
+                                discard_next_to_last=sampler.discard_next_to_last_sigma
+                                or req.always_discard_next_to_last_sigma, sdxl=model.spec.is_sdxl)
         # img2img starts part-way down the schedule (timestep schedules have no trailing zero)
         return sigmas[len(sigmas) - run - (0 if sampler.timesteps else 1):]
 
@@ -458,7 +459,7 @@ class Engine:
         if req.eta is not None:
             options["eta"] = req.eta
         fn = SAMPLER_FUNCTIONS[sampler.function]
-        start = x * scale if init is None else init + x * req.initial_noise_multiplier * sigmas[0]
+        start = x * scale if init is None else init + x * (req.initial_noise_multiplier * sigmas[0] + req.extra_noise)
         with torch.no_grad(), self.placement.use(model.unet):
             latents = fn(denoiser, start, sigmas, noise=noise_fn, callback=callback, **options)
         if sampler.timesteps:
