@@ -72,12 +72,12 @@ def main() -> None:
             "width": a.size, "height": a.size, "seed": 1, "sampler_name": "Euler a", "cfg_scale": 7}
     req = Txt2ImgRequest(prompt=body["prompt"], negative_prompt=body["negative_prompt"], steps=a.steps, width=a.size,
                          height=a.size, seed=1, sampler_name="Euler a")
-    engine.txt2img(req)
+    engine.generate(req)
     _post(port, "/sdapi/v1/txt2img", body)  # warm both paths
     direct, api = [], []
     for _ in range(a.repeats):
         t = time.perf_counter()
-        engine.txt2img(req)
+        engine.generate(req)
         direct.append(time.perf_counter() - t)
         t = time.perf_counter()
         _post(port, "/sdapi/v1/txt2img", body)
@@ -91,7 +91,7 @@ def main() -> None:
     small = {**body, "steps": max(4, a.steps // 4)}
     t = time.perf_counter()
     for _ in range(len(clients) * a.jobs_per_client):
-        engine.txt2img(req.replace(steps=small["steps"]))
+        engine.generate(req.replace(steps=small["steps"]))
     sequential = time.perf_counter() - t
     submitted: dict[str, list[str]] = {c: [] for c in clients}
 

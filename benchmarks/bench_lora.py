@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 
 from sdstudio.core.params import Txt2ImgRequest
 from sdstudio.core.paths import Paths
+from sdstudio.engine.generate import Engine
 from sdstudio.engine.lora import _module_index
-from sdstudio.engine.txt2img import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,13 +68,13 @@ def main() -> None:
 
     def timed(req):
         t = time.perf_counter()
-        engine.txt2img(req)
+        engine.generate(req)
         return time.perf_counter() - t
 
     def per_step(req, steps=5) -> float:
         """Median time between step callbacks: sampling only, without text encoding or LoRA merging."""
         stamps: list[float] = []
-        engine.txt2img(req.replace(steps=steps), on_progress=lambda p: stamps.append(time.perf_counter()))
+        engine.generate(req.replace(steps=steps), on_progress=lambda p: stamps.append(time.perf_counter()))
         return statistics.median(b - a for a, b in itertools.pairwise(stamps))
 
     timed(base.replace(steps=1))

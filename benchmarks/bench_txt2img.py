@@ -24,14 +24,14 @@ OURS = """
 import time, json, resource, torch
 from sdstudio.core.paths import Paths
 from sdstudio.core.params import Txt2ImgRequest
-from sdstudio.engine.txt2img import Engine
+from sdstudio.engine.generate import Engine
 engine = Engine(Paths({data!r}))
 req = Txt2ImgRequest(prompt="a red circle on a blue background", negative_prompt="blurry", sampler_name="Euler",
                      scheduler="Uniform", width={size}, height={size}, seed=1, cfg_scale=7)
-engine.txt2img(req.replace(steps=1))  # load and warm up
+engine.generate(req.replace(steps=1))  # load and warm up
 times = {{}}
 for steps in ({lo}, {hi}):
-    t = time.perf_counter(); engine.txt2img(req.replace(steps=steps)); times[steps] = time.perf_counter() - t
+    t = time.perf_counter(); engine.generate(req.replace(steps=steps)); times[steps] = time.perf_counter() - t
 print(json.dumps({{"per_step": (times[{hi}] - times[{lo}]) / ({hi} - {lo}),
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
@@ -61,11 +61,11 @@ import time, json, torch
 from diffusers import StableDiffusionPipeline, EulerDiscreteScheduler
 from sdstudio.core.paths import Paths
 from sdstudio.core.params import Txt2ImgRequest
-from sdstudio.engine.txt2img import Engine
+from sdstudio.engine.generate import Engine
 engine = Engine(Paths({data!r}))
 req = Txt2ImgRequest(prompt="a red circle on a blue background", negative_prompt="blurry", sampler_name="Euler",
                      scheduler="Uniform", width={size}, height={size}, seed=1, cfg_scale=7)
-engine.txt2img(req.replace(steps=1))
+engine.generate(req.replace(steps=1))
 pipe = StableDiffusionPipeline.from_single_file({path!r}, config={config!r}, local_files_only=True,
                                                 torch_dtype=engine.plan.dtype, safety_checker=None,
                                                 requires_safety_checker=False).to(engine.plan.device)
@@ -81,7 +81,7 @@ def per_step(run):
     return (t[{hi}] - t[{lo}]) / ({hi} - {lo})
 ours, theirs = [], []
 for _ in range({repeat}):
-    ours.append(per_step(lambda n: engine.txt2img(req.replace(steps=n))))
+    ours.append(per_step(lambda n: engine.generate(req.replace(steps=n))))
     theirs.append(per_step(lambda n: pipe(num_inference_steps=n, **kw)))
 print(json.dumps({{"ours": sorted(ours)[len(ours) // 2], "theirs": sorted(theirs)[len(theirs) // 2]}}))
 """

@@ -262,7 +262,7 @@ def request_from_args(args: argparse.Namespace, base: Txt2ImgRequest | None = No
 
 
 def cmd_txt2img(args: argparse.Namespace) -> int:
-    from .engine.txt2img import Engine
+    from .engine.generate import Engine
 
     req = request_from_args(args)
     if args.server:
@@ -385,8 +385,8 @@ def img2img_request(args: argparse.Namespace, init, mask=None) -> Img2ImgRequest
 
 def cmd_img2img(args: argparse.Namespace) -> int:
     from .core import imageops, outputs
+    from .engine.generate import Engine
     from .engine.img2img import open_image
-    from .engine.txt2img import Engine
 
     if bool(args.init) == bool(args.input_dir):
         raise RequestError("give an init image, or --input-dir for a batch (not both; -p gives the prompt)")

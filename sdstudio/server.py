@@ -75,7 +75,7 @@ def create_app(args: argparse.Namespace):
     from .api import jobs as jobs_api
     from .api.a1111 import make_router
     from .cli import device_options_from, paths_from
-    from .engine.txt2img import Engine
+    from .engine.generate import Engine
     from .service.jobs import JobService
     from .service.queue import SQLiteJobQueue
 

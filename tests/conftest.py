@@ -45,7 +45,7 @@ def data_dir(tmp_path, tiny_sd1) -> Path:
 def session_engine(tmp_path_factory, tiny_sd1):
     """One engine over a read-only data dir, shared by tests that only generate."""
     from sdstudio.core.paths import Paths
-    from sdstudio.engine.txt2img import Engine
+    from sdstudio.engine.generate import Engine
 
     root = tmp_path_factory.mktemp("engine")
     (root / "models" / "Stable-diffusion").mkdir(parents=True)
@@ -57,7 +57,7 @@ def session_engine(tmp_path_factory, tiny_sd1):
 def service(data_dir):
     """A running job service (queue in the data dir, one worker) on the tiny SD1 checkpoint."""
     from sdstudio.core.paths import Paths
-    from sdstudio.engine.txt2img import Engine
+    from sdstudio.engine.generate import Engine
     from sdstudio.service.jobs import JobService
     from sdstudio.service.queue import SQLiteJobQueue
 

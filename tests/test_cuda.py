@@ -15,8 +15,8 @@ import torch
 
 from sdstudio.core.params import Img2ImgRequest, Txt2ImgRequest
 from sdstudio.core.paths import DeviceOptions, Paths
+from sdstudio.engine.generate import Engine
 from sdstudio.engine.rng import NoiseGenerator, randn
-from sdstudio.engine.txt2img import Engine
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

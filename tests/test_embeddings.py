@@ -20,7 +20,7 @@ from sdstudio.engine.conditioning import (
     embedding_lookup,
     weighted_tokens,
 )
-from sdstudio.engine.txt2img import Engine
+from sdstudio.engine.generate import Engine
 from sdstudio.models.embeddings import EmbeddingLibrary, load_embedding
 from sdstudio.models.errors import ModelFileError
 from sdstudio.models.loader import clip_tokenizer, load_checkpoint
@@ -79,17 +79,17 @@ def test_engine_uses_embeddings_in_negative_prompt_and_records_hashes(data_dir, 
     a1111_pt(emb_dir / "EasyNegative.pt", torch.randn(4, 64) * 3)
     save_file({"emb_params": torch.randn(1, 768)}, str(emb_dir / "sd15-only.safetensors"))  # wrong width
     engine = Engine(Paths(data_dir))
-    plain = engine.txt2img(Txt2ImgRequest(**{**BASE, "negative_prompt": "EasyNegative"}))
+    plain = engine.generate(Txt2ImgRequest(**{**BASE, "negative_prompt": "EasyNegative"}))
     os.rename(emb_dir / "EasyNegative.pt", emb_dir / "Other.pt")  # now "EasyNegative" is plain text again
-    as_text = engine.txt2img(Txt2ImgRequest(**{**BASE, "negative_prompt": "EasyNegative"}))
+    as_text = engine.generate(Txt2ImgRequest(**{**BASE, "negative_prompt": "EasyNegative"}))
     assert not np.array_equal(np.asarray(plain.images[0].image), np.asarray(as_text.images[0].image))
     os.rename(emb_dir / "Other.pt", emb_dir / "EasyNegative.pt")
     p = infotext.parse(plain.images[0].infotext)
     assert p["TI hashes"].startswith("EasyNegative: ") and len(p["TI hashes"].split(": ")[1]) == 12
-    again = engine.txt2img(from_infotext(plain.images[0].infotext))
+    again = engine.generate(from_infotext(plain.images[0].infotext))
     assert np.array_equal(np.asarray(again.images[0].image), np.asarray(plain.images[0].image))
     with caplog.at_level(logging.WARNING):
-        r = engine.txt2img(Txt2ImgRequest(**{**BASE, "prompt": "sd15-only circle"}))
+        r = engine.generate(Txt2ImgRequest(**{**BASE, "prompt": "sd15-only circle"}))
     assert "TI hashes" not in r.images[0].infotext
     assert "sd15-only does not fit this model" in caplog.text
 
@@ -106,8 +106,8 @@ def test_pasted_infotext_finds_a_renamed_embedding_by_hash(data_dir):
     emb_dir.mkdir()
     a1111_pt(emb_dir / "badhands.pt", torch.randn(3, 64) * 2)
     engine = Engine(Paths(data_dir))
-    first = engine.txt2img(Txt2ImgRequest(**{**BASE, "negative_prompt": "badhands"}))
+    first = engine.generate(Txt2ImgRequest(**{**BASE, "negative_prompt": "badhands"}))
     os.rename(emb_dir / "badhands.pt", emb_dir / "bad-hands-v2.pt")
-    again = engine.txt2img(from_infotext(first.images[0].infotext))
+    again = engine.generate(from_infotext(first.images[0].infotext))
     assert np.array_equal(np.asarray(again.images[0].image), np.asarray(first.images[0].image))
     assert infotext.parse(again.images[0].infotext)["TI hashes"] == infotext.parse(first.images[0].infotext)["TI hashes"]

@@ -8,7 +8,7 @@ import pytest
 from sdstudio.core import infotext
 from sdstudio.core.params import RequestError, Txt2ImgRequest, from_infotext
 from sdstudio.core.paths import Paths
-from sdstudio.engine.txt2img import Engine
+from sdstudio.engine.generate import Engine
 from sdstudio.models.errors import ModelNotFoundError
 from sdstudio.models.synthetic import write_upscaler
 
@@ -54,7 +54,7 @@ def engine(tmp_path_factory, tiny_sd1):
 
 def run(engine, **kw):
     steps = []
-    result = engine.txt2img(Txt2ImgRequest(**{**BASE, **kw}), on_progress=lambda p: steps.append((p.step, p.steps)))
+    result = engine.generate(Txt2ImgRequest(**{**BASE, **kw}), on_progress=lambda p: steps.append((p.step, p.steps)))
     return result, steps
 
 
@@ -71,14 +71,14 @@ def test_every_upscaler_runs_and_the_infotext_recreates_the_image(engine, upscal
     fields = infotext.parse(result.images[0].infotext)
     assert fields["Size"] == "64x64" and fields["Hires upscale"] == "1.5" and fields["Hires upscaler"] == upscaler
     assert fields["Denoising strength"] == "0.5" and "Hires steps" not in fields
-    again = engine.txt2img(from_infotext(result.images[0].infotext))
+    again = engine.generate(from_infotext(result.images[0].infotext))
     assert np.array_equal(px(again), px(result))
 
 
 def test_the_second_pass_changes_the_upscaled_image(engine):
     light, _ = run(engine, hr_upscaler="Lanczos", denoising_strength=0.2)
     strong, _ = run(engine, hr_upscaler="Lanczos", denoising_strength=0.9)
-    first = engine.txt2img(Txt2ImgRequest(**{**BASE, "enable_hr": False}))
+    first = engine.generate(Txt2ImgRequest(**{**BASE, "enable_hr": False}))
     plain = np.asarray(first.images[0].image.resize((128, 128)), dtype=float)  # Lanczos, no second pass
     d_light = np.abs(px(light).astype(float) - plain).mean()
     d_strong = np.abs(px(strong).astype(float) - plain).mean()
@@ -96,7 +96,7 @@ def test_second_pass_settings_and_crop(engine):
     assert fields["Hires steps"] == "6" and fields["Hires sampler"] == "DPM++ 2M"
     assert fields["Hires schedule type"] == "Karras"  # "Automatic" for DPM++ 2M, written down resolved
     assert fields["Hires prompt"] == "a blue [square:circle:0.5]" and fields["Hires CFG Scale"] == "4"
-    again = engine.txt2img(from_infotext(result.images[0].infotext))
+    again = engine.generate(from_infotext(result.images[0].infotext))
     assert np.array_equal(px(again), px(result))
     for change in ({"hr_prompt": ""}, {"hr_cfg": None}, {"hr_sampler_name": ""}):
         other, _ = run(engine, **{**kw, **change})
@@ -106,7 +106,7 @@ def test_second_pass_settings_and_crop(engine):
 def test_batches_and_seeds(engine):
     result, _ = run(engine, batch_size=2, n_iter=2, hr_upscaler="Latent")
     assert [g.seed for g in result.images] == [3, 4, 5, 6]
-    alone = engine.txt2img(from_infotext(result.images[3].infotext))
+    alone = engine.generate(from_infotext(result.images[3].infotext))
     diff = np.abs(px(alone).astype(int) - px(result, 3).astype(int))
     # exact on the CPU (batch-invariant); on CUDA batched fp16 GEMMs round differently (see test_txt2img)
     assert diff.max() == 0 if engine.plan.device.type == "cpu" else diff.mean() < 1
@@ -115,7 +115,7 @@ def test_batches_and_seeds(engine):
 def test_unknown_upscaler_fails_before_sampling(engine):
     steps = []
     with pytest.raises(ModelNotFoundError, match="4x-UltraSharp"):
-        engine.txt2img(Txt2ImgRequest(**{**BASE, "hr_upscaler": "4x-UltraSharp"}),
+        engine.generate(Txt2ImgRequest(**{**BASE, "hr_upscaler": "4x-UltraSharp"}),
                        on_progress=lambda p: steps.append(p))
     assert steps == []
 

@@ -8,8 +8,8 @@ import torch
 
 from sdstudio.core.params import Txt2ImgRequest
 from sdstudio.core.paths import Paths
+from sdstudio.engine.generate import Engine
 from sdstudio.engine.hypernetwork import Hypernetwork
-from sdstudio.engine.txt2img import Engine
 from sdstudio.models.errors import ModelFileError
 
 BASE = {"prompt": "a red circle", "steps": 3, "width": 64, "height": 64, "seed": 42}
@@ -40,7 +40,7 @@ def engine(data_dir):
 
 
 def px(engine, **kw):
-    return np.asarray(engine.txt2img(Txt2ImgRequest(**{**BASE, **kw})).images[0].image)
+    return np.asarray(engine.generate(Txt2ImgRequest(**{**BASE, **kw})).images[0].image)
 
 
 def test_strength_and_cleanup(engine):
@@ -64,7 +64,7 @@ def test_dropout_layout_loads_the_same_weights(tmp_path):
 
 
 def test_errors_name_the_problem(engine, tmp_path):
-    r = engine.txt2img(Txt2ImgRequest(**{**BASE, "prompt": "<hypernet:ghost:1>"}))
+    r = engine.generate(Txt2ImgRequest(**{**BASE, "prompt": "<hypernet:ghost:1>"}))
     assert len(r.images) == 1 and "no hypernetwork named 'ghost'" in r.warnings[0]
     torch.save({"something": torch.zeros(1)}, tmp_path / "odd.pt")
     with pytest.raises(ModelFileError, match="odd.pt: not an A1111 hypernetwork"):

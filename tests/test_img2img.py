@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 from sdstudio.core import infotext
 from sdstudio.core.params import Img2ImgRequest, RequestError, Txt2ImgRequest, from_infotext
 from sdstudio.core.paths import Paths
-from sdstudio.engine.txt2img import Engine
+from sdstudio.engine.generate import Engine
 
 
 @pytest.fixture(scope="module")
@@ -124,5 +124,5 @@ def test_nine_channel_inpainting_model(tmp_path, files):
     assert result.inpainting_model
     out, original = arr(result.images[0].image), arr(Image.open(files / "init.png"))
     assert np.array_equal(out[:, 32:], original[:, 32:])
-    txt = engine.txt2img(Txt2ImgRequest(prompt="x", width=64, height=64, steps=2, seed=1))
+    txt = engine.generate(Txt2ImgRequest(prompt="x", width=64, height=64, steps=2, seed=1))
     assert txt.images[0].image.size == (64, 64)  # txt2img on an inpainting model: all-repaint conditioning

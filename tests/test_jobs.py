@@ -12,7 +12,7 @@ from PIL import Image
 from sdstudio.core import infotext
 from sdstudio.core.params import Txt2ImgRequest
 from sdstudio.core.paths import Paths
-from sdstudio.engine.txt2img import Engine
+from sdstudio.engine.generate import Engine
 from sdstudio.service.jobs import JobError, JobService, Txt2ImgJob
 from sdstudio.service.queue import CANCELLED, DONE, FAILED, SQLiteJobQueue
 

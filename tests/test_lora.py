@@ -11,8 +11,8 @@ from sdstudio.core import infotext
 from sdstudio.core.extra_networks import extract, lora_uses
 from sdstudio.core.params import RequestError, Txt2ImgRequest, from_infotext
 from sdstudio.core.paths import Paths
+from sdstudio.engine.generate import Engine
 from sdstudio.engine.lora import _module_index
-from sdstudio.engine.txt2img import Engine
 from sdstudio.models.files import addnet_hash
 
 BASE = {"prompt": "a red circle", "steps": 3, "width": 64, "height": 64, "seed": 42}
@@ -68,7 +68,7 @@ def engine(data_dir):
 
 
 def px(engine, **kw):
-    return np.asarray(engine.txt2img(Txt2ImgRequest(**{**BASE, **kw})).images[0].image)
+    return np.asarray(engine.generate(Txt2ImgRequest(**{**BASE, **kw})).images[0].image)
 
 
 def unet_state(engine):
@@ -123,20 +123,20 @@ def test_many_requests_no_drift_and_infotext_round_trip(engine):
     path = make_lora(engine, engine.paths.lora_dir / "style.safetensors")
     engine.registry.refresh()
     before = unet_state(engine)
-    first = engine.txt2img(Txt2ImgRequest(**{**BASE, "prompt": "a red circle <lora:style:0.7>"}))
+    first = engine.generate(Txt2ImgRequest(**{**BASE, "prompt": "a red circle <lora:style:0.7>"}))
     for w in (0.1, 1.3, -0.5, 0.7, 2.0):
         px(engine, prompt=f"a red circle <lora:style:{w}>")
     assert all(torch.equal(before[k], v) for k, v in unet_state(engine).items())
     p = infotext.parse(first.images[0].infotext)
     assert p["Prompt"] == "a red circle <lora:style:0.7>"
     assert p["Lora hashes"] == f"style: {addnet_hash(path)}"
-    again = engine.txt2img(from_infotext(first.images[0].infotext))
+    again = engine.generate(from_infotext(first.images[0].infotext))
     assert np.array_equal(np.asarray(again.images[0].image), np.asarray(first.images[0].image))
 
 
 def test_missing_and_wrong_networks_warn_and_generation_goes_on(engine):
     plain = px(engine)
-    r = engine.txt2img(Txt2ImgRequest(**{**BASE, "prompt": "a red circle<lora:nothere:1>"}))
+    r = engine.generate(Txt2ImgRequest(**{**BASE, "prompt": "a red circle<lora:nothere:1>"}))
     assert np.array_equal(np.asarray(r.images[0].image), plain)
     expected = f"LoRA left out: no LoRA named 'nothere'; available: (none; put LoRA files in {engine.paths.lora_dir})"
     assert r.warnings == [expected]
@@ -152,7 +152,7 @@ def test_missing_and_wrong_networks_warn_and_generation_goes_on(engine):
     partial["lora_unet_not_a_module.lora_up.weight"] = torch.zeros(8, 2)
     save_file(partial, str(path))
     engine.registry.refresh()
-    r = engine.txt2img(Txt2ImgRequest(**{**BASE, "prompt": "a red circle<lora:alien:1><lora:broken:1><lora:partial:1>"}))
+    r = engine.generate(Txt2ImgRequest(**{**BASE, "prompt": "a red circle<lora:alien:1><lora:broken:1><lora:partial:1>"}))
     assert len(r.images) == 1 and len(r.warnings) == 3
     assert "alien.safetensors: none of its 1 modules fit this model" in r.warnings[0]
     assert "broken.safetensors" in r.warnings[1]
@@ -162,10 +162,10 @@ def test_missing_and_wrong_networks_warn_and_generation_goes_on(engine):
 def test_pasted_infotext_finds_a_renamed_lora_by_hash(engine):
     make_lora(engine, engine.paths.lora_dir / "detail_tweaker.safetensors")
     engine.registry.refresh()
-    first = engine.txt2img(Txt2ImgRequest(**{**BASE, "prompt": "a red circle <lora:detail_tweaker:0.6>"}))
+    first = engine.generate(Txt2ImgRequest(**{**BASE, "prompt": "a red circle <lora:detail_tweaker:0.6>"}))
     (engine.paths.lora_dir / "detail_tweaker.safetensors").rename(engine.paths.lora_dir / "add_detail.safetensors")
     engine.registry.refresh()
-    again = engine.txt2img(from_infotext(first.images[0].infotext))  # the tag still says detail_tweaker
+    again = engine.generate(from_infotext(first.images[0].infotext))  # the tag still says detail_tweaker
     assert again.warnings == []
     assert np.array_equal(np.asarray(again.images[0].image), np.asarray(first.images[0].image))
     assert infotext.parse(again.images[0].infotext)["Lora hashes"] == infotext.parse(first.images[0].infotext)["Lora hashes"]
@@ -174,6 +174,6 @@ def test_pasted_infotext_finds_a_renamed_lora_by_hash(engine):
 def test_stale_hashes_from_a_pasted_infotext_are_not_written_back(engine):
     make_lora(engine, engine.paths.lora_dir / "style.safetensors")
     engine.registry.refresh()
-    text = engine.txt2img(Txt2ImgRequest(**{**BASE, "prompt": "a red circle <lora:style:1>"})).images[0].infotext
+    text = engine.generate(Txt2ImgRequest(**{**BASE, "prompt": "a red circle <lora:style:1>"})).images[0].infotext
     edited = from_infotext(text).replace(prompt="a red circle")  # the user removed the LoRA tag
-    assert "Lora hashes" not in engine.txt2img(edited).images[0].infotext
+    assert "Lora hashes" not in engine.generate(edited).images[0].infotext

@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 from sdstudio.core import infotext, scripts
 from sdstudio.core.params import Img2ImgRequest, RequestError, from_infotext
 from sdstudio.core.paths import Paths
-from sdstudio.engine.txt2img import Engine
+from sdstudio.engine.generate import Engine
 from sdstudio.models.synthetic import write_upscaler
 
 

@@ -4,7 +4,7 @@ import pytest
 from sdstudio.core import infotext, styles
 from sdstudio.core.params import RequestError, Txt2ImgRequest, from_infotext
 from sdstudio.core.paths import Paths
-from sdstudio.engine.txt2img import Engine
+from sdstudio.engine.generate import Engine
 
 
 def test_merge_rule():
@@ -34,13 +34,13 @@ def test_engine_applies_styles_and_infotext_recreates_without_them(data_dir):
     (data_dir / "styles.csv").write_text("name,prompt,negative_prompt\nBlue,{prompt} on a blue background,red\n")
     engine = Engine(Paths(data_dir))
     base = {"prompt": "a circle", "steps": 2, "width": 64, "height": 64, "seed": 3}
-    styled = engine.txt2img(Txt2ImgRequest(**base, styles=["Blue"]))
+    styled = engine.generate(Txt2ImgRequest(**base, styles=["Blue"]))
     p = infotext.parse(styled.images[0].infotext)
     assert p["Prompt"] == "a circle on a blue background" and p["Negative prompt"] == "red"
-    direct = engine.txt2img(Txt2ImgRequest(**{**base, "prompt": "a circle on a blue background"}, negative_prompt="red"))
+    direct = engine.generate(Txt2ImgRequest(**{**base, "prompt": "a circle on a blue background"}, negative_prompt="red"))
     assert np.array_equal(np.asarray(styled.images[0].image), np.asarray(direct.images[0].image))
     (data_dir / "styles.csv").unlink()
-    again = engine.txt2img(from_infotext(styled.images[0].infotext))
+    again = engine.generate(from_infotext(styled.images[0].infotext))
     assert np.array_equal(np.asarray(again.images[0].image), np.asarray(styled.images[0].image))
 
 

@@ -11,7 +11,7 @@ import torch
 from sdstudio.core import infotext
 from sdstudio.core.params import Txt2ImgRequest, from_infotext
 from sdstudio.core.paths import Paths
-from sdstudio.engine.txt2img import Engine
+from sdstudio.engine.generate import Engine
 
 BASE = {"prompt": "a red circle", "negative_prompt": "blurry", "steps": 3, "width": 64, "height": 64, "seed": 42}
 
@@ -32,7 +32,7 @@ def assert_recreated(engine, again, original):
 
 
 def gen(engine, **kw):
-    return engine.txt2img(Txt2ImgRequest(**{**BASE, **kw}))
+    return engine.generate(Txt2ImgRequest(**{**BASE, **kw}))
 
 
 def test_batch_seeds_and_infotext(session_engine):
@@ -47,7 +47,7 @@ def test_batch_seeds_and_infotext(session_engine):
 def test_every_image_of_a_batch_is_recreated_exactly_from_its_infotext(session_engine):
     r = gen(session_engine, batch_size=3, sampler_name="DPM++ 2M SDE", rng="NV")
     for i, g in enumerate(r.images):
-        again = session_engine.txt2img(from_infotext(g.infotext))
+        again = session_engine.generate(from_infotext(g.infotext))
         assert_recreated(session_engine, px(again), px(r, i))
 
 
@@ -86,13 +86,13 @@ def test_interrupt_keeps_finished_images(session_engine):
         calls["n"] += 1
         return calls["n"] > 3  # the first batch (3 steps, one UNet call each) finishes; the second stops
 
-    r = session_engine.txt2img(Txt2ImgRequest(**{**BASE, "n_iter": 3}), should_stop=should_stop)
+    r = session_engine.generate(Txt2ImgRequest(**{**BASE, "n_iter": 3}), should_stop=should_stop)
     assert r.interrupted and len(r.images) == 1
 
 
 def test_progress_reports_every_step(session_engine):
     seen = []
-    session_engine.txt2img(Txt2ImgRequest(**{**BASE, "n_iter": 2}), on_progress=lambda p: seen.append((p.job_no, p.step)))
+    session_engine.generate(Txt2ImgRequest(**{**BASE, "n_iter": 2}), on_progress=lambda p: seen.append((p.job_no, p.step)))
     assert seen == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
 
 
@@ -113,7 +113,7 @@ def test_vae_choice_is_per_job_and_recorded(data_dir, tiny_dir):
     assert p["VAE"] == "other-vae" and len(p["VAE hash"]) == 10
     assert not np.array_equal(px(plain), px(with_vae))
     assert np.array_equal(px(gen(engine)), px(plain))  # the next job uses the checkpoint's own VAE again
-    assert np.array_equal(px(engine.txt2img(from_infotext(with_vae.images[0].infotext))), px(with_vae))
+    assert np.array_equal(px(engine.generate(from_infotext(with_vae.images[0].infotext))), px(with_vae))
     # "Automatic" picks NAME.vae.safetensors beside the checkpoint
     os.link(vae_dir / "other-vae.safetensors", data_dir / "models" / "Stable-diffusion" / "tiny-sd1.vae.safetensors")
     engine.registry.refresh()
@@ -129,7 +129,7 @@ def test_other_families_generate(family, tiny_dir, tmp_path):
     r = gen(engine, width=64, height=96)
     assert r.images[0].image.size == (64, 96)
     assert np.asarray(r.images[0].image).std() > 0
-    assert np.array_equal(px(engine.txt2img(from_infotext(r.images[0].infotext))), px(r))
+    assert np.array_equal(px(engine.generate(from_infotext(r.images[0].infotext))), px(r))
 
 
 def test_long_prompt_uses_more_chunks(session_engine):
@@ -148,10 +148,10 @@ def test_renamed_checkpoint_found_by_model_hash(data_dir):
     ckpt = data_dir / "models" / "Stable-diffusion"
     (ckpt / "tiny-sd1.safetensors").rename(ckpt / "renamed.safetensors")
     engine.registry.refresh()
-    again = engine.txt2img(from_infotext(text))
+    again = engine.generate(from_infotext(text))
     assert infotext.parse(again.images[0].infotext)["Model"] == "renamed"
     legacy = text.replace(infotext.parse(text)["Model hash"], engine.registry.checkpoint("renamed").legacy_hash)
-    assert infotext.parse(engine.txt2img(from_infotext(legacy)).images[0].infotext)["Model"] == "renamed"
+    assert infotext.parse(engine.generate(from_infotext(legacy)).images[0].infotext)["Model"] == "renamed"
 
 
 def test_half_precision_vae_nan_is_retried_in_float32():
@@ -193,7 +193,7 @@ def test_prompt_language_reaches_the_image(session_engine, a, b, same):
 
 def test_prompt_editing_with_second_order_sampler_and_batch(session_engine):
     r = gen(session_engine, prompt="a [red:blue:2] circle AND square :0.5", sampler_name="Heun", batch_size=2)
-    again = session_engine.txt2img(from_infotext(r.images[1].infotext))
+    again = session_engine.generate(from_infotext(r.images[1].infotext))
     assert_recreated(session_engine, px(again), px(r, 1))
 
 
@@ -205,7 +205,7 @@ def test_emphasis_modes_and_novelai_braces(session_engine):
     assert np.array_equal(px(ignored), px(gen(session_engine, prompt="a red circle")))
     assert len({px(original).tobytes(), px(no_norm).tobytes(), px(ignored).tobytes()}) == 3
     assert "Emphasis: No norm" in no_norm.images[0].infotext
-    assert np.array_equal(px(session_engine.txt2img(from_infotext(no_norm.images[0].infotext))), px(no_norm))
+    assert np.array_equal(px(session_engine.generate(from_infotext(no_norm.images[0].infotext))), px(no_norm))
     braces = gen(session_engine, prompt="a {red} circle", novelai_braces=True)
     assert "NovelAI braces: True" in braces.images[0].infotext
     assert np.array_equal(px(braces), px(gen(session_engine, prompt="a (red:1.05) circle")))

@@ -11,7 +11,7 @@ import pytest
 from sdstudio.core import infotext, scripts, xyz
 from sdstudio.core.params import RequestError, Txt2ImgRequest, from_infotext
 from sdstudio.core.paths import Paths
-from sdstudio.engine.txt2img import Engine
+from sdstudio.engine.generate import Engine
 
 
 @pytest.mark.parametrize("text, kind, expected", [
@@ -119,7 +119,7 @@ BASE = {"prompt": "a red circle", "steps": 2, "width": 64, "height": 64, "seed":
 def plot(engine, **args):
     jobs = []
     req = Txt2ImgRequest(**BASE, script_name="X/Y/Z plot", script_args=args)
-    return engine.txt2img(req.validate(), on_progress=lambda p: jobs.append((p.job_no, p.job_count))), jobs
+    return engine.generate(req.validate(), on_progress=lambda p: jobs.append((p.job_no, p.job_count))), jobs
 
 
 def test_checkpoints_load_once_each_and_cells_match_single_runs(engine):
@@ -133,7 +133,7 @@ def test_checkpoints_load_once_each_and_cells_match_single_runs(engine):
     assert grid.image.width > 3 * 64 and grid.image.height > 4 * 64  # legend margins
     one = infotext.parse(cells[0].infotext)
     assert "Script" not in one  # a cell's infotext describes that image alone
-    alone = engine.txt2img(from_infotext(cells[5].infotext))
+    alone = engine.generate(from_infotext(cells[5].infotext))
     assert np.array_equal(np.asarray(alone.images[0].image), np.asarray(cells[5].image))
     fields = infotext.parse(grid.infotext)
     assert fields["X Type"] == "Checkpoint name" and fields["Y Values"] == "3-9 [4]"
@@ -147,7 +147,7 @@ def test_the_grid_re_creates_the_whole_plot(engine):
     assert z_grid.image.width >= sub_a.image.width * 2
     drawn = infotext.parse(z_grid.infotext)["X Values"]
     assert "-1" not in drawn and drawn.endswith("3")  # the random seed, written down
-    again = engine.txt2img(from_infotext(z_grid.infotext))
+    again = engine.generate(from_infotext(z_grid.infotext))
     assert np.array_equal(np.asarray(again.images[0].image), np.asarray(z_grid.image))
 
 
@@ -159,7 +159,7 @@ def test_bad_plots_fail_before_any_image(engine):
                          ({"x_type": "Size", "x_values": "64x64, 65x64"}, "multiple of 8")]:
         steps: list = []
         with pytest.raises(RequestError, match=needle):
-            engine.txt2img(Txt2ImgRequest(**BASE, script_name="X/Y/Z plot", script_args=args),
+            engine.generate(Txt2ImgRequest(**BASE, script_name="X/Y/Z plot", script_args=args),
                            on_progress=steps.append)
         assert steps == [], args
 
@@ -172,39 +172,39 @@ def test_interrupt_keeps_what_is_done(engine):
         return len(calls) > 6  # a few steps in: the first cells are done
 
     req = Txt2ImgRequest(**BASE, script_name="X/Y/Z plot", script_args={"x_type": "CFG Scale", "x_values": "1-8"})
-    result = engine.txt2img(req, should_stop=stop)
+    result = engine.generate(req, should_stop=stop)
     assert result.interrupted and len(result.images) == 1 and result.images[0].grid
 
 
 def test_prompt_matrix_grid_and_images(engine):
     req = Txt2ImgRequest(**{**BASE, "prompt": "a cat|in a hat|wearing boots|red"}, script_name="Prompt matrix",
                          script_args={"different_seeds": True})
-    result = engine.txt2img(req.validate())
+    result = engine.generate(req.validate())
     grid, *images = result.images
     assert grid.grid and len(images) == 8
     assert [infotext.parse(g.infotext)[infotext.PROMPT] for g in images[:4]] == [
         "a cat", "a cat, in a hat", "a cat, wearing boots", "a cat, in a hat, wearing boots"]
     assert [g.seed for g in images] == list(range(1, 9))
     assert grid.image.width > 4 * 64 and grid.image.height > 2 * 64  # 4 columns, 2 rows, labels
-    at_start = engine.txt2img(req.replace(script_args={"put_at_start": True, "variations_delimiter": "space"}))
+    at_start = engine.generate(req.replace(script_args={"put_at_start": True, "variations_delimiter": "space"}))
     assert infotext.parse(at_start.images[2].infotext)[infotext.PROMPT] == "in a hat a cat"
     with pytest.raises(RequestError, match="separate the variable parts"):
-        engine.txt2img(req.replace(prompt="a cat"))
+        engine.generate(req.replace(prompt="a cat"))
 
 
 def test_prompts_from_file(engine):
     text = 'a cat\n\n--prompt "a dog" on grass --steps 3 --seed 9 --sampler_name "euler a"\n--negative_prompt ugly\n'
     req = Txt2ImgRequest(**{**BASE, "prompt": "photo", "seed": -1}, script_name="Prompts from file or textbox",
                          script_args={"prompt_txt": text, "prompt_position": "end"})
-    result = engine.txt2img(req.validate())
+    result = engine.generate(req.validate())
     fields = [infotext.parse(g.infotext) for g in result.images]
     assert [f[infotext.PROMPT] for f in fields] == ["photo a cat", "photo a dog on grass", "photo"]
     assert fields[1]["Steps"] == "3" and fields[1]["Seed"] == "9" and fields[1]["Sampler"] == "Euler a"
     assert fields[2].get(infotext.NEGATIVE) == "ugly"
     assert fields[0]["Seed"] != fields[2]["Seed"]  # -1: a seed of its own per line
-    same = engine.txt2img(req.replace(script_args={"prompt_txt": "a\nb", "checkbox_iterate_batch": True}))
+    same = engine.generate(req.replace(script_args={"prompt_txt": "a\nb", "checkbox_iterate_batch": True}))
     assert same.images[0].seed == same.images[1].seed
-    iterate = engine.txt2img(req.replace(seed=5, script_args={"prompt_txt": "a\nb", "checkbox_iterate": True}))
+    iterate = engine.generate(req.replace(seed=5, script_args={"prompt_txt": "a\nb", "checkbox_iterate": True}))
     assert [g.seed for g in iterate.images] == [5, 6]
     with pytest.raises(RequestError, match="line 2: unknown option --colour.*line 3: --steps: 'x'"):
         req.replace(script_args={"prompt_txt": "ok\n--colour red\n--steps x"}).validate()
@@ -215,14 +215,14 @@ def test_discard_penultimate_sigma_and_extra_noise(engine, tmp_path):
     def px(r):
         return np.asarray(r.images[0].image)
 
-    plain = engine.txt2img(Txt2ImgRequest(**BASE))
-    discard = engine.txt2img(Txt2ImgRequest(**BASE, always_discard_next_to_last_sigma=True))
+    plain = engine.generate(Txt2ImgRequest(**BASE))
+    discard = engine.generate(Txt2ImgRequest(**BASE, always_discard_next_to_last_sigma=True))
     assert not np.array_equal(px(plain), px(discard))
     assert "Discard penultimate sigma: True" in discard.images[0].infotext
-    assert np.array_equal(px(engine.txt2img(from_infotext(discard.images[0].infotext))), px(discard))
+    assert np.array_equal(px(engine.generate(from_infotext(discard.images[0].infotext))), px(discard))
     dpm2 = {**BASE, "sampler_name": "DPM2"}  # discards already: the option changes nothing
-    assert np.array_equal(px(engine.txt2img(Txt2ImgRequest(**dpm2))),
-                          px(engine.txt2img(Txt2ImgRequest(**dpm2, always_discard_next_to_last_sigma=True))))
+    assert np.array_equal(px(engine.generate(Txt2ImgRequest(**dpm2))),
+                          px(engine.generate(Txt2ImgRequest(**dpm2, always_discard_next_to_last_sigma=True))))
     plain.images[0].image.save(tmp_path / "init.png")
     from sdstudio.core.params import Img2ImgRequest
 

@@ -49,7 +49,7 @@ class _Passes:
         self.first = None  # the first pass's result: its infotext describes the script's output
 
     def run(self, req: Txt2ImgRequest):
-        from .txt2img import Progress
+        from .generate import Progress
 
         index = self.done
 
@@ -67,7 +67,7 @@ class _Passes:
 def run(engine, req: Txt2ImgRequest, *, on_progress=None, should_stop: Callable[[], bool] | None = None,
         on_image=None, on_batch=None, keep_images: bool = True):
     """Run ``req``'s script; returns a ``Txt2ImgResult`` of its output images (grids first)."""
-    from .txt2img import GeneratedImage, Txt2ImgResult
+    from .generate import GeneratedImage, Txt2ImgResult
 
     try:
         args = scripts.parse(req.script_name, req.script_args, req.kind)

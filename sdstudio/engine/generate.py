@@ -1,7 +1,8 @@
-"""txt2img: a request in, images with their infotext out.
+"""The generation engine: a request (txt2img, img2img / inpaint, with Hires. fix or a script) in,
+images with their infotext out.
 
-The engine owns the loaded models and the device plan; each call gets everything else from the
-request (model, VAE, sampler, seeds...), so two jobs never change each other's settings.
+The engine owns the loaded models, the device plan and the upscalers; each call gets everything else
+from the request (model, VAE, sampler, seeds...), so two jobs never change each other's settings.
 """
 
 from __future__ import annotations
