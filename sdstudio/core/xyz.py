@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import math
 import random
 import re
 from collections.abc import Callable
@@ -57,8 +58,6 @@ def _linspace(start: float, stop: float, num: int) -> list[float]:
 
 def _arange(start: float, stop: float, step: float) -> list[float]:
     # numpy.arange(start, stop, step): ceil((stop - start) / step) values start + i * step
-    import math
-
     if step == 0:
         raise AxisError("a range step of 0 never ends")
     count = max(0, math.ceil((stop - start) / step))
@@ -67,7 +66,7 @@ def _arange(start: float, stop: float, step: float) -> list[float]:
 
 def expand_values(text: str, kind: type) -> list:
     """The concrete values of an axis whose values field is ``text``, for ``kind`` int, float or str."""
-    items = [v for v in csv_list(text)]
+    items = csv_list(text)
     out: list = []
     for item in items:
         if kind is str:

@@ -1,5 +1,11 @@
-"""Running the img2img scripts (:mod:`sdstudio.core.scripts`): each is a series of ordinary img2img passes
-on the engine, put together the way A1111's script does it.
+"""Running the scripts (:mod:`sdstudio.core.scripts`): each is a series of ordinary generation passes on
+the engine, put together the way A1111's script does it.
+
+- X/Y/Z plot: one pass per cell (axes applied X, then Y, then Z; costly axes walked outermost), a labelled
+  grid per Z value and a Z grid; every cell's request is checked before the first pass (:func:`precheck`
+  does the same for the API before a job queues).
+- Prompt matrix: one pass per combination of the ``|`` parts, a grid with on/off labels.
+- Prompts from file or textbox: one job per line.
 
 - SD upscale: upscale the init image, cut it into overlapping tiles of the request's size, img2img each
   (tile batch ``i`` uses seed ``seed + i``, as A1111), lay the tiles back with feathered seams.
@@ -12,7 +18,8 @@ on the engine, put together the way A1111's script does it.
   request's size at that edge, masked content "original".
 
 The result's infotext is the first pass's with the script and its arguments added (``Script: …``), so
-pasting it back with the same init image runs the script again.
+pasting it back (with the same init image, for img2img) runs the script again. Scripts run as one job:
+the queue does not pause them between passes for other clients, and skip acts on the pass under way.
 """
 
 from __future__ import annotations
