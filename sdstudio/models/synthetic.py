@@ -185,18 +185,25 @@ def make_checkpoint(
         raise ValueError(family)
     for module in [unet, vae] + [e[0] for e in encoders]:
         _realistic_norms(module)
-    lpb = ucfg["layers_per_block"]
-    up_attn = [t.startswith("CrossAttn") for t in ucfg["up_block_types"]]
-    sd = component_to_ldm(
-        unet.state_dict(), "model.diffusion_model.", "unet", layers_per_block=lpb, up_has_attention=up_attn
-    )
-    sd.update(component_to_ldm(vae.state_dict(), "first_stage_model.", "vae", levels=4))
-    for encoder, prefix, layout in encoders:
-        sd.update(component_to_ldm(canonical_text_state(encoder.state_dict()), prefix, layout))
+    sd = ldm_state_dict(unet, vae, encoders)
     if ema:  # full training checkpoints also carry EMA copies; loaders must ignore them
         for k in [k for k in sd if k.startswith("model.diffusion_model.")][:8]:
             sd["model_ema." + k[len("model.diffusion_model.") :].replace(".", "")] = sd[k].clone()
     return {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
+
+
+def ldm_state_dict(unet: UNet2DConditionModel, vae: AutoencoderKL, encoders: list[tuple]) -> dict[str, torch.Tensor]:
+    """diffusers modules -> one state dict in the original single-file layout (``encoders``: (module,
+    key prefix, layout) as :func:`make_checkpoint` lists them). The demo model's trainer exports with it."""
+    lpb = unet.config.layers_per_block
+    up_attn = [t.startswith("CrossAttn") for t in unet.config.up_block_types]
+    sd = component_to_ldm(unet.state_dict(), "model.diffusion_model.", "unet", layers_per_block=lpb,
+                          up_has_attention=up_attn)
+    sd.update(component_to_ldm(vae.state_dict(), "first_stage_model.", "vae",
+                               levels=len(vae.config.block_out_channels)))
+    for encoder, prefix, layout in encoders:
+        sd.update(component_to_ldm(canonical_text_state(encoder.state_dict()), prefix, layout))
+    return sd
 
 
 def write_checkpoint(path: str | Path, family: str = "sd1", size: str = "tiny", **kwargs) -> Path:

@@ -1,0 +1,49 @@
+"""The demo model's trainer: a seconds-long run of the real pipeline, resumed, exported, and loaded back
+through the normal checkpoint loader with the same networks."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import torch
+
+from sdstudio.core.params import Txt2ImgRequest
+from sdstudio.core.paths import Paths
+from sdstudio.engine.generate import Engine
+from sdstudio.models.loader import load_checkpoint
+from training.demo_model.train import SCALING, Config, Run
+
+
+def test_train_resume_export_and_load(tmp_path):
+    run_dir = tmp_path / "run"
+    Run(run_dir, Config.tiny(unet_steps=1), log=lambda m: None).train()
+    resumed = Run(run_dir, Config.tiny(unet_steps=3), log=lambda m: None)
+    assert (resumed.stage, resumed.step) == ("done", 1)  # the first run's state was found
+    resumed.stage = "diffusion"  # a longer schedule continues where it stopped
+    resumed.opt = resumed._diffusion_optimizer()
+    resumed.train()
+    rows = list(csv.DictReader((run_dir / "log.csv").open()))
+    assert [r["step"] for r in rows if r["stage"] == "diffusion"] == ["1", "2", "3"]
+    with torch.no_grad():  # the folded latent scale: latents × SCALING have about unit spread
+        images = torch.rand(4, 3, 64, 64) * 2 - 1
+        std = float(resumed.vae.encode(images).latent_dist.mean.std() * SCALING)
+    assert 0.3 < std < 3
+    path = resumed.export(tmp_path / "data" / "models" / "Stable-diffusion" / "demo.safetensors")
+    loaded = load_checkpoint(path)
+    resumed.unet.eval()
+    resumed.text.eval()
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
+    ctx = torch.randn(1, 77, 32)
+    with torch.no_grad():
+        ours = resumed.unet(x, t, ctx).sample
+        back = loaded.unet(x, t, ctx.to(loaded.unet.dtype)).sample.float()
+        tokens = torch.tensor([[49406, 320, 736, 2866, 49407] + [49407] * 72])
+        text_a = resumed.text(tokens).last_hidden_state
+        text_b = loaded.text_encoders[0](tokens).last_hidden_state.float()
+    assert torch.allclose(ours, back, atol=2e-2), (ours - back).abs().max()  # fp16 export
+    assert torch.allclose(text_a, text_b, atol=2e-2)
+    engine = Engine(Paths(tmp_path / "data"))
+    image = engine.txt2img(Txt2ImgRequest(prompt="a red circle on a blue background", steps=2, width=64, height=64,
+                                          seed=1)).images[0].image
+    assert np.asarray(image).std() > 0

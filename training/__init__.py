@@ -1,0 +1,1 @@
+"""Training scripts that build the models the repository ships (not part of the installed package)."""

@@ -1,0 +1,231 @@
+"""Training the demo model in two stages, resumable, then exporting an A1111-style single file.
+
+1. VAE (AutoencoderKL, 4 latent channels, 8× down): L1 + MSE reconstruction and a small KL term on
+   rendered scenes; afterwards the latent scale is folded into ``quant_conv`` / ``post_quant_conv`` so
+   that latents × 0.18215 have unit variance, as the SD 1.x loaders assume.
+2. Text encoder (CLIP-style, the real CLIP BPE tokenizer) and UNet together: epsilon prediction on the SD
+   noise schedule (scaled-linear betas 0.00085–0.012, 1000 steps), 10 % empty captions so CFG works,
+   captions plain or rich (:func:`sdstudio.eval.shapes.caption`).
+
+Every ``save_every`` steps the whole state (weights, optimiser, step, random generators) goes to
+``RUN/state.pt``; a rerun with the same run folder continues from there. ``RUN/log.csv`` records the losses.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import save_file
+from tqdm import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from sdstudio.eval import shapes
+from sdstudio.models.loader import clip_tokenizer
+from sdstudio.models.synthetic import ldm_state_dict
+
+SCALING = 0.18215
+
+
+@dataclass
+class Config:
+    size: int = 256  # training pictures
+    batch: int = 16
+    vae_steps: int = 3000
+    unet_steps: int = 20000
+    lr_vae: float = 1e-3
+    lr_unet: float = 4e-4
+    seed: int = 0
+    save_every: int = 250
+    # widths (the SD 1.x layout the loader knows: 4 UNet levels of 2 layers, 3 with cross-attention, 8 heads;
+    # VAE widths multiples of 32 (its GroupNorms); text heads = width // 64)
+    unet_channels: tuple[int, ...] = (64, 128, 128, 128)
+    vae_channels: tuple[int, ...] = (32, 64, 64, 64)
+    text_width: int = 128
+    text_layers: int = 4
+
+    @classmethod
+    def tiny(cls, **kw) -> Config:
+        """For tests: the same pipeline in seconds."""
+        return cls(**{"size": 64, "batch": 2, "vae_steps": 2, "unet_steps": 2, "save_every": 1,
+                      "unet_channels": (32, 32, 32, 32), "vae_channels": (32, 32, 32, 32), "text_width": 32,
+                      "text_layers": 1, **kw})
+
+
+def build(cfg: Config) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel]:
+    torch.manual_seed(cfg.seed)
+    vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                        block_out_channels=list(cfg.vae_channels), layers_per_block=1, latent_channels=4)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=cfg.text_width, num_hidden_layers=cfg.text_layers,
+                                        intermediate_size=cfg.text_width * 4, num_attention_heads=max(1, cfg.text_width // 64),
+                                        max_position_embeddings=77, hidden_act="quick_gelu", pad_token_id=49407,
+                                        eos_token_id=49407, bos_token_id=49406))
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, block_out_channels=list(cfg.unet_channels),
+                                layers_per_block=2, attention_head_dim=8, cross_attention_dim=cfg.text_width,
+                                down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                                up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+    return vae, text, unet
+
+
+def _batch(rng: np.random.Generator, cfg: Config) -> tuple[torch.Tensor, list[str]]:
+    scenes = [shapes.random_scene(rng, max_things=3, stripes=0.15) for _ in range(cfg.batch)]
+    pictures = np.stack([np.asarray(shapes.render(s, cfg.size), dtype=np.float32) for s in scenes])
+    captions = [shapes.caption(s, rich=bool(rng.random() < 0.5)) for s in scenes]
+    return torch.from_numpy(pictures / 127.5 - 1).permute(0, 3, 1, 2), captions
+
+
+def _fold_latent_scale(vae: AutoencoderKL, images: torch.Tensor) -> float:
+    """Rescale the latent space so that latents × SCALING have unit variance; returns the factor."""
+    with torch.no_grad():
+        std = float(vae.encode(images).latent_dist.mean.std())
+        k = (1 / SCALING) / std
+        c = vae.config.latent_channels
+        vae.quant_conv.weight[:c] *= k
+        vae.quant_conv.bias[:c] *= k
+        vae.quant_conv.bias[c:] += 2 * math.log(k)
+        vae.post_quant_conv.weight /= k
+    return k
+
+
+def _warmup_cosine(step: int, total: int, warmup: int = 200) -> float:
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
+
+
+def _alphas_cumprod() -> torch.Tensor:
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+class Run:
+    def __init__(self, folder: Path, cfg: Config, log=print):
+        self.folder, self.cfg, self.log = Path(folder), cfg, log
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.vae, self.text, self.unet = build(cfg)
+        self.stage, self.step = "vae", 0
+        self.rng = np.random.default_rng(cfg.seed)
+        self.opt = torch.optim.AdamW(self.vae.parameters(), lr=cfg.lr_vae)
+        self.tokenizer = clip_tokenizer()
+        state = self.folder / "state.pt"
+        if state.is_file():
+            self._load(state)
+
+    # ---- persistence ----------------------------------------------------------------------------
+    def _diffusion_optimizer(self):
+        return torch.optim.AdamW(list(self.text.parameters()) + list(self.unet.parameters()), lr=self.cfg.lr_unet,
+                                 weight_decay=1e-2)
+
+    def save(self) -> None:
+        state = {"stage": self.stage, "step": self.step, "config": asdict(self.cfg), "vae": self.vae.state_dict(),
+                 "text": self.text.state_dict(), "unet": self.unet.state_dict(), "opt": self.opt.state_dict(),
+                 "rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
+        tmp = self.folder / "state.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(self.folder / "state.pt")
+
+    def _load(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by save()
+        self.vae.load_state_dict(state["vae"])
+        self.text.load_state_dict(state["text"])
+        self.unet.load_state_dict(state["unet"])
+        self.stage, self.step = state["stage"], state["step"]
+        if self.stage != "vae":
+            self.opt = self._diffusion_optimizer()
+        self.opt.load_state_dict(state["opt"])
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        self.log(f"resumed: stage {self.stage}, step {self.step}")
+
+    def _record(self, loss: float) -> None:
+        path = self.folder / "log.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["time", "stage", "step", "loss"])
+            w.writerow([f"{time.time():.0f}", self.stage, self.step, f"{loss:.5f}"])
+
+    # ---- stages ---------------------------------------------------------------------------------
+    def _vae_step(self) -> float:
+        images, _ = _batch(self.rng, self.cfg)
+        dist = self.vae.encode(images).latent_dist
+        recon = self.vae.decode(dist.sample()).sample
+        kl = dist.kl().mean() / images[0].numel()
+        loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + 1e-4 * kl
+        return loss
+
+    def _diffusion_step(self, alphas: torch.Tensor) -> torch.Tensor:
+        images, captions = _batch(self.rng, self.cfg)
+        captions = ["" if self.rng.random() < 0.1 else c for c in captions]
+        with torch.no_grad():
+            latents = self.vae.encode(images).latent_dist.sample() * SCALING
+        tokens = self.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                                return_tensors="pt").input_ids
+        context = self.text(tokens).last_hidden_state
+        t = torch.randint(0, 1000, (latents.shape[0],))
+        noise = torch.randn_like(latents)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        return F.mse_loss(self.unet(noisy, t, context).sample, noise)
+
+    def train(self) -> None:
+        cfg = self.cfg
+        alphas = _alphas_cumprod()
+        if self.stage == "vae":
+            self.vae.train()
+            bar = tqdm(total=cfg.vae_steps, initial=self.step, desc="VAE", unit="step")
+            while self.step < cfg.vae_steps:
+                loss = self._vae_step()
+                self.opt.zero_grad()
+                loss.backward()
+                self.opt.step()
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                self._record(loss.item())
+                if self.step % cfg.save_every == 0:
+                    self.save()
+            bar.close()
+            self.vae.eval()
+            k = _fold_latent_scale(self.vae, _batch(np.random.default_rng(cfg.seed + 1), cfg)[0])
+            self.log(f"VAE done; latent scale folded in (× {k:.3f})")
+            self.stage, self.step, self.opt = "diffusion", 0, self._diffusion_optimizer()
+            self.save()
+        if self.stage == "diffusion":
+            self.vae.eval().requires_grad_(False)
+            self.text.train()
+            self.unet.train()
+            bar = tqdm(total=cfg.unet_steps, initial=self.step, desc="UNet + text", unit="step")
+            while self.step < cfg.unet_steps:
+                for group in self.opt.param_groups:
+                    group["lr"] = cfg.lr_unet * _warmup_cosine(self.step, cfg.unet_steps)
+                loss = self._diffusion_step(alphas)
+                self.opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(list(self.text.parameters()) + list(self.unet.parameters()), 1.0)
+                self.opt.step()
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                self._record(loss.item())
+                if self.step % cfg.save_every == 0:
+                    self.save()
+            bar.close()
+            self.stage = "done"
+            self.save()
+
+    def export(self, path: Path) -> Path:
+        """The trained model as an A1111-style single-file checkpoint (fp16 safetensors)."""
+        sd = ldm_state_dict(self.unet, self.vae, [(self.text, "cond_stage_model.transformer.", "clip_hf")])
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}, str(path),
+                  metadata={"sdstudio.demo": "trained by python -m training.demo_model",
+                            "sdstudio.demo.config": str(asdict(self.cfg))})
+        return path
