@@ -44,7 +44,7 @@ class SDUpscale:
             raise ScriptError(f"SD upscale: scale must be from 1 to 8, got {self.scale!r}")
 
     @classmethod
-    def from_list(cls, args: list, upscaler_names: list[str]) -> SDUpscale:
+    def from_list(cls, args: list, upscaler_names: list[str], kind: str = "img2img") -> SDUpscale:
         # A1111: [info, overlap, upscaler_index, scale_factor]
         _, overlap, index, scale = _padded(args, [None, 64, 0, 2.0])
         if isinstance(index, str):
@@ -89,7 +89,7 @@ class Loopback:
         return initial + (self.final_denoising_strength - initial) * curve
 
     @classmethod
-    def from_list(cls, args: list, upscaler_names: list[str]) -> Loopback:
+    def from_list(cls, args: list, upscaler_names: list[str], kind: str = "img2img") -> Loopback:
         # A1111: [loops, final_denoising_strength, denoising_curve, append_interrogation]
         loops, final, curve = _padded(args, [4, 0.5, "Linear"])
         return cls(int(loops), float(final), str(curve))
@@ -120,7 +120,7 @@ class PoorMansOutpainting:
             raise ScriptError(f"outpainting: directions must be some of {', '.join(OUTPAINT_DIRECTIONS)}, got {self.direction!r}")
 
     @classmethod
-    def from_list(cls, args: list, upscaler_names: list[str]) -> PoorMansOutpainting:
+    def from_list(cls, args: list, upscaler_names: list[str], kind: str = "img2img") -> PoorMansOutpainting:
         # A1111: [pixels, mask_blur, inpainting_fill, direction]
         pixels, blur, fill, direction = _padded(args, [128, 4, 1, list(OUTPAINT_DIRECTIONS)])
         fills = ("fill", "original", "latent noise", "latent nothing")
@@ -152,7 +152,7 @@ class OutpaintingMk2:
             raise ScriptError(f"Outpainting mk2: color variation must be from 0 to 1, got {self.color_variation!r}")
 
     @classmethod
-    def from_list(cls, args: list, upscaler_names: list[str]) -> OutpaintingMk2:
+    def from_list(cls, args: list, upscaler_names: list[str], kind: str = "img2img") -> OutpaintingMk2:
         # A1111: [info, pixels, mask_blur, direction, noise_q, color_variation]
         _, pixels, blur, direction, noise_q, variation = _padded(args, [None, 128, 8, list(OUTPAINT_DIRECTIONS),
                                                                          1.0, 0.05])
@@ -332,9 +332,7 @@ def from_a1111_list(name: str, args: list, upscaler_names: list[str], kind: str 
         raise ScriptError(f"unknown script {name!r}; available: {', '.join(SCRIPTS)}")
     cls = SCRIPTS[name]
     try:
-        parsed = cls.from_list(args, upscaler_names, kind) if "txt2img" in cls.kinds else \
-            cls.from_list(args, upscaler_names)
-        return dataclasses.asdict(parsed)
+        return dataclasses.asdict(cls.from_list(args, upscaler_names, kind))
     except (TypeError, ValueError, IndexError) as exc:
         raise ScriptError(f"{name}: cannot read script_args {args!r} ({exc})") from None
 
