@@ -31,7 +31,7 @@ ENCODE_CORE = 512  # image pixels
 
 def decoder_halo(dec: nn.Module) -> int:
     """Latent pixels a tile needs around its core: the reach of the upsampling path's 3×3 convolutions
-    (each reaches one pixel at its own resolution), plus a margin. 16 for the SD / SDXL decoder."""
+    (each reaches one pixel at its own resolution), plus a margin: 15 for the SD / SDXL decoder."""
     reach, scale = 0.0, 1
     for block in dec.up_blocks:
         reach += 2 * len(block.resnets) / scale
@@ -43,7 +43,7 @@ def decoder_halo(dec: nn.Module) -> int:
 
 
 def encoder_halo(enc: nn.Module) -> int:
-    """Image pixels a tile needs around its core (a multiple of the downsampling factor): 96 for SD."""
+    """Image pixels a tile needs around its core (a multiple of the downsampling factor): 88 for SD."""
     reach, scale = 1.0, 1  # conv_in
     for block in enc.down_blocks:
         reach += 2 * len(block.resnets) * scale
