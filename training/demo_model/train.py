@@ -36,25 +36,26 @@ SCALING = 0.18215
 
 @dataclass
 class Config:
-    size: int = 256  # training pictures
+    size: int = 128  # the diffusion stage's pictures (the UNet is convolutional: it also draws 256²)
+    vae_size: int = 64  # the VAE stage's pictures: it learns local detail, so small ones do, much faster
     batch: int = 16
-    vae_steps: int = 3000
-    unet_steps: int = 20000
+    vae_steps: int = 1200
+    unet_steps: int = 7000
     lr_vae: float = 1e-3
     lr_unet: float = 4e-4
     seed: int = 0
     save_every: int = 250
     # widths (the SD 1.x layout the loader knows: 4 UNet levels of 2 layers, 3 with cross-attention, 8 heads;
     # VAE widths multiples of 32 (its GroupNorms); text heads = width // 64)
-    unet_channels: tuple[int, ...] = (64, 128, 128, 128)
+    unet_channels: tuple[int, ...] = (32, 64, 96, 96)
     vae_channels: tuple[int, ...] = (32, 64, 64, 64)
-    text_width: int = 128
+    text_width: int = 96
     text_layers: int = 4
 
     @classmethod
     def tiny(cls, **kw) -> Config:
         """For tests: the same pipeline in seconds."""
-        return cls(**{"size": 64, "batch": 2, "vae_steps": 2, "unet_steps": 2, "save_every": 1,
+        return cls(**{"size": 64, "vae_size": 64, "batch": 2, "vae_steps": 2, "unet_steps": 2, "save_every": 1,
                       "unet_channels": (32, 32, 32, 32), "vae_channels": (32, 32, 32, 32), "text_width": 32,
                       "text_layers": 1, **kw})
 
@@ -74,9 +75,9 @@ def build(cfg: Config) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionMod
     return vae, text, unet
 
 
-def _batch(rng: np.random.Generator, cfg: Config) -> tuple[torch.Tensor, list[str]]:
+def _batch(rng: np.random.Generator, cfg: Config, size: int | None = None) -> tuple[torch.Tensor, list[str]]:
     scenes = [shapes.random_scene(rng, max_things=3, stripes=0.15) for _ in range(cfg.batch)]
-    pictures = np.stack([np.asarray(shapes.render(s, cfg.size), dtype=np.float32) for s in scenes])
+    pictures = np.stack([np.asarray(shapes.render(s, size or cfg.size), dtype=np.float32) for s in scenes])
     captions = [shapes.caption(s, rich=bool(rng.random() < 0.5)) for s in scenes]
     return torch.from_numpy(pictures / 127.5 - 1).permute(0, 3, 1, 2), captions
 
@@ -152,8 +153,8 @@ class Run:
             w.writerow([f"{time.time():.0f}", self.stage, self.step, f"{loss:.5f}"])
 
     # ---- stages ---------------------------------------------------------------------------------
-    def _vae_step(self) -> float:
-        images, _ = _batch(self.rng, self.cfg)
+    def _vae_step(self) -> torch.Tensor:
+        images, _ = _batch(self.rng, self.cfg, self.cfg.vae_size)
         dist = self.vae.encode(images).latent_dist
         recon = self.vae.decode(dist.sample()).sample
         kl = dist.kl().mean() / images[0].numel()
