@@ -99,6 +99,14 @@ def _warmup_cosine(step: int, total: int, warmup: int = 200) -> float:
     return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
 
 
+@torch.no_grad()
+def reconstruction_error(vae: AutoencoderKL, cfg: Config, n: int = 16, seed: int = 12345) -> float:
+    """Mean absolute error (of 255) of the VAE on fresh full-size pictures, through the latent mean."""
+    images, _ = _batch(np.random.default_rng(seed), Config(**{**asdict(cfg), "batch": n}))
+    recon = vae.decode(vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
+    return float((recon - images).abs().mean() * 127.5)
+
+
 def _alphas_cumprod() -> torch.Tensor:
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     return torch.cumprod(1 - betas, 0).float()
@@ -154,12 +162,15 @@ class Run:
 
     # ---- stages ---------------------------------------------------------------------------------
     def _vae_step(self) -> torch.Tensor:
-        images, _ = _batch(self.rng, self.cfg, self.cfg.vae_size)
+        """Random ``vae_size`` crops of full-size pictures: the VAE sees what it will encode, cheaply."""
+        full, _ = _batch(self.rng, self.cfg)
+        c = self.cfg.vae_size
+        offsets = self.rng.integers(0, self.cfg.size - c + 1, size=(full.shape[0], 2)) // 8 * 8
+        images = torch.stack([im[:, y:y + c, x:x + c] for im, (y, x) in zip(full, offsets)])
         dist = self.vae.encode(images).latent_dist
         recon = self.vae.decode(dist.sample()).sample
         kl = dist.kl().mean() / images[0].numel()
-        loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + 1e-4 * kl
-        return loss
+        return F.l1_loss(recon, images) + F.mse_loss(recon, images) + 1e-6 * kl
 
     def _diffusion_step(self, alphas: torch.Tensor) -> torch.Tensor:
         images, captions = _batch(self.rng, self.cfg)
@@ -182,6 +193,8 @@ class Run:
             self.vae.train()
             bar = tqdm(total=cfg.vae_steps, initial=self.step, desc="VAE", unit="step")
             while self.step < cfg.vae_steps:
+                for group in self.opt.param_groups:
+                    group["lr"] = cfg.lr_vae * _warmup_cosine(self.step, cfg.vae_steps, warmup=100)
                 loss = self._vae_step()
                 self.opt.zero_grad()
                 loss.backward()
@@ -195,7 +208,8 @@ class Run:
             bar.close()
             self.vae.eval()
             k = _fold_latent_scale(self.vae, _batch(np.random.default_rng(cfg.seed + 1), cfg)[0])
-            self.log(f"VAE done; latent scale folded in (× {k:.3f})")
+            self.log(f"VAE done: reconstruction error {reconstruction_error(self.vae, cfg):.1f}/255 on "
+                     f"{cfg.size}² pictures; latent scale folded in (× {k:.3f})")
             self.stage, self.step, self.opt = "diffusion", 0, self._diffusion_optimizer()
             self.save()
         if self.stage == "diffusion":
