@@ -191,21 +191,7 @@ class Run:
         alphas = _alphas_cumprod()
         if self.stage == "vae":
             self.vae.train()
-            bar = tqdm(total=cfg.vae_steps, initial=self.step, desc="VAE", unit="step")
-            while self.step < cfg.vae_steps:
-                for group in self.opt.param_groups:
-                    group["lr"] = cfg.lr_vae * _warmup_cosine(self.step, cfg.vae_steps, warmup=100)
-                loss = self._vae_step()
-                self.opt.zero_grad()
-                loss.backward()
-                self.opt.step()
-                self.step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-                self._record(loss.item())
-                if self.step % cfg.save_every == 0:
-                    self.save()
-            bar.close()
+            self._loop("VAE", cfg.vae_steps, cfg.lr_vae, self._vae_step, warmup=100)
             self.vae.eval()
             k = _fold_latent_scale(self.vae, _batch(np.random.default_rng(cfg.seed + 1), cfg)[0])
             self.log(f"VAE done: reconstruction error {reconstruction_error(self.vae, cfg):.1f}/255 on "
@@ -216,24 +202,31 @@ class Run:
             self.vae.eval().requires_grad_(False)
             self.text.train()
             self.unet.train()
-            bar = tqdm(total=cfg.unet_steps, initial=self.step, desc="UNet + text", unit="step")
-            while self.step < cfg.unet_steps:
-                for group in self.opt.param_groups:
-                    group["lr"] = cfg.lr_unet * _warmup_cosine(self.step, cfg.unet_steps)
-                loss = self._diffusion_step(alphas)
-                self.opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(list(self.text.parameters()) + list(self.unet.parameters()), 1.0)
-                self.opt.step()
-                self.step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-                self._record(loss.item())
-                if self.step % cfg.save_every == 0:
-                    self.save()
-            bar.close()
+            self._loop("UNet + text", cfg.unet_steps, cfg.lr_unet, lambda: self._diffusion_step(alphas),
+                       clip=[*self.text.parameters(), *self.unet.parameters()])
             self.stage = "done"
             self.save()
+
+    def _loop(self, desc: str, total: int, lr: float, step_loss, warmup: int = 200, clip: list | None = None) -> None:
+        """Optimiser steps from ``self.step`` to ``total``: warm-up/cosine rate, optional gradient clipping,
+        a progress bar, the loss logged every step and the state saved every ``save_every``."""
+        bar = tqdm(total=total, initial=self.step, desc=desc, unit="step")
+        while self.step < total:
+            for group in self.opt.param_groups:
+                group["lr"] = lr * _warmup_cosine(self.step, total, warmup)
+            loss = step_loss()
+            self.opt.zero_grad()
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(clip, 1.0)
+            self.opt.step()
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            self._record(loss.item())
+            if self.step % self.cfg.save_every == 0:
+                self.save()
+        bar.close()
 
     def export(self, path: Path) -> Path:
         """The trained model as an A1111-style single-file checkpoint (fp16 safetensors)."""
