@@ -32,6 +32,22 @@ def tiny_sd1(tiny_dir) -> Path:
     return tiny_dir / "tiny-sd1.safetensors"
 
 
+@pytest.fixture(scope="session")
+def make_data_root(tmp_path_factory, tiny_dir):
+    """A function making a fresh A1111-style data dir with tiny checkpoints hard-linked in (no copies):
+    ``make_data_root("x", {"a": "sd1"})`` gives ``models/Stable-diffusion/a.safetensors``."""
+
+    def make(name: str, checkpoints: dict[str, str] | None = None) -> Path:
+        root = tmp_path_factory.mktemp(name)
+        folder = root / "models" / "Stable-diffusion"
+        folder.mkdir(parents=True)
+        for stem, family in (checkpoints or {"tiny-sd1": "sd1"}).items():
+            os.link(tiny_dir / f"tiny-{family}.safetensors", folder / f"{stem}.safetensors")
+        return root
+
+    return make
+
+
 @pytest.fixture
 def data_dir(tmp_path, tiny_sd1) -> Path:
     """A fresh A1111-style data dir holding the tiny SD1 checkpoint (hard-linked, no copy)."""
@@ -42,15 +58,12 @@ def data_dir(tmp_path, tiny_sd1) -> Path:
 
 
 @pytest.fixture(scope="session")
-def session_engine(tmp_path_factory, tiny_sd1):
+def session_engine(make_data_root):
     """One engine over a read-only data dir, shared by tests that only generate."""
     from sdstudio.core.paths import Paths
     from sdstudio.engine.generate import Engine
 
-    root = tmp_path_factory.mktemp("engine")
-    (root / "models" / "Stable-diffusion").mkdir(parents=True)
-    os.link(tiny_sd1, root / "models" / "Stable-diffusion" / "tiny-sd1.safetensors")
-    return Engine(Paths(root))
+    return Engine(Paths(make_data_root("engine")))
 
 
 @pytest.fixture

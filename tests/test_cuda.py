@@ -7,8 +7,6 @@ every Engine picks CUDA and fp16 by itself).
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -29,12 +27,8 @@ def px(engine, cls=Txt2ImgRequest, **kw) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory, tiny_dir):
-    root = tmp_path_factory.mktemp("cuda")
-    (root / "models" / "Stable-diffusion").mkdir(parents=True)
-    for family in ("sd1", "sdxl"):
-        os.link(tiny_dir / f"tiny-{family}.safetensors", root / "models" / "Stable-diffusion" / f"tiny-{family}.safetensors")
-    return root
+def root(make_data_root):
+    return make_data_root("cuda", {"tiny-sd1": "sd1", "tiny-sdxl": "sdxl"})
 
 
 def engine(root, **flags) -> Engine:
@@ -105,12 +99,11 @@ def test_sdxl_in_fp16_and_img2img(root, tmp_path):
 
 
 @pytest.mark.parametrize("flags", [{}, {"medvram": True}, {"lowvram": True}])
-def test_lora_under_every_placement_and_no_trace_after(tmp_path, tiny_sd1, flags):
+def test_lora_under_every_placement_and_no_trace_after(make_data_root, flags):
     from test_lora import make_lora
 
-    (tmp_path / "models" / "Stable-diffusion").mkdir(parents=True)
+    tmp_path = make_data_root("cuda-lora")
     (tmp_path / "models" / "Lora").mkdir(parents=True)
-    os.link(tiny_sd1, tmp_path / "models" / "Stable-diffusion" / "tiny-sd1.safetensors")
     reference = engine(tmp_path, no_half=True)
     make_lora(reference, tmp_path / "models" / "Lora" / "net.safetensors")
     reference.registry.refresh()

@@ -41,12 +41,8 @@ def test_bad_hires_requests_name_the_field():
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory, tiny_sd1):
-    import os
-
-    root = tmp_path_factory.mktemp("hires")
-    (root / "models" / "Stable-diffusion").mkdir(parents=True)
-    os.link(tiny_sd1, root / "models" / "Stable-diffusion" / "tiny-sd1.safetensors")
+def engine(make_data_root):
+    root = make_data_root("hires")
     write_upscaler(root / "models" / "ESRGAN" / "4x-tiny.safetensors", "esrgan", 4)
     write_upscaler(root / "models" / "RealESRGAN" / "2x-compact.safetensors", "compact", 2)
     return Engine(Paths(root))

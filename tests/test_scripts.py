@@ -14,12 +14,8 @@ from sdstudio.models.synthetic import write_upscaler
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_sd1):
-    import os
-
-    root = tmp_path_factory.mktemp("scripts")
-    (root / "models" / "Stable-diffusion").mkdir(parents=True)
-    os.link(tiny_sd1, root / "models" / "Stable-diffusion" / "tiny-sd1.safetensors")
+def setup(make_data_root):
+    root = make_data_root("scripts")
     write_upscaler(root / "models" / "ESRGAN" / "2x-tiny.safetensors", "esrgan", 2)
     im = Image.new("RGB", (96, 64), (30, 60, 200))
     ImageDraw.Draw(im).ellipse((20, 10, 60, 50), fill=(220, 40, 40))

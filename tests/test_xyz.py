@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 
 import numpy as np
 import pytest
@@ -101,15 +100,12 @@ def test_a1111_positional_args_and_infotext_round_trip():
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory, tiny_dir):
+def engine(make_data_root):
     from sdstudio.models.synthetic import write_checkpoint
 
-    root = tmp_path_factory.mktemp("xyz")
-    folder = root / "models" / "Stable-diffusion"
-    folder.mkdir(parents=True)
-    os.link(tiny_dir / "tiny-sd1.safetensors", folder / "a.safetensors")
+    root = make_data_root("xyz", {"a": "sd1"})
     for name, seed in (("b", 8), ("c", 9)):
-        write_checkpoint(folder / f"{name}.safetensors", "sd1", "tiny", seed=seed)
+        write_checkpoint(root / "models" / "Stable-diffusion" / f"{name}.safetensors", "sd1", "tiny", seed=seed)
     return Engine(Paths(root))
 
 
