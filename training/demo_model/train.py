@@ -37,18 +37,21 @@ SCALING = 0.18215
 @dataclass
 class Config:
     size: int = 128  # the diffusion stage's pictures (the UNet is convolutional: it also draws 256²)
-    vae_size: int = 64  # the VAE stage's pictures: it learns local detail, so small ones do, much faster
+    vae_size: int = 48  # the VAE stage's pictures: it learns local detail, so small crops do, much faster
     batch: int = 16
-    vae_steps: int = 1200
-    unet_steps: int = 7000
+    vae_steps: int = 1500
+    unet_steps: int = 6000
     lr_vae: float = 1e-3
     lr_unet: float = 4e-4
     seed: int = 0
     save_every: int = 250
     # widths (the SD 1.x layout the loader knows: 4 UNet levels of 2 layers, 3 with cross-attention, 8 heads;
-    # VAE widths multiples of 32 (its GroupNorms); text heads = width // 64)
+    # text heads = width // 64). The VAE's GroupNorms have 32 groups (as in every SD file), and its last
+    # norms (encoder's deepest level, decoder's top level) are not residual: with 1 or 2 channels per group a
+    # flat patch normalises to the same vector whatever its colour (a red and a white background decoded
+    # alike), so both ends need >= 3 channels per group — hence 96 throughout.
     unet_channels: tuple[int, ...] = (32, 64, 96, 96)
-    vae_channels: tuple[int, ...] = (32, 64, 64, 64)
+    vae_channels: tuple[int, ...] = (96, 96, 96, 96)
     text_width: int = 96
     text_layers: int = 4
 
