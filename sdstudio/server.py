@@ -37,6 +37,7 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--limit-pixels", type=int, default=4096 * 4096, help="largest width x height a request may ask for")
     g.add_argument("--limit-images", type=int, default=10000, help="most images (batch count x size) per request")
     g.add_argument("--max-request-mb", type=float, default=200.0, help="largest request body accepted (MB)")
+    g.add_argument("--localization", help="UI language for this run (e.g. zh_CN; default: the one in Settings)")
     g.add_argument("--share", action="store_true", help="(not available: sdstudio works offline)")
     g.add_argument("--autolaunch", action="store_true", help="(ignored)")
     g.add_argument("--enable-insecure-extension-access", action="store_true", help="(ignored)")
@@ -68,6 +69,42 @@ def read_auth_file(path: str | None) -> str:
         return ",".join(line.strip() for line in f if line.strip())
 
 
+def make_settings(engine, path, args: argparse.Namespace):
+    """``config.json`` with checks that need the engine (checkpoint and VAE names must exist);
+    ``--localization`` overrides the saved language for this run."""
+    from .core.settings import Settings, SettingError
+    from .models.errors import ModelNotFoundError
+
+    def checkpoint(name):
+        return engine.registry.checkpoint(name).title
+
+    def vae(name):
+        if name not in ("Automatic", "None") and not any(name in (v.name, v.title) for v in engine.registry.vaes):
+            raise ModelNotFoundError(f"no VAE named {name!r}; available: Automatic, None, "
+                                     + ", ".join(v.name for v in engine.registry.vaes))
+        return name
+
+    def language(name):
+        from .ui.localization import available
+
+        if name != "None" and name not in available(engine.paths):
+            raise SettingError(f"localization: no localization named {name!r}; available: None, "
+                               + ", ".join(available(engine.paths)))
+        return name
+
+    overrides = {"localization": args.localization} if getattr(args, "localization", None) else {}
+    settings = Settings(path, overrides, checks={"sd_model_checkpoint": checkpoint, "sd_vae": vae,
+                                                 "localization": language})
+    if overrides:
+        settings.check(overrides)
+    try:
+        settings.values["sd_model_checkpoint"] = checkpoint(settings.values["sd_model_checkpoint"] or None)
+    except ModelNotFoundError:  # the saved one is gone (or there is none yet): the first one, or nothing
+        settings.values["sd_model_checkpoint"] = engine.registry.checkpoints[0].title \
+            if engine.registry.checkpoints else None
+    return settings
+
+
 def create_app(args: argparse.Namespace):
     from fastapi import Depends, FastAPI, HTTPException
     from fastapi.responses import JSONResponse
@@ -89,10 +126,8 @@ def create_app(args: argparse.Namespace):
         print(f"sdstudio: {len(service.recovered)} job(s) were running when the server stopped: {what}",
               file=sys.stderr)
     service.start()
-    first = engine.registry.checkpoints[0].title if engine.registry.checkpoints else None
+    settings = make_settings(engine, paths.data_dir / "config.json", args)
     limits = {"steps": args.limit_steps, "pixels": args.limit_pixels, "images": args.limit_images}
-    options = {"sd_model_checkpoint": first, "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1,
-               "samples_format": "png", "randn_source": "GPU", "eta_noise_seed_delta": 0}
     secret = {"api_auth", "gradio_auth"}  # never echoed back by /cmd-flags
     cmd_flags = {k: ("***" if k in secret and v else v) for k, v in vars(args).items() if k != "func"}
     api_users = parse_credentials(args.api_auth)
@@ -140,17 +175,20 @@ def create_app(args: argparse.Namespace):
         from .api import styles as styles_api
 
         guarded = [Depends(check_api_auth)]
-        app.include_router(make_router(service, options, cmd_flags, limits), dependencies=guarded)
-        app.include_router(jobs_api.make_router(service, options, limits), dependencies=guarded)
+        app.include_router(make_router(service, settings, cmd_flags, limits), dependencies=guarded)
+        app.include_router(jobs_api.make_router(service, settings.values, limits), dependencies=guarded)
         app.include_router(styles_api.make_router(paths), dependencies=guarded)
     if not args.nowebui:
         import gradio as gr
 
-        from .ui.txt2img_page import build
+        from .ui import app as ui_app
 
         ui_users = parse_credentials(",".join(filter(None, [args.gradio_auth, read_auth_file(args.gradio_auth_path)])))
         auth = (lambda u, p: credentials_match(ui_users, u, p)) if ui_users else None
-        app = gr.mount_gradio_app(app, build(service), path="/", auth=auth)
+        local = not args.listen and (args.server_name or "127.0.0.1") in ("127.0.0.1", "localhost", "::1")
+        ui = ui_app.StudioUI(service, settings, limits, allow_folders=local)
+        app.include_router(ui.router())  # the page's own small JSON routes (localization)
+        app = gr.mount_gradio_app(app, ui.build(), path="/", auth=auth, **ui_app.page_assets())
     return app
 
 

@@ -24,6 +24,7 @@ from ..core.names import LATENT_UPSCALE_MODES, SAMPLERS, SCHEDULES
 from ..core.outputs import NotAnImageError, read_infotext
 from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest
 from ..core.scripts import ScriptError, from_a1111_list, names_for
+from ..core.settings import SettingError, Settings
 from ..engine import extras
 from ..engine import scripts as scripts_ops
 from ..engine.extras import ExtrasRequest
@@ -335,8 +336,9 @@ def _scale_from_name(name: str) -> float:
 
 
 
-def make_router(service: JobService, options: dict, cmd_flags: dict, limits: dict | None = None) -> APIRouter:
+def make_router(service: JobService, settings: Settings, cmd_flags: dict, limits: dict | None = None) -> APIRouter:
     engine = service.engine
+    options = settings.values
     r = APIRouter(prefix="/sdapi/v1")
 
     def model_entry(m) -> dict:
@@ -400,13 +402,12 @@ def make_router(service: JobService, options: dict, cmd_flags: dict, limits: dic
 
     @r.post("/options")
     def set_options(body: OptionsBody):
-        values = body.model_dump()
-        if "sd_model_checkpoint" in values:
-            try:
-                values["sd_model_checkpoint"] = engine.registry.checkpoint(values["sd_model_checkpoint"]).title
-            except ModelNotFoundError as exc:
-                raise HTTPException(404, str(exc)) from None
-        options.update(values)  # the defaults of later jobs; a queued or running job keeps its own
+        try:  # the defaults of later jobs (a queued or running job keeps its own), saved to config.json
+            settings.update(body.model_dump())
+        except ModelNotFoundError as exc:
+            raise HTTPException(404, str(exc)) from None
+        except SettingError as exc:
+            raise HTTPException(422, str(exc)) from None
 
     @r.get("/cmd-flags")
     def get_cmd_flags():

@@ -224,6 +224,11 @@ AXES: dict[str, Axis] = {a.label: a for a in (
 _AXIS_INDEX = {label.lower(): label for label in AXES}
 
 
+def axis_names(kind: str) -> list[str]:
+    """The axes that make sense on a txt2img or img2img tab, in A1111's order."""
+    return [label for label, ax in AXES.items() if ax.only in (None, kind)]
+
+
 def axis(label: str) -> Axis:
     found = _AXIS_INDEX.get(label.strip().lower())
     if found is None:

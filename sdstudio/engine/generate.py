@@ -56,6 +56,7 @@ class Progress:
     steps: int
     latent: torch.Tensor | None = None  # current denoised estimate, for live previews
     sdxl: bool = False  # which latent space ``latent`` is in (previews map it to RGB differently)
+    decode: Callable[[torch.Tensor], Image.Image] | None = None  # the real VAE (call on the worker thread only)
 
 
 @dataclass
@@ -257,6 +258,12 @@ class Engine:
                 return torch.cat([vae_ops.decode(vae, lat[None], self.plan.device, tiled) for lat in latents])
             return vae_ops.decode(vae, latents, self.plan.device, tiled)
 
+    def _preview(self, vae, latent: torch.Tensor) -> Image.Image:
+        """The first image of a batch's current estimate through the real VAE (the "Full" live preview)."""
+        with torch.no_grad():
+            pixels = self._decode(vae, latent[:1].to(self.plan.dtype))
+        return vae_ops.to_pil(pixels)[0]
+
     # ---- Hires. fix ---------------------------------------------------------------------------------
     def _hires_pass(self, model, req: Txt2ImgRequest, bare: Txt2ImgRequest, conds, sampler, schedule_name
                     ) -> HiresPass:
@@ -452,7 +459,7 @@ class Engine:
         def callback(d: dict) -> None:
             if on_progress is not None:
                 on_progress(Progress(batch_no, req.n_iter, offset + d["i"] + 1, n_steps, d["denoised"],
-                                     model.spec.is_sdxl))
+                                     model.spec.is_sdxl, lambda latent: self._preview(vae, latent)))
 
         # Timestep samplers (DDIM, PLMS) start from unit-variance noise in the model's own space.
         scale = (sigmas[0] ** 2 + 1) ** 0.5 if sampler.timesteps else sigmas[0]

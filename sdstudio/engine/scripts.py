@@ -62,7 +62,7 @@ class _Passes:
 
         def progress(p):
             if self.on_progress is not None:
-                self.on_progress(Progress(index, self.total, p.step, p.steps, p.latent, p.sdxl))
+                self.on_progress(Progress(index, self.total, p.step, p.steps, p.latent, p.sdxl, p.decode))
 
         result = self.engine.generate(req, on_progress=progress, should_stop=self.should_stop)
         self.done += 1

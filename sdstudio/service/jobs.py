@@ -44,8 +44,7 @@ class Live:
     step: int = 0
     steps: int = 0
     started: float = field(default_factory=time.time)
-    latent: object = None  # the last denoised estimate (for previews)
-    sdxl: bool = False  # the model's latent space, for the preview's colour map
+    preview: object = None  # the live preview (a PIL image), made on the worker every N steps
     interrupted: bool = False
     skip: bool = False
     paused_for_others: bool = False
@@ -124,8 +123,11 @@ def a1111_info(req: Txt2ImgRequest, result: dict) -> dict:
 
 
 class JobService:
-    def __init__(self, engine, queue: JobQueue, *, resume: bool = False, jobs_dir: Path | None = None):
+    def __init__(self, engine, queue: JobQueue, *, resume: bool = False, jobs_dir: Path | None = None,
+                 preview_settings: Callable[[], tuple[str, int]] | None = None):
         self.engine = engine
+        # (method, every N steps): "Approx cheap" maps the latent to RGB, "Full" runs the VAE; read per step
+        self.preview_settings = preview_settings or (lambda: ("Approx cheap", 1))
         self.queue = queue
         self.jobs_dir = Path(jobs_dir or engine.paths.cache_dir / "jobs")
         self.changed = threading.Condition()
@@ -135,7 +137,8 @@ class JobService:
         self._thread: threading.Thread | None = None
         self.recovered = queue.recover(resume=resume)
         self.runners: dict[str, Callable[[Job, Live], None]] = {"txt2img": self._run_generate,
-                                                                "img2img": self._run_generate}
+                                                                "img2img": self._run_generate,
+                                                                "load": self._run_load}
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> JobService:
@@ -159,6 +162,17 @@ class JobService:
             self.changed.notify_all()
 
     # ---- submitting and waiting -------------------------------------------------------------------
+    def submit_load(self, client: str, model: str) -> Job:
+        """Queue loading a checkpoint (the UI's checkpoint switch): it loads in its turn, on the worker, so a
+        job under way keeps its model, and the next job finds the new one loaded."""
+        try:
+            title = self.engine.registry.checkpoint(model).title
+        except ModelNotFoundError as exc:
+            raise JobError(str(exc)) from None
+        submitted = self.queue.submit(client, "load", {"model": title})
+        self._notify()
+        return submitted
+
     def submit(self, client: str, job: Txt2ImgJob) -> Job:
         """Queue a generation job (an :class:`Img2ImgRequest` makes it an img2img job) for ``client``."""
         try:
@@ -252,15 +266,21 @@ class JobService:
                 "queue_position": position, "textinfo": f"In queue: {position} ahead" if waiting else None}
 
     def preview_png(self, client: str | None) -> str | None:
-        """The caller's running job's latest step as a base64 PNG (cheap approximation), or None."""
-        live = self.live
-        if live is None or live.latent is None or (client is not None and live.job.client != client):
+        """The caller's running job's live preview as a base64 PNG, or None."""
+        image = self.preview_image(client)
+        if image is None:
             return None
-        from ..engine.preview import cheap_preview
-
         buf = io.BytesIO()
-        cheap_preview(live.latent, live.sdxl).save(buf, format="PNG")
+        image.save(buf, format="PNG")
         return base64.b64encode(buf.getvalue()).decode()
+
+    def preview_image(self, client: str | None, job_id: str | None = None):
+        """The caller's running job's live preview (a PIL image), or None."""
+        live = self.live
+        if live is None or (client is not None and live.job.client != client) or \
+                (job_id is not None and live.job.id != job_id):
+            return None
+        return live.preview
 
     # ---- the worker -------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -296,7 +316,12 @@ class JobService:
         folder = self._folder(job, spec, f"{job.kind}-images")
 
         def on_progress(p) -> None:
-            live.job_no, live.step, live.steps, live.latent, live.sdxl = p.job_no, p.step, p.steps, p.latent, p.sdxl
+            live.job_no, live.step, live.steps = p.job_no, p.step, p.steps
+            method, every = self.preview_settings()
+            if p.latent is not None and (p.step % max(1, every) == 0 or p.step == p.steps):
+                from ..engine.preview import cheap_preview
+
+                live.preview = p.decode(p.latent) if method == "Full" and p.decode else cheap_preview(p.latent, p.sdxl)
             self._notify()
 
         def on_batch(batches_done: int, images) -> None:
@@ -340,6 +365,10 @@ class JobService:
             result["grid"] = str(self._grid(result["images"], req, spec, f"{job.kind}-grids"))
         cancelled = self.queue.get(job.id).cancel_requested
         self.queue.finish(job.id, CANCELLED if cancelled else DONE, result, error="cancelled" if cancelled else None)
+
+    def _run_load(self, job: Job, live: Live) -> None:
+        file, _ = self.engine.load(job.request["model"])
+        self.queue.finish(job.id, DONE, {"model_name": file.name, "model_title": file.title})
 
     def _folder(self, job: Job, spec: Txt2ImgJob, kind: str) -> Path:
         if spec.outdir:

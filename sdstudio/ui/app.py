@@ -1,0 +1,265 @@
+"""The web UI: A1111's tabs and element ids on gradio, every job through the shared queue.
+
+:class:`StudioUI` holds what the tabs share (the job service, the settings, the tokenizer) and builds
+the page: the top bar (checkpoint, VAE, clip skip), txt2img, img2img, Extras, PNG Info and Settings, with
+"send to" links between them. :meth:`StudioUI.router` serves the page's small JSON routes (its language,
+network preview pictures); :func:`page_assets` is the script and style the page loads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import FileResponse
+
+from ..core import styles as styles_file
+from ..core.names import LATENT_UPSCALE_MODES
+from ..core.params import RequestError
+from ..core.settings import SettingError, Settings
+from ..models.errors import ModelNotFoundError
+from ..service.jobs import JobError, JobService
+from . import localization, networks
+from .generation import GenerationTab
+from .progress import client_of, follow
+from .tabs import ExtrasTab, PngInfoTab, SettingsTab, open_picture
+
+STATIC = Path(__file__).parent / "static"
+
+
+def page_assets() -> dict:
+    """``head`` and ``css`` for :func:`gradio.mount_gradio_app`."""
+    script = (STATIC / "sdstudio.js").read_text(encoding="utf-8")
+    return {"head": f"<script>{script}</script>", "css": (STATIC / "sdstudio.css").read_text(encoding="utf-8")}
+
+
+class StudioUI:
+    def __init__(self, service: JobService, settings: Settings, limits: dict | None = None,
+                 allow_folders: bool = True):
+        self.service, self.settings, self.limits = service, settings, limits or {}
+        self.paths = service.engine.paths
+        self.allow_folders = allow_folders  # batch folders typed in the page (off when served to the network)
+        self.forever: set[str] = set()  # clients with "Generate forever" on
+        service.preview_settings = lambda: (settings.get("show_progress_type", "Approx cheap"),
+                                            int(settings.get("show_progress_every_n_steps", 1)))
+
+    # ---- shared helpers ---------------------------------------------------------------------------
+    def forever_has(self, client: str) -> bool:
+        return client in self.forever
+
+    def style_names(self) -> list[str]:
+        return list(styles_file.load(self.paths.styles_file))
+
+    def upscaler_names(self) -> list[str]:
+        return [u.name for u in self.service.engine.upscalers.available()]
+
+    def hires_upscalers(self) -> list[str]:
+        return [*LATENT_UPSCALE_MODES, *self.upscaler_names()]
+
+    def checkpoint_titles(self) -> list[str]:
+        return [m.title for m in self.service.engine.registry.checkpoints]
+
+    def vae_names(self) -> list[str]:
+        return ["Automatic", "None", *[v.name for v in self.service.engine.registry.vaes]]
+
+    def has_interrogator(self, backend: str) -> bool:
+        folders = ("BLIP", "CLIP") if backend == "clip" else ("deepbooru",)
+        return all((self.paths.models_dir / f).is_dir() and any((self.paths.models_dir / f).iterdir())
+                   for f in folders)
+
+    def interrogate(self, picture, backend: str) -> str:
+        try:
+            return self.service.engine.interrogators.interrogate(picture.convert("RGB"), backend)
+        except (ModelNotFoundError, RequestError) as exc:
+            raise gr.Error(str(exc)) from None
+
+    def tokenizer(self):
+        from ..models.loader import clip_tokenizer
+
+        return clip_tokenizer()
+
+    def embedding_lookup(self):
+        from ..engine.conditioning import embedding_lookup
+
+        library = self.service.engine.embeddings
+        return embedding_lookup(self.tokenizer(), {n: library.get(n) for n in library.names()})
+
+    def open_folder(self, path: str | None, request) -> None:
+        """Open the image's folder in the file manager of the machine the server runs on, when the page is
+        on that machine; otherwise say where it is."""
+        folder = Path(path).parent if path else self.paths.outputs_dir
+        host = getattr(getattr(request, "client", None), "host", "")
+        opener = "explorer" if sys.platform == "win32" else ("open" if sys.platform == "darwin" else "xdg-open")
+        if host in ("127.0.0.1", "::1", "localhost") and shutil.which(opener) and os.environ.get("DISPLAY", "x"):
+            subprocess.Popen([opener, str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        gr.Info(f"Images saved to {folder}")
+
+    def zip_results(self, results: list[dict]) -> str:
+        if not results:
+            raise gr.Error("Generate an image first")
+        out = Path(tempfile.mkdtemp(prefix="sdstudio-zip-")) / "images.zip"
+        with zipfile.ZipFile(out, "w") as z:
+            for r in results:
+                z.write(r["path"], Path(r["path"]).name)
+        return str(out)
+
+    # ---- the page ---------------------------------------------------------------------------------
+    def build(self) -> gr.Blocks:
+        settings = self.settings
+        with gr.Blocks(title="sdstudio", analytics_enabled=False) as page:
+            self.timer = gr.Timer(2.0)
+            with gr.Row(elem_id="quicksettings"):
+                self.checkpoint = gr.Dropdown(self.checkpoint_titles(), value=settings.get("sd_model_checkpoint"),
+                                              label="Stable Diffusion checkpoint", elem_id="setting_sd_model_checkpoint",
+                                              scale=4, elem_classes=["sd-notranslate-choices"])
+                self.refresh = gr.Button("🔄", elem_id="refresh_sd_model_checkpoint", size="sm", min_width=40, scale=0)
+                self.vae = gr.Dropdown(self.vae_names(), value=settings.get("sd_vae", "Automatic"), label="SD VAE",
+                                       elem_id="setting_sd_vae", scale=2)
+                self.clip_skip = gr.Slider(1, 12, value=int(settings.get("CLIP_stop_at_last_layers", 1)), step=1,
+                                           label="Clip skip", elem_id="setting_CLIP_stop_at_last_layers", scale=2)
+                self.model_status = gr.HTML("", elem_id="sd_checkpoint_status")
+            self.checkpoint_request = gr.Textbox("", elem_id="sd_checkpoint_request", elem_classes=["sd-hidden"],
+                                                 show_label=False, container=False)
+            with gr.Tabs(elem_id="tabs") as self.tabs:
+                with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):
+                    self.txt2img = GenerationTab(self, "txt2img").build()
+                with gr.Tab("img2img", id="img2img", elem_id="tab_img2img"):
+                    self.img2img = GenerationTab(self, "img2img").build()
+                with gr.Tab("Extras", id="extras", elem_id="tab_extras"):
+                    self.extras = ExtrasTab(self).build()
+                with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
+                    self.pnginfo = PngInfoTab(self).build()
+                with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
+                    self.settings_tab = SettingsTab(self).build()
+            self.txt2img.wire()
+            self.img2img.wire()
+            self._wire_top()
+            self._wire_send_to()
+        return page
+
+    def _wire_top(self) -> None:
+        settings = self.settings
+
+        def switch(title, request: gr.Request):
+            if not title:
+                return
+            client = client_of(request)
+            try:
+                settings.update({"sd_model_checkpoint": title})
+                job = self.service.submit_load(client, title)
+            except (SettingError, ModelNotFoundError, JobError) as exc:
+                raise gr.Error(str(exc)) from None
+            for tick in follow(self.service, client, job, previews=False):
+                if tick.job is None:
+                    yield tick.html
+                elif tick.job.status == "failed":
+                    raise gr.Error(tick.job.error or "the model did not load")
+                else:
+                    yield ('<span class="sd-model-status"><span>Model loaded</span>: '
+                           f'<span class="sd-notranslate">{tick.job.result.get("model_name", "")}</span></span>')
+
+        self.checkpoint.input(switch, self.checkpoint, self.model_status, concurrency_limit=None)
+
+        def from_card(title, request: gr.Request):
+            yield gr.Dropdown(value=title), gr.skip()
+            for html_ in switch(title, request):
+                yield gr.skip(), html_
+
+        self.checkpoint_request.input(from_card, self.checkpoint_request, [self.checkpoint, self.model_status],
+                                      concurrency_limit=None)
+
+        def refresh():
+            self.service.engine.registry.refresh()
+            return (gr.Dropdown(choices=self.checkpoint_titles(), value=settings.get("sd_model_checkpoint")),
+                    gr.Dropdown(choices=self.vae_names()))
+
+        self.refresh.click(refresh, None, [self.checkpoint, self.vae], show_progress="hidden")
+
+        def set_option(key):
+            def apply(value):
+                try:
+                    settings.update({key: value})
+                except (SettingError, ModelNotFoundError) as exc:
+                    raise gr.Error(str(exc)) from None
+            return apply
+
+        self.vae.input(set_option("sd_vae"), self.vae, None, show_progress="hidden")
+        self.clip_skip.release(set_option("CLIP_stop_at_last_layers"), self.clip_skip, None, show_progress="hidden")
+        self.clip_skip.change(set_option("CLIP_stop_at_last_layers"), self.clip_skip, None, show_progress="hidden")
+
+    def _wire_send_to(self) -> None:
+        """The 🖼️ 🎨 📐 buttons of both galleries and PNG Info's send buttons."""
+        img = self.img2img
+        img_fill = img.fill_outputs()
+
+        def to_img2img_values(path: str | None, text: str, mode: str):
+            picture = open_picture(path)
+            values = img.fill_values(img.request_from_text(text)) if text and "Steps:" in text else \
+                [gr.skip()] * len(img_fill)
+            editor = {"background": picture, "layers": [], "composite": picture}
+            init = picture if mode == "img2img" else gr.skip()
+            inpaint = editor if mode == "Inpaint" else gr.skip()
+            return [gr.Tabs(selected="img2img"), gr.Tabs(selected="inpaint" if mode == "Inpaint" else "img2img"),
+                    mode, init, inpaint, *values]
+
+        targets = [self.tabs, img.mode_tabs, img.mode_state, img.init_image, img.inpaint, *img_fill]
+        for tab in (self.txt2img, self.img2img):
+            def pick(results, index):
+                if not results:
+                    raise gr.Error("Generate an image first")
+                chosen = results[index if 0 <= index < len(results) else 0]
+                return chosen["path"], chosen["infotext"]
+
+            tab.to_img2img.click(lambda r, i, pick=pick: to_img2img_values(*pick(r, i), "img2img"),
+                                 [tab.results, tab.selected], targets, show_progress="hidden")
+            tab.to_inpaint.click(lambda r, i, pick=pick: to_img2img_values(*pick(r, i), "Inpaint"),
+                                 [tab.results, tab.selected], targets, show_progress="hidden")
+            tab.to_extras.click(lambda r, i, pick=pick: (gr.Tabs(selected="extras"), open_picture(pick(r, i)[0])),
+                                [tab.results, tab.selected], [self.tabs, self.extras.image], show_progress="hidden")
+
+        png = self.pnginfo
+        t2i = self.txt2img
+
+        def png_to_txt2img(text):
+            if not text:
+                raise gr.Error("The image has no generation parameters")
+            return [gr.Tabs(selected="txt2img"), *t2i.fill_values(t2i.request_from_text(text))]
+
+        png.to_txt2img.click(png_to_txt2img, png.text, [self.tabs, *t2i.fill_outputs()], show_progress="hidden")
+        png.to_img2img.click(lambda path, text: to_img2img_values(path, text, "img2img"), [png.image, png.text],
+                             targets, show_progress="hidden")
+        png.to_inpaint.click(lambda path, text: to_img2img_values(path, text, "Inpaint"), [png.image, png.text],
+                             targets, show_progress="hidden")
+        png.to_extras.click(lambda path: (gr.Tabs(selected="extras"), open_picture(path)), png.image,
+                            [self.tabs, self.extras.image], show_progress="hidden")
+
+    # ---- the page's JSON routes ------------------------------------------------------------------
+    def router(self) -> APIRouter:
+        r = APIRouter(prefix="/sdstudio", include_in_schema=False)
+
+        @r.get("/localization.json")
+        def language():
+            name = self.settings.get("localization", "None")
+            try:
+                return {"language": name, "strings": localization.load(name, self.paths)}
+            except (KeyError, ValueError):
+                return {"language": "None", "strings": {}}
+
+        @r.get("/preview")
+        def preview(kind: str, name: str):
+            if kind not in networks.KINDS:
+                raise HTTPException(404, f"unknown kind {kind!r}")
+            path = networks.preview_file(self, kind, name)
+            if path is None:
+                raise HTTPException(404, f"no preview for {name!r}")
+            return FileResponse(path)
+
+        return r
+

@@ -1,0 +1,100 @@
+// sdstudio's page script: localization, Ctrl+Enter, extra-network cards. Loaded in the page's <head>.
+(() => {
+  "use strict";
+  let strings = {};
+  const SKIP = new Set(["TEXTAREA", "INPUT", "SCRIPT", "STYLE", "CODE", "PRE"]);
+
+  function translateText(node) {
+    const raw = node.nodeValue;
+    const key = raw.trim();
+    if (!key || !(key in strings)) return;
+    if (node.parentElement && node.parentElement.closest(".sd-notranslate")) return;  // names, prompts
+    node.nodeValue = raw.replace(key, strings[key]);
+  }
+
+  function translateElement(el) {
+    for (const attr of ["placeholder", "title", "aria-label"]) {
+      const v = el.getAttribute && el.getAttribute(attr);
+      if (v && v.trim() in strings) el.setAttribute(attr, strings[v.trim()]);
+    }
+  }
+
+  function translateTree(root) {
+    if (!root) return;
+    if (root.nodeType === Node.TEXT_NODE) {
+      if (!root.parentElement || !SKIP.has(root.parentElement.tagName)) translateText(root);
+      return;
+    }
+    if (root.nodeType !== Node.ELEMENT_NODE) return;
+    translateElement(root);  // an input's placeholder is translated; its text (the user's) never is
+    if (SKIP.has(root.tagName)) return;
+    const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT | NodeFilter.SHOW_ELEMENT);
+    let node;
+    while ((node = walker.nextNode())) {
+      if (node.nodeType === Node.TEXT_NODE) {
+        if (!SKIP.has(node.parentElement.tagName)) translateText(node);
+      } else {
+        translateElement(node);
+      }
+    }
+  }
+
+  async function startLocalization() {
+    try {
+      const answer = await fetch("/sdstudio/localization.json", { credentials: "same-origin" });
+      const data = await answer.json();
+      strings = data.strings || {};
+      document.documentElement.setAttribute("lang", data.language === "None" ? "en" : data.language.replace("_", "-"));
+    } catch (e) {
+      strings = {};
+    }
+    if (!Object.keys(strings).length) return;
+    translateTree(document.body);
+    new MutationObserver((records) => {
+      for (const r of records) {
+        if (r.type === "characterData") translateTree(r.target);
+        else if (r.type === "attributes") translateElement(r.target);
+        else r.addedNodes.forEach(translateTree);
+      }
+    }).observe(document.body, { childList: true, subtree: true, characterData: true,
+                                 attributes: true, attributeFilter: ["placeholder", "title", "aria-label"] });
+  }
+
+  // Extra-network cards: a click adds the card's prompt text to the tab's prompt (as A1111 does).
+  window.sdstudioAddToPrompt = (tab, text) => {
+    const area = document.querySelector(`#${tab}_prompt textarea`);
+    if (!area) return;
+    const current = area.value.trim();
+    area.value = current ? (current.endsWith(",") ? `${current} ${text}` : `${current}, ${text}`) : text;
+    area.dispatchEvent(new Event("input", { bubbles: true }));
+  };
+
+  window.sdstudioFilterCards = (tab, text) => {
+    const needle = (text || "").toLowerCase();
+    document.querySelectorAll(`#${tab}_extra_networks .sd-card`).forEach((card) => {
+      card.style.display = card.dataset.search.includes(needle) ? "" : "none";
+    });
+  };
+
+  document.addEventListener("keydown", (e) => {
+    if (!(e.key === "Enter" && (e.ctrlKey || e.metaKey))) return;
+    const box = e.target.closest && e.target.closest("[id$='_prompt'], [id$='_neg_prompt']");
+    if (!box) return;
+    const tab = box.id.replace(/_(neg_)?prompt$/, "");
+    const button = document.getElementById(`${tab}_generate`);
+    if (button) { e.preventDefault(); button.click(); }
+  });
+
+  document.addEventListener("click", (e) => {
+    const card = e.target.closest && e.target.closest(".sd-card");
+    if (!card) return;
+    if (card.dataset.prompt) window.sdstudioAddToPrompt(card.dataset.tab, card.dataset.prompt);
+    if (card.dataset.model) {  // a checkpoint card: ask the page to switch (a hidden box the page listens to)
+      const box = document.querySelector("#sd_checkpoint_request textarea");
+      if (box) { box.value = card.dataset.model; box.dispatchEvent(new Event("input", { bubbles: true })); }
+    }
+  });
+
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", startLocalization);
+  else startLocalization();
+})();
