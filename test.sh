@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 ./scripts/setup.sh
+./scripts/setup-browser.sh
 export HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 MARK=(-m "not full")
 if [ "${1:-}" = "--full" ]; then shift; MARK=(-m "full or not full"); fi
-exec .venv/bin/python -m pytest -n auto -q "${MARK[@]}" "$@"
+exec .venv/bin/python -m pytest -n auto --dist loadgroup -q "${MARK[@]}" "$@"

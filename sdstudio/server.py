@@ -72,7 +72,7 @@ def read_auth_file(path: str | None) -> str:
 def make_settings(engine, path, args: argparse.Namespace):
     """``config.json`` with checks that need the engine (checkpoint and VAE names must exist);
     ``--localization`` overrides the saved language for this run."""
-    from .core.settings import Settings, SettingError
+    from .core.settings import SettingError, Settings
     from .models.errors import ModelNotFoundError
 
     def checkpoint(name):
@@ -209,7 +209,13 @@ def serve(args: argparse.Namespace) -> int:
         if not args.nowebui and not (args.gradio_auth or args.gradio_auth_path):
             print("warning: the UI is open to the network without --gradio-auth", file=sys.stderr)
     port = args.port or (7861 if args.nowebui else 7860)
-    app = create_app(args)
+    from .core.settings import SettingError
+
+    try:
+        app = create_app(args)
+    except SettingError as exc:
+        print(f"sdstudio: {exc}", file=sys.stderr)
+        return 2
     what = "API" if args.nowebui else "UI" + (" and API" if args.api else "")
     print(f"sdstudio: serving the {what} at http://{host}:{port}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

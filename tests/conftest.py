@@ -80,7 +80,7 @@ def service(data_dir):
     svc.queue.close()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def free_port():
     """A function giving a TCP port that is free on 127.0.0.1 right now (for tests that start servers)."""
     import socket

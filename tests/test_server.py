@@ -156,3 +156,28 @@ def test_extra_network_listings(data_dir):
                                                           "negative_prompt": "red"}]
     assert api.get("/sdapi/v1/hypernetworks").json() == []
     assert api.post("/sdapi/v1/refresh-loras").status_code == 200
+
+
+def test_options_are_settings_saved_in_config_json(data_dir):
+    client = make_client(data_dir, "--api")
+    assert client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2, "samples_format": "jpg"}).status_code == 200
+    saved = json.loads((data_dir / "config.json").read_text())
+    assert saved["CLIP_stop_at_last_layers"] == 2 and saved["samples_format"] == "jpg"
+    r = client.post("/sdapi/v1/options", json={"samples_format": "bmp"})
+    assert r.status_code == 422 and "samples_format" in r.json()["detail"]
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"}).status_code == 404
+    # a restart reads them back; the page gets its language from the same settings
+    again = make_client(data_dir, "--api")
+    assert again.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2
+    assert again.get("/sdstudio/localization.json").json() == {"language": "None", "strings": {}}
+    assert again.post("/sdapi/v1/options", json={"localization": "zh_CN"}).status_code == 200
+    assert again.get("/sdstudio/localization.json").json()["strings"]["Prompt"] == "提示词"
+    assert again.post("/sdapi/v1/options", json={"localization": "xx_XX"}).status_code == 422
+
+
+def test_bad_localization_flag_is_a_clear_error(data_dir, capsys):
+    from sdstudio.server import serve
+
+    args = build_parser().parse_args(["serve", "--data-dir", str(data_dir), "--localization", "xx_XX"])
+    assert serve(args) == 2
+    assert "no localization named 'xx_XX'" in capsys.readouterr().err

@@ -118,7 +118,7 @@ class StudioUI:
             with gr.Row(elem_id="quicksettings"):
                 self.checkpoint = gr.Dropdown(self.checkpoint_titles(), value=settings.get("sd_model_checkpoint"),
                                               label="Stable Diffusion checkpoint", elem_id="setting_sd_model_checkpoint",
-                                              scale=4, elem_classes=["sd-notranslate-choices"])
+                                              scale=4)
                 self.refresh = gr.Button("🔄", elem_id="refresh_sd_model_checkpoint", size="sm", min_width=40, scale=0)
                 self.vae = gr.Dropdown(self.vae_names(), value=settings.get("sd_vae", "Automatic"), label="SD VAE",
                                        elem_id="setting_sd_vae", scale=2)
@@ -142,7 +142,18 @@ class StudioUI:
             self.img2img.wire()
             self._wire_top()
             self._wire_send_to()
+            page.load(self._current_settings, None, self._settings_outputs(), show_progress="hidden")
         return page
+
+    def _settings_outputs(self) -> list:
+        return [self.checkpoint, self.vae, self.clip_skip, *self.settings_tab.controls.values()]
+
+    def _current_settings(self) -> list:
+        """A page load shows the settings as they are now (the API or another window may have changed them)."""
+        values = self.settings.values
+        return [gr.Dropdown(choices=self.checkpoint_titles(), value=values.get("sd_model_checkpoint")),
+                values.get("sd_vae", "Automatic"), values.get("CLIP_stop_at_last_layers", 1),
+                *[values.get(key) for key in self.settings_tab.controls]]
 
     def _wire_top(self) -> None:
         settings = self.settings

@@ -36,7 +36,7 @@ def _convert(name: str, value: Any) -> Any:
     if value is None:
         return value
     if kind is int:
-        return int(round(float(value)))
+        return round(float(value))
     if kind is float:
         return float(value)
     if kind is bool:
@@ -137,7 +137,7 @@ def _script_value(script_name: str, field_name: str, value: Any) -> Any:
     if isinstance(default, bool):
         return bool(value)
     if isinstance(default, int):
-        return int(round(float(value)))
+        return round(float(value))
     if isinstance(default, float):
         return float(value)
     if isinstance(default, list):

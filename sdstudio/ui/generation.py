@@ -66,7 +66,7 @@ class GenerationTab:
                                                      elem_classes=["sd-counter"])
                 with gr.Row():
                     f.add("styles", gr.Dropdown(ui.style_names(), multiselect=True, label="Styles", scale=3,
-                                                elem_id=f"{t}_styles", elem_classes=["sd-notranslate"]))
+                                                elem_id=f"{t}_styles"))
                     self.style_name = gr.Textbox(label="Style name", elem_id=f"{t}_style_name", max_lines=1, scale=1)
             with gr.Column(scale=2, min_width=240):
                 with gr.Row():
@@ -130,7 +130,7 @@ class GenerationTab:
                     self.to_extras = gr.Button("📐", elem_id=f"{t}_send_to_extras", size="sm", min_width=40)
                 self.download = gr.File(label="Download", visible=False, elem_id=f"download_files_{t}")
                 self.info = gr.Textbox(label="Generation parameters", lines=4, interactive=False,
-                                       elem_id=f"{t}_html_info", elem_classes=["sd-notranslate"])
+                                       elem_id=f"{t}_html_info")
                 with gr.Accordion("Queue", open=True, elem_id=f"{t}_queue"):
                     self.queue_list = gr.HTML("", elem_id=f"{t}_queue_list")
                     with gr.Row():
@@ -212,7 +212,7 @@ class GenerationTab:
             self.script_groups[name] = group
 
     def _img2img_inputs(self) -> None:
-        t, f = self.t, self.form
+        _t, f = self.t, self.form
         self.mode_state = gr.State("img2img")
         with gr.Tabs(elem_id="mode_img2img") as self.mode_tabs:
             with gr.Tab("img2img", id="img2img", elem_id="img2img_img2img_tab") as tab_i:
@@ -230,10 +230,10 @@ class GenerationTab:
                                                      height=360, brush=gr.Brush(color_mode="defaults"))
                 self.mask_alpha = gr.Slider(0, 100, value=0, step=1, label="Mask transparency",
                                             elem_id="img2img_mask_alpha")
-            with gr.Tab("Inpaint upload", id="inpaint_upload", elem_id="img2img_inpaint_upload_tab") as tab_u:
-                with gr.Row():
-                    self.upload_base = gr.Image(label="Image", type="pil", elem_id="img_inpaint_base", height=300)
-                    self.upload_mask = gr.Image(label="Mask", type="pil", elem_id="img_inpaint_mask", height=300)
+            with gr.Tab("Inpaint upload", id="inpaint_upload", elem_id="img2img_inpaint_upload_tab") as tab_u, \
+                    gr.Row():
+                self.upload_base = gr.Image(label="Image", type="pil", elem_id="img_inpaint_base", height=300)
+                self.upload_mask = gr.Image(label="Mask", type="pil", elem_id="img_inpaint_mask", height=300)
             with gr.Tab("Batch", id="batch", elem_id="img2img_batch_tab") as tab_b:
                 self.batch_input = gr.Textbox(label="Input directory", elem_id="img2img_batch_input_dir")
                 self.batch_output = gr.Textbox(label="Output directory", elem_id="img2img_batch_output_dir")
@@ -534,7 +534,7 @@ class GenerationTab:
 
 
 def _round8(value: float) -> int:
-    return max(64, int(round(value / 8)) * 8)
+    return max(64, round(value / 8) * 8)
 
 
 def _slug(name: str) -> str:
@@ -592,10 +592,18 @@ def _drawn_mask(value):
     return mask if mask.getbbox() else None
 
 
+# A1111's labels where the infotext key is not one, and fixed choices of text arguments.
+_SCRIPT_LABELS = {"checkbox_iterate": "Iterate seed every line",
+                  "checkbox_iterate_batch": "Use same random seed for all lines",
+                  "prompt_position": "Insert prompts at the", "prompt_txt": "List of prompt inputs"}
+_SCRIPT_CHOICES = {"prompt_position": ("start", "end"), "prompt_type": ("positive", "negative"),
+                   "variations_delimiter": ("comma", "space"), "denoising_curve": ("Linear", "Aggressive", "Lazy")}
+
+
 def _script_control(kind: str, script_name: str, field: dataclasses.Field, ui):
     """A control for one script argument, from its type and default (labels are the infotext keys)."""
     script = scripts.SCRIPTS[script_name]
-    label = script.keys.get(field.name, field.name.replace("_", " ").capitalize())
+    label = _SCRIPT_LABELS.get(field.name) or script.keys.get(field.name, field.name.replace("_", " ").capitalize())
     elem_id = f"{kind}_script_{_slug(script_name)}_{field.name}"
     default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
     if field.name.endswith("_type") and script_name == "X/Y/Z plot":
@@ -605,6 +613,11 @@ def _script_control(kind: str, script_name: str, field: dataclasses.Field, ui):
                            elem_classes=["translate-choices"])
     if field.name == "upscaler":
         return gr.Dropdown(ui.upscaler_names(), value=default, label=label, elem_id=elem_id)
+    if field.name in _SCRIPT_CHOICES:
+        return gr.Radio(list(_SCRIPT_CHOICES[field.name]), value=default, label=label, elem_id=elem_id)
+    if field.name == "inpainting_fill":
+        return gr.Radio([(name, i) for i, name in enumerate(MASKED_CONTENT)], value=default, label=label,
+                        elem_id=elem_id)
     if isinstance(default, bool):
         return gr.Checkbox(default, label=label, elem_id=elem_id)
     if isinstance(default, (int, float)):
@@ -615,4 +628,4 @@ def _script_control(kind: str, script_name: str, field: dataclasses.Field, ui):
     return gr.Textbox(default, label=label, elem_id=elem_id, lines=lines)
 
 
-__all__ = ["GenerationTab", "token_counter", "LATENT_UPSCALE_MODES", "grid_paths", "IMG2IMG_MODES"]
+__all__ = ["IMG2IMG_MODES", "LATENT_UPSCALE_MODES", "GenerationTab", "grid_paths", "token_counter"]

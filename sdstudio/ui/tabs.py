@@ -43,13 +43,12 @@ class ExtrasTab:
                 with gr.Tabs(elem_id="extras_resize_mode"):
                     with gr.Tab("Scale by", elem_id="extras_scale_by_tab") as by:
                         self.scale = gr.Slider(1, 8, value=4, step=0.05, label="Resize", elem_id="extras_upscaling_resize")
-                    with gr.Tab("Scale to", elem_id="extras_scale_to_tab") as to:
-                        with gr.Row():
-                            self.width = gr.Slider(64, 8192, value=512, step=8, label="Width",
-                                                   elem_id="extras_upscaling_resize_w")
-                            self.height = gr.Slider(64, 8192, value=512, step=8, label="Height",
-                                                    elem_id="extras_upscaling_resize_h")
-                            self.crop = gr.Checkbox(True, label="Crop to fit", elem_id="extras_upscaling_crop")
+                    with gr.Tab("Scale to", elem_id="extras_scale_to_tab") as to, gr.Row():
+                        self.width = gr.Slider(64, 8192, value=512, step=8, label="Width",
+                                               elem_id="extras_upscaling_resize_w")
+                        self.height = gr.Slider(64, 8192, value=512, step=8, label="Height",
+                                                elem_id="extras_upscaling_resize_h")
+                        self.crop = gr.Checkbox(True, label="Crop to fit", elem_id="extras_upscaling_crop")
                 by.select(lambda: False, None, self.resize_to_state, show_progress="hidden")
                 to.select(lambda: True, None, self.resize_to_state, show_progress="hidden")
                 with gr.Row():
@@ -118,8 +117,7 @@ class PngInfoTab:
                                       sources=["upload", "clipboard"])
             with gr.Column():
                 self.html = gr.HTML("", elem_id="pnginfo_html_info")
-                self.text = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="pnginfo_generation_info",
-                                       elem_classes=["sd-notranslate"])
+                self.text = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="pnginfo_generation_info")
                 with gr.Row():
                     self.to_txt2img = gr.Button("Send to txt2img", elem_id="pnginfo_send_to_txt2img")
                     self.to_img2img = gr.Button("Send to img2img", elem_id="pnginfo_send_to_img2img")

@@ -1,0 +1,172 @@
+"""The web UI's Python side: the page builds with A1111's ids, every text has a translation, the form and
+the request object agree both ways, settings persist, and page events queue real jobs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gradio as gr
+import pytest
+
+from sdstudio.core import infotext
+from sdstudio.core.params import Txt2ImgRequest
+from sdstudio.core.settings import SettingError, Settings
+from sdstudio.models.loader import clip_tokenizer
+from sdstudio.service.jobs import Txt2ImgJob
+from sdstudio.ui import localization
+from sdstudio.ui.app import StudioUI
+from sdstudio.ui.generation import token_counter
+from sdstudio.ui.progress import follow, progress_html, queue_html
+
+A1111_IDS = ["tab_txt2img", "tab_img2img", "tab_extras", "tab_pnginfo", "tab_settings", "txt2img_prompt",
+             "txt2img_neg_prompt", "txt2img_generate", "txt2img_interrupt", "txt2img_skip", "txt2img_gallery",
+             "txt2img_steps", "txt2img_cfg_scale", "txt2img_seed", "txt2img_width", "txt2img_height",
+             "txt2img_batch_count", "txt2img_batch_size", "txt2img_sampling", "txt2img_enable_hr", "img2img_prompt",
+             "img2img_generate", "img2img_denoising_strength", "setting_sd_model_checkpoint", "img2img_neg_prompt",
+             "img2img_steps", "img2img_seed", "img2img_gallery", "img2img_interrupt", "txt2img_token_counter",
+             "txt2img_styles", "paste", "txt2img_hr_upscaler", "txt2img_hires_steps", "txt2img_hr_scale",
+             "resize_mode", "img2img_mask_blur", "img2img_inpainting_fill", "img2maskimg", "extras_image",
+             "extras_upscaler_1", "pnginfo_image", "settings_submit", "txt2img_subseed", "txt2img_subseed_strength"]
+
+
+@pytest.fixture
+def ui(service, data_dir):
+    title = service.engine.registry.checkpoint(None).title
+    return StudioUI(service, Settings(data_dir / "config.json", {"sd_model_checkpoint": title}))
+
+
+@pytest.fixture
+def page(ui):
+    return ui.build()
+
+
+def test_page_has_a1111_element_ids(page):
+    ids = {getattr(b, "elem_id", None) for b in page.blocks.values()}
+    assert set(A1111_IDS) <= ids, sorted(set(A1111_IDS) - ids)
+    dupes = [i for i in ids if i and sum(getattr(b, "elem_id", None) == i for b in page.blocks.values()) > 1]
+    assert not dupes, f"element ids used twice: {dupes}"
+
+
+@pytest.mark.parametrize("language", ["en", "zh_CN"])
+def test_every_ui_text_has_a_translation(page, language):
+    """Fails when a label, button, choice or message of the page is missing from a shipped language file:
+    add it to sdstudio/ui/localizations/en.json and zh_CN.json."""
+    strings = json.loads((localization.PACKAGE_DIR / f"{language}.json").read_text(encoding="utf-8"))
+    missing = sorted(localization.ui_strings(page) - set(strings))
+    assert not missing, f"{language}.json lacks: {missing}"
+    if language == "zh_CN":  # a translation, not a copy: the key terms read as the community writes them
+        assert strings["Prompt"] == "提示词" and strings["Negative prompt"] == "反向提示词"
+        assert strings["Sampling method"] == "采样方法" and strings["Seed"] == "随机数种子"
+        assert strings["Hires. fix"] == "高分辨率修复" and strings["Denoising strength"] == "重绘幅度"
+        assert sum(k == v for k, v in strings.items()) < 10
+
+
+def test_localizations_from_the_data_dir(tmp_path, ui):
+    (tmp_path / "localizations").mkdir()
+    (tmp_path / "localizations" / "de_DE.json").write_text(json.dumps({"Prompt": "Eingabe"}), encoding="utf-8")
+
+    class P:
+        data_dir = tmp_path
+
+    assert "de_DE" in localization.available(P) and "zh_CN" in localization.available(P)
+    assert localization.load("de_DE", P) == {"Prompt": "Eingabe"}
+    (tmp_path / "localizations" / "bad.json").write_text("{", encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.json"):
+        localization.load("bad", P)
+
+
+def test_form_and_request_agree_both_ways(page, ui):
+    """Filling the txt2img form from a request and reading it back gives the same request."""
+    tab = ui.txt2img
+    req = Txt2ImgRequest(prompt="a (red:1.2) circle", negative_prompt="blue", sampler_name="Euler a",
+                         scheduler="Karras", steps=13, width=96, height=64, n_iter=2, batch_size=3, cfg_scale=5.5,
+                         seed=1234, subseed=99, subseed_strength=0.25, tiling=True, enable_hr=True, hr_scale=1.5,
+                         hr_upscaler="Latent (nearest)", hr_second_pass_steps=4, denoising_strength=0.45,
+                         hr_sampler_name="Euler", hr_cfg=3.0, script_name="X/Y/Z plot",
+                         script_args={"x_type": "Steps", "x_values": "1,2"}, model="tiny-sd1 [abc]")
+    filled = tab.form.fill(req)
+    values = {name: filled.get(name, getattr(c, "value", None)) for name, c in tab.form.controls.items()}
+    back = tab.form.request(values, {"sd_model_checkpoint": "tiny-sd1 [abc]"})
+    for name in ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "width", "height", "n_iter",
+                 "batch_size", "cfg_scale", "seed", "subseed", "subseed_strength", "tiling", "enable_hr", "hr_scale",
+                 "hr_upscaler", "hr_second_pass_steps", "denoising_strength", "hr_sampler_name", "hr_cfg",
+                 "hr_scheduler", "script_name", "model"):
+        assert getattr(back, name) == getattr(req, name), name
+    assert back.script_args["x_type"] == "Steps" and back.script_args["x_values"] == "1,2"
+    assert type(back.steps) is int and type(back.cfg_scale) is float
+
+
+def test_paste_fills_every_field_from_an_a1111_infotext(page, ui):
+    text = ("a cat, <lora:style:0.8>\nNegative prompt: ugly\nSteps: 17, Sampler: DPM++ 2M, Schedule type: Karras, "
+            "CFG scale: 6.5, Seed: 42, Size: 96x64, Clip skip: 2, Denoising strength: 0.5, Hires upscale: 2, "
+            "Hires upscaler: Latent, Hires steps: 5, Variation seed: 7, Variation seed strength: 0.3")
+    out = dict(zip([*ui.txt2img.form.names, "clip_skip", "extra"], ui.txt2img.fill_from_text(text)))
+    assert out["prompt"] == "a cat, <lora:style:0.8>" and out["negative_prompt"] == "ugly"
+    assert (out["steps"], out["sampler_name"], out["scheduler"], out["cfg_scale"], out["seed"]) == \
+        (17, "DPM++ 2M", "Karras", 6.5, 42)
+    assert (out["width"], out["height"], out["enable_hr"], out["hr_scale"], out["hr_second_pass_steps"]) == \
+        (96, 64, True, 2.0, 5)
+    assert out["clip_skip"] == 2 and out["subseed"] == 7 and out["extra"] is True
+    with pytest.raises(gr.Error, match="no generation parameters"):
+        ui.txt2img.fill_from_text("just a prompt")
+
+
+def test_settings_persist_and_keep_unknown_keys(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"samples_format": "jpg", "some_a1111_option": [1, 2], "CLIP_stop_at_last_layers": "x"}))
+    s = Settings(path)
+    assert s["samples_format"] == "jpg" and s["CLIP_stop_at_last_layers"] == 1  # an unusable value: the default
+    assert s.update({"CLIP_stop_at_last_layers": 2, "localization": "zh_CN"}) == ["CLIP_stop_at_last_layers",
+                                                                                 "localization"]
+    stored = json.loads(path.read_text())
+    assert stored["some_a1111_option"] == [1, 2] and stored["CLIP_stop_at_last_layers"] == 2
+    with pytest.raises(SettingError, match="samples_format"):
+        s.update({"samples_format": "bmp"})
+    with pytest.raises(SettingError, match="show_progress_every_n_steps"):
+        s.update({"show_progress_every_n_steps": 0})
+    assert Settings(path)["localization"] == "zh_CN"
+    path.write_text("{broken")
+    with pytest.raises(SettingError, match="config.json"):
+        Settings(path)
+
+
+def test_token_counter_as_a1111():
+    tok = clip_tokenizer()
+    assert token_counter(tok, {}, "a red circle") == '<span class="sd-token-count">3/75</span>'
+    long = ", ".join(["red circle"] * 40)
+    used, limit = token_counter(tok, {}, long).split(">")[1].split("<")[0].split("/")
+    assert int(used) > 75 and limit == "150"
+    # a schedule counts its longest variant; network tags do not count
+    assert token_counter(tok, {}, "[a:a b c d e:5] <lora:x:1>") == '<span class="sd-token-count">5/75</span>'
+
+
+def test_generate_event_queues_a_job_and_reports_progress(service, ui, page):
+    client = "ui:test"
+    req = Txt2ImgRequest(prompt="a red circle", steps=3, width=64, height=64, seed=5, model="tiny-sd1")
+    job = service.submit(client, Txt2ImgJob(req))
+    ticks = list(follow(service, client, job))
+    assert ticks[-1].job is not None and ticks[-1].job.status == "done"
+    assert any('data-state="running"' in t.html for t in ticks[:-1]) or len(ticks) == 1
+    image = ticks[-1].job.result["images"][0]
+    assert Path(image["path"]).is_file() and infotext.parse(image["infotext"])["Seed"] == "5"
+    assert "No jobs waiting" in queue_html(service, client)
+
+
+def test_progress_html_words_are_translatable():
+    running = {"progress": 0.5, "eta_relative": 3.2, "job_id": "x", "queue_position": 0,
+               "state": {"sampling_step": 5, "sampling_steps": 10, "job_no": 0, "job_count": 1, "job": "txt2img"}}
+    html = progress_html(running)
+    assert "<span>Step</span> 5/10" in html and "50%" in html and "<span>ETA</span> 3s" in html
+    queued = {**running, "queue_position": 2, "state": {**running["state"], "sampling_steps": 0}}
+    assert "<span>In queue</span>: 2 <span>ahead</span>" in progress_html(queued)
+
+
+def test_checkpoint_switch_is_a_queued_load(service, ui, page):
+    job = service.submit_load("ui:x", "tiny-sd1")
+    done = service.wait(job.id, timeout=120)
+    assert done.status == "done" and done.result["model_name"] == "tiny-sd1"
+    from sdstudio.service.jobs import JobError
+
+    with pytest.raises(JobError, match="no checkpoint named"):
+        service.submit_load("ui:x", "nope")

@@ -1,0 +1,192 @@
+"""The web UI in a real browser: headless Chromium (Debian's ``chromium``) driven by Playwright.
+
+A server on the tiny model runs in its own process, as users start it. Each test drives the page as a
+user would and checks what the page shows; screenshots of each tab go to ``artifacts/ui/`` (look at
+them: they are the test run's pictures of the UI). Skipped, saying why, where Chromium or Playwright is
+missing (``./test.sh`` installs both).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (./test.sh installs it)")
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (./test.sh installs it)"),
+              pytest.mark.xdist_group("browser")]
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = Path(os.environ.get("SDSTUDIO_ARTIFACTS", ROOT / "artifacts")) / "ui"
+INFOTEXT = ("a pasted prompt\nNegative prompt: pasted negative\nSteps: 17, Sampler: Euler a, Schedule type: Karras, "
+            "CFG scale: 6.5, Seed: 42, Size: 96x64, Clip skip: 2")
+
+
+@pytest.fixture(scope="module")
+def server(make_data_root, free_port):
+    root = make_data_root("ui-browser")
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sdstudio", "serve", "--data-dir", str(root), "--port", str(port),
+                             "--api"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url + "/sdapi/v1/samplers", timeout=5)
+            break
+        except OSError:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "the server did not come up"
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def open_page(browser, url):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_selector("#txt2img_generate", timeout=60_000)
+    return page
+
+
+def shot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def choose(page, elem_id: str, option: str) -> None:
+    page.locator(f"#{elem_id} input").first.click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def generate(page, tab: str, prompt: str, steps: int = 6, size: int = 64, timeout: float = 120):
+    """Type, click Generate, and watch: returns the progress texts seen and the infotext shown."""
+    page.locator(f"#{tab}_prompt textarea").fill(prompt)
+    set_number(page, f"{tab}_width", size)
+    set_number(page, f"{tab}_height", size)
+    set_number(page, f"{tab}_steps", steps)
+    before = page.locator(f"#{tab}_gallery img").count()
+    page.click(f"#{tab}_generate")
+    seen, deadline = [], time.time() + timeout
+    info = page.locator(f"#{tab}_html_info textarea")
+    while time.time() < deadline:
+        bar = page.locator(f"#{tab}_progressbar .sd-progress")
+        if bar.count():
+            seen.append((bar.first.get_attribute("data-state"), bar.first.inner_text()))
+        if page.locator(f"#{tab}_gallery img").count() > before and prompt in info.input_value():
+            return seen, info.input_value()
+        time.sleep(0.05)
+    raise AssertionError(f"no image after {timeout} s; progress seen: {seen[-5:]}")
+
+
+def test_generate_shows_progress_then_the_image(server, browser):
+    page = open_page(browser, server)
+    shot(page, "txt2img-empty")
+    seen, info = generate(page, "txt2img", "a red circle on a blue background", steps=30, size=128)
+    assert any(state == "running" and "Step" in text and "%" in text for state, text in seen), seen[:10]
+    steps = [int(text.split("Step")[1].split("/")[0]) for state, text in seen if state == "running"]
+    assert steps == sorted(steps) and len(set(steps)) > 1, steps  # the bar moved forwards
+    assert "Steps: 30" in info and "Size: 128x128" in info and "Model: tiny-sd1" in info
+    assert page.inner_text("#txt2img_token_counter").strip() == "7/75"
+    shot(page, "txt2img")
+    # send to img2img: the picture and its parameters arrive, the img2img tab opens
+    page.click("#txt2img_send_to_img2img")
+    page.wait_for_selector("#img2img_image img", timeout=30_000)
+    assert page.locator("#img2img_prompt textarea").input_value() == "a red circle on a blue background"
+    assert page.locator("#img2img_steps input[type=number]").input_value() == "30"
+    shot(page, "img2img")
+    _, info2 = generate(page, "img2img", "a green square", steps=4, size=64)
+    assert "Denoising strength: 0.75" in info2 and "Size: 64x64" in info2
+
+
+def test_paste_fills_the_fields(server, browser):
+    page = open_page(browser, server)
+    page.locator("#txt2img_prompt textarea").fill(INFOTEXT)
+    page.click("#paste")
+    page.wait_for_function("document.querySelector('#txt2img_steps input[type=number]').value === '17'", timeout=20_000)
+    assert page.locator("#txt2img_prompt textarea").input_value() == "a pasted prompt"
+    assert page.locator("#txt2img_neg_prompt textarea").input_value() == "pasted negative"
+    assert page.locator("#txt2img_seed input").input_value() == "42"
+    assert page.locator("#txt2img_width input[type=number]").input_value() == "96"
+    assert page.locator("#txt2img_sampling input").input_value() == "Euler a"
+    assert page.locator("#txt2img_scheduler input").input_value() == "Karras"
+    assert page.locator("#setting_CLIP_stop_at_last_layers input[type=number]").input_value() == "2"
+
+
+def test_png_info_and_other_tabs(server, browser):
+    page = open_page(browser, server)
+    for tab in ("img2img", "extras", "pnginfo", "settings"):
+        page.click(f"#tab_{tab}-button")
+        page.wait_for_selector(f"#tab_{tab}", state="visible", timeout=20_000)
+        shot(page, tab)
+
+
+def test_switch_language_in_settings(server, browser):
+    page = open_page(browser, server)
+    try:
+        page.click("#tab_settings-button")
+        choose(page, "setting_localization", "zh_CN")
+        page.click("#settings_submit")
+        page.wait_for_selector("#settings_result:has-text('localization')", timeout=20_000)
+        page.click("#settings_restart_gradio")
+        page.wait_for_function("document.querySelector('#txt2img_generate')?.innerText.trim() === '生成'",
+                               timeout=60_000)
+        assert page.locator("#txt2img_prompt textarea").get_attribute("placeholder").startswith("提示词")
+        assert "文生图" in page.inner_text("#tabs") and "图生图" in page.inner_text("#tabs")
+        assert page.locator("#txt2img_prompt textarea").input_value() == ""  # the user's text is never translated
+        shot(page, "txt2img-zh_CN")
+        seen, _info = generate(page, "txt2img", "a red circle", steps=20, size=128)
+        assert any("步" in text for state, text in seen if state == "running"), seen[:5]
+    finally:
+        body = json.dumps({"localization": "None"}).encode()
+        urllib.request.urlopen(urllib.request.Request(server + "/sdapi/v1/options", data=body,
+                                                      headers={"Content-Type": "application/json"}), timeout=10)
+
+
+def test_three_windows_share_the_queue(server, browser):
+    """Two windows queue a job each while a third's runs: all three finish, each shows its own images."""
+    pages = [open_page(browser, server) for _ in range(3)]
+    prompts = ["first window: a red circle", "second window: a blue square", "third window: a star"]
+    for page, prompt in zip(pages, prompts):
+        page.locator("#txt2img_prompt textarea").fill(prompt)
+        set_number(page, "txt2img_width", 128)
+        set_number(page, "txt2img_height", 128)
+        set_number(page, "txt2img_steps", 20)
+    set_number(pages[0], "txt2img_batch_count", 4)
+    pages[0].click("#txt2img_generate")
+    pages[0].wait_for_selector("#txt2img_progressbar .sd-progress[data-state=running]", timeout=60_000)
+    pages[1].click("#txt2img_generate")
+    pages[2].click("#txt2img_generate")
+    pages[1].wait_for_selector("#txt2img_queue_list table.sd-queue", timeout=20_000)  # its job listed, waiting
+    shot(pages[1], "queue-panel")
+    for page, prompt, count in zip(pages, prompts, (4, 1, 1)):
+        page.wait_for_function(f"document.querySelectorAll('#txt2img_gallery img').length >= {count}",
+                               timeout=180_000)
+        info = page.locator("#txt2img_html_info textarea").input_value()
+        assert info.startswith(prompt), (prompt, info)
+        assert not any(other in info for other in prompts if other != prompt)
