@@ -23,6 +23,8 @@ from . import networks
 from .forms import SAME_SAMPLER, SAME_SCHEDULER, Form, script_key
 from .progress import cancellable, client_of, follow, queue_html
 
+INTERROGATE_NOTE = ("Interrogation needs weight files: BLIP and CLIP in models/BLIP and models/CLIP, the tagger in "
+                    "models/deepbooru")
 IMG2IMG_MODES = ("img2img", "Sketch", "Inpaint", "Inpaint sketch", "Inpaint upload", "Batch")
 
 
@@ -248,6 +250,8 @@ class GenerationTab:
                                               interactive=self.ui.has_interrogator("clip"))
             self.interrogate_booru = gr.Button("Interrogate DeepBooru", elem_id="deepbooru", size="sm",
                                                interactive=self.ui.has_interrogator("deepdanbooru"))
+        if not (self.ui.has_interrogator("clip") and self.ui.has_interrogator("deepdanbooru")):
+            gr.Markdown(INTERROGATE_NOTE, elem_id="interrogate_note")
         with gr.Accordion("Inpaint options", open=True, elem_id="img2img_inpaint_controls"):
             with gr.Row():
                 f.add("mask_blur", gr.Slider(0, 64, value=4, step=1, label="Mask blur", elem_id="img2img_mask_blur"))
@@ -373,7 +377,8 @@ class GenerationTab:
                 for job in jobs:
                     for tick in follow(service, client, job, previews=bool(ui.settings.get("live_previews_enable"))):
                         if tick.job is None:
-                            yield (tick.html, tick.preview, gr.skip(), gr.skip(), gr.skip(),
+                            yield (tick.html, tick.preview if tick.preview is not None else gr.skip(), gr.skip(),
+                                   gr.skip(), gr.skip(),
                                    queue_html(service, client), gr.Dropdown(choices=cancellable(service, client)))
                             continue
                         done = tick.job

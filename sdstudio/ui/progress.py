@@ -9,6 +9,7 @@ that window's jobs only.
 from __future__ import annotations
 
 import html
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ def client_of(request) -> str:
 @dataclass
 class Tick:
     html: str  # the progress bar
-    preview: object = None  # a PIL image, or None
+    preview: object = None  # a new live preview (a PIL image), or None when it has not changed
     job: Job | None = None  # set on the last tick: the finished job
 
 
@@ -55,10 +56,13 @@ def progress_html(p: dict, kind: str = "") -> str:
     return '<div class="sd-progress" data-state="waiting"><span class="sd-progress-text"><span>Waiting</span>…</span></div>'
 
 
-def follow(service: JobService, client: str, job: Job, previews: bool = True, poll: float = 0.5) -> Iterator[Tick]:
-    """Ticks for ``job`` until it has finished (the last tick carries it)."""
+def follow(service: JobService, client: str, job: Job, previews: bool = True, poll: float = 0.5,
+           preview_period: float = 1.0) -> Iterator[Tick]:
+    """Ticks for ``job`` until it has finished (the last tick carries it). The bar follows every step; a
+    new preview goes out at most every ``preview_period`` seconds (A1111's refresh period), since each
+    one is a picture the page fetches while the job computes on the same machine."""
     version = -1
-    last = None
+    last, shown_preview, preview_at = None, None, 0.0
     while True:
         version = service.wait_for_change(version, poll)
         current = service.queue.get(job.id)
@@ -67,9 +71,13 @@ def follow(service: JobService, client: str, job: Job, previews: bool = True, po
             return
         p = service.progress(client, job.id)
         preview = service.preview_image(client, job.id) if previews else None
-        shown = (p["state"]["sampling_step"], p["state"]["job_no"], p.get("queue_position"), id(preview))
-        if shown != last:
-            last = shown
+        if preview is shown_preview or time.monotonic() - preview_at < preview_period:
+            preview = None
+        else:
+            shown_preview, preview_at = preview, time.monotonic()
+        state = (p["state"]["sampling_step"], p["state"]["job_no"], p.get("queue_position"))
+        if state != last or preview is not None:
+            last = state
             yield Tick(progress_html(p, current.kind), preview)
 
 

@@ -1,0 +1,121 @@
+"""The web UI's own cost: page load to interactive, and a txt2img job through the page vs the same job
+through the API, on one running server (the demo model, or --model).
+
+- load: from navigation until Generate is clickable (gradio has fetched its config and drawn the page).
+- first preview: from the Generate click until the live preview shows a picture.
+- UI job: from the click until the gallery shows the image and its infotext.
+- API job: POST /sdapi/v1/txt2img with the same parameters (and seed), from the request until the answer.
+Prints each as the median of N runs and the ratio UI job / API job (goal: overhead <= 10 %, ratio <= 1.10).
+Needs Chromium and Playwright (./test.sh installs both).
+
+Usage: python benchmarks/bench_ui.py [--runs 5] [--steps 20] [--size 256] [--model NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_server(port: int, data_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sdstudio", "serve", "--api", "--port", str(port), "--data-dir",
+                             str(data_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/sdapi/v1/samplers", timeout=2)
+            return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("the server did not start")
+
+
+def api_job(url: str, params: dict) -> float:
+    body = json.dumps(params).encode()
+    t = time.perf_counter()
+    req = urllib.request.Request(url + "/sdapi/v1/txt2img", data=body, headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=600).read()
+    return time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--model", help="checkpoint (default: the first in the data dir)")
+    ap.add_argument("--data-dir", default=str(ROOT))
+    ap.add_argument("--port", type=int, default=7893)
+    args = ap.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        raise SystemExit("chromium is not installed (./scripts/setup-browser.sh installs it)")
+    url = f"http://127.0.0.1:{args.port}"
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp)  # outputs of the benchmark go to a scratch data dir that links the models
+        (data_dir / "models").symlink_to(Path(args.data_dir).resolve() / "models")
+        proc = start_server(args.port, data_dir)
+        try:
+            if args.model:
+                body = json.dumps({"sd_model_checkpoint": args.model}).encode()
+                urllib.request.urlopen(urllib.request.Request(url + "/sdapi/v1/options", data=body,
+                                                              headers={"Content-Type": "application/json"}))
+            params = {"prompt": "a red circle on a blue background", "steps": args.steps, "width": args.size,
+                      "height": args.size, "seed": 1, "sampler_name": "DPM++ 2M"}
+            api_job(url, params)  # warm-up: loads the model
+            loads, previews, ui_jobs, api_jobs = [], [], [], []
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+                for _ in range(args.runs):
+                    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+                    t = time.perf_counter()
+                    page.goto(url)
+                    page.wait_for_selector("#txt2img_generate:not([disabled])")
+                    loads.append(time.perf_counter() - t)
+                    page.locator("#txt2img_prompt textarea").fill(params["prompt"])
+                    for elem, value in (("width", args.size), ("height", args.size), ("steps", args.steps)):
+                        box = page.locator(f"#txt2img_{elem} input[type=number]")
+                        box.fill(str(value))
+                        box.press("Enter")
+                    seed = page.locator("#txt2img_seed input")
+                    seed.fill("1")
+                    seed.press("Enter")
+                    time.sleep(0.3)
+                    t = time.perf_counter()
+                    page.click("#txt2img_generate")
+                    page.wait_for_selector("#txt2img_preview img", timeout=600_000)
+                    previews.append(time.perf_counter() - t)
+                    page.wait_for_function("document.querySelector('#txt2img_html_info textarea').value"
+                                           ".includes('Seed: 1,')", timeout=600_000)
+                    ui_jobs.append(time.perf_counter() - t)
+                    page.context.close()
+                    api_jobs.append(api_job(url, params))
+                browser.close()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    med = statistics.median
+    print(f"page load to interactive: {med(loads):.2f} s (median of {args.runs})")
+    print(f"Generate click to first live preview: {med(previews):.2f} s")
+    print(f"txt2img {args.size}x{args.size}, {args.steps} steps: UI {med(ui_jobs):.2f} s, API {med(api_jobs):.2f} s, "
+          f"ratio UI/API {med(ui_jobs) / med(api_jobs):.3f} (goal <= 1.10)")
+    print("all runs (s): UI " + " ".join(f"{x:.2f}" for x in ui_jobs) + " | API " + " ".join(f"{x:.2f}" for x in api_jobs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
