@@ -170,3 +170,29 @@ def test_checkpoint_switch_is_a_queued_load(service, ui, page):
 
     with pytest.raises(JobError, match="no checkpoint named"):
         service.submit_load("ui:x", "nope")
+
+
+def test_network_cards_and_metadata_editing(service, ui, data_dir):
+    from sdstudio.models.network_info import network_info, save_user_metadata
+    from sdstudio.ui import networks
+
+    lora_dir = data_dir / "models" / "Lora"
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, str(lora_dir / "stripes.safetensors"))
+    (lora_dir / "stripes.json").write_text(json.dumps({"sd version": "SD1", "activation text": "old"}))
+    service.engine.registry.refresh()
+    save_user_metadata(lora_dir / "stripes.safetensors", "striped, zebra", 0.7, "my note")
+    stored = json.loads((lora_dir / "stripes.json").read_text())
+    assert stored["sd version"] == "SD1" and stored["activation text"] == "striped, zebra"  # other keys kept
+    info = network_info(lora_dir / "stripes.safetensors")
+    assert info.trigger_words == ["striped", "zebra"] and info.preferred_weight == 0.7
+    html = networks.cards(ui, "Lora", "txt2img")
+    assert 'data-prompt="&lt;lora:stripes:0.7&gt;, striped, zebra"' in html
+    assert "No items" in networks.cards(ui, "Hypernetworks", "txt2img")
+    assert networks.preview_file(ui, "Lora", "stripes") is None
+    (lora_dir / "stripes.preview.png").write_bytes(b"\x89PNG")
+    assert networks.preview_file(ui, "Lora", "stripes").name == "stripes.preview.png"
+    assert networks.preview_file(ui, "Lora", "../../etc/passwd") is None

@@ -76,3 +76,17 @@ def network_info(path: Path) -> NetworkInfo:
     info.notes = str(user.get("notes") or "")
     info.preview = next((p for s in PREVIEW_SUFFIXES if (p := path.with_name(path.stem + s)).is_file()), None)
     return info
+
+
+def save_user_metadata(path: Path, trigger_words: str, preferred_weight: float | None, notes: str) -> Path:
+    """Write the user's card metadata as A1111 does: ``NAME.json`` beside the file ("activation text",
+    "preferred weight", "notes"), keeping any other keys already there. Returns the JSON file's path."""
+    target = Path(path).with_suffix(".json")
+    data = _read_json(target)
+    data["activation text"] = trigger_words.strip()
+    data["preferred weight"] = float(preferred_weight) if preferred_weight else 0
+    data["notes"] = notes.strip()
+    tmp = target.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=4, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(target)
+    return target

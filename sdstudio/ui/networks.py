@@ -3,7 +3,8 @@
 A card shows the network's preview picture (``NAME.png`` / ``NAME.preview.png`` beside the file, as A1111
 finds them), its name and trigger words; a click adds its prompt text (``<lora:name:w>`` with the preferred
 weight and trigger words, the embedding's name, ``<hypernet:name:1>``) to the tab's prompt. Search filters
-in the page; sort and refresh re-read the folders. A checkpoint card switches the checkpoint.
+in the page; sort and refresh re-read the folders. A checkpoint card switches the checkpoint. "Edit metadata"
+writes a LoRA's trigger words, preferred weight and notes to ``NAME.json`` beside it, as A1111 does.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import urllib.parse
 
 import gradio as gr
 
-from ..models.network_info import network_info
+from ..models.network_info import network_info, save_user_metadata
 
 KINDS = ("Checkpoints", "Textual Inversion", "Hypernetworks", "Lora")
 
@@ -106,10 +107,39 @@ def build(ui, tab: str):
             with gr.Tab(kind, elem_id=f"{tab}_{kind.lower().replace(' ', '_')}_cards_tab"):
                 panels.append(gr.HTML(cards(ui, kind, tab), elem_id=f"{tab}_{kind.lower().replace(' ', '_')}_cards"))
 
+    with gr.Accordion("Edit metadata", open=False, elem_id=f"{tab}_lora_edit"):
+        with gr.Row():
+            chosen = gr.Dropdown([m.name for m in ui.service.engine.registry.loras], label="Lora",
+                                 elem_id=f"{tab}_lora_edit_name", scale=2)
+            words = gr.Textbox(label="Activation text", elem_id=f"{tab}_lora_edit_words", scale=3)
+            weight = gr.Number(0, label="Preferred weight", elem_id=f"{tab}_lora_edit_weight", scale=1)
+        notes = gr.Textbox(label="Notes", lines=2, elem_id=f"{tab}_lora_edit_notes")
+        save = gr.Button("Save", elem_id=f"{tab}_lora_edit_save", size="sm")
+
+    def lora_file(name):
+        found = next((m for m in ui.service.engine.registry.loras if m.name == name), None)
+        if found is None:
+            raise gr.Error(f"no LoRA named {name!r}")
+        return found.path
+
+    def load_meta(name):
+        if not name:
+            return "", 0, ""
+        info = network_info(lora_file(name))
+        return ", ".join(info.trigger_words), info.preferred_weight or 0, info.notes
+
     def redraw(order):
         ui.service.engine.registry.refresh()
         return [cards(ui, kind, tab, order) for kind in KINDS]
 
+    def save_meta(name, text, w, note, order):
+        if not name:
+            raise gr.Error("Choose a LoRA first")
+        save_user_metadata(lora_file(name), text or "", w, note or "")
+        return redraw(order)
+
+    chosen.change(load_meta, chosen, [words, weight, notes], show_progress="hidden")
+    save.click(save_meta, [chosen, words, weight, notes, sort], panels, show_progress="hidden")
     refresh.click(redraw, sort, panels, show_progress="hidden")
     sort.change(redraw, sort, panels, show_progress="hidden")
     search.input(None, search, None, js=f"(text) => sdstudioFilterCards('{tab}', text)")
