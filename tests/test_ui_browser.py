@@ -138,8 +138,14 @@ def test_paste_fills_the_fields(server, browser):
     assert page.locator("#setting_CLIP_stop_at_last_layers input[type=number]").input_value() == "2"
 
 
-def test_png_info_and_other_tabs(server, browser):
+def test_tabs_and_a_checkpoint_card(server, browser):
     page = open_page(browser, server)
+    page.click("#txt2img_extra_networks_accordion button, #txt2img_extra_networks_accordion .label-wrap")
+    card = page.locator("#txt2img_extra_networks .sd-card[data-kind=Checkpoints]").first
+    card.wait_for(timeout=20_000)
+    card.click()  # switches the checkpoint: a load job, its state shown beside the dropdown
+    page.wait_for_selector("#sd_checkpoint_status:has-text('Model loaded')", timeout=60_000)
+    shot(page, "extra-networks")
     for tab in ("img2img", "extras", "pnginfo", "settings"):
         page.click(f"#tab_{tab}-button")
         page.wait_for_selector(f"#tab_{tab}", state="visible", timeout=20_000)
