@@ -183,7 +183,7 @@ class StudioUI:
             for html_ in switch(title, request):
                 yield gr.skip(), html_
 
-        self.checkpoint_request.input(from_card, self.checkpoint_request, [self.checkpoint, self.model_status],
+        self.checkpoint_request.change(from_card, self.checkpoint_request, [self.checkpoint, self.model_status],
                                       concurrency_limit=None)
 
         def refresh():

@@ -9,13 +9,15 @@
     const key = raw.trim();
     if (!key || !(key in strings)) return;
     if (node.parentElement && node.parentElement.closest(".sd-notranslate")) return;  // names, prompts
-    node.nodeValue = raw.replace(key, strings[key]);
+    const translated = raw.replace(key, strings[key]);
+    // Writing a text, even the same one, is a mutation the observer sees: write only real changes.
+    if (translated !== raw) node.nodeValue = translated;
   }
 
   function translateElement(el) {
     for (const attr of ["placeholder", "title", "aria-label"]) {
       const v = el.getAttribute && el.getAttribute(attr);
-      if (v && v.trim() in strings) el.setAttribute(attr, strings[v.trim()]);
+      if (v && v.trim() in strings && strings[v.trim()] !== v) el.setAttribute(attr, strings[v.trim()]);
     }
   }
 
