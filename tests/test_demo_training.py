@@ -47,3 +47,40 @@ def test_train_resume_export_and_load(tmp_path):
     image = engine.txt2img(Txt2ImgRequest(prompt="a red circle on a blue background", steps=2, width=64, height=64,
                                           seed=1)).images[0].image
     assert np.asarray(image).std() > 0
+
+
+def test_variants_load_as_users_files(tmp_path):
+    """The LoRA, embedding and inpainting variant, trained for a few steps from a tiny run, load through
+    the normal paths: the LoRA's every key matches a module, the embedding is used, the 9-channel model inpaints."""
+    from PIL import Image
+
+    from sdstudio.core.params import Img2ImgRequest
+    from training.demo_model import variants
+
+    run_dir = tmp_path / "run"
+    Run(run_dir, Config.tiny(unet_steps=1), log=lambda m: None).train()
+    run = variants.load_run(run_dir)
+    data = tmp_path / "data"
+    run.export(data / "models" / "Stable-diffusion" / "demo.safetensors")
+    variants.train_lora(run, data / "models" / "Lora" / "demo-zebra.safetensors", steps=2)
+    variants.train_embedding(run, data / "embeddings" / "demo-red.safetensors", steps=2)
+    variants.train_inpainting(run, data / "models" / "Stable-diffusion" / "demo-inpainting.safetensors", steps=2)
+    engine = Engine(Paths(data))
+    base = {"steps": 2, "width": 64, "height": 64, "seed": 3, "model": "demo"}
+    plain = engine.txt2img(Txt2ImgRequest(prompt="zebra, a red circle", **base))
+    styled = engine.txt2img(Txt2ImgRequest(prompt="zebra, a red circle <lora:demo-zebra:1>", **base))
+    assert not [w for w in styled.warnings if "LoRA" in w or "lora" in w], styled.warnings
+    assert "Lora hashes" in styled.images[0].infotext
+    with_emb = engine.txt2img(Txt2ImgRequest(prompt="a circle", negative_prompt="demo-red", **base))
+    assert "TI hashes" in with_emb.images[0].infotext and "demo-red" in with_emb.images[0].infotext
+    assert np.asarray(plain.images[0].image).shape == (64, 64, 3)
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(init)
+    m = Image.new("L", (64, 64), 0)
+    m.paste(255, (16, 16, 48, 48))
+    m.save(mask)
+    out = engine.img2img(Img2ImgRequest(prompt="a blue square", init_images=[str(init)], mask=str(mask), mask_blur=0,
+                                        steps=2, width=64, height=64, seed=3, model="demo-inpainting"))
+    assert out.inpainting_model
+    pixels = np.asarray(out.images[0].image)
+    assert (pixels[:8, :8] == (200, 30, 30)).all()  # outside the mask: the original
