@@ -5,7 +5,7 @@
 - a **textual-inversion embedding** (A1111's ``emb_params``, ``embeddings/demo-red.safetensors``): two
   vectors learnt from red objects, where the captions had the word "red"; as a negative prompt it steers
   away from red.
-- an **inpainting variant** (9-channel UNet, ``models/Stable-diffusion/sdstudio-demo-inpainting.safetensors``):
+- an **inpainting variant** (9-channel UNet, ``models/Stable-diffusion/sdstudio-inpainting.safetensors``):
   the base UNet with 5 zero-initialised input channels (mask + latent of the blanked picture, in the order the
   engine feeds them), fine-tuned on random rectangles.
 
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     if "embedding" in wanted:
         print(train_embedding(run, root / "embeddings" / f"{EMBEDDING}.safetensors", args.steps_embedding))
     if "inpainting" in wanted:
-        print(train_inpainting(run, root / "models" / "Stable-diffusion" / "sdstudio-demo-inpainting.safetensors",
+        print(train_inpainting(run, root / "models" / "Stable-diffusion" / "sdstudio-inpainting.safetensors",
                                args.steps_inpainting))
     return 0
 
