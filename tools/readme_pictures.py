@@ -1,0 +1,111 @@
+"""Make the README's pictures with the bundled demo model: a grid of demo outputs (colours × shapes, an
+X/Y plot through the CLI) and screenshots of the web UI in English and 简体中文 (headless Chromium).
+
+Usage: python tools/readme_pictures.py [--out docs/images] [--port 7899]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def grid(out: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        (data / "models").symlink_to(ROOT / "models")
+        subprocess.run([sys.executable, "-m", "sdstudio", "txt2img", "a red circle on a blue background",
+                        "--data-dir", str(data), "--steps", "20", "--width", "256", "--height", "256", "--seed", "7",
+                        "--sampler", "Euler a", "--script", "xyz", "--x-type", "Prompt S/R",
+                        "--x-values", "red, green, yellow, white, purple", "--y-type", "Prompt S/R",
+                        "--y-values", "circle, square, triangle, star"], check=True, cwd=ROOT)
+        made = sorted((data / "outputs").rglob("*grid*.png"))
+        picture = Image.open(made[-1])
+        picture.thumbnail((900, 900))
+        picture.save(out / "demo-grid.png", optimize=True)
+
+
+def screenshots(out: Path, port: int) -> None:
+    from playwright.sync_api import sync_playwright
+
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        (data / "models").symlink_to(ROOT / "models")
+        (data / "embeddings").symlink_to(ROOT / "embeddings")
+        proc = subprocess.Popen([sys.executable, "-m", "sdstudio", "serve", "--api", "--port", str(port),
+                                 "--data-dir", str(data)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(600):
+                try:
+                    urllib.request.urlopen(url + "/sdapi/v1/samplers", timeout=2)
+                    break
+                except OSError:
+                    time.sleep(0.2)
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+                for lang in ("None", "zh_CN"):
+                    body = json.dumps({"localization": lang}).encode()
+                    urllib.request.urlopen(urllib.request.Request(url + "/sdapi/v1/options", data=body,
+                                                                  headers={"Content-Type": "application/json"}))
+                    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+                    page.goto(url)
+                    page.wait_for_selector("#txt2img_generate")
+                    page.locator("#txt2img_prompt textarea").fill("a red circle on a blue background")
+                    for elem, value in (("width", 256), ("height", 256), ("steps", 20), ("batch_size", 4)):
+                        box = page.locator(f"#txt2img_{elem} input[type=number]")
+                        box.fill(str(value))
+                        box.press("Enter")
+                    time.sleep(0.5)
+                    page.click("#txt2img_generate")
+                    page.wait_for_function("document.querySelector('#txt2img_html_info textarea').value.includes('Steps')",
+                                           timeout=600_000)
+                    time.sleep(1)
+                    name = "ui-txt2img.png" if lang == "None" else "ui-txt2img-zh_CN.png"
+                    page.screenshot(path=str(out / name), clip={"x": 0, "y": 0, "width": 1400, "height": 1000})
+                    picture = Image.open(out / name)
+                    picture.thumbnail((1100, 1100))
+                    picture.save(out / name, optimize=True)
+                browser.close()
+        finally:
+            body = json.dumps({"localization": "None"}).encode()
+            try:
+                urllib.request.urlopen(urllib.request.Request(url + "/sdapi/v1/options", data=body,
+                                                              headers={"Content-Type": "application/json"}))
+            except OSError:
+                pass
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "docs" / "images"))
+    ap.add_argument("--port", type=int, default=7899)
+    ap.add_argument("--skip-grid", action="store_true")
+    ap.add_argument("--skip-ui", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.skip_grid:
+        grid(out)
+    if not args.skip_ui:
+        screenshots(out, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
