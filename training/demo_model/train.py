@@ -3,9 +3,14 @@
 1. VAE (AutoencoderKL, 4 latent channels, 8× down): L1 + MSE reconstruction and a small KL term on
    rendered scenes; afterwards the latent scale is folded into ``quant_conv`` / ``post_quant_conv`` so
    that latents × 0.18215 have unit variance, as the SD 1.x loaders assume.
-2. Text encoder (CLIP-style, the real CLIP BPE tokenizer) and UNet together: epsilon prediction on the SD
-   noise schedule (scaled-linear betas 0.00085–0.012, 1000 steps), 10 % empty captions so CFG works,
-   captions plain or rich (:func:`sdstudio.eval.shapes.caption`).
+2. Text encoder (CLIP-style, the real CLIP BPE tokenizer), on its own: from the mean of its output over all
+   77 positions, linear heads must read the caption's scene (object colour and shape, background, stripes;
+   size, place and count from rich captions). Trained jointly with the UNet from scratch, the encoder
+   collapsed (prompts encoded alike) and the UNet learnt to ignore it; this makes every position carry the
+   caption, which the UNet's cross-attention can then read at once.
+3. UNet with the text encoder frozen: epsilon prediction on the SD noise schedule (scaled-linear betas
+   0.00085–0.012, 1000 steps), 10 % empty captions so CFG works, captions plain or rich
+   (:func:`sdstudio.eval.shapes.caption`).
 
 Every ``save_every`` steps the whole state (weights, optimiser, step, random generators) goes to
 ``RUN/state.pt``; a rerun with the same run folder continues from there. ``RUN/log.csv`` records the losses.
@@ -24,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
+from torch import nn
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -40,8 +46,10 @@ class Config:
     vae_size: int = 48  # the VAE stage's pictures: it learns local detail, so small crops do, much faster
     batch: int = 16
     vae_steps: int = 1500
-    unet_steps: int = 5500
+    text_steps: int = 800
+    unet_steps: int = 4500
     lr_vae: float = 1e-3
+    lr_text: float = 1e-3
     lr_unet: float = 4e-4
     seed: int = 0
     save_every: int = 250
@@ -63,7 +71,8 @@ class Config:
     @classmethod
     def tiny(cls, **kw) -> Config:
         """For tests: the same pipeline in seconds."""
-        return cls(**{"size": 64, "vae_size": 64, "batch": 2, "vae_steps": 2, "unet_steps": 2, "save_every": 1,
+        return cls(**{"size": 64, "vae_size": 64, "batch": 2, "vae_steps": 2, "text_steps": 2, "unet_steps": 2,
+                      "save_every": 1,
                       "unet_channels": (32, 32, 32, 32), "vae_channels": (32, 32, 32, 32), "text_width": 32,
                       "text_layers": 1, **kw})
 
@@ -115,6 +124,28 @@ def reconstruction_error(vae: AutoencoderKL, cfg: Config, n: int = 16, seed: int
     return float((recon - images).abs().mean() * 127.5)
 
 
+_PROBE = {"colour": len(shapes.COLOURS), "shape": len(shapes.SHAPES), "background": len(shapes.COLOURS),
+          "stripes": 2, "size": len(shapes.SIZES), "place": len(shapes.PLACES), "count": 3}
+_RICH_ONLY = ("size", "place", "count")
+
+
+def _label(scene: shapes.Scene, name: str) -> int:
+    t = scene.main
+    return {"colour": lambda: list(shapes.COLOURS).index(t.colour), "shape": lambda: list(shapes.SHAPES).index(t.shape),
+            "background": lambda: list(shapes.COLOURS).index(scene.background), "stripes": lambda: int(scene.stripes),
+            "size": lambda: list(shapes.SIZES).index(t.size), "place": lambda: list(shapes.PLACES).index(t.place),
+            "count": lambda: len(scene.things) - 1}[name]()
+
+
+@torch.no_grad()
+def text_separation(run: Run) -> float:
+    """Mean distance between the encodings of prompts that differ in colours, over the encodings' size."""
+    a = run.text(run._tokens(["a red circle on a blue background", "a white square on a black background"]))
+    b = run.text(run._tokens(["a yellow star on a green background", "a purple triangle on an orange background"]))
+    a, b = a.last_hidden_state, b.last_hidden_state
+    return float((a - b).abs().mean() / a.abs().mean())
+
+
 def _alphas_cumprod() -> torch.Tensor:
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     return torch.cumprod(1 - betas, 0).float()
@@ -125,6 +156,7 @@ class Run:
         self.folder, self.cfg, self.log = Path(folder), cfg, log
         self.folder.mkdir(parents=True, exist_ok=True)
         self.vae, self.text, self.unet = build(cfg)
+        self.probe = nn.ModuleDict({name: nn.Linear(cfg.text_width, n) for name, n in _PROBE.items()})
         self.stage, self.step = "vae", 0
         self.rng = np.random.default_rng(cfg.seed)
         self.opt = torch.optim.AdamW(self.vae.parameters(), lr=cfg.lr_vae)
@@ -135,13 +167,22 @@ class Run:
             self._load(state)
 
     # ---- persistence ----------------------------------------------------------------------------
+    def _text_optimizer(self):
+        return torch.optim.AdamW(list(self.text.parameters()) + list(self.probe.parameters()), lr=self.cfg.lr_text,
+                                 weight_decay=0.0)
+
     def _diffusion_optimizer(self):
-        return torch.optim.AdamW(list(self.text.parameters()) + list(self.unet.parameters()), lr=self.cfg.lr_unet,
-                                 weight_decay=1e-2)
+        return torch.optim.AdamW(self.unet.parameters(), lr=self.cfg.lr_unet, weight_decay=1e-2)
+
+    def _optimizer_for(self, stage: str):
+        return {"text": self._text_optimizer, "vae": lambda: torch.optim.AdamW(self.vae.parameters(),
+                                                                              lr=self.cfg.lr_vae)}.get(
+            stage, self._diffusion_optimizer)()
 
     def save(self) -> None:
         state = {"stage": self.stage, "step": self.step, "config": asdict(self.cfg), "vae": self.vae.state_dict(),
                  "text": self.text.state_dict(), "unet": self.unet.state_dict(), "opt": self.opt.state_dict(),
+                 "probe": self.probe.state_dict(),
                  "rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
         tmp = self.folder / "state.pt.tmp"
         torch.save(state, tmp)
@@ -152,9 +193,10 @@ class Run:
         self.vae.load_state_dict(state["vae"])
         self.text.load_state_dict(state["text"])
         self.unet.load_state_dict(state["unet"])
+        if "probe" in state:
+            self.probe.load_state_dict(state["probe"])
         self.stage, self.step = state["stage"], state["step"]
-        if self.stage != "vae":
-            self.opt = self._diffusion_optimizer()
+        self.opt = self._optimizer_for(self.stage)
         self.opt.load_state_dict(state["opt"])
         self.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
@@ -199,12 +241,32 @@ class Run:
         std = torch.stack([e[1] for e in entries])
         return (mean + std * torch.randn_like(mean)) * SCALING, [e[2] for e in entries]
 
+    def _text_step(self) -> torch.Tensor:
+        """Read the scene back from the mean of the encoder's output (size, place and count: rich captions)."""
+        scenes = [shapes.random_scene(self.rng, max_things=3, stripes=0.15) for _ in range(self.cfg.batch * 4)]
+        rich = self.rng.random(len(scenes)) < 0.5
+        captions = [shapes.caption(s, rich=bool(r)) for s, r in zip(scenes, rich)]
+        pooled = self.text(self._tokens(captions)).last_hidden_state.mean(dim=1)
+        labels = {name: torch.tensor([_label(s, name) for s in scenes]) for name in _PROBE}
+        loss = pooled.new_zeros(())
+        for name, head in self.probe.items():
+            logits = head(pooled)
+            if name in _RICH_ONLY:
+                keep = torch.from_numpy(rich)
+                loss = loss + F.cross_entropy(logits[keep], labels[name][keep]) if keep.any() else loss
+            else:
+                loss = loss + F.cross_entropy(logits, labels[name])
+        return loss
+
+    def _tokens(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                              return_tensors="pt").input_ids
+
     def _diffusion_step(self, alphas: torch.Tensor) -> torch.Tensor:
         latents, captions = self._encoded_batch()
         captions = ["" if self.rng.random() < 0.1 else c for c in captions]
-        tokens = self.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
-                                return_tensors="pt").input_ids
-        context = self.text(tokens).last_hidden_state
+        with torch.no_grad():
+            context = self.text(self._tokens(captions)).last_hidden_state
         t = torch.randint(0, 1000, (latents.shape[0],))
         noise = torch.randn_like(latents)
         a = alphas[t].view(-1, 1, 1, 1)
@@ -221,14 +283,20 @@ class Run:
             k = _fold_latent_scale(self.vae, _batch(np.random.default_rng(cfg.seed + 1), cfg)[0])
             self.log(f"VAE done: reconstruction error {reconstruction_error(self.vae, cfg):.1f}/255 on "
                      f"{cfg.size}² pictures; latent scale folded in (× {k:.3f})")
+            self.stage, self.step, self.opt = "text", 0, self._text_optimizer()
+            self.save()
+        if self.stage == "text":
+            self.text.train()
+            self._loop("text encoder", cfg.text_steps, cfg.lr_text, self._text_step, warmup=50)
+            self.log(f"text encoder done: {text_separation(self):.2f} (how far apart prompts are, relative)")
             self.stage, self.step, self.opt = "diffusion", 0, self._diffusion_optimizer()
             self.save()
         if self.stage == "diffusion":
             self.vae.eval().requires_grad_(False)
-            self.text.train()
+            self.text.eval().requires_grad_(False)
             self.unet.train()
-            self._loop("UNet + text", cfg.unet_steps, cfg.lr_unet, lambda: self._diffusion_step(alphas),
-                       clip=[*self.text.parameters(), *self.unet.parameters()])
+            self._loop("UNet", cfg.unet_steps, cfg.lr_unet, lambda: self._diffusion_step(alphas),
+                       clip=list(self.unet.parameters()))
             self.stage = "done"
             self.save()
 
