@@ -196,3 +196,60 @@ def test_network_cards_and_metadata_editing(service, ui, data_dir):
     (lora_dir / "stripes.preview.png").write_bytes(b"\x89PNG")
     assert networks.preview_file(ui, "Lora", "stripes").name == "stripes.preview.png"
     assert networks.preview_file(ui, "Lora", "../../etc/passwd") is None
+
+
+def test_img2img_modes_make_the_right_request(ui, page, tmp_path):
+    """Each img2img sub-tab turns its pictures into the init image and mask the engine expects."""
+    from PIL import Image
+
+    from sdstudio.core.params import RequestError
+
+    tab = ui.img2img
+    values = {name: getattr(c, "value", None) for name, c in tab.form.controls.items()}
+    values.update(prompt="a cat", steps=4, width=64, height=64)
+    red = Image.new("RGB", (64, 64), (200, 0, 0))
+    strokes = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    strokes.paste((255, 255, 255, 255), (10, 10, 30, 30))
+    sketched = red.copy()
+    sketched.paste((0, 0, 255), (10, 10, 30, 30))
+    editor = {"background": red, "layers": [strokes], "composite": sketched}
+    empty = [None] * 14
+
+    def images(mode, **kw):
+        slots = dict(zip(["mode", "init", "sketch", "inpaint", "inpaint_sketch", "mask_alpha", "up_base", "up_mask",
+                          "resize_by", "scale", "batch_in", "batch_out", "batch_masks", "batch_png"], empty))
+        slots.update({"mode": mode, "mask_alpha": 0, "resize_by": False, "scale": 1.0, **kw})
+        return list(slots.values())
+
+    def one(mode, **kw):
+        (job,) = tab.jobs_for(values, images(mode, **kw))
+        req = job.request
+        init = Image.open(req.init_images[0]).convert("RGB")
+        mask = Image.open(req.mask).convert("L") if req.mask else None
+        return req, init, mask
+
+    req, init, mask = one("img2img", init=red)
+    assert mask is None and init.getpixel((0, 0)) == (200, 0, 0) and req.kind == "img2img"
+    _, init, mask = one("Sketch", sketch=editor)
+    assert mask is None and init.getpixel((15, 15)) == (0, 0, 255)  # the sketch is the init
+    _, init, mask = one("Inpaint", inpaint=editor)
+    assert init.getpixel((15, 15)) == (200, 0, 0) and mask.getpixel((15, 15)) == 255 and mask.getpixel((50, 50)) == 0
+    _, init, mask = one("Inpaint sketch", inpaint_sketch=editor)
+    assert mask.getpixel((15, 15)) == 255 and mask.getpixel((50, 50)) == 0
+    _, _, mask = one("Inpaint upload", up_base=red, up_mask=Image.new("L", (64, 64), 255))
+    assert mask.getpixel((0, 0)) == 255
+    req, _, _ = one("img2img", init=Image.new("RGB", (200, 121)), resize_by=True, scale=0.8)
+    assert (req.width, req.height) == (160, 96)  # "Resize by": the init's size × scale, to multiples of 8
+    with pytest.raises(RequestError, match="Inpaint: draw or upload a mask"):
+        tab.jobs_for(values, images("Inpaint", inpaint={"background": red, "layers": [], "composite": red}))
+    with pytest.raises(RequestError, match="upload an image first"):
+        tab.jobs_for(values, images("img2img"))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(2):
+        red.save(folder / f"{i}.png")
+    jobs = tab.jobs_for(values, images("Batch", batch_in=str(folder), batch_out=str(tmp_path / "out")))
+    assert len(jobs) == 2 and all(j.outdir == str(tmp_path / "out") for j in jobs)
+    ui.allow_folders = False
+    with pytest.raises(RequestError, match="--listen"):
+        tab.jobs_for(values, images("Batch", batch_in=str(folder)))
