@@ -3,7 +3,7 @@ two requests. Goals: per-step ratio <= 1.15; switching <= 0.5 s on the demo mode
 
 Our LoRAs are merged into per-job weight copies (originals swapped back after), so sampling runs on
 plain weights; the cost is paid once per request when weights change. Usage:
-    python benchmarks/bench_lora.py            # the bundled demo (placeholder) model, 256x256
+    python benchmarks/bench_lora.py            # the bundled demo model, 256x256
     python benchmarks/bench_lora.py --full     # the full-size SD 1.5-layout random checkpoint
 """
 
@@ -56,7 +56,7 @@ def main() -> None:
     data = Path(tempfile.mkdtemp())
     ckpt_dir = data / "models" / "Stable-diffusion"
     ckpt_dir.mkdir(parents=True)
-    source = full_sd15() if args.full else ROOT / "models" / "Stable-diffusion" / "sdstudio-placeholder-sd1.safetensors"
+    source = full_sd15() if args.full else ROOT / "models" / "Stable-diffusion" / "sdstudio-demo.safetensors"
     (ckpt_dir / source.name).symlink_to(source)
     (data / "models" / "Lora").mkdir(parents=True)
     engine = Engine(Paths(data))

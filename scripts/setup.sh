@@ -24,7 +24,8 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   "$VENV/bin/python" -m pip install -q -e ".[test]"
   echo "$WANT" > "$STAMP"
 fi
-# The bundled demo model (a placeholder with random weights until the trained one lands).
-if [ ! -f models/Stable-diffusion/sdstudio-placeholder-sd1.safetensors ]; then
-  "$VENV/bin/python" tools/make_placeholder_model.py --data-dir .
+# The bundled demo model ships in models/Stable-diffusion (trained by python -m training.demo_model).
+if [ ! -f models/Stable-diffusion/sdstudio-demo.safetensors ]; then
+  echo "sdstudio: models/Stable-diffusion/sdstudio-demo.safetensors is missing (git checkout it, or retrain it with" \
+       "'.venv/bin/python -m training.demo_model'); the UI starts without a model until one is in that folder"
 fi
