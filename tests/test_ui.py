@@ -253,3 +253,19 @@ def test_img2img_modes_make_the_right_request(ui, page, tmp_path):
     ui.allow_folders = False
     with pytest.raises(RequestError, match="--listen"):
         tab.jobs_for(values, images("Batch", batch_in=str(folder)))
+
+
+def test_default_size_from_the_checkpoint(ui, page, data_dir):
+    """``modelspec.resolution`` in a checkpoint's metadata (SAI's files, our demo model) sets the page's
+    default width and height; without it, A1111's 512×512."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    assert ui.model_size() == (512, 512)
+    path = ui.service.engine.registry.checkpoint(None).path
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    path.unlink()  # a hard link to the shared fixture: write a new file instead of changing that one
+    save_file(tensors, str(path), metadata={"modelspec.resolution": "128x192"})
+    assert ui.model_size() == (128, 192)
+    assert ui._current_settings()[-4:] == [128, 192, 128, 192]

@@ -24,7 +24,7 @@ from ..core import styles as styles_file
 from ..core.names import LATENT_UPSCALE_MODES
 from ..core.params import RequestError
 from ..core.settings import SettingError, Settings
-from ..models.errors import ModelNotFoundError
+from ..models.errors import ModelFileError, ModelNotFoundError
 from ..service.jobs import JobError, JobService
 from . import localization, networks
 from .generation import GenerationTab
@@ -146,14 +146,33 @@ class StudioUI:
         return page
 
     def _settings_outputs(self) -> list:
-        return [self.checkpoint, self.vae, self.clip_skip, *self.settings_tab.controls.values()]
+        sizes = [tab.form.controls[k] for tab in (self.txt2img, self.img2img) for k in ("width", "height")]
+        return [self.checkpoint, self.vae, self.clip_skip, *self.settings_tab.controls.values(), *sizes]
 
     def _current_settings(self) -> list:
-        """A page load shows the settings as they are now (the API or another window may have changed them)."""
+        """A page load shows the settings as they are now (the API or another window may have changed them),
+        and the current checkpoint's own size as the default width and height."""
         values = self.settings.values
+        w, h = self.model_size()
         return [gr.Dropdown(choices=self.checkpoint_titles(), value=values.get("sd_model_checkpoint")),
                 values.get("sd_vae", "Automatic"), values.get("CLIP_stop_at_last_layers", 1),
-                *[values.get(key) for key in self.settings_tab.controls]]
+                *[values.get(key) for key in self.settings_tab.controls], w, h, w, h]
+
+    def model_size(self) -> tuple[int, int]:
+        """The size the current checkpoint was made for, from its ``modelspec.resolution`` metadata (SAI's
+        files and our demo model carry it); 512×512 otherwise, A1111's default."""
+        from ..models.safe_load import open_safetensors
+
+        try:
+            file = self.service.engine.registry.checkpoint(self.settings.get("sd_model_checkpoint") or None)
+            text = open_safetensors(file.path).metadata.get("modelspec.resolution", "") \
+                if file.path.suffix == ".safetensors" else ""
+            w, h = (int(v) for v in text.lower().split("x"))
+            if 64 <= w <= 4096 and 64 <= h <= 4096:
+                return w // 8 * 8, h // 8 * 8
+        except (ModelNotFoundError, ModelFileError, ValueError, OSError):
+            pass
+        return 512, 512
 
     def _wire_top(self) -> None:
         settings = self.settings

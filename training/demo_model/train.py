@@ -328,5 +328,7 @@ class Run:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}, str(path),
                   metadata={"sdstudio.demo": "trained by python -m training.demo_model",
-                            "sdstudio.demo.config": str(asdict(self.cfg))})
+                            "sdstudio.demo.config": str(asdict(self.cfg)),
+                            # the ModelSpec key SAI's files carry: the UI's default size for this model
+                            "modelspec.resolution": f"{self.cfg.size}x{self.cfg.size}"})
         return path
