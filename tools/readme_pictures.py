@@ -27,7 +27,7 @@ def grid(out: Path) -> None:
         data = Path(tmp)
         (data / "models").symlink_to(ROOT / "models")
         subprocess.run([sys.executable, "-m", "sdstudio", "txt2img", "a red circle on a blue background",
-                        "--data-dir", str(data), "--steps", "20", "--width", "256", "--height", "256", "--seed", "7",
+                        "--data-dir", str(data), "--steps", "20", "--width", "128", "--height", "128", "--seed", "7",
                         "--sampler", "Euler a", "--script", "xyz", "--x-type", "Prompt S/R",
                         "--x-values", "red, green, yellow, white, purple", "--y-type", "Prompt S/R",
                         "--y-values", "circle, square, triangle, star"], check=True, cwd=ROOT)
@@ -65,7 +65,7 @@ def screenshots(out: Path, port: int) -> None:
                     page.goto(url)
                     page.wait_for_selector("#txt2img_generate")
                     page.locator("#txt2img_prompt textarea").fill("a red circle on a blue background")
-                    for elem, value in (("width", 256), ("height", 256), ("steps", 20), ("batch_size", 4)):
+                    for elem, value in (("width", 128), ("height", 128), ("steps", 20), ("batch_size", 4)):
                         box = page.locator(f"#txt2img_{elem} input[type=number]")
                         box.fill(str(value))
                         box.press("Enter")
