@@ -264,7 +264,7 @@ def test_default_size_from_the_checkpoint(ui, page, data_dir):
     assert ui.model_size() == (512, 512)
     path = ui.service.engine.registry.checkpoint(None).path
     with safe_open(str(path), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
     path.unlink()  # a hard link to the shared fixture: write a new file instead of changing that one
     save_file(tensors, str(path), metadata={"modelspec.resolution": "128x192"})
     assert ui.model_size() == (128, 192)

@@ -95,9 +95,10 @@ def generate(page, tab: str, prompt: str, steps: int = 6, size: int = 64, timeou
     seen, deadline = [], time.time() + timeout
     info = page.locator(f"#{tab}_html_info textarea")
     while time.time() < deadline:
-        bar = page.locator(f"#{tab}_progressbar .sd-progress")
-        if bar.count():
-            seen.append((bar.first.get_attribute("data-state"), bar.first.inner_text()))
+        bar = page.evaluate(f"(() => {{ const b = document.querySelector('#{tab}_progressbar .sd-progress');"
+                            " return b ? [b.dataset.state, b.innerText] : null; })()")  # one read: the bar may go
+        if bar:
+            seen.append(tuple(bar))
         if page.locator(f"#{tab}_gallery img").count() > before and prompt in info.input_value():
             return seen, info.input_value()
         time.sleep(0.05)
