@@ -376,10 +376,9 @@ class GenerationTab:
                     raise gr.Error(str(exc)) from None
                 for job in jobs:
                     for tick in follow(service, client, job, previews=bool(ui.settings.get("live_previews_enable"))):
-                        if tick.job is None:
+                        if tick.job is None:  # the queue panel has its own timer: only the bar and preview here
                             yield (tick.html, tick.preview if tick.preview is not None else gr.skip(), gr.skip(),
-                                   gr.skip(), gr.skip(),
-                                   queue_html(service, client), gr.Dropdown(choices=cancellable(service, client)))
+                                   gr.skip(), gr.skip(), gr.skip(), gr.skip())
                             continue
                         done = tick.job
                         if done.status == FAILED:

@@ -56,16 +56,13 @@ def progress_html(p: dict, kind: str = "") -> str:
     return '<div class="sd-progress" data-state="waiting"><span class="sd-progress-text"><span>Waiting</span>…</span></div>'
 
 
-def follow(service: JobService, client: str, job: Job, previews: bool = True, poll: float = 0.5,
-           preview_period: float = 1.0) -> Iterator[Tick]:
-    """Ticks for ``job`` until it has finished (the last tick carries it). The bar follows every step; a
-    new preview goes out at most every ``preview_period`` seconds (A1111's refresh period), since each
-    one is a picture the page fetches while the job computes on the same machine."""
-    version = -1
-    last, shown_preview, preview_at = None, None, 0.0
+def follow(service: JobService, client: str, job: Job, previews: bool = True, preview_period: float = 1.0, bar_period: float = 0.25) -> Iterator[Tick]:
+    """Ticks for ``job`` until it has finished (the last tick carries it). The bar is updated at most every
+    ``bar_period`` seconds and a new preview at most every ``preview_period`` (A1111's refresh period):
+    each update is work for the server and the page while the job computes on the same machine."""
+    last, shown_preview, preview_at, bar_at = None, None, 0.0, 0.0
     while True:
-        version = service.wait_for_change(version, poll)
-        current = service.queue.get(job.id)
+        current = service.wait(job.id, timeout=bar_period)  # returns at once when the job ends
         if current is None or current.status in FINISHED:
             yield Tick("", None, current)
             return
@@ -76,8 +73,8 @@ def follow(service: JobService, client: str, job: Job, previews: bool = True, po
         else:
             shown_preview, preview_at = preview, time.monotonic()
         state = (p["state"]["sampling_step"], p["state"]["job_no"], p.get("queue_position"))
-        if state != last or preview is not None:
-            last = state
+        if preview is not None or (state != last and time.monotonic() - bar_at >= bar_period):
+            last, bar_at = state, time.monotonic()
             yield Tick(progress_html(p, current.kind), preview)
 
 
