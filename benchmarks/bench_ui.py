@@ -58,6 +58,7 @@ def main() -> int:
     ap.add_argument("--model", help="checkpoint (default: the first in the data dir)")
     ap.add_argument("--data-dir", default=str(ROOT))
     ap.add_argument("--port", type=int, default=7893)
+    ap.add_argument("--no-previews", action="store_true", help="turn live previews off (Settings) for the run")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -70,8 +71,10 @@ def main() -> int:
         (data_dir / "models").symlink_to(Path(args.data_dir).resolve() / "models")
         proc = start_server(args.port, data_dir)
         try:
-            if args.model:
-                body = json.dumps({"sd_model_checkpoint": args.model}).encode()
+            options = {**({"sd_model_checkpoint": args.model} if args.model else {}),
+                       **({"live_previews_enable": False} if args.no_previews else {})}
+            if options:
+                body = json.dumps(options).encode()
                 urllib.request.urlopen(urllib.request.Request(url + "/sdapi/v1/options", data=body,
                                                               headers={"Content-Type": "application/json"}))
             params = {"prompt": "a red circle on a blue background", "steps": args.steps, "width": args.size,
@@ -97,8 +100,9 @@ def main() -> int:
                     time.sleep(0.3)
                     t = time.perf_counter()
                     page.click("#txt2img_generate")
-                    page.wait_for_selector("#txt2img_preview img", timeout=600_000)
-                    previews.append(time.perf_counter() - t)
+                    if not args.no_previews:
+                        page.wait_for_selector("#txt2img_preview img", timeout=600_000)
+                        previews.append(time.perf_counter() - t)
                     page.wait_for_function("document.querySelector('#txt2img_html_info textarea').value"
                                            ".includes('Seed: 1,')", timeout=600_000)
                     ui_jobs.append(time.perf_counter() - t)
@@ -110,7 +114,8 @@ def main() -> int:
             proc.wait(timeout=30)
     med = statistics.median
     print(f"page load to interactive: {med(loads):.2f} s (median of {args.runs})")
-    print(f"Generate click to first live preview: {med(previews):.2f} s")
+    if previews:
+        print(f"Generate click to first live preview: {med(previews):.2f} s")
     print(f"txt2img {args.size}x{args.size}, {args.steps} steps: UI {med(ui_jobs):.2f} s, API {med(api_jobs):.2f} s, "
           f"ratio UI/API {med(ui_jobs) / med(api_jobs):.3f} (goal <= 1.10)")
     print("all runs (s): UI " + " ".join(f"{x:.2f}" for x in ui_jobs) + " | API " + " ".join(f"{x:.2f}" for x in api_jobs))
