@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .core.imageops import MASKED_CONTENT, RESIZE_MODES
 from .core.names import UnknownNameError, sampler_labels, schedule_labels
-from .core.params import Img2ImgRequest, RequestError, Txt2ImgRequest, from_infotext
+from .core.params import Img2ImgRequest, RequestError, Txt2ImgRequest, from_infotext, with_png_info
 from .core.paths import DeviceOptions, Paths
 
 USER_ERRORS: tuple[type[BaseException], ...] = (RequestError, UnknownNameError, FileNotFoundError)
@@ -383,17 +383,6 @@ def img2img_request(args: argparse.Namespace, init, mask=None) -> Img2ImgRequest
     return req.replace(init_images=[init], mask=mask, **changes).validate()
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-
-
-def _images_in(folder: Path) -> list[Path]:
-    """The pictures of a batch folder, by name."""
-    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not found:
-        raise RequestError(f"{folder}: no images (png, jpg, webp) in it")
-    return found
-
-
 def cmd_img2img(args: argparse.Namespace) -> int:
     from .core import imageops, outputs
     from .engine.generate import Engine
@@ -413,20 +402,12 @@ def cmd_img2img(args: argparse.Namespace) -> int:
             init, mask = imageops.inpaint_sketch(original, open_image(args.sketch, "sketch").convert("RGB"),
                                                  args.mask_blur if args.mask_blur is not None else 4, args.mask_alpha)
         return generate_and_save(engine, img2img_request(args, init, mask), args, paths, "img2img")
-    inputs = _images_in(Path(args.input_dir))
+    inputs = outputs.images_in(Path(args.input_dir))
     outdir = Path(args.output_dir) if args.output_dir else outputs.dated_dir(paths.outputs_dir, "img2img-images")
     for path in inputs:
-        mask = None
-        if args.mask_dir:
-            found = [m for m in Path(args.mask_dir).glob(path.stem + ".*") if m.suffix.lower() in IMAGE_SUFFIXES]
-            mask = str(found[0]) if found else None
-        req = img2img_request(args, str(path), mask)
-        if args.use_png_info:
-            text = outputs.read_infotext(path)
-            if text:  # the input's own parameters, for what it describes
-                pasted = from_infotext(text, req)
-                req = req.replace(**{f: getattr(pasted, f) for f in ("prompt", "negative_prompt", "seed", "sampler_name",
-                                                                        "scheduler", "cfg_scale", "steps")})
+        req = img2img_request(args, str(path), outputs.mask_for(path, args.mask_dir))
+        if args.use_png_info:  # the input's own parameters, for what it describes
+            req = with_png_info(req, outputs.read_infotext(path))
         generate_and_save(engine, req.validate(), args, paths, "img2img", outdir=outdir)
     return 0
 
@@ -447,7 +428,7 @@ def cmd_extras(args: argparse.Namespace) -> int:
                                upscaler_1=args.upscaler, upscaler_2=args.upscaler_2,
                                upscaler_2_visibility=args.upscaler_2_visibility)
     extras.check(req, upscalers)
-    inputs = [Path(args.image)] if args.image else _images_in(Path(args.input_dir))
+    inputs = [Path(args.image)] if args.image else outputs.images_in(Path(args.input_dir))
     outdir = Path(args.output_dir) if args.output_dir else outputs.dated_dir(paths.outputs_dir, "extras-images")
     for path in inputs:
         result = extras.run(open_image(str(path), str(path)), req, upscalers)

@@ -139,3 +139,24 @@ def image_grid(images: list[Image.Image], batch_size: int = 1, n_rows: int = -1)
     return grid
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def images_in(folder: Path) -> list[Path]:
+    """The pictures of a batch folder, by name (img2img and extras batches from the CLI and the UI)."""
+    from .params import RequestError
+
+    found = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) \
+        if Path(folder).is_dir() else []
+    if not found:
+        raise RequestError(f"{folder}: no images (png, jpg, webp) in it")
+    return found
+
+
+def mask_for(picture: Path, mask_dir: Path | str | None) -> str | None:
+    """A batch's mask for ``picture``: the file with its name (any picture suffix) in ``mask_dir``."""
+    if not mask_dir:
+        return None
+    found = sorted(m for m in Path(mask_dir).glob(Path(picture).stem + ".*") if m.suffix.lower() in IMAGE_SUFFIXES)
+    return str(found[0]) if found else None
+

@@ -467,3 +467,15 @@ def from_infotext(text_or_params: str | dict[str, str], base: Txt2ImgRequest | N
     if "enable_hr" in own and "Denoising strength" in params and any(k in params for k in hires_keys):
         changes["enable_hr"] = not isinstance(req, Img2ImgRequest)
     return req.replace(**changes)
+
+
+PNG_INFO_FIELDS = ("prompt", "negative_prompt", "seed", "sampler_name", "scheduler", "cfg_scale", "steps")
+
+
+def with_png_info(req: Txt2ImgRequest, text: str | None) -> Txt2ImgRequest:
+    """img2img batch "use PNG info": an input picture's own prompt, seed, sampler and steps replace the form's."""
+    if not text:
+        return req
+    pasted = from_infotext(text, req)
+    return req.replace(**{f: getattr(pasted, f) for f in PNG_INFO_FIELDS})
+

@@ -54,6 +54,12 @@ class StudioUI:
     def forever_has(self, client: str) -> bool:
         return client in self.forever
 
+    def require_folders(self) -> None:
+        """Batch folders typed into the page read and write the server's disk: refused when it is shared."""
+        if not self.allow_folders:
+            raise RequestError("Batch from a folder is only available when the server is not shared over the "
+                               "network (started without --listen)")
+
     def style_names(self) -> list[str]:
         return list(styles_file.load(self.paths.styles_file))
 

@@ -16,7 +16,7 @@ from ..core import imageops, infotext, outputs, scripts
 from ..core import styles as styles_file
 from ..core.imageops import MASKED_CONTENT, RESIZE_MODES
 from ..core.names import LATENT_UPSCALE_MODES, sampler_labels, schedule_labels
-from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest, from_infotext
+from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest, from_infotext, with_png_info
 from ..service.jobs import JobError, Txt2ImgJob, grid_paths
 from ..service.queue import FAILED
 from . import networks
@@ -327,29 +327,18 @@ class GenerationTab:
         return [Txt2ImgJob(req, samples_format=fmt)]
 
     def _batch_jobs(self, values, batch_in, batch_out, batch_masks, use_png_info, fmt) -> list[Txt2ImgJob]:
-        from ..cli import IMAGE_SUFFIXES, _images_in
-
-        if not self.ui.allow_folders:
-            raise RequestError("Batch from a folder is only available when the server is not shared over the "
-                               "network (started without --listen)")
+        self.ui.require_folders()
         if not batch_in:
             raise RequestError("Batch: give an input directory")
-        inputs = _images_in(Path(batch_in).expanduser())
+        inputs = outputs.images_in(Path(batch_in).expanduser())
         outdir = str(Path(batch_out).expanduser()) if batch_out else None
+        masks = Path(batch_masks).expanduser() if batch_masks else None
         jobs = []
         for path in inputs:
-            mask = None
-            if batch_masks:
-                found = [m for m in Path(batch_masks).expanduser().glob(path.stem + ".*")
-                         if m.suffix.lower() in IMAGE_SUFFIXES]
-                mask = str(found[0]) if found else None
-            req = self.form.request(values, self.ui.settings.values, init_images=[str(path)], mask=mask)
+            req = self.form.request(values, self.ui.settings.values, init_images=[str(path)],
+                                    mask=outputs.mask_for(path, masks))
             if use_png_info:
-                text = outputs.read_infotext(path)
-                if text:
-                    pasted = from_infotext(text, req)
-                    req = req.replace(**{k: getattr(pasted, k) for k in ("prompt", "negative_prompt", "seed",
-                                                                        "sampler_name", "scheduler", "cfg_scale", "steps")})
+                req = with_png_info(req, outputs.read_infotext(path))
             jobs.append(Txt2ImgJob(req, samples_format=fmt, outdir=outdir))
         return jobs
 

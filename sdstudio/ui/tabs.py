@@ -88,13 +88,9 @@ class ExtrasTab:
                     raise RequestError("Extras: add images to process first")
                 sources = [(open_image(str(f), Path(str(f)).name), Path(str(f)).stem, None) for f in files]
             else:
-                from ..cli import _images_in
-
-                if not ui.allow_folders:
-                    raise RequestError("Batch from a folder is only available when the server is not shared over "
-                                       "the network (started without --listen)")
+                ui.require_folders()
                 sources = [(open_image(str(p), p.name), p.stem, outputs.read_infotext(p))
-                           for p in _images_in(Path(input_dir or ".").expanduser())]
+                           for p in outputs.images_in(Path(input_dir or ".").expanduser())]
             folder = Path(output_dir).expanduser() if mode == "folder" and output_dir else \
                 outputs.dated_dir(ui.paths.outputs_dir, "extras-images")
             saved = []
