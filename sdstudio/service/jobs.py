@@ -60,7 +60,7 @@ class Live:
         return 0.0 if p <= 0 else (time.time() - self.started) * (1 - p) / p
 
 
-def _grid_entries(result: dict) -> list[dict]:
+def grid_entries(result: dict) -> list[dict]:
     """A job's grids, first to last: a script's own grids, or the one made of a batch's images."""
     if result.get("grids"):
         return result["grids"]
@@ -71,7 +71,7 @@ def _grid_entries(result: dict) -> list[dict]:
 
 
 def grid_paths(result: dict) -> list[str]:
-    return [g["path"] for g in _grid_entries(result)]
+    return [g["path"] for g in grid_entries(result)]
 
 
 @dataclass
@@ -115,8 +115,8 @@ def a1111_info(req: Txt2ImgRequest, result: dict) -> dict:
         "sd_model_name": result.get("model_name"), "sd_model_hash": result.get("model_hash"),
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": req.seed_resize_from_w or -1,
         "seed_resize_from_h": req.seed_resize_from_h or -1, "denoising_strength": denoising,
-        "extra_generation_params": {}, "index_of_first_image": len(_grid_entries(result)),
-        "infotexts": [g["infotext"] for g in _grid_entries(result)] + [im["infotext"] for im in images],
+        "extra_generation_params": {}, "index_of_first_image": len(grid_entries(result)),
+        "infotexts": [g["infotext"] for g in grid_entries(result)] + [im["infotext"] for im in images],
         "styles": req.styles, "job_timestamp": result.get("job_timestamp", ""), "clip_skip": req.clip_skip,
         "is_using_inpainting_conditioning": result.get("inpainting_model", False), "version": "sdstudio", "warnings": result.get("warnings", []),
     }

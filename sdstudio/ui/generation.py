@@ -15,9 +15,9 @@ import gradio as gr
 from ..core import imageops, infotext, outputs, scripts
 from ..core import styles as styles_file
 from ..core.imageops import MASKED_CONTENT, RESIZE_MODES
-from ..core.names import LATENT_UPSCALE_MODES, sampler_labels, schedule_labels
+from ..core.names import sampler_labels, schedule_labels
 from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest, from_infotext, with_png_info
-from ..service.jobs import JobError, Txt2ImgJob, grid_paths
+from ..service.jobs import JobError, Txt2ImgJob, grid_entries
 from ..service.queue import FAILED
 from . import networks
 from .forms import SAME_SAMPLER, SAME_SCHEDULER, Form, script_key
@@ -373,10 +373,8 @@ class GenerationTab:
                         if done.status == FAILED:
                             ui.forever.discard(client)
                             raise gr.Error(done.error or "the job failed")
-                        found = [{"path": g["path"], "infotext": g["infotext"]}
-                                 for g in done.result.get("grids", []) or
-                                 ([{"path": done.result["grid"], "infotext": ""}] if done.result.get("grid") else [])]
-                        found += [{"path": im["path"], "infotext": im["infotext"]} for im in done.result.get("images", [])]
+                        found = [{"path": e["path"], "infotext": e["infotext"]}  # grids first, as A1111 shows them
+                                 for e in grid_entries(done.result) + done.result.get("images", [])]
                         results = found + results if ui.forever_has(client) else results + found
                         gallery = [r["path"] for r in results]
                 if not ui.forever_has(client):
@@ -621,4 +619,3 @@ def _script_control(kind: str, script_name: str, field: dataclasses.Field, ui):
     return gr.Textbox(default, label=label, elem_id=elem_id, lines=lines)
 
 
-__all__ = ["IMG2IMG_MODES", "LATENT_UPSCALE_MODES", "GenerationTab", "grid_paths", "token_counter"]
