@@ -52,6 +52,12 @@ def top_tags(tag_frequency: str, n: int = 5) -> list[str]:
     return [t for t, _ in counts.most_common(n)]
 
 
+def preview_of(path: Path) -> Path | None:
+    """A model file's preview picture beside it (``NAME.preview.png``, ``NAME.png``...), as A1111 finds it."""
+    path = Path(path)
+    return next((p for s in PREVIEW_SUFFIXES if (p := path.with_name(path.stem + s)).is_file()), None)
+
+
 def network_info(path: Path) -> NetworkInfo:
     path = Path(path)
     metadata: dict[str, str] = {}
@@ -74,7 +80,7 @@ def network_info(path: Path) -> NetworkInfo:
     except (TypeError, ValueError):
         info.preferred_weight = None
     info.notes = str(user.get("notes") or "")
-    info.preview = next((p for s in PREVIEW_SUFFIXES if (p := path.with_name(path.stem + s)).is_file()), None)
+    info.preview = preview_of(path)
     return info
 
 

@@ -14,7 +14,7 @@ import urllib.parse
 
 import gradio as gr
 
-from ..models.network_info import network_info, save_user_metadata
+from ..models.network_info import network_info, preview_of, save_user_metadata
 
 KINDS = ("Checkpoints", "Textual Inversion", "Hypernetworks", "Lora")
 
@@ -29,14 +29,14 @@ def cards(ui, kind: str, tab: str, sort: str = "Name") -> str:
             text = f"<lora:{m.name}:{weight:g}>" + (f", {', '.join(info.trigger_words)}" if info.trigger_words else "")
             entries.append((m.name, m.path, text, info.preview, ", ".join(info.trigger_words)))
     elif kind == "Hypernetworks":
-        entries = [(m.name, m.path, f"<hypernet:{m.name}:1>", _preview_beside(m.path), "") for m in registry.hypernetworks]
+        entries = [(m.name, m.path, f"<hypernet:{m.name}:1>", preview_of(m.path), "") for m in registry.hypernetworks]
     elif kind == "Textual Inversion":
         library = ui.service.engine.embeddings
         for name in library.names():
             path = library.get(name).path
-            entries.append((name, path, name, _preview_beside(path), ""))
+            entries.append((name, path, name, preview_of(path), ""))
     else:
-        entries = [(m.name, m.path, "", _preview_beside(m.path), m.title) for m in registry.checkpoints]
+        entries = [(m.name, m.path, "", preview_of(m.path), m.title) for m in registry.checkpoints]
     if sort == "Date":
         entries.sort(key=lambda e: -_mtime(e[1]))
     else:
@@ -56,18 +56,6 @@ def cards(ui, kind: str, tab: str, sort: str = "Name") -> str:
     return f'<div class="sd-cards">{"".join(out)}</div>'
 
 
-def _preview_beside(path):
-    from pathlib import Path
-
-    path = Path(path)
-    stem = path.with_suffix("")
-    for candidate in (stem.with_name(stem.name + ".preview.png"), stem.with_suffix(".png"),
-                      stem.with_suffix(".jpg"), stem.with_suffix(".webp")):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def _mtime(path) -> float:
     try:
         return path.stat().st_mtime
@@ -77,20 +65,13 @@ def _mtime(path) -> float:
 
 def preview_file(ui, kind: str, name: str):
     """The preview picture of a listed network (looked up by name, never by a path from the request)."""
-    registry = ui.service.engine.registry
-    if kind == "Lora":
-        found = next((m for m in registry.loras if m.name == name), None)
-        return network_info(found.path).preview if found else None
-    if kind == "Hypernetworks":
-        found = next((m for m in registry.hypernetworks if m.name == name), None)
-    elif kind == "Checkpoints":
-        found = next((m for m in registry.checkpoints if m.name == name), None)
-    else:
+    if kind == "Textual Inversion":
         library = ui.service.engine.embeddings
-        if name not in library.names():
-            return None
-        return _preview_beside(library.get(name).path)
-    return _preview_beside(found.path) if found else None
+        return preview_of(library.get(name).path) if name in library.names() else None
+    registry = ui.service.engine.registry
+    listed = {"Lora": registry.loras, "Hypernetworks": registry.hypernetworks, "Checkpoints": registry.checkpoints}
+    found = next((m for m in listed[kind] if m.name == name), None)
+    return preview_of(found.path) if found else None
 
 
 def build(ui, tab: str):
