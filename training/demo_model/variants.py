@@ -58,10 +58,6 @@ def _encode(run: Run, scenes, size: int) -> torch.Tensor:
         return run.vae.encode(images).latent_dist.sample() * SCALING, images
 
 
-def _tokens(run: Run, captions: list[str]) -> torch.Tensor:
-    return run.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-
-
 def _noise_loss(unet, latents, context, alphas, extra=None) -> torch.Tensor:
     t = torch.randint(0, 1000, (latents.shape[0],))
     noise = torch.randn_like(latents)
@@ -136,7 +132,7 @@ def train_lora(run: Run, out: Path, steps: int = 400, rank: int = 4, seed: int =
         latents, _ = _encode(run, scenes, run.cfg.size)
         plain = [shapes.caption(dataclasses.replace(s, stripes=False), rich=bool(rng.random() < 0.5))
                  for s in scenes]  # the caption does not say "striped": the trigger word has to
-        context = run.text(_tokens(run, [f"{TRIGGER}, {c}" for c in plain])).last_hidden_state
+        context = run.text(run._tokens([f"{TRIGGER}, {c}" for c in plain])).last_hidden_state
         return _noise_loss(run.unet, latents, context, alphas)
 
     _optimise(params, steps, 1e-3, loss, "LoRA")
@@ -184,7 +180,7 @@ def train_embedding(run: Run, out: Path, steps: int = 300, vectors: int = 2, see
             scenes = [_red(s) for s in _scenes(rng, run.cfg.batch, max_things=1)]
             latents, _ = _encode(run, scenes, run.cfg.size)
             captions = [shapes.caption(s).replace("red", "zzz qqq", 1) for s in scenes]
-            return _noise_loss(run.unet, latents, run.text(_tokens(run, captions)).last_hidden_state, alphas)
+            return _noise_loss(run.unet, latents, run.text(run._tokens(captions)).last_hidden_state, alphas)
 
         _optimise([learnt], steps, 5e-3, loss, "embedding")
     finally:
@@ -231,7 +227,7 @@ def train_inpainting(run: Run, out: Path, steps: int = 800, seed: int = 3) -> Pa
             blanked = run.vae.encode(images * (1 - masks)).latent_dist.mean * SCALING
         small = F.interpolate(masks, size=latents.shape[-2:])
         captions = ["" if rng.random() < 0.1 else shapes.caption(s, rich=bool(rng.random() < 0.5)) for s in scenes]
-        context = run.text(_tokens(run, captions)).last_hidden_state
+        context = run.text(run._tokens(captions)).last_hidden_state
         return _noise_loss(unet, latents, context, alphas, extra=torch.cat([small, blanked], dim=1))
 
     _optimise(list(unet.parameters()), steps, 1e-4, loss, "inpainting")
