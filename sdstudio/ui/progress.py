@@ -85,7 +85,7 @@ def queue_html(service: JobService, client: str) -> str:
         return '<div class="sd-queue sd-queue-empty"><span>No jobs waiting</span></div>'
     rows = []
     for job in sorted(mine, key=lambda j: j.created):
-        request = job.request.get("request", job.request) if isinstance(job.request, dict) else {}
+        request = _request_of(job)
         prompt = str(request.get("prompt", request.get("model", "")))[:60]
         size = f'{request.get("width", "")}×{request.get("height", "")}' if "width" in request else ""
         place = "" if job.status == RUNNING else f" ({max(service.queue.position(job.id), 0)} <span>ahead</span>)"
@@ -101,6 +101,12 @@ def cancellable(service: JobService, client: str) -> list[tuple[str, str]]:
     jobs = service.queue.list(client=client, statuses=(QUEUED, RUNNING), limit=50)
     out = []
     for job in sorted(jobs, key=lambda j: j.created):
-        request = job.request.get("request", job.request) if isinstance(job.request, dict) else {}
+        request = _request_of(job)
         out.append((f'{job.id[:8]} · {job.kind} · {str(request.get("prompt", ""))[:30]}', job.id))
     return out
+
+
+def _request_of(job: Job) -> dict:
+    """A queued job's request fields (a generation job stores them under "request"; a load job is flat)."""
+    return job.request.get("request", job.request) if isinstance(job.request, dict) else {}
+
