@@ -79,9 +79,8 @@ def make_settings(engine, path, args: argparse.Namespace):
         return engine.registry.checkpoint(name).title
 
     def vae(name):
-        if name not in ("Automatic", "None") and not any(name in (v.name, v.title) for v in engine.registry.vaes):
-            raise ModelNotFoundError(f"no VAE named {name!r}; available: Automatic, None, "
-                                     + ", ".join(v.name for v in engine.registry.vaes))
+        if name not in ("Automatic", "None"):
+            engine.registry.vae(name)  # the lookup jobs use: an unknown name is refused now, not at the next job
         return name
 
     def language(name):

@@ -166,6 +166,9 @@ def test_options_are_settings_saved_in_config_json(data_dir):
     r = client.post("/sdapi/v1/options", json={"samples_format": "bmp"})
     assert r.status_code == 422 and "samples_format" in r.json()["detail"]
     assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"}).status_code == 404
+    r = client.post("/sdapi/v1/options", json={"sd_vae": "nope"})
+    assert r.status_code == 404 and "no VAE named 'nope'" in r.json()["detail"]
+    assert client.post("/sdapi/v1/options", json={"sd_vae": "None"}).status_code == 200
     # a restart reads them back; the page gets its language from the same settings
     again = make_client(data_dir, "--api")
     assert again.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2

@@ -68,8 +68,12 @@ class ModelRegistry:
                 if vae.name.removesuffix(".vae") == checkpoint.name:
                     return vae
             return None
-        found = find(self.vaes, choice) or find(self.vaes, choice + ".vae")
+        return self.vae(choice)
+
+    def vae(self, name: str) -> ModelFile:
+        """A VAE file of models/VAE by name, title or hash (``NAME`` finds ``NAME.vae.safetensors`` too)."""
+        found = find(self.vaes, name) or find(self.vaes, name + ".vae")
         if found is None:
             names = ", ".join(v.name for v in self.vaes) or "(none)"
-            raise ModelNotFoundError(f"no VAE named {choice!r}; available: Automatic, None, {names}")
+            raise ModelNotFoundError(f"no VAE named {name!r}; available: Automatic, None, {names}")
         return found
