@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -24,6 +24,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from sdstudio.ui.headless import chromium_path, launch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +52,17 @@ def api_job(url: str, params: dict) -> float:
     return time.perf_counter() - t
 
 
+def job_parts(data_dir: Path, sent: float, shown: float) -> tuple[float, float, float]:
+    """Where a job's time went, from the queue's own timestamps: (sent to queued + queue wait, the
+    worker's run, finished to the result shown)."""
+    db = sqlite3.connect(str(data_dir / "jobs.sqlite3"))
+    try:
+        started, finished = db.execute("SELECT started, finished FROM jobs ORDER BY created DESC LIMIT 1").fetchone()
+    finally:
+        db.close()
+    return started - sent, finished - started, shown - finished
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
@@ -62,7 +75,7 @@ def main() -> int:
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromium = chromium_path()
     if chromium is None:
         raise SystemExit("chromium is not installed (./scripts/setup-browser.sh installs it)")
     url = f"http://127.0.0.1:{args.port}"
@@ -80,9 +93,9 @@ def main() -> int:
             params = {"prompt": "a red circle on a blue background", "steps": args.steps, "width": args.size,
                       "height": args.size, "seed": 1, "sampler_name": "DPM++ 2M"}
             api_job(url, params)  # warm-up: loads the model
-            loads, previews, ui_jobs, api_jobs = [], [], [], []
+            loads, previews, ui_jobs, api_jobs, ui_parts, api_parts = [], [], [], [], [], []
             with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+                browser = launch(p, chromium)
                 for _ in range(args.runs):
                     page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
                     t = time.perf_counter()
@@ -98,16 +111,19 @@ def main() -> int:
                     seed.fill("1")
                     seed.press("Enter")
                     time.sleep(0.3)
-                    t = time.perf_counter()
+                    t, wall = time.perf_counter(), time.time()
                     page.click("#txt2img_generate")
                     if not args.no_previews:
                         page.wait_for_selector("#txt2img_preview img", timeout=600_000)
                         previews.append(time.perf_counter() - t)
                     page.wait_for_function("document.querySelector('#txt2img_html_info textarea').value"
-                                           ".includes('Seed: 1,')", timeout=600_000)
+                                           ".includes('Seed: 1,')", timeout=600_000, polling=50)
                     ui_jobs.append(time.perf_counter() - t)
+                    ui_parts.append(job_parts(data_dir, wall, time.time()))
                     page.context.close()
+                    wall = time.time()
                     api_jobs.append(api_job(url, params))
+                    api_parts.append(job_parts(data_dir, wall, time.time()))
                 browser.close()
         finally:
             proc.terminate()
@@ -118,6 +134,9 @@ def main() -> int:
         print(f"Generate click to first live preview: {med(previews):.2f} s")
     print(f"txt2img {args.size}x{args.size}, {args.steps} steps: UI {med(ui_jobs):.2f} s, API {med(api_jobs):.2f} s, "
           f"ratio UI/API {med(ui_jobs) / med(api_jobs):.3f} (goal <= 1.10)")
+    for name, parts in (("UI", ui_parts), ("API", api_parts)):
+        before, run, after = (med(p[i] for p in parts) for i in range(3))
+        print(f"{name}: sent to started {before:.2f} s, worker run {run:.2f} s, finished to shown {after:.2f} s")
     print("all runs (s): UI " + " ".join(f"{x:.2f}" for x in ui_jobs) + " | API " + " ".join(f"{x:.2f}" for x in api_jobs))
     return 0
 

@@ -11,7 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Several workers share the cores: one math thread each, or OpenMP threads spin against each other.
+    # Several workers share the cores: one math thread each, or OpenMP threads spin against each other
+    # (a 128² job ran ~100x slower in CI that way). The environment carries it to servers the tests start.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
     import torch
 
     torch.set_num_threads(1)

@@ -3,11 +3,16 @@ the request object agree both ways, settings persist, and page events queue real
 
 from __future__ import annotations
 
+import io
 import json
+import time
 from pathlib import Path
 
 import gradio as gr
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from PIL import Image
 
 from sdstudio.core import infotext
 from sdstudio.core.params import Txt2ImgRequest
@@ -17,7 +22,7 @@ from sdstudio.service.jobs import Txt2ImgJob
 from sdstudio.ui import localization
 from sdstudio.ui.app import StudioUI
 from sdstudio.ui.generation import token_counter
-from sdstudio.ui.progress import follow, progress_html, queue_html
+from sdstudio.ui.progress import finished, follow, live_html, progress_html, queue_html
 
 A1111_IDS = ["tab_txt2img", "tab_img2img", "tab_extras", "tab_pnginfo", "tab_settings", "txt2img_prompt",
              "txt2img_neg_prompt", "txt2img_generate", "txt2img_interrupt", "txt2img_skip", "txt2img_gallery",
@@ -151,6 +156,39 @@ def test_generate_event_queues_a_job_and_reports_progress(service, ui, page):
     image = ticks[-1].job.result["images"][0]
     assert Path(image["path"]).is_file() and infotext.parse(image["infotext"])["Seed"] == "5"
     assert "No jobs waiting" in queue_html(service, client)
+
+
+def test_the_page_follows_a_generation_through_its_own_route(service, ui):
+    """What the page's script polls while a generation runs: the bar, then preview pictures, then done."""
+    app = FastAPI()
+    app.include_router(ui.router())
+    http = TestClient(app)
+    req = Txt2ImgRequest(prompt="a red circle", steps=40, width=64, height=64, seed=5, model="tiny-sd1")
+    job = service.submit("ui:test", Txt2ImgJob(req))
+    area = live_html("txt2img", job, previews=True)
+    assert f'data-job="{job.id}"' in area and 'id="txt2img_preview"' in area
+    bars, previews, numbers = [], [], []
+    while True:
+        snap = http.get(f"/sdstudio/progress/{job.id}").json()
+        if snap["done"]:
+            break
+        bars.append(snap["html"])
+        if snap["preview"] is not None:
+            numbers.append(snap["preview"])
+            answer = http.get(f"/sdstudio/progress/{job.id}/preview")
+            if answer.status_code == 200:  # (the job may end between the two reads)
+                previews.append(Image.open(io.BytesIO(answer.content)))
+        time.sleep(0.005)
+    assert finished(service, job).status == "done"
+    assert any('data-state="running"' in b and "/40" in b for b in bars), bars[-3:]
+    assert previews and previews[-1].size == (8, 8) and numbers == sorted(numbers)  # "Approx cheap": latent size
+    assert http.get(f"/sdstudio/progress/{job.id}").json() == {"done": True, "html": "", "preview": None}
+    assert http.get(f"/sdstudio/progress/{job.id}/preview").status_code == 404
+    # an API client's job and an unknown id are not the page's to read
+    api_job = service.submit("api", Txt2ImgJob(req))
+    assert http.get(f"/sdstudio/progress/{api_job.id}").status_code == 404
+    assert http.get("/sdstudio/progress/0123").status_code == 404
+    service.wait(api_job.id)
 
 
 def test_progress_html_words_are_translatable():

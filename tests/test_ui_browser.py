@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+from sdstudio.ui.headless import chromium_path, launch
+
+CHROMIUM = chromium_path()
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (./test.sh installs it)")
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (./test.sh installs it)"),
               pytest.mark.xdist_group("browser")]
@@ -55,7 +56,7 @@ def server(make_data_root, free_port):
 @pytest.fixture(scope="module")
 def browser():
     with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        b = launch(p, CHROMIUM)
         yield b
         b.close()
 
@@ -84,8 +85,10 @@ def choose(page, elem_id: str, option: str) -> None:
     page.get_by_role("option", name=option, exact=True).click()
 
 
-def generate(page, tab: str, prompt: str, steps: int = 6, size: int = 64, timeout: float = 120):
-    """Type, click Generate, and watch: returns the progress texts seen and the infotext shown."""
+def generate(page, tab: str, prompt: str, steps: int = 6, size: int = 64, timeout: float = 120,
+             running_shot: str | None = None):
+    """Type, click Generate, and watch: returns the progress seen ((state, text, a live preview is shown)
+    triples) and the infotext shown. ``running_shot``: a screenshot's name, taken once the preview shows."""
     page.locator(f"#{tab}_prompt textarea").fill(prompt)
     set_number(page, f"{tab}_width", size)
     set_number(page, f"{tab}_height", size)
@@ -96,9 +99,14 @@ def generate(page, tab: str, prompt: str, steps: int = 6, size: int = 64, timeou
     info = page.locator(f"#{tab}_html_info textarea")
     while time.time() < deadline:
         bar = page.evaluate(f"(() => {{ const b = document.querySelector('#{tab}_progressbar .sd-progress');"
-                            " return b ? [b.dataset.state, b.innerText] : null; })()")  # one read: the bar may go
+                            f" const p = document.querySelector('#{tab}_preview img');"
+                            " return b ? [b.dataset.state, b.innerText, !!(p && p.complete && p.naturalWidth)]"
+                            " : null; })()")  # one read: the bar may go
         if bar:
             seen.append(tuple(bar))
+            if running_shot and bar[2]:
+                shot(page, running_shot)
+                running_shot = None
         if page.locator(f"#{tab}_gallery img").count() > before and prompt in info.input_value():
             return seen, info.input_value()
         time.sleep(0.05)
@@ -108,9 +116,11 @@ def generate(page, tab: str, prompt: str, steps: int = 6, size: int = 64, timeou
 def test_generate_shows_progress_then_the_image(server, browser):
     page = open_page(browser, server)
     shot(page, "txt2img-empty")
-    seen, info = generate(page, "txt2img", "a red circle on a blue background", steps=30, size=128)
-    assert any(state == "running" and "Step" in text and "%" in text for state, text in seen), seen[:10]
-    steps = [int(text.split("Step")[1].split("/")[0]) for state, text in seen if state == "running"]
+    seen, info = generate(page, "txt2img", "a red circle on a blue background", steps=30, size=128,
+                          running_shot="txt2img-running")
+    assert any(state == "running" and "Step" in text and "%" in text for state, text, _ in seen), seen[:10]
+    assert any(state == "running" and preview for state, _, preview in seen), seen[:10]  # the live preview
+    steps = [int(text.split("Step")[1].split("/")[0]) for state, text, _ in seen if state == "running"]
     assert steps == sorted(steps) and len(set(steps)) > 1, steps  # the bar moved forwards
     assert "Steps: 30" in info and "Size: 128x128" in info and "Model: tiny-sd1" in info
     assert page.inner_text("#txt2img_token_counter").strip() == "7/75"
@@ -172,7 +182,7 @@ def test_switch_language_in_settings(server, browser):
         assert page.evaluate("1 + 1") == 2  # the page still answers
         shot(page, "txt2img-zh_CN")
         seen, _info = generate(page, "txt2img", "a red circle", steps=20, size=128)
-        assert any("步" in text for state, text in seen if state == "running"), seen[:5]
+        assert any("步" in text for state, text, _ in seen if state == "running"), seen[:5]
     finally:
         body = json.dumps({"localization": "None"}).encode()
         urllib.request.urlopen(urllib.request.Request(server + "/sdapi/v1/options", data=body,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,8 @@ import urllib.request
 from pathlib import Path
 
 from PIL import Image
+
+from sdstudio.ui.headless import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,7 @@ def screenshots(out: Path, port: int) -> None:
                 except OSError:
                     time.sleep(0.2)
             with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+                browser = launch(p)
                 for lang in ("None", "zh_CN"):
                     body = json.dumps({"localization": lang}).encode()
                     urllib.request.urlopen(urllib.request.Request(url + "/sdapi/v1/options", data=body,

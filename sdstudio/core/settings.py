@@ -74,6 +74,8 @@ SETTINGS: tuple[Setting, ...] = (
             minimum=1, maximum=32),
     Setting("show_progress_type", "Approx cheap", "Live preview method", "Live previews",
             choices=("Approx cheap", "Full")),
+    Setting("live_preview_refresh_period", 1000, "Preview picture update period (ms)", "Live previews",
+            minimum=100, maximum=60000),
     Setting("localization", "None", "Localization", "User interface"),
 )
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}

@@ -45,6 +45,7 @@ class Live:
     steps: int = 0
     started: float = field(default_factory=time.time)
     preview: object = None  # the live preview (a PIL image), made on the worker every N steps
+    preview_no: int = 0  # counts the previews made, so a page asks for a picture only when it is new
     interrupted: bool = False
     skip: bool = False
     paused_for_others: bool = False
@@ -276,11 +277,20 @@ class JobService:
 
     def preview_image(self, client: str | None, job_id: str | None = None):
         """The caller's running job's live preview (a PIL image), or None."""
+        live = self._live_of(client, job_id)
+        return live.preview if live is not None else None
+
+    def preview_number(self, job_id: str) -> int | None:
+        """How many previews the running job ``job_id`` has made (None: not running or none yet)."""
+        live = self._live_of(None, job_id)
+        return live.preview_no if live is not None and live.preview is not None else None
+
+    def _live_of(self, client: str | None, job_id: str | None) -> Live | None:
         live = self.live
         if live is None or (client is not None and live.job.client != client) or \
                 (job_id is not None and live.job.id != job_id):
             return None
-        return live.preview
+        return live
 
     # ---- the worker -------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -322,6 +332,7 @@ class JobService:
                 from ..engine.preview import cheap_preview
 
                 live.preview = p.decode(p.latent) if method == "Full" and p.decode else cheap_preview(p.latent, p.sdxl)
+                live.preview_no += 1
             self._notify()
 
         def on_batch(batches_done: int, images) -> None:

@@ -8,6 +8,7 @@ network preview pictures); :func:`page_assets` is the script and style the page 
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import gradio as gr
 from fastapi import APIRouter, HTTPException
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from ..core import styles as styles_file
 from ..core.names import LATENT_UPSCALE_MODES
@@ -26,7 +27,7 @@ from ..core.params import RequestError
 from ..core.settings import SettingError, Settings
 from ..models.errors import ModelFileError, ModelNotFoundError
 from ..service.jobs import JobError, JobService
-from . import localization, networks
+from . import localization, networks, progress
 from .generation import GenerationTab
 from .progress import client_of, follow
 from .tabs import ExtrasTab, PngInfoTab, SettingsTab, open_picture
@@ -192,7 +193,7 @@ class StudioUI:
                 job = self.service.submit_load(client, title)
             except (SettingError, ModelNotFoundError, JobError) as exc:
                 raise gr.Error(str(exc)) from None
-            for tick in follow(self.service, client, job, previews=False):
+            for tick in follow(self.service, client, job):
                 if tick.job is None:
                     yield tick.html
                 elif tick.job.status == "failed":
@@ -296,6 +297,27 @@ class StudioUI:
             if path is None:
                 raise HTTPException(404, f"no preview for {name!r}")
             return FileResponse(path)
+
+        # A generation's progress, polled by the page's script. A job's id (a random 128-bit uuid, given only
+        # to the window that queued it) is what lets a page read it; API clients have /sdstudio/v1/jobs.
+        def ui_job(job_id: str):
+            job = self.service.queue.get(job_id)
+            if job is None or not job.client.startswith("ui:"):
+                raise HTTPException(404, f"no job {job_id!r}")
+            return job
+
+        @r.get("/progress/{job_id}")
+        def job_progress(job_id: str):
+            return progress.snapshot(self.service, ui_job(job_id).id)
+
+        @r.get("/progress/{job_id}/preview")
+        def job_preview(job_id: str):
+            image = self.service.preview_image(None, ui_job(job_id).id)
+            if image is None:
+                raise HTTPException(404, "no preview yet")
+            buf = io.BytesIO()
+            image.convert("RGB").save(buf, format="JPEG", quality=90)
+            return Response(buf.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
         return r
 

@@ -21,7 +21,7 @@ from ..service.jobs import JobError, Txt2ImgJob, grid_entries
 from ..service.queue import FAILED
 from . import networks
 from .forms import SAME_SAMPLER, SAME_SCHEDULER, Form, script_key
-from .progress import cancellable, client_of, follow, queue_html
+from .progress import cancellable, client_of, finished, live_html, queue_html
 
 INTERROGATE_NOTE = ("Interrogation needs weight files: BLIP and CLIP in models/BLIP and models/CLIP, the tagger in "
                     "models/deepbooru")
@@ -119,8 +119,6 @@ class GenerationTab:
                 self._scripts()
             with gr.Column(scale=1, elem_id=f"{t}_results"):
                 self.progress = gr.HTML("", elem_id=f"{t}_progressbar")
-                self.preview = gr.Image(label="Live preview", elem_id=f"{t}_preview", interactive=False,
-                                        visible=True, height=256, type="pil")
                 self.gallery = gr.Gallery(label="Output", columns=2, elem_id=f"{t}_gallery", height=420,
                                           interactive=False, format="png")
                 with gr.Row(elem_id=f"image_buttons_{t}"):
@@ -346,8 +344,7 @@ class GenerationTab:
     def wire(self) -> None:
         ui, f = self.ui, self.form
         service = ui.service
-        outputs_ = [self.progress, self.preview, self.gallery, self.info, self.results, self.queue_list,
-                    self.queue_pick]
+        outputs_ = [self.progress, self.gallery, self.info, self.results, self.queue_list, self.queue_pick]
 
         image_inputs = self.image_inputs()
 
@@ -363,25 +360,24 @@ class GenerationTab:
                     jobs = [service.submit(client, job) for job in self.jobs_for(values, images)]
                 except (RequestError, JobError) as exc:
                     raise gr.Error(str(exc)) from None
-                for job in jobs:
-                    for tick in follow(service, client, job, previews=bool(ui.settings.get("live_previews_enable"))):
-                        if tick.job is None:  # the queue panel has its own timer: only the bar and preview here
-                            yield (tick.html, tick.preview if tick.preview is not None else gr.skip(), gr.skip(),
-                                   gr.skip(), gr.skip(), gr.skip(), gr.skip())
-                            continue
-                        done = tick.job
-                        if done.status == FAILED:
-                            ui.forever.discard(client)
-                            raise gr.Error(done.error or "the job failed")
-                        found = [{"path": e["path"], "infotext": e["infotext"]}  # grids first, as A1111 shows them
-                                 for e in grid_entries(done.result) + done.result.get("images", [])]
-                        results = found + results if ui.forever_has(client) else results + found
-                        gallery = [r["path"] for r in results]
+                previews = bool(ui.settings.get("live_previews_enable"))
+                period = float(ui.settings.get("live_preview_refresh_period", 1000)) / 1000
+                for job in jobs:  # the page's script shows the bar and preview (see progress.py)
+                    yield (live_html(self.kind, job, previews, period), gr.skip(), gr.skip(), gr.skip(), gr.skip(),
+                           gr.skip())
+                    done = finished(service, job)
+                    if done is None or done.status == FAILED:
+                        ui.forever.discard(client)
+                        raise gr.Error((done.error if done else None) or "the job failed")
+                    found = [{"path": e["path"], "infotext": e["infotext"]}  # grids first, as A1111 shows them
+                             for e in grid_entries(done.result) + done.result.get("images", [])]
+                    results = found + results if ui.forever_has(client) else results + found
+                    gallery = [r["path"] for r in results]
                 if not ui.forever_has(client):
                     break
-                yield ("", None, gallery, _first_infotext(results), results, queue_html(service, client),
+                yield ("", gallery, _first_infotext(results), results, queue_html(service, client),
                        gr.Dropdown(choices=cancellable(service, client)))
-            yield ("", None, gallery, _first_infotext(results), results, queue_html(service, client),
+            yield ("", gallery, _first_infotext(results), results, queue_html(service, client),
                    gr.Dropdown(choices=cancellable(service, client)))
 
         inputs = set(f.components + image_inputs)

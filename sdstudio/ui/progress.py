@@ -1,9 +1,13 @@
 """Following a queued job from a page event: the progress bar, the live preview, the queue panel.
 
-A page event submits its job to the same :class:`~sdstudio.service.jobs.JobService` the API uses and then
-follows it, yielding a :class:`Tick` at every change (queue place, step, preview) and a last one with the
-finished job. Each browser window is its own queue client, so Interrupt, Skip and the queue panel act on
-that window's jobs only.
+A page event submits its job to the same :class:`~sdstudio.service.jobs.JobService` the API uses. For a
+generation the event then shows :func:`live_html` (an empty bar and preview naming the job) and waits
+for the job without sending anything more; the page's script polls ``/sdstudio/progress/JOB`` (a
+:func:`snapshot`) and swaps the bar's text and the preview picture itself, as A1111's page does. Each
+update through gradio instead costs the browser tens of milliseconds of CPU (the event's status machinery
+on every output), which on a small machine is taken from the job. Short jobs (a model load) use
+:func:`follow`, which yields a :class:`Tick` at every change. Each browser window is its own queue client,
+so Interrupt, Skip and the queue panel act on that window's jobs only.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ def client_of(request) -> str:
 @dataclass
 class Tick:
     html: str  # the progress bar
-    preview: object = None  # a new live preview (a PIL image), or None when it has not changed
     job: Job | None = None  # set on the last tick: the finished job
 
 
@@ -56,26 +59,46 @@ def progress_html(p: dict, kind: str = "") -> str:
     return '<div class="sd-progress" data-state="waiting"><span class="sd-progress-text"><span>Waiting</span>…</span></div>'
 
 
-def follow(service: JobService, client: str, job: Job, previews: bool = True, preview_period: float = 1.0, bar_period: float = 0.25) -> Iterator[Tick]:
-    """Ticks for ``job`` until it has finished (the last tick carries it). The bar is updated at most every
-    ``bar_period`` seconds and a new preview at most every ``preview_period`` (A1111's refresh period):
-    each update is work for the server and the page while the job computes on the same machine."""
-    last, shown_preview, preview_at, bar_at = None, None, 0.0, 0.0
+def follow(service: JobService, client: str, job: Job, bar_period: float = 0.25) -> Iterator[Tick]:
+    """Ticks for ``job`` until it has finished (the last tick carries it); the bar at most every
+    ``bar_period`` seconds."""
+    last, bar_at = None, 0.0
     while True:
         current = service.wait(job.id, timeout=bar_period)  # returns at once when the job ends
         if current is None or current.status in FINISHED:
-            yield Tick("", None, current)
+            yield Tick("", current)
             return
         p = service.progress(client, job.id)
-        preview = service.preview_image(client, job.id) if previews else None
-        if preview is shown_preview or time.monotonic() - preview_at < preview_period:
-            preview = None
-        else:
-            shown_preview, preview_at = preview, time.monotonic()
         state = (p["state"]["sampling_step"], p["state"]["job_no"], p.get("queue_position"))
-        if preview is not None or (state != last and time.monotonic() - bar_at >= bar_period):
+        if state != last and time.monotonic() - bar_at >= bar_period:
             last, bar_at = state, time.monotonic()
-            yield Tick(progress_html(p, current.kind), preview)
+            yield Tick(progress_html(p, current.kind))
+
+
+def finished(service: JobService, job: Job) -> Job | None:
+    """Wait for ``job`` to finish (None if it vanished from the queue)."""
+    while True:
+        current = service.wait(job.id, timeout=5.0)
+        if current is None or current.status in FINISHED:
+            return current
+
+
+def live_html(tab: str, job: Job, previews: bool, period: float = 1.0) -> str:
+    """The progress area of a running or queued job: the page's script polls it (see the module's text).
+    ``period``: seconds between preview pictures (A1111's "live preview refresh period")."""
+    preview = (f'<div id="{tab}_preview" class="sd-live-preview"></div>' if previews else "")
+    return (f'<div class="sd-live" data-job="{html.escape(job.id)}" data-period="{period:g}">'
+            '<div class="sd-progress" data-state="waiting"><span class="sd-progress-text"><span>Waiting</span>…'
+            f'</span></div>{preview}</div>')
+
+
+def snapshot(service: JobService, job_id: str) -> dict:
+    """What the page's poll of a job shows: the bar, the number of the newest preview, and whether it is over."""
+    job = service.queue.get(job_id)
+    if job is None or job.status in FINISHED:
+        return {"done": True, "html": "", "preview": None}
+    return {"done": False, "html": progress_html(service.progress(None, job_id), job.kind),
+            "preview": service.preview_number(job_id)}
 
 
 def queue_html(service: JobService, client: str) -> str:

@@ -276,6 +276,8 @@ class Run:
     def train(self) -> None:
         cfg = self.cfg
         alphas = _alphas_cumprod()
+        if self.stage == "done" and self.step < cfg.unet_steps:  # more UNet steps asked for: a warm restart of
+            self.stage = "diffusion"                              # the cosine rate, from step/total onwards
         if self.stage == "vae":
             self.vae.train()
             self._loop("VAE", cfg.vae_steps, cfg.lr_vae, self._vae_step, warmup=100)

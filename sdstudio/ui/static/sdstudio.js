@@ -1,4 +1,5 @@
-// sdstudio's page script: localization, Ctrl+Enter, extra-network cards. Loaded in the page's <head>.
+// sdstudio's page script: localization, live progress, Ctrl+Enter, extra-network cards. Loaded in the
+// page's <head>.
 (() => {
   "use strict";
   let strings = {};
@@ -61,6 +62,47 @@
     }).observe(document.body, { childList: true, subtree: true, characterData: true,
                                  attributes: true, attributeFilter: ["placeholder", "title", "aria-label"] });
   }
+
+  // Live progress (sdstudio/ui/progress.py): a generation puts <div class="sd-live" data-job=ID> in its tab's
+  // progress area; this polls /sdstudio/progress/ID four times a second and swaps the bar and, at most once per
+  // data-period seconds, the preview picture. No gradio update is involved, so the browser's work per update
+  // is one small fetch and one element.
+  const BAR_PERIOD_MS = 250;
+  async function followJob(area) {
+    area.dataset.polling = "1";
+    const job = encodeURIComponent(area.dataset.job);
+    const period = 1000 * parseFloat(area.dataset.period || "1");
+    let html = null, shown = null, shownAt = -Infinity;
+    while (area.isConnected) {
+      let data;
+      try {
+        const answer = await fetch(`/sdstudio/progress/${job}`, { credentials: "same-origin", cache: "no-store" });
+        if (!answer.ok) return;
+        data = await answer.json();
+      } catch (e) {
+        return;
+      }
+      if (data.done) return;
+      const bar = area.querySelector(".sd-progress");
+      if (bar && data.html && data.html !== html) {
+        html = data.html;
+        bar.outerHTML = html;
+      }
+      const box = area.querySelector(".sd-live-preview");
+      if (box && data.preview !== null && data.preview !== shown && performance.now() - shownAt >= period) {
+        shown = data.preview;
+        shownAt = performance.now();
+        const img = box.querySelector("img") || box.appendChild(document.createElement("img"));
+        img.alt = "";
+        img.src = `/sdstudio/progress/${job}/preview?n=${shown}`;
+      }
+      await new Promise((resolve) => setTimeout(resolve, BAR_PERIOD_MS));
+    }
+  }
+
+  new MutationObserver(() => {
+    document.querySelectorAll(".sd-live[data-job]:not([data-polling])").forEach(followJob);
+  }).observe(document.documentElement, { childList: true, subtree: true });
 
   // Extra-network cards: a click adds the card's prompt text to the tab's prompt (as A1111 does).
   window.sdstudioAddToPrompt = (tab, text) => {
