@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--masked-content", choices=list(MASKED_CONTENT))
     g.add_argument("--only-masked", action="store_true", default=None, help="inpaint area: only masked")
     g.add_argument("--padding", type=int, help="only masked padding, pixels")
+    g.add_argument("--soft-inpainting", action="store_true", default=None,
+                   help="soft inpainting (A1111's defaults; use a large --mask-blur)")
     g.add_argument("--fix-steps", action="store_true", default=None,
                    help="do exactly the amount of steps the slider specifies")
     b = i.add_argument_group("batch (A1111's Batch tab)")
@@ -350,7 +352,8 @@ def script_from_args(args: argparse.Namespace) -> tuple[str, dict]:
     return name, values
 
 
-_IMG2IMG_FLAGS = {"mask_blur": "mask_blur", "padding": "inpaint_full_res_padding", "fix_steps": "fix_steps"}
+_IMG2IMG_FLAGS = {"mask_blur": "mask_blur", "padding": "inpaint_full_res_padding", "fix_steps": "fix_steps",
+                  "soft_inpainting": "soft_inpainting"}
 
 
 def _script_args(pairs: list[str]) -> dict:

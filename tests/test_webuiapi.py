@@ -78,6 +78,20 @@ def test_inpaint_changes_only_the_mask(api):
     assert not np.array_equal(out[:, :32], ref[:, :32])
 
 
+def test_soft_inpainting_through_alwayson_scripts(api):
+    original = picture()
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((0, 0, 31, 63), fill=255)
+    result = api.img2img(images=[original], mask_image=mask, inpaint_full_res=False, mask_blur=8, prompt="a star",
+                         denoising_strength=1.0, seed=1, width=64, height=64,
+                         alwayson_scripts={"Soft Inpainting": {"args": [True, 1, 0.75, 4, 0, 0.5, 2]}})
+    text = infotext.parse(result.info["infotexts"][0])
+    assert text["Soft inpainting enabled"] == "True" and text["Soft inpainting preservation strength"] == "0.75"
+    with pytest.raises(RuntimeError, match="soft inpainting takes up to 7 args"):
+        api.img2img(images=[original], mask_image=mask, prompt="x", width=64, height=64,
+                    alwayson_scripts={"soft inpainting": {"args": [True] * 8}})
+
+
 def test_png_info_options_models(api):
     result = api.txt2img(prompt="x", seed=7, width=64, height=64)
     info = api.png_info(result.image)

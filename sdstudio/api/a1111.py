@@ -22,7 +22,7 @@ from starlette.requests import Request
 from ..core import infotext, styles
 from ..core.names import LATENT_UPSCALE_MODES, SAMPLERS, SCHEDULES
 from ..core.outputs import NotAnImageError, read_infotext
-from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest
+from ..core.params import SOFT_INPAINTING_KEYS, Img2ImgRequest, RequestError, Txt2ImgRequest
 from ..core.scripts import ScriptError, from_a1111_list, names_for
 from ..core.settings import SettingError, Settings
 from ..engine import extras
@@ -71,6 +71,7 @@ class Txt2ImgBody(BaseModel):
     tiled_vae: bool = False  # sdstudio: decode in tiles (big images in little memory)
     script_name: str | None = None
     script_args: list | dict = Field(default_factory=list)  # A1111's positional list, or our dict
+    alwayson_scripts: dict = Field(default_factory=dict)  # {"soft inpainting": {"args": [...]}} (img2img)
     # Hires. fix (txt2img)
     enable_hr: bool = False
     denoising_strength: float | None = None
@@ -236,8 +237,27 @@ def img2img_request(body: Img2ImgBody, options: dict, upscaler_names: list[str]
         initial_noise_multiplier=setting(settings, "initial_noise_multiplier", 1.0, float) if noise is None else noise,
         inpainting_mask_weight=setting(settings, "inpainting_mask_weight", 1.0, float),
         fix_steps=setting(settings, "img2img_fix_steps", False, bool),
-        **script_fields(body, upscaler_names, "img2img"))
+        **script_fields(body, upscaler_names, "img2img"), **soft_inpainting_fields(body))
     return req, inits, mask
+
+
+def soft_inpainting_fields(body: Img2ImgBody) -> dict:
+    """A1111's always-on "Soft Inpainting" script: ``alwayson_scripts: {"soft inpainting": {"args": [enabled,
+    schedule bias, preservation strength, transition contrast boost, mask influence, difference threshold,
+    difference contrast]}}`` (trailing arguments may be left out)."""
+    names = ("soft_inpainting",) + tuple(field for field, _ in SOFT_INPAINTING_KEYS)
+    for name, entry in body.alwayson_scripts.items():
+        if name.strip().lower() != "soft inpainting":
+            continue
+        args = entry.get("args", []) if isinstance(entry, dict) else entry
+        if not isinstance(args, list) or len(args) > len(names):
+            raise HTTPException(422, f"alwayson_scripts: soft inpainting takes up to {len(names)} args: "
+                                     + ", ".join(names))
+        try:
+            return {n: (bool(v) if n == "soft_inpainting" else float(v)) for n, v in zip(names, args)}
+        except (TypeError, ValueError) as exc:
+            raise HTTPException(422, f"alwayson_scripts: soft inpainting: {exc}") from None
+    return {}
 
 
 def store_uploads(service: JobService, job: Txt2ImgJob, inits: list, mask) -> None:

@@ -214,6 +214,19 @@ def concrete_seed(seed: int | None) -> int:
     return int(random.randrange(MAX_SEED)) if seed is None or int(seed) == -1 else int(seed)
 
 
+# (field, lowest, highest): A1111's slider ranges for soft inpainting
+SOFT_INPAINTING_RANGES = (("mask_blend_power", 0, 8), ("mask_blend_scale", 0, 8), ("inpaint_detail_preservation", 1, 32),
+                          ("composite_mask_influence", 0, 1), ("composite_difference_threshold", 0, 8),
+                          ("composite_difference_contrast", 0, 8))
+# (field, infotext key) in A1111's order, after "Soft inpainting enabled"
+SOFT_INPAINTING_KEYS = (("mask_blend_power", "Soft inpainting schedule bias"),
+                        ("mask_blend_scale", "Soft inpainting preservation strength"),
+                        ("inpaint_detail_preservation", "Soft inpainting transition contrast boost"),
+                        ("composite_mask_influence", "Soft inpainting mask influence"),
+                        ("composite_difference_threshold", "Soft inpainting difference threshold"),
+                        ("composite_difference_contrast", "Soft inpainting difference contrast"))
+
+
 @dataclass
 class Img2ImgRequest(Txt2ImgRequest):
     """txt2img's fields plus the init image(s) (paths of files the job owns) and A1111's inpaint options."""
@@ -230,6 +243,14 @@ class Img2ImgRequest(Txt2ImgRequest):
     initial_noise_multiplier: float = 1.0
     inpainting_mask_weight: float = 1.0  # conditioning mask strength (9-channel inpainting models)
     fix_steps: bool = False  # "do exactly the amount of steps the slider specifies"
+    # Soft inpainting (A1111's built-in script; sdstudio.engine.soft_inpaint): the mask's blur is kept
+    soft_inpainting: bool = False
+    mask_blend_power: float = 1.0  # "Schedule bias"
+    mask_blend_scale: float = 0.5  # "Preservation strength"
+    inpaint_detail_preservation: float = 4.0  # "Transition contrast boost"
+    composite_mask_influence: float = 0.0  # "Mask influence"
+    composite_difference_threshold: float = 0.5  # "Difference threshold"
+    composite_difference_contrast: float = 2.0  # "Difference contrast"
 
     def validate(self) -> Img2ImgRequest:
         super().validate()
@@ -249,6 +270,10 @@ class Img2ImgRequest(Txt2ImgRequest):
             raise RequestError(f"inpaint_full_res_padding must be from 0 to 1024, got {self.inpaint_full_res_padding!r}")
         if not 0.0 <= self.inpainting_mask_weight <= 1.0:
             raise RequestError(f"inpainting_mask_weight must be between 0 and 1, got {self.inpainting_mask_weight!r}")
+        for name, low, high in SOFT_INPAINTING_RANGES:
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise RequestError(f"{name} must be from {low:g} to {high:g}, got {value!r}")
         return self
 
     def uses_denoising(self) -> bool:
@@ -285,6 +310,10 @@ class InfotextField:
     key: str
     write: Callable[[Txt2ImgRequest], object | None]  # None = not written
     read: Callable[[str], dict[str, Any]]
+
+
+def _soft(req) -> bool:
+    return bool(getattr(req, "soft_inpainting", False) and getattr(req, "mask", None))
 
 
 def _simple(key: str, attr: str, conv: Callable[[str], Any], *, skip: Callable[[Any], bool] = lambda v: False,
@@ -387,6 +416,10 @@ INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
     InfotextField("Resize mode", lambda r: RESIZE_MODES[r.resize_mode] if getattr(r, "resize_mode", 0) else None,
                   lambda t: {"resize_mode": RESIZE_MODES.index(t.strip())}),
     _simple("Noise multiplier", "initial_noise_multiplier", float, skip=lambda v: v == 1.0, show=_fmt_float),
+    InfotextField("Soft inpainting enabled", lambda r: True if _soft(r) else None,
+                  lambda t: {"soft_inpainting": t.strip().lower() == "true"}),
+    *(InfotextField(key, lambda r, a=attr: _fmt_float(getattr(r, a)) if _soft(r) else None,
+                    lambda t, a=attr: {a: float(t)}) for attr, key in SOFT_INPAINTING_KEYS),
 )
 _FIELD_BY_KEY = {f.key: f for f in INFOTEXT_FIELDS}
 

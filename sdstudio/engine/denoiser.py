@@ -63,7 +63,7 @@ class CFGDenoiser:
                  device: torch.device, add_time_ids: torch.Tensor | None = None,
                  should_stop: Callable[[], bool] | None = None, batch_invariant: bool = False,
                  image_cond: torch.Tensor | None = None,
-                 latent_mask: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 latent_mask=None):
         self.unet = unet
         self.schedule = schedule
         self.v_prediction = prediction == "v_prediction"
@@ -77,7 +77,7 @@ class CFGDenoiser:
         self.batch_invariant = batch_invariant
         # 9-channel inpainting UNets: mask + masked-image latent, concatenated to the UNet input
         self.image_cond = image_cond
-        # inpainting: (init latent, keep mask); the prediction keeps the original where keep = 1
+        # inpainting: an img2img.LatentMask (``blend(denoised, sigma)``) keeping the original where the mask says
         self.latent_mask = latent_mask
         self.step = 0  # counts denoiser calls, as A1111 does (second-order samplers advance it twice)
 
@@ -142,6 +142,5 @@ class CFGDenoiser:
         self.step += 1
         denoised = torch.stack(results)
         if self.latent_mask is not None:
-            init, keep = (t.to(denoised.device) for t in self.latent_mask)
-            denoised = init * keep + (1 - keep) * denoised
+            denoised = self.latent_mask.blend(denoised, s)
         return denoised

@@ -41,6 +41,7 @@ from .interrogate import Interrogators
 from .rng import BrownianNoise, NoiseGenerator, image_noise
 from .samplers import SAMPLER_FUNCTIONS
 from .schedules import DiscreteSchedule, ddim_timesteps, get_sigmas
+from .soft_inpaint import SoftInpainting
 from .tiling import circular_padding
 from .upscalers import Upscalers
 
@@ -233,7 +234,7 @@ class Engine:
                     batch_images: list[GeneratedImage] = []
                     for j, (image, s, ss) in enumerate(zip(vae_ops.to_pil(self._decode(vae, latents, req.tiled_vae)), seeds, subseeds)):
                         if inits is not None:
-                            image = img2img_ops.finish(inits[j], image)
+                            image = img2img_ops.finish(inits[j], image, latents[j:j + 1], SoftInpainting.of(req))
                         params = to_infotext_params(req_for_text.replace(seed=s, subseed=ss), **{**resolved, "Seed": s})
                         generated = GeneratedImage(image, s, ss, infotext.format(params))
                         if keep_images:
@@ -443,7 +444,7 @@ class Engine:
                     init = init * keep + x * (1 - keep)
                 elif req.inpainting_fill == img2img_ops.LATENT_NOTHING:
                     init = init * keep
-                latent_mask = (init, keep)
+                latent_mask = img2img_ops.LatentMask(init, keep, SoftInpainting.of(req))
             if model.spec.inpainting:
                 image_cond = torch.cat([p.image_cond for p in inits])
         elif model.spec.inpainting:
@@ -472,6 +473,6 @@ class Engine:
             latents = fn(denoiser, start, sigmas, noise=noise_fn, callback=callback, **options)
         if sampler.timesteps:
             latents = latents / (sigmas[-1] ** 2 + 1) ** 0.5
-        if keep is not None:
-            latents = latents * (1 - keep) + init * keep
+        if latent_mask is not None:
+            latents = latent_mask.final(latents)
         return latents

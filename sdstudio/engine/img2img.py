@@ -2,9 +2,9 @@
 
 :func:`prepare` does A1111's image side once per job: resize mode, binary mask, mask blur,
 "only masked" crop, masked content "fill", the overlay that restores unmasked pixels, and the VAE
-encoding. :class:`InitImages` then hands each batch its init latents, the latent mask the denoiser
-blends with (``denoised = init * keep + (1 - keep) * denoised``) and, for 9-channel inpainting
-UNets, the image conditioning (mask + masked-image latent).
+encoding. Each batch then gets its init latents, the :class:`LatentMask` the denoiser blends with
+(``denoised = init * keep + (1 - keep) * denoised``, or soft inpainting's blend) and, for 9-channel
+inpainting UNets, the image conditioning (mask + masked-image latent).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 
 from ..core import imageops
 from ..core.params import Img2ImgRequest, RequestError
+from . import soft_inpaint
 from . import vae as vae_ops
 
 FILL, ORIGINAL, LATENT_NOISE, LATENT_NOTHING = range(4)
@@ -29,7 +30,7 @@ class Prepared:
 
     image: Image.Image  # what was encoded (W×H)
     latent: torch.Tensor  # 1×C×h×w, scaled
-    keep: torch.Tensor | None  # 1×1×h×w, 1 = keep the original latent (None: no mask)
+    keep: torch.Tensor | None  # 1×1×h×w, 1 = keep the original latent (None: no mask); 0/1 unless soft
     overlay_base: Image.Image | None  # the original the result is pasted back onto
     overlay_mask: Image.Image | None  # blurred mask at overlay_base's size (white = result)
     region: tuple[int, int, int, int] | None  # "only masked": where the result goes in overlay_base
@@ -91,7 +92,9 @@ def prepare(req: Img2ImgRequest, vae, device: torch.device, inpainting_model: bo
         keep = None
         if binary_mask is not None:
             small = binary_mask.convert("RGB").resize((req.width // 8, req.height // 8), Image.Resampling.BICUBIC)
-            repaint = np.around(np.asarray(small, dtype=np.float32)[..., 0] / 255.0)
+            repaint = np.asarray(small, dtype=np.float32)[..., 0] / 255.0
+            if not req.soft_inpainting:  # soft inpainting keeps the blur's partial values
+                repaint = np.around(repaint)
             keep = torch.from_numpy(1.0 - repaint)[None, None]
         image_cond = None
         if inpainting_model:
@@ -121,8 +124,40 @@ def txt2img_conditioning(vae, device, batch: int, height: int, width: int) -> to
     return torch.cat([torch.ones(1, 1, *latent.shape[-2:]), latent], dim=1).repeat(batch, 1, 1, 1)
 
 
-def finish(prepared: Prepared, result: Image.Image) -> Image.Image:
-    """Paste the original back outside the mask (exactly, where the blurred mask is 0)."""
+@dataclass
+class LatentMask:
+    """What the denoiser blends each prediction with: the init latent where ``keep`` is 1 (N×1×h×w)."""
+
+    init: torch.Tensor
+    keep: torch.Tensor
+    soft: soft_inpaint.SoftInpainting | None = None
+
+    def blend(self, denoised: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        init, keep = self.init.to(denoised.device), self.keep.to(denoised.device)
+        if self.soft is not None:
+            return soft_inpaint.blend(init, denoised, 1 - keep, sigma, self.soft)
+        return init * keep + (1 - keep) * denoised
+
+    def final(self, latents: torch.Tensor) -> torch.Tensor:
+        """The sampler's result: the original where the mask keeps it (soft inpainting composites in pixels
+        instead, see :func:`finish`)."""
+        if self.soft is not None:
+            return latents
+        return latents * (1 - self.keep) + self.init * self.keep
+
+
+def finish(prepared: Prepared, result: Image.Image, latent: torch.Tensor | None = None,
+           soft: soft_inpaint.SoftInpainting | None = None) -> Image.Image:
+    """Paste the original back outside the mask (exactly, where the blurred mask is 0). With soft inpainting
+    (``latent``: the result's final latent), the original goes back where the result changed little."""
     if prepared.overlay_mask is None:
         return result
-    return imageops.overlay(result, prepared.overlay_base, prepared.overlay_mask, prepared.region)
+    mask = prepared.overlay_mask
+    if soft is not None and latent is not None and prepared.keep is not None:
+        mask = soft_inpaint.composite_mask(1 - prepared.keep, prepared.latent, latent.cpu(), soft, result.size)
+        if prepared.region is not None:  # "only masked": the mask goes where the result goes
+            x1, y1, x2, y2 = prepared.region
+            full = Image.new("L", prepared.overlay_base.size, 0)
+            full.paste(mask.resize((x2 - x1, y2 - y1), Image.Resampling.LANCZOS), (x1, y1))
+            mask = full
+    return imageops.overlay(result, prepared.overlay_base, mask, prepared.region)

@@ -263,6 +263,14 @@ class GenerationTab:
                 f.add("inpaint_full_res_padding", gr.Slider(0, 256, value=32, step=4,
                                                             label="Only masked padding, pixels",
                                                             elem_id="img2img_inpaint_full_res_padding"))
+            with gr.Accordion("Soft inpainting", open=False, elem_id="soft_inpainting_enabled_accordion"):
+                f.add("soft_inpainting", gr.Checkbox(False, label="Soft inpainting", elem_id="soft_inpainting_enabled",
+                                                     info="Blends the result with the original through the mask's "
+                                                          "blur; a large Mask blur is recommended"))
+                with gr.Row():
+                    for field, label, low, high, step in SOFT_INPAINTING_CONTROLS:
+                        f.add(field, gr.Slider(low, high, value=getattr(Img2ImgRequest, field), step=step,
+                                               label=label, elem_id=field))
 
     def _img2img_resize(self) -> None:
         t, f = self.t, self.form
@@ -526,6 +534,15 @@ def _round8(value: float) -> int:
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+# A1111's soft inpainting controls: (field and element id, label, min, max, step)
+SOFT_INPAINTING_CONTROLS = (("mask_blend_power", "Schedule bias", 0, 8, 0.1),
+                            ("mask_blend_scale", "Preservation strength", 0, 8, 0.05),
+                            ("inpaint_detail_preservation", "Transition contrast boost", 1, 32, 0.5),
+                            ("composite_mask_influence", "Mask influence", 0, 1, 0.05),
+                            ("composite_difference_threshold", "Difference threshold", 0, 8, 0.25),
+                            ("composite_difference_contrast", "Difference contrast", 0, 8, 0.25))
 
 
 def _first_infotext(results: list[dict]) -> str:
