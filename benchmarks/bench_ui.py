@@ -5,10 +5,15 @@ through the API, on one running server (the demo model, or --model).
 - first preview: from the Generate click until the live preview shows a picture.
 - UI job: from the click until the gallery shows the image and its infotext.
 - API job: POST /sdapi/v1/txt2img with the same parameters (and seed), from the request until the answer.
-Prints each as the median of N runs and the ratio UI job / API job (goal: overhead <= 10 %, ratio <= 1.10).
+Prints each as the median of N runs and the ratio UI job / API job (goal: overhead <= 10 %, ratio <= 1.10),
+and where each job's time went (the queue's own timestamps).
+
+On a small CPU-only machine the browser drawing the page takes CPU from the job itself. ``--pin`` puts the
+server (one math thread) on the first core and this script with its browser on the others, for both the UI
+and the API runs: what is left is the UI's own cost, as on a machine whose GPU does the work.
 Needs Chromium and Playwright (./test.sh installs both).
 
-Usage: python benchmarks/bench_ui.py [--runs 5] [--steps 20] [--size 256] [--model NAME]
+Usage: python benchmarks/bench_ui.py [--runs 5] [--steps 20] [--size 256] [--model NAME] [--pin]
 """
 
 from __future__ import annotations
@@ -30,10 +35,14 @@ from sdstudio.ui.headless import chromium_path, launch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_server(port: int, data_dir: Path) -> subprocess.Popen:
+def start_server(port: int, data_dir: Path, cores: set[int] | None = None) -> subprocess.Popen:
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    if cores:
+        env["OMP_NUM_THREADS"] = str(len(cores))
     proc = subprocess.Popen([sys.executable, "-m", "sdstudio", "serve", "--api", "--port", str(port), "--data-dir",
                              str(data_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
+    if cores:
+        os.sched_setaffinity(proc.pid, cores)  # before it imports torch: its threads inherit the mask
     for _ in range(600):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/sdapi/v1/samplers", timeout=2)
@@ -72,7 +81,15 @@ def main() -> int:
     ap.add_argument("--data-dir", default=str(ROOT))
     ap.add_argument("--port", type=int, default=7893)
     ap.add_argument("--no-previews", action="store_true", help="turn live previews off (Settings) for the run")
+    ap.add_argument("--pin", action="store_true", help="server on core 0, this script and the browser on the rest")
     args = ap.parse_args()
+    server_cores = None
+    if args.pin:
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < 2:
+            raise SystemExit("--pin needs at least two cores")
+        server_cores = {cores[0]}
+        os.sched_setaffinity(0, set(cores[1:]))  # the browser, started below, inherits it
     from playwright.sync_api import sync_playwright
 
     chromium = chromium_path()
@@ -82,7 +99,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp)  # outputs of the benchmark go to a scratch data dir that links the models
         (data_dir / "models").symlink_to(Path(args.data_dir).resolve() / "models")
-        proc = start_server(args.port, data_dir)
+        proc = start_server(args.port, data_dir, server_cores)
         try:
             options = {**({"sd_model_checkpoint": args.model} if args.model else {}),
                        **({"live_previews_enable": False} if args.no_previews else {})}
@@ -129,6 +146,8 @@ def main() -> int:
             proc.terminate()
             proc.wait(timeout=30)
     med = statistics.median
+    if args.pin:
+        print(f"pinned: server on core {sorted(server_cores)}, browser on {sorted(os.sched_getaffinity(0))}")
     print(f"page load to interactive: {med(loads):.2f} s (median of {args.runs})")
     if previews:
         print(f"Generate click to first live preview: {med(previews):.2f} s")
