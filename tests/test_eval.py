@@ -59,7 +59,7 @@ def test_the_harness_runs_end_to_end_on_a_tiny_model(data_dir, tmp_path, capsys)
     out = tmp_path / "RESULTS.md"
     assert main(["--data-dir", str(data_dir), "--n", "8", "--size", "64", "--steps", "2", "--out", str(out)]) == 0
     text = out.read_text()
-    for measure in ("renderer (upper bound)", "CFG response", "negative prompt", "emphasis", "img2img", "inpaint",
+    for measure in ("renderer (upper bound)", "through the model's VAE", "CFG response", "negative prompt", "emphasis", "img2img", "inpaint",
                     "Fréchet"):
         assert measure in text
     inpaint = next(line for line in text.splitlines() if line.startswith("| inpaint"))

@@ -70,6 +70,13 @@ def evaluate(engine, args, log=print) -> list[tuple[str, str, str]]:
     up, low = harness.attribute_accuracy(upper, scenes), harness.attribute_accuracy(lower, scenes)
     rows.append(("attribute accuracy, renderer (upper bound)", pct(up["mean"]), "the reader on the renderer's own pictures"))
     rows.append(("attribute accuracy, random pictures (lower bound)", pct(low["mean"]), "the reader on uniform noise"))
+    with tempfile.TemporaryDirectory() as tmp:  # img2img at strength 0: the VAE's encode and decode, no step
+        through_vae = [_img2img(engine, r, p.prompt, p.seed, args, Path(tmp), denoising_strength=0.0)
+                       for r, p in zip(renders, items)]
+    vae = harness.attribute_accuracy(harness.read(reader, through_vae)[0], scenes)
+    rows.append(("attribute accuracy, renderer through the model's VAE", pct(vae["mean"]),
+                 (f"the model's ceiling: background {pct(vae['background'])}, colour {pct(vae['colour'])}, "
+                 f"shape {pct(vae['shape'])}")))
     rows.append((f"attribute accuracy, model (CFG {args.cfg:g})", pct(acc["mean"]),
                  (f"background {pct(acc['background'])}, colour {pct(acc['colour'])}, shape {pct(acc['shape'])}; "
                  "target ≥ 80 %")))
