@@ -135,6 +135,9 @@ def main() -> int:
                         previews.append(time.perf_counter() - t)
                     page.wait_for_function("document.querySelector('#txt2img_html_info textarea').value"
                                            ".includes('Seed: 1,')", timeout=600_000, polling=50)
+                    info = page.locator("#txt2img_html_info textarea").input_value()
+                    if f"Size: {args.size}x{args.size}," not in info:  # the page changed a field after we typed
+                        raise SystemExit(f"the UI job did not run as typed: {info!r}")
                     ui_jobs.append(time.perf_counter() - t)
                     ui_parts.append(job_parts(data_dir, wall, time.time()))
                     page.context.close()

@@ -158,12 +158,16 @@ class StudioUI:
 
     def _current_settings(self) -> list:
         """A page load shows the settings as they are now (the API or another window may have changed them),
-        and the current checkpoint's own size as the default width and height."""
+        and the current checkpoint's own size as the default width and height. A control whose value has not
+        changed since the page was built is left alone: the load event arrives after the page is usable, and
+        must not undo what the user (or a page script) typed in the meantime."""
         values = self.settings.values
         w, h = self.model_size()
+        fresh = [values.get("sd_vae", "Automatic"), values.get("CLIP_stop_at_last_layers", 1),
+                 *[values.get(key) for key in self.settings_tab.controls], w, h, w, h]
+        controls = self._settings_outputs()[1:]
         return [gr.Dropdown(choices=self.checkpoint_titles(), value=values.get("sd_model_checkpoint")),
-                values.get("sd_vae", "Automatic"), values.get("CLIP_stop_at_last_layers", 1),
-                *[values.get(key) for key in self.settings_tab.controls], w, h, w, h]
+                *[gr.skip() if value == control.value else value for control, value in zip(controls, fresh)]]
 
     def model_size(self) -> tuple[int, int]:
         """The size the current checkpoint was made for, from its ``modelspec.resolution`` metadata (SAI's
@@ -307,7 +311,7 @@ class StudioUI:
             return job
 
         @r.get("/progress/{job_id}")
-        def job_progress(job_id: str):
+        async def job_progress(job_id: str):  # quick (no disk, no image): on the event loop, no thread hop
             return progress.snapshot(self.service, ui_job(job_id).id)
 
         @r.get("/progress/{job_id}/preview")

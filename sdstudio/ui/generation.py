@@ -142,10 +142,11 @@ class GenerationTab:
 
     def _size_controls(self) -> None:
         t, f = self.t, self.form
+        w, h = self.ui.model_size()  # the checkpoint's own size (the page load updates it if the model changed)
         with gr.Row():
             with gr.Column(scale=4):
-                f.add("width", gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id=f"{t}_width"))
-                f.add("height", gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id=f"{t}_height"))
+                f.add("width", gr.Slider(64, 2048, value=w, step=8, label="Width", elem_id=f"{t}_width"))
+                f.add("height", gr.Slider(64, 2048, value=h, step=8, label="Height", elem_id=f"{t}_height"))
             self.swap = gr.Button("⇅", elem_id=f"{t}_res_switch_btn", size="sm", min_width=40, scale=0)
 
     def _hires(self) -> None:
