@@ -68,6 +68,7 @@
   // data-period seconds, the preview picture. No gradio update is involved, so the browser's work per update
   // is one small fetch and one element.
   const BAR_PERIOD_MS = 250;
+  const FIRST_PREVIEW_POLL_MS = 100;
   async function followJob(area) {
     area.dataset.polling = "1";
     const job = encodeURIComponent(area.dataset.job);
@@ -96,7 +97,10 @@
         img.alt = "";
         img.src = `/sdstudio/progress/${job}/preview?n=${shown}`;
       }
-      await new Promise((resolve) => setTimeout(resolve, BAR_PERIOD_MS));
+      // from the job's start until its first picture shows, look more often: that picture is what the user
+      // waits for (a queued job is polled at the usual pace)
+      const waiting = box && shown === null && /data-state="running"/.test(data.html || "");
+      await new Promise((resolve) => setTimeout(resolve, waiting ? FIRST_PREVIEW_POLL_MS : BAR_PERIOD_MS));
     }
   }
 
