@@ -13,6 +13,8 @@ from sdstudio.core.params import Img2ImgRequest, RequestError, from_infotext
 from sdstudio.engine import soft_inpaint
 from sdstudio.engine.soft_inpaint import SoftInpainting
 
+DEFAULTS = SoftInpainting.of(Img2ImgRequest(mask="mask.png", soft_inpainting=True))  # A1111's: 1, 0.5, 4, 0, 0.5, 2
+
 
 def _reference_filter(img: np.ndarray, kernel: np.ndarray, lo: float, hi: float, min_width: float = 1.0):
     """The filter's definition, one pixel at a time: sort the window, stack the weights, average the values
@@ -59,7 +61,7 @@ def test_blend_keeps_the_original_outside_and_the_prediction_inside():
     init, current = torch.randn(1, 4, 6, 6, generator=g), torch.randn(1, 4, 6, 6, generator=g)
     repaint = torch.zeros(1, 1, 6, 6)
     repaint[..., 3:] = 1
-    out = soft_inpaint.blend(init, current, repaint, torch.tensor(5.0), SoftInpainting())
+    out = soft_inpaint.blend(init, current, repaint, torch.tensor(5.0), DEFAULTS)
     assert torch.allclose(out[..., :3], init[..., :3], atol=1e-5)
     assert torch.allclose(out[..., 3:], current[..., 3:], atol=1e-5)
 
@@ -68,7 +70,8 @@ def test_blend_favours_the_original_early_and_keeps_vector_lengths():
     a = torch.tensor([1.0, 0, 0, 0]).view(1, 4, 1, 1)
     b = torch.tensor([0, 1.0, 0, 0]).view(1, 4, 1, 1)
     half = torch.full((1, 1, 1, 1), 0.5)
-    soft = SoftInpainting()
+    soft = DEFAULTS
+    assert (soft.power, soft.scale, soft.detail, soft.influence, soft.threshold, soft.contrast) == (1, 0.5, 4, 0, 0.5, 2)
     early, late = (soft_inpaint.blend(a, b, half, torch.tensor(s), soft) for s in (10.0, 0.1))
     assert early[0, 0] > 0.9 and late[0, 1] > late[0, 0]  # noisy steps keep the original, quiet ones follow b
     t = 0.5 ** (1.0 * 0.5)  # sigma 1: repaint ** (sigma ** power * scale)
@@ -83,9 +86,9 @@ def test_composite_mask_follows_where_the_latent_changed():
     final[..., 4:12, 4:12] = 3.0  # a changed square
     repaint = torch.zeros(1, 1, 16, 16)
     repaint[..., 2:14, 2:14] = 1
-    mask = np.asarray(soft_inpaint.composite_mask(repaint, init, final, SoftInpainting(), (128, 128)))
+    mask = np.asarray(soft_inpaint.composite_mask(repaint, init, final, DEFAULTS, (128, 128)))
     assert mask[64, 64] >= 250 and mask[2, 2] == 0 and mask[125, 3] == 0  # result where changed, else original
-    same = np.asarray(soft_inpaint.composite_mask(repaint, init, init, SoftInpainting(), (128, 128)))
+    same = np.asarray(soft_inpaint.composite_mask(repaint, init, init, DEFAULTS, (128, 128)))
     assert same.max() == 0  # nothing changed: all original
 
 

@@ -26,12 +26,14 @@ from PIL import Image, ImageFilter
 
 @dataclass(frozen=True)
 class SoftInpainting:
-    power: float = 1.0  # "Schedule bias"
-    scale: float = 0.5  # "Preservation strength"
-    detail: float = 4.0  # "Transition contrast boost"
-    influence: float = 0.0  # "Mask influence"
-    threshold: float = 0.5  # "Difference threshold"
-    contrast: float = 2.0  # "Difference contrast"
+    """The six settings (the request's fields; A1111's defaults live there)."""
+
+    power: float  # "Schedule bias" (mask_blend_power)
+    scale: float  # "Preservation strength" (mask_blend_scale)
+    detail: float  # "Transition contrast boost" (inpaint_detail_preservation)
+    influence: float  # "Mask influence" (composite_mask_influence)
+    threshold: float  # "Difference threshold" (composite_difference_threshold)
+    contrast: float  # "Difference contrast" (composite_difference_contrast)
 
     @classmethod
     def of(cls, req) -> SoftInpainting | None:
