@@ -146,6 +146,24 @@ def test_token_counter_as_a1111():
     assert token_counter(tok, {}, "[a:a b c d e:5] <lora:x:1>") == '<span class="sd-token-count">5/75</span>'
 
 
+def test_token_counter_sees_embeddings_without_rescanning_per_keystroke(ui, data_dir, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    from sdstudio.ui import app
+
+    first = ui.embedding_lookup()
+    assert ui.embedding_lookup() is first  # the next keystroke: the same lookup, nothing re-read
+    folder = data_dir / "embeddings"
+    folder.mkdir(exist_ok=True)
+    save_file({"emb_params": torch.randn(4, 32)}, str(folder / "fourvec.safetensors"))
+    assert ui.embedding_lookup() is first  # within the recheck period the counter keeps its view
+    monkeypatch.setattr(app, "EMBEDDINGS_RECHECK_S", 0.0)
+    lookup = ui.embedding_lookup()
+    assert lookup is not first
+    assert token_counter(clip_tokenizer(), lookup, "a fourvec circle") == '<span class="sd-token-count">6/75</span>'
+
+
 def test_generate_event_queues_a_job_and_reports_progress(service, ui, page):
     client = "ui:test"
     req = Txt2ImgRequest(prompt="a red circle", steps=3, width=64, height=64, seed=5, model="tiny-sd1")

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -35,6 +36,9 @@ from .tabs import ExtrasTab, PngInfoTab, SettingsTab, open_picture
 STATIC = Path(__file__).parent / "static"
 
 
+EMBEDDINGS_RECHECK_S = 5.0  # how stale the token counters' view of the embeddings folder may be
+
+
 def page_assets() -> dict:
     """``head`` and ``css`` for :func:`gradio.mount_gradio_app`."""
     script = (STATIC / "sdstudio.js").read_text(encoding="utf-8")
@@ -48,6 +52,7 @@ class StudioUI:
         self.paths = service.engine.paths
         self.allow_folders = allow_folders  # batch folders typed in the page (off when served to the network)
         self.forever: set[str] = set()  # clients with "Generate forever" on
+        self._lookup = None  # (checked at, embedding names, lookup) for the token counters
         service.preview_settings = lambda: (settings.get("show_progress_type", "Approx cheap"),
                                             int(settings.get("show_progress_every_n_steps", 1)))
 
@@ -93,10 +98,19 @@ class StudioUI:
         return clip_tokenizer()
 
     def embedding_lookup(self):
+        """The embeddings by token, for the token counters (asked on every keystroke): the folder is looked at
+        again at most every few seconds, and the names are tokenized again only when they changed."""
         from ..engine.conditioning import embedding_lookup
 
-        library = self.service.engine.embeddings
-        return embedding_lookup(self.tokenizer(), {n: library.get(n) for n in library.names()})
+        now = time.monotonic()
+        if self._lookup is None or now - self._lookup[0] > EMBEDDINGS_RECHECK_S:
+            library = self.service.engine.embeddings
+            names = tuple(library.names())
+            if self._lookup is None or names != self._lookup[1]:
+                self._lookup = (now, names, embedding_lookup(self.tokenizer(), {n: library.get(n) for n in names}))
+            else:
+                self._lookup = (now, *self._lookup[1:])
+        return self._lookup[2]
 
     def open_folder(self, path: str | None, request) -> None:
         """Open the image's folder in the file manager of the machine the server runs on, when the page is
