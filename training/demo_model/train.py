@@ -92,11 +92,16 @@ def build(cfg: Config) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionMod
     return vae, text, unet
 
 
+def render_batch(scenes: list[shapes.Scene], size: int) -> torch.Tensor:
+    """The scenes rendered as an N×3×size×size batch in [-1, 1] (what the VAE encodes)."""
+    pictures = np.stack([np.asarray(shapes.render(s, size), dtype=np.float32) for s in scenes])
+    return torch.from_numpy(pictures / 127.5 - 1).permute(0, 3, 1, 2)
+
+
 def _batch(rng: np.random.Generator, cfg: Config, size: int | None = None) -> tuple[torch.Tensor, list[str]]:
     scenes = [shapes.random_scene(rng, max_things=3, stripes=0.15) for _ in range(cfg.batch)]
-    pictures = np.stack([np.asarray(shapes.render(s, size or cfg.size), dtype=np.float32) for s in scenes])
     captions = [shapes.caption(s, rich=bool(rng.random() < 0.5)) for s in scenes]
-    return torch.from_numpy(pictures / 127.5 - 1).permute(0, 3, 1, 2), captions
+    return render_batch(scenes, size or cfg.size), captions
 
 
 def _fold_latent_scale(vae: AutoencoderKL, images: torch.Tensor) -> float:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from sdstudio.eval import shapes
 
-from .train import SCALING, Config, Run, _alphas_cumprod
+from .train import SCALING, Config, Run, _alphas_cumprod, render_batch
 
 TRIGGER = "zebra"
 EMBEDDING = "demo-red"
@@ -51,9 +51,8 @@ def _scenes(rng, n, **kw):
             for _ in range(n)]
 
 
-def _encode(run: Run, scenes, size: int) -> torch.Tensor:
-    pictures = np.stack([np.asarray(shapes.render(s, size), dtype=np.float32) for s in scenes])
-    images = torch.from_numpy(pictures / 127.5 - 1).permute(0, 3, 1, 2)
+def _encode(run: Run, scenes, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images = render_batch(scenes, size)
     with torch.no_grad():
         return run.vae.encode(images).latent_dist.sample() * SCALING, images
 
