@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .conditioning import Conditioning
 from .schedules import DiscreteSchedule
+
+if TYPE_CHECKING:
+    from .img2img import LatentMask
 
 
 class Interrupted(Exception):
@@ -63,7 +67,7 @@ class CFGDenoiser:
                  device: torch.device, add_time_ids: torch.Tensor | None = None,
                  should_stop: Callable[[], bool] | None = None, batch_invariant: bool = False,
                  image_cond: torch.Tensor | None = None,
-                 latent_mask=None):
+                 latent_mask: LatentMask | None = None):
         self.unet = unet
         self.schedule = schedule
         self.v_prediction = prediction == "v_prediction"
@@ -77,7 +81,7 @@ class CFGDenoiser:
         self.batch_invariant = batch_invariant
         # 9-channel inpainting UNets: mask + masked-image latent, concatenated to the UNet input
         self.image_cond = image_cond
-        # inpainting: an img2img.LatentMask (``blend(denoised, sigma)``) keeping the original where the mask says
+        # inpainting: blends each prediction with the original latent where the mask keeps it
         self.latent_mask = latent_mask
         self.step = 0  # counts denoiser calls, as A1111 does (second-order samplers advance it twice)
 
