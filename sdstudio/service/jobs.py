@@ -221,8 +221,8 @@ class JobService:
     def interrupt(self, client: str | None) -> list[str]:
         """Stop the caller's running job (its finished images are kept) and end its parked ones."""
         touched = []
-        live = self.live
-        if live is not None and (client is None or live.job.client == client):
+        live = self._live_of(client, None)
+        if live is not None:
             live.interrupted = True
             touched.append(live.job.id)
         for job in self.queue.list(client=client, statuses=(QUEUED,), limit=1000):
@@ -233,8 +233,8 @@ class JobService:
         return touched
 
     def skip(self, client: str | None) -> list[str]:
-        live = self.live
-        if live is not None and (client is None or live.job.client == client):
+        live = self._live_of(client, None)
+        if live is not None:
             live.skip = True
             return [live.job.id]
         return []
@@ -249,10 +249,8 @@ class JobService:
 
     def progress(self, client: str | None, job_id: str | None = None) -> dict:
         """A1111's ``/progress`` fields for the caller's running job (or its next queued one)."""
-        live = self.live
-        mine = live is not None and (client is None or live.job.client == client) and \
-            (job_id is None or live.job.id == job_id)
-        if mine:
+        live = self._live_of(client, job_id)
+        if live is not None:
             return {"progress": live.progress, "eta_relative": live.eta(), "job_id": live.job.id,
                     "state": {"skipped": live.skip, "interrupted": live.interrupted, "job": live.job.kind,
                               "job_count": live.job_count, "job_timestamp": "", "job_no": live.job_no,
@@ -286,6 +284,7 @@ class JobService:
         return live.preview_no if live is not None and live.preview is not None else None
 
     def _live_of(self, client: str | None, job_id: str | None) -> Live | None:
+        """The running job's live state if it is ``client``'s and ``job_id`` (None: any)."""
         live = self.live
         if live is None or (client is not None and live.job.client != client) or \
                 (job_id is not None and live.job.id != job_id):
