@@ -22,7 +22,7 @@ from starlette.requests import Request
 from ..core import infotext, styles
 from ..core.names import LATENT_UPSCALE_MODES, SAMPLERS, SCHEDULES
 from ..core.outputs import NotAnImageError, read_infotext
-from ..core.params import SOFT_INPAINTING_KEYS, Img2ImgRequest, RequestError, Txt2ImgRequest
+from ..core.params import SOFT_INPAINTING_FIELDS, Img2ImgRequest, RequestError, Txt2ImgRequest
 from ..core.scripts import ScriptError, from_a1111_list, names_for
 from ..core.settings import SettingError, Settings
 from ..engine import extras
@@ -245,7 +245,7 @@ def soft_inpainting_fields(body: Img2ImgBody) -> dict:
     """A1111's always-on "Soft Inpainting" script: ``alwayson_scripts: {"soft inpainting": {"args": [enabled,
     schedule bias, preservation strength, transition contrast boost, mask influence, difference threshold,
     difference contrast]}}`` (trailing arguments may be left out)."""
-    names = ("soft_inpainting",) + tuple(field for field, _ in SOFT_INPAINTING_KEYS)
+    names = ("soft_inpainting",) + tuple(entry[0] for entry in SOFT_INPAINTING_FIELDS)
     for name, entry in body.alwayson_scripts.items():
         if name.strip().lower() != "soft inpainting":
             continue

@@ -214,17 +214,14 @@ def concrete_seed(seed: int | None) -> int:
     return int(random.randrange(MAX_SEED)) if seed is None or int(seed) == -1 else int(seed)
 
 
-# (field, lowest, highest): A1111's slider ranges for soft inpainting
-SOFT_INPAINTING_RANGES = (("mask_blend_power", 0, 8), ("mask_blend_scale", 0, 8), ("inpaint_detail_preservation", 1, 32),
-                          ("composite_mask_influence", 0, 1), ("composite_difference_threshold", 0, 8),
-                          ("composite_difference_contrast", 0, 8))
-# (field, infotext key) in A1111's order, after "Soft inpainting enabled"
-SOFT_INPAINTING_KEYS = (("mask_blend_power", "Soft inpainting schedule bias"),
-                        ("mask_blend_scale", "Soft inpainting preservation strength"),
-                        ("inpaint_detail_preservation", "Soft inpainting transition contrast boost"),
-                        ("composite_mask_influence", "Soft inpainting mask influence"),
-                        ("composite_difference_threshold", "Soft inpainting difference threshold"),
-                        ("composite_difference_contrast", "Soft inpainting difference contrast"))
+# Soft inpainting's settings in A1111's order (after "Soft inpainting enabled"): (field, infotext key, lowest,
+# highest), the ranges of A1111's sliders
+SOFT_INPAINTING_FIELDS = (("mask_blend_power", "Soft inpainting schedule bias", 0, 8),
+                          ("mask_blend_scale", "Soft inpainting preservation strength", 0, 8),
+                          ("inpaint_detail_preservation", "Soft inpainting transition contrast boost", 1, 32),
+                          ("composite_mask_influence", "Soft inpainting mask influence", 0, 1),
+                          ("composite_difference_threshold", "Soft inpainting difference threshold", 0, 8),
+                          ("composite_difference_contrast", "Soft inpainting difference contrast", 0, 8))
 
 
 @dataclass
@@ -270,7 +267,7 @@ class Img2ImgRequest(Txt2ImgRequest):
             raise RequestError(f"inpaint_full_res_padding must be from 0 to 1024, got {self.inpaint_full_res_padding!r}")
         if not 0.0 <= self.inpainting_mask_weight <= 1.0:
             raise RequestError(f"inpainting_mask_weight must be between 0 and 1, got {self.inpainting_mask_weight!r}")
-        for name, low, high in SOFT_INPAINTING_RANGES:
+        for name, _key, low, high in SOFT_INPAINTING_FIELDS:
             value = getattr(self, name)
             if not low <= value <= high:
                 raise RequestError(f"{name} must be from {low:g} to {high:g}, got {value!r}")
@@ -419,7 +416,7 @@ INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
     InfotextField("Soft inpainting enabled", lambda r: True if _soft(r) else None,
                   lambda t: {"soft_inpainting": t.strip().lower() == "true"}),
     *(InfotextField(key, lambda r, a=attr: _fmt_float(getattr(r, a)) if _soft(r) else None,
-                    lambda t, a=attr: {a: float(t)}) for attr, key in SOFT_INPAINTING_KEYS),
+                    lambda t, a=attr: {a: float(t)}) for attr, key, _low, _high in SOFT_INPAINTING_FIELDS),
 )
 _FIELD_BY_KEY = {f.key: f for f in INFOTEXT_FIELDS}
 

@@ -16,7 +16,14 @@ from ..core import imageops, infotext, outputs, scripts
 from ..core import styles as styles_file
 from ..core.imageops import MASKED_CONTENT, RESIZE_MODES
 from ..core.names import sampler_labels, schedule_labels
-from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest, from_infotext, with_png_info
+from ..core.params import (
+    SOFT_INPAINTING_FIELDS,
+    Img2ImgRequest,
+    RequestError,
+    Txt2ImgRequest,
+    from_infotext,
+    with_png_info,
+)
 from ..service.jobs import JobError, Txt2ImgJob, grid_entries
 from ..service.queue import FAILED
 from . import networks
@@ -269,7 +276,8 @@ class GenerationTab:
                                                      info="Blends the result with the original through the mask's "
                                                           "blur; a large Mask blur is recommended"))
                 with gr.Row():
-                    for field, label, low, high, step in SOFT_INPAINTING_CONTROLS:
+                    for (field, _key, low, high), (label, step) in zip(SOFT_INPAINTING_FIELDS,
+                                                                       SOFT_INPAINTING_CONTROLS, strict=True):
                         f.add(field, gr.Slider(low, high, value=getattr(Img2ImgRequest, field), step=step,
                                                label=label, elem_id=field))
 
@@ -537,13 +545,9 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
-# A1111's soft inpainting controls: (field and element id, label, min, max, step)
-SOFT_INPAINTING_CONTROLS = (("mask_blend_power", "Schedule bias", 0, 8, 0.1),
-                            ("mask_blend_scale", "Preservation strength", 0, 8, 0.05),
-                            ("inpaint_detail_preservation", "Transition contrast boost", 1, 32, 0.5),
-                            ("composite_mask_influence", "Mask influence", 0, 1, 0.05),
-                            ("composite_difference_threshold", "Difference threshold", 0, 8, 0.25),
-                            ("composite_difference_contrast", "Difference contrast", 0, 8, 0.25))
+# A1111's soft inpainting sliders (label, step), in SOFT_INPAINTING_FIELDS' order (fields, element ids, ranges)
+SOFT_INPAINTING_CONTROLS = (("Schedule bias", 0.1), ("Preservation strength", 0.05), ("Transition contrast boost", 0.5),
+                            ("Mask influence", 0.05), ("Difference threshold", 0.25), ("Difference contrast", 0.25))
 
 
 def _first_infotext(results: list[dict]) -> str:
