@@ -23,34 +23,14 @@ import json
 import os
 import sqlite3
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-from sdstudio.ui.headless import chromium_path, launch
+from sdstudio.ui.headless import chromium_path, launch, set_options, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def start_server(port: int, data_dir: Path, cores: set[int] | None = None) -> subprocess.Popen:
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    if cores:
-        env["OMP_NUM_THREADS"] = str(len(cores))
-    proc = subprocess.Popen([sys.executable, "-m", "sdstudio", "serve", "--api", "--port", str(port), "--data-dir",
-                             str(data_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
-    if cores:
-        os.sched_setaffinity(proc.pid, cores)  # before it imports torch: its threads inherit the mask
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/sdapi/v1/samplers", timeout=2)
-            return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not start")
 
 
 def api_job(url: str, params: dict) -> float:
@@ -104,9 +84,7 @@ def main() -> int:
             options = {**({"sd_model_checkpoint": args.model} if args.model else {}),
                        **({"live_previews_enable": False} if args.no_previews else {})}
             if options:
-                body = json.dumps(options).encode()
-                urllib.request.urlopen(urllib.request.Request(url + "/sdapi/v1/options", data=body,
-                                                              headers={"Content-Type": "application/json"}))
+                set_options(url, options)
             params = {"prompt": "a red circle on a blue background", "steps": args.steps, "width": args.size,
                       "height": args.size, "seed": 1, "sampler_name": "DPM++ 2M"}
             api_job(url, params)  # warm-up: loads the model

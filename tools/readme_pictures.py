@@ -7,18 +7,15 @@ Usage: python tools/readme_pictures.py [--out docs/images] [--port 7899]
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from PIL import Image
 
-from sdstudio.ui.headless import launch
+from sdstudio.ui.headless import launch, set_options, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,27 +38,17 @@ def grid(out: Path) -> None:
 def screenshots(out: Path, port: int) -> None:
     from playwright.sync_api import sync_playwright
 
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         (data / "models").symlink_to(ROOT / "models")
         (data / "embeddings").symlink_to(ROOT / "embeddings")
-        proc = subprocess.Popen([sys.executable, "-m", "sdstudio", "serve", "--api", "--port", str(port),
-                                 "--data-dir", str(data)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        proc = start_server(port, data)
         url = f"http://127.0.0.1:{port}"
         try:
-            for _ in range(600):
-                try:
-                    urllib.request.urlopen(url + "/sdapi/v1/samplers", timeout=2)
-                    break
-                except OSError:
-                    time.sleep(0.2)
             with sync_playwright() as p:
                 browser = launch(p)
                 for lang in ("None", "zh_CN"):
-                    body = json.dumps({"localization": lang}).encode()
-                    urllib.request.urlopen(urllib.request.Request(url + "/sdapi/v1/options", data=body,
-                                                                  headers={"Content-Type": "application/json"}))
+                    set_options(url, {"localization": lang})
                     page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
                     page.goto(url)
                     page.wait_for_selector("#txt2img_generate")
@@ -82,10 +69,8 @@ def screenshots(out: Path, port: int) -> None:
                     picture.save(out / name, optimize=True)
                 browser.close()
         finally:
-            body = json.dumps({"localization": "None"}).encode()
             try:
-                urllib.request.urlopen(urllib.request.Request(url + "/sdapi/v1/options", data=body,
-                                                              headers={"Content-Type": "application/json"}))
+                set_options(url, {"localization": "None"})
             except OSError:
                 pass
             proc.terminate()
