@@ -117,7 +117,7 @@ def _fold_latent_scale(vae: AutoencoderKL, images: torch.Tensor) -> float:
     return k
 
 
-def _warmup_cosine(step: int, total: int, warmup: int = 200) -> float:
+def warmup_cosine(step: int, total: int, warmup: int = 200) -> float:
     return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
 
 
@@ -151,6 +151,19 @@ def text_separation(run: Run) -> float:
     return float((a - b).abs().mean() / a.abs().mean())
 
 
+def noise_loss(unet, latents: torch.Tensor, context: torch.Tensor, alphas: torch.Tensor,
+               extra: torch.Tensor | None = None) -> torch.Tensor:
+    """Epsilon prediction's loss at random timesteps; ``extra``: channels appended to the UNet's input
+    (a 9-channel inpainting UNet's mask and masked-image latent)."""
+    t = torch.randint(0, 1000, (latents.shape[0],))
+    noise = torch.randn_like(latents)
+    a = alphas[t].view(-1, 1, 1, 1)
+    x = a.sqrt() * latents + (1 - a).sqrt() * noise
+    if extra is not None:
+        x = torch.cat([x, extra], dim=1)
+    return F.mse_loss(unet(x, t, context).sample, noise)
+
+
 def _alphas_cumprod() -> torch.Tensor:
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     return torch.cumprod(1 - betas, 0).float()
@@ -164,7 +177,7 @@ class Run:
         self.probe = nn.ModuleDict({name: nn.Linear(cfg.text_width, n) for name, n in _PROBE.items()})
         self.stage, self.step = "vae", 0
         self.rng = np.random.default_rng(cfg.seed)
-        self.opt = torch.optim.AdamW(self.vae.parameters(), lr=cfg.lr_vae)
+        self.opt = self._vae_optimizer()
         self.tokenizer = clip_tokenizer()
         self.pool: list[tuple[torch.Tensor, torch.Tensor, str]] = []  # (mean, std, caption); a cache, not saved
         state = self.folder / "state.pt"
@@ -172,6 +185,9 @@ class Run:
             self._load(state)
 
     # ---- persistence ----------------------------------------------------------------------------
+    def _vae_optimizer(self):
+        return torch.optim.AdamW(self.vae.parameters(), lr=self.cfg.lr_vae)
+
     def _text_optimizer(self):
         return torch.optim.AdamW(list(self.text.parameters()) + list(self.probe.parameters()), lr=self.cfg.lr_text,
                                  weight_decay=0.0)
@@ -180,9 +196,7 @@ class Run:
         return torch.optim.AdamW(self.unet.parameters(), lr=self.cfg.lr_unet, weight_decay=1e-2)
 
     def _optimizer_for(self, stage: str):
-        return {"text": self._text_optimizer, "vae": lambda: torch.optim.AdamW(self.vae.parameters(),
-                                                                              lr=self.cfg.lr_vae)}.get(
-            stage, self._diffusion_optimizer)()
+        return {"vae": self._vae_optimizer, "text": self._text_optimizer}.get(stage, self._diffusion_optimizer)()
 
     def save(self) -> None:
         state = {"stage": self.stage, "step": self.step, "config": asdict(self.cfg), "vae": self.vae.state_dict(),
@@ -272,11 +286,7 @@ class Run:
         captions = ["" if self.rng.random() < 0.1 else c for c in captions]
         with torch.no_grad():
             context = self.text(self._tokens(captions)).last_hidden_state
-        t = torch.randint(0, 1000, (latents.shape[0],))
-        noise = torch.randn_like(latents)
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        return F.mse_loss(self.unet(noisy, t, context).sample, noise)
+        return noise_loss(self.unet, latents, context, alphas)
 
     def train(self) -> None:
         cfg = self.cfg
@@ -313,7 +323,7 @@ class Run:
         bar = tqdm(total=total, initial=self.step, desc=desc, unit="step")
         while self.step < total:
             for group in self.opt.param_groups:
-                group["lr"] = lr * _warmup_cosine(self.step, total, warmup)
+                group["lr"] = lr * warmup_cosine(self.step, total, warmup)
             loss = step_loss()
             self.opt.zero_grad()
             loss.backward()

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from sdstudio.eval import shapes
 
-from .train import SCALING, Config, Run, _alphas_cumprod, render_batch
+from .train import SCALING, Config, Run, _alphas_cumprod, noise_loss, render_batch, warmup_cosine
 
 TRIGGER = "zebra"
 EMBEDDING = "demo-red"
@@ -57,22 +57,12 @@ def _encode(run: Run, scenes, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         return run.vae.encode(images).latent_dist.sample() * SCALING, images
 
 
-def _noise_loss(unet, latents, context, alphas, extra=None) -> torch.Tensor:
-    t = torch.randint(0, 1000, (latents.shape[0],))
-    noise = torch.randn_like(latents)
-    a = alphas[t].view(-1, 1, 1, 1)
-    x = a.sqrt() * latents + (1 - a).sqrt() * noise
-    if extra is not None:
-        x = torch.cat([x, extra], dim=1)
-    return F.mse_loss(unet(x, t, context).sample, noise)
-
-
 def _optimise(params, steps: int, lr: float, loss_fn, desc: str) -> None:
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     bar = tqdm(range(steps), desc=desc, unit="step")
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            g["lr"] = lr * warmup_cosine(step, steps, warmup=50)
         loss = loss_fn()
         opt.zero_grad()
         loss.backward()
@@ -132,7 +122,7 @@ def train_lora(run: Run, out: Path, steps: int = 400, rank: int = 4, seed: int =
         plain = [shapes.caption(dataclasses.replace(s, stripes=False), rich=bool(rng.random() < 0.5))
                  for s in scenes]  # the caption does not say "striped": the trigger word has to
         context = run.text(run._tokens([f"{TRIGGER}, {c}" for c in plain])).last_hidden_state
-        return _noise_loss(run.unet, latents, context, alphas)
+        return noise_loss(run.unet, latents, context, alphas)
 
     _optimise(params, steps, 1e-3, loss, "LoRA")
     tensors = {}
@@ -179,7 +169,7 @@ def train_embedding(run: Run, out: Path, steps: int = 300, vectors: int = 2, see
             scenes = [_red(s) for s in _scenes(rng, run.cfg.batch, max_things=1)]
             latents, _ = _encode(run, scenes, run.cfg.size)
             captions = [shapes.caption(s).replace("red", "zzz qqq", 1) for s in scenes]
-            return _noise_loss(run.unet, latents, run.text(run._tokens(captions)).last_hidden_state, alphas)
+            return noise_loss(run.unet, latents, run.text(run._tokens(captions)).last_hidden_state, alphas)
 
         _optimise([learnt], steps, 5e-3, loss, "embedding")
     finally:
@@ -227,7 +217,7 @@ def train_inpainting(run: Run, out: Path, steps: int = 800, seed: int = 3) -> Pa
         small = F.interpolate(masks, size=latents.shape[-2:])
         captions = ["" if rng.random() < 0.1 else shapes.caption(s, rich=bool(rng.random() < 0.5)) for s in scenes]
         context = run.text(run._tokens(captions)).last_hidden_state
-        return _noise_loss(unet, latents, context, alphas, extra=torch.cat([small, blanked], dim=1))
+        return noise_loss(unet, latents, context, alphas, extra=torch.cat([small, blanked], dim=1))
 
     _optimise(list(unet.parameters()), steps, 1e-4, loss, "inpainting")
     base_unet = run.unet
