@@ -93,3 +93,22 @@ def free_port():
             return s.getsockname()[1]
 
     return pick
+
+
+@pytest.fixture(scope="session")
+def inpaint_files():
+    """A function writing the inpainting tests' pictures into a folder: ``init.png`` (a red disc on blue,
+    ``width``×64) and one mask per name, white inside its box: ``inpaint_files(root, 64, mask=(0, 0, 31, 63))``."""
+    from PIL import Image, ImageDraw
+
+    def make(root: Path, width: int = 64, **masks: tuple[int, int, int, int]) -> Path:
+        im = Image.new("RGB", (width, 64), (30, 60, 200))
+        ImageDraw.Draw(im).ellipse((16, 16, 48, 48), fill=(220, 40, 40))
+        im.save(root / "init.png")
+        for name, box in masks.items():
+            mask = Image.new("L", (width, 64), 0)
+            ImageDraw.Draw(mask).rectangle(box, fill=255)
+            mask.save(root / f"{name.replace('_', '-')}.png")
+        return root
+
+    return make

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from sdstudio.core import infotext
 from sdstudio.core.params import Img2ImgRequest, RequestError, Txt2ImgRequest, from_infotext
@@ -13,18 +13,8 @@ from sdstudio.engine.generate import Engine
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("i2i")
-    im = Image.new("RGB", (64, 64), (30, 60, 200))
-    ImageDraw.Draw(im).ellipse((16, 16, 48, 48), fill=(220, 40, 40))
-    im.save(root / "init.png")
-    mask = Image.new("L", (64, 64), 0)
-    ImageDraw.Draw(mask).rectangle((0, 0, 31, 63), fill=255)
-    mask.save(root / "mask.png")
-    small = Image.new("L", (64, 64), 0)
-    ImageDraw.Draw(small).rectangle((8, 8, 19, 19), fill=255)
-    small.save(root / "small-mask.png")
-    return root
+def files(tmp_path_factory, inpaint_files):
+    return inpaint_files(tmp_path_factory.mktemp("i2i"), 64, mask=(0, 0, 31, 63), small_mask=(8, 8, 19, 19))
 
 
 def req(files, **kw) -> Img2ImgRequest:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from sdstudio.core import infotext
 from sdstudio.core.params import Img2ImgRequest, RequestError, from_infotext
@@ -93,15 +93,8 @@ def test_composite_mask_follows_where_the_latent_changed():
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("soft")
-    im = Image.new("RGB", (128, 64), (30, 60, 200))
-    ImageDraw.Draw(im).ellipse((16, 16, 48, 48), fill=(220, 40, 40))
-    im.save(root / "init.png")
-    mask = Image.new("L", (128, 64), 0)
-    ImageDraw.Draw(mask).rectangle((0, 0, 31, 63), fill=255)
-    mask.save(root / "mask.png")
-    return root
+def files(tmp_path_factory, inpaint_files):
+    return inpaint_files(tmp_path_factory.mktemp("soft"), 128, mask=(0, 0, 31, 63))
 
 
 def soft_req(files, **kw) -> Img2ImgRequest:
