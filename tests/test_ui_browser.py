@@ -116,13 +116,14 @@ def generate(page, tab: str, prompt: str, steps: int = 6, size: int = 64, timeou
 def test_generate_shows_progress_then_the_image(server, browser):
     page = open_page(browser, server)
     shot(page, "txt2img-empty")
-    seen, info = generate(page, "txt2img", "a red circle on a blue background", steps=30, size=128,
+    # (a job long enough to be seen running: the page polls its progress every 250 ms)
+    seen, info = generate(page, "txt2img", "a red circle on a blue background", steps=30, size=192,
                           running_shot="txt2img-running")
     assert any(state == "running" and "Step" in text and "%" in text for state, text, _ in seen), seen[:10]
     assert any(state == "running" and preview for state, _, preview in seen), seen[:10]  # the live preview
     steps = [int(text.split("Step")[1].split("/")[0]) for state, text, _ in seen if state == "running"]
     assert steps == sorted(steps) and len(set(steps)) > 1, steps  # the bar moved forwards
-    assert "Steps: 30" in info and "Size: 128x128" in info and "Model: tiny-sd1" in info
+    assert "Steps: 30" in info and "Size: 192x192" in info and "Model: tiny-sd1" in info
     assert page.inner_text("#txt2img_token_counter").strip() == "7/75"
     shot(page, "txt2img")
     # send to img2img: the picture and its parameters arrive, the img2img tab opens
@@ -181,7 +182,7 @@ def test_switch_language_in_settings(server, browser):
         page.wait_for_selector("#txt2img_extra_networks button:has-text('Lora')", timeout=20_000)
         assert page.evaluate("1 + 1") == 2  # the page still answers
         shot(page, "txt2img-zh_CN")
-        seen, _info = generate(page, "txt2img", "a red circle", steps=20, size=128)
+        seen, _info = generate(page, "txt2img", "a red circle", steps=30, size=192)  # long enough to be seen running
         assert any("步" in text for state, text, _ in seen if state == "running"), seen[:5]
     finally:
         body = json.dumps({"localization": "None"}).encode()
