@@ -34,6 +34,7 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--realesrgan-models-path", help="folder with Real-ESRGAN upscalers (default: models/RealESRGAN)")
     g.add_argument("--swinir-models-path", help="folder with SwinIR upscalers (default: models/SwinIR)")
     g.add_argument("--dat-models-path", help="folder with DAT upscalers (default: models/DAT)")
+    g.add_argument("--gfpgan-models-path", help="folder with GFPGAN and its face detector (default: models/GFPGAN)")
     g.add_argument("--controlnet-dir", help="folder with ControlNet models (default: models/ControlNet)")
     g.add_argument("--styles-file", help="prompt styles CSV (default: styles.csv in the data dir)")
     d = parser.add_argument_group("device")
@@ -52,7 +53,7 @@ def paths_from(args: argparse.Namespace) -> Paths:
                  lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, hypernetwork_dir=args.hypernetwork_dir,
                  esrgan_dir=args.esrgan_models_path,
                  realesrgan_dir=args.realesrgan_models_path, swinir_dir=args.swinir_models_path,
-                 dat_dir=args.dat_models_path, controlnet_dir=args.controlnet_dir, styles_file=args.styles_file)
+                 dat_dir=args.dat_models_path, gfpgan_dir=args.gfpgan_models_path, controlnet_dir=args.controlnet_dir, styles_file=args.styles_file)
 
 
 def device_options_from(args: argparse.Namespace) -> DeviceOptions:
@@ -106,6 +107,8 @@ def add_generation_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--eta", type=float)
     t.add_argument("--ensd", type=int, help="eta noise seed delta")
     t.add_argument("--tiling", action="store_true", default=None)
+    t.add_argument("--restore-faces", action="store_true", default=None,
+                   help="restore faces with GFPGAN (its files in models/GFPGAN)")
     t.add_argument("--emphasis", choices=["Original", "No norm", "None"])
     t.add_argument("--novelai-braces", action="store_true", default=None, help="{x} weighs x by 1.05")
     t.add_argument("--style", dest="styles", action="append", help="apply a style from styles.csv (repeatable)")
@@ -201,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--upscaler", default="Lanczos", help="None, Lanczos, Nearest or a models/ESRGAN name")
     e.add_argument("--upscaler-2", default="None")
     e.add_argument("--upscaler-2-visibility", type=float, default=0.0)
+    e.add_argument("--gfpgan-visibility", type=float, default=0.0, help="restore faces with GFPGAN, 0..1")
     add_common_flags(e)
 
     p = sub.add_parser("pnginfo", help="print the generation parameters stored in an image")
@@ -255,6 +259,8 @@ def request_from_args(args: argparse.Namespace, base: Txt2ImgRequest | None = No
         changes["seed_resize_from_w"], changes["seed_resize_from_h"] = args.seed_resize_from
     if args.tiling:
         changes["tiling"] = True
+    if args.restore_faces:
+        changes["restore_faces"] = True
     if getattr(args, "hr_resize", None):
         changes["hr_resize_x"], changes["hr_resize_y"] = args.hr_resize
     if args.script:
@@ -419,6 +425,7 @@ def cmd_extras(args: argparse.Namespace) -> int:
     from .core import outputs
     from .engine import extras
     from .engine.devices import plan_devices
+    from .engine.faces import FaceRestorers
     from .engine.img2img import open_image
     from .engine.upscalers import Upscalers
 
@@ -427,14 +434,16 @@ def cmd_extras(args: argparse.Namespace) -> int:
     paths = paths_from(args)
     plan = plan_devices(device_options_from(args))
     upscalers = Upscalers(paths.upscaler_dirs, plan.device, plan.dtype)
+    faces = FaceRestorers(paths.gfpgan_dir, plan.device, plan.dtype)
     req = extras.ExtrasRequest(scale=args.scale, resize_to=args.resize, crop=not args.no_crop,
                                upscaler_1=args.upscaler, upscaler_2=args.upscaler_2,
-                               upscaler_2_visibility=args.upscaler_2_visibility)
-    extras.check(req, upscalers)
+                               upscaler_2_visibility=args.upscaler_2_visibility,
+                               gfpgan_visibility=args.gfpgan_visibility)
+    extras.check(req, upscalers, faces)
     inputs = [Path(args.image)] if args.image else outputs.images_in(Path(args.input_dir))
     outdir = Path(args.output_dir) if args.output_dir else outputs.dated_dir(paths.outputs_dir, "extras-images")
     for path in inputs:
-        result = extras.run(open_image(str(path), str(path)), req, upscalers)
+        result = extras.run(open_image(str(path), str(path)), req, upscalers, faces)
         print(outputs.save_image(result, outdir, infotext=outputs.read_infotext(path), suffix=path.stem))
     return 0
 
@@ -453,7 +462,7 @@ def cmd_interrogate(args: argparse.Namespace) -> int:
 def a1111_body(req: Txt2ImgRequest) -> dict:
     """A request in A1111's API fields (what ``/sdapi/v1/txt2img`` and ``/sdstudio/v1/jobs`` take)."""
     fields = ("prompt", "negative_prompt", "styles", "seed", "subseed", "subseed_strength", "sampler_name",
-              "scheduler", "batch_size", "n_iter", "steps", "cfg_scale", "width", "height", "tiling", "eta",
+              "scheduler", "batch_size", "n_iter", "steps", "cfg_scale", "width", "height", "tiling", "restore_faces", "eta",
               "s_churn", "s_tmin", "s_noise", "tiled_vae", "enable_hr", "hr_scale", "hr_upscaler",
               "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_sampler_name", "hr_scheduler", "hr_prompt",
               "hr_negative_prompt", "hr_cfg", "denoising_strength")

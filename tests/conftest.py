@@ -112,3 +112,49 @@ def inpaint_files():
         return root
 
     return make
+
+
+# The planted detector's one face on a 32² picture: the stride-32 cell's first anchor (256 px), landmarks
+# at these offsets (in anchor units: 0.1 × 256 px) from the picture's centre.
+PLANTED_OFFSETS = [(-6, -4), (6, -4), (0, 1), (-4, 5), (4, 5)]
+
+
+def planted_detector():
+    """A small RetinaFace (facexlib's layout) whose heads ignore the picture: only the coarsest level's
+    256 px anchors score as faces, with fixed landmark offsets, so a 32² picture has exactly one face."""
+    import torch
+
+    from sdstudio.engine.retinaface import RetinaFace
+
+    torch.manual_seed(0)
+    model = RetinaFace("resnet50", width=16, base=8, blocks=(1, 1, 1, 1))
+    with torch.no_grad():
+        for heads in (model.ClassHead, model.BboxHead, model.LandmarkHead):
+            for head in heads:
+                head.conv1x1.weight.zero_()
+                head.conv1x1.bias.zero_()
+        for level, head in enumerate(model.ClassHead):  # channels: anchor × (background, face)
+            head.conv1x1.bias.copy_(torch.tensor([10.0, -10.0, 10.0, -10.0] if level < 2 else [-10.0, 10.0, 10.0, -10.0]))
+        model.LandmarkHead[2].conv1x1.bias[:10] = torch.tensor([v / 25.6 for p in PLANTED_OFFSETS for v in p])
+    return model
+
+
+@pytest.fixture(scope="session")
+def face_models():
+    """A function writing tiny random-weight face restoration files into a folder, as users have them:
+    ``GFPGANv1.4.pth`` (a pickle with ``params_ema``) and ``detection_Resnet50_Final.pth`` (keys prefixed
+    ``module.``, the planted detector)."""
+    import torch
+
+    from sdstudio.engine.gfpgan import GFPGAN, channels
+
+    def make(folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(1)
+        net = GFPGAN(*channels(512, 2, 1 / 32), style=16, mlp=2)
+        torch.save({"params_ema": net.state_dict()}, folder / "GFPGANv1.4.pth")
+        torch.save({f"module.{k}": v for k, v in planted_detector().state_dict().items()},
+                   folder / "detection_Resnet50_Final.pth")
+        return folder
+
+    return make

@@ -77,5 +77,4 @@ def test_prompt_file_lines():
         parse_lines("ok\n--steps")
     with pytest.raises(PromptsFileError, match="no prompts"):
         parse_lines("\n \n")
-    with pytest.raises(PromptsFileError, match="face restoration"):
-        parse_line("--restore_faces true")
+    assert parse_line("--restore_faces true")["restore_faces"] is True

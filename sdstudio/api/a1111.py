@@ -28,7 +28,6 @@ from ..core.settings import SettingError, Settings
 from ..engine import extras
 from ..engine import scripts as scripts_ops
 from ..engine.extras import ExtrasRequest
-from ..engine.upscalers import Upscalers
 from ..models.errors import ModelFileError, ModelNotFoundError
 from ..models.network_info import network_info
 from ..service.jobs import JobError, JobService, Txt2ImgJob, a1111_info, grid_paths
@@ -172,9 +171,6 @@ def _hires_fields(body: Txt2ImgBody) -> dict:
 
 
 def to_request(body: Txt2ImgBody, options: dict, request_type=Txt2ImgRequest, **more) -> Txt2ImgRequest:
-    if body.restore_faces:
-        raise HTTPException(404, "restore_faces: face restoration is not installed (GFPGAN/CodeFormer are not "
-                                 "supported yet); send restore_faces: false")
     settings = {**options, **body.override_settings}
     if request_type is Txt2ImgRequest:
         more = {**_hires_fields(body), **more}
@@ -185,7 +181,8 @@ def to_request(body: Txt2ImgBody, options: dict, request_type=Txt2ImgRequest, **
         seed_resize_from_h=max(body.seed_resize_from_h, 0),
         sampler_name=body.sampler_name or body.sampler_index or "Euler", scheduler=body.scheduler or "Automatic",
         batch_size=body.batch_size, n_iter=body.n_iter, steps=body.steps, cfg_scale=body.cfg_scale,
-        width=body.width, height=body.height, tiling=bool(body.tiling), eta=body.eta, s_churn=body.s_churn,
+        width=body.width, height=body.height, tiling=bool(body.tiling),
+        restore_faces=bool(body.restore_faces), eta=body.eta, s_churn=body.s_churn,
         s_tmin=body.s_tmin, s_tmax=body.s_tmax or float("inf"), s_noise=body.s_noise,
         clip_skip=setting(settings, "CLIP_stop_at_last_layers", 1, int), rng=settings.get("randn_source", "GPU"),
         emphasis=settings.get("emphasis", "Original"),
@@ -305,6 +302,8 @@ def check_models(engine, req: Txt2ImgRequest) -> None:
         engine.registry.vae_for(file, req.vae)
         if req.enable_hr and req.hr_upscaler not in LATENT_UPSCALE_MODES:
             engine.upscalers.get(req.hr_upscaler)
+        if req.restore_faces:
+            engine.faces.check()
         scripts_ops.precheck(engine, req)
     except RequestError as exc:
         raise HTTPException(422, str(exc)) from None
@@ -340,9 +339,9 @@ def extras_request(body: ExtrasBody) -> ExtrasRequest:
                          gfpgan_visibility=body.gfpgan_visibility, codeformer_visibility=body.codeformer_visibility)
 
 
-def extras_upscale(image, body: ExtrasBody, upscalers: Upscalers):
+def extras_upscale(image, body: ExtrasBody, engine):
     try:
-        return extras.run(image, extras_request(body), upscalers)
+        return extras.run(image, extras_request(body), engine.upscalers, engine.faces)
     except ModelNotFoundError as exc:
         raise HTTPException(404, str(exc)) from None
     except (RequestError, ModelFileError) as exc:
@@ -380,14 +379,14 @@ def make_router(service: JobService, settings: Settings, cmd_flags: dict, limits
 
     @r.post("/extra-single-image")
     def extra_single_image(body: ExtrasBody):
-        return {"html_info": "", "image": png_b64(extras_upscale(decode_image(body.image), body, engine.upscalers))}
+        return {"html_info": "", "image": png_b64(extras_upscale(decode_image(body.image), body, engine))}
 
     @r.post("/extra-batch-images")
     def extra_batch_images(body: ExtrasBatchBody):
         if len(body.imageList) > 256:
             raise HTTPException(413, "imageList: at most 256 images per request")
         images = [decode_image(item.data, f"imageList[{i}]") for i, item in enumerate(body.imageList)]
-        return {"html_info": "", "images": [png_b64(extras_upscale(im, body, engine.upscalers)) for im in images]}
+        return {"html_info": "", "images": [png_b64(extras_upscale(im, body, engine)) for im in images]}
 
     @r.post("/png-info")
     def png_info(body: PngInfoBody):
@@ -516,7 +515,7 @@ def make_router(service: JobService, settings: Settings, cmd_flags: dict, limits
 
     @r.get("/face-restorers")
     def face_restorers():
-        return []  # none installed until GFPGAN/CodeFormer weights are supported
+        return [{"name": name, "cmd_dir": str(engine.faces.folder)} for name in engine.faces.available()]
 
     @r.get("/scripts")
     def scripts():

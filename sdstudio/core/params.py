@@ -48,6 +48,7 @@ class Txt2ImgRequest:
     width: int = 512
     height: int = 512
     tiling: bool = False
+    restore_faces: bool = False  # GFPGAN over each picture, before inpainting's composite (A1111's checkbox)
     clip_skip: int = 1
     emphasis: str = "Original"  # A1111's emphasis modes: "Original" (rescale to the mean), "No norm", "None"
     novelai_braces: bool = False  # {x} weighs x by 1.05
@@ -348,6 +349,8 @@ INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
     _simple("Schedule type", "scheduler", str, skip=lambda v: v in ("", "Automatic")),
     _simple("CFG scale", "cfg_scale", float, show=_fmt_float),
     _simple("Seed", "seed", _read_int),
+    InfotextField("Face restoration", lambda r: "GFPGAN" if r.restore_faces else None,
+                  lambda t: {"restore_faces": bool(t.strip())}),
     InfotextField("Size", lambda r: f"{r.width}x{r.height}",
                   lambda t: dict(zip(("width", "height"), _parse_size(t)))),
     InfotextField("Model hash", lambda r: None, lambda t: {"model_hash": t.strip()}),  # written by the engine
@@ -464,7 +467,8 @@ def from_infotext(text_or_params: str | dict[str, str], base: Txt2ImgRequest | N
     changes: dict[str, Any] = {
         "prompt": params.pop(infotext.PROMPT, ""), "negative_prompt": params.pop(infotext.NEGATIVE, ""),
         "clip_skip": 1, "rng": "GPU", "scheduler": "Automatic", "subseed_strength": 0.0,
-        "seed_resize_from_w": 0, "seed_resize_from_h": 0, "tiling": False, "extra": {}, "model_hash": None,
+        "seed_resize_from_w": 0, "seed_resize_from_h": 0, "tiling": False, "restore_faces": False, "extra": {},
+        "model_hash": None,
         "styles": [],  # the infotext holds the styled prompt already
         "emphasis": "Original", "novelai_braces": False, "tiled_vae": False, "enable_hr": False,
         "always_discard_next_to_last_sigma": False, "extra_noise": 0.0,

@@ -18,6 +18,7 @@ class Paths:
     realesrgan_dir: Path | None = None
     swinir_dir: Path | None = None
     dat_dir: Path | None = None
+    gfpgan_dir: Path | None = None
     controlnet_dir: Path | None = None
     outputs_dir: Path | None = None
     styles_file: Path | None = None
@@ -35,6 +36,7 @@ class Paths:
         self.realesrgan_dir = Path(self.realesrgan_dir or models / "RealESRGAN").expanduser()
         self.swinir_dir = Path(self.swinir_dir or models / "SwinIR").expanduser()
         self.dat_dir = Path(self.dat_dir or models / "DAT").expanduser()
+        self.gfpgan_dir = Path(self.gfpgan_dir or models / "GFPGAN").expanduser()
         self.controlnet_dir = Path(self.controlnet_dir or models / "ControlNet").expanduser()
         self.outputs_dir = Path(self.outputs_dir or self.data_dir / "outputs").expanduser()
         self.styles_file = Path(self.styles_file or self.data_dir / "styles.csv").expanduser()
@@ -54,7 +56,7 @@ class Paths:
     def create_layout(self) -> None:
         """Make the folders a user drops files into, as A1111 does on first start."""
         for d in (self.ckpt_dirs[-1], self.vae_dir, self.lora_dir, self.embeddings_dir, self.hypernetwork_dir,
-                  self.esrgan_dir, self.controlnet_dir):
+                  self.esrgan_dir, self.gfpgan_dir, self.controlnet_dir):
             d.mkdir(parents=True, exist_ok=True)
 
 

@@ -73,9 +73,7 @@ def parse_line(line: str) -> dict[str, Any]:
                 value = get_sampler(value).label
             except UnknownNameError as exc:
                 raise PromptsFileError(f"{word}: {exc}") from None
-        if tag == "restore_faces" and value:
-            raise PromptsFileError("--restore_faces: face restoration is not installed")
-        if field is not None and field != "restore_faces":
+        if field is not None:
             out[field] = value
     return out
 

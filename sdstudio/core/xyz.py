@@ -163,9 +163,13 @@ def _lora_weight(req, value: float, values):
 
 
 def _face_restore(req, value: str, values):
-    if value.strip().lower() in ("true", "yes", "1", "on"):
-        raise AxisError("Face restore: face restoration is not installed")
-    return req
+    """On/off, or a restorer's name as A1111 also takes (GFPGAN; CodeFormer is not supported yet)."""
+    word = value.strip().lower()
+    if word == "codeformer":
+        raise AxisError("Face restore: CodeFormer is not supported yet; use GFPGAN")
+    if word not in ("gfpgan", "true", "false", "yes", "no", "1", "0", "on", "off"):
+        raise AxisError(f"Face restore: {value!r} is not true, false or GFPGAN")
+    return req.replace(restore_faces=word in ("gfpgan", "true", "yes", "1", "on"))
 
 
 def _bool(text: str) -> str:

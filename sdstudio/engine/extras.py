@@ -1,8 +1,9 @@
-"""Extras: upscale one picture as A1111's Extras tab does (face restoration: not available yet).
+"""Extras: upscale one picture and restore its faces as A1111's Extras tab does.
 
 Upscaler 1 (a built-in resampler or a model file) brings the picture to the target size ("Scale by" a
 factor, or "Scale to" a width × height, optionally cropped to fit); upscaler 2, when given, is blended
-over it by its visibility.
+over it by its visibility. Then, as in A1111's order, GFPGAN restores the faces, blended by its
+visibility (CodeFormer: not supported yet).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from PIL import Image
 from ..core.imageops import resize_image
 from ..core.params import RequestError
 from ..models.errors import ModelNotFoundError
+from .faces import FaceRestorers
 from .upscalers import Upscalers
 
 MAX_PIXELS = 64 * 1024 * 1024
@@ -47,18 +49,25 @@ def _cover(size: tuple[int, int], w: int, h: int) -> tuple[int, int]:
     return max(w, round(size[0] * scale)), max(h, round(size[1] * scale))
 
 
-def check(req: ExtrasRequest, upscalers: Upscalers) -> None:
-    """Unknown upscaler names (ModelNotFoundError) and face restoration fail before any work."""
+def check(req: ExtrasRequest, upscalers: Upscalers, faces: FaceRestorers | None = None) -> None:
+    """Unknown upscaler names and missing face restoration files (ModelNotFoundError, naming what to put
+    where) fail before any work."""
     for name in (req.upscaler_1, req.upscaler_2):
         upscalers.get(name)
-    if req.gfpgan_visibility > 0 or req.codeformer_visibility > 0:
-        raise ModelNotFoundError("face restoration is not installed: GFPGAN/CodeFormer are not supported yet")
-    if not 0.0 <= req.upscaler_2_visibility <= 1.0:
-        raise RequestError(f"upscaler 2 visibility must be between 0 and 1, got {req.upscaler_2_visibility}")
+    for name, visibility in (("upscaler 2", req.upscaler_2_visibility), ("GFPGAN", req.gfpgan_visibility),
+                             ("CodeFormer", req.codeformer_visibility)):
+        if not 0.0 <= visibility <= 1.0:
+            raise RequestError(f"{name} visibility must be between 0 and 1, got {visibility}")
+    if req.codeformer_visibility > 0:
+        raise ModelNotFoundError("CodeFormer is not supported yet; use GFPGAN (gfpgan_visibility)")
+    if req.gfpgan_visibility > 0:
+        if faces is None:
+            raise ModelNotFoundError("face restoration is not available here")
+        faces.check()
 
 
-def run(image: Image.Image, req: ExtrasRequest, upscalers: Upscalers) -> Image.Image:
-    check(req, upscalers)
+def run(image: Image.Image, req: ExtrasRequest, upscalers: Upscalers, faces: FaceRestorers | None = None) -> Image.Image:
+    check(req, upscalers, faces)
     image = image.convert("RGB")
     w, h = req.target(image.size)
     crop = req.resize_to is not None and req.crop
@@ -73,4 +82,6 @@ def run(image: Image.Image, req: ExtrasRequest, upscalers: Upscalers) -> Image.I
     if req.upscaler_2 != "None" and req.upscaler_2_visibility > 0:
         second = upscale(req.upscaler_2).resize(first.size)
         first = Image.blend(first, second, req.upscaler_2_visibility)
+    if req.gfpgan_visibility > 0:
+        first = faces.restore(first, req.gfpgan_visibility)
     return first

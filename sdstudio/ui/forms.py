@@ -20,7 +20,7 @@ SAME_SCHEDULER = "Use same scheduler"
 
 COMMON_FIELDS = ("prompt", "negative_prompt", "styles", "sampler_name", "scheduler", "steps", "width", "height",
                  "n_iter", "batch_size", "cfg_scale", "seed", "subseed", "subseed_strength", "seed_resize_from_w",
-                 "seed_resize_from_h", "tiling", "tiled_vae", "script_name")
+                 "seed_resize_from_h", "tiling", "restore_faces", "tiled_vae", "script_name")
 TXT2IMG_FIELDS = COMMON_FIELDS + ("enable_hr", "hr_upscaler", "hr_second_pass_steps", "denoising_strength", "hr_scale",
                                   "hr_resize_x", "hr_resize_y", "hr_sampler_name", "hr_scheduler", "hr_prompt",
                                   "hr_negative_prompt", "hr_cfg")

@@ -118,9 +118,9 @@ class GenerationTab:
                                                           elem_id=f"{t}_denoising_strength"))
                 self._seed_controls()
                 with gr.Row():
-                    self.restore_faces = gr.Checkbox(False, label="Restore faces", interactive=False,
-                                                     elem_id=f"{t}_restore_faces",
-                                                     info="Face restoration is not installed")
+                    installed = bool(ui.service.engine.faces.available())
+                    f.add("restore_faces", gr.Checkbox(False, label="Restore faces", elem_id=f"{t}_restore_faces",
+                                                       info=None if installed else "Face restoration is not installed"))
                     f.add("tiling", gr.Checkbox(False, label="Tiling", elem_id=f"{t}_tiling"))
                     f.add("tiled_vae", gr.Checkbox(False, label="Tiled VAE", elem_id=f"{t}_tiled_vae"))
                 self._scripts()

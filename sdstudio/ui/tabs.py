@@ -57,10 +57,12 @@ class ExtrasTab:
                     self.visibility = gr.Slider(0, 1, value=0, step=0.001, label="Upscaler 2 visibility",
                                                 elem_id="extras_upscaler_2_visibility")
                 with gr.Row():
-                    gr.Slider(0, 1, value=0, label="GFPGAN visibility", interactive=False,
-                              elem_id="extras_gfpgan_visibility", info="Face restoration is not installed")
+                    installed = bool(ui.service.engine.faces.available())
+                    self.gfpgan = gr.Slider(0, 1, value=0, step=0.001, label="GFPGAN visibility",
+                                            elem_id="extras_gfpgan_visibility",
+                                            info=None if installed else "Face restoration is not installed")
                     gr.Slider(0, 1, value=0, label="CodeFormer visibility", interactive=False,
-                              elem_id="extras_codeformer_visibility", info="Face restoration is not installed")
+                              elem_id="extras_codeformer_visibility", info="CodeFormer is not supported yet")
             with gr.Column():
                 self.generate = gr.Button("Generate", variant="primary", elem_id="extras_generate")
                 self.gallery = gr.Gallery(label="Result", elem_id="extras_gallery", columns=2, height=420,
@@ -68,17 +70,19 @@ class ExtrasTab:
                 self.info = gr.HTML("", elem_id="extras_html_info")
         self.generate.click(self.run, [self.mode, self.image, self.files, self.input_dir, self.output_dir,
                                        self.resize_to_state, self.scale, self.width, self.height, self.crop,
-                                       self.upscaler_1, self.upscaler_2, self.visibility],
+                                       self.upscaler_1, self.upscaler_2, self.visibility, self.gfpgan],
                             [self.gallery, self.info], concurrency_limit=1)
         return self
 
-    def run(self, mode, image, files, input_dir, output_dir, resize_to, scale, width, height, crop, up1, up2, vis):
+    def run(self, mode, image, files, input_dir, output_dir, resize_to, scale, width, height, crop, up1, up2, vis,
+            gfpgan):
         ui = self.ui
+        engine = ui.service.engine
         req = extras_ops.ExtrasRequest(scale=float(scale), resize_to=(int(width), int(height)) if resize_to else None,
                                        crop=bool(crop), upscaler_1=up1 or "None", upscaler_2=up2 or "None",
-                                       upscaler_2_visibility=float(vis))
+                                       upscaler_2_visibility=float(vis), gfpgan_visibility=float(gfpgan or 0))
         try:
-            extras_ops.check(req, ui.service.engine.upscalers)
+            extras_ops.check(req, engine.upscalers, engine.faces)
             if mode == "single":
                 if image is None:
                     raise RequestError("Extras: upload an image first")
@@ -95,7 +99,7 @@ class ExtrasTab:
                 outputs.dated_dir(ui.paths.outputs_dir, "extras-images")
             saved = []
             for picture, stem, text in sources:
-                result = extras_ops.run(picture.convert("RGB"), req, ui.service.engine.upscalers)
+                result = extras_ops.run(picture.convert("RGB"), req, engine.upscalers, engine.faces)
                 saved.append(str(outputs.save_image(result, folder, infotext=text, suffix=stem)))
         except (RequestError, ModelNotFoundError, ModelFileError) as exc:
             raise gr.Error(str(exc)) from None

@@ -1,0 +1,229 @@
+"""Face restoration as A1111 does it with GFPGAN: find faces, align each to a 512² crop, restore the crop,
+paste it back with a soft edge, then blend the result over the picture by the visibility.
+
+Files (A1111's ``models/GFPGAN``, ``--gfpgan-models-path``): a GFPGAN v1.2–v1.4 network (a file whose
+name contains "GFPGAN", e.g. ``GFPGANv1.4.pth``; the highest name wins) and facexlib's RetinaFace detector
+(``detection_Resnet50_Final.pth`` or ``detection_mobilenet0.25_Final.pth``), both read with the safe
+loader. Without them the feature says which file to put where.
+
+The steps follow facexlib's helper, which GFPGAN and CodeFormer use: detection at the picture's own size
+(score > 0.97, eyes ≥ 5 px apart); a similarity transform (rotation, uniform scale, shift; least squares)
+from the five landmarks to a fixed 512² template; bilinear warps with a grey border; the restored face
+warped back and blended through its footprint, eroded and blurred in proportion to the face's size.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..models.errors import ModelFileError, ModelNotFoundError
+from ..models.safe_load import open_state_dict
+from . import retinaface
+from .gfpgan import GFPGAN
+
+FACE_SIZE = 512
+# where the five landmarks (eyes, nose, mouth corners) go in the 512² crop (facexlib's template)
+TEMPLATE = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
+                     [201.26117, 371.41043], [313.08905, 371.15118]])
+BORDER = (132, 133, 135)  # RGB of the crop outside the picture
+MODEL_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt")
+DETECTORS = ("detection_Resnet50_Final", "detection_mobilenet0.25_Final")
+MIN_EYE_DISTANCE = 5.0
+
+
+def similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The 2×3 matrix of the rotation + uniform scale + shift that best maps ``src`` points onto ``dst``
+    (least squares, no reflection)."""
+    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s, d = src - mu_s, dst - mu_d
+    # x' = a x - b y + tx, y' = b x + a y + ty: a and b minimise the squared error in closed form
+    norm = (s ** 2).sum()
+    a = (s * d).sum() / norm
+    b = (s[:, 0] * d[:, 1] - s[:, 1] * d[:, 0]).sum() / norm
+    rot = np.array([[a, -b], [b, a]])
+    return np.hstack([rot, (mu_d - rot @ mu_s)[:, None]])
+
+
+def invert(matrix: np.ndarray) -> np.ndarray:
+    return np.linalg.inv(np.vstack([matrix, [0, 0, 1]]))[:2]
+
+
+def warp(pictures: torch.Tensor, matrix: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """``pictures`` (C×H×W) moved by ``matrix`` (input pixel → output pixel, pixel centres at integers)
+    into a ``size`` (w, h) frame; bilinear, zero outside the input."""
+    w, h = size
+    inv = torch.as_tensor(invert(matrix), dtype=torch.float32, device=pictures.device)
+    ys, xs = torch.meshgrid(torch.arange(h, device=pictures.device, dtype=torch.float32),
+                            torch.arange(w, device=pictures.device, dtype=torch.float32), indexing="ij")
+    sx = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]
+    sy = inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]
+    hin, win = pictures.shape[1:]
+    grid = torch.stack([(2 * sx + 1) / win - 1, (2 * sy + 1) / hin - 1], -1)[None]
+    return F.grid_sample(pictures[None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+
+
+def _erode(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Minimum over a k×k window (anchored at its centre, as OpenCV's), the outside counting as 1."""
+    if k <= 1:
+        return mask
+    lo, hi = k // 2, k - 1 - k // 2
+    padded = F.pad(mask[None, None], (lo, hi, lo, hi), value=1.0)
+    return -F.max_pool2d(-padded, k, stride=1)[0, 0]
+
+
+def _blur(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Gaussian blur with a k-tap kernel, its sigma from k as OpenCV chooses it, borders mirrored."""
+    if k <= 1:
+        return mask
+    sigma = 0.3 * ((k - 1) * 0.5 - 1) + 0.8
+    x = torch.arange(k, dtype=torch.float32, device=mask.device) - (k - 1) / 2
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    r = k // 2
+    m = mask[None, None]
+    if min(mask.shape) > r:
+        m = F.pad(m, (r, r, r, r), mode="reflect")
+    else:
+        m = F.pad(m, (r, r, r, r), mode="replicate")
+    m = F.conv2d(m, g.view(1, 1, 1, k))
+    return F.conv2d(m, g.view(1, 1, k, 1))[0, 0]
+
+
+def paste_mask(matrix: np.ndarray, size: tuple[int, int],
+               device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a face crop made with ``matrix`` goes back into a ``size`` picture: (footprint, soft mask);
+    its footprint eroded by 2 px (what bilinear sampling smears), then by a twentieth of the face's side
+    on each side and blurred as much, so that the restored face fades into the picture."""
+    footprint = warp(torch.ones(1, FACE_SIZE, FACE_SIZE, device=device), invert(matrix), size)[0]
+    footprint = _erode(footprint, 2)
+    edge = int(float(footprint.sum()) ** 0.5) // 20
+    return footprint, _blur(_erode(footprint, 2 * edge), 2 * edge + 1)
+
+
+@dataclass
+class FaceRestorer:
+    """A loaded restoration network and detector."""
+
+    name: str
+    network: GFPGAN
+    detector: retinaface.RetinaFace
+    device: torch.device
+
+    def crops(self, picture: torch.Tensor, faces: list[retinaface.Face]) -> list[tuple[np.ndarray, torch.Tensor]]:
+        """(matrix, 3×512×512 crop in 0..255) per face; ``picture`` 3×H×W in 0..255."""
+        out = []
+        for face in faces:
+            matrix = similarity(face.landmarks, TEMPLATE)
+            both = warp(torch.cat([picture, torch.ones_like(picture[:1])]), matrix, (FACE_SIZE, FACE_SIZE))
+            border = torch.tensor(BORDER, dtype=torch.float32, device=picture.device).view(3, 1, 1)
+            out.append((matrix, both[:3] + (1 - both[3:]) * border))
+        return out
+
+    @torch.no_grad()
+    def restore_crop(self, crop: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """One aligned crop (3×512×512, 0..255) through the network, rounded to whole levels."""
+        dtype = next(self.network.parameters()).dtype
+        x = (crop / 127.5 - 1)[None].to(self.device, dtype)
+        generator = torch.Generator(self.device).manual_seed(seed)
+        y = self.network(x, generator).float().clamp(-1, 1)[0]
+        return ((y + 1) * 127.5).round().to(crop.device)
+
+    @torch.no_grad()
+    def restore(self, image: Image.Image, visibility: float = 1.0, faces: list[retinaface.Face] | None = None,
+                seed: int = 0) -> Image.Image:
+        """``image`` with its faces restored and blended over it by ``visibility`` (0: unchanged).
+        ``faces``: found by the detector when not given."""
+        image = image.convert("RGB")
+        if visibility <= 0:
+            return image
+        if faces is None:
+            faces = retinaface.detect(self.detector, image, device=self.device)
+        faces = [f for f in faces if f.eye_distance >= MIN_EYE_DISTANCE]
+        if not faces:
+            return image
+        picture = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+        out = picture.clone()
+        for i, (matrix, crop) in enumerate(self.crops(picture, faces)):
+            restored = self.restore_crop(crop, seed + i)
+            back = warp(restored, invert(matrix), image.size)
+            footprint, soft = paste_mask(matrix, image.size)
+            out = soft * (footprint * back) + (1 - soft) * out
+        result = Image.fromarray(out.round().clamp(0, 255).permute(1, 2, 0).to(torch.uint8).numpy())
+        return result if visibility >= 1 else Image.blend(image, result, visibility)
+
+
+class FaceRestorers:
+    """The face restorers a data dir offers (GFPGAN when its files are there), the last one kept loaded."""
+
+    def __init__(self, folder: Path, device: torch.device | None = None, dtype: torch.dtype = torch.float32):
+        self.folder = Path(folder)
+        self.device = device or torch.device("cpu")
+        self.dtype = dtype
+        self._loaded: tuple[tuple, FaceRestorer] | None = None
+        self._lock = threading.Lock()
+
+    def _files(self) -> list[Path]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(p for p in self.folder.iterdir() if p.suffix.lower() in MODEL_SUFFIXES)
+
+    def gfpgan_file(self) -> Path | None:
+        found = [p for p in self._files() if "gfpgan" in p.name.lower()]
+        return found[-1] if found else None
+
+    def detector_file(self) -> Path | None:
+        by_stem = {p.stem: p for p in self._files()}
+        return next((by_stem[s] for s in DETECTORS if s in by_stem), None)
+
+    def available(self) -> list[str]:
+        return ["GFPGAN"] if self.gfpgan_file() and self.detector_file() else []
+
+    def missing(self, name: str = "GFPGAN") -> str:
+        """What to install, in words ("" when nothing is missing)."""
+        if name.lower() == "codeformer":
+            return "CodeFormer is not supported yet; use GFPGAN"
+        need = []
+        if self.gfpgan_file() is None:
+            need.append("a GFPGAN network (e.g. GFPGANv1.4.pth)")
+        if self.detector_file() is None:
+            need.append("the RetinaFace detector detection_Resnet50_Final.pth")
+        return f"face restoration is not installed: put {' and '.join(need)} in {self.folder}" if need else ""
+
+    def check(self, name: str = "GFPGAN") -> None:
+        """Raises ModelNotFoundError naming the missing files."""
+        problem = self.missing(name)
+        if problem:
+            raise ModelNotFoundError(problem)
+
+    def get(self, name: str = "GFPGAN") -> FaceRestorer:
+        self.check(name)
+        net_path, det_path = self.gfpgan_file(), self.detector_file()
+        key = (net_path, net_path.stat().st_mtime, det_path, det_path.stat().st_mtime)
+        with self._lock:
+            if self._loaded is None or self._loaded[0] != key:
+                self._loaded = None
+                try:
+                    network = GFPGAN.from_state_dict(dict(open_state_dict(net_path)))
+                except (KeyError, RuntimeError, IndexError) as exc:
+                    raise ModelFileError(f"{net_path.name}: not a GFPGAN v1.2–v1.4 network ({exc})") from None
+                try:
+                    detector = retinaface.RetinaFace.from_state_dict(dict(open_state_dict(det_path)))
+                except (KeyError, RuntimeError, IndexError) as exc:
+                    raise ModelFileError(f"{det_path.name}: not a RetinaFace detector ({exc})") from None
+                restorer = FaceRestorer("GFPGAN", network.to(self.device, self.dtype),
+                                        detector.to(self.device, self.dtype), self.device)
+                self._loaded = (key, restorer)
+            return self._loaded[1]
+
+    def restore(self, image: Image.Image, visibility: float = 1.0, name: str = "GFPGAN", seed: int = 0) -> Image.Image:
+        if visibility <= 0:
+            return image
+        return self.get(name).restore(image, visibility, seed=seed)
