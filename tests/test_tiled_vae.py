@@ -19,13 +19,21 @@ def vae(request, tiny_dir):
 def test_tiled_decode_equals_whole_decode(vae):
     torch.manual_seed(0)
     z = torch.randn(2, 4, 20, 27)  # a batch, sides that are not multiples of the tile
+    before = z.clone()
     with torch.no_grad():
         whole = vae.decode(z).sample
         tiled = tiled_vae.decode(vae, z, core=8)  # 3 × 4 tiles
+    assert torch.equal(z, before)  # the in-place norms and activations never touch the caller's latent
     assert tiled.shape == whole.shape
     diff = (tiled - whole).abs().max().item() * 127.5
     print(f"tiled vs whole decode: max {diff:.5f} of 255")
     assert diff < 0.01
+
+
+def test_tile_cores_are_a_quarter_of_the_side_within_bounds():
+    # 1024² (128 latent): 4×4 tiles of 32; 2048²: 64 (the most); 512²: 32 (the least)
+    assert [tiled_vae.decode_core(s, s) for s in (64, 128, 192, 256, 512)] == [32, 32, 48, 64, 64]
+    assert tiled_vae.decode_core(96, 200) == 50
 
 
 def test_the_halo_is_what_makes_it_exact(vae):

@@ -13,9 +13,9 @@ normalises with the tile's own statistics, so tiles come out in slightly differe
   variance (the cores partition the image), the whole image's are combined and sent back, and every
   tile normalises with those. While a tile waits its state is parked in CPU memory.
 
-Memory: on a GPU, one tile's activations at a time (the parked states live in CPU memory). On a CPU
-the parked states stay where they are, so the saving there is only the larger intermediates of a
-whole-image layer.
+Memory: on a GPU, one tile's activations at a time (the parked states live in CPU memory), and within a
+tile the norms and activations work in place where the input is not needed again. On a CPU the parked
+states stay where they are, so the saving there is only the larger intermediates of a whole-image layer.
 """
 
 from __future__ import annotations
@@ -23,9 +23,18 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-DECODE_CORE = 64  # latent pixels per tile side (512 image pixels)
+DECODE_CORE = (32, 64)  # latent pixels per tile core side (256–512 image pixels): a quarter of the picture's
+# side within these bounds. Each tile carries a halo of 15 latent pixels a side, so with 512-px cores a 1024²
+# picture's 2×2 tiles each covered 38 % of it (632² of 1024²); quarters keep a tile near a quarter of it.
+
+
+def decode_core(height: int, width: int) -> int:
+    """The tile core side for a latent of this size (see DECODE_CORE)."""
+    low, high = DECODE_CORE
+    return max(low, min(high, math.ceil(max(height, width) / 4)))
 ENCODE_CORE = 512  # image pixels
 
 
@@ -98,43 +107,52 @@ class _Tile:
             state[key] = moved.setdefault(id(t), t.to(self.device, non_blocking=True))
 
 
-def _normalize(gn: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+def _normalize(gn: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+               in_place: bool = False) -> torch.Tensor:
     """``gn(x)`` with given statistics: a per-channel scale and shift (worked out in float32) applied
-    in one pass in ``x``'s dtype."""
+    in ``x``'s dtype, into ``x`` itself when ``in_place``."""
     c = x.shape[1]
     per_group = c // gn.num_groups
     inv = torch.rsqrt(var + gn.eps).float().repeat_interleave(per_group, 1)  # (n, c)
     mu = mean.float().repeat_interleave(per_group, 1)
     weight = gn.weight.float().cpu() if gn.affine else torch.ones(c)
     bias = gn.bias.float().cpu() if gn.affine else torch.zeros(c)
-    scale = inv * weight
-    shift = bias - mu * scale
-    return torch.addcmul(shift.to(x.device, x.dtype)[:, :, None, None], x, scale.to(x.device, x.dtype)[:, :, None, None])
+    scale = (inv * weight).to(x.device, x.dtype)[:, :, None, None]
+    shift = (bias - mu * inv * weight).to(x.device, x.dtype)[:, :, None, None]
+    return x.mul_(scale).add_(shift) if in_place else torch.addcmul(shift, x, scale)
 
 
 def _sync(tile: _Tile, gn: nn.GroupNorm, state: dict[str, torch.Tensor], key: str):
     """Yield this tile's share of ``gn``'s statistics, wait (state parked) for the whole image's, then
-    normalise ``state[key]`` with them. The tile's tensors live only in ``state``, so that parking
-    really frees the GPU."""
+    normalise ``state[key]`` with them (in place unless another key holds the same tensor). The tile's
+    tensors live only in ``state``, so that parking really frees the GPU."""
     partial = tile.partial(state[key], gn.num_groups)
     tile.park(state)
     mean, var = yield partial
     tile.unpark(state)
-    state[key] = _normalize(gn, state[key], mean, var)
+    shared = any(t is state[key] for k, t in state.items() if k != key)
+    state[key] = _normalize(gn, state[key], mean, var, in_place=not shared)
+
+
+def _act(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The activation, in place when it is SiLU (every SD VAE's): one tile-sized tensor less at a time."""
+    return F.silu(x, inplace=True) if isinstance(module, nn.SiLU) else module(x)
 
 
 def _resnet(tile: _Tile, r: nn.Module, state: dict[str, torch.Tensor]):
     """diffusers' ResnetBlock2D as the VAE uses it (no time embedding, no resampling inside), from
     ``state["x"]`` to ``state["x"]``."""
     state["h"] = state["x"]
-    yield from _sync(tile, r.norm1, state, "h")
-    state["h"] = r.conv1(r.nonlinearity(state["h"]))
+    yield from _sync(tile, r.norm1, state, "h")  # a new tensor: x is still needed
+    state["h"] = r.conv1(_act(r.nonlinearity, state["h"]))
     yield from _sync(tile, r.norm2, state, "h")
-    h = r.conv2(r.dropout(r.nonlinearity(state.pop("h"))))
+    h = r.conv2(r.dropout(_act(r.nonlinearity, state.pop("h"))))
     x = state.pop("x")
-    if r.conv_shortcut is not None:
-        x = r.conv_shortcut(x)
-    state["x"] = (x + h) / r.output_scale_factor
+    h += r.conv_shortcut(x) if r.conv_shortcut is not None else x
+    del x
+    if r.output_scale_factor != 1:
+        h /= r.output_scale_factor
+    state["x"] = h
 
 
 def _supported(blocks) -> bool:
@@ -195,7 +213,7 @@ def _run_tiles(program, x: torch.Tensor, core: int, halo: int, scale: float, out
 
 
 @torch.no_grad()
-def decode(vae, z: torch.Tensor, core: int = DECODE_CORE, halo: int | None = None) -> torch.Tensor | None:
+def decode(vae, z: torch.Tensor, core: int | None = None, halo: int | None = None) -> torch.Tensor | None:
     """``vae.decode(z).sample`` (z already divided by the scaling factor, on the VAE's device and dtype)
     tile by tile; float32 on the CPU. None when the decoder has a layout this does not know."""
     dec = vae.decoder
@@ -212,9 +230,10 @@ def decode(vae, z: torch.Tensor, core: int = DECODE_CORE, halo: int | None = Non
             for up in block.upsamplers or []:
                 state["x"] = up(state["x"])
         yield from _sync(tile, dec.conv_norm_out, state, "x")
-        return dec.conv_out(dec.conv_act(state.pop("x")))
+        return dec.conv_out(_act(dec.conv_act, state.pop("x")))
 
     halo = decoder_halo(dec) if halo is None else halo
+    core = decode_core(*z.shape[2:]) if core is None else core
     return _run_tiles(up_path, h, core, halo, 2 ** (len(dec.up_blocks) - 1), dec.conv_out.out_channels)
 
 
