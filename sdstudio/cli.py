@@ -34,7 +34,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--realesrgan-models-path", help="folder with Real-ESRGAN upscalers (default: models/RealESRGAN)")
     g.add_argument("--swinir-models-path", help="folder with SwinIR upscalers (default: models/SwinIR)")
     g.add_argument("--dat-models-path", help="folder with DAT upscalers (default: models/DAT)")
-    g.add_argument("--gfpgan-models-path", help="folder with GFPGAN and its face detector (default: models/GFPGAN)")
+    g.add_argument("--gfpgan-models-path", help="folder with GFPGAN and the face detector (default: models/GFPGAN)")
+    g.add_argument("--codeformer-models-path", help="folder with CodeFormer (default: models/Codeformer)")
     g.add_argument("--controlnet-dir", help="folder with ControlNet models (default: models/ControlNet)")
     g.add_argument("--styles-file", help="prompt styles CSV (default: styles.csv in the data dir)")
     d = parser.add_argument_group("device")
@@ -53,7 +54,8 @@ def paths_from(args: argparse.Namespace) -> Paths:
                  lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, hypernetwork_dir=args.hypernetwork_dir,
                  esrgan_dir=args.esrgan_models_path,
                  realesrgan_dir=args.realesrgan_models_path, swinir_dir=args.swinir_models_path,
-                 dat_dir=args.dat_models_path, gfpgan_dir=args.gfpgan_models_path, controlnet_dir=args.controlnet_dir, styles_file=args.styles_file)
+                 dat_dir=args.dat_models_path, gfpgan_dir=args.gfpgan_models_path,
+                 codeformer_dir=args.codeformer_models_path, controlnet_dir=args.controlnet_dir, styles_file=args.styles_file)
 
 
 def device_options_from(args: argparse.Namespace) -> DeviceOptions:
@@ -108,7 +110,9 @@ def add_generation_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--ensd", type=int, help="eta noise seed delta")
     t.add_argument("--tiling", action="store_true", default=None)
     t.add_argument("--restore-faces", action="store_true", default=None,
-                   help="restore faces with GFPGAN (its files in models/GFPGAN)")
+                   help="restore faces (CodeFormer in models/Codeformer or GFPGAN in models/GFPGAN)")
+    t.add_argument("--face-restorer", choices=["CodeFormer", "GFPGAN"], help="which (default: CodeFormer if there)")
+    t.add_argument("--codeformer-weight", type=float, help="CodeFormer weight 0..1 (default 0.5; 0 = most effect)")
     t.add_argument("--emphasis", choices=["Original", "No norm", "None"])
     t.add_argument("--novelai-braces", action="store_true", default=None, help="{x} weighs x by 1.05")
     t.add_argument("--style", dest="styles", action="append", help="apply a style from styles.csv (repeatable)")
@@ -205,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--upscaler-2", default="None")
     e.add_argument("--upscaler-2-visibility", type=float, default=0.0)
     e.add_argument("--gfpgan-visibility", type=float, default=0.0, help="restore faces with GFPGAN, 0..1")
+    e.add_argument("--codeformer-visibility", type=float, default=0.0, help="restore faces with CodeFormer, 0..1")
+    e.add_argument("--codeformer-weight", type=float, default=0.0, help="CodeFormer weight: 0 = most effect")
     add_common_flags(e)
 
     p = sub.add_parser("pnginfo", help="print the generation parameters stored in an image")
@@ -261,6 +267,10 @@ def request_from_args(args: argparse.Namespace, base: Txt2ImgRequest | None = No
         changes["tiling"] = True
     if args.restore_faces:
         changes["restore_faces"] = True
+    if args.face_restorer:
+        changes["face_restoration_model"] = args.face_restorer
+    if args.codeformer_weight is not None:
+        changes["code_former_weight"] = args.codeformer_weight
     if getattr(args, "hr_resize", None):
         changes["hr_resize_x"], changes["hr_resize_y"] = args.hr_resize
     if args.script:
@@ -434,11 +444,12 @@ def cmd_extras(args: argparse.Namespace) -> int:
     paths = paths_from(args)
     plan = plan_devices(device_options_from(args))
     upscalers = Upscalers(paths.upscaler_dirs, plan.device, plan.dtype)
-    faces = FaceRestorers(paths.gfpgan_dir, plan.device, plan.dtype)
+    faces = FaceRestorers(paths.face_restorer_dirs, plan.device, plan.dtype)
     req = extras.ExtrasRequest(scale=args.scale, resize_to=args.resize, crop=not args.no_crop,
                                upscaler_1=args.upscaler, upscaler_2=args.upscaler_2,
                                upscaler_2_visibility=args.upscaler_2_visibility,
-                               gfpgan_visibility=args.gfpgan_visibility)
+                               gfpgan_visibility=args.gfpgan_visibility,
+                               codeformer_visibility=args.codeformer_visibility, codeformer_weight=args.codeformer_weight)
     extras.check(req, upscalers, faces)
     inputs = [Path(args.image)] if args.image else outputs.images_in(Path(args.input_dir))
     outdir = Path(args.output_dir) if args.output_dir else outputs.dated_dir(paths.outputs_dir, "extras-images")

@@ -141,20 +141,27 @@ def planted_detector():
 
 @pytest.fixture(scope="session")
 def face_models():
-    """A function writing tiny random-weight face restoration files into a folder, as users have them:
-    ``GFPGANv1.4.pth`` (a pickle with ``params_ema``) and ``detection_Resnet50_Final.pth`` (keys prefixed
-    ``module.``, the planted detector)."""
+    """A function writing tiny random-weight face restoration files into a data dir, as users have them:
+    ``models/GFPGAN/GFPGANv1.4.pth`` (a pickle with ``params_ema``), ``models/GFPGAN/detection_Resnet50_Final.pth``
+    (keys prefixed ``module.``, the planted detector) and ``models/Codeformer/codeformer-v0.1.0.pth``."""
     import torch
 
+    from sdstudio.engine.codeformer import CodeFormer
     from sdstudio.engine.gfpgan import GFPGAN, channels
 
-    def make(folder: Path) -> Path:
+    def make(root: Path, gfpgan: bool = True, codeformer: bool = True) -> Path:
+        folder = root / "models" / "GFPGAN"
         folder.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(1)
-        net = GFPGAN(*channels(512, 2, 1 / 32), style=16, mlp=2)
-        torch.save({"params_ema": net.state_dict()}, folder / "GFPGANv1.4.pth")
+        if gfpgan:
+            net = GFPGAN(*channels(512, 2, 1 / 32), style=16, mlp=2)
+            torch.save({"params_ema": net.state_dict()}, folder / "GFPGANv1.4.pth")
         torch.save({f"module.{k}": v for k, v in planted_detector().state_dict().items()},
                    folder / "detection_Resnet50_Final.pth")
-        return folder
+        if codeformer:
+            (root / "models" / "Codeformer").mkdir(parents=True, exist_ok=True)
+            net = CodeFormer(nf=8, emb=16, codebook=32, dim=32, heads=8, layers=1)
+            torch.save({"params_ema": net.state_dict()}, root / "models" / "Codeformer" / "codeformer-v0.1.0.pth")
+        return root
 
     return make

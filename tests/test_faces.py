@@ -4,6 +4,8 @@ everything outside the face untouched, and the feature works end to end (engine,
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from sdstudio.core.params import Txt2ImgRequest, from_infotext
 from sdstudio.core.paths import Paths
 from sdstudio.engine import faces as faces_ops
 from sdstudio.engine import retinaface
+from sdstudio.engine.codeformer import CodeFormer
 from sdstudio.engine.gfpgan import GFPGAN, channels
 from sdstudio.models.errors import ModelFileError, ModelNotFoundError
 
@@ -166,22 +169,57 @@ def test_restoring_changes_the_face_and_nothing_else(restorer):
     assert np.array_equal(np.asarray(restorer.restore(image, faces=[small])), a)
 
 
+def test_the_published_codeformer_layout():
+    net = CodeFormer()
+    sd = net.state_dict()
+    assert sd["position_emb"].shape == (256, 512) and sd["feat_emb.weight"].shape == (512, 256)
+    assert sd["idx_pred_layer.1.weight"].shape == (1024, 512)
+    assert sd["ft_layers.8.self_attn.in_proj_weight"].shape == (1536, 512)
+    assert sd["fuse_convs_dict.256.encode_enc.conv1.weight"].shape == (128, 256, 3, 3)
+    assert sd["generator.blocks.0.weight"].shape == (512, 256, 3, 3)
+    # the block indices the published code reads and fuses at (its fuse_encoder_block / fuse_generator_block)
+    assert net.encoder.taps == {512: 2, 256: 5, 128: 8, 64: 11, 32: 14, 16: 18}
+    assert {s: net.generator.taps[s] for s in (32, 64, 128, 256, 512)} == {32: 9, 64: 12, 128: 15, 256: 18, 512: 21}
+    assert len(net.encoder.blocks) == len(net.generator.blocks) == 25
+    again = CodeFormer.from_state_dict(sd)
+    assert again.encoder.taps == net.encoder.taps
+
+
+def test_codeformer_loads_any_width_and_its_weight_matters():
+    torch.manual_seed(0)
+    net = CodeFormer(nf=8, emb=16, codebook=32, dim=32, heads=8, layers=2).eval()
+    again = CodeFormer.from_state_dict(net.state_dict())
+    x = torch.rand(1, 3, 512, 512) * 2 - 1
+    with torch.no_grad():
+        a, b = again(x, 0.5), net(x, 0.5)
+        none, full = again(x, 0.0), again(x, 1.0)
+    assert a.shape == (1, 3, 512, 512) and torch.equal(a, b)
+    assert not torch.equal(none, full)
+    with pytest.raises(KeyError, match="not a CodeFormer"):
+        CodeFormer.from_state_dict({"x": torch.zeros(1)})
+
+
 def test_files_missing_are_named_and_present_ones_are_used(tmp_path, face_models):
-    folder = tmp_path / "models" / "GFPGAN"
-    restorers = faces_ops.FaceRestorers(folder)
+    dirs = Paths(tmp_path).face_restorer_dirs
+    restorers = faces_ops.FaceRestorers(dirs)
     assert restorers.available() == []
-    with pytest.raises(ModelNotFoundError, match="GFPGANv1.4.pth.*detection_Resnet50_Final.pth"):
-        restorers.check()
-    with pytest.raises(ModelNotFoundError, match="CodeFormer is not supported"):
-        restorers.check("CodeFormer")
-    face_models(folder)
-    assert restorers.available() == ["GFPGAN"]
+    with pytest.raises(ModelNotFoundError, match=r"CodeFormer.*codeformer-v0.1.0.pth.*detection_Resnet50_Final.pth"):
+        restorers.check()  # nothing named: A1111's default, CodeFormer
+    with pytest.raises(ModelNotFoundError, match="GFPGANv1.4.pth"):
+        restorers.check("GFPGAN")
+    with pytest.raises(ModelNotFoundError, match="unknown face restorer 'RestoreFormer'"):
+        restorers.check("RestoreFormer")
+    face_models(tmp_path, codeformer=False)
+    assert restorers.available() == ["GFPGAN"] and restorers.resolve() == "GFPGAN"  # the one there
+    face_models(tmp_path)
+    assert restorers.available() == ["CodeFormer", "GFPGAN"] and restorers.resolve() == "CodeFormer"
     image = Image.new("RGB", (32, 32), (150, 110, 90))
-    out = restorers.restore(image)
-    assert out.size == (32, 32) and not np.array_equal(np.asarray(out), np.asarray(image))
-    (folder / "GFPGANv1.4.pth").write_bytes(b"not a pickle")
+    for name in ("GFPGAN", "CodeFormer"):  # the CodeFormer folder has no detector: the GFPGAN folder's is used
+        out = restorers.restore(image, name=name)
+        assert out.size == (32, 32) and not np.array_equal(np.asarray(out), np.asarray(image))
+    (dirs["GFPGAN"] / "GFPGANv1.4.pth").write_bytes(b"not a pickle")
     with pytest.raises(ModelFileError):
-        restorers.restore(image)
+        restorers.restore(image, name="GFPGAN")
 
 
 def test_restore_faces_in_txt2img_writes_and_reads_the_infotext(data_dir, face_models):
@@ -189,16 +227,21 @@ def test_restore_faces_in_txt2img_writes_and_reads_the_infotext(data_dir, face_m
 
     engine = Engine(Paths(data_dir))
     req = Txt2ImgRequest(prompt="a face", steps=2, width=64, height=64, seed=5, restore_faces=True)
-    with pytest.raises(ModelNotFoundError, match="put .* in .*GFPGAN"):
+    with pytest.raises(ModelNotFoundError, match="put .* in .*Codeformer"):
         engine.txt2img(req)
-    face_models(data_dir / "models" / "GFPGAN")
+    face_models(data_dir)
     restored = engine.txt2img(req).images[0]
     plain = engine.txt2img(req.replace(restore_faces=False)).images[0]
-    assert "Face restoration: GFPGAN" in restored.infotext and "Face restoration" not in plain.infotext
+    assert "Face restoration: CodeFormer, CodeFormer weight: 0.5" in restored.infotext
+    assert "Face restoration" not in plain.infotext
     assert not np.array_equal(np.asarray(restored.image), np.asarray(plain.image))
     back = from_infotext(restored.infotext)
-    assert back.restore_faces and not from_infotext(plain.infotext).restore_faces
+    assert back.restore_faces and back.face_restoration_model == "CodeFormer" and back.code_former_weight == 0.5
+    assert not from_infotext(plain.infotext).restore_faces
     assert np.array_equal(np.asarray(engine.txt2img(back).images[0].image), np.asarray(restored.image))
+    gfpgan = engine.txt2img(req.replace(face_restoration_model="GFPGAN")).images[0]
+    assert "Face restoration: GFPGAN" in gfpgan.infotext and "CodeFormer weight" not in gfpgan.infotext
+    assert not np.array_equal(np.asarray(gfpgan.image), np.asarray(restored.image))
 
 
 def test_api_lists_and_uses_face_restoration(data_dir, face_models):
@@ -210,22 +253,25 @@ def test_api_lists_and_uses_face_restoration(data_dir, face_models):
     from sdstudio.cli import build_parser
     from sdstudio.server import create_app
 
-    face_models(data_dir / "models" / "GFPGAN")
+    face_models(data_dir)
     app = create_app(build_parser().parse_args(["serve", "--data-dir", str(data_dir), "--api", "--nowebui"]))
     with TestClient(app) as client:
-        assert [r["name"] for r in client.get("/sdapi/v1/face-restorers").json()] == ["GFPGAN"]
-        r = client.post("/sdapi/v1/txt2img", json={"prompt": "a face", "steps": 2, "width": 64, "height": 64,
-                                                   "seed": 1, "restore_faces": True})
+        assert [r["name"] for r in client.get("/sdapi/v1/face-restorers").json()] == ["CodeFormer", "GFPGAN"]
+        body = {"prompt": "a face", "steps": 2, "width": 64, "height": 64, "seed": 1, "restore_faces": True,
+                "override_settings": {"face_restoration_model": "GFPGAN"}}
+        r = client.post("/sdapi/v1/txt2img", json=body)
         assert r.status_code == 200, r.text
-        assert "Face restoration: GFPGAN" in r.json()["info"]
+        info = json.loads(r.json()["info"])
+        assert info["restore_faces"] and info["face_restoration_model"] == "GFPGAN"
+        assert "Face restoration: GFPGAN" in info["infotexts"][0]
         buf = io.BytesIO()
         Image.new("RGB", (32, 32), (150, 110, 90)).save(buf, "PNG")
         image = base64.b64encode(buf.getvalue()).decode()
-        r = client.post("/sdapi/v1/extra-single-image", json={"image": image, "upscaling_resize": 1,
-                                                              "gfpgan_visibility": 1.0})
-        assert r.status_code == 200, r.text
-        out = Image.open(io.BytesIO(base64.b64decode(r.json()["image"])))
-        assert out.size == (32, 32) and np.asarray(out).std() > 0
-        r = client.post("/sdapi/v1/extra-single-image", json={"image": image, "codeformer_visibility": 1.0})
-        assert r.status_code == 404 and "CodeFormer is not supported" in r.json()["detail"]
+        for field in ("gfpgan_visibility", "codeformer_visibility"):
+            r = client.post("/sdapi/v1/extra-single-image", json={"image": image, "upscaling_resize": 1, field: 1.0})
+            assert r.status_code == 200, r.text
+            out = Image.open(io.BytesIO(base64.b64decode(r.json()["image"])))
+            assert out.size == (32, 32) and not np.array_equal(np.asarray(out), np.asarray(Image.open(buf)))
+        r = client.post("/sdapi/v1/extra-single-image", json={"image": image, "codeformer_visibility": 2.0})
+        assert r.status_code == 422 and "CodeFormer visibility" in r.json()["detail"]
     app.state.service.stop()

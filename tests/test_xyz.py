@@ -70,6 +70,12 @@ def test_apply_functions():
     with pytest.raises(xyz.AxisError, match="no <lora"):
         xyz.axis("LoRA weight").apply(Txt2ImgRequest(prompt="a cat"), 0.8, [])
     assert xyz.axis("Styles").apply(req.replace(styles=["a"]), "b, c", []).styles == ["a", "b", "c"]
+    face = xyz.axis("Face restore")
+    assert face.apply(req, "true", []).restore_faces and not face.apply(req, "false", []).restore_faces
+    gfpgan = face.apply(req, "GFPGAN", [])
+    assert gfpgan.restore_faces and gfpgan.face_restoration_model == "GFPGAN"
+    with pytest.raises(xyz.AxisError, match="not true, false, CodeFormer or GFPGAN"):
+        face.apply(req, "RestoreFormer", [])
 
 
 def test_cell_order_puts_costly_axes_outside():

@@ -182,7 +182,8 @@ def to_request(body: Txt2ImgBody, options: dict, request_type=Txt2ImgRequest, **
         sampler_name=body.sampler_name or body.sampler_index or "Euler", scheduler=body.scheduler or "Automatic",
         batch_size=body.batch_size, n_iter=body.n_iter, steps=body.steps, cfg_scale=body.cfg_scale,
         width=body.width, height=body.height, tiling=bool(body.tiling),
-        restore_faces=bool(body.restore_faces), eta=body.eta, s_churn=body.s_churn,
+        restore_faces=bool(body.restore_faces), face_restoration_model=settings.get("face_restoration_model", ""),
+        code_former_weight=setting(settings, "code_former_weight", 0.5, float), eta=body.eta, s_churn=body.s_churn,
         s_tmin=body.s_tmin, s_tmax=body.s_tmax or float("inf"), s_noise=body.s_noise,
         clip_skip=setting(settings, "CLIP_stop_at_last_layers", 1, int), rng=settings.get("randn_source", "GPU"),
         emphasis=settings.get("emphasis", "Original"),
@@ -303,7 +304,7 @@ def check_models(engine, req: Txt2ImgRequest) -> None:
         if req.enable_hr and req.hr_upscaler not in LATENT_UPSCALE_MODES:
             engine.upscalers.get(req.hr_upscaler)
         if req.restore_faces:
-            engine.faces.check()
+            engine.faces.check(req.face_restoration_model)
         scripts_ops.precheck(engine, req)
     except RequestError as exc:
         raise HTTPException(422, str(exc)) from None
@@ -336,7 +337,8 @@ def extras_request(body: ExtrasBody) -> ExtrasRequest:
                          resize_to=(body.upscaling_resize_w, body.upscaling_resize_h) if body.resize_mode == 1 else None,
                          upscaler_1=body.upscaler_1, upscaler_2=body.upscaler_2,
                          upscaler_2_visibility=min(1.0, max(0.0, body.extras_upscaler_2_visibility)),
-                         gfpgan_visibility=body.gfpgan_visibility, codeformer_visibility=body.codeformer_visibility)
+                         gfpgan_visibility=body.gfpgan_visibility, codeformer_visibility=body.codeformer_visibility,
+                         codeformer_weight=body.codeformer_weight)
 
 
 def extras_upscale(image, body: ExtrasBody, engine):
@@ -515,7 +517,7 @@ def make_router(service: JobService, settings: Settings, cmd_flags: dict, limits
 
     @r.get("/face-restorers")
     def face_restorers():
-        return [{"name": name, "cmd_dir": str(engine.faces.folder)} for name in engine.faces.available()]
+        return [{"name": name, "cmd_dir": str(engine.faces.folders[name])} for name in engine.faces.available()]
 
     @r.get("/scripts")
     def scripts():

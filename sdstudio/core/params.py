@@ -20,6 +20,7 @@ from .names import get_sampler, get_schedule, split_legacy_sampler
 
 RNG_SOURCES = ("GPU", "CPU", "NV")
 EMPHASIS_MODES = ("Original", "No norm", "None")
+FACE_RESTORERS = ("", "CodeFormer", "GFPGAN")  # "": A1111's default, CodeFormer, when installed
 MAX_SIDE = 8192
 MAX_PIXELS = 4096 * 4096  # one image; more does not fit a VAE decode on any consumer machine
 MAX_PROMPT_CHARS = 50_000
@@ -48,7 +49,9 @@ class Txt2ImgRequest:
     width: int = 512
     height: int = 512
     tiling: bool = False
-    restore_faces: bool = False  # GFPGAN over each picture, before inpainting's composite (A1111's checkbox)
+    restore_faces: bool = False  # each picture's faces restored, before inpainting's composite (A1111's checkbox)
+    face_restoration_model: str = ""  # "CodeFormer" or "GFPGAN"; "" = A1111's default (CodeFormer) when installed
+    code_former_weight: float = 0.5  # CodeFormer's fidelity: 0 = the most effect, 1 = the least (A1111's setting)
     clip_skip: int = 1
     emphasis: str = "Original"  # A1111's emphasis modes: "Original" (rescale to the mean), "No norm", "None"
     novelai_braces: bool = False  # {x} weighs x by 1.05
@@ -101,6 +104,11 @@ class Txt2ImgRequest:
             raise RequestError(f"extra_noise must be between 0 and 1, got {self.extra_noise!r}")
         if not 0.0 <= self.cfg_scale <= 100.0:
             raise RequestError(f"cfg_scale must be between 0 and 100, got {self.cfg_scale!r}")
+        if not 0.0 <= self.code_former_weight <= 1.0:
+            raise RequestError(f"code_former_weight must be between 0 and 1, got {self.code_former_weight!r}")
+        if self.face_restoration_model not in FACE_RESTORERS:
+            raise RequestError(f"face_restoration_model must be one of {', '.join(FACE_RESTORERS)}, got "
+                               f"{self.face_restoration_model!r}")
         for name in ("prompt", "negative_prompt"):
             if len(getattr(self, name)) > MAX_PROMPT_CHARS:
                 raise RequestError(f"{name} is {len(getattr(self, name))} characters; the limit is {MAX_PROMPT_CHARS}")
@@ -349,8 +357,12 @@ INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
     _simple("Schedule type", "scheduler", str, skip=lambda v: v in ("", "Automatic")),
     _simple("CFG scale", "cfg_scale", float, show=_fmt_float),
     _simple("Seed", "seed", _read_int),
-    InfotextField("Face restoration", lambda r: "GFPGAN" if r.restore_faces else None,
-                  lambda t: {"restore_faces": bool(t.strip())}),
+    InfotextField("Face restoration", lambda r: (r.face_restoration_model or "CodeFormer") if r.restore_faces else None,
+                  lambda t: {"restore_faces": bool(t.strip()), "face_restoration_model": t.strip()}),
+    InfotextField("CodeFormer weight",  # ours: A1111 keeps the weight in its settings only
+                  lambda r: _fmt_float(r.code_former_weight) if r.restore_faces and
+                  (r.face_restoration_model or "CodeFormer") == "CodeFormer" else None,
+                  lambda t: {"code_former_weight": float(t)}),
     InfotextField("Size", lambda r: f"{r.width}x{r.height}",
                   lambda t: dict(zip(("width", "height"), _parse_size(t)))),
     InfotextField("Model hash", lambda r: None, lambda t: {"model_hash": t.strip()}),  # written by the engine
@@ -425,7 +437,7 @@ _FIELD_BY_KEY = {f.key: f for f in INFOTEXT_FIELDS}
 
 # A1111's key order; keys not listed (extensions, scripts, keys we keep unread) go before Version.
 KEY_ORDER = (
-    "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Face restoration", "Size", "Model hash", "Model",
+    "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Face restoration", "CodeFormer weight", "Size", "Model hash", "Model",
     "VAE hash", "VAE", "Denoising strength", "Mask blur", "Mask mode", "Masked content", "Inpaint area",
     "Masked area padding", "Resize mode", "Noise multiplier", "Clip skip", "Tiling", "Variation seed", "Variation seed strength",
     "Seed resize from", "RNG", "ENSD", "Eta", "Sigma churn", "Sigma tmin", "Sigma noise", "Discard penultimate sigma",
@@ -467,7 +479,8 @@ def from_infotext(text_or_params: str | dict[str, str], base: Txt2ImgRequest | N
     changes: dict[str, Any] = {
         "prompt": params.pop(infotext.PROMPT, ""), "negative_prompt": params.pop(infotext.NEGATIVE, ""),
         "clip_skip": 1, "rng": "GPU", "scheduler": "Automatic", "subseed_strength": 0.0,
-        "seed_resize_from_w": 0, "seed_resize_from_h": 0, "tiling": False, "restore_faces": False, "extra": {},
+        "seed_resize_from_w": 0, "seed_resize_from_h": 0, "tiling": False, "restore_faces": False, "face_restoration_model": "",
+        "code_former_weight": 0.5, "extra": {},
         "model_hash": None,
         "styles": [],  # the infotext holds the styled prompt already
         "emphasis": "Original", "novelai_braces": False, "tiled_vae": False, "enable_hr": False,

@@ -19,6 +19,7 @@ class Paths:
     swinir_dir: Path | None = None
     dat_dir: Path | None = None
     gfpgan_dir: Path | None = None
+    codeformer_dir: Path | None = None
     controlnet_dir: Path | None = None
     outputs_dir: Path | None = None
     styles_file: Path | None = None
@@ -37,6 +38,7 @@ class Paths:
         self.swinir_dir = Path(self.swinir_dir or models / "SwinIR").expanduser()
         self.dat_dir = Path(self.dat_dir or models / "DAT").expanduser()
         self.gfpgan_dir = Path(self.gfpgan_dir or models / "GFPGAN").expanduser()
+        self.codeformer_dir = Path(self.codeformer_dir or models / "Codeformer").expanduser()
         self.controlnet_dir = Path(self.controlnet_dir or models / "ControlNet").expanduser()
         self.outputs_dir = Path(self.outputs_dir or self.data_dir / "outputs").expanduser()
         self.styles_file = Path(self.styles_file or self.data_dir / "styles.csv").expanduser()
@@ -50,13 +52,17 @@ class Paths:
         return [self.esrgan_dir, self.realesrgan_dir, self.swinir_dir, self.dat_dir]
 
     @property
+    def face_restorer_dirs(self) -> dict[str, Path]:
+        return {"CodeFormer": self.codeformer_dir, "GFPGAN": self.gfpgan_dir}
+
+    @property
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
 
     def create_layout(self) -> None:
         """Make the folders a user drops files into, as A1111 does on first start."""
         for d in (self.ckpt_dirs[-1], self.vae_dir, self.lora_dir, self.embeddings_dir, self.hypernetwork_dir,
-                  self.esrgan_dir, self.gfpgan_dir, self.controlnet_dir):
+                  self.esrgan_dir, self.gfpgan_dir, self.codeformer_dir, self.controlnet_dir):
             d.mkdir(parents=True, exist_ok=True)
 
 

@@ -163,13 +163,14 @@ def _lora_weight(req, value: float, values):
 
 
 def _face_restore(req, value: str, values):
-    """On/off, or a restorer's name as A1111 also takes (GFPGAN; CodeFormer is not supported yet)."""
+    """On/off, or a restorer's name as A1111 also takes (CodeFormer, GFPGAN)."""
     word = value.strip().lower()
-    if word == "codeformer":
-        raise AxisError("Face restore: CodeFormer is not supported yet; use GFPGAN")
-    if word not in ("gfpgan", "true", "false", "yes", "no", "1", "0", "on", "off"):
-        raise AxisError(f"Face restore: {value!r} is not true, false or GFPGAN")
-    return req.replace(restore_faces=word in ("gfpgan", "true", "yes", "1", "on"))
+    names = {"codeformer": "CodeFormer", "gfpgan": "GFPGAN"}
+    if word in names:
+        return req.replace(restore_faces=True, face_restoration_model=names[word])
+    if word not in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+        raise AxisError(f"Face restore: {value!r} is not true, false, CodeFormer or GFPGAN")
+    return req.replace(restore_faces=word in ("true", "yes", "1", "on"))
 
 
 def _bool(text: str) -> str:

@@ -2,8 +2,8 @@
 
 Upscaler 1 (a built-in resampler or a model file) brings the picture to the target size ("Scale by" a
 factor, or "Scale to" a width × height, optionally cropped to fit); upscaler 2, when given, is blended
-over it by its visibility. Then, as in A1111's order, GFPGAN restores the faces, blended by its
-visibility (CodeFormer: not supported yet).
+over it by its visibility. Then, in A1111's order, GFPGAN and CodeFormer restore the faces, each blended
+by its visibility.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class ExtrasRequest:
     upscaler_2_visibility: float = 0.0
     gfpgan_visibility: float = 0.0
     codeformer_visibility: float = 0.0
+    codeformer_weight: float = 0.0  # A1111's extras default: 0 = the most effect
 
     def target(self, size: tuple[int, int]) -> tuple[int, int]:
         if self.resize_to is not None:
@@ -54,16 +55,16 @@ def check(req: ExtrasRequest, upscalers: Upscalers, faces: FaceRestorers | None 
     where) fail before any work."""
     for name in (req.upscaler_1, req.upscaler_2):
         upscalers.get(name)
-    for name, visibility in (("upscaler 2", req.upscaler_2_visibility), ("GFPGAN", req.gfpgan_visibility),
-                             ("CodeFormer", req.codeformer_visibility)):
-        if not 0.0 <= visibility <= 1.0:
-            raise RequestError(f"{name} visibility must be between 0 and 1, got {visibility}")
-    if req.codeformer_visibility > 0:
-        raise ModelNotFoundError("CodeFormer is not supported yet; use GFPGAN (gfpgan_visibility)")
-    if req.gfpgan_visibility > 0:
-        if faces is None:
-            raise ModelNotFoundError("face restoration is not available here")
-        faces.check()
+    for name, value in (("upscaler 2 visibility", req.upscaler_2_visibility),
+                        ("GFPGAN visibility", req.gfpgan_visibility),
+                        ("CodeFormer visibility", req.codeformer_visibility), ("CodeFormer weight", req.codeformer_weight)):
+        if not 0.0 <= value <= 1.0:
+            raise RequestError(f"{name} must be between 0 and 1, got {value}")
+    for name, visibility in (("GFPGAN", req.gfpgan_visibility), ("CodeFormer", req.codeformer_visibility)):
+        if visibility > 0:
+            if faces is None:
+                raise ModelNotFoundError("face restoration is not available here")
+            faces.check(name)
 
 
 def run(image: Image.Image, req: ExtrasRequest, upscalers: Upscalers, faces: FaceRestorers | None = None) -> Image.Image:
@@ -83,5 +84,7 @@ def run(image: Image.Image, req: ExtrasRequest, upscalers: Upscalers, faces: Fac
         second = upscale(req.upscaler_2).resize(first.size)
         first = Image.blend(first, second, req.upscaler_2_visibility)
     if req.gfpgan_visibility > 0:
-        first = faces.restore(first, req.gfpgan_visibility)
+        first = faces.restore(first, req.gfpgan_visibility, "GFPGAN")
+    if req.codeformer_visibility > 0:
+        first = faces.restore(first, req.codeformer_visibility, "CodeFormer", fidelity=req.codeformer_weight)
     return first

@@ -1,10 +1,11 @@
-"""Face restoration as A1111 does it with GFPGAN: find faces, align each to a 512² crop, restore the crop,
-paste it back with a soft edge, then blend the result over the picture by the visibility.
+"""Face restoration as A1111 does it with CodeFormer or GFPGAN: find faces, align each to a 512² crop,
+restore the crop, paste it back with a soft edge, then blend the result over the picture by the visibility.
 
-Files (A1111's ``models/GFPGAN``, ``--gfpgan-models-path``): a GFPGAN v1.2–v1.4 network (a file whose
-name contains "GFPGAN", e.g. ``GFPGANv1.4.pth``; the highest name wins) and facexlib's RetinaFace detector
-(``detection_Resnet50_Final.pth`` or ``detection_mobilenet0.25_Final.pth``), both read with the safe
-loader. Without them the feature says which file to put where.
+Files: CodeFormer's network in A1111's ``models/Codeformer`` (``codeformer-v0.1.0.pth``;
+``--codeformer-models-path``), GFPGAN's in ``models/GFPGAN`` (a v1.2–v1.4 file whose name contains
+"GFPGAN", e.g. ``GFPGANv1.4.pth``; the highest name wins; ``--gfpgan-models-path``), and facexlib's
+RetinaFace detector (``detection_Resnet50_Final.pth`` or ``detection_mobilenet0.25_Final.pth``) in either
+folder, all read with the safe loader. Without them the feature says which file to put where.
 
 The steps follow facexlib's helper, which GFPGAN and CodeFormer use: detection at the picture's own size
 (score > 0.97, eyes ≥ 5 px apart); a similarity transform (rotation, uniform scale, shift; least squares)
@@ -26,6 +27,7 @@ from PIL import Image
 from ..models.errors import ModelFileError, ModelNotFoundError
 from ..models.safe_load import open_state_dict
 from . import retinaface
+from .codeformer import CodeFormer
 from .gfpgan import GFPGAN
 
 FACE_SIZE = 512
@@ -113,7 +115,7 @@ class FaceRestorer:
     """A loaded restoration network and detector."""
 
     name: str
-    network: GFPGAN
+    network: GFPGAN | CodeFormer
     detector: retinaface.RetinaFace
     device: torch.device
 
@@ -128,17 +130,21 @@ class FaceRestorer:
         return out
 
     @torch.no_grad()
-    def restore_crop(self, crop: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        """One aligned crop (3×512×512, 0..255) through the network, rounded to whole levels."""
+    def restore_crop(self, crop: torch.Tensor, seed: int = 0, fidelity: float = 0.5) -> torch.Tensor:
+        """One aligned crop (3×512×512, 0..255) through the network, rounded to whole levels. GFPGAN draws
+        its noise from ``seed``; CodeFormer takes ``fidelity`` (A1111's CodeFormer weight)."""
         dtype = next(self.network.parameters()).dtype
         x = (crop / 127.5 - 1)[None].to(self.device, dtype)
-        generator = torch.Generator(self.device).manual_seed(seed)
-        y = self.network(x, generator).float().clamp(-1, 1)[0]
+        if isinstance(self.network, CodeFormer):
+            y = self.network(x, fidelity)
+        else:
+            y = self.network(x, torch.Generator(self.device).manual_seed(seed))
+        y = y.float().clamp(-1, 1)[0]
         return ((y + 1) * 127.5).round().to(crop.device)
 
     @torch.no_grad()
     def restore(self, image: Image.Image, visibility: float = 1.0, faces: list[retinaface.Face] | None = None,
-                seed: int = 0) -> Image.Image:
+                seed: int = 0, fidelity: float = 0.5) -> Image.Image:
         """``image`` with its faces restored and blended over it by ``visibility`` (0: unchanged).
         ``faces``: found by the detector when not given."""
         image = image.convert("RGB")
@@ -152,7 +158,7 @@ class FaceRestorer:
         picture = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
         out = picture.clone()
         for i, (matrix, crop) in enumerate(self.crops(picture, faces)):
-            restored = self.restore_crop(crop, seed + i)
+            restored = self.restore_crop(crop, seed + i, fidelity)
             back = warp(restored, invert(matrix), image.size)
             footprint, soft = paste_mask(matrix, image.size)
             out = soft * (footprint * back) + (1 - soft) * out
@@ -160,70 +166,108 @@ class FaceRestorer:
         return result if visibility >= 1 else Image.blend(image, result, visibility)
 
 
-class FaceRestorers:
-    """The face restorers a data dir offers (GFPGAN when its files are there), the last one kept loaded."""
+@dataclass(frozen=True)
+class _Kind:
+    name: str
+    match: str  # a file whose name contains this (any case) is this kind's network
+    example: str
+    build: object  # state dict -> network
 
-    def __init__(self, folder: Path, device: torch.device | None = None, dtype: torch.dtype = torch.float32):
-        self.folder = Path(folder)
+
+KINDS = (_Kind("CodeFormer", "codeformer", "codeformer-v0.1.0.pth", CodeFormer.from_state_dict),
+         _Kind("GFPGAN", "gfpgan", "GFPGANv1.4.pth", GFPGAN.from_state_dict))
+DEFAULT = "CodeFormer"  # A1111's default face_restoration_model
+
+
+class FaceRestorers:
+    """The face restorers a data dir offers, by A1111 name (CodeFormer, GFPGAN: each when its network and a
+    detector are there), the last one used kept loaded. ``folders``: where each kind's files are
+    (A1111: ``models/Codeformer``, ``models/GFPGAN``); the detector may be in either."""
+
+    def __init__(self, folders: dict[str, Path], device: torch.device | None = None,
+                 dtype: torch.dtype = torch.float32):
+        self.folders = {name: Path(folder) for name, folder in folders.items()}
         self.device = device or torch.device("cpu")
         self.dtype = dtype
         self._loaded: tuple[tuple, FaceRestorer] | None = None
         self._lock = threading.Lock()
 
-    def _files(self) -> list[Path]:
-        if not self.folder.is_dir():
+    @staticmethod
+    def _files(folder: Path) -> list[Path]:
+        if not folder.is_dir():
             return []
-        return sorted(p for p in self.folder.iterdir() if p.suffix.lower() in MODEL_SUFFIXES)
+        return sorted(p for p in folder.iterdir() if p.suffix.lower() in MODEL_SUFFIXES)
 
-    def gfpgan_file(self) -> Path | None:
-        found = [p for p in self._files() if "gfpgan" in p.name.lower()]
-        return found[-1] if found else None
+    def _kind(self, name: str) -> _Kind:
+        for kind in KINDS:
+            if kind.name.lower() == name.strip().lower():
+                return kind
+        raise ModelNotFoundError(f"unknown face restorer {name!r}; known: {', '.join(k.name for k in KINDS)}")
 
-    def detector_file(self) -> Path | None:
-        by_stem = {p.stem: p for p in self._files()}
-        return next((by_stem[s] for s in DETECTORS if s in by_stem), None)
+    def network_file(self, name: str) -> Path | None:
+        kind = self._kind(name)
+        found = [p for p in self._files(self.folders[kind.name]) if kind.match in p.name.lower()]
+        return found[-1] if found else None  # the highest version: GFPGANv1.4 over v1.3
+
+    def detector_file(self, name: str) -> Path | None:
+        folders = [self.folders[self._kind(name).name]] + list(self.folders.values())
+        for folder in folders:
+            by_stem = {p.stem: p for p in self._files(folder)}
+            found = next((by_stem[s] for s in DETECTORS if s in by_stem), None)
+            if found:
+                return found
+        return None
 
     def available(self) -> list[str]:
-        return ["GFPGAN"] if self.gfpgan_file() and self.detector_file() else []
+        return [k.name for k in KINDS if self.network_file(k.name) and self.detector_file(k.name)]
 
-    def missing(self, name: str = "GFPGAN") -> str:
+    def resolve(self, name: str = "") -> str:
+        """The restorer a request means: its name, or ("") A1111's default when installed, else the other."""
+        if name:
+            return self._kind(name).name
+        found = self.available()
+        return DEFAULT if DEFAULT in found or not found else found[0]
+
+    def missing(self, name: str = "") -> str:
         """What to install, in words ("" when nothing is missing)."""
-        if name.lower() == "codeformer":
-            return "CodeFormer is not supported yet; use GFPGAN"
+        kind = self._kind(self.resolve(name))
         need = []
-        if self.gfpgan_file() is None:
-            need.append("a GFPGAN network (e.g. GFPGANv1.4.pth)")
-        if self.detector_file() is None:
+        if self.network_file(kind.name) is None:
+            need.append(f"a {kind.name} network (e.g. {kind.example})")
+        if self.detector_file(kind.name) is None:
             need.append("the RetinaFace detector detection_Resnet50_Final.pth")
-        return f"face restoration is not installed: put {' and '.join(need)} in {self.folder}" if need else ""
+        where = self.folders[kind.name]
+        return f"face restoration ({kind.name}) is not installed: put {' and '.join(need)} in {where}" if need else ""
 
-    def check(self, name: str = "GFPGAN") -> None:
+    def check(self, name: str = "") -> None:
         """Raises ModelNotFoundError naming the missing files."""
         problem = self.missing(name)
         if problem:
             raise ModelNotFoundError(problem)
 
-    def get(self, name: str = "GFPGAN") -> FaceRestorer:
+    def get(self, name: str = "") -> FaceRestorer:
         self.check(name)
-        net_path, det_path = self.gfpgan_file(), self.detector_file()
+        kind = self._kind(self.resolve(name))
+        net_path, det_path = self.network_file(kind.name), self.detector_file(kind.name)
         key = (net_path, net_path.stat().st_mtime, det_path, det_path.stat().st_mtime)
         with self._lock:
             if self._loaded is None or self._loaded[0] != key:
                 self._loaded = None
                 try:
-                    network = GFPGAN.from_state_dict(dict(open_state_dict(net_path)))
-                except (KeyError, RuntimeError, IndexError) as exc:
-                    raise ModelFileError(f"{net_path.name}: not a GFPGAN v1.2–v1.4 network ({exc})") from None
+                    network = kind.build(dict(open_state_dict(net_path)))
+                except (KeyError, RuntimeError, IndexError, ValueError) as exc:
+                    raise ModelFileError(f"{net_path.name}: not a {kind.name} network ({exc})") from None
                 try:
                     detector = retinaface.RetinaFace.from_state_dict(dict(open_state_dict(det_path)))
-                except (KeyError, RuntimeError, IndexError) as exc:
+                except (KeyError, RuntimeError, IndexError, ValueError) as exc:
                     raise ModelFileError(f"{det_path.name}: not a RetinaFace detector ({exc})") from None
-                restorer = FaceRestorer("GFPGAN", network.to(self.device, self.dtype),
+                restorer = FaceRestorer(kind.name, network.to(self.device, self.dtype),
                                         detector.to(self.device, self.dtype), self.device)
                 self._loaded = (key, restorer)
             return self._loaded[1]
 
-    def restore(self, image: Image.Image, visibility: float = 1.0, name: str = "GFPGAN", seed: int = 0) -> Image.Image:
+    def restore(self, image: Image.Image, visibility: float = 1.0, name: str = "", seed: int = 0,
+                fidelity: float = 0.5) -> Image.Image:
         if visibility <= 0:
             return image
-        return self.get(name).restore(image, visibility, seed=seed)
+        return self.get(name).restore(image, visibility, seed=seed, fidelity=fidelity)

@@ -125,7 +125,7 @@ class Engine:
         self.embeddings = EmbeddingLibrary(paths.embeddings_dir)
         self.schedule = DiscreteSchedule()
         self.upscalers = Upscalers(paths.upscaler_dirs, self.plan.device, self.plan.dtype)
-        self.faces = FaceRestorers(paths.gfpgan_dir, self.plan.device, self.plan.dtype)
+        self.faces = FaceRestorers(paths.face_restorer_dirs, self.plan.device, self.plan.dtype)
         self.interrogators = Interrogators(paths.models_dir, self.plan.device, self.plan.dtype)
         self.lock = threading.Lock()  # one generation at a time per device
 
@@ -165,8 +165,9 @@ class Engine:
         ``on_batch(batches_done, images_of_that_batch)`` is called after each batch (a skipped one: no images);
         with ``keep_images=False`` the result does not hold them (a queue worker saves them per batch)."""
         req.validate()
-        if req.restore_faces:
-            self.faces.check()  # missing files: said now, naming them, before any sampling
+        if req.restore_faces:  # the restorer named (the infotext says which); missing files: said now
+            req = req.replace(face_restoration_model=self.faces.resolve(req.face_restoration_model))
+            self.faces.check(req.face_restoration_model)
         if req.script_name:
             return scripts_ops.run(self, req, on_progress=on_progress, should_stop=should_stop, on_image=on_image,
                                    on_batch=on_batch, keep_images=keep_images)
@@ -238,7 +239,8 @@ class Engine:
                     batch_images: list[GeneratedImage] = []
                     for j, (image, s, ss) in enumerate(zip(vae_ops.to_pil(self._decode(vae, latents, req.tiled_vae)), seeds, subseeds)):
                         if req.restore_faces:
-                            image = self.faces.restore(image, seed=s)
+                            image = self.faces.restore(image, name=req.face_restoration_model, seed=s,
+                                                       fidelity=req.code_former_weight)
                         if inits is not None:
                             image = img2img_ops.finish(inits[j], image, latents[j:j + 1], SoftInpainting.of(req))
                         params = to_infotext_params(req_for_text.replace(seed=s, subseed=ss), **{**resolved, "Seed": s})

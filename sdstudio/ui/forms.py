@@ -98,6 +98,8 @@ class Form:
             **fields, **more, clip_skip=int(settings.get("CLIP_stop_at_last_layers", 1)),
             rng=settings.get("randn_source", "GPU"), emphasis=settings.get("emphasis", "Original"),
             eta_noise_seed_delta=int(settings.get("eta_noise_seed_delta", 0)),
+            face_restoration_model=settings.get("face_restoration_model", "CodeFormer"),
+            code_former_weight=float(settings.get("code_former_weight", 0.5)),
             model=settings.get("sd_model_checkpoint") or None, vae=settings.get("sd_vae", "Automatic"),
             **({"fix_steps": bool(settings.get("img2img_fix_steps", False)),
                 "initial_noise_multiplier": float(settings.get("initial_noise_multiplier", 1.0)),

@@ -56,13 +56,19 @@ class ExtrasTab:
                     self.upscaler_2 = gr.Dropdown(names, value="None", label="Upscaler 2", elem_id="extras_upscaler_2")
                     self.visibility = gr.Slider(0, 1, value=0, step=0.001, label="Upscaler 2 visibility",
                                                 elem_id="extras_upscaler_2_visibility")
+                installed = ui.service.engine.faces.available()
                 with gr.Row():
-                    installed = bool(ui.service.engine.faces.available())
                     self.gfpgan = gr.Slider(0, 1, value=0, step=0.001, label="GFPGAN visibility",
                                             elem_id="extras_gfpgan_visibility",
-                                            info=None if installed else "Face restoration is not installed")
-                    gr.Slider(0, 1, value=0, label="CodeFormer visibility", interactive=False,
-                              elem_id="extras_codeformer_visibility", info="CodeFormer is not supported yet")
+                                            info=None if "GFPGAN" in installed else "Face restoration is not installed")
+                with gr.Row():
+                    self.codeformer = gr.Slider(0, 1, value=0, step=0.001, label="CodeFormer visibility",
+                                                elem_id="extras_codeformer_visibility",
+                                                info=None if "CodeFormer" in installed else
+                                                "Face restoration is not installed")
+                    self.codeformer_weight = gr.Slider(0, 1, value=0, step=0.001,
+                                                       label="CodeFormer weight (0 = maximum effect, 1 = minimum effect)",
+                                                       elem_id="extras_codeformer_weight")
             with gr.Column():
                 self.generate = gr.Button("Generate", variant="primary", elem_id="extras_generate")
                 self.gallery = gr.Gallery(label="Result", elem_id="extras_gallery", columns=2, height=420,
@@ -70,17 +76,20 @@ class ExtrasTab:
                 self.info = gr.HTML("", elem_id="extras_html_info")
         self.generate.click(self.run, [self.mode, self.image, self.files, self.input_dir, self.output_dir,
                                        self.resize_to_state, self.scale, self.width, self.height, self.crop,
-                                       self.upscaler_1, self.upscaler_2, self.visibility, self.gfpgan],
+                                       self.upscaler_1, self.upscaler_2, self.visibility, self.gfpgan,
+                                       self.codeformer, self.codeformer_weight],
                             [self.gallery, self.info], concurrency_limit=1)
         return self
 
     def run(self, mode, image, files, input_dir, output_dir, resize_to, scale, width, height, crop, up1, up2, vis,
-            gfpgan):
+            gfpgan, codeformer, codeformer_weight):
         ui = self.ui
         engine = ui.service.engine
         req = extras_ops.ExtrasRequest(scale=float(scale), resize_to=(int(width), int(height)) if resize_to else None,
                                        crop=bool(crop), upscaler_1=up1 or "None", upscaler_2=up2 or "None",
-                                       upscaler_2_visibility=float(vis), gfpgan_visibility=float(gfpgan or 0))
+                                       upscaler_2_visibility=float(vis), gfpgan_visibility=float(gfpgan or 0),
+                                       codeformer_visibility=float(codeformer or 0),
+                                       codeformer_weight=float(codeformer_weight or 0))
         try:
             extras_ops.check(req, engine.upscalers, engine.faces)
             if mode == "single":
