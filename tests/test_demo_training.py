@@ -29,8 +29,10 @@ def test_train_resume_export_and_load(tmp_path):
         images = torch.rand(4, 3, 64, 64) * 2 - 1
         std = float(resumed.vae.encode(images).latent_dist.mean.std() * SCALING)
     assert 0.3 < std < 3
+    assert [r["step"] for r in rows if r["stage"] == "v"][-1] == "1"  # then the v-prediction stage
     path = resumed.export(tmp_path / "data" / "models" / "Stable-diffusion" / "demo.safetensors")
     loaded = load_checkpoint(path)
+    assert loaded.spec.prediction == "v_prediction"  # the file's v_pred key says so
     resumed.unet.eval()
     resumed.text.eval()
     x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
@@ -47,6 +49,23 @@ def test_train_resume_export_and_load(tmp_path):
     image = engine.txt2img(Txt2ImgRequest(prompt="a red circle on a blue background", steps=2, width=64, height=64,
                                           seed=1)).images[0].image
     assert np.asarray(image).std() > 0
+
+
+def test_noise_loss_targets():
+    """With a UNet that predicts 0 and pictures that are 0, the loss is the target's mean square: the noise's
+    (1) for epsilon, alpha_cumprod(t) times it for v = sqrt(a)·noise − sqrt(1−a)·picture."""
+    from training.demo_model.train import _alphas_cumprod, noise_loss
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, t, context):
+            return type("Out", (), {"sample": torch.zeros_like(x)})()
+
+    alphas = _alphas_cumprod()
+    latents = torch.zeros(4096, 1, 4, 4)
+    eps = noise_loss(Zero(), latents, None, alphas)
+    v = noise_loss(Zero(), latents, None, alphas, prediction="v_prediction")
+    assert abs(float(eps) - 1) < 0.02
+    assert abs(float(v) - float(alphas.mean())) < 0.02
 
 
 def test_variants_load_as_users_files(tmp_path):

@@ -51,6 +51,13 @@ class Config:
     lr_vae: float = 1e-3
     lr_text: float = 1e-3
     lr_unet: float = 4e-4
+    # then the "v" stage: the UNet goes on learning to predict v = sqrt(a)·noise − sqrt(1−a)·picture instead
+    # of the noise (the file then says so with a `v_pred` key). With epsilon prediction the picture at high
+    # noise is (x − sqrt(1−a)·eps)/sqrt(a): at the first sampling step any error in copying the noise is
+    # multiplied by 1/sqrt(a) ≈ 15, which drowned what the caption says (the predicted picture at t=999 was
+    # the same for every prompt); v at high noise is the picture itself.
+    v_steps: int = 3000
+    lr_v: float = 2e-4
     seed: int = 0
     save_every: int = 250
     # The diffusion stage encodes pictures with the (frozen) VAE; encoding costs about as much as the UNet
@@ -72,7 +79,7 @@ class Config:
     def tiny(cls, **kw) -> Config:
         """For tests: the same pipeline in seconds."""
         return cls(**{"size": 64, "vae_size": 64, "batch": 2, "vae_steps": 2, "text_steps": 2, "unet_steps": 2,
-                      "save_every": 1,
+                      "v_steps": 1, "save_every": 1,
                       "unet_channels": (32, 32, 32, 32), "vae_channels": (32, 32, 32, 32), "text_width": 32,
                       "text_layers": 1, **kw})
 
@@ -152,16 +159,18 @@ def text_separation(run: Run) -> float:
 
 
 def noise_loss(unet, latents: torch.Tensor, context: torch.Tensor, alphas: torch.Tensor,
-               extra: torch.Tensor | None = None) -> torch.Tensor:
-    """Epsilon prediction's loss at random timesteps; ``extra``: channels appended to the UNet's input
-    (a 9-channel inpainting UNet's mask and masked-image latent)."""
+               extra: torch.Tensor | None = None, prediction: str = "epsilon") -> torch.Tensor:
+    """The diffusion loss at random timesteps: the UNet predicts the noise (``prediction`` "epsilon") or
+    v ("v_prediction"); ``extra``: channels appended to the UNet's input (a 9-channel inpainting UNet's
+    mask and masked-image latent)."""
     t = torch.randint(0, 1000, (latents.shape[0],))
     noise = torch.randn_like(latents)
     a = alphas[t].view(-1, 1, 1, 1)
     x = a.sqrt() * latents + (1 - a).sqrt() * noise
+    target = a.sqrt() * noise - (1 - a).sqrt() * latents if prediction == "v_prediction" else noise
     if extra is not None:
         x = torch.cat([x, extra], dim=1)
-    return F.mse_loss(unet(x, t, context).sample, noise)
+    return F.mse_loss(unet(x, t, context).sample, target)
 
 
 def _alphas_cumprod() -> torch.Tensor:
@@ -281,18 +290,21 @@ class Run:
         return self.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
                               return_tensors="pt").input_ids
 
-    def _diffusion_step(self, alphas: torch.Tensor) -> torch.Tensor:
+    @property
+    def prediction(self) -> str:
+        """What the finished UNet predicts (the "v" stage, when there is one, makes it v)."""
+        return "v_prediction" if self.cfg.v_steps > 0 else "epsilon"
+
+    def _diffusion_step(self, alphas: torch.Tensor, prediction: str = "epsilon") -> torch.Tensor:
         latents, captions = self._encoded_batch()
         captions = ["" if self.rng.random() < 0.1 else c for c in captions]
         with torch.no_grad():
             context = self.text(self._tokens(captions)).last_hidden_state
-        return noise_loss(self.unet, latents, context, alphas)
+        return noise_loss(self.unet, latents, context, alphas, prediction=prediction)
 
     def train(self) -> None:
         cfg = self.cfg
         alphas = _alphas_cumprod()
-        if self.stage == "done" and self.step < cfg.unet_steps:  # more UNet steps asked for: a warm restart of
-            self.stage = "diffusion"                              # the cosine rate, from step/total onwards
         if self.stage == "vae":
             self.vae.train()
             self._loop("VAE", cfg.vae_steps, cfg.lr_vae, self._vae_step, warmup=100)
@@ -308,12 +320,18 @@ class Run:
             self.log(f"text encoder done: {text_separation(self):.2f} (how far apart prompts are, relative)")
             self.stage, self.step, self.opt = "diffusion", 0, self._diffusion_optimizer()
             self.save()
-        if self.stage == "diffusion":
+        if self.stage in ("diffusion", "v"):
             self.vae.eval().requires_grad_(False)
             self.text.eval().requires_grad_(False)
             self.unet.train()
+        if self.stage == "diffusion":
             self._loop("UNet", cfg.unet_steps, cfg.lr_unet, lambda: self._diffusion_step(alphas),
                        clip=list(self.unet.parameters()))
+            self.stage, self.step, self.opt = "v", 0, self._diffusion_optimizer()
+            self.save()
+        if self.stage == "v":
+            self._loop("UNet, v-prediction", cfg.v_steps, cfg.lr_v, lambda: self._diffusion_step(alphas, "v_prediction"),
+                       warmup=100, clip=list(self.unet.parameters()))
             self.stage = "done"
             self.save()
 
@@ -341,6 +359,8 @@ class Run:
     def export(self, path: Path) -> Path:
         """The trained model as an A1111-style single-file checkpoint (fp16 safetensors)."""
         sd = ldm_state_dict(self.unet, self.vae, [(self.text, "cond_stage_model.transformer.", "clip_hf")])
+        if self.prediction == "v_prediction":
+            sd["v_pred"] = torch.zeros(())  # the key other tools write for a v-prediction model; our loader reads it
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}, str(path),

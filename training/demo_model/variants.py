@@ -122,7 +122,7 @@ def train_lora(run: Run, out: Path, steps: int = 400, rank: int = 4, seed: int =
         plain = [shapes.caption(dataclasses.replace(s, stripes=False), rich=bool(rng.random() < 0.5))
                  for s in scenes]  # the caption does not say "striped": the trigger word has to
         context = run.text(run._tokens([f"{TRIGGER}, {c}" for c in plain])).last_hidden_state
-        return noise_loss(run.unet, latents, context, alphas)
+        return noise_loss(run.unet, latents, context, alphas, prediction=run.prediction)
 
     _optimise(params, steps, 1e-3, loss, "LoRA")
     tensors = {}
@@ -169,7 +169,8 @@ def train_embedding(run: Run, out: Path, steps: int = 300, vectors: int = 2, see
             scenes = [_red(s) for s in _scenes(rng, run.cfg.batch, max_things=1)]
             latents, _ = _encode(run, scenes, run.cfg.size)
             captions = [shapes.caption(s).replace("red", "zzz qqq", 1) for s in scenes]
-            return noise_loss(run.unet, latents, run.text(run._tokens(captions)).last_hidden_state, alphas)
+            return noise_loss(run.unet, latents, run.text(run._tokens(captions)).last_hidden_state, alphas,
+                              prediction=run.prediction)
 
         _optimise([learnt], steps, 5e-3, loss, "embedding")
     finally:
@@ -217,7 +218,8 @@ def train_inpainting(run: Run, out: Path, steps: int = 800, seed: int = 3) -> Pa
         small = F.interpolate(masks, size=latents.shape[-2:])
         captions = ["" if rng.random() < 0.1 else shapes.caption(s, rich=bool(rng.random() < 0.5)) for s in scenes]
         context = run.text(run._tokens(captions)).last_hidden_state
-        return noise_loss(unet, latents, context, alphas, extra=torch.cat([small, blanked], dim=1))
+        return noise_loss(unet, latents, context, alphas, extra=torch.cat([small, blanked], dim=1),
+                          prediction=run.prediction)
 
     _optimise(list(unet.parameters()), steps, 1e-4, loss, "inpainting")
     base_unet = run.unet
