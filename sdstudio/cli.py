@@ -55,7 +55,8 @@ def paths_from(args: argparse.Namespace) -> Paths:
                  esrgan_dir=args.esrgan_models_path,
                  realesrgan_dir=args.realesrgan_models_path, swinir_dir=args.swinir_models_path,
                  dat_dir=args.dat_models_path, gfpgan_dir=args.gfpgan_models_path,
-                 codeformer_dir=args.codeformer_models_path, controlnet_dir=args.controlnet_dir, styles_file=args.styles_file)
+                 codeformer_dir=args.codeformer_models_path, controlnet_dir=args.controlnet_dir,
+                 styles_file=args.styles_file)
 
 
 def device_options_from(args: argparse.Namespace) -> DeviceOptions:
@@ -473,15 +474,18 @@ def cmd_interrogate(args: argparse.Namespace) -> int:
 def a1111_body(req: Txt2ImgRequest) -> dict:
     """A request in A1111's API fields (what ``/sdapi/v1/txt2img`` and ``/sdstudio/v1/jobs`` take)."""
     fields = ("prompt", "negative_prompt", "styles", "seed", "subseed", "subseed_strength", "sampler_name",
-              "scheduler", "batch_size", "n_iter", "steps", "cfg_scale", "width", "height", "tiling", "restore_faces", "eta",
-              "s_churn", "s_tmin", "s_noise", "tiled_vae", "enable_hr", "hr_scale", "hr_upscaler",
+              "scheduler", "batch_size", "n_iter", "steps", "cfg_scale", "width", "height", "tiling", "restore_faces",
+              "eta", "s_churn", "s_tmin", "s_noise", "tiled_vae", "enable_hr", "hr_scale", "hr_upscaler",
               "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_sampler_name", "hr_scheduler", "hr_prompt",
               "hr_negative_prompt", "hr_cfg", "denoising_strength")
     body = {f: getattr(req, f) for f in fields}
     body.update({"seed_resize_from_w": req.seed_resize_from_w or -1, "seed_resize_from_h": req.seed_resize_from_h or -1,
                  "save_images": True})
     settings = {"CLIP_stop_at_last_layers": req.clip_skip, "randn_source": req.rng, "emphasis": req.emphasis,
-                "eta_noise_seed_delta": req.eta_noise_seed_delta, "sd_vae": req.vae}
+                "eta_noise_seed_delta": req.eta_noise_seed_delta, "sd_vae": req.vae,
+                "code_former_weight": req.code_former_weight}
+    if req.face_restoration_model:
+        settings["face_restoration_model"] = req.face_restoration_model
     if req.model:
         settings["sd_model_checkpoint"] = req.model
     body["override_settings"] = settings

@@ -437,8 +437,8 @@ _FIELD_BY_KEY = {f.key: f for f in INFOTEXT_FIELDS}
 
 # A1111's key order; keys not listed (extensions, scripts, keys we keep unread) go before Version.
 KEY_ORDER = (
-    "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Face restoration", "CodeFormer weight", "Size", "Model hash", "Model",
-    "VAE hash", "VAE", "Denoising strength", "Mask blur", "Mask mode", "Masked content", "Inpaint area",
+    "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Face restoration", "CodeFormer weight", "Size",
+    "Model hash", "Model", "VAE hash", "VAE", "Denoising strength", "Mask blur", "Mask mode", "Masked content", "Inpaint area",
     "Masked area padding", "Resize mode", "Noise multiplier", "Clip skip", "Tiling", "Variation seed", "Variation seed strength",
     "Seed resize from", "RNG", "ENSD", "Eta", "Sigma churn", "Sigma tmin", "Sigma noise", "Discard penultimate sigma",
     "Extra noise", "Hires upscale",
@@ -479,9 +479,8 @@ def from_infotext(text_or_params: str | dict[str, str], base: Txt2ImgRequest | N
     changes: dict[str, Any] = {
         "prompt": params.pop(infotext.PROMPT, ""), "negative_prompt": params.pop(infotext.NEGATIVE, ""),
         "clip_skip": 1, "rng": "GPU", "scheduler": "Automatic", "subseed_strength": 0.0,
-        "seed_resize_from_w": 0, "seed_resize_from_h": 0, "tiling": False, "restore_faces": False, "face_restoration_model": "",
-        "code_former_weight": 0.5, "extra": {},
-        "model_hash": None,
+        "seed_resize_from_w": 0, "seed_resize_from_h": 0, "tiling": False, "extra": {}, "model_hash": None,
+        "restore_faces": False, "face_restoration_model": "", "code_former_weight": 0.5,
         "styles": [],  # the infotext holds the styled prompt already
         "emphasis": "Original", "novelai_braces": False, "tiled_vae": False, "enable_hr": False,
         "always_discard_next_to_last_sigma": False, "extra_noise": 0.0,

@@ -113,7 +113,7 @@ def a1111_info(req: Txt2ImgRequest, result: dict) -> dict:
         "subseed_strength": req.subseed_strength, "width": req.width, "height": req.height,
         "sampler_name": req.sampler_name, "cfg_scale": req.cfg_scale, "steps": req.steps,
         "batch_size": req.batch_size, "restore_faces": req.restore_faces,
-        "face_restoration_model": req.face_restoration_model if req.restore_faces else None,
+        "face_restoration_model": (req.face_restoration_model or None) if req.restore_faces else None,
         "sd_model_name": result.get("model_name"), "sd_model_hash": result.get("model_hash"),
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": req.seed_resize_from_w or -1,
         "seed_resize_from_h": req.seed_resize_from_h or -1, "denoising_strength": denoising,
