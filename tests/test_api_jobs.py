@@ -170,7 +170,7 @@ def test_img2img_scripts_over_the_a1111_api(client):
                                                "script_args": {"upscaler": "4x-nope"}})
     assert r.status_code == 404
     r = client.post("/sdapi/v1/txt2img", json={**SMALL, "restore_faces": True})
-    assert r.status_code == 404 and "face restoration is not installed" in r.json()["detail"]
+    assert r.status_code == 404 and "face restoration (CodeFormer) is not installed: put" in r.json()["detail"]
     r = client.post("/sdapi/v1/txt2img", json={**SMALL, "script_name": "sd upscale"})
     assert r.status_code == 422 and "not a txt2img script" in r.json()["detail"]
 
