@@ -56,7 +56,8 @@ class Config:
     # noise is (x − sqrt(1−a)·eps)/sqrt(a): at the first sampling step any error in copying the noise is
     # multiplied by 1/sqrt(a) ≈ 15, which drowned what the caption says (the predicted picture at t=999 was
     # the same for every prompt); v at high noise is the picture itself.
-    v_steps: int = 3000
+    v_steps: int = 6000
+    v_cycle: int = 3000  # the v stage's rate: warm-up and cosine decay, restarted every v_cycle steps
     lr_v: float = 2e-4
     seed: int = 0
     save_every: int = 250
@@ -79,7 +80,7 @@ class Config:
     def tiny(cls, **kw) -> Config:
         """For tests: the same pipeline in seconds."""
         return cls(**{"size": 64, "vae_size": 64, "batch": 2, "vae_steps": 2, "text_steps": 2, "unet_steps": 2,
-                      "v_steps": 1, "save_every": 1,
+                      "v_steps": 1, "v_cycle": 1, "save_every": 1,
                       "unet_channels": (32, 32, 32, 32), "vae_channels": (32, 32, 32, 32), "text_width": 32,
                       "text_layers": 1, **kw})
 
@@ -320,6 +321,8 @@ class Run:
             self.log(f"text encoder done: {text_separation(self):.2f} (how far apart prompts are, relative)")
             self.stage, self.step, self.opt = "diffusion", 0, self._diffusion_optimizer()
             self.save()
+        if self.stage == "done" and 0 < self.step < cfg.v_steps:  # more v steps asked of a finished run
+            self.stage = "v"
         if self.stage in ("diffusion", "v"):
             self.vae.eval().requires_grad_(False)
             self.text.eval().requires_grad_(False)
@@ -331,17 +334,20 @@ class Run:
             self.save()
         if self.stage == "v":
             self._loop("UNet, v-prediction", cfg.v_steps, cfg.lr_v, lambda: self._diffusion_step(alphas, "v_prediction"),
-                       warmup=100, clip=list(self.unet.parameters()))
+                       warmup=100, clip=list(self.unet.parameters()), cycle=cfg.v_cycle)
             self.stage = "done"
             self.save()
 
-    def _loop(self, desc: str, total: int, lr: float, step_loss, warmup: int = 200, clip: list | None = None) -> None:
-        """Optimiser steps from ``self.step`` to ``total``: warm-up/cosine rate, optional gradient clipping,
-        a progress bar, the loss logged every step and the state saved every ``save_every``."""
+    def _loop(self, desc: str, total: int, lr: float, step_loss, warmup: int = 200, clip: list | None = None,
+              cycle: int | None = None) -> None:
+        """Optimiser steps from ``self.step`` to ``total``: warm-up/cosine rate (restarted every ``cycle``
+        steps when given), optional gradient clipping, a progress bar, the loss logged every step and the
+        state saved every ``save_every``."""
         bar = tqdm(total=total, initial=self.step, desc=desc, unit="step")
         while self.step < total:
             for group in self.opt.param_groups:
-                group["lr"] = lr * warmup_cosine(self.step, total, warmup)
+                group["lr"] = lr * (warmup_cosine(self.step % cycle, cycle, warmup) if cycle else
+                                    warmup_cosine(self.step, total, warmup))
             loss = step_loss()
             self.opt.zero_grad()
             loss.backward()
