@@ -1,4 +1,4 @@
-"""Training the demo model in two stages, resumable, then exporting an A1111-style single file.
+"""Training the demo model in stages, resumable, then exporting an A1111-style single file.
 
 1. VAE (AutoencoderKL, 4 latent channels, 8× down): L1 + MSE reconstruction and a small KL term on
    rendered scenes; afterwards the latent scale is folded into ``quant_conv`` / ``post_quant_conv`` so
@@ -11,6 +11,8 @@
 3. UNet with the text encoder frozen: epsilon prediction on the SD noise schedule (scaled-linear betas
    0.00085–0.012, 1000 steps), 10 % empty captions so CFG works, captions plain or rich
    (:func:`sdstudio.eval.shapes.caption`).
+4. The same UNet going on to predict v instead of the noise (see ``Config.v_steps``); the export then
+   carries a ``v_pred`` key.
 
 Every ``save_every`` steps the whole state (weights, optimiser, step, random generators) goes to
 ``RUN/state.pt``; a rerun with the same run folder continues from there. ``RUN/log.csv`` records the losses.
