@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..models.errors import ModelFileError, ModelNotFoundError
+from ..models.files import NETWORK_SUFFIXES
 from ..models.safe_load import open_state_dict
 from . import retinaface
 from .codeformer import CodeFormer
@@ -35,7 +36,6 @@ FACE_SIZE = 512
 TEMPLATE = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
                      [201.26117, 371.41043], [313.08905, 371.15118]])
 BORDER = (132, 133, 135)  # RGB of the crop outside the picture
-MODEL_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt")
 DETECTORS = ("detection_Resnet50_Final", "detection_mobilenet0.25_Final")
 MIN_EYE_DISTANCE = 5.0
 
@@ -166,6 +166,14 @@ class FaceRestorer:
         return result if visibility >= 1 else Image.blend(image, result, visibility)
 
 
+def _build(path: Path, what: str, build):
+    """``build(state dict)`` of the file, a ModelFileError naming the file when its weights do not fit."""
+    try:
+        return build(dict(open_state_dict(path)))
+    except (KeyError, RuntimeError, IndexError, ValueError) as exc:
+        raise ModelFileError(f"{path.name}: not {what} ({exc})") from None
+
+
 @dataclass(frozen=True)
 class _Kind:
     name: str
@@ -196,7 +204,7 @@ class FaceRestorers:
     def _files(folder: Path) -> list[Path]:
         if not folder.is_dir():
             return []
-        return sorted(p for p in folder.iterdir() if p.suffix.lower() in MODEL_SUFFIXES)
+        return sorted(p for p in folder.iterdir() if p.suffix.lower() in NETWORK_SUFFIXES)
 
     def _kind(self, name: str) -> _Kind:
         for kind in KINDS:
@@ -228,16 +236,20 @@ class FaceRestorers:
         found = self.available()
         return DEFAULT if DEFAULT in found or not found else found[0]
 
+    def _files_for(self, name: str) -> tuple[_Kind, Path | None, Path | None, str]:
+        """The restorer meant, its network and detector files (None: missing) and what to install, in words
+        ("" when nothing is missing); the folders are read once."""
+        kind = self._kind(self.resolve(name))
+        network, detector = self.network_file(kind.name), self.detector_file(kind.name)
+        need = ([] if network else [f"a {kind.name} network (e.g. {kind.example})"]) + \
+            ([] if detector else ["the RetinaFace detector detection_Resnet50_Final.pth"])
+        problem = (f"face restoration ({kind.name}) is not installed: put {' and '.join(need)} in "
+                   f"{self.folders[kind.name]}") if need else ""
+        return kind, network, detector, problem
+
     def missing(self, name: str = "") -> str:
         """What to install, in words ("" when nothing is missing)."""
-        kind = self._kind(self.resolve(name))
-        need = []
-        if self.network_file(kind.name) is None:
-            need.append(f"a {kind.name} network (e.g. {kind.example})")
-        if self.detector_file(kind.name) is None:
-            need.append("the RetinaFace detector detection_Resnet50_Final.pth")
-        where = self.folders[kind.name]
-        return f"face restoration ({kind.name}) is not installed: put {' and '.join(need)} in {where}" if need else ""
+        return self._files_for(name)[3]
 
     def check(self, name: str = "") -> None:
         """Raises ModelNotFoundError naming the missing files."""
@@ -246,21 +258,15 @@ class FaceRestorers:
             raise ModelNotFoundError(problem)
 
     def get(self, name: str = "") -> FaceRestorer:
-        self.check(name)
-        kind = self._kind(self.resolve(name))
-        net_path, det_path = self.network_file(kind.name), self.detector_file(kind.name)
+        kind, net_path, det_path, problem = self._files_for(name)
+        if problem:
+            raise ModelNotFoundError(problem)
         key = (net_path, net_path.stat().st_mtime, det_path, det_path.stat().st_mtime)
         with self._lock:
             if self._loaded is None or self._loaded[0] != key:
                 self._loaded = None
-                try:
-                    network = kind.build(dict(open_state_dict(net_path)))
-                except (KeyError, RuntimeError, IndexError, ValueError) as exc:
-                    raise ModelFileError(f"{net_path.name}: not a {kind.name} network ({exc})") from None
-                try:
-                    detector = retinaface.RetinaFace.from_state_dict(dict(open_state_dict(det_path)))
-                except (KeyError, RuntimeError, IndexError, ValueError) as exc:
-                    raise ModelFileError(f"{det_path.name}: not a RetinaFace detector ({exc})") from None
+                network = _build(net_path, f"a {kind.name} network", kind.build)
+                detector = _build(det_path, "a RetinaFace detector", retinaface.RetinaFace.from_state_dict)
                 restorer = FaceRestorer(kind.name, network.to(self.device, self.dtype),
                                         detector.to(self.device, self.dtype), self.device)
                 self._loaded = (key, restorer)

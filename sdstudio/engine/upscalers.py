@@ -27,12 +27,12 @@ from PIL import Image
 from torch import nn
 
 from ..models.errors import ModelFileError, ModelNotFoundError
+from ..models.files import NETWORK_SUFFIXES
 from ..models.safe_load import open_state_dict
 
 log = logging.getLogger(__name__)
 
 BUILTIN = ("None", "Lanczos", "Nearest")
-MODEL_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt")
 TILE, OVERLAP = 192, 8  # A1111's defaults for ESRGAN-family tiles (pixels of the input)
 
 
@@ -266,7 +266,7 @@ class Upscalers:
             if not folder.is_dir():
                 continue
             for path in sorted(folder.iterdir()):
-                if path.suffix.lower() in MODEL_SUFFIXES and path.stem not in seen:
+                if path.suffix.lower() in NETWORK_SUFFIXES and path.stem not in seen:
                     seen.add(path.stem)
                     found.append(Upscaler(path.stem, path))
         return found

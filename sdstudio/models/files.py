@@ -17,6 +17,7 @@ from pathlib import Path
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 VAE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+NETWORK_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt")  # stand-alone networks: upscalers, face restorers
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
