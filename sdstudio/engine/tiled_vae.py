@@ -117,8 +117,9 @@ def _normalize(gn: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: torch
     mu = mean.float().repeat_interleave(per_group, 1)
     weight = gn.weight.float().cpu() if gn.affine else torch.ones(c)
     bias = gn.bias.float().cpu() if gn.affine else torch.zeros(c)
-    scale = (inv * weight).to(x.device, x.dtype)[:, :, None, None]
-    shift = (bias - mu * inv * weight).to(x.device, x.dtype)[:, :, None, None]
+    scale = inv * weight
+    shift = (bias - mu * scale).to(x.device, x.dtype)[:, :, None, None]
+    scale = scale.to(x.device, x.dtype)[:, :, None, None]
     return x.mul_(scale).add_(shift) if in_place else torch.addcmul(shift, x, scale)
 
 
