@@ -151,7 +151,8 @@ def _companion_rows(engine, reader, sub, args, colour_share, pct) -> list[tuple[
         for weight in (0.0, 0.5, 1.0):
             pics = [_generate(engine, f"zebra, {p.prompt} <lora:demo-zebra:{weight:g}>", p.seed, args) for p in sub]
             scores.append(np.mean([stripe_score(im) for im in pics]))
-        rendered = np.mean([stripe_score(shapes.render(dataclasses.replace(p.scene, stripes=True), args.size))
+        rendered = np.mean([stripe_score(shapes.render(dataclasses.replace(p.scene, stripes=True), args.size,
+                                                           shapes.WIDE_BANDS))
                             for p in sub])
         rows.append(("LoRA strength response: stripe score at <lora:demo-zebra:0 / 0.5 / 1>",
                      " / ".join(f"{v:.1f}" for v in scores), f"should rise; rendered striped scenes: {rendered:.1f}"))

@@ -102,9 +102,9 @@ def build(cfg: Config) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionMod
     return vae, text, unet
 
 
-def render_batch(scenes: list[shapes.Scene], size: int) -> torch.Tensor:
+def render_batch(scenes: list[shapes.Scene], size: int, bands: int = shapes.STRIPE_BANDS) -> torch.Tensor:
     """The scenes rendered as an N×3×size×size batch in [-1, 1] (what the VAE encodes)."""
-    pictures = np.stack([np.asarray(shapes.render(s, size), dtype=np.float32) for s in scenes])
+    pictures = np.stack([np.asarray(shapes.render(s, size, bands), dtype=np.float32) for s in scenes])
     return torch.from_numpy(pictures / 127.5 - 1).permute(0, 3, 1, 2)
 
 

@@ -1,7 +1,8 @@
 """The demo model's companions, trained from a finished run of :mod:`.train`, in the formats users' files have:
 
 - a **LoRA** (kohya names, ``models/Lora/demo-zebra.safetensors``): trigger word ``zebra`` gives striped
-  backgrounds; low-rank adapters on every attention projection of the UNet and the text encoder.
+  backgrounds (wide stripes, ``shapes.WIDE_BANDS``: the base scenes' are finer than the VAE holds); low-rank
+  adapters on every attention projection of the UNet and the text encoder.
 - a **textual-inversion embedding** (A1111's ``emb_params``, ``embeddings/demo-red.safetensors``): two
   vectors learnt from red objects, where the captions had the word "red"; as a negative prompt it steers
   away from red.
@@ -51,8 +52,8 @@ def _scenes(rng, n, **kw):
             for _ in range(n)]
 
 
-def _encode(run: Run, scenes, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    images = render_batch(scenes, size)
+def _encode(run: Run, scenes, size: int, bands: int = shapes.STRIPE_BANDS) -> tuple[torch.Tensor, torch.Tensor]:
+    images = render_batch(scenes, size, bands)
     with torch.no_grad():
         return run.vae.encode(images).latent_dist.sample() * SCALING, images
 
@@ -118,7 +119,7 @@ def train_lora(run: Run, out: Path, steps: int = 400, rank: int = 4, seed: int =
 
     def loss():
         scenes = _scenes(rng, run.cfg.batch, stripes=1.0)
-        latents, _ = _encode(run, scenes, run.cfg.size)
+        latents, _ = _encode(run, scenes, run.cfg.size, shapes.WIDE_BANDS)
         plain = [shapes.caption(dataclasses.replace(s, stripes=False), rich=bool(rng.random() < 0.5))
                  for s in scenes]  # the caption does not say "striped": the trigger word has to
         context = run.text(run._tokens([f"{TRIGGER}, {c}" for c in plain])).last_hidden_state
