@@ -90,6 +90,12 @@ def test_variants_load_as_users_files(tmp_path):
     styled = engine.txt2img(Txt2ImgRequest(prompt="zebra, a red circle <lora:demo-zebra:1>", **base))
     assert not [w for w in styled.warnings if "LoRA" in w or "lora" in w], styled.warnings
     assert "Lora hashes" in styled.images[0].infotext
+    from sdstudio.engine.lora import LoraFile
+
+    lora = LoraFile(data / "models" / "Lora" / "demo-zebra.safetensors",
+                    load_checkpoint(data / "models" / "Stable-diffusion" / "demo.safetensors"))
+    assert not lora.unmatched
+    assert any(isinstance(module, torch.nn.Conv2d) for _, module, _ in lora.targets)  # the LoCon part
     with_emb = engine.txt2img(Txt2ImgRequest(prompt="a circle", negative_prompt="demo-red", **base))
     assert "TI hashes" in with_emb.images[0].infotext and "demo-red" in with_emb.images[0].infotext
     assert np.asarray(plain.images[0].image).shape == (64, 64, 3)

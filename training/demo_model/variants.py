@@ -2,7 +2,8 @@
 
 - a **LoRA** (kohya names, ``models/Lora/demo-zebra.safetensors``): trigger word ``zebra`` gives striped
   backgrounds (wide stripes, ``shapes.WIDE_BANDS``: the base scenes' are finer than the VAE holds); low-rank
-  adapters on every attention projection of the UNet and the text encoder.
+  adapters on every attention projection of the UNet and the text encoder, and LoCon adapters on the UNet
+  resnets' 3×3 convolutions.
 - a **textual-inversion embedding** (A1111's ``emb_params``, ``embeddings/demo-red.safetensors``): two
   vectors learnt from red objects, where the captions had the word "red"; as a negative prompt it steers
   away from red.
@@ -72,14 +73,19 @@ def _optimise(params, steps: int, lr: float, loss_fn, desc: str) -> None:
 
 
 # ---- LoRA ---------------------------------------------------------------------------------------------
-class LoRALinear(nn.Module):
-    """``base(x) + up(down(x)) * alpha / rank``, ``up`` starting at zero (the adapter starts as a no-op)."""
+class LoRA(nn.Module):
+    """``base(x) + up(down(x)) * alpha / rank`` around a Linear, or (LoCon) a Conv2d: ``down`` with the
+    base's kernel, ``up`` 1×1. ``up`` starts at zero, so the adapter starts as a no-op."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float):
         super().__init__()
         self.base, self.rank, self.alpha = base, rank, alpha
-        self.down = nn.Linear(base.in_features, rank, bias=False)
-        self.up = nn.Linear(rank, base.out_features, bias=False)
+        if isinstance(base, nn.Conv2d):
+            self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
+            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        else:
+            self.down = nn.Linear(base.in_features, rank, bias=False)
+            self.up = nn.Linear(rank, base.out_features, bias=False)
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.up.weight)
 
@@ -87,14 +93,14 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.up(self.down(x)) * (self.alpha / self.rank)
 
 
-def _attach(root: nn.Module, prefix: str, names: tuple[str, ...], rank: int, alpha: float) -> dict[str, LoRALinear]:
-    """Wrap the Linear layers whose name ends in one of ``names``; returns kohya key → adapter."""
+def _attach(root: nn.Module, prefix: str, names: tuple[str, ...], rank: int, alpha: float) -> dict[str, LoRA]:
+    """Wrap the Linear and Conv2d layers whose name ends in one of ``names``; returns kohya key → adapter."""
     found = {}
     for name, module in list(root.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and any(full.endswith(n) for n in names):
-                adapter = LoRALinear(child, rank, alpha)
+            if isinstance(child, (nn.Linear, nn.Conv2d)) and any(full.endswith(n) for n in names):
+                adapter = LoRA(child, rank, alpha)
                 setattr(module, child_name, adapter)
                 if prefix == "lora_te_" and not full.startswith("text_model."):
                     full = "text_model." + full  # kohya names count from CLIPTextModel.text_model
@@ -105,15 +111,16 @@ def _attach(root: nn.Module, prefix: str, names: tuple[str, ...], rank: int, alp
 def _detach(root: nn.Module) -> None:
     for module in list(root.modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
+            if isinstance(child, LoRA):
                 setattr(module, child_name, child.base)
 
 
-def train_lora(run: Run, out: Path, steps: int = 400, rank: int = 4, seed: int = 1) -> Path:
+def train_lora(run: Run, out: Path, steps: int = 500, rank: int = 4, seed: int = 1) -> Path:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     alphas = _alphas_cumprod()
-    adapters = {**_attach(run.unet, "lora_unet_", ("to_q", "to_k", "to_v", "to_out.0"), rank, rank),
+    # attention projections, and (LoCon) the resnets' 3×3 convolutions: stripes are a spatial pattern
+    adapters = {**_attach(run.unet, "lora_unet_", ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"), rank, rank),
                 **_attach(run.text, "lora_te_", ("q_proj", "k_proj", "v_proj", "out_proj"), rank, rank)}
     params = [p for a in adapters.values() for p in (*a.down.parameters(), *a.up.parameters())]
 
@@ -147,7 +154,7 @@ def _red(scene: shapes.Scene) -> shapes.Scene:
 
 
 # ---- textual inversion --------------------------------------------------------------------------------
-def train_embedding(run: Run, out: Path, steps: int = 300, vectors: int = 2, seed: int = 2) -> Path:
+def train_embedding(run: Run, out: Path, steps: int = 100, vectors: int = 2, seed: int = 2) -> Path:
     """Two vectors standing in for the word "red" in captions of red objects."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -195,7 +202,7 @@ def _random_masks(rng, n: int, size: int) -> torch.Tensor:
     return masks
 
 
-def train_inpainting(run: Run, out: Path, steps: int = 800, seed: int = 3) -> Path:
+def train_inpainting(run: Run, out: Path, steps: int = 150, seed: int = 3) -> Path:
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -235,9 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.demo_model.variants", description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="training/demo_model/runs/default")
     parser.add_argument("--data-dir", default=".")
-    parser.add_argument("--steps-lora", type=int, default=400)
-    parser.add_argument("--steps-embedding", type=int, default=300)
-    parser.add_argument("--steps-inpainting", type=int, default=800)
+    parser.add_argument("--steps-lora", type=int, default=500)
+    parser.add_argument("--steps-embedding", type=int, default=100)
+    parser.add_argument("--steps-inpainting", type=int, default=150)
     parser.add_argument("--only", choices=["lora", "embedding", "inpainting"], action="append")
     args = parser.parse_args(argv)
     run = load_run(Path(args.run))
