@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -69,7 +71,6 @@ def test_the_harness_runs_end_to_end_on_a_tiny_model(data_dir, tmp_path, capsys)
 def test_the_demo_loras_wide_stripes_survive_the_demo_vae():
     # Why the LoRA learns WIDE_BANDS stripes: the base scenes' stripes are one latent pixel wide at 128²,
     # and a round trip through the demo VAE flattens them; the wide ones come through.
-    import dataclasses
     from pathlib import Path
 
     import torch
@@ -87,10 +88,23 @@ def test_the_demo_loras_wide_stripes_survive_the_demo_vae():
         with torch.no_grad():
             y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         back = [Image.fromarray(((im.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()) for im in y]
-        return np.mean([stripe_score(p) for p in pictures]), np.mean([stripe_score(p) for p in back])
+        return np.mean([stripe_score(p, bands) for p in pictures]), np.mean([stripe_score(p, bands) for p in back])
 
     fine, fine_back = round_trip(shapes.STRIPE_BANDS)
     wide, wide_back = round_trip(shapes.WIDE_BANDS)
-    assert fine > wide > 5  # both renders are plainly striped
+    print(f"stripe amplitude, rendered -> through the VAE: fine {fine:.1f} -> {fine_back:.1f}, wide {wide:.1f} -> {wide_back:.1f}")
+    assert fine > 20 and wide > 20  # both renders are plainly striped
     assert fine_back < 0.15 * fine  # the fine ones are gone
-    assert wide_back > 2 * fine_back and wide_back > 0.3 * wide
+    assert wide_back > 0.5 * wide
+
+
+def test_stripe_score_sees_the_stripes_not_other_detail():
+    from sdstudio.eval.__main__ import stripe_score
+
+    rng = np.random.default_rng(4)
+    scenes = [shapes.random_scene(rng, max_things=3) for _ in range(6)]
+    plain = [stripe_score(shapes.render(s, 128)) for s in scenes]
+    striped = [stripe_score(shapes.render(dataclasses.replace(s, stripes=True), 128, shapes.WIDE_BANDS)) for s in scenes]
+    grain = stripe_score(Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)))
+    assert max(plain) < 10 and grain < 5  # a large object has some of that frequency too; noise next to none
+    assert min(striped) > 20
