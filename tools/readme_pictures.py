@@ -1,5 +1,5 @@
-"""Make the README's pictures with the bundled demo model: a grid of demo outputs (colours × shapes, an
-X/Y plot through the CLI) and screenshots of the web UI in English and 简体中文 (headless Chromium).
+"""Make the README's pictures with the bundled demo model: grids of demo outputs (colours × shapes, and the
+demo LoRA's weights; X/Y plots through the CLI) and screenshots of the web UI in English and 简体中文 (headless Chromium).
 
 Usage: python tools/readme_pictures.py [--out docs/images] [--port 7899]
 """
@@ -20,19 +20,27 @@ from sdstudio.ui.headless import launch, set_options, start_server
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def grid(out: Path) -> None:
+def _xyz(out: Path, prompt: str, *script: str) -> None:
+    """``prompt`` through the CLI's X/Y/Z plot script (128², 20 steps, Euler a, seed 7) into ``out``."""
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         (data / "models").symlink_to(ROOT / "models")
-        subprocess.run([sys.executable, "-m", "sdstudio", "txt2img", "a red circle on a blue background",
-                        "--data-dir", str(data), "--steps", "20", "--width", "128", "--height", "128", "--seed", "7",
-                        "--sampler", "Euler a", "--script", "xyz", "--x-type", "Prompt S/R",
-                        "--x-values", "red, green, yellow, white, purple", "--y-type", "Prompt S/R",
-                        "--y-values", "circle, square, triangle, star"], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "sdstudio", "txt2img", prompt, "--data-dir", str(data), "--steps", "20",
+                        "--width", "128", "--height", "128", "--seed", "7", "--sampler", "Euler a", "--script", "xyz",
+                        *script], check=True, cwd=ROOT)
         made = sorted((data / "outputs").rglob("*grid*.png"))
         picture = Image.open(made[-1])
         picture.thumbnail((900, 900))
-        picture.save(out / "demo-grid.png", optimize=True)
+        picture.save(out, optimize=True)
+
+
+def grid(out: Path) -> None:
+    _xyz(out / "demo-grid.png", "a red circle on a blue background", "--x-type", "Prompt S/R",
+         "--x-values", "red, green, yellow, white, purple", "--y-type", "Prompt S/R",
+         "--y-values", "circle, square, triangle, star")
+    _xyz(out / "demo-lora.png", "zebra, a red circle on a blue background <lora:demo-zebra:0>", "--x-type",
+         "Prompt S/R", "--x-values", "demo-zebra:0, demo-zebra:0.5, demo-zebra:1, demo-zebra:1.5",
+         "--y-type", "Seed", "--y-values", "7, 8")
 
 
 def screenshots(out: Path, port: int) -> None:

@@ -115,7 +115,7 @@ def _detach(root: nn.Module) -> None:
                 setattr(module, child_name, child.base)
 
 
-def train_lora(run: Run, out: Path, steps: int = 500, rank: int = 4, seed: int = 1) -> Path:
+def train_lora(run: Run, out: Path, steps: int = 500, rank: int = 4, seed: int = 1, lr: float = 3e-3) -> Path:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     alphas = _alphas_cumprod()
@@ -132,7 +132,7 @@ def train_lora(run: Run, out: Path, steps: int = 500, rank: int = 4, seed: int =
         context = run.text(run._tokens([f"{TRIGGER}, {c}" for c in plain])).last_hidden_state
         return noise_loss(run.unet, latents, context, alphas, prediction=run.prediction)
 
-    _optimise(params, steps, 1e-3, loss, "LoRA")
+    _optimise(params, steps, lr, loss, "LoRA")
     tensors = {}
     for key, a in adapters.items():
         tensors[f"{key}.lora_down.weight"] = a.down.weight.detach().half().contiguous()
