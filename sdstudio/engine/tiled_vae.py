@@ -133,8 +133,7 @@ def _resnet(r: nn.Module, x: torch.Tensor, stats: Stats, core: int, device: torc
             h /= r.output_scale_factor
         return h
 
-    out, stats = _pass(block, x, core, 2 if halo is None else halo, device)
-    return out, stats
+    return _pass(block, x, core, 2 if halo is None else halo, device)
 
 
 def _supported(blocks) -> bool:
