@@ -81,3 +81,18 @@ def test_engine_with_tiled_vae_gives_the_same_image(session_engine):
     tiled = np.asarray(result.images[0].image, dtype=int)
     assert np.abs(plain - tiled).max() <= 1  # float rounding may flip a truncation
     assert "Tiled VAE: True" in result.images[0].infotext
+
+
+def test_a_pass_equals_the_layer_on_the_whole_picture_and_frees_its_input():
+    torch.manual_seed(2)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 21, 30)  # 3 bands of 8, 8 and 5 rows
+    bands = tiled_vae._bands(x, 8)
+    with torch.no_grad():
+        out, (mean, var) = tiled_vae._pass(conv, bands, 8, 1, torch.device("cpu"), consume=True)
+        whole = conv(x)
+    assert bands == []  # the caller's bands were freed as the pass moved down
+    assert [b.shape[2] for b in out] == [8, 8, 5]
+    assert (torch.cat(out, 2) - whole).abs().max() < 1e-6
+    assert torch.allclose(mean, whole.double().mean((2, 3)), atol=1e-6)
+    assert torch.allclose(var, whole.double().var((2, 3), unbiased=False), atol=1e-6)

@@ -6,8 +6,8 @@ normalises with the tile's own statistics, so tiles come out in slightly differe
 decoder's upsampling path (the encoder's downsampling path) runs layer by layer, one *pass* over the
 picture for each stretch between two GroupNorms:
 
-- between passes the picture's activations are held whole in CPU memory; a pass takes them to the
-  VAE's device tile by tile, each tile with a halo as wide as the pass's own reach (one or two pixels at
+- between passes the picture's activations are held whole in CPU memory, as bands of rows (one per
+  row of tiles); a pass takes them to the VAE's device tile by tile, each tile with a halo as wide as the pass's own reach (one or two pixels at
   that resolution), and keeps only each tile's core, so every convolution sees what it sees in the
   whole picture;
 - a pass also measures each channel's mean and variance over the cores it keeps (the cores partition
@@ -17,9 +17,11 @@ picture for each stretch between two GroupNorms:
   stored;
 - attention, which is global, runs whole at latent resolution, where it is cheap.
 
-Memory: on the device, one tile's activations; in CPU memory, one pass's input and output. On a CPU the
-two are the same memory, and the saving is a whole layer's intermediates: two whole-picture tensors at
-a time instead of the five or six a whole decode holds at its largest layer.
+Memory: on the device, one tile's activations; in CPU memory, one pass's input and output, and where
+the input is not needed again the pass frees its bands as it moves down, so the input shrinks while the
+output grows. On a CPU the two are the same memory, and the saving is a whole layer's intermediates:
+about one whole-picture tensor at a time instead of the five or six a whole decode holds at its largest
+layer.
 """
 
 from __future__ import annotations
@@ -92,35 +94,61 @@ def _boxes(size: int, core: int) -> list[tuple[int, int]]:
     return [(start, min(start + core, size)) for start in range(0, size, core)]
 
 
-def _pass(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, core: int, halo: int, device: torch.device,
-          scale: float = 1, keep: bool = True) -> tuple[torch.Tensor | None, Stats]:
-    """``fn`` over ``x`` (whole, on the CPU) in tiles of ``core`` pixels a side plus ``halo``, each run on
-    ``device``. Returns the output assembled from the tiles' cores (``scale`` times ``x``'s size, on the
-    CPU; None unless ``keep``) and its per-channel statistics. ``fn`` must leave its input as it is: on a
-    CPU the tile is a view of ``x``."""
-    n, _, height, width = x.shape
-    out, partials = None, []
-    for y0, y1 in _boxes(height, core):
+Bands = list  # a whole picture as bands of rows, one per tile row (separate tensors, so each can be freed)
+
+
+def _bands(x: torch.Tensor, core: int) -> Bands:
+    return [x[:, :, y0:y1] for y0, y1 in _boxes(x.shape[2], core)]
+
+
+def _rows(bands: Bands, i: int, halo: int, x0: int, x1: int) -> torch.Tensor:
+    """Band ``i``'s columns x0:x1 with ``halo`` rows of its neighbours above and below (fewer at the
+    picture's edges)."""
+    parts = [bands[i - 1][:, :, -halo:, x0:x1]] if i > 0 and halo else []
+    parts.append(bands[i][:, :, :, x0:x1])
+    if i + 1 < len(bands) and halo:
+        parts.append(bands[i + 1][:, :, :halo, x0:x1])
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+
+
+def _pass(fn: Callable[[torch.Tensor], torch.Tensor], bands: Bands, core: int, halo: int, device: torch.device,
+          scale: float = 1, keep: bool = True, consume: bool = False) -> tuple[Bands | None, Stats]:
+    """``fn`` over a whole picture (``bands`` of ``core`` rows, on the CPU) in tiles of ``core`` pixels a side
+    plus ``halo``, each run on ``device``. Returns the output's bands, assembled from the tiles' cores
+    (``scale`` times the size, on the CPU; None unless ``keep``), and its per-channel statistics.
+    ``consume``: free each input band once no tile needs it (the caller's list is emptied as the pass moves
+    down), so the input shrinks while the output grows. ``fn`` must leave its input as it is."""
+    width = bands[0].shape[3]
+    out, partials = [] if keep else None, []
+    for i in range(len(bands)):
+        band = None
         for x0, x1 in _boxes(width, core):
-            ty0, tx0 = max(0, y0 - halo), max(0, x0 - halo)
-            result = fn(x[:, :, ty0:min(height, y1 + halo), tx0:min(width, x1 + halo)].to(device))
-            oy, ox, oh, ow = (int((y0 - ty0) * scale), int((x0 - tx0) * scale), int((y1 - y0) * scale),
-                              int((x1 - x0) * scale))
+            tx0 = max(0, x0 - halo)
+            result = fn(_rows(bands, i, halo, tx0, min(width, x1 + halo)).to(device))
+            oy, ox = int((halo if i > 0 else 0) * scale), int((x0 - tx0) * scale)
+            oh, ow = int(bands[i].shape[2] * scale), int((x1 - x0) * scale)
             kept = result[:, :, oy:oy + oh, ox:ox + ow]
             partials.append(_channel_stats(kept))
             if keep:
-                if out is None:  # pinned on a GPU machine: the tiles come and go faster
-                    out = torch.empty(n, kept.shape[1], int(height * scale), int(width * scale), dtype=kept.dtype,
-                                      pin_memory=device.type == "cuda")
-                out[:, :, int(y0 * scale):int(y0 * scale) + oh, int(x0 * scale):int(x0 * scale) + ow] = kept
+                if band is None:  # pinned on a GPU machine: the tiles come and go faster
+                    band = torch.empty(kept.shape[0], kept.shape[1], oh, int(width * scale), dtype=kept.dtype,
+                                       pin_memory=device.type == "cuda")
+                band[:, :, :, int(x0 * scale):int(x0 * scale) + ow] = kept
             del result, kept
+        if keep:
+            out.append(band)
+        if consume and i > 0:
+            bands[i - 1] = None
+    if consume:
+        bands.clear()
     return out, _combine(partials)
 
 
-def _resnet(r: nn.Module, x: torch.Tensor, stats: Stats, core: int, device: torch.device,
-            halo: int | None) -> tuple[torch.Tensor, Stats]:
+def _resnet(r: nn.Module, x: Bands, stats: Stats, core: int, device: torch.device,
+            halo: int | None) -> tuple[Bands, Stats]:
     """diffusers' ResnetBlock2D as the VAE uses it (no time embedding, no resampling inside) in two
-    passes: the first measures conv1's output for ``norm2``, the second computes the block."""
+    passes: the first measures conv1's output for ``norm2``, the second computes the block (and frees
+    the input as it goes)."""
     def first(t: torch.Tensor) -> torch.Tensor:
         return r.conv1(_act(r.nonlinearity, _normalize(r.norm1, t, stats)))  # a new tensor: t is x's
 
@@ -133,7 +161,7 @@ def _resnet(r: nn.Module, x: torch.Tensor, stats: Stats, core: int, device: torc
             h /= r.output_scale_factor
         return h
 
-    return _pass(block, x, core, 2 if halo is None else halo, device)
+    return _pass(block, x, core, 2 if halo is None else halo, device, consume=True)
 
 
 def _supported(blocks) -> bool:
@@ -156,21 +184,21 @@ def decode(vae, z: torch.Tensor, core: int | None = None, halo: int | None = Non
         z = vae.post_quant_conv(z)
     h = dec.mid_block(dec.conv_in(z), None)  # attention: whole picture, at latent resolution
     stats = _combine([_channel_stats(h)])
-    x = h.cpu()
-    del h
     core = decode_core(*z.shape[2:]) if core is None else core
+    x = _bands(h.cpu(), core)
+    del h
     for block in dec.up_blocks:
         for r in block.resnets:
             x, stats = _resnet(r, x, stats, core, device, halo)
         for up in block.upsamplers or []:
-            x, stats = _pass(up, x, core, 1 if halo is None else halo, device, scale=2)
+            x, stats = _pass(up, x, core, 1 if halo is None else halo, device, scale=2, consume=True)
             core *= 2
 
     def head(t: torch.Tensor) -> torch.Tensor:
         return dec.conv_out(_act(dec.conv_act, _normalize(dec.conv_norm_out, t, stats)))
 
-    out, _ = _pass(head, x, core, 1 if halo is None else halo, device)
-    return out.float()
+    out, _ = _pass(head, x, core, 1 if halo is None else halo, device, consume=True)
+    return torch.cat(out, 2).float()
 
 
 @torch.no_grad()
@@ -185,14 +213,14 @@ def encode_moments(vae, x: torch.Tensor, core: int = ENCODE_CORE, halo: int | No
     if core % factor:
         raise ValueError(f"tile core {core} is not a multiple of the VAE's downsampling factor {factor}")
     device = x.device
-    h, stats = _pass(enc.conv_in, x.cpu(), core, 1 if halo is None else halo, device)
+    h, stats = _pass(enc.conv_in, _bands(x.cpu(), core), core, 1 if halo is None else halo, device)
     for block in enc.down_blocks:
         for r in block.resnets:
             h, stats = _resnet(r, h, stats, core, device, halo)
         for down in block.downsamplers or []:
             # a stride-2 convolution reads pixels 2i..2i+2; even halos and cores keep the tiles on its grid
-            h, stats = _pass(down, h, core, 2 if halo is None else halo, device, scale=0.5)
+            h, stats = _pass(down, h, core, 2 if halo is None else halo, device, scale=0.5, consume=True)
             core //= 2
-    moments = enc.conv_out(enc.conv_act(enc.conv_norm_out(enc.mid_block(h.to(device)))))
+    moments = enc.conv_out(enc.conv_act(enc.conv_norm_out(enc.mid_block(torch.cat(h, 2).to(device)))))
     moments = vae.quant_conv(moments) if vae.quant_conv is not None else moments
     return moments.float().cpu()
