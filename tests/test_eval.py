@@ -75,6 +75,7 @@ def test_the_demo_loras_wide_stripes_survive_the_demo_vae():
 
     import torch
 
+    from sdstudio.engine.vae import to_pil
     from sdstudio.eval.__main__ import stripe_score
     from sdstudio.models.loader import load_checkpoint
 
@@ -87,7 +88,7 @@ def test_the_demo_loras_wide_stripes_survive_the_demo_vae():
         x = torch.tensor(np.stack([np.asarray(p, np.float32) for p in pictures])).permute(0, 3, 1, 2) / 127.5 - 1
         with torch.no_grad():
             y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        back = [Image.fromarray(((im.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()) for im in y]
+        back = to_pil((y + 1) / 2)
         return np.mean([stripe_score(p, bands) for p in pictures]), np.mean([stripe_score(p, bands) for p in back])
 
     fine, fine_back = round_trip(shapes.STRIPE_BANDS)
