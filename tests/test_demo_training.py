@@ -109,3 +109,16 @@ def test_variants_load_as_users_files(tmp_path):
     assert out.inpainting_model
     pixels = np.asarray(out.images[0].image)
     assert (pixels[:8, :8] == (200, 30, 30)).all()  # outside the mask: the original
+
+
+def test_stage_seconds_leaves_out_pauses_and_counts_redone_steps_once(tmp_path):
+    from training.demo_model.plot_log import stage_seconds
+
+    log = tmp_path / "log.csv"
+    rows = ["time,stage,step,loss",
+            "100,vae,1,1.0", "102,vae,2,1.0", "104,vae,3,1.0",  # 2 s a step
+            "5000,vae,3,1.0", "5003,vae,4,1.0",  # resumed after a long pause: step 3 redone, then 3 s
+            "5004,text,1,1.0", "5014,text,2,1.0"]
+    log.write_text("\n".join(rows) + "\n")
+    # vae: step 2 (2 s) + step 4 (3 s); step 3's first time is replaced by its redo, which follows the pause
+    assert stage_seconds(log) == {"vae": 5.0, "text": 11.0}

@@ -1,4 +1,5 @@
-"""Draw a training log (``log.csv``) as loss curves, one panel per stage, with Pillow (no plotting library).
+"""Draw a training log (``log.csv``) as loss curves, one panel per stage, with Pillow (no plotting library),
+and print how long each stage took.
 
 Usage: python -m training.demo_model.plot_log [training/demo_model/log.csv] [--out training/demo_model/log.png]
 """
@@ -23,6 +24,27 @@ def smooth(values: list[float], k: int = 50) -> list[float]:
             acc -= values[i - k]
         out.append(acc / min(i + 1, k))
     return out
+
+
+def stage_seconds(path: Path, gap: float = 60.0) -> dict[str, float]:
+    """Seconds of training per stage: the sum of the times between consecutive logged steps, leaving out
+    pauses longer than ``gap`` (a stopped run waiting to be resumed). Steps redone after a resume (from the
+    last saved state) count once, at their last run, so the figure is that of an uninterrupted run."""
+    per_step: dict[tuple[str, int], float] = {}
+    last_time = None
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            t = float(row["time"])
+            key = (row["stage"], int(row["step"]))
+            if last_time is not None and 0 <= t - last_time <= gap:
+                per_step[key] = t - last_time
+            else:
+                per_step.pop(key, None)
+            last_time = t
+    totals: dict[str, float] = {}
+    for (stage, _), dt in per_step.items():
+        totals[stage] = totals.get(stage, 0.0) + dt
+    return totals
 
 
 def draw(path: Path, out: Path) -> Path:
@@ -55,6 +77,10 @@ def main() -> int:
     ap.add_argument("--out", default="training/demo_model/log.png")
     args = ap.parse_args()
     print(draw(Path(args.log), Path(args.out)))
+    times = stage_seconds(Path(args.log))
+    for stage, seconds in times.items():
+        print(f"{stage:>6}: {seconds / 60:6.1f} min")
+    print(f"{'all':>6}: {sum(times.values()) / 60:6.1f} min")
     return 0
 
 
