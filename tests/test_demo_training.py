@@ -122,3 +122,14 @@ def test_stage_seconds_leaves_out_pauses_and_counts_redone_steps_once(tmp_path):
     log.write_text("\n".join(rows) + "\n")
     # vae: step 2 (2 s) + step 4 (3 s); step 3's first time is replaced by its redo, which follows the pause
     assert stage_seconds(log) == {"vae": 5.0, "text": 11.0}
+
+
+def test_bfloat16_encoding_fills_the_pool_with_float32_latents_close_to_float32_encoding(tmp_path):
+    runs = {dtype: Run(tmp_path / dtype, Config.tiny(encode_dtype=dtype, fresh=1.0), log=lambda m: None)
+            for dtype in ("float32", "bfloat16")}
+    latents = {dtype: run._encoded_batch()[0] for dtype, run in runs.items()}  # same seed: same pictures
+    pool = runs["bfloat16"].pool
+    assert pool[0][0].dtype == pool[0][1].dtype == torch.float32 == latents["bfloat16"].dtype
+    means = {dtype: torch.stack([e[0] for e in run.pool]) for dtype, run in runs.items()}
+    assert not torch.equal(means["float32"], means["bfloat16"])  # it did encode in bfloat16
+    assert torch.allclose(means["float32"], means["bfloat16"], atol=0.05 * float(means["float32"].std()) + 0.02)
