@@ -133,3 +133,25 @@ def test_bfloat16_encoding_fills_the_pool_with_float32_latents_close_to_float32_
     means = {dtype: torch.stack([e[0] for e in run.pool]) for dtype, run in runs.items()}
     assert not torch.equal(means["float32"], means["bfloat16"])  # it did encode in bfloat16
     assert torch.allclose(means["float32"], means["bfloat16"], atol=0.05 * float(means["float32"].std()) + 0.02)
+
+
+def test_companions_encode_like_the_run_float32_unchanged_and_bfloat16_when_asked(tmp_path):
+    """The companions' encoder follows the run's ``encode_dtype``; in float32 it draws exactly what
+    ``latent_dist.sample()`` draws (the shipped companions stay reproducible)."""
+    from sdstudio.eval import shapes
+    from training.demo_model import variants
+    from training.demo_model.train import render_batch
+
+    scenes = [shapes.random_scene(np.random.default_rng(4)) for _ in range(3)]
+    run = Run(tmp_path / "f32", Config.tiny(), log=lambda m: None)
+    torch.manual_seed(5)
+    ours, images = variants._encode(run, scenes, 32)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        expected = run.vae.encode(render_batch(scenes, 32, shapes.STRIPE_BANDS)).latent_dist.sample() * SCALING
+    assert torch.equal(ours, expected) and images.shape[-1] == 32
+    fast = Run(tmp_path / "bf16", Config.tiny(encode_dtype="bfloat16"), log=lambda m: None)
+    torch.manual_seed(5)
+    latents, _ = variants._encode(fast, scenes, 32)
+    assert latents.dtype == torch.float32 and not torch.equal(latents, expected)
+    assert torch.allclose(latents, expected, atol=0.1 * float(expected.std()) + 0.05)

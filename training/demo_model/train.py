@@ -257,13 +257,18 @@ class Run:
         kl = dist.kl().mean() / images[0].numel()
         return F.l1_loss(recon, images) + F.mse_loss(recon, images) + 1e-6 * kl
 
+    def encode(self, images: torch.Tensor):
+        """The VAE encoder's latent distribution (unscaled, no grad), under bfloat16 autocast if
+        ``encode_dtype`` asks: then its mean, std and samples are bfloat16."""
+        fast = self.cfg.encode_dtype == "bfloat16"
+        with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=fast):
+            return self.vae.encode(images).latent_dist
+
     def _encoded_batch(self) -> tuple[torch.Tensor, list[str]]:
         """Latents (× SCALING) and captions: freshly rendered and encoded, or drawn from the pool."""
         if len(self.pool) < self.cfg.batch or self.rng.random() < self.cfg.fresh:
             images, captions = _batch(self.rng, self.cfg)
-            fast = self.cfg.encode_dtype == "bfloat16"
-            with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=fast):
-                dist = self.vae.encode(images).latent_dist
+            dist = self.encode(images)
             entries = list(zip(dist.mean.float(), dist.std.float(), captions))
             for entry in entries:
                 if len(self.pool) < self.cfg.pool:

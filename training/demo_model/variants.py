@@ -12,7 +12,8 @@
   engine feeds them), fine-tuned on random rectangles.
 
 ``python -m training.demo_model.variants [--run DIR] [--data-dir .] [--steps-lora N] ...``; each part is its
-own short optimisation (minutes on 2 CPU cores), from fixed seeds.
+own short optimisation (minutes on 2 CPU cores), from fixed seeds. Pictures are encoded as the run encoded
+them (its ``encode_dtype``).
 """
 
 from __future__ import annotations
@@ -55,8 +56,7 @@ def _scenes(rng, n, **kw):
 
 def _encode(run: Run, scenes, size: int, bands: int = shapes.STRIPE_BANDS) -> tuple[torch.Tensor, torch.Tensor]:
     images = render_batch(scenes, size, bands)
-    with torch.no_grad():
-        return run.vae.encode(images).latent_dist.sample() * SCALING, images
+    return run.encode(images).sample().float() * SCALING, images
 
 
 def _optimise(params, steps: int, lr: float, loss_fn, desc: str) -> None:
@@ -221,8 +221,7 @@ def train_inpainting(run: Run, out: Path, steps: int = 150, seed: int = 3) -> Pa
         scenes = _scenes(rng, run.cfg.batch, max_things=3, stripes=0.15)
         latents, images = _encode(run, scenes, run.cfg.size)
         masks = _random_masks(rng, len(scenes), run.cfg.size)
-        with torch.no_grad():
-            blanked = run.vae.encode(images * (1 - masks)).latent_dist.mean * SCALING
+        blanked = run.encode(images * (1 - masks)).mean.float() * SCALING
         small = F.interpolate(masks, size=latents.shape[-2:])
         captions = ["" if rng.random() < 0.1 else shapes.caption(s, rich=bool(rng.random() < 0.5)) for s in scenes]
         context = run.text(run._tokens(captions)).last_hidden_state
