@@ -199,14 +199,17 @@ def test_three_windows_share_the_queue(server, browser):
         set_number(page, "txt2img_width", 128)
         set_number(page, "txt2img_height", 128)
         set_number(page, "txt2img_steps", 20)
-    set_number(pages[0], "txt2img_batch_count", 4)
+    # the first window's job must outlast the other two windows' clicks and the queue panel's poll, also on
+    # loaded cores: 8 pictures of 40 steps (about 10 s here)
+    set_number(pages[0], "txt2img_batch_count", 8)
+    set_number(pages[0], "txt2img_steps", 40)
     pages[0].click("#txt2img_generate")
     pages[0].wait_for_selector("#txt2img_progressbar .sd-progress[data-state=running]", timeout=60_000)
     pages[1].click("#txt2img_generate")
     pages[2].click("#txt2img_generate")
     pages[1].wait_for_selector("#txt2img_queue_list table.sd-queue", timeout=20_000)  # its job listed, waiting
     shot(pages[1], "queue-panel")
-    for page, prompt, count in zip(pages, prompts, (4, 1, 1)):
+    for page, prompt, count in zip(pages, prompts, (8, 1, 1)):
         page.wait_for_function(f"document.querySelectorAll('#txt2img_gallery img').length >= {count}",
                                timeout=180_000)
         info = page.locator("#txt2img_html_info textarea").input_value()
