@@ -1,4 +1,5 @@
-"""Noise schedules: small functions returning a descending tensor of sigmas that ends in 0.
+"""Noise schedules: small functions returning a descending tensor of sigmas that ends in 0 (KL Optimal,
+as in A1111, ends at sigma_min).
 
 Sigmas live in the k-diffusion parametrisation ``x = x0 + sigma * eps``; the model's own discrete
 schedule (:class:`DiscreteSchedule`) converts between sigmas and the UNet's timesteps.
@@ -85,11 +86,12 @@ def normal(n: int, model: DiscreteSchedule) -> torch.Tensor:
 
 
 def kl_optimal(n: int, model: DiscreteSchedule) -> torch.Tensor:
-    alpha_min, alpha_max = math.atan(model.sigma_min), math.atan(model.sigma_max)
-    idx = torch.arange(n + 1, dtype=torch.float32)
-    sigmas = torch.tan(idx / n * alpha_min + (1.0 - idx / n) * alpha_max)
-    sigmas[-1] = 0.0
-    return sigmas
+    """A1111's KL Optimal: n + 1 sigmas from sigma_max down to sigma_min itself, with no trailing zero
+    (so its images keep sigma_min's noise, as A1111's do)."""
+    alpha_min = torch.arctan(torch.tensor(model.sigma_min))
+    alpha_max = torch.arctan(torch.tensor(model.sigma_max))
+    idx = torch.arange(n + 1)
+    return torch.tan(idx / n * alpha_min + (1.0 - idx / n) * alpha_max)
 
 
 def simple(n: int, model: DiscreteSchedule) -> torch.Tensor:
