@@ -1,7 +1,8 @@
 """LoRA and LyCORIS networks applied to a loaded model for the length of one job.
 
 Supported files: kohya / A1111 LoRA and LoCon (``lora_unet_*``, ``lora_te_*``, SDXL ``lora_te1_*`` /
-``lora_te2_*``, with diffusers- or LDM-style module names), LyCORIS LoHa (``hada_*``), LoKr (``lokr_*``),
+``lora_te2_*``, with diffusers- or LDM-style module names), LyCORIS LoHa (``hada_*``), LoKr (``lokr_*``), both also in their Tucker form for convs (``hada_t1`` /
+``hada_t2``, ``lokr_t2``),
 (IA)^3 (``weight`` + ``on_input``) and full-diff (``diff``, ``diff_b``), and diffusers / PEFT files
 (``unet.<module>.lora.down.weight``, ``lora_A`` / ``lora_B``). Delta = scale x multiplier x update, with
 scale = alpha / rank.
@@ -27,7 +28,8 @@ from ..models.safe_load import open_state_dict
 _SUFFIXES = (
     "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "lora.down.weight", "lora.up.weight",
     "lora_A.weight", "lora_B.weight", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a",
-    "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "diff", "diff_b", "weight", "on_input", "dora_scale",
+    "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "hada_t1", "hada_t2", "lokr_t2", "diff", "diff_b", "weight",
+    "on_input", "dora_scale",
 )
 
 
@@ -80,19 +82,35 @@ def _low_rank(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
     return up.float().flatten(1), down.float().flatten(1), (alpha / rank) if alpha else 1.0
 
 
+def _tucker(core: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """LyCORIS's Tucker (CP) form of a conv update: ``core`` [r, r, kh, kw], ``up`` [r, out], ``down``
+    [r, in] -> [out, in, kh, kw]."""
+    return torch.einsum("ijkl,ip,jq->pqkl", core, up, down)
+
+
 def _delta(parts: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
     """The full-size update of a LyCORIS / full-diff / (IA)^3 entry (before the multiplier); ``weight`` is
     the base weight, which (IA)^3 scales. Plain LoRA entries never get here (see :func:`_add_update`)."""
     shape = weight.shape
     f = {k: v.to(weight.device, torch.float32) for k, v in parts.items()}  # computed where the weight lives
     alpha = float(f["alpha"]) if "alpha" in f else None
-    if "hada_w1_a" in f:
+    if "hada_w1_a" in f:  # LoHa: the Hadamard product of two low-rank (or Tucker) updates
         rank = f["hada_w1_b"].shape[0]
-        d = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
-        return d.reshape(shape) * ((alpha / rank) if alpha else 1.0)
+        halves = []
+        for i in ("1", "2"):
+            up, down = f[f"hada_w{i}_a"], f[f"hada_w{i}_b"]
+            core = f.get(f"hada_t{i}")
+            halves.append((_tucker(core, up, down) if core is not None else up.flatten(1) @ down.flatten(1))
+                          .reshape(shape))
+        return halves[0] * halves[1] * ((alpha / rank) if alpha else 1.0)
     if any(k.startswith("lokr_") for k in f):
         w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
-        w2 = f["lokr_w2"] if "lokr_w2" in f else (f["lokr_w2_a"] @ f["lokr_w2_b"].flatten(1))
+        if "lokr_w2" in f:
+            w2 = f["lokr_w2"]
+        elif "lokr_t2" in f:
+            w2 = _tucker(f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"])
+        else:
+            w2 = f["lokr_w2_a"] @ f["lokr_w2_b"].flatten(1)
         rank = f["lokr_w1_b"].shape[0] if "lokr_w1_b" in f else f["lokr_w2_b"].shape[0] if "lokr_w2_b" in f else None
         if w2.ndim == 4 or len(shape) == 4:
             w2 = w2.reshape(w2.shape[0], -1)
