@@ -17,16 +17,41 @@ import torch
 from ..models.errors import ModelFileError
 from ..models.safe_load import load_pickle
 
-_ACTIVATIONS = {
-    "relu": torch.nn.ReLU, "leakyrelu": torch.nn.LeakyReLU, "elu": torch.nn.ELU, "swish": torch.nn.Hardswish,
-    "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid, "softsign": torch.nn.Softsign, "mish": torch.nn.Mish,
-    "gelu": torch.nn.GELU, "silu": torch.nn.SiLU,
-}
+
+def _activations() -> dict[str, type[torch.nn.Module]]:
+    """A1111's table: its own names (``swish`` is Hardswish) plus every class of
+    ``torch.nn.modules.activation`` under its lower-cased name (``gelu``, ``mish``, ``softplus``, ``prelu``...)."""
+    table = {"relu": torch.nn.ReLU, "leakyrelu": torch.nn.LeakyReLU, "elu": torch.nn.ELU,
+             "swish": torch.nn.Hardswish, "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid}
+    module = torch.nn.modules.activation
+    table.update({name.lower(): cls for name, cls in vars(module).items()
+                  if isinstance(cls, type) and cls.__module__ == module.__name__})
+    return table
+
+
+_ACTIVATIONS = _activations()
+_OLD_NAMES = {"linear1.weight": "0.weight", "linear1.bias": "0.bias", "linear2.weight": "1.weight",
+              "linear2.bias": "1.bias"}  # the first hypernetworks (two linears, no layer_structure)
+
+
+def _dropout_after(data: dict, structure: list[float]) -> list[bool]:
+    """Which linear layers A1111 follows with a Dropout: per ``dropout_structure`` when the file has one,
+    else (its parse_dropout_structure) after every hidden layer but the last when ``use_dropout``, and
+    after the last hidden one too with ``last_layer_dropout``."""
+    n = len(structure) - 1
+    given = data.get("dropout_structure")
+    if given is not None:
+        return [float(p) > 0 for p in list(given)[1:n + 1]]
+    if not data.get("use_dropout", False):
+        return [False] * n
+    last = bool(data.get("last_layer_dropout", False))
+    return [i < n - 2 or (i == n - 2 and last) for i in range(n)]
 
 
 def _mlp(width: int, state: dict, structure: list[float], activation: str, layer_norm: bool,
-         activate_output: bool) -> torch.nn.Sequential:
-    """Rebuild the Sequential exactly as A1111 lays it out, so the saved indices line up."""
+         activate_output: bool, dropout_after: list[bool]) -> torch.nn.Sequential:
+    """Rebuild the Sequential exactly as A1111 lays it out (Linear, activation, LayerNorm, Dropout per
+    layer), so the saved indices line up."""
     layers: list[torch.nn.Module] = []
     for i in range(len(structure) - 1):
         layers.append(torch.nn.Linear(int(width * structure[i]), int(width * structure[i + 1])))
@@ -34,22 +59,29 @@ def _mlp(width: int, state: dict, structure: list[float], activation: str, layer
         if activation not in ("linear", None) and not (last and not activate_output):
             if activation not in _ACTIVATIONS:
                 raise ModelFileError(f"unknown hypernetwork activation {activation!r}")
-            layers.append(_ACTIVATIONS[activation]())
+            try:
+                layers.append(_ACTIVATIONS[activation]())
+            except TypeError:  # e.g. threshold, multiheadattention: no file can have used them
+                raise ModelFileError(f"unsupported hypernetwork activation {activation!r}") from None
         if layer_norm:
             layers.append(torch.nn.LayerNorm(int(width * structure[i + 1])))
-        # dropout layers are identities at inference; A1111 counts them in the indices only when used
+        if dropout_after[i]:
+            layers.append(torch.nn.Dropout(p=0.3))  # an identity at inference; it only shifts the indices
     seq = torch.nn.Sequential(*layers)
-    own = {k.removeprefix("linear."): v for k, v in state.items()}
+    own = {_OLD_NAMES.get(k, k).removeprefix("linear."): v for k, v in state.items()}
     try:
         seq.load_state_dict(own)
     except RuntimeError:
-        # files trained with dropout have Dropout entries between layers: map weights onto our layers in order
+        # files whose dropout layout differs from what their flags say: map weights onto our layers in order
         ours = [m for m in seq if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm))]
-        theirs = sorted({int(k.split(".")[0]) for k in own}, key=int)
-        if len(ours) != len(theirs):
+        try:
+            theirs = sorted({int(k.split(".")[0]) for k in own})
+            if len(ours) != len(theirs):
+                raise ValueError
+            for module, idx in zip(ours, theirs):
+                module.load_state_dict({"weight": own[f"{idx}.weight"], "bias": own[f"{idx}.bias"]})
+        except (ValueError, KeyError, RuntimeError):
             raise ModelFileError("hypernetwork layers do not match its layer_structure") from None
-        for module, idx in zip(ours, theirs):
-            module.load_state_dict({"weight": own[f"{idx}.weight"], "bias": own[f"{idx}.bias"]})
     return seq.eval().requires_grad_(False)
 
 
@@ -60,12 +92,13 @@ class Hypernetwork:
         structure = data.get("layer_structure") or [1, 2, 1]
         activation = data.get("activation_func") or "linear"
         layer_norm = bool(data.get("is_layer_norm", False))
-        activate_output = bool(data.get("activate_output", False))
+        activate_output = bool(data.get("activate_output", True))  # A1111's default for files without the key
+        dropout_after = _dropout_after(data, structure)
         self.layers: dict[int, tuple[torch.nn.Module, torch.nn.Module]] = {}
         for width, pair in data.items():
             if isinstance(width, int) and isinstance(pair, (list, tuple)) and len(pair) == 2:
-                self.layers[width] = tuple(_mlp(width, s, structure, activation, layer_norm, activate_output)
-                                           for s in pair)
+                self.layers[width] = tuple(_mlp(width, s, structure, activation, layer_norm, activate_output,
+                                                dropout_after) for s in pair)
         if not self.layers:
             raise ModelFileError(f"{self.path.name}: not an A1111 hypernetwork (no per-width layers)")
 
