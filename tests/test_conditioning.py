@@ -104,3 +104,21 @@ def test_break_and_long_prompts_make_more_chunks(conditioner):
 def test_clip_skip_changes_hidden_states(conditioner):
     assert not torch.allclose(conditioner.encode("a red circle", 1).crossattn,
                               conditioner.encode("a red circle", 2).crossattn)
+
+
+def test_clip_skip_takes_that_hidden_layer_then_the_final_norm(conditioner):
+    """A1111 (SD 1.x): clip skip N is the N-th last hidden state with the text model's final layer norm
+    applied (1: CLIP's own last_hidden_state). Reference: transformers' hidden states and final_layer_norm,
+    on the tokenizer's own padding to 77 (BOS, tokens, EOS, EOS...)."""
+    encoder = conditioner.model.text_encoders[0]
+    ids = clip_tokenizer()("a red circle", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = encoder(input_ids=ids, output_hidden_states=True)
+        norm = getattr(encoder, "text_model", encoder).final_layer_norm  # transformers 5 has no text_model level
+        assert torch.allclose(conditioner.encode("a red circle", 1).crossattn, out.last_hidden_state, atol=1e-5)
+        for skip in (2, 3):
+            want = norm(out.hidden_states[-skip])
+            assert torch.allclose(conditioner.encode("a red circle", skip).crossattn, want, atol=1e-5), skip
+    # the norm and the layer both matter: neither the bare penultimate state nor the next layer's is it
+    assert not torch.allclose(norm(out.hidden_states[-2]), out.hidden_states[-2], atol=1e-2)
+    assert not torch.allclose(norm(out.hidden_states[-2]), norm(out.hidden_states[-3]), atol=1e-2)
