@@ -26,6 +26,7 @@ class SamplerInfo:
     brownian_noise: bool = False
     second_order: bool = False
     timesteps: bool = False  # DDIM-family: A1111 picks timesteps, not a sigma schedule
+    cfg_scale_multiplier: float = 1.0  # A1111 scales CFG for CFG++ samplers (DDIM CFG++: 1 / 12.5)
 
 
 SAMPLERS: tuple[SamplerInfo, ...] = (
@@ -48,8 +49,13 @@ SAMPLERS: tuple[SamplerInfo, ...] = (
                 second_order=True),
     SamplerInfo("DPM2 a", "dpm_2_ancestral", ("k_dpm_2_a",), scheduler="karras",
                 discard_next_to_last_sigma=True, uses_ensd=True, second_order=True),
+    SamplerInfo("DPM fast", "dpm_fast", ("k_dpm_fast",), uses_ensd=True),
+    SamplerInfo("DPM adaptive", "dpm_adaptive", ("k_dpm_ad",), uses_ensd=True),
+    SamplerInfo("Restart", "restart", ("restart",), scheduler="karras", second_order=True),
     SamplerInfo("DDIM", "ddim", ("ddim",), timesteps=True),
+    SamplerInfo("DDIM CFG++", "ddim_cfgpp", ("ddim_cfgpp",), timesteps=True, cfg_scale_multiplier=1 / 12.5),
     SamplerInfo("PLMS", "plms", ("plms",), timesteps=True),
+    SamplerInfo("UniPC", "unipc", ("unipc",), timesteps=True),
     SamplerInfo("LCM", "lcm", ("k_lcm",)),
 )
 
