@@ -15,54 +15,10 @@ from pathlib import Path
 from .core.imageops import MASKED_CONTENT, RESIZE_MODES
 from .core.names import UnknownNameError, sampler_labels, schedule_labels
 from .core.params import Img2ImgRequest, RequestError, Txt2ImgRequest, from_infotext, with_png_info
-from .core.paths import DeviceOptions, Paths
+from .core.paths import Paths
+from .flags import add_common_flags, device_options_from, paths_from, studio_from
 
 USER_ERRORS: tuple[type[BaseException], ...] = (RequestError, UnknownNameError, FileNotFoundError)
-
-
-def add_common_flags(parser: argparse.ArgumentParser) -> None:
-    """A1111's directory and device flags, shared by every command and by the server."""
-    g = parser.add_argument_group("folders (A1111 names)")
-    g.add_argument("--data-dir", default=os.environ.get("SDSTUDIO_DATA_DIR", "."),
-                   help="base folder holding models/, embeddings/, outputs/ (default: current folder)")
-    g.add_argument("--ckpt-dir", action="append", default=[], help="extra folder with checkpoints")
-    g.add_argument("--vae-dir", help="folder with VAE files (default: models/VAE)")
-    g.add_argument("--lora-dir", help="folder with LoRA files (default: models/Lora)")
-    g.add_argument("--embeddings-dir", help="folder with textual inversion embeddings (default: embeddings)")
-    g.add_argument("--hypernetwork-dir", help="folder with hypernetworks (default: models/hypernetworks)")
-    g.add_argument("--esrgan-models-path", help="folder with ESRGAN upscalers (default: models/ESRGAN)")
-    g.add_argument("--realesrgan-models-path", help="folder with Real-ESRGAN upscalers (default: models/RealESRGAN)")
-    g.add_argument("--swinir-models-path", help="folder with SwinIR upscalers (default: models/SwinIR)")
-    g.add_argument("--dat-models-path", help="folder with DAT upscalers (default: models/DAT)")
-    g.add_argument("--gfpgan-models-path", help="folder with GFPGAN and the face detector (default: models/GFPGAN)")
-    g.add_argument("--codeformer-models-path", help="folder with CodeFormer (default: models/Codeformer)")
-    g.add_argument("--controlnet-dir", help="folder with ControlNet models (default: models/ControlNet)")
-    g.add_argument("--styles-file", help="prompt styles CSV (default: styles.csv in the data dir)")
-    d = parser.add_argument_group("device")
-    d.add_argument("--precision", choices=["full", "autocast", "half"], default="autocast")
-    d.add_argument("--no-half", action="store_true", help="run the model in float32 on the GPU")
-    d.add_argument("--no-half-vae", action="store_true", help="run the VAE in float32 on the GPU")
-    d.add_argument("--medvram", action="store_true", help="keep only the component in use on the GPU")
-    d.add_argument("--lowvram", action="store_true", help="stream UNet blocks to the GPU one by one")
-    d.add_argument("--xformers", action="store_true", help="use xformers attention when installed")
-    d.add_argument("--use-cpu", nargs="*", help="run on the CPU even when a GPU is present")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-
-
-def paths_from(args: argparse.Namespace) -> Paths:
-    return Paths(Path(args.data_dir), ckpt_dirs=[Path(p) for p in args.ckpt_dir], vae_dir=args.vae_dir,
-                 lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, hypernetwork_dir=args.hypernetwork_dir,
-                 esrgan_dir=args.esrgan_models_path,
-                 realesrgan_dir=args.realesrgan_models_path, swinir_dir=args.swinir_models_path,
-                 dat_dir=args.dat_models_path, gfpgan_dir=args.gfpgan_models_path,
-                 codeformer_dir=args.codeformer_models_path, controlnet_dir=args.controlnet_dir,
-                 styles_file=args.styles_file)
-
-
-def device_options_from(args: argparse.Namespace) -> DeviceOptions:
-    return DeviceOptions(precision=args.precision, no_half=args.no_half, no_half_vae=args.no_half_vae,
-                         medvram=args.medvram, lowvram=args.lowvram, xformers=args.xformers,
-                         use_cpu=args.use_cpu is not None)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -130,6 +86,9 @@ def add_generation_flags(t: argparse.ArgumentParser) -> None:
                     "\"SD upscale\", Loopback, \"Poor man's outpainting\", \"Outpainting mk2\"")
     sc.add_argument("--script-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="a script argument (repeatable), e.g. upscaler=4x-UltraSharp scale=2 overlap=64")
+    sc.add_argument("--alwayson", nargs="+", action="append", default=[], metavar="NAME",
+                    help="switch an always-on script on, with its arguments (repeatable), e.g. "
+                         "--alwayson dynthres mimic_scale=7 threshold_percentile=99")
     for axis in ("x", "y", "z"):
         sc.add_argument(f"--{axis}-type", help=f"X/Y/Z plot: the {axis.upper()} axis (e.g. \"CFG Scale\", Steps, Sampler)")
         sc.add_argument(f"--{axis}-values", help=f"X/Y/Z plot: the {axis.upper()} values (e.g. \"3,7\", \"1-5 (+2)\")")
@@ -276,8 +235,11 @@ def request_from_args(args: argparse.Namespace, base: Txt2ImgRequest | None = No
         changes["hr_resize_x"], changes["hr_resize_y"] = args.hr_resize
     if args.script:
         changes["script_name"], changes["script_args"] = script_from_args(args)
+    if args.alwayson:  # names are matched (aliases too) by the studio, which knows the plug-ins' scripts
+        changes["alwayson_scripts"] = {**req.alwayson_scripts,
+                                       **{entry[0]: _script_args(entry[1:]) for entry in args.alwayson}}
     req = req.replace(**changes)
-    return req if isinstance(req, Img2ImgRequest) else req.validate()
+    return req if isinstance(req, Img2ImgRequest) else req.validate(check_scripts=False)  # scripts: by the studio
 
 
 def cmd_txt2img(args: argparse.Namespace) -> int:
@@ -316,8 +278,9 @@ def generate_and_save(engine, req: Txt2ImgRequest, args: argparse.Namespace, pat
         written.append(outputs.save_image(image.image, outdir, infotext=image.infotext, suffix=str(image.seed),
                                           fmt=args.format))
 
+    studio, _ = studio_from(args, engine)
     try:
-        result = engine.generate(req, on_progress=on_progress, on_image=on_image)
+        result = studio.generate(req, on_progress=on_progress, on_image=on_image)
     finally:
         for bar in bars:
             bar.close()
@@ -333,18 +296,12 @@ def generate_and_save(engine, req: Txt2ImgRequest, args: argparse.Namespace, pat
     return 0
 
 
-SCRIPT_ALIASES = {"xyz": "X/Y/Z plot", "x/y/z": "X/Y/Z plot", "prompt-sr": "X/Y/Z plot",
-                  "prompt-matrix": "Prompt matrix", "prompts-from-file": "Prompts from file or textbox",
-                  "sd-upscale": "SD upscale", "loopback": "Loopback", "outpainting": "Poor man's outpainting",
-                  "outpainting-mk2": "Outpainting mk2"}
-
-
 def script_from_args(args: argparse.Namespace) -> tuple[str, dict]:
-    """``--script`` and its flags -> (script name, arguments)."""
-    from .core.scripts import SCRIPTS
+    """``--script`` (a script's name or its short alias, e.g. xyz) and its flags -> (script name, arguments)."""
+    from .core.scripts import builtin
 
-    name = SCRIPT_ALIASES.get(args.script.lower(), args.script)
-    name = next((n for n in SCRIPTS if n.lower() == name.lower()), name)
+    script = builtin().find("xyz" if args.script.lower() == "prompt-sr" else args.script)
+    name = script.name if script is not None else args.script  # an unknown one is refused by its checks
     values = _script_args(args.script_arg)
     if name == "X/Y/Z plot":
         if args.script.lower() == "prompt-sr":
@@ -471,25 +428,10 @@ def cmd_interrogate(args: argparse.Namespace) -> int:
     return 0
 
 
-def a1111_body(req: Txt2ImgRequest) -> dict:
-    """A request in A1111's API fields (what ``/sdapi/v1/txt2img`` and ``/sdstudio/v1/jobs`` take)."""
-    fields = ("prompt", "negative_prompt", "styles", "seed", "subseed", "subseed_strength", "sampler_name",
-              "scheduler", "batch_size", "n_iter", "steps", "cfg_scale", "width", "height", "tiling", "restore_faces",
-              "eta", "s_churn", "s_tmin", "s_noise", "tiled_vae", "enable_hr", "hr_scale", "hr_upscaler",
-              "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_sampler_name", "hr_scheduler", "hr_prompt",
-              "hr_negative_prompt", "hr_cfg", "denoising_strength")
-    body = {f: getattr(req, f) for f in fields}
-    body.update({"seed_resize_from_w": req.seed_resize_from_w or -1, "seed_resize_from_h": req.seed_resize_from_h or -1,
-                 "save_images": True})
-    settings = {"CLIP_stop_at_last_layers": req.clip_skip, "randn_source": req.rng, "emphasis": req.emphasis,
-                "eta_noise_seed_delta": req.eta_noise_seed_delta, "sd_vae": req.vae,
-                "code_former_weight": req.code_former_weight}
-    if req.face_restoration_model:
-        settings["face_restoration_model"] = req.face_restoration_model
-    if req.model:
-        settings["sd_model_checkpoint"] = req.model
-    body["override_settings"] = settings
-    return body
+def job_body(req: Txt2ImgRequest) -> dict:
+    """What ``--server`` posts to ``/sdstudio/v1/jobs``: the request as it serializes itself (every field,
+    scripts and always-on scripts included, so none can be dropped on the way) and where the images go."""
+    return {"request": {"save_images": True}, "sdstudio_request": req.to_dict()}
 
 
 def submit_to_server(args: argparse.Namespace, req: Txt2ImgRequest) -> int:
@@ -510,7 +452,7 @@ def submit_to_server(args: argparse.Namespace, req: Txt2ImgRequest) -> int:
         return urllib.request.urlopen(urllib.request.Request(base + path, data=data, headers=headers), timeout=3600)
 
     try:
-        job = json.loads(call("/sdstudio/v1/jobs", {"request": a1111_body(req)}).read())
+        job = json.loads(call("/sdstudio/v1/jobs", job_body(req)).read())
         print(f"queued job {job['id']} ({job['queue_position']} ahead)", file=sys.stderr)
         with call(f"/sdstudio/v1/jobs/{job['id']}/events") as stream:
             for raw in stream:

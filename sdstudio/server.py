@@ -110,8 +110,8 @@ def create_app(args: argparse.Namespace):
 
     from .api import jobs as jobs_api
     from .api.a1111 import make_router
-    from .cli import device_options_from, paths_from
     from .engine.generate import Engine
+    from .flags import device_options_from, paths_from, studio_from
     from .service.jobs import JobService
     from .service.queue import SQLiteJobQueue
 
@@ -119,13 +119,20 @@ def create_app(args: argparse.Namespace):
     paths.create_layout()
     engine = Engine(paths, device_options_from(args))
     queue = SQLiteJobQueue(args.queue_db or paths.data_dir / "jobs.sqlite3")
-    service = JobService(engine, queue, resume=args.resume_queue)
+    settings = make_settings(engine, paths.data_dir / "config.json", args)
+    studio, plugins = studio_from(args, engine)
+    for info in plugins.infos:
+        if info.status == "failed":
+            print(f"sdstudio: plug-in {info.name} ({info.path}) left out: {info.error}", file=sys.stderr)
+    # live previews follow the Settings (also without the UI: /sdapi/v1/progress's current_image)
+    service = JobService(engine, queue, resume=args.resume_queue, studio=studio, plugins=plugins,
+                         preview_settings=lambda: (settings.get("show_progress_type", "Approx cheap"),
+                                                   int(settings.get("show_progress_every_n_steps", 1))))
     if service.recovered:
         what = "queued again" if args.resume_queue else "marked failed (use --resume-queue to re-run them)"
         print(f"sdstudio: {len(service.recovered)} job(s) were running when the server stopped: {what}",
               file=sys.stderr)
     service.start()
-    settings = make_settings(engine, paths.data_dir / "config.json", args)
     limits = {"steps": args.limit_steps, "pixels": args.limit_pixels, "images": args.limit_images}
     secret = {"api_auth", "gradio_auth"}  # never echoed back by /cmd-flags
     cmd_flags = {k: ("***" if k in secret and v else v) for k, v in vars(args).items() if k != "func"}
@@ -177,6 +184,11 @@ def create_app(args: argparse.Namespace):
         app.include_router(make_router(service, settings, cmd_flags, limits), dependencies=guarded)
         app.include_router(jobs_api.make_router(service, settings.values, limits), dependencies=guarded)
         app.include_router(styles_api.make_router(paths), dependencies=guarded)
+        for factory in plugins.routes:  # a plug-in's own routes (a broken factory: reported, left out)
+            try:
+                app.include_router(factory(service), dependencies=guarded)
+            except Exception as exc:  # noqa: BLE001
+                print(f"sdstudio: a plug-in's API routes were left out: {type(exc).__name__}: {exc}", file=sys.stderr)
     if not args.nowebui:
         import gradio as gr
 

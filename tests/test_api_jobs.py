@@ -139,9 +139,20 @@ def test_extras_and_hires_with_a_model_upscaler(client, data_dir):
 
 def test_utility_routes(client):
     assert client.get("/sdapi/v1/memory").json()["ram"]["total"] > 0
-    both = ["x/y/z plot", "prompt matrix", "prompts from file or textbox"]
-    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": both, "img2img": [
-        "sd upscale", "loopback", "poor man's outpainting", "outpainting mk2", *both]}
+    # A1111's order (its script files' names); the always-on ones are not in this list
+    assert client.get("/sdapi/v1/scripts").json() == {
+        "txt2img": ["prompt matrix", "prompts from file or textbox", "x/y/z plot"],
+        "img2img": ["loopback", "outpainting mk2", "poor man's outpainting", "prompt matrix",
+                    "prompts from file or textbox", "sd upscale", "x/y/z plot"]}
+    info = {(s["name"], s["is_img2img"]): s for s in client.get("/sdapi/v1/script-info").json()}
+    upscale = info[("sd upscale", True)]
+    assert not upscale["is_alwayson"] and [a["label"] for a in upscale["args"]] == ["Tile overlap", "Upscaler",
+                                                                                    "Scale Factor"]
+    assert upscale["args"][0] == {"label": "Tile overlap", "value": 64, "minimum": 0, "maximum": 256, "step": 16,
+                                  "choices": None}
+    assert "None" in upscale["args"][1]["choices"] and ("sd upscale", False) not in info
+    assert info[("soft inpainting", True)]["is_alwayson"]
+    assert "CFG Scale" in info[("x/y/z plot", False)]["args"][0]["choices"]
     assert client.post("/sdapi/v1/interrogate", json={}).status_code == 422  # no image
     assert client.get("/sdapi/v1/progress").json()["state"]["job"] == ""
     assert client.get("/docs").status_code == 200
@@ -165,7 +176,7 @@ def test_img2img_scripts_over_the_a1111_api(client):
     assert Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).size == (128, 128)
     assert "SD upscale upscaler: Lanczos" in json.loads(r.json()["info"])["infotexts"][0]
     r = client.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [init], "script_name": "ultimate sd upscale"})
-    assert r.status_code == 422 and "available: SD upscale, Loopback" in r.json()["detail"]
+    assert r.status_code == 422 and "available: Loopback, Outpainting mk2" in r.json()["detail"]
     r = client.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [init], "script_name": "SD upscale",
                                                "script_args": {"upscaler": "4x-nope"}})
     assert r.status_code == 404
@@ -199,3 +210,32 @@ def test_xyz_plot_over_the_a1111_api_with_positional_args(client):
                                                "script_args": ["Checkpoint name", "tiny-sd1, missing", []]})
     assert r.status_code == 422 and "'missing'" in r.json()["detail"]
     assert client.get("/sdstudio/v1/queue").json()["queued"] == 0  # refused before it queued
+
+
+def test_the_cli_server_body_carries_every_request_field(client):
+    """``txt2img --server`` sends the request as it serializes itself: a field changed from its default (any
+    of them, scripts and always-on scripts included) arrives in the queued job unchanged."""
+    import dataclasses
+
+    from sdstudio.cli import job_body
+    from sdstudio.core.params import Txt2ImgRequest
+
+    changed = dict(prompt="a red circle", negative_prompt="blue", styles=[], seed=5, subseed=6,
+                   subseed_strength=0.25, seed_resize_from_w=64, seed_resize_from_h=64, sampler_name="Euler",
+                   scheduler="Karras", batch_size=1, n_iter=1, steps=2, cfg_scale=6.5, width=64, height=64,
+                   tiling=True, restore_faces=False, face_restoration_model="GFPGAN", code_former_weight=0.3,
+                   clip_skip=2, emphasis="No norm", novelai_braces=True, rng="CPU", eta_noise_seed_delta=31337,
+                   eta=0.5, s_churn=0.1, s_tmin=0.2, s_tmax=9.0, s_noise=0.9, always_discard_next_to_last_sigma=True,
+                   extra_noise=0.1, model="tiny-sd1", model_hash="abc", vae="None", tiled_vae=True, enable_hr=False,
+                   denoising_strength=0.6, hr_scale=1.5, hr_resize_x=0, hr_resize_y=0, hr_upscaler="Latent (bicubic)",
+                   hr_second_pass_steps=3, hr_sampler_name="Heun", hr_scheduler="Exponential", hr_prompt="hp",
+                   hr_negative_prompt="hn", hr_cfg=4.0, script_name="X/Y/Z plot",
+                   script_args={"x_type": "Steps", "x_values": "1,2"},
+                   alwayson_scripts={}, extra={"Some key": "kept"})
+    assert set(changed) == {f.name for f in dataclasses.fields(Txt2ImgRequest)}  # a new field must be listed here
+    req = Txt2ImgRequest(**changed)
+    r = client.post("/sdstudio/v1/jobs", json=job_body(req))
+    assert r.status_code == 202, r.text
+    stored = Txt2ImgRequest.from_dict(client.app.state.service.queue.get(r.json()["id"]).request["request"])
+    want = {**changed, "script_args": {**stored.script_args, **changed["script_args"]}}  # defaults filled in
+    assert dataclasses.asdict(stored) == want

@@ -10,6 +10,8 @@ from sdstudio.core import infotext, scripts
 from sdstudio.core.params import Img2ImgRequest, RequestError, from_infotext
 from sdstudio.core.paths import Paths
 from sdstudio.engine.generate import Engine
+from sdstudio.scripts import Studio
+from sdstudio.scripts.img2img import loopback_strength
 from sdstudio.models.synthetic import write_upscaler
 
 
@@ -20,7 +22,7 @@ def setup(make_data_root):
     im = Image.new("RGB", (96, 64), (30, 60, 200))
     ImageDraw.Draw(im).ellipse((20, 10, 60, 50), fill=(220, 40, 40))
     im.save(root / "init.png")
-    return Engine(Paths(root)), root / "init.png"
+    return Studio(Engine(Paths(root))), root / "init.png"
 
 
 def request(init, **kw) -> Img2ImgRequest:
@@ -64,11 +66,11 @@ def test_sd_upscale_batches_tiles_and_none_keeps_the_size(setup):
 
 def test_loopback_strength_schedule_and_outputs(setup):
     engine, init = setup
-    args = scripts.Loopback(loops=4, final_denoising_strength=0.8, denoising_curve="Linear")
-    assert [round(args.strength(0.2, i), 3) for i in range(4)] == [0.2, 0.4, 0.6, 0.8]
-    lazy = scripts.Loopback(loops=3, final_denoising_strength=1.0, denoising_curve="Lazy")
-    aggressive = scripts.Loopback(loops=3, final_denoising_strength=1.0, denoising_curve="Aggressive")
-    assert lazy.strength(0.0, 1) < 0.5 < aggressive.strength(0.0, 1)
+    args = scripts.parse("Loopback", {"loops": 4, "final_denoising_strength": 0.8, "denoising_curve": "Linear"})
+    assert [round(loopback_strength(args, 0.2, i), 3) for i in range(4)] == [0.2, 0.4, 0.6, 0.8]
+    lazy = scripts.parse("Loopback", {"loops": 3, "final_denoising_strength": 1.0, "denoising_curve": "Lazy"})
+    aggressive = scripts.parse("Loopback", {"loops": 3, "final_denoising_strength": 1.0, "denoising_curve": "Aggressive"})
+    assert loopback_strength(lazy, 0.0, 1) < 0.5 < loopback_strength(aggressive, 0.0, 1)
     result, jobs = run(engine, request(init, script_name="Loopback",
                                        script_args={"loops": 3, "final_denoising_strength": 0.6}))
     assert [g.seed for g in result.images] == [1, 2, 3] and jobs[-1] == (2, 3)
@@ -97,7 +99,7 @@ def test_poor_mans_outpainting_keeps_the_picture_and_fills_the_band(setup):
 def test_bad_script_requests():
     for name, args, word in [("Nope", {}, "unknown img2img script"), ("Loopback", {"loops": 0}, "loops"),
                              ("SD upscale", {"scale": 20}, "scale"), ("Loopback", {"wat": 1}, "unknown argument"),
-                             ("Poor man's outpainting", {"direction": ["sideways"]}, "directions")]:
+                             ("Poor man's outpainting", {"direction": ["sideways"]}, "direction must be some of")]:
         with pytest.raises(RequestError, match=word):
             Img2ImgRequest(init_images=["x.png"], script_name=name, script_args=args).validate()
 

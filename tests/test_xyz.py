@@ -11,6 +11,8 @@ from sdstudio.core import infotext, scripts, xyz
 from sdstudio.core.params import RequestError, Txt2ImgRequest, from_infotext
 from sdstudio.core.paths import Paths
 from sdstudio.engine.generate import Engine
+from sdstudio.scripts import Studio
+from sdstudio.scripts.plots import a1111_axis_label
 
 
 @pytest.mark.parametrize("text, kind, expected", [
@@ -100,8 +102,8 @@ def test_a1111_positional_args_and_infotext_round_trip():
     assert back == ("X/Y/Z plot", {"x_type": "CFG Scale", "x_values": "3,7", "y_type": "Steps", "y_values": "2-4",
                                    "margin_size": 8})
     with pytest.raises(scripts.ScriptError, match="out of range"):
-        scripts.a1111_axis_label(99, "txt2img")
-    assert scripts.a1111_axis_label(5, "txt2img") == "Hires steps" and scripts.a1111_axis_label(7, "img2img") == \
+        a1111_axis_label(99, "txt2img")
+    assert a1111_axis_label(5, "txt2img") == "Hires steps" and a1111_axis_label(7, "img2img") == \
         "Prompt S/R"
 
 
@@ -112,7 +114,7 @@ def engine(make_data_root):
     root = make_data_root("xyz", {"a": "sd1"})
     for name, seed in (("b", 8), ("c", 9)):
         write_checkpoint(root / "models" / "Stable-diffusion" / f"{name}.safetensors", "sd1", "tiny", seed=seed)
-    return Engine(Paths(root))
+    return Studio(Engine(Paths(root)))
 
 
 BASE = {"prompt": "a red circle", "steps": 2, "width": 64, "height": 64, "seed": 1, "sampler_name": "Euler"}
@@ -125,10 +127,10 @@ def plot(engine, **args):
 
 
 def test_checkpoints_load_once_each_and_cells_match_single_runs(engine):
-    before = engine.models.loads
+    before = engine.engine.models.loads
     result, jobs = plot(engine, x_type="Checkpoint name", x_values="a, b, c", y_type="CFG Scale", y_values="3-9 [4]",
                         include_lone_images=True)
-    assert engine.models.loads - before == 3  # 12 cells, each checkpoint loaded once
+    assert engine.engine.models.loads - before == 3  # 12 cells, each checkpoint loaded once
     assert jobs[-1] == (11, 12)
     grid, *cells = result.images
     assert grid.grid and len(cells) == 12 and not any(c.grid for c in cells)

@@ -20,13 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 
 from ..core import infotext, styles
-from ..core.names import LATENT_UPSCALE_MODES, SAMPLERS, SCHEDULES
+from ..core.names import LATENT_UPSCALE_MODES, get_sampler, get_schedule, sampler_labels, schedule_labels
 from ..core.outputs import NotAnImageError, read_infotext
-from ..core.params import SOFT_INPAINTING_FIELDS, Img2ImgRequest, RequestError, Txt2ImgRequest
-from ..core.scripts import ScriptError, from_a1111_list, names_for
+from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest
+from ..core.scripts import ScriptCatalog, ScriptError
 from ..core.settings import SettingError, Settings
 from ..engine import extras
-from ..engine import scripts as scripts_ops
 from ..engine.extras import ExtrasRequest
 from ..models.errors import ModelFileError, ModelNotFoundError
 from ..models.network_info import network_info
@@ -195,24 +194,52 @@ def to_request(body: Txt2ImgBody, options: dict, request_type=Txt2ImgRequest, **
 PENDING_UPLOAD = "(upload)"
 
 
-def script_fields(body: Txt2ImgBody, upscaler_names: list[str], kind: str) -> dict:
-    """``script_name`` (matched without regard to case, as A1111 does) and its arguments as our dict."""
-    if not body.script_name:
-        return {}
-    names = {n.lower(): n for n in names_for(kind)}
-    name = names.get(body.script_name.strip().lower())
-    if name is None:
-        raise HTTPException(422, f"script_name: {body.script_name!r} is not a {kind} script here; "
-                                 f"available: {', '.join(names.values())}")
-    try:
-        args = dict(body.script_args) if isinstance(body.script_args, dict) else \
-            from_a1111_list(name, body.script_args, upscaler_names, kind)
-    except ScriptError as exc:
-        raise HTTPException(422, f"script_args: {exc}") from None
-    return {"script_name": name, "script_args": args}
+def script_fields(body: Txt2ImgBody, catalog: ScriptCatalog, upscaler_names: list[str], kind: str) -> dict:
+    """``script_name`` (matched without regard to case, as A1111 does) and its arguments as our dict, and
+    the ``alwayson_scripts`` (``{title: {"args": [...]}}``, positional as A1111's, or our dict): an always-on
+    script with request fields (soft inpainting) sets them, the others go to ``alwayson_scripts``."""
+    out: dict = {}
+    context = {"upscalers": upscaler_names}
+    if body.script_name:
+        try:
+            script = catalog.get(body.script_name, kind, alwayson=False)
+        except ScriptError:
+            raise HTTPException(422, f"script_name: {body.script_name!r} is not a {kind} script here; "
+                                     f"available: {', '.join(catalog.names_for(kind))}") from None
+        try:
+            args = catalog.parse(script.name, body.script_args, kind) if isinstance(body.script_args, dict) else \
+                catalog.from_a1111_list(script.name, body.script_args, context, kind)
+        except ScriptError as exc:
+            raise HTTPException(422, f"script_args: {exc}") from None
+        out.update(script_name=script.name, script_args=dict(args))
+    alwayson: dict[str, dict] = {}
+    for key, entry in body.alwayson_scripts.items():
+        try:
+            script = catalog.get(key, kind, alwayson=True)
+        except ScriptError as exc:
+            raise HTTPException(422, f"alwayson_scripts: {exc}") from None
+        args = entry.get("args", []) if isinstance(entry, dict) else entry
+        positions = [p.a1111 for p in script.params if p.a1111 is not None]
+        if isinstance(args, list) and len(args) > max(positions, default=-1) + 1:
+            raise HTTPException(422, f"alwayson_scripts: {key} takes up to {len(positions)} args: "
+                                     + ", ".join(p.name for p in script.params if p.a1111 is not None))
+        if isinstance(args, dict) and script.enabled is not None:
+            args = {script.enabled: True, **args}  # named in alwayson_scripts with our dict: on unless told
+        try:
+            parsed = catalog.parse(script.name, args, kind) if isinstance(args, dict) else \
+                catalog.from_a1111_list(script.name, args, context, kind)
+        except ScriptError as exc:
+            raise HTTPException(422, f"alwayson_scripts: {key}: {exc}") from None
+        if script.request_fields:
+            out.update(parsed)
+        else:
+            alwayson[script.name] = dict(parsed)
+    if alwayson:
+        out["alwayson_scripts"] = alwayson
+    return out
 
 
-def img2img_request(body: Img2ImgBody, options: dict, upscaler_names: list[str]
+def img2img_request(body: Img2ImgBody, options: dict, upscaler_names: list[str], catalog: ScriptCatalog
                     ) -> tuple[Img2ImgRequest, list, object]:
     """A1111's img2img fields, and the decoded uploads (stored by :func:`store_uploads` once the request
     has passed every check, so a refused request leaves no files behind)."""
@@ -235,27 +262,8 @@ def img2img_request(body: Img2ImgBody, options: dict, upscaler_names: list[str]
         initial_noise_multiplier=setting(settings, "initial_noise_multiplier", 1.0, float) if noise is None else noise,
         inpainting_mask_weight=setting(settings, "inpainting_mask_weight", 1.0, float),
         fix_steps=setting(settings, "img2img_fix_steps", False, bool),
-        **script_fields(body, upscaler_names, "img2img"), **soft_inpainting_fields(body))
+        **script_fields(body, catalog, upscaler_names, "img2img"))
     return req, inits, mask
-
-
-def soft_inpainting_fields(body: Img2ImgBody) -> dict:
-    """A1111's always-on "Soft Inpainting" script: ``alwayson_scripts: {"soft inpainting": {"args": [enabled,
-    schedule bias, preservation strength, transition contrast boost, mask influence, difference threshold,
-    difference contrast]}}`` (trailing arguments may be left out)."""
-    names = ("soft_inpainting",) + tuple(entry[0] for entry in SOFT_INPAINTING_FIELDS)
-    for name, entry in body.alwayson_scripts.items():
-        if name.strip().lower() != "soft inpainting":
-            continue
-        args = entry.get("args", []) if isinstance(entry, dict) else entry
-        if not isinstance(args, list) or len(args) > len(names):
-            raise HTTPException(422, f"alwayson_scripts: soft inpainting takes up to {len(names)} args: "
-                                     + ", ".join(names))
-        try:
-            return {n: (bool(v) if n == "soft_inpainting" else float(v)) for n, v in zip(names, args)}
-        except (TypeError, ValueError) as exc:
-            raise HTTPException(422, f"alwayson_scripts: soft inpainting: {exc}") from None
-    return {}
 
 
 def store_uploads(service: JobService, job: Txt2ImgJob, inits: list, mask) -> None:
@@ -279,25 +287,27 @@ def check_limits(req: Txt2ImgRequest, limits: dict | None) -> None:
                                  f"limit of {limits['images']} (--limit-images)")
 
 
-def queue_job(body: Txt2ImgBody, req: Txt2ImgRequest, options: dict, engine, limits=None) -> Txt2ImgJob:
+def queue_job(body: Txt2ImgBody, req: Txt2ImgRequest, options: dict, service: JobService, limits=None) -> Txt2ImgJob:
     """The queue job an A1111 txt2img or img2img request asks for, checked before it may wait in the
     queue: bad fields, the server's limits, paths and unknown models are an HTTP 4xx naming them."""
+    engine = service.engine
     try:
-        req.validate()
+        req = service.studio.validate(req)
     except RequestError as exc:
         raise HTTPException(422, str(exc)) from None
     check_limits(req, limits)
     outdir = inside(engine.paths.outputs_dir, body.outpath_samples, "outpath_samples")
     inside(engine.paths.outputs_dir, body.outpath_grids, "outpath_grids")
-    check_models(engine, req)
+    check_models(service, req)
     settings = {**options, **body.override_settings}
     return Txt2ImgJob(req, save_images=body.save_images, save_grid=not body.do_not_save_grid,
                       samples_format=str(settings.get("samples_format", "png")),
                       outdir=str(outdir) if outdir else None)
 
 
-def check_models(engine, req: Txt2ImgRequest) -> None:
+def check_models(service: JobService, req: Txt2ImgRequest) -> None:
     """Unknown checkpoint, VAE or Hires. fix upscaler: 404 at once, before the job waits in the queue."""
+    engine = service.engine
     try:
         file = engine.registry.checkpoint(req.model)
         engine.registry.vae_for(file, req.vae)
@@ -305,7 +315,7 @@ def check_models(engine, req: Txt2ImgRequest) -> None:
             engine.upscalers.get(req.hr_upscaler)
         if req.restore_faces:
             engine.faces.check(req.face_restoration_model)
-        scripts_ops.precheck(engine, req)
+        service.studio.precheck(req)
     except RequestError as exc:
         raise HTTPException(422, str(exc)) from None
     except ModelNotFoundError as exc:
@@ -359,6 +369,7 @@ def _scale_from_name(name: str) -> float:
 
 def make_router(service: JobService, settings: Settings, cmd_flags: dict, limits: dict | None = None) -> APIRouter:
     engine = service.engine
+    catalog = service.studio.catalog
     options = settings.values
     r = APIRouter(prefix="/sdapi/v1")
 
@@ -368,14 +379,14 @@ def make_router(service: JobService, settings: Settings, cmd_flags: dict, limits
 
     @r.post("/txt2img")
     def txt2img(body: Txt2ImgBody, request: Request):
-        req = to_request(body, options, **script_fields(body, [], "txt2img"))
-        job = queue_job(body, req, options, engine, limits)
+        req = to_request(body, options, **script_fields(body, catalog, [], "txt2img"))
+        job = queue_job(body, req, options, service, limits)
         return run_blocking(service, client_id(request), job, body)
 
     @r.post("/img2img")
     def img2img(body: Img2ImgBody, request: Request):
-        req, inits, mask = img2img_request(body, options, [u.name for u in engine.upscalers.available()])
-        job = queue_job(body, req, options, engine, limits)
+        req, inits, mask = img2img_request(body, options, [u.name for u in engine.upscalers.available()], catalog)
+        job = queue_job(body, req, options, service, limits)
         store_uploads(service, job, inits, mask)
         return run_blocking(service, client_id(request), job, body)
 
@@ -436,11 +447,13 @@ def make_router(service: JobService, settings: Settings, cmd_flags: dict, limits
 
     @r.get("/samplers")
     def samplers():
-        return [{"name": s.label, "aliases": list(s.aliases), "options": {"scheduler": s.scheduler}} for s in SAMPLERS]
+        return [{"name": s.label, "aliases": list(s.aliases), "options": {"scheduler": s.scheduler}}
+                for s in map(get_sampler, sampler_labels())]  # plug-ins' samplers too
 
     @r.get("/schedulers")
     def schedulers():
-        return [{"name": s.name, "label": s.label, "aliases": list(s.aliases) or None} for s in SCHEDULES]
+        return [{"name": s.name, "label": s.label, "aliases": list(s.aliases) or None}
+                for s in map(get_schedule, schedule_labels())]
 
     @r.get("/sd-models")
     def sd_models():
@@ -521,11 +534,18 @@ def make_router(service: JobService, settings: Settings, cmd_flags: dict, limits
 
     @r.get("/scripts")
     def scripts():
-        return {kind: [name.lower() for name in names_for(kind)] for kind in ("txt2img", "img2img")}
+        return catalog.a1111_scripts()
 
     @r.get("/script-info")
     def script_info():
-        return []
+        from ..core.xyz import axis_names
+
+        return catalog.a1111_script_info({"upscalers": [u.name for u in engine.upscalers.available()],
+                                          "xyz axes": axis_names("txt2img", catalog.axes())})
+
+    @r.get("/extensions")
+    def extensions():
+        return [info.to_a1111() for info in service.plugins.infos]
 
     @r.get("/memory")
     def memory():

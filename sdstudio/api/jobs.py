@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.requests import Request
 
+from ..core.params import RequestError, Txt2ImgRequest
 from ..service.jobs import JobError, JobService, grid_paths
 from ..service.queue import FINISHED, QUEUED
 from .a1111 import Txt2ImgBody, queue_job, script_fields, to_request
@@ -25,12 +26,14 @@ from .common import client_id
 
 class JobBody(BaseModel):
     kind: Literal["txt2img"] = "txt2img"
-    request: Txt2ImgBody
+    request: Txt2ImgBody  # A1111's fields (and where the images go)
+    # sdstudio's own request (Txt2ImgRequest.to_dict(), what the CLI's --server sends): when given, it is
+    # the request, every field as it is; ``request`` then only says where the images go
+    sdstudio_request: dict | None = None
 
 
 def make_router(service: JobService, options: dict, limits: dict | None = None) -> APIRouter:
     r = APIRouter(prefix="/sdstudio/v1")
-    engine = service.engine
 
     def describe(job) -> dict:
         out = job.public()
@@ -53,8 +56,15 @@ def make_router(service: JobService, options: dict, limits: dict | None = None) 
 
     @r.post("/jobs", status_code=202)
     def submit(body: JobBody, request: Request):
-        req = to_request(body.request, options, **script_fields(body.request, [], "txt2img"))
-        job = queue_job(body.request, req, options, engine, limits)
+        if body.sdstudio_request is not None:
+            try:
+                req = Txt2ImgRequest.from_dict(body.sdstudio_request)
+            except (RequestError, TypeError) as exc:
+                raise HTTPException(422, f"sdstudio_request: {exc}") from None
+        else:
+            req = to_request(body.request, options,
+                             **script_fields(body.request, service.studio.catalog, [], "txt2img"))
+        job = queue_job(body.request, req, options, service, limits)
         try:
             submitted = service.submit(client_id(request), job)
         except JobError as exc:

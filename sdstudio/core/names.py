@@ -89,14 +89,38 @@ def _key(name: str) -> str:
 
 _SAMPLER_INDEX = {_key(n): s for s in SAMPLERS for n in (s.label, *s.aliases)}
 _SCHEDULE_INDEX = {_key(n): s for s in SCHEDULES for n in (s.name, s.label, *s.aliases)}
+# Plug-ins' samplers and schedule types (sdstudio.plugins), added at start-up: sampler names are
+# process-wide, as they are in infotexts and in every client's requests.
+_PLUGIN_SAMPLERS: list[SamplerInfo] = []
+_PLUGIN_SCHEDULES: list[ScheduleInfo] = []
+
+
+def register_sampler(info: SamplerInfo) -> None:
+    """A plug-in's sampler, known by its label and aliases from now on (a taken name is refused)."""
+    taken = [n for n in (info.label, *info.aliases) if _key(n) in _SAMPLER_INDEX]
+    if taken and _SAMPLER_INDEX.get(_key(info.label)) != info:
+        raise ValueError(f"sampler name {taken[0]!r} is taken")
+    if not taken:
+        _PLUGIN_SAMPLERS.append(info)
+        _SAMPLER_INDEX.update({_key(n): info for n in (info.label, *info.aliases)})
+
+
+def register_schedule(info: ScheduleInfo) -> None:
+    """A plug-in's schedule type, known by its name, label and aliases from now on."""
+    taken = [n for n in (info.name, info.label, *info.aliases) if _key(n) in _SCHEDULE_INDEX]
+    if taken and _SCHEDULE_INDEX.get(_key(info.name)) != info:
+        raise ValueError(f"schedule type name {taken[0]!r} is taken")
+    if not taken:
+        _PLUGIN_SCHEDULES.append(info)
+        _SCHEDULE_INDEX.update({_key(n): info for n in (info.name, info.label, *info.aliases)})
 
 
 def sampler_labels() -> list[str]:
-    return [s.label for s in SAMPLERS]
+    return [s.label for s in (*SAMPLERS, *_PLUGIN_SAMPLERS)]
 
 
 def schedule_labels() -> list[str]:
-    return [s.label for s in SCHEDULES]
+    return [s.label for s in (*SCHEDULES, *_PLUGIN_SCHEDULES)]
 
 
 def get_sampler(name: str) -> SamplerInfo:

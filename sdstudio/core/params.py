@@ -81,12 +81,16 @@ class Txt2ImgRequest:
     hr_prompt: str = ""  # "" = the same prompt
     hr_negative_prompt: str = ""
     hr_cfg: float | None = None  # None = the same CFG scale
-    script_name: str = ""  # a script (sdstudio.core.scripts.SCRIPTS) for this kind of request; "" = none
+    script_name: str = ""  # a selectable script (sdstudio.core.scripts) for this kind of request; "" = none
     script_args: dict[str, Any] = field(default_factory=dict)
+    # always-on scripts (dynamic thresholding, CFG rescale, a plug-in's...): {script name: {argument: value}}
+    alwayson_scripts: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, str] = field(default_factory=dict)  # infotext keys we do not interpret, kept
 
-    def validate(self) -> Txt2ImgRequest:
-        """Raise :class:`RequestError` naming the first bad field; returns self for chaining."""
+    def validate(self, catalog: scripts.ScriptCatalog | None = None, *, check_scripts: bool = True) -> Txt2ImgRequest:
+        """Raise :class:`RequestError` naming the first bad field; returns self for chaining. Scripts are
+        checked against ``catalog`` (default: the built-in scripts; a server passes its plug-ins' too),
+        unless ``check_scripts`` is False (the engine, which runs no script)."""
         for name in ("width", "height"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 64 or value > MAX_SIDE or value % 8:
@@ -125,12 +129,19 @@ class Txt2ImgRequest:
             raise RequestError(str(exc)) from None
         if self.enable_hr:
             self._validate_hires()
-        if self.script_name:
-            try:
-                scripts.parse(self.script_name, self.script_args, self.kind)
-            except scripts.ScriptError as exc:
-                raise RequestError(str(exc)) from None
+        if check_scripts:
+            self._validate_scripts(catalog)
         return self
+
+    def _validate_scripts(self, catalog: scripts.ScriptCatalog | None) -> None:
+        catalog = catalog or scripts.builtin()
+        try:
+            if self.script_name:
+                catalog.parse(self.script_name, self.script_args, self.kind, alwayson=False)
+            for name, args in self.alwayson_scripts.items():
+                catalog.parse(name, args, self.kind, alwayson=True)
+        except scripts.ScriptError as exc:
+            raise RequestError(str(exc)) from None
 
     @property
     def kind(self) -> str:
@@ -258,8 +269,8 @@ class Img2ImgRequest(Txt2ImgRequest):
     composite_difference_threshold: float = 0.5  # "Difference threshold"
     composite_difference_contrast: float = 2.0  # "Difference contrast"
 
-    def validate(self) -> Img2ImgRequest:
-        super().validate()
+    def validate(self, catalog: scripts.ScriptCatalog | None = None, *, check_scripts: bool = True) -> Img2ImgRequest:
+        super().validate(catalog, check_scripts=False)
         if not self.init_images:
             raise RequestError("img2img needs an init image")
         if self.enable_hr:
@@ -280,6 +291,8 @@ class Img2ImgRequest(Txt2ImgRequest):
             value = getattr(self, name)
             if not low <= value <= high:
                 raise RequestError(f"{name} must be from {low:g} to {high:g}, got {value!r}")
+        if check_scripts:
+            Txt2ImgRequest._validate_scripts(self, catalog)
         return self
 
     def uses_denoising(self) -> bool:
@@ -453,11 +466,10 @@ def to_infotext_params(req: Txt2ImgRequest, **resolved: object) -> dict[str, obj
     """Ordered infotext pairs for one image.
 
     ``resolved`` holds what the engine decided, by infotext key: ``Seed`` (this image's seed),
-    ``Model hash``, ``Model``, ``VAE hash``, ``VAE``, ``Schedule type``, ``Version``...
+    ``Model hash``, ``Model``, ``VAE hash``, ``VAE``, ``Schedule type``, ``Version``... and the scripts'
+    pairs (:meth:`sdstudio.core.scripts.ScriptCatalog.infotext_pairs`).
     """
     pairs: dict[str, object] = {f.key: f.write(req) for f in INFOTEXT_FIELDS}
-    if req.script_name:
-        pairs.update(scripts.infotext_pairs(req.script_name, req.script_args))
     pairs.update(req.extra)
     pairs.update(resolved)
     rank = {key: i for i, key in enumerate(KEY_ORDER)}
@@ -468,11 +480,13 @@ def to_infotext_params(req: Txt2ImgRequest, **resolved: object) -> dict[str, obj
     return params
 
 
-def from_infotext(text_or_params: str | dict[str, str], base: Txt2ImgRequest | None = None) -> Txt2ImgRequest:
+def from_infotext(text_or_params: str | dict[str, str], base: Txt2ImgRequest | None = None,
+                  catalog: scripts.ScriptCatalog | None = None) -> Txt2ImgRequest:
     """A request that re-creates the image described by an infotext (A1111, Forge or ours).
 
     Missing keys take A1111's meaning of absence (Clip skip 1, RNG GPU, Schedule type Automatic);
-    keys we do not interpret are kept in ``extra`` so they are written back unchanged.
+    keys we do not interpret are kept in ``extra`` so they are written back unchanged. The scripts'
+    keys are read by ``catalog`` (default: the built-in scripts).
     """
     params = infotext.parse(text_or_params) if isinstance(text_or_params, str) else dict(text_or_params)
     req = base.replace() if base else Txt2ImgRequest()
@@ -487,13 +501,13 @@ def from_infotext(text_or_params: str | dict[str, str], base: Txt2ImgRequest | N
     }
     extra: dict[str, str] = {}
     own = {f.name for f in dataclasses.fields(req)}
-    script = scripts.from_infotext_pairs(params)
-    if script is not None and "script_name" in own:
-        keys = {"Script", *scripts.SCRIPTS[script[0]].keys.values()}
-        params = {k: v for k, v in params.items() if k not in keys}
-        changes.update(script_name=script[0], script_args=script[1])
-    elif "script_name" in own:
-        changes.update(script_name="", script_args={})
+    try:
+        script, alwayson, used = (catalog or scripts.builtin()).from_infotext_pairs(params)
+    except scripts.ScriptError as exc:
+        raise RequestError(f"infotext: {exc}") from None
+    params = {k: v for k, v in params.items() if k not in used}
+    changes.update(script_name=script[0] if script else "", script_args=script[1] if script else {},
+                   alwayson_scripts=alwayson)
     for key, value in params.items():
         f = _FIELD_BY_KEY.get(key)
         try:

@@ -1,377 +1,366 @@
-"""The scripts' parameters (A1111's "Script" dropdown): names, typed arguments, checks and the
-infotext keys they are written under. Running them is :mod:`sdstudio.engine.scripts`' job.
+"""Scripts as data: one :class:`Script` declaration per script (A1111's "Script" dropdown and its
+always-on scripts), from which everything else is made.
 
-A request names its script in ``script_name`` and carries ``script_args`` as a dict of the fields below
-(the API also takes A1111's positional ``script_args`` list; :func:`from_a1111_list` reads it).
+A declaration names the script (A1111's title, which ``script_name`` and ``alwayson_scripts`` keys
+use), the tabs it appears on, whether it is always on, its parameters (:class:`Param`: type, default,
+range or choices, label, infotext key, position in A1111's positional ``script_args``), the X/Y/Z axes it
+adds and what runs it: a selectable script's ``run`` orchestrates generation passes above the engine
+(:mod:`sdstudio.scripts`); an always-on script's ``hooks`` hand the engine per-step hooks
+(:mod:`sdstudio.engine.hooks`). The UI controls, CLI ``--script-arg`` values, API bodies,
+``/sdapi/v1/scripts`` and ``/sdapi/v1/script-info``, infotext writing and reading and validation are all
+read from the declaration by :class:`ScriptCatalog`.
+
+This module is pure Python: the built-in declarations (:mod:`sdstudio.scripts`) import the engine
+only when they run.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
-DENOISING_CURVES = ("Aggressive", "Linear", "Lazy")
 OUTPAINT_DIRECTIONS = ("left", "right", "up", "down")
 
 
 class ScriptError(ValueError):
-    pass
+    """A bad script name or argument; the message names the script and the argument."""
 
 
-def _padded(args: list, defaults: list) -> list:
+class Args(dict):
+    """A script's checked arguments: a dict (JSON, infotext) that also reads as attributes."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+_TRUE = ("true", "1", "yes", "on")
+_BOOL_WORDS = _TRUE + ("false", "0", "no", "off", "")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One script argument. Its type is its default's (bool, int, float, str or list of str)."""
+
+    name: str  # the key in our ``script_args`` dict, the CLI's ``--script-arg NAME=...``
+    default: Any
+    label: str = ""  # the UI label (A1111's where it has one)
+    infotext: str | None = None  # the infotext key it is written under; None: not written
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None
+    choices: tuple | str | None = None  # fixed values, or a list the server knows: "upscalers", "xyz axes"
+    a1111: int | None = None  # its position in A1111's positional ``script_args``
+    lines: int = 1  # text: rows of the box
+    omit_default: bool = False  # infotext: left out while at its default
+    help: str = ""
+
+    @property
+    def kind(self) -> type:
+        return type(self.default)
+
+    @property
+    def title(self) -> str:
+        return self.label or self.infotext or self.name.replace("_", " ").capitalize()
+
+    def coerce(self, value: Any, script: str) -> Any:
+        """``value`` (from JSON, a form, a CLI flag or an infotext) as this parameter's type."""
+        kind = self.kind
+        try:
+            if kind is bool:
+                if isinstance(value, str):
+                    if value.strip().lower() not in _BOOL_WORDS:
+                        raise ValueError(f"{value!r} is not true or false")
+                    return value.strip().lower() in _TRUE
+                return bool(value)
+            if kind is int:
+                if isinstance(value, bool):
+                    return int(value)
+                number = float(value)
+                if not number.is_integer():
+                    raise ValueError(f"{value!r} is not a whole number")
+                return int(number)
+            if kind is float:
+                return float(value)
+            if kind is list:
+                items = value.split(",") if isinstance(value, str) else list(value)
+                return [str(v).strip() for v in items if str(v).strip()]
+            return "" if value is None else str(value)
+        except (TypeError, ValueError) as exc:
+            raise ScriptError(f"{script}: {self.name.replace('_', ' ')}: {exc}") from None
+
+    def check(self, value: Any, script: str) -> None:
+        what = self.name.replace("_", " ")
+        low, high = self.minimum, self.maximum
+        if self.kind in (int, float) and (low is not None and value < low or high is not None and value > high):
+            raise ScriptError(f"{script}: {what} must be from {low:g} to {high:g}, got {value!r}")
+        if isinstance(self.choices, tuple):
+            allowed = [c[1] if isinstance(c, tuple) else c for c in self.choices]
+            values = value if isinstance(value, list) else [value]
+            if any(v not in allowed for v in values):
+                raise ScriptError(f"{script}: {what} must be {'some' if self.kind is list else 'one'} of "
+                                  f"{', '.join(map(str, allowed))}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Script:
+    """One script, declared once."""
+
+    name: str  # A1111's title: ``script_name``, ``alwayson_scripts`` keys, the infotext's ``Script``
+    params: tuple[Param, ...] = ()
+    tabs: tuple[str, ...] = ("txt2img", "img2img")
+    alwayson: bool = False
+    # selectable scripts: run(ctx, req, args) yields (seed, outputs) per finished output (sdstudio.scripts)
+    run: Callable | None = None
+    # always-on scripts: hooks(args, req) -> the engine's per-step hooks for a job (sdstudio.engine.hooks)
+    hooks: Callable | None = None
+    enabled: str | None = None  # always-on: the parameter that switches it on (None: on when given)
+    check: Callable[[Args, ScriptCatalog], None] | None = None  # checks across parameters (raise ScriptError)
+    precheck: Callable | None = None  # precheck(ctx, req, args): against the real models, before queueing
+    from_a1111: Callable[[list, dict], dict] | None = None  # a positional list that needs more than positions
+    axes: tuple = ()  # X/Y/Z axes it adds (sdstudio.core.xyz.Axis)
+    draws_seeds: bool = False  # the runner makes the seeds concrete itself (prompts from file: per line)
+    request_fields: bool = False  # its parameters are request fields (A1111's soft inpainting), not script args
+    aliases: tuple[str, ...] = ()  # short names for the CLI's --script / --alwayson
+    owner: str = "sdstudio"  # sdstudio, or the plug-in that declared it
+    description: str = ""
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise ScriptError(f"{self.name}: unknown argument {name!r}; it takes {', '.join(self.names)}")
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+    def defaults(self) -> Args:
+        return Args({p.name: list(p.default) if isinstance(p.default, list) else p.default for p in self.params})
+
+    def is_on(self, args: dict) -> bool:
+        return self.enabled is None or bool(args.get(self.enabled))
+
+
+def padded(args: list, defaults: list) -> list:
     """A1111's positional arguments, the missing trailing ones taking their defaults (extra ones ignored)."""
     args = list(args)[:len(defaults)]
     return args + defaults[len(args):]
 
 
-@dataclass
-class SDUpscale:
-    """Upscale the init image, then img2img it in overlapping tiles of the request's size."""
+class ScriptCatalog:
+    """The scripts a server knows (built-in and plug-ins'), looked up by name without regard to case."""
 
-    name: ClassVar[str] = "SD upscale"
-    kinds: ClassVar[tuple[str, ...]] = ("img2img",)
-    overlap: int = 64
-    upscaler: str = "None"
-    scale: float = 2.0
-    keys: ClassVar[dict[str, str]] = {"overlap": "SD upscale overlap", "upscaler": "SD upscale upscaler",
-                                      "scale": "SD upscale scale"}
+    def __init__(self, scripts: Iterable[Script] = ()):
+        self.scripts: dict[str, Script] = {}
+        for s in scripts:
+            self.add(s)
 
-    def check(self) -> None:
-        if not 0 <= self.overlap <= 256:
-            raise ScriptError(f"SD upscale: overlap must be from 0 to 256 pixels, got {self.overlap!r}")
-        if not 1.0 <= self.scale <= 8.0:
-            raise ScriptError(f"SD upscale: scale must be from 1 to 8, got {self.scale!r}")
+    def add(self, script: Script) -> None:
+        if script.name.lower() in {n.lower() for n in self.scripts}:
+            raise ScriptError(f"a script named {script.name!r} is already declared "
+                              f"(by {self.get(script.name).owner})")
+        self.scripts[script.name] = script
 
-    @classmethod
-    def from_list(cls, args: list, upscaler_names: list[str], kind: str = "img2img") -> SDUpscale:
-        # A1111: [info, overlap, upscaler_index, scale_factor]
-        _, overlap, index, scale = _padded(args, [None, 64, 0, 2.0])
-        if isinstance(index, str):
-            upscaler = index
-        elif not 0 <= int(index) < len(upscaler_names):
-            raise ScriptError(f"SD upscale: upscaler index {index} is out of range (0-{len(upscaler_names) - 1})")
-        else:
-            upscaler = upscaler_names[int(index)]
-        return cls(int(overlap), upscaler, float(scale))
+    def extended(self, scripts: Iterable[Script]) -> ScriptCatalog:
+        return ScriptCatalog([*self.scripts.values(), *scripts])
 
+    def __iter__(self):
+        return iter(self.scripts.values())
 
-@dataclass
-class Loopback:
-    """Run img2img again on its own output ``loops`` times, the denoising strength moving toward
-    ``final_denoising_strength`` along the curve."""
+    def find(self, name: str) -> Script | None:
+        key = name.strip().lower()
+        for s in self.scripts.values():
+            if s.name.lower() == key or key in (a.lower() for a in s.aliases):
+                return s
+        return None
 
-    name: ClassVar[str] = "Loopback"
-    kinds: ClassVar[tuple[str, ...]] = ("img2img",)
-    loops: int = 4
-    final_denoising_strength: float = 0.5
-    denoising_curve: str = "Linear"
-    keys: ClassVar[dict[str, str]] = {"loops": "Loopback loops", "final_denoising_strength": "Final denoising strength",
-                                      "denoising_curve": "Denoising curve"}
+    def get(self, name: str, kind: str | None = None, *, alwayson: bool | None = None) -> Script:
+        script = self.find(name)
+        if script is None or (kind is not None and kind not in script.tabs) or \
+                (alwayson is not None and script.alwayson != alwayson):
+            available = [s.name for s in self.scripts.values() if (kind is None or kind in s.tabs)
+                         and (alwayson is None or s.alwayson == alwayson)]
+            what = "always-on script" if alwayson else "script"
+            raise ScriptError(f"unknown {kind + ' ' if kind else ''}{what} {name!r}; available: {', '.join(available)}")
+        return script
 
-    def check(self) -> None:
-        if not 1 <= self.loops <= 32:
-            raise ScriptError(f"Loopback: loops must be from 1 to 32, got {self.loops!r}")
-        if not 0.0 <= self.final_denoising_strength <= 1.0:
-            raise ScriptError(f"Loopback: final denoising strength must be from 0 to 1, got {self.final_denoising_strength!r}")
-        if self.denoising_curve not in DENOISING_CURVES:
-            raise ScriptError(f"Loopback: denoising curve must be one of {', '.join(DENOISING_CURVES)}")
+    def names_for(self, kind: str, alwayson: bool = False) -> list[str]:
+        return [s.name for s in self.scripts.values() if kind in s.tabs and s.alwayson == alwayson]
 
-    def strength(self, initial: float, loop: int) -> float:
-        """A1111's schedule: the strength for loop ``loop`` (0-based) of ``loops``."""
-        import math
+    # ---- arguments ----------------------------------------------------------------------------------
+    def parse(self, name: str, args: dict[str, Any] | None, kind: str | None = None,
+              alwayson: bool | None = None) -> Args:
+        """The typed, checked arguments of script ``name`` (defaults for the ones not given)."""
+        script = self.get(name, kind, alwayson=alwayson)
+        args = dict(args or {})
+        unknown = sorted(set(args) - set(script.names))
+        if unknown:
+            raise ScriptError(f"{script.name}: unknown argument(s) {', '.join(unknown)}; "
+                              f"it takes {', '.join(sorted(script.names))}")
+        parsed = script.defaults()
+        for p in script.params:
+            if p.name in args:
+                parsed[p.name] = p.coerce(args[p.name], script.name)
+            p.check(parsed[p.name], script.name)
+        if script.check is not None:
+            script.check(parsed, self)
+        return parsed
 
-        if self.loops == 1:
-            return initial
-        progress = loop / (self.loops - 1)
-        curve = {"Aggressive": math.sin(progress * math.pi * 0.5),
-                 "Lazy": 1 - math.cos(progress * math.pi * 0.5)}.get(self.denoising_curve, progress)
-        return initial + (self.final_denoising_strength - initial) * curve
-
-    @classmethod
-    def from_list(cls, args: list, upscaler_names: list[str], kind: str = "img2img") -> Loopback:
-        # A1111: [loops, final_denoising_strength, denoising_curve, append_interrogation]
-        loops, final, curve = _padded(args, [4, 0.5, "Linear"])
-        return cls(int(loops), float(final), str(curve))
-
-
-@dataclass
-class PoorMansOutpainting:
-    """Grow the canvas by ``pixels`` on the chosen sides and inpaint the new band."""
-
-    name: ClassVar[str] = "Poor man's outpainting"
-    kinds: ClassVar[tuple[str, ...]] = ("img2img",)
-    pixels: int = 128
-    mask_blur: int = 4
-    inpainting_fill: int = 1  # "fill", "original", "latent noise", "latent nothing"
-    direction: list[str] = field(default_factory=lambda: list(OUTPAINT_DIRECTIONS))
-    keys: ClassVar[dict[str, str]] = {"pixels": "Outpaint pixels", "mask_blur": "Outpaint mask blur",
-                                      "inpainting_fill": "Outpaint masked content", "direction": "Outpaint direction"}
-
-    def check(self) -> None:
-        if not 8 <= self.pixels <= 512 or self.pixels % 8:
-            raise ScriptError(f"outpainting: pixels must be a multiple of 8 from 8 to 512, got {self.pixels!r}")
-        if not 0 <= self.mask_blur <= 64:
-            raise ScriptError(f"outpainting: mask blur must be from 0 to 64, got {self.mask_blur!r}")
-        if self.inpainting_fill not in range(4):
-            raise ScriptError(f"outpainting: masked content must be 0-3, got {self.inpainting_fill!r}")
-        bad = [d for d in self.direction if d not in OUTPAINT_DIRECTIONS]
-        if bad or not self.direction:
-            raise ScriptError(f"outpainting: directions must be some of {', '.join(OUTPAINT_DIRECTIONS)}, got {self.direction!r}")
-
-    @classmethod
-    def from_list(cls, args: list, upscaler_names: list[str], kind: str = "img2img") -> PoorMansOutpainting:
-        # A1111: [pixels, mask_blur, inpainting_fill, direction]
-        pixels, blur, fill, direction = _padded(args, [128, 4, 1, list(OUTPAINT_DIRECTIONS)])
-        fills = ("fill", "original", "latent noise", "latent nothing")
-        fill = fills.index(fill) if isinstance(fill, str) and fill in fills else int(fill)
-        return cls(int(pixels), int(blur), fill, [str(d) for d in direction])
-
-
-@dataclass
-class OutpaintingMk2:
-    """Grow the canvas side by side, filling each new band with noise matched to the picture's spectrum
-    and colours, then inpainting it (one pass per side)."""
-
-    name: ClassVar[str] = "Outpainting mk2"
-    kinds: ClassVar[tuple[str, ...]] = ("img2img",)
-    pixels: int = 128
-    mask_blur: int = 8
-    direction: list[str] = field(default_factory=lambda: list(OUTPAINT_DIRECTIONS))
-    noise_q: float = 1.0  # fall-off exponent (lower = more detail)
-    color_variation: float = 0.05
-    keys: ClassVar[dict[str, str]] = {"pixels": "Outpaint pixels", "mask_blur": "Outpaint mask blur",
-                                      "direction": "Outpaint direction", "noise_q": "Outpaint fall-off exponent",
-                                      "color_variation": "Outpaint color variation"}
-
-    def check(self) -> None:
-        PoorMansOutpainting(self.pixels, min(self.mask_blur, 64), 1, self.direction).check()
-        if not 0.0 <= self.noise_q <= 4.0:
-            raise ScriptError(f"Outpainting mk2: fall-off exponent must be from 0 to 4, got {self.noise_q!r}")
-        if not 0.0 <= self.color_variation <= 1.0:
-            raise ScriptError(f"Outpainting mk2: color variation must be from 0 to 1, got {self.color_variation!r}")
-
-    @classmethod
-    def from_list(cls, args: list, upscaler_names: list[str], kind: str = "img2img") -> OutpaintingMk2:
-        # A1111: [info, pixels, mask_blur, direction, noise_q, color_variation]
-        _, pixels, blur, direction, noise_q, variation = _padded(args, [None, 128, 8, list(OUTPAINT_DIRECTIONS),
-                                                                         1.0, 0.05])
-        return cls(int(pixels), int(blur), [str(d) for d in direction], float(noise_q), float(variation))
-
-
-# A1111 1.10's X/Y/Z axis list, in its order: what an index in a positional ``script_args`` means
-# (per tab, the other tab's own axes left out). Axes we do not have are refused by name.
-A1111_AXES = (
-    "Nothing", "Seed", "Var. seed", "Var. strength", "Steps", "Hires steps|t", "CFG Scale", "Image CFG Scale|i",
-    "Prompt S/R", "Prompt order", "Sampler|t", "Hires sampler|t", "Sampler|i", "Checkpoint name",
-    "Negative Guidance minimum sigma", "Sigma Churn", "Sigma min", "Sigma max", "Sigma noise", "Schedule type",
-    "Schedule min sigma", "Schedule max sigma", "Schedule rho", "Skip Early CFG", "Beta schedule alpha",
-    "Beta schedule beta", "Eta", "Clip skip", "Denoising", "Initial noise multiplier", "Extra noise",
-    "Hires upscaler|t", "Cond. Image Mask Weight|i", "VAE", "Styles", "UniPC Order", "Face restore",
-    "Token merging ratio", "Token merging ratio high-res", "Always discard next-to-last sigma",
-    "SGM noise multiplier", "Refiner checkpoint", "Refiner switch at", "RNG source", "FP8 mode", "Size",
-)
-
-
-def a1111_axis_label(value, kind: str) -> str:
-    """An axis type as A1111's API sends it (an index into its list for the tab, or the label)."""
-    if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
-        return value
-    tab = "t" if kind == "txt2img" else "i"
-    labels = [a.split("|")[0] for a in A1111_AXES if "|" not in a or a.endswith("|" + tab)]
-    index = int(value)
-    if not 0 <= index < len(labels):
-        raise ScriptError(f"X/Y/Z plot: axis type index {index} is out of range (0-{len(labels) - 1})")
-    return labels[index]
-
-
-@dataclass
-class XYZPlot:
-    """A grid of images, one per combination of up to three axes' values."""
-
-    name: ClassVar[str] = "X/Y/Z plot"
-    kinds: ClassVar[tuple[str, ...]] = ("txt2img", "img2img")
-    x_type: str = "Nothing"
-    x_values: str = ""
-    y_type: str = "Nothing"
-    y_values: str = ""
-    z_type: str = "Nothing"
-    z_values: str = ""
-    draw_legend: bool = True
-    include_lone_images: bool = False
-    include_sub_grids: bool = False
-    no_fixed_seeds: bool = False  # "Keep -1 for seeds"
-    margin_size: int = 0
-    keys: ClassVar[dict[str, str]] = {"x_type": "X Type", "x_values": "X Values", "y_type": "Y Type",
-                                      "y_values": "Y Values", "z_type": "Z Type", "z_values": "Z Values",
-                                      "draw_legend": "XYZ legend", "include_lone_images": "XYZ sub images",
-                                      "include_sub_grids": "XYZ sub grids", "no_fixed_seeds": "XYZ keep -1 seeds",
-                                      "margin_size": "XYZ margin"}
-
-    def axes(self) -> list[tuple[str, str]]:
-        return [(self.x_type, self.x_values), (self.y_type, self.y_values), (self.z_type, self.z_values)]
-
-    def check(self) -> None:
-        from . import xyz
-
-        for kind, values in self.axes():
-            try:
-                ax = xyz.axis(kind)
-                if ax.label != "Nothing":
-                    xyz.axis_values(ax, values, keep_random_seeds=True)  # syntax errors now, axis named
-            except xyz.AxisError as exc:
-                raise ScriptError(f"X/Y/Z plot: {exc}") from None
-        if not 0 <= self.margin_size <= 500:
-            raise ScriptError(f"X/Y/Z plot: margin size must be from 0 to 500, got {self.margin_size!r}")
-
-    @classmethod
-    def from_list(cls, args: list, upscaler_names: list[str], kind: str = "txt2img") -> XYZPlot:
-        # A1111: [x_type, x_values, x_values_dropdown, y_type, y_values, y_values_dropdown, z_type, z_values,
-        #         z_values_dropdown, draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds,
-        #         vary_seeds_x, vary_seeds_y, vary_seeds_z, margin_size, csv_mode]
-        a = _padded(args, [0, "", [], 0, "", [], 0, "", [], True, False, False, False, False, False, False, 0, False])
-
-        def values(text, dropdown):
-            if dropdown and not str(text).strip():
-                return ",".join(f'"{v}"' if "," in str(v) else str(v) for v in dropdown)
-            return str(text)
-
-        return cls(a1111_axis_label(a[0], kind), values(a[1], a[2]), a1111_axis_label(a[3], kind), values(a[4], a[5]),
-                   a1111_axis_label(a[6], kind), values(a[7], a[8]), bool(a[9]), bool(a[10]), bool(a[11]),
-                   bool(a[12]), int(a[16]))
-
-
-@dataclass
-class PromptMatrix:
-    """``a cat|in a hat|wearing boots``: every combination of the parts after the first, in a labelled grid."""
-
-    name: ClassVar[str] = "Prompt matrix"
-    kinds: ClassVar[tuple[str, ...]] = ("txt2img", "img2img")
-    put_at_start: bool = False
-    different_seeds: bool = False
-    prompt_type: str = "positive"  # or "negative"
-    variations_delimiter: str = "comma"  # or "space"
-    margin_size: int = 0
-    keys: ClassVar[dict[str, str]] = {"put_at_start": "Matrix variable parts at start",
-                                      "different_seeds": "Matrix different seeds", "prompt_type": "Matrix prompt type",
-                                      "variations_delimiter": "Matrix delimiter", "margin_size": "Matrix margin"}
-
-    def check(self) -> None:
-        if self.prompt_type not in ("positive", "negative"):
-            raise ScriptError(f"Prompt matrix: prompt type must be positive or negative, got {self.prompt_type!r}")
-        if self.variations_delimiter not in ("comma", "space"):
-            raise ScriptError(f"Prompt matrix: delimiter must be comma or space, got {self.variations_delimiter!r}")
-        if not 0 <= self.margin_size <= 500:
-            raise ScriptError(f"Prompt matrix: margin size must be from 0 to 500, got {self.margin_size!r}")
-
-    @classmethod
-    def from_list(cls, args: list, upscaler_names: list[str], kind: str = "txt2img") -> PromptMatrix:
-        # A1111: [put_at_start, different_seeds, prompt_type, variations_delimiter, margin_size]
-        a = _padded(args, [False, False, "positive", "comma", 0])
-        return cls(bool(a[0]), bool(a[1]), str(a[2]), str(a[3]), int(a[4]))
-
-
-@dataclass
-class PromptsFromFile:
-    """One job per line of ``prompt_txt``; a line may set fields the A1111 way: ``--steps 30 --prompt "..."``."""
-
-    name: ClassVar[str] = "Prompts from file or textbox"
-    kinds: ClassVar[tuple[str, ...]] = ("txt2img", "img2img")
-    checkbox_iterate: bool = False  # "Iterate seed every line"
-    checkbox_iterate_batch: bool = False  # "Use same random seed for all lines"
-    prompt_position: str = "start"  # where the line's prompt goes relative to the request's: "start" / "end"
-    prompt_txt: str = ""
-    keys: ClassVar[dict[str, str]] = {}  # the lines are the job: not repeated in every image's infotext
-
-    def check(self) -> None:
-        from .prompts_file import PromptsFileError, parse_lines
-
-        if self.prompt_position not in ("start", "end"):
-            raise ScriptError(f"Prompts from file: prompt position must be start or end, got {self.prompt_position!r}")
+    def from_a1111_list(self, name: str, args: list, context: dict | None = None, kind: str = "img2img") -> dict:
+        """A1111's positional ``script_args`` (or an always-on script's ``args``) -> our dict.
+        ``context`` holds the lists an index may point into ("upscalers")."""
+        script = self.get(name)
+        context = {"kind": kind, **(context or {})}
         try:
-            parse_lines(self.prompt_txt)
-        except PromptsFileError as exc:
-            raise ScriptError(f"Prompts from file: {exc}") from None
+            if script.from_a1111 is not None:
+                values = script.from_a1111(list(args), context)
+            else:
+                values = {}
+                for p in script.params:
+                    if p.a1111 is not None and p.a1111 < len(args):
+                        values[p.name] = _from_position(p, args[p.a1111], context, script.name)
+        except (TypeError, ValueError, IndexError) as exc:
+            if isinstance(exc, ScriptError):
+                raise
+            raise ScriptError(f"{script.name}: cannot read script_args {args!r} ({exc})") from None
+        return dict(self.parse(script.name, values))
 
-    @classmethod
-    def from_list(cls, args: list, upscaler_names: list[str], kind: str = "txt2img") -> PromptsFromFile:
-        # A1111: [checkbox_iterate, checkbox_iterate_batch, prompt_position, prompt_txt]
-        a = _padded(args, [False, False, "start", ""])
-        return cls(bool(a[0]), bool(a[1]), str(a[2]), str(a[3]))
+    def to_a1111_list(self, name: str, args: dict) -> list:
+        """Our dict -> the positional list A1111 clients send (positions we do not use get None)."""
+        script = self.get(name)
+        positions = [p for p in script.params if p.a1111 is not None]
+        out: list = [None] * (max((p.a1111 for p in positions), default=-1) + 1)
+        parsed = self.parse(script.name, args)
+        for p in positions:
+            out[p.a1111] = parsed[p.name]
+        return out
+
+    # ---- infotext -----------------------------------------------------------------------------------
+    def infotext_pairs(self, name: str, args: dict[str, Any]) -> dict[str, object]:
+        """The script's infotext pairs: ``Script: name`` for a selectable one, then its arguments."""
+        script = self.get(name)
+        parsed = self.parse(script.name, args)
+        pairs: dict[str, object] = {} if script.alwayson else {"Script": script.name}
+        if script.alwayson and not script.is_on(parsed):
+            return {}
+        for p in script.params:
+            if p.infotext is None:
+                continue
+            value = parsed[p.name]
+            if value in ("", "Nothing") or (p.omit_default or isinstance(value, bool)) and value == p.default:
+                continue
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            pairs[p.infotext] = ",".join(value) if isinstance(value, list) else value
+        return pairs
+
+    def from_infotext_pairs(self, params: dict[str, str]) -> tuple[tuple[str, dict] | None, dict[str, dict], set[str]]:
+        """What an infotext says of scripts: (the selectable script and its arguments or None, the always-on
+        scripts' arguments by name, the keys read)."""
+        used: set[str] = set()
+        selectable = None
+        script = self.find(params.get("Script", "")) if params.get("Script") else None
+        if script is not None and not script.alwayson:
+            selectable = (script.name, self._read_keys(script, params, used))
+            used.add("Script")
+        alwayson = {}
+        for s in self.scripts.values():
+            if not s.alwayson or s.request_fields:
+                continue
+            keys = {p.infotext for p in s.params if p.infotext}
+            if s.enabled is not None and s.param(s.enabled).infotext:
+                present = s.param(s.enabled).infotext in params
+            else:
+                present = bool(keys & set(params))
+            if present:
+                args = self._read_keys(s, params, used)
+                if s.enabled is not None:
+                    args.setdefault(s.enabled, True)
+                alwayson[s.name] = args
+        return selectable, alwayson, used
+
+    def _read_keys(self, script: Script, params: dict[str, str], used: set[str]) -> dict:
+        args = {}
+        for p in script.params:
+            if p.infotext and p.infotext in params:
+                args[p.name] = p.coerce(params[p.infotext], script.name)
+                used.add(p.infotext)
+        return args
+
+    # ---- the API's listings ---------------------------------------------------------------------------
+    def a1111_scripts(self) -> dict[str, list[str]]:
+        """``/sdapi/v1/scripts``: selectable scripts per tab, lower-case as A1111 lists them."""
+        return {f"{kind}": [s.name.lower() for s in self.scripts.values() if kind in s.tabs and not s.alwayson]
+                for kind in ("txt2img", "img2img")}
+
+    def a1111_script_info(self, context: dict | None = None) -> list[dict]:
+        """``/sdapi/v1/script-info``: A1111's shape, one entry per script and tab, with its arguments."""
+        out = []
+        for s in self.scripts.values():
+            for kind in s.tabs:
+                args = []
+                for p in sorted((p for p in s.params if p.a1111 is not None), key=lambda p: p.a1111):
+                    choices = p.choices
+                    if isinstance(choices, str):
+                        choices = (context or {}).get(choices)
+                    elif isinstance(choices, tuple):
+                        choices = [c[0] if isinstance(c, tuple) else c for c in choices]
+                    args.append({"label": p.title, "value": p.default, "minimum": p.minimum, "maximum": p.maximum,
+                                 "step": p.step, "choices": list(choices) if choices is not None else None})
+                out.append({"name": s.name.lower(), "is_alwayson": s.alwayson, "is_img2img": kind == "img2img",
+                            "args": args})
+        return out
+
+    def axes(self) -> dict:
+        """The X/Y/Z axes the scripts add, by label."""
+        return {ax.label: ax for s in self.scripts.values() for ax in s.axes}
 
 
-SCRIPTS: dict[str, type] = {s.name: s for s in (SDUpscale, Loopback, PoorMansOutpainting, OutpaintingMk2, XYZPlot,
-                                                PromptMatrix, PromptsFromFile)}
+def _from_position(p: Param, value: Any, context: dict, script: str) -> Any:
+    """A positional value: an index into a server list (A1111 sends the upscaler's index), a label of a
+    labelled choice (masked content "latent noise" -> 2), or the value itself."""
+    if p.choices == "upscalers" and not isinstance(value, str):
+        names = context.get("upscalers", [])
+        if not 0 <= int(value) < len(names):
+            raise ScriptError(f"{script}: upscaler index {value} is out of range (0-{len(names) - 1})")
+        return names[int(value)]
+    if isinstance(p.choices, tuple) and p.choices and isinstance(p.choices[0], tuple) and isinstance(value, str):
+        for label, v in p.choices:
+            if label == value:
+                return v
+    return value
 
 
+@functools.cache
+def builtin() -> ScriptCatalog:
+    """The scripts that ship with sdstudio (plug-ins' are added by the server's catalog)."""
+    from ..scripts import BUILTIN_SCRIPTS
+
+    return ScriptCatalog(BUILTIN_SCRIPTS)
+
+
+# ---- the built-in catalog's functions, for callers that need no plug-in's scripts -----------------
 def names_for(kind: str) -> list[str]:
-    return [name for name, cls in SCRIPTS.items() if kind in cls.kinds]
+    return builtin().names_for(kind)
 
 
-def parse(name: str, args: dict[str, Any], kind: str | None = None):
-    """The typed, checked arguments of script ``name`` (for a ``kind`` of request, when given)."""
-    if name not in SCRIPTS or (kind is not None and kind not in SCRIPTS[name].kinds):
-        available = names_for(kind) if kind else list(SCRIPTS)
-        raise ScriptError(f"unknown {kind + ' ' if kind else ''}script {name!r}; available: {', '.join(available)}")
-    cls = SCRIPTS[name]
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(args) - names)
-    if unknown:
-        raise ScriptError(f"{name}: unknown argument(s) {', '.join(unknown)}; it takes {', '.join(sorted(names))}")
-    try:
-        parsed = cls(**args)
-    except TypeError as exc:
-        raise ScriptError(f"{name}: {exc}") from None
-    parsed.check()
-    return parsed
+def parse(name: str, args: dict[str, Any], kind: str | None = None) -> Args:
+    return builtin().parse(name, args, kind)
 
 
 def from_a1111_list(name: str, args: list, upscaler_names: list[str], kind: str = "img2img") -> dict[str, Any]:
-    """A1111's positional ``script_args`` -> our dict."""
-    if name not in SCRIPTS:
-        raise ScriptError(f"unknown script {name!r}; available: {', '.join(SCRIPTS)}")
-    cls = SCRIPTS[name]
-    try:
-        return dataclasses.asdict(cls.from_list(args, upscaler_names, kind))
-    except (TypeError, ValueError, IndexError) as exc:
-        raise ScriptError(f"{name}: cannot read script_args {args!r} ({exc})") from None
+    return builtin().from_a1111_list(name, args, {"upscalers": upscaler_names}, kind)
 
 
 def infotext_pairs(name: str, args: dict[str, Any]) -> dict[str, object]:
-    """``Script: name`` and the arguments under their infotext keys."""
-    parsed = parse(name, args)
-    pairs: dict[str, object] = {"Script": name}
-    defaults = type(parsed)()
-    for attr, key in parsed.keys.items():
-        value = getattr(parsed, attr)
-        if value in ("", "Nothing") or (isinstance(value, bool) and value == getattr(defaults, attr)):
-            continue
-        if attr == "margin_size" and value == 0:
-            continue
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        pairs[key] = ",".join(value) if isinstance(value, list) else value
-    return pairs
+    return builtin().infotext_pairs(name, args)
 
 
 def from_infotext_pairs(params: dict[str, str]) -> tuple[str, dict[str, Any]] | None:
-    """The script and arguments an infotext names, or None."""
-    name = params.get("Script")
-    if name not in SCRIPTS:
-        return None
-    cls = SCRIPTS[name]
-    args: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        key = cls.keys.get(f.name)
-        if key in params:
-            text = params[key]
-            kind = type(getattr(cls(), f.name))
-            if kind is list:
-                args[f.name] = [d for d in text.split(",") if d]
-            elif kind is bool:
-                args[f.name] = text.strip().lower() in ("true", "1", "yes")
-            elif kind is int:
-                args[f.name] = int(float(text))
-            else:
-                args[f.name] = kind(text)
-    return name, args
+    return builtin().from_infotext_pairs(params)[0]
+

@@ -110,10 +110,6 @@ def expand_values(text: str, kind: type) -> list:
 
 # ---- axis types ------------------------------------------------------------------------------------
 
-def _replace(req, **changes):
-    return req.replace(**changes)
-
-
 def _prompt_sr(req, value: str, values: list[str]):
     search = values[0]
     if search not in req.prompt and search not in req.negative_prompt and search not in req.hr_prompt:
@@ -229,16 +225,32 @@ AXES: dict[str, Axis] = {a.label: a for a in (
 _AXIS_INDEX = {label.lower(): label for label in AXES}
 
 
-def axis_names(kind: str) -> list[str]:
-    """The axes that make sense on a txt2img or img2img tab, in A1111's order."""
-    return [label for label, ax in AXES.items() if ax.only in (None, kind)]
+def axis_names(kind: str, extra: dict[str, Axis] | None = None) -> list[str]:
+    """The axes that make sense on a txt2img or img2img tab, in A1111's order (then the scripts' ``extra``)."""
+    return [label for label, ax in {**AXES, **(extra or {})}.items() if ax.only in (None, kind)]
 
 
-def axis(label: str) -> Axis:
+def axis(label: str, extra: dict[str, Axis] | None = None) -> Axis:
+    """The axis named ``label`` (without regard to case), from ours or the scripts' ``extra`` axes."""
     found = _AXIS_INDEX.get(label.strip().lower())
-    if found is None:
-        raise AxisError(f"unknown axis type {label!r}; one of: {', '.join(AXES)}")
-    return AXES[found]
+    if found is not None:
+        return AXES[found]
+    for name, ax in (extra or {}).items():
+        if name.lower() == label.strip().lower():
+            return ax
+    raise AxisError(f"unknown axis type {label!r}; one of: {', '.join([*AXES, *(extra or {})])}")
+
+
+def script_axis(label: str, kind: type, script: str, param: str, enabled: str | None = None, **kw) -> Axis:
+    """An axis that sets an always-on script's argument (and switches the script on)."""
+
+    def apply(req, value, values):
+        args = {**req.alwayson_scripts.get(script, {}), param: value}
+        if enabled is not None:
+            args[enabled] = True
+        return req.replace(alwayson_scripts={**req.alwayson_scripts, script: args})
+
+    return Axis(label, kind, apply, **kw)
 
 
 def axis_values(ax: Axis, text: str, keep_random_seeds: bool = False) -> list:

@@ -1,5 +1,5 @@
-"""The generation engine: a request (txt2img, img2img / inpaint, with Hires. fix or a script) in,
-images with their infotext out.
+"""The generation engine: a request (txt2img, img2img / inpaint, with Hires. fix) in, images with their
+infotext out. Scripts run above it (:mod:`sdstudio.scripts`): always-on ones hand it per-step hooks.
 
 The engine owns the loaded models, the device plan and the upscalers; each call gets everything else
 from the request (model, VAE, sampler, seeds...), so two jobs never change each other's settings.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +21,7 @@ from .. import __version__
 from ..core import infotext, styles
 from ..core.extra_networks import extract, hypernetwork_uses, lora_uses
 from ..core.names import LATENT_UPSCALE_MODES, get_sampler, resolve_schedule
-from ..core.params import Img2ImgRequest, Txt2ImgRequest, to_infotext_params
+from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest, to_infotext_params
 from ..core.paths import DeviceOptions, Paths
 from ..core.prompt import prompt_schedule, split_and
 from ..models.embeddings import EmbeddingLibrary
@@ -32,12 +32,12 @@ from ..models.registry import ModelRegistry
 from . import hypernetwork as hypernetwork_ops
 from . import img2img as img2img_ops
 from . import lora as lora_ops
-from . import scripts as scripts_ops
 from . import vae as vae_ops
 from .conditioning import TextConditioner
 from .denoiser import CFGDenoiser, ComposedConditioning, Interrupted, ScheduledConditioning
 from .devices import Placement, plan_devices
 from .faces import FaceRestorers
+from .hooks import SamplingPlan, StepHook
 from .interrogate import Interrogators
 from .rng import BrownianNoise, NoiseGenerator, image_noise
 from .samplers import SAMPLER_FUNCTIONS
@@ -156,7 +156,8 @@ class Engine:
                 should_skip: Callable[[], bool] | None = None,
                 should_pause: Callable[[], bool] | None = None, first_batch: int = 0,
                 on_batch: Callable[[int, list[GeneratedImage]], None] | None = None,
-                keep_images: bool = True) -> Txt2ImgResult:
+                keep_images: bool = True, hooks: Sequence[StepHook] = (),
+                infotext_extra: dict[str, object] | None = None) -> Txt2ImgResult:
         """Generate ``req``. ``should_stop`` (checked every step) interrupts: the images finished so far
         are returned. ``should_skip`` drops the current batch and goes on with the next. ``first_batch``
         starts at that batch of ``n_iter`` (the seeds are those the full run would give it), and
@@ -164,13 +165,12 @@ class Engine:
         resume later with ``first_batch=result.batches_done``: the images are the same either way.
         ``on_batch(batches_done, images_of_that_batch)`` is called after each batch (a skipped one: no images);
         with ``keep_images=False`` the result does not hold them (a queue worker saves them per batch)."""
-        req.validate()
+        req.validate(check_scripts=False)
         if req.restore_faces:  # the restorer named (the infotext says which); missing files: said now
             req = req.replace(face_restoration_model=self.faces.resolve(req.face_restoration_model))
             self.faces.check(req.face_restoration_model)
         if req.script_name:
-            return scripts_ops.run(self, req, on_progress=on_progress, should_stop=should_stop, on_image=on_image,
-                                   on_batch=on_batch, keep_images=keep_images)
+            raise RequestError(f"{req.script_name}: scripts run above the engine (sdstudio.scripts.Studio)")
         if req.styles:  # the styled text is what gets generated and written to the infotext
             prompt, negative = styles.apply(req.prompt, req.negative_prompt, req.styles, styles.load(self.paths.styles_file))
             req = req.replace(prompt=prompt, negative_prompt=negative, styles=[])
@@ -188,6 +188,7 @@ class Engine:
             resolved = {"Model hash": file.short_hash, "Model": file.name, "Version": VERSION}
             if vae_file is not None:
                 resolved.update({"VAE hash": vae_file.short_hash, "VAE": vae_file.name})
+            resolved.update(infotext_extra or {})
             if not sampler.timesteps:
                 resolved["Schedule type"] = schedule.label
             if sampler.uses_ensd and req.eta_noise_seed_delta:
@@ -223,10 +224,10 @@ class Engine:
                     try:
                         span = None if hires is None else (0, hires.first_steps + hires.steps)
                         latents = self._sample(model, vae, req, sampler, schedule.name, conds, seeds, subseeds, n,
-                                               on_progress, stop_batch, inits, span)
+                                               on_progress, stop_batch, inits, span, hooks)
                         if hires is not None:
                             latents = self._run_hires(hires, model, vae, latents, seeds, subseeds, n, on_progress,
-                                                      stop_batch)
+                                                      stop_batch, hooks)
                     except Interrupted:
                         if should_stop is not None and should_stop():
                             interrupted = True
@@ -299,7 +300,7 @@ class Engine:
                          (up_w, up_h), (cut_x, cut_y), first, steps, req.tiled_vae)
 
     def _run_hires(self, hires: HiresPass, model, vae, latents: torch.Tensor, seeds, subseeds, batch_no, on_progress,
-                   should_stop) -> torch.Tensor:
+                   should_stop, hooks: Sequence[StepHook] = ()) -> torch.Tensor:
         """Upscale a batch's first-pass latents (in latent space, or decoded, upscaled and re-encoded) and
         run the img2img pass over them, as A1111's ``sample_hr_pass``."""
         (up_w, up_h), (cut_x, cut_y) = hires.upscale_to, hires.truncate
@@ -330,7 +331,8 @@ class Engine:
                                                                       big.shape[-2:])
             inits.append(img2img_ops.Prepared(None, big[i:i + 1].cpu(), None, None, None, None, image_cond))
         return self._sample(model, vae, hires.request, hires.sampler, hires.schedule, hires.conds, seeds, subseeds,
-                            batch_no, on_progress, should_stop, inits, (hires.first_steps, hires.first_steps + hires.steps))
+                            batch_no, on_progress, should_stop, inits, (hires.first_steps, hires.first_steps + hires.steps),
+                            hooks, "hires")
 
     def _extra_networks(self, model: LoadedModel, req: Txt2ImgRequest, warnings: list[str], resolved: dict):
         """Take ``<lora:...>`` / ``<hypernet:...>`` tags out of both prompts and load what they name.
@@ -417,7 +419,8 @@ class Engine:
 
     def _sample(self, model, vae, req, sampler, schedule_name, conds, seeds, subseeds, batch_no, on_progress,
                 should_stop, inits: list[img2img_ops.Prepared] | None = None,
-                progress_span: tuple[int, int] | None = None) -> torch.Tensor:
+                progress_span: tuple[int, int] | None = None, hooks: Sequence[StepHook] = (),
+                pass_name: str = "first") -> torch.Tensor:
         """One sampling pass for one batch. ``progress_span`` = (steps reported before this pass, steps of
         the whole job's passes), so a Hires. fix job counts its two passes as one run of steps."""
         h, w = req.height // 8, req.width // 8
@@ -458,11 +461,13 @@ class Engine:
         elif model.spec.inpainting:
             with self.placement.use(vae):
                 image_cond = img2img_ops.txt2img_conditioning(vae, self.plan.device, len(seeds), req.height, req.width)
-        denoiser = CFGDenoiser(model.unet, self.schedule, model.spec.prediction, [cond] * len(seeds),
-                               [uncond] * len(seeds), req.cfg_scale, dtype=self.plan.dtype, device=self.plan.device,
-                               add_time_ids=add_time_ids, should_stop=should_stop,
-                               batch_invariant=self.plan.device.type == "cpu", image_cond=image_cond,
-                               latent_mask=latent_mask)
+        plan = SamplingPlan(model.unet, self.schedule, model.spec.prediction, [cond] * len(seeds),
+                            [uncond] * len(seeds), req.cfg_scale * sampler.cfg_scale_multiplier, self.plan.dtype,
+                            self.plan.device,
+                            steps=len(sigmas) - 1, pass_name=pass_name, add_time_ids=add_time_ids, should_stop=should_stop,
+                            batch_invariant=self.plan.device.type == "cpu", image_cond=image_cond,
+                            latent_mask=latent_mask, hooks=list(hooks))
+        denoiser = CFGDenoiser(plan)
         offset, n_steps = progress_span or (0, len(sigmas) - 1)
 
         def callback(d: dict) -> None:
@@ -477,8 +482,9 @@ class Engine:
             options["eta"] = req.eta
         fn = SAMPLER_FUNCTIONS[sampler.function]
         start = x * scale if init is None else init + x * (req.initial_noise_multiplier * sigmas[0] + req.extra_noise)
-        with torch.no_grad(), self.placement.use(model.unet):
-            latents = fn(denoiser, start, sigmas, noise=noise_fn, callback=callback, **options)
+        with torch.no_grad(), self.placement.use(model.unet), plan.applied():
+            latents = fn(denoiser, start, sigmas, noise=noise_fn, callback=callback, after_step=denoiser.after_step,
+                         **options)
         if sampler.timesteps:
             latents = latents / (sigmas[-1] ** 2 + 1) ** 0.5
         if latent_mask is not None:

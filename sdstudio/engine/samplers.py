@@ -4,7 +4,8 @@ Every sampler has the same shape: ``sample_NAME(model, x, sigmas, *, noise, call
 It knows nothing of prompts, CFG or VAEs: those live in the denoiser it is given. ``noise(sigma,
 sigma_next)`` returns fresh noise shaped like ``x`` (drawn from the per-image seeded streams);
 ``callback`` receives ``{"x", "i", "sigma", "denoised"}`` after every step, which is where progress,
-live previews and interruption hang. The maths is that of k-diffusion / A1111, so the same seed gives
+live previews and interruption hang; ``after_step(x, i, sigma_next)``, when given, returns the latent the
+next step starts from (the per-step hooks of :mod:`sdstudio.engine.hooks`). The maths is that of k-diffusion / A1111, so the same seed gives
 the same image.
 """
 
@@ -47,6 +48,11 @@ def _report(callback: Callback, x, i, sigma, denoised) -> None:
         callback({"x": x, "i": i, "sigma": sigma, "denoised": denoised})
 
 
+def _end_step(after_step, x, i, sigmas):
+    """The latent after step ``i`` through the denoiser's per-step hooks (``after_step(x, i, sigma_next)``)."""
+    return x if after_step is None else after_step(x, i, sigmas[i + 1])
+
+
 def _churn(x, sigma, n, noise, s_churn, s_tmin, s_tmax, s_noise):
     gamma = min(s_churn / (n - 1), 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
     sigma_hat = sigma * (gamma + 1)
@@ -55,17 +61,18 @@ def _churn(x, sigma, n, noise, s_churn, s_tmin, s_tmax, s_noise):
     return x, sigma_hat
 
 
-def sample_euler(model, x, sigmas, *, noise=None, callback=None, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
+def sample_euler(model, x, sigmas, *, noise=None, callback=None, after_step=None, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
                  s_noise=1.0, **_):
     for i in range(len(sigmas) - 1):
         x, sigma_hat = _churn(x, sigmas[i], len(sigmas), noise, s_churn, s_tmin, s_tmax, s_noise)
         denoised = model(x, sigma_hat)
         _report(callback, x, i, sigmas[i], denoised)
         x = x + to_d(x, sigma_hat, denoised) * (sigmas[i + 1] - sigma_hat)
+        x = _end_step(after_step, x, i, sigmas)
     return x
 
 
-def sample_euler_ancestral(model, x, sigmas, *, noise, callback=None, eta=1.0, s_noise=1.0, **_):
+def sample_euler_ancestral(model, x, sigmas, *, noise, callback=None, after_step=None, eta=1.0, s_noise=1.0, **_):
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
@@ -73,10 +80,11 @@ def sample_euler_ancestral(model, x, sigmas, *, noise, callback=None, eta=1.0, s
         x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         if sigmas[i + 1] > 0:
             x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        x = _end_step(after_step, x, i, sigmas)
     return x
 
 
-def sample_heun(model, x, sigmas, *, noise=None, callback=None, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
+def sample_heun(model, x, sigmas, *, noise=None, callback=None, after_step=None, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
                 s_noise=1.0, **_):
     for i in range(len(sigmas) - 1):
         x, sigma_hat = _churn(x, sigmas[i], len(sigmas), noise, s_churn, s_tmin, s_tmax, s_noise)
@@ -90,10 +98,11 @@ def sample_heun(model, x, sigmas, *, noise=None, callback=None, s_churn=0.0, s_t
             x_2 = x + d * dt
             d_2 = to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1]))
             x = x + (d + d_2) / 2 * dt
+        x = _end_step(after_step, x, i, sigmas)
     return x
 
 
-def sample_dpm_2(model, x, sigmas, *, noise=None, callback=None, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
+def sample_dpm_2(model, x, sigmas, *, noise=None, callback=None, after_step=None, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
                  s_noise=1.0, **_):
     for i in range(len(sigmas) - 1):
         x, sigma_hat = _churn(x, sigmas[i], len(sigmas), noise, s_churn, s_tmin, s_tmax, s_noise)
@@ -107,10 +116,11 @@ def sample_dpm_2(model, x, sigmas, *, noise=None, callback=None, s_churn=0.0, s_
             x_2 = x + d * (sigma_mid - sigma_hat)
             d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid))
             x = x + d_2 * (sigmas[i + 1] - sigma_hat)
+        x = _end_step(after_step, x, i, sigmas)
     return x
 
 
-def sample_dpm_2_ancestral(model, x, sigmas, *, noise, callback=None, eta=1.0, s_noise=1.0, **_):
+def sample_dpm_2_ancestral(model, x, sigmas, *, noise, callback=None, after_step=None, eta=1.0, s_noise=1.0, **_):
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
@@ -124,6 +134,7 @@ def sample_dpm_2_ancestral(model, x, sigmas, *, noise, callback=None, eta=1.0, s
             d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid))
             x = x + d_2 * (sigma_down - sigmas[i])
             x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        x = _end_step(after_step, x, i, sigmas)
     return x
 
 
@@ -137,7 +148,7 @@ def _lms_coefficient(order: int, t: np.ndarray, i: int, j: int) -> float:
     return float(antiderivative(t[i + 1]) - antiderivative(t[i]))
 
 
-def sample_lms(model, x, sigmas, *, noise=None, callback=None, order=4, **_):
+def sample_lms(model, x, sigmas, *, noise=None, callback=None, after_step=None, order=4, **_):
     sigmas_np = sigmas.detach().cpu().double().numpy()
     ds: list[torch.Tensor] = []
     for i in range(len(sigmas) - 1):
@@ -149,10 +160,11 @@ def sample_lms(model, x, sigmas, *, noise=None, callback=None, order=4, **_):
         cur = min(i + 1, order)
         coeffs = [_lms_coefficient(cur, sigmas_np, i, j) for j in range(cur)]
         x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
+        x = _end_step(after_step, x, i, sigmas)
     return x
 
 
-def sample_dpmpp_2s_ancestral(model, x, sigmas, *, noise, callback=None, eta=1.0, s_noise=1.0, **_):
+def sample_dpmpp_2s_ancestral(model, x, sigmas, *, noise, callback=None, after_step=None, eta=1.0, s_noise=1.0, **_):
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
@@ -168,10 +180,11 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, *, noise, callback=None, eta=1.0
             x = (_sigma_fn(t_next) / _sigma_fn(t)) * x - (-h).expm1() * denoised_2
         if sigmas[i + 1] > 0:
             x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        x = _end_step(after_step, x, i, sigmas)
     return x
 
 
-def sample_dpmpp_2m(model, x, sigmas, *, noise=None, callback=None, **_):
+def sample_dpmpp_2m(model, x, sigmas, *, noise=None, callback=None, after_step=None, **_):
     old_denoised = None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
@@ -185,15 +198,17 @@ def sample_dpmpp_2m(model, x, sigmas, *, noise=None, callback=None, **_):
             denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
             x = (_sigma_fn(t_next) / _sigma_fn(t)) * x - (-h).expm1() * denoised_d
         old_denoised = denoised
+        x = _end_step(after_step, x, i, sigmas)
     return x
 
 
-def sample_dpmpp_sde(model, x, sigmas, *, noise, callback=None, eta=1.0, s_noise=1.0, r=0.5, **_):
+def sample_dpmpp_sde(model, x, sigmas, *, noise, callback=None, after_step=None, eta=1.0, s_noise=1.0, r=0.5, **_):
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
         _report(callback, x, i, sigmas[i], denoised)
         if sigmas[i + 1] == 0:
             x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+            x = _end_step(after_step, x, i, sigmas)
             continue
         t, t_next = _t_fn(sigmas[i]), _t_fn(sigmas[i + 1])
         h = t_next - t
@@ -209,10 +224,11 @@ def sample_dpmpp_sde(model, x, sigmas, *, noise, callback=None, eta=1.0, s_noise
         denoised_d = (1 - fac) * denoised + fac * denoised_2
         x = (_sigma_fn(t_next_) / _sigma_fn(t)) * x - (t - t_next_).expm1() * denoised_d
         x = x + noise(_sigma_fn(t), _sigma_fn(t_next)) * s_noise * su
+        x = _end_step(after_step, x, i, sigmas)
     return x
 
 
-def _dpmpp_2m_sde(model, x, sigmas, *, noise, callback, eta, s_noise, solver):
+def _dpmpp_2m_sde(model, x, sigmas, *, noise, callback, eta, s_noise, solver, after_step=None):
     old_denoised, h_last = None, None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
@@ -234,18 +250,21 @@ def _dpmpp_2m_sde(model, x, sigmas, *, noise, callback, eta, s_noise, solver):
                 x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt() * s_noise
             h_last = h
         old_denoised = denoised
+        x = _end_step(after_step, x, i, sigmas)
     return x
 
 
-def sample_dpmpp_2m_sde(model, x, sigmas, *, noise, callback=None, eta=1.0, s_noise=1.0, **_):
-    return _dpmpp_2m_sde(model, x, sigmas, noise=noise, callback=callback, eta=eta, s_noise=s_noise, solver="midpoint")
+def sample_dpmpp_2m_sde(model, x, sigmas, *, noise, callback=None, after_step=None, eta=1.0, s_noise=1.0, **_):
+    return _dpmpp_2m_sde(model, x, sigmas, noise=noise, callback=callback, eta=eta, s_noise=s_noise, solver="midpoint",
+                         after_step=after_step)
 
 
-def sample_dpmpp_2m_sde_heun(model, x, sigmas, *, noise, callback=None, eta=1.0, s_noise=1.0, **_):
-    return _dpmpp_2m_sde(model, x, sigmas, noise=noise, callback=callback, eta=eta, s_noise=s_noise, solver="heun")
+def sample_dpmpp_2m_sde_heun(model, x, sigmas, *, noise, callback=None, after_step=None, eta=1.0, s_noise=1.0, **_):
+    return _dpmpp_2m_sde(model, x, sigmas, noise=noise, callback=callback, eta=eta, s_noise=s_noise, solver="heun",
+                         after_step=after_step)
 
 
-def sample_dpmpp_3m_sde(model, x, sigmas, *, noise, callback=None, eta=1.0, s_noise=1.0, **_):
+def sample_dpmpp_3m_sde(model, x, sigmas, *, noise, callback=None, after_step=None, eta=1.0, s_noise=1.0, **_):
     denoised_1 = denoised_2 = None
     h_1 = h_2 = None
     for i in range(len(sigmas) - 1):
@@ -275,20 +294,22 @@ def sample_dpmpp_3m_sde(model, x, sigmas, *, noise, callback=None, eta=1.0, s_no
                 x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
+        x = _end_step(after_step, x, i, sigmas)
     return x
 
 
-def sample_lcm(model, x, sigmas, *, noise, callback=None, **_):
+def sample_lcm(model, x, sigmas, *, noise, callback=None, after_step=None, **_):
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
         _report(callback, x, i, sigmas[i], denoised)
         x = denoised
         if sigmas[i + 1] > 0:
             x = x + sigmas[i + 1] * noise(sigmas[i], sigmas[i + 1])
+        x = _end_step(after_step, x, i, sigmas)
     return x
 
 
-def sample_ddim(model, x, sigmas, *, noise=None, callback=None, eta=0.0, **_):
+def sample_ddim(model, x, sigmas, *, noise=None, callback=None, after_step=None, eta=0.0, **_):
     """DDIM over A1111's timesteps, written in sigma space (with eta 0 it is an Euler step per timestep)."""
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
@@ -299,10 +320,11 @@ def sample_ddim(model, x, sigmas, *, noise=None, callback=None, eta=0.0, **_):
             x = x + to_d(x, sigma, denoised) * (sigma_down - sigma) + noise(sigma, sigma_next) * sigma_up
         else:
             x = x + to_d(x, sigma, denoised) * (sigma_next - sigma)
+        x = _end_step(after_step, x, i, sigmas)
     return x
 
 
-def sample_plms(model, x, sigmas, *, noise=None, callback=None, **_):
+def sample_plms(model, x, sigmas, *, noise=None, callback=None, after_step=None, **_):
     """PLMS (pseudo linear multistep) over A1111's timesteps, in sigma space."""
     old_eps: list[torch.Tensor] = []
     for i in range(len(sigmas) - 1):
@@ -324,6 +346,7 @@ def sample_plms(model, x, sigmas, *, noise=None, callback=None, **_):
         old_eps.append(e_t)
         if len(old_eps) >= 4:
             old_eps.pop(0)
+        x = _end_step(after_step, x, i, sigmas)
     return x
 
 
@@ -334,3 +357,7 @@ SAMPLER_FUNCTIONS = {
     "dpmpp_2m_sde_heun": sample_dpmpp_2m_sde_heun, "dpmpp_3m_sde": sample_dpmpp_3m_sde, "lcm": sample_lcm,
     "ddim": sample_ddim, "plms": sample_plms,
 }
+
+from .samplers_more import SAMPLER_FUNCTIONS_MORE  # DPM fast/adaptive, Restart, UniPC, DDIM CFG++
+
+SAMPLER_FUNCTIONS.update(SAMPLER_FUNCTIONS_MORE)

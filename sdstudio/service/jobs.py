@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..core import outputs
 from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest
+from ..engine.hooks import HookError
 from ..models.errors import ModelFileError, ModelNotFoundError
 from .queue import CANCELLED, DONE, FAILED, FINISHED, QUEUED, Job, JobQueue
 
@@ -124,10 +125,32 @@ def a1111_info(req: Txt2ImgRequest, result: dict) -> dict:
     }
 
 
+def _stored_units(records: dict) -> dict:
+    """A paused script's finished units (``result["units"]``), read back for its resume."""
+    from PIL import Image
+
+    from ..engine.generate import GeneratedImage
+    from ..scripts import UnitResult
+
+    units = {}
+    for number, images in records.items():
+        loaded = []
+        for r in images:
+            with Image.open(r["path"]) as f:
+                loaded.append(GeneratedImage(f.copy(), r["seed"], r["subseed"], r["infotext"], r.get("grid", False)))
+        units[int(number)] = UnitResult(loaded)
+    return units
+
+
 class JobService:
     def __init__(self, engine, queue: JobQueue, *, resume: bool = False, jobs_dir: Path | None = None,
-                 preview_settings: Callable[[], tuple[str, int]] | None = None):
+                 preview_settings: Callable[[], tuple[str, int]] | None = None, studio=None, plugins=None):
+        from ..plugins import Plugins
+        from ..scripts import Studio
+
         self.engine = engine
+        self.studio = studio or Studio(engine)  # runs the scripts above the engine (its catalog: plug-ins' too)
+        self.plugins = plugins or Plugins(catalog=self.studio.catalog)  # what the Extensions tab lists
         # (method, every N steps): "Approx cheap" maps the latent to RGB, "Full" runs the VAE; read per step
         self.preview_settings = preview_settings or (lambda: ("Approx cheap", 1))
         self.queue = queue
@@ -178,7 +201,7 @@ class JobService:
     def submit(self, client: str, job: Txt2ImgJob) -> Job:
         """Queue a generation job (an :class:`Img2ImgRequest` makes it an img2img job) for ``client``."""
         try:
-            job.request = job.request.with_concrete_seeds().validate()
+            job.request = self.studio.validate(job.request.with_concrete_seeds())
         except RequestError as exc:
             raise JobError(str(exc)) from None
         submitted = self.queue.submit(client, job.kind, job.to_dict())
@@ -310,6 +333,10 @@ class JobService:
             self.runners[job.kind](job, live)
         except (RequestError, ModelNotFoundError, ModelFileError) as exc:
             self.queue.finish(job.id, FAILED, error=str(exc))
+        except HookError as exc:  # a script's or plug-in's hook raised: this job fails, naming it
+            log.error("job %s: %s\n%s", job.id, exc, traceback.format_exc())
+            self.plugins.report(exc.owner, str(exc))
+            self.queue.finish(job.id, FAILED, error=f"{exc} (the job was stopped; other jobs go on)")
         except Exception as exc:  # noqa: BLE001 - a bug: the job fails with a message, the worker lives on
             log.error("job %s failed:\n%s", job.id, traceback.format_exc())
             self.queue.finish(job.id, FAILED, error=f"{type(exc).__name__}: {exc}")
@@ -361,9 +388,21 @@ class JobService:
                 live.paused_for_others = True
             return live.paused_for_others
 
-        out = self.engine.generate(req, on_progress=on_progress, should_stop=lambda: live.interrupted,
-                                  should_skip=should_skip, should_pause=should_pause,
-                                  first_batch=job.batches_done, on_batch=on_batch, keep_images=False)
+        def on_unit(number: int, images) -> None:  # a script's finished unit, kept for a resume after a pause
+            records = []
+            folder = self.jobs_dir / job.id / "units"
+            folder.mkdir(parents=True, exist_ok=True)
+            for k, g in enumerate(images):
+                path = folder / f"{number}-{k}.png"
+                outputs.write_image(g.image, path, infotext=g.infotext)
+                records.append({"path": str(path), "seed": g.seed, "subseed": g.subseed, "infotext": g.infotext,
+                                "grid": g.grid})
+            result.setdefault("units", {})[str(number)] = records
+
+        out = self.studio.generate(req, on_progress=on_progress, should_stop=lambda: live.interrupted,
+                                   should_skip=should_skip, should_pause=should_pause,
+                                   first_batch=job.batches_done, on_batch=on_batch, keep_images=False,
+                                   units=_stored_units(result.get("units", {})), on_unit=on_unit)
         result.update({"all_seeds": out.all_seeds, "all_subseeds": out.all_subseeds, "model_name": out.model_name,
                        "model_hash": out.model_hash, "inpainting_model": out.inpainting_model})
         result["warnings"] = sorted(set(result["warnings"]) | set(out.warnings))
@@ -371,6 +410,10 @@ class JobService:
             self.queue.save_progress(job.id, out.batches_done, result)
             self.queue.park(job.id)
             return
+        if result.pop("units", None):  # only a paused script needs them
+            import shutil
+
+            shutil.rmtree(self.jobs_dir / job.id / "units", ignore_errors=True)
         result["interrupted"] = out.interrupted
         if spec.save_images and spec.save_grid and len(result["images"]) > 1 and not result.get("grids"):
             result["grid"] = str(self._grid(result["images"], req, spec, f"{job.kind}-grids"))

@@ -31,7 +31,7 @@ from ..service.jobs import JobError, JobService
 from . import localization, networks, progress
 from .generation import GenerationTab
 from .progress import client_of, follow
-from .tabs import ExtrasTab, PngInfoTab, SettingsTab, open_picture
+from .tabs import ExtensionsTab, ExtrasTab, PngInfoTab, SettingsTab, open_picture
 
 STATIC = Path(__file__).parent / "static"
 
@@ -53,8 +53,6 @@ class StudioUI:
         self.allow_folders = allow_folders  # batch folders typed in the page (off when served to the network)
         self.forever: set[str] = set()  # clients with "Generate forever" on
         self._lookup = None  # (checked at, embedding names, lookup) for the token counters
-        service.preview_settings = lambda: (settings.get("show_progress_type", "Approx cheap"),
-                                            int(settings.get("show_progress_every_n_steps", 1)))
 
     # ---- shared helpers ---------------------------------------------------------------------------
     def forever_has(self, client: str) -> bool:
@@ -159,6 +157,8 @@ class StudioUI:
                     self.pnginfo = PngInfoTab(self).build()
                 with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
                     self.settings_tab = SettingsTab(self).build()
+                with gr.Tab("Extensions", id="extensions", elem_id="tab_extensions"):
+                    self.extensions = ExtensionsTab(self).build()
             self.txt2img.wire()
             self.img2img.wire()
             self._wire_top()
@@ -303,7 +303,9 @@ class StudioUI:
         def language():
             name = self.settings.get("localization", "None")
             try:
-                return {"language": name, "strings": localization.load(name, self.paths)}
+                strings = localization.load(name, self.paths)
+                # the plug-ins' own texts for this language (their file, if the data dir has one, wins)
+                return {"language": name, "strings": {**self.service.plugins.localizations.get(name, {}), **strings}}
             except (KeyError, ValueError):
                 return {"language": "None", "strings": {}}
 

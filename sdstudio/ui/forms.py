@@ -8,7 +8,6 @@ Script controls are named ``script:<script name>:<field>``.
 
 from __future__ import annotations
 
-import dataclasses
 import typing
 from typing import Any
 
@@ -47,19 +46,16 @@ def _convert(name: str, value: Any) -> Any:
 
 
 def script_key(script_name: str, field_name: str) -> str:
+    """The form's name of a script argument's control (selectable and always-on scripts alike)."""
     return f"script:{script_name}:{field_name}"
-
-
-def script_fields(kind: str) -> list[tuple[str, dataclasses.Field]]:
-    """(script name, field) for every argument of every script of this kind of tab."""
-    return [(name, f) for name in scripts.names_for(kind) for f in dataclasses.fields(scripts.SCRIPTS[name])]
 
 
 class Form:
     """The controls of one tab, by request field name."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, catalog: scripts.ScriptCatalog | None = None):
         self.kind = kind
+        self.catalog = catalog or scripts.builtin()
         self.fields = TXT2IMG_FIELDS if kind == "txt2img" else IMG2IMG_FIELDS
         self.controls: dict[str, Any] = {}
 
@@ -89,10 +85,15 @@ class Form:
         if name in ("None", ""):
             fields["script_name"] = ""
         else:
-            fields["script_args"] = {f.name: values[script_key(name, f.name)]
-                                     for f in dataclasses.fields(scripts.SCRIPTS[name])
-                                     if script_key(name, f.name) in values}
-            fields["script_args"] = {k: _script_value(name, k, v) for k, v in fields["script_args"].items()}
+            fields["script_args"] = self._script_args(self.catalog.get(name), values)
+        alwayson = {}
+        for script in self.catalog:
+            if script.alwayson and not script.request_fields and self.kind in script.tabs:
+                args = self._script_args(script, values)
+                if args and script.is_on(args):
+                    alwayson[script.name] = args
+        if alwayson:
+            fields["alwayson_scripts"] = alwayson
         request_type = Txt2ImgRequest if self.kind == "txt2img" else Img2ImgRequest
         return request_type(
             **fields, **more, clip_skip=int(settings.get("CLIP_stop_at_last_layers", 1)),
@@ -125,23 +126,26 @@ class Form:
             elif name == "script_name" and not value:
                 value = "None"
             out[name] = value
-        if req.script_name:
-            for key, value in req.script_args.items():
-                control = script_key(req.script_name, key)
+        chosen = {req.script_name: req.script_args} if req.script_name else {}
+        for name, args in {**chosen, **req.alwayson_scripts}.items():
+            for key, value in args.items():
+                control = script_key(name, key)
                 if control in self.controls:
                     out[control] = value
+        for script in self.catalog:  # an always-on script the request leaves off shows as off
+            if script.alwayson and script.enabled and script.name not in req.alwayson_scripts \
+                    and not script.request_fields and script_key(script.name, script.enabled) in self.controls:
+                out[script_key(script.name, script.enabled)] = False
         return out
 
-
-def _script_value(script_name: str, field_name: str, value: Any) -> Any:
-    field = next(f for f in dataclasses.fields(scripts.SCRIPTS[script_name]) if f.name == field_name)
-    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-    if isinstance(default, bool):
-        return bool(value)
-    if isinstance(default, int):
-        return round(float(value))
-    if isinstance(default, float):
-        return float(value)
-    if isinstance(default, list):
-        return list(value or [])
-    return "" if value is None else str(value)
+    def _script_args(self, script: scripts.Script, values: dict[str, Any]) -> dict[str, Any]:
+        """A script's arguments from its controls, as its declaration types them."""
+        out = {}
+        for p in script.params:
+            key = script_key(script.name, p.name)
+            if key in values:
+                value = values[key]
+                if p.kind is int and isinstance(value, float):
+                    value = round(value)
+                out[p.name] = p.coerce([] if value is None and p.kind is list else value, script.name)
+        return out

@@ -7,12 +7,11 @@ the same controls from an infotext through :meth:`Form.fill`.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import gradio as gr
 
-from ..core import imageops, infotext, outputs, scripts
+from ..core import imageops, infotext, outputs
 from ..core import styles as styles_file
 from ..core.imageops import MASKED_CONTENT, RESIZE_MODES
 from ..core.names import sampler_labels, schedule_labels
@@ -53,7 +52,7 @@ class GenerationTab:
     def __init__(self, ui, kind: str):
         self.ui, self.kind = ui, kind
         self.t = kind  # A1111's element id prefix
-        self.form = Form(kind)
+        self.form = Form(kind, ui.service.studio.catalog)
         self.mode_state = None  # img2img: the sub-tab in use
 
     # ---- layout -----------------------------------------------------------------------------------
@@ -208,15 +207,24 @@ class GenerationTab:
         self.seed_extras = extras
 
     def _scripts(self) -> None:
+        """The always-on scripts' accordions, then the Script dropdown and each script's controls, all made
+        from the scripts' declarations (soft inpainting's controls are the inpaint tab's own)."""
         t, f = self.t, self.form
-        names = scripts.names_for(self.kind)
+        catalog = f.catalog
+        for script in catalog:
+            if script.alwayson and not script.request_fields and self.kind in script.tabs:
+                with gr.Accordion(script.name, open=False, elem_id=f"{t}_script_{_slug(script.name)}"):
+                    for param in script.params:
+                        f.add(script_key(script.name, param.name), _script_control(self.kind, script, param, self.ui))
+        names = catalog.names_for(self.kind)
         f.add("script_name", gr.Dropdown(["None", *names], value="None", label="Script", elem_id=f"{t}_script_list",
                                          elem_classes=["translate-choices"]))
         self.script_groups = {}
         for name in names:
+            script = catalog.get(name)
             with gr.Group(visible=False, elem_id=f"{t}_script_{_slug(name)}") as group:
-                for field in dataclasses.fields(scripts.SCRIPTS[name]):
-                    f.add(script_key(name, field.name), _script_control(self.kind, name, field, self.ui))
+                for param in script.params:
+                    f.add(script_key(name, param.name), _script_control(self.kind, script, param, self.ui))
             self.script_groups[name] = group
 
     def _img2img_inputs(self) -> None:
@@ -601,39 +609,32 @@ def _drawn_mask(value):
     return mask if mask.getbbox() else None
 
 
-# A1111's labels where the infotext key is not one, and fixed choices of text arguments.
-_SCRIPT_LABELS = {"checkbox_iterate": "Iterate seed every line",
-                  "checkbox_iterate_batch": "Use same random seed for all lines",
-                  "prompt_position": "Insert prompts at the", "prompt_txt": "List of prompt inputs"}
-_SCRIPT_CHOICES = {"prompt_position": ("start", "end"), "prompt_type": ("positive", "negative"),
-                   "variations_delimiter": ("comma", "space"), "denoising_curve": ("Linear", "Aggressive", "Lazy")}
-
-
-def _script_control(kind: str, script_name: str, field: dataclasses.Field, ui):
-    """A control for one script argument, from its type and default (labels are the infotext keys)."""
-    script = scripts.SCRIPTS[script_name]
-    label = _SCRIPT_LABELS.get(field.name) or script.keys.get(field.name, field.name.replace("_", " ").capitalize())
-    elem_id = f"{kind}_script_{_slug(script_name)}_{field.name}"
-    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-    if field.name.endswith("_type") and script_name == "X/Y/Z plot":
+def _script_control(kind: str, script, param, ui):
+    """The control of one script argument, from its declaration (:class:`sdstudio.core.scripts.Param`)."""
+    label = param.title
+    elem_id = f"{kind}_script_{_slug(script.name)}_{param.name}"
+    default = list(param.default) if isinstance(param.default, list) else param.default
+    info = param.help or None
+    if param.choices == "xyz axes":
         from ..core.xyz import axis_names
 
-        return gr.Dropdown(axis_names(kind), value=default, label=label, elem_id=elem_id,
-                           elem_classes=["translate-choices"])
-    if field.name == "upscaler":
+        return gr.Dropdown(axis_names(kind, ui.service.studio.catalog.axes()), value=default, label=label,
+                           elem_id=elem_id, elem_classes=["translate-choices"])
+    if param.choices == "upscalers":
         return gr.Dropdown(ui.upscaler_names(), value=default, label=label, elem_id=elem_id)
-    if field.name in _SCRIPT_CHOICES:
-        return gr.Radio(list(_SCRIPT_CHOICES[field.name]), value=default, label=label, elem_id=elem_id)
-    if field.name == "inpainting_fill":
-        return gr.Radio([(name, i) for i, name in enumerate(MASKED_CONTENT)], value=default, label=label,
-                        elem_id=elem_id)
-    if isinstance(default, bool):
-        return gr.Checkbox(default, label=label, elem_id=elem_id)
-    if isinstance(default, (int, float)):
-        return gr.Number(default, label=label, elem_id=elem_id, precision=0 if isinstance(default, int) else None)
-    if isinstance(default, list):
-        return gr.CheckboxGroup(list(scripts.OUTPAINT_DIRECTIONS), value=default, label=label, elem_id=elem_id)
-    lines = 6 if field.name in ("prompt_txt", "x_values", "y_values", "z_values") else 1
-    return gr.Textbox(default, label=label, elem_id=elem_id, lines=lines)
+    if isinstance(param.choices, tuple):
+        if param.kind is list:
+            return gr.CheckboxGroup(list(param.choices), value=default, label=label, elem_id=elem_id, info=info)
+        if len(param.choices) > 5:
+            return gr.Dropdown(list(param.choices), value=default, label=label, elem_id=elem_id, info=info)
+        return gr.Radio(list(param.choices), value=default, label=label, elem_id=elem_id, info=info)
+    if param.kind is bool:
+        return gr.Checkbox(default, label=label, elem_id=elem_id, info=info)
+    if param.kind in (int, float):
+        if param.minimum is not None and param.maximum is not None and param.step is not None:
+            return gr.Slider(param.minimum, param.maximum, value=default, step=param.step, label=label,
+                             elem_id=elem_id, info=info)
+        return gr.Number(default, label=label, elem_id=elem_id, precision=0 if param.kind is int else None, info=info)
+    return gr.Textbox(default, label=label, elem_id=elem_id, lines=param.lines, info=info)
 
 

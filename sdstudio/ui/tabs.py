@@ -205,3 +205,61 @@ def open_picture(path: str | None):
     with Image.open(path) as im:
         im.load()
         return im.copy()
+
+
+class ExtensionsTab:
+    """A1111's Extensions tab: the plug-ins found, their version, origin and status; switching one off or on
+    is kept in config.json (``disabled_extensions``) and applies when the server starts again. A plug-in
+    folder or wheel on this machine can be installed (offline)."""
+
+    def __init__(self, ui):
+        self.ui = ui
+
+    def build(self) -> ExtensionsTab:
+        infos = self.ui.service.plugins.infos
+        loadable = [i.name for i in infos if i.status != "not a plug-in"]
+        with gr.Tab("Installed", elem_id="extensions_installed_tab"):
+            self.table = gr.HTML(self.table_html(), elem_id="extensions_installed_html")
+            self.enabled = gr.CheckboxGroup(loadable, value=[i.name for i in infos if i.enabled and i.name in loadable],
+                                            label="Enabled plug-ins", elem_id="extensions_enabled")
+            self.apply = gr.Button("Apply (restart the server to load or unload)", variant="primary",
+                                   elem_id="extensions_apply")
+            self.result = gr.HTML("", elem_id="extensions_result")
+        with gr.Tab("Install from a folder or wheel", elem_id="extensions_install_tab"):
+            self.source = gr.Textbox("", label="Plug-in folder or .whl file on this machine", elem_id="extensions_source")
+            self.install = gr.Button("Install", elem_id="extensions_install")
+            self.install_result = gr.HTML("", elem_id="extensions_install_result")
+        self.apply.click(self.save, self.enabled, self.result, show_progress="hidden")
+        self.install.click(self.install_from, self.source, self.install_result)
+        return self
+
+    def table_html(self) -> str:
+        rows = "".join(
+            f"<tr><td>{html.escape(i.name)}</td><td>{html.escape(i.version)}</td><td>{html.escape(i.origin)}</td>"
+            f"<td class='sd-ext-{html.escape(i.status.replace(' ', '-'))}'>{html.escape(i.status)}</td>"
+            f"<td>{html.escape(', '.join(i.scripts + i.samplers))}</td>"
+            f"<td>{html.escape(i.error or i.last_error)}</td></tr>" for i in self.ui.service.plugins.infos)
+        if not rows:
+            rows = "<tr><td colspan='6'><span>No plug-ins installed</span></td></tr>"
+        return ("<table class='sd-extensions'><tr><th>Extension</th><th>Version</th><th>Origin</th><th>Status</th>"
+                f"<th>Adds</th><th>Error</th></tr>{rows}</table>")
+
+    def save(self, enabled):
+        infos = self.ui.service.plugins.infos
+        disabled = sorted(i.name for i in infos if i.status != "not a plug-in" and i.name not in (enabled or []))
+        changed = self.ui.settings.update({"disabled_extensions": disabled})
+        if not changed:
+            return "<p><span>Nothing changed</span></p>"
+        return ("<p><span>Saved</span>: <span>disabled</span> <code class='sd-notranslate'>"
+                f"{html.escape(', '.join(disabled) or '-')}</code>. <span>Restart the server to apply</span></p>")
+
+    def install_from(self, source: str):
+        from ..plugins.install import InstallError, install
+
+        self.ui.require_folders()
+        try:
+            where = install(source, self.ui.paths.data_dir / "extensions")
+        except InstallError as exc:
+            raise gr.Error(str(exc)) from None
+        return (f"<p><span>Installed</span>: <code class='sd-notranslate'>{html.escape(where)}</code>. "
+                "<span>Restart the server to load it</span></p>")

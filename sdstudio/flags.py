@@ -1,0 +1,98 @@
+"""The launch flags every command shares (folders, device, plug-ins) and what they build: the paths, the
+device options, the plug-ins and the studio that runs requests with their scripts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from .core.paths import DeviceOptions, Paths
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """A1111's directory and device flags, shared by every command and by the server."""
+    g = parser.add_argument_group("folders (A1111 names)")
+    g.add_argument("--data-dir", default=os.environ.get("SDSTUDIO_DATA_DIR", "."),
+                   help="base folder holding models/, embeddings/, outputs/ (default: current folder)")
+    g.add_argument("--ckpt-dir", action="append", default=[], help="extra folder with checkpoints")
+    g.add_argument("--vae-dir", help="folder with VAE files (default: models/VAE)")
+    g.add_argument("--lora-dir", help="folder with LoRA files (default: models/Lora)")
+    g.add_argument("--embeddings-dir", help="folder with textual inversion embeddings (default: embeddings)")
+    g.add_argument("--hypernetwork-dir", help="folder with hypernetworks (default: models/hypernetworks)")
+    g.add_argument("--esrgan-models-path", help="folder with ESRGAN upscalers (default: models/ESRGAN)")
+    g.add_argument("--realesrgan-models-path", help="folder with Real-ESRGAN upscalers (default: models/RealESRGAN)")
+    g.add_argument("--swinir-models-path", help="folder with SwinIR upscalers (default: models/SwinIR)")
+    g.add_argument("--dat-models-path", help="folder with DAT upscalers (default: models/DAT)")
+    g.add_argument("--gfpgan-models-path", help="folder with GFPGAN and the face detector (default: models/GFPGAN)")
+    g.add_argument("--codeformer-models-path", help="folder with CodeFormer (default: models/Codeformer)")
+    g.add_argument("--controlnet-dir", help="folder with ControlNet models (default: models/ControlNet)")
+    g.add_argument("--styles-file", help="prompt styles CSV (default: styles.csv in the data dir)")
+    d = parser.add_argument_group("device")
+    d.add_argument("--precision", choices=["full", "autocast", "half"], default="autocast")
+    d.add_argument("--no-half", action="store_true", help="run the model in float32 on the GPU")
+    d.add_argument("--no-half-vae", action="store_true", help="run the VAE in float32 on the GPU")
+    d.add_argument("--medvram", action="store_true", help="keep only the component in use on the GPU")
+    d.add_argument("--lowvram", action="store_true", help="stream UNet blocks to the GPU one by one")
+    d.add_argument("--xformers", action="store_true", help="use xformers attention when installed")
+    d.add_argument("--use-cpu", nargs="*", help="run on the CPU even when a GPU is present")
+    e = parser.add_argument_group("plug-ins (A1111's extensions)")
+    e.add_argument("--extensions-dir", help="folder of plug-in folders (default: extensions in the data dir)")
+    e.add_argument("--disable-all-extensions", action="store_true", help="load no plug-in")
+    e.add_argument("--disable-extra-extensions", action="store_true",
+                   help="load no plug-in (sdstudio's own features are built in, so the same as the above)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def paths_from(args: argparse.Namespace) -> Paths:
+    return Paths(Path(args.data_dir), ckpt_dirs=[Path(p) for p in args.ckpt_dir], vae_dir=args.vae_dir,
+                 lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, hypernetwork_dir=args.hypernetwork_dir,
+                 esrgan_dir=args.esrgan_models_path,
+                 realesrgan_dir=args.realesrgan_models_path, swinir_dir=args.swinir_models_path,
+                 dat_dir=args.dat_models_path, gfpgan_dir=args.gfpgan_models_path,
+                 codeformer_dir=args.codeformer_models_path, controlnet_dir=args.controlnet_dir,
+                 styles_file=args.styles_file)
+
+
+def device_options_from(args: argparse.Namespace) -> DeviceOptions:
+    return DeviceOptions(precision=args.precision, no_half=args.no_half, no_half_vae=args.no_half_vae,
+                         medvram=args.medvram, lowvram=args.lowvram, xformers=args.xformers,
+                         use_cpu=args.use_cpu is not None)
+
+
+def plugins_from(args: argparse.Namespace, paths: Paths, disabled: list[str] | None = None):
+    """The plug-ins the flags and ``config.json``'s ``disabled_extensions`` leave on, loaded."""
+    from .plugins import load
+
+    if disabled is None:
+        try:
+            disabled = json.loads((paths.data_dir / "config.json").read_text(encoding="utf-8")).get(
+                "disabled_extensions", [])
+        except (OSError, ValueError, AttributeError):
+            disabled = []
+    folder = Path(getattr(args, "extensions_dir", None) or paths.data_dir / "extensions")
+    return load(folder, disabled=disabled or [], disable_all=getattr(args, "disable_all_extensions", False),
+                disable_extra=getattr(args, "disable_extra_extensions", False))
+
+
+def studio_from(args: argparse.Namespace, engine):
+    """The studio (scripts above the engine) with the enabled plug-ins' scripts."""
+    from .scripts import Studio
+
+    plugins = plugins_from(args, engine.paths)
+    activate(plugins)
+    return Studio(engine, plugins.catalog), plugins
+
+
+def activate(plugins) -> None:
+    """Make the plug-ins' samplers and schedule types known by name (the sampler tables are process-wide)."""
+    from .core import names
+    from .engine import samplers, schedules
+
+    for info, function in plugins.samplers:
+        names.register_sampler(info)
+        samplers.SAMPLER_FUNCTIONS[info.function] = function
+    for info, function in plugins.schedulers:
+        names.register_schedule(info)
+        schedules.EXTRA_SCHEDULES[info.name] = function

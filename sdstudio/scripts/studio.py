@@ -1,0 +1,222 @@
+"""Running requests with their scripts, above the engine.
+
+The engine generates one request; it knows no script. :class:`Studio` is what UI, API, CLI and the job
+service call: it checks the request against its :class:`~sdstudio.core.scripts.ScriptCatalog`, turns the
+always-on scripts into the engine's per-step hooks and infotext pairs, and runs a selectable script's
+``run`` (X/Y/Z plot, Loopback, a plug-in's...), which makes its images through :meth:`ScriptContext.passes`.
+
+A script's work is a series of *units*, one engine call each (an X/Y/Z cell, a Loopback loop, an SD
+upscale tile batch). Between units the studio asks ``should_pause``: a queue pauses a long script so
+another client's image goes next. Each finished unit's images are handed to ``on_unit`` (the queue
+stores them); resuming runs the script again with those stored ``units``: the finished units are not
+recomputed, the script's own code runs the same way, and the outputs already given (``first_batch``)
+are not given again, so the result is that of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..core import infotext
+from ..core.params import RequestError, Txt2ImgRequest
+from ..core.scripts import Args, ScriptCatalog, ScriptError, builtin
+
+
+class Paused(Exception):
+    """Raised between units when the queue wants the worker for someone else."""
+
+
+@dataclass
+class UnitResult:
+    """A finished unit (from this run or stored by an earlier one): its images, as the engine made them."""
+
+    images: list
+    interrupted: bool = False
+
+
+@dataclass
+class ScriptContext:
+    """What a script's ``run`` gets besides the request and its arguments."""
+
+    engine: object  # for upscalers, the model registry; generation goes through passes()
+    studio: Studio
+    on_progress: Callable | None = None
+    should_stop: Callable[[], bool] | None = None
+    should_skip: Callable[[], bool] | None = None
+    should_pause: Callable[[], bool] | None = None
+    units: dict[int, UnitResult] = field(default_factory=dict)  # stored units by number
+    on_unit: Callable[[int, list], None] | None = None
+    unit_no: int = 0  # the next unit's number
+    ran: int = 0  # units computed (not replayed) by this run
+
+    def passes(self, total: int) -> Passes:
+        """A series of ``total`` generation passes shown as the jobs of one progress bar."""
+        return Passes(self, total)
+
+    def with_script(self, text: str, name: str, args: dict) -> str:
+        """``text`` (an inner pass's infotext) with ``Script: name`` and the script's arguments."""
+        params = infotext.parse(text)
+        version = params.pop("Version", None)
+        params.update(self.studio.catalog.infotext_pairs(name, args))
+        if version is not None:
+            params["Version"] = version
+        return infotext.format(params)
+
+
+class Passes:
+    """A script's inner passes; each is a unit of work (paused before, stored after)."""
+
+    def __init__(self, ctx: ScriptContext, total: int):
+        self.ctx, self.total, self.done = ctx, total, 0
+        self.first = None  # the first pass's result: its infotext describes the script's output
+
+    def run(self, req: Txt2ImgRequest):
+        from ..engine.generate import Progress
+
+        ctx = self.ctx
+        number, index = ctx.unit_no, self.done
+        ctx.unit_no += 1
+        self.done += 1
+        if number in ctx.units:
+            result = ctx.units[number]
+        else:
+            if ctx.ran and ctx.should_pause is not None and ctx.should_pause():
+                raise Paused
+
+            def progress(p):
+                if ctx.on_progress is not None:
+                    ctx.on_progress(Progress(index, self.total, p.step, p.steps, p.latent, p.sdxl, p.decode))
+
+            result = ctx.studio.generate(req, on_progress=progress, should_stop=ctx.should_stop,
+                                         should_skip=ctx.should_skip)
+            ctx.ran += 1
+            if not result.interrupted:
+                ctx.units[number] = UnitResult(list(result.images))
+                if ctx.on_unit is not None:
+                    ctx.on_unit(number, list(result.images))
+        if self.first is None:
+            self.first = result
+        return result
+
+
+class Studio:
+    """The engine with scripts: a request in, its images out (see the module's docstring)."""
+
+    def __init__(self, engine, catalog: ScriptCatalog | None = None):
+        self.engine = engine
+        self.catalog = catalog or builtin()
+
+    # ---- checks -------------------------------------------------------------------------------------
+    def validate(self, req: Txt2ImgRequest) -> Txt2ImgRequest:
+        """``req`` checked, its always-on scripts under their declared names (a short alias from the CLI is
+        fine) and switched on unless their arguments say otherwise."""
+        if req.alwayson_scripts:
+            named = {}
+            for name, args in req.alwayson_scripts.items():
+                try:
+                    script = self.catalog.get(name, req.kind, alwayson=True)
+                except ScriptError as exc:
+                    raise RequestError(str(exc)) from None
+                args = dict(args)
+                if script.enabled is not None:
+                    args.setdefault(script.enabled, True)
+                named[script.name] = args
+            req = req.replace(alwayson_scripts=named)
+        return req.validate(self.catalog)
+
+    def precheck(self, req: Txt2ImgRequest) -> None:
+        """What a script would refuse, found before the job queues (X/Y/Z values against the real
+        samplers, checkpoints and upscalers; every prompt-file line's request)."""
+        req = self.validate(req)
+        if not req.script_name:
+            return
+        script = self.catalog.get(req.script_name, req.kind, alwayson=False)
+        if script.precheck is not None:
+            args = self.catalog.parse(script.name, req.script_args, req.kind)
+            script.precheck(ScriptContext(self.engine, self), req.replace(script_name="", script_args={}), args)
+
+    def alwayson(self, req: Txt2ImgRequest) -> tuple[list, dict[str, object]]:
+        """The per-step hooks and infotext pairs of the request's always-on scripts, in catalog order."""
+        hooks, pairs = [], {}
+        for script in self.catalog:
+            if not script.alwayson or script.request_fields or script.name not in req.alwayson_scripts:
+                continue
+            args = self.catalog.parse(script.name, req.alwayson_scripts[script.name], req.kind, alwayson=True)
+            if not script.is_on(args):
+                continue
+            pairs.update(self.catalog.infotext_pairs(script.name, args))
+            if script.hooks is not None:
+                try:
+                    made = list(script.hooks(args, req))
+                except ScriptError:
+                    raise
+                except Exception as exc:
+                    raise ScriptError(f"{script.name} ({script.owner}): {type(exc).__name__}: {exc}") from exc
+                for hook in made:
+                    hook.owner = hook.owner or f"{script.name} ({script.owner})"
+                hooks += made
+        return hooks, pairs
+
+    # ---- running ------------------------------------------------------------------------------------
+    def generate(self, req: Txt2ImgRequest, *, on_progress=None, should_stop=None, on_image=None, should_skip=None,
+                 should_pause=None, first_batch: int = 0, on_batch=None, keep_images: bool = True,
+                 units: dict[int, UnitResult] | None = None, on_unit=None):
+        """Generate ``req`` (see :meth:`sdstudio.engine.generate.Engine.generate` for the callbacks). With a
+        script, ``units``/``on_unit`` carry its finished units across a pause (module docstring)."""
+        req = self.validate(req)
+        try:
+            hooks, pairs = self.alwayson(req)
+        except ScriptError as exc:
+            raise RequestError(str(exc)) from None
+        if not req.script_name:
+            return self.engine.generate(req, on_progress=on_progress, should_stop=should_stop, on_image=on_image,
+                                        should_skip=should_skip, should_pause=should_pause, first_batch=first_batch,
+                                        on_batch=on_batch, keep_images=keep_images, hooks=hooks, infotext_extra=pairs)
+        ctx = ScriptContext(self.engine, self, on_progress, should_stop, should_skip, should_pause,
+                            dict(units or {}), on_unit)
+        return self._run_script(ctx, req, first_batch, on_image, on_batch, keep_images)
+
+    txt2img = generate
+    img2img = generate
+
+    def _run_script(self, ctx: ScriptContext, req: Txt2ImgRequest, first_batch: int, on_image, on_batch,
+                    keep_images: bool):
+        from ..engine.generate import GeneratedImage, Txt2ImgResult
+
+        script = self.catalog.get(req.script_name, req.kind, alwayson=False)
+        args: Args = self.catalog.parse(script.name, req.script_args, req.kind)
+        inner = req.replace(script_name="", script_args={})
+        if not script.draws_seeds:  # prompts from file draws a seed per line unless told otherwise
+            inner = inner.with_concrete_seeds()
+        images: list = []
+        interrupted = paused = False
+        batches = 0
+        try:
+            for seed, outputs in script.run(ctx, inner, args):
+                if outputs is None:
+                    interrupted = True
+                    break
+                batch = []
+                for item in outputs:  # an inner pass's own image, or (image, first pass's infotext[, "grid"])
+                    if isinstance(item, GeneratedImage):
+                        batch.append(item)
+                        continue
+                    image, text, *kind = item
+                    text = text if kind else ctx.with_script(text, script.name, args)
+                    batch.append(GeneratedImage(image, seed, inner.subseed, text, grid=kind == ["grid"]))
+                batches += 1
+                if batches <= first_batch:  # given before a pause
+                    continue
+                for g in batch:
+                    if on_image is not None:
+                        on_image(g)
+                if on_batch is not None:
+                    on_batch(batches, batch)
+                if keep_images:
+                    images.extend(batch)
+        except Paused:
+            paused = True
+        seeds = [g.seed for g in images]
+        return Txt2ImgResult(inner, images, seeds, [inner.subseed] * len(seeds), "", "", interrupted,
+                             batches_done=batches, paused=paused)
