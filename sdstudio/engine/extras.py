@@ -2,7 +2,8 @@
 
 Upscaler 1 (a built-in resampler or a model file) brings the picture to the target size ("Scale by" a
 factor, or "Scale to" a width × height, optionally cropped to fit); upscaler 2, when given, is blended
-over it by its visibility. Then, in A1111's order, GFPGAN and CodeFormer restore the faces, each blended
+over it by its visibility (A1111's ``Image.blend(first, second, visibility)``; nothing when upscaler 1 is
+None, as in A1111). Then, in A1111's order, GFPGAN and CodeFormer restore the faces, each blended
 by its visibility.
 """
 
@@ -80,7 +81,8 @@ def run(image: Image.Image, req: ExtrasRequest, upscalers: Upscalers, faces: Fac
         return resize_image(1, big, w, h) if crop else big
 
     first = upscale(req.upscaler_1)
-    if req.upscaler_2 != "None" and req.upscaler_2_visibility > 0:
+    # A1111 skips the whole upscale step, upscaler 2 included, when upscaler 1 is None
+    if req.upscaler_1 != "None" and req.upscaler_2 != "None" and req.upscaler_2_visibility > 0:
         second = upscale(req.upscaler_2).resize(first.size)
         first = Image.blend(first, second, req.upscaler_2_visibility)
     if req.gfpgan_visibility > 0:
