@@ -45,16 +45,27 @@ def test_binary_mask_thresholds_and_reads_alpha():
 
 
 def test_blur_spreads_within_its_radius_and_keeps_the_mean():
+    # A1111's mask blur: a Gaussian of sigma = blur per axis, its kernel cut at int(2.5 * sigma + 0.5)
+    # pixels and normalised. One lit pixel becomes that kernel's outer product, and nothing beyond it.
     mask = Image.new("L", (41, 41), 0)
     mask.putpixel((20, 20), 255)
-    arr = np.asarray(imageops.blur_mask(Image.new("L", (41, 41), 0).point(lambda v: 0), 4)).astype(int)
-    assert arr.sum() == 0
+    arr = np.asarray(imageops.blur_mask(mask, 4)).astype(int)
+    k = np.arange(-10, 11)  # offsets within the radius int(2.5 * 4 + 0.5) = 10
+    g = np.exp(-k ** 2 / (2 * 4 ** 2))
+    g /= g.sum()
+    want = np.zeros((41, 41))
+    want[10:31, 10:31] = 255 * np.outer(g, g)
+    assert np.abs(arr - want).max() <= 1 and arr[20, 20] == arr.max() > 0
+    assert arr[:10].sum() == arr[31:].sum() == arr[:, :10].sum() == arr[:, 31:].sum() == 0
+    assert np.asarray(imageops.blur_mask(Image.new("L", (41, 41), 0), 4)).sum() == 0
     big = Image.new("L", (64, 64), 0)
     ImageDraw.Draw(big).rectangle((0, 0, 31, 63), fill=255)
     blurred = np.asarray(imageops.blur_mask(big, 4)).astype(int)
     radius = int(2.5 * 4 + 0.5)
     assert (blurred[:, :32 - radius - 1] == 255).all() and (blurred[:, 32 + radius:] == 0).all()
     assert 0 < blurred[0, 32] < 255 and abs(blurred.mean() - 127.5) < 1
+    edge = np.array([255 * g[(x + k < 32)].sum() for x in range(64)])  # the kernel's mass left of the edge
+    assert np.abs(blurred - edge[None, :]).max() <= 1
 
 
 def test_fill_paints_the_hole_from_its_surroundings():
