@@ -110,6 +110,7 @@ def create_app(args: argparse.Namespace):
 
     from .api import jobs as jobs_api
     from .api.a1111 import make_router
+    from .core.errors import StudioError, http_status
     from .engine.generate import Engine
     from .flags import device_options_from, paths_from, studio_from
     from .service.jobs import JobService
@@ -171,6 +172,10 @@ def create_app(args: argparse.Namespace):
         origins = [o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip()]
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_origin_regex=args.cors_allow_origins_regex,
                            allow_methods=["*"], allow_headers=["*"], allow_credentials=True)
+
+    @app.exception_handler(StudioError)
+    async def studio_error(request: Request, exc: StudioError):  # our errors: the status their kind says
+        return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=http_status(exc))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):  # one line, never a traceback to clients

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 
 from ..core import infotext, styles
+from ..core.errors import http_status
 from ..core.names import LATENT_UPSCALE_MODES, get_sampler, get_schedule, sampler_labels, schedule_labels
 from ..core.outputs import NotAnImageError, read_infotext
 from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest
@@ -316,10 +317,8 @@ def check_models(service: JobService, req: Txt2ImgRequest) -> None:
         if req.restore_faces:
             engine.faces.check(req.face_restoration_model)
         service.studio.precheck(req)
-    except RequestError as exc:
-        raise HTTPException(422, str(exc)) from None
-    except ModelNotFoundError as exc:
-        raise HTTPException(404, str(exc)) from None
+    except (RequestError, ModelNotFoundError) as exc:
+        raise HTTPException(http_status(exc), str(exc)) from None
 
 
 def run_blocking(service: JobService, client: str, job: Txt2ImgJob, body: Txt2ImgBody) -> dict:
@@ -329,9 +328,8 @@ def run_blocking(service: JobService, client: str, job: Txt2ImgJob, body: Txt2Im
     except JobError as exc:
         raise HTTPException(422, str(exc)) from None
     done = service.wait(submitted.id)
-    if done.status == "failed":
-        status = 404 if "no checkpoint named" in (done.error or "") else 500
-        raise HTTPException(status, done.error or "the job failed")
+    if done.status == "failed":  # the status its error's kind says (core.errors), as if refused at once
+        raise HTTPException(http_status(done.result.get("error_kind")), done.error or "the job failed")
     result = done.result
     req = Txt2ImgJob.from_dict(done.request, done.kind).request
     info = a1111_info(req, result)
@@ -352,12 +350,8 @@ def extras_request(body: ExtrasBody) -> ExtrasRequest:
 
 
 def extras_upscale(image, body: ExtrasBody, engine):
-    try:
-        return extras.run(image, extras_request(body), engine.upscalers, engine.faces)
-    except ModelNotFoundError as exc:
-        raise HTTPException(404, str(exc)) from None
-    except (RequestError, ModelFileError) as exc:
-        raise HTTPException(422, str(exc)) from None
+    # an unknown upscaler (404), a bad field or an unusable file (422): the server maps our errors' kinds
+    return extras.run(image, extras_request(body), engine.upscalers, engine.faces)
 
 
 def _scale_from_name(name: str) -> float:
@@ -570,12 +564,7 @@ def make_router(service: JobService, settings: Settings, cmd_flags: dict, limits
     @r.post("/interrogate")
     def interrogate(body: InterrogateBody):
         image = decode_image(body.image, "image")
-        try:
-            return {"caption": engine.interrogators.interrogate(image, body.model)}
-        except ModelNotFoundError as exc:
-            raise HTTPException(404, str(exc)) from None
-        except ModelFileError as exc:
-            raise HTTPException(422, str(exc)) from None
+        return {"caption": engine.interrogators.interrogate(image, body.model)}  # errors: by their kind
 
     @r.get("/prompt-styles")
     def prompt_styles():

@@ -22,16 +22,6 @@ RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resiz
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 
 
-def resize_mode_index(mode: int | str) -> int:
-    if isinstance(mode, str):
-        if mode not in RESIZE_MODES:
-            raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
-        return RESIZE_MODES.index(mode)
-    if not 0 <= int(mode) < len(RESIZE_MODES):
-        raise ValueError(f"resize_mode must be 0-3, got {mode!r}")
-    return int(mode)
-
-
 def _resize(im: Image.Image, w: int, h: int) -> Image.Image:
     return im if im.size == (w, h) else im.resize((w, h), Image.Resampling.LANCZOS)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import infotext, scripts
+from .errors import RequestError
 from .imageops import MASKED_CONTENT, RESIZE_MODES
 from .names import get_sampler, get_schedule, split_legacy_sampler
 
@@ -24,10 +25,6 @@ FACE_RESTORERS = ("", "CodeFormer", "GFPGAN")  # "": A1111's default, CodeFormer
 MAX_SIDE = 8192
 MAX_PIXELS = 4096 * 4096  # one image; more does not fit a VAE decode on any consumer machine
 MAX_PROMPT_CHARS = 50_000
-
-
-class RequestError(ValueError):
-    """A request that cannot run; the message names the bad field and why."""
 
 
 @dataclass

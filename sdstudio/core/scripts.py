@@ -21,10 +21,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import RequestError
+
 OUTPAINT_DIRECTIONS = ("left", "right", "up", "down")
 
 
-class ScriptError(ValueError):
+class ScriptError(RequestError):
     """A bad script name or argument; the message names the script and the argument."""
 
 

@@ -28,10 +28,6 @@ class DevicePlan:
     offload: str = "none"  # "none", "model" (--medvram), "sequential" (--lowvram)
     xformers: bool = False
 
-    @property
-    def compute_device(self) -> torch.device:
-        return self.device
-
 
 def plan_devices(opts: DeviceOptions | None = None) -> DevicePlan:
     opts = opts or DeviceOptions()

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..core.errors import PLUGIN, StudioError
 from .schedules import DiscreteSchedule
 
 if TYPE_CHECKING:
@@ -37,8 +38,10 @@ if TYPE_CHECKING:
     from .img2img import LatentMask
 
 
-class HookError(RuntimeError):
+class HookError(StudioError, RuntimeError):
     """A hook raised: ``owner`` names the script or plug-in that gave it."""
+
+    kind = PLUGIN
 
     def __init__(self, owner: str, exc: BaseException):
         super().__init__(f"{owner}: {type(exc).__name__}: {exc}")

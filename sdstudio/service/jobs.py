@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..core import outputs
+from ..core.errors import kind_of
 from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest
 from ..engine.hooks import HookError
 from ..models.errors import ModelFileError, ModelNotFoundError
@@ -332,17 +333,23 @@ class JobService:
         try:
             self.runners[job.kind](job, live)
         except (RequestError, ModelNotFoundError, ModelFileError) as exc:
-            self.queue.finish(job.id, FAILED, error=str(exc))
+            self._fail(job, exc, str(exc))
         except HookError as exc:  # a script's or plug-in's hook raised: this job fails, naming it
             log.error("job %s: %s\n%s", job.id, exc, traceback.format_exc())
             self.plugins.report(exc.owner, str(exc))
-            self.queue.finish(job.id, FAILED, error=f"{exc} (the job was stopped; other jobs go on)")
+            self._fail(job, exc, f"{exc} (the job was stopped; other jobs go on)")
         except Exception as exc:  # noqa: BLE001 - a bug: the job fails with a message, the worker lives on
             log.error("job %s failed:\n%s", job.id, traceback.format_exc())
-            self.queue.finish(job.id, FAILED, error=f"{type(exc).__name__}: {exc}")
+            self._fail(job, exc, f"{type(exc).__name__}: {exc}")
         finally:
             self.live = None
             self._notify()
+
+    def _fail(self, job: Job, exc: BaseException, message: str) -> None:
+        """The job failed: its message, and its error's kind (``result["error_kind"]``) for the API's status."""
+        current = self.queue.get(job.id)
+        result = {**(current.result if current is not None else {}), "error_kind": kind_of(exc)}
+        self.queue.finish(job.id, FAILED, result, error=message)
 
     def _run_generate(self, job: Job, live: Live) -> None:
         spec = Txt2ImgJob.from_dict(job.request, job.kind)
