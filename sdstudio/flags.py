@@ -90,9 +90,22 @@ def activate(plugins) -> None:
     from .core import names
     from .engine import samplers, schedules
 
+    def owner_failed(label: str, exc: Exception) -> None:
+        for p in plugins.infos:
+            if label in p.samplers or label in p.schedules:
+                p.status, p.error = "failed", f"{type(exc).__name__}: {exc}"
+
     for info, function in plugins.samplers:
-        names.register_sampler(info)
+        try:
+            names.register_sampler(info)
+        except ValueError as exc:  # a name another sampler has: that plug-in is reported, the rest go on
+            owner_failed(info.label, exc)
+            continue
         samplers.SAMPLER_FUNCTIONS[info.function] = function
     for info, function in plugins.schedulers:
-        names.register_schedule(info)
-        schedules.EXTRA_SCHEDULES[info.name] = function
+        try:
+            names.register_schedule(info)
+        except ValueError as exc:
+            owner_failed(info.label, exc)
+            continue
+        schedules.SCHEDULE_FUNCTIONS[info.name] = lambda n, model, sdxl=False, f=function: f(n, model, sdxl)

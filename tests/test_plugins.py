@@ -180,3 +180,38 @@ def test_the_ui_form_builds_the_plugins_controls(studio):
     assert req.alwayson_scripts == {"Vignette": {"enabled": True, "strength": 0.8, "radius": 0.5}}
     assert form.request({**values, script_key("Vignette", "enabled"): False}, {}).alwayson_scripts == {}
 
+
+
+def test_a_plugins_sampler_and_schedule_type(data_dir):
+    """A plug-in's sampler (here: Euler under another name) and schedule type (Karras by another name) run
+    as the built-in ones do; a sampler name that is taken fails only that plug-in."""
+    write_plugin(data_dir, "more_samplers", """
+        SDSTUDIO_API = 1
+
+        def register(api):
+            from sdstudio.core.names import SamplerInfo, ScheduleInfo
+            from sdstudio.engine.samplers import sample_euler
+            from sdstudio.engine.schedules import get_sigmas
+
+            api.add_sampler(SamplerInfo("Plug-in Euler", "plugin_euler", ("plugin_euler",)), sample_euler)
+            api.add_scheduler(ScheduleInfo("plugin_karras", "Plug-in Karras"),
+                              lambda steps, schedule, sdxl: get_sigmas("karras", steps, schedule))
+        """)
+    write_plugin(data_dir, "taken_name", """
+        SDSTUDIO_API = 1
+
+        def register(api):
+            from sdstudio.core.names import SamplerInfo
+            api.add_sampler(SamplerInfo("Euler", "not_euler"), lambda *a, **k: None)
+        """)
+    from sdstudio.flags import studio_from
+
+    args = build_parser().parse_args(["serve", "--data-dir", str(data_dir)])
+    studio, plugins = studio_from(args, Engine(Paths(data_dir)))
+    assert plugins.info("more_samplers").status == "loaded"
+    assert plugins.info("taken_name").status == "failed" and "taken" in plugins.info("taken_name").error
+    ours = studio.generate(Txt2ImgRequest(**{**BASE, "sampler_name": "Plug-in Euler", "scheduler": "Plug-in Karras"}))
+    builtin = studio.generate(Txt2ImgRequest(**{**BASE, "sampler_name": "Euler", "scheduler": "Karras"}))
+    assert np.array_equal(pixels(ours), pixels(builtin))
+    fields = infotext.parse(ours.images[0].infotext)
+    assert fields["Sampler"] == "Plug-in Euler" and fields["Schedule type"] == "Plug-in Karras"

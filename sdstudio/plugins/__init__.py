@@ -56,6 +56,7 @@ class PluginInfo:
     error: str = ""
     scripts: list[str] = field(default_factory=list)
     samplers: list[str] = field(default_factory=list)
+    schedules: list[str] = field(default_factory=list)
     last_error: str = ""  # the last error one of its hooks raised in a job
 
     def to_a1111(self) -> dict:
@@ -208,5 +209,6 @@ def load(extensions_dir: Path | None = None, *, disabled: Iterable[str] = (), di
         plugins.routes += api.routes
         info.scripts = [s.name for s in api.scripts]
         info.samplers = [s.label for s, _ in api.samplers]
+        info.schedules = [s.label for s, _ in api.schedulers]
         log.info("plug-in %s %s loaded (%s)", info.name, info.version, info.origin)
     return plugins
