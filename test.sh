@@ -8,4 +8,5 @@ cd "$(dirname "$0")"
 export HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 MARK=(-m "not full")
 if [ "${1:-}" = "--full" ]; then shift; MARK=(-m "full or not full"); fi
-exec .venv/bin/python -m pytest -n auto --dist loadgroup -q "${MARK[@]}" "$@"
+# -rsx: every skipped test and expected failure is listed with its reason (only hardware may skip)
+exec .venv/bin/python -m pytest -n auto --dist loadgroup -q -rsx "${MARK[@]}" "$@"

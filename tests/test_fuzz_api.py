@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-
-schemathesis = pytest.importorskip("schemathesis")
+import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from sdstudio.cli import build_parser

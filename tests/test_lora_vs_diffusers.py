@@ -7,6 +7,7 @@ then fails to classify it), so text-encoder deltas are checked against the LoRA 
 
 from __future__ import annotations
 
+import peft  # noqa: F401 - a test dependency: load_lora_weights needs it, and a missing one must fail here
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -15,8 +16,6 @@ from safetensors.torch import save_file
 from sdstudio.engine import lora as lora_ops
 from sdstudio.models.diffusers_layout import write_config_folder
 from sdstudio.models.loader import load_checkpoint
-
-pytest.importorskip("peft")
 
 SCALE = 0.8
 

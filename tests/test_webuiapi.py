@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import requests
 import uvicorn
+import webuiapi
 from PIL import Image, ImageDraw
 
 from sdstudio.cli import build_parser
 from sdstudio.core import infotext
 from sdstudio.server import create_app
-
-webuiapi = pytest.importorskip("webuiapi")
 
 
 @pytest.fixture
