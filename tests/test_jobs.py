@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from step_hold import StepHold
 
 from sdstudio.core import infotext
 from sdstudio.core.params import Txt2ImgRequest
@@ -33,13 +33,6 @@ def idle(data_dir):
 
 def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
-
-
-def wait_until(check, timeout=60.0):
-    deadline = time.time() + timeout
-    while not check():
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_a_job_writes_its_images_before_it_is_done(service):
@@ -88,48 +81,55 @@ def test_long_job_is_parked_so_another_client_goes_first(idle, data_dir):
 
 
 def test_interrupt_touches_only_the_callers_job(idle):
-    a = idle.submit("a", Txt2ImgJob(small(steps=40, n_iter=2)))
+    a = idle.submit("a", Txt2ImgJob(small(steps=4, n_iter=2)))
     b = idle.submit("b", Txt2ImgJob(small()))
-    idle.start()
-    wait_until(lambda: idle.live is not None and idle.live.step >= 1)
-    assert idle.interrupt("b") == []  # b's job is not running: nothing of a's is touched
-    assert idle.live is not None and not idle.live.interrupted
-    assert idle.interrupt("a") == [a.id]
+    with StepHold(idle, batch=0, step=1) as hold:  # a's first step of its first batch
+        idle.start()
+        assert hold.wait().id == a.id
+        assert idle.interrupt("b") == []  # b's job is not running: nothing of a's is touched
+        assert idle.live is not None and not idle.live.interrupted
+        assert idle.interrupt("a") == [a.id]
     done = idle.wait(a.id, 120)
     assert done.status == DONE and done.result["interrupted"] and done.result["images"] == []
     assert idle.wait(b.id, 120).status == DONE and len(idle.queue.get(b.id).result["images"]) == 1
 
 
 def test_progress_is_per_client(idle):
-    a = idle.submit("a", Txt2ImgJob(small(steps=40)))
+    a = idle.submit("a", Txt2ImgJob(small(steps=8)))
     b = idle.submit("b", Txt2ImgJob(small()))
     assert idle.progress("b")["queue_position"] == 1 and idle.progress("a")["queue_position"] == 0
-    idle.start()
-    wait_until(lambda: idle.live is not None and idle.live.step >= 2)
-    mine = idle.progress("a")
-    assert mine["job_id"] == a.id and mine["state"]["sampling_steps"] == 40 and mine["progress"] > 0
-    theirs = idle.progress("b")
-    assert theirs["job_id"] == b.id and theirs["state"]["sampling_step"] == 0 and theirs["queue_position"] == 0
-    assert idle.preview_png("a") is not None and idle.preview_png("b") is None
-    idle.interrupt("a")
+    with StepHold(idle, batch=0, step=2) as hold:
+        idle.start()
+        assert hold.wait().id == a.id
+        mine = idle.progress("a")
+        assert mine["job_id"] == a.id and mine["state"]["sampling_step"] == 2
+        assert mine["state"]["sampling_steps"] == 8 and mine["progress"] == 2 / 8
+        theirs = idle.progress("b")
+        assert theirs["job_id"] == b.id and theirs["state"]["sampling_step"] == 0 and theirs["queue_position"] == 0
+        assert idle.preview_png("a") is not None and idle.preview_png("b") is None  # step 1's preview
+        idle.interrupt("a")
 
 
 def test_cancel_queued_and_running(idle):
-    a = idle.submit("a", Txt2ImgJob(small(steps=40)))
+    a = idle.submit("a", Txt2ImgJob(small(steps=4)))
     later = idle.submit("a", Txt2ImgJob(small()))
     assert idle.cancel(later.id, "b") is None  # not b's
     assert idle.cancel(later.id, "a").status == CANCELLED
-    idle.start()
-    wait_until(lambda: idle.live is not None and idle.live.step >= 1)
-    idle.cancel(a.id, "a")
+    with StepHold(idle, batch=0, step=1) as hold:
+        idle.start()
+        assert hold.wait().id == a.id
+        assert idle.cancel(a.id, "b") is None
+        idle.cancel(a.id, "a")
     assert idle.wait(a.id, 120).status == CANCELLED
 
 
 def test_skip_drops_the_current_batch(idle):
-    a = idle.submit("a", Txt2ImgJob(small(steps=30, n_iter=2, seed=50)))
-    idle.start()
-    wait_until(lambda: idle.live is not None and idle.live.step >= 1)
-    assert idle.skip("a") == [a.id]
+    a = idle.submit("a", Txt2ImgJob(small(steps=4, n_iter=2, seed=50)))
+    with StepHold(idle, batch=0, step=1) as hold:
+        idle.start()
+        assert hold.wait().id == a.id
+        assert idle.skip("b") == []
+        assert idle.skip("a") == [a.id]
     done = idle.wait(a.id, 120)
     assert done.status == DONE and [im["seed"] for im in done.result["images"]] == [51]
 

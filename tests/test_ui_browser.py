@@ -1,9 +1,11 @@
 """The web UI in a real browser: headless Chromium (Debian's ``chromium``) driven by Playwright.
 
-A server on the tiny model runs in its own process, as users start it. Each test drives the page as a
-user would and checks what the page shows; screenshots of each tab go to ``artifacts/ui/`` (look at
-them: they are the test run's pictures of the UI). Skipped, saying why, where Chromium or Playwright is
-missing (``./test.sh`` installs both).
+A server on the tiny model runs in its own process, built from ``serve`` flags as users start it (by
+``step_hold.py``, which can hold one prompt's job at a known step). Each test drives the page as a user
+would and checks what the page shows; screenshots of each tab go to ``artifacts/ui/`` (look at them: they
+are the test run's pictures of the UI). Playwright is a test dependency (missing, the file fails to import);
+Chromium is a system package (``./test.sh`` installs it with apt-get as root): missing, the tests skip,
+saying why.
 """
 
 from __future__ import annotations
@@ -16,28 +18,38 @@ import time
 import urllib.request
 from pathlib import Path
 
+import playwright.sync_api
 import pytest
+from step_hold import wait_for_file
 
 from sdstudio.ui.headless import chromium_path, launch
 
 CHROMIUM = chromium_path()
-playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (./test.sh installs it)")
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (./test.sh installs it)"),
               pytest.mark.xdist_group("browser")]
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = Path(os.environ.get("SDSTUDIO_ARTIFACTS", ROOT / "artifacts")) / "ui"
+FIRST = "first window: a red circle"  # the server holds this prompt's job at its first step (step_hold.py)
 INFOTEXT = ("a pasted prompt\nNegative prompt: pasted negative\nSteps: 17, Sampler: Euler a, Schedule type: Karras, "
             "CFG scale: 6.5, Seed: 42, Size: 96x64, Clip skip: 2")
 
 
 @pytest.fixture(scope="module")
-def server(make_data_root, free_port):
+def hold_dir(tmp_path_factory):
+    """Where the server says it holds the job of the prompt ``FIRST`` (``held``) and waits for ``release``."""
+    return tmp_path_factory.mktemp("hold")
+
+
+@pytest.fixture(scope="module")
+def server(make_data_root, free_port, hold_dir):
+    """``sdstudio serve --api`` (as create_app builds it from those flags, run by step_hold.py)."""
     root = make_data_root("ui-browser")
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "sdstudio", "serve", "--data-dir", str(root), "--port", str(port),
-                             "--api"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    hold = [str(ROOT / "tests" / "step_hold.py"), "--hold-dir", str(hold_dir), "--hold-at", "0:1", "--hold-prompt", FIRST]
+    proc = subprocess.Popen([sys.executable, *hold, "--", "--data-dir", str(root), "--port", str(port), "--api"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:
@@ -55,7 +67,7 @@ def server(make_data_root, free_port):
 
 @pytest.fixture(scope="module")
 def browser():
-    with playwright.sync_playwright() as p:
+    with playwright.sync_api.sync_playwright() as p:
         b = launch(p, CHROMIUM)
         yield b
         b.close()
@@ -190,26 +202,27 @@ def test_switch_language_in_settings(server, browser):
                                                       headers={"Content-Type": "application/json"}), timeout=10)
 
 
-def test_three_windows_share_the_queue(server, browser):
+def test_three_windows_share_the_queue(server, browser, hold_dir):
     """Two windows queue a job each while a third's runs: all three finish, each shows its own images."""
     pages = [open_page(browser, server) for _ in range(3)]
-    prompts = ["first window: a red circle", "second window: a blue square", "third window: a star"]
+    prompts = [FIRST, "second window: a blue square", "third window: a star"]
     for page, prompt in zip(pages, prompts):
         page.locator("#txt2img_prompt textarea").fill(prompt)
         set_number(page, "txt2img_width", 128)
         set_number(page, "txt2img_height", 128)
-        set_number(page, "txt2img_steps", 20)
-    # the first window's job must outlast the other two windows' clicks and the queue panel's poll, also on
-    # loaded cores: 8 pictures of 40 steps (about 10 s here)
-    set_number(pages[0], "txt2img_batch_count", 8)
-    set_number(pages[0], "txt2img_steps", 40)
+        set_number(page, "txt2img_steps", 6)
+    set_number(pages[0], "txt2img_batch_count", 3)
     pages[0].click("#txt2img_generate")
+    # the server holds the first window's job at its first step until the other two are queued and seen
+    wait_for_file(hold_dir / "held")
     pages[0].wait_for_selector("#txt2img_progressbar .sd-progress[data-state=running]", timeout=60_000)
     pages[1].click("#txt2img_generate")
     pages[2].click("#txt2img_generate")
-    pages[1].wait_for_selector("#txt2img_queue_list table.sd-queue", timeout=20_000)  # its job listed, waiting
+    for page in pages[1:]:
+        page.wait_for_selector("#txt2img_queue_list table.sd-queue", timeout=60_000)  # its job listed, waiting
     shot(pages[1], "queue-panel")
-    for page, prompt, count in zip(pages, prompts, (8, 1, 1)):
+    (hold_dir / "release").touch()
+    for page, prompt, count in zip(pages, prompts, (3, 1, 1)):
         page.wait_for_function(f"document.querySelectorAll('#txt2img_gallery img').length >= {count}",
                                timeout=180_000)
         info = page.locator("#txt2img_html_info textarea").input_value()
