@@ -22,6 +22,9 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
   "$VENV/bin/python" -m pip install -q -e ".[test]"
+  # spandrel, the upscaler tests' reference, without its dependencies: they pull torchvision, which has no
+  # CPU build on PyPI and would replace the CPU torch (the tests load only its ESRGAN and compact networks)
+  "$VENV/bin/python" -m pip install -q --no-deps "spandrel==0.4.2"
   echo "$WANT" > "$STAMP"
 fi
 # The bundled demo model ships in models/Stable-diffusion (trained by python -m training.demo_model).
