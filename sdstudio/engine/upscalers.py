@@ -159,7 +159,7 @@ def _builtin_model(sd: dict[str, torch.Tensor]) -> nn.Module | None:
 def _spandrel_model(sd: dict[str, torch.Tensor]):
     try:
         import spandrel
-    except ImportError:
+    except (ImportError, RuntimeError):  # not installed, or a torchvision built for another torch
         return None
     try:
         return spandrel.ModelLoader().load_from_state_dict(sd)
