@@ -220,12 +220,13 @@ def test_the_cli_server_body_carries_every_request_field(client):
     from sdstudio.cli import job_body
     from sdstudio.core.params import Txt2ImgRequest
 
-    changed = dict(prompt="a red circle", negative_prompt="blue", styles=[], seed=5, subseed=6,
+    changed = dict(prompt="a red circle", negative_prompt="blue", styles=[], seed=5, subseed=6,  # noqa: C408
                    subseed_strength=0.25, seed_resize_from_w=64, seed_resize_from_h=64, sampler_name="Euler",
                    scheduler="Karras", batch_size=1, n_iter=1, steps=2, cfg_scale=6.5, width=64, height=64,
                    tiling=True, restore_faces=False, face_restoration_model="GFPGAN", code_former_weight=0.3,
                    clip_skip=2, emphasis="No norm", novelai_braces=True, rng="CPU", eta_noise_seed_delta=31337,
                    eta=0.5, s_churn=0.1, s_tmin=0.2, s_tmax=9.0, s_noise=0.9, always_discard_next_to_last_sigma=True,
+                   uni_pc_variant="bh2", uni_pc_order=2, uni_pc_lower_order_final=False,
                    extra_noise=0.1, model="tiny-sd1", model_hash="abc", vae="None", tiled_vae=True, enable_hr=False,
                    denoising_strength=0.6, hr_scale=1.5, hr_resize_x=0, hr_resize_y=0, hr_upscaler="Latent (bicubic)",
                    hr_second_pass_steps=3, hr_sampler_name="Heun", hr_scheduler="Exponential", hr_prompt="hp",

@@ -316,3 +316,19 @@ def test_ddim_cfgpp_in_the_engine_uses_the_unguided_prediction(session_engine):
     same = BASE["prompt"]  # prompt == negative prompt: guided == unguided, so CFG++ is DDIM (up to rounding)
     assert np.abs(image("DDIM CFG++", same) - image("DDIM", same)).max() <= 1
     assert np.abs(image("DDIM CFG++", "blurry") - image("DDIM", "blurry")).mean() > 0.5
+
+
+def test_unipc_settings_reach_the_sampler(session_engine):
+    """UniPC's A1111 settings (order, variant, lower order final) are request fields the engine passes on;
+    order 1 is DDIM's Euler step with a corrector, so it differs from order 3, as bh2 from bh1."""
+    def image(**kw):
+        req = Txt2ImgRequest(**{**BASE, "steps": 6, "sampler_name": "UniPC", **kw})
+        return np.asarray(session_engine.generate(req).images[0].image).astype(int)
+
+    default = image()
+    assert np.array_equal(default, image(uni_pc_order=3, uni_pc_variant="bh1", uni_pc_lower_order_final=True))
+    for changed in ({"uni_pc_order": 1}, {"uni_pc_variant": "bh2"}, {"uni_pc_lower_order_final": False}):
+        assert not np.array_equal(default, image(**changed)), changed
+    lms = Txt2ImgRequest(**{**BASE, "sampler_name": "LMS", "uni_pc_order": 1})  # LMS keeps its own order 4
+    assert np.array_equal(np.asarray(session_engine.generate(lms).images[0].image),
+                          np.asarray(session_engine.generate(lms.replace(uni_pc_order=3)).images[0].image))

@@ -188,6 +188,9 @@ def to_request(body: Txt2ImgBody, options: dict, request_type=Txt2ImgRequest, **
         clip_skip=setting(settings, "CLIP_stop_at_last_layers", 1, int), rng=settings.get("randn_source", "GPU"),
         emphasis=settings.get("emphasis", "Original"),
         eta_noise_seed_delta=setting(settings, "eta_noise_seed_delta", 0, int),
+        uni_pc_variant=setting(settings, "uni_pc_variant", "bh1", str),
+        uni_pc_order=setting(settings, "uni_pc_order", 3, int),
+        uni_pc_lower_order_final=setting(settings, "uni_pc_lower_order_final", True, bool),
         model=settings.get("sd_model_checkpoint") or None, vae=settings.get("sd_vae", "Automatic"),
     )
 

@@ -21,6 +21,7 @@ from .names import get_sampler, get_schedule, split_legacy_sampler
 
 RNG_SOURCES = ("GPU", "CPU", "NV")
 EMPHASIS_MODES = ("Original", "No norm", "None")
+UNI_PC_VARIANTS = ("bh1", "bh2", "vary_coeff")
 FACE_RESTORERS = ("", "CodeFormer", "GFPGAN")  # "": A1111's default, CodeFormer, when installed
 MAX_SIDE = 8192
 MAX_PIXELS = 4096 * 4096  # one image; more does not fit a VAE decode on any consumer machine
@@ -60,6 +61,9 @@ class Txt2ImgRequest:
     s_tmax: float = float("inf")
     s_noise: float = 1.0
     always_discard_next_to_last_sigma: bool = False  # A1111's option; some samplers always do it
+    uni_pc_variant: str = "bh1"  # UniPC's A1111 settings: variant (bh1, bh2, vary_coeff), order, lower order final
+    uni_pc_order: int = 3
+    uni_pc_lower_order_final: bool = True
     extra_noise: float = 0.0  # img2img / hires pass: noise added to the start on top of the schedule's (A1111's option)
     model: str | None = None  # checkpoint name (file stem), title or short hash; None = current
     model_hash: str | None = None  # from a pasted infotext: finds the checkpoint when the name differs
@@ -117,6 +121,10 @@ class Txt2ImgRequest:
             check_model_name(getattr(self, name), name)
         if self.emphasis not in EMPHASIS_MODES:
             raise RequestError(f"emphasis must be one of {', '.join(EMPHASIS_MODES)}, got {self.emphasis!r}")
+        if self.uni_pc_variant not in UNI_PC_VARIANTS:
+            raise RequestError(f"uni_pc_variant must be one of {', '.join(UNI_PC_VARIANTS)}, got {self.uni_pc_variant!r}")
+        if not isinstance(self.uni_pc_order, int) or not 1 <= self.uni_pc_order <= 50:
+            raise RequestError(f"uni_pc_order must be an integer from 1 to 50, got {self.uni_pc_order!r}")
         if self.rng not in RNG_SOURCES:
             raise RequestError(f"rng must be one of {', '.join(RNG_SOURCES)}, got {self.rng!r}")
         try:

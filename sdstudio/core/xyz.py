@@ -210,6 +210,7 @@ AXES: dict[str, Axis] = {a.label: a for a in (
     _field("Hires upscaler", str, "hr_upscaler", choices="upscalers", only="txt2img"),
     Axis("Styles", str, _styles),
     _field("Eta", float, "eta"),
+    _field("UniPC Order", int, "uni_pc_order"),
     _field("Sigma Churn", float, "s_churn"),
     _field("Sigma min", float, "s_tmin"),
     _field("Sigma max", float, "s_tmax"),

@@ -480,6 +480,9 @@ class Engine:
         options = {"s_churn": req.s_churn, "s_tmin": req.s_tmin, "s_tmax": req.s_tmax, "s_noise": req.s_noise}
         if req.eta is not None:
             options["eta"] = req.eta
+        if sampler.function == "unipc":  # its A1111 settings ("order" means another thing to LMS)
+            options.update(order=req.uni_pc_order, variant=req.uni_pc_variant,
+                           lower_order_final=req.uni_pc_lower_order_final)
         fn = SAMPLER_FUNCTIONS[sampler.function]
         start = x * scale if init is None else init + x * (req.initial_noise_multiplier * sigmas[0] + req.extra_noise)
         with torch.no_grad(), self.placement.use(model.unet), plan.applied():
