@@ -23,12 +23,15 @@ from . import harness, shapes
 RESULTS = Path("benchmarks/quality/RESULTS.md")
 
 
-def _generate(engine, prompt: str, seed: int, args, **kw) -> Image.Image:
+def _request(prompt: str, seed: int, args, **kw):
     from ..core.params import Txt2ImgRequest
 
-    req = Txt2ImgRequest(prompt=prompt, seed=seed, steps=args.steps, sampler_name=args.sampler, cfg_scale=kw.pop(
-        "cfg_scale", args.cfg), width=args.size, height=args.size, model=args.model, **kw)
-    return engine.txt2img(req.validate()).images[0].image
+    return Txt2ImgRequest(prompt=prompt, seed=seed, steps=args.steps, sampler_name=args.sampler, cfg_scale=kw.pop(
+        "cfg_scale", args.cfg), width=args.size, height=args.size, model=args.model, **kw).validate()
+
+
+def _generate(engine, prompt: str, seed: int, args, **kw) -> Image.Image:
+    return engine.txt2img(_request(prompt, seed, args, **kw)).images[0].image
 
 
 def _img2img(engine, init: Image.Image, prompt: str, seed: int, args, folder: Path, **kw) -> Image.Image:
@@ -129,6 +132,7 @@ def evaluate(engine, args, log=print) -> list[tuple[str, str, str]]:
         rows.append(("inpaint: mean change inside / outside the mask", f"{np.mean(inside):.1f} / {np.mean(outside):.1f}",
                      "of 255; outside must be 0"))
     rows += _companion_rows(engine, reader, sub, args, colour_share, pct)
+    rows += guidance_rows(engine, reader, sub, args, pct, plain)
     rows.append(("seconds per picture", f"{seconds:.2f}", f"{args.size}×{args.size}, {args.steps} steps, this machine"))
     return rows
 
@@ -177,6 +181,43 @@ def _companion_rows(engine, reader, sub, args, colour_share, pct) -> list[tuple[
     else:
         rows.append(("embedding effect", "n/a", "embeddings/demo-red.safetensors is not installed"))
     return rows
+
+
+def saturation(images: list[Image.Image]) -> float:
+    """Mean HSV saturation (of 255): where high CFG scales' burnt colours would show."""
+    return float(np.mean([np.asarray(im.convert("HSV"), float)[..., 1].mean() for im in images]))
+
+
+GUIDANCE_CFG = 15.0
+GUIDANCE_EXTRAS = (  # (label, always-on scripts): the guidance scripts at a CFG scale that burns colours
+    ("plain", {}),
+    ("dynamic thresholding (mimic 7)", {"Dynamic Thresholding (CFG Scale Fix)": {"enabled": True, "mimic_scale": 7.0}}),
+    ("CFG rescale 0.7", {"CFG Rescale Extension": {"phi": 0.7}}),
+    ("FreeU (SD 1.5 preset)", {"FreeU Integrated (SD 1.x, SD 2.x, SDXL)": {"enabled": True, "b1": 1.5, "b2": 1.6,
+                                                                          "s1": 0.9, "s2": 0.2}}),
+)
+
+
+def guidance_rows(engine, reader, sub, args, pct, plain=None) -> list[tuple[str, str, str]]:
+    """Accuracy and colour saturation at CFG 15, plain and with each guidance script (through the studio,
+    which runs the always-on scripts); ``plain``: the same prompts' pictures at the harness's CFG."""
+    from ..scripts import Studio
+
+    studio = Studio(engine)
+    scenes = [p.scene for p in sub]
+    accuracy, saturations = [], []
+    for _label, scripts in GUIDANCE_EXTRAS:
+        pics = [studio.generate(_request(p.prompt, p.seed, args, cfg_scale=GUIDANCE_CFG, alwayson_scripts=scripts))
+                .images[0].image for p in sub]
+        accuracy.append(harness.attribute_accuracy(harness.read(reader, pics)[0], scenes)["mean"])
+        saturations.append(saturation(pics))
+    names = " / ".join(label for label, _ in GUIDANCE_EXTRAS)
+    at_cfg = f"CFG {args.cfg:g}: {saturation(plain):.0f}; " if plain else ""
+    return [(f"guidance at CFG {GUIDANCE_CFG:g}: attribute accuracy, {names}",
+             " / ".join(pct(v) for v in accuracy), f"the scripts should win back what CFG 15 loses against CFG {args.cfg:g}"),
+            (f"guidance at CFG {GUIDANCE_CFG:g}: mean colour saturation, {names}",
+             " / ".join(f"{v:.0f}" for v in saturations),
+             f"of 255; {at_cfg}renderer: {saturation([shapes.render(s, args.size) for s in scenes]):.0f}")]
 
 
 def table(rows: list[tuple[str, str, str]]) -> str:
