@@ -387,3 +387,12 @@ def test_all_three_together(studio, plain):
     assert {"Mimic scale", "CFG Rescale phi", "freeu_b1"} <= set(fields)
     assert set(from_infotext(both.images[0].infotext).alwayson_scripts) == {DYNTHRES_NAME, CFG_RESCALE_NAME,
                                                                            FREEU_NAME}
+
+
+def test_cfg_rescale_is_read_under_the_other_extensions_keys():
+    """Infotexts of the other CFG rescale extensions (and of Forge) spell the key differently."""
+    from sdstudio.core.params import from_infotext
+
+    for key in ("CFG Rescale phi", "CFG Rescale", "CFG Rescale φ", "Rescale CFG"):
+        req = from_infotext(f"a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, {key}: 0.7")
+        assert req.alwayson_scripts == {"CFG Rescale Extension": {"phi": 0.7}} and not req.extra, key

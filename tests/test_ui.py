@@ -164,14 +164,24 @@ def test_token_counter_sees_embeddings_without_rescanning_per_keystroke(ui, data
     assert token_counter(clip_tokenizer(), lookup, "a fourvec circle") == '<span class="sd-token-count">6/75</span>'
 
 
-def test_generate_event_queues_a_job_and_reports_progress(service, ui, page):
+def test_following_a_job_shows_it_running_at_its_step_then_done(service, ui, page):
+    """The progress the page shows for a queued job: held at step 2 of 3, the bar says running at that step;
+    once it is let go, the last tick carries the finished job and its image."""
+    from step_hold import StepHold
+
     client = "ui:test"
     req = Txt2ImgRequest(prompt="a red circle", steps=3, width=64, height=64, seed=5, model="tiny-sd1")
-    job = service.submit(client, Txt2ImgJob(req))
-    ticks = list(follow(service, client, job))
-    assert ticks[-1].job is not None and ticks[-1].job.status == "done"
-    assert any('data-state="running"' in t.html for t in ticks[:-1]) or len(ticks) == 1
-    image = ticks[-1].job.result["images"][0]
+    with StepHold(service, batch=0, step=2) as hold:
+        job = service.submit(client, Txt2ImgJob(req))
+        hold.wait()
+        ticks = follow(service, client, job)
+        running = next(ticks)
+        assert running.job is None and 'data-state="running"' in running.html
+        assert service.progress(client, job.id)["state"]["sampling_step"] == 2
+        hold.release()
+        rest = list(ticks)
+    assert rest[-1].job is not None and rest[-1].job.status == "done"
+    image = rest[-1].job.result["images"][0]
     assert Path(image["path"]).is_file() and infotext.parse(image["infotext"])["Seed"] == "5"
     assert "No jobs waiting" in queue_html(service, client)
 

@@ -52,6 +52,7 @@ class Param:
     default: Any
     label: str = ""  # the UI label (A1111's where it has one)
     infotext: str | None = None  # the infotext key it is written under; None: not written
+    infotext_aliases: tuple[str, ...] = ()  # other keys it is read from (other extensions' spellings)
     minimum: float | None = None
     maximum: float | None = None
     step: float | None = None
@@ -274,9 +275,10 @@ class ScriptCatalog:
         for s in self.scripts.values():
             if not s.alwayson or s.request_fields:
                 continue
-            keys = {p.infotext for p in s.params if p.infotext}
-            if s.enabled is not None and s.param(s.enabled).infotext:
-                present = s.param(s.enabled).infotext in params
+            keys = {k for p in s.params if p.infotext for k in (p.infotext, *p.infotext_aliases)}
+            switch = s.param(s.enabled) if s.enabled is not None else None
+            if switch is not None and switch.infotext:
+                present = any(k in params for k in (switch.infotext, *switch.infotext_aliases))
             else:
                 present = bool(keys & set(params))
             if present:
@@ -289,9 +291,10 @@ class ScriptCatalog:
     def _read_keys(self, script: Script, params: dict[str, str], used: set[str]) -> dict:
         args = {}
         for p in script.params:
-            if p.infotext and p.infotext in params:
-                args[p.name] = p.coerce(params[p.infotext], script.name)
-                used.add(p.infotext)
+            key = next((k for k in (p.infotext, *p.infotext_aliases) if k and k in params), None)
+            if key is not None:
+                args[p.name] = p.coerce(params[key], script.name)
+                used.add(key)
         return args
 
     # ---- the API's listings ---------------------------------------------------------------------------

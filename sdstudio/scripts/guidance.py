@@ -222,7 +222,8 @@ CFG_RESCALE = Script(
     CFG_RESCALE_NAME, alwayson=True,
     params=(
         Param("phi", 0.0, label="CFG Rescale", infotext="CFG Rescale phi", minimum=0.0, maximum=1.0, step=0.01,
-              a1111=0, omit_default=True, help="0: off; 0.7 is the paper's choice."),
+              infotext_aliases=("CFG Rescale", "CFG Rescale φ", "Rescale CFG"), a1111=0, omit_default=True,
+              help="0: off; 0.7 is the paper's choice."),
         # the extension's second argument, taken so A1111 clients' two-value lists are read; only false
         Param("ddim_trailing", False, label="DDIM Trailing", a1111=1),
     ),
