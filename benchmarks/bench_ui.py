@@ -28,7 +28,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from sdstudio.ui.headless import chromium_path, launch, set_options, start_server
+from sdstudio.testing.headless import chromium_path, launch, set_options, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 

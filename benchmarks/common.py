@@ -15,7 +15,7 @@ CACHE = Path(__file__).resolve().parent / "results" / "cache"
 
 def full_sd15(dtype: torch.dtype = torch.float16) -> Path:
     """A full-size SD 1.5-layout random-weight checkpoint (written once, ~2 GB in fp16)."""
-    from sdstudio.models.synthetic import write_checkpoint
+    from sdstudio.testing.synthetic import write_checkpoint
 
     path = CACHE / f"full-sd15-{str(dtype).split('.')[-1]}.safetensors"
     if not path.exists():

@@ -21,7 +21,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    from sdstudio.models.synthetic import write_checkpoint
+    from sdstudio.testing.synthetic import write_checkpoint
 
     root = tmp_path_factory.mktemp("tiny")
     for family in ("sd1", "sd2", "sdxl"):

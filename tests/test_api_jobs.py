@@ -117,7 +117,7 @@ def test_extras_upscale(client):
 
 
 def test_extras_and_hires_with_a_model_upscaler(client, data_dir):
-    from sdstudio.models.synthetic import write_upscaler
+    from sdstudio.testing.synthetic import write_upscaler
 
     write_upscaler(data_dir / "models" / "ESRGAN" / "4x-tiny.safetensors", "esrgan", 4)
     listed = client.get("/sdapi/v1/upscalers").json()

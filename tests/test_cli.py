@@ -188,7 +188,7 @@ def test_img2img_batch_folder_with_masks_and_png_info(data_dir, capsys, tmp_path
 
 
 def test_extras_single_and_folder(data_dir, capsys, tmp_path):
-    from sdstudio.models.synthetic import write_upscaler
+    from sdstudio.testing.synthetic import write_upscaler
 
     write_upscaler(data_dir / "models" / "ESRGAN" / "2x-tiny.safetensors", "esrgan", 2)
     (tmp_path / "in").mkdir()

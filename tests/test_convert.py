@@ -5,7 +5,7 @@ import torch
 
 from sdstudio.models.convert import component_to_ldm, convert_component, openclip_to_hf, unet_ldm_to_hf
 from sdstudio.models.detect import detect
-from sdstudio.models.synthetic import make_checkpoint
+from sdstudio.testing.synthetic import make_checkpoint
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])

@@ -4,7 +4,7 @@ import pytest
 
 from sdstudio.models.detect import detect, detect_vae
 from sdstudio.models.errors import ModelFileError
-from sdstudio.models.synthetic import make_checkpoint
+from sdstudio.testing.synthetic import make_checkpoint
 
 
 def shapes(sd):

@@ -15,7 +15,7 @@ from PIL import Image
 from sdstudio.engine import extras
 from sdstudio.engine.extras import ExtrasRequest
 from sdstudio.engine.upscalers import Upscalers
-from sdstudio.models.synthetic import write_upscaler
+from sdstudio.testing.synthetic import write_upscaler
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from sdstudio.core.paths import Paths
 from sdstudio.core.scripts import ScriptError, builtin
 from sdstudio.engine.generate import Engine
 from sdstudio.engine.hooks import Guidance, Step, StepHook, UNetCall
-from sdstudio.models.synthetic import unet_config
 from sdstudio.scripts import Studio
 from sdstudio.scripts.guidance import (
     CFG_RESCALE,
@@ -32,6 +31,7 @@ from sdstudio.scripts.guidance import (
     MODES,
     scheduled,
 )
+from sdstudio.testing.synthetic import unet_config
 
 # ---- the extension's algorithm, step by step (dynthres_core.DynThresh, batched as it runs) ----------------
 

@@ -10,7 +10,7 @@ from sdstudio.core.params import RequestError, Txt2ImgRequest, from_infotext
 from sdstudio.core.paths import Paths
 from sdstudio.engine.generate import Engine
 from sdstudio.models.errors import ModelNotFoundError
-from sdstudio.models.synthetic import write_upscaler
+from sdstudio.testing.synthetic import write_upscaler
 
 BASE = {"prompt": "a red circle", "negative_prompt": "blurry", "steps": 4, "width": 64, "height": 64, "seed": 3,
         "sampler_name": "Euler", "enable_hr": True, "denoising_strength": 0.5}

@@ -105,7 +105,7 @@ def test_bad_img2img_requests(session_engine, files):
 
 
 def test_nine_channel_inpainting_model(tmp_path, files):
-    from sdstudio.models.synthetic import write_checkpoint
+    from sdstudio.testing.synthetic import write_checkpoint
 
     folder = tmp_path / "models" / "Stable-diffusion"
     write_checkpoint(folder / "tiny-inpainting.safetensors", "sd1", "tiny", seed=3, inpainting=True)

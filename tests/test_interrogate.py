@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 from sdstudio.core.interrogate_terms import CATEGORIES, FLAVORS, MEDIUMS, MOVEMENTS
 from sdstudio.engine.interrogate import Interrogators
 from sdstudio.models.errors import ModelFileError, ModelNotFoundError
-from sdstudio.models.synthetic import _CAPTION_WORDS, _TAGGER_TAGS, write_interrogators
+from sdstudio.testing.synthetic import _CAPTION_WORDS, _TAGGER_TAGS, write_interrogators
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from sdstudio.models.diffusers_layout import load_folder, write_config_folder
 from sdstudio.models.loader import ModelCache, load_checkpoint
-from sdstudio.models.synthetic import write_checkpoint
+from sdstudio.testing.synthetic import write_checkpoint
 
 
 def _state(module):

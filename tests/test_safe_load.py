@@ -14,7 +14,7 @@ import torch
 from sdstudio.models.errors import ModelFileError
 from sdstudio.models.loader import load_checkpoint
 from sdstudio.models.safe_load import open_state_dict
-from sdstudio.models.synthetic import make_checkpoint
+from sdstudio.testing.synthetic import make_checkpoint
 
 
 class _Exploit:

@@ -10,9 +10,9 @@ from sdstudio.core import infotext, scripts
 from sdstudio.core.params import Img2ImgRequest, RequestError, from_infotext
 from sdstudio.core.paths import Paths
 from sdstudio.engine.generate import Engine
-from sdstudio.models.synthetic import write_upscaler
 from sdstudio.scripts import Studio
 from sdstudio.scripts.img2img import loopback_strength
+from sdstudio.testing.synthetic import write_upscaler
 
 
 @pytest.fixture(scope="module")

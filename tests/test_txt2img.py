@@ -99,7 +99,7 @@ def test_progress_reports_every_step(session_engine):
 def test_vae_choice_is_per_job_and_recorded(data_dir, tiny_dir):
     from safetensors.torch import save_file
 
-    from sdstudio.models.synthetic import make_checkpoint
+    from sdstudio.testing.synthetic import make_checkpoint
 
     vae_dir = data_dir / "models" / "VAE"
     vae_dir.mkdir(parents=True)

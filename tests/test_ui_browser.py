@@ -22,7 +22,7 @@ import playwright.sync_api
 import pytest
 from step_hold import wait_for_file
 
-from sdstudio.ui.headless import chromium_path, launch
+from sdstudio.testing.headless import chromium_path, launch
 
 CHROMIUM = chromium_path()
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (./test.sh installs it)"),

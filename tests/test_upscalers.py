@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from sdstudio.engine.upscalers import Upscalers, load_model, run_tiled
 from sdstudio.models.errors import ModelFileError, ModelNotFoundError
-from sdstudio.models.synthetic import write_upscaler
+from sdstudio.testing.synthetic import write_upscaler
 
 
 @pytest.fixture(scope="module")

@@ -109,7 +109,7 @@ def test_a1111_positional_args_and_infotext_round_trip():
 
 @pytest.fixture(scope="module")
 def engine(make_data_root):
-    from sdstudio.models.synthetic import write_checkpoint
+    from sdstudio.testing.synthetic import write_checkpoint
 
     root = make_data_root("xyz", {"a": "sd1"})
     for name, seed in (("b", 8), ("c", 9)):

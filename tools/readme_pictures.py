@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from sdstudio.ui.headless import launch, set_options, start_server
+from sdstudio.testing.headless import launch, set_options, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 

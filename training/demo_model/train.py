@@ -37,7 +37,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdstudio.eval import shapes
 from sdstudio.models.loader import clip_tokenizer
-from sdstudio.models.synthetic import ldm_state_dict
+from sdstudio.testing.synthetic import ldm_state_dict
 
 SCALING = 0.18215
 

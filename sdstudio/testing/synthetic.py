@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from .convert import canonical_text_state, component_to_ldm
+from ..models.convert import canonical_text_state, component_to_ldm
 
 _VAE = {
     "full": {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2},
