@@ -45,6 +45,10 @@ def hold_dir(tmp_path_factory):
 def server(make_data_root, free_port, hold_dir):
     """``sdstudio serve --api`` (as create_app builds it from those flags, run by step_hold.py)."""
     root = make_data_root("ui-browser")
+    import shutil  # the example plug-in, as a user drops it into extensions/ (test_a_plugins_script_...)
+
+    shutil.copytree(ROOT / "examples" / "plugins" / "sdstudio-vignette" / "sdstudio_vignette",
+                    root / "extensions" / "sdstudio_vignette")
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     hold = [str(ROOT / "tests" / "step_hold.py"), "--hold-dir", str(hold_dir), "--hold-at", "0:1", "--hold-prompt", FIRST]
@@ -146,6 +150,23 @@ def test_generate_shows_progress_then_the_image(server, browser):
     shot(page, "img2img")
     _, info2 = generate(page, "img2img", "a green square", steps=4, size=64)
     assert "Denoising strength: 0.75" in info2 and "Size: 64x64" in info2
+
+
+def test_a_plugins_always_on_script_from_the_page(server, browser):
+    """The example plug-in's accordion (made from its declaration) switches its script on for the job; the
+    Extensions tab lists it."""
+    page = open_page(browser, server)
+    page.click("#txt2img_script_vignette .label-wrap")
+    page.locator("#txt2img_script_vignette_enabled input[type=checkbox]").check()
+    set_number(page, "txt2img_script_vignette_strength", 0.9)
+    shot(page, "txt2img-vignette")
+    _, info = generate(page, "txt2img", "a plug-in's vignette", steps=3)
+    assert "Vignette: True" in info and "Vignette strength: 0.9" in info and "Vignette radius: 0.5" in info
+    page.get_by_role("tab", name="Extensions").click()
+    table = page.locator("#extensions_installed_html")
+    table.wait_for()
+    assert "sdstudio_vignette" in table.inner_text() and "loaded" in table.inner_text()
+    shot(page, "extensions")
 
 
 def test_paste_fills_the_fields(server, browser):
