@@ -215,3 +215,20 @@ def test_a_plugins_sampler_and_schedule_type(data_dir):
     assert np.array_equal(pixels(ours), pixels(builtin))
     fields = infotext.parse(ours.images[0].infotext)
     assert fields["Sampler"] == "Plug-in Euler" and fields["Schedule type"] == "Plug-in Karras"
+
+
+def test_the_example_installed_as_a_package_is_found_by_its_entry_point(tmp_path, monkeypatch):
+    """``pip install examples/plugins/sdstudio-vignette`` (here into a folder put on sys.path): the plug-in is
+    found through its ``sdstudio.plugins`` entry point, with the package's version."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "site"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                           "--target", str(target), str(EXAMPLE.parent)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    monkeypatch.syspath_prepend(str(target))
+    plugins = load(tmp_path / "no-extensions-folder")
+    (info,) = [i for i in plugins.infos if i.name == "vignette"]
+    assert info.origin == "entry point sdstudio-vignette" and info.version == "1.0.0" and info.status == "loaded"
+    assert plugins.catalog.get("Vignette").owner == "vignette"
