@@ -82,6 +82,7 @@ def studio_from(args: argparse.Namespace, engine):
 
     plugins = plugins_from(args, engine.paths)
     activate(plugins)
+    engine.upscalers.extra.update(plugins.upscalers)  # this engine's: by name, after the built-in ones
     return Studio(engine, plugins.catalog), plugins
 
 

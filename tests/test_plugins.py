@@ -232,3 +232,23 @@ def test_the_example_installed_as_a_package_is_found_by_its_entry_point(tmp_path
     (info,) = [i for i in plugins.infos if i.name == "vignette"]
     assert info.origin == "entry point sdstudio-vignette" and info.version == "1.0.0" and info.status == "loaded"
     assert plugins.catalog.get("Vignette").owner == "vignette"
+
+
+def test_a_plugins_upscaler_serves_extras_and_hires_fix(data_dir):
+    write_plugin(data_dir, "inverter", """
+        SDSTUDIO_API = 1
+
+        def register(api):
+            from PIL import ImageOps
+            api.add_upscaler("Inverted", lambda image, w, h: ImageOps.invert(image.resize((w, h))))
+        """)
+    args = build_parser().parse_args(["serve", "--data-dir", str(data_dir), "--api", "--nowebui"])
+    with TestClient(create_app(args)) as client:
+        assert "Inverted" in [u["name"] for u in client.get("/sdapi/v1/upscalers").json()]
+        hires = client.post("/sdapi/v1/txt2img", json={**BASE, "enable_hr": True, "hr_upscaler": "Inverted",
+                                                        "hr_scale": 1.5, "denoising_strength": 0.3})
+        assert hires.status_code == 200 and "Hires upscaler: Inverted" in json.loads(hires.json()["info"])["infotexts"][0]
+    engine = client.app.state.service.engine
+    picture = Image.new("RGB", (16, 8), (10, 200, 30))
+    out = engine.upscalers.upscale(picture, 32, 16, "Inverted")
+    assert out.size == (32, 16) and out.getpixel((5, 5)) == (245, 55, 225)

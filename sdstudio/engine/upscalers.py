@@ -17,6 +17,7 @@ import logging
 import math
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,6 +246,7 @@ def _to_image(t: torch.Tensor) -> Image.Image:
 class Upscaler:
     name: str
     path: Path | None = None  # None for the built-in resamplers
+    function: Callable[[Image.Image, int, int], Image.Image] | None = None  # a plug-in's (image, width, height)
 
 
 class Upscalers:
@@ -258,10 +260,13 @@ class Upscalers:
         self.tile, self.overlap = tile, overlap
         self._loaded: tuple[Path, float, nn.Module, int] | None = None
         self._lock = threading.Lock()  # the API's extras and the job worker may upscale at once
+        # plug-ins' upscalers by name: function(image, width, height) -> image (sdstudio.plugins)
+        self.extra: dict[str, Callable[[Image.Image, int, int], Image.Image]] = {}
 
     def available(self) -> list[Upscaler]:
         found = [Upscaler(name) for name in BUILTIN]
-        seen = set(BUILTIN)
+        found += [Upscaler(name, function=fn) for name, fn in self.extra.items() if name not in BUILTIN]
+        seen = {u.name for u in found}
         for folder in self.folders:
             if not folder.is_dir():
                 continue
@@ -290,7 +295,9 @@ class Upscalers:
         """``image`` at ``width``×``height`` through the named upscaler (A1111's resize with upscaler)."""
         image = image.convert("RGB")
         up = self.get(name)
-        if up.path is not None and (width > image.width or height > image.height):
+        if up.function is not None:
+            image = up.function(image, width, height).convert("RGB")
+        elif up.path is not None and (width > image.width or height > image.height):
             with self._lock:
                 model, scale = self._model(up.path)
                 for _ in range(3):  # A1111: the model at most three times, until the image is big enough

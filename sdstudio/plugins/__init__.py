@@ -4,7 +4,7 @@ A plug-in is a Python module with
 
 - ``SDSTUDIO_API = 1``: the plug-in API version it was written for (:data:`API_VERSION`);
 - ``register(api)``: called once with a :class:`PluginAPI`, through which it adds scripts (selectable or
-  always-on, with per-step hooks), samplers, schedulers, ControlNet preprocessors, localizations and API
+  always-on, with per-step hooks), samplers, schedulers, upscalers, ControlNet preprocessors, localizations and API
   routes. Nothing else is needed, and nothing of sdstudio may be patched;
 - optionally ``NAME``, ``VERSION`` and ``DESCRIPTION``.
 
@@ -78,6 +78,7 @@ class PluginAPI:
         self.samplers: list[tuple[SamplerInfo, Callable]] = []
         self.schedulers: list[tuple[ScheduleInfo, Callable]] = []
         self.preprocessors: dict[str, Callable] = {}
+        self.upscalers: dict[str, Callable] = {}
         self.localizations: dict[str, dict[str, str]] = {}
         self.routes: list[Callable] = []
 
@@ -95,6 +96,11 @@ class PluginAPI:
     def add_scheduler(self, info: ScheduleInfo, function: Callable) -> None:
         """A schedule type: ``function(steps, schedule, sdxl) -> sigmas`` (a descending tensor ending in 0)."""
         self.schedulers.append((info, function))
+
+    def add_upscaler(self, name: str, function: Callable) -> None:
+        """An upscaler for Hires. fix, Extras and SD upscale: ``function(image, width, height) -> image``
+        (a PIL image at about that size; it is resized to exactly that size)."""
+        self.upscalers[name] = function
 
     def add_preprocessor(self, name: str, function: Callable) -> None:
         """A ControlNet preprocessor: ``function(image: PIL.Image, resolution, threshold_a, threshold_b)``."""
@@ -118,6 +124,7 @@ class Plugins:
     samplers: list[tuple[SamplerInfo, Callable]] = field(default_factory=list)
     schedulers: list[tuple[ScheduleInfo, Callable]] = field(default_factory=list)
     preprocessors: dict[str, Callable] = field(default_factory=dict)
+    upscalers: dict[str, Callable] = field(default_factory=dict)
     localizations: dict[str, dict[str, str]] = field(default_factory=dict)
     routes: list[Callable] = field(default_factory=list)
 
@@ -204,6 +211,7 @@ def load(extensions_dir: Path | None = None, *, disabled: Iterable[str] = (), di
         plugins.samplers += api.samplers
         plugins.schedulers += api.schedulers
         plugins.preprocessors.update(api.preprocessors)
+        plugins.upscalers.update(api.upscalers)
         for language, strings in api.localizations.items():
             plugins.localizations.setdefault(language, {}).update(strings)
         plugins.routes += api.routes
