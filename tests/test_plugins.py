@@ -252,3 +252,16 @@ def test_a_plugins_upscaler_serves_extras_and_hires_fix(data_dir):
     picture = Image.new("RGB", (16, 8), (10, 200, 30))
     out = engine.upscalers.upscale(picture, 32, 16, "Inverted")
     assert out.size == (32, 16) and out.getpixel((5, 5)) == (245, 55, 225)
+
+
+def test_installing_a_plugin_folder_from_this_machine(tmp_path):
+    from sdstudio.plugins.install import InstallError, install
+
+    target = tmp_path / "extensions"
+    where = install(str(EXAMPLE), target)
+    assert Path(where) == target / "sdstudio_vignette" and (target / "sdstudio_vignette" / "__init__.py").is_file()
+    assert [i.status for i in load(target).infos] == ["loaded"]
+    for source, words in ((str(EXAMPLE), "exists already"), (str(tmp_path / "nope"), "no such"),
+                          (str(EXAMPLE / "__init__.py"), "a folder or a .whl"), (str(tmp_path), "not a plug-in")):
+        with pytest.raises(InstallError, match=words):
+            install(source, target)
