@@ -133,7 +133,8 @@ class CFGDenoiser:
                 d_u = self._to_denoised(x[i], out_u.to(x.device), s[i])
                 guidance = Guidance(x[i], s[i, 0, 0, 0], d_u,
                                     [(self._to_denoised(x[i], out_c.to(x.device), s[i]), w) for out_c, w in parts],
-                                    plan.cfg_scale, step, i)
+                                    plan.cfg_scale, step, i,
+                                    lambda out, xi=x[i], si=s[i]: self._to_denoised(xi, out.to(xi.device), si))
                 results.append(plan.combine(guidance) if plan.hooks else guidance.cfg())
                 unguided.append(d_u)
         self.step += 1

@@ -85,6 +85,8 @@ class Guidance:
     cfg_scale: float
     step: Step
     image: int  # index in the batch
+    # a UNet output for this image -> its denoised prediction (for hooks that call the UNet themselves: PAG)
+    to_denoised: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def cfg(self, scale: float | None = None) -> torch.Tensor:
         """Plain classifier-free guidance at ``scale`` (default: the request's)."""

@@ -6,12 +6,13 @@ Importing this package imports no torch: a script's runner imports the engine wh
 
 from .guidance import CFG_RESCALE, DYNAMIC_THRESHOLDING, FREEU
 from .img2img import LOOPBACK, OUTPAINTING_MK2, POOR_MANS_OUTPAINTING, SD_UPSCALE
+from .pag import PAG
 from .plots import PROMPT_MATRIX, PROMPTS_FROM_FILE, XYZ_PLOT
 from .soft_inpainting import SOFT_INPAINTING
 from .studio import Paused, ScriptContext, Studio, UnitResult
 
 # in A1111's dropdown order (its script files' alphabetical order)
 BUILTIN_SCRIPTS = (LOOPBACK, OUTPAINTING_MK2, POOR_MANS_OUTPAINTING, PROMPT_MATRIX, PROMPTS_FROM_FILE, SD_UPSCALE,
-                   XYZ_PLOT, SOFT_INPAINTING, DYNAMIC_THRESHOLDING, CFG_RESCALE, FREEU)
+                   XYZ_PLOT, SOFT_INPAINTING, DYNAMIC_THRESHOLDING, CFG_RESCALE, FREEU, PAG)
 
 __all__ = ["BUILTIN_SCRIPTS", "Paused", "ScriptContext", "Studio", "UnitResult"]
