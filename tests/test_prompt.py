@@ -116,3 +116,24 @@ def test_parsers_never_raise_and_keep_the_words(text):
         for word in ("猫", "🐱"):
             assert scheduled.count(word) <= text.count(word)
     assert split_and(text)
+
+
+def test_a_weight_that_is_not_a_number_stays_text():
+    """``(a:0.1.5)`` made A1111's parser (and ours) raise; a prompt is text: the unreadable weight stays in the
+    prompt and the bracket closes as a plain one."""
+    assert parse_attention("(a:0.1.5)") == [("a:0.1.5", 1.1)]
+    assert parse_attention("x (a: .. ) y") == [("x ", 1.0), ("a: .. ", 1.1), (" y", 1.0)]
+    assert parse_attention("((a:1..2):1.5)") == [("a:1..2", pytest.approx(1.65))]
+    assert parse_attention("(a:1.5)") == [("a", 1.5)]  # a real weight is still one
+
+
+_pieces = st.lists(st.sampled_from(["(", ")", "[", "]", ":", "|", "a", " ", "0.1.5", "1.", ".", "..", "-1", "0.5",
+                                    "BREAK", " AND ", ":1.2", "\\(", "\\", "猫"]), max_size=24).map("".join)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(_pieces)
+def test_a1111_syntax_pieces_never_make_the_parsers_raise(text):
+    assert parse_attention(text)
+    assert prompt_schedule(text, 10)[-1][0] == 10
+    assert split_and(text)

@@ -71,7 +71,12 @@ def parse_attention(text: str, *, novelai_braces: bool = False) -> list[tuple[st
         elif token == "{" and novelai_braces:
             open_brace.append(len(runs))
         elif weight is not None and open_round:
-            scale_from(open_round.pop(), float(weight))
+            try:
+                factor = float(weight)
+            except ValueError:  # "(a:0.1.5)": not a number, so it stays text and the bracket closes plainly
+                runs.append([token[:token.rindex(")")], 1.0])
+                factor = ROUND
+            scale_from(open_round.pop(), factor)
         elif token == ")" and open_round:
             scale_from(open_round.pop(), ROUND)
         elif token == "]" and open_square:
