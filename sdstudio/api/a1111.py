@@ -17,6 +17,7 @@ import re
 
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from ..core import infotext, styles
@@ -324,13 +325,23 @@ def check_models(service: JobService, req: Txt2ImgRequest) -> None:
         raise HTTPException(http_status(exc), str(exc)) from None
 
 
-def run_blocking(service: JobService, client: str, job: Txt2ImgJob, body: Txt2ImgBody) -> dict:
-    """Submit, wait, answer as A1111 does: ``{images, parameters, info}``."""
+def submit(service: JobService, client: str, job: Txt2ImgJob):
     try:
-        submitted = service.submit(client, job)
+        return service.submit(client, job)
     except JobError as exc:
         raise HTTPException(422, str(exc)) from None
-    done = service.wait(submitted.id)
+
+
+async def run_blocking(service: JobService, client: str, prepare, body: Txt2ImgBody) -> dict:
+    """A1111's blocking call: check and queue (``prepare()`` -> the job, in the thread pool), wait without
+    holding a thread (any number of clients may wait; the other routes keep answering), then answer as A1111
+    does: ``{images, parameters, info}``."""
+    submitted = await run_in_threadpool(lambda: submit(service, client, prepare()))
+    done = await service.wait_async(submitted.id)
+    return await run_in_threadpool(answer, done, body)
+
+
+def answer(done, body: Txt2ImgBody) -> dict:
     if done.status == "failed":  # the status its error's kind says (core.errors), as if refused at once
         raise HTTPException(http_status(done.result.get("error_kind")), done.error or "the job failed")
     result = done.result
@@ -375,17 +386,23 @@ def make_router(service: JobService, settings: Settings, cmd_flags: dict, limits
                 "filename": str(m.path), "config": None}
 
     @r.post("/txt2img")
-    def txt2img(body: Txt2ImgBody, request: Request):
-        req = to_request(body, options, **script_fields(body, catalog, [], "txt2img"))
-        job = queue_job(body, req, options, service, limits)
-        return run_blocking(service, client_id(request), job, body)
+    async def txt2img(body: Txt2ImgBody, request: Request):
+        def prepare():
+            req = to_request(body, options, **script_fields(body, catalog, [], "txt2img"))
+            return queue_job(body, req, options, service, limits)
+
+        return await run_blocking(service, client_id(request), prepare, body)
 
     @r.post("/img2img")
-    def img2img(body: Img2ImgBody, request: Request):
-        req, inits, mask = img2img_request(body, options, [u.name for u in engine.upscalers.available()], catalog)
-        job = queue_job(body, req, options, service, limits)
-        store_uploads(service, job, inits, mask)
-        return run_blocking(service, client_id(request), job, body)
+    async def img2img(body: Img2ImgBody, request: Request):
+        def prepare():
+            upscalers = [u.name for u in engine.upscalers.available()]
+            req, inits, mask = img2img_request(body, options, upscalers, catalog)
+            job = queue_job(body, req, options, service, limits)
+            store_uploads(service, job, inits, mask)
+            return job
+
+        return await run_blocking(service, client_id(request), prepare, body)
 
     @r.post("/extra-single-image")
     def extra_single_image(body: ExtrasBody):

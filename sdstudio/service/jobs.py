@@ -236,6 +236,20 @@ class JobService:
                     return job
                 self.changed.wait(0.5 if left is None else min(left, 0.5))
 
+    async def wait_async(self, job_id: str, poll: float = 0.05) -> Job:
+        """:meth:`wait` for an event loop: no thread is held while the job waits or runs (the queue is read
+        only when something changed, at most every ``poll`` seconds)."""
+        import asyncio
+
+        seen = None
+        while True:
+            if self.version != seen:
+                seen = self.version
+                job = self.queue.get(job_id)
+                if job is None or job.status in FINISHED:
+                    return job
+            await asyncio.sleep(poll)
+
     def wait_for_change(self, since: int, timeout: float) -> int:
         with self.changed:
             if self.version == since:

@@ -1,0 +1,57 @@
+"""Clients waiting in A1111's blocking calls hold no server thread: with more of them than the thread pool has
+threads (40), the other routes still answer, and every waiting client gets its images."""
+
+from __future__ import annotations
+
+import threading
+
+from fastapi.testclient import TestClient
+from step_hold import StepHold
+
+from sdstudio.cli import build_parser
+from sdstudio.server import create_app
+
+WAITING = 48  # more than anyio's default thread pool of 40
+BODY = {"prompt": "a red circle", "steps": 1, "width": 64, "height": 64, "seed": 3}
+
+
+def answers_while_others_wait(call) -> object:
+    """``call()`` on its own thread; None if it has not answered in 120 s (with the pool held by waiting
+    clients it would not answer until they are served: that is the deadlock this catches, not a speed)."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(call()), daemon=True)
+    t.start()
+    t.join(120)
+    return out[0] if out else None
+
+
+def test_waiting_clients_do_not_starve_the_other_routes(data_dir):
+    args = build_parser().parse_args(["serve", "--data-dir", str(data_dir), "--api", "--nowebui"])
+    app = create_app(args)
+    service = app.state.service
+    answers: list[int] = []
+    with TestClient(app) as client, StepHold(service, batch=0, step=1) as hold:
+        first = threading.Thread(target=lambda: answers.append(client.post("/sdapi/v1/txt2img", json=BODY).status_code))
+        first.start()
+        hold.wait()  # the worker holds the first job: every other one waits in the queue
+        clients = [threading.Thread(target=lambda i=i: answers.append(
+            client.post("/sdapi/v1/txt2img", json={**BODY, "seed": 10 + i}).status_code)) for i in range(WAITING)]
+        for c in clients:
+            c.start()
+        for _ in range(6000):  # until all are queued (each waits in its blocking call)
+            if len(service.queue.list(None, limit=100)) >= WAITING + 1:
+                break
+            threading.Event().wait(0.05)
+        assert len(service.queue.list(None, limit=100)) == WAITING + 1
+        # 49 clients wait, yet the thread pool is not theirs: sync routes still answer
+        samplers = answers_while_others_wait(lambda: client.get("/sdapi/v1/samplers"))
+        progress = answers_while_others_wait(lambda: client.get("/sdapi/v1/progress"))
+        options = answers_while_others_wait(lambda: client.get("/sdapi/v1/options"))
+        hold.release()
+        assert samplers is not None and samplers.status_code == 200
+        assert progress is not None and progress.json()["state"]["sampling_step"] == 1
+        assert options is not None and options.status_code == 200
+        for c in [first, *clients]:
+            c.join(600)
+    assert answers == [200] * (WAITING + 1)
+    service.stop()
