@@ -145,3 +145,16 @@ def test_matched_noise_follows_the_known_colours():
     ref = np.random.default_rng(0).normal(size=(500, 1))
     matched = match_histogram(np.random.default_rng(1).random((500, 1)), ref)
     assert np.allclose(np.sort(matched[:, 0]), np.quantile(ref[:, 0], (np.arange(500) + 0.5) / 500))
+
+
+def test_soft_inpainting_named_as_an_always_on_script_sets_its_fields():
+    """``alwayson_scripts: {"soft inpainting": {...}}`` (our dict form, the CLI's --alwayson) means the request's
+    own soft inpainting fields, switched on, as A1111's positional form does over the API."""
+    from sdstudio.scripts import Studio
+
+    req = Studio(engine=None).validate(Img2ImgRequest(init_images=["x.png"], alwayson_scripts={
+        "soft inpainting": {"mask_blend_power": 2}}))
+    assert (req.soft_inpainting, req.mask_blend_power, req.alwayson_scripts) == (True, 2.0, {})
+    with pytest.raises(RequestError, match="mask blend power must be from 0 to 8"):
+        Studio(engine=None).validate(Img2ImgRequest(init_images=["x.png"], alwayson_scripts={
+            "Soft Inpainting": {"mask_blend_power": 9}}))

@@ -112,17 +112,20 @@ class Studio:
         """``req`` checked, its always-on scripts under their declared names (a short alias from the CLI is
         fine) and switched on unless their arguments say otherwise."""
         if req.alwayson_scripts:
-            named = {}
+            named, fields = {}, {}
             for name, args in req.alwayson_scripts.items():
                 try:
                     script = self.catalog.get(name, req.kind, alwayson=True)
+                    args = dict(args)
+                    if script.enabled is not None:
+                        args.setdefault(script.enabled, True)
+                    if script.request_fields:  # soft inpainting: its arguments are the request's own fields
+                        fields.update(self.catalog.parse(script.name, args, req.kind))
+                        continue
                 except ScriptError as exc:
                     raise RequestError(str(exc)) from None
-                args = dict(args)
-                if script.enabled is not None:
-                    args.setdefault(script.enabled, True)
                 named[script.name] = args
-            req = req.replace(alwayson_scripts=named)
+            req = req.replace(alwayson_scripts=named, **fields)
         return req.validate(self.catalog)
 
     def precheck(self, req: Txt2ImgRequest) -> None:
