@@ -66,10 +66,10 @@ def test_sd_upscale_batches_tiles_and_none_keeps_the_size(setup):
 
 def test_loopback_strength_schedule_and_outputs(setup):
     engine, init = setup
-    args = scripts.parse("Loopback", {"loops": 4, "final_denoising_strength": 0.8, "denoising_curve": "Linear"})
+    args = scripts.builtin().parse("Loopback", {"loops": 4, "final_denoising_strength": 0.8, "denoising_curve": "Linear"})
     assert [round(loopback_strength(args, 0.2, i), 3) for i in range(4)] == [0.2, 0.4, 0.6, 0.8]
-    lazy = scripts.parse("Loopback", {"loops": 3, "final_denoising_strength": 1.0, "denoising_curve": "Lazy"})
-    aggressive = scripts.parse("Loopback", {"loops": 3, "final_denoising_strength": 1.0, "denoising_curve": "Aggressive"})
+    lazy = scripts.builtin().parse("Loopback", {"loops": 3, "final_denoising_strength": 1.0, "denoising_curve": "Lazy"})
+    aggressive = scripts.builtin().parse("Loopback", {"loops": 3, "final_denoising_strength": 1.0, "denoising_curve": "Aggressive"})
     assert loopback_strength(lazy, 0.0, 1) < 0.5 < loopback_strength(aggressive, 0.0, 1)
     result, jobs = run(engine, request(init, script_name="Loopback",
                                        script_args={"loops": 3, "final_denoising_strength": 0.6}))
@@ -105,13 +105,13 @@ def test_bad_script_requests():
 
 
 def test_a1111_positional_script_args():
-    assert scripts.from_a1111_list("SD upscale", [None, 32, 1, 3], ["None", "Lanczos"]) == \
+    assert scripts.builtin().from_a1111_list("SD upscale", [None, 32, 1, 3], {"upscalers": ["None", "Lanczos"]}) == \
         {"overlap": 32, "upscaler": "Lanczos", "scale": 3.0}
-    assert scripts.from_a1111_list("Loopback", [2, 0.3, "Lazy", "None"], []) == \
+    assert scripts.builtin().from_a1111_list("Loopback", [2, 0.3, "Lazy", "None"]) == \
         {"loops": 2, "final_denoising_strength": 0.3, "denoising_curve": "Lazy"}
-    assert scripts.from_a1111_list("Poor man's outpainting", [64, 4, "latent noise", ["up"]], [])["inpainting_fill"] == 2
+    assert scripts.builtin().from_a1111_list("Poor man's outpainting", [64, 4, "latent noise", ["up"]])["inpainting_fill"] == 2
     with pytest.raises(scripts.ScriptError, match="out of range"):
-        scripts.from_a1111_list("SD upscale", [None, 32, 9, 2], ["None"])
+        scripts.builtin().from_a1111_list("SD upscale", [None, 32, 9, 2], {"upscalers": ["None"]})
 
 
 def test_outpainting_mk2_grows_each_side_and_keeps_the_picture(setup):

@@ -90,15 +90,16 @@ def test_cell_order_puts_costly_axes_outside():
 
 
 def test_a1111_positional_args_and_infotext_round_trip():
-    args = scripts.from_a1111_list("X/Y/Z plot", [6, "3,7", [], 4, "2-4", [], 0, "", [], True, False, False,
-                                                  False, False, False, False, 8, False], [], "txt2img")
+    args = scripts.builtin().from_a1111_list("X/Y/Z plot", [6, "3,7", [], 4, "2-4", [], 0, "", [], True, False,
+                                                            False, False, False, False, False, 8, False], {},
+                                             "txt2img")
     assert (args["x_type"], args["y_type"], args["z_type"], args["margin_size"]) == ("CFG Scale", "Steps", "Nothing", 8)
-    assert scripts.from_a1111_list("X/Y/Z plot", ["Sampler", "", ["Euler", "DDIM"]], [], "txt2img")["x_values"] == \
+    assert scripts.builtin().from_a1111_list("X/Y/Z plot", ["Sampler", "", ["Euler", "DDIM"]], {}, "txt2img")["x_values"] == \
         "Euler,DDIM"  # a dropdown axis sends its list
-    pairs = scripts.infotext_pairs("X/Y/Z plot", args)
+    pairs = scripts.builtin().infotext_pairs("X/Y/Z plot", args)
     assert pairs == {"Script": "X/Y/Z plot", "X Type": "CFG Scale", "X Values": "3,7", "Y Type": "Steps",
                      "Y Values": "2-4", "XYZ margin": 8}
-    back = scripts.from_infotext_pairs({k: str(v) for k, v in pairs.items()})
+    back = scripts.builtin().from_infotext_pairs({k: str(v) for k, v in pairs.items()})[0]
     assert back == ("X/Y/Z plot", {"x_type": "CFG Scale", "x_values": "3,7", "y_type": "Steps", "y_values": "2-4",
                                    "margin_size": 8})
     with pytest.raises(scripts.ScriptError, match="out of range"):

@@ -297,7 +297,7 @@ class Img2ImgRequest(Txt2ImgRequest):
             if not low <= value <= high:
                 raise RequestError(f"{name} must be from {low:g} to {high:g}, got {value!r}")
         if check_scripts:
-            Txt2ImgRequest._validate_scripts(self, catalog)
+            self._validate_scripts(catalog)
         return self
 
     def uses_denoising(self) -> bool:

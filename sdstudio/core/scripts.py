@@ -300,7 +300,7 @@ class ScriptCatalog:
     # ---- the API's listings ---------------------------------------------------------------------------
     def a1111_scripts(self) -> dict[str, list[str]]:
         """``/sdapi/v1/scripts``: selectable scripts per tab, lower-case as A1111 lists them."""
-        return {f"{kind}": [s.name.lower() for s in self.scripts.values() if kind in s.tabs and not s.alwayson]
+        return {kind: [s.name.lower() for s in self.scripts.values() if kind in s.tabs and not s.alwayson]
                 for kind in ("txt2img", "img2img")}
 
     def a1111_script_info(self, context: dict | None = None) -> list[dict]:
@@ -347,25 +347,3 @@ def builtin() -> ScriptCatalog:
     from ..scripts import BUILTIN_SCRIPTS
 
     return ScriptCatalog(BUILTIN_SCRIPTS)
-
-
-# ---- the built-in catalog's functions, for callers that need no plug-in's scripts -----------------
-def names_for(kind: str) -> list[str]:
-    return builtin().names_for(kind)
-
-
-def parse(name: str, args: dict[str, Any], kind: str | None = None) -> Args:
-    return builtin().parse(name, args, kind)
-
-
-def from_a1111_list(name: str, args: list, upscaler_names: list[str], kind: str = "img2img") -> dict[str, Any]:
-    return builtin().from_a1111_list(name, args, {"upscalers": upscaler_names}, kind)
-
-
-def infotext_pairs(name: str, args: dict[str, Any]) -> dict[str, object]:
-    return builtin().infotext_pairs(name, args)
-
-
-def from_infotext_pairs(params: dict[str, str]) -> tuple[str, dict[str, Any]] | None:
-    return builtin().from_infotext_pairs(params)[0]
-
