@@ -76,11 +76,12 @@ def plugins_from(args: argparse.Namespace, paths: Paths, disabled: list[str] | N
                 disable_extra=getattr(args, "disable_extra_extensions", False))
 
 
-def studio_from(args: argparse.Namespace, engine):
-    """The studio (scripts above the engine) with the enabled plug-ins' scripts."""
+def studio_from(args: argparse.Namespace, engine, disabled: list[str] | None = None):
+    """The studio (scripts above the engine) with the enabled plug-ins' scripts; ``disabled``: the settings'
+    ``disabled_extensions`` when the caller has them already (else read from config.json)."""
     from .scripts import Studio
 
-    plugins = plugins_from(args, engine.paths)
+    plugins = plugins_from(args, engine.paths, disabled)
     activate(plugins)
     engine.upscalers.extra.update(plugins.upscalers)  # this engine's: by name, after the built-in ones
     return Studio(engine, plugins.catalog), plugins

@@ -121,7 +121,7 @@ def create_app(args: argparse.Namespace):
     engine = Engine(paths, device_options_from(args))
     queue = SQLiteJobQueue(args.queue_db or paths.data_dir / "jobs.sqlite3")
     settings = make_settings(engine, paths.data_dir / "config.json", args)
-    studio, plugins = studio_from(args, engine)
+    studio, plugins = studio_from(args, engine, list(settings.get("disabled_extensions") or []))
     for info in plugins.infos:
         if info.status == "failed":
             print(f"sdstudio: plug-in {info.name} ({info.path}) left out: {info.error}", file=sys.stderr)
