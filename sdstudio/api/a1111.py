@@ -225,7 +225,7 @@ def script_fields(body: Txt2ImgBody, catalog: ScriptCatalog, upscaler_names: lis
             raise HTTPException(422, f"alwayson_scripts: {exc}") from None
         args = entry.get("args", []) if isinstance(entry, dict) else entry
         positions = [p.a1111 for p in script.params if p.a1111 is not None]
-        if isinstance(args, list) and len(args) > max(positions, default=-1) + 1:
+        if isinstance(args, list) and script.from_a1111 is None and len(args) > max(positions, default=-1) + 1:
             raise HTTPException(422, f"alwayson_scripts: {key} takes up to {len(positions)} args: "
                                      + ", ".join(p.name for p in script.params if p.a1111 is not None))
         if isinstance(args, dict) and script.enabled is not None:

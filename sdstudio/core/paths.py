@@ -21,6 +21,7 @@ class Paths:
     gfpgan_dir: Path | None = None
     codeformer_dir: Path | None = None
     controlnet_dir: Path | None = None
+    annotators_dir: Path | None = None  # ControlNet preprocessors' network files (HED, OpenPose...)
     outputs_dir: Path | None = None
     styles_file: Path | None = None
 
@@ -40,6 +41,7 @@ class Paths:
         self.gfpgan_dir = Path(self.gfpgan_dir or models / "GFPGAN").expanduser()
         self.codeformer_dir = Path(self.codeformer_dir or models / "Codeformer").expanduser()
         self.controlnet_dir = Path(self.controlnet_dir or models / "ControlNet").expanduser()
+        self.annotators_dir = Path(self.annotators_dir or self.controlnet_dir / "annotators").expanduser()
         self.outputs_dir = Path(self.outputs_dir or self.data_dir / "outputs").expanduser()
         self.styles_file = Path(self.styles_file or self.data_dir / "styles.csv").expanduser()
 

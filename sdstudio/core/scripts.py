@@ -61,6 +61,8 @@ class Param:
     lines: int = 1  # text: rows of the box
     omit_default: bool = False  # infotext: left out while at its default
     help: str = ""
+    # a structured value (ControlNet's list of units): parse(value, script) -> its canonical JSON form
+    parse: Callable[[Any, str], Any] | None = None
 
     @property
     def kind(self) -> type:
@@ -73,6 +75,8 @@ class Param:
     def coerce(self, value: Any, script: str) -> Any:
         """``value`` (from JSON, a form, a CLI flag or an infotext) as this parameter's type."""
         kind = self.kind
+        if self.parse is not None:
+            return self.parse(value, script)
         try:
             if kind is bool:
                 if isinstance(value, str):
@@ -119,7 +123,9 @@ class Script:
     alwayson: bool = False
     # selectable scripts: run(ctx, req, args) yields (seed, outputs) per finished output (sdstudio.scripts)
     run: Callable | None = None
-    # always-on scripts: hooks(args, req) -> the engine's per-step hooks for a job (sdstudio.engine.hooks)
+    # always-on scripts: hooks(args, req) or hooks(args, req, ctx) -> the engine's per-step hooks for a job
+    # (sdstudio.engine.hooks); ctx (sdstudio.scripts.studio.HookContext) gives the engine and takes extra
+    # output images (ControlNet's detected maps)
     hooks: Callable | None = None
     enabled: str | None = None  # always-on: the parameter that switches it on (None: on when given)
     check: Callable[[Args, ScriptCatalog], None] | None = None  # checks across parameters (raise ScriptError)
@@ -131,6 +137,10 @@ class Script:
     aliases: tuple[str, ...] = ()  # short names for the CLI's --script / --alwayson
     owner: str = "sdstudio"  # sdstudio, or the plug-in that declared it
     description: str = ""
+    # infotext beyond one key per parameter (ControlNet's "ControlNet 0", "ControlNet 1"...):
+    # write_infotext(args) -> pairs; read_infotext(params) -> (args or None when absent, keys read)
+    write_infotext: Callable[[Args], dict] | None = None
+    read_infotext: Callable[[dict], tuple[dict | None, set]] | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -251,6 +261,9 @@ class ScriptCatalog:
         pairs: dict[str, object] = {} if script.alwayson else {"Script": script.name}
         if script.alwayson and not script.is_on(parsed):
             return {}
+        if script.write_infotext is not None:
+            pairs.update(script.write_infotext(parsed))
+            return pairs
         for p in script.params:
             if p.infotext is None:
                 continue
@@ -274,6 +287,12 @@ class ScriptCatalog:
         alwayson = {}
         for s in self.scripts.values():
             if not s.alwayson or s.request_fields:
+                continue
+            if s.read_infotext is not None:
+                args, keys_read = s.read_infotext(params)
+                if args is not None:
+                    alwayson[s.name] = args
+                    used |= set(keys_read)
                 continue
             keys = {k for p in s.params if p.infotext for k in (p.infotext, *p.infotext_aliases)}
             switch = s.param(s.enabled) if s.enabled is not None else None

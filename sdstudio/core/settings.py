@@ -84,6 +84,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("live_preview_refresh_period", 1000, "Preview picture update period (ms)", "Live previews",
             minimum=100, maximum=60000),
     Setting("localization", "None", "Localization", "User interface"),
+    # sd-webui-controlnet's own keys
+    Setting("control_net_unit_count", 3, "Multi-ControlNet: ControlNet unit number (requires restart)", "ControlNet",
+            minimum=1, maximum=10),
+    Setting("control_net_no_detectmap", False, "Do not append detectmap to output", "ControlNet"),
+    Setting("control_net_detectmap_autosaving", False, "Allow detectmap auto saving", "ControlNet"),
 )
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
 

@@ -79,7 +79,7 @@ class CFGDenoiser:
                                           "time_ids": plan.add_time_ids.repeat(len(conds), 1).to(plan.device, plan.dtype)}
         x, t = x.to(plan.dtype), t.to(plan.device)
         if plan.hooks:
-            extra.update(plan.unet_inputs(UNetCall(x, t, hidden, owners, uncond, step)))
+            extra.update(plan.unet_inputs(UNetCall(x, t, hidden, owners, uncond, step, extra.get("added_cond_kwargs"))))
         return plan.unet(x, t, encoder_hidden_states=hidden, **extra).sample.float()
 
     def _model_outputs(self, x_in: torch.Tensor, t: torch.Tensor, images: range, step: Step):

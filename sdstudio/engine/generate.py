@@ -34,6 +34,7 @@ from . import img2img as img2img_ops
 from . import lora as lora_ops
 from . import vae as vae_ops
 from .conditioning import TextConditioner
+from .controlnet import ControlNets
 from .denoiser import CFGDenoiser, ComposedConditioning, Interrupted, ScheduledConditioning
 from .devices import Placement, plan_devices
 from .faces import FaceRestorers
@@ -68,6 +69,7 @@ class GeneratedImage:
     subseed: int
     infotext: str
     grid: bool = False  # a script's grid (X/Y/Z plot, prompt matrix, a Loopback history): saved with the grids
+    extra: bool = False  # a hook's extra output (ControlNet's detected map): returned and shown, not saved
 
 
 @dataclass
@@ -127,6 +129,7 @@ class Engine:
         self.upscalers = Upscalers(paths.upscaler_dirs, self.plan.device, self.plan.dtype)
         self.faces = FaceRestorers(paths.face_restorer_dirs, self.plan.device, self.plan.dtype)
         self.interrogators = Interrogators(paths.models_dir, self.plan.device, self.plan.dtype)
+        self.controlnets = ControlNets(self.registry, paths.annotators_dir, self.plan.device, self.plan.dtype)
         self.lock = threading.Lock()  # one generation at a time per device
 
     # ---- models -----------------------------------------------------------------------------------

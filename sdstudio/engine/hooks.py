@@ -72,6 +72,7 @@ class UNetCall:
     images: list[int]  # per row: the image of the batch it belongs to
     uncond: list[bool]  # per row: True for the negative prompt's evaluation
     step: Step
+    added_cond_kwargs: dict | None = None  # SDXL: the pooled text embeddings and size conditioning per row
 
 
 @dataclass
@@ -124,7 +125,8 @@ class StepHook:
 
 
 _METHODS = ("unet_inputs", "combine", "after_cfg", "after_step")
-_SUMMED = ("down_block_additional_residuals", "mid_block_additional_residual")
+_SUMMED = ("down_block_additional_residuals", "mid_block_additional_residual",
+           "down_intrablock_additional_residuals")
 
 
 def _overrides(hook: StepHook, name: str) -> bool:
@@ -179,7 +181,7 @@ class SamplingPlan:
             for key, value in extra.items():
                 if key not in merged:
                     merged[key] = value
-                elif key == "down_block_additional_residuals":
+                elif key in ("down_block_additional_residuals", "down_intrablock_additional_residuals"):
                     merged[key] = [a + b for a, b in zip(merged[key], value)]
                 elif key == "mid_block_additional_residual":
                     merged[key] = merged[key] + value

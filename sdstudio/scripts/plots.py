@@ -93,7 +93,11 @@ def _confirm(ctx, ax: xyz.Axis, values: list, kind: str) -> None:
                 engine.registry.vae_for(engine.registry.checkpoint(None), v)
             elif ax.choices == "upscalers" and v not in LATENT_UPSCALE_MODES:
                 engine.upscalers.get(v)
-        except (ValueError, ModelNotFoundError) as exc:
+            elif ax.choices == "controlnets" and v not in ("None", ""):
+                engine.registry.controlnet(v)
+            elif ax.choices == "preprocessors":
+                engine.controlnets.preprocessors.get(v)
+        except (ValueError, ModelNotFoundError, RequestError) as exc:
             raise RequestError(f"X/Y/Z plot: {ax.label} value {v!r}: {exc}") from None
 
 

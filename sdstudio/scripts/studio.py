@@ -64,6 +64,31 @@ class ScriptContext:
         return infotext.format(params)
 
 
+@dataclass
+class HookContext:
+    """What an always-on script's ``hooks(args, req, ctx)`` gets besides its arguments: the engine (its model
+    registry, devices, ControlNet models) and a place for extra output images (ControlNet's detected maps),
+    which come back after the job's own images."""
+
+    engine: object
+    extra_images: list = field(default_factory=list)  # (PIL image, label)
+    # a script's arguments as it resolved them (ControlNet: -1 resolutions and thresholds -> the values used):
+    # the infotext is written from these
+    resolved: dict = field(default_factory=dict)
+
+
+def _takes_context(function) -> bool:
+    import inspect
+
+    try:
+        params = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    return len([p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) >= 3
+
+
 class Passes:
     """A script's inner passes; each is a unit of work (paused before, stored after)."""
 
@@ -139,19 +164,20 @@ class Studio:
             args = self.catalog.parse(script.name, req.script_args, req.kind)
             script.precheck(ScriptContext(self.engine, self), req.replace(script_name="", script_args={}), args)
 
-    def alwayson(self, req: Txt2ImgRequest) -> tuple[list, dict[str, object]]:
+    def alwayson(self, req: Txt2ImgRequest, context: HookContext | None = None) -> tuple[list, dict[str, object]]:
         """The per-step hooks and infotext pairs of the request's always-on scripts, in catalog order."""
         hooks, pairs = [], {}
+        context = context if context is not None else HookContext(self.engine)
         for script in self.catalog:
             if not script.alwayson or script.request_fields or script.name not in req.alwayson_scripts:
                 continue
             args = self.catalog.parse(script.name, req.alwayson_scripts[script.name], req.kind, alwayson=True)
             if not script.is_on(args):
                 continue
-            pairs.update(self.catalog.infotext_pairs(script.name, args))
             if script.hooks is not None:
                 try:
-                    made = list(script.hooks(args, req))
+                    made = list(script.hooks(args, req, context) if _takes_context(script.hooks)
+                                else script.hooks(args, req))
                 except ScriptError:
                     raise
                 except Exception as exc:
@@ -159,6 +185,7 @@ class Studio:
                 for hook in made:
                     hook.owner = hook.owner or f"{script.name} ({script.owner})"
                 hooks += made
+            pairs.update(self.catalog.infotext_pairs(script.name, context.resolved.get(script.name, args)))
         return hooks, pairs
 
     # ---- running ------------------------------------------------------------------------------------
@@ -168,20 +195,46 @@ class Studio:
         """Generate ``req`` (see :meth:`sdstudio.engine.generate.Engine.generate` for the callbacks). With a
         script, ``units``/``on_unit`` carry its finished units across a pause (module docstring)."""
         req = self.validate(req)
+        if not req.script_name:
+            context = HookContext(self.engine)
+            try:
+                hooks, pairs = self.alwayson(req, context)
+            except ScriptError as exc:
+                raise RequestError(str(exc)) from None
+            result = self.engine.generate(req, on_progress=on_progress, should_stop=should_stop, on_image=on_image,
+                                          should_skip=should_skip, should_pause=should_pause, first_batch=first_batch,
+                                          on_batch=on_batch, keep_images=keep_images, hooks=hooks,
+                                          infotext_extra=pairs)
+            return self._with_extras(result, context, on_image, on_batch, keep_images)
         try:
-            hooks, pairs = self.alwayson(req)
+            self.alwayson(req)  # a bad always-on argument fails now, before the script's first pass
         except ScriptError as exc:
             raise RequestError(str(exc)) from None
-        if not req.script_name:
-            return self.engine.generate(req, on_progress=on_progress, should_stop=should_stop, on_image=on_image,
-                                        should_skip=should_skip, should_pause=should_pause, first_batch=first_batch,
-                                        on_batch=on_batch, keep_images=keep_images, hooks=hooks, infotext_extra=pairs)
         ctx = ScriptContext(self.engine, self, on_progress, should_stop, should_skip, should_pause,
                             dict(units or {}), on_unit)
         return self._run_script(ctx, req, first_batch, on_image, on_batch, keep_images)
 
     txt2img = generate
     img2img = generate
+
+    @staticmethod
+    def _with_extras(result, context: HookContext, on_image, on_batch, keep_images: bool):
+        """The hooks' extra images (detected maps) after the job's own, marked ``extra`` (returned and shown,
+        not saved as outputs), handed to ``on_image`` and, as one last batch, to ``on_batch``. A paused job
+        gives them when it finishes."""
+        if not context.extra_images or result.paused or result.interrupted:
+            return result
+        from ..engine.generate import GeneratedImage
+
+        extras = [GeneratedImage(image, -1, -1, label, extra=True) for image, label in context.extra_images]
+        for g in extras:
+            if on_image is not None:
+                on_image(g)
+        if on_batch is not None:
+            on_batch(result.batches_done, extras)
+        if keep_images:
+            result.images.extend(extras)
+        return result
 
     def _run_script(self, ctx: ScriptContext, req: Txt2ImgRequest, first_batch: int, on_image, on_batch,
                     keep_images: bool):

@@ -386,6 +386,13 @@ class JobService:
         def on_batch(batches_done: int, images) -> None:
             for g in images:
                 fmt = spec.samples_format if spec.save_images else "png"
+                if g.extra:  # a hook's extra picture (ControlNet's detected map): kept with the job, not an output
+                    extras = self.jobs_dir / job.id / "extras"
+                    extras.mkdir(parents=True, exist_ok=True)
+                    path = extras / f"{len(result.get('extras', []))}.png"
+                    outputs.write_image(g.image, path)
+                    result.setdefault("extras", []).append({"path": str(path), "label": g.infotext})
+                    continue
                 if g.grid:  # a script's own grid (X/Y/Z plot...): with the grids, listed before the images
                     grids_folder = outputs.dated_dir(self.engine.paths.outputs_dir, f"{job.kind}-grids") \
                         if spec.save_images and not spec.outdir else folder

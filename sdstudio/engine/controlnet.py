@@ -1,0 +1,334 @@
+"""ControlNet on the engine's per-step hooks: each enabled unit becomes one :class:`ControlHook`.
+
+Preparing a unit (:meth:`ControlNets.hooks`, before sampling): its control image (the unit's, or the
+img2img init image when it has none) goes through the preprocessor at the processor resolution (or the
+"pixel perfect" one) into the *detected map*; the map is what the user sees beside the images. At each
+UNet call of an active step the hook brings the map to the call's size (the resize mode; Hires. fix's
+second pass gets its own size), runs the ControlNet on the UNet's own inputs and hands back the residuals,
+scaled as sd-webui-controlnet scales them:
+
+- Balanced: every output × weight;
+- "My prompt is more important" and "ControlNet is more important" (soft injection): output ``i`` of the
+  13 (SD 1.x; SDXL: the first 10 of the same 13) × ``weight * 0.825 ** (12 - i)``, so the deep outputs
+  count most; T2I-Adapters ``weight * (0.25, 0.62, 0.825, 1.0)``. Canny and M-LSD maps get soft injection
+  in the Hires. fix pass whatever the mode, as the extension does;
+- "ControlNet is more important" also applies the control to the prompt's evaluation only (the negative
+  prompt's rows get none), so CFG pushes towards the control;
+- ``advanced_weighting`` replaces the scales.
+
+The unit is active at sampling step ``i`` of ``n`` when ``guidance_start <= i / n <= guidance_end``, and,
+in a job with Hires. fix, in the passes its ``hr_option`` names. Residuals of several units are summed
+by the sampling plan.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from ..core.controlnet import SCRIPT_NAME, ControlNetError, ControlUnit, Preprocessor
+from .hooks import StepHook, UNetCall
+
+MAX_CONTROL_PIXELS = 64 * 1024 * 1024
+SOFT_DECAY = 0.825
+ADAPTER_SOFT = (0.25, 0.62, 0.825, 1.0)
+HIRES_SOFT_MODULES = ("canny", "mlsd")  # their maps get soft injection in the Hires. fix pass
+
+
+def decode_image(data: str | Image.Image, what: str) -> Image.Image:
+    """A unit's image: base64 (optionally a ``data:`` URL) or a PIL image (in-process callers). Paths are
+    never read: a request names no server file."""
+    if isinstance(data, Image.Image):
+        return data
+    text = data.split(",", 1)[-1] if data.startswith("data:") else data
+    try:
+        raw = base64.b64decode(text, validate=False)
+    except (binascii.Error, ValueError):
+        raise ControlNetError(f"{what}: not valid base64") from None
+    try:
+        image = Image.open(io.BytesIO(raw))
+        w, h = image.size
+        if w * h > MAX_CONTROL_PIXELS:
+            raise ControlNetError(f"{what}: {w}x{h} is over the limit of {MAX_CONTROL_PIXELS // 2**20} megapixels")
+        image.load()
+    except ControlNetError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ControlNetError(f"{what}: not an image that can be read ({type(exc).__name__})") from None
+    return ImageOps.exif_transpose(image)
+
+
+def _rgb_array(image: Image.Image) -> np.ndarray:
+    """RGB uint8 (transparent pixels on black, as the extension's HWC3 drops alpha)."""
+    if image.mode not in ("RGB", "L", "RGBA"):
+        image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.shape[2] == 4:
+        alpha = arr[:, :, 3:4].astype(np.float32) / 255.0
+        arr = (arr[:, :, :3].astype(np.float32) * alpha).round().astype(np.uint8)
+    return np.ascontiguousarray(arr[:, :, :3])
+
+
+def _mask_array(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """A mask as H×W uint8 (255 = masked), at ``size`` (w, h); an RGBA mask's alpha counts as the mask."""
+    if image.mode == "RGBA" and np.asarray(image)[:, :, 3].min() < 255:
+        gray = image.getchannel("A")
+    else:
+        gray = image.convert("L")
+    if gray.size != size:
+        gray = gray.resize(size, Image.Resampling.NEAREST)
+    return np.where(np.asarray(gray) > 127, 255, 0).astype(np.uint8)
+
+
+@dataclass
+class PreparedUnit:
+    index: int
+    unit: ControlUnit
+    preprocessor: Preprocessor
+    detected: np.ndarray  # H×W×3 (×4 for inpaint: RGB and the mask) uint8, before fitting to a pass size
+    model: object | None  # sdstudio.models.controlnet.ControlModel
+
+
+class ControlHook(StepHook):
+    """One enabled unit's per-step hook (see the module's docstring)."""
+
+    def __init__(self, prepared: PreparedUnit, device: torch.device, dtype: torch.dtype, hires_job: bool):
+        from .preprocessors import fit_to
+
+        self.prepared, self.unit = prepared, prepared.unit
+        self.start, self.end = self.unit.guidance_start, self.unit.guidance_end
+        self.device, self.dtype, self.hires_job = device, dtype, hires_job
+        self.owner = f"{SCRIPT_NAME} unit {prepared.index}"
+        self._fit = fit_to
+        self._hints: dict[tuple[int, int], torch.Tensor] = {}
+        self._adapter: dict[tuple[int, int], list[torch.Tensor]] = {}
+        model = prepared.model
+        self.kind = model.spec.kind if model is not None else None
+        self.module = model.module if model is not None else None
+
+    # ---- when -----------------------------------------------------------------------------------------
+    def active(self, step) -> bool:
+        if self.module is None or not self.start <= step.fraction <= self.end:
+            return False
+        if self.hires_job:
+            hires = step.pass_name == "hires"
+            if self.unit.hr_option == "Low res only" and hires or self.unit.hr_option == "High res only" and not hires:
+                return False
+        return True
+
+    def applied(self, unet):
+        import contextlib
+
+        if self.module is not None:
+            want = unet.config.get("cross_attention_dim")
+            have = self.module.config.get("cross_attention_dim", want) if hasattr(self.module, "config") else want
+            if self.kind == "controlnet" and want != have:
+                raise ControlNetError(
+                    f"{self.owner}: the ControlNet {self.unit.model} is for another model family (context width "
+                    f"{have}) than this checkpoint ({want}); pick a ControlNet made for it")
+            if not self.unit.low_vram:
+                self.module.to(self.device, self.dtype)
+        return contextlib.nullcontext()
+
+    # ---- what -----------------------------------------------------------------------------------------
+    def hint(self, height: int, width: int) -> torch.Tensor:
+        """The detected map at a pass's pixel size, as the ControlNet's input (1×C×H×W in [0, 1]; the
+        inpaint protocol's 4 channels become RGB with masked pixels at -1)."""
+        key = (height, width)
+        if key not in self._hints:
+            fitted = self._fit(self.prepared.detected, width, height, self.unit.resize_mode)
+            x = torch.from_numpy(np.ascontiguousarray(fitted)).float().div(255.0).permute(2, 0, 1)[None]
+            if x.shape[1] == 4:
+                rgb, mask = x[:, :3], (x[:, 3:4] > 0.5).float()
+                x = rgb * (1 - mask) - mask
+            self._hints = {key: x}  # one pass size at a time
+        return self._hints[key]
+
+    def scales(self, count: int, hires: bool) -> list[float]:
+        """The weight of each of the ``count`` control outputs (see the module's docstring)."""
+        unit, w = self.unit, self.unit.weight
+        if unit.advanced_weighting is not None:
+            weights = list(unit.advanced_weighting)
+            if len(weights) < count:
+                raise ControlNetError(f"{self.owner}: advanced_weighting has {len(weights)} weights; this model "
+                                      f"has {count} control outputs")
+            return weights[:count]
+        soft = unit.soft_injection or hires and any(m in self.prepared.preprocessor.name for m in HIRES_SOFT_MODULES)
+        if not soft:
+            return [w] * count
+        if self.kind == "t2i_adapter":
+            return [w * s for s in ADAPTER_SOFT][:count] + [w] * max(0, count - len(ADAPTER_SOFT))
+        return [w * SOFT_DECAY ** float(12 - i) for i in range(max(13, count))][:count]
+
+    def _rows_mask(self, call: UNetCall, like: torch.Tensor) -> torch.Tensor | None:
+        if not self.unit.cfg_injection or not any(call.uncond):
+            return None
+        keep = torch.tensor([0.0 if u else 1.0 for u in call.uncond], device=like.device, dtype=like.dtype)
+        return keep.view(-1, *([1] * (like.ndim - 1)))
+
+    def unet_inputs(self, call: UNetCall):
+        x = call.x
+        in_channels = self.module.config.get("in_channels", 4) if hasattr(self.module, "config") else 4
+        if self.kind == "controlnet" and x.shape[1] != in_channels:
+            x = x[:, :in_channels]  # a 9-channel inpainting UNet: the ControlNet sees the latent only
+        height, width = x.shape[-2] * 8, x.shape[-1] * 8
+        hires = call.step.pass_name == "hires"
+        rows = x.shape[0]
+        if self.unit.low_vram:
+            self.module.to(self.device, self.dtype)
+        try:
+            if self.kind == "t2i_adapter":
+                return self._adapter_inputs(call, x, height, width, hires)
+            hint = self.hint(height, width).to(x.device, self.dtype).expand(rows, -1, -1, -1)
+            kwargs = {}
+            if call.added_cond_kwargs is not None:
+                kwargs["added_cond_kwargs"] = call.added_cond_kwargs
+            down, mid = self.module(x.to(self.dtype), call.timestep, encoder_hidden_states=call.encoder_hidden_states,
+                                    controlnet_cond=hint, conditioning_scale=1.0, return_dict=False, **kwargs)
+        finally:
+            if self.unit.low_vram:
+                self.module.to("cpu")
+        scales = self.scales(len(down) + 1, hires)
+        down = [d * s for d, s in zip(down, scales[:-1])]
+        mid = mid * scales[-1]
+        mask = self._rows_mask(call, mid)
+        if mask is not None:
+            down, mid = [d * mask for d in down], mid * mask
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+    def _adapter_inputs(self, call: UNetCall, x: torch.Tensor, height: int, width: int, hires: bool):
+        key = (height, width)
+        if key not in self._adapter:  # a T2I-Adapter does not depend on the step: once per pass size
+            hint = self.hint(height, width).to(x.device, self.dtype)
+            if self.module.config.get("in_channels", 3) == 1 and hint.shape[1] == 3:
+                hint = hint.mean(dim=1, keepdim=True)
+            self._adapter = {key: list(self.module(hint))}
+        features = self._adapter[key]
+        scales = self.scales(len(features), hires)
+        out = [f.expand(x.shape[0], -1, -1, -1) * s for f, s in zip(features, scales)]
+        mask = self._rows_mask(call, out[0])
+        if mask is not None:
+            out = [f * mask for f in out]
+        return {"down_intrablock_additional_residuals": out}
+
+
+class ControlNets:
+    """What the engine holds for ControlNet: the preprocessors and a small cache of loaded models."""
+
+    def __init__(self, registry, annotators_dir, device: torch.device, dtype: torch.dtype,
+                 extra_preprocessors: Sequence[Preprocessor] = ()):
+        self.registry, self.annotators_dir = registry, annotators_dir
+        self.device, self.dtype = device, dtype
+        self._extra = list(extra_preprocessors)
+        self._preprocessors = None
+        self._lock = threading.Lock()
+        self._cache = None
+
+    @property
+    def preprocessors(self):
+        with self._lock:
+            if self._preprocessors is None:
+                from .preprocessors import builtin
+
+                registry = builtin(self.annotators_dir)
+                for p in self._extra:
+                    registry.add(p)
+                self._preprocessors = registry
+            return self._preprocessors
+
+    def add_preprocessor(self, p: Preprocessor) -> None:
+        """A plug-in's preprocessor (before or after the list was first built)."""
+        with self._lock:
+            self._extra.append(p)
+            if self._preprocessors is not None:
+                self._preprocessors.add(p)
+
+    def model(self, title: str):
+        """The loaded model a unit names (the extension's lookup: "name [hash]", name, closest), and its title."""
+        from ..models.controlnet import ControlModelCache
+
+        file = self.registry.controlnet(title)
+        with self._lock:
+            if self._cache is None:
+                self._cache = ControlModelCache()
+            return f"{file.name} [{file.legacy_hash}]", self._cache.get(file.path, self.dtype)
+
+    # ---- a job's units ----------------------------------------------------------------------------------
+    def prepare(self, index: int, unit: ControlUnit, req) -> PreparedUnit:
+        """Run a unit's preprocessor on its image (see the module's docstring); bad fields and missing images
+        or models are a :class:`ControlNetError` naming the unit."""
+        from .preprocessors import detect, pixel_perfect_resolution
+
+        where = f"{SCRIPT_NAME} unit {index}"
+        pre = self.preprocessors.get(unit.module)
+        source, mask = self._source(index, unit, req, pre)
+        model = title = None
+        if unit.model and unit.model != "None":
+            title, model = self.model(unit.model)
+        elif not pre.model_free:
+            raise ControlNetError(f"{where}: no ControlNet model chosen (model is 'None'); pick one of the files in "
+                                  f"{self.registry.paths.controlnet_dir}")
+        res = unit.processor_res
+        if unit.pixel_perfect:
+            res = pixel_perfect_resolution(source.shape[:2], req.width, req.height, unit.resize_mode)
+        res, a, b = pre.resolved(res, unit.threshold_a, unit.threshold_b)
+        try:
+            detected = detect(pre, source, res, a, b, mask)
+        except ControlNetError as exc:
+            raise ControlNetError(f"{where}: {exc}") from None
+        used = unit.replace(module=pre.name, processor_res=res, threshold_a=a, threshold_b=b)
+        if title is not None:
+            used = used.replace(model=title)
+        return PreparedUnit(index, used, pre, detected, model)
+
+    def _source(self, index: int, unit: ControlUnit, req, pre: Preprocessor):
+        where = f"{SCRIPT_NAME} unit {index}"
+        mask_image = None
+        if unit.image is not None:
+            image = decode_image(unit.image, f"{where}.image")
+            if unit.mask is not None:
+                mask_image = decode_image(unit.mask, f"{where}.mask")
+        elif getattr(req, "init_images", None):
+            from .img2img import open_image
+
+            image = open_image(req.init_images[0], "init image")
+            if getattr(req, "mask", None):
+                mask_image = open_image(req.mask, "mask")
+                if getattr(req, "inpainting_mask_invert", 0):
+                    mask_image = ImageOps.invert(mask_image.convert("L"))
+        else:
+            raise ControlNetError(f"{where}: no control image given (image), and txt2img has no init image to use")
+        if mask_image is None and image.mode == "RGBA" and pre.needs_mask:
+            mask_image = image.getchannel("A").point(lambda a: 255 if a < 128 else 0)  # painted-out pixels
+        source = _rgb_array(image)
+        mask = _mask_array(mask_image, (source.shape[1], source.shape[0])) if mask_image is not None else None
+        if pre.needs_mask and mask is None:
+            raise ControlNetError(f"{where}: the {pre.name} preprocessor needs a mask (mask, or img2img inpaint's)")
+        return source, mask
+
+    def hooks(self, units: Sequence[ControlUnit], req, extra_images: list | None = None) -> list[ControlHook]:
+        """The hooks of a request's enabled units; their detected maps go to ``extra_images``."""
+        hires_job = bool(getattr(req, "enable_hr", False)) and req.kind == "txt2img"
+        out = []
+        for i, unit in enumerate(units):
+            if not unit.enabled:
+                continue
+            prepared = self.prepare(i, unit, req)
+            if extra_images is not None and unit.save_detected_map and prepared.preprocessor.run is not None:
+                extra_images.append((Image.fromarray(prepared.detected[:, :, :3]),
+                                     f"{SCRIPT_NAME} {i}: detected map ({unit.module})"))
+            out.append(ControlHook(prepared, self.device, self.dtype, hires_job))
+        return out
+
