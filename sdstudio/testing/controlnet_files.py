@@ -1,0 +1,129 @@
+"""Random-weight ControlNet and T2I-Adapter files in each real layout, for tests.
+
+A ControlNet is built with diffusers' ``ControlNetModel.from_unet`` from a UNet of
+:func:`.synthetic.unet_config` (the same family and size as :func:`.synthetic.write_checkpoint`'s), so a
+tiny checkpoint and a tiny ControlNet fit together. Its zero convolutions -- zero in a fresh ControlNet, so
+it would have no effect -- get small random weights. The files are written in the layouts users have:
+lllyasviel's (with or without ``control_model.``, or inside a whole SD checkpoint), diffusers' single file
+and folder; T2I-Adapters in TencentARC's and diffusers' names. Same seed, same bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import ControlNetModel, T2IAdapter, UNet2DConditionModel
+from safetensors.torch import save_file
+
+from ..models.controlnet import CONTROL_PREFIX, controlnet_hf_to_ldm, t2i_adapter_hf_to_tencentarc
+from .synthetic import make_checkpoint, unet_config
+
+CONTROLNET_LAYOUTS = ("ldm", "ldm_prefixed", "full_sd", "diffusers_file", "diffusers_folder")
+T2I_LAYOUTS = ("tencentarc", "diffusers_file", "diffusers_folder")
+
+
+def _randomize_zero_convs(controlnet: ControlNetModel, scale: float = 0.05) -> None:
+    """Fresh zero convolutions make a ControlNet a no-op; trained ones are not zero."""
+    with torch.no_grad():
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                     controlnet.controlnet_cond_embedding.conv_out]:
+            conv.weight.normal_(0.0, scale)
+            conv.bias.normal_(0.0, scale)
+
+
+def controlnet_for(unet: UNet2DConditionModel, *, seed: int = 0, conditioning_channels: int = 3) -> ControlNetModel:
+    """A ControlNet for ``unet`` (its encoder copied, as ControlNet training starts), with random non-zero zero
+    convolutions and a random hint encoder, so it changes the UNet's output."""
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_channels=conditioning_channels)
+    _randomize_zero_convs(controlnet)
+    return controlnet.eval()
+
+
+def _tiny_unet(family: str, size: str, seed: int) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**unet_config(family, size))
+
+
+def _save(state: dict[str, torch.Tensor], path: Path, plain_pickle: bool = True) -> None:
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:  # lllyasviel's .pth files are plain state dicts; full checkpoints wrap theirs in "state_dict"
+        torch.save(state if plain_pickle else {"state_dict": state}, str(path))
+
+
+def write_controlnet(path: str | Path, family: str = "sd1", size: str = "tiny", layout: str = "ldm", *,
+                     fp16: bool = False, seed: int = 0, unet: UNet2DConditionModel | None = None,
+                     controlnet: ControlNetModel | None = None, drop: tuple[str, ...] = ()) -> ControlNetModel:
+    """Write a random-weight ControlNet to ``path`` in ``layout`` and return the diffusers module it holds.
+
+    ``ldm``: lllyasviel names, no prefix (control_v11 files); ``ldm_prefixed``: under ``control_model.``;
+    ``full_sd``: a whole SD checkpoint (the UNet, VAE and text encoder of ``family``) plus ``control_model.*``
+    (control_sd15_* files); ``diffusers_file``: a diffusers state dict in one file; ``diffusers_folder``: a
+    folder with config.json and diffusion_pytorch_model.safetensors (``path`` is the folder; a ``.bin`` suffix
+    on it selects diffusion_pytorch_model.bin). The file format follows the suffix. ``drop`` removes tensors
+    (file names) to imitate files that omit some."""
+    if layout not in CONTROLNET_LAYOUTS:
+        raise ValueError(f"layout must be one of {CONTROLNET_LAYOUTS}")
+    path = Path(path)
+    if controlnet is None:
+        controlnet = controlnet_for(unet if unet is not None else _tiny_unet(family, size, seed), seed=seed)
+    state = controlnet.state_dict()
+    if fp16:
+        state = {k: v.half() for k, v in state.items()}
+    if layout == "diffusers_folder":
+        folder = path.with_suffix("") if path.suffix == ".bin" else path
+        folder.mkdir(parents=True, exist_ok=True)
+        controlnet.save_config(str(folder))
+        name = "diffusion_pytorch_model.bin" if path.suffix == ".bin" else "diffusion_pytorch_model.safetensors"
+        _save({k: v for k, v in state.items() if k not in drop}, folder / name)
+        return controlnet
+    if layout != "diffusers_file":
+        state = controlnet_hf_to_ldm(state)
+    if layout in ("ldm_prefixed", "full_sd"):
+        state = {CONTROL_PREFIX + k: v for k, v in state.items()}
+    if layout == "full_sd":
+        full = make_checkpoint(family, size, seed=seed, dtype=torch.float16 if fp16 else torch.float32)
+        state = {**full, **state}
+    _save({k: v for k, v in state.items() if k not in drop}, path)
+    return controlnet
+
+
+def t2i_adapter_for(family: str = "sd1", size: str = "tiny", *, seed: int = 0, in_channels: int = 3,
+                    adapter_type: str | None = None) -> T2IAdapter:
+    """A random-weight diffusers T2IAdapter whose feature widths are the UNet's of :func:`unet_config`."""
+    torch.manual_seed(seed)
+    channels = list(unet_config(family, size)["block_out_channels"])
+    if adapter_type is None:
+        adapter_type = "full_adapter_xl" if family == "sdxl" else "full_adapter"
+    if family == "sdxl":  # the SDXL adapters feed four features into three levels: widths c0, c1, c2, c2
+        channels = [channels[0], channels[1], channels[2], channels[2]]
+    factor = 16 if adapter_type == "full_adapter_xl" else 8
+    return T2IAdapter(in_channels=in_channels, channels=channels, num_res_blocks=2, downscale_factor=factor,
+                      adapter_type=adapter_type).eval()
+
+
+def write_t2i_adapter(path: str | Path, family: str = "sd1", size: str = "tiny", layout: str = "tencentarc", *,
+                      fp16: bool = False, seed: int = 0, in_channels: int = 3,
+                      adapter: T2IAdapter | None = None) -> T2IAdapter:
+    """Write a random-weight T2I-Adapter: ``tencentarc`` (t2iadapter_*_sd14v1.pth names), ``diffusers_file``
+    (``adapter.*``) or ``diffusers_folder``; returns the diffusers module."""
+    if layout not in T2I_LAYOUTS:
+        raise ValueError(f"layout must be one of {T2I_LAYOUTS}")
+    path = Path(path)
+    adapter = adapter or t2i_adapter_for(family, size, seed=seed, in_channels=in_channels)
+    state = adapter.state_dict()
+    if fp16:
+        state = {k: v.half() for k, v in state.items()}
+    if layout == "diffusers_folder":
+        path.mkdir(parents=True, exist_ok=True)
+        adapter.save_config(str(path))
+        _save(state, path / "diffusion_pytorch_model.safetensors")
+        return adapter
+    if layout == "tencentarc":
+        state = t2i_adapter_hf_to_tencentarc(state)
+    _save(state, path)
+    return adapter
