@@ -89,6 +89,10 @@ def add_generation_flags(t: argparse.ArgumentParser) -> None:
     sc.add_argument("--alwayson", nargs="+", action="append", default=[], metavar="NAME",
                     help="switch an always-on script on, with its arguments (repeatable), e.g. "
                          "--alwayson dynthres mimic_scale=7 threshold_percentile=99")
+    sc.add_argument("--controlnet", nargs="+", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a ControlNet unit (repeatable, one per unit) with the extension's fields, e.g. "
+                         "--controlnet image=edges.png module=canny model=control_v11p_sd15_canny weight=0.8; "
+                         "image and mask are files; without an image img2img uses its init image")
     for axis in ("x", "y", "z"):
         sc.add_argument(f"--{axis}-type", help=f"X/Y/Z plot: the {axis.upper()} axis (e.g. \"CFG Scale\", Steps, Sampler)")
         sc.add_argument(f"--{axis}-values", help=f"X/Y/Z plot: the {axis.upper()} values (e.g. \"3,7\", \"1-5 (+2)\")")
@@ -238,8 +242,31 @@ def request_from_args(args: argparse.Namespace, base: Txt2ImgRequest | None = No
     if args.alwayson:  # names are matched (aliases too) by the studio, which knows the plug-ins' scripts
         changes["alwayson_scripts"] = {**req.alwayson_scripts,
                                        **{entry[0]: _script_args(entry[1:]) for entry in args.alwayson}}
+    if getattr(args, "controlnet", None):
+        changes.setdefault("alwayson_scripts", dict(req.alwayson_scripts))["ControlNet"] = {
+            "units": [_controlnet_unit(entry) for entry in args.controlnet]}
     req = req.replace(**changes)
     return req if isinstance(req, Img2ImgRequest) else req.validate(check_scripts=False)  # scripts: by the studio
+
+
+def _controlnet_unit(pairs: list[str]) -> dict:
+    """``--controlnet image=FILE module=canny ...`` -> a unit dict (switched on; files read as base64)."""
+    import base64
+
+    unit: dict = {"enabled": True}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise RequestError(f"--controlnet {pair!r}: expected FIELD=VALUE (e.g. module=canny)")
+        key = key.strip()
+        if key in ("image", "mask", "input_image", "mask_image"):
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise RequestError(f"--controlnet {key}={value}: no such file")
+            unit[key] = base64.b64encode(path.read_bytes()).decode()
+        else:
+            unit[key] = value
+    return unit
 
 
 def cmd_txt2img(args: argparse.Namespace) -> int:

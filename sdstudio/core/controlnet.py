@@ -14,6 +14,7 @@ in :mod:`sdstudio.engine`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -132,7 +133,7 @@ def _number(value: Any, where: str, kind: type) -> float | int:
         number = float(value)
     except (TypeError, ValueError):
         raise ControlNetError(f"{where}: expected a number, got {value!r}") from None
-    if number != number or number in (float("inf"), float("-inf")):
+    if not math.isfinite(number):
         raise ControlNetError(f"{where}: expected a finite number, got {value!r}")
     if kind is int:
         if not number.is_integer():
