@@ -383,21 +383,32 @@ def _t2i_spec(shapes: Shapes, layout: str) -> ControlSpec:
     return ControlSpec("t2i_adapter", "sdxl" if xl else "sd1", layout, config)
 
 
+def _lora_weight_shapes(rel: Shapes) -> dict[str, tuple[int, ...]]:
+    """A Control-LoRA's shapes with each ``up``/``down`` pair read as the weight it changes:
+    ``up [out, rank, (1, 1)]`` and ``down [rank, in, (k, k)]`` make ``[out, in, (k, k)]``."""
+    out = dict(rel)
+    for key, up in rel.items():
+        if key.endswith(".up") and (down := rel.get(key[:-3] + ".down")) is not None:
+            out.setdefault(key[:-3] + ".weight", (up[0], *down[1:]))
+    return out
+
+
 def detect_control(shapes: Shapes) -> ControlSpec:
     """The architecture of a ControlNet / T2I-Adapter file from its ``{key: shape}`` (ComfyUI style)."""
     if not shapes:
         raise ModelFileError("the file holds no tensors")
     prefix = _control_prefix(shapes)
     rel = {k[len(prefix):]: tuple(v) for k, v in shapes.items() if k.startswith(prefix)}
-    if "lora_controlnet" in rel:
-        base, config = _controlnet_config(rel, "Control-LoRA")
+    markers = set(rel) | {k for k in shapes if "." not in k}  # markers sit beside a control_model. prefix
+    if "lora_controlnet" in markers:
+        base, config = _controlnet_config(_lora_weight_shapes(rel), "Control-LoRA")
         return ControlSpec("control_lora", base, "control_lora", config, prefix)
     if "controlnet_cond_embedding.conv_in.weight" in rel:
         base, config = _controlnet_config(_hf_to_ldm_shapes(rel))
         return ControlSpec("controlnet", base, "diffusers", config, prefix)
     if "input_hint_block.0.weight" in rel:
         base, config = _controlnet_config(rel)
-        return ControlSpec("controlnet", base, "ldm", config, prefix, difference="difference" in rel)
+        return ControlSpec("controlnet", base, "ldm", config, prefix, difference="difference" in markers)
     if "adapter.conv_in.weight" in rel or "adapter.body.0.in_conv.weight" in rel:
         return _t2i_spec(rel, "diffusers")
     if "conv_in.weight" in rel and "body.0.block1.weight" in rel:
@@ -504,8 +515,8 @@ def _unet_ldm_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     add to. The ControlNet shares the UNet's encoder names, so the UNet conversion applies as it is."""
     cfg = unet.config
     up_attn = [t.startswith("CrossAttn") for t in cfg.up_block_types]
-    return component_to_ldm(unet.state_dict(), "", "unet", layers_per_block=cfg.layers_per_block,
-                            up_has_attention=up_attn)
+    state = {k: v.detach().cpu() for k, v in unet.state_dict().items()}
+    return component_to_ldm(state, "", "unet", layers_per_block=cfg.layers_per_block, up_has_attention=up_attn)
 
 
 def _control_lora_state(rel: Mapping[str, torch.Tensor], unet_ldm: Mapping[str, torch.Tensor],
@@ -617,8 +628,9 @@ def load_control_model(path: str | Path, dtype: torch.dtype = torch.float32, *, 
         config["global_pool_conditions"] = bool(global_pool)
     spec = ControlSpec(spec.kind, spec.base, spec.layout, config, spec.prefix, spec.difference)
     if spec.needs_unet and unet is None:
-        raise ModelFileError(f"{label}: a {spec.describe()} only holds changes to the base model's UNet; "
-                             f"load it with a {spec.base.upper()} checkpoint")
+        family = spec.describe().split(" Control")[0]
+        raise ModelFileError(f"{label}: this {spec.describe()} only holds changes to the base model's UNet; "
+                             f"use it with a {family} checkpoint loaded")
     rel = {k[len(spec.prefix):]: source[k] for k in source.shapes if k.startswith(spec.prefix)}
     try:
         module = _build_module(spec)

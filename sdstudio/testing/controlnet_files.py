@@ -16,7 +16,13 @@ import torch
 from diffusers import ControlNetModel, T2IAdapter, UNet2DConditionModel
 from safetensors.torch import save_file
 
-from ..models.controlnet import CONTROL_PREFIX, controlnet_hf_to_ldm, t2i_adapter_hf_to_tencentarc
+from ..models.controlnet import (
+    CONTROL_PREFIX,
+    controlnet_hf_to_ldm,
+    controlnet_ldm_to_hf,
+    t2i_adapter_hf_to_tencentarc,
+)
+from ..models.convert import component_to_ldm
 from .synthetic import make_checkpoint, unet_config
 
 CONTROLNET_LAYOUTS = ("ldm", "ldm_prefixed", "full_sd", "diffusers_file", "diffusers_folder")
@@ -89,6 +95,53 @@ def write_controlnet(path: str | Path, family: str = "sd1", size: str = "tiny", 
         full = make_checkpoint(family, size, seed=seed, dtype=torch.float16 if fp16 else torch.float32)
         state = {**full, **state}
     _save({k: v for k, v in state.items() if k not in drop}, path)
+    return controlnet
+
+
+def _unet_ldm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    up_attn = [t.startswith("CrossAttn") for t in unet.config.up_block_types]
+    return component_to_ldm(unet.state_dict(), "", "unet", layers_per_block=unet.config.layers_per_block,
+                            up_has_attention=up_attn)
+
+
+def write_difference_controlnet(path: str | Path, unet: UNet2DConditionModel, *, seed: int = 0) -> ControlNetModel:
+    """A "difference" ControlNet (extract_controlnet_diff.py's output): every tensor the UNet also has is
+    stored minus the UNet's, beside a ``difference`` marker. Loading needs ``unet``."""
+    controlnet = controlnet_for(unet, seed=seed)
+    with torch.no_grad():  # the encoder trained away from the UNet's, or the differences would all be zero
+        for p in controlnet.down_blocks.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    base = _unet_ldm(unet)
+    state = controlnet_hf_to_ldm(controlnet.state_dict())
+    state = {k: v - base[k] if k in base else v for k, v in state.items()}
+    _save({"difference": torch.tensor(1.0), **{CONTROL_PREFIX + k: v for k, v in state.items()}}, Path(path))
+    return controlnet
+
+
+def write_control_lora(path: str | Path, unet: UNet2DConditionModel, *, rank: int = 2, seed: int = 0
+                       ) -> ControlNetModel:
+    """A Control-LoRA (Stability's control-lora layout): a ``lora_controlnet`` marker; each 2-D+ weight of the
+    copied encoder as ``up``/``down`` factors of its change from the UNet's weight (a conv's ``up`` is
+    ``[out, rank, 1, 1]``, ``down`` ``[rank, in, k, k]``); the ControlNet's own parts, biases and norms in full.
+    Returns the ControlNet the file describes. Loading needs ``unet``."""
+    controlnet = controlnet_for(unet, seed=seed)
+    base = _unet_ldm(unet)
+    gen = torch.Generator().manual_seed(seed + 1)
+    full = controlnet_hf_to_ldm(controlnet.state_dict())
+    out: dict[str, torch.Tensor] = {"lora_controlnet": torch.tensor([])}
+    for key, weight in full.items():
+        shared = key in base and not key.startswith(("input_hint_block.", "zero_convs.", "middle_block_out."))
+        if shared and key.endswith(".weight") and weight.ndim >= 2 and "norm" not in key:
+            stem = key.removesuffix(".weight")
+            up = torch.randn(weight.shape[0], rank, generator=gen) * 0.05
+            down = torch.randn(rank, weight[0].numel(), generator=gen) * 0.05
+            full[key] = base[key] + (up @ down).reshape(weight.shape)
+            out[stem + ".up"] = up.reshape(weight.shape[0], rank, *([1] * (weight.ndim - 2)))
+            out[stem + ".down"] = down.reshape(rank, *weight.shape[1:])
+        else:
+            out[key] = weight
+    controlnet.load_state_dict(controlnet_ldm_to_hf(full))
+    _save(out, Path(path))
     return controlnet
 
 
