@@ -255,18 +255,27 @@ class ControlNets:
             if self._preprocessors is not None:
                 self._preprocessors.add(p)
 
-    def model(self, title: str):
-        """The loaded model a unit names (the extension's lookup: "name [hash]", name, closest), and its title."""
-        from ..models.controlnet import ControlModelCache
+    def model(self, title: str, base_unet=None):
+        """The loaded model a unit names (the extension's lookup: "name [hash]", name, closest), and its title.
+        ``base_unet()`` gives the checkpoint's UNet, which difference ControlNets and Control-LoRAs complete."""
+        from ..models.controlnet import ControlModelCache, detect_control
+        from ..models.errors import ModelFileError
+        from ..models.safe_load import open_state_dict
 
         file = self.registry.controlnet(title)
         with self._lock:
             if self._cache is None:
                 self._cache = ControlModelCache()
-            return f"{file.name} [{file.legacy_hash}]", self._cache.get(file.path, self.dtype)
+        title = f"{file.name} [{file.legacy_hash}]"
+        try:
+            return title, self._cache.get(file.path, self.dtype)
+        except ModelFileError:
+            if base_unet is None or file.path.is_dir() or not detect_control(open_state_dict(file.path).shapes).needs_unet:
+                raise
+        return title, self._cache.get(file.path, self.dtype, unet=base_unet())
 
     # ---- a job's units ----------------------------------------------------------------------------------
-    def prepare(self, index: int, unit: ControlUnit, req) -> PreparedUnit:
+    def prepare(self, index: int, unit: ControlUnit, req, base_unet=None) -> PreparedUnit:
         """Run a unit's preprocessor on its image (see the module's docstring); bad fields and missing images
         or models are a :class:`ControlNetError` naming the unit."""
         from .preprocessors import detect, pixel_perfect_resolution
@@ -276,7 +285,7 @@ class ControlNets:
         source, mask = self._source(index, unit, req, pre)
         model = title = None
         if unit.model and unit.model != "None":
-            title, model = self.model(unit.model)
+            title, model = self.model(unit.model, base_unet)
         elif not pre.model_free:
             raise ControlNetError(f"{where}: no ControlNet model chosen (model is 'None'); pick one of the files in "
                                   f"{self.registry.paths.controlnet_dir}")
@@ -318,14 +327,15 @@ class ControlNets:
             raise ControlNetError(f"{where}: the {pre.name} preprocessor needs a mask (mask, or img2img inpaint's)")
         return source, mask
 
-    def hooks(self, units: Sequence[ControlUnit], req, extra_images: list | None = None) -> list[ControlHook]:
+    def hooks(self, units: Sequence[ControlUnit], req, extra_images: list | None = None, base_unet=None
+              ) -> list[ControlHook]:
         """The hooks of a request's enabled units; their detected maps go to ``extra_images``."""
         hires_job = bool(getattr(req, "enable_hr", False)) and req.kind == "txt2img"
         out = []
         for i, unit in enumerate(units):
             if not unit.enabled:
                 continue
-            prepared = self.prepare(i, unit, req)
+            prepared = self.prepare(i, unit, req, base_unet)
             if extra_images is not None and unit.save_detected_map and prepared.preprocessor.run is not None:
                 extra_images.append((Image.fromarray(prepared.detected[:, :, :3]),
                                      f"{SCRIPT_NAME} {i}: detected map ({unit.module})"))

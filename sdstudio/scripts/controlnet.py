@@ -47,7 +47,9 @@ def _hooks(args: Args, req, ctx):
     listed = units(args)
     if not any(u.enabled for u in listed):
         return []
-    hooks = ctx.engine.controlnets.hooks(listed, req, ctx.extra_images)
+    engine = ctx.engine
+    hooks = engine.controlnets.hooks(listed, req, ctx.extra_images,
+                                     base_unet=lambda: engine.load(req.model, req.model_hash)[1].unet)
     used = {hook.prepared.index: hook.prepared.unit for hook in hooks}
     ctx.resolved[NAME] = Args(args, units=[used.get(i, u).to_dict() for i, u in enumerate(listed)])
     return hooks

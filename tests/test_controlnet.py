@@ -1,0 +1,289 @@
+"""ControlNet through the engine: the hook's scales and windows against the extension's formulas, and whole
+requests on a tiny checkpoint with a tiny random-weight ControlNet (txt2img, Hires. fix, img2img, several
+units, X/Y/Z, infotext, detected maps, errors)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from sdstudio.core import controlnet as cn
+from sdstudio.core import infotext
+from sdstudio.core.params import Img2ImgRequest, RequestError, Txt2ImgRequest, from_infotext
+from sdstudio.core.paths import Paths
+from sdstudio.engine.controlnet import ControlHook, PreparedUnit
+from sdstudio.engine.generate import Engine
+from sdstudio.engine.hooks import Step, UNetCall
+from sdstudio.models.controlnet import load_control_model
+from sdstudio.scripts import Studio
+from sdstudio.testing.controlnet_files import write_controlnet
+
+
+@pytest.fixture(scope="module")
+def cn_root(make_data_root):
+    root = make_data_root("controlnet")
+    folder = root / "models" / "ControlNet"
+    folder.mkdir(parents=True)
+    write_controlnet(folder / "tiny-canny.safetensors", "sd1", "tiny", seed=3)
+    write_controlnet(folder / "tiny-other.pth", "sd1", "tiny", layout="ldm_prefixed", seed=4)
+    write_controlnet(folder / "tiny-xl.safetensors", "sdxl", "tiny", seed=5)
+    return root
+
+
+@pytest.fixture(scope="module")
+def studio(cn_root):
+    return Studio(Engine(Paths(cn_root)))
+
+
+def _b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _control_image(size: int = 64) -> Image.Image:
+    im = Image.new("RGB", (size, size), "black")
+    ImageDraw.Draw(im).rectangle((size // 4, size // 4, 3 * size // 4, 3 * size // 4), outline="white", width=2)
+    return im
+
+
+def _req(**kw) -> Txt2ImgRequest:
+    base = {"prompt": "a square", "seed": 11, "steps": 4, "width": 64, "height": 64, "sampler_name": "Euler", "cfg_scale": 5.0}
+    return Txt2ImgRequest(**{**base, **kw})
+
+
+def _unit(**kw) -> dict:
+    return {"enabled": True, "module": "none", "model": "tiny-canny", "image": _b64(_control_image()), **kw}
+
+
+def _with(units, **kw) -> Txt2ImgRequest:
+    return _req(alwayson_scripts={"ControlNet": {"units": units}}, **kw)
+
+
+def _pixels(result) -> np.ndarray:
+    return np.asarray(result.images[0].image, dtype=np.int16)
+
+
+# ---- the hook on its own ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model(cn_root):
+    return load_control_model(cn_root / "models" / "ControlNet" / "tiny-canny.safetensors")
+
+
+def _hook(model, hires_job: bool = False, **unit) -> ControlHook:
+    u = cn.unit_from_dict({"enabled": True, "module": "canny", **unit})
+    detected = np.zeros((64, 64, 3), np.uint8)
+    detected[16:48, 16:48] = 255
+    prepared = PreparedUnit(0, u, cn.Preprocessor(u.module), detected, model)
+    return ControlHook(prepared, torch.device("cpu"), torch.float32, hires_job)
+
+
+def test_scales_follow_the_control_mode(tiny_model):
+    assert _hook(tiny_model, weight=0.8).scales(13, False) == [0.8] * 13
+    soft = [0.8 * 0.825 ** (12 - i) for i in range(13)]
+    for mode in ("My prompt is more important", "ControlNet is more important"):
+        assert _hook(tiny_model, weight=0.8, control_mode=mode).scales(13, False) == pytest.approx(soft)
+    # SDXL's 10 outputs take the first 10 of the same 13 (the middle block's is 0.825 ** 3, not 1)
+    assert _hook(tiny_model, control_mode=1).scales(10, False) == pytest.approx([0.825 ** (12 - i) for i in range(10)])
+    # canny (and mlsd) get soft injection in the Hires. fix pass even when Balanced
+    assert _hook(tiny_model, weight=0.8).scales(13, True) == pytest.approx(soft)
+    assert _hook(tiny_model, weight=0.8, module="invert").scales(13, True) == [0.8] * 13
+    weights = [0.1 * i for i in range(13)]
+    assert _hook(tiny_model, advanced_weighting=weights, control_mode=1).scales(13, False) == weights
+    with pytest.raises(cn.ControlNetError, match="advanced_weighting has 3"):
+        _hook(tiny_model, advanced_weighting=[1, 1, 1]).scales(13, False)
+
+
+@pytest.mark.parametrize("start, end, steps, expected", [
+    (0.0, 1.0, 4, [True, True, True, True]),
+    (0.5, 1.0, 4, [False, False, True, True]),
+    (0.0, 0.25, 4, [True, True, False, False]),
+    (0.3, 0.6, 10, [False, False, False, True, True, True, True, False, False, False]),
+])
+def test_guidance_window_by_sampling_step(tiny_model, start, end, steps, expected):
+    hook = _hook(tiny_model, guidance_start=start, guidance_end=end)
+    assert [hook.active(Step(i, steps, torch.ones(1))) for i in range(steps)] == expected
+
+
+@pytest.mark.parametrize("option, first, hires", [("Both", True, True), ("Low res only", True, False),
+                                                   ("High res only", False, True)])
+def test_hr_option(tiny_model, option, first, hires):
+    hook = _hook(tiny_model, hires_job=True, hr_option=option)
+    assert hook.active(Step(0, 4, torch.ones(1), "first")) is first
+    assert hook.active(Step(0, 4, torch.ones(1), "hires")) is hires
+    # without Hires. fix the option does not matter (the extension ignores it then)
+    assert _hook(tiny_model, hr_option=option).active(Step(0, 4, torch.ones(1), "first"))
+
+
+def _call(rows_uncond: list[bool], width: int) -> UNetCall:
+    g = torch.Generator().manual_seed(0)
+    n = len(rows_uncond)
+    x = torch.randn(n, 4, 8, 8, generator=g)
+    hidden = torch.randn(n, 77, width, generator=g)
+    return UNetCall(x, torch.full((n,), 500.0), hidden, list(range(n)), rows_uncond, Step(0, 4, torch.ones(n)))
+
+
+def test_residuals_are_the_controlnets_outputs_times_the_scales(tiny_model):
+    hook = _hook(tiny_model, weight=0.7, control_mode="My prompt is more important")
+    call = _call([False, True], tiny_model.module.config.cross_attention_dim)
+    out = hook.unet_inputs(call)
+    hint = hook.hint(64, 64).expand(2, -1, -1, -1)
+    with torch.no_grad():
+        down, mid = tiny_model.module(call.x, call.timestep, encoder_hidden_states=call.encoder_hidden_states,
+                                      controlnet_cond=hint, return_dict=False)
+    n = len(down) + 1
+    scales = [0.7 * 0.825 ** (12 - i) for i in range(max(13, n))][:n]
+    for got, want, s in zip(out["down_block_additional_residuals"], down, scales):
+        torch.testing.assert_close(got, want * s)
+    torch.testing.assert_close(out["mid_block_additional_residual"], mid * scales[-1])
+
+
+def test_controlnet_is_more_important_leaves_the_negative_rows_alone(tiny_model):
+    call = _call([False, True, False], tiny_model.module.config.cross_attention_dim)
+    out = _hook(tiny_model, control_mode="ControlNet is more important").unet_inputs(call)
+    balanced = _hook(tiny_model, control_mode="My prompt is more important").unet_inputs(call)
+    for got, ref in zip(out["down_block_additional_residuals"], balanced["down_block_additional_residuals"]):
+        assert torch.count_nonzero(got[1]) == 0
+        torch.testing.assert_close(got[[0, 2]], ref[[0, 2]])
+    assert torch.count_nonzero(out["mid_block_additional_residual"][1]) == 0
+
+
+def test_inpaint_hint_protocol(tiny_model):
+    u = cn.unit_from_dict({"enabled": True, "module": "inpaint"})
+    detected = np.full((64, 64, 4), 128, np.uint8)
+    detected[:, :, 3] = 0
+    detected[:, :32, 3] = 255  # left half masked
+    hook = ControlHook(PreparedUnit(0, u, cn.Preprocessor("inpaint"), detected, tiny_model), torch.device("cpu"),
+                       torch.float32, False)
+    hint = hook.hint(64, 64)
+    assert hint.shape == (1, 3, 64, 64)
+    assert torch.all(hint[..., :32] == -1)  # masked pixels at -1
+    torch.testing.assert_close(hint[..., 32:], torch.full_like(hint[..., 32:], 128 / 255))
+
+
+# ---- whole requests ------------------------------------------------------------------------------------
+
+def test_a_unit_changes_the_picture_and_weight_zero_does_not(studio):
+    plain = _pixels(studio.generate(_req()))
+    on = studio.generate(_with([_unit()]))
+    assert np.abs(_pixels(on) - plain).mean() > 0.5
+    zero = studio.generate(_with([_unit(weight=0.0)]))
+    assert np.array_equal(_pixels(zero), plain)
+    disabled = studio.generate(_with([_unit(enabled=False)]))
+    assert np.array_equal(_pixels(disabled), plain) and len(disabled.images) == 1
+
+
+def test_two_half_units_equal_one_full_unit(studio):
+    one = studio.generate(_with([_unit()]))
+    two = studio.generate(_with([_unit(weight=0.5), _unit(weight=0.5)]))
+    assert np.array_equal(_pixels(one), _pixels(two))
+
+
+def test_guidance_end_limits_the_effect(studio):
+    plain = _pixels(studio.generate(_req()))
+    full = _pixels(studio.generate(_with([_unit()])))
+    early = _pixels(studio.generate(_with([_unit(guidance_end=0.25)])))
+    assert not np.array_equal(early, plain) and not np.array_equal(early, full)
+    late = _pixels(studio.generate(_with([_unit(guidance_start=0.5)])))
+    assert not np.array_equal(late, full) and not np.array_equal(late, early)
+
+
+def test_infotext_detected_map_and_paste_back(studio, cn_root):
+    result = studio.generate(_with([_unit(module="canny")]))
+    image, detected = result.images
+    assert detected.extra and not image.extra
+    assert detected.image.size == (512, 512)  # canny's map as made: at the processor resolution
+    params = infotext.parse(image.infotext)
+    hashed = next(line for line in studio.engine.registry.controlnets if line.name == "tiny-canny")
+    assert params["ControlNet 0"] == (f"Module: canny, Model: tiny-canny [{hashed.legacy_hash}], Weight: 1.0, "
+                                      "Resize Mode: Crop and Resize, Processor Res: 512, Threshold A: 100.0, "
+                                      "Threshold B: 200.0, Guidance Start: 0.0, Guidance End: 1.0, "
+                                      "Pixel Perfect: False, Control Mode: Balanced")
+    req = from_infotext(image.infotext)
+    unit = req.alwayson_scripts["ControlNet"]["units"][0]
+    assert (unit["module"], unit["processor_res"], unit["enabled"]) == ("canny", 512, True)
+    again = studio.generate(req.replace(alwayson_scripts={"ControlNet": {"units": [
+        {**unit, "image": _b64(_control_image())}]}}))
+    assert np.array_equal(_pixels(again), _pixels(result))
+
+
+def test_no_detected_map_when_not_asked(studio):
+    result = studio.generate(_with([_unit(module="canny", save_detected_map=False)]))
+    assert len(result.images) == 1
+
+
+def test_img2img_unit_without_image_uses_the_init(studio, tmp_path):
+    init = tmp_path / "init.png"
+    _control_image().save(init)
+    base = {"prompt": "a square", "seed": 5, "steps": 4, "width": 64, "height": 64, "sampler_name": "Euler", "init_images": [str(init)],
+                "denoising_strength": 0.8}
+    plain = _pixels(studio.generate(Img2ImgRequest(**base)))
+    with_init = studio.generate(Img2ImgRequest(**base, alwayson_scripts={"ControlNet": {"units": [
+        {"enabled": True, "module": "none", "model": "tiny-canny"}]}}))
+    given = studio.generate(Img2ImgRequest(**base, alwayson_scripts={"ControlNet": {"units": [_unit()]}}))
+    assert not np.array_equal(_pixels(with_init), plain)
+    assert np.array_equal(_pixels(with_init), _pixels(given))  # the same picture as the unit's own image
+
+
+def test_hires_options(studio):
+    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "denoising_strength": 0.6, "hr_second_pass_steps": 2}
+    plain = _pixels(studio.generate(_req(**hires)))
+    both = _pixels(studio.generate(_with([_unit()], **hires)))
+    low = _pixels(studio.generate(_with([_unit(hr_option="Low res only")], **hires)))
+    high = _pixels(studio.generate(_with([_unit(hr_option="High res only")], **hires)))
+    assert both.shape == (96, 96, 3)
+    assert len({a.tobytes() for a in (plain, both, low, high)}) == 4
+
+
+def test_low_vram_unit_gives_the_same_picture(studio):
+    normal = _pixels(studio.generate(_with([_unit()])))
+    low = _pixels(studio.generate(_with([_unit(low_vram=True)])))
+    assert np.array_equal(normal, low)
+
+
+def test_errors_name_the_unit(studio):
+    with pytest.raises(RequestError, match="unit 0: no control image"):
+        studio.generate(_with([{"enabled": True, "module": "none", "model": "tiny-canny"}]))
+    with pytest.raises(RequestError, match="no ControlNet model chosen"):
+        studio.generate(_with([_unit(model="None")]))
+    with pytest.raises(RequestError, match="ControlNet"):
+        studio.generate(_with([_unit(model="no-such-model")]))
+    with pytest.raises(RequestError, match="unknown preprocessor"):
+        studio.generate(_with([_unit(module="no_such_module")]))
+    with pytest.raises(RequestError, match="not valid base64|not an image"):
+        studio.generate(_with([_unit(image="!!!")]))
+    with pytest.raises(Exception, match="another model family"):
+        studio.generate(_with([_unit(model="tiny-xl")]))
+
+
+def test_model_lookup_rules(studio):
+    reg = studio.engine.registry
+    canny = reg.controlnet("tiny-canny")
+    assert reg.controlnet(f"tiny-canny [{canny.legacy_hash}]").path == canny.path
+    assert reg.controlnet("TINY-CANNY").path == canny.path
+    assert reg.controlnet("can").path == canny.path  # the shortest name containing it
+
+
+def test_xyz_weight_axis(studio):
+    req = _with([_unit()]).replace(script_name="X/Y/Z plot", script_args={
+        "x_type": "[ControlNet] Weight", "x_values": "0, 1", "include_lone_images": True})
+    result = studio.generate(req)
+    cells = [g for g in result.images if not g.grid]
+    assert len(cells) >= 2
+    plain = _pixels(studio.generate(_req()))
+    assert np.array_equal(np.asarray(cells[0].image, dtype=np.int16), plain)
+    assert not np.array_equal(np.asarray(cells[1].image, dtype=np.int16), plain)
+
+
+@pytest.mark.skipif(not os.path.exists("models/ControlNet/sdstudio-demo-canny.safetensors"),
+                    reason="the demo ControlNet is not trained yet")
+def test_demo_controlnet_loads():
+    model = load_control_model("models/ControlNet/sdstudio-demo-canny.safetensors")
+    assert model.spec.kind == "controlnet"
