@@ -86,6 +86,8 @@ def studio_from(args: argparse.Namespace, engine, disabled: list[str] | None = N
     plugins = plugins_from(args, engine.paths, disabled)
     activate(plugins)
     engine.upscalers.extra.update(plugins.upscalers)  # this engine's: by name, after the built-in ones
+    for preprocessor in plugins.preprocessors.values():
+        engine.controlnets.add_preprocessor(preprocessor)
     return Studio(engine, plugins.catalog), plugins
 
 

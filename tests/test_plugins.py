@@ -265,3 +265,28 @@ def test_installing_a_plugin_folder_from_this_machine(tmp_path):
                           (str(EXAMPLE / "__init__.py"), "a folder or a .whl"), (str(tmp_path), "not a plug-in")):
         with pytest.raises(InstallError, match=words):
             install(source, target)
+
+
+def test_a_plugins_controlnet_preprocessor(data_dir):
+    """A plug-in's preprocessor is in the engine's list beside the built-in ones and runs as they do."""
+    write_plugin(data_dir, "posterize", """
+        SDSTUDIO_API = 1
+
+        def register(api):
+            from sdstudio.core.controlnet import Preprocessor, Slider
+            api.add_preprocessor(Preprocessor(
+                "posterize_demo", run=lambda image, res, a, b, mask: (image // int(a) * int(a)),
+                resolution=Slider("Preprocessor Resolution", 64, 64, 2048, 8),
+                threshold_a=Slider("Step", 64, 1, 128)))
+        """)
+    from sdstudio.engine.preprocessors import detect
+    from sdstudio.flags import studio_from
+
+    args = build_parser().parse_args(["serve", "--data-dir", str(data_dir)])
+    studio, plugins = studio_from(args, Engine(Paths(data_dir)))
+    assert plugins.info("posterize").status == "loaded"
+    registry = studio.engine.controlnets.preprocessors
+    p = registry.get("posterize_demo")
+    assert p.owner == "posterize" and "canny" in registry.names() and "posterize_demo" in registry.names()
+    image = np.full((64, 64, 3), 200, np.uint8)
+    assert int(detect(p, image, -1, -1, -1).max()) == 192  # 200 // 64 * 64, the slider's default step

@@ -77,7 +77,7 @@ class PluginAPI:
         self.scripts: list[Script] = []
         self.samplers: list[tuple[SamplerInfo, Callable]] = []
         self.schedulers: list[tuple[ScheduleInfo, Callable]] = []
-        self.preprocessors: dict[str, Callable] = {}
+        self.preprocessors: dict[str, object] = {}  # name -> sdstudio.core.controlnet.Preprocessor
         self.upscalers: dict[str, Callable] = {}
         self.localizations: dict[str, dict[str, str]] = {}
         self.routes: list[Callable] = []
@@ -102,9 +102,16 @@ class PluginAPI:
         (a PIL image at about that size; it is resized to exactly that size)."""
         self.upscalers[name] = function
 
-    def add_preprocessor(self, name: str, function: Callable) -> None:
-        """A ControlNet preprocessor: ``function(image: PIL.Image, resolution, threshold_a, threshold_b)``."""
-        self.preprocessors[name] = function
+    def add_preprocessor(self, preprocessor) -> None:
+        """A ControlNet preprocessor (:class:`sdstudio.core.controlnet.Preprocessor`: its module name, sliders
+        and ``run(image, resolution, threshold_a, threshold_b, mask) -> map``, numpy H×W×3 uint8 in and out);
+        it appears in the units' preprocessor list, ``/controlnet/module_list`` and ``/controlnet/detect``."""
+        from ..core.controlnet import Preprocessor
+
+        if not isinstance(preprocessor, Preprocessor):
+            raise TypeError("add_preprocessor takes a sdstudio.core.controlnet.Preprocessor, got "
+                            f"{type(preprocessor).__name__}")
+        self.preprocessors[preprocessor.name] = dataclasses.replace(preprocessor, owner=self.name)
 
     def add_localization(self, language: str, strings: dict[str, str]) -> None:
         """UI texts for ``language`` (A1111's localization format: English text -> translation)."""
@@ -123,7 +130,7 @@ class Plugins:
     catalog: ScriptCatalog = field(default_factory=builtin)
     samplers: list[tuple[SamplerInfo, Callable]] = field(default_factory=list)
     schedulers: list[tuple[ScheduleInfo, Callable]] = field(default_factory=list)
-    preprocessors: dict[str, Callable] = field(default_factory=dict)
+    preprocessors: dict[str, object] = field(default_factory=dict)  # name -> Preprocessor
     upscalers: dict[str, Callable] = field(default_factory=dict)
     localizations: dict[str, dict[str, str]] = field(default_factory=dict)
     routes: list[Callable] = field(default_factory=list)
