@@ -287,3 +287,16 @@ def test_xyz_weight_axis(studio):
 def test_demo_controlnet_loads():
     model = load_control_model("models/ControlNet/sdstudio-demo-canny.safetensors")
     assert model.spec.kind == "controlnet"
+
+
+def test_inpaint_only_pastes_the_unmasked_input_back(studio):
+    source = Image.new("RGB", (64, 64), (200, 30, 30))
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((40, 0, 63, 63), fill=255)  # the right part is repainted
+    result = studio.generate(_with([_unit(module="inpaint_only", image=_b64(source), mask=_b64(mask))]))
+    out = np.asarray(result.images[0].image, dtype=np.int16)
+    assert np.abs(out[:, :28] - np.array([200, 30, 30])).max() <= 1  # well outside the seam: the input itself
+    plain = _pixels(studio.generate(_with([_unit(module="inpaint", image=_b64(source), mask=_b64(mask))])))
+    assert np.abs(plain[:, :28] - np.array([200, 30, 30])).max() > 5  # plain inpaint does not paste back
+    with pytest.raises(RequestError, match="needs a mask"):
+        studio.generate(_with([_unit(module="inpaint_only", image=_b64(source))]))

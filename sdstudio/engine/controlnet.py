@@ -149,7 +149,7 @@ class ControlHook(StepHook):
         key = (height, width)
         if key not in self._hints:
             fitted = self._fit(self.prepared.detected, width, height, self.unit.resize_mode)
-            x = torch.from_numpy(np.ascontiguousarray(fitted)).float().div(255.0).permute(2, 0, 1)[None]
+            x = torch.from_numpy(np.array(fitted, dtype=np.float32)).div(255.0).permute(2, 0, 1)[None]
             if x.shape[1] == 4:
                 rgb, mask = x[:, :3], (x[:, 3:4] > 0.5).float()
                 x = rgb * (1 - mask) - mask
@@ -171,6 +171,20 @@ class ControlHook(StepHook):
         if self.kind == "t2i_adapter":
             return [w * s for s in ADAPTER_SOFT][:count] + [w] * max(0, count - len(ADAPTER_SOFT))
         return [w * SOFT_DECAY ** float(12 - i) for i in range(max(13, count))][:count]
+
+    def finish_image(self, image: Image.Image, index: int) -> Image.Image:
+        """inpaint_only: the unmasked part of the control image pasted back over the picture (the mask
+        dilated and blurred by the extension's σ 7, so the seam lies just outside it)."""
+        if not self.prepared.preprocessor.name.startswith("inpaint_only") or self.prepared.detected.shape[2] != 4:
+            return image
+        from .preprocessors import inpaint_blend_mask
+
+        w, h = image.size
+        fitted = self._fit(self.prepared.detected, w, h, self.unit.resize_mode)
+        keep_generated = inpaint_blend_mask(fitted[:, :, 3])[:, :, None]
+        out = np.asarray(image.convert("RGB"), dtype=np.float32) * keep_generated + \
+            fitted[:, :, :3].astype(np.float32) * (1.0 - keep_generated)
+        return Image.fromarray(np.clip(out.round(), 0, 255).astype(np.uint8))
 
     def _rows_mask(self, call: UNetCall, like: torch.Tensor) -> torch.Tensor | None:
         if not self.unit.cfg_injection or not any(call.uncond):
@@ -278,7 +292,7 @@ class ControlNets:
     def prepare(self, index: int, unit: ControlUnit, req, base_unet=None) -> PreparedUnit:
         """Run a unit's preprocessor on its image (see the module's docstring); bad fields and missing images
         or models are a :class:`ControlNetError` naming the unit."""
-        from .preprocessors import detect, pixel_perfect_resolution
+        from .preprocessors import detect, numpy_seed, pixel_perfect_resolution
 
         where = f"{SCRIPT_NAME} unit {index}"
         pre = self.preprocessors.get(unit.module)
@@ -289,12 +303,12 @@ class ControlNets:
         elif not pre.model_free:
             raise ControlNetError(f"{where}: no ControlNet model chosen (model is 'None'); pick one of the files in "
                                   f"{self.registry.paths.controlnet_dir}")
-        res = unit.processor_res
-        if unit.pixel_perfect:
+        res, a, b = pre.resolved(unit.processor_res, unit.threshold_a, unit.threshold_b)
+        if unit.pixel_perfect:  # after the range check, as the extension does
             res = pixel_perfect_resolution(source.shape[:2], req.width, req.height, unit.resize_mode)
-        res, a, b = pre.resolved(res, unit.threshold_a, unit.threshold_b)
         try:
-            detected = detect(pre, source, res, a, b, mask)
+            detected = detect(pre, source, res, a, b, mask, seed=numpy_seed(req.seed, req.subseed),
+                              pixel_perfect=unit.pixel_perfect)
         except ControlNetError as exc:
             raise ControlNetError(f"{where}: {exc}") from None
         used = unit.replace(module=pre.name, processor_res=res, threshold_a=a, threshold_b=b)

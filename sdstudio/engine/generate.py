@@ -38,7 +38,7 @@ from .controlnet import ControlNets
 from .denoiser import CFGDenoiser, ComposedConditioning, Interrupted, ScheduledConditioning
 from .devices import Placement, plan_devices
 from .faces import FaceRestorers
-from .hooks import SamplingPlan, StepHook
+from .hooks import SamplingPlan, StepHook, calling
 from .interrogate import Interrogators
 from .rng import BrownianNoise, NoiseGenerator, image_noise
 from .samplers import SAMPLER_FUNCTIONS
@@ -247,6 +247,9 @@ class Engine:
                                                        fidelity=req.code_former_weight)
                         if inits is not None:
                             image = img2img_ops.finish(inits[j], image, latents[j:j + 1], SoftInpainting.of(req))
+                        for hook in hooks:
+                            with calling(hook):
+                                image = hook.finish_image(image, n * req.batch_size + j)
                         params = to_infotext_params(req_for_text.replace(seed=s, subseed=ss), **{**resolved, "Seed": s})
                         generated = GeneratedImage(image, s, ss, infotext.format(params))
                         if keep_images:

@@ -11,7 +11,8 @@ given:
 - ``after_cfg(guidance, denoised)``: adjusts the guided prediction (CFG rescale), each hook in turn;
 - ``after_step(step, x)``: the latent after each sampling step, before the next one.
 
-``applied(unet)`` is a context manager entered around the whole pass (FreeU's backbone scales).
+``applied(unet)`` is a context manager entered around the whole pass (FreeU's backbone scales), and
+``finish_image(image, index)`` sees each decoded picture before it is given out.
 
 Windows (``start``/``end``, fractions of the pass) are by sampling step, as ControlNet's guidance
 start/end: Heun and DPM2 call the denoiser twice in a step, both calls see the same step. A hook is
@@ -122,6 +123,11 @@ class StepHook:
 
     def after_step(self, step: Step, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def finish_image(self, image, index: int):
+        """The decoded picture ``index`` (of the job) before it is given out (ControlNet's inpaint_only pastes
+        the unmasked input back); a PIL image in, one out."""
+        return image
 
 
 _METHODS = ("unet_inputs", "combine", "after_cfg", "after_step")

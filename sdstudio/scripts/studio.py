@@ -196,6 +196,7 @@ class Studio:
         script, ``units``/``on_unit`` carry its finished units across a pause (module docstring)."""
         req = self.validate(req)
         if not req.script_name:
+            req = req.with_concrete_seeds()  # hooks see the seeds the images get (ControlNet's shuffle field)
             context = HookContext(self.engine)
             try:
                 hooks, pairs = self.alwayson(req, context)
