@@ -1,0 +1,1 @@
+"""A Canny ControlNet for the demo model, trained by our own code (see train.py)."""

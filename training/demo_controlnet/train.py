@@ -1,0 +1,358 @@
+"""Training a Canny-edge ControlNet for the demo model, resumable, then exporting it in the original layout.
+
+The ControlNet is diffusers' copy of the demo UNet's encoder and middle block (``ControlNetModel.from_unet``:
+the zero convolutions start at zero, so at step 0 it changes nothing). The demo model's UNet, VAE and text
+encoder stay frozen; only the ControlNet learns, with the same target as the UNet was trained on (v or
+noise, as the checkpoint says) on the same noise schedule (:func:`training.demo_model.train._alphas_cumprod`).
+
+Data: random scenes of the shapes world (1–3 objects, some striped backgrounds), rendered at ``size``; the
+control image is ``cv2.Canny`` of the rendered RGB picture with thresholds 100/200, as the extension's
+``canny`` preprocessor calls it (on the RGB picture itself: OpenCV then takes the strongest gradient over the
+channels; a grayscale picture would lose the edge between red and green, whose grey levels are 25 apart).
+The ControlNet sees it as the extension feeds hint images: 3 channels, float in [0, 1]. Half of the captions
+are empty, so that the edge map alone has to place the shapes (as lllyasviel's training dropped prompts).
+
+Every ``save_every`` steps the whole state (ControlNet, optimiser, step, random generators) goes to
+``RUN/state.pt``; a rerun with the same run folder continues from there. ``RUN/log.csv`` records the losses.
+
+:func:`shape_iou`, :func:`scene_mask` and :func:`object_mask` measure how well a generated picture follows
+the edge map; :func:`sanity_check` runs that measurement with and without the ControlNet.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import ControlNetModel
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from sdstudio.eval import shapes
+from sdstudio.models.loader import LoadedModel, load_checkpoint
+from training.demo_model.train import SCALING, _alphas_cumprod, render_batch, warmup_cosine
+
+CANNY_LOW, CANNY_HIGH = 100, 200  # the extension's canny preprocessor defaults (thr_a, thr_b)
+
+
+@dataclass
+class Config:
+    base: str = "models/Stable-diffusion/sdstudio-demo.safetensors"
+    size: int = 128  # the demo model's pictures
+    batch: int = 16
+    # the shipped model: 2200 steps of 16 pictures, about 1.3 s a step on one CPU thread (≈ 50 minutes)
+    steps: int = 2200
+    lr: float = 2e-4
+    warmup: int = 100
+    empty_prompt: float = 0.5  # share of empty captions: the edge map alone must then place the shapes
+    max_things: int = 3
+    stripes: float = 0.15
+    seed: int = 0
+    save_every: int = 100
+    # As for the demo model: encoding a picture costs more than the training step, so encoded pictures (with
+    # their edge maps and captions) go to a pool and a step draws fresh ones with probability ``fresh``.
+    pool: int = 4096
+    fresh: float = 0.15
+    encode_dtype: str = "bfloat16"  # the VAE's encoding under bfloat16 autocast, as in training/demo_model
+
+    @classmethod
+    def tiny(cls, base: str, **kw) -> Config:
+        """For tests: a tiny base checkpoint, small pictures and batches."""
+        return cls(**{"base": base, "size": 64, "batch": 2, "steps": 2, "warmup": 1, "save_every": 1, **kw})
+
+
+def canny_map(picture: np.ndarray) -> np.ndarray:
+    """The H×W uint8 edge map (0 or 255) of an H×W×3 uint8 RGB picture, as the extension's preprocessor
+    computes it."""
+    if picture.dtype != np.uint8 or picture.ndim != 3 or picture.shape[2] != 3:
+        raise ValueError(f"canny_map needs an H×W×3 uint8 picture, got {picture.dtype} {picture.shape}")
+    return cv2.Canny(np.ascontiguousarray(picture), CANNY_LOW, CANNY_HIGH)
+
+
+def hint_tensor(edges: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """N×H×W edge maps (uint8 0/255 or bool) as the N×3×H×W float [0, 1] batch a ControlNet is given."""
+    e = torch.as_tensor(np.asarray(edges))
+    e = e.float() / 255 if e.dtype == torch.uint8 else e.float()
+    return e.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+
+def render_scenes(scenes: list[shapes.Scene], size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The scenes as an N×3×size×size batch in [-1, 1] (what the VAE encodes) and their N×size×size edge
+    maps (uint8)."""
+    images = render_batch(scenes, size)
+    pixels = ((images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    return images, np.stack([canny_map(p) for p in pixels])
+
+
+# ---- measuring ----------------------------------------------------------------------------------
+
+def shape_iou(expected: np.ndarray, found: np.ndarray) -> float:
+    """Intersection over union of two boolean masks of the same shape (1.0 when both are empty: they agree)."""
+    a, b = np.asarray(expected, dtype=bool), np.asarray(found, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"shape_iou: masks differ in shape, {a.shape} vs {b.shape}")
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def scene_mask(scene: shapes.Scene, size: int) -> np.ndarray:
+    """Where the scene's objects are (size×size bool): the scene drawn white on black, no stripes."""
+    flat = replace(scene, background="black", stripes=False,
+                   things=tuple(replace(t, colour="white") for t in scene.things))
+    return np.asarray(shapes.render(flat, size).convert("L")) > 127
+
+
+def object_mask(picture: np.ndarray, threshold: float = 40.0) -> np.ndarray:
+    """The pixels of an H×W×3 picture that are not background: farther than ``threshold`` (RGB, of 255)
+    from the background colour, taken as the per-channel median of the whole picture. Objects of the shapes
+    world cover under a quarter of it, so the median is the background's; a frame of border pixels is not
+    (the demo model often shades its pictures' edges). 40 is a bit over half the distance between the
+    world's closest colours (yellow and orange, 71 apart)."""
+    p = np.asarray(picture, dtype=np.float32)
+    if p.ndim != 3 or p.shape[2] != 3:
+        raise ValueError(f"object_mask needs an H×W×3 picture, got shape {p.shape}")
+    background = np.median(p.reshape(-1, 3), axis=0)
+    return np.linalg.norm(p - background, axis=2) > threshold
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+class Run:
+    """A training run in ``folder``: the base model (frozen), the ControlNet and its optimiser."""
+
+    def __init__(self, folder: Path, cfg: Config, log=print, base: LoadedModel | None = None):
+        self.folder, self.cfg, self.log = Path(folder), cfg, log
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.base = base or load_checkpoint(cfg.base)
+        for module in [self.base.unet, self.base.vae, *self.base.text_encoders]:
+            module.eval().requires_grad_(False)
+        torch.manual_seed(cfg.seed)
+        self.controlnet = ControlNetModel.from_unet(self.base.unet)
+        self.controlnet.train()
+        self.alphas = _alphas_cumprod()
+        self.step = 0
+        self.rng = np.random.default_rng(cfg.seed)
+        self.opt = self._optimizer()
+        self.pool: list[tuple[torch.Tensor, torch.Tensor, np.ndarray, str]] = []  # a cache, not saved
+        self._contexts: dict[str, torch.Tensor] = {}
+        state = self.folder / "state.pt"
+        if state.is_file():
+            self._load(state)
+
+    @property
+    def prediction(self) -> str:
+        return self.base.spec.prediction
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.controlnet.parameters(), lr=self.cfg.lr, weight_decay=1e-2)
+
+    # ---- persistence ----------------------------------------------------------------------------
+    def save(self) -> None:
+        state = {"step": self.step, "config": asdict(self.cfg), "controlnet": self.controlnet.state_dict(),
+                 "opt": self.opt.state_dict(), "rng": self.rng.bit_generator.state,
+                 "torch_rng": torch.get_rng_state()}
+        tmp = self.folder / "state.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(self.folder / "state.pt")
+
+    def _load(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by save()
+        self.controlnet.load_state_dict(state["controlnet"])
+        self.step = state["step"]
+        self.opt.load_state_dict(state["opt"])
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        self.log(f"resumed at step {self.step}")
+
+    def _record(self, loss: float) -> None:
+        path = self.folder / "log.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["time", "step", "loss"])
+            w.writerow([f"{time.time():.0f}", self.step, f"{loss:.5f}"])
+
+    # ---- data -----------------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor):
+        """The VAE encoder's latent distribution (unscaled, no grad), bfloat16 autocast if asked."""
+        fast = self.cfg.encode_dtype == "bfloat16"
+        with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=fast):
+            return self.base.vae.encode(images).latent_dist
+
+    def context(self, captions: list[str]) -> torch.Tensor:
+        """The frozen text encoder's output for each caption (cached: there are few distinct ones)."""
+        missing = [c for c in dict.fromkeys(captions) if c not in self._contexts]
+        if missing:
+            ids = self.base.tokenizers[0](missing, padding="max_length", max_length=77, truncation=True,
+                                          return_tensors="pt").input_ids
+            with torch.no_grad():
+                out = self.base.text_encoders[0](ids).last_hidden_state
+            if len(self._contexts) > 20000:
+                self._contexts.clear()
+            self._contexts.update(zip(missing, out))
+        return torch.stack([self._contexts[c] for c in captions])
+
+    def _fresh_entries(self) -> list[tuple[torch.Tensor, torch.Tensor, np.ndarray, str]]:
+        scenes = [shapes.random_scene(self.rng, max_things=self.cfg.max_things, stripes=self.cfg.stripes)
+                  for _ in range(self.cfg.batch)]
+        captions = [shapes.caption(s, rich=bool(self.rng.random() < 0.5)) for s in scenes]
+        images, edges = render_scenes(scenes, self.cfg.size)
+        dist = self.encode(images)
+        return list(zip(dist.mean.float(), dist.std.float(), edges > 0, captions))
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Latents (× SCALING), hint images and captions (some emptied), fresh or from the pool."""
+        draw = self.rng.random()  # drawn even when the pool is short: a resumed run (empty pool) stays in step
+        if len(self.pool) < self.cfg.batch or draw < self.cfg.fresh:
+            entries = self._fresh_entries()
+            for entry in entries:
+                if len(self.pool) < self.cfg.pool:
+                    self.pool.append(entry)
+                else:
+                    self.pool[int(self.rng.integers(len(self.pool)))] = entry
+        else:
+            entries = [self.pool[i] for i in self.rng.choice(len(self.pool), self.cfg.batch, replace=False)]
+        mean = torch.stack([e[0] for e in entries])
+        std = torch.stack([e[1] for e in entries])
+        latents = (mean + std * torch.randn_like(mean)) * SCALING
+        hints = hint_tensor(np.stack([e[2] for e in entries]))
+        captions = ["" if self.rng.random() < self.cfg.empty_prompt else e[3] for e in entries]
+        return latents, hints, captions
+
+    # ---- the model ------------------------------------------------------------------------------
+    def predict(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, hints: torch.Tensor | None,
+                weight: float = 1.0) -> torch.Tensor:
+        """The demo UNet's output with the ControlNet's residuals (each scaled by ``weight``) added;
+        ``hints`` None: the UNet alone."""
+        if hints is None:
+            return self.base.unet(x, t, context).sample
+        down, mid = self.controlnet(x, t, context, controlnet_cond=hints, return_dict=False)
+        return self.base.unet(x, t, context, down_block_additional_residuals=[d * weight for d in down],
+                              mid_block_additional_residual=mid * weight).sample
+
+    def loss(self, latents: torch.Tensor, hints: torch.Tensor, context: torch.Tensor,
+             t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The diffusion loss of the controlled UNet at timesteps ``t`` (random if None)."""
+        t = torch.randint(0, 1000, (latents.shape[0],)) if t is None else t
+        noise = torch.randn_like(latents) if noise is None else noise
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        x = a.sqrt() * latents + (1 - a).sqrt() * noise
+        target = a.sqrt() * noise - (1 - a).sqrt() * latents if self.prediction == "v_prediction" else noise
+        return F.mse_loss(self.predict(x, t, context, hints), target)
+
+    def train_step(self, lr: float) -> float:
+        latents, hints, captions = self.batch()
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        loss = self.loss(latents, hints, self.context(captions))
+        self.opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.controlnet.parameters(), 1.0)
+        self.opt.step()
+        return loss.item()
+
+    def train(self, steps: int | None = None) -> None:
+        """Optimiser steps from ``self.step`` to ``steps`` (default: the config's), warm-up and cosine
+        rate, the loss logged every step and the state saved every ``save_every`` steps and at the end."""
+        total = steps or self.cfg.steps
+        self.controlnet.train()
+        bar = tqdm(total=total, initial=self.step, desc="ControlNet", unit="step", mininterval=5)
+        while self.step < total:
+            loss = self.train_step(self.cfg.lr * warmup_cosine(self.step, total, self.cfg.warmup))
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self._record(loss)
+            if self.step % self.cfg.save_every == 0:
+                self.save()
+        bar.close()
+        self.save()
+
+    # ---- sampling and checking ------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, edges: np.ndarray | None, captions: list[str], weight: float = 1.0, steps: int = 25,
+                 seed: int = 0, size: int | None = None) -> np.ndarray:
+        """Pictures (N×H×W×3 uint8) drawn by DDIM from noise, deterministic, with no CFG; ``edges``
+        (N×H×W) steer it through the ControlNet at ``weight``; None: the demo model alone."""
+        self.controlnet.eval()
+        size = size or self.cfg.size
+        n = len(captions)
+        context = self.context(captions)
+        hints = None if edges is None else hint_tensor(edges > 0)
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn((n, 4, size // 8, size // 8), generator=g)
+        ts = np.linspace(999, 0, steps).round().astype(int)
+        for i, t in enumerate(ts):
+            a = self.alphas[t]
+            a_prev = self.alphas[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
+            out = self.predict(x, torch.full((n,), int(t)), context, hints, weight)
+            if self.prediction == "v_prediction":
+                x0, eps = a.sqrt() * x - (1 - a).sqrt() * out, (1 - a).sqrt() * x + a.sqrt() * out
+            else:
+                x0, eps = (x - (1 - a).sqrt() * out) / a.sqrt(), out
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        pictures = self.base.vae.decode(x / SCALING).sample.clamp(-1, 1)
+        self.controlnet.train()
+        return ((pictures.permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+    def sanity_check(self, n: int = 16, seed: int = 777, weights: tuple[float, ...] = (0.0, 0.5, 1.0),
+                     steps: int = 25, prompt: bool = False) -> dict[str, float]:
+        """Mean shape IoU between known scenes' object masks and the objects of pictures generated from
+        the scenes' edge maps (empty prompts unless ``prompt``): the demo model alone ("none") and with
+        the ControlNet at each weight (weight 0 must match "none")."""
+        rng = np.random.default_rng(seed)
+        scenes = [shapes.random_scene(rng, max_things=self.cfg.max_things) for _ in range(n)]
+        _, edges = render_scenes(scenes, self.cfg.size)
+        expected = [scene_mask(s, self.cfg.size) for s in scenes]
+        captions = [shapes.caption(s) if prompt else "" for s in scenes]
+        result = {}
+        for name, weight in [("none", None), *((f"weight {w:g}", w) for w in weights)]:
+            pictures = self.generate(None if weight is None else edges, captions, weight or 0.0, steps, seed)
+            result[name] = float(np.mean([shape_iou(e, object_mask(p)) for e, p in zip(expected, pictures)]))
+        return result
+
+    # ---- export ---------------------------------------------------------------------------------
+    def export(self, path: Path) -> Path:
+        """The ControlNet as a single file in lllyasviel's layout (fp16 safetensors, no key prefix)."""
+        from sdstudio.models.controlnet import controlnet_hf_to_ldm
+
+        sd = controlnet_hf_to_ldm(self.controlnet.state_dict())
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cfg = asdict(self.cfg)
+        save_file({k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}, str(path),
+                  metadata={"sdstudio.demo": "trained by python -m training.demo_controlnet",
+                            "sdstudio.demo.base": Path(self.cfg.base).name,
+                            "sdstudio.demo.control": f"canny {CANNY_LOW}/{CANNY_HIGH}",
+                            "sdstudio.demo.steps": str(self.step),
+                            "sdstudio.demo.config": str(cfg)})
+        return path
+
+    @torch.no_grad()
+    def check_export(self, path: Path, seed: int = 0) -> float:
+        """Largest difference between the residuals of the exported file (loaded back by our engine's
+        loader) and of this ControlNet with its weights rounded to fp16, on a fresh batch."""
+        from sdstudio.models.controlnet import load_control_model
+
+        module = load_control_model(path).module.float().eval()
+        rounded = ControlNetModel.from_config(self.controlnet.config)
+        rounded.load_state_dict({k: v.half().float() for k, v in self.controlnet.state_dict().items()})
+        rounded.eval()
+        g = torch.Generator().manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        scenes = [shapes.random_scene(rng, max_things=self.cfg.max_things) for _ in range(2)]
+        _, edges = render_scenes(scenes, self.cfg.size)
+        hints = hint_tensor(edges)
+        x = torch.randn((2, 4, self.cfg.size // 8, self.cfg.size // 8), generator=g)
+        t = torch.tensor([100, 700])
+        context = self.context(["", shapes.caption(scenes[1])])
+        a_down, a_mid = rounded(x, t, context, controlnet_cond=hints, return_dict=False)
+        b_down, b_mid = module(x, t, context, controlnet_cond=hints, return_dict=False)
+        return max(float((a - b).abs().max()) for a, b in zip([*a_down, a_mid], [*b_down, b_mid]))
