@@ -1,0 +1,141 @@
+"""The weight-based ControlNet preprocessors ("annotators") of the sd-webui-controlnet extension, with our own
+networks loading the published files in their own layouts (no timm, torchvision, controlnet_aux or mmcv).
+
+:func:`preprocessors` declares them for the registry (:mod:`sdstudio.engine.preprocessors`): names are the
+extension's module names (what ``/controlnet/module_list`` answers), the UI labels their aliases, sliders and
+control types as the extension has them. Declaring costs nothing: a network loads on its first run, from
+``annotators_dir/<subfolder>/<file>`` or ``annotators_dir/<file>``, and stays loaded for the process
+(:func:`common.clear_cache` drops them). A missing file is a ControlNetError naming the file and the folder.
+
+Each ``run(image, resolution, threshold_a, threshold_b, mask)`` works as the extension's: the picture's short
+side is resized to the resolution and padded to multiples of 64, the network runs, the padding is cut off and
+the map comes back H×W×3 uint8 at that resolution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ...core.controlnet import Preprocessor, Slider
+from . import hed, lineart, mlsd, openpose, pidinet
+from .common import AnnotatorFile, clear_cache, hwc3, resize_with_pad, scribble
+
+RESOLUTION = Slider("Resolution", 512, 64, 2048, 8)
+MLSD_VALUE = Slider("MLSD Value Threshold", 0.1, 0.01, 2.0, 0.01)
+MLSD_DISTANCE = Slider("MLSD Distance Threshold", 0.1, 0.01, 20.0, 0.01)
+
+# every file a preprocessor here may read, for listings and messages
+FILES: tuple[AnnotatorFile, ...] = (hed.FILE, pidinet.FILE, lineart.REALISTIC, lineart.COARSE, lineart.ANIME,
+                                    openpose.BODY, openpose.HAND, openpose.FACE, mlsd.FILE)
+
+Run = Callable[..., np.ndarray]
+
+
+def _at_resolution(label: str, step: Callable[[np.ndarray, float, float], np.ndarray]) -> Run:
+    """The extension's frame around a network: resize and pad, run, crop, three channels."""
+
+    def run(image: np.ndarray, resolution: float = 512, threshold_a: float = -1, threshold_b: float = -1,
+            mask: np.ndarray | None = None) -> np.ndarray:
+        picture = np.ascontiguousarray(hwc3(image, f"ControlNet {label}"))
+        padded, crop = resize_with_pad(picture, int(resolution))
+        return hwc3(crop(step(padded, threshold_a, threshold_b)))
+
+    run.__name__ = run.__qualname__ = label
+    return run
+
+
+def _hed(folder: Path, label: str, safe: bool = False) -> Run:
+    return _at_resolution(label, lambda img, a, b: hed.detect(hed.load(hed.FILE.locate(folder, label)), img, safe))
+
+
+def _scribble(soft: Run) -> Run:
+    """The scribble variants: the soft edge map at the resolution, thinned and thickened into strokes."""
+
+    def run(image: np.ndarray, resolution: float = 512, threshold_a: float = -1, threshold_b: float = -1,
+            mask: np.ndarray | None = None) -> np.ndarray:
+        return hwc3(scribble(soft(image, resolution, threshold_a, threshold_b)[:, :, 0]))
+
+    run.__name__ = run.__qualname__ = f"scribble({soft.__name__})"
+    return run
+
+
+def _pidinet(folder: Path, label: str, safe: bool = False, binary: bool = False) -> Run:
+    def step(img: np.ndarray, a: float, b: float) -> np.ndarray:
+        return pidinet.detect(pidinet.load(pidinet.FILE.locate(folder, label)), img, safe=safe, binary=binary)
+
+    return _at_resolution(label, step)
+
+
+def _lineart(folder: Path, label: str, file: AnnotatorFile) -> Run:
+    def step(img: np.ndarray, a: float, b: float) -> np.ndarray:
+        return 255 - lineart.lines(lineart.load_generator(file.locate(folder, label)), img)
+
+    return _at_resolution(label, step)
+
+
+def _lineart_anime(folder: Path, label: str) -> Run:
+    def step(img: np.ndarray, a: float, b: float) -> np.ndarray:
+        return 255 - lineart.anime_lines(lineart.load_anime(lineart.ANIME.locate(folder, label)), img)
+
+    return _at_resolution(label, step)
+
+
+def _openpose(folder: Path, label: str, body: bool = True, hands: bool = False, face: bool = False) -> Run:
+    def step(img: np.ndarray, a: float, b: float) -> np.ndarray:
+        # every file is looked for before any loads, so one message names the first missing one at once
+        paths = [openpose.BODY.locate(folder, label), openpose.HAND.locate(folder, label) if hands else None,
+                 openpose.FACE.locate(folder, label) if face else None]
+        poses = openpose.detect_poses(img, openpose.load_body(paths[0]),
+                                      openpose.load_hand(paths[1]) if hands else None,
+                                      openpose.load_face(paths[2]) if face else None)
+        return openpose.draw_poses(poses, img.shape[0], img.shape[1], body=body, hands=hands, face=face)
+
+    return _at_resolution(label, step)
+
+
+def _mlsd(folder: Path, label: str) -> Run:
+    def step(img: np.ndarray, a: float, b: float) -> np.ndarray:
+        return mlsd.detect(mlsd.load(mlsd.FILE.locate(folder, label)), img, a, b)
+
+    return _at_resolution(label, step)
+
+
+DEFAULT_DIR = Path("models") / "ControlNet" / "annotators"  # the studio's default (--annotators-dir)
+
+
+def preprocessors(annotators_dir: Path | None) -> list[Preprocessor]:
+    """The weight-based preprocessors reading their files from ``annotators_dir`` (None: the default folder,
+    relative to the working directory); cheap: nothing is read until one runs."""
+    folder = Path(annotators_dir) if annotators_dir is not None else DEFAULT_DIR
+    out: list[Preprocessor] = []
+
+    def add(name: str, label: str, run: Run, types: tuple[str, ...], a: Slider | None = None,
+            b: Slider | None = None) -> None:
+        out.append(Preprocessor(name=name, run=run, resolution=RESOLUTION, threshold_a=a, threshold_b=b,
+                                control_types=types, aliases=(label,) if label != name else ()))
+
+    add("hed", "softedge_hed", _hed(folder, "softedge_hed"), ("SoftEdge",))
+    add("hed_safe", "softedge_hedsafe", _hed(folder, "softedge_hedsafe", safe=True), ("SoftEdge",))
+    add("scribble_hed", "scribble_hed", _scribble(_hed(folder, "scribble_hed")), ("Scribble", "SparseCtrl"))
+    add("pidinet", "softedge_pidinet", _pidinet(folder, "softedge_pidinet"), ("SoftEdge",))
+    add("pidinet_safe", "softedge_pidisafe", _pidinet(folder, "softedge_pidisafe", safe=True), ("SoftEdge",))
+    add("pidinet_scribble", "scribble_pidinet", _scribble(_pidinet(folder, "scribble_pidinet")),
+        ("Scribble", "SparseCtrl"))
+    add("pidinet_sketch", "t2ia_sketch_pidi", _pidinet(folder, "t2ia_sketch_pidi", binary=True), ("T2I-Adapter",))
+    add("lineart", "lineart_realistic", _lineart(folder, "lineart_realistic", lineart.REALISTIC), ("Lineart",))
+    add("lineart_coarse", "lineart_coarse", _lineart(folder, "lineart_coarse", lineart.COARSE), ("Lineart",))
+    add("lineart_anime", "lineart_anime", _lineart_anime(folder, "lineart_anime"), ("Lineart",))
+    add("openpose", "openpose", _openpose(folder, "openpose"), ("OpenPose",))
+    add("openpose_hand", "openpose_hand", _openpose(folder, "openpose_hand", hands=True), ("OpenPose",))
+    add("openpose_face", "openpose_face", _openpose(folder, "openpose_face", face=True), ("OpenPose",))
+    add("openpose_faceonly", "openpose_faceonly", _openpose(folder, "openpose_faceonly", body=False, face=True),
+        ("OpenPose",))
+    add("openpose_full", "openpose_full", _openpose(folder, "openpose_full", hands=True, face=True), ("OpenPose",))
+    add("mlsd", "mlsd", _mlsd(folder, "mlsd"), ("MLSD",), MLSD_VALUE, MLSD_DISTANCE)
+    return out
+
+
+__all__ = ["DEFAULT_DIR", "FILES", "RESOLUTION", "clear_cache", "preprocessors"]
