@@ -53,12 +53,12 @@ def _residuals(module: ControlNetModel, family: str, seed: int = 1) -> list[torc
     cfg = module.config
     sample = torch.randn(2, 4, 16, 16, generator=g)
     hint = torch.rand(2, cfg.conditioning_channels, 128, 128, generator=g)
-    context = torch.randn(2, 5, cfg.cross_attention_dim, generator=g)
     kwargs = {}
     if family == "sdxl":
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled, generator=g),
                                        "time_ids": torch.randn(2, 6, generator=g) * 100}
+    context = torch.randn(2, 5, cfg.cross_attention_dim, generator=g)  # last: its width may differ where unused
     dtype = next(module.parameters()).dtype
     with torch.no_grad():
         down, mid = module(sample.to(dtype), torch.tensor([10, 500]), context.to(dtype), hint.to(dtype),
@@ -187,6 +187,24 @@ def test_t2i_adapter_round_trip(tmp_path, family, layout):
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a, b))
 
 
+@pytest.mark.parametrize("layout", ["tencentarc", "diffusers_file"])
+def test_t2i_light_adapter(tmp_path, layout):
+    """t2iadapter_color_sd14v1's layout (the extension's Adapter_light: body.N.in_conv / body.N.body.M / out_conv)."""
+    from diffusers import T2IAdapter
+
+    torch.manual_seed(0)
+    original = T2IAdapter(in_channels=3, channels=[32, 64, 64], num_res_blocks=4, adapter_type="light_adapter").eval()
+    path = tmp_path / "t2iadapter_color_sd14v1.pth"
+    write_t2i_adapter(path, layout=layout, adapter=original)
+    if layout == "tencentarc":
+        assert "body.3.out_conv.weight" in open_state_dict(path).shapes
+    loaded = load_control_model(path)
+    assert loaded.spec.config["adapter_type"] == "light_adapter"
+    x = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        assert all(torch.equal(p, q) for p, q in zip(original(x), loaded.module(x)))
+
+
 def test_t2i_sketch_adapter_single_channel(tmp_path):
     """t2iadapter_sketch/canny_sd14v1 take one channel: conv_in sees 1 x 8 x 8 = 64 inputs."""
     path = tmp_path / "t2iadapter_sketch_sd14v1.pth"
@@ -278,6 +296,25 @@ def test_detect_full_size(family, context, heads, depth):
             assert c["down_block_types"][0] == "DownBlock2D"
         else:
             assert "addition_embed_type" not in c
+
+
+@pytest.mark.parametrize("depths", [[1, 0, 0], [1, 1, 0], [1, 2, 2]])
+@pytest.mark.parametrize("layout", ["ldm", "diffusers_file"])
+def test_sdxl_mid_and_small_variants(tmp_path, depths, layout):
+    """SDXL ControlNets with fewer transformer blocks per level (the extension's sdxl "mid" and "small"
+    configurations: depth 0 keeps a transformer's projections without blocks)."""
+    config = {k: v for k, v in unet_config("sdxl", "tiny").items() if k != "up_block_types"}
+    torch.manual_seed(0)
+    original = ControlNetModel(**config | {"transformer_layers_per_block": depths})
+    original = controlnet_for(_unet("sdxl")) if depths == [1, 2, 2] else original
+    with torch.no_grad():
+        for conv in [*original.controlnet_down_blocks, original.controlnet_mid_block]:
+            conv.weight.normal_(0, 0.05)
+    path = tmp_path / "cn.safetensors"
+    write_controlnet(path, layout=layout, controlnet=original)
+    loaded = load_control_model(path)
+    assert loaded.spec.config["transformer_layers_per_block"] == depths
+    _assert_same_outputs(original.eval(), loaded.module, "sdxl")
 
 
 def test_detect_reads_hint_channels_and_widths():
@@ -404,6 +441,20 @@ def test_other_model_files_are_named(tmp_path, what, match):
                 "ipadapter": "image_proj.proj.weight", "junk": "foo.weight"}
         save_file({keys[what]: torch.zeros(2, 2)}, str(path))
     _one_line_error(path, match)
+
+
+def test_malformed_shapes_are_model_file_errors():
+    """detect_control on shapes that look like a ControlNet but are not: always ModelFileError, never a crash."""
+    good = {k: tuple(v.shape) for k, v in controlnet_hf_to_ldm(_full_controlnet_state("sd1")).items()}
+    for key in ("input_blocks.0.0.weight", "input_hint_block.0.weight", "input_blocks.1.0.out_layers.3.weight",
+                "input_hint_block.4.weight", "middle_block.0.in_layers.0.weight"):
+        with pytest.raises(ModelFileError):  # a tensor detection needs is missing
+            detect_control({k: v for k, v in good.items() if k != key})
+        if not key.startswith("middle_block"):  # whose shape it reads is not a conv/linear shape
+            with pytest.raises(ModelFileError):
+                detect_control({**good, key: ()})
+    with pytest.raises(ModelFileError):
+        detect_control({"conv_in.weight": (4,), "body.0.block1.weight": (4, 4, 3, 3)})
 
 
 def test_empty_and_missing(tmp_path):

@@ -22,6 +22,7 @@ tensor it does not have, or a shape that does not fit is a one-line :class:`Mode
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import threading
@@ -297,8 +298,6 @@ def _controlnet_config(shapes: Shapes, what: str = "ControlNet") -> tuple[str, d
         context = {"sd1": 768, "sd2": 1024, "sdxl": 2048}[base]
     mid_attn = "middle_block.1.proj_in.weight" in shapes
     mid_depth = _count(shapes, r"middle_block\.1\.transformer_blocks\.(\d+)\.")
-    if mid_attn and mid_depth == 0:
-        raise ModelFileError(f"{what} has a middle transformer without blocks; not a layout diffusers can build")
     _need(shapes, "middle_block.0.in_layers.0.weight", what)
     depths = [lv["depth"] if lv["attn"] else 1 for lv in levels]
     if mid_attn:
@@ -394,7 +393,16 @@ def _lora_weight_shapes(rel: Shapes) -> dict[str, tuple[int, ...]]:
 
 
 def detect_control(shapes: Shapes) -> ControlSpec:
-    """The architecture of a ControlNet / T2I-Adapter file from its ``{key: shape}`` (ComfyUI style)."""
+    """The architecture of a ControlNet / T2I-Adapter file from its ``{key: shape}`` (ComfyUI style).
+    Anything unrecognised, however malformed, is a :class:`ModelFileError`."""
+    try:
+        return _detect(shapes)
+    except (IndexError, KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise ModelFileError(f"not a ControlNet layout this program knows ({type(exc).__name__}: "
+                             f"{str(exc)[:120]})") from None
+
+
+def _detect(shapes: Shapes) -> ControlSpec:
     if not shapes:
         raise ModelFileError("the file holds no tensors")
     prefix = _control_prefix(shapes)
@@ -592,11 +600,6 @@ def _folder_config(folder: Path) -> dict:
     return cfg
 
 
-def is_control_folder(path: Path) -> bool:
-    """A diffusers ControlNet/T2I-Adapter folder: config.json beside diffusion_pytorch_model weights."""
-    return path.is_dir() and (path / "config.json").is_file() and any((path / n).is_file() for n in FOLDER_WEIGHTS)
-
-
 def load_control_model(path: str | Path, dtype: torch.dtype = torch.float32, *, unet: torch.nn.Module | None = None,
                        global_pool: bool | None = None) -> ControlModel:
     """Detect, convert and load a ControlNet / T2I-Adapter file or diffusers folder (no network access).
@@ -655,8 +658,6 @@ def load_control_model(path: str | Path, dtype: torch.dtype = torch.float32, *, 
 
 
 def _accepted(spec: ControlSpec) -> set[str]:
-    import inspect
-
     cls = T2IAdapter if spec.kind == "t2i_adapter" else ControlNetModel
     return set(inspect.signature(cls.__init__).parameters)
 

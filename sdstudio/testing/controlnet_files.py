@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 from ..models.controlnet import (
     CONTROL_PREFIX,
     controlnet_hf_to_ldm,
-    controlnet_ldm_to_hf,
     t2i_adapter_hf_to_tencentarc,
 )
 from ..models.convert import component_to_ldm
@@ -127,20 +126,23 @@ def write_control_lora(path: str | Path, unet: UNet2DConditionModel, *, rank: in
     controlnet = controlnet_for(unet, seed=seed)
     base = _unet_ldm(unet)
     gen = torch.Generator().manual_seed(seed + 1)
-    full = controlnet_hf_to_ldm(controlnet.state_dict())
+    hf_state = controlnet.state_dict()
+    names = dict(zip(hf_state, controlnet_hf_to_ldm(hf_state)))  # hf name -> lllyasviel name, in order
     out: dict[str, torch.Tensor] = {"lora_controlnet": torch.tensor([])}
-    for key, weight in full.items():
+    changed: dict[str, torch.Tensor] = {}
+    for hf, key in names.items():
+        weight = hf_state[hf]
         shared = key in base and not key.startswith(("input_hint_block.", "zero_convs.", "middle_block_out."))
         if shared and key.endswith(".weight") and weight.ndim >= 2 and "norm" not in key:
             stem = key.removesuffix(".weight")
             up = torch.randn(weight.shape[0], rank, generator=gen) * 0.05
             down = torch.randn(rank, weight[0].numel(), generator=gen) * 0.05
-            full[key] = base[key] + (up @ down).reshape(weight.shape)
+            changed[hf] = base[key] + (up @ down).reshape(weight.shape)
             out[stem + ".up"] = up.reshape(weight.shape[0], rank, *([1] * (weight.ndim - 2)))
             out[stem + ".down"] = down.reshape(rank, *weight.shape[1:])
         else:
             out[key] = weight
-    controlnet.load_state_dict(controlnet_ldm_to_hf(full))
+    controlnet.load_state_dict({**hf_state, **changed})  # the module's own names: no reverse conversion
     _save(out, Path(path))
     return controlnet
 
