@@ -196,3 +196,19 @@ def test_generate_and_sanity_check_run(tmp_path, base_file):
     figures = run.sanity_check(n=2, steps=2)
     assert set(figures) == {"none", "weight 0", "weight 0.5", "weight 1"}
     assert figures["none"] == figures["weight 0"] and all(0 <= v <= 1 for v in figures.values())
+
+
+def test_export_is_lllyasviels_layout_and_loads_back(tmp_path, base_file):
+    from safetensors import safe_open
+
+    run = _run(tmp_path / "run", base_file)
+    run.train()
+    path = run.export(tmp_path / "out" / "demo-canny.safetensors")
+    with safe_open(str(path), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+        assert {f.get_tensor(k).dtype for k in keys} == {torch.float16}
+    roots = {k.split(".")[0] for k in keys}
+    assert roots == {"input_blocks", "zero_convs", "input_hint_block", "middle_block", "middle_block_out", "time_embed"}
+    assert len(keys) == len(run.controlnet.state_dict())
+    assert meta["sdstudio.demo.steps"] == "2" and "canny 100/200" == meta["sdstudio.demo.control"]
+    assert run.check_export(path) < 1e-5
