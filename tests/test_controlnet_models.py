@@ -144,6 +144,12 @@ def test_difference_controlnet_needs_and_uses_the_unet(tmp_path):
     assert detect_control(open_state_dict(path).shapes).difference
     with pytest.raises(ModelFileError, match=r"control_sd15_canny_diff\.safetensors: .*base model's UNet"):
         load_control_model(path)
+    assert cn.detect_control_file(path).needs_unet
+    write_controlnet(tmp_path / "folder", "sd1", "tiny", "diffusers_folder")
+    assert not cn.detect_control_file(tmp_path / "folder").needs_unet
+    (tmp_path / "junk.safetensors").write_bytes(b"12")
+    with pytest.raises(ModelFileError, match=r"^junk\.safetensors: "):
+        cn.detect_control_file(tmp_path / "junk.safetensors")
     _assert_same_outputs(original, load_control_model(path, unet=unet).module, "sd1")
 
 

@@ -600,6 +600,18 @@ def _folder_config(folder: Path) -> dict:
     return cfg
 
 
+def detect_control_file(path: str | Path) -> ControlSpec:
+    """:func:`detect_control` for a file or diffusers folder on disk (reads the header / tensor shapes only for
+    .safetensors), errors naming the file -- e.g. to learn whether it needs the base UNet before loading."""
+    path = Path(path)
+    weights = _folder_weights(path) if path.is_dir() else path
+    try:
+        return detect_control(open_state_dict(weights).shapes)
+    except ModelFileError as exc:
+        message = str(exc)
+        raise ModelFileError(message if message.startswith(weights.name) else f"{path.name}: {message}") from None
+
+
 def load_control_model(path: str | Path, dtype: torch.dtype = torch.float32, *, unet: torch.nn.Module | None = None,
                        global_pool: bool | None = None) -> ControlModel:
     """Detect, convert and load a ControlNet / T2I-Adapter file or diffusers folder (no network access).
