@@ -115,7 +115,8 @@ class ControlHook(StepHook):
         self._hints: dict[tuple[int, int], torch.Tensor] = {}
         self._adapter: dict[tuple[int, int], list[torch.Tensor]] = {}
         model = prepared.model
-        self.kind = model.spec.kind if model is not None else None
+        # a Control-LoRA, once completed from the base UNet, is a ControlNet like the others
+        self.kind = None if model is None else "t2i_adapter" if model.spec.kind == "t2i_adapter" else "controlnet"
         self.module = model.module if model is not None else None
 
     # ---- when -----------------------------------------------------------------------------------------
