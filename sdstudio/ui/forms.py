@@ -3,13 +3,14 @@
 A tab's controls are kept in a :class:`Form` under the request field they set (``steps``, ``cfg_scale``,
 ``hr_upscaler``...), so building a request from the page, and filling the page from a request (a pasted
 infotext, PNG info, "send to"), are two loops over the same names rather than two hand-written lists.
-Script controls are named ``script:<script name>:<field>``.
+Script controls are named ``script:<script name>:<field>``. A script whose argument is structured (ControlNet's
+list of units) brings its own controls (:class:`ScriptControls`), attached with :meth:`Form.attach`.
 """
 
 from __future__ import annotations
 
 import typing
-from typing import Any
+from typing import Any, Protocol
 
 from ..core import scripts
 from ..core.params import Img2ImgRequest, Txt2ImgRequest
@@ -50,6 +51,15 @@ def script_key(script_name: str, field_name: str) -> str:
     return f"script:{script_name}:{field_name}"
 
 
+class ScriptControls(Protocol):
+    """A script's own controls (its accordion module): they turn the form's values into the script's
+    arguments (None: the script is off) and a request's arguments (None when it has none) into values."""
+
+    def args(self, values: dict[str, Any]) -> dict[str, Any] | None: ...
+
+    def fill(self, args: dict[str, Any] | None) -> dict[str, Any]: ...
+
+
 class Form:
     """The controls of one tab, by request field name."""
 
@@ -58,6 +68,11 @@ class Form:
         self.catalog = catalog or scripts.builtin()
         self.fields = TXT2IMG_FIELDS if kind == "txt2img" else IMG2IMG_FIELDS
         self.controls: dict[str, Any] = {}
+        self.own: dict[str, ScriptControls] = {}  # scripts drawn by their own module, by script name
+
+    def attach(self, script_name: str, controls: ScriptControls) -> None:
+        """``controls`` make ``script_name``'s arguments (instead of one control per parameter)."""
+        self.own[script_name] = controls
 
     def add(self, name: str, control):
         self.controls[name] = control
@@ -89,7 +104,8 @@ class Form:
         alwayson = {}
         for script in self.catalog:
             if script.alwayson and not script.request_fields and self.kind in script.tabs:
-                args = self._script_args(script, values)
+                own = self.own.get(script.name)
+                args = own.args(values) if own is not None else self._script_args(script, values)
                 if args and script.is_on(args):
                     alwayson[script.name] = args
         if alwayson:
@@ -138,6 +154,9 @@ class Form:
             if script.alwayson and script.enabled and script.name not in req.alwayson_scripts \
                     and not script.request_fields and script_key(script.name, script.enabled) in self.controls:
                 out[script_key(script.name, script.enabled)] = False
+        for name, own in self.own.items():
+            found = next((args for key, args in req.alwayson_scripts.items() if key.lower() == name.lower()), None)
+            out.update(own.fill(found))
         return out
 
     def _script_args(self, script: scripts.Script, values: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from ..core.params import (
 from ..service.jobs import JobError, Txt2ImgJob, grid_entries
 from ..service.queue import FAILED
 from . import networks
+from .controlnet import ControlNetAccordion
 from .forms import SAME_SAMPLER, SAME_SCHEDULER, Form, script_key
 from .progress import cancellable, client_of, finished, live_html, queue_html
 
@@ -54,6 +55,7 @@ class GenerationTab:
         self.t = kind  # A1111's element id prefix
         self.form = Form(kind, ui.service.studio.catalog)
         self.mode_state = None  # img2img: the sub-tab in use
+        self.controlnet: ControlNetAccordion | None = None
 
     # ---- layout -----------------------------------------------------------------------------------
     def build(self) -> GenerationTab:
@@ -213,6 +215,11 @@ class GenerationTab:
         catalog = f.catalog
         for script in catalog:
             if script.alwayson and not script.request_fields and self.kind in script.tabs:
+                if script.name == ControlNetAccordion.SCRIPT:  # its units: the module's own accordion
+                    self.controlnet = ControlNetAccordion(self.ui, self.kind, f).build()
+                    continue
+                if any(p.parse is not None for p in script.params):
+                    continue  # a structured argument no generic control can show (a plug-in's): API only
                 with gr.Accordion(script.name, open=False, elem_id=f"{t}_script_{_slug(script.name)}"):
                     for param in script.params:
                         f.add(script_key(script.name, param.name), _script_control(self.kind, script, param, self.ui))
@@ -436,6 +443,9 @@ class GenerationTab:
         f.controls["negative_prompt"].change(count, [f.controls["negative_prompt"], f.controls["steps"]],
                                              self.neg_token_counter, show_progress="hidden",
                                              trigger_mode="always_last", concurrency_limit=None)
+
+        if self.controlnet is not None:
+            self.controlnet.wire()
 
         # seeds, sizes, scripts
         self.random_seed.click(lambda: -1, None, f.controls["seed"], show_progress="hidden")
