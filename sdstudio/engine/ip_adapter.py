@@ -1,0 +1,373 @@
+"""IP-Adapter units (an image as a prompt) on the engine's per-step hooks, as sd-webui-controlnet runs them.
+
+Before sampling (:func:`ip_adapter_hook`), the unit's image goes through the CLIP vision encoder its
+preprocessor names (``ip-adapter_clip_sd15`` / ``ip-adapter_clip_h`` and ``ip-adapter_clip_sdxl_plus_vith``:
+ViT-H ``clip_h.pth``; ``ip-adapter_clip_sdxl`` / ``ip-adapter_clip_g``: ViT-bigG ``clip_g.pth``;
+``ip-adapter-auto``: the encoder the extension's preset for the model file names, else the one whose width
+the adapter takes), and the adapter's projection turns the encoder's feature into a few context tokens. The
+negative prompt's rows get the tokens of a blank image prompt instead: the projection of an all-zero
+``image_embeds`` for the plain adapters, of the encoder's hidden states for an all-zero input for "plus"
+and "full face" (the reference implementation's choice; the extension ships those hidden states for
+ViT-H as a data file, and for the SDXL plus adapter even the projected tokens).
+
+During the pass (:meth:`IPAdapterHook.applied`) every cross-attention layer of the UNet gets a processor
+built on diffusers' :class:`IPAdapterAttnProcessor2_0` with the adapter's key / value projections of that
+layer, so the layer computes ``to_out(attention(q, text) + scale * attention(q, image tokens))``; ``scale``
+is the unit's weight, or per transformer block (the extension's ``advanced_weighting``: 16 values for SD 1.x,
+11 for SDXL, in its order: input blocks, middle block, output blocks). The processors take the image tokens
+from the hook, not from the UNet's inputs (no ``added_cond_kwargs``, no ``encoder_hid_proj``), so SDXL's own
+inputs pass untouched. The UNet's processors are given back after the pass, also on errors. Several
+IP-Adapter units stack: a later unit's processor carries the earlier units' adapters too, as the
+extension's list of patches does.
+
+The unit is active at sampling step ``i`` of ``n`` when ``guidance_start <= i / n <= guidance_end``; in
+both passes of Hires. fix (the extension's IP-Adapter patch does not read ``hr_option``). Weight 0 installs
+nothing. UNet calls made by other hooks with rows the denoiser did not announce (PAG's extra evaluation of
+the prompt's rows) see the image prompt as the prompt's rows do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import init_empty_weights
+from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+from ..core.controlnet import SCRIPT_NAME, ControlNetError
+from ..models.errors import ModelFileError
+from ..models.ip_adapter import (
+    FileCache,
+    IPAdapterModel,
+    IPAdapterSpec,
+    clip_features,
+    clip_pixels,
+    find_clip_vision,
+    load_clip_vision,
+    load_ip_adapter,
+)
+from .hooks import StepHook, UNetCall
+
+AUTO = "ip-adapter-auto"
+# preprocessor (module, or its UI label) -> the encoder it runs (the extension's compiled preprocessor table)
+ENCODER_OF_MODULE = {
+    "ip-adapter_clip_sd15": "clip_h", "ip-adapter_clip_h": "clip_h",
+    "ip-adapter_clip_sdxl": "clip_g", "ip-adapter_clip_g": "clip_g",
+    "ip-adapter_clip_sdxl_plus_vith": "clip_h",
+}
+UNSUPPORTED_MODULES = {
+    "ip-adapter_face_id": "needs an InsightFace face embedding",
+    "ip-adapter_face_id_plus": "needs an InsightFace face embedding",
+    "ip-adapter_pulid": "needs PuLID's face encoders",
+}
+# ip-adapter-auto: the extension's presets, model file name -> encoder (the CLIP-based ones)
+PRESET_ENCODERS = {
+    "ip-adapter_sd15_light": "clip_h", "ip-adapter_sd15_light_v11": "clip_h", "ip-adapter_sd15_vit-G": "clip_g",
+    "ip-adapter_sd15": "clip_h", "ip-adapter-plus_sd15": "clip_h", "ip-adapter_sd15_plus": "clip_h",
+    "ip-adapter_plus_composition_sd15": "clip_h", "ip-adapter-plus-face_sd15": "clip_h",
+    "ip-adapter-full-face_sd15": "clip_h", "ip-adapter_sdxl": "clip_g", "ip-adapter_sdxl_vit-h": "clip_h",
+    "ip-adapter-plus_sdxl_vit-h": "clip_h", "ip-adapter_plus_composition_sdxl": "clip_h",
+    "ip-adapter-plus-face_sdxl_vit-h": "clip_h",
+}
+# the published encoders' widths: (image_embeds width, hidden width) -> name, for files no preset names
+_ENCODER_WIDTHS = {"clip_h": (1024, 1280), "clip_g": (1280, 1664)}
+
+ADAPTERS = FileCache(capacity=2)  # loaded IP-Adapter files (CPU, float32)
+ENCODERS = FileCache(capacity=1)  # CLIP vision encoders (CPU, float32: ViT-H is 2.5 GB)
+
+
+# ---- which encoder -------------------------------------------------------------------------------------
+def _model_stem(title: str) -> str:
+    """``ip-adapter_sd15 [6a3f6166]`` -> ``ip-adapter_sd15``."""
+    return title.split("[")[0].strip()
+
+
+def encoder_for(module: str, model_title: str, spec: IPAdapterSpec, where: str = SCRIPT_NAME) -> str:
+    """The CLIP vision encoder (``clip_h`` / ``clip_g``) a unit runs: its module's, or for ``ip-adapter-auto``
+    the extension's preset for the model's name, else the published encoder whose width the adapter takes."""
+    key = module.strip()
+    if key in UNSUPPORTED_MODULES:
+        raise ControlNetError(f"{where}: the {key} preprocessor {UNSUPPORTED_MODULES[key]}, which is not "
+                              f"supported; use ip-adapter_clip_sd15 / ip-adapter_clip_sdxl with a CLIP IP-Adapter")
+    if key in ENCODER_OF_MODULE:
+        return ENCODER_OF_MODULE[key]
+    if key != AUTO:
+        raise ControlNetError(f"{where}: {module!r} is not an IP-Adapter preprocessor "
+                              f"({', '.join([*ENCODER_OF_MODULE, AUTO])})")
+    stem = _model_stem(model_title)
+    if stem in PRESET_ENCODERS:
+        return PRESET_ENCODERS[stem]
+    index = 0 if spec.feature == "image_embeds" else 1
+    for name, widths in _ENCODER_WIDTHS.items():
+        if widths[index] == spec.clip_dim:
+            return name
+    raise ControlNetError(f"{where}: ip-adapter-auto cannot tell which image encoder {stem} takes (a "
+                          f"{spec.clip_dim}-wide CLIP feature); pick ip-adapter_clip_sd15 or ip-adapter_clip_sdxl")
+
+
+# ---- the image prompt ------------------------------------------------------------------------------------
+class ImagePrompt:
+    """One unit's image tokens (1×T×C, float32) for the prompt's rows (``cond``) and the negative prompt's
+    (``uncond``), and what the current UNet call needs: which rows are negative, and whether it is on."""
+
+    def __init__(self, cond: torch.Tensor, uncond: torch.Tensor):
+        if cond.shape != uncond.shape or cond.ndim != 3 or cond.shape[0] != 1:
+            raise ValueError(f"image prompt tokens of shapes {tuple(cond.shape)} / {tuple(uncond.shape)}")
+        self.cond, self.uncond = cond, uncond
+        self.on = False
+        self.rows: tuple[bool, ...] | None = None  # per row of the current call: True = negative prompt
+        self._tokens: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def count(self) -> int:
+        return self.cond.shape[1]
+
+    def begin_call(self, uncond_rows: Sequence[bool], on: bool) -> None:
+        self.rows, self.on = tuple(bool(u) for u in uncond_rows), on
+        self._tokens = {}
+
+    def end_pass(self) -> None:
+        self.rows, self.on, self._tokens = None, False, {}
+
+    def tokens(self, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """batch×T×C: each row's tokens (rows of an unannounced call: the prompt's)."""
+        rows = self.rows if self.rows is not None and len(self.rows) == batch else (False,) * batch
+        key = (rows, device, dtype)
+        if key not in self._tokens:
+            c, u = self.cond.to(device, dtype), self.uncond.to(device, dtype)
+            self._tokens[key] = torch.cat([u if negative else c for negative in rows])
+        return self._tokens[key]
+
+
+class ImagePromptAttnProcessor(IPAdapterAttnProcessor2_0):
+    """diffusers' IP-Adapter attention, fed by the hooks' image prompts instead of the UNet's inputs.
+
+    ``prompts[i]`` goes through ``to_k_ip[i]`` / ``to_v_ip[i]`` (the adapter's own layers, not copies) and is
+    added with ``weights[i]`` while its hook has it on."""
+
+    def __init__(self, hidden_size: int, cross_attention_dim: int, prompts: Sequence[ImagePrompt],
+                 weights: Sequence[float], to_k: Sequence[torch.nn.Linear], to_v: Sequence[torch.nn.Linear]):
+        with init_empty_weights():  # its own fresh layers are replaced at once: allocate nothing
+            super().__init__(hidden_size, cross_attention_dim, num_tokens=[p.count for p in prompts],
+                             scale=[float(w) for w in weights])
+        self.to_k_ip = torch.nn.ModuleList(to_k)
+        self.to_v_ip = torch.nn.ModuleList(to_v)
+        self.prompts, self.weights = list(prompts), [float(w) for w in weights]
+
+    def extended(self, prompt: ImagePrompt, weight: float, to_k: torch.nn.Linear, to_v: torch.nn.Linear
+                 ) -> ImagePromptAttnProcessor:
+        """This processor with one more unit's adapter after its own."""
+        return ImagePromptAttnProcessor(self.hidden_size, self.cross_attention_dim, [*self.prompts, prompt],
+                                        [*self.weights, weight], [*self.to_k_ip, to_k], [*self.to_v_ip, to_v])
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 scale: float = 1.0, ip_adapter_masks=None):
+        if encoder_hidden_states is None:
+            raise ValueError("an IP-Adapter processor on a self-attention layer")
+        if isinstance(encoder_hidden_states, tuple):  # someone gave diffusers' own tuple: ours come after
+            encoder_hidden_states, given = encoder_hidden_states
+            if given:
+                raise ValueError("image prompt tokens given both through the UNet's inputs and the hooks")
+        batch = hidden_states.shape[0]
+        self.scale = [w if p.on else 0.0 for p, w in zip(self.prompts, self.weights)]
+        tokens = [p.tokens(batch, hidden_states.device, hidden_states.dtype) for p in self.prompts]
+        return super().__call__(attn, hidden_states, (encoder_hidden_states, tokens), attention_mask, temb)
+
+
+# ---- the UNet's cross-attention layers ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class CrossLayer:
+    """One cross-attention layer: its ``Attention`` module, its place in the IP-Adapter file's order, and the
+    transformer block it belongs to (the extension's ``transformer_index``, for per-block weights)."""
+
+    path: str  # e.g. down_blocks.0.attentions.0.transformer_blocks.0.attn2
+    attn: torch.nn.Module
+    transformer: int
+
+
+def cross_attention_layers(unet: torch.nn.Module) -> list[CrossLayer]:
+    """The UNet's cross-attention layers in diffusers' ``attn_processors`` order (down, up, middle: the order
+    IP-Adapter files number them), each with its transformer block index, counted down, middle, up."""
+    paths = [name[: -len(".processor")] for name in unet.attn_processors if name.endswith("attn2.processor")]
+    blocks = list(dict.fromkeys(p.split(".transformer_blocks.")[0] for p in paths))
+    ordered = ([b for b in blocks if b.startswith("down_blocks.")] + [b for b in blocks if b.startswith("mid_block.")]
+               + [b for b in blocks if not b.startswith(("down_blocks.", "mid_block."))])
+    index = {b: i for i, b in enumerate(ordered)}
+    return [CrossLayer(p, unet.get_submodule(p), index[p.split(".transformer_blocks.")[0]]) for p in paths]
+
+
+def _family(width: int) -> str:
+    return {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}.get(width, f"{width}-wide context")
+
+
+# ---- the hook ---------------------------------------------------------------------------------------------
+class IPAdapterHook(StepHook):
+    """One enabled IP-Adapter unit's per-step hook (see the module's docstring)."""
+
+    def __init__(self, owner: str, model: IPAdapterModel, prompt: ImagePrompt, weight: float,
+                 advanced_weighting: Sequence[float] | None, start: float, end: float, device: torch.device,
+                 dtype: torch.dtype):
+        self.owner, self.model, self.prompt = owner, model, prompt
+        self.weight = float(weight)
+        self.advanced = None if advanced_weighting is None else [float(w) for w in advanced_weighting]
+        self.start, self.end = float(start), float(end)
+        self.device, self.dtype = device, dtype
+
+    def active(self, step) -> bool:
+        """Every call: the window is applied in :meth:`unet_inputs`, so the processors are off outside it."""
+        return True
+
+    def in_window(self, step) -> bool:
+        return self.start <= step.fraction <= self.end
+
+    def layer_weight(self, transformer: int) -> float:
+        """The scale of the layers of transformer block ``transformer`` (the extension's ``advanced_weighting``
+        keeps only its positive entries: the rest are 0)."""
+        if self.advanced is None:
+            return self.weight
+        w = self.advanced[transformer]
+        return w if w > 0 else 0.0
+
+    def _check(self, layers: list[CrossLayer]) -> None:
+        spec, name = self.model.spec, self.model.name
+        cross = layers[0].attn.to_k.in_features if layers else 0
+        if cross != spec.cross_attention_dim:
+            raise ControlNetError(f"{self.owner}: the IP-Adapter {name} is for {_family(spec.cross_attention_dim)} "
+                                  f"models ({spec.cross_attention_dim}-wide context), this checkpoint is "
+                                  f"{_family(cross)} ({cross}); pick an IP-Adapter made for it")
+        if len(layers) != spec.layers:
+            raise ControlNetError(f"{self.owner}: the IP-Adapter {name} has {spec.layers} cross-attention layers, "
+                                  f"this checkpoint's UNet {len(layers)}; pick an IP-Adapter made for it")
+        for i, layer in enumerate(layers):
+            if layer.attn.to_k.out_features != spec.widths[i]:
+                raise ControlNetError(f"{self.owner}: the IP-Adapter {name}'s layer {2 * i + 1} is "
+                                      f"{spec.widths[i]} wide, the UNet's {layer.path} "
+                                      f"{layer.attn.to_k.out_features}; pick an IP-Adapter made for this model")
+        blocks = len({layer.transformer for layer in layers})
+        if self.advanced is not None and len(self.advanced) != blocks:
+            raise ControlNetError(f"{self.owner}: advanced_weighting has {len(self.advanced)} weights; an "
+                                  f"IP-Adapter on this model takes one per transformer block ({blocks})")
+
+    @contextlib.contextmanager
+    def applied(self, unet):
+        layers = cross_attention_layers(unet)
+        self._check(layers)
+        chosen = [(i, layer, self.layer_weight(layer.transformer)) for i, layer in enumerate(layers)]
+        chosen = [(i, layer, w) for i, layer, w in chosen if w != 0.0]
+        if not chosen:  # weight 0: the extension's patch adds exactly nothing
+            yield
+            return
+        self.model.layers_to(self.device, self.dtype)
+        installed: list[tuple[torch.nn.Module, object, ImagePromptAttnProcessor]] = []
+        try:
+            for i, layer, w in chosen:
+                before = layer.attn.processor
+                k, v = self.model.to_k[i], self.model.to_v[i]
+                if isinstance(before, ImagePromptAttnProcessor):
+                    mine = before.extended(self.prompt, w, k, v)
+                else:
+                    mine = ImagePromptAttnProcessor(self.model.spec.widths[i], self.model.spec.cross_attention_dim,
+                                                    [self.prompt], [w], [k], [v])
+                layer.attn.set_processor(mine)
+                installed.append((layer.attn, before, mine))
+            yield
+        finally:
+            for attn, before, mine in reversed(installed):
+                if attn.processor is mine:
+                    attn.set_processor(before)
+            self.prompt.end_pass()
+            if self.device.type != "cpu":
+                self.model.layers_to(torch.device("cpu"), torch.float32)
+
+    def unet_inputs(self, call: UNetCall):
+        self.prompt.begin_call(call.uncond, self.in_window(call.step))  # no UNet inputs: the processors read it
+
+
+# ---- making one ---------------------------------------------------------------------------------------------
+_FEATURES: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+_FEATURES_LOCK = threading.Lock()
+FEATURE_CACHE_SIZE = 8
+
+
+def _features(encoder, encoder_key: tuple, pixels: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """The encoder's features of ``pixels``, remembered by content (a grid or a batch count re-uses them);
+    ``encoder_key`` names the encoder's file (empty: not remembered)."""
+    key = (encoder_key, hashlib.blake2b(pixels.numpy().tobytes(), digest_size=16).hexdigest())
+    with _FEATURES_LOCK:
+        if encoder_key and key in _FEATURES:
+            _FEATURES.move_to_end(key)
+            return _FEATURES[key]
+    moved = device.type != "cpu"
+    if moved:
+        encoder.to(device)
+    try:
+        out = clip_features(encoder, pixels)
+    finally:
+        if moved:
+            encoder.to("cpu")
+    if not encoder_key:
+        return out
+    with _FEATURES_LOCK:
+        _FEATURES[key] = out
+        while len(_FEATURES) > FEATURE_CACHE_SIZE:
+            _FEATURES.popitem(last=False)
+    return out
+
+
+def image_prompt(model: IPAdapterModel, encoder, image: np.ndarray, device: torch.device | None = None,
+                 encoder_key: tuple = (), where: str = SCRIPT_NAME) -> ImagePrompt:
+    """The unit's image tokens and the blank image prompt's (see the module's docstring)."""
+    spec = model.spec
+    device = device or torch.device("cpu")
+    pixels = clip_pixels(image)
+    feature = _features(encoder, encoder_key, pixels, device)[spec.feature]
+    if feature.shape[-1] != spec.clip_dim:
+        what = "image embedding" if spec.feature == "image_embeds" else "hidden states"
+        raise ControlNetError(f"{where}: the IP-Adapter {model.name} takes a {spec.clip_dim}-wide CLIP {what}; this "
+                              f"image encoder gives {feature.shape[-1]}: pick the preprocessor of its encoder "
+                              f"(ip-adapter_clip_sd15 = ViT-H, ip-adapter_clip_sdxl = ViT-bigG)")
+    if spec.feature == "image_embeds":
+        blank = torch.zeros_like(feature)
+    else:
+        blank = _features(encoder, encoder_key, torch.zeros_like(pixels), device)["penultimate"]
+    return ImagePrompt(model.project(feature).cpu(), model.project(blank).cpu())
+
+
+
+def ip_adapter_hook(prepared, path_of_model: str | Path, clip_vision_dir: str | Path, device: torch.device,
+                    dtype: torch.dtype) -> IPAdapterHook:
+    """The hook of one prepared IP-Adapter unit.
+
+    ``prepared``: a :class:`~sdstudio.engine.controlnet.PreparedUnit` whose ``detected`` is the unit's image
+    (H×W×3 RGB uint8; H×W×4 with the unit's mask as fourth channel, 255 = masked, for the extension's CLIP
+    mask) and whose unit names the module (``ip-adapter_clip_sd15``...) and the model's title.
+    ``path_of_model``: the IP-Adapter file; ``clip_vision_dir``: ``models/clip_vision``. Files missing, unfit
+    or of the wrong family are a :class:`ControlNetError` naming the unit (the CLIP file: "put FILE in
+    FOLDER")."""
+    unit = prepared.unit
+    where = f"{SCRIPT_NAME} unit {prepared.index}"
+    try:
+        model: IPAdapterModel = ADAPTERS.get(path_of_model, load_ip_adapter)
+    except ModelFileError as exc:
+        raise ControlNetError(f"{where}: {exc}") from None
+    name = encoder_for(unit.module, unit.model or Path(path_of_model).stem, model.spec, where)
+    try:
+        clip_file = find_clip_vision(clip_vision_dir, name)
+        encoder = ENCODERS.get(clip_file, load_clip_vision)
+    except ModelFileError as exc:
+        raise ControlNetError(f"{where}: {exc}") from None
+    image = np.asarray(prepared.detected)
+    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+        raise ControlNetError(f"{where}: the IP-Adapter needs an RGB image, got {image.dtype} {image.shape}")
+    st = clip_file.stat()
+    encoder_device = torch.device("cpu") if unit.low_vram else torch.device(device)
+    prompt = image_prompt(model, encoder, image, encoder_device, (str(clip_file.resolve()), st.st_mtime_ns), where)
+    return IPAdapterHook(where, model, prompt, unit.weight, unit.advanced_weighting, unit.guidance_start,
+                         unit.guidance_end, torch.device(device), dtype)
