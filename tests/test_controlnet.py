@@ -21,8 +21,9 @@ from sdstudio.engine.controlnet import ControlHook, PreparedUnit
 from sdstudio.engine.generate import Engine
 from sdstudio.engine.hooks import Step, UNetCall
 from sdstudio.models.controlnet import load_control_model
+from sdstudio.models.loader import load_checkpoint
 from sdstudio.scripts import Studio
-from sdstudio.testing.controlnet_files import write_controlnet
+from sdstudio.testing.controlnet_files import write_control_lora, write_controlnet, write_t2i_adapter
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,9 @@ def cn_root(make_data_root):
     write_controlnet(folder / "tiny-canny.safetensors", "sd1", "tiny", seed=3)
     write_controlnet(folder / "tiny-other.pth", "sd1", "tiny", layout="ldm_prefixed", seed=4)
     write_controlnet(folder / "tiny-xl.safetensors", "sdxl", "tiny", seed=5)
+    write_t2i_adapter(folder / "t2iadapter_tiny_sd14v1.pth", "sd1", "tiny", seed=6)
+    unet = load_checkpoint(root / "models" / "Stable-diffusion" / "tiny-sd1.safetensors").unet
+    write_control_lora(folder / "tiny-control-lora.safetensors", unet, seed=8)
     return root
 
 
@@ -298,5 +302,13 @@ def test_inpaint_only_pastes_the_unmasked_input_back(studio):
     assert np.abs(out[:, :28] - np.array([200, 30, 30])).max() <= 1  # well outside the seam: the input itself
     plain = _pixels(studio.generate(_with([_unit(module="inpaint", image=_b64(source), mask=_b64(mask))])))
     assert np.abs(plain[:, :28] - np.array([200, 30, 30])).max() > 5  # plain inpaint does not paste back
-    with pytest.raises(RequestError, match="needs a mask"):
-        studio.generate(_with([_unit(module="inpaint_only", image=_b64(source))]))
+    unmasked = studio.generate(_with([_unit(module="inpaint_only", image=_b64(source))]))  # no mask: all kept
+    assert np.abs(_pixels(unmasked) - np.array([200, 30, 30])).max() <= 1
+
+
+@pytest.mark.parametrize("model", ["t2iadapter_tiny_sd14v1", "tiny-control-lora"])
+def test_t2i_adapters_and_control_loras_run_as_units(studio, model):
+    plain = _pixels(studio.generate(_req()))
+    on = _pixels(studio.generate(_with([_unit(model=model)])))
+    assert np.abs(on - plain).mean() > 0.2
+    assert np.array_equal(_pixels(studio.generate(_with([_unit(model=model, weight=0.0)]))), plain)

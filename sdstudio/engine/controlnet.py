@@ -338,8 +338,8 @@ class ControlNets:
             mask_image = image.getchannel("A").point(lambda a: 255 if a < 128 else 0)  # painted-out pixels
         source = _rgb_array(image)
         mask = _mask_array(mask_image, (source.shape[1], source.shape[0])) if mask_image is not None else None
-        if pre.needs_mask and mask is None:
-            raise ControlNetError(f"{where}: the {pre.name} preprocessor needs a mask (mask, or img2img inpaint's)")
+        if pre.needs_mask and mask is None:  # as the extension: nothing masked, nothing repainted
+            mask = np.zeros(source.shape[:2], np.uint8)
         return source, mask
 
     def hooks(self, units: Sequence[ControlUnit], req, extra_images: list | None = None, base_unet=None
