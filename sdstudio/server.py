@@ -183,12 +183,14 @@ def create_app(args: argparse.Namespace):
         return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=500)
 
     if args.api or args.nowebui:
+        from .api import controlnet as controlnet_api
         from .api import styles as styles_api
 
         guarded = [Depends(check_api_auth)]
         app.include_router(make_router(service, settings, cmd_flags, limits), dependencies=guarded)
         app.include_router(jobs_api.make_router(service, settings.values, limits), dependencies=guarded)
         app.include_router(styles_api.make_router(paths), dependencies=guarded)
+        app.include_router(controlnet_api.make_router(service, settings.values), dependencies=guarded)
         for factory in plugins.routes:  # a plug-in's own routes (a broken factory: reported, left out)
             try:
                 app.include_router(factory(service), dependencies=guarded)

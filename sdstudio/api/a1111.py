@@ -332,22 +332,33 @@ def submit(service: JobService, client: str, job: Txt2ImgJob):
         raise HTTPException(422, str(exc)) from None
 
 
-async def run_blocking(service: JobService, client: str, prepare, body: Txt2ImgBody) -> dict:
+async def run_blocking(service: JobService, client: str, prepare, body: Txt2ImgBody, options: dict | None = None
+                       ) -> dict:
     """A1111's blocking call: check and queue (``prepare()`` -> the job, in the thread pool), wait without
     holding a thread (any number of clients may wait; the other routes keep answering), then answer as A1111
     does: ``{images, parameters, info}``."""
     submitted = await run_in_threadpool(lambda: submit(service, client, prepare()))
     done = await service.wait_async(submitted.id)
-    return await run_in_threadpool(answer, done, body)
+    return await run_in_threadpool(answer, done, body, options)
 
 
-def answer(done, body: Txt2ImgBody) -> dict:
+def detected_map_paths(result: dict, settings: dict) -> list[str]:
+    """The job's ControlNet detected maps (``result["extras"]``), which the extension appends after the images
+    unless "Do not append detectmap to output" (``control_net_no_detectmap``) is on; a unit with
+    ``save_detected_map`` false left its map out already."""
+    if str(settings.get("control_net_no_detectmap", False)).strip().lower() in ("true", "1", "yes"):
+        return []
+    return [extra["path"] for extra in result.get("extras", [])]
+
+
+def answer(done, body: Txt2ImgBody, options: dict | None = None) -> dict:
     if done.status == "failed":  # the status its error's kind says (core.errors), as if refused at once
         raise HTTPException(http_status(done.result.get("error_kind")), done.error or "the job failed")
     result = done.result
     req = Txt2ImgJob.from_dict(done.request, done.kind).request
     info = a1111_info(req, result)
     paths = grid_paths(result) + [im["path"] for im in result.get("images", [])]
+    paths += detected_map_paths(result, {**(options or {}), **body.override_settings})
     images = [encode_file(p) for p in paths] if body.send_images else []
     if getattr(body, "include_init_images", False) and body.send_images:
         images += list(body.init_images)
@@ -391,7 +402,7 @@ def make_router(service: JobService, settings: Settings, cmd_flags: dict, limits
             req = to_request(body, options, **script_fields(body, catalog, [], "txt2img"))
             return queue_job(body, req, options, service, limits)
 
-        return await run_blocking(service, client_id(request), prepare, body)
+        return await run_blocking(service, client_id(request), prepare, body, options)
 
     @r.post("/img2img")
     async def img2img(body: Img2ImgBody, request: Request):
@@ -402,7 +413,7 @@ def make_router(service: JobService, settings: Settings, cmd_flags: dict, limits
             store_uploads(service, job, inits, mask)
             return job
 
-        return await run_blocking(service, client_id(request), prepare, body)
+        return await run_blocking(service, client_id(request), prepare, body, options)
 
     @r.post("/extra-single-image")
     def extra_single_image(body: ExtrasBody):
