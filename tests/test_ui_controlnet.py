@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import subprocess
 import sys
@@ -146,8 +147,7 @@ def test_every_preprocessor_slider_name_is_translated(ui):
     """The sliders take the chosen preprocessor's names after the page is built: each must be in both files."""
     pre = ui.service.engine.controlnets.preprocessors
     for language in ("en", "zh_CN"):
-        strings = localization.load(language) if language != "en" else \
-            __import__("json").loads((localization.PACKAGE_DIR / "en.json").read_text(encoding="utf-8"))
+        strings = json.loads((localization.PACKAGE_DIR / f"{language}.json").read_text(encoding="utf-8"))
         names = {s.name for p in pre.sorted() for s in p.sliders()}
         assert names - set(strings) == set(), language
         assert {*ui.txt2img.controlnet.control_types()} - set(strings) == set(), language
@@ -367,6 +367,25 @@ def test_controlnet_accordion_in_the_browser(server, tmp_path):
             page.wait_for_selector(f"#{p}_controlnet_threshold_A_slider:has-text('Low Threshold')", timeout=20_000)
             assert page.locator(f"#{p}_controlnet_threshold_A_slider input[type=number]").input_value() == "90"
             page.locator("#txt2img_script_controlnet").screenshot(path=str(SHOTS / "txt2img-controlnet-pasted.png"))
+            # in Simplified Chinese (the page's language setting), the extension's terms
+            _set_options(server, {"localization": "zh_CN"})
+            try:
+                page.goto(server)
+                page.wait_for_function("document.querySelector('#txt2img_generate')?.innerText.trim() === '生成'",
+                                       timeout=60_000)
+                page.click("#txt2img_script_controlnet .label-wrap")
+                page.wait_for_selector(f"#{p}_controlnet_enable_checkbox:has-text('启用')", timeout=20_000)
+                for elem, text in (("controlnet_preprocessor_dropdown", "预处理器"),
+                                   ("controlnet_control_weight_slider", "控制权重"),
+                                   ("controlnet_start_control_step_slider", "引导介入时机"),
+                                   ("controlnet_pixel_perfect_checkbox", "完美像素模式"),
+                                   ("controlnet_low_vram_checkbox", "低显存模式"),
+                                   ("controlnet_preprocessor_preview_checkbox", "允许预览")):
+                    page.wait_for_selector(f"#{p}_{elem}:has-text('{text}')", timeout=20_000)
+                assert "ControlNet 单元 1" in page.inner_text("#txt2img_controlnet_tabs")
+                page.locator("#txt2img_script_controlnet").screenshot(path=str(SHOTS / "txt2img-controlnet-zh_CN.png"))
+            finally:
+                _set_options(server, {"localization": "None"})
             # a fresh page: upload, the quick filter, the preview
             page.goto(server)
             page.wait_for_selector("#txt2img_generate", timeout=60_000)
@@ -386,6 +405,12 @@ def test_controlnet_accordion_in_the_browser(server, tmp_path):
             page.click(f"#{p}_controlnet_trigger_preprocessor")
             page.wait_for_selector(f"#{p}_generated_image img", timeout=60_000)
             page.locator("#txt2img_script_controlnet").screenshot(path=str(SHOTS / "txt2img-controlnet.png"))
+            hr_option = page.locator(f"#{p}_controlnet_hr_option_radio")
+            assert not hr_option.is_visible()  # shown only with Hires. fix on, as the extension shows it
+            page.locator("#txt2img_enable_hr input[type=checkbox]").check()
+            hr_option.wait_for(state="visible", timeout=20_000)
+            page.locator("#txt2img_enable_hr input[type=checkbox]").uncheck()
+            hr_option.wait_for(state="hidden", timeout=20_000)
             # generate with the unit: its infotext comes back
             page.locator("#txt2img_prompt textarea").fill("a controlled square")
             for name, value in (("txt2img_width", 64), ("txt2img_height", 64), ("txt2img_steps", 2)):
@@ -396,8 +421,16 @@ def test_controlnet_accordion_in_the_browser(server, tmp_path):
             info = page.locator("#txt2img_html_info textarea")
             deadline = time.time() + 180
             while "ControlNet 0" not in info.input_value():
+                errors = page.locator(".toast-body").all_inner_texts()
+                assert not errors, f"the job failed: {errors}"
                 assert time.time() < deadline, info.input_value()
                 time.sleep(0.2)
             assert "Module: canny" in info.input_value() and f"Model: {CANNY_FILE} [" in info.input_value()
         finally:
             browser.close()
+
+
+def _set_options(server: str, values: dict) -> None:
+    body = json.dumps(values).encode()
+    urllib.request.urlopen(urllib.request.Request(server + "/sdapi/v1/options", data=body,
+                                                  headers={"Content-Type": "application/json"}), timeout=10)
