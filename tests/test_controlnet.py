@@ -312,3 +312,15 @@ def test_t2i_adapters_and_control_loras_run_as_units(studio, model):
     on = _pixels(studio.generate(_with([_unit(model=model)])))
     assert np.abs(on - plain).mean() > 0.2
     assert np.array_equal(_pixels(studio.generate(_with([_unit(model=model, weight=0.0)]))), plain)
+
+
+def test_an_sdxl_controlnet_on_an_sdxl_checkpoint(make_data_root, cn_root):
+    root = make_data_root("controlnet-xl", {"tiny-sdxl": "sdxl"})
+    (root / "models" / "ControlNet").mkdir()
+    os.link(cn_root / "models" / "ControlNet" / "tiny-xl.safetensors", root / "models" / "ControlNet" / "tiny-xl.safetensors")
+    xl = Studio(Engine(Paths(root)))
+    plain = _pixels(xl.generate(_req()))
+    on = _pixels(xl.generate(_with([_unit(model="tiny-xl")])))
+    assert np.abs(on - plain).mean() > 0.2
+    soft = _pixels(xl.generate(_with([_unit(model="tiny-xl", control_mode=1)])))
+    assert not np.array_equal(soft, on)
