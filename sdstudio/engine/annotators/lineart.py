@@ -106,7 +106,7 @@ def load_anime(path) -> AnimeUnet:
 def lines(net: LineGenerator, image: np.ndarray) -> np.ndarray:
     """H×W uint8: the generator's output (dark lines on white) for an RGB uint8 picture."""
     param = next(net.parameters())
-    out = net(image_tensor(image / 255.0).to(param.device, param.dtype))
+    out = net(image_tensor(image).to(param.device, param.dtype) / 255.0)
     return to_uint8(out[0, 0].float().cpu().numpy())
 
 
@@ -117,6 +117,6 @@ def anime_lines(net: AnimeUnet, image: np.ndarray) -> np.ndarray:
     hn, wn = 256 * int(np.ceil(h / 256.0)), 256 * int(np.ceil(w / 256.0))
     big = cv2.resize(image, (wn, hn), interpolation=cv2.INTER_CUBIC)
     param = next(net.parameters())
-    out = net(image_tensor(big / 127.5 - 1.0).to(param.device, param.dtype))
+    out = net(image_tensor(big).to(param.device, param.dtype) / 127.5 - 1.0)
     line = (out[0, 0] * 127.5 + 127.5).float().cpu().numpy()
     return cv2.resize(line, (w, h), interpolation=cv2.INTER_CUBIC).clip(0, 255).astype(np.uint8)

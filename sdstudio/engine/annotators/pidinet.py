@@ -163,7 +163,7 @@ def load(path) -> PiDiNet:
 def detect(net: PiDiNet, image: np.ndarray, safe: bool = False, binary: bool = False) -> np.ndarray:
     """H×W uint8 edges of an H×W×3 RGB uint8 picture; ``binary``: edges above 0.5 only (the T2I sketch)."""
     param = next(net.parameters())
-    x = image_tensor(image[:, :, ::-1] / 255.0).to(param.device, param.dtype)
+    x = image_tensor(image[:, :, ::-1]).to(param.device, param.dtype) / 255.0
     edge = net(x)[0, 0].float().cpu().numpy()
     if binary:
         edge = (edge > 0.5).astype(np.float32)
