@@ -308,6 +308,10 @@ def test_detected_maps_follow_the_setting_and_save_detected_map(server):
     disabled = images(alwayson_scripts={"ControlNet": {"args": [{**unit, "enabled": False}]}})
     assert len(disabled) == 1 and disabled[0] != with_map[0]
     assert len(images(alwayson_scripts={"ControlNet": {"args": [unit]}}, send_images=False)) == 0
+    # two units: both maps, in the units' order, after the image
+    two = images(alwayson_scripts={"ControlNet": {"args": [unit, {**unit, "module": "invert"}]}})
+    assert len(two) == 3 and two[1] == with_map[1]
+    assert np.array_equal(unb64(two[2]), 255 - np.asarray(shapes()))
 
 
 def test_webuiapi_controlnet_unit_img2img_uses_the_init_image(server, api):
