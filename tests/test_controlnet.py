@@ -21,6 +21,7 @@ from sdstudio.engine.controlnet import ControlHook, PreparedUnit
 from sdstudio.engine.generate import Engine
 from sdstudio.engine.hooks import Step, UNetCall
 from sdstudio.models.controlnet import load_control_model
+from sdstudio.models.errors import ModelNotFoundError
 from sdstudio.models.loader import load_checkpoint
 from sdstudio.scripts import Studio
 from sdstudio.testing.controlnet_files import write_control_lora, write_controlnet, write_t2i_adapter
@@ -203,7 +204,7 @@ def test_infotext_detected_map_and_paste_back(studio, cn_root):
     result = studio.generate(_with([_unit(module="canny")]))
     image, detected = result.images
     assert detected.extra and not image.extra
-    assert detected.image.size == (512, 512)  # canny's map as made: at the processor resolution
+    assert detected.image.size == (64, 64)  # as the ControlNet saw it: at the generation size
     params = infotext.parse(image.infotext)
     hashed = next(line for line in studio.engine.registry.controlnets if line.name == "tiny-canny")
     assert params["ControlNet 0"] == (f"Module: canny, Model: tiny-canny [{hashed.legacy_hash}], Weight: 1.0, "
@@ -221,6 +222,9 @@ def test_infotext_detected_map_and_paste_back(studio, cn_root):
 def test_no_detected_map_when_not_asked(studio):
     result = studio.generate(_with([_unit(module="canny", save_detected_map=False)]))
     assert len(result.images) == 1
+    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "denoising_strength": 0.6, "hr_second_pass_steps": 1}
+    both = studio.generate(_with([_unit(module="none")], **hires))  # "none": the input as the model sees it
+    assert [g.image.size for g in both.images if g.extra] == [(64, 64), (96, 96)]
 
 
 def test_img2img_unit_without_image_uses_the_init(studio, tmp_path):
@@ -257,7 +261,7 @@ def test_errors_name_the_unit(studio):
         studio.generate(_with([{"enabled": True, "module": "none", "model": "tiny-canny"}]))
     with pytest.raises(RequestError, match="no ControlNet model chosen"):
         studio.generate(_with([_unit(model="None")]))
-    with pytest.raises(RequestError, match="ControlNet"):
+    with pytest.raises(ModelNotFoundError, match="no ControlNet model named 'no-such-model'; available: .*tiny-canny"):
         studio.generate(_with([_unit(model="no-such-model")]))
     with pytest.raises(RequestError, match="unknown preprocessor"):
         studio.generate(_with([_unit(module="no_such_module")]))

@@ -342,6 +342,24 @@ class ControlNets:
             mask = np.zeros(source.shape[:2], np.uint8)
         return source, mask
 
+    @staticmethod
+    def detected_maps(prepared: PreparedUnit, req, hires_job: bool) -> list[tuple[Image.Image, str]]:
+        """What the extension appends after the images: the map as the ControlNet sees it (at the generation
+        size, after the resize mode; with Hires. fix, also at the second pass's size); an inpaint map as RGBA
+        with the masked part half transparent."""
+        from .preprocessors import fit_to, inpaint_display
+
+        sizes = [(req.width, req.height)]
+        if hires_job:
+            (up_w, up_h), (cut_x, cut_y) = req.hires_size()
+            sizes.append(((up_w // 8 - cut_x) * 8, (up_h // 8 - cut_y) * 8))
+        out = []
+        for w, h in sizes:
+            fitted = inpaint_display(fit_to(prepared.detected, w, h, prepared.unit.resize_mode))
+            out.append((Image.fromarray(fitted), f"{SCRIPT_NAME} {prepared.index}: detected map "
+                                                 f"({prepared.unit.module}, {w}x{h})"))
+        return out
+
     def hooks(self, units: Sequence[ControlUnit], req, extra_images: list | None = None, base_unet=None
               ) -> list[ControlHook]:
         """The hooks of a request's enabled units; their detected maps go to ``extra_images``."""
@@ -351,9 +369,8 @@ class ControlNets:
             if not unit.enabled:
                 continue
             prepared = self.prepare(i, unit, req, base_unet)
-            if extra_images is not None and unit.save_detected_map and prepared.preprocessor.run is not None:
-                extra_images.append((Image.fromarray(prepared.detected[:, :, :3]),
-                                     f"{SCRIPT_NAME} {i}: detected map ({unit.module})"))
+            if extra_images is not None and unit.save_detected_map:
+                extra_images += self.detected_maps(prepared, req, hires_job)
             out.append(ControlHook(prepared, self.device, self.dtype, hires_job))
         return out
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..core import infotext
+from ..core.errors import StudioError
 from ..core.params import RequestError, Txt2ImgRequest
 from ..core.scripts import Args, ScriptCatalog, ScriptError, builtin
 
@@ -178,7 +179,7 @@ class Studio:
                 try:
                     made = list(script.hooks(args, req, context) if _takes_context(script.hooks)
                                 else script.hooks(args, req))
-                except ScriptError:
+                except StudioError:  # already names what is wrong, with its kind (a missing model: not found)
                     raise
                 except Exception as exc:
                     raise ScriptError(f"{script.name} ({script.owner}): {type(exc).__name__}: {exc}") from exc

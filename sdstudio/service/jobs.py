@@ -390,7 +390,7 @@ class JobService:
                     extras = self.jobs_dir / job.id / "extras"
                     extras.mkdir(parents=True, exist_ok=True)
                     path = extras / f"{len(result.get('extras', []))}.png"
-                    outputs.write_image(g.image, path)
+                    outputs.write_image(g.image, path, infotext=None)
                     result.setdefault("extras", []).append({"path": str(path), "label": g.infotext})
                     continue
                 if g.grid:  # a script's own grid (X/Y/Z plot...): with the grids, listed before the images
