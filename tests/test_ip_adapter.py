@@ -445,6 +445,8 @@ def test_per_block_weights_follow_the_extensions_transformer_index(unet, plain, 
     with hook.applied(unet):
         on = [n for n, p in unet.attn_processors.items() if isinstance(p, ipa.ImagePromptAttnProcessor)]
     assert on == ["mid_block.attentions.0.transformer_blocks.0.attn2.processor"]
+    negative = _hook(plain, prompt, advanced=[-1.0] * 15 + [0.5])  # the extension keeps positive weights only
+    assert [negative.layer_weight(i) for i in (0, 6, 15)] == [0.0, 0.0, 0.5]
     call = _call([False, True], seed=4)
     assert not torch.equal(_run(unet, [hook], call), _forward(unet, call))
     with pytest.raises(ControlNetError, match="one per transformer block"), _hook(plain, prompt, advanced=[1.0] * 13).applied(unet):
@@ -460,6 +462,26 @@ def test_two_half_units_equal_one_full_unit(unet, plain, plus, encoder):
     both = _run(unet, [_hook(plain, prompt), _hook(plus, _prompt(plus, encoder))], call)
     assert not torch.allclose(both, one, atol=1e-4)
     assert not any(isinstance(p, ipa.ImagePromptAttnProcessor) for p in unet.attn_processors.values())
+
+
+def test_another_dtype_gets_copies_and_the_cached_adapter_stays_float32(unet, plain, encoder):
+    import copy
+
+    half = copy.deepcopy(unet).to(torch.bfloat16)
+    call = _call([False, True], seed=7)
+    low = UNetCall(call.x.to(torch.bfloat16), call.timestep, call.encoder_hidden_states.to(torch.bfloat16),
+                   call.images, call.uncond, call.step)
+    prompt = _prompt(plain, encoder)
+    hook = ipa.IPAdapterHook("ControlNet unit 0", plain, prompt, 1.0, None, 0.0, 1.0, CPU, torch.bfloat16)
+    plan = SamplingPlan(half, SCHEDULE, "epsilon", [], [], 5.0, torch.bfloat16, CPU, steps=10, hooks=[hook])
+    with plan.applied():
+        used = half.get_submodule(ipa.cross_attention_layers(half)[0].path).processor.to_k_ip[0]
+        assert used.weight.dtype == torch.bfloat16 and used is not plain.to_k[0]
+        got = _forward(half, low, plan.unet_inputs(low)).float()
+    want = _run(unet, [_hook(plain, prompt)], call)
+    bare = _forward(unet, call)
+    assert (got - want).abs().mean() < 0.2 * (want - bare).abs().mean()  # bf16 rounding, far below the effect
+    assert all(k.weight.dtype == torch.float32 and k.weight.device == CPU for k in plain.to_k)
 
 
 def test_unannounced_calls_see_the_prompts_tokens(plain, encoder):

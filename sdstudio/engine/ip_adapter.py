@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import init_empty_weights
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
 from ..core.controlnet import SCRIPT_NAME, ControlNetError
@@ -154,12 +153,16 @@ class ImagePromptAttnProcessor(IPAdapterAttnProcessor2_0):
 
     def __init__(self, hidden_size: int, cross_attention_dim: int, prompts: Sequence[ImagePrompt],
                  weights: Sequence[float], to_k: Sequence[torch.nn.Linear], to_v: Sequence[torch.nn.Linear]):
-        with init_empty_weights():  # its own fresh layers are replaced at once: allocate nothing
-            super().__init__(hidden_size, cross_attention_dim, num_tokens=[p.count for p in prompts],
-                             scale=[float(w) for w in weights])
+        # the attributes diffusers' __init__ sets, with the adapters' layers instead of fresh random ones (its
+        # own __init__ would allocate those, or need accelerate's process-wide meta patch to avoid it)
+        torch.nn.Module.__init__(self)
+        self.hidden_size, self.cross_attention_dim = hidden_size, cross_attention_dim
+        self.num_tokens = [p.count for p in prompts]
+        self.weights = [float(w) for w in weights]
+        self.scale = list(self.weights)
         self.to_k_ip = torch.nn.ModuleList(to_k)
         self.to_v_ip = torch.nn.ModuleList(to_v)
-        self.prompts, self.weights = list(prompts), [float(w) for w in weights]
+        self.prompts = list(prompts)
 
     def extended(self, prompt: ImagePrompt, weight: float, to_k: torch.nn.Linear, to_v: torch.nn.Linear
                  ) -> ImagePromptAttnProcessor:
@@ -201,6 +204,16 @@ def cross_attention_layers(unet: torch.nn.Module) -> list[CrossLayer]:
                + [b for b in blocks if not b.startswith(("down_blocks.", "mid_block."))])
     index = {b: i for i, b in enumerate(ordered)}
     return [CrossLayer(p, unet.get_submodule(p), index[p.split(".transformer_blocks.")[0]]) for p in paths]
+
+
+def _on(layer: torch.nn.Linear, device: torch.device, dtype: torch.dtype) -> torch.nn.Linear:
+    """``layer`` for the pass's device and dtype: a copy, so the cached adapter stays float32 on the CPU (the
+    copies go when the pass's processors do)."""
+    if layer.weight.device == device and layer.weight.dtype == dtype:
+        return layer
+    copy = torch.nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
+    copy.load_state_dict({"weight": layer.weight.detach().to(device, dtype)}, assign=True)
+    return copy.requires_grad_(False)
 
 
 def _family(width: int) -> str:
@@ -264,12 +277,11 @@ class IPAdapterHook(StepHook):
         if not chosen:  # weight 0: the extension's patch adds exactly nothing
             yield
             return
-        self.model.layers_to(self.device, self.dtype)
         installed: list[tuple[torch.nn.Module, object, ImagePromptAttnProcessor]] = []
         try:
             for i, layer, w in chosen:
                 before = layer.attn.processor
-                k, v = self.model.to_k[i], self.model.to_v[i]
+                k, v = _on(self.model.to_k[i], self.device, self.dtype), _on(self.model.to_v[i], self.device, self.dtype)
                 if isinstance(before, ImagePromptAttnProcessor):
                     mine = before.extended(self.prompt, w, k, v)
                 else:
@@ -283,8 +295,6 @@ class IPAdapterHook(StepHook):
                 if attn.processor is mine:
                     attn.set_processor(before)
             self.prompt.end_pass()
-            if self.device.type != "cpu":
-                self.model.layers_to(torch.device("cpu"), torch.float32)
 
     def unet_inputs(self, call: UNetCall):
         self.prompt.begin_call(call.uncond, self.in_window(call.step))  # no UNet inputs: the processors read it

@@ -325,10 +325,6 @@ class IPAdapterModel:
         param = next(self.projection.parameters())
         return self.projection(feature.to(param.device, torch.float32)).float()
 
-    def layers_to(self, device: torch.device, dtype: torch.dtype) -> None:
-        self.to_k.to(device, dtype)
-        self.to_v.to(device, dtype)
-
 
 def load_ip_adapter(path: str | Path) -> IPAdapterModel:
     """Detect and load an IP-Adapter file (``.safetensors`` flat or ``.bin`` nested; no network access)."""
