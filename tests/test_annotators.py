@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from sdstudio.core.controlnet import ControlNetError
 from sdstudio.engine import annotators
-from sdstudio.engine.annotators import common, hed, lineart, mlsd, openpose, pidinet
+from sdstudio.engine.annotators import common, hed, leres, lineart, mlsd, openpose, pidinet
 from sdstudio.models.errors import ModelFileError
 
 torch.set_num_threads(1)
@@ -176,6 +176,46 @@ def mlsd_layout() -> dict:
     return out
 
 
+def leres_layout() -> dict:
+    """AdelaiDepth's RelDepthModel: ResNeXt-101 32×8d encoder (torchvision's layout) and the FTB/FFM/AO decoder."""
+    out: dict = {}
+    enc = "depth_model.encoder_modules.encoder"
+    _conv(out, f"{enc}.conv1", 64, 3, 7, bias=False)
+    _bn(out, f"{enc}.bn1", 64)
+    cin = 64
+    for i, (blocks, planes) in enumerate(zip((3, 4, 23, 3), (64, 128, 256, 512)), 1):
+        width = planes * 4  # int(planes * 8 / 64) * 32
+        for b in range(blocks):
+            p = f"{enc}.layer{i}.{b}"
+            _conv(out, f"{p}.conv1", width, cin, 1, bias=False)
+            _bn(out, f"{p}.bn1", width)
+            out[f"{p}.conv2.weight"] = (width, width // 32, 3, 3)  # 32 groups
+            _bn(out, f"{p}.bn2", width)
+            _conv(out, f"{p}.conv3", planes * 4, width, 1, bias=False)
+            _bn(out, f"{p}.bn3", planes * 4)
+            if b == 0:
+                _conv(out, f"{p}.downsample.0", planes * 4, cin, 1, bias=False)
+                _bn(out, f"{p}.downsample.1", planes * 4)
+            cin = planes * 4
+    dec = "depth_model.decoder_modules"
+
+    def ftb(name: str, cin: int, mid: int) -> None:
+        _conv(out, f"{name}.conv1", mid, cin, 3)
+        _conv(out, f"{name}.conv_branch.1", mid, mid, 3)
+        _bn(out, f"{name}.conv_branch.2", mid)
+        _conv(out, f"{name}.conv_branch.4", mid, mid, 3)
+
+    ftb(f"{dec}.conv", 2048, 512)
+    _conv(out, f"{dec}.conv1", 256, 512, 3)
+    for name, c in (("ffm2", 1024), ("ffm1", 512), ("ffm0", 256)):
+        ftb(f"{dec}.{name}.ftb1", c, 256)
+        ftb(f"{dec}.{name}.ftb2", 256, 256)
+    _conv(out, f"{dec}.outconv.adapt_conv.0", 128, 256, 3)
+    _bn(out, f"{dec}.outconv.adapt_conv.1", 128)
+    _conv(out, f"{dec}.outconv.adapt_conv.3", 1, 128, 3)
+    return out
+
+
 def random_weights(layout: dict, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Finite random tensors of the layout's shapes (fan-in scaled, so deep stacks neither vanish nor blow up)."""
     g = torch.Generator().manual_seed(seed)
@@ -230,6 +270,7 @@ EXPECTED = {  # module name: (UI label, control types) as the extension declares
     "openpose": ("openpose", ("OpenPose",)), "openpose_hand": ("openpose_hand", ("OpenPose",)),
     "openpose_face": ("openpose_face", ("OpenPose",)), "openpose_faceonly": ("openpose_faceonly", ("OpenPose",)),
     "openpose_full": ("openpose_full", ("OpenPose",)), "mlsd": ("mlsd", ("MLSD",)),
+    "depth_leres": ("depth_leres", ("Depth",)),
 }
 
 
@@ -245,6 +286,9 @@ def test_declarations_are_the_extensions_and_cost_nothing(tmp_path):
     assert [s.detail() for s in found["mlsd"].sliders()][1:] == [
         {"name": "MLSD Value Threshold", "value": 0.1, "min": 0.01, "max": 2.0, "step": 0.01},
         {"name": "MLSD Distance Threshold", "value": 0.1, "min": 0.01, "max": 20.0, "step": 0.01}]
+    assert [s.detail() for s in found["depth_leres"].sliders()][1:] == [
+        {"name": "Remove Near %", "value": 0, "min": 0, "max": 100, "step": 0.1},
+        {"name": "Remove Background %", "value": 0, "min": 0, "max": 100, "step": 0.1}]
     assert annotators.preprocessors(None)[0].name == "hed"  # the default folder
 
 
@@ -254,7 +298,8 @@ def test_declarations_are_the_extensions_and_cost_nothing(tmp_path):
                                              ("lineart_coarse", "sk_model2.pth", "lineart"),
                                              ("lineart_anime", "netG.pth", "lineart_anime"),
                                              ("openpose", "body_pose_model.pth", "openpose"),
-                                             ("mlsd", "mlsd_large_512_fp32.pth", "mlsd")])
+                                             ("mlsd", "mlsd_large_512_fp32.pth", "mlsd"),
+                                             ("depth_leres", "res101.pth", "leres")])
 def test_missing_file_names_the_file_and_the_folder(tmp_path, name, file, sub):
     with pytest.raises(ControlNetError) as err:
         by_name(tmp_path)[name].run(picture(), 64, -1, -1)
@@ -620,3 +665,54 @@ def test_mlsd_line_decoding_and_thresholds():
     assert mlsd.decode_lines(maps, 0.9, 0.1).shape == (0, 4)
     maps[0, 0, 10, 13] = 1.0  # a stronger neighbour: (10, 12) is no longer a 3×3 maximum
     assert lines.tolist() != mlsd.decode_lines(maps, 0.1, 5.0).tolist()
+
+
+# --- LeReS ----------------------------------------------------------------------------------------------------
+
+def test_leres_loads_the_published_checkpoint_and_runs(tmp_path):
+    # res101.pth is AdelaiDepth's training checkpoint: the weights under "depth_model", DataParallel-prefixed
+    weights = random_weights(leres_layout(), seed=5, dtype=torch.float16)
+    path = tmp_path / "leres" / "res101.pth"
+    path.parent.mkdir()
+    torch.save({"depth_model": {"module." + k: v for k, v in weights.items()}, "step": 1}, path)
+    found, image = by_name(tmp_path), picture()
+    out = found["depth_leres"].run(image, 64, 0, 0)
+    assert out.shape == (64, 80, 3) and out.dtype == np.uint8
+    padded, crop = common.resize_with_pad(image, 64)
+    net = leres.load(path)
+    raw = leres.predict(net, padded)
+    assert raw.shape == padded.shape[:2]
+    assert (out[:, :, 0] == crop(leres.depth_map(raw))).all()
+    assert out[:, :, 0].min() == 0 or raw.max() - raw.min() < 1e-6  # the far end of a stretched map is black
+    cut = found["depth_leres"].run(image, 64, 30, 40)[:, :, 0]
+    assert (cut == crop(leres.depth_map(raw, 30, 40))).all()
+
+
+def test_leres_depth_map_formula():
+    depth = np.array([[0.0, 0.5, 1.0, 0.25]], np.float32)
+    # 16 bits: 0, 32767 (32767.5 truncated), 65535, 16383; to 8 (rounded): 0, 127, 255, 64; inverted
+    assert leres.depth_map(depth).tolist() == [[255, 128, 0, 191]]
+    # "Remove Near %": values at or under 60 % of 255 (153) zeroed before the inversion
+    assert leres.depth_map(depth, remove_near=60).tolist() == [[255, 255, 0, 255]]
+    # "Remove Background %": after it, at or under 50 % (127.5) / 51 % (130.05) zeroed
+    assert leres.depth_map(depth, remove_background=50).tolist() == [[255, 128, 0, 191]]
+    assert leres.depth_map(depth, remove_background=51).tolist() == [[255, 0, 0, 191]]
+    assert leres.depth_map(np.full((2, 2), 3.0, np.float32)).tolist() == [[255, 255], [255, 255]]  # flat: far
+
+
+def test_leres_norms_use_the_pictures_statistics_and_the_residual_is_rectified():
+    norm = leres._BatchStatNorm(2).eval()
+    norm.running_mean.fill_(100.0)
+    x = torch.randn(1, 2, 5, 5) * 7 + 3
+    expected = (x - x.mean((0, 2, 3), keepdim=True)) / torch.sqrt(x.var((0, 2, 3), unbiased=False, keepdim=True)
+                                                                  + norm.eps)
+    assert torch.allclose(norm(x), expected, atol=1e-5) and (norm.running_mean == 100).all()
+    # the FTB adds its branch to the rectified projection (the original's in-place ReLU): with the projection
+    # at -1 and the branch giving +0.5, the block gives 0.5 (it would give 0 with the raw projection)
+    block = leres._FTB(1, 1).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.zero_()
+        block.conv1.bias.fill_(-1.0)
+        block.conv_branch[4].bias.fill_(0.5)
+    assert torch.allclose(block(torch.zeros(1, 1, 4, 4)), torch.full((1, 1, 4, 4), 0.5))

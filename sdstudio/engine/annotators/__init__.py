@@ -20,16 +20,18 @@ from pathlib import Path
 import numpy as np
 
 from ...core.controlnet import Preprocessor, Slider
-from . import hed, lineart, mlsd, openpose, pidinet
+from . import hed, leres, lineart, mlsd, openpose, pidinet
 from .common import AnnotatorFile, clear_cache, hwc3, resize_with_pad, scribble
 
 RESOLUTION = Slider("Resolution", 512, 64, 2048, 8)
 MLSD_VALUE = Slider("MLSD Value Threshold", 0.1, 0.01, 2.0, 0.01)
 MLSD_DISTANCE = Slider("MLSD Distance Threshold", 0.1, 0.01, 20.0, 0.01)
+REMOVE_NEAR = Slider("Remove Near %", 0, 0, 100, 0.1)
+REMOVE_BACKGROUND = Slider("Remove Background %", 0, 0, 100, 0.1)
 
 # every file a preprocessor here may read, for listings and messages
 FILES: tuple[AnnotatorFile, ...] = (hed.FILE, pidinet.FILE, lineart.REALISTIC, lineart.COARSE, lineart.ANIME,
-                                    openpose.BODY, openpose.HAND, openpose.FACE, mlsd.FILE)
+                                    openpose.BODY, openpose.HAND, openpose.FACE, mlsd.FILE, leres.FILE)
 
 Run = Callable[..., np.ndarray]
 
@@ -106,6 +108,13 @@ def _mlsd(folder: Path, label: str) -> Run:
 DEFAULT_DIR = Path("models") / "ControlNet" / "annotators"  # the studio's default (--annotators-dir)
 
 
+def _leres(folder: Path, label: str) -> Run:
+    def step(img: np.ndarray, a: float, b: float) -> np.ndarray:
+        return leres.detect(leres.load(leres.FILE.locate(folder, label)), img, a, b)
+
+    return _at_resolution(label, step)
+
+
 def preprocessors(annotators_dir: Path | None) -> list[Preprocessor]:
     """The weight-based preprocessors reading their files from ``annotators_dir`` (None: the default folder,
     relative to the working directory); cheap: nothing is read until one runs."""
@@ -135,6 +144,7 @@ def preprocessors(annotators_dir: Path | None) -> list[Preprocessor]:
         ("OpenPose",))
     add("openpose_full", "openpose_full", _openpose(folder, "openpose_full", hands=True, face=True), ("OpenPose",))
     add("mlsd", "mlsd", _mlsd(folder, "mlsd"), ("MLSD",), MLSD_VALUE, MLSD_DISTANCE)
+    add("depth_leres", "depth_leres", _leres(folder, "depth_leres"), ("Depth",), REMOVE_NEAR, REMOVE_BACKGROUND)
     return out
 
 
