@@ -150,6 +150,66 @@ def test_detects_the_published_layouts(root, plain, plus):
     assert files.ip_adapter_shapes(root / "clip_vision" / "clip_h.pth") is None
 
 
+def _published_shapes(family: str, proj: dict) -> dict:
+    """A published file's shapes at full size (no tensors): ``proj`` plus one k/v pair per layer."""
+    from sdstudio.testing.ip_adapter_files import cross_attention_widths
+
+    config = unet_config(family, "full")
+    cross = config["cross_attention_dim"]
+    shapes = {f"image_proj.{k}": v for k, v in proj.items()}
+    for i, w in enumerate(cross_attention_widths(config)):
+        shapes |= {f"ip_adapter.{2 * i + 1}.to_k_ip.weight": (w, cross), f"ip_adapter.{2 * i + 1}.to_v_ip.weight": (w, cross)}
+    return shapes
+
+
+def _resampler(hidden: int, clip: int, out: int, heads: int) -> dict:
+    proj = {"latents": (1, 16, hidden), "proj_in.weight": (hidden, clip), "proj_in.bias": (hidden,),
+            "proj_out.weight": (out, hidden), "proj_out.bias": (out,), "norm_out.weight": (out,),
+            "norm_out.bias": (out,)}
+    for i in range(4):
+        proj |= {f"layers.{i}.0.to_q.weight": (64 * heads, hidden), f"layers.{i}.0.to_kv.weight": (128 * heads, hidden),
+                 f"layers.{i}.0.to_out.weight": (hidden, 64 * heads), f"layers.{i}.1.1.weight": (4 * hidden, hidden),
+                 f"layers.{i}.1.3.weight": (hidden, 4 * hidden)}
+    return proj
+
+
+def test_published_sizes_are_detected():
+    """ip-adapter_sd15, -plus_sd15, -full-face_sd15, _sdxl and -plus_sdxl_vit-h at their real shapes."""
+    sd15 = files.detect_ip_adapter(_published_shapes("sd1", {"proj.weight": (3072, 1024), "proj.bias": (3072,),
+                                                             "norm.weight": (768,), "norm.bias": (768,)}))
+    assert (sd15.kind, sd15.tokens, sd15.clip_dim, sd15.layers) == ("plain", 4, 1024, 16)
+    assert sd15.widths == (320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320, 1280)
+    assert ipa.encoder_for("ip-adapter-auto", "renamed", sd15) == "clip_h"
+    plus15 = files.detect_ip_adapter(_published_shapes("sd1", _resampler(768, 1280, 768, 12)))
+    assert (plus15.kind, plus15.tokens, plus15.clip_dim, plus15.heads, plus15.depth, plus15.hidden_dims) == (
+        "plus", 16, 1280, 12, 4, 768)
+    assert ipa.encoder_for("ip-adapter-auto", "renamed", plus15) == "clip_h"
+    face = files.detect_ip_adapter(_published_shapes("sd1", {"proj.0.weight": (1280, 1280), "proj.0.bias": (1280,),
+                                                             "proj.2.weight": (768, 1280), "proj.2.bias": (768,),
+                                                             "proj.3.weight": (768,), "proj.3.bias": (768,)}))
+    assert (face.kind, face.clip_dim) == ("full", 1280)
+    xl = files.detect_ip_adapter(_published_shapes("sdxl", {"proj.weight": (8192, 1280), "proj.bias": (8192,),
+                                                            "norm.weight": (2048,), "norm.bias": (2048,)}))
+    assert (xl.kind, xl.tokens, xl.clip_dim, xl.layers, xl.describe()) == ("plain", 4, 1280, 70, "SDXL IP-Adapter")
+    assert ipa.encoder_for("ip-adapter-auto", "renamed", xl) == "clip_g"
+    plus_xl = files.detect_ip_adapter(_published_shapes("sdxl", _resampler(1280, 1280, 2048, 20)))
+    assert (plus_xl.heads, plus_xl.hidden_dims, plus_xl.clip_dim) == (20, 1280, 1280)
+
+
+def test_full_size_layer_order_and_blocks():
+    """SD 1.5: 16 layers in 16 blocks; SDXL: 70 layers in the extension's 11 blocks (2, 2, 10, 10 in the
+    input blocks, 10 in the middle, 10, 10, 10, 2, 2, 2 in the output blocks), the middle's last in the file."""
+    from accelerate import init_empty_weights
+
+    for family, counts in (("sd1", [1] * 16), ("sdxl", [2, 2, 10, 10, 10, 10, 10, 10, 2, 2, 2])):
+        with init_empty_weights():
+            big = UNet2DConditionModel(**unet_config(family, "full"))
+        layers = ipa.cross_attention_layers(big)
+        assert [sum(1 for la in layers if la.transformer == t) for t in range(len(counts))] == counts
+        middle = [i for i, la in enumerate(layers) if la.path.startswith("mid_block.")]
+        assert middle == list(range(len(layers) - len(middle), len(layers)))
+
+
 def test_safetensors_and_nested_bin_hold_the_same_adapter(root):
     flat = files.read_ip_adapter(root / "ControlNet" / "ip-adapter_sd15.safetensors")
     nested = files.read_ip_adapter(root / "ControlNet" / "ip-adapter_sd15.bin")
