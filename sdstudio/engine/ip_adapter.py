@@ -8,7 +8,9 @@ the adapter takes), and the adapter's projection turns the encoder's feature int
 negative prompt's rows get the tokens of a blank image prompt instead: the projection of an all-zero
 ``image_embeds`` for the plain adapters, of the encoder's hidden states for an all-zero input for "plus"
 and "full face" (the reference implementation's choice; the extension ships those hidden states for
-ViT-H as a data file, and for the SDXL plus adapter even the projected tokens).
+ViT-H as a data file, and for the SDXL plus adapter even the projected tokens). The encoder runs in float32
+(as the extension's) on the job's device, or the CPU for a ``low_vram`` unit, and goes back to the CPU after;
+its features of the last few images are remembered, so a grid or a batch count encodes an image once.
 
 During the pass (:meth:`IPAdapterHook.applied`) every cross-attention layer of the UNet gets a processor
 built on diffusers' :class:`IPAdapterAttnProcessor2_0` with the adapter's key / value projections of that
@@ -148,8 +150,8 @@ class ImagePrompt:
 class ImagePromptAttnProcessor(IPAdapterAttnProcessor2_0):
     """diffusers' IP-Adapter attention, fed by the hooks' image prompts instead of the UNet's inputs.
 
-    ``prompts[i]`` goes through ``to_k_ip[i]`` / ``to_v_ip[i]`` (the adapter's own layers, not copies) and is
-    added with ``weights[i]`` while its hook has it on."""
+    ``prompts[i]`` goes through ``to_k_ip[i]`` / ``to_v_ip[i]`` (that unit's adapter layers, on the pass's
+    device) and is added with ``weights[i]`` while its hook has it on."""
 
     def __init__(self, hidden_size: int, cross_attention_dim: int, prompts: Sequence[ImagePrompt],
                  weights: Sequence[float], to_k: Sequence[torch.nn.Linear], to_v: Sequence[torch.nn.Linear]):
@@ -348,7 +350,6 @@ def image_prompt(model: IPAdapterModel, encoder, image: np.ndarray, device: torc
     else:
         blank = _features(encoder, encoder_key, torch.zeros_like(pixels), device)["penultimate"]
     return ImagePrompt(model.project(feature).cpu(), model.project(blank).cpu())
-
 
 
 def ip_adapter_hook(prepared, path_of_model: str | Path, clip_vision_dir: str | Path, device: torch.device,
