@@ -278,7 +278,9 @@ def test_attention_of_one_block_against_a_direct_computation(unet, unet_xl, vae,
     call = _call(family, images=(0, 1, 0, 1), uncond=(False, False, True, True))
     sites = ref.attention_sites(model)
     (first, _), (second, _) = sites[0], sites[1]
-    hook = ref.reference_hook(_prepared(weight=0.001, threshold_a=a, control_mode=control_mode), _encoder(vae),
+    weight = sites[1][1]  # exactly the second block's threshold: it does not take part (weight > threshold)
+    assert weight == 1 / len(sites)
+    hook = ref.reference_hook(_prepared(weight=weight, threshold_a=a, control_mode=control_mode), _encoder(vae),
                               SCHEDULE, CPU, torch.float32, family == "sdxl")
     with _recording(first.attn1) as ins, _recording(first.attn1, inputs=False) as outs, \
             _recording(second.attn1) as ins2, _recording(second.attn1, inputs=False) as outs2:
@@ -292,20 +294,24 @@ def test_attention_of_one_block_against_a_direct_computation(unet, unet_xl, vae,
         expected[2:] = fidelity * plain[2:] + (1 - fidelity) * referenced[2:]  # rows 2, 3: the negative prompt's
         assert torch.allclose(outs[1], expected, atol=2e-5)
         assert (referenced - plain).abs().max() > 1e-3  # the reference matters here
-        # weight 0.001 reaches only the first block (threshold 0): the second attends over itself alone
+        # the weight reaches only the first block (threshold 0): the second attends over itself alone
         x2 = ins2[1][0][0]
         assert torch.allclose(outs2[1], _direct_attention(second.attn1, x2, x2), atol=2e-5)
 
 
 def test_adain_of_one_block_against_a_direct_computation(unet, vae):
     call = _call(images=(0, 0), uncond=(False, True))
-    hook = _hook(vae, "reference_adain", weight=0.001)  # the middle block and output block 0 (threshold 0)
-    with _recording(unet.mid_block, inputs=False) as raw:  # registered first: sees the block's own output
+    # weight 0.25: the middle block and output block 0 (threshold 0); output block 1 sits at exactly 0.25: out
+    hook = _hook(vae, "reference_adain", weight=0.25, threshold_a=0.3)
+    second = unet.up_blocks[0].resnets[1]
+    with _recording(unet.mid_block, inputs=False) as raw, _recording(second, inputs=False) as raw2:
         plan = SamplingPlan(unet, SCHEDULE, "epsilon", [], [], 5.0, torch.float32, CPU, steps=10, hooks=[hook])
-        with plan.applied(), _recording(unet.mid_block, inputs=False) as final:  # after the reference's hook
+        with plan.applied(), _recording(unet.mid_block, inputs=False) as final, \
+                _recording(second, inputs=False) as final2:  # registered after the reference's own hooks
             _forward(unet, call, plan.unet_inputs(call))
     written, x = raw[0], raw[1]
     assert torch.equal(final[0], written)  # the write pass leaves its outputs alone
+    assert torch.equal(final2[1], raw2[1])  # output block 1 is not renormalised
 
     def stats(t):
         mean = t.mean(dim=(2, 3), keepdim=True)
@@ -315,7 +321,7 @@ def test_adain_of_one_block_against_a_direct_computation(unet, vae):
     mean_r, std_r = stats(written)
     mean, std = stats(x)
     expected = (x - mean) / std * std_r + mean_r
-    expected[1] = 0.5 * x[1] + 0.5 * expected[1]  # the negative row: style fidelity 0.5
+    expected[1] = 0.3 * x[1] + 0.7 * expected[1]  # the negative row: style fidelity 0.3
     assert torch.allclose(final[1], expected, atol=1e-5)
     got_mean, got_std = stats(final[1][:1])
     assert torch.allclose(got_mean, mean_r[:1], atol=1e-5) and torch.allclose(got_std, std_r[:1], atol=1e-4)
