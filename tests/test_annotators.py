@@ -9,6 +9,7 @@ from __future__ import annotations
 import colorsys
 import math
 import os
+import types
 from pathlib import Path
 
 import cv2
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from sdstudio.core.controlnet import ControlNetError
 from sdstudio.engine import annotators
-from sdstudio.engine.annotators import common, hed, leres, lineart, mlsd, openpose, pidinet
+from sdstudio.engine.annotators import common, depth_anything, hed, leres, lineart, mlsd, openpose, pidinet
 from sdstudio.models.errors import ModelFileError
 
 torch.set_num_threads(1)
@@ -216,6 +217,42 @@ def leres_layout() -> dict:
     return out
 
 
+def depth_anything_layout(dim: int = 1024, blocks: int = 24, neck=(256, 512, 1024, 1024), features: int = 256) -> dict:
+    """depth_anything_vitl14.pth: DINOv2 (torch hub names) under "pretrained.", the DPT head under "depth_head."
+    (defaults: the published ViT-L sizes)."""
+    out: dict = {"pretrained.cls_token": (1, 1, dim), "pretrained.pos_embed": (1, 1 + 37 * 37, dim),
+                 "pretrained.mask_token": (1, dim), "pretrained.patch_embed.proj.weight": (dim, 3, 14, 14),
+                 "pretrained.patch_embed.proj.bias": (dim,)}
+    for b in range(blocks):
+        p = f"pretrained.blocks.{b}"
+        for name, shape in (("norm1", (dim,)), ("norm2", (dim,))):
+            out[f"{p}.{name}.weight"], out[f"{p}.{name}.bias"] = shape, shape
+        out[f"{p}.attn.qkv.weight"], out[f"{p}.attn.qkv.bias"] = (3 * dim, dim), (3 * dim,)
+        out[f"{p}.attn.proj.weight"], out[f"{p}.attn.proj.bias"] = (dim, dim), (dim,)
+        out[f"{p}.ls1.gamma"], out[f"{p}.ls2.gamma"] = (dim,), (dim,)
+        out[f"{p}.mlp.fc1.weight"], out[f"{p}.mlp.fc1.bias"] = (4 * dim, dim), (4 * dim,)
+        out[f"{p}.mlp.fc2.weight"], out[f"{p}.mlp.fc2.bias"] = (dim, 4 * dim), (dim,)
+    out["pretrained.norm.weight"], out["pretrained.norm.bias"] = (dim,), (dim,)
+    h = "depth_head"
+    for i, c in enumerate(neck):
+        _conv(out, f"{h}.projects.{i}", c, dim, 1)
+    out[f"{h}.resize_layers.0.weight"], out[f"{h}.resize_layers.0.bias"] = (neck[0], neck[0], 4, 4), (neck[0],)
+    out[f"{h}.resize_layers.1.weight"], out[f"{h}.resize_layers.1.bias"] = (neck[1], neck[1], 2, 2), (neck[1],)
+    _conv(out, f"{h}.resize_layers.3", neck[3], neck[3], 3)
+    for i, c in enumerate(neck, 1):
+        out[f"{h}.scratch.layer{i}_rn.weight"] = (features, c, 3, 3)
+    for i in range(1, 5):
+        r = f"{h}.scratch.refinenet{i}"
+        _conv(out, f"{r}.out_conv", features, features, 1)
+        for unit in ("resConfUnit1", "resConfUnit2"):
+            _conv(out, f"{r}.{unit}.conv1", features, features, 3)
+            _conv(out, f"{r}.{unit}.conv2", features, features, 3)
+    _conv(out, f"{h}.scratch.output_conv1", features // 2, features, 3)
+    _conv(out, f"{h}.scratch.output_conv2.0", 32, features // 2, 3)
+    _conv(out, f"{h}.scratch.output_conv2.2", 1, 32, 1)
+    return out
+
+
 def random_weights(layout: dict, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Finite random tensors of the layout's shapes (fan-in scaled, so deep stacks neither vanish nor blow up)."""
     g = torch.Generator().manual_seed(seed)
@@ -270,17 +307,17 @@ EXPECTED = {  # module name: (UI label, control types) as the extension declares
     "openpose": ("openpose", ("OpenPose",)), "openpose_hand": ("openpose_hand", ("OpenPose",)),
     "openpose_face": ("openpose_face", ("OpenPose",)), "openpose_faceonly": ("openpose_faceonly", ("OpenPose",)),
     "openpose_full": ("openpose_full", ("OpenPose",)), "mlsd": ("mlsd", ("MLSD",)),
-    "depth_leres": ("depth_leres", ("Depth",)),
+    "depth_leres": ("depth_leres", ("Depth",)), "depth_anything": ("depth_anything", ("Depth",)),
 }
 
 
 def test_declarations_are_the_extensions_and_cost_nothing(tmp_path):
     found = by_name(tmp_path / "nothing-here")  # no folder, no files: declaring reads nothing
     assert set(found) == set(EXPECTED)
-    for name, (label, types) in EXPECTED.items():
+    for name, (label, kinds) in EXPECTED.items():
         p = found[name]
         assert p.aliases == (() if label == name else (label,))
-        assert p.control_types == types
+        assert p.control_types == kinds
         assert p.resolution.detail() == {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}
         assert not p.model_free and callable(p.run)
     assert [s.detail() for s in found["mlsd"].sliders()][1:] == [
@@ -299,7 +336,8 @@ def test_declarations_are_the_extensions_and_cost_nothing(tmp_path):
                                              ("lineart_anime", "netG.pth", "lineart_anime"),
                                              ("openpose", "body_pose_model.pth", "openpose"),
                                              ("mlsd", "mlsd_large_512_fp32.pth", "mlsd"),
-                                             ("depth_leres", "res101.pth", "leres")])
+                                             ("depth_leres", "res101.pth", "leres"),
+                                             ("depth_anything", "depth_anything_vitl14.pth", "depth_anything")])
 def test_missing_file_names_the_file_and_the_folder(tmp_path, name, file, sub):
     with pytest.raises(ControlNetError) as err:
         by_name(tmp_path)[name].run(picture(), 64, -1, -1)
@@ -716,3 +754,65 @@ def test_leres_norms_use_the_pictures_statistics_and_the_residual_is_rectified()
         block.conv1.bias.fill_(-1.0)
         block.conv_branch[4].bias.fill_(0.5)
     assert torch.allclose(block(torch.zeros(1, 1, 4, 4)), torch.full((1, 1, 4, 4), 0.5))
+
+
+# --- Depth Anything -----------------------------------------------------------------------------------------
+
+SMALL_DA = {"dim": 128, "blocks": 4, "neck": (16, 32, 64, 64), "features": 32}  # the layout, at test size
+
+
+def test_depth_anything_keys_convert_to_transformers_for_the_published_sizes():
+    from transformers import DepthAnythingForDepthEstimation
+
+    layout = depth_anything_layout()  # ViT-L: the published file
+    weights = {k: torch.empty(v, device="meta") for k, v in layout.items()}  # shapes only
+    config = depth_anything.config_for(weights)
+    assert config.backbone_config.num_attention_heads == 16 and config.backbone_config.out_indices == [21, 22, 23, 24]
+    with torch.device("meta"):
+        reference = DepthAnythingForDepthEstimation(config).state_dict()
+    converted = depth_anything.to_transformers(weights)
+    assert set(converted) == set(reference)
+    assert all(tuple(converted[k].shape) == tuple(reference[k].shape) for k in reference)
+
+
+def test_depth_anything_loads_and_runs(tmp_path):
+    weights = random_weights(depth_anything_layout(**SMALL_DA), seed=9)
+    write(tmp_path / "depth_anything" / "depth_anything_vitl14.pth", weights)
+    found, image = by_name(tmp_path), picture()
+    net = depth_anything.load(tmp_path / "depth_anything" / "depth_anything_vitl14.pth")
+    seen = []
+    handle = net.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    try:
+        out = found["depth_anything"].run(image, 64, -1, -1)
+    finally:
+        handle.remove()
+    assert out.shape == (64, 80, 3) and out.dtype == np.uint8
+    assert out[:, :, 0].max() == 255 or out[:, :, 0].max() == 0
+    # the network saw the padded 64×128 picture at 518×1036, channels swapped, ImageNet-normalized
+    padded, _ = common.resize_with_pad(image, 64)
+    assert tuple(seen[0].shape) == (1, 3, 518, 1036)
+    big = cv2.resize(padded[:, :, ::-1] / 255.0, (1036, 518), interpolation=cv2.INTER_CUBIC)
+    expected = ((big - np.array(depth_anything.MEAN)) / np.array(depth_anything.STD)).transpose(2, 0, 1)
+    assert np.allclose(seen[0][0].numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("h, w, expected", [(518, 518, (518, 518)), (64, 128, (518, 1036)), (320, 448, (518, 728)),
+                                            (600, 400, (784, 518)), (100, 101, (518, 518))])
+def test_depth_anything_input_size(h, w, expected):
+    # the short side to 518, each side rounded to a multiple of 14 (up if that would go under 518):
+    # 448 × 518/320 = 725.2 → 728; 600 × 518/400 = 777 → 784 (55.5 × 14: halves round to even, 56); 101 → 523.2 → 518
+    assert depth_anything.input_size(h, w) == expected
+
+
+def test_depth_anything_positions_use_dinov2s_offset():
+    grid = torch.randn(1, 1 + 37 * 37, 8)
+    emb = types.SimpleNamespace(position_embeddings=grid)
+    tokens = torch.zeros(1, 1 + 37 * 52, 8)  # 518×728: 37×52 patches
+    got = depth_anything._dinov2_positions(emb, tokens, 518, 728)
+    patches = grid[:, 1:].reshape(1, 37, 37, 8).permute(0, 3, 1, 2)
+    by_offset = F.interpolate(patches, scale_factor=(37.1 / 37, 52.1 / 37), mode="bicubic", antialias=False)
+    by_size = F.interpolate(patches, size=(37, 52), mode="bicubic", align_corners=False)
+    assert torch.allclose(got[:, 1:], by_offset.permute(0, 2, 3, 1).reshape(1, -1, 8))
+    assert not torch.allclose(got[:, 1:], by_size.permute(0, 2, 3, 1).reshape(1, -1, 8))
+    assert torch.equal(got[:, :1], grid[:, :1])
+    assert depth_anything._dinov2_positions(emb, torch.zeros(1, 1 + 37 * 37, 8), 518, 518) is grid

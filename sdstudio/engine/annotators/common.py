@@ -96,7 +96,8 @@ def load_into(net: nn.Module, weights: dict[str, torch.Tensor], path: Path) -> n
             if items:
                 parts.append(f"{label}: {', '.join(items[:4])}{' …' if len(items) > 4 else ''}")
         raise ModelFileError(f"{path.name}: not the expected network ({'; '.join(parts)})")
-    net.load_state_dict({k: v for k, v in weights.items()}, strict=False)
+    on_meta = any(t.is_meta for t in net.state_dict().values())  # built without memory: take the file's tensors
+    net.load_state_dict(weights, strict=False, assign=on_meta)
     return net.eval()
 
 
@@ -105,8 +106,10 @@ _LOCK = threading.Lock()
 
 
 def cached_network(path: Path, kind: str, build: Callable[[dict[str, torch.Tensor]], nn.Module],
-                   wrappers: Iterable[str] = ("state_dict", "model")) -> nn.Module:
-    """The network of ``path`` built by ``build(weights)``, loaded on first use and kept for the process (a file
+                   wrappers: Iterable[str] = ("state_dict", "model"),
+                   convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> nn.Module:
+    """The network of ``path`` built by ``build(weights)`` and loaded with the weights (renamed by ``convert``
+    first, for a network whose names differ from the file's), on first use, then kept for the process (a file
     replaced on disk is read again). The lock makes concurrent first calls load it once."""
     stat = path.stat()
     key = (kind, str(path.resolve()), stat.st_mtime_ns, stat.st_size)
@@ -117,6 +120,8 @@ def cached_network(path: Path, kind: str, build: Callable[[dict[str, torch.Tenso
                 del _CACHE[old]
             weights = read_weights(path, wrappers)
             net = build(weights)
+            if convert is not None:
+                weights = convert(weights)
             net = load_into(net, weights, path).to(compute_device(), torch.float32)
             _CACHE[key] = net
         return net
