@@ -25,6 +25,7 @@ from sdstudio.models.errors import ModelNotFoundError
 from sdstudio.models.loader import load_checkpoint
 from sdstudio.scripts import Studio
 from sdstudio.testing.controlnet_files import write_control_lora, write_controlnet, write_t2i_adapter
+from sdstudio.testing.ip_adapter_files import write_clip_vision, write_ip_adapter
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,8 @@ def cn_root(make_data_root):
     write_t2i_adapter(folder / "t2iadapter_tiny_sd14v1.pth", "sd1", "tiny", seed=6)
     unet = load_checkpoint(root / "models" / "Stable-diffusion" / "tiny-sd1.safetensors").unet
     write_control_lora(folder / "tiny-control-lora.safetensors", unet, seed=8)
+    write_ip_adapter(folder / "ip-adapter_tiny.safetensors")
+    write_clip_vision(root / "models" / "clip_vision" / "clip_h.safetensors")
     return root
 
 
@@ -323,8 +326,22 @@ def test_an_sdxl_controlnet_on_an_sdxl_checkpoint(make_data_root, cn_root):
     (root / "models" / "ControlNet").mkdir()
     os.link(cn_root / "models" / "ControlNet" / "tiny-xl.safetensors", root / "models" / "ControlNet" / "tiny-xl.safetensors")
     xl = Studio(Engine(Paths(root)))
-    plain = _pixels(xl.generate(_req()))
-    on = _pixels(xl.generate(_with([_unit(model="tiny-xl")])))
+    plain = _pixels(xl.generate(_req(steps=2)))
+    on = _pixels(xl.generate(_with([_unit(model="tiny-xl")], steps=2)))
     assert np.abs(on - plain).mean() > 0.2
-    soft = _pixels(xl.generate(_with([_unit(model="tiny-xl", control_mode=1)])))
-    assert not np.array_equal(soft, on)
+
+
+def test_ip_adapter_and_reference_units(studio):
+    plain = _pixels(studio.generate(_req()))
+    picture = _b64(Image.new("RGB", (64, 64), (20, 200, 40)))
+    ip = studio.generate(_with([_unit(module="ip-adapter_clip_sd15", model="ip-adapter_tiny", image=picture)]))
+    assert np.abs(_pixels(ip) - plain).mean() > 0.2 and len(ip.images) == 1  # no map for an image prompt
+    assert "Model: ip-adapter_tiny [" in infotext.parse(ip.images[0].infotext)["ControlNet 0"]
+    zero = studio.generate(_with([_unit(module="ip-adapter_clip_sd15", model="ip-adapter_tiny", image=picture,
+                                        weight=0.0)]))
+    assert np.array_equal(_pixels(zero), plain)
+    ref = studio.generate(_with([_unit(module="reference_only", model="None", image=picture)]))
+    assert np.abs(_pixels(ref) - plain).mean() > 0.2
+    assert "Module: reference_only, Model: None" in infotext.parse(ref.images[0].infotext)["ControlNet 0"]
+    adain = _pixels(studio.generate(_with([_unit(module="reference_adain", model="None", image=picture)])))
+    assert not np.array_equal(adain, _pixels(ref))

@@ -99,6 +99,17 @@ class PreparedUnit:
     preprocessor: Preprocessor
     detected: np.ndarray  # H×W×3 (×4 for inpaint: RGB and the mask) uint8, before fitting to a pass size
     model: object | None  # sdstudio.models.controlnet.ControlModel
+    path: object = None  # the model file (IP-Adapter units, whose hooks load it themselves)
+
+    @property
+    def kind(self) -> str:
+        """What runs the unit: "ip-adapter", "reference" or "controlnet" (ControlNets, T2I-Adapters)."""
+        name = self.preprocessor.name
+        if name.startswith("ip-adapter"):
+            return "ip-adapter"
+        if name.startswith("reference"):
+            return "reference"
+        return "controlnet"
 
 
 class ControlHook(StepHook):
@@ -243,8 +254,8 @@ class ControlNets:
     """What the engine holds for ControlNet: the preprocessors and a small cache of loaded models."""
 
     def __init__(self, registry, annotators_dir, device: torch.device, dtype: torch.dtype,
-                 extra_preprocessors: Sequence[Preprocessor] = ()):
-        self.registry, self.annotators_dir = registry, annotators_dir
+                 extra_preprocessors: Sequence[Preprocessor] = (), placement=None):
+        self.registry, self.annotators_dir, self.placement = registry, annotators_dir, placement
         self.device, self.dtype = device, dtype
         self._extra = list(extra_preprocessors)
         self._preprocessors = None
@@ -298,8 +309,16 @@ class ControlNets:
         where = f"{SCRIPT_NAME} unit {index}"
         pre = self.preprocessors.get(unit.module)
         source, mask = self._source(index, unit, req, pre)
+        if pre.name.startswith("ip-adapter"):  # the hook encodes the image itself; the mask rides along
+            if not unit.model or unit.model == "None":
+                raise ControlNetError(f"{where}: an IP-Adapter unit needs its model (an ip-adapter_*.safetensors or "
+                                      f".bin file in {self.registry.paths.controlnet_dir})")
+            file = self.registry.controlnet(unit.model)
+            detected = source if mask is None else np.concatenate([source, mask[:, :, None]], axis=2)
+            used = unit.replace(module=pre.name, model=f"{file.name} [{file.legacy_hash}]")
+            return PreparedUnit(index, used, pre, detected, None, file.path)
         model = title = None
-        if unit.model and unit.model != "None":
+        if unit.model and unit.model != "None" and not pre.model_free:
             title, model = self.model(unit.model, base_unet)
         elif not pre.model_free:
             raise ControlNetError(f"{where}: no ControlNet model chosen (model is 'None'); pick one of the files in "
@@ -315,6 +334,8 @@ class ControlNets:
         used = unit.replace(module=pre.name, processor_res=res, threshold_a=a, threshold_b=b)
         if title is not None:
             used = used.replace(model=title)
+        elif pre.model_free:
+            used = used.replace(model="None")
         return PreparedUnit(index, used, pre, detected, model)
 
     def _source(self, index: int, unit: ControlUnit, req, pre: Preprocessor):
@@ -356,21 +377,58 @@ class ControlNets:
         out = []
         for w, h in sizes:
             fitted = inpaint_display(fit_to(prepared.detected, w, h, prepared.unit.resize_mode))
-            out.append((Image.fromarray(fitted), f"{SCRIPT_NAME} {prepared.index}: detected map "
-                                                 f"({prepared.unit.module}, {w}x{h})"))
+            out.append((Image.fromarray(fitted), (f"{SCRIPT_NAME} {prepared.index}: detected map "
+                                                 f"({prepared.unit.module}, {w}x{h})")))
         return out
 
-    def hooks(self, units: Sequence[ControlUnit], req, extra_images: list | None = None, base_unet=None
-              ) -> list[ControlHook]:
-        """The hooks of a request's enabled units; their detected maps go to ``extra_images``."""
+    def hooks(self, units: Sequence[ControlUnit], req, extra_images: list | None = None, base=None) -> list:
+        """The hooks of a request's enabled units; their detected maps go to ``extra_images``. ``base()`` gives
+        the job's (LoadedModel, VAE): difference ControlNets and Control-LoRAs complete the UNet's weights,
+        reference units encode their image with the VAE."""
         hires_job = bool(getattr(req, "enable_hr", False)) and req.kind == "txt2img"
+        base_unet = (lambda: base()[0].unet) if base is not None else None
         out = []
         for i, unit in enumerate(units):
             if not unit.enabled:
                 continue
             prepared = self.prepare(i, unit, req, base_unet)
+            if prepared.kind == "ip-adapter":  # no map to show: the extension appends none
+                from .ip_adapter import ip_adapter_hook
+
+                hook = ip_adapter_hook(prepared, prepared.path, self.registry.paths.models_dir / "clip_vision",
+                                       self.device, self.dtype)
+                hook.prepared = prepared  # the unit as used (its model's title) for the infotext
+                out.append(hook)
+                continue
             if extra_images is not None and unit.save_detected_map:
                 extra_images += self.detected_maps(prepared, req, hires_job)
-            out.append(ControlHook(prepared, self.device, self.dtype, hires_job))
+            if prepared.kind == "reference":
+                out.append(self._reference_hook(prepared, base, hires_job))
+            else:
+                out.append(ControlHook(prepared, self.device, self.dtype, hires_job))
         return out
+
+    def _reference_hook(self, prepared: PreparedUnit, base, hires_job: bool):
+        from . import vae as vae_ops
+        from .reference import reference_hook
+        from .schedules import DiscreteSchedule
+
+        if base is None:
+            raise ControlNetError(f"{SCRIPT_NAME} unit {prepared.index}: reference units need the job's model")
+        model, vae = base()
+        placement = self.placement
+
+        def encode(rgb: np.ndarray) -> torch.Tensor:
+            pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+            with torch.no_grad(), (placement.use(vae) if placement is not None else _nothing()):
+                return vae_ops.encode(vae, pixels, self.device)
+
+        return reference_hook(prepared, encode, DiscreteSchedule(), self.device, self.dtype, model.spec.is_sdxl,
+                              hires_job=hires_job)
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
 

@@ -129,7 +129,8 @@ class Engine:
         self.upscalers = Upscalers(paths.upscaler_dirs, self.plan.device, self.plan.dtype)
         self.faces = FaceRestorers(paths.face_restorer_dirs, self.plan.device, self.plan.dtype)
         self.interrogators = Interrogators(paths.models_dir, self.plan.device, self.plan.dtype)
-        self.controlnets = ControlNets(self.registry, paths.annotators_dir, self.plan.device, self.plan.dtype)
+        self.controlnets = ControlNets(self.registry, paths.annotators_dir, self.plan.device, self.plan.dtype,
+                                       placement=self.placement)
         self.lock = threading.Lock()  # one generation at a time per device
 
     # ---- models -----------------------------------------------------------------------------------

@@ -430,6 +430,14 @@ WEIGHT_FREE: tuple[Preprocessor, ...] = (
                  control_types=("Tile",)),
 )
 
+# IP-Adapter modules: nothing to run on the image (the unit's hook runs the CLIP vision encoder)
+IMAGE_PROMPT: tuple[Preprocessor, ...] = (
+    Preprocessor("ip-adapter-auto", None, control_types=("IP-Adapter",)),
+    Preprocessor("ip-adapter_clip_sd15", None, control_types=("IP-Adapter",), aliases=("ip-adapter_clip_h",)),
+    Preprocessor("ip-adapter_clip_sdxl", None, control_types=("IP-Adapter",), aliases=("ip-adapter_clip_g",)),
+    Preprocessor("ip-adapter_clip_sdxl_plus_vith", None, control_types=("IP-Adapter",)),
+)
+
 # Every module of the extension: its UI label and sorting priority (higher first). The list order
 # (``/controlnet/module_list``) and the quick filter's lists (labels) come from these; a module not here
 # (a plug-in's) is labelled by its name, priority 0.
@@ -595,7 +603,7 @@ class Preprocessors:
 def builtin(annotators_dir: Path | None = None) -> Preprocessors:
     """The weight-free preprocessors and, when :mod:`sdstudio.engine.annotators` offers them, the ones that
     run networks from ``annotators_dir``."""
-    registry = Preprocessors(WEIGHT_FREE)
+    registry = Preprocessors(WEIGHT_FREE + IMAGE_PROMPT)
     try:
         from . import annotators
     except ImportError:

@@ -48,8 +48,12 @@ def _hooks(args: Args, req, ctx):
     if not any(u.enabled for u in listed):
         return []
     engine = ctx.engine
-    hooks = engine.controlnets.hooks(listed, req, ctx.extra_images,
-                                     base_unet=lambda: engine.load(req.model, req.model_hash)[1].unet)
+
+    def base():
+        file, model = engine.load(req.model, req.model_hash)
+        return model, engine.vae_module(file, model, req.vae)[0]
+
+    hooks = engine.controlnets.hooks(listed, req, ctx.extra_images, base=base)
     used = {hook.prepared.index: hook.prepared.unit for hook in hooks}
     ctx.resolved[NAME] = Args(args, units=[used.get(i, u).to_dict() for i, u in enumerate(listed)])
     return hooks
