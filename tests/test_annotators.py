@@ -20,7 +20,17 @@ import torch.nn.functional as F
 
 from sdstudio.core.controlnet import ControlNetError
 from sdstudio.engine import annotators
-from sdstudio.engine.annotators import common, depth_anything, hed, leres, lineart, mlsd, openpose, pidinet
+from sdstudio.engine.annotators import (
+    common,
+    depth_anything,
+    hed,
+    leres,
+    lineart,
+    mlsd,
+    normalbae,
+    openpose,
+    pidinet,
+)
 from sdstudio.models.errors import ModelFileError
 
 torch.set_num_threads(1)
@@ -253,6 +263,52 @@ def depth_anything_layout(dim: int = 1024, blocks: int = 24, neck=(256, 512, 102
     return out
 
 
+# EfficientNet-B5 (channel ×1.6, depth ×2.2): repeats, channels, depthwise kernel, expansion per stage
+_B5 = [(3, 24, 3, 1), (5, 40, 3, 6), (5, 64, 5, 6), (7, 128, 3, 6), (7, 176, 5, 6), (9, 304, 5, 6), (3, 512, 3, 6)]
+
+
+def normalbae_layout() -> dict:
+    """scannet.pt's "model": geffnet's tf_efficientnet_b5_ap under encoder.original_model (squeeze-excite reduced
+    from the block's input: a quarter, rounded), and the decoder."""
+    out: dict = {}
+    e = "encoder.original_model"
+    _conv(out, f"{e}.conv_stem", 48, 3, 3, bias=False)
+    _bn(out, f"{e}.bn1", 48)
+    cin = 48
+    for s, (repeats, cout, k, expansion) in enumerate(_B5):
+        for i in range(repeats):
+            p, reduced, mid = f"{e}.blocks.{s}.{i}", max(1, int(cin * 0.25 + 0.5)), cin * expansion
+            if expansion == 1:  # depthwise-separable
+                out[f"{p}.conv_dw.weight"] = (cin, 1, k, k)
+                _bn(out, f"{p}.bn1", cin)
+                _conv(out, f"{p}.conv_pw", cout, cin, 1, bias=False)
+                _bn(out, f"{p}.bn2", cout)
+            else:
+                _conv(out, f"{p}.conv_pw", mid, cin, 1, bias=False)
+                _bn(out, f"{p}.bn1", mid)
+                out[f"{p}.conv_dw.weight"] = (mid, 1, k, k)
+                _bn(out, f"{p}.bn2", mid)
+                _conv(out, f"{p}.conv_pwl", cout, mid, 1, bias=False)
+                _bn(out, f"{p}.bn3", cout)
+            _conv(out, f"{p}.se.conv_reduce", reduced, mid, 1)
+            _conv(out, f"{p}.se.conv_expand", mid, reduced, 1)
+            cin = cout
+    _conv(out, f"{e}.conv_head", 2048, 512, 1, bias=False)
+    _bn(out, f"{e}.bn2", 2048)
+    _conv(out, "decoder.conv2", 2048, 2048, 1)
+    for name, (cin, cout) in {"up1": (2048 + 176, 1024), "up2": (1024 + 64, 512), "up3": (512 + 40, 256),
+                              "up4": (256 + 24, 128)}.items():
+        _conv(out, f"decoder.{name}._net.0", cout, cin, 3)
+        _bn(out, f"decoder.{name}._net.1", cout)
+        _conv(out, f"decoder.{name}._net.3", cout, cout, 3)
+        _bn(out, f"decoder.{name}._net.4", cout)
+    _conv(out, "decoder.out_conv_res8", 4, 512, 3)
+    for name, cin in (("out_conv_res4", 516), ("out_conv_res2", 260), ("out_conv_res1", 132)):
+        for j, (a, b) in zip((0, 2, 4, 6), ((cin, 128), (128, 128), (128, 128), (128, 4))):
+            out[f"decoder.{name}.{j}.weight"], out[f"decoder.{name}.{j}.bias"] = (b, a, 1), (b,)
+    return out
+
+
 def random_weights(layout: dict, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Finite random tensors of the layout's shapes (fan-in scaled, so deep stacks neither vanish nor blow up)."""
     g = torch.Generator().manual_seed(seed)
@@ -308,6 +364,7 @@ EXPECTED = {  # module name: (UI label, control types) as the extension declares
     "openpose_face": ("openpose_face", ("OpenPose",)), "openpose_faceonly": ("openpose_faceonly", ("OpenPose",)),
     "openpose_full": ("openpose_full", ("OpenPose",)), "mlsd": ("mlsd", ("MLSD",)),
     "depth_leres": ("depth_leres", ("Depth",)), "depth_anything": ("depth_anything", ("Depth",)),
+    "normal_bae": ("normal_bae", ("NormalMap",)),
 }
 
 
@@ -337,7 +394,8 @@ def test_declarations_are_the_extensions_and_cost_nothing(tmp_path):
                                              ("openpose", "body_pose_model.pth", "openpose"),
                                              ("mlsd", "mlsd_large_512_fp32.pth", "mlsd"),
                                              ("depth_leres", "res101.pth", "leres"),
-                                             ("depth_anything", "depth_anything_vitl14.pth", "depth_anything")])
+                                             ("depth_anything", "depth_anything_vitl14.pth", "depth_anything"),
+                                             ("normal_bae", "scannet.pt", "normal_bae")])
 def test_missing_file_names_the_file_and_the_folder(tmp_path, name, file, sub):
     with pytest.raises(ControlNetError) as err:
         by_name(tmp_path)[name].run(picture(), 64, -1, -1)
@@ -816,3 +874,50 @@ def test_depth_anything_positions_use_dinov2s_offset():
     assert not torch.allclose(got[:, 1:], by_size.permute(0, 2, 3, 1).reshape(1, -1, 8))
     assert torch.equal(got[:, :1], grid[:, :1])
     assert depth_anything._dinov2_positions(emb, torch.zeros(1, 1 + 37 * 37, 8), 518, 518) is grid
+
+
+# --- normal_bae -----------------------------------------------------------------------------------------------
+
+def test_normal_bae_loads_the_published_checkpoint_and_runs(tmp_path):
+    # scannet.pt: {"model": DataParallel-prefixed weights, ...}
+    weights = random_weights(normalbae_layout(), seed=12, dtype=torch.float16)
+    path = tmp_path / "normal_bae" / "scannet.pt"
+    path.parent.mkdir()
+    torch.save({"model": {"module." + k: v for k, v in weights.items()}, "epoch": 3}, path)
+    found, image = by_name(tmp_path), picture()
+    out = found["normal_bae"].run(image, 64, -1, -1)
+    assert out.shape == (64, 80, 3) and out.dtype == np.uint8
+    padded, crop = common.resize_with_pad(image, 64)
+    net = normalbae.load(path)
+    assert (crop(normalbae.detect(net, padded)) == out).all()
+    with torch.no_grad():  # a unit normal at every pixel, the concentration over 0.01
+        raw = net(torch.randn(1, 3, 64, 96))
+    assert raw.shape == (1, 4, 64, 96)
+    assert torch.allclose(raw[:, :3].norm(dim=1), torch.ones(1, 64, 96), atol=1e-4) and raw[:, 3].min() > 0.01
+
+
+def test_normal_formulas():
+    out = normalbae.normalize_normals(torch.tensor([3.0, 4.0, 0.0, 0.0]).view(1, 4, 1, 1)).flatten().tolist()
+    assert out == pytest.approx([0.6, 0.8, 0.0, 1.01])  # unit vector; elu(0) + 1 + 0.01
+    kappa = normalbae.normalize_normals(torch.tensor([0.0, 0.0, 2.0, -1.0]).view(1, 4, 1, 1))[0, 3].item()
+    assert kappa == pytest.approx(math.exp(-1) - 1 + 1.01)
+
+    class Constant(torch.nn.Module):  # a network answering one normal everywhere
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return torch.tensor([0.6, -0.8, 0.0, 2.0]).view(1, 4, 1, 1).expand(1, 4, *x.shape[2:])
+
+    # [-1, 1] to 0-255, truncated: 0.6 → 204, -0.8 → 25.5 → 25, 0 → 127.5 → 127
+    assert normalbae.detect(Constant(), np.zeros((32, 32, 3), np.uint8))[5, 5].tolist() == [204, 25, 127]
+
+
+def test_tensorflow_same_padding_puts_the_odd_pixel_after():
+    x = torch.arange(8.0).view(1, 1, 1, 8).expand(1, 1, 8, 8)
+    assert normalbae._same_pad(x, 3, 2).shape[-2:] == (9, 9)  # (4 - 1) × 2 + 3 - 8 = 1: bottom/right only
+    assert normalbae._same_pad(x, 3, 2)[0, 0, 0, :3].tolist() == [0.0, 1.0, 2.0]
+    assert normalbae._same_pad(x[..., :7, :7], 5, 2).shape[-2:] == (11, 11)  # 3 × 2 + 5 - 7 = 4: 2 and 2
+    conv = normalbae._Conv(1, 1, 3, 2)
+    assert conv(torch.zeros(1, 1, 8, 8)).shape[-2:] == (4, 4)

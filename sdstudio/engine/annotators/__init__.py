@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ...core.controlnet import Preprocessor, Slider
-from . import depth_anything, hed, leres, lineart, mlsd, openpose, pidinet
+from . import depth_anything, hed, leres, lineart, mlsd, normalbae, openpose, pidinet
 from .common import AnnotatorFile, clear_cache, hwc3, resize_with_pad, scribble
 
 RESOLUTION = Slider("Resolution", 512, 64, 2048, 8)
@@ -32,7 +32,7 @@ REMOVE_BACKGROUND = Slider("Remove Background %", 0, 0, 100, 0.1)
 # every file a preprocessor here may read, for listings and messages
 FILES: tuple[AnnotatorFile, ...] = (hed.FILE, pidinet.FILE, lineart.REALISTIC, lineart.COARSE, lineart.ANIME,
                                     openpose.BODY, openpose.HAND, openpose.FACE, mlsd.FILE, leres.FILE,
-                                    depth_anything.FILE)
+                                    depth_anything.FILE, normalbae.FILE)
 
 Run = Callable[..., np.ndarray]
 
@@ -123,6 +123,13 @@ def _depth_anything(folder: Path, label: str) -> Run:
     return _at_resolution(label, step)
 
 
+def _normal_bae(folder: Path, label: str) -> Run:
+    def step(img: np.ndarray, a: float, b: float) -> np.ndarray:
+        return normalbae.detect(normalbae.load(normalbae.FILE.locate(folder, label)), img)
+
+    return _at_resolution(label, step)
+
+
 def preprocessors(annotators_dir: Path | None) -> list[Preprocessor]:
     """The weight-based preprocessors reading their files from ``annotators_dir`` (None: the default folder,
     relative to the working directory); cheap: nothing is read until one runs."""
@@ -154,6 +161,7 @@ def preprocessors(annotators_dir: Path | None) -> list[Preprocessor]:
     add("mlsd", "mlsd", _mlsd(folder, "mlsd"), ("MLSD",), MLSD_VALUE, MLSD_DISTANCE)
     add("depth_leres", "depth_leres", _leres(folder, "depth_leres"), ("Depth",), REMOVE_NEAR, REMOVE_BACKGROUND)
     add("depth_anything", "depth_anything", _depth_anything(folder, "depth_anything"), ("Depth",))
+    add("normal_bae", "normal_bae", _normal_bae(folder, "normal_bae"), ("NormalMap",))
     return out
 
 
