@@ -10,6 +10,13 @@ control types as the extension has them. Declaring costs nothing: a network load
 Each ``run(image, resolution, threshold_a, threshold_b, mask)`` works as the extension's: the picture's short
 side is resized to the resolution and padded to multiples of 64, the network runs, the padding is cut off and
 the map comes back H×W×3 uint8 at that resolution.
+
+Modules (file, subfolder): hed / hed_safe / scribble_hed (ControlNetHED.pth, hed); pidinet / pidinet_safe /
+pidinet_scribble / pidinet_sketch (table5_pidinet.pth, pidinet); lineart, lineart_coarse (sk_model.pth,
+sk_model2.pth, lineart); lineart_anime (netG.pth, lineart_anime); openpose, openpose_hand, openpose_face,
+openpose_faceonly, openpose_full (body_pose_model.pth, hand_pose_model.pth, facenet.pth, openpose); mlsd
+(mlsd_large_512_fp32.pth, mlsd); depth_leres (res101.pth, leres); depth_anything (depth_anything_vitl14.pth,
+depth_anything); normal_bae (scannet.pt, normal_bae).
 """
 
 from __future__ import annotations

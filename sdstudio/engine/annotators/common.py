@@ -24,9 +24,7 @@ from torch import nn
 from ...core.controlnet import ControlNetError
 from ...models.errors import ModelFileError
 from ...models.safe_load import load_pickle, open_safetensors
-from ..preprocessors import hwc3, resize_with_pad  # the extension's frame: shared with the weight-free ones
-
-__all__ = ["hwc3", "resize_with_pad"]  # re-exported for the families' modules
+from ..preprocessors import hwc3, resize_with_pad  # noqa: F401 - the extension's frame, shared with the weight-free
 
 HUB = "lllyasviel/Annotators on the Hugging Face hub"
 

@@ -9,6 +9,9 @@ All three read BGR scaled as ``x / 256 - 0.5`` (the extension flips its RGB pict
 
 Decoding follows the extension step by step (its body search at one scale, 0.5 × 368 / height; the hand network
 averaged over four box sizes; thresholds 0.1 / 0.05) so that a pose comes out where the extension finds it.
+Keypoints are drawn from double-precision coordinates, which is what the extension does under the NumPy 1.x
+that A1111 pins (NumPy 2 would multiply its float32 hand and face points in single precision, one pixel off
+now and then).
 """
 
 from __future__ import annotations
