@@ -298,6 +298,10 @@ def generate_and_save(engine, req: Txt2ImgRequest, args: argparse.Namespace, pat
         bars[0].refresh()
 
     def on_image(image) -> None:  # saved as soon as it exists: an interrupt loses nothing finished
+        if image.extra:  # ControlNet's detected map: beside the images, in detected_maps/
+            written.append(outputs.save_image(image.image, outdir / "detected_maps", infotext=None,
+                                              suffix="detected-map", fmt="png"))
+            return
         if image.grid:  # a script's own grid
             written.append(outputs.save_image(image.image, grid_dir, infotext=image.infotext, basename="grid",
                                               fmt=args.format))
@@ -313,9 +317,10 @@ def generate_and_save(engine, req: Txt2ImgRequest, args: argparse.Namespace, pat
             bar.close()
     for path in written:
         print(path)
-    if len(result.images) > 1 and not args.no_grid and not req.script_name:
-        grid = outputs.image_grid([g.image for g in result.images], req.batch_size)
-        print(outputs.save_image(grid, grid_dir, infotext=result.images[0].infotext, basename="grid", fmt=args.format))
+    own = [g for g in result.images if not g.extra]
+    if len(own) > 1 and not args.no_grid and not req.script_name:
+        grid = outputs.image_grid([g.image for g in own], req.batch_size)
+        print(outputs.save_image(grid, grid_dir, infotext=own[0].infotext, basename="grid", fmt=args.format))
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if result.interrupted:

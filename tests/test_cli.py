@@ -237,3 +237,26 @@ def test_xyz_prompt_matrix_and_prompts_file_from_the_cli(data_dir, capsys, tmp_p
     code, _, err = run(["txt2img", *SMALL, "--script", "xyz", "--x-type", "Sampler", "--x-values", "Euler, Nope"],
                        data_dir, capsys)
     assert code == 2 and "'Nope'" in err
+
+
+def test_controlnet_units_from_the_cli(data_dir, capsys, tmp_path):
+    from sdstudio.testing.controlnet_files import write_controlnet
+
+    write_controlnet(data_dir / "models" / "ControlNet" / "tiny-canny.safetensors", "sd1", "tiny", seed=3)
+    edges = tmp_path / "edges.png"
+    picture = Image.new("RGB", (64, 64), "black")
+    picture.paste((255, 255, 255), (16, 16, 48, 48))
+    picture.save(edges)
+    code, _, err = run(["txt2img", "a square", *SMALL, "--outdir", str(tmp_path / "cn"), "--controlnet",
+                          f"image={edges}", "module=canny", "model=tiny-canny", "weight=0.8"], data_dir, capsys)
+    assert code == 0, err
+    image = tmp_path / "cn" / "00000-42.png"
+    info = read_infotext(image)
+    assert 'ControlNet 0: "Module: canny, Model: tiny-canny [' in info and "Weight: 0.8" in info
+    maps = list((tmp_path / "cn" / "detected_maps").iterdir())
+    assert len(maps) == 1 and Image.open(maps[0]).size == (64, 64)
+    assert not (tmp_path / "cn" / "grid-0000.png").exists()  # one image: no grid, the map is not counted
+    run(["txt2img", "a square", *SMALL, "--outdir", str(tmp_path / "plain")], data_dir, capsys)
+    assert not np.array_equal(np.asarray(Image.open(image)), np.asarray(Image.open(tmp_path / "plain" / "00000-42.png")))
+    code, _, err = run(["txt2img", "x", *SMALL, "--controlnet", "image=/no/such.png"], data_dir, capsys)
+    assert code != 0 and "no such file" in err
