@@ -110,3 +110,24 @@ def test_stripe_score_sees_the_stripes_not_other_detail():
     grain = stripe_score(Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)))
     assert max(plain) < 10 and grain < 5  # a large object has some of that frequency too; noise next to none
     assert min(striped) > 20
+
+
+def test_shape_iou_and_object_masks():
+    import numpy as np
+
+    from sdstudio.eval import shapes
+
+    a = np.zeros((4, 4), bool)
+    a[:2] = True
+    b = np.zeros((4, 4), bool)
+    b[1:3] = True
+    assert shapes.shape_iou(a, a) == 1.0 and shapes.shape_iou(a, ~a) == 0.0
+    assert shapes.shape_iou(a, b) == 4 / 12  # 4 shared of 12 covered
+    assert shapes.shape_iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 1.0
+    scene = shapes.Scene("blue", (shapes.Thing("red", "square", "medium", "left"),))
+    truth = shapes.scene_mask(scene, 64)
+    found = shapes.object_mask(shapes.render(scene, 64))
+    assert 0.04 < truth.mean() < 0.1 and truth[:, 32:].sum() == 0  # a medium square on the left
+    assert shapes.shape_iou(truth, found) > 0.9  # the renderer's own picture: its object found again
+    moved = shapes.scene_mask(shapes.Scene("blue", (shapes.Thing("red", "square", "medium", "right"),)), 64)
+    assert shapes.shape_iou(moved, found) == 0.0

@@ -132,3 +132,32 @@ def random_scene(rng: np.random.Generator, max_things: int = 1, stripes: float =
         size = list(SIZES)[rng.integers(len(SIZES))] if n == 1 else ["small", "medium"][rng.integers(2)]
         things.append(Thing(colour, SHAPES[rng.integers(len(SHAPES))], size, places[chosen[i]]))
     return Scene(background, tuple(things), bool(rng.random() < stripes))
+
+
+# ---- where the objects are (ControlNet's harness row) --------------------------------------------------------
+
+def scene_mask(scene: Scene, size: int) -> np.ndarray:
+    """Where the scene's objects are (size×size bool): the scene drawn white on black, without stripes."""
+    import dataclasses
+
+    flat = dataclasses.replace(scene, background="black", stripes=False,
+                               things=tuple(dataclasses.replace(t, colour="white") for t in scene.things))
+    return np.asarray(render(flat, size).convert("L")) > 127
+
+
+def object_mask(picture, threshold: float = 40.0) -> np.ndarray:
+    """The pixels of a picture that are not background: farther than ``threshold`` (RGB distance, of 255)
+    from the per-channel median colour, which is the background's (objects cover under a quarter of a
+    picture). 40 is over half the distance between the world's two closest colours (yellow, orange: 71)."""
+    p = np.asarray(picture, dtype=np.float32)[..., :3]
+    background = np.median(p.reshape(-1, 3), axis=0)
+    return np.linalg.norm(p - background, axis=2) > threshold
+
+
+def shape_iou(expected: np.ndarray, found: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (1.0 when both are empty: they agree)."""
+    a, b = np.asarray(expected, dtype=bool), np.asarray(found, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"shape_iou: masks differ in shape, {a.shape} vs {b.shape}")
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
