@@ -273,8 +273,10 @@ def test_webuiapi_controlnet_unit_txt2img(server, api):
     unit = webuiapi.ControlNetUnit(image=control, module="canny", model=server["title"], processor_res=64,
                                    threshold_a=100, threshold_b=200)
     common = {"prompt": "shapes", "seed": 11, "cfg_scale": 5, "width": 64, "height": 64, "steps": 3}
-    plain = api.txt2img(**common)
-    controlled = api.txt2img(**common, controlnet_units=[unit])
+    plain = api.txt2img(**common, alwayson_scripts={})
+    # a fresh alwayson_scripts each call: webuiapi's default {} is shared and its ControlNet entry would
+    # ride along in every later call of this process (other test files' too)
+    controlled = api.txt2img(**common, controlnet_units=[unit], alwayson_scripts={})
     assert len(plain.images) == 1 and len(controlled.images) == 2  # the image, then the detected map
     a = np.asarray(plain.images[0].convert("RGB"), dtype=np.int16)
     b = np.asarray(controlled.images[0].convert("RGB"), dtype=np.int16)
@@ -285,7 +287,7 @@ def test_webuiapi_controlnet_unit_txt2img(server, api):
     params = infotext.parse(controlled.info["infotexts"][0])
     assert params["ControlNet 0"] == unit_infotext(server["title"])
     assert "ControlNet 0" not in infotext.parse(plain.info["infotexts"][0])
-    again = api.txt2img(**common, controlnet_units=[unit])  # the same request, the same picture
+    again = api.txt2img(**common, controlnet_units=[unit], alwayson_scripts={})  # the same request, the same picture
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(controlled.images[0]))
 
 
@@ -321,8 +323,8 @@ def test_webuiapi_controlnet_unit_img2img_uses_the_init_image(server, api):
     assert unit.to_dict()["image"] == ""
     common = {"images": [init], "prompt": "shapes", "seed": 5, "cfg_scale": 5, "denoising_strength": 0.8, "width": 64,
                   "height": 64, "steps": 3}
-    plain = api.img2img(**common)
-    controlled = api.img2img(**common, controlnet_units=[unit])
+    plain = api.img2img(**common, alwayson_scripts={})
+    controlled = api.img2img(**common, controlnet_units=[unit], alwayson_scripts={})
     assert len(plain.images) == 1 and len(controlled.images) == 2
     a = np.asarray(plain.images[0].convert("RGB"), dtype=np.int16)
     b = np.asarray(controlled.images[0].convert("RGB"), dtype=np.int16)
