@@ -23,6 +23,7 @@ from training.demo_controlnet.train import (
     render_scenes,
     scene_mask,
     shape_iou,
+    unit_variance_init,
 )
 
 
@@ -123,9 +124,9 @@ def test_two_steps_save_and_resume_to_the_same_state(tmp_path, base_file):
     assert run.rng.bit_generator.state == resumed.rng.bit_generator.state
     # one more step from each gives the same loss and the same weights: nothing of the run was lost
     saved = torch.get_rng_state()  # what the resumed run restored: both draw the same noise from here
-    loss_a = run.train_step(1e-3)
+    loss_a = run.train_step(1.0)
     torch.set_rng_state(saved)
-    loss_b = resumed.train_step(1e-3)
+    loss_b = resumed.train_step(1.0)
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     for a, b in zip(run.controlnet.parameters(), resumed.controlnet.parameters()):
         torch.testing.assert_close(a, b)
@@ -212,3 +213,39 @@ def test_export_is_lllyasviels_layout_and_loads_back(tmp_path, base_file):
     assert len(keys) == len(run.controlnet.state_dict())
     assert meta["sdstudio.demo.steps"] == "2" and "canny 100/200" == meta["sdstudio.demo.control"]
     assert run.check_export(path) < 1e-5
+
+
+def test_cubic_timesteps_lean_to_high_noise(tmp_path, base_file):
+    """t = (1 − u³)·1000: mean 1000·(1 − 1/4) = 750, median 1000·(1 − 1/8) = 875; uniform: 499.5."""
+    run = _run(tmp_path / "run", base_file)
+    torch.manual_seed(0)
+    t = run.timesteps(40000).float()
+    assert t.min() >= 0 and t.max() <= 999
+    assert t.mean().item() == pytest.approx(749.5, abs=5) and t.median().item() == pytest.approx(875, abs=6)
+    run.cfg = replace(run.cfg, timesteps="uniform")
+    assert run.timesteps(40000).float().mean().item() == pytest.approx(499.5, abs=6)
+    run.cfg = replace(run.cfg, timesteps="lognormal")
+    with pytest.raises(ValueError, match="timesteps"):
+        run.timesteps(2)
+
+
+def test_hint_encoder_starts_sensitive_to_the_edge_map(tmp_path, base_file):
+    """Built as diffusers does, the hint encoder's output ignores the edge map; after unit_variance_init
+    its last layer has the asked spread on real edge maps and the edge map moves it by as much."""
+    zero = _run(tmp_path / "a", base_file, hint_init="zero").controlnet.controlnet_cond_embedding
+    assert not zero.conv_out.weight.any()
+    run = _run(tmp_path / "b", base_file)
+    emb = run.controlnet.controlnet_cond_embedding
+    rng = np.random.default_rng(2)
+    hints = hint_tensor(render_scenes([shapes.random_scene(rng, max_things=3) for _ in range(6)], 64)[1])
+    unit_variance_init(emb, hints, 0.5)
+    with torch.no_grad():
+        out, blank = emb(hints), emb(torch.zeros_like(hints))
+        assert out.std().item() == pytest.approx(0.5, rel=1e-3)
+        assert (out - blank).abs().mean() > 0.1
+        assert emb.conv_in(hints).std().item() == pytest.approx(1.0, rel=1e-3)
+    # the zero convolutions still keep the ControlNet a no-op at step 0
+    assert not any(b.weight.any() for b in run.controlnet.controlnet_down_blocks)
+    # an unknown init is named
+    with pytest.raises(ValueError, match="hint_init"):
+        _run(tmp_path / "c", base_file, hint_init="gaussian")

@@ -45,11 +45,22 @@ CANNY_LOW, CANNY_HIGH = 100, 200  # the extension's canny preprocessor defaults 
 class Config:
     base: str = "models/Stable-diffusion/sdstudio-demo.safetensors"
     size: int = 128  # the demo model's pictures
-    batch: int = 16
-    # the shipped model: 1100 steps of 16 pictures, 1.3 s a step on one idle CPU thread, 3-5 s on the shared
-    # machine it was trained on (the run's total was cut from 2200 to 1500 at step 200 and to 1100 at 300)
-    steps: int = 1100
-    lr: float = 2e-4
+    batch: int = 8
+    # the shipped model: 2000 steps of 8 pictures, 0.8 s a step on one idle CPU thread (more on a shared one)
+    steps: int = 2000
+    lr: float = 2e-4  # the encoder copied from the UNet
+    lr_new: float = 1e-3  # the parts that start from nothing: hint encoder, zero convolutions
+    # "cubic": timesteps t = (1 − u³)·1000 for uniform u, mostly high noise, where the picture's layout is
+    # decided, the part an edge map has to steer (T2I-Adapter trains so); "uniform": as the UNet was trained
+    timesteps: str = "cubic"
+    # The hint encoder (8 convolutions, SiLU between) as diffusers builds it: PyTorch's default init and a
+    # zero last convolution. Then an edge map (1.4 % of its pixels set) changes the encoder's output by
+    # ~4e-6 (random last layer) or nothing (zero): with the zero convolutions also at zero, the edge map had
+    # no effect after 1100 steps of 16. "unit": each convolution rescaled, in order, so that its output on
+    # real edge maps has unit standard deviation, the last one ``hint_std``. The zero convolutions alone
+    # keep the ControlNet a no-op at step 0. "zero": as diffusers builds it.
+    hint_init: str = "unit"
+    hint_std: float = 0.5  # the UNet's conv_in output on latents is ~0.5 in mean absolute value
     warmup: int = 100
     empty_prompt: float = 0.5  # share of empty captions: the edge map alone must then place the shapes
     max_things: int = 3
@@ -122,6 +133,22 @@ def object_mask(picture: np.ndarray, threshold: float = 40.0) -> np.ndarray:
     return np.linalg.norm(p - background, axis=2) > threshold
 
 
+@torch.no_grad()
+def unit_variance_init(embedding: torch.nn.Module, hints: torch.Tensor, out_std: float) -> None:
+    """Re-initialise a diffusers ``ControlNetConditioningEmbedding`` (conv_in, blocks, conv_out with SiLU
+    between, as its forward runs them) layer by layer from ``hints``: Kaiming-normal weights and zero
+    biases, each convolution then scaled so that its output on ``hints`` has standard deviation 1
+    (``out_std`` for the last), so that the edge map's signal reaches the ControlNet undiminished."""
+    x = hints
+    convs = [embedding.conv_in, *embedding.blocks, embedding.conv_out]
+    for i, conv in enumerate(convs):
+        torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        torch.nn.init.zeros_(conv.bias)
+        y = conv(x)
+        conv.weight.mul_((out_std if i == len(convs) - 1 else 1.0) / y.std().clamp_min(1e-12))
+        x = F.silu(conv(x))
+
+
 # ---- training -----------------------------------------------------------------------------------
 
 class Run:
@@ -135,6 +162,13 @@ class Run:
             module.eval().requires_grad_(False)
         torch.manual_seed(cfg.seed)
         self.controlnet = ControlNetModel.from_unet(self.base.unet)
+        if cfg.hint_init == "unit":
+            scenes = [shapes.random_scene(np.random.default_rng(cfg.seed + 1), max_things=cfg.max_things)
+                      for _ in range(16)]
+            unit_variance_init(self.controlnet.controlnet_cond_embedding,
+                               hint_tensor(render_scenes(scenes, cfg.size)[1]), cfg.hint_std)
+        elif cfg.hint_init != "zero":
+            raise ValueError(f"hint_init must be 'unit' or 'zero', not {cfg.hint_init!r}")
         self.controlnet.train()
         self.alphas = _alphas_cumprod()
         self.step = 0
@@ -150,8 +184,22 @@ class Run:
     def prediction(self) -> str:
         return self.base.spec.prediction
 
+    _NEW = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
+
     def _optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.controlnet.parameters(), lr=self.cfg.lr, weight_decay=1e-2)
+        named = list(self.controlnet.named_parameters())
+        new = [p for n, p in named if n.startswith(self._NEW)]
+        copied = [p for n, p in named if not n.startswith(self._NEW)]
+        return torch.optim.AdamW([{"params": copied, "base_lr": self.cfg.lr},
+                                  {"params": new, "base_lr": self.cfg.lr_new}], lr=self.cfg.lr, weight_decay=1e-2)
+
+    def timesteps(self, n: int) -> torch.Tensor:
+        """Training timesteps, as ``timesteps`` says."""
+        if self.cfg.timesteps == "uniform":
+            return torch.randint(0, 1000, (n,))
+        if self.cfg.timesteps == "cubic":
+            return ((1 - torch.rand(n) ** 3) * 1000).long().clamp(0, 999)
+        raise ValueError(f"timesteps must be 'uniform' or 'cubic', not {self.cfg.timesteps!r}")
 
     # ---- persistence ----------------------------------------------------------------------------
     def save(self) -> None:
@@ -241,17 +289,18 @@ class Run:
     def loss(self, latents: torch.Tensor, hints: torch.Tensor, context: torch.Tensor,
              t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """The diffusion loss of the controlled UNet at timesteps ``t`` (random if None)."""
-        t = torch.randint(0, 1000, (latents.shape[0],)) if t is None else t
+        t = self.timesteps(latents.shape[0]) if t is None else t
         noise = torch.randn_like(latents) if noise is None else noise
         a = self.alphas[t].view(-1, 1, 1, 1)
         x = a.sqrt() * latents + (1 - a).sqrt() * noise
         target = a.sqrt() * noise - (1 - a).sqrt() * latents if self.prediction == "v_prediction" else noise
         return F.mse_loss(self.predict(x, t, context, hints), target)
 
-    def train_step(self, lr: float) -> float:
+    def train_step(self, rate: float) -> float:
+        """One optimiser step; ``rate`` scales each parameter group's base rate (warm-up, decay)."""
         latents, hints, captions = self.batch()
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = rate * group["base_lr"]
         loss = self.loss(latents, hints, self.context(captions))
         self.opt.zero_grad()
         loss.backward()
@@ -266,7 +315,7 @@ class Run:
         self.controlnet.train()
         bar = tqdm(total=total, initial=self.step, desc="ControlNet", unit="step", mininterval=5)
         while self.step < total:
-            loss = self.train_step(self.cfg.lr * warmup_cosine(self.step, total, self.cfg.warmup))
+            loss = self.train_step(warmup_cosine(self.step, total, self.cfg.warmup))
             self.step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
