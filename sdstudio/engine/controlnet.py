@@ -151,8 +151,17 @@ class ControlHook(StepHook):
                     f"{self.owner}: the ControlNet {self.unit.model} is for another model family (context width "
                     f"{have}) than this checkpoint ({want}); pick a ControlNet made for it")
             if not self.unit.low_vram:
-                self.module.to(self.device, self.dtype)
+                self._place(self.device)
         return contextlib.nullcontext()
+
+    def _place(self, device) -> None:
+        """The model on ``device`` in the pass's dtype (nothing to do when it is there already)."""
+        first = next(self.module.parameters(), None)
+        want = torch.device(device)
+        here = first is not None and first.dtype == self.dtype and first.device.type == want.type and \
+            (want.index is None or first.device.index == want.index)
+        if first is not None and not here:
+            self.module.to(want, self.dtype)
 
     # ---- what -----------------------------------------------------------------------------------------
     def hint(self, height: int, width: int) -> torch.Tensor:
@@ -213,7 +222,7 @@ class ControlHook(StepHook):
         hires = call.step.pass_name == "hires"
         rows = x.shape[0]
         if self.unit.low_vram:
-            self.module.to(self.device, self.dtype)
+            self._place(self.device)
         try:
             if self.kind == "t2i_adapter":
                 return self._adapter_inputs(call, x, height, width, hires)
@@ -225,7 +234,7 @@ class ControlHook(StepHook):
                                     controlnet_cond=hint, conditioning_scale=1.0, return_dict=False, **kwargs)
         finally:
             if self.unit.low_vram:
-                self.module.to("cpu")
+                self._place("cpu")
         scales = self.scales(len(down) + 1, hires)
         down = [d * s for d, s in zip(down, scales[:-1])]
         mid = mid * scales[-1]
