@@ -128,7 +128,8 @@ def create_app(args: argparse.Namespace):
     # live previews follow the Settings (also without the UI: /sdapi/v1/progress's current_image)
     service = JobService(engine, queue, resume=args.resume_queue, studio=studio, plugins=plugins,
                          preview_settings=lambda: (settings.get("show_progress_type", "Approx cheap"),
-                                                   int(settings.get("show_progress_every_n_steps", 1))))
+                                                   int(settings.get("show_progress_every_n_steps", 1))),
+                         max_queued=lambda: int(settings.get("sdstudio_max_queued_per_client", 50)))
     if service.recovered:
         what = "queued again" if args.resume_queue else "marked failed (use --resume-queue to re-run them)"
         print(f"sdstudio: {len(service.recovered)} job(s) were running when the server stopped: {what}",

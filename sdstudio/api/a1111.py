@@ -328,8 +328,8 @@ def check_models(service: JobService, req: Txt2ImgRequest) -> None:
 def submit(service: JobService, client: str, job: Txt2ImgJob):
     try:
         return service.submit(client, job)
-    except JobError as exc:
-        raise HTTPException(422, str(exc)) from None
+    except JobError as exc:  # 422 for a bad request, 429 when the client's queue is full
+        raise HTTPException(http_status(exc.kind), str(exc)) from None
 
 
 async def run_blocking(service: JobService, client: str, prepare, body: Txt2ImgBody, options: dict | None = None

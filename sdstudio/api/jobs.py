@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.requests import Request
 
+from ..core.errors import http_status
 from ..core.params import RequestError, Txt2ImgRequest
 from ..service.jobs import JobError, JobService, grid_paths
 from ..service.queue import FINISHED, QUEUED
@@ -67,8 +68,8 @@ def make_router(service: JobService, options: dict, limits: dict | None = None) 
         job = queue_job(body.request, req, options, service, limits)
         try:
             submitted = service.submit(client_id(request), job)
-        except JobError as exc:
-            raise HTTPException(422, str(exc)) from None
+        except JobError as exc:  # 422 for a bad request, 429 when the client's queue is full
+            raise HTTPException(http_status(exc.kind), str(exc)) from None
         return describe(submitted)
 
     @r.get("/jobs")

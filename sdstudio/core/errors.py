@@ -13,11 +13,12 @@ NOT_FOUND = "not found"  # no model, upscaler, job... of that name
 FORBIDDEN = "forbidden"  # not the caller's, or not on this server (folders when shared)
 MODEL_UNFIT = "model unfit"  # a model file that cannot be used: corrupt, unsafe, unknown architecture
 TOO_LARGE = "too large"  # over a size limit
+TOO_MANY = "too many"  # over a count limit (a client's jobs waiting in the queue)
 PLUGIN = "plug-in"  # a plug-in's code failed
 INTERNAL = "internal"  # a bug: the message says what, the log has the traceback
 
-HTTP_STATUS = {BAD_REQUEST: 422, NOT_FOUND: 404, FORBIDDEN: 403, MODEL_UNFIT: 422, TOO_LARGE: 413, PLUGIN: 500,
-               INTERNAL: 500}
+HTTP_STATUS = {BAD_REQUEST: 422, NOT_FOUND: 404, FORBIDDEN: 403, MODEL_UNFIT: 422, TOO_LARGE: 413, TOO_MANY: 429,
+               PLUGIN: 500, INTERNAL: 500}
 
 
 class StudioError(Exception):

@@ -84,6 +84,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("live_preview_refresh_period", 1000, "Preview picture update period (ms)", "Live previews",
             minimum=100, maximum=60000),
     Setting("localization", "None", "Localization", "User interface"),
+    Setting("sdstudio_max_queued_per_client", 50, "Jobs one client may have waiting in the queue", "System",
+            minimum=1, maximum=100000),
     # sd-webui-controlnet's own keys
     Setting("control_net_unit_count", 3, "Multi-ControlNet: ControlNet unit number (requires restart)", "ControlNet",
             minimum=1, maximum=10),

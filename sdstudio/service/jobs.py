@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..core import outputs
-from ..core.errors import kind_of
+from ..core.errors import BAD_REQUEST, TOO_MANY, kind_of
 from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest
 from ..engine.hooks import HookError
 from ..models.errors import ModelFileError, ModelNotFoundError
@@ -34,6 +34,14 @@ log = logging.getLogger(__name__)
 
 class JobError(Exception):
     """A job that cannot be submitted (bad request): the message names the problem."""
+
+    kind = BAD_REQUEST
+
+
+class QueueFullError(JobError):
+    """The client already has as many jobs waiting as one client may (HTTP 429)."""
+
+    kind = TOO_MANY
 
 
 @dataclass
@@ -145,7 +153,8 @@ def _stored_units(records: dict) -> dict:
 
 class JobService:
     def __init__(self, engine, queue: JobQueue, *, resume: bool = False, jobs_dir: Path | None = None,
-                 preview_settings: Callable[[], tuple[str, int]] | None = None, studio=None, plugins=None):
+                 preview_settings: Callable[[], tuple[str, int]] | None = None, studio=None, plugins=None,
+                 max_queued: Callable[[], int] | None = None):
         from ..plugins import Plugins
         from ..scripts import Studio
 
@@ -155,6 +164,7 @@ class JobService:
         # (method, every N steps): "Approx cheap" maps the latent to RGB, "Full" runs the VAE; read per step
         self.preview_settings = preview_settings or (lambda: ("Approx cheap", 1))
         self.queue = queue
+        self.max_queued = max_queued or (lambda: 50)  # per client, read at each submit (a setting)
         self.jobs_dir = Path(jobs_dir or engine.paths.cache_dir / "jobs")
         self.changed = threading.Condition()
         self.version = 0  # bumped on every change; waiters compare
@@ -205,9 +215,18 @@ class JobService:
             job.request = self.studio.validate(job.request.with_concrete_seeds())
         except RequestError as exc:
             raise JobError(str(exc)) from None
+        self._check_room(client)
         submitted = self.queue.submit(client, job.kind, job.to_dict())
         self._notify()
         return submitted
+
+    def _check_room(self, client: str) -> None:
+        limit = int(self.max_queued())
+        waiting = self.queue.queued_count(client)
+        if waiting >= limit:
+            raise QueueFullError(f"this client already has {waiting} jobs waiting in the queue, the most one client "
+                                 f"may have (setting sdstudio_max_queued_per_client = {limit}); wait for some to "
+                                 f"finish or cancel them")
 
     def store_inputs(self, images, prefix: str = "init") -> list[str]:
         """Save uploaded pictures (init images, masks) where queued jobs can read them: a job refers to

@@ -89,6 +89,10 @@ class JobQueue(ABC):
         """Cancel a queued job at once; flag a running one (its worker stops it). ``client`` None = any."""
 
     @abstractmethod
+    def queued_count(self, client: str) -> int:
+        """How many of ``client``'s jobs wait (queued, not running)."""
+
+    @abstractmethod
     def others_waiting(self, client: str) -> bool:
         """Whether a queued job of another client waits (the worker then parks a long job)."""
 
@@ -234,6 +238,11 @@ class SQLiteJobQueue(JobQueue):
             elif job.status == RUNNING:
                 db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
             return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+    def queued_count(self, client: str) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = ? AND client = ?",
+                                    (QUEUED, client)).fetchone()[0]
 
     def others_waiting(self, client: str) -> bool:
         with self._lock:
