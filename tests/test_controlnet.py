@@ -15,11 +15,12 @@ from PIL import Image, ImageDraw
 
 from sdstudio.core import controlnet as cn
 from sdstudio.core import infotext
+from sdstudio.core.errors import http_status
 from sdstudio.core.params import Img2ImgRequest, RequestError, Txt2ImgRequest, from_infotext
 from sdstudio.core.paths import Paths
 from sdstudio.engine.controlnet import ControlHook, PreparedUnit
 from sdstudio.engine.generate import Engine
-from sdstudio.engine.hooks import Step, UNetCall
+from sdstudio.engine.hooks import HookError, Step, UNetCall
 from sdstudio.models.controlnet import load_control_model
 from sdstudio.models.errors import ModelNotFoundError
 from sdstudio.models.loader import load_checkpoint
@@ -270,8 +271,9 @@ def test_errors_name_the_unit(studio):
         studio.generate(_with([_unit(module="no_such_module")]))
     with pytest.raises(RequestError, match="not valid base64|not an image"):
         studio.generate(_with([_unit(image="!!!")]))
-    with pytest.raises(Exception, match="another model family"):
+    with pytest.raises(HookError, match="^ControlNet unit 0: the ControlNet tiny-xl .* another model family") as info:
         studio.generate(_with([_unit(model="tiny-xl")]))
+    assert http_status(info.value) == 422  # the user's choice, not a failure of the code
 
 
 def test_model_lookup_rules(studio):

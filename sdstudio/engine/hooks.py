@@ -45,7 +45,12 @@ class HookError(StudioError, RuntimeError):
     kind = PLUGIN
 
     def __init__(self, owner: str, exc: BaseException):
-        super().__init__(f"{owner}: {type(exc).__name__}: {exc}")
+        if isinstance(exc, StudioError):  # a user's error found by the hook (a ControlNet for another family)
+            text = str(exc)
+            super().__init__(text if text.startswith(owner) else f"{owner}: {text}")
+            self.kind = exc.kind
+        else:
+            super().__init__(f"{owner}: {type(exc).__name__}: {exc}")
         self.owner = owner
 
 
