@@ -1,5 +1,8 @@
 """``python -m training.demo_controlnet``: train the demo model's Canny ControlNet (resumable), write it to
-models/ControlNet, check that the engine's loader reads it back, and (``--check``) measure shape IoU."""
+models/ControlNet, check that the engine's loader reads it back, and (``--check``) measure shape IoU.
+
+The shipped file: ``python -m training.demo_controlnet --check 16`` (2000 steps, about 26 minutes on one
+CPU thread); a rerun with the same run folder continues from its last saved state."""
 
 from __future__ import annotations
 
