@@ -28,6 +28,7 @@ from sdstudio.core.settings import Settings
 from sdstudio.ui import localization
 from sdstudio.ui.app import StudioUI
 from sdstudio.ui.controlnet import image_and_mask, unit_key, unit_prefix
+from sdstudio.ui.generation import gallery_entries
 from sdstudio.ui.progress import finished
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,6 +300,10 @@ def test_generate_from_the_tabs_values_runs_the_unit(ui, service):
     params = infotext.parse(text)
     unit = cn.unit_from_infotext(params["ControlNet 0"])
     assert (unit.module, unit.model, unit.processor_res) == ("canny", acc_title(ui), 64)
+    shown = gallery_entries(done.result)  # the image, then its detected map (with the image's parameters)
+    assert [e["path"] for e in shown] == [done.result["images"][0]["path"], done.result["extras"][0]["path"]]
+    assert shown[1]["infotext"] == text and Image.open(shown[1]["path"]).size == (64, 64)
+    assert len(gallery_entries(done.result, detected_maps=False)) == 1  # "Do not append detectmap to output"
 
 
 def acc_title(ui) -> str:

@@ -49,6 +49,17 @@ def token_counter(tokenizer, embeddings, text: str, steps: int = 20) -> str:
     return f'<span class="sd-token-count">{best[0]}/{best[1]}</span>'
 
 
+
+def gallery_entries(result: dict, detected_maps: bool = True) -> list[dict]:
+    """A finished job's pictures for the gallery: grids first (as A1111 shows them), the images, then
+    ControlNet's detected maps (as the extension appends them; off with its "Do not append detectmap to
+    output" setting), which show the first image's parameters when selected."""
+    found = [{"path": e["path"], "infotext": e["infotext"]} for e in grid_entries(result) + result.get("images", [])]
+    if detected_maps:
+        text = found[0]["infotext"] if found else ""
+        found += [{"path": e["path"], "infotext": text} for e in result.get("extras", [])]
+    return found
+
 class GenerationTab:
     def __init__(self, ui, kind: str):
         self.ui, self.kind = ui, kind
@@ -401,8 +412,7 @@ class GenerationTab:
                     if done is None or done.status == FAILED:
                         ui.forever.discard(client)
                         raise gr.Error((done.error if done else None) or "the job failed")
-                    found = [{"path": e["path"], "infotext": e["infotext"]}  # grids first, as A1111 shows them
-                             for e in grid_entries(done.result) + done.result.get("images", [])]
+                    found = gallery_entries(done.result, not ui.settings.get("control_net_no_detectmap"))
                     results = found + results if ui.forever_has(client) else results + found
                     gallery = [r["path"] for r in results]
                 if not ui.forever_has(client):
