@@ -104,6 +104,28 @@ def make_settings(engine, path, args: argparse.Namespace):
     return settings
 
 
+class BodyLimit:
+    """Refuses a body over ``max_body`` bytes (by its Content-Length) with 413. A plain ASGI middleware, not
+    starlette's BaseHTTPMiddleware: that one hides a client's disconnect from the routes, and the blocking
+    txt2img/img2img calls cancel a waiting job when its client hangs up."""
+
+    def __init__(self, app, max_body: int):
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope.get("headers") or []).get(b"content-length", b"").decode("latin-1")
+            if length.isdigit() and int(length) > self.max_body:
+                from fastapi.responses import JSONResponse
+
+                response = JSONResponse({"error": "RequestTooLarge",
+                                         "detail": f"request body of {int(length)} bytes is over the limit of "
+                                                   f"{self.max_body} (--max-request-mb)"}, status_code=413)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(args: argparse.Namespace):
     from fastapi import Depends, FastAPI, HTTPException
     from fastapi.responses import JSONResponse
@@ -158,14 +180,7 @@ def create_app(args: argparse.Namespace):
     app.state.service = service
     max_body = int(args.max_request_mb * 1024 * 1024)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_body:
-            return JSONResponse({"error": "RequestTooLarge",
-                                 "detail": f"request body of {int(length)} bytes is over the limit of {max_body} "
-                                           "(--max-request-mb)"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_body=max_body)
 
     if args.cors_allow_origins or args.cors_allow_origins_regex:
         from fastapi.middleware.cors import CORSMiddleware

@@ -71,3 +71,58 @@ def test_waiting_clients_do_not_starve_the_other_routes(data_dir):
             c.join(600)
     assert answers == [200] * (WAITING + 1)
     service.stop()
+
+
+def _post_and_hang_up(port: int, body: dict) -> None:
+    """A client that sends a blocking txt2img and closes the connection without reading the answer."""
+    import json
+    import socket
+
+    data = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        threading.Event().wait(1.0)  # long enough for the job to be queued
+
+
+def test_a_client_that_hangs_up_has_its_waiting_job_cancelled(data_dir, free_port):
+    """Its job still waiting in the queue is cancelled; with sdstudio_keep_on_disconnect it is kept; the running
+    job of a client that hung up finishes."""
+    import httpx
+    import uvicorn
+
+    args = build_parser().parse_args(["serve", "--data-dir", str(data_dir), "--api", "--nowebui"])
+    app = create_app(args)
+    service = app.state.service
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    runner = threading.Thread(target=server.run, daemon=True)
+    runner.start()
+    try:
+        for _ in range(400):
+            if server.started:
+                break
+            threading.Event().wait(0.05)
+        with StepHold(service, batch=0, step=1) as hold:
+            threading.Thread(target=_post_and_hang_up, args=(port, {**BODY, "seed": 1}), daemon=True).start()
+            hold.wait()  # the first client's job runs (held), then that client hangs up too
+            _post_and_hang_up(port, {**BODY, "seed": 2})
+            _post_and_hang_up(port, {**BODY, "seed": 3, "sdstudio_keep_on_disconnect": True})
+            by_seed = {}
+            for _ in range(200):  # the server notices within a second or so
+                by_seed = {j.request["request"]["seed"]: j.status for j in service.queue.list(None, limit=10)}
+                if by_seed.get(2) == "cancelled":
+                    break
+                threading.Event().wait(0.05)
+            assert by_seed.get(2) == "cancelled" and by_seed.get(3) == "queued", by_seed
+        for _ in range(600):  # released: the held job and the kept one finish
+            by_seed = {j.request["request"]["seed"]: j.status for j in service.queue.list(None, limit=10)}
+            if by_seed.get(1) == "done" and by_seed.get(3) == "done":
+                break
+            threading.Event().wait(0.1)
+        assert by_seed == {1: "done", 2: "cancelled", 3: "done"}, by_seed
+        assert httpx.get(f"http://127.0.0.1:{port}/sdapi/v1/samplers").status_code == 200
+    finally:
+        server.should_exit = True
+        runner.join(30)
+        service.stop()

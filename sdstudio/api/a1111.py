@@ -32,6 +32,7 @@ from ..engine.extras import ExtrasRequest
 from ..models.errors import ModelFileError, ModelNotFoundError
 from ..models.network_info import network_info
 from ..service.jobs import JobError, JobService, Txt2ImgJob, a1111_info, grid_paths
+from ..service.queue import QUEUED
 from .common import client_id, decode_image, encode_file, inside
 
 
@@ -332,14 +333,31 @@ def submit(service: JobService, client: str, job: Txt2ImgJob):
         raise HTTPException(http_status(exc.kind), str(exc)) from None
 
 
-async def run_blocking(service: JobService, client: str, prepare, body: Txt2ImgBody, options: dict | None = None
-                       ) -> dict:
+async def run_blocking(service: JobService, client: str, prepare, body: Txt2ImgBody, options: dict | None = None,
+                       request: Request | None = None) -> dict:
     """A1111's blocking call: check and queue (``prepare()`` -> the job, in the thread pool), wait without
     holding a thread (any number of clients may wait; the other routes keep answering), then answer as A1111
-    does: ``{images, parameters, info}``."""
+    does: ``{images, parameters, info}``.
+
+    A client that hangs up while its job still waits in the queue has its job cancelled (A1111 clients retry
+    on a timeout; orphans must not pile up); a job already running finishes and keeps its images. A body with
+    ``"sdstudio_keep_on_disconnect": true`` keeps its job either way."""
+    import asyncio
+
     submitted = await run_in_threadpool(lambda: submit(service, client, prepare()))
-    done = await service.wait_async(submitted.id)
-    return await run_in_threadpool(answer, done, body, options)
+    keep = bool((body.model_extra or {}).get("sdstudio_keep_on_disconnect", False))
+    waiting = asyncio.ensure_future(service.wait_async(submitted.id))
+    while not waiting.done():
+        await asyncio.wait({waiting}, timeout=0.5)
+        if waiting.done() or keep or request is None or not await request.is_disconnected():
+            continue
+        job = service.queue.get(submitted.id)
+        if job is not None and job.status == QUEUED:
+            service.cancel(submitted.id, None)
+            waiting.cancel()
+            return {"images": [], "parameters": {}, "info": "cancelled: the client disconnected"}
+        keep = True  # running: it finishes for the outputs folder; nobody reads this answer
+    return await run_in_threadpool(answer, waiting.result(), body, options)
 
 
 def detected_map_paths(result: dict, settings: dict) -> list[str]:
@@ -402,7 +420,7 @@ def make_router(service: JobService, settings: Settings, cmd_flags: dict, limits
             req = to_request(body, options, **script_fields(body, catalog, [], "txt2img"))
             return queue_job(body, req, options, service, limits)
 
-        return await run_blocking(service, client_id(request), prepare, body, options)
+        return await run_blocking(service, client_id(request), prepare, body, options, request)
 
     @r.post("/img2img")
     async def img2img(body: Img2ImgBody, request: Request):
@@ -413,7 +431,7 @@ def make_router(service: JobService, settings: Settings, cmd_flags: dict, limits
             store_uploads(service, job, inits, mask)
             return job
 
-        return await run_blocking(service, client_id(request), prepare, body, options)
+        return await run_blocking(service, client_id(request), prepare, body, options, request)
 
     @r.post("/extra-single-image")
     def extra_single_image(body: ExtrasBody):
