@@ -32,7 +32,7 @@ from sdstudio.testing.ip_adapter_files import (
     write_clip_vision,
     write_ip_adapter,
 )
-from sdstudio.testing.synthetic import unet_config
+from sdstudio.testing.synthetic import tiny_unet, unet_config
 
 torch.set_num_threads(1)
 
@@ -44,20 +44,9 @@ PUBLISHED_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # ---- fixtures ----------------------------------------------------------------------------------------------
-def _unet(family: str = "sd1", seed: int = 0) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**unet_config(family, "tiny")).eval()
-    with torch.no_grad():  # fresh norms are exactly 1/0: perturb them, as trained ones are not
-        for m in unet.modules():
-            if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and m.weight is not None:
-                m.weight.normal_(1.0, 0.1)
-                m.bias.normal_(0.05, 0.1)
-    return unet
-
-
 @pytest.fixture(scope="module")
 def unet() -> UNet2DConditionModel:
-    return _unet("sd1")
+    return tiny_unet("sd1")
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +131,7 @@ def test_detects_the_published_layouts(root, plain, plus):
     assert full.spec.kind == "full" and full.spec.tokens is None
     for model in (plain, plus, full):  # SD 1.x: 16 cross-attention layers, numbered 1, 3, ..., 31
         assert model.spec.layers == 16 and model.spec.cross_attention_dim == 64
-    assert plain.spec.widths == tuple(layer.attn.to_k.out_features for layer in ipa.cross_attention_layers(_unet()))
+    assert plain.spec.widths == tuple(layer.attn.to_k.out_features for layer in ipa.cross_attention_layers(tiny_unet()))
     shapes = {k: tuple(v.shape) for k, v in ip_adapter_state("plain").items()}
     assert files.is_ip_adapter(shapes)
     assert not files.is_ip_adapter({"input_blocks.0.0.weight": (320, 4, 3, 3)})
@@ -552,7 +541,7 @@ def test_unannounced_calls_see_the_prompts_tokens(plain, encoder):
 
 
 def test_sdxl_inputs_pass_untouched(root, encoder):
-    unet = _unet("sdxl", seed=1)
+    unet = tiny_unet("sdxl", seed=1)
     model = files.load_ip_adapter(root / "ControlNet" / "ip-adapter_sdxl_tiny.safetensors")
     assert model.spec.layers == 22 and len({layer.transformer for layer in ipa.cross_attention_layers(unet)}) == 11
     rows = 2
@@ -562,7 +551,7 @@ def test_sdxl_inputs_pass_untouched(root, encoder):
     prompt = ipa.image_prompt(model, encoder, _picture())
     assert torch.equal(_run(unet, [_hook(model, prompt, weight=0.0)], call), bare)
     assert not torch.allclose(_run(unet, [_hook(model, prompt)], call), bare, atol=1e-4)
-    with pytest.raises(ControlNetError, match="SD 1.x|64-wide"), _hook(model, prompt).applied(_unet("sd1")):
+    with pytest.raises(ControlNetError, match="SD 1.x|64-wide"), _hook(model, prompt).applied(tiny_unet("sd1")):
         pass
 
 

@@ -21,7 +21,7 @@ from sdstudio.engine.controlnet import PreparedUnit
 from sdstudio.engine.hooks import HookError, SamplingPlan, Step, UNetCall
 from sdstudio.engine.preprocessors import WEIGHT_FREE
 from sdstudio.engine.schedules import DiscreteSchedule
-from sdstudio.testing.synthetic import unet_config
+from sdstudio.testing.synthetic import tiny_unet, unet_config
 
 torch.set_num_threads(1)
 
@@ -32,25 +32,14 @@ TOKENS = 8
 
 
 # ---- fixtures --------------------------------------------------------------------------------------------
-def _unet(family: str = "sd1", in_channels: int = 4, seed: int = 0) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**unet_config(family, "tiny", in_channels)).eval()
-    with torch.no_grad():  # fresh norms are exactly 1/0: perturb them, as trained ones are not
-        for m in unet.modules():
-            if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and m.weight is not None:
-                m.weight.normal_(1.0, 0.1)
-                m.bias.normal_(0.05, 0.1)
-    return unet
-
-
 @pytest.fixture(scope="module")
 def unet() -> UNet2DConditionModel:
-    return _unet("sd1")
+    return tiny_unet("sd1")
 
 
 @pytest.fixture(scope="module")
 def unet_xl() -> UNet2DConditionModel:
-    return _unet("sdxl", seed=1)
+    return tiny_unet("sdxl", seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -363,7 +352,7 @@ def test_the_reference_is_fitted_to_the_pass_size(vae):
 
 
 def test_an_inpainting_unet_gets_an_empty_mask_and_the_reference_latent(vae):
-    unet9 = _unet("sd1", in_channels=9, seed=3)
+    unet9 = tiny_unet("sd1", in_channels=9, seed=3)
     call = _call(channels=9)
     with _recording(unet9.conv_in) as passes:
         out = _run(unet9, [_hook(vae)], call)
@@ -463,7 +452,7 @@ def test_bad_inputs_are_named(unet, vae):
     with pytest.raises(ControlNetError, match="not a reference preprocessor"):
         ref.reference_hook(PreparedUnit(0, ControlUnit(module="canny"), WEIGHT_FREE[1], _image(), None),
                            _encoder(vae), SCHEDULE, CPU, torch.float32, False)
-    unet8 = _unet("sd1", in_channels=8, seed=4)
+    unet8 = tiny_unet("sd1", in_channels=8, seed=4)
     with pytest.raises(HookError, match="4-channel and inpainting UNets"):
         _run(unet8, [_hook(vae)], _call(channels=8))
     wrong = ref.reference_hook(_prepared(), lambda rgb: torch.zeros(1, 4, 3, 3), SCHEDULE, CPU, torch.float32, False)

@@ -116,7 +116,7 @@ def _clip_config(base: dict, act: str, pad: int) -> CLIPTextConfig:
     )
 
 
-def _realistic_norms(module: torch.nn.Module) -> None:
+def realistic_norms(module: torch.nn.Module) -> None:
     """Fresh norm layers have weight 1 and bias 0, which makes every normalised vector average exactly
     zero -- unlike trained models, and fatal to A1111's mean-restoring emphasis. Perturb them."""
     with torch.no_grad():
@@ -124,6 +124,14 @@ def _realistic_norms(module: torch.nn.Module) -> None:
             if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and m.weight is not None:
                 m.weight.normal_(1.0, 0.1)
                 m.bias.normal_(0.05, 0.1)
+
+
+def tiny_unet(family: str = "sd1", in_channels: int = 4, seed: int = 0) -> UNet2DConditionModel:
+    """A random tiny UNet of ``family`` (:func:`unet_config`), in eval mode, its norms perturbed."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_config(family, "tiny", in_channels)).eval()
+    realistic_norms(unet)
+    return unet
 
 
 def make_checkpoint(
@@ -184,7 +192,7 @@ def make_checkpoint(
     else:
         raise ValueError(family)
     for module in [unet, vae] + [e[0] for e in encoders]:
-        _realistic_norms(module)
+        realistic_norms(module)
     sd = ldm_state_dict(unet, vae, encoders)
     if ema:  # full training checkpoints also carry EMA copies; loaders must ignore them
         for k in [k for k in sd if k.startswith("model.diffusion_model.")][:8]:
