@@ -12,6 +12,7 @@ on reaching the step it writes ``D/held`` (the job's id) and holds until ``D/rel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import threading
 import time
@@ -68,6 +69,34 @@ def wait_for_file(path: Path, proc=None, timeout: float = 600.0) -> str:
         assert time.time() < deadline, f"{path} did not appear"
         time.sleep(0.02)
     return path.read_text()
+
+
+@contextlib.contextmanager
+def held_server(data_root: Path, port: int, hold: list[str]):
+    """``sdstudio serve --api`` on ``data_root`` in its own process, run by this file with the ``hold`` flags
+    (``--hold-dir D ...``); yields its URL once it answers, stops it afterwards."""
+    import os
+    import subprocess
+    import urllib.request
+
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, __file__, *hold, "--", "--data-dir", str(data_root), "--port", str(port),
+                             "--api"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url + "/sdapi/v1/samplers", timeout=5)
+            break
+        except OSError:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "the server did not come up"
+            time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def main(argv: list[str]) -> None:

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import playwright.sync_api
 import pytest
-from step_hold import wait_for_file
+from step_hold import held_server, wait_for_file
 
 from sdstudio.testing.headless import chromium_path, launch
 
@@ -49,24 +47,8 @@ def server(make_data_root, free_port, hold_dir):
 
     shutil.copytree(ROOT / "examples" / "plugins" / "sdstudio-vignette" / "sdstudio_vignette",
                     root / "extensions" / "sdstudio_vignette")
-    port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    hold = [str(ROOT / "tests" / "step_hold.py"), "--hold-dir", str(hold_dir), "--hold-at", "0:1", "--hold-prompt", FIRST]
-    proc = subprocess.Popen([sys.executable, *hold, "--", "--data-dir", str(root), "--port", str(port), "--api"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            urllib.request.urlopen(url + "/sdapi/v1/samplers", timeout=5)
-            break
-        except OSError:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.time() < deadline, "the server did not come up"
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    with held_server(root, free_port(), ["--hold-dir", str(hold_dir), "--hold-at", "0:1", "--hold-prompt", FIRST]) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

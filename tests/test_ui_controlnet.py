@@ -10,8 +10,6 @@ import base64
 import io
 import json
 import os
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -20,6 +18,7 @@ import gradio as gr
 import numpy as np
 import pytest
 from PIL import Image
+from step_hold import held_server
 
 from sdstudio.core import controlnet as cn
 from sdstudio.core import infotext
@@ -322,25 +321,9 @@ def _chromium():
 @pytest.fixture(scope="module")
 def server(data_root, free_port, tmp_path_factory):
     """``sdstudio serve --api`` on the data dir with the tiny ControlNet (as test_ui_browser starts it)."""
-    port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    hold = [str(ROOT / "tests" / "step_hold.py"), "--hold-dir", str(tmp_path_factory.mktemp("cn-hold")),
-            "--hold-prompt", "(never held)"]
-    proc = subprocess.Popen([sys.executable, *hold, "--", "--data-dir", str(data_root), "--port", str(port), "--api"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            urllib.request.urlopen(url + "/sdapi/v1/samplers", timeout=5)
-            break
-        except OSError:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.time() < deadline, "the server did not come up"
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    hold = ["--hold-dir", str(tmp_path_factory.mktemp("cn-hold")), "--hold-prompt", "(never held)"]
+    with held_server(data_root, free_port(), hold) as url:
+        yield url
 
 
 @pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (./test.sh installs it)")
