@@ -37,6 +37,7 @@ from sdstudio.testing.controlnet_files import (
     write_difference_controlnet,
     write_t2i_adapter,
 )
+from sdstudio.testing.hostile import SystemCall
 from sdstudio.testing.synthetic import unet_config, write_checkpoint
 
 torch.set_num_threads(1)
@@ -396,25 +397,17 @@ def test_truncated_file(tmp_path):
     _one_line_error(pth, "corrupt or truncated")
 
 
-class _Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_pickle_that_runs_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "control_sd15_evil.pth"
     state = controlnet_hf_to_ldm(controlnet_for(_unet("sd1")).state_dict())
-    torch.save({**state, "payload": _Exploit(marker)}, path)
+    torch.save({**state, "payload": SystemCall(marker)}, path)
     _one_line_error(path, "refused to load")
     assert not marker.exists()
     folder = tmp_path / "evil_folder"
     write_controlnet(folder, "sd1", "tiny", "diffusers_folder")
     (folder / "diffusion_pytorch_model.safetensors").unlink()
-    torch.save({"payload": _Exploit(marker)}, folder / "diffusion_pytorch_model.bin")
+    torch.save({"payload": SystemCall(marker)}, folder / "diffusion_pytorch_model.bin")
     with pytest.raises(ModelFileError, match="refused to load"):
         load_control_model(folder)
     assert not marker.exists()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import struct
 import zipfile
@@ -14,21 +13,14 @@ import torch
 from sdstudio.models.errors import ModelFileError
 from sdstudio.models.loader import load_checkpoint
 from sdstudio.models.safe_load import open_state_dict
+from sdstudio.testing.hostile import SystemCall
 from sdstudio.testing.synthetic import make_checkpoint
-
-
-class _Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_pickle_that_runs_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _Exploit(marker)}, path)
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": SystemCall(marker)}, path)
     with pytest.raises(ModelFileError, match="evil.ckpt: refused to load"):
         open_state_dict(path)
     assert not marker.exists()
@@ -37,7 +29,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
 def test_raw_pickle_with_code_is_refused(tmp_path):
     marker = tmp_path / "pwned2"
     path = tmp_path / "evil.pt"
-    path.write_bytes(pickle.dumps(_Exploit(marker)))
+    path.write_bytes(pickle.dumps(SystemCall(marker)))
     with pytest.raises(ModelFileError, match="evil.pt"):
         open_state_dict(path)
     assert not marker.exists()
