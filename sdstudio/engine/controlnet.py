@@ -293,19 +293,18 @@ class ControlNets:
     def model(self, title: str, base_unet=None):
         """The loaded model a unit names (the extension's lookup: "name [hash]", name, closest), and its title.
         ``base_unet()`` gives the checkpoint's UNet, which difference ControlNets and Control-LoRAs complete."""
-        from ..models.controlnet import ControlModelCache, detect_control
+        from ..models.controlnet import ControlModelCache, detect_control_file
         from ..models.errors import ModelFileError
-        from ..models.safe_load import open_state_dict
 
         file = self.registry.controlnet(title)
         with self._lock:
             if self._cache is None:
                 self._cache = ControlModelCache()
-        title = f"{file.name} [{file.legacy_hash}]"
+        title = file.title
         try:
             return title, self._cache.get(file.path, self.dtype)
         except ModelFileError:
-            if base_unet is None or file.path.is_dir() or not detect_control(open_state_dict(file.path).shapes).needs_unet:
+            if base_unet is None or not detect_control_file(file.path).needs_unet:
                 raise
         return title, self._cache.get(file.path, self.dtype, unet=base_unet())
 
@@ -324,7 +323,7 @@ class ControlNets:
                                       f".bin file in {self.registry.paths.controlnet_dir})")
             file = self.registry.controlnet(unit.model)
             detected = source if mask is None else np.concatenate([source, mask[:, :, None]], axis=2)
-            used = unit.replace(module=pre.name, model=f"{file.name} [{file.legacy_hash}]")
+            used = unit.replace(module=pre.name, model=file.title)
             return PreparedUnit(index, used, pre, detected, None, file.path)
         model = title = None
         if unit.model and unit.model != "None" and not pre.model_free:
