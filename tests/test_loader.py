@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from safetensors.torch import save_file
 
 from sdstudio.models.diffusers_layout import load_folder, write_config_folder
 from sdstudio.models.loader import ModelCache, load_checkpoint
-from sdstudio.testing.synthetic import write_checkpoint
+from sdstudio.testing.synthetic import make_checkpoint, write_checkpoint
 
 
 def _state(module):
@@ -106,3 +107,81 @@ def test_full_size_matches_diffusers_from_single_file(family, tmp_path):
     """Full-size random-weight checkpoints in the real layout (fp16 on disk to keep memory in reach)."""
     path = write_checkpoint(tmp_path / f"full-{family}.safetensors", family, "full", dtype=torch.float16)
     compare_with_diffusers(path, tmp_path, dtype=torch.float16)
+
+
+def _variant(tmp_path, family, name, edit):
+    sd = make_checkpoint(family, "tiny", seed=5)
+    ref = tmp_path / f"ref-{family}.safetensors"
+    save_file(sd, str(ref))
+    sd = dict(sd)
+    edit(sd)
+    path = tmp_path / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return load_checkpoint(ref), load_checkpoint(path)
+
+
+def _drop(sd, pattern):
+    for k in [k for k in sd if pattern in k]:
+        del sd[k]
+
+
+def test_sdxl_files_without_clip_l_final_norm_load_silently(tmp_path):
+    """SDXL conditions on CLIP-L's penultimate layer, so real files leave its final norm out."""
+    ref, model = _variant(tmp_path, "sdxl", "no-norm",
+                          lambda sd: _drop(sd, "embedders.0.transformer.text_model.final_layer_norm"))
+    assert model.warnings == []
+    ids = torch.tensor([[49406, 320, 1929, 49407] + [49407] * 73])
+    a = model.text_encoders[0](ids, output_hidden_states=True).hidden_states[-2]
+    b = ref.text_encoders[0](ids, output_hidden_states=True).hidden_states[-2]
+    assert torch.equal(a, b)
+
+
+def test_sd1_file_without_final_norm_warns_naming_the_tensor(tmp_path):
+    """SD 1.x reads the final norm: its absence is filled (ones / zeros) and said."""
+    _, model = _variant(tmp_path, "sd1", "sd1-no-norm", lambda sd: _drop(sd, "final_layer_norm"))
+    assert len(model.warnings) == 2 and all("final_layer_norm" in w and "sd1-no-norm" in w for w in model.warnings)
+    norm = model.text_encoders[0].final_layer_norm  # transformers 5: CLIPTextModel has no text_model level
+    assert torch.equal(norm.weight, torch.ones_like(norm.weight)) and not norm.bias.any()
+
+
+def _extras(sd):
+    sd["conditioner.embedders.1.model.logit_scale"] = torch.tensor(4.6052)
+    sd["conditioner.embedders.0.transformer.text_model.logit_scale"] = torch.tensor(4.6052)
+    sd["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    sd["model_ema.decay"] = torch.tensor(0.9999)
+    sd["model_ema.num_updates"] = torch.tensor(1000)
+
+
+def test_logit_scale_position_ids_and_ema_bookkeeping_are_ignored(tmp_path):
+    ref, model = _variant(tmp_path, "sdxl", "extras", _extras)
+    assert model.warnings == []
+    assert_same_weights(model.text_encoders[0], ref.text_encoders[0], "te")
+    assert_same_weights(model.text_encoders[1], ref.text_encoders[1], "te2")
+
+
+def test_openclip_projection_stored_either_way_round(tmp_path):
+    """OpenCLIP stores ``text_projection`` as P in ``x @ P``; some converters store a Linear's weight (P^T)
+    under ``text_projection.weight``. Both give the same pooled output."""
+    def linear_layout(sd):
+        sd["conditioner.embedders.1.model.text_projection.weight"] = \
+            sd.pop("conditioner.embedders.1.model.text_projection").t().contiguous()
+
+    ref, model = _variant(tmp_path, "sdxl", "linear-proj", linear_layout)
+    src = make_checkpoint("sdxl", "tiny", seed=5)["conditioner.embedders.1.model.text_projection"]
+    ids = torch.tensor([[49406, 320, 1929, 49407] + [0] * 73])
+    out = ref.text_encoders[1](ids)
+    pooled_in = ref.text_encoders[1].text_model(ids).pooler_output
+    assert torch.allclose(out.text_embeds, pooled_in @ src, atol=1e-5)  # x @ P, as OpenCLIP computes it
+    assert torch.allclose(model.text_encoders[1](ids).text_embeds, out.text_embeds, atol=1e-6)
+
+
+def test_fp8_weights_upcast_on_load(tmp_path):
+    def to_fp8(sd):
+        for k in [k for k in sd if k.startswith("model.diffusion_model.") and sd[k].ndim >= 2]:
+            sd[k] = sd[k].to(torch.float8_e4m3fn)
+
+    ref, model = _variant(tmp_path, "sd1", "fp8", to_fp8)
+    w = model.unet.conv_in.weight
+    assert w.dtype == torch.float32
+    assert torch.equal(w, ref.unet.conv_in.weight.to(torch.float8_e4m3fn).float())  # exactly the stored values
+    assert not torch.equal(w, ref.unet.conv_in.weight)

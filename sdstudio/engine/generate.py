@@ -198,7 +198,7 @@ class Engine:
             if sampler.uses_ensd and req.eta_noise_seed_delta:
                 resolved["ENSD"] = req.eta_noise_seed_delta
             req_for_text = req.replace(model=file.name, model_hash=None)
-            warnings: list[str] = []
+            warnings: list[str] = list(model.warnings)  # e.g. a tensor the file lacked, filled in
             bare, loras, hypernets = self._extra_networks(model, req, warnings, resolved)
             images: list[GeneratedImage] = []
             interrupted = paused = False

@@ -152,10 +152,9 @@ def _is_vae_attn_weight(hf_name: str) -> bool:
 
 def clip_hf_ldm_to_hf(name: str) -> str | None:
     """CLIP-L stored in transformers layout (SD1 ``cond_stage_model.transformer.``, SDXL embedder 0)."""
-    name = name if name.startswith("text_model.") else "text_model." + name  # very old files lack the level
-    if name.endswith("position_ids"):
-        return None
-    return name
+    if name in _CLIP_NOT_WEIGHTS or name.endswith("position_ids"):
+        return None  # CLIP's training temperature, the position-ids buffer: not part of the text model
+    return name if name.startswith(("text_model.", "text_projection.")) else "text_model." + name  # very old files lack the level
 
 
 _OPENCLIP_LAYER = (
@@ -169,12 +168,15 @@ _OPENCLIP_TOP = (
 )
 
 
+_CLIP_NOT_WEIGHTS = ("logit_scale", "text_model.logit_scale")
+
+
 def openclip_to_hf(name: str) -> list[str] | None:
     """OpenCLIP names -> transformers names; the fused ``in_proj`` maps to three names (q, k, v)."""
     top = _swap_prefix(name, _OPENCLIP_TOP)
     if top:
         return [top]
-    if name == "text_projection":
+    if name in ("text_projection", "text_projection.weight"):  # OpenCLIP's (x @ P) or a Linear's layout
         return ["text_projection.weight"]
     if m := re.match(r"transformer\.resblocks\.(\d+)\.(.+)", name):
         layer, rest = f"text_model.encoder.layers.{m[1]}.", m[2]
@@ -226,7 +228,7 @@ def convert_component(source: Mapping[str, torch.Tensor], prefix: str, kind: str
                     out[hf_name] = part
                 continue
             hf = names[0] if names else None
-            if hf == "text_projection.weight":
+            if name == "text_projection":  # OpenCLIP multiplies x @ P: the Linear's weight is P transposed
                 out[hf] = source[key].t()
                 continue
         else:

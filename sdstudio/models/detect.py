@@ -56,6 +56,27 @@ class ModelSpec:
         return kind + (f" ({', '.join(extras)})" if extras else "")
 
 
+@dataclass(frozen=True)
+class OptionalTensor:
+    """A tensor real files may leave out. ``fill``: what stands in for it ("ones" / "zeros"); ``used``:
+    whether the model reads it (then its absence is worth a warning, else it is silent)."""
+
+    key: str  # the module's own (diffusers / transformers) name
+    fill: str
+    used: bool
+
+
+def optional_tensors(component: str, te: TextEncoderSpec | None = None) -> tuple[OptionalTensor, ...]:
+    """The one table of tensors a component may lack, per architecture. A text encoder's final layer norm
+    is read only when its output is normalised (SD 1.x, SD 2.x) or pooled (the projection encoders of
+    SDXL and its refiner): SDXL's CLIP-L conditions on its penultimate layer, so real SDXL files often omit it."""
+    if component == "text_encoder" and te is not None:
+        used = te.final_norm or te.with_projection
+        return (OptionalTensor("text_model.final_layer_norm.weight", "ones", used),
+                OptionalTensor("text_model.final_layer_norm.bias", "zeros", used))
+    return ()
+
+
 def _count(shapes: Shapes, pattern: str) -> int:
     rx = re.compile(pattern)
     found = {m.group(1) for k in shapes if (m := rx.match(k))}
@@ -158,7 +179,10 @@ def _clip_hf_spec(shapes: Shapes, prefix: str, *, hidden_layer: int, final_norm:
 def _openclip_spec(shapes: Shapes, prefix: str, *, with_projection: bool, hidden_layer: int,
                    final_norm: bool) -> TextEncoderSpec:
     vocab, width = _need(shapes, prefix + "token_embedding.weight", "OpenCLIP text encoder")
-    proj = shapes.get(prefix + "text_projection", (width, width))
+    if prefix + "text_projection.weight" in shapes:  # stored as a Linear's weight: [projection, width]
+        proj = shapes[prefix + "text_projection.weight"][::-1]
+    else:  # OpenCLIP's own [width, projection]
+        proj = shapes.get(prefix + "text_projection", (width, width))
     config = {
         "vocab_size": vocab, "hidden_size": width, "num_attention_heads": max(1, width // 64),
         "num_hidden_layers": _count(shapes, rf"{re.escape(prefix)}transformer\.resblocks\.(\d+)\."),

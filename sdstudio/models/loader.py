@@ -8,6 +8,8 @@ a recent model is instant.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -22,9 +24,20 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from transformers.initialization import no_init_weights
 
 from .convert import convert_component, module_text_state
-from .detect import UNET_PREFIX, VAE_PREFIX, ModelSpec, TextEncoderSpec, detect, detect_vae
+from .detect import (
+    UNET_PREFIX,
+    VAE_PREFIX,
+    ModelSpec,
+    OptionalTensor,
+    TextEncoderSpec,
+    detect,
+    detect_vae,
+    optional_tensors,
+)
 from .errors import ModelFileError
 from .safe_load import open_state_dict
+
+log = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=4)
@@ -35,8 +48,16 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
                          model_max_length=77)
 
 
-def _materialize(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, what: str) -> None:
+def _materialize(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, what: str,
+                 optional: tuple[OptionalTensor, ...] = (), warnings: list[str] | None = None) -> None:
     expected = module.state_dict()
+    state = dict(state)
+    for opt in optional:  # what real files may leave out (one table per architecture: detect.optional_tensors)
+        if opt.key in expected and opt.key not in state:
+            like = expected[opt.key]
+            state[opt.key] = (torch.ones if opt.fill == "ones" else torch.zeros)(like.shape, dtype=dtype)
+            if opt.used and warnings is not None:
+                warnings.append(f"{what}: {opt.key} is missing from the file; used {opt.fill} instead")
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -45,6 +66,7 @@ def _materialize(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype:
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise ModelFileError(f"{what}: {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}")
+    # .to(dtype) also upcasts fp8 (float8_e4m3fn / e5m2) files to the compute precision
     module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     # Buffers that are not saved (e.g. CLIP's position ids) were created on the real device already.
     module.eval().requires_grad_(False)
@@ -66,7 +88,8 @@ def build_vae(config: dict, levels: int, source, prefix: str, dtype: torch.dtype
     return vae
 
 
-def build_text_encoder(te: TextEncoderSpec, source, dtype: torch.dtype) -> CLIPTextModel:
+def build_text_encoder(te: TextEncoderSpec, source, dtype: torch.dtype, warnings: list[str] | None = None
+                       ) -> CLIPTextModel:
     config = CLIPTextConfig(**te.config)
     cls = CLIPTextModelWithProjection if te.with_projection else CLIPTextModel
     with init_empty_weights(include_buffers=False), no_init_weights():  # weights are assigned next
@@ -74,8 +97,11 @@ def build_text_encoder(te: TextEncoderSpec, source, dtype: torch.dtype) -> CLIPT
     state = convert_component(source, te.prefix, te.layout)
     if not te.with_projection:
         state.pop("text_projection.weight", None)
-    state = module_text_state(state, model.state_dict().keys())
-    _materialize(model, state, dtype, "text encoder")
+    keys = model.state_dict().keys()
+    state = module_text_state(state, keys)
+    optional = tuple(dataclasses.replace(o, key=o.key if o.key in keys else o.key.removeprefix("text_model."))
+                     for o in optional_tensors("text_encoder", te))
+    _materialize(model, state, dtype, "text encoder", optional, warnings)
     return model
 
 
@@ -90,6 +116,7 @@ class LoadedModel:
     dtype: torch.dtype
     vae_source: str = "checkpoint"  # "checkpoint" or the VAE file's path
     extras: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # tensors the model uses that the file lacked
 
 
 def _v_prediction_hint(path: Path) -> bool | None:
@@ -111,11 +138,14 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, vae_dt
     try:
         unet = build_unet(spec, source, dtype)
         vae = build_vae(spec.vae, spec.vae_levels, source, VAE_PREFIX, vae_dtype or dtype)
-        encoders = [build_text_encoder(te, source, dtype) for te in spec.text_encoders]
+        warnings: list[str] = []
+        encoders = [build_text_encoder(te, source, dtype, warnings) for te in spec.text_encoders]
     except ModelFileError as exc:
         raise ModelFileError(f"{path.name}: {exc}") from None
     tokenizers = [clip_tokenizer(te.pad_token) for te in spec.text_encoders]
-    return LoadedModel(path, spec, unet, vae, encoders, tokenizers, dtype)
+    for w in warnings:
+        log.warning("%s: %s", path.name, w)
+    return LoadedModel(path, spec, unet, vae, encoders, tokenizers, dtype, warnings=[f"{path.name}: {w}" for w in warnings])
 
 
 def load_vae_file(path: str | Path, like: AutoencoderKL, dtype: torch.dtype) -> AutoencoderKL:
