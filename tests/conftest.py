@@ -24,7 +24,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     from sdstudio.testing.synthetic import write_checkpoint
 
     root = tmp_path_factory.mktemp("tiny")
-    for family in ("sd1", "sd2", "sdxl"):
+    for family in ("sd1", "sd2", "sdxl", "sdxl_refiner"):
         write_checkpoint(root / f"tiny-{family}.safetensors", family, "tiny", seed=7)
     return root
 

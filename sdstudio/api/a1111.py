@@ -24,7 +24,7 @@ from ..core import infotext, styles
 from ..core.errors import http_status
 from ..core.names import LATENT_UPSCALE_MODES, get_sampler, get_schedule, sampler_labels, schedule_labels
 from ..core.outputs import NotAnImageError, read_infotext
-from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest
+from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest, option_fields
 from ..core.scripts import ScriptCatalog, ScriptError
 from ..core.settings import SettingError, Settings
 from ..engine import extras
@@ -73,6 +73,8 @@ class Txt2ImgBody(BaseModel):
     script_name: str | None = None
     script_args: list | dict = Field(default_factory=list)  # A1111's positional list, or our dict
     alwayson_scripts: dict = Field(default_factory=dict)  # {"soft inpainting": {"args": [...]}} (img2img)
+    refiner_checkpoint: str | None = None  # A1111's refiner: "" / None / "None" for none
+    refiner_switch_at: float | None = None  # None: the UI's default, 0.8
     # Hires. fix (txt2img)
     enable_hr: bool = False
     denoising_strength: float | None = None
@@ -194,7 +196,17 @@ def to_request(body: Txt2ImgBody, options: dict, request_type=Txt2ImgRequest, **
         uni_pc_order=setting(settings, "uni_pc_order", 3, int),
         uni_pc_lower_order_final=setting(settings, "uni_pc_lower_order_final", True, bool),
         model=settings.get("sd_model_checkpoint") or None, vae=settings.get("sd_vae", "Automatic"),
+        refiner_checkpoint=body.refiner_checkpoint or "",
+        refiner_switch_at=0.8 if body.refiner_switch_at is None else body.refiner_switch_at,
+        **_options(settings),
     )
+
+
+def _options(settings: dict) -> dict:
+    try:
+        return option_fields(settings)
+    except SettingError as exc:
+        raise HTTPException(422, f"override_settings: {exc}") from None
 
 
 PENDING_UPLOAD = "(upload)"

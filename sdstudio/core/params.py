@@ -20,6 +20,7 @@ from .imageops import MASKED_CONTENT, RESIZE_MODES
 from .names import get_sampler, get_schedule, split_legacy_sampler
 
 RNG_SOURCES = ("GPU", "CPU", "NV")
+REFINER_PASSES = ("first pass", "second pass", "both passes")  # A1111's option hires_fix_refiner_pass
 EMPHASIS_MODES = ("Original", "No norm", "None")
 UNI_PC_VARIANTS = ("bh1", "bh2", "vary_coeff")
 FACE_RESTORERS = ("", "CodeFormer", "GFPGAN")  # "": A1111's default, CodeFormer, when installed
@@ -82,6 +83,16 @@ class Txt2ImgRequest:
     hr_prompt: str = ""  # "" = the same prompt
     hr_negative_prompt: str = ""
     hr_cfg: float | None = None  # None = the same CFG scale
+    # A1111's Refiner: another checkpoint takes over once this fraction of sampling is done ("" / "None": none)
+    refiner_checkpoint: str = ""
+    refiner_switch_at: float = 0.8
+    # A1111's options for SDXL and the refiner (copied from the settings when a job is made)
+    sdxl_crop_top: int = 0
+    sdxl_crop_left: int = 0
+    sdxl_refiner_low_aesthetic_score: float = 2.5  # the negative prompt's
+    sdxl_refiner_high_aesthetic_score: float = 6.0
+    hires_fix_refiner_pass: str = "second pass"  # with Hires. fix: "first pass", "second pass", "both passes"
+    refiner_switch_by_sample_steps: bool = False  # switch by steps done instead of by noise level
     script_name: str = ""  # a selectable script (sdstudio.core.scripts) for this kind of request; "" = none
     script_args: dict[str, Any] = field(default_factory=dict)
     # always-on scripts (dynamic thresholding, CFG rescale, a plug-in's...): {script name: {argument: value}}
@@ -117,8 +128,14 @@ class Txt2ImgRequest:
         for name in ("prompt", "negative_prompt"):
             if len(getattr(self, name)) > MAX_PROMPT_CHARS:
                 raise RequestError(f"{name} is {len(getattr(self, name))} characters; the limit is {MAX_PROMPT_CHARS}")
-        for name in ("model", "vae"):
+        for name in ("model", "vae", "refiner_checkpoint"):
             check_model_name(getattr(self, name), name)
+        if self.uses_refiner():
+            if not 0.0 <= self.refiner_switch_at <= 1.0:
+                raise RequestError(f"refiner_switch_at must be between 0 and 1, got {self.refiner_switch_at!r}")
+            if self.hires_fix_refiner_pass not in REFINER_PASSES:
+                raise RequestError(f"hires_fix_refiner_pass must be one of {', '.join(REFINER_PASSES)}, got "
+                                   f"{self.hires_fix_refiner_pass!r}")
         if self.emphasis not in EMPHASIS_MODES:
             raise RequestError(f"emphasis must be one of {', '.join(EMPHASIS_MODES)}, got {self.emphasis!r}")
         if self.uni_pc_variant not in UNI_PC_VARIANTS:
@@ -201,6 +218,9 @@ class Txt2ImgRequest:
         """Whether ``denoising_strength`` matters (and is written to the infotext)."""
         return self.enable_hr
 
+    def uses_refiner(self) -> bool:
+        return bool(self.refiner_checkpoint) and self.refiner_checkpoint != "None"
+
     def replace(self, **changes: Any) -> Txt2ImgRequest:
         return dataclasses.replace(self, **changes)
 
@@ -223,6 +243,18 @@ class Txt2ImgRequest:
 
 
 MAX_SEED = 4294967294
+
+
+# A1111 options that are request fields of the same name: a job keeps the values set when it was made.
+OPTION_FIELDS = ("sdxl_crop_top", "sdxl_crop_left", "sdxl_refiner_low_aesthetic_score",
+                 "sdxl_refiner_high_aesthetic_score", "hires_fix_refiner_pass", "refiner_switch_by_sample_steps")
+
+
+def option_fields(options) -> dict[str, Any]:
+    """The request fields ``options`` (settings, with a request's ``override_settings``) give values to."""
+    from .settings import BY_KEY
+
+    return {key: BY_KEY[key].convert(value) for key in OPTION_FIELDS if (value := options.get(key)) is not None}
 
 
 def check_model_name(name: str | None, field_name: str) -> None:
@@ -384,6 +416,12 @@ INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
     InfotextField("Size", lambda r: f"{r.width}x{r.height}",
                   lambda t: dict(zip(("width", "height"), _parse_size(t)))),
     InfotextField("Model hash", lambda r: None, lambda t: {"model_hash": t.strip()}),  # written by the engine
+    # the refiner's keys are written by the engine, and only when it took over (as A1111)
+    InfotextField("Refiner", lambda r: None, lambda t: {"refiner_checkpoint": t.strip()}),
+    InfotextField("Refiner switch at", lambda r: None, lambda t: {"refiner_switch_at": float(t)}),
+    InfotextField("Hires refiner", lambda r: None, lambda t: {"hires_fix_refiner_pass": t.strip()}),
+    InfotextField("Refiner switch by sampling steps", lambda r: None,
+                  lambda t: {"refiner_switch_by_sample_steps": _read_bool(t)}),
     _simple("Model", "model", str, skip=lambda v: not v),
     _simple("VAE", "vae", str, skip=lambda v: v in ("", "Automatic", "None")),
     _simple("Clip skip", "clip_skip", _read_int, skip=lambda v: v <= 1),
@@ -461,7 +499,8 @@ KEY_ORDER = (
     "Seed resize from", "RNG", "ENSD", "Eta", "Sigma churn", "Sigma tmin", "Sigma noise", "Discard penultimate sigma",
     "Extra noise", "Hires upscale",
     "Hires resize", "Hires steps", "Hires upscaler", "Hires sampler", "Hires schedule type", "Hires prompt",
-    "Hires negative prompt", "Hires CFG Scale", "Tiled VAE", "Lora hashes", "TI hashes", "Emphasis",
+    "Hires negative prompt", "Hires CFG Scale", "Tiled VAE", "Lora hashes", "TI hashes", "Refiner", "Refiner switch at",
+    "Hires refiner", "Refiner switch by sampling steps", "Emphasis",
 )
 # Keys that describe the result rather than the request: never turned into request fields.
 _RESULT_KEYS = {"VAE hash", "Version"}
@@ -503,6 +542,7 @@ def from_infotext(text_or_params: str | dict[str, str], base: Txt2ImgRequest | N
         "styles": [],  # the infotext holds the styled prompt already
         "emphasis": "Original", "novelai_braces": False, "tiled_vae": False, "enable_hr": False,
         "always_discard_next_to_last_sigma": False, "extra_noise": 0.0,
+        "refiner_checkpoint": "", "hires_fix_refiner_pass": "second pass", "refiner_switch_by_sample_steps": False,
     }
     extra: dict[str, str] = {}
     own = {f.name for f in dataclasses.fields(req)}

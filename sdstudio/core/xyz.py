@@ -205,6 +205,8 @@ AXES: dict[str, Axis] = {a.label: a for a in (
     _field("Schedule type", str, "scheduler", choices="schedules"),
     _field("Checkpoint name", str, "model", choices="checkpoints", cost=2),
     _field("VAE", str, "vae", choices="vaes", cost=1),
+    _field("Refiner checkpoint", str, "refiner_checkpoint", choices="checkpoints", cost=1),
+    _field("Refiner switch at", float, "refiner_switch_at"),
     _field("Clip skip", int, "clip_skip"),
     _field("Denoising", float, "denoising_strength"),
     _field("Hires upscaler", str, "hr_upscaler", choices="upscalers", only="txt2img"),

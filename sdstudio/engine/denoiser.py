@@ -60,10 +60,13 @@ class CFGDenoiser:
 
     def __init__(self, plan: SamplingPlan):
         self.plan = plan
-        self.v_prediction = plan.prediction == "v_prediction"
         self.step = 0  # counts denoiser calls, as A1111 does for prompt editing (Heun advances it twice)
         self.sampling_step = 0  # the sampler's step, advanced by ``after_step`` (hook windows use it)
         self.uncond_denoised: torch.Tensor | None = None  # the last call's unguided predictions (CFG++)
+
+    @property
+    def v_prediction(self) -> bool:
+        return self.plan.prediction == "v_prediction"  # read per call: the refiner may have another
 
     def _step(self, sigma: torch.Tensor) -> Step:
         return Step(self.sampling_step, self.plan.steps, sigma, self.plan.pass_name)
@@ -75,8 +78,9 @@ class CFGDenoiser:
         extra = {}
         if plan.add_time_ids is not None:
             pooled = torch.cat([c.pooled for c in conds]).to(plan.device, plan.dtype)
-            extra["added_cond_kwargs"] = {"text_embeds": pooled,
-                                          "time_ids": plan.add_time_ids.repeat(len(conds), 1).to(plan.device, plan.dtype)}
+            negative = plan.add_time_ids if plan.add_time_ids_uncond is None else plan.add_time_ids_uncond
+            time_ids = torch.cat([negative if u else plan.add_time_ids for u in uncond])
+            extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.to(plan.device, plan.dtype)}
         x, t = x.to(plan.dtype), t.to(plan.device)
         if plan.hooks:
             extra.update(plan.unet_inputs(UNetCall(x, t, hidden, owners, uncond, step, extra.get("added_cond_kwargs"))))
@@ -119,6 +123,8 @@ class CFGDenoiser:
             raise Interrupted
         batch = x.shape[0]
         sigma = sigma.reshape(-1).expand(batch) if sigma.numel() == 1 else sigma
+        if plan.switch is not None and plan.switch.due(sigma, self.step):
+            plan.switch_model(plan.switch.target())
         s = sigma.float().to(x.device)[:, None, None, None]
         t = plan.schedule.sigma_to_t(sigma.float().cpu())
         step = self._step(sigma)

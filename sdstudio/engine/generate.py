@@ -38,8 +38,9 @@ from .controlnet import ControlNets
 from .denoiser import CFGDenoiser, ComposedConditioning, Interrupted, ScheduledConditioning
 from .devices import Placement, plan_devices
 from .faces import FaceRestorers
-from .hooks import SamplingPlan, StepHook, calling
+from .hooks import SamplingPlan, StepHook, calling, off_the_unet
 from .interrogate import Interrogators
+from .refiner import RefinerSwitch, SwitchTarget, sdxl_time_ids
 from .rng import BrownianNoise, NoiseGenerator, image_noise
 from .samplers import SAMPLER_FUNCTIONS
 from .schedules import DiscreteSchedule, ddim_timesteps, get_sigmas
@@ -101,6 +102,19 @@ class HiresPass:
     first_steps: int
     steps: int
     tiled_vae: bool
+
+
+@dataclass
+class RefinerUse:
+    """The refiner of one job (A1111's Refiner accordion): its model, VAE and the conditioning its own
+    text encoders made of the job's prompts; ``switched`` once it took over in some pass."""
+
+    file: ModelFile
+    model: LoadedModel
+    vae: object
+    conds: tuple
+    hires_conds: tuple | None = None
+    switched: bool = False
 
 
 def _named_hashes(text: str) -> dict[str, str]:
@@ -189,6 +203,7 @@ class Engine:
             file, model = self.load(req.model, req.model_hash)
             vae, vae_file = self.vae_module(file, model, req.vae)
             self.placement.prepare(model.unet, *model.text_encoders, vae)  # before LoRA swaps any weight
+            refiner = self._refiner(req, file, model)
             resolved = {"Model hash": file.short_hash, "Model": file.name, "Version": VERSION}
             if vae_file is not None:
                 resolved.update({"VAE hash": vae_file.short_hash, "VAE": vae_file.name})
@@ -207,6 +222,11 @@ class Engine:
                     hypernetwork_ops.applied(model.unet, hypernets):
                 conds, used = self._encode(model, bare)
                 hires = self._hires_pass(model, req, bare, conds, sampler, schedule.name) if req.enable_hr else None
+                if refiner is not None:  # its own encoders' conditioning (LoRAs apply to the first model only)
+                    refiner.conds = self._encode(refiner.model, bare)[0]
+                    if hires is not None:
+                        refiner.hires_conds = refiner.conds if hires.conds is conds else \
+                            self._encode(refiner.model, hires.request)[0]
                 if hires is not None and not hires.sampler.timesteps and hires.schedule_label != schedule.label:
                     resolved["Hires schedule type"] = hires.schedule_label  # "Automatic" resolved, as above
                 prepared = None
@@ -227,11 +247,22 @@ class Engine:
                         inits = [prepared[(n * req.batch_size + j) % len(prepared)] for j in range(len(seeds))]
                     try:
                         span = None if hires is None else (0, hires.first_steps + hires.steps)
+                        # A1111's hires_fix_refiner_pass: by default the refiner joins in the second pass only
+                        first_refiner = refiner if hires is None or req.hires_fix_refiner_pass != "second pass" else None
                         latents = self._sample(model, vae, req, sampler, schedule.name, conds, seeds, subseeds, n,
-                                               on_progress, stop_batch, inits, span, hooks)
+                                               on_progress, stop_batch, inits, span, hooks, refiner=first_refiner)
+                        now_model, now_vae = model, vae
+                        if refiner is not None and refiner.switched:  # once it took over, it stays for the job
+                            now_model, now_vae = refiner.model, refiner.vae
                         if hires is not None:
-                            latents = self._run_hires(hires, model, vae, latents, seeds, subseeds, n, on_progress,
-                                                      stop_batch, hooks)
+                            late = refiner if refiner is not None and not refiner.switched and \
+                                req.hires_fix_refiner_pass != "first pass" else None
+                            run = hires if now_model is model else dataclasses.replace(hires, conds=refiner.hires_conds)
+                            latents = self._run_hires(run, now_model, now_vae, latents, seeds, subseeds, n, on_progress,
+                                                      stop_batch, hooks if now_model is model else off_the_unet(hooks),
+                                                      late)
+                            if refiner is not None and refiner.switched:
+                                now_model, now_vae = refiner.model, refiner.vae
                     except Interrupted:
                         if should_stop is not None and should_stop():
                             interrupted = True
@@ -242,7 +273,11 @@ class Engine:
                         continue
                     batches_done = n + 1
                     batch_images: list[GeneratedImage] = []
-                    for j, (image, s, ss) in enumerate(zip(vae_ops.to_pil(self._decode(vae, latents, req.tiled_vae)), seeds, subseeds)):
+                    if refiner is not None and refiner.switched:
+                        resolved.update(self._refiner_infotext(req, refiner, hires is not None))
+                        refiner.switched = False  # the next batch starts with the first model again
+                    for j, (image, s, ss) in enumerate(zip(vae_ops.to_pil(self._decode(now_vae, latents, req.tiled_vae)),
+                                                           seeds, subseeds)):
                         if req.restore_faces:
                             image = self.faces.restore(image, name=req.face_restoration_model, seed=s,
                                                        fidelity=req.code_former_weight)
@@ -307,7 +342,7 @@ class Engine:
                          (up_w, up_h), (cut_x, cut_y), first, steps, req.tiled_vae)
 
     def _run_hires(self, hires: HiresPass, model, vae, latents: torch.Tensor, seeds, subseeds, batch_no, on_progress,
-                   should_stop, hooks: Sequence[StepHook] = ()) -> torch.Tensor:
+                   should_stop, hooks: Sequence[StepHook] = (), refiner: RefinerUse | None = None) -> torch.Tensor:
         """Upscale a batch's first-pass latents (in latent space, or decoded, upscaled and re-encoded) and
         run the img2img pass over them, as A1111's ``sample_hr_pass``."""
         (up_w, up_h), (cut_x, cut_y) = hires.upscale_to, hires.truncate
@@ -339,7 +374,34 @@ class Engine:
             inits.append(img2img_ops.Prepared(None, big[i:i + 1].cpu(), None, None, None, None, image_cond))
         return self._sample(model, vae, hires.request, hires.sampler, hires.schedule, hires.conds, seeds, subseeds,
                             batch_no, on_progress, should_stop, inits, (hires.first_steps, hires.first_steps + hires.steps),
-                            hooks, "hires")
+                            hooks, "hires", refiner=refiner)
+
+    # ---- the refiner --------------------------------------------------------------------------------
+    def _refiner(self, req: Txt2ImgRequest, file: ModelFile, model: LoadedModel) -> RefinerUse | None:
+        """The job's refiner, loaded; None without one, or when it is the job's own checkpoint (A1111)."""
+        if not req.uses_refiner():
+            return None
+        r_file = self.registry.checkpoint(req.refiner_checkpoint)
+        if r_file.path == file.path:
+            return None
+        r_model = self.models.get(r_file.path, self.plan.dtype, self.plan.vae_dtype)
+        if r_model.spec.unet["out_channels"] != model.spec.unet["out_channels"] or \
+                r_model.spec.vae["scaling_factor"] != model.spec.vae["scaling_factor"]:
+            raise RequestError(f"refiner_checkpoint: {r_file.name} ({r_model.spec.describe()}) works in another "
+                               f"latent space than {file.name} ({model.spec.describe()})")
+        r_vae, _ = self.vae_module(r_file, r_model, req.vae)
+        self.placement.prepare(r_model.unet, *r_model.text_encoders, r_vae)
+        return RefinerUse(r_file, r_model, r_vae, ())
+
+    @staticmethod
+    def _refiner_infotext(req: Txt2ImgRequest, refiner: RefinerUse, hires: bool) -> dict[str, object]:
+        out: dict[str, object] = {"Refiner": f"{refiner.file.name} [{refiner.file.short_hash}]",
+                                  "Refiner switch at": req.refiner_switch_at}
+        if hires and req.hires_fix_refiner_pass != "second pass":
+            out["Hires refiner"] = req.hires_fix_refiner_pass
+        if req.refiner_switch_by_sample_steps:
+            out["Refiner switch by sampling steps"] = True
+        return out
 
     def _extra_networks(self, model: LoadedModel, req: Txt2ImgRequest, warnings: list[str], resolved: dict):
         """Take ``<lora:...>`` / ``<hypernet:...>`` tags out of both prompts and load what they name.
@@ -427,7 +489,7 @@ class Engine:
     def _sample(self, model, vae, req, sampler, schedule_name, conds, seeds, subseeds, batch_no, on_progress,
                 should_stop, inits: list[img2img_ops.Prepared] | None = None,
                 progress_span: tuple[int, int] | None = None, hooks: Sequence[StepHook] = (),
-                pass_name: str = "first") -> torch.Tensor:
+                pass_name: str = "first", refiner: RefinerUse | None = None) -> torch.Tensor:
         """One sampling pass for one batch. ``progress_span`` = (steps reported before this pass, steps of
         the whole job's passes), so a Hires. fix job counts its two passes as one run of steps."""
         h, w = req.height // 8, req.width // 8
@@ -449,9 +511,9 @@ class Engine:
         else:
             def noise_fn(sigma, sigma_next):
                 return torch.stack([g.randn(shape).to(device) for g in gens])
-        add_time_ids = None
-        if model.spec.is_sdxl:
-            add_time_ids = torch.tensor([[req.height, req.width, 0, 0, req.height, req.width]], dtype=torch.float32)
+        crop = (req.sdxl_crop_top, req.sdxl_crop_left)
+        aesthetic = (req.sdxl_refiner_high_aesthetic_score, req.sdxl_refiner_low_aesthetic_score)
+        time_ids = sdxl_time_ids(model.spec, req.width, req.height, crop, aesthetic) or (None, None)
         cond, uncond = conds
         image_cond = latent_mask = init = keep = None
         if inits is not None:
@@ -471,9 +533,22 @@ class Engine:
         plan = SamplingPlan(model.unet, self.schedule, model.spec.prediction, [cond] * len(seeds),
                             [uncond] * len(seeds), req.cfg_scale * sampler.cfg_scale_multiplier, self.plan.dtype,
                             self.plan.device,
-                            steps=len(sigmas) - 1, pass_name=pass_name, add_time_ids=add_time_ids, should_stop=should_stop,
+                            steps=len(sigmas) - 1, pass_name=pass_name, add_time_ids=time_ids[0],
+                            add_time_ids_uncond=time_ids[1], should_stop=should_stop,
                             batch_invariant=self.plan.device.type == "cpu", image_cond=image_cond,
                             latent_mask=latent_mask, hooks=list(hooks))
+        if refiner is not None:
+            r_spec, n = refiner.model.spec, len(seeds)
+            r_cond, r_uncond = refiner.hires_conds if pass_name == "hires" else refiner.conds
+
+            def target() -> SwitchTarget:
+                refiner.switched = True
+                return SwitchTarget(refiner.model.unet, r_spec.prediction, [r_cond] * n, [r_uncond] * n,
+                                    sdxl_time_ids(r_spec, req.width, req.height, crop, aesthetic),
+                                    r_spec.unet["in_channels"])
+
+            plan.switch = RefinerSwitch(req.refiner_switch_at, self.schedule, len(sigmas) - 1, target,
+                                        by_steps=req.refiner_switch_by_sample_steps)
         denoiser = CFGDenoiser(plan)
         offset, n_steps = progress_span or (0, len(sigmas) - 1)
 
@@ -492,7 +567,8 @@ class Engine:
                            lower_order_final=req.uni_pc_lower_order_final)
         fn = SAMPLER_FUNCTIONS[sampler.function]
         start = x * scale if init is None else init + x * (req.initial_noise_multiplier * sigmas[0] + req.extra_noise)
-        with torch.no_grad(), self.placement.use(model.unet), plan.applied():
+        with torch.no_grad(), self.placement.use(model.unet, *([refiner.model.unet] if refiner else [])), \
+                plan.applied():
             latents = fn(denoiser, start, sigmas, noise=noise_fn, callback=callback, after_step=denoiser.after_step,
                          **options)
         if sampler.timesteps:

@@ -37,6 +37,7 @@ from .schedules import DiscreteSchedule
 if TYPE_CHECKING:
     from .denoiser import ComposedConditioning, ScheduledConditioning
     from .img2img import LatentMask
+    from .refiner import RefinerSwitch, SwitchTarget
 
 
 class HookError(StudioError, RuntimeError):
@@ -160,6 +161,7 @@ class SamplingPlan:
     steps: int = 0  # sampling steps of this pass (hook windows are fractions of it)
     pass_name: str = "first"
     add_time_ids: torch.Tensor | None = None  # SDXL's size conditioning
+    add_time_ids_uncond: torch.Tensor | None = None  # the negative prompt's, when it differs (the refiner's)
     should_stop: Callable[[], bool] | None = None
     # One image per UNet call makes every image independent of its batch-mates, so an image re-created
     # alone from its infotext has the same pixels (batched GEMMs round differently).
@@ -167,10 +169,20 @@ class SamplingPlan:
     image_cond: torch.Tensor | None = None  # 9-channel inpainting UNets: mask + masked-image latent
     latent_mask: LatentMask | None = None  # inpainting: keeps the original latent where the mask says
     hooks: Sequence[StepHook] = field(default_factory=list)
+    switch: RefinerSwitch | None = None  # the refiner: another model takes over part-way (engine.refiner)
 
     def __post_init__(self) -> None:
         # per method, only the hooks that implement it: no hooks or no-op hooks cost one empty loop
         self._by_method = {m: [h for h in self.hooks if _overrides(h, m)] for m in _METHODS}
+
+    def switch_model(self, target: SwitchTarget) -> None:
+        """Carry on with another model (the refiner). Hooks feeding the first UNet's inputs stop: their
+        residuals fit that UNet only; an inpainting UNet's image conditioning goes if the new one has none."""
+        self.unet, self.prediction, self.cond, self.uncond = target.unet, target.prediction, target.cond, target.uncond
+        self.add_time_ids, self.add_time_ids_uncond = target.time_ids or (None, None)
+        if target.in_channels == 4:
+            self.image_cond = None
+        self._by_method["unet_inputs"] = []
 
     def hooks_for(self, method: str, step: Step) -> list[StepHook]:
         return [h for h in self._by_method[method] if h.active(step)]
@@ -220,6 +232,12 @@ class SamplingPlan:
             with calling(hook):
                 x = hook.after_step(step, x)
         return x
+
+
+def off_the_unet(hooks: Sequence[StepHook]) -> list[StepHook]:
+    """The hooks that do not reach into the UNet (no ``unet_inputs``, no ``applied``): what still fits when a
+    pass runs on another model than the one the hooks were made for (a refiner)."""
+    return [h for h in hooks if not _overrides(h, "unet_inputs") and not _overrides(h, "applied")]
 
 
 @contextlib.contextmanager

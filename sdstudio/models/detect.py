@@ -118,6 +118,9 @@ def _unet_config(shapes: Shapes, family: str) -> tuple[dict, int, tuple[bool, ..
     block_channels = [lv["channels"] for lv in levels]
     heads = [8] * len(levels) if family == "sd1" else [c // 64 for c in block_channels]
     mid_depth = _count(shapes, rf"{re.escape(p)}middle_block\.1\.transformer_blocks\.(\d+)\.")
+    if mid_depth and not levels[-1]["attn"]:
+        levels[-1]["depth"] = mid_depth  # the SDXL refiner: no attention at the last level; diffusers takes
+        # the middle block's depth from that level's entry
     config = {
         "sample_size": {"sd1": 64, "sd2": 96, "sdxl": 128, "sdxl_refiner": 128}[family],
         "in_channels": in_channels,

@@ -87,7 +87,7 @@ def _confirm(ctx, ax: xyz.Axis, values: list, kind: str) -> None:
                 get_sampler(v)
             elif ax.choices == "schedules":
                 get_schedule(v)
-            elif ax.choices == "checkpoints":
+            elif ax.choices == "checkpoints" and not (ax.field == "refiner_checkpoint" and v in ("None", "")):
                 engine.registry.checkpoint(v)
             elif ax.choices == "vaes" and v not in ("Automatic", "None"):
                 engine.registry.vae_for(engine.registry.checkpoint(None), v)

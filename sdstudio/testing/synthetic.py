@@ -101,6 +101,24 @@ def unet_config(family: str, size: str, in_channels: int = 4) -> dict:
             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
         }
+    if family == "sdxl_refiner":  # 4 levels of 384 channels, OpenCLIP-G context, aesthetic score (5 ids)
+        ch = [64, 128, 128, 128] if tiny else [384, 768, 1536, 1536]
+        width = _OPENCLIP_BIGG[size]["hidden_size"]
+        pooled = _OPENCLIP_BIGG[size]["projection_dim"]
+        return {
+            "in_channels": in_channels,
+            "block_out_channels": ch,
+            "layers_per_block": 2,
+            "attention_head_dim": [c // 64 for c in ch],
+            "cross_attention_dim": width,
+            "use_linear_projection": True,
+            "transformer_layers_per_block": [2, 2, 2, 2] if tiny else [4, 4, 4, 4],
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 5 * 256 + pooled,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        }
     raise ValueError(family)
 
 
@@ -144,7 +162,7 @@ def make_checkpoint(
     ema: bool = False,
     meta: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """A random-weight state dict in the original layout of ``family`` (sd1, sd2, sdxl).
+    """A random-weight state dict in the original layout of ``family`` (sd1, sd2, sdxl, sdxl_refiner).
     ``meta=True`` gives shape-only tensors (no memory, instant), for layout and detection checks."""
     if meta:
         from accelerate import init_empty_weights
@@ -186,6 +204,14 @@ def make_checkpoint(
             (
                 CLIPTextModelWithProjection(_clip_config(_OPENCLIP_BIGG[size], "gelu", 0)),
                 "conditioner.embedders.1.model.",
+                "openclip",
+            ),
+        ]
+    elif family == "sdxl_refiner":
+        encoders = [
+            (
+                CLIPTextModelWithProjection(_clip_config(_OPENCLIP_BIGG[size], "gelu", 0)),
+                "conditioner.embedders.0.model.",
                 "openclip",
             ),
         ]

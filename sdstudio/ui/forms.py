@@ -13,7 +13,7 @@ import typing
 from typing import Any, Protocol
 
 from ..core import scripts
-from ..core.params import Img2ImgRequest, Txt2ImgRequest
+from ..core.params import Img2ImgRequest, Txt2ImgRequest, option_fields
 
 SAME_SAMPLER = "Use same sampler"
 SAME_SCHEDULER = "Use same scheduler"
@@ -120,6 +120,7 @@ class Form:
             face_restoration_model=settings.get("face_restoration_model", "CodeFormer"),
             code_former_weight=float(settings.get("code_former_weight", 0.5)),
             model=settings.get("sd_model_checkpoint") or None, vae=settings.get("sd_vae", "Automatic"),
+            **option_fields(settings),
             **({"fix_steps": bool(settings.get("img2img_fix_steps", False)),
                 "initial_noise_multiplier": float(settings.get("initial_noise_multiplier", 1.0)),
                 "inpainting_mask_weight": float(settings.get("inpainting_mask_weight", 1.0))}
