@@ -37,6 +37,7 @@ _TXT2IMG_FLAGS = {
     "batch_count": "n_iter", "batch_size": "batch_size", "clip_skip": "clip_skip", "model": "model", "vae": "vae",
     "rng": "rng", "eta": "eta", "ensd": "eta_noise_seed_delta", "styles": "styles", "emphasis": "emphasis",
     "novelai_braces": "novelai_braces", "tiled_vae": "tiled_vae",
+    "refiner": "refiner_checkpoint", "refiner_switch_at": "refiner_switch_at",
     "hires": "enable_hr", "hr_scale": "hr_scale", "hr_upscaler": "hr_upscaler", "hr_steps": "hr_second_pass_steps",
     "denoising_strength": "denoising_strength", "hr_sampler": "hr_sampler_name", "hr_scheduler": "hr_scheduler",
     "hr_prompt": "hr_prompt", "hr_negative_prompt": "hr_negative_prompt", "hr_cfg": "hr_cfg",
@@ -62,6 +63,9 @@ def add_generation_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--clip-skip", type=int)
     t.add_argument("--model", help="checkpoint name (file stem), title or hash")
     t.add_argument("--vae", help="Automatic, None or a VAE name from models/VAE")
+    t.add_argument("--refiner", help="a checkpoint that takes over part-way (A1111's Refiner; SDXL's refiner)")
+    t.add_argument("--refiner-switch-at", dest="refiner_switch_at", type=float,
+                   help="fraction of sampling done when the refiner takes over (default 0.8)")
     t.add_argument("--rng", choices=["GPU", "CPU", "NV"])
     t.add_argument("--eta", type=float)
     t.add_argument("--ensd", type=int, help="eta noise seed delta")

@@ -3,6 +3,7 @@ on, Hires. fix passes, infotext round trip, X/Y/Z, and bad combinations."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 from sdstudio.core import infotext
 from sdstudio.core.errors import RequestError
+from sdstudio.core.outputs import read_infotext
 from sdstudio.core.params import Txt2ImgRequest, from_infotext
 from sdstudio.core.paths import Paths
 from sdstudio.engine.generate import Engine
@@ -153,3 +155,45 @@ def test_bad_refiners_are_named(engine):
         gen(engine, refiner_checkpoint="refiner", refiner_switch_at=1.5)
     with pytest.raises(RequestError, match="hires_fix_refiner_pass"):
         gen(engine, refiner_checkpoint="refiner", hires_fix_refiner_pass="third pass")
+
+
+def test_xyz_refiner_axes(engine):
+    from sdstudio.scripts.studio import Studio
+
+    studio = Studio(engine)
+    req = Txt2ImgRequest(**BASE, script_name="X/Y/Z plot", script_args={
+        "x_type": "Refiner checkpoint", "x_values": "None, refiner", "y_type": "Refiner switch at",
+        "y_values": "0.3, 1.0", "include_lone_images": True})
+    _grid, *cells = studio.generate(req.validate()).images
+    texts = [infotext.parse(c.infotext) for c in cells]
+    switched = [i for i, t in enumerate(texts) if "Refiner" in t]
+    assert len(cells) == 4 and len(switched) == 1  # only (refiner, 0.3) switches; 1.0 never does
+    assert texts[switched[0]]["Refiner switch at"] == "0.3"
+    assert np.array_equal(np.asarray(cells[switched[0]].image),
+                          px(gen(engine, refiner_checkpoint="refiner", refiner_switch_at=0.3)))
+
+
+def test_api_and_cli_take_a1111s_fields(engine, capsys):
+    from fastapi.testclient import TestClient
+
+    from sdstudio.cli import build_parser, main
+    from sdstudio.server import create_app
+
+    root = engine.paths.data_dir
+    args = build_parser().parse_args(["serve", "--data-dir", str(root), "--api", "--nowebui"])
+    client = TestClient(create_app(args))
+    body = {k: v for k, v in BASE.items() if k != "model"}
+    body.update(refiner_checkpoint="refiner", refiner_switch_at=0.5,
+                override_settings={"sd_model_checkpoint": "base", "sdxl_refiner_high_aesthetic_score": 6.5})
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert "Refiner: refiner [" in info["infotexts"][0] and "Refiner switch at: 0.5" in info["infotexts"][0]
+    bad = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"hires_fix_refiner_pass": "x"}})
+    assert bad.status_code == 422 and "hires_fix_refiner_pass" in bad.text
+    code = main(["txt2img", "a red circle", "--model", "base", "--refiner", "refiner", "--refiner-switch-at", "0.5",
+                 "--steps", "6", "--sampler", "Euler", "--size", "64x64", "--seed", "3", "--data-dir", str(root)])
+    out = capsys.readouterr().out
+    assert code == 0
+    png = next(line.strip() for line in out.splitlines() if line.strip().endswith(".png"))
+    assert "Refiner switch at: 0.5" in read_infotext(png)

@@ -142,7 +142,7 @@ class Form:
                 value = SAME_SCHEDULER
             elif name == "hr_cfg" and value is None:
                 value = 0
-            elif name == "script_name" and not value:
+            elif name in ("script_name", "refiner_checkpoint") and not value:
                 value = "None"
             out[name] = value
         chosen = {req.script_name: req.script_args} if req.script_name else {}

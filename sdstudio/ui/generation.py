@@ -124,6 +124,7 @@ class GenerationTab:
                 with gr.Row():
                     f.add("n_iter", gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id=f"{t}_batch_count"))
                     f.add("batch_size", gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{t}_batch_size"))
+                self._refiner()
                 f.add("cfg_scale", gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id=f"{t}_cfg_scale"))
                 if self.kind == "img2img":
                     f.add("denoising_strength", gr.Slider(0, 1, value=0.75, step=0.01, label="Denoising strength",
@@ -199,6 +200,17 @@ class GenerationTab:
             f.add("hr_negative_prompt", gr.Textbox(label="Hires negative prompt", lines=2, elem_id="hires_neg_prompt",
                                                    placeholder="Leave empty to use the same negative prompt as in "
                                                                "the first pass"))
+
+    def _refiner(self) -> None:
+        """A1111's Refiner accordion: a checkpoint that takes over once "Switch at" of the sampling is done."""
+        t, f = self.t, self.form
+        with gr.Accordion("Refiner", open=False, elem_id=f"{t}_refiner"), gr.Row():
+            f.add("refiner_checkpoint", gr.Dropdown(["None", *self.ui.checkpoint_titles()], value="None",
+                                                    label="Checkpoint", elem_id=f"{t}_refiner_checkpoint"))
+            f.add("refiner_switch_at", gr.Slider(0.01, 1.0, value=0.8, step=0.01, label="Switch at",
+                                                 elem_id=f"{t}_refiner_switch_at",
+                                                 info="fraction of sampling steps when the switch to refiner "
+                                                      "model should happen; 1=never, 0.5=switch in the middle"))
 
     def _seed_controls(self) -> None:
         t, f = self.t, self.form
