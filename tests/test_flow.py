@@ -403,3 +403,23 @@ def test_flux_guidance_reaches_the_model_and_unet_extras_are_refused(flux_parts,
         FluxCall(transformer)(x, t, down_block_additional_residuals=[x], **kwargs)
     with pytest.raises(TypeError, match="mid_block_additional_residual"):
         SD3Call(sd3_parts[-1])(x, t, mid_block_additional_residual=x, **kwargs)
+
+
+@torch.no_grad()
+def test_clip_l_pooled_is_unprojected_and_t5_truncation_keeps_eos(sd3_parts, flux_parts):
+    clip_l, clip_g, t5, _ = sd3_parts
+    projected_l = copy.deepcopy(clip_l)
+    torch.manual_seed(12)
+    projected_l.text_projection.weight.normal_()  # a file whose CLIP-L projection is not the identity
+    cond = FlowConditioner(FlowTextEncoders("sd3", projected_l, clip_g, t5), torch.device("cpu")).encode("a cat")
+    tokens = clip_tokenizer()("a cat", add_special_tokens=False).input_ids
+    ids = torch.tensor([[49406, *tokens] + [49407] * (77 - 1 - len(tokens))])
+    assert torch.allclose(cond.pooled[:, :16], projected_l.text_model(input_ids=ids).pooler_output, atol=1e-6, rtol=0)
+    # a prompt longer than the T5 sequence: cut to length - 1 tokens and </s>, as diffusers' tokenizer call does
+    clip_l, t5, transformer = flux_parts
+    short = FlowConditioner(FlowTextEncoders("flux", clip_l, t5=t5, t5_tokens=8), torch.device("cpu"))
+    pipe = FluxPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(),
+                        text_encoder=clip_l, tokenizer=clip_tokenizer(), text_encoder_2=t5, tokenizer_2=t5_tokenizer())
+    prompt = "a red fox sitting in deep snow under a pale winter sky"
+    embeds, _, _ = pipe.encode_prompt(prompt, prompt, max_sequence_length=8)
+    assert torch.allclose(short.encode(prompt).crossattn, embeds, atol=1e-6, rtol=0)
