@@ -15,6 +15,7 @@ import pytest
 import torch
 from diffusers import (
     AutoencoderKL,
+    DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -271,6 +272,31 @@ def test_euler_equals_flow_match_euler_flux(flux_parts, dtype):
     kwargs = {"encoder_hidden_states": torch.randn(1, 5, 48), "added_cond_kwargs": {"text_embeds": torch.randn(1, 16)}}
     ours, ref = _euler_case(FluxCall(transformer, guidance=3.5), kwargs, dtype)
     assert (ours - ref).abs().max() < EULER_TOLERANCE[dtype], float((ours - ref).abs().max())
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 vs diffusers' DPM scheduler internals
+@torch.no_grad()
+def test_dpmpp_2m_equals_diffusers_flow_dpm_solver(sd3_parts):
+    """Beyond Euler: k-diffusion's DPM++ 2M in s is diffusers' DPM-Solver++ (2M) for flow models (α = 1 - σ):
+    the change of variables gives the multistep samplers their flow forms too."""
+    transformer = copy.deepcopy(sd3_parts[-1]).double()
+    torch.manual_seed(9)
+    kwargs = {"encoder_hidden_states": torch.randn(1, 5, 48).double(),
+              "added_cond_kwargs": {"text_embeds": torch.randn(1, 32).double()}}
+    call = SD3Call(transformer)
+    sched = DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0,
+                                        algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero")
+    sched.set_timesteps(8)
+    flow_sigmas = sched.sigmas.double()  # its own spacing, 0.9997 .. 0
+    noise = _noise().double()
+    x = noise * flow_sigmas[0]
+    for i, t in enumerate(sched.timesteps):
+        x = sched.step(call(x, flow_sigmas[i].reshape(1), **kwargs).sample, t, x).prev_sample
+    sigmas = to_ve(flow_sigmas)
+    ours = SAMPLER_FUNCTIONS["dpmpp_2m"](
+        lambda x, s: flow_denoised(x, call(x * flow_c_in(s), flow_timestep(s).reshape(1), **kwargs).sample, s),
+        noise * sigmas[0], sigmas)
+    assert (ours - x).abs().max() < 1e-5, float((ours - x).abs().max())  # the scheduler computes in float32
 
 
 # ---- whole pipelines: our conditioning + schedule + denoiser + Euler = diffusers' pipeline ------------------
