@@ -30,6 +30,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--controlnet-dir", help="folder with ControlNet models (default: models/ControlNet)")
     g.add_argument("--annotators-dir", help="folder with the ControlNet preprocessors' networks, e.g. "
                                             "ControlNetHED.pth (default: models/ControlNet/annotators)")
+    g.add_argument("--text-encoder-dir", help="folder with SD 3.x / Flux text encoders: CLIP-L, CLIP-G, T5-XXL "
+                                              "(default: models/text_encoder; models/clip is read too)")
     g.add_argument("--styles-file", help="prompt styles CSV (default: styles.csv in the data dir)")
     d = parser.add_argument_group("device")
     d.add_argument("--precision", choices=["full", "autocast", "half"], default="autocast")
@@ -54,7 +56,8 @@ def paths_from(args: argparse.Namespace) -> Paths:
                  realesrgan_dir=args.realesrgan_models_path, swinir_dir=args.swinir_models_path,
                  dat_dir=args.dat_models_path, gfpgan_dir=args.gfpgan_models_path,
                  codeformer_dir=args.codeformer_models_path, controlnet_dir=args.controlnet_dir,
-                 annotators_dir=args.annotators_dir, styles_file=args.styles_file)
+                 annotators_dir=args.annotators_dir, text_encoder_dir=args.text_encoder_dir,
+                 styles_file=args.styles_file)
 
 
 def device_options_from(args: argparse.Namespace) -> DeviceOptions:

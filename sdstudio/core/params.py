@@ -83,6 +83,7 @@ class Txt2ImgRequest:
     hr_prompt: str = ""  # "" = the same prompt
     hr_negative_prompt: str = ""
     hr_cfg: float | None = None  # None = the same CFG scale
+    distilled_cfg_scale: float = 3.5  # Flux.1 dev's distilled guidance (Forge's "Distilled CFG Scale")
     # A1111's Refiner: another checkpoint takes over once this fraction of sampling is done ("" / "None": none)
     refiner_checkpoint: str = ""
     refiner_switch_at: float = 0.8
@@ -118,6 +119,8 @@ class Txt2ImgRequest:
             raise RequestError(f"subseed_strength must be between 0 and 1, got {self.subseed_strength!r}")
         if not 0.0 <= self.extra_noise <= 1.0:
             raise RequestError(f"extra_noise must be between 0 and 1, got {self.extra_noise!r}")
+        if not 0.0 <= self.distilled_cfg_scale <= 100.0:
+            raise RequestError(f"distilled_cfg_scale must be between 0 and 100, got {self.distilled_cfg_scale!r}")
         if not 0.0 <= self.cfg_scale <= 100.0:
             raise RequestError(f"cfg_scale must be between 0 and 100, got {self.cfg_scale!r}")
         if not 0.0 <= self.code_former_weight <= 1.0:
@@ -417,6 +420,7 @@ INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
                   lambda t: dict(zip(("width", "height"), _parse_size(t)))),
     InfotextField("Model hash", lambda r: None, lambda t: {"model_hash": t.strip()}),  # written by the engine
     # the refiner's keys are written by the engine, and only when it took over (as A1111)
+    InfotextField("Distilled CFG Scale", lambda r: None, lambda t: {"distilled_cfg_scale": float(t)}),  # by the engine
     InfotextField("Refiner", lambda r: None, lambda t: {"refiner_checkpoint": t.strip()}),
     InfotextField("Refiner switch at", lambda r: None, lambda t: {"refiner_switch_at": float(t)}),
     InfotextField("Hires refiner", lambda r: None, lambda t: {"hires_fix_refiner_pass": t.strip()}),
@@ -493,7 +497,7 @@ _FIELD_BY_KEY = {f.key: f for f in INFOTEXT_FIELDS}
 
 # A1111's key order; keys not listed (extensions, scripts, keys we keep unread) go before Version.
 KEY_ORDER = (
-    "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Face restoration", "CodeFormer weight", "Size",
+    "Steps", "Sampler", "Schedule type", "CFG scale", "Distilled CFG Scale", "Seed", "Face restoration", "CodeFormer weight", "Size",
     "Model hash", "Model", "VAE hash", "VAE", "Denoising strength", "Mask blur", "Mask mode", "Masked content", "Inpaint area",
     "Masked area padding", "Resize mode", "Noise multiplier", "Clip skip", "Tiling", "Variation seed", "Variation seed strength",
     "Seed resize from", "RNG", "ENSD", "Eta", "Sigma churn", "Sigma tmin", "Sigma noise", "Discard penultimate sigma",

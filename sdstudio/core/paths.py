@@ -22,6 +22,7 @@ class Paths:
     codeformer_dir: Path | None = None
     controlnet_dir: Path | None = None
     annotators_dir: Path | None = None  # ControlNet preprocessors' network files (HED, OpenPose...)
+    text_encoder_dir: Path | None = None  # SD 3.x / Flux text encoders (CLIP-L, CLIP-G, T5-XXL), Forge's folder
     outputs_dir: Path | None = None
     styles_file: Path | None = None
 
@@ -42,6 +43,7 @@ class Paths:
         self.codeformer_dir = Path(self.codeformer_dir or models / "Codeformer").expanduser()
         self.controlnet_dir = Path(self.controlnet_dir or models / "ControlNet").expanduser()
         self.annotators_dir = Path(self.annotators_dir or self.controlnet_dir / "annotators").expanduser()
+        self.text_encoder_dir = Path(self.text_encoder_dir or models / "text_encoder").expanduser()
         self.outputs_dir = Path(self.outputs_dir or self.data_dir / "outputs").expanduser()
         self.styles_file = Path(self.styles_file or self.data_dir / "styles.csv").expanduser()
 
@@ -58,13 +60,18 @@ class Paths:
         return {"CodeFormer": self.codeformer_dir, "GFPGAN": self.gfpgan_dir}
 
     @property
+    def text_encoder_dirs(self) -> list[Path]:
+        """Forge's models/text_encoder (or --text-encoder-dir), then ComfyUI's models/clip."""
+        return [self.text_encoder_dir, self.models_dir / "clip"]
+
+    @property
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
 
     def create_layout(self) -> None:
         """Make the folders a user drops files into, as A1111 does on first start."""
         for d in (self.ckpt_dirs[-1], self.vae_dir, self.lora_dir, self.embeddings_dir, self.hypernetwork_dir,
-                  self.esrgan_dir, self.gfpgan_dir, self.codeformer_dir, self.controlnet_dir):
+                  self.esrgan_dir, self.gfpgan_dir, self.codeformer_dir, self.controlnet_dir, self.text_encoder_dir):
             d.mkdir(parents=True, exist_ok=True)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .conditioning import Conditioning
+from .flow import flow_c_in, flow_denoised, flow_timestep
 from .hooks import Guidance, SamplingPlan, Step, UNetCall
 
 
@@ -81,6 +82,8 @@ class CFGDenoiser:
             negative = plan.add_time_ids if plan.add_time_ids_uncond is None else plan.add_time_ids_uncond
             time_ids = torch.cat([negative if u else plan.add_time_ids for u in uncond])
             extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.to(plan.device, plan.dtype)}
+        elif plan.prediction == "flow":  # SD 3.x / Flux.1: the pooled text embedding, no size conditioning
+            extra["added_cond_kwargs"] = {"text_embeds": torch.cat([c.pooled for c in conds]).to(plan.device, plan.dtype)}
         x, t = x.to(plan.dtype), t.to(plan.device)
         if plan.hooks:
             extra.update(plan.unet_inputs(UNetCall(x, t, hidden, owners, uncond, step, extra.get("added_cond_kwargs"))))
@@ -113,6 +116,8 @@ class CFGDenoiser:
         return [per_image[i] for i in images], list(out_u)
 
     def _to_denoised(self, x: torch.Tensor, out: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        if self.plan.prediction == "flow":
+            return flow_denoised(x, out, s)
         if self.v_prediction:
             return x / (s ** 2 + 1) - out * s / (s ** 2 + 1) ** 0.5
         return x - out * s
@@ -126,9 +131,13 @@ class CFGDenoiser:
         if plan.switch is not None and plan.switch.due(sigma, self.step):
             plan.switch_model(plan.switch.target())
         s = sigma.float().to(x.device)[:, None, None, None]
-        t = plan.schedule.sigma_to_t(sigma.float().cpu())
         step = self._step(sigma)
-        x_in = (x / (s ** 2 + 1) ** 0.5).to(plan.device)
+        if plan.prediction == "flow":  # x_f = x / (1 + s) at flow time σ = s / (1 + s) (engine.flow)
+            t = flow_timestep(sigma.float().cpu())
+            x_in = (x * flow_c_in(s)).to(plan.device)
+        else:
+            t = plan.schedule.sigma_to_t(sigma.float().cpu())
+            x_in = (x / (s ** 2 + 1) ** 0.5).to(plan.device)
         if plan.image_cond is not None:
             x_in = torch.cat([x_in, plan.image_cond.to(x_in.device, x_in.dtype)], dim=1)
         groups = [range(i, i + 1) for i in range(batch)] if plan.batch_invariant else [range(batch)]

@@ -29,6 +29,7 @@ from ..models.errors import ModelFileError, ModelNotFoundError
 from ..models.files import ModelFile
 from ..models.loader import LoadedModel, ModelCache, load_vae_file
 from ..models.registry import ModelRegistry
+from . import flow as flow_ops
 from . import hypernetwork as hypernetwork_ops
 from . import img2img as img2img_ops
 from . import lora as lora_ops
@@ -156,7 +157,11 @@ class Engine:
             if not model_hash:
                 raise
             file = self.registry.checkpoint(model_hash)
-        return file, self.models.get(file.path, self.plan.dtype, self.plan.vae_dtype)
+        return file, self._get(file)
+
+    def _get(self, file: ModelFile) -> LoadedModel:
+        return self.models.get(file.path, self.plan.dtype, self.plan.vae_dtype,
+                               text_encoder_dirs=tuple(self.paths.text_encoder_dirs), vae_dirs=(self.paths.vae_dir,))
 
     def vae_module(self, file: ModelFile, model: LoadedModel, choice: str):
         vae_file = self.registry.vae_for(file, choice)
@@ -204,6 +209,8 @@ class Engine:
             vae, vae_file = self.vae_module(file, model, req.vae)
             self.placement.prepare(model.unet, *model.text_encoders, vae)  # before LoRA swaps any weight
             refiner = self._refiner(req, file, model)
+            if model.spec.is_flow:
+                self._check_flow(model, req, sampler, hooks)
             resolved = {"Model hash": file.short_hash, "Model": file.name, "Version": VERSION}
             if vae_file is not None:
                 resolved.update({"VAE hash": vae_file.short_hash, "VAE": vae_file.name})
@@ -212,6 +219,8 @@ class Engine:
                 resolved["Schedule type"] = schedule.label
             if sampler.uses_ensd and req.eta_noise_seed_delta:
                 resolved["ENSD"] = req.eta_noise_seed_delta
+            if model.spec.is_flow and model.spec.dit.is_flux and model.spec.dit.guidance_distilled:
+                resolved["Distilled CFG Scale"] = req.distilled_cfg_scale  # Forge's key
             req_for_text = req.replace(model=file.name, model_hash=None)
             warnings: list[str] = list(model.warnings)  # e.g. a tensor the file lacked, filled in
             bare, loras, hypernets = self._extra_networks(model, req, warnings, resolved)
@@ -384,7 +393,7 @@ class Engine:
         r_file = self.registry.checkpoint(req.refiner_checkpoint)
         if r_file.path == file.path:
             return None
-        r_model = self.models.get(r_file.path, self.plan.dtype, self.plan.vae_dtype)
+        r_model = self._get(r_file)
         if r_model.spec.unet["out_channels"] != model.spec.unet["out_channels"] or \
                 r_model.spec.vae["scaling_factor"] != model.spec.vae["scaling_factor"]:
             raise RequestError(f"refiner_checkpoint: {r_file.name} ({r_model.spec.describe()}) works in another "
@@ -408,6 +417,10 @@ class Engine:
         Returns the request with bare prompts, the LoRAs and the hypernetworks; records ``Lora hashes``."""
         prompt, tags = extract(req.prompt)
         negative, negative_tags = extract(req.negative_prompt)
+        if model.spec.is_flow and tags + negative_tags:
+            warnings.append(f"{', '.join(t.name for t in tags + negative_tags)}: LoRAs and hypernetworks are not "
+                            f"applied to {model.spec.describe()} models yet; generated without them")
+            return req.replace(prompt=prompt, negative_prompt=negative), [], []
         loras = self._networks(model, tags + negative_tags, warnings, _named_hashes(req.extra.get("Lora hashes", "")))
         resolved["Lora hashes"] = ", ".join(f"{name}: {self.registry.hashes.addnet(lf.path)}"
                                             for name, (lf, _, _) in loras.items()) or None
@@ -455,9 +468,12 @@ class Engine:
     def _encode(self, model: LoadedModel, req: Txt2ImgRequest):
         """The prompt's AND parts and the negative prompt, each scheduled per step (each distinct text
         encoded once), and the embeddings they used."""
-        widths = [te.config["hidden_size"] for te in model.spec.text_encoders]
-        known = _named_hashes(req.extra.get("TI hashes", ""))
-        conditioner = TextConditioner(model, self.plan.device, self.embeddings.usable(widths, known))
+        if model.spec.is_flow:  # SD 3.x / Flux.1: CLIP-L (+ CLIP-G) and T5-XXL (no embeddings yet)
+            conditioner = flow_ops.FlowConditioner(self._flow_encoders(model, req), self.plan.device)
+        else:
+            widths = [te.config["hidden_size"] for te in model.spec.text_encoders]
+            known = _named_hashes(req.extra.get("TI hashes", ""))
+            conditioner = TextConditioner(model, self.plan.device, self.embeddings.usable(widths, known))
         encoded: dict[str, object] = {}
 
         def scheduled(text: str) -> ScheduledConditioning:
@@ -474,9 +490,57 @@ class Engine:
             uncond = scheduled(req.negative_prompt)  # A1111 does not split the negative prompt on AND
         return (cond, uncond), conditioner.used_embeddings
 
+    # ---- SD 3.x / Flux.1 -------------------------------------------------------------------------------
+    @staticmethod
+    def _flow_encoders(model: LoadedModel, req: Txt2ImgRequest) -> flow_ops.FlowTextEncoders:
+        enc, dit = model.extras["encoders"], model.spec.dit
+        tokens = None
+        if dit.is_flux:
+            tokens = flow_ops.FLUX_DEV_T5_TOKENS if dit.guidance_distilled else flow_ops.FLUX_SCHNELL_T5_TOKENS
+        return flow_ops.FlowTextEncoders("flux" if dit.is_flux else "sd3", enc["clip_l"], enc.get("clip_g"),
+                                         enc.get("t5xxl"), tokens)
+
+    def _schedule(self, model: LoadedModel, req: Txt2ImgRequest):
+        """The noise schedule of the model at this pass's size (Flux.1 shifts by image size)."""
+        if not model.spec.is_flow:
+            return self.schedule
+        if model.spec.dit.is_flux:
+            return flow_ops.FlowSchedule.flux(req.width, req.height, schnell=not model.spec.dit.guidance_distilled)
+        return flow_ops.FlowSchedule.sd3()
+
+    def _model_call(self, model: LoadedModel, req: Txt2ImgRequest):
+        """What the denoiser calls: the UNet itself, or a flow transformer behind the same call."""
+        if not model.spec.is_flow:
+            return model.unet
+        if model.spec.dit.is_flux:
+            return flow_ops.FluxCall(model.unet, guidance=req.distilled_cfg_scale)
+        return flow_ops.SD3Call(model.unet)
+
+    @staticmethod
+    def _check_flow(model: LoadedModel, req: Txt2ImgRequest, sampler, hooks: Sequence[StepHook]) -> None:
+        """What SD 3.x / Flux.1 cannot do here, said before any work."""
+        name = model.spec.describe()
+        if sampler.timesteps:
+            raise RequestError(f"sampler {sampler.label}: {name} is a flow-matching model; DDIM / PLMS-style "
+                               f"timestep samplers do not fit it (use Euler, DPM++ 2M, Heun...)")
+        if model.spec.dit.is_flux and (req.width % 16 or req.height % 16):
+            raise RequestError(f"{name} needs width and height in multiples of 16, got {req.width}x{req.height}")
+        unfit = [h.owner or type(h).__name__ for h in hooks if h not in off_the_unet(hooks)]
+        if unfit:
+            raise RequestError(f"{', '.join(dict.fromkeys(unfit))}: not available for {name} models "
+                               f"(it feeds a UNet; {name} is a transformer)")
+
     def _sigmas(self, model, req, sampler, schedule_name, img2img: bool) -> torch.Tensor:
         """The noise levels this pass steps through (img2img: the tail its denoising strength reaches)."""
         total, run = req.steps_to_run() if img2img else (req.steps, req.steps)
+        if model.spec.is_flow:
+            try:
+                sigmas = self._schedule(model, req).sigmas_for(
+                    schedule_name, total, discard_next_to_last=sampler.discard_next_to_last_sigma
+                    or req.always_discard_next_to_last_sigma)
+            except ValueError as exc:
+                raise RequestError(f"scheduler: {exc}") from None
+            return sigmas[len(sigmas) - run - 1:]
         if sampler.timesteps:
             sigmas = self.schedule.sigmas[ddim_timesteps(total)].flip(0)
         else:
@@ -530,7 +594,8 @@ class Engine:
         elif model.spec.inpainting:
             with self.placement.use(vae):
                 image_cond = img2img_ops.txt2img_conditioning(vae, self.plan.device, len(seeds), req.height, req.width)
-        plan = SamplingPlan(model.unet, self.schedule, model.spec.prediction, [cond] * len(seeds),
+        schedule = self._schedule(model, req)
+        plan = SamplingPlan(self._model_call(model, req), schedule, model.spec.prediction, [cond] * len(seeds),
                             [uncond] * len(seeds), req.cfg_scale * sampler.cfg_scale_multiplier, self.plan.dtype,
                             self.plan.device,
                             steps=len(sigmas) - 1, pass_name=pass_name, add_time_ids=time_ids[0],
@@ -547,7 +612,7 @@ class Engine:
                                     sdxl_time_ids(r_spec, req.width, req.height, crop, aesthetic),
                                     r_spec.unet["in_channels"])
 
-            plan.switch = RefinerSwitch(req.refiner_switch_at, self.schedule, len(sigmas) - 1, target,
+            plan.switch = RefinerSwitch(req.refiner_switch_at, schedule, len(sigmas) - 1, target,
                                         by_steps=req.refiner_switch_by_sample_steps)
         denoiser = CFGDenoiser(plan)
         offset, n_steps = progress_span or (0, len(sigmas) - 1)

@@ -43,7 +43,7 @@ def _encode(vae, pixels: torch.Tensor, tiled: bool) -> torch.Tensor:
 def decode(vae, latents: torch.Tensor, device: torch.device, tiled: bool = False) -> torch.Tensor:
     """Latents (already divided out of the sampler space) -> images in [0, 1], float32 on the CPU.
     ``tiled``: tile by tile (:mod:`.tiled_vae`), the same image in a fraction of the GPU memory."""
-    scaled = latents / vae.config.scaling_factor
+    scaled = latents / vae.config.scaling_factor + _shift(vae)
     out = _decode(vae, scaled.to(device, vae.dtype), tiled).float()
     if torch.isnan(out).any():
         if vae.dtype == torch.float32:
@@ -63,7 +63,12 @@ def encode(vae, pixels: torch.Tensor, device: torch.device, tiled: bool = False)
         log.warning("VAE encode produced NaNs in half precision; retrying in float32")
         vae.to(torch.float32)
         latent = _encode(vae, pixels.to(device, torch.float32), tiled).float()
-    return (latent * vae.config.scaling_factor).cpu()
+    return ((latent - _shift(vae)) * vae.config.scaling_factor).cpu()
+
+
+def _shift(vae) -> float:
+    """The latent mean SD 3.x / Flux VAEs take out before scaling (0.0609 / 0.1159); 0 for SD 1.x / SDXL."""
+    return float(getattr(vae.config, "shift_factor", None) or 0.0)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

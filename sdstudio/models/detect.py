@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import ModelFileError
 
@@ -40,6 +41,7 @@ class ModelSpec:
     layers_per_block: int = 2
     up_has_attention: tuple[bool, ...] = field(default_factory=tuple)
     vae_levels: int = 4
+    dit: Any = None  # SD 3.x / Flux.1: the transformer's spec (models.dit.DitSpec); ``unet`` holds latent sizes only
 
     @property
     def inpainting(self) -> bool:
@@ -49,7 +51,14 @@ class ModelSpec:
     def is_sdxl(self) -> bool:
         return self.family.startswith("sdxl")
 
+    @property
+    def is_flow(self) -> bool:
+        """A flow-matching transformer (SD 3.x, Flux.1) rather than a UNet."""
+        return self.prediction == "flow"
+
     def describe(self) -> str:
+        if self.dit is not None:
+            return self.dit.describe()
         kind = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl_refiner": "SDXL refiner"}[self.family]
         extras = [x for x, on in (("v-prediction", self.prediction == "v_prediction"),
                                   ("inpainting", self.inpainting)) if on]
@@ -199,6 +208,13 @@ def _openclip_spec(shapes: Shapes, prefix: str, *, with_projection: bool, hidden
 
 def detect(shapes: Shapes, *, v_prediction: bool | None = None) -> ModelSpec:
     """Architecture of a single-file checkpoint. ``v_prediction`` overrides what the keys suggest."""
+    from .dit import detect_dit  # SD 3.x / Flux.1 transformers: their own tables (dit imports this module)
+
+    dit = detect_dit(shapes)
+    if dit is not None:
+        latent = dit.vae["latent_channels"] if dit.vae else 16
+        return ModelSpec(dit.family, {"in_channels": latent, "out_channels": latent, "sample_size": 128},
+                         dit.vae or {}, (), "flow", dit=dit)
     if UNET_PREFIX + "input_blocks.0.0.weight" not in shapes:
         if any(k.startswith(("encoder.", "decoder.")) for k in shapes):
             raise ModelFileError("this is a stand-alone VAE, not a checkpoint: put it in models/VAE")

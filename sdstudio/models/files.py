@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".gguf")  # .gguf: quantized Flux / SD 3.x (Forge)
 VAE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 NETWORK_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt")  # stand-alone networks: upscalers, face restorers
 

@@ -128,13 +128,20 @@ def _v_prediction_hint(path: Path) -> bool | None:
     return None
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None) -> LoadedModel:
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None, *,
+                    text_encoder_dirs: tuple[Path, ...] = (), vae_dirs: tuple[Path, ...] = ()) -> LoadedModel:
+    """A single-file checkpoint. SD 3.x / Flux.1 files take their missing text encoders from
+    ``text_encoder_dirs`` and their VAE from ``vae_dirs`` when they do not bundle them."""
     path = Path(path)
+    if path.suffix.lower() == ".gguf":  # Forge's / ComfyUI-GGUF's quantized transformers
+        return _load_flow(path, dtype, vae_dtype, text_encoder_dirs, vae_dirs)
     source = open_state_dict(path)
     try:
         spec = detect(source.shapes, v_prediction=_v_prediction_hint(path))
     except ModelFileError as exc:
         raise ModelFileError(f"{path.name}: {exc}") from None
+    if spec.is_flow:
+        return _load_flow(path, dtype, vae_dtype, text_encoder_dirs, vae_dirs)
     try:
         unet = build_unet(spec, source, dtype)
         vae = build_vae(spec.vae, spec.vae_levels, source, VAE_PREFIX, vae_dtype or dtype)
@@ -146,6 +153,21 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, vae_dt
     for w in warnings:
         log.warning("%s: %s", path.name, w)
     return LoadedModel(path, spec, unet, vae, encoders, tokenizers, dtype, warnings=[f"{path.name}: {w}" for w in warnings])
+
+
+def _load_flow(path: Path, dtype: torch.dtype, vae_dtype: torch.dtype | None, text_encoder_dirs, vae_dirs
+               ) -> LoadedModel:
+    """An SD 3.x / Flux.1 model as a LoadedModel: ``unet`` is the transformer, ``text_encoders`` its encoders
+    (``extras["encoders"]``: the same by kind: clip_l, clip_g, t5xxl)."""
+    from .dit import load_dit
+
+    dm = load_dit(path, dtype, text_encoder_dirs=text_encoder_dirs, vae_dirs=vae_dirs, vae_dtype=vae_dtype)
+    latent = dm.vae.config.latent_channels
+    spec = ModelSpec(dm.spec.family, {"in_channels": latent, "out_channels": latent, "sample_size": 128},
+                     dict(dm.vae.config), (), "flow", dit=dm.spec)
+    return LoadedModel(path, spec, dm.transformer, dm.vae, list(dm.text_encoders.values()), [clip_tokenizer()],
+                       dtype, vae_source=dm.sources.get("vae", "checkpoint"),
+                       extras={"encoders": dict(dm.text_encoders), "sources": dict(dm.sources)})
 
 
 def load_vae_file(path: str | Path, like: AutoencoderKL, dtype: torch.dtype) -> AutoencoderKL:
@@ -169,14 +191,17 @@ class ModelCache:
         self._lock = threading.Lock()
         self.loads = 0  # checkpoints read from disk so far (an X/Y/Z plot's ordering keeps this low)
 
-    def get(self, path: Path, dtype: torch.dtype, vae_dtype: torch.dtype | None = None) -> LoadedModel:
+    def get(self, path: Path, dtype: torch.dtype, vae_dtype: torch.dtype | None = None, *,
+            text_encoder_dirs: tuple[Path, ...] = (), vae_dirs: tuple[Path, ...] = ()) -> LoadedModel:
         st = Path(path).stat()
-        key = (str(Path(path).resolve()), st.st_size, st.st_mtime, dtype, vae_dtype)
+        key = (str(Path(path).resolve()), st.st_size, st.st_mtime, dtype, vae_dtype, tuple(text_encoder_dirs),
+               tuple(vae_dirs))
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
-        model = load_checkpoint(path, dtype, vae_dtype)
+        model = load_checkpoint(path, dtype, vae_dtype, text_encoder_dirs=tuple(text_encoder_dirs),
+                                vae_dirs=tuple(vae_dirs))
         with self._lock:
             self.loads += 1
             self._items[key] = model

@@ -180,11 +180,13 @@ def encoder_state(kind: str, size: str = "tiny", seed: int = 0, layout: str = "c
     return sd
 
 
-def dit_vae_state(size: str = "tiny", seed: int = 0, prefix: str = "") -> dict[str, torch.Tensor]:
-    """A 16-channel VAE without quant convs (SD3's / Flux's ``ae.safetensors``), in the LDM layout."""
+def dit_vae_state(size: str = "tiny", seed: int = 0, prefix: str = "", levels: int | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """A 16-channel VAE without quant convs (SD3's / Flux's ``ae.safetensors``), in the LDM layout. The tiny
+    one has 2 levels (2x downscale) unless ``levels`` says otherwise (4: the real 8x, for whole-job tests)."""
     from diffusers import AutoencoderKL
 
-    channels = [128, 256, 512, 512] if size == "full" else [32, 32]
+    channels = [128, 256, 512, 512] if size == "full" else [32] * (levels or 2)
     torch.manual_seed(seed)
     vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * len(channels),
                         up_block_types=["UpDecoderBlock2D"] * len(channels), block_out_channels=channels,
