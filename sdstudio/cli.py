@@ -38,6 +38,7 @@ _TXT2IMG_FLAGS = {
     "rng": "rng", "eta": "eta", "ensd": "eta_noise_seed_delta", "styles": "styles", "emphasis": "emphasis",
     "novelai_braces": "novelai_braces", "tiled_vae": "tiled_vae",
     "refiner": "refiner_checkpoint", "refiner_switch_at": "refiner_switch_at",
+    "distilled_cfg": "distilled_cfg_scale",
     "hires": "enable_hr", "hr_scale": "hr_scale", "hr_upscaler": "hr_upscaler", "hr_steps": "hr_second_pass_steps",
     "denoising_strength": "denoising_strength", "hr_sampler": "hr_sampler_name", "hr_scheduler": "hr_scheduler",
     "hr_prompt": "hr_prompt", "hr_negative_prompt": "hr_negative_prompt", "hr_cfg": "hr_cfg",
@@ -63,6 +64,8 @@ def add_generation_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--clip-skip", type=int)
     t.add_argument("--model", help="checkpoint name (file stem), title or hash")
     t.add_argument("--vae", help="Automatic, None or a VAE name from models/VAE")
+    t.add_argument("--distilled-cfg", dest="distilled_cfg", type=float,
+                   help="Flux.1 dev's distilled guidance (Forge's Distilled CFG Scale, default 3.5)")
     t.add_argument("--refiner", help="a checkpoint that takes over part-way (A1111's Refiner; SDXL's refiner)")
     t.add_argument("--refiner-switch-at", dest="refiner_switch_at", type=float,
                    help="fraction of sampling done when the refiner takes over (default 0.8)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import numpy as np
 import pytest
@@ -150,3 +151,22 @@ def test_controlnet_on_flux_is_refused_before_any_work(engine):
          "image": base64.b64encode(buffer.getvalue()).decode()}]}})
     with pytest.raises(RequestError, match="ControlNet unit 0: not available for Flux.1 dev"):
         Studio(engine).generate(req.validate())
+
+
+def test_api_and_cli_take_forges_distilled_cfg_scale(root, capsys):
+    from fastapi.testclient import TestClient
+
+    from sdstudio.cli import build_parser, main
+    from sdstudio.core.outputs import read_infotext
+    from sdstudio.server import create_app
+
+    args = build_parser().parse_args(["serve", "--data-dir", str(root), "--api", "--nowebui"])
+    body = {**BASE, "distilled_cfg_scale": 2.0, "override_settings": {"sd_model_checkpoint": "flux-tiny"}}
+    r = TestClient(create_app(args)).post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    assert "Distilled CFG Scale: 2.0" in json.loads(r.json()["info"])["infotexts"][0]
+    code = main(["txt2img", "a red circle", "--model", "flux-tiny", "--distilled-cfg", "4.5", "--steps", "2",
+                 "--size", "64x64", "--data-dir", str(root)])
+    out = capsys.readouterr().out
+    png = next(line.strip() for line in out.splitlines() if line.strip().endswith(".png"))
+    assert code == 0 and "Distilled CFG Scale: 4.5" in read_infotext(png)

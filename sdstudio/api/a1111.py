@@ -73,6 +73,7 @@ class Txt2ImgBody(BaseModel):
     script_name: str | None = None
     script_args: list | dict = Field(default_factory=list)  # A1111's positional list, or our dict
     alwayson_scripts: dict = Field(default_factory=dict)  # {"soft inpainting": {"args": [...]}} (img2img)
+    distilled_cfg_scale: float = 3.5  # Forge's: Flux.1 dev's distilled guidance
     refiner_checkpoint: str | None = None  # A1111's refiner: "" / None / "None" for none
     refiner_switch_at: float | None = None  # None: the UI's default, 0.8
     # Hires. fix (txt2img)
@@ -196,7 +197,7 @@ def to_request(body: Txt2ImgBody, options: dict, request_type=Txt2ImgRequest, **
         uni_pc_order=setting(settings, "uni_pc_order", 3, int),
         uni_pc_lower_order_final=setting(settings, "uni_pc_lower_order_final", True, bool),
         model=settings.get("sd_model_checkpoint") or None, vae=settings.get("sd_vae", "Automatic"),
-        refiner_checkpoint=body.refiner_checkpoint or "",
+        distilled_cfg_scale=body.distilled_cfg_scale, refiner_checkpoint=body.refiner_checkpoint or "",
         refiner_switch_at=0.8 if body.refiner_switch_at is None else body.refiner_switch_at,
         **_options(settings),
     )

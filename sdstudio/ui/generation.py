@@ -126,6 +126,9 @@ class GenerationTab:
                     f.add("batch_size", gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{t}_batch_size"))
                 self._refiner()
                 f.add("cfg_scale", gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id=f"{t}_cfg_scale"))
+                f.add("distilled_cfg_scale", gr.Slider(0, 30, value=3.5, step=0.1, label="Distilled CFG Scale",
+                                                       elem_id=f"{t}_distilled_cfg_scale",
+                                                       info="Flux.1 dev only (its guidance embedding)"))
                 if self.kind == "img2img":
                     f.add("denoising_strength", gr.Slider(0, 1, value=0.75, step=0.01, label="Denoising strength",
                                                           elem_id=f"{t}_denoising_strength"))
