@@ -104,11 +104,12 @@ def test_bad_img2img_requests(session_engine, files):
         session_engine.img2img(req(files, init_images=[str(files / "broken.png")]))
 
 
-def test_nine_channel_inpainting_model(tmp_path, files):
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_nine_channel_inpainting_model(tmp_path, files, family):
     from sdstudio.testing.synthetic import write_checkpoint
 
     folder = tmp_path / "models" / "Stable-diffusion"
-    write_checkpoint(folder / "tiny-inpainting.safetensors", "sd1", "tiny", seed=3, inpainting=True)
+    write_checkpoint(folder / "tiny-inpainting.safetensors", family, "tiny", seed=3, inpainting=True)
     engine = Engine(Paths(tmp_path))
     result, _ = run(engine, req(files, mask=str(files / "mask.png"), mask_blur=0, inpainting_mask_weight=0.5))
     assert result.inpainting_model
