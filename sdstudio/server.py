@@ -214,6 +214,7 @@ def create_app(args: argparse.Namespace):
                 print(f"sdstudio: a plug-in's API routes were left out: {type(exc).__name__}: {exc}", file=sys.stderr)
     if not args.nowebui:
         import gradio as gr
+        from starlette.routing import Mount
 
         from .ui import app as ui_app
 
@@ -221,8 +222,23 @@ def create_app(args: argparse.Namespace):
         auth = (lambda u, p: credentials_match(ui_users, u, p)) if ui_users else None
         local = not args.listen and (args.server_name or "127.0.0.1") in ("127.0.0.1", "localhost", "::1")
         ui = ui_app.StudioUI(service, settings, limits, allow_folders=local)
-        app.include_router(ui.router())  # the page's own small JSON routes (localization)
+        mounted: dict[str, object] = {}
+
+        def check_ui_login(request: Request) -> None:
+            """The page's own routes sit behind the UI's login as the page does (gradio's session cookie)."""
+            gradio_app = mounted.get("app")
+            if auth is None or gradio_app is None:
+                return
+            cookie = gradio_app.cookie_id
+            token = request.cookies.get(f"access-token-{cookie}") or \
+                request.cookies.get(f"access-token-unsecure-{cookie}")
+            if gradio_app.tokens.get(token) is None:
+                raise HTTPException(401, "log in to the web UI first (--gradio-auth)")
+
+        # the page's own small JSON routes (localization, previews, its jobs' progress)
+        app.include_router(ui.router(), dependencies=[Depends(check_ui_login)])
         app = gr.mount_gradio_app(app, ui.build(), path="/", auth=auth, **ui_app.page_assets())
+        mounted["app"] = next(r.app for r in app.routes if isinstance(r, Mount) and r.path in ("", "/"))
     return app
 
 

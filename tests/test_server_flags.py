@@ -69,8 +69,6 @@ def test_gradio_auth_login(client, tmp_path):
         assert ui.get("/gradio_api/user").json() == user
 
 
-@pytest.mark.xfail(strict=True, reason="bug: server.py includes the page's own routes (ui.router(), /sdstudio/...) "
-                                      "outside gradio's login, so --gradio-auth does not guard them")
 def test_gradio_auth_guards_the_pages_own_routes(client, data_dir):
     """A checkpoint's preview picture (the page's /sdstudio/preview route) is part of the UI: behind its login."""
     Image.new("RGB", (8, 8), (1, 2, 3)).save(data_dir / "models" / "Stable-diffusion" / "tiny-sd1.png")
