@@ -21,6 +21,7 @@ from sdstudio.engine import vae as vae_ops
 from sdstudio.engine.generate import Engine
 from sdstudio.models.errors import ModelFileError
 from sdstudio.testing import dit_files as DF
+from sdstudio.testing import lora_files as LF
 
 SD3_PREFIX = "model.diffusion_model."
 BASE = {"prompt": "a red circle", "negative_prompt": "blurry", "steps": 4, "width": 64, "height": 64, "seed": 5,
@@ -52,6 +53,8 @@ def root(tmp_path_factory):
     DF.save(DF.encoder_state("clip_l", projection=False), models / "text_encoder" / "clip_l.safetensors")
     DF.save({k: v.half() for k, v in DF.encoder_state("t5xxl").items()}, models / "clip" / "t5xxl_fp16.safetensors")
     DF.save(DF.dit_vae_state(seed=4, levels=4), models / "VAE" / "ae.safetensors")
+    flux_shapes = {k: tuple(v.shape) for k, v in tiny_flux_state().items()}
+    DF.save(LF.kohya(LF.factors(flux_shapes, seed=9)), models / "Lora" / "fluxstyle.safetensors")
     return root
 
 
@@ -125,8 +128,18 @@ def test_refusals_name_the_problem(engine):
         gen(engine, model="sd3-tiny", sampler_name="DDIM")
     with pytest.raises(RequestError, match="align_your_steps|Align"):
         gen(engine, model="sd3-tiny", scheduler="Align Your Steps")
-    r = gen(engine, model="sd3-tiny", prompt="a red circle <lora:someone:0.8>")
-    assert any("LoRA" in w for w in r.warnings)
+    r = gen(engine, model="sd3-tiny", prompt="a red circle <lora:someone:0.8> <hypernet:h:1>")
+    assert any("LoRA left out" in w for w in r.warnings) and any("hypernetworks" in w for w in r.warnings)
+
+
+def test_a_kohya_flux_lora_applies_through_the_engine(engine):
+    plain = gen(engine, model="flux-tiny")
+    styled = gen(engine, model="flux-tiny", prompt="a red circle <lora:fluxstyle:0.8>")
+    assert styled.warnings == [] and not np.array_equal(px(styled), px(plain))
+    assert "fluxstyle: " in infotext.parse(styled.images[0].infotext)["Lora hashes"]
+    assert np.array_equal(px(gen(engine, model="flux-tiny", prompt="a red circle <lora:fluxstyle:0>")), px(plain))
+    assert np.array_equal(px(engine.generate(from_infotext(styled.images[0].infotext))), px(styled))
+    assert np.array_equal(px(gen(engine, model="flux-tiny")), px(plain))  # the weights are restored after the job
 
 
 def test_flux_without_t5_says_where_to_put_it(root, tmp_path):

@@ -417,10 +417,11 @@ class Engine:
         Returns the request with bare prompts, the LoRAs and the hypernetworks; records ``Lora hashes``."""
         prompt, tags = extract(req.prompt)
         negative, negative_tags = extract(req.negative_prompt)
-        if model.spec.is_flow and tags + negative_tags:
-            warnings.append(f"{', '.join(t.name for t in tags + negative_tags)}: LoRAs and hypernetworks are not "
-                            f"applied to {model.spec.describe()} models yet; generated without them")
-            return req.replace(prompt=prompt, negative_prompt=negative), [], []
+        if model.spec.is_flow and (refused := [t for t in tags + negative_tags if t.kind == "hypernet"]):
+            warnings.append(f"{', '.join(t.name for t in refused)}: hypernetworks are not applied to "
+                            f"{model.spec.describe()} models; generated without them")
+            tags = [t for t in tags if t.kind != "hypernet"]
+            negative_tags = [t for t in negative_tags if t.kind != "hypernet"]
         loras = self._networks(model, tags + negative_tags, warnings, _named_hashes(req.extra.get("Lora hashes", "")))
         resolved["Lora hashes"] = ", ".join(f"{name}: {self.registry.hashes.addnet(lf.path)}"
                                             for name, (lf, _, _) in loras.items()) or None
