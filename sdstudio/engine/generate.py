@@ -609,7 +609,7 @@ class Engine:
 
             def target() -> SwitchTarget:
                 refiner.switched = True
-                return SwitchTarget(refiner.model.unet, r_spec.prediction, [r_cond] * n, [r_uncond] * n,
+                return SwitchTarget(self._model_call(refiner.model, req), r_spec.prediction, [r_cond] * n, [r_uncond] * n,
                                     sdxl_time_ids(r_spec, req.width, req.height, crop, aesthetic),
                                     r_spec.unet["in_channels"])
 
