@@ -1,0 +1,138 @@
+"""Deforum runs end to end on the demo model: frame counts with cadence, the video read back, prompts and
+seeds per frame, strength, resume after a pause or a kill with the same frames, Video Input and
+Interpolation modes, and clear refusals."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdstudio.core import deforum as spec
+from sdstudio.core.errors import RequestError
+from sdstudio.core.paths import Paths
+from sdstudio.engine import video
+from sdstudio.engine.generate import Engine
+from sdstudio.scripts.deforum import DeforumRun
+from sdstudio.scripts.studio import Studio
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {"max_frames": 7, "diffusion_cadence": 2, "W": 128, "H": 128, "steps": 4, "seed": 5, "sampler": "Euler a",
+        "prompts": {"0": "a red circle", "4": "a blue square --neg green"}, "negative_prompts": "blurry", "fps": 10,
+        "zoom": "0:(1.05)", "angle": "0:(2)", "ffmpeg_preset": "ultrafast"}
+
+
+class Recording(Studio):
+    """The real studio, keeping the requests it was given (to read prompts, seeds and strengths)."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.requests = []
+
+    def generate(self, req, **kw):
+        self.requests.append(req)
+        return super().generate(req, **kw)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deforum")
+    (root / "models" / "Stable-diffusion").mkdir(parents=True)
+    os.link(ROOT / "models" / "Stable-diffusion" / "sdstudio-demo.safetensors",
+            root / "models" / "Stable-diffusion" / "sdstudio-demo.safetensors")
+    return Engine(Paths(root))
+
+
+def run(engine, tmp_path, name="run", **changes):
+    studio = Recording(engine)
+    kw = {k: changes.pop(k) for k in ("should_pause", "should_stop", "timestring") if k in changes}
+    r = DeforumRun(studio, spec.load_settings({**BASE, **changes}), tmp_path, outdir=tmp_path / name,
+                   options={"ffmpeg_preset": "ultrafast"}, **kw).run()
+    return r, studio.requests
+
+
+def pixels(paths):
+    return [np.asarray(Image.open(p)) for p in paths]
+
+
+@pytest.mark.parametrize("cadence, diffused", [(1, 7), (2, 4), (3, 3)])
+def test_frames_video_and_cadence(engine, tmp_path, cadence, diffused):
+    r, requests = run(engine, tmp_path, diffusion_cadence=cadence)
+    assert len(requests) == diffused  # frames 0, N, 2N... are diffused; the rest are warped and blended
+    assert [p.name for p in r.frames] == [f"{r.timestring}_{i:09d}.png" for i in range(7)]
+    info = video.probe(r.video)
+    assert (info.frames, info.fps, info.width, info.height) == (7, 10.0, 128, 128)
+    assert (r.outdir / f"{r.timestring}_settings.txt").is_file()
+    assert not list(r.outdir.glob("*_state*"))  # a finished run leaves no resume state
+
+
+def test_prompts_seeds_and_strength_per_frame(engine, tmp_path):
+    _, requests = run(engine, tmp_path, diffusion_cadence=1, strength_schedule="0:(0.6), 3:(0.3)")
+    assert [r.seed for r in requests] == [5, 6, 7, 8, 9, 10, 11]  # seed_behavior iter
+    assert requests[0].prompt == "a red circle" and requests[0].negative_prompt == "blurry"
+    assert requests[4].prompt == "a blue square" and requests[4].negative_prompt == "green blurry"
+    assert type(requests[0]).__name__ == "Txt2ImgRequest"  # nothing to start from: txt2img
+    # strength 0.6 at frame 0 falling linearly to 0.3 at frame 3 (then held): the share of the warped frame
+    # kept, so img2img denoises 1 - strength
+    assert [round(r.denoising_strength, 4) for r in requests[1:]] == [0.5, 0.6, 0.7, 0.7, 0.7, 0.7]
+
+
+def test_resume_after_a_pause_gives_the_frames_of_an_uninterrupted_run(engine, tmp_path):
+    whole, _ = run(engine, tmp_path, "whole")
+    calls = []
+
+    def pause():
+        calls.append(1)
+        return len(calls) >= 2  # after two diffused frames
+
+    first, _ = run(engine, tmp_path, "parts", should_pause=pause)
+    assert first.paused and first.video is None and 0 < len(first.frames) < 7
+    rest, requests = run(engine, tmp_path, "parts", timestring=first.timestring)
+    assert len(requests) == 2  # only the frames not made yet
+    assert [np.array_equal(a, b) for a, b in zip(pixels(rest.frames), pixels(whole.frames))] == [True] * 7
+    assert video.probe(rest.video).frames == 7
+
+
+def test_a_killed_run_resumes_from_its_saved_state(engine, tmp_path):
+    whole, _ = run(engine, tmp_path, "whole", diffusion_cadence=1)
+    def stop():  # checked between frames and at every sampling step: after the third frame is written
+        return len(list((tmp_path / "cut").glob("*_0*.png"))) >= 3
+
+    cut, _ = run(engine, tmp_path, "cut", diffusion_cadence=1, should_stop=stop)
+    assert cut.interrupted and len(cut.frames) == 3  # interrupt keeps the frames made
+    (cut.outdir / f"{cut.timestring}_000000002.png").unlink()  # as if killed after saving the state, not the frame
+    again, _ = run(engine, tmp_path, "cut", diffusion_cadence=1, timestring=cut.timestring)
+    made = {p.name for p in again.frames}
+    assert len(made) == 6 and f"{cut.timestring}_000000002.png" not in made  # the lost frame is reported missing
+    for a, b in zip(pixels(p for p in again.frames if not p.name.endswith("02.png")),
+                    pixels(p for p in whole.frames if not p.name.endswith("02.png"))):
+        assert np.array_equal(a, b)
+
+
+def test_video_input_and_interpolation_modes(engine, tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    for i in range(6):
+        Image.new("RGB", (96, 96), (40 * i, 100, 200 - 30 * i)).save(source / f"v_{i:09d}.png")
+    clip = video.stitch(video.frame_pattern(source, "v"), tmp_path / "clip.mp4", 10, preset="ultrafast")
+    r, requests = run(engine, tmp_path, "vid", animation_mode="Video Input", video_init_path=str(clip),
+                      extract_nth_frame=2, max_frames=10)
+    assert len(r.frames) == 3 and len(requests) == 3  # frames 0, 2, 4 of the video, each diffused
+    assert all(type(q).__name__ == "Img2ImgRequest" for q in requests)
+    r, requests = run(engine, tmp_path, "interp", animation_mode="Interpolation", max_frames=5)
+    assert len(r.frames) == 5 and all(type(q).__name__ == "Txt2ImgRequest" for q in requests)
+    assert " AND " in requests[2].prompt  # between two prompt keys: a composable blend
+
+
+def test_refusals_are_clear(engine, tmp_path):
+    with pytest.raises(RequestError, match="Deforum's 3D mode needs depth_anything_vitl14"):
+        run(engine, tmp_path, "3d", animation_mode="3D", max_frames=2)
+    with pytest.raises(RequestError, match="video_init_path"):
+        run(engine, tmp_path, "url", animation_mode="Video Input")  # the default is a web URL: never fetched
+    with pytest.raises(RequestError, match="zoom"):
+        run(engine, tmp_path, "bad", zoom="0:(1.0), 10:(foo)")
+    with pytest.raises(RequestError, match="resume_timestring"):
+        run(engine, tmp_path, "none", resume_from_timestring=True, resume_timestring="20200101000000")
