@@ -1,4 +1,4 @@
-"""The ``sdstudio`` command line: txt2img, img2img, pnginfo, models, styles, serve.
+"""The ``sdstudio`` command line: txt2img, img2img, deforum, pnginfo, models, styles, serve.
 
 Errors print one line naming the problem and exit with status 2 (bad input) or 1 (internal error);
 ``--debug`` shows the traceback instead.
@@ -162,6 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--use-png-info", action="store_true",
                    help="take prompt, negative prompt, seed, sampler, CFG and steps from each input's PNG info")
     add_common_flags(i)
+
+    d = sub.add_parser("deforum", help="make a Deforum animation from the extension's saved settings file")
+    d.add_argument("settings", help="the settings file (the extension's .txt / JSON; missing keys take its defaults)")
+    d.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a setting (repeatable); VALUE is JSON when it reads as JSON, e.g. --set max_frames=24 "
+                        "--set 'zoom=0:(1.02)' --set 'prompts={\"0\": \"a forest\"}'")
+    d.add_argument("--model", help="checkpoint name (file stem), title or hash (default: the first one)")
+    d.add_argument("--outdir", help="write the run here instead of outputs/img2img-images/<batch name>")
+    d.add_argument("--resume", metavar="TIMESTRING", help="continue the interrupted run of that timestring")
+    d.add_argument("--ffmpeg-crf", type=int, default=17, help="the mp4's CRF (default 17, as the extension)")
+    d.add_argument("--ffmpeg-preset", default="slow", help="the mp4's x264 preset (default slow, as the extension)")
+    d.add_argument("--server", metavar="URL", help="queue the run on a running sdstudio server (its /deforum_api) "
+                   "instead of running it here; the server writes the frames")
+    d.add_argument("--server-auth", metavar="USER:PASS", help="--api-auth credentials of that server")
+    add_common_flags(d)
 
     q = sub.add_parser("interrogate", help="describe an image as a prompt (CLIP: BLIP caption + CLIP terms; "
                        "deepdanbooru: tags)")
@@ -519,6 +534,138 @@ def submit_to_server(args: argparse.Namespace, req: Txt2ImgRequest) -> int:
     return 0
 
 
+def deforum_settings_from_args(args: argparse.Namespace):
+    """The settings file with the ``--set`` changes, each checked as the file's keys are."""
+    import json
+
+    from .core import deforum as spec
+
+    path = Path(args.settings).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such settings file")
+    settings = spec.load_settings(path)
+    changes = {}
+    for pair in args.sets:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise RequestError(f"--set {pair!r}: expected KEY=VALUE")
+        try:
+            changes[key.strip()] = json.loads(value)
+        except ValueError:
+            changes[key.strip()] = value
+    if args.resume:
+        changes.update({"resume_from_timestring": True, "resume_timestring": args.resume})
+    if not changes:
+        return settings
+    changed = settings.updated(changes)
+    changed.notes[:0] = [n for n in settings.notes if n not in changed.notes]  # the file's own notes first
+    return changed
+
+
+def cmd_deforum(args: argparse.Namespace) -> int:
+    import signal
+
+    from .core import deforum as spec
+    from .engine.generate import Engine
+    from .scripts.deforum import DeforumRun
+
+    settings = deforum_settings_from_args(args)
+    if args.ffmpeg_preset not in spec.FFMPEG_PRESETS:
+        raise RequestError(f"--ffmpeg-preset: {args.ffmpeg_preset!r} is not one of {', '.join(spec.FFMPEG_PRESETS)}")
+    if args.server:
+        return deforum_to_server(args, settings)
+    for note in settings.notes:
+        print(f"note: {note}", file=sys.stderr)
+    paths = paths_from(args)
+    engine = Engine(paths, device_options_from(args))
+    studio, _ = studio_from(args, engine)
+    model = engine.registry.checkpoint(args.model).title if args.model else None
+    stop = {"asked": False}
+
+    def on_frame(p) -> None:
+        print(f"\rframe {p.frame}/{p.frames}", end="", file=sys.stderr, flush=True)
+
+    def on_sigint(*_) -> None:  # the first Ctrl+C stops after the frame under way (frames and state kept)
+        if stop["asked"]:
+            raise KeyboardInterrupt
+        stop["asked"] = True
+        print("\nstopping after this frame (Ctrl+C again to quit at once)", file=sys.stderr, flush=True)
+
+    run = DeforumRun(studio, settings, paths.outputs_dir, outdir=Path(args.outdir) if args.outdir else None,
+                     options={"ffmpeg_crf": args.ffmpeg_crf, "ffmpeg_preset": args.ffmpeg_preset}, model=model,
+                     on_frame=on_frame, should_stop=lambda: stop["asked"])
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = run.run()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        print(file=sys.stderr)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(result.outdir)
+    for path in (result.video, result.gif):
+        if path is not None:
+            print(path)
+    print(f"{len(result.frames)} frame(s), settings in {result.settings_file}", file=sys.stderr)
+    if result.interrupted:
+        print(f"interrupted: kept the frames made so far; continue with --resume {result.timestring}",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def deforum_to_server(args: argparse.Namespace, settings) -> int:
+    """``deforum --server URL``: the run goes into that server's queue through the extension's API; its
+    progress is polled and the paths the server wrote are printed."""
+    import base64
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    base = args.server.rstrip("/")
+    headers = {"Content-Type": "application/json", "X-Sdstudio-Client": f"cli:{os.getpid()}"}
+    if args.server_auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(args.server_auth.encode()).decode()
+
+    def call(path: str, body: dict | None = None):
+        data = json.dumps(body).encode() if body is not None else None
+        with urllib.request.urlopen(urllib.request.Request(base + path, data=data, headers=headers), timeout=60) as f:
+            return json.loads(f.read())
+
+    overrides = {"deforum_ffmpeg_crf": args.ffmpeg_crf, "deforum_ffmpeg_preset": args.ffmpeg_preset}
+    if args.model:
+        overrides["sd_model_checkpoint"] = args.model
+    try:
+        job_id = call("/deforum_api/batches", {"deforum_settings": settings.to_dict(),
+                                               "options_overrides": overrides})["job_ids"][0]
+        print(f"queued job {job_id}", file=sys.stderr)
+        while True:
+            status = call(f"/deforum_api/jobs/{job_id}")
+            print(f"\r{status['phase'].lower()}: frame {status['frames_done']}/{status['max_frames']}", end="",
+                  file=sys.stderr, flush=True)
+            if status["status"] != "ACCEPTED":
+                break
+            time.sleep(1.0)
+        print(file=sys.stderr)
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        raise RequestError(f"the server refused the run ({exc.code}): {detail}") from None
+    except urllib.error.URLError as exc:
+        raise RequestError(f"cannot reach {base}: {exc.reason}") from None
+    for warning in status.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
+    if status.get("outdir"):
+        print(status["outdir"])
+    for key in ("video", "gif"):
+        if status.get(key):
+            print(status[key])
+    if status["status"] != "SUCCEEDED":
+        print(f"error: the run {status['status'].lower()}: {status.get('message')}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_pnginfo(args: argparse.Namespace) -> int:
     import json
 
@@ -574,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
-    commands = {"txt2img": cmd_txt2img, "img2img": cmd_img2img, "extras": cmd_extras, "interrogate": cmd_interrogate,
+    commands = {"txt2img": cmd_txt2img, "img2img": cmd_img2img, "deforum": cmd_deforum, "extras": cmd_extras, "interrogate": cmd_interrogate,
                 "pnginfo": cmd_pnginfo, "models": cmd_models, "styles": cmd_styles}
     try:
         if args.command == "serve":

@@ -4,6 +4,11 @@
 A1111), ``--api-auth user:pass[,user2:pass2]`` (HTTP basic auth on the API), ``--gradio-auth`` /
 ``--gradio-auth-path`` (login for the UI), ``--cors-allow-origins``, ``--share`` (refused: sdstudio
 works offline). All generation goes through one durable job queue (``--queue-db``, ``--resume-queue``).
+
+The Deforum extension's flags: ``--deforum-api`` serves its ``/deforum_api`` routes (also without ``--api``;
+``--api`` serves them too, since its runs are ordinary queue jobs behind the same ``--api-auth``),
+``--deforum-run-now FILE[,FILE]`` queues those settings files' runs at start, and
+``--deforum-terminate-after-run-now`` stops the server once they are done (exit status 0 when each succeeded).
 """
 
 import argparse
@@ -38,6 +43,12 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--limit-images", type=int, default=10000, help="most images (batch count x size) per request")
     g.add_argument("--max-request-mb", type=float, default=200.0, help="largest request body accepted (MB)")
     g.add_argument("--localization", help="UI language for this run (e.g. zh_CN; default: the one in Settings)")
+    g.add_argument("--deforum-api", action="store_true",
+                   help="serve the Deforum extension's /deforum_api routes (--api serves them too)")
+    g.add_argument("--deforum-run-now", metavar="FILE[,FILE]",
+                   help="comma-separated Deforum settings files to run at start")
+    g.add_argument("--deforum-terminate-after-run-now", action="store_true",
+                   help="stop the server once the --deforum-run-now runs are done")
     g.add_argument("--share", action="store_true", help="(not available: sdstudio works offline)")
     g.add_argument("--autolaunch", action="store_true", help="(ignored)")
     g.add_argument("--enable-insecure-extension-access", action="store_true", help="(ignored)")
@@ -212,6 +223,17 @@ def create_app(args: argparse.Namespace):
                 app.include_router(factory(service), dependencies=guarded)
             except Exception as exc:  # noqa: BLE001
                 print(f"sdstudio: a plug-in's API routes were left out: {type(exc).__name__}: {exc}", file=sys.stderr)
+    if args.api or args.nowebui or getattr(args, "deforum_api", False):
+        from .api import deforum as deforum_api
+
+        app.include_router(deforum_api.make_router(service, settings.values, limits), dependencies=[Depends(check_api_auth)])
+    app.state.deforum_run_now = []
+    if getattr(args, "deforum_run_now", None):
+        from .api import deforum as deforum_api
+
+        files = [f.strip() for f in args.deforum_run_now.split(",") if f.strip()]
+        app.state.deforum_run_now = deforum_api.run_now(service, files, settings.get("sd_model_checkpoint") or None)
+        print(f"sdstudio: --deforum-run-now queued {len(files)} Deforum run(s)", file=sys.stderr)
     if not args.nowebui:
         import gradio as gr
         from starlette.routing import Mount
@@ -260,13 +282,29 @@ def serve(args: argparse.Namespace) -> int:
             print("warning: the UI is open to the network without --gradio-auth", file=sys.stderr)
     port = args.port or (7861 if args.nowebui else 7860)
     from .core.settings import SettingError
+    from .service.jobs import JobError
 
     try:
         app = create_app(args)
-    except SettingError as exc:
+    except (SettingError, JobError) as exc:
         print(f"sdstudio: {exc}", file=sys.stderr)
         return 2
     what = "API" if args.nowebui else "UI" + (" and API" if args.api else "")
     print(f"sdstudio: serving the {what} at http://{host}:{port}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
-    return 0
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    outcome = {"ok": True}
+    run_now = app.state.deforum_run_now
+    if run_now and args.deforum_terminate_after_run_now:
+        import threading
+
+        from .api.deforum import wait_all
+
+        def stop_when_done() -> None:
+            outcome["ok"] = wait_all(app.state.service, run_now)
+            print("sdstudio: the --deforum-run-now runs are done; stopping (--deforum-terminate-after-run-now)",
+                  file=sys.stderr, flush=True)
+            server.should_exit = True
+
+        threading.Thread(target=stop_when_done, name="deforum-run-now", daemon=True).start()
+    server.run()
+    return 0 if outcome["ok"] else 1

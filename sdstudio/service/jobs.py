@@ -27,7 +27,7 @@ from ..core.errors import BAD_REQUEST, TOO_MANY, kind_of
 from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest
 from ..engine.hooks import HookError
 from ..models.errors import ModelFileError, ModelNotFoundError
-from .queue import CANCELLED, DONE, FAILED, FINISHED, QUEUED, Job, JobQueue
+from .queue import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, Job, JobQueue
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class Live:
     interrupted: bool = False
     skip: bool = False
     paused_for_others: bool = False
+    phase: str = ""  # a Deforum job's phase (PREPARING, GENERATING, POST_PROCESSING), for its API
 
     @property
     def progress(self) -> float:
@@ -109,6 +110,44 @@ class Txt2ImgJob:
         request_type = Img2ImgRequest if kind == "img2img" else Txt2ImgRequest
         return cls(request_type.from_dict(data["request"]), data.get("save_images", True),
                    data.get("save_grid", True), data.get("samples_format", "png"), data.get("outdir"))
+
+
+@dataclass
+class DeforumJob:
+    """What a Deforum job stores: its settings (checked, seed concrete), the options its video is made with,
+    the checkpoint, and, as the caller gave them, the settings and options (the extension's API echoes them).
+    The run's timestring is chosen when the job first starts and kept in its result, so a parked or
+    restarted job continues the same run from the state saved beside its frames."""
+
+    settings: dict
+    options: dict = field(default_factory=dict)  # DeforumRun's options: ffmpeg_crf, ffmpeg_preset
+    model: str | None = None
+    batch_id: str | None = None
+    given: dict | None = None  # the settings as submitted
+    options_overrides: dict = field(default_factory=dict)
+    outdir: str | None = None  # the run's own folder (else outputs/img2img-images/<batch name>)
+    notes: list[str] = field(default_factory=list)  # what the settings file said differently (unknown keys...)
+
+    kind = "deforum"
+
+    def to_dict(self) -> dict:
+        return {"settings": self.settings, "options": self.options, "model": self.model, "batch_id": self.batch_id,
+                "given": self.given, "options_overrides": self.options_overrides, "outdir": self.outdir,
+                "notes": self.notes}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DeforumJob:
+        return cls(data["settings"], dict(data.get("options") or {}), data.get("model"), data.get("batch_id"),
+                   data.get("given"), dict(data.get("options_overrides") or {}), data.get("outdir"),
+                   list(data.get("notes") or []))
+
+
+# the extension's options_overrides that change how the run's video is made -> DeforumRun's options
+_DEFORUM_OPTION_NAMES = {"deforum_ffmpeg_crf": "ffmpeg_crf", "deforum_ffmpeg_preset": "ffmpeg_preset"}
+
+
+def _next_second(timestring: str) -> str:
+    return time.strftime("%Y%m%d%H%M%S", time.localtime(time.mktime(time.strptime(timestring, "%Y%m%d%H%M%S")) + 1))
 
 
 def a1111_info(req: Txt2ImgRequest, result: dict) -> dict:
@@ -174,7 +213,8 @@ class JobService:
         self.recovered = queue.recover(resume=resume)
         self.runners: dict[str, Callable[[Job, Live], None]] = {"txt2img": self._run_generate,
                                                                 "img2img": self._run_generate,
-                                                                "load": self._run_load}
+                                                                "load": self._run_load,
+                                                                "deforum": self._run_deforum}
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> JobService:
@@ -217,6 +257,53 @@ class JobService:
             raise JobError(str(exc)) from None
         self._check_room(client)
         submitted = self.queue.submit(client, job.kind, job.to_dict())
+        self._notify()
+        return submitted
+
+    def prepare_deforum(self, settings, *, options_overrides: dict | None = None, model: str | None = None,
+                        batch_id: str | None = None, outdir: str | None = None) -> DeforumJob:
+        """A Deforum job from a settings file's text, its parsed dict or a :class:`DeforumSettings`: every key
+        checked as the run will read it (a bad one is a :class:`JobError` naming the key), the seed drawn
+        now when it is -1 (the saved settings then repeat the run), files named by URL refused."""
+        from ..core import deforum as spec
+        from ..scripts.deforum import DeforumRun
+
+        overrides = dict(options_overrides or {})
+        try:
+            loaded = settings if isinstance(settings, spec.DeforumSettings) else spec.load_settings(settings)
+            seed = spec.fixed_seed(int(loaded["seed"]))
+            if seed != int(loaded["seed"]):
+                loaded = loaded.updated({"seed": seed})
+            spec.check_files(loaded)
+            DeforumRun(self.studio, loaded, self.engine.paths.outputs_dir, timestring="20000101000000")  # its checks
+            model = overrides.get("sd_model_checkpoint") or model
+            if model:
+                model = self.engine.registry.checkpoint(model).title
+        except (RequestError, ModelNotFoundError) as exc:
+            raise JobError(str(exc)) from None
+        options = {"ffmpeg_crf": spec.DEFORUM_OPTIONS["deforum_ffmpeg_crf"],
+                   "ffmpeg_preset": spec.DEFORUM_OPTIONS["deforum_ffmpeg_preset"]}
+        notes = list(loaded.notes)
+        for key, value in overrides.items():
+            if key in _DEFORUM_OPTION_NAMES:
+                options[_DEFORUM_OPTION_NAMES[key]] = value
+            elif key != "sd_model_checkpoint":
+                notes.append(f"options_overrides: {key} is not used by sdstudio's Deforum runs; ignored")
+        if str(options["ffmpeg_preset"]) not in spec.FFMPEG_PRESETS:
+            raise JobError(f"deforum_ffmpeg_preset: {options['ffmpeg_preset']!r} is not one of "
+                           + ", ".join(spec.FFMPEG_PRESETS))
+        try:
+            options["ffmpeg_crf"] = int(options["ffmpeg_crf"])
+        except (TypeError, ValueError):
+            raise JobError(f"deforum_ffmpeg_crf: {options['ffmpeg_crf']!r} is not a whole number") from None
+        given = settings.to_dict() if isinstance(settings, spec.DeforumSettings) else \
+            (dict(settings) if isinstance(settings, dict) else loaded.to_dict())
+        return DeforumJob(loaded.to_dict(), options, model, batch_id, given, overrides, outdir, notes)
+
+    def submit_deforum(self, client: str, job: DeforumJob) -> Job:
+        """Queue a Deforum animation (made by :meth:`prepare_deforum`) for ``client``."""
+        self._check_room(client)
+        submitted = self.queue.submit(client, "deforum", job.to_dict())
         self._notify()
         return submitted
 
@@ -465,6 +552,79 @@ class JobService:
         if spec.save_images and spec.save_grid and len(result["images"]) > 1 and not result.get("grids"):
             result["grid"] = str(self._grid(result["images"], req, spec, f"{job.kind}-grids"))
         cancelled = self.queue.get(job.id).cancel_requested
+        self.queue.finish(job.id, CANCELLED if cancelled else DONE, result, error="cancelled" if cancelled else None)
+
+    def _deforum_timestring(self, settings, spec_job: DeforumJob) -> str:
+        """A new run's timestring: now, moved on a second while another Deforum job holds it or its folder
+        already has a run of that name (two jobs started in one second must not share frames)."""
+        from ..core import deforum as spec
+
+        if settings["resume_from_timestring"]:
+            return spec.run_timestring(settings)
+        held = {j.result.get("timestring") for j in self.queue.list(statuses=(QUEUED, RUNNING), limit=10000)
+                if j.kind == "deforum"}
+        timestring = spec.make_timestring()
+        while True:
+            batch = spec.format_batch_name(settings, timestring, int(settings["seed"]))
+            folder = Path(spec_job.outdir) if spec_job.outdir else self.engine.paths.outputs_dir / "img2img-images" / batch
+            if timestring not in held and not (folder / spec.settings_filename(timestring)).exists():
+                return timestring
+            timestring = _next_second(timestring)
+
+    def _run_deforum(self, job: Job, live: Live) -> None:
+        from ..core import deforum as spec
+        from ..scripts.deforum import DeforumRun
+
+        spec_job = DeforumJob.from_dict(job.request)
+        settings = spec.load_settings(spec_job.settings)
+        result = dict(job.result) or {"frames": [], "warnings": list(spec_job.notes), "updates": 0}
+        live.phase = "PREPARING"
+
+        def touch(phase: str) -> None:  # the extension's status bookkeeping (last_updated, updates)
+            now = time.time()
+            result["update_interval_time"] = now - result.get("last_updated", job.started or now)
+            result["last_updated"], result["updates"], result["phase"] = now, result.get("updates", 0) + 1, phase
+
+        if not result.get("timestring"):
+            result["timestring"] = self._deforum_timestring(settings, spec_job)
+
+        def on_frame(p) -> None:
+            live.step, live.steps = p.frame, p.frames
+            live.phase = "POST_PROCESSING" if p.frame >= p.frames else "GENERATING"
+            if p.image is not None:
+                live.preview = p.image
+                live.preview_no += 1
+            result["frames_done"], result["max_frames"] = p.frame, p.frames
+            touch(live.phase)
+            self.queue.save_progress(job.id, p.frame, result)  # the frame is on disk already
+            self._notify()
+
+        def should_pause() -> bool:
+            if self.queue.others_waiting(job.client):
+                live.paused_for_others = True
+            return live.paused_for_others
+
+        run = DeforumRun(self.studio, settings, self.engine.paths.outputs_dir, outdir=spec_job.outdir,
+                         options=spec_job.options, model=spec_job.model, timestring=result["timestring"],
+                         on_frame=on_frame, should_stop=lambda: live.interrupted, should_pause=should_pause)
+        live.job_count, live.steps, live.step = 1, run.max_frames, int(result.get("frames_done", 0))
+        result["outdir"], result["max_frames"] = str(run.outdir), run.max_frames
+        live.phase = "GENERATING"
+        touch("GENERATING")
+        self.queue.save_progress(job.id, job.batches_done, result)
+        self._notify()
+        out = run.run()
+        result.update({"frames": [str(p) for p in out.frames], "video": str(out.video) if out.video else None,
+                       "gif": str(out.gif) if out.gif else None, "settings_file": str(out.settings_file),
+                       "interrupted": out.interrupted})
+        result["warnings"] = list(dict.fromkeys([*result.get("warnings", []), *out.warnings]))
+        if out.paused:
+            touch("GENERATING")
+            self.queue.save_progress(job.id, max(1, len(out.frames)), result)
+            self.queue.park(job.id)
+            return
+        cancelled = self.queue.get(job.id).cancel_requested
+        touch("DONE" if not (cancelled or out.interrupted) else result.get("phase", "GENERATING"))
         self.queue.finish(job.id, CANCELLED if cancelled else DONE, result, error="cancelled" if cancelled else None)
 
     def _run_load(self, job: Job, live: Live) -> None:
