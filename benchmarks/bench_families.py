@@ -164,14 +164,14 @@ def flux_shapes(size: str) -> DF.Shapes:
     return DF.flux_shapes(REDUCED["flux_double"], REDUCED["flux_single"])  # hidden 3072, T5 4096, CLIP-L 768
 
 
-def write_group(group: str, size: str, root: Path, dtype: torch.dtype) -> dict[str, str]:
+def write_group(group: str, size: str, root: Path, dtype: torch.dtype, refiner: bool = True) -> dict[str, str]:
     """Write one data folder's model files; returns {family: checkpoint name}. Groups: sd1, sdxl (base and
     refiner), sd3 (SD3 Medium-style file with its encoders bundled), flux (Flux.1 dev transformer, encoders in
     models/text_encoder, VAE in models/VAE, as Forge keeps them)."""
     ckpt = root / "models" / "Stable-diffusion"
     if group in ("sd1", "sdxl"):
         names = {}
-        for family in ("sd1",) if group == "sd1" else ("sdxl", "sdxl_refiner"):
+        for family in ("sd1",) if group == "sd1" else ("sdxl", "sdxl_refiner") if refiner else ("sdxl",):
             name = f"{family.replace('_', '-')}-{size}"
             DF.save(_unet_family_state(family, size, dtype), ckpt / f"{name}.safetensors")
             names[family] = name
@@ -455,7 +455,7 @@ def main() -> None:
             root = work / group
             t = time.perf_counter()
             try:
-                names = write_group(group, args.size, root, file_dtype)
+                names = write_group(group, args.size, root, file_dtype, refiner="sdxl+refiner" in members)
             except Exception as exc:  # noqa: BLE001 - a benchmark reports and goes on with the next family
                 rows += [{"family": f, "error": f"writing files: {type(exc).__name__}: {exc}"} for f in members]
                 continue

@@ -4,6 +4,11 @@
 # 1. Here (a machine with internet), once: fetch the pure-Python wheels the GPU machine lacks into .whl/
 #    (git-ignored through .git/info/exclude; about 20 MB, it travels with the working tree):
 #        bash benchmarks/gpu_check.sh --fetch-wheels
+#    The tool sends at most 64 MiB (tracked + untracked-not-ignored files + carried paths); the tracked tree
+#    alone is about 69 MiB, 54 of it the two demo checkpoints, which none of the steps below reads. So move
+#    them aside for the call and put them back after (--fetch-wheels prints the size that would travel):
+#        mkdir -p /tmp/demo-aside && mv models/Stable-diffusion/sdstudio-*.safetensors /tmp/demo-aside/
+#        ...the run...;  mv /tmp/demo-aside/sdstudio-*.safetensors models/Stable-diffusion/
 # 2. On the lent GPU machine (device tool `run`, carry [".whl"], timeout_s 600; about 5-7 minutes on an H200):
 #        bash benchmarks/gpu_check.sh
 #    That machine has python3 with CUDA torch (and accelerate, safetensors, tokenizers, scipy, opencv,
@@ -35,7 +40,10 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
   # shellcheck disable=SC2086
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $WHEELS || exit 1
-  ls -la .whl; exit 0
+  ls -la .whl
+  sent=$( { git ls-files -z; git ls-files -z -o --exclude-standard; find .whl -type f -print0; } \
+          | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {printf "%.1f", s / 1048576}')
+  echo "would travel now (present files): $sent MiB of at most 64 MiB"; exit 0
 fi
 
 OUT=${OUT:-/tmp/gpu-check}; mkdir -p "$OUT"
