@@ -393,6 +393,7 @@ class Engine:
         r_file = self.registry.checkpoint(req.refiner_checkpoint)
         if r_file.path == file.path:
             return None
+        self.models.capacity = max(self.models.capacity, 2)  # base and refiner stay loaded: no reload per job
         r_model = self._get(r_file)
         if r_model.spec.unet["out_channels"] != model.spec.unet["out_channels"] or \
                 r_model.spec.vae["scaling_factor"] != model.spec.vae["scaling_factor"]:
