@@ -266,6 +266,7 @@ class JobService:
         checked as the run will read it (a bad one is a :class:`JobError` naming the key), the seed drawn
         now when it is -1 (the saved settings then repeat the run), files named by URL refused."""
         from ..core import deforum as spec
+        from ..core.names import UnknownNameError
         from ..scripts.deforum import DeforumRun
 
         overrides = dict(options_overrides or {})
@@ -281,6 +282,8 @@ class JobService:
                 model = self.engine.registry.checkpoint(model).title
         except (RequestError, ModelNotFoundError) as exc:
             raise JobError(str(exc)) from None
+        except UnknownNameError as exc:  # the run's sampler
+            raise JobError(f"sampler: {exc}") from None
         options = {"ffmpeg_crf": spec.DEFORUM_OPTIONS["deforum_ffmpeg_crf"],
                    "ffmpeg_preset": spec.DEFORUM_OPTIONS["deforum_ffmpeg_preset"]}
         notes = list(loaded.notes)
