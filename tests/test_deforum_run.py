@@ -136,3 +136,37 @@ def test_refusals_are_clear(engine, tmp_path):
         run(engine, tmp_path, "bad", zoom="0:(1.0), 10:(foo)")
     with pytest.raises(RequestError, match="resume_timestring"):
         run(engine, tmp_path, "none", resume_from_timestring=True, resume_timestring="20200101000000")
+
+
+def test_controlnet_units_per_frame_with_their_schedules(engine, tmp_path):
+    (engine.paths.controlnet_dir).mkdir(parents=True, exist_ok=True)
+    demo = engine.paths.controlnet_dir / "sdstudio-demo-canny.safetensors"
+    if not demo.exists():
+        os.link(ROOT / "models" / "ControlNet" / "sdstudio-demo-canny.safetensors", demo)
+    engine.registry.refresh()
+    source = tmp_path / "edges"
+    source.mkdir()
+    for i in range(4):
+        picture = np.zeros((128, 128, 3), np.uint8)
+        picture[20 + 10 * i:70 + 10 * i, 30:90] = 255
+        Image.fromarray(picture).save(source / f"e_{i:09d}.png")
+    clip = video.stitch(video.frame_pattern(source, "e"), tmp_path / "edges.mp4", 10, preset="ultrafast")
+    units = {"cn_1_enabled": True, "cn_1_module": "canny", "cn_1_model": "sdstudio-demo-canny",
+             "cn_1_vid_path": str(clip), "cn_1_weight": "0:(1.0), 3:(0.4)", "cn_1_guidance_end": "0:(0.8)",
+             "cn_2_enabled": True, "cn_2_loopback_mode": True, "cn_2_module": "none", "cn_2_model": "sdstudio-demo-canny"}
+    r, requests = run(engine, tmp_path, "cn", diffusion_cadence=1, max_frames=4, **units)
+    assert len(r.frames) == 4
+    per_frame = [q.alwayson_scripts["ControlNet"]["units"] for q in requests]
+    assert [len(u) for u in per_frame] == [1, 2, 2, 2]  # loopback has no picture on the first frame
+    assert [round(u[0]["weight"], 3) for u in per_frame] == [1.0, 0.8, 0.6, 0.4]
+    assert all(u[0]["guidance_end"] == 0.8 and u[0]["resize_mode"] == "Inner Fit (Scale to Fit)" for u in per_frame)
+    assert len({u[0]["image"] for u in per_frame}) == 4  # each frame its own video frame
+
+
+def test_optical_flow_cadence(engine, tmp_path):
+    plain, _ = run(engine, tmp_path, "plain", diffusion_cadence=3, translation_x="0:(4)")
+    flowed, requests = run(engine, tmp_path, "flow", diffusion_cadence=3, translation_x="0:(4)",
+                           optical_flow_cadence="DIS Medium")
+    assert len(flowed.frames) == 7 and len(requests) == 3
+    differs = [not np.array_equal(a, b) for a, b in zip(pixels(flowed.frames), pixels(plain.frames))]
+    assert differs[:3] == [False, False, False] and any(differs[3:])  # the first gap has no previous picture

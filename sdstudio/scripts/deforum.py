@@ -20,6 +20,8 @@ cadence past the last diffused frame), the run writes them, so the video has ``m
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import logging
 import shutil
@@ -37,6 +39,7 @@ from ..engine import animation, video
 
 log = logging.getLogger(__name__)
 STATE = "{timestring}_state.json"
+CONTROLNET_UNITS = 5  # the extension's cn_1_ .. cn_5_
 MODES = ("None", "2D", "3D", "Video Input", "Interpolation")
 
 
@@ -68,6 +71,12 @@ def _png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path)
 
 
+def _base64_png(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 class DeforumRun:
     """One animation. ``studio`` generates the diffused frames; ``outputs_dir`` holds ``img2img-images/<batch>``
     as A1111's Deforum writes it, or ``outdir`` is the run's folder itself."""
@@ -96,6 +105,7 @@ class DeforumRun:
         self.video_frames: list[Path] = []
         self.warnings: list[str] = []
         self._depth_model = None
+        self._cn_frames: dict[int, list[Path]] = {}
         get_sampler(self.s["sampler"])  # an unknown sampler is said before any frame
 
     # ---- per-frame values ----------------------------------------------------------------------------
@@ -150,6 +160,9 @@ class DeforumRun:
             fields["model"] = self.model
         if s["enable_clipskip_scheduling"]:
             fields["clip_skip"] = int(self.keys["clipskip_schedule"][frame])
+        units = self._controlnet_units(frame, init)
+        if units:
+            fields["alwayson_scripts"] = {"ControlNet": {"units": units}}
         if init is None:
             return Txt2ImgRequest(**fields)
         noise_multiplier = self.key("noise_multiplier_schedule", frame) if s["enable_noise_multiplier_scheduling"] \
@@ -157,6 +170,42 @@ class DeforumRun:
         # Deforum's strength is how much of the init picture stays; img2img steps scale with 1 - strength
         return Img2ImgRequest(**fields, init_images=[Image.fromarray(init)], denoising_strength=1.0 - strength,
                               initial_noise_multiplier=noise_multiplier, fix_steps=False)
+
+    # ---- ControlNet units per frame (the extension's cn_1_ .. cn_5_ keys) ------------------------------------
+    def _controlnet_units(self, frame: int, init: np.ndarray | None) -> list[dict]:
+        """Each enabled unit with this frame's weight / guidance start / end and its picture: the frame's
+        start picture in loopback mode, else this frame of its video (or its one image)."""
+        units = []
+        for i in range(1, CONTROLNET_UNITS + 1):
+            p = f"cn_{i}_"
+            if not self.s.get(p + "enabled"):
+                continue
+            if self.s.get(p + "loopback_mode"):
+                picture = init
+            else:
+                frames = self._controlnet_frames(i)
+                picture = _rgb(Image.open(frames[min(frame, len(frames) - 1)])) if frames else None
+            if picture is None:  # loopback on a first frame without an init picture: off for that frame
+                continue
+            unit = {k: self.s[p + k] for k in ("module", "model", "resize_mode", "control_mode", "low_vram",
+                                               "pixel_perfect", "processor_res", "threshold_a", "threshold_b")}
+            unit.update(enabled=True, weight=self.key(p + "weight", frame),
+                        guidance_start=self.key(p + "guidance_start", frame),
+                        guidance_end=self.key(p + "guidance_end", frame), image=_base64_png(picture))
+            units.append(unit)
+        return units
+
+    def _controlnet_frames(self, unit: int) -> list[Path]:
+        if unit not in self._cn_frames:
+            path = spec.local_path(self.s, f"cn_{unit}_vid_path")
+            if not path:
+                raise RequestError(f"cn_{unit}_vid_path: ControlNet unit {unit} is enabled without loopback mode; "
+                                   f"give it a local video or image")
+            if Path(path).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+                self._cn_frames[unit] = [Path(path)]
+            else:
+                self._cn_frames[unit] = video.extract_frames(path, self.outdir / f"controlnet_{unit}_inputframes")
+        return self._cn_frames[unit]
 
     def _generate(self, frame: int, init: np.ndarray | None, strength: float) -> np.ndarray:
         result = self.studio.generate(self._request(frame, init, strength),
@@ -253,14 +302,31 @@ class DeforumRun:
         return result
 
     def _tweens(self, state: dict, pics: dict, frame: int, cadence: int) -> None:
-        """The in-between frames before ``frame`` (render.py's cadence loop), written up to max_frames."""
+        """The in-between frames before ``frame`` (render.py's cadence loop), written up to max_frames. With
+        optical-flow cadence the gap's flow between the two diffused pictures (halved, as the extension
+        does) moves them towards each other, the flow field carried by each frame's motion."""
         start = max(0, frame - cadence)
+        method = self.s["optical_flow_cadence"]
+        flow = None
+        if method != "None" and self.s["animation_mode"] == "2D" and pics["turbo_prev"] is not None \
+                and self.key("strength_schedule", start) > 0:
+            flow = animation.optical_flow(pics["turbo_prev"], pics["turbo_next"], method) / 2
+            pics["turbo_next"] = animation.warp_by_flow(pics["turbo_next"], -flow)
         for t in range(start, min(frame, self.max_frames)):
             tween = (t - start + 1) / (frame - start)
-            if pics["turbo_prev"] is not None and t > state["turbo_prev_frame"]:
+            advance_prev = pics["turbo_prev"] is not None and t > state["turbo_prev_frame"]
+            advance_next = t > state["turbo_next_frame"]
+            if advance_prev:
                 pics["turbo_prev"] = self._motion(pics["turbo_prev"], t)
-            if t > state["turbo_next_frame"]:
+            if advance_next:
                 pics["turbo_next"] = self._motion(pics["turbo_next"], t)
+            if flow is not None:
+                flow = self._motion(flow, t)  # the warps keep float fields as they are (no clamping)
+                factor = self.key("cadence_flow_factor_schedule", t)
+                if advance_prev:
+                    pics["turbo_prev"] = animation.warp_by_flow(pics["turbo_prev"], flow * tween, factor)
+                if advance_next:
+                    pics["turbo_next"] = animation.warp_by_flow(pics["turbo_next"], flow * tween, factor)
             state["turbo_prev_frame"] = state["turbo_next_frame"] = t
             image = animation.blend(pics["turbo_prev"], pics["turbo_next"], tween) \
                 if pics["turbo_prev"] is not None and tween < 1.0 else pics["turbo_next"].copy()
