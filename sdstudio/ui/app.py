@@ -29,6 +29,7 @@ from ..core.settings import SettingError, Settings
 from ..models.errors import ModelFileError, ModelNotFoundError
 from ..service.jobs import JobError, JobService
 from . import localization, networks, progress
+from .deforum import DeforumTab
 from .generation import GenerationTab
 from .progress import client_of, follow
 from .tabs import ExtensionsTab, ExtrasTab, PngInfoTab, SettingsTab, open_picture
@@ -155,6 +156,8 @@ class StudioUI:
                     self.extras = ExtrasTab(self).build()
                 with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                     self.pnginfo = PngInfoTab(self).build()
+                with gr.Tab("Deforum", id="deforum", elem_id="tab_deforum"):
+                    self.deforum = DeforumTab(self).build()
                 with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
                     self.settings_tab = SettingsTab(self).build()
                 with gr.Tab("Extensions", id="extensions", elem_id="tab_extensions"):
