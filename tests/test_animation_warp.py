@@ -455,3 +455,30 @@ def test_optical_flow_methods_we_do_not_have():
         with pytest.raises(ValueError, match="DIS Medium"):
             anim.optical_flow(image, image, method)
     assert set(anim.EXTENSION_FLOW_METHODS) - {"RAFT"} <= set(anim.FLOW_METHODS)
+
+
+def test_hybrid_motion_matrix_recovers_a_camera_shift():
+    rng = np.random.default_rng(3)
+    base = (rng.random((160, 160)) * 255).astype(np.uint8)
+    base = np.stack([cv2.GaussianBlur(base, (5, 5), 1.5)] * 3, axis=-1)
+    shifted = np.roll(base, (6, -9), axis=(0, 1))  # content 6 px down, 9 px left
+    for kind in ("Affine", "Perspective"):
+        m = anim.motion_matrix(base[20:140, 20:140], shifted[20:140, 20:140], kind)
+        assert m.shape == (3, 3)
+        assert m[0, 2] == pytest.approx(-9, abs=0.5) and m[1, 2] == pytest.approx(6, abs=0.5)
+        assert np.allclose(m[:2, :2], np.eye(2), atol=0.02)
+    flat = np.full((64, 64, 3), 128, np.uint8)
+    assert np.array_equal(anim.motion_matrix(flat, flat), np.eye(3))  # no features: no motion
+
+
+def test_hybrid_blend_alpha_and_masks():
+    prev = np.full((8, 8, 3), 200, np.uint8)
+    frame = np.full((8, 8, 3), 100, np.uint8)
+    assert np.array_equal(anim.hybrid_blend(prev, frame, 0.0), prev)
+    assert np.array_equal(anim.hybrid_blend(prev, frame, 1.0), frame)
+    assert np.all(anim.hybrid_blend(prev, frame, 0.25) == 175)  # 200 * 0.75 + 100 * 0.25
+    # Difference mask: |200 - 100| = 100 of 255 of the previous frame over the video frame, then alpha 1
+    out = anim.hybrid_blend(prev, frame, 1.0, "Difference")
+    assert np.all(np.abs(out.astype(int) - round(200 * 100 / 255 + 100 * 155 / 255)) <= 1)
+    with pytest.raises(ValueError, match="mask type"):
+        anim.hybrid_blend(prev, frame, 0.5, "Depth")

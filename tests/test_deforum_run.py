@@ -170,3 +170,42 @@ def test_optical_flow_cadence(engine, tmp_path):
     assert len(flowed.frames) == 7 and len(requests) == 3
     differs = [not np.array_equal(a, b) for a, b in zip(pixels(flowed.frames), pixels(plain.frames))]
     assert differs[:3] == [False, False, False] and any(differs[3:])  # the first gap has no previous picture
+
+
+def test_upscaled_and_interpolated_videos(engine, tmp_path):
+    r, _ = run(engine, tmp_path, "post", max_frames=4, r_upscale_video=True, r_upscale_factor="x2",
+               r_upscale_model="Lanczos", frame_interpolation_engine="RIFE v4.6", frame_interpolation_x_amount=3)
+    upscaled, interpolated = r.extra_videos
+    info = video.probe(upscaled)
+    assert (info.frames, info.width, info.height) == (4, 256, 256)
+    info = video.probe(interpolated)
+    assert (info.frames, info.fps) == (10, 30.0)  # 3 per frame between 4 frames: 3 * 3 + 1, at 3x the fps
+    folder = interpolated.with_suffix("")
+    a, mid, b = (np.asarray(Image.open(folder / f"{r.timestring}_{i:09d}.png"), dtype=float) for i in (0, 1, 3))
+    assert np.abs(mid - (a * 2 / 3 + b / 3)).max() <= 1  # a blend, as the warning says
+    assert any("blending" in w for w in r.warnings)
+    with pytest.raises(RequestError, match="r_upscale_model 'realesr-animevideov3': not found"):
+        run(engine, tmp_path, "post2", max_frames=2, r_upscale_video=True)
+
+
+def test_hybrid_video_composite_and_motion(engine, tmp_path):
+    source = tmp_path / "moving"
+    source.mkdir()
+    for i in range(5):
+        picture = np.full((128, 128, 3), 30, np.uint8)
+        picture[40:80, 10 + 12 * i:50 + 12 * i] = (250, 220, 40)  # a block moving right
+        Image.fromarray(picture).save(source / f"m_{i:09d}.png")
+    clip = video.stitch(video.frame_pattern(source, "m"), tmp_path / "moving.mp4", 10, preset="ultrafast")
+    common = {"diffusion_cadence": 1, "max_frames": 4, "video_init_path": str(clip), "zoom": "0:(1)",
+              "angle": "0:(0)"}
+    plain, _ = run(engine, tmp_path, "plain", **common)
+    mixed, requests = run(engine, tmp_path, "comp", hybrid_composite="Normal", hybrid_comp_alpha_schedule="0:(0.8)",
+                          **common)
+    assert type(requests[0]).__name__ == "Img2ImgRequest"  # the video's first frame is the first init
+    assert not np.array_equal(pixels(mixed.frames)[2], pixels(plain.frames)[2])
+    moved, _ = run(engine, tmp_path, "flow", hybrid_motion="Optical Flow", hybrid_flow_method="DIS Medium", **common)
+    assert len(moved.frames) == 4
+    affine, _ = run(engine, tmp_path, "affine", hybrid_motion="Affine", **common)
+    assert len(affine.frames) == 4
+    with pytest.raises(RequestError, match="hybrid_flow_method.*RAFT"):
+        run(engine, tmp_path, "raft", hybrid_motion="Optical Flow", **common)  # the extension's default needs weights

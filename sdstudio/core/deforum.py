@@ -194,7 +194,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "reroll_blank_frames": ("reroll", "interrupt", "ignore"),
     "add_soundtrack": ("None", "File", "Init Video"),
     "r_upscale_factor": ("x2", "x3", "x4"),
-    "r_upscale_model": ("realesr-animevideov3", "realesrgan-x4plus", "realesrgan-x4plus-anime"),
+    # r_upscale_model: any upscaler of ours by name (the extension's three ncnn models when their files are there)
     "frame_interpolation_engine": ("None", "RIFE v4.6", "FILM"),
 }
 _CN_CHOICES = {

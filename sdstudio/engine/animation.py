@@ -611,3 +611,51 @@ def warp_by_flow(image: np.ndarray, flow: np.ndarray, flow_factor: float = 1.0) 
     map_y = grid_y - step[..., 1]
     out = cv2.remap(np.ascontiguousarray(image), map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     return out.reshape(image.shape)
+
+
+# ------------------------------------------------------------------------------------------- hybrid video
+
+HYBRID_MOTIONS = ("None", "Optical Flow", "Perspective", "Affine")
+HYBRID_COMPOSITES = ("None", "Normal", "Before Motion", "After Generation")
+
+
+def motion_matrix(a: np.ndarray, b: np.ndarray, kind: str = "Affine", ratio: float = 0.75) -> np.ndarray:
+    """The camera motion from video frame ``a`` to ``b`` as a 3×3 matrix (the extension's hybrid motion:
+    SIFT features, Lowe's ratio test, then RANSAC: a similarity for "Affine", a homography for
+    "Perspective"); the identity when fewer than 9 good matches are found."""
+    sift = cv2.SIFT_create()
+    kp1, des1 = sift.detectAndCompute(_gray(a), None)
+    kp2, des2 = sift.detectAndCompute(_gray(b), None)
+    if des1 is None or des2 is None or len(kp1) < 2 or len(kp2) < 2:
+        return np.eye(3)
+    good = [m for m, n in (p for p in cv2.BFMatcher().knnMatch(des1, des2, k=2) if len(p) == 2)
+            if m.distance < ratio * n.distance]
+    if len(good) <= 8:
+        return np.eye(3)
+    src = np.float32([kp1[m.queryIdx].pt for m in good]).reshape(-1, 1, 2)
+    dst = np.float32([kp2[m.trainIdx].pt for m in good]).reshape(-1, 1, 2)
+    if kind == "Perspective":
+        matrix, _ = cv2.findHomography(src, dst, cv2.RANSAC, 5.0)
+    else:
+        partial, _ = cv2.estimateAffinePartial2D(src, dst)
+        matrix = None if partial is None else np.vstack([partial, [0.0, 0.0, 1.0]])
+    return np.eye(3) if matrix is None else matrix
+
+
+def hybrid_blend(prev: np.ndarray, video_frame: np.ndarray, alpha: float, mask_type: str = "None",
+                 mask_blend_alpha: float = 0.5, invert: bool = False) -> np.ndarray:
+    """The extension's hybrid composite: the video frame (or, with a mask type "Blend" / "Difference",
+    the previous frame over the video frame through that grey mask), then blended into the previous frame
+    by ``alpha`` (``Image.blend(prev, composite, alpha)``)."""
+    comp = video_frame
+    if mask_type in ("Blend", "Difference"):
+        gp, gv = _gray(prev).astype(np.float64), _gray(video_frame).astype(np.float64)
+        mask = gp * (1 - mask_blend_alpha) + gv * mask_blend_alpha if mask_type == "Blend" else np.abs(gp - gv)
+        mask = np.clip(np.rint(mask), 0, 255)
+        if invert:
+            mask = 255 - mask
+        w = (mask / 255.0)[..., None]
+        comp = np.clip(np.rint(prev * w + video_frame * (1 - w)), 0, 255).astype(np.uint8)
+    elif mask_type != "None":
+        raise ValueError(f"hybrid composite mask type {mask_type!r} is not available (None, Blend, Difference)")
+    return blend(prev, comp, alpha)

@@ -36,6 +36,7 @@ from ..core import deforum as spec
 from ..core.names import get_sampler
 from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest
 from ..engine import animation, video
+from ..models.errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)
 STATE = "{timestring}_state.json"
@@ -61,6 +62,7 @@ class DeforumResult:
     paused: bool = False
     settings_file: Path | None = None
     warnings: list[str] = field(default_factory=list)
+    extra_videos: list[Path] = field(default_factory=list)  # the upscaled and the interpolated video
 
 
 def _rgb(image: Image.Image) -> np.ndarray:
@@ -106,6 +108,7 @@ class DeforumRun:
         self.warnings: list[str] = []
         self._depth_model = None
         self._cn_frames: dict[int, list[Path]] = {}
+        self._hybrid: list[Path] | None = None
         get_sampler(self.s["sampler"])  # an unknown sampler is said before any frame
 
     # ---- per-frame values ----------------------------------------------------------------------------
@@ -250,6 +253,8 @@ class DeforumRun:
         settings_file = self.outdir / spec.settings_filename(self.timestring)
         settings_file.write_text(s.to_json())
         spec.check_files(s)  # a used web URL: "put the file here and give its path"
+        if s["r_upscale_video"]:
+            self._upscaler()
         mode = s["animation_mode"]
         cadence = 1 if mode in ("Video Input", "Interpolation", "None") else max(1, int(s["diffusion_cadence"]))
         inputs = self._video_inputs() if mode == "Video Input" else None
@@ -310,7 +315,7 @@ class DeforumRun:
         flow = None
         if method != "None" and self.s["animation_mode"] == "2D" and pics["turbo_prev"] is not None \
                 and self.key("strength_schedule", start) > 0:
-            flow = animation.optical_flow(pics["turbo_prev"], pics["turbo_next"], method) / 2
+            flow = _flow(pics["turbo_prev"], pics["turbo_next"], method, "optical_flow_cadence") / 2
             pics["turbo_next"] = animation.warp_by_flow(pics["turbo_next"], -flow)
         for t in range(start, min(frame, self.max_frames)):
             tween = (t - start + 1) / (frame - start)
@@ -320,6 +325,11 @@ class DeforumRun:
                 pics["turbo_prev"] = self._motion(pics["turbo_prev"], t)
             if advance_next:
                 pics["turbo_next"] = self._motion(pics["turbo_next"], t)
+            if t > 0 and self.s["hybrid_motion"] != "None":
+                if advance_prev:
+                    pics["turbo_prev"] = self._hybrid_motion(pics["turbo_prev"], t)
+                if advance_next:
+                    pics["turbo_next"] = self._hybrid_motion(pics["turbo_next"], t)
             if flow is not None:
                 flow = self._motion(flow, t)  # the warps keep float fields as they are (no clamping)
                 factor = self.key("cadence_flow_factor_schedule", t)
@@ -342,6 +352,11 @@ class DeforumRun:
                                                                                Image.LANCZOS)), strength
         if pics["prev"] is not None and s["animation_mode"] in ("2D", "3D"):
             prev = self._motion(pics["prev"], frame)
+            if s["hybrid_composite"] == "Before Motion":
+                prev = self._hybrid_composite(prev, frame)
+            prev = self._hybrid_motion(prev, frame)
+            if s["hybrid_composite"] == "Normal":
+                prev = self._hybrid_composite(prev, frame)
             mode = s["color_coherence"]
             if mode != "None":
                 if pics["color"] is None:
@@ -357,6 +372,9 @@ class DeforumRun:
                                         noise_type=s["noise_type"], perlin_w=s["perlin_w"], perlin_h=s["perlin_h"],
                                         octaves=int(s["perlin_octaves"]), persistence=s["perlin_persistence"])
             return image, strength
+        hybrid = s["hybrid_composite"] != "None" or s["hybrid_motion"] != "None"
+        if frame == 0 and hybrid and s["hybrid_use_first_frame_as_init_image"] and not s["use_init"]:
+            return self._video_frame(0), min(1.0, max(0.0, float(s["strength"])))
         if frame == 0 and s["use_init"]:
             path = spec.local_path(s, "init_image")
             if path:
@@ -367,6 +385,8 @@ class DeforumRun:
     def _after_generation(self, image: np.ndarray, frame: int, pics: dict, had_init: bool, strength: float):
         """Colour matching after generation and the choice of the colour reference (render.py)."""
         s, mode = self.s, self.s["color_coherence"]
+        if frame > 0 and s["hybrid_composite"] == "After Generation" and s["animation_mode"] in ("2D", "3D"):
+            image = self._hybrid_composite(image, frame)
         legacy = bool(s["legacy_colormatch"])
         first_to_reference = frame == 0 and mode in ("Image", "Video Input")
         if pics["color"] is not None and (first_to_reference or (mode != "None" and not legacy)):
@@ -374,6 +394,45 @@ class DeforumRun:
         if ((not legacy and not had_init) or (legacy and strength == 0)) and mode not in ("Image", "Video Input"):
             pics["color"] = image.copy()
         return image
+
+    # ---- hybrid video ---------------------------------------------------------------------------------
+    def _hybrid_frames(self) -> list[Path]:
+        if self._hybrid is None:
+            path = spec.local_path(self.s, "video_init_path")
+            if not path:
+                raise RequestError("hybrid video: give video_init_path (a local video file)")
+            s = self.s
+            self._hybrid = video.extract_frames(path, self.outdir / "hybridframes", every=int(s["extract_nth_frame"]),
+                                                start=int(s["extract_from_frame"]), end=int(s["extract_to_frame"]))
+            if not self._hybrid:
+                raise RequestError(f"video_init_path {path}: no frames in the range asked for")
+        return self._hybrid
+
+    def _video_frame(self, frame: int) -> np.ndarray:
+        frames, s = self._hybrid_frames(), self.s
+        return _rgb(Image.open(frames[min(frame, len(frames) - 1)]).resize((int(s["W"]), int(s["H"])), Image.LANCZOS))
+
+    def _hybrid_composite(self, image: np.ndarray, frame: int) -> np.ndarray:
+        s = self.s
+        if s["hybrid_use_init_image"]:
+            path = spec.local_path(s, "init_image")
+            other = _rgb(Image.open(path).resize((int(s["W"]), int(s["H"])), Image.LANCZOS))
+        else:
+            other = self._video_frame(frame)
+        return animation.hybrid_blend(image, other, self.key("hybrid_comp_alpha_schedule", frame),
+                                      s["hybrid_comp_mask_type"], self.key("hybrid_comp_mask_blend_alpha_schedule", frame),
+                                      bool(s["hybrid_comp_mask_inverse"]))
+
+    def _hybrid_motion(self, image: np.ndarray, frame: int) -> np.ndarray:
+        """The video's own motion from frame - 1 to frame, put on the picture (the extension's hybrid motion)."""
+        kind = self.s["hybrid_motion"]
+        if kind == "None" or frame == 0:
+            return image
+        a, b = self._video_frame(frame - 1), self._video_frame(frame)
+        if kind == "Optical Flow":
+            flow = _flow(a, b, self.s["hybrid_flow_method"], "hybrid_flow_method")
+            return animation.warp_by_flow(image, flow, self.key("hybrid_flow_factor_schedule", frame))
+        return animation.warp_matrix(image, animation.motion_matrix(a, b, kind), self.s["border"])
 
     def _color_reference(self) -> np.ndarray | None:
         s = self.s
@@ -412,6 +471,10 @@ class DeforumRun:
                                         soundtrack=sound)
         if s["make_gif"]:
             result.gif = video.make_gif(result.frames, self.outdir / f"{self.timestring}.gif", float(s["fps"]))
+        if s["r_upscale_video"]:
+            result.extra_videos.append(self._upscaled(result.frames))
+        if s["frame_interpolation_engine"] != "None":
+            result.extra_videos.append(self._interpolated(result.frames))
         for name in ("prev", "turbo_prev", "turbo_next", "color"):
             (self.outdir / f"{self.timestring}_state_{name}.png").unlink(missing_ok=True)
         (self.outdir / STATE.format(timestring=self.timestring)).unlink(missing_ok=True)
@@ -420,6 +483,62 @@ class DeforumRun:
                 path.unlink()
             shutil.rmtree(self.outdir / "inputframes", ignore_errors=True)
             result.frames = []
+
+
+    def _upscaler(self) -> str:
+        """The upscaler ``r_upscale_model`` names, checked (before any frame is made)."""
+        upscalers, name = self.studio.engine.upscalers, str(self.s["r_upscale_model"])
+        try:
+            upscalers.get(name)
+        except ModelNotFoundError:
+            names = ", ".join(u.name for u in upscalers.available())
+            raise RequestError(f"r_upscale_model {name!r}: not found; put its file in models/RealESRGAN or "
+                               f"models/ESRGAN, or choose one of: {names}") from None
+        return name
+
+    def _upscaled(self, frames: list[Path]) -> Path:
+        """Every frame through an upscaler (any of ours: the extension's ``r_upscale_model`` when we have it,
+        by name), as ``{timestring}_upscaled_xN/`` and its mp4."""
+        s = self.s
+        factor = int(str(s["r_upscale_factor"]).lstrip("x") or 2)
+        upscalers, name = self.studio.engine.upscalers, self._upscaler()
+        folder = self.outdir / f"{self.timestring}_upscaled_x{factor}"
+        folder.mkdir(exist_ok=True)
+        for i, path in enumerate(frames):
+            image = Image.open(path).convert("RGB")
+            upscalers.upscale(image, image.width * factor, image.height * factor, name).save(
+                folder / spec.frame_filename(self.timestring, i))
+        return video.stitch(video.frame_pattern(folder, self.timestring), folder.with_suffix(".mp4"),
+                            float(s["fps"]), crf=int(self.options["ffmpeg_crf"]),
+                            preset=str(self.options["ffmpeg_preset"]))
+
+    def _interpolated(self, frames: list[Path]) -> Path:
+        """``frame_interpolation_x_amount`` frames for every one. RIFE / FILM need their networks' weights,
+        which are not here: the frames between are blends of their neighbours (said in the warnings). The
+        video plays at ``fps * x`` (the same duration), or at ``fps`` with slow motion."""
+        s = self.s
+        amount = max(2, int(s["frame_interpolation_x_amount"]))
+        self.warnings.append(f"frame interpolation {s['frame_interpolation_engine']}: its network's weights are "
+                             f"not available here; frames interpolated by blending")
+        folder = self.outdir / f"{self.timestring}_interpolated_x{amount}"
+        folder.mkdir(exist_ok=True)
+        pictures = [_rgb(Image.open(p)) for p in frames]
+        k = 0
+        for a, b in zip(pictures, [*pictures[1:], None]):
+            for j in range(amount if b is not None else 1):
+                _png(animation.blend(a, b, j / amount) if b is not None and j else a,
+                     folder / spec.frame_filename(self.timestring, k))
+                k += 1
+        fps = float(s["fps"]) * (1 if s["frame_interpolation_slow_mo_enabled"] else amount)
+        return video.stitch(video.frame_pattern(folder, self.timestring), folder.with_suffix(".mp4"), fps,
+                            crf=int(self.options["ffmpeg_crf"]), preset=str(self.options["ffmpeg_preset"]))
+
+
+def _flow(a: np.ndarray, b: np.ndarray, method: str, key: str) -> np.ndarray:
+    try:
+        return animation.optical_flow(a, b, method)
+    except ValueError as exc:
+        raise RequestError(f"{key}: {exc}; choose one of {', '.join(animation.FLOW_METHODS)}") from None
 
 
 class _Stopped(Exception):
