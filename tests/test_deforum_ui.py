@@ -105,3 +105,52 @@ def test_generate_queues_a_run_and_shows_frames_then_the_video(ui, settings_file
     inputs[3 + list(tab.controls).index("sampler")] = "No such sampler"
     with pytest.raises(gr.Error, match="sampler"):
         next(tab.run("ui:deforum-test", 17, "ultrafast", *inputs))
+
+
+# ---- in a real browser ---------------------------------------------------------------------------------
+def _chromium():
+    try:
+        from sdstudio.testing.headless import chromium_path
+    except ImportError:
+        return None
+    return chromium_path()
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (./test.sh installs it)")
+@pytest.mark.xdist_group("browser")
+def test_the_tab_in_a_browser_loads_a_file_and_shows_the_video(tmp_path, free_port, settings_file):
+    import playwright.sync_api
+    from step_hold import held_server
+
+    from sdstudio.testing.headless import launch
+
+    root = tmp_path / "data"
+    (root / "models" / "Stable-diffusion").mkdir(parents=True)
+    os.link(DEMO, root / "models" / "Stable-diffusion" / DEMO.name)
+    shots = Path(os.environ.get("SDSTUDIO_ARTIFACTS", ROOT / "artifacts")) / "ui"
+    shots.mkdir(parents=True, exist_ok=True)
+    hold = ["--hold-dir", str(tmp_path), "--hold-prompt", "(never held)"]
+    with held_server(root, free_port(), hold) as url, playwright.sync_api.sync_playwright() as p:
+        browser = launch(p, _chromium())
+        try:
+            page = browser.new_context(viewport={"width": 1400, "height": 1100}).new_page()
+            page.goto(url)
+            page.wait_for_selector("#tab_deforum-button, button:has-text('Deforum')", timeout=60_000)
+            page.get_by_role("tab", name="Deforum").click()
+            with page.expect_file_chooser() as chooser:
+                page.locator("#deforum_load_settings").click()
+            chooser.value.set_files(str(settings_file))
+            page.wait_for_function("() => document.querySelector('#deforum_settings_notes')?.innerText"
+                                   ".includes('a_key_from_the_future')", timeout=30_000)
+            page.get_by_role("tab", name="Keyframes").click()
+            assert page.locator("#deforum_max_frames input[type=number]").input_value() == "3"
+            page.locator("#deforum_generate").click()
+            page.wait_for_selector("#deforum_video video", timeout=120_000)
+            page.wait_for_function("() => document.querySelector('#deforum_info')?.innerText.includes('Done')",
+                                   timeout=30_000)
+            assert "3" in page.locator("#deforum_info").inner_text()
+            assert page.locator("#deforum_current_frame img").count() == 1
+            page.screenshot(path=str(shots / "deforum.png"), full_page=True)
+        finally:
+            browser.close()
+    assert len(list((root / "outputs" / "img2img-images").glob("Deforum_*/*.mp4"))) == 1

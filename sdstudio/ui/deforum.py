@@ -314,7 +314,7 @@ class DeforumTab:
         self.save.click(lambda *values: gr.File(value=self.save_file(*values), visible=True), inputs, self.download,
                         show_progress="hidden")
 
-        def on_generate(crf, preset, *values, request: gr.Request):
+        def on_generate(request: gr.Request, crf, preset, *values):  # gradio passes the request positionally only
             yield from self.run(client_of(request), crf, preset, *values)
 
         self.generate.click(on_generate, [self.crf, self.preset, *inputs],
