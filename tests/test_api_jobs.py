@@ -230,7 +230,10 @@ def test_the_cli_server_body_carries_every_request_field(client):
                    extra_noise=0.1, model="tiny-sd1", model_hash="abc", vae="None", tiled_vae=True, enable_hr=False,
                    denoising_strength=0.6, hr_scale=1.5, hr_resize_x=0, hr_resize_y=0, hr_upscaler="Latent (bicubic)",
                    hr_second_pass_steps=3, hr_sampler_name="Heun", hr_scheduler="Exponential", hr_prompt="hp",
-                   hr_negative_prompt="hn", hr_cfg=4.0, script_name="X/Y/Z plot",
+                   hr_negative_prompt="hn", hr_cfg=4.0, distilled_cfg_scale=2.5, refiner_checkpoint="tiny-sd1",
+                   refiner_switch_at=0.6, sdxl_crop_top=8, sdxl_crop_left=16, sdxl_refiner_low_aesthetic_score=2.0,
+                   sdxl_refiner_high_aesthetic_score=6.5, hires_fix_refiner_pass="both passes",
+                   refiner_switch_by_sample_steps=True, script_name="X/Y/Z plot",
                    script_args={"x_type": "Steps", "x_values": "1,2"},
                    alwayson_scripts={}, extra={"Some key": "kept"})
     assert set(changed) == {f.name for f in dataclasses.fields(Txt2ImgRequest)}  # a new field must be listed here
