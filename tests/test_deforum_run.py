@@ -209,3 +209,24 @@ def test_hybrid_video_composite_and_motion(engine, tmp_path):
     assert len(affine.frames) == 4
     with pytest.raises(RequestError, match="hybrid_flow_method.*RAFT"):
         run(engine, tmp_path, "raft", hybrid_motion="Optical Flow", **common)  # the extension's default needs weights
+
+
+def test_a_24_frame_2d_animation_to_mp4(engine, tmp_path):
+    r, requests = run(engine, tmp_path, "long", max_frames=24, diffusion_cadence=4, translation_x="0:(2)",
+                      make_gif=True)
+    info = video.probe(r.video)
+    assert (info.frames, info.fps, info.width, info.height) == (24, 10.0, 128, 128) and len(requests) == 6
+    assert Image.open(r.gif).n_frames == 24
+
+
+def test_colour_coherence_to_the_video(engine, tmp_path):
+    source = tmp_path / "tint"
+    source.mkdir()
+    for i in range(3):
+        Image.new("RGB", (128, 128), (200, 40 + 60 * i, 40)).save(source / f"t_{i:09d}.png")
+    clip = video.stitch(video.frame_pattern(source, "t"), tmp_path / "tint.mp4", 10, preset="ultrafast")
+    r, _ = run(engine, tmp_path, "vc", diffusion_cadence=1, max_frames=3, color_coherence="Video Input",
+               video_init_path=str(clip), hybrid_composite="Normal", hybrid_comp_alpha_schedule="0:(0.1)")
+    plain, _ = run(engine, tmp_path, "lab", diffusion_cadence=1, max_frames=3, color_coherence="LAB",
+                   video_init_path=str(clip), hybrid_composite="Normal", hybrid_comp_alpha_schedule="0:(0.1)")
+    assert not np.array_equal(pixels(r.frames)[2], pixels(plain.frames)[2])

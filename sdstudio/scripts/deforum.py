@@ -280,6 +280,9 @@ class DeforumRun:
                     break
                 if cadence > 1:
                     self._tweens(state, pics, frame, cadence)
+                if s["color_coherence"] == "Video Input" and mode in ("2D", "3D") and \
+                        frame % max(1, int(s["color_coherence_video_every_N_frames"])) == 0:
+                    pics["color"] = self._video_frame(frame)  # the video's colours, every N frames
                 init, strength = self._init(frame, pics, inputs)
                 image = self._generate(frame, init, strength)
                 image = self._after_generation(image, frame, pics, init is not None, strength)
