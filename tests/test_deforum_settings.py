@@ -2,7 +2,6 @@
 behaviour (hand-computed values; the extension's seed stepping re-enacted step by step)."""
 
 import json
-import os
 import re
 import time
 
@@ -52,22 +51,6 @@ def test_defaults_load_clean():
     assert s.unknown == {} and s.notes == []
     assert s.values == {**DEFORUM_DEFAULTS}
     assert s.max_frames == 120 and s["zoom"] == DEFORUM_DEFAULTS["zoom"]
-
-
-@pytest.mark.skipif(not os.path.isdir(MIRROR), reason="the extension's repository is not mirrored here")
-def test_the_extensions_own_settings_file_loads_as_is():
-    text = os.popen(f"git -C {MIRROR} show HEAD:scripts/default_settings.txt").read()
-    data = json.loads(text)
-    s = load_settings(text)
-    assert s.unknown == {} and s.notes == []
-    for key, value in data.items():
-        if key == "fill":
-            assert s[key] == "fill"  # its index 0 in the extension's list
-        elif key == "reroll_patience":
-            assert s[key] == value == 10.0
-        else:
-            assert s[key] == value, key
-    assert set(DEFORUM_DEFAULTS) - set(data) <= {"perlin_w", "perlin_h"}  # the keys the extension never saves
 
 
 def test_missing_keys_take_defaults_and_unknown_are_kept():
