@@ -1,0 +1,613 @@
+"""Training a LoRA / LoCon on an SD 1.x, 2.x or SDXL checkpoint, saved as kohya's sd-scripts saves one.
+
+The network is kohya's ``networks.lora``: a down / up pair beside each Linear and 1x1 conv inside the
+UNet's transformer blocks and the text encoders' attention and MLP blocks (LoCon: with ``conv_dim`` also the
+3x3 convs of the ResNet blocks and the down/up-samplers), output = original + up(down(x)) * alpha / dim,
+``up`` starting at zero. Module names are kohya's: ``lora_unet_<diffusers path>`` for SD 1.x / 2.x,
+``lora_unet_<original (LDM) path>`` for SDXL (as sd-scripts writes them: its SDXL UNet has the original
+names), ``lora_te_`` / SDXL ``lora_te1_`` ``lora_te2_`` + the transformers path; the file holds
+``<name>.lora_down.weight``, ``<name>.lora_up.weight`` and ``<name>.alpha`` and the ``ss_*`` metadata, with
+``sshs_model_hash`` / ``sshs_legacy_hash`` computed as ``train_util.precalculate_safetensors_hashes`` does.
+
+The loss is the usual one (noise or v at a uniform timestep of the model's 1000-step schedule, optional
+noise offset and min-SNR weighting). All randomness comes from one CPU generator (noise, timesteps, VAE
+samples) and the dataset's (seed, epoch, batch) generators, and the state file carries the generator, the
+optimiser and the scheduler: a run resumed at step k ends bit-identical to one that was never stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save as save_bytes
+from torch import nn
+
+from ..engine.schedules import DiscreteSchedule
+from ..models.convert import unet_hf_to_ldm
+from ..models.loader import LoadedModel, load_checkpoint
+from .dataset import TrainingDataset
+
+UNET_TARGETS = ("Transformer2DModel",)
+UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TEXT_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
+SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")
+
+
+class TrainingError(ValueError):
+    """A request the trainer cannot run (unfit base model, option this machine lacks)."""
+
+
+# ---- the network ---------------------------------------------------------------------------------------
+class LoRAModule(nn.Module):
+    """kohya's LoRAModule: wraps ``org``'s forward (the original module and its weights are untouched)."""
+
+    def __init__(self, name: str, org: nn.Module, dim: int, alpha: float):
+        super().__init__()
+        self.lora_name = name
+        if isinstance(org, nn.Conv2d):
+            self.lora_down = nn.Conv2d(org.in_channels, dim, org.kernel_size, org.stride, org.padding, bias=False)
+            self.lora_up = nn.Conv2d(dim, org.out_channels, 1, 1, bias=False)
+        else:
+            self.lora_down = nn.Linear(org.in_features, dim, bias=False)
+            self.lora_up = nn.Linear(dim, org.out_features, bias=False)
+        alpha = dim if not alpha else alpha
+        self.scale = alpha / dim
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self.multiplier = 1.0
+        self._org = [org]  # a list: not a submodule (its weights are not the network's)
+        self._org_forward = None
+
+    def apply_to(self) -> None:
+        org = self._org[0]
+        self._org_forward = org.forward
+        org.forward = self.forward
+
+    def restore(self) -> None:
+        if self._org_forward is not None:
+            del self._org[0].forward  # back to the class's forward
+            self._org_forward = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._org_forward(x)
+        if not self.multiplier:
+            return out
+        return out + self.lora_up(self.lora_down(x)) * (self.multiplier * self.scale)
+
+
+def _kohya_unet_name(model: LoadedModel, path: str) -> str:
+    """kohya's module name for a UNet module: diffusers' path for SD 1.x / 2.x, the original for SDXL."""
+    if model.spec.is_sdxl:
+        ldm = unet_hf_to_ldm(path + ".weight", model.spec.layers_per_block, list(model.spec.up_has_attention))
+        if ldm:
+            path = ldm.removesuffix(".weight")
+    return "lora_unet_" + path.replace(".", "_")
+
+
+class LoRANetwork(nn.ModuleDict):
+    """The LoRA modules by kohya name (so ``state_dict()`` is the file's layout)."""
+
+    def __init__(self, model: LoadedModel, dim: int = 4, alpha: float = 1.0, *, conv_dim: int | None = None,
+                 conv_alpha: float | None = None, unet: bool = True, text_encoder: bool = True):
+        super().__init__()
+        self.unet_names: list[str] = []
+        self.te_names: list[str] = []
+        if text_encoder:
+            prefixes = ["lora_te_"] if len(model.text_encoders) == 1 else ["lora_te1_", "lora_te2_"]
+            for prefix, encoder in zip(prefixes, model.text_encoders):
+                for name, child in self._targets(encoder, TEXT_TARGETS):
+                    # kohya's names have transformers' ``text_model.`` level (flattened in transformers 5)
+                    name = name if name.startswith("text_model.") else "text_model." + name
+                    self._add(prefix + name.replace(".", "_"), child, dim, alpha, self.te_names)
+        if unet:
+            targets = UNET_TARGETS + (UNET_CONV_TARGETS if conv_dim else ())
+            for name, child in self._targets(model.unet, targets):
+                is_3x3 = isinstance(child, nn.Conv2d) and child.kernel_size != (1, 1)
+                if is_3x3 and not conv_dim:
+                    continue
+                d, a = (conv_dim, conv_alpha) if is_3x3 else (dim, alpha)
+                self._add(_kohya_unet_name(model, name), child, d, a, self.unet_names)
+
+    @staticmethod
+    def _targets(root: nn.Module, classes: tuple[str, ...]):
+        seen = set()
+        for name, module in root.named_modules():
+            if type(module).__name__ not in classes:
+                continue
+            for child_name, child in module.named_modules():
+                if isinstance(child, (nn.Linear, nn.Conv2d)) and id(child) not in seen:
+                    seen.add(id(child))
+                    yield f"{name}.{child_name}", child
+
+    def _add(self, name: str, org: nn.Module, dim: int, alpha: float, names: list[str]) -> None:
+        if name in self:
+            raise RuntimeError(f"duplicated LoRA module name {name}")
+        self[name] = LoRAModule(name, org, dim, alpha)
+        names.append(name)
+
+    def apply_to(self) -> None:
+        for m in self.values():
+            m.apply_to()
+
+    def restore(self) -> None:
+        for m in self.values():
+            m.restore()
+
+    def set_multiplier(self, value: float) -> None:
+        for m in self.values():
+            m.multiplier = value
+
+    def param_groups(self, unet_lr: float, te_lr: float) -> list[dict]:
+        groups = []
+        for names, lr in ((self.te_names, te_lr), (self.unet_names, unet_lr)):
+            params = [p for n in names for p in self[n].parameters()]
+            if params:
+                groups.append({"params": params, "lr": lr})
+        return groups
+
+
+# ---- saving ---------------------------------------------------------------------------------------------
+def safetensors_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) as kohya's ``precalculate_safetensors_hashes``: the sha256 of the
+    tensor data after the header, and the old 8-digit hash of bytes 0x100000..0x110000 of the file written
+    with only the ``ss_*`` metadata."""
+    data = save_bytes(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    n = int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(data[8 + n:]).hexdigest()
+    legacy = hashlib.sha256(io.BytesIO(data).getbuffer()[0x100000:0x110000]).hexdigest()[:8]
+    return model_hash, legacy
+
+
+def save_network(network: LoRANetwork, path: Path, metadata: dict[str, str], dtype: torch.dtype = torch.float32
+                 ) -> Path:
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in network.state_dict().items()}
+    metadata = dict(metadata)
+    metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = safetensors_hashes(tensors, metadata)
+    data = save_bytes(tensors, metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return path
+
+
+def model_hash(path: Path) -> tuple[str, str]:
+    """(A1111's old 8-digit hash, the file's sha256) of the base checkpoint, as kohya records them."""
+    old = hashlib.sha256()
+    full = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        old.update(f.read(0x10000))
+        f.seek(0)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            full.update(chunk)
+    return old.hexdigest()[:8], full.hexdigest()
+
+
+# ---- the run --------------------------------------------------------------------------------------------
+@dataclass
+class LoraConfig:
+    network_dim: int = 4
+    network_alpha: float = 1.0
+    network_module: str = "networks.lora"
+    conv_dim: int | None = None  # LoCon: also the 3x3 convs (kohya's network_args conv_dim / conv_alpha)
+    conv_alpha: float | None = None
+    train_unet: bool = True
+    train_text_encoder: bool = True
+    learning_rate: float = 1e-4
+    unet_lr: float | None = None  # None: learning_rate
+    text_encoder_lr: float | None = None
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    max_train_steps: int | None = None  # one of these two (steps win); neither: 1600 as kohya
+    max_train_epochs: int | None = None
+    batch_size: int = 1
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"  # "no", "fp16" (CUDA), "bf16"
+    min_snr_gamma: float | None = None
+    noise_offset: float | None = None
+    optimizer: str = "AdamW"  # or "AdamW8bit" (bitsandbytes on CUDA)
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    save_every_n_steps: int | None = None
+    sample_every_n_steps: int | None = None
+    output_dir: Path = Path("output")
+    output_name: str = "last"
+    save_dtype: torch.dtype = torch.float32
+    clip_skip: int = 1
+    training_comment: str | None = None
+
+
+@dataclass
+class TrainProgress:
+    step: int
+    total: int
+    loss: float
+    eta: float  # seconds
+    epoch: int
+
+
+@dataclass
+class TrainResult:
+    path: Path | None  # the LoRA file (None when interrupted before the end: see state_path)
+    steps: int
+    total: int
+    interrupted: bool
+    state_path: Path
+    log_path: Path
+    losses: list[float] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    skipped_images: list[tuple[str, str]] = field(default_factory=list)
+
+
+def base_model_version(model: LoadedModel) -> str:
+    """kohya's ``ss_base_model_version``."""
+    family = model.spec.family
+    if family == "sdxl":
+        return "sdxl_base_v1-0"
+    v = "_v" if model.spec.prediction == "v_prediction" else ""
+    return ("sd_v2" if family == "sd2" else "sd_v1") + v
+
+
+def _check_model(model: LoadedModel) -> None:
+    if model.spec.is_flow:
+        raise TrainingError(f"{model.path.name}: LoRA training here supports SD 1.x, 2.x and SDXL UNets, "
+                            f"not {model.spec.describe()}")
+    if model.spec.family == "sdxl_refiner":
+        raise TrainingError(f"{model.path.name}: an SDXL refiner cannot be trained (train on the SDXL base)")
+    if model.spec.inpainting:
+        raise TrainingError(f"{model.path.name}: an inpainting UNet (9 input channels) cannot be trained here")
+
+
+def _autocast(device: torch.device, mixed_precision: str):
+    if mixed_precision in ("no", "", None):
+        return None
+    if mixed_precision == "bf16":
+        if device.type == "cpu" and not torch.cpu._is_avx512_bf16_supported():
+            raise TrainingError("bf16 mixed precision on the CPU needs avx512_bf16 (this CPU lacks it); "
+                                "use mixed_precision='no'")
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise TrainingError("this GPU has no bf16; use mixed_precision='fp16'")
+        return torch.bfloat16
+    if mixed_precision == "fp16":
+        if device.type != "cuda":
+            raise TrainingError("fp16 mixed precision needs a CUDA GPU; on the CPU use bf16 or 'no'")
+        return torch.float16
+    raise TrainingError(f"unknown mixed precision {mixed_precision!r} (no, fp16, bf16)")
+
+
+def _optimizer(name: str, groups: list[dict], cfg: LoraConfig, device: torch.device) -> torch.optim.Optimizer:
+    if name == "AdamW":
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if name == "AdamW8bit":
+        if device.type != "cuda":
+            raise TrainingError("8-bit AdamW (bitsandbytes) runs on a CUDA GPU only; use optimizer='AdamW' on the CPU")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise TrainingError("8-bit AdamW needs the bitsandbytes package (pip install bitsandbytes); "
+                                "or use optimizer='AdamW'") from None
+        return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    raise TrainingError(f"unknown optimizer {name!r} (AdamW, AdamW8bit)")
+
+
+class _TextEncoding:
+    """Captions -> (context, pooled) with the model's encoders directly (trainable when asked), as the
+    engine's conditioner does it for a single 75-token chunk: hidden layer per encoder spec (SD 1.x: clip
+    skip), the final layer norm where the family applies it, SDXL's encoders concatenated + pooled output."""
+
+    def __init__(self, model: LoadedModel, device: torch.device, clip_skip: int = 1):
+        self.model, self.device, self.clip_skip = model, device, clip_skip
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        zs, pooled = [], None
+        for spec, encoder, tokenizer in zip(self.model.spec.text_encoders, self.model.text_encoders,
+                                            self.model.tokenizers):
+            ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                            return_tensors="pt").input_ids.to(self.device)
+            layer = -self.clip_skip if self.model.spec.family == "sd1" else spec.hidden_layer
+            hidden = layer != -1 or not spec.final_norm  # last_hidden_state is the last layer, normed
+            out = encoder(input_ids=ids, output_hidden_states=hidden)
+            z = out.last_hidden_state
+            if hidden:
+                z = out.hidden_states[layer]
+                if spec.final_norm:
+                    inner = encoder.text_model if hasattr(encoder, "text_model") else encoder
+                    z = inner.final_layer_norm(z)
+            zs.append(z)
+            if getattr(out, "text_embeds", None) is not None:
+                pooled = out.text_embeds
+        return torch.cat(zs, dim=-1), pooled
+
+
+def _snr_weight(alphas: torch.Tensor, t: torch.Tensor, gamma: float, v: bool) -> torch.Tensor:
+    """kohya's ``apply_snr_weight``: min(SNR, gamma) / SNR (epsilon), / (SNR + 1) (v)."""
+    a = alphas[t]
+    snr = a / (1 - a)
+    w = torch.clamp(snr, max=gamma) / (snr + 1 if v else snr)
+    return w
+
+
+def _total_steps(cfg: LoraConfig, per_epoch: int) -> int:
+    if cfg.max_train_steps:
+        return cfg.max_train_steps
+    if cfg.max_train_epochs:
+        return cfg.max_train_epochs * per_epoch
+    return 1600
+
+
+def _metadata(cfg: LoraConfig, model: LoadedModel, ds: TrainingDataset, total: int, per_epoch: int,
+              started: float, base_hashes: tuple[str, str] | None, optimizer: torch.optim.Optimizer,
+              precision: str) -> dict[str, str]:
+    net_args = {"conv_dim": str(cfg.conv_dim), "conv_alpha": str(cfg.conv_alpha if cfg.conv_alpha else cfg.conv_dim)} \
+        if cfg.conv_dim else None
+    epochs = math.ceil(total / per_epoch)
+    meta = {
+        "ss_session_id": cfg.seed, "ss_training_started_at": started, "ss_output_name": cfg.output_name,
+        "ss_learning_rate": cfg.learning_rate, "ss_text_encoder_lr": cfg.text_encoder_lr, "ss_unet_lr": cfg.unet_lr,
+        "ss_num_train_images": ds.num_train_images, "ss_num_reg_images": 0, "ss_num_batches_per_epoch": per_epoch,
+        "ss_num_epochs": epochs, "ss_gradient_checkpointing": cfg.gradient_checkpointing,
+        "ss_gradient_accumulation_steps": 1, "ss_max_train_steps": total, "ss_lr_warmup_steps": cfg.lr_warmup_steps,
+        "ss_lr_scheduler": cfg.lr_scheduler, "ss_network_module": cfg.network_module,
+        "ss_network_dim": cfg.network_dim, "ss_network_alpha": cfg.network_alpha, "ss_network_dropout": None,
+        "ss_mixed_precision": precision, "ss_full_fp16": False, "ss_v2": model.spec.family == "sd2",
+        "ss_base_model_version": base_model_version(model), "ss_clip_skip": cfg.clip_skip if cfg.clip_skip > 1 else None,
+        "ss_max_token_length": None, "ss_cache_latents": False, "ss_seed": cfg.seed, "ss_lowram": False,
+        "ss_noise_offset": cfg.noise_offset, "ss_training_comment": cfg.training_comment,
+        "ss_optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
+        "ss_max_grad_norm": cfg.max_grad_norm, "ss_caption_dropout_rate": ds.captions.dropout,
+        "ss_caption_dropout_every_n_epochs": 0, "ss_caption_tag_dropout_rate": ds.captions.tag_dropout,
+        "ss_face_crop_aug_range": None, "ss_prior_loss_weight": 1.0, "ss_min_snr_gamma": cfg.min_snr_gamma,
+        "ss_batch_size_per_device": cfg.batch_size, "ss_total_batch_size": cfg.batch_size,
+        "ss_resolution": tuple(ds.resolution), "ss_color_aug": False, "ss_flip_aug": ds.flip_aug,
+        "ss_random_crop": False, "ss_shuffle_caption": ds.captions.shuffle, "ss_enable_bucket": ds.enable_bucket,
+        "ss_bucket_no_upscale": ds.bucket_no_upscale, "ss_min_bucket_reso": ds.min_bucket_reso,
+        "ss_max_bucket_reso": ds.max_bucket_reso, "ss_keep_tokens": ds.captions.keep_tokens,
+        "ss_dataset_dirs": json.dumps({k: {"n_repeats": r, "img_count": n} for k, (r, n) in ds.folders.items()}),
+        "ss_reg_dataset_dirs": json.dumps({}), "ss_tag_frequency": json.dumps(ds.tag_frequency),
+        "ss_bucket_info": json.dumps(ds.bucket_info), "ss_sd_model_name": model.path.name,
+    }
+    if net_args:
+        meta["ss_network_args"] = json.dumps(net_args)
+    if base_hashes:
+        meta["ss_sd_model_hash"], meta["ss_new_sd_model_hash"] = base_hashes
+    return {k: str(v) for k, v in meta.items()}
+
+
+def _write_log(path: Path, rows: list[tuple[int, int, float, float]]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "epoch", "loss", "lr"])
+        for step, epoch, loss, lr in rows:
+            w.writerow([step, epoch, f"{loss:.6f}", f"{lr:.3e}"])
+
+
+def train_lora(model: LoadedModel | str | Path, dataset: TrainingDataset, config: LoraConfig | None = None, *,
+               device: str | torch.device = "cpu", resume: bool | str | Path = False,
+               on_progress: Callable[[TrainProgress], None] | None = None,
+               should_stop: Callable[[], bool] | None = None,
+               sampler: Callable[[Path, int], object] | None = None, **overrides) -> TrainResult:
+    """Train a LoRA on ``model`` (a loaded model, left as it was afterwards, or a checkpoint file) with
+    ``dataset``. ``config`` fields may also be passed as keywords. Files in ``output_dir``:
+    ``<name>.safetensors`` at the end, ``<name>-step00000050.safetensors`` every ``save_every_n_steps``,
+    ``<name>-state.pt`` (resume state: at each save and on interrupt), ``<name>-log.csv`` (loss per step).
+    ``resume``: True continues from ``<name>-state.pt`` when there is one, a path names a state file.
+    ``should_stop`` (checked after each step) saves the state and returns (``interrupted``).
+    ``sampler(lora_file, step)`` runs every ``sample_every_n_steps`` with that step's saved file (see
+    :func:`engine_sampler`); the network in training is switched off meanwhile."""
+    cfg = LoraConfig(**{**(config.__dict__ if config else {}), **overrides})
+    cfg.output_dir = Path(cfg.output_dir)
+    if cfg.lr_scheduler not in SCHEDULERS:
+        raise TrainingError(f"unknown lr_scheduler {cfg.lr_scheduler!r} ({', '.join(SCHEDULERS)})")
+    if not (cfg.train_unet or cfg.train_text_encoder):
+        raise TrainingError("nothing to train: train_unet and train_text_encoder are both off")
+    device = torch.device(device)
+    if not isinstance(model, LoadedModel):
+        model = load_checkpoint(Path(model), torch.float32)
+    _check_model(model)
+    precision = _autocast(device, cfg.mixed_precision)
+    if model.unet.dtype != torch.float32 and precision is None:
+        raise TrainingError(f"the model is loaded in {model.unet.dtype}; load it in float32 or use mixed precision")
+
+    unet, vae, encoders = model.unet, model.vae, model.text_encoders
+    for m in [unet, vae, *encoders]:
+        m.to(device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with torch.random.fork_rng(devices=[]):  # lora_down's kaiming init, seeded (kohya: set_seed) without
+        torch.manual_seed(cfg.seed)           # touching the caller's global generator
+        network = LoRANetwork(model, cfg.network_dim, cfg.network_alpha, conv_dim=cfg.conv_dim,
+                              conv_alpha=cfg.conv_alpha, unet=cfg.train_unet, text_encoder=cfg.train_text_encoder)
+    network.to(device)
+    unet_lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
+    te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
+    optimizer = _optimizer(cfg.optimizer, network.param_groups(unet_lr, te_lr), cfg, device)
+    per_epoch = dataset.batches_per_epoch(cfg.batch_size)
+    total = _total_steps(cfg, per_epoch)
+    from diffusers.optimization import get_scheduler
+
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                              num_training_steps=total, num_cycles=cfg.lr_scheduler_num_cycles,
+                              power=cfg.lr_scheduler_power)
+    scaler = torch.amp.GradScaler("cuda") if precision == torch.float16 else None
+
+    out = cfg.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / f"{cfg.output_name}-state.pt"
+    log_path = out / f"{cfg.output_name}-log.csv"
+    step, started, log_rows = 0, time.time(), []
+    resume_from = Path(resume) if isinstance(resume, (str, Path)) else (state_path if resume else None)
+    if resume_from is not None and resume_from.is_file():
+        state = torch.load(resume_from, map_location="cpu", weights_only=False)  # our own file
+        network.load_state_dict(state["network"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, started, log_rows = state["step"], state["started_at"], [tuple(r) for r in state["log"]]
+    base_hashes = model_hash(model.path) if Path(model.path).is_file() else None
+    metadata = _metadata(cfg, model, dataset, total, per_epoch, started, base_hashes, optimizer,
+                         cfg.mixed_precision)
+
+    alphas = DiscreteSchedule().alphas_cumprod.to(device)
+    v_pred = model.spec.prediction == "v_prediction"
+    encode_text = _TextEncoding(model, device, cfg.clip_skip)
+    scaling = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+
+    def save_state() -> None:
+        tmp = state_path.with_name(state_path.name + ".tmp")
+        torch.save({"step": step, "network": network.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
+                    "scaler": scaler.state_dict() if scaler else None, "started_at": started, "log": log_rows,
+                    "total": total}, tmp)
+        tmp.replace(state_path)
+
+    def save_lora(path: Path, epoch: int) -> Path:
+        meta = dict(metadata, ss_training_finished_at=str(time.time()), ss_steps=str(step), ss_epoch=str(epoch))
+        return save_network(network, path, meta, cfg.save_dtype)
+
+    network.apply_to()
+    trained = ([unet] if cfg.train_unet else []) + (list(encoders) if cfg.train_text_encoder else [])
+    for m in trained:
+        m.train()
+        if cfg.gradient_checkpointing:
+            if hasattr(m, "enable_gradient_checkpointing"):
+                m.enable_gradient_checkpointing()
+            else:
+                m.gradient_checkpointing_enable()
+    interrupted, path = False, None
+    losses = [r[2] for r in log_rows]
+    t0, step0 = time.time(), step
+    try:
+        while step < total:
+            epoch, index = divmod(step, per_epoch)
+            batches = dataset.epoch_batches(epoch, cfg.batch_size)
+            for b in range(index, len(batches)):
+                if step >= total:
+                    break
+                batch = dataset.load_batch(batches[b], epoch, b)
+                pixels = batch.pixels.to(device, vae.dtype)
+                with torch.no_grad():
+                    dist = vae.encode(pixels).latent_dist
+                    noise_vae = torch.randn(dist.mean.shape, generator=gen).to(device, dist.mean.dtype)
+                    latents = ((dist.mean + dist.std * noise_vae).float() - shift) * scaling
+                n = latents.shape[0]
+                noise = torch.randn(latents.shape, generator=gen).to(device)
+                if cfg.noise_offset:
+                    noise = noise + cfg.noise_offset * torch.randn((n, latents.shape[1], 1, 1), generator=gen).to(device)
+                t = torch.randint(0, len(alphas), (n,), generator=gen).to(device)
+                a = alphas[t].view(-1, 1, 1, 1)
+                noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+                target = a.sqrt() * noise - (1 - a).sqrt() * latents if v_pred else noise
+                with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
+                    with torch.set_grad_enabled(cfg.train_text_encoder):
+                        context, pooled = encode_text(batch.captions)
+                    extra = {}
+                    if model.spec.is_sdxl:
+                        h, w = batch.pixels.shape[-2:]
+                        time_ids = torch.tensor([[*size, *crop, h, w] for size, crop in
+                                                 zip(batch.original_sizes, batch.crops)], dtype=torch.float32)
+                        extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.to(device)}
+                    pred = unet(noisy.to(unet.dtype), t, context.to(unet.dtype), **extra).sample
+                loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                if cfg.min_snr_gamma:
+                    loss = loss * _snr_weight(alphas, t, cfg.min_snr_gamma, v_pred)
+                loss = loss.mean()
+                optimizer.zero_grad(set_to_none=True)
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                    if cfg.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    if cfg.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                lr = scheduler.get_last_lr()[-1]
+                scheduler.step()
+                step += 1
+                value = float(loss.detach())
+                losses.append(value)
+                log_rows.append((step, epoch + 1, value, lr))
+                if on_progress is not None:
+                    rate = (time.time() - t0) / max(1, step - step0)
+                    on_progress(TrainProgress(step, total, value, rate * (total - step), epoch + 1))
+                saved = None
+                if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
+                    saved = save_lora(out / f"{cfg.output_name}-step{step:08d}.safetensors", epoch + 1)
+                    save_state()
+                    _write_log(log_path, log_rows)
+                if sampler is not None and cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
+                    saved = saved or save_lora(out / f"{cfg.output_name}-step{step:08d}.safetensors", epoch + 1)
+                    network.set_multiplier(0.0)
+                    try:
+                        with torch.no_grad():
+                            sampler(saved, step)
+                    finally:
+                        network.set_multiplier(1.0)
+                if should_stop is not None and step < total and should_stop():
+                    interrupted = True
+                    break
+            if interrupted:
+                break
+        if interrupted:
+            save_state()
+        else:
+            path = save_lora(out / f"{cfg.output_name}.safetensors", math.ceil(step / per_epoch))
+        _write_log(log_path, log_rows)
+    finally:
+        network.restore()
+        for m in trained:
+            m.eval()
+            if cfg.gradient_checkpointing:
+                if hasattr(m, "disable_gradient_checkpointing"):
+                    m.disable_gradient_checkpointing()
+                else:
+                    m.gradient_checkpointing_disable()
+    return TrainResult(path, step, total, interrupted, state_path, log_path, losses,
+                       dict(metadata, ss_steps=str(step)), list(dataset.skipped))
+
+
+def engine_sampler(engine, checkpoint: str, prompts: list[str], folder: str | Path, *, multiplier: float = 1.0,
+                   **request) -> Callable[[Path, int], list]:
+    """A ``sampler`` for :func:`train_lora` that generates ``prompts`` with the Engine, the step's LoRA file
+    applied through ``<lora:NAME:multiplier>`` (the file must lie in the engine's LoRA folder: train with
+    ``output_dir`` inside ``engine.paths.lora_dir``); pictures go to ``folder/<step>-<i>.png``."""
+    from ..core.params import Txt2ImgRequest
+
+    folder = Path(folder)
+
+    def sample(lora_file: Path, step: int) -> list:
+        engine.registry.refresh()
+        rel = lora_file.relative_to(engine.paths.lora_dir).with_suffix("")
+        images = []
+        for i, prompt in enumerate(prompts):
+            req = Txt2ImgRequest(**{"seed": 1, "steps": 20, "width": 512, "height": 512, **request,
+                                    "prompt": f"{prompt} <lora:{rel.name}:{multiplier}>", "model": checkpoint})
+            result = engine.generate(req)
+            folder.mkdir(parents=True, exist_ok=True)
+            for j, image in enumerate(result.images):
+                image.image.save(folder / f"{step:08d}-{i}-{j}.png")
+                images.append(image)
+        return images
+
+    return sample
