@@ -1,4 +1,4 @@
-"""The ``sdstudio`` command line: txt2img, img2img, deforum, pnginfo, models, styles, serve.
+"""The ``sdstudio`` command line: txt2img, img2img, deforum, pnginfo, models, styles, merge, serve.
 
 Errors print one line naming the problem and exit with status 2 (bad input) or 1 (internal error);
 ``--debug`` shows the traceback instead.
@@ -203,6 +203,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("--json", action="store_true", help="print the parsed fields as JSON")
     p.add_argument("--debug", action="store_true")
+
+    mg = sub.add_parser("merge", help="merge checkpoints (A1111's Checkpoint Merger) into the checkpoint folder")
+    mg.add_argument("models", nargs="+", metavar="MODEL", help="A, B and C (names, titles or hashes of checkpoints)")
+    mg.add_argument("--method", default="Weighted sum", choices=["Weighted sum", "Add difference", "No interpolation"])
+    mg.add_argument("--multiplier", "-M", type=float, default=0.3, help="M: (1-M)A + MB, or A + M(B-C)")
+    mg.add_argument("--fp16", action="store_true", help="save as float16")
+    mg.add_argument("--bake-vae", metavar="NAME", help="a VAE from models/VAE to bake in")
+    mg.add_argument("--discard", metavar="REGEX", help="drop the weights whose names match")
+    mg.add_argument("--block-weights", metavar="W1,...", help="supermerger's block weights: 26 values (BASE, "
+                    "IN00-IN11, M00, OUT00-OUT11) for SD 1.x/2.x, 20 (BASE, IN00-IN08, M00, OUT00-OUT08) for SDXL")
+    mg.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]",
+                    help="a LoRA from models/Lora to merge into the result (repeatable)")
+    mg.add_argument("--format", choices=["safetensors", "ckpt"], default="safetensors")
+    mg.add_argument("--config-source", choices=["A, B or C", "B", "C", "Don't"], default="A, B or C",
+                    help="copy the .yaml config from")
+    mg.add_argument("--no-metadata", action="store_true", help="save no metadata (A1111's Save metadata off)")
+    mg.add_argument("--name", default="", help="the result's name (default: A1111's, e.g. '0.7(a) + 0.3(b)')")
+    add_common_flags(mg)
 
     m = sub.add_parser("models", help="list checkpoints and VAEs with their hashes")
     add_common_flags(m)
@@ -683,6 +701,41 @@ def cmd_pnginfo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .models.registry import ModelRegistry
+    from .service.jobs import JobError, prepare_merge, run_merge
+
+    if len(args.models) > 3:
+        raise RequestError(f"merge takes at most 3 models (A B C), got {len(args.models)}")
+    a, b, c = (list(args.models) + [None, None])[:3]
+    paths = paths_from(args)
+    registry = ModelRegistry(paths)
+    try:
+        spec = prepare_merge(registry, paths.ckpt_dirs[0], primary_model_name=a, secondary_model_name=b,
+                             tertiary_model_name=c, interp_method=args.method, multiplier=args.multiplier,
+                             save_as_half=args.fp16, custom_name=args.name, checkpoint_format=args.format,
+                             config_source=args.config_source, bake_in_vae=args.bake_vae or "None",
+                             discard_weights=args.discard or "", save_metadata=not args.no_metadata,
+                             block_weights=args.block_weights, loras=args.lora)
+    except JobError as exc:
+        raise RequestError(str(exc)) from None
+    shown = {"n": -1}
+
+    def progress(done: int, total: int) -> None:
+        percent = 100 * done // max(1, total)
+        if percent // 10 != shown["n"] and sys.stderr.isatty():
+            shown["n"] = percent // 10
+            print(f"\rmerging: {percent}%", end="", file=sys.stderr, flush=True)
+
+    result = run_merge(spec, registry, progress)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    for warning in result["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{result['message']} ({result['model_title']})")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models.registry import ModelRegistry
 
@@ -722,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
     commands = {"txt2img": cmd_txt2img, "img2img": cmd_img2img, "deforum": cmd_deforum, "extras": cmd_extras, "interrogate": cmd_interrogate,
-                "pnginfo": cmd_pnginfo, "models": cmd_models, "styles": cmd_styles}
+                "pnginfo": cmd_pnginfo, "models": cmd_models, "styles": cmd_styles, "merge": cmd_merge}
     try:
         if args.command == "serve":
             from .server import serve

@@ -211,6 +211,7 @@ def create_app(args: argparse.Namespace):
 
     if args.api or args.nowebui:
         from .api import controlnet as controlnet_api
+        from .api import merge as merge_api
         from .api import styles as styles_api
 
         guarded = [Depends(check_api_auth)]
@@ -218,6 +219,7 @@ def create_app(args: argparse.Namespace):
         app.include_router(jobs_api.make_router(service, settings.values, limits), dependencies=guarded)
         app.include_router(styles_api.make_router(paths), dependencies=guarded)
         app.include_router(controlnet_api.make_router(service, settings.values), dependencies=guarded)
+        app.include_router(merge_api.make_router(service), dependencies=guarded)
         for factory in plugins.routes:  # a plug-in's own routes (a broken factory: reported, left out)
             try:
                 app.include_router(factory(service), dependencies=guarded)

@@ -142,6 +142,165 @@ class DeforumJob:
                    list(data.get("notes") or []))
 
 
+@dataclass
+class MergeJob:
+    """What a checkpoint-merge job stores: the models as found in the model folders (path and A1111's name for
+    each; requests name models, never paths), and A1111's merger options."""
+
+    primary: list[str]  # [path, name] of each model
+    secondary: list[str] | None = None
+    tertiary: list[str] | None = None
+    interp_method: str = "Weighted sum"
+    multiplier: float = 0.3
+    save_as_half: bool = False
+    custom_name: str = ""
+    checkpoint_format: str = "safetensors"
+    config_source: int = 0
+    bake_in_vae: list[str] | None = None  # [path, name] or None
+    discard_weights: str = ""
+    save_metadata: bool = True
+    add_merge_recipe: bool = True
+    copy_metadata_fields: bool = True
+    metadata_json: dict = field(default_factory=dict)
+    block_weights: list[float] | None = None
+    loras: list[list] = field(default_factory=list)  # [path, name, weight]
+    outdir: str = ""  # the checkpoint folder the result goes to
+
+    kind = "merge"
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MergeJob:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def prepare_merge(registry, outdir, *, primary_model_name: str, secondary_model_name: str | None = None,
+                  tertiary_model_name: str | None = None, interp_method: str = "Weighted sum",
+                  multiplier: float = 0.3, save_as_half: bool = False, custom_name: str = "",
+                  checkpoint_format: str = "safetensors", config_source: int | str = 0,
+                  bake_in_vae: str | None = "None", discard_weights: str = "", save_metadata: bool = True,
+                  add_merge_recipe: bool = True, copy_metadata_fields: bool = True,
+                  metadata_json: dict | str | None = None, block_weights=None, loras=None) -> MergeJob:
+    """A merge job from A1111's merger fields, every name looked up in ``registry``'s model folders now (an unknown
+    one, a bad option or a custom name with a path in it is a :class:`JobError` naming it)."""
+    import json as _json
+
+    from ..models import merge as merger
+
+    registry.refresh()
+    if interp_method not in merger.METHODS:
+        raise JobError(f"interp_method: {interp_method!r} is not one of {', '.join(merger.METHODS)}")
+    if checkpoint_format not in merger.FORMATS:
+        raise JobError(f"checkpoint_format: {checkpoint_format!r} is not one of {', '.join(merger.FORMATS)}")
+    custom_name = (custom_name or "").strip()
+    if any(ch in custom_name for ch in "/\\\0") or custom_name in (".", ".."):
+        raise JobError(f"custom_name: {custom_name!r} must be a file name, not a path")
+    try:
+        config_index = merger._config_source_index(config_source)
+    except merger.MergeError as exc:
+        raise JobError(str(exc)) from None
+
+    def model(field_name: str, name: str | None, needed: bool) -> list[str] | None:
+        if not needed:
+            return None
+        if not name:
+            raise JobError(f"{field_name}: {interp_method} needs this model")
+        try:
+            found = registry.checkpoint(name)
+        except ModelNotFoundError as exc:
+            raise JobError(f"{field_name}: {exc}") from None
+        return [str(found.path), found.filename]
+
+    a = model("primary_model_name", primary_model_name, True)
+    b = model("secondary_model_name", secondary_model_name, interp_method != "No interpolation")
+    c = model("tertiary_model_name", tertiary_model_name, interp_method == "Add difference")
+    vae = None
+    if bake_in_vae and bake_in_vae != "None":
+        try:
+            found = registry.vae(bake_in_vae)
+        except ModelNotFoundError as exc:
+            raise JobError(f"bake_in_vae: {exc}") from None
+        vae = [str(found.path), found.filename]
+    if isinstance(metadata_json, str):
+        try:
+            metadata_json = _json.loads(metadata_json or "{}")
+        except ValueError as exc:
+            raise JobError(f"metadata_json: not JSON ({exc})") from None
+    if metadata_json is not None and not isinstance(metadata_json, dict):
+        raise JobError("metadata_json: must be a JSON object")
+    weights = None
+    if block_weights not in (None, "", []):
+        from ..models.detect import detect
+        from ..models.safe_load import open_state_dict
+
+        try:
+            sdxl = detect(open_state_dict(a[0]).shapes).is_sdxl
+            weights = merger.parse_block_weights(block_weights, sdxl)
+        except (merger.MergeError, ModelFileError) as exc:
+            raise JobError(str(exc) if isinstance(exc, merger.MergeError) else f"primary_model_name: {exc}") from None
+    lora_list = []
+    for entry in loras or []:
+        if isinstance(entry, dict):
+            name, weight = entry.get("name"), entry.get("weight", 1.0)
+        elif isinstance(entry, str):
+            name, _, weight = entry.partition(":")
+            weight = weight or 1.0
+        else:
+            name, weight = entry[0], entry[1] if len(entry) > 1 else 1.0
+        try:
+            found = registry.lora(str(name))
+            lora_list.append([str(found.path), found.name, float(weight)])
+        except ModelNotFoundError as exc:
+            raise JobError(f"loras: {exc}") from None
+        except (TypeError, ValueError):
+            raise JobError(f"loras: weight {weight!r} of {name!r} is not a number") from None
+    try:
+        multiplier = float(multiplier)
+    except (TypeError, ValueError):
+        raise JobError(f"multiplier: {multiplier!r} is not a number") from None
+    return MergeJob(a, b, c, interp_method, multiplier, bool(save_as_half), custom_name, checkpoint_format,
+                    config_index, vae, discard_weights or "", bool(save_metadata), bool(add_merge_recipe),
+                    bool(copy_metadata_fields), dict(metadata_json or {}), weights, lora_list,
+                    str(outdir))
+
+
+
+class MergeStopped(Exception):
+    """A merge job was interrupted (nothing is left behind)."""
+
+
+def run_merge(spec: MergeJob, registry, progress=None) -> dict:
+    """Run a merge job: write the result into its checkpoint folder and list it in ``registry`` at once
+    (``/sdapi/v1/sd-models``, the UI). The result names the new checkpoint."""
+    from ..models import merge as merger
+    from ..models.files import find
+
+    plans: list = []
+    models = [m for m in (spec.primary, spec.secondary, spec.tertiary) if m]
+    try:
+        path = merger.merge(
+            spec.primary[0], spec.secondary[0] if spec.secondary else None,
+            spec.tertiary[0] if spec.tertiary else None, method=spec.interp_method, multiplier=spec.multiplier,
+            fp16=spec.save_as_half, out_path=spec.outdir, fmt=spec.checkpoint_format, custom_name=spec.custom_name,
+            bake_vae=spec.bake_in_vae[0] if spec.bake_in_vae else None, discard=spec.discard_weights or None,
+            block_weights=spec.block_weights, loras=[(p, w) for p, _, w in spec.loras],
+            config_source=spec.config_source, save_metadata=spec.save_metadata,
+            add_merge_recipe=spec.add_merge_recipe, copy_metadata=spec.copy_metadata_fields,
+            metadata_json=spec.metadata_json, names={Path(m[0]): m[1] for m in models}, sha256=registry.hashes.sha256,
+            recipe_names={"bake_in_vae": spec.bake_in_vae[1] if spec.bake_in_vae else "None"},
+            progress=progress, plan_out=plans)
+    except FileNotFoundError as exc:  # a model file went away while the job waited
+        raise ModelNotFoundError(f"{Path(exc.filename or '').name or exc}: no such file") from None
+    registry.refresh()
+    found = find(registry.checkpoints, str(path.relative_to(spec.outdir)))
+    plan = plans[0]
+    return {"path": str(path), "filename": path.name, "model_title": found.title if found else path.name,
+            "model_name": found.name if found else path.stem, "keys": len(plan.keys),
+            "discarded": len(plan.discarded), "warnings": list(plan.notes), "message": f"Checkpoint saved to {path}"}
+
+
 # the extension's options_overrides that change how the run's video is made -> DeforumRun's options
 _DEFORUM_OPTION_NAMES = {"deforum_ffmpeg_crf": "ffmpeg_crf", "deforum_ffmpeg_preset": "ffmpeg_preset"}
 
@@ -214,7 +373,8 @@ class JobService:
         self.runners: dict[str, Callable[[Job, Live], None]] = {"txt2img": self._run_generate,
                                                                 "img2img": self._run_generate,
                                                                 "load": self._run_load,
-                                                                "deforum": self._run_deforum}
+                                                                "deforum": self._run_deforum,
+                                                                "merge": self._run_merge}
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> JobService:
@@ -307,6 +467,17 @@ class JobService:
         """Queue a Deforum animation (made by :meth:`prepare_deforum`) for ``client``."""
         self._check_room(client)
         submitted = self.queue.submit(client, "deforum", job.to_dict())
+        self._notify()
+        return submitted
+
+    def prepare_merge(self, **fields) -> MergeJob:
+        """A merge job from A1111's merger fields (see :func:`prepare_merge`), into the checkpoint folder."""
+        return prepare_merge(self.engine.registry, self.engine.paths.ckpt_dirs[0], **fields)
+
+    def submit_merge(self, client: str, job: MergeJob) -> Job:
+        """Queue a checkpoint merge (made by :meth:`prepare_merge`) for ``client``."""
+        self._check_room(client)
+        submitted = self.queue.submit(client, "merge", job.to_dict())
         self._notify()
         return submitted
 
@@ -629,6 +800,23 @@ class JobService:
         cancelled = self.queue.get(job.id).cancel_requested
         touch("DONE" if not (cancelled or out.interrupted) else result.get("phase", "GENERATING"))
         self.queue.finish(job.id, CANCELLED if cancelled else DONE, result, error="cancelled" if cancelled else None)
+
+    def _run_merge(self, job: Job, live: Live) -> None:
+        live.job_count, live.steps = 1, 1
+
+        def progress(done: int, total: int) -> None:
+            live.step, live.steps = done, total
+            if live.interrupted:
+                raise MergeStopped
+            if done % 64 == 0 or done == total:
+                self._notify()
+
+        try:
+            result = run_merge(MergeJob.from_dict(job.request), self.engine.registry, progress)
+        except MergeStopped:
+            self.queue.finish(job.id, CANCELLED, {"interrupted": True}, error="cancelled")
+            return
+        self.queue.finish(job.id, DONE, result)
 
     def _run_load(self, job: Job, live: Live) -> None:
         file, _ = self.engine.load(job.request["model"])
