@@ -31,6 +31,7 @@ from ..service.jobs import JobError, JobService
 from . import localization, networks, progress
 from .deforum import DeforumTab
 from .generation import GenerationTab
+from .merger import MergerTab
 from .progress import client_of, follow
 from .tabs import ExtensionsTab, ExtrasTab, PngInfoTab, SettingsTab, open_picture
 
@@ -156,6 +157,8 @@ class StudioUI:
                     self.extras = ExtrasTab(self).build()
                 with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                     self.pnginfo = PngInfoTab(self).build()
+                with gr.Tab("Checkpoint Merger", id="modelmerger", elem_id="tab_modelmerger"):
+                    self.merger = MergerTab(self).build()
                 with gr.Tab("Deforum", id="deforum", elem_id="tab_deforum"):
                     self.deforum = DeforumTab(self).build()
                 with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
