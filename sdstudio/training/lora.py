@@ -342,6 +342,49 @@ def _snr_weight(alphas: torch.Tensor, t: torch.Tensor, gamma: float, v: bool) ->
     return w
 
 
+def batch_loss(model: LoadedModel, batch, gen: torch.Generator, *, device: torch.device | str = "cpu",
+               noise_offset: float | None = None, min_snr_gamma: float | None = None,
+               autocast: torch.dtype | None = None, train_text_encoder: bool = False, encode_text=None,
+               alphas: torch.Tensor | None = None) -> torch.Tensor:
+    """The training loss of one :class:`~sdstudio.training.dataset.Batch`: VAE latent sample, noise (plus
+    ``noise_offset`` x per-channel noise), a uniform timestep, noise or v as the target by the model's
+    prediction type, the MSE per picture (weighted by min-SNR when ``min_snr_gamma``), averaged. All random
+    draws come from ``gen`` in a fixed order (a fixed generator state gives the same loss)."""
+    device = torch.device(device)
+    unet, vae = model.unet, model.vae
+    alphas = DiscreteSchedule().alphas_cumprod.to(device) if alphas is None else alphas
+    encode_text = encode_text or _TextEncoding(model, device)
+    v_pred = model.spec.prediction == "v_prediction"
+    scaling = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    with torch.no_grad():
+        dist = vae.encode(batch.pixels.to(device, vae.dtype)).latent_dist
+        noise_vae = torch.randn(dist.mean.shape, generator=gen).to(device, dist.mean.dtype)
+        latents = ((dist.mean + dist.std * noise_vae).float() - shift) * scaling
+    n = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=gen).to(device)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((n, latents.shape[1], 1, 1), generator=gen).to(device)
+    t = torch.randint(0, len(alphas), (n,), generator=gen).to(device)
+    a = alphas[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    target = a.sqrt() * noise - (1 - a).sqrt() * latents if v_pred else noise
+    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        with torch.set_grad_enabled(train_text_encoder and torch.is_grad_enabled()):
+            context, pooled = encode_text(batch.captions)
+        extra = {}
+        if model.spec.is_sdxl:  # size conditioning: original (h, w), crop (top, left), target (h, w)
+            h, w = batch.pixels.shape[-2:]
+            time_ids = torch.tensor([[*size, *crop, h, w] for size, crop in zip(batch.original_sizes, batch.crops)],
+                                    dtype=torch.float32)
+            extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.to(device)}
+        pred = unet(noisy.to(unet.dtype), t, context.to(unet.dtype), **extra).sample
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if min_snr_gamma:
+        loss = loss * _snr_weight(alphas, t, min_snr_gamma, v_pred)
+    return loss.mean()
+
+
 def _total_steps(cfg: LoraConfig, per_epoch: int) -> int:
     if cfg.max_train_steps:
         return cfg.max_train_steps
@@ -464,10 +507,7 @@ def train_lora(model: LoadedModel | str | Path, dataset: TrainingDataset, config
                          cfg.mixed_precision)
 
     alphas = DiscreteSchedule().alphas_cumprod.to(device)
-    v_pred = model.spec.prediction == "v_prediction"
     encode_text = _TextEncoding(model, device, cfg.clip_skip)
-    scaling = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
 
     def save_state() -> None:
         tmp = state_path.with_name(state_path.name + ".tmp")
@@ -501,33 +541,9 @@ def train_lora(model: LoadedModel | str | Path, dataset: TrainingDataset, config
                 if step >= total:
                     break
                 batch = dataset.load_batch(batches[b], epoch, b)
-                pixels = batch.pixels.to(device, vae.dtype)
-                with torch.no_grad():
-                    dist = vae.encode(pixels).latent_dist
-                    noise_vae = torch.randn(dist.mean.shape, generator=gen).to(device, dist.mean.dtype)
-                    latents = ((dist.mean + dist.std * noise_vae).float() - shift) * scaling
-                n = latents.shape[0]
-                noise = torch.randn(latents.shape, generator=gen).to(device)
-                if cfg.noise_offset:
-                    noise = noise + cfg.noise_offset * torch.randn((n, latents.shape[1], 1, 1), generator=gen).to(device)
-                t = torch.randint(0, len(alphas), (n,), generator=gen).to(device)
-                a = alphas[t].view(-1, 1, 1, 1)
-                noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-                target = a.sqrt() * noise - (1 - a).sqrt() * latents if v_pred else noise
-                with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
-                    with torch.set_grad_enabled(cfg.train_text_encoder):
-                        context, pooled = encode_text(batch.captions)
-                    extra = {}
-                    if model.spec.is_sdxl:
-                        h, w = batch.pixels.shape[-2:]
-                        time_ids = torch.tensor([[*size, *crop, h, w] for size, crop in
-                                                 zip(batch.original_sizes, batch.crops)], dtype=torch.float32)
-                        extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.to(device)}
-                    pred = unet(noisy.to(unet.dtype), t, context.to(unet.dtype), **extra).sample
-                loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                if cfg.min_snr_gamma:
-                    loss = loss * _snr_weight(alphas, t, cfg.min_snr_gamma, v_pred)
-                loss = loss.mean()
+                loss = batch_loss(model, batch, gen, device=device, noise_offset=cfg.noise_offset,
+                                  min_snr_gamma=cfg.min_snr_gamma, autocast=precision,
+                                  train_text_encoder=cfg.train_text_encoder, encode_text=encode_text, alphas=alphas)
                 optimizer.zero_grad(set_to_none=True)
                 params = [p for g in optimizer.param_groups for p in g["params"]]
                 if scaler is not None:
