@@ -208,8 +208,11 @@ class Studio:
                                           on_batch=on_batch, keep_images=keep_images, hooks=hooks,
                                           infotext_extra=pairs)
             return self._with_extras(result, context, on_image, on_batch, keep_images)
-        try:
-            self.alwayson(req)  # a bad always-on argument fails now, before the script's first pass
+        try:  # a bad always-on argument fails now, before the script's first pass (parsed only: building the
+            # hooks would run their preparation, ControlNet's preprocessors, once more than the passes do)
+            for script in self.catalog:
+                if script.alwayson and not script.request_fields and script.name in req.alwayson_scripts:
+                    self.catalog.parse(script.name, req.alwayson_scripts[script.name], req.kind, alwayson=True)
         except ScriptError as exc:
             raise RequestError(str(exc)) from None
         ctx = ScriptContext(self.engine, self, on_progress, should_stop, should_skip, should_pause,
