@@ -9,7 +9,7 @@ import numpy as np
 import peft  # noqa: F401 - diffusers' load_lora_weights needs it; a missing one must fail here
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -174,6 +174,20 @@ def test_sdxl_run_writes_two_text_encoders_and_original_unet_names(tiny_dir, tmp
     assert lora_ops.LoraFile(result.path, model).unmatched == []
     with safe_open(str(result.path), "pt") as f:
         assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+    # diffusers maps kohya's original-layout SDXL names onto its UNet: the same deltas as ours
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    with lora_ops.applied(model, [(lora_ops.LoraFile(result.path, model), 1.0, 1.0)]):
+        ours = {k: v - before[k] for k, v in model.unet.state_dict().items() if not torch.equal(v, before[k])}
+    pipe = StableDiffusionXLPipeline.from_single_file(str(tiny_dir / "tiny-sdxl.safetensors"),
+                                                      config=str(write_config_folder(model.spec, tmp_path / "c")),
+                                                      local_files_only=True, torch_dtype=torch.float32)
+    base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    pipe.load_lora_weights({k: v for k, v in load_file(str(result.path)).items() if k.startswith("lora_unet_")})
+    pipe.fuse_lora(lora_scale=1.0)
+    after = {k.replace("base_layer.", ""): v for k, v in pipe.unet.state_dict().items() if "lora_" not in k}
+    theirs = {k: after[k] - base[k] for k in base if not torch.equal(after[k], base[k])}
+    assert set(ours) == set(theirs) and len(ours) > 20
+    assert all(torch.allclose(d, theirs[k], atol=1e-6) for k, d in ours.items())
 
 
 def test_schedulers_precision_and_clear_errors(sd1, data, tmp_path):
@@ -192,6 +206,12 @@ def test_schedulers_precision_and_clear_errors(sd1, data, tmp_path):
         train_lora(sd1, ds, max_train_steps=1, optimizer="AdamW8bit", output_dir=tmp_path)
     with pytest.raises(TrainingError, match="fp16"):
         train_lora(sd1, ds, max_train_steps=1, mixed_precision="fp16", output_dir=tmp_path)
+    # gradient checkpointing recomputes the same forward: the same losses
+    kw = {"max_train_steps": 3, "batch_size": 4, "learning_rate": 1e-2, "seed": 4}
+    plain = train_lora(sd1, ds, output_dir=tmp_path / "gc0", output_name="g", **kw)
+    ckpt = train_lora(sd1, ds, output_dir=tmp_path / "gc1", output_name="g", gradient_checkpointing=True, **kw)
+    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert not sd1.unet.is_gradient_checkpointing  # switched off again
     if torch.cpu._is_avx512_bf16_supported():
         r = train_lora(sd1, ds, max_train_steps=2, batch_size=4, mixed_precision="bf16", min_snr_gamma=5,
                        output_dir=tmp_path / "bf16", output_name="b")

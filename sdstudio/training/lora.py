@@ -385,6 +385,17 @@ def batch_loss(model: LoadedModel, batch, gen: torch.Generator, *, device: torch
     return loss.mean()
 
 
+def _checkpointing(module: nn.Module, on: bool) -> None:
+    """Gradient checkpointing on or off: diffusers' names, transformers 5's (``activation_checkpointing_*``) or
+    older transformers' (``gradient_checkpointing_*``)."""
+    for name in (("enable_gradient_checkpointing", "activation_checkpointing_enable", "gradient_checkpointing_enable")
+                 if on else ("disable_gradient_checkpointing", "activation_checkpointing_disable",
+                             "gradient_checkpointing_disable")):
+        if hasattr(module, name):
+            getattr(module, name)()
+            return
+
+
 def _total_steps(cfg: LoraConfig, per_epoch: int) -> int:
     if cfg.max_train_steps:
         return cfg.max_train_steps
@@ -526,10 +537,7 @@ def train_lora(model: LoadedModel | str | Path, dataset: TrainingDataset, config
     for m in trained:
         m.train()
         if cfg.gradient_checkpointing:
-            if hasattr(m, "enable_gradient_checkpointing"):
-                m.enable_gradient_checkpointing()
-            else:
-                m.gradient_checkpointing_enable()
+            _checkpointing(m, True)
     interrupted, path = False, None
     losses = [r[2] for r in log_rows]
     t0, step0 = time.time(), step
@@ -595,10 +603,7 @@ def train_lora(model: LoadedModel | str | Path, dataset: TrainingDataset, config
         for m in trained:
             m.eval()
             if cfg.gradient_checkpointing:
-                if hasattr(m, "disable_gradient_checkpointing"):
-                    m.disable_gradient_checkpointing()
-                else:
-                    m.gradient_checkpointing_disable()
+                _checkpointing(m, False)
     return TrainResult(path, step, total, interrupted, state_path, log_path, losses,
                        dict(metadata, ss_steps=str(step)), list(dataset.skipped))
 
