@@ -116,19 +116,28 @@ def parse_block_weights(values: str | Iterable[float] | None, sdxl: bool) -> lis
 # ---- reading ----------------------------------------------------------------------------------------
 
 class _Source:
-    """A model file read tensor by tensor: names, shapes and dtypes up front, tensors on request."""
+    """A model file read tensor by tensor: names, shapes and dtypes up front, tensors on request. A safetensors
+    file's tensors are read with plain file reads into their own memory, not through a memory map: pages of a
+    map stay in the process's resident set once touched, so reading two mapped 2 GB models would hold 4 GB."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.state = open_state_dict(self.path)
+        self.state = open_state_dict(self.path)  # its checks (header, truncation, the pickle's safety)
         self.shapes = self.state.shapes
         self.metadata = dict(self.state.metadata)
+        self.offsets: dict[str, tuple[int, int]] = {}
         if self.path.suffix.lower() == ".safetensors":
             with open(self.path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(n))
-            self.dtypes = {k: _TORCH_DTYPES.get(v["dtype"], torch.float32) for k, v in header.items()
-                           if k != "__metadata__"}
+            header.pop("__metadata__", None)
+            unknown = sorted({v["dtype"] for v in header.values()} - set(_TORCH_DTYPES))
+            if unknown:
+                raise MergeError(f"{self.path.name}: tensors of type {', '.join(unknown)} cannot be merged")
+            self.dtypes = {k: _TORCH_DTYPES[v["dtype"]] for k, v in header.items()}
+            self.offsets = {k: (8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
+                            for k, v in header.items()}
+            self._file = open(self.path, "rb")  # noqa: SIM115 - read from for the whole merge
         else:
             self.dtypes = {k: self.state[k].dtype for k in self.shapes}
 
@@ -144,7 +153,20 @@ class _Source:
     def get(self, key: str, meta: bool) -> torch.Tensor:
         if meta:
             return torch.empty(self.shapes[key], dtype=self.dtypes[key], device="meta")
-        return self.state[key]
+        if key not in self.offsets:
+            return self.state[key]
+        start, size = self.offsets[key]
+        if size == 0:
+            return torch.empty(self.shapes[key], dtype=self.dtypes[key])
+        data = bytearray(size)
+        self._file.seek(start)
+        if self._file.readinto(data) != size:
+            raise MergeError(f"{self.path.name}: {key} is cut short (truncated file?)")
+        return torch.frombuffer(data, dtype=self.dtypes[key]).reshape(self.shapes[key])
+
+    def close(self) -> None:
+        if self.offsets:
+            self._file.close()
 
 
 def _vae_state(path: Path) -> dict[str, torch.Tensor]:
@@ -573,6 +595,9 @@ def merge(a: str | Path, b: str | Path | None = None, c: str | Path | None = Non
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+        for source in (src_a, src_b, src_c):
+            if source is not None:
+                source.close()
     copy_config(target, config_index, a, b, c)
     if plan_out is not None:
         plan_out.append(plan)
