@@ -213,12 +213,14 @@ def create_app(args: argparse.Namespace):
         from .api import controlnet as controlnet_api
         from .api import merge as merge_api
         from .api import styles as styles_api
+        from .api import train as train_api
 
         guarded = [Depends(check_api_auth)]
         app.include_router(make_router(service, settings, cmd_flags, limits), dependencies=guarded)
         app.include_router(jobs_api.make_router(service, settings.values, limits), dependencies=guarded)
         app.include_router(styles_api.make_router(paths), dependencies=guarded)
         app.include_router(controlnet_api.make_router(service, settings.values), dependencies=guarded)
+        app.include_router(train_api.make_router(service, settings.values), dependencies=guarded)
         app.include_router(merge_api.make_router(service), dependencies=guarded)
         for factory in plugins.routes:  # a plug-in's own routes (a broken factory: reported, left out)
             try:

@@ -60,6 +60,7 @@ class Live:
     skip: bool = False
     paused_for_others: bool = False
     phase: str = ""  # a Deforum job's phase (PREPARING, GENERATING, POST_PROCESSING), for its API
+    textinfo: str | None = None  # what /progress shows under the bar (a training job's loss and step)
 
     @property
     def progress(self) -> float:
@@ -374,7 +375,8 @@ class JobService:
                                                                 "img2img": self._run_generate,
                                                                 "load": self._run_load,
                                                                 "deforum": self._run_deforum,
-                                                                "merge": self._run_merge}
+                                                                "merge": self._run_merge,
+                                                                "train": self._run_train}
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> JobService:
@@ -481,6 +483,13 @@ class JobService:
         self._notify()
         return submitted
 
+    def submit_train(self, client: str, request: dict) -> Job:
+        """Queue a training job for ``client`` (``request``: see :func:`sdstudio.training.embedding.run_job`)."""
+        self._check_room(client)
+        submitted = self.queue.submit(client, "train", request)
+        self._notify()
+        return submitted
+
     def _check_room(self, client: str) -> None:
         limit = int(self.max_queued())
         waiting = self.queue.queued_count(client)
@@ -574,7 +583,7 @@ class JobService:
                     "state": {"skipped": live.skip, "interrupted": live.interrupted, "job": live.job.kind,
                               "job_count": live.job_count, "job_timestamp": "", "job_no": live.job_no,
                               "sampling_step": live.step, "sampling_steps": live.steps},
-                    "queue_position": 0, "textinfo": None}
+                    "queue_position": 0, "textinfo": live.textinfo}
         waiting = [j for j in self.queue.list(client=client, statuses=(QUEUED,), limit=1000)
                    if job_id is None or j.id == job_id]
         position = min((self.queue.position(j.id) for j in waiting), default=-1)
@@ -816,6 +825,23 @@ class JobService:
         except MergeStopped:
             self.queue.finish(job.id, CANCELLED, {"interrupted": True}, error="cancelled")
             return
+        self.queue.finish(job.id, DONE, result)
+
+    def _run_train(self, job: Job, live: Live) -> None:
+        """Textual inversion / hypernetwork training or creating an embedding (:mod:`sdstudio.training`):
+        A1111's textinfo (loss, step, last files) in /progress, interrupt stops it with the file saved."""
+        from ..training.embedding import run_job
+
+        live.job_count, live.textinfo = 1, "Initializing training..."
+        self._notify()
+
+        def on_progress(p) -> None:
+            live.step, live.steps, live.textinfo = p.step, p.steps, p.textinfo
+            if p.preview is not None:
+                live.preview, live.preview_no = p.preview, live.preview_no + 1
+            self._notify()
+
+        result = run_job(self.engine, job.request, on_progress=on_progress, should_stop=lambda: live.interrupted)
         self.queue.finish(job.id, DONE, result)
 
     def _run_load(self, job: Job, live: Live) -> None:
