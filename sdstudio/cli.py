@@ -222,6 +222,35 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--name", default="", help="the result's name (default: A1111's, e.g. '0.7(a) + 0.3(b)')")
     add_common_flags(mg)
 
+    tr = sub.add_parser("train", help="train a network on a folder of images (kohya's dataset layout)")
+    tr.add_argument("kind", choices=["lora"], help="what to train (embeddings and hypernetworks: the API's "
+                    "/sdapi/v1/train/* routes)")
+    tr.add_argument("dataset", help="a folder of N_name repeat folders (or images) with .caption/.txt captions")
+    tr.add_argument("--model", required=True, help="the base checkpoint (name, title or hash)")
+    tr.add_argument("--name", default="", help="the output's name (default: the dataset folder's)")
+    tr.add_argument("--steps", type=int, help="training steps (default: kohya's 1600, or --epochs)")
+    tr.add_argument("--epochs", type=int)
+    tr.add_argument("--dim", type=int, default=4, help="network dim (rank)")
+    tr.add_argument("--alpha", type=float, default=1.0, help="network alpha (scale = alpha / dim)")
+    tr.add_argument("--locon", action="store_true", help="LoCon: conv layers too (conv dim = --dim)")
+    tr.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+    tr.add_argument("--unet-only", action="store_true", help="train the UNet only, not the text encoder")
+    tr.add_argument("--scheduler", default="constant", help="constant, cosine, linear, cosine_with_restarts...")
+    tr.add_argument("--batch-size", type=int, default=1)
+    tr.add_argument("--resolution", type=int, default=512)
+    tr.add_argument("--caption-extension", default=".caption")
+    tr.add_argument("--flip", action="store_true", help="flip augmentation")
+    tr.add_argument("--shuffle-caption", action="store_true")
+    tr.add_argument("--keep-tokens", type=int, default=0)
+    tr.add_argument("--min-snr-gamma", type=float)
+    tr.add_argument("--noise-offset", type=float)
+    tr.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    tr.add_argument("--gradient-checkpointing", action="store_true")
+    tr.add_argument("--save-every", type=int, help="also save every N steps")
+    tr.add_argument("--seed", type=int, default=42)
+    tr.add_argument("--resume", action="store_true", help="continue an interrupted run of the same name")
+    add_common_flags(tr)
+
     m = sub.add_parser("models", help="list checkpoints and VAEs with their hashes")
     add_common_flags(m)
 
@@ -736,6 +765,60 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """``sdstudio train lora DATASET --model NAME``: a kohya-format LoRA into models/Lora. Ctrl+C stops after
+    the current step and saves the state; ``--resume`` carries on with the same weights."""
+    import signal
+
+    from .models.registry import ModelRegistry
+    from .training import DatasetError, TrainingDataset, TrainingError, train_lora
+
+    paths = paths_from(args)
+    checkpoint = ModelRegistry(paths).checkpoint(args.model)
+    try:
+        dataset = TrainingDataset.from_folder(args.dataset, resolution=args.resolution,
+                                              min_bucket_reso=min(256, args.resolution),
+                                              max_bucket_reso=max(1024, args.resolution),
+                                              caption_extension=args.caption_extension, flip_aug=args.flip,
+                                              shuffle_caption=args.shuffle_caption, keep_tokens=args.keep_tokens,
+                                              seed=args.seed)
+    except DatasetError as exc:
+        raise RequestError(str(exc)) from None
+    for name, why in dataset.skipped:
+        print(f"warning: {name} skipped: {why}", file=sys.stderr)
+    stop = {"asked": False}
+
+    def progress(p) -> None:
+        print(f"\rstep {p.step}/{p.total}  loss {p.loss:.4f}  eta {p.eta:.0f} s", end="", file=sys.stderr, flush=True)
+
+    def on_sigint(*_) -> None:  # the first Ctrl+C stops after the step under way (the state is saved)
+        if stop["asked"]:
+            raise KeyboardInterrupt
+        stop["asked"] = True
+        print("\nstopping after this step (Ctrl+C again to quit at once)", file=sys.stderr, flush=True)
+
+    name = args.name or Path(args.dataset).resolve().name
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = train_lora(
+            checkpoint.path, dataset, resume=args.resume, on_progress=progress, should_stop=lambda: stop["asked"],
+            network_dim=args.dim, network_alpha=args.alpha, conv_dim=args.dim if args.locon else None,
+            conv_alpha=args.alpha if args.locon else None, learning_rate=args.lr, train_text_encoder=not args.unet_only,
+            lr_scheduler=args.scheduler, max_train_steps=args.steps, max_train_epochs=args.epochs,
+            batch_size=args.batch_size, min_snr_gamma=args.min_snr_gamma, noise_offset=args.noise_offset,
+            mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+            save_every_n_steps=args.save_every, seed=args.seed, output_dir=paths.lora_dir, output_name=name)
+    except TrainingError as exc:
+        raise RequestError(str(exc)) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print(file=sys.stderr)
+    if result.interrupted:
+        print(f"stopped at step {result.steps}/{result.total}; --resume carries on", file=sys.stderr)
+    print(f"{result.path}  ({result.steps} steps, loss log {result.log_path})")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models.registry import ModelRegistry
 
@@ -775,7 +858,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
     commands = {"txt2img": cmd_txt2img, "img2img": cmd_img2img, "deforum": cmd_deforum, "extras": cmd_extras, "interrogate": cmd_interrogate,
-                "pnginfo": cmd_pnginfo, "models": cmd_models, "styles": cmd_styles, "merge": cmd_merge}
+                "pnginfo": cmd_pnginfo, "models": cmd_models, "styles": cmd_styles, "merge": cmd_merge,
+                "train": cmd_train}
     try:
         if args.command == "serve":
             from .server import serve

@@ -260,3 +260,25 @@ def test_controlnet_units_from_the_cli(data_dir, capsys, tmp_path):
     assert not np.array_equal(np.asarray(Image.open(image)), np.asarray(Image.open(tmp_path / "plain" / "00000-42.png")))
     code, _, err = run(["txt2img", "x", *SMALL, "--controlnet", "image=/no/such.png"], data_dir, capsys)
     assert code != 0 and "no such file" in err
+
+
+def test_train_lora_then_use_it(data_dir, capsys, tmp_path):
+    import numpy as np
+
+    folder = tmp_path / "set" / "3_sks shape"
+    folder.mkdir(parents=True)
+    for i, colour in enumerate([(220, 40, 40), (40, 40, 220)]):
+        a = np.full((64, 64, 3), 30, np.uint8)
+        a[16:48, 16:48] = colour
+        Image.fromarray(a).save(folder / f"{i}.png")
+        (folder / f"{i}.caption").write_text(f"sks shape, {['red', 'blue'][i]}")
+    (folder / "broken.png").write_bytes(b"not an image")
+    code, out, err = run(["train", "lora", str(tmp_path / "set"), "--model", "tiny-sd1", "--steps", "3",
+                          "--resolution", "64", "--name", "shape"], data_dir, capsys)
+    assert code == 0, err
+    lora = data_dir / "models" / "Lora" / "shape.safetensors"
+    assert lora.is_file() and str(lora) in out and "broken.png skipped" in err
+    code, out, _ = run(["txt2img", "sks shape <lora:shape:1>", *SMALL], data_dir, capsys)
+    assert code == 0 and 'Lora hashes: "shape: ' in read_infotext(out.split()[0])
+    code, _, err = run(["train", "lora", str(tmp_path / "set"), "--model", "no-such"], data_dir, capsys)
+    assert code != 0 and "no-such" in err and "Traceback" not in err

@@ -254,7 +254,7 @@ def _tucker(core: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.T
 def _delta(parts: dict[str, torch.Tensor], weight: torch.Tensor, rows: torch.Tensor | None = None,
            total: int = 0) -> torch.Tensor:
     """The full-size update of a LyCORIS / full-diff / (IA)^3 entry (before the multiplier); ``weight`` is
-    the base weight, which (IA)^3 scales. Plain LoRA entries never get here (see :func:`_add_update`).
+    the base weight, which (IA)^3 scales. Plain LoRA entries never get here (see :func:`add_update`).
     With ``rows`` the entry is for a fused weight of ``total`` rows and the update is those rows of it."""
     f = {k: v.to(weight.device, torch.float32) for k, v in parts.items()}  # computed where the weight lives
     if "weight" in f and not any(k.startswith(("hada_", "lokr_")) or k == "diff" for k in f):
@@ -344,7 +344,7 @@ def _fits(parts: dict[str, torch.Tensor], target: Target) -> bool:
     return up.shape[0] == rows and up[0].numel() == down.shape[0] and down[0].numel() == module.weight[0].numel()
 
 
-def _add_update(buffer: torch.Tensor, base: torch.Tensor, parts: dict[str, torch.Tensor], mult: float,
+def add_update(buffer: torch.Tensor, base: torch.Tensor, parts: dict[str, torch.Tensor], mult: float,
                 rows: torch.Tensor | None = None, total: int = 0) -> None:
     """``buffer += mult * update`` in float32; low-rank updates go straight in with one ``addmm_``. With
     ``rows``, the entry is for a fused weight of ``total`` rows and ``buffer`` takes those rows of it."""
@@ -380,7 +380,7 @@ def applied(model: LoadedModel, networks: list[tuple[LoraFile, float, float]]) -
             merged = original.detach().float().clone()  # one working copy per weight; the original is kept
             try:
                 for parts, mult, rows, total in updates:
-                    _add_update(merged, original.detach(), parts, mult, rows, total)
+                    add_update(merged, original.detach(), parts, mult, rows, total)
             except RuntimeError as exc:  # shapes that do not fit
                 raise ModelFileError(f"a network does not fit this model ({exc})") from None
             originals.append((module, attr, original))

@@ -269,7 +269,7 @@ def lora_updates(spec: ModelSpec, keys, loras: list[tuple[Path, float]], path: P
 
 def _apply_loras(tensor: torch.Tensor, updates: list[_LoraUpdate]) -> torch.Tensor:
     """The tensor with the updates added in float32 (as the engine applies them), back in its dtype."""
-    from ..engine.lora import _add_update
+    from ..engine.lora import add_update
 
     if tensor.is_meta:
         return tensor
@@ -279,10 +279,10 @@ def _apply_loras(tensor: torch.Tensor, updates: list[_LoraUpdate]) -> torch.Tens
         buf = merged[u.rows] if u.rows is not None else merged
         if u.transposed:
             tmp = buf.t().contiguous()
-            _add_update(tmp, base.t(), u.parts, u.mult)
+            add_update(tmp, base.t(), u.parts, u.mult)
             buf.copy_(tmp.t())
         else:
-            _add_update(buf, base, u.parts, u.mult)
+            add_update(buf, base, u.parts, u.mult)
     return merged.to(tensor.dtype)
 
 
