@@ -64,7 +64,11 @@ def test_every_ui_text_has_a_translation(page, language):
         assert strings["Prompt"] == "提示词" and strings["Negative prompt"] == "反向提示词"
         assert strings["Sampling method"] == "采样方法" and strings["Seed"] == "随机数种子"
         assert strings["Hires. fix"] == "高分辨率修复" and strings["Denoising strength"] == "重绘幅度"
-        assert sum(k == v for k, v in strings.items()) < 10
+        # left as they are only where the community writes them so: names of products, formats and parameters
+        names = {"CodeFormer", "Eta", "GFPGAN", "Lora", "Sigma Churn", "Stable Diffusion", "bh1", "bh2", "ckpt",
+                 "safetensors", "vary_coeff"}
+        untranslated = {k for k, v in strings.items() if k == v}
+        assert untranslated <= names, f"not translated: {sorted(untranslated - names)}"
 
 
 def test_localizations_from_the_data_dir(tmp_path, ui):
