@@ -13,13 +13,15 @@ from the data dir); ``log_directory`` must lie inside the data dir (default ``te
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from fastapi import APIRouter, Body, HTTPException, Request
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from ..core.errors import StudioError
+from ..core.errors import StudioError, http_status
 from ..models.errors import ModelNotFoundError
-from ..service.jobs import JobService
+from ..service.jobs import JobError, JobService
 from ..service.queue import DONE
 from ..training import hypernetwork as hn_training
 from .common import client_id, inside
@@ -79,7 +81,7 @@ def _bool(args: dict, key: str, default: bool = False) -> bool:
     return bool(value)
 
 
-def _train_kwargs(args: dict, data_dir: Path, *, hypernetwork: bool) -> dict:
+def train_kwargs(args: dict, data_dir: Path, *, hypernetwork: bool) -> dict:
     """A1111's train fields -> the trainer's keyword arguments (JSON values, for the queue)."""
     learn_rate = args.get("learn_rate", "0.00001" if hypernetwork else "0.005")
     if learn_rate in (None, "", 0, "0"):
@@ -124,7 +126,131 @@ def _train_kwargs(args: dict, data_dir: Path, *, hypernetwork: bool) -> dict:
     return kwargs
 
 
+class LoraTrainBody(BaseModel):
+    """kohya sd-scripts' names (train_network.py's arguments) where they exist; unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train_data_dir: str  # inside the data dir; kohya's "N_name" subfolders give repeats
+    model: str | None = None  # a checkpoint title or name; None: the current one (sd_model_checkpoint)
+    output_name: str | None = None  # models/Lora/<output_name>.safetensors; None: the folder's name
+    resume: bool = False  # carry on from <output_name>-state.pt (left by an interrupted run)
+    network_module: Literal["networks.lora"] = "networks.lora"
+    network_dim: int = Field(4, ge=1, le=1024)
+    network_alpha: float = Field(1.0, ge=0)
+    conv_dim: int | None = Field(None, ge=1, le=1024)  # LoCon (kohya's network_args conv_dim / conv_alpha)
+    conv_alpha: float | None = Field(None, ge=0)
+    network_train_unet_only: bool = False
+    network_train_text_encoder_only: bool = False
+    learning_rate: float = Field(1e-4, gt=0)
+    unet_lr: float | None = Field(None, gt=0)
+    text_encoder_lr: float | None = Field(None, gt=0)
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    lr_scheduler_num_cycles: int = Field(1, ge=1)
+    lr_scheduler_power: float = 1.0
+    max_train_steps: int | None = Field(None, ge=1)
+    max_train_epochs: int | None = Field(None, ge=1)
+    train_batch_size: int = Field(1, ge=1, le=256)
+    resolution: int | str = 512  # kohya: "512" or "512,768" (width,height)
+    enable_bucket: bool = True
+    min_bucket_reso: int = Field(256, ge=64)
+    max_bucket_reso: int = Field(1024, ge=64)
+    bucket_reso_steps: int = Field(64, ge=8)
+    bucket_no_upscale: bool = False
+    caption_extension: str = ".caption"
+    flip_aug: bool = False
+    shuffle_caption: bool = False
+    keep_tokens: int = Field(0, ge=0)
+    caption_tag_dropout_rate: float = Field(0.0, ge=0, le=1)
+    caption_dropout_rate: float = Field(0.0, ge=0, le=1)
+    min_snr_gamma: float | None = Field(None, gt=0)
+    noise_offset: float | None = Field(None, ge=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    optimizer_type: Literal["AdamW", "AdamW8bit"] = "AdamW"
+    max_grad_norm: float = Field(1.0, ge=0)
+    seed: int = 42
+    save_every_n_steps: int | None = Field(None, ge=1)
+    clip_skip: int = Field(1, ge=1, le=12)
+    training_comment: str | None = None
+
+
+def _resolution(value: int | str) -> tuple[int, int]:
+    parts = [p.strip() for p in str(value).split(",") if p.strip()]
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise HTTPException(422, f"resolution: {value!r} is not 'N' or 'W,H'") from None
+    if len(sizes) not in (1, 2) or min(sizes) < 64:
+        raise HTTPException(422, f"resolution: {value!r} is not 'N' or 'W,H' (at least 64)")
+    return (sizes[0], sizes[-1])
+
+
+def lora_job(service: JobService, body: LoraTrainBody, model: str | None) -> dict:
+    """The body -> a checked ``train_lora`` job (:meth:`JobService.prepare_train_lora`); the folder is
+    already known to lie inside the data dir."""
+    width, height = _resolution(body.resolution)
+    dataset = {"resolution": (width, height), "caption_extension": body.caption_extension,
+               "enable_bucket": body.enable_bucket, "min_bucket_reso": min(body.min_bucket_reso, width, height),
+               "max_bucket_reso": max(body.max_bucket_reso, width, height), "bucket_reso_steps": body.bucket_reso_steps,
+               "bucket_no_upscale": body.bucket_no_upscale, "flip_aug": body.flip_aug,
+               "shuffle_caption": body.shuffle_caption, "keep_tokens": body.keep_tokens,
+               "caption_tag_dropout_rate": body.caption_tag_dropout_rate,
+               "caption_dropout_rate": body.caption_dropout_rate, "seed": body.seed}
+    if body.network_train_unet_only and body.network_train_text_encoder_only:
+        raise HTTPException(422, "network_train_unet_only and network_train_text_encoder_only: nothing to train")
+    config = {"network_dim": body.network_dim, "network_alpha": body.network_alpha, "conv_dim": body.conv_dim,
+              "conv_alpha": body.conv_alpha if body.conv_dim else None,
+              "train_unet": not body.network_train_text_encoder_only,
+              "train_text_encoder": not body.network_train_unet_only, "learning_rate": body.learning_rate,
+              "unet_lr": body.unet_lr, "text_encoder_lr": body.text_encoder_lr, "lr_scheduler": body.lr_scheduler,
+              "lr_warmup_steps": body.lr_warmup_steps, "lr_scheduler_num_cycles": body.lr_scheduler_num_cycles,
+              "lr_scheduler_power": body.lr_scheduler_power, "max_train_steps": body.max_train_steps,
+              "max_train_epochs": body.max_train_epochs, "batch_size": body.train_batch_size,
+              "min_snr_gamma": body.min_snr_gamma, "noise_offset": body.noise_offset,
+              "mixed_precision": body.mixed_precision, "gradient_checkpointing": body.gradient_checkpointing,
+              "optimizer": body.optimizer_type, "max_grad_norm": body.max_grad_norm, "seed": body.seed,
+              "save_every_n_steps": body.save_every_n_steps, "clip_skip": body.clip_skip,
+              "training_comment": body.training_comment}
+    try:
+        return service.prepare_train_lora(dataset=body.train_data_dir, model=model, output_name=body.output_name,
+                                          resume=body.resume, dataset_options=dataset, config=config)
+    except JobError as exc:
+        raise HTTPException(http_status(exc.kind), str(exc)) from None
+
+
 def make_router(service: JobService, options: dict) -> APIRouter:
+    outer = APIRouter()
+    outer.include_router(_a1111_router(service, options))
+    outer.include_router(_lora_router(service, options))
+    return outer
+
+
+def _lora_router(service: JobService, options: dict) -> APIRouter:
+    data_dir = service.engine.paths.data_dir
+    r = APIRouter(prefix="/sdstudio/v1")
+
+    @r.post("/train/lora", status_code=202)
+    def train_lora(body: LoraTrainBody, request: Request):
+        try:
+            folder = inside(data_dir, body.train_data_dir, "train_data_dir")
+        except (ValueError, OSError) as exc:  # a NUL byte, a name too long for the file system
+            raise HTTPException(422, f"train_data_dir: {exc}") from None
+        if folder is None:
+            raise HTTPException(422, "train_data_dir is empty")
+        body = body.model_copy(update={"train_data_dir": str(folder)})
+        job = lora_job(service, body, body.model or options.get("sd_model_checkpoint") or None)
+        try:
+            submitted = service.submit_train_lora(client_id(request), job)
+        except JobError as exc:
+            raise HTTPException(http_status(exc.kind), str(exc)) from None
+        return {**submitted.public(), "url": f"/sdstudio/v1/jobs/{submitted.id}"}
+
+    return r
+
+
+def _a1111_router(service: JobService, options: dict) -> APIRouter:
     engine = service.engine
     data_dir = engine.paths.data_dir
     r = APIRouter(prefix="/sdapi/v1")
@@ -179,7 +305,7 @@ def make_router(service: JobService, options: dict) -> APIRouter:
             _unknown(args, EMBEDDING_TRAIN, "train_embedding")
             if not args.get("embedding_name"):
                 raise FieldError("embedding not selected")
-            kwargs = {"embedding_name": str(args["embedding_name"]), **_train_kwargs(args, data_dir, hypernetwork=False)}
+            kwargs = {"embedding_name": str(args["embedding_name"]), **train_kwargs(args, data_dir, hypernetwork=False)}
             job = {"what": "embedding", "model": await run_in_threadpool(current_model), "kwargs": kwargs}
         except HTTPException:
             raise
@@ -195,7 +321,7 @@ def make_router(service: JobService, options: dict) -> APIRouter:
             if not args.get("hypernetwork_name"):
                 raise FieldError("hypernetwork not selected")
             kwargs = {"hypernetwork_name": str(args["hypernetwork_name"]),
-                      **_train_kwargs(args, data_dir, hypernetwork=True)}
+                      **train_kwargs(args, data_dir, hypernetwork=True)}
             job = {"what": "hypernetwork", "model": await run_in_threadpool(current_model), "kwargs": kwargs}
         except HTTPException:
             raise

@@ -376,7 +376,8 @@ class JobService:
                                                                 "load": self._run_load,
                                                                 "deforum": self._run_deforum,
                                                                 "merge": self._run_merge,
-                                                                "train": self._run_train}
+                                                                "train": self._run_train,
+                                                                "train_lora": self._run_train_lora}
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> JobService:
@@ -490,6 +491,60 @@ class JobService:
         self._notify()
         return submitted
 
+    def prepare_train_lora(self, *, dataset: str, model: str | None = None, output_name: str | None = None,
+                           resume: bool = False, dataset_options: dict | None = None,
+                           config: dict | None = None) -> dict:
+        """A ``train_lora`` job (JSON) after the checks the run would make: the checkpoint exists, the folder
+        holds usable images, every option is a :class:`~sdstudio.training.lora.LoraConfig` field or a
+        :meth:`TrainingDataset.from_folder` argument, the scheduler is known and the output is a plain name.
+        The LoRA goes to models/Lora as ``<output_name>.safetensors`` (default: the folder's name)."""
+        import dataclasses
+
+        from ..training import DatasetError, TrainingDataset
+        from ..training.lora import SCHEDULERS, LoraConfig
+
+        config = {k: v for k, v in (config or {}).items() if v is not None}
+        dataset_options = {k: v for k, v in (dataset_options or {}).items() if v is not None}
+        fields = {f.name for f in dataclasses.fields(LoraConfig)} - {"output_dir", "output_name", "save_dtype"}
+        unknown = sorted(set(config) - fields)
+        if unknown:
+            raise JobError(f"unknown LoRA option {unknown[0]!r}")
+        if config.get("lr_scheduler", "constant") not in SCHEDULERS:
+            raise JobError(f"lr_scheduler: {config['lr_scheduler']!r} is not one of {', '.join(SCHEDULERS)}")
+        if config.get("network_module", "networks.lora") != "networks.lora":
+            raise JobError(f"network_module: {config['network_module']!r}: only networks.lora is trained here "
+                           "(LoCon: set conv_dim)")
+        for key in ("network_dim", "max_train_steps", "max_train_epochs", "batch_size", "save_every_n_steps",
+                    "conv_dim"):
+            if key in config and int(config[key]) < 1:
+                raise JobError(f"{key} must be at least 1, got {config[key]}")
+        if "learning_rate" in config and float(config["learning_rate"]) <= 0:
+            raise JobError("learning_rate must be above 0")
+        try:
+            title = self.engine.registry.checkpoint(model or None).title
+        except ModelNotFoundError as exc:
+            raise JobError(str(exc)) from None
+        folder = Path(dataset)
+        name = output_name or folder.name
+        if not name or Path(name).name != name or name in (".", "..") or "\\" in name:
+            raise JobError(f"output_name: {name!r} must be a plain file name")
+        try:
+            ds = TrainingDataset.from_folder(folder, **dataset_options)
+        except DatasetError as exc:
+            raise JobError(f"dataset: {exc}") from None
+        except (TypeError, ValueError, OSError) as exc:  # an unknown option; a name the file system refuses
+            raise JobError(f"dataset: {exc}") from None
+        return {"model": title, "dataset": {"root": str(folder), **dataset_options}, "output_name": name,
+                "resume": bool(resume), "config": config, "images": len(ds.items),
+                "skipped_images": [list(s) for s in ds.skipped]}
+
+    def submit_train_lora(self, client: str, job: dict) -> Job:
+        """Queue a LoRA training (made by :meth:`prepare_train_lora`) for ``client``."""
+        self._check_room(client)
+        submitted = self.queue.submit(client, "train_lora", job)
+        self._notify()
+        return submitted
+
     def _check_room(self, client: str) -> None:
         limit = int(self.max_queued())
         waiting = self.queue.queued_count(client)
@@ -538,6 +593,16 @@ class JobService:
                 if job is None or job.status in FINISHED:
                     return job
             await asyncio.sleep(poll)
+
+    async def wait_for_change_async(self, since: int, timeout: float, poll: float = 0.05) -> int:
+        """:meth:`wait_for_change` for an event loop: no server thread is held while nothing changes."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while self.version == since and loop.time() < end:
+            await asyncio.sleep(poll)
+        return self.version
 
     def wait_for_change(self, since: int, timeout: float) -> int:
         with self.changed:
@@ -843,6 +908,58 @@ class JobService:
 
         result = run_job(self.engine, job.request, on_progress=on_progress, should_stop=lambda: live.interrupted)
         self.queue.finish(job.id, DONE, result)
+
+    def _run_train_lora(self, job: Job, live: Live) -> None:
+        """A kohya-format LoRA into models/Lora (:func:`sdstudio.training.train_lora`) on the engine's device:
+        step, loss and ETA in /progress (``textinfo``) and in the job's result as it goes; interrupt (or
+        cancel) saves the state, a job with ``resume`` (or one restarted after a crash) carries on from it.
+        The new file is in the LoRA list when the job ends."""
+        from ..training import DatasetError, TrainingDataset, TrainingError, train_lora
+
+        spec = job.request
+        live.job_count, live.textinfo = 1, "Initializing training..."
+        self._notify()
+        result = {**job.result, "output_name": spec["output_name"]}
+        try:
+            ds = TrainingDataset.from_folder(**spec["dataset"])
+            checkpoint = self.engine.registry.checkpoint(spec["model"])
+        except DatasetError as exc:
+            self._fail(job, exc, f"dataset: {exc}")
+            return
+        last = {"saved": 0.0}
+
+        def on_progress(p) -> None:
+            live.step, live.steps = p.step, p.total
+            live.textinfo = f"Step {p.step} of {p.total}, loss {p.loss:.4f}, ETA {p.eta:.0f} s (epoch {p.epoch})"
+            result.update(step=p.step, total=p.total, loss=p.loss, eta=p.eta, epoch=p.epoch)
+            now = time.time()
+            if now - last["saved"] > 1.0 or p.step == p.total:  # the job's result shows it too, once a second
+                last["saved"] = now
+                self.queue.save_progress(job.id, p.step, result)
+            self._notify()
+
+        def should_stop() -> bool:
+            if live.interrupted:
+                return True
+            current = self.queue.get(job.id)
+            return current is not None and current.cancel_requested
+
+        try:
+            out = train_lora(checkpoint.path, ds, device=self.engine.plan.device,
+                             resume=bool(spec.get("resume")) or job.batches_done > 0, on_progress=on_progress,
+                             should_stop=should_stop, output_dir=self.engine.paths.lora_dir,
+                             output_name=spec["output_name"], **spec["config"])
+        except TrainingError as exc:
+            self._fail(job, exc, str(exc))
+            return
+        self.engine.registry.refresh()
+        result.update({"path": str(out.path) if out.path else None, "steps": out.steps, "total": out.total,
+                       "interrupted": out.interrupted, "state_path": str(out.state_path),
+                       "log_path": str(out.log_path), "losses": out.losses,
+                       "skipped_images": [list(s) for s in out.skipped_images]})
+        result.pop("eta", None)
+        cancelled = self.queue.get(job.id).cancel_requested
+        self.queue.finish(job.id, CANCELLED if cancelled else DONE, result, error="cancelled" if cancelled else None)
 
     def _run_load(self, job: Job, live: Live) -> None:
         file, _ = self.engine.load(job.request["model"])

@@ -34,6 +34,7 @@ from .generation import GenerationTab
 from .merger import MergerTab
 from .progress import client_of, follow
 from .tabs import ExtensionsTab, ExtrasTab, PngInfoTab, SettingsTab, open_picture
+from .train import TrainTab
 
 STATIC = Path(__file__).parent / "static"
 
@@ -159,6 +160,8 @@ class StudioUI:
                     self.pnginfo = PngInfoTab(self).build()
                 with gr.Tab("Checkpoint Merger", id="modelmerger", elem_id="tab_modelmerger"):
                     self.merger = MergerTab(self).build()
+                with gr.Tab("Train", id="train", elem_id="tab_train"):
+                    self.train = TrainTab(self).build()
                 with gr.Tab("Deforum", id="deforum", elem_id="tab_deforum"):
                     self.deforum = DeforumTab(self).build()
                 with gr.Tab("Settings", id="settings", elem_id="tab_settings"):

@@ -1,0 +1,378 @@
+"""The Train tab: A1111's Create embedding, Create hypernetwork and Train sub-tabs (its labels, defaults and
+element ids), plus a LoRA sub-tab (kohya-format, :meth:`JobService.prepare_train_lora`). Every button but
+Create hypernetwork (a small file write, as A1111's route does it) queues a job as the window's; the tab shows
+its progress bar and step/loss text while it runs, then the file written. Interrupt stops the window's job:
+a textual inversion or hypernetwork is saved at the step reached, a LoRA keeps its state for Resume."""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Iterator
+
+import gradio as gr
+from fastapi import HTTPException
+
+from ..core.errors import StudioError
+from ..service.jobs import JobError
+from ..service.queue import CANCELLED, FAILED, FINISHED
+from ..training import hypernetwork as hn_training
+from ..training.embedding import list_templates
+from ..training.lora import SCHEDULERS
+from .progress import client_of, progress_html
+
+SIZES = [str(s) for s in (768, 1024, 320, 640, 1280)]
+
+
+def _error(text: str) -> str:
+    return f'<p style="color: var(--error-text-color, red)">{html.escape(text)}</p>'
+
+
+class TrainTab:
+    def __init__(self, ui):
+        self.ui = ui
+
+    # ---- lists ------------------------------------------------------------------------------------
+    def embedding_names(self) -> list[str]:
+        library = self.ui.service.engine.embeddings
+        library.refresh()
+        return sorted(library.names())
+
+    def hypernetwork_names(self) -> list[str]:
+        return [m.name for m in self.ui.service.engine.registry.hypernetworks]
+
+    def template_names(self) -> list[str]:
+        return list(list_templates(self.ui.service.engine.paths.data_dir / "textual_inversion_templates"))
+
+    # ---- the tab ----------------------------------------------------------------------------------
+    def build(self) -> TrainTab:
+        ui = self.ui
+        with gr.Row(equal_height=False):
+            with gr.Column(variant="compact"), gr.Tabs(elem_id="train_tabs"):
+                with gr.Tab("Create embedding", id="create_embedding", elem_id="train_create_embedding_tab"):
+                    self.emb_name = gr.Textbox(label="Name", elem_id="train_new_embedding_name")
+                    self.init_text = gr.Textbox("*", label="Initialization text", elem_id="train_initialization_text")
+                    self.nvpt = gr.Slider(1, 75, value=1, step=1, label="Number of vectors per token",
+                                          elem_id="train_nvpt")
+                    self.emb_overwrite = gr.Checkbox(False, label="Overwrite Old Embedding",
+                                                     elem_id="train_overwrite_old_embedding")
+                    self.create_embedding = gr.Button("Create embedding", variant="primary",
+                                                      elem_id="train_create_embedding")
+                with gr.Tab("Create hypernetwork", id="create_hypernetwork",
+                            elem_id="train_create_hypernetwork_tab"):
+                    self.hn_name = gr.Textbox(label="Name", elem_id="train_new_hypernetwork_name")
+                    self.hn_sizes = gr.CheckboxGroup(SIZES, value=["768", "320", "640", "1280"], label="Modules",
+                                                     elem_id="train_new_hypernetwork_sizes")
+                    self.hn_layers = gr.Textbox("1, 2, 1", label="Enter hypernetwork layer structure",
+                                                placeholder="1st and last digit must be 1. ex:'1, 2, 1'",
+                                                elem_id="train_new_hypernetwork_layer_structure")
+                    self.hn_activation = gr.Dropdown(list(hn_training.ACTIVATIONS), value="linear",
+                                                     label="Select activation function of hypernetwork. "
+                                                           "Recommended : Swish / Linear(none)",
+                                                     elem_id="train_new_hypernetwork_activation_func")
+                    self.hn_init = gr.Dropdown(list(hn_training.WEIGHT_INITS), value="Normal",
+                                               label="Select Layer weights initialization. Recommended: Kaiming "
+                                                     "for relu-like, Xavier for sigmoid-like, Normal otherwise",
+                                               elem_id="train_new_hypernetwork_initialization_option")
+                    self.hn_layer_norm = gr.Checkbox(False, label="Add layer normalization",
+                                                     elem_id="train_new_hypernetwork_add_layer_norm")
+                    self.hn_dropout = gr.Checkbox(False, label="Use dropout",
+                                                  elem_id="train_new_hypernetwork_use_dropout")
+                    self.hn_dropout_structure = gr.Textbox(
+                        "0, 0, 0", label="Enter hypernetwork Dropout structure (or empty). Recommended : 0~0.35 "
+                                         "incrementing sequence: 0, 0.05, 0.15",
+                        placeholder="1st and last digit must be 0 and values should be between 0 and 1. "
+                                    "ex:'0, 0.01, 0'", elem_id="train_new_hypernetwork_dropout_structure")
+                    self.hn_overwrite = gr.Checkbox(False, label="Overwrite Old Hypernetwork",
+                                                    elem_id="train_overwrite_old_hypernetwork")
+                    self.create_hypernetwork = gr.Button("Create hypernetwork", variant="primary",
+                                                         elem_id="train_create_hypernetwork")
+                with gr.Tab("Train", id="train", elem_id="train_train_tab"):
+                    gr.Markdown("Train an embedding or Hypernetwork; you must specify a directory with a set of "
+                                "1:1 ratio images")
+                    with gr.Row():
+                        self.embedding = gr.Dropdown(self.embedding_names(), label="Embedding",
+                                                     elem_id="train_embedding")
+                        self.hypernetwork = gr.Dropdown(self.hypernetwork_names(), label="Hypernetwork",
+                                                        elem_id="train_hypernetwork")
+                        self.refresh_lists = gr.Button("🔄", elem_id="train_refresh", size="sm", min_width=40,
+                                                       scale=0)
+                    with gr.Row():
+                        self.emb_lr = gr.Textbox("0.005", label="Embedding Learning rate",
+                                                 placeholder="Embedding Learning rate",
+                                                 elem_id="train_embedding_learn_rate")
+                        self.hn_lr = gr.Textbox("0.00001", label="Hypernetwork Learning rate",
+                                                placeholder="Hypernetwork Learning rate",
+                                                elem_id="train_hypernetwork_learn_rate")
+                    with gr.Row():
+                        self.clip_grad_mode = gr.Dropdown(["disabled", "value", "norm"], value="disabled",
+                                                          label="Gradient Clipping", elem_id="train_clip_grad_mode")
+                        self.clip_grad_value = gr.Textbox("0.1", show_label=False, elem_id="train_clip_grad_value")
+                    with gr.Row():
+                        self.batch_size = gr.Number(1, label="Batch size", precision=0, elem_id="train_batch_size")
+                        self.gradient_step = gr.Number(1, label="Gradient accumulation steps", precision=0,
+                                                       elem_id="train_gradient_step")
+                    self.data_root = gr.Textbox(label="Dataset directory",
+                                                placeholder="Path to directory with input images",
+                                                elem_id="train_dataset_directory")
+                    self.log_directory = gr.Textbox("textual_inversion", label="Log directory",
+                                                    placeholder="Path to directory where to write outputs",
+                                                    elem_id="train_log_directory")
+                    self.template = gr.Dropdown(self.template_names(), value="style_filewords.txt",
+                                                label="Prompt template", elem_id="train_template_file")
+                    self.width = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="train_training_width")
+                    self.height = gr.Slider(64, 2048, value=512, step=8, label="Height",
+                                            elem_id="train_training_height")
+                    self.varsize = gr.Checkbox(False, label="Do not resize images", elem_id="train_varsize")
+                    self.steps = gr.Number(100000, label="Max steps", precision=0, elem_id="train_steps")
+                    with gr.Row():
+                        self.image_every = gr.Number(500, label="Save an image to log directory every N steps, "
+                                                                "0 to disable", precision=0,
+                                                     elem_id="train_create_image_every")
+                        self.save_every = gr.Number(500, label="Save a copy of embedding to log directory every "
+                                                               "N steps, 0 to disable", precision=0,
+                                                    elem_id="train_save_embedding_every")
+                    self.use_weight = gr.Checkbox(False, label="Use PNG alpha channel as loss weight",
+                                                  elem_id="use_weight")
+                    self.save_with_embedding = gr.Checkbox(True, label="Save images with embedding in PNG chunks",
+                                                           elem_id="train_save_image_with_stored_embedding")
+                    self.shuffle_tags = gr.Checkbox(False, label="Shuffle tags by ',' when creating prompts.",
+                                                    elem_id="train_shuffle_tags")
+                    self.tag_drop_out = gr.Slider(0, 1, value=0, step=0.1, label="Drop out tags when creating "
+                                                                                 "prompts.",
+                                                  elem_id="train_tag_drop_out")
+                    self.latent_sampling = gr.Radio(["once", "deterministic", "random"], value="once",
+                                                    label="Choose latent sampling method",
+                                                    elem_id="train_latent_sampling_method")
+                    with gr.Row():
+                        self.train_embedding = gr.Button("Train Embedding", variant="primary",
+                                                         elem_id="train_train_embedding")
+                        self.interrupt = gr.Button("Interrupt", elem_id="train_interrupt_training")
+                        self.train_hypernetwork = gr.Button("Train Hypernetwork", variant="primary",
+                                                            elem_id="train_train_hypernetwork")
+                with gr.Tab("LoRA", id="train_lora", elem_id="train_lora_tab"):
+                    self.lora_dataset = gr.Textbox(label="Dataset folder",
+                                                   placeholder="A folder inside the data dir; kohya's N_name "
+                                                               "subfolders repeat their images N times",
+                                                   elem_id="train_lora_dataset")
+                    self.lora_model = gr.Dropdown(ui.checkpoint_titles(), value=ui.settings.get("sd_model_checkpoint"),
+                                                  label="Model", elem_id="train_lora_model")
+                    self.lora_name = gr.Textbox(label="Output name", placeholder="The dataset folder's name",
+                                                elem_id="train_lora_output_name")
+                    with gr.Row():
+                        self.lora_dim = gr.Slider(1, 128, value=8, step=1, label="Network dim",
+                                                  elem_id="train_lora_network_dim")
+                        self.lora_alpha = gr.Slider(0, 128, value=4, step=0.5, label="Network alpha",
+                                                    elem_id="train_lora_network_alpha")
+                    with gr.Row():
+                        self.lora_steps = gr.Number(1600, label="Max train steps", precision=0,
+                                                    elem_id="train_lora_max_train_steps")
+                        self.lora_lr = gr.Number(1e-4, label="Learning rate", elem_id="train_lora_learning_rate")
+                    with gr.Row():
+                        self.lora_resolution = gr.Slider(64, 2048, value=512, step=64, label="Resolution",
+                                                         elem_id="train_lora_resolution")
+                        self.lora_batch = gr.Number(1, label="Batch size", precision=0,
+                                                    elem_id="train_lora_batch_size")
+                    self.lora_scheduler = gr.Dropdown(list(SCHEDULERS), value="constant",
+                                                      label="Learning rate scheduler",
+                                                      elem_id="train_lora_lr_scheduler")
+                    with gr.Row():
+                        self.lora_flip = gr.Checkbox(False, label="Flip images (augmentation)",
+                                                     elem_id="train_lora_flip_aug")
+                        self.lora_shuffle = gr.Checkbox(False, label="Shuffle caption tags",
+                                                        elem_id="train_lora_shuffle_caption")
+                        self.lora_resume = gr.Checkbox(False, label="Resume from the saved state",
+                                                       elem_id="train_lora_resume")
+                    with gr.Row():
+                        self.train_lora = gr.Button("Train LoRA", variant="primary", elem_id="train_train_lora")
+                        self.lora_interrupt = gr.Button("Interrupt", elem_id="train_lora_interrupt")
+            with gr.Column(elem_id="ti_gallery_container"):
+                self.progress = gr.HTML("", elem_id="ti_progressbar")
+                self.output = gr.Textbox("", show_label=False, elem_id="ti_output")
+                self.outcome = gr.HTML("", elem_id="ti_error")
+        self.wire()
+        return self
+
+    # ---- actions (plain functions: the page's events call them, and so do the tests) --------------
+    def follow(self, client: str, job_id: str, done) -> Iterator[tuple]:
+        """(progress bar, step/loss text, outcome) while the job runs, then ``done(job)``'s outcome."""
+        service = self.ui.service
+        version, shown = -1, 0.0
+        while True:
+            current = service.queue.get(job_id)
+            if current is None or current.status in FINISHED:
+                break
+            if time.monotonic() - shown >= 0.2:  # at most 5 updates a second to the page
+                shown = time.monotonic()
+                p = service.progress(client, job_id)
+                yield progress_html(p), p.get("textinfo") or "", gr.skip()
+            version = service.wait_for_change(version, 0.5)
+        if current is None:
+            yield "", "", _error("the job was removed")
+        elif current.status == FAILED:
+            yield "", "", _error(current.error or "the job failed")
+        elif current.status == CANCELLED:
+            yield "", "", "<p><span>Interrupted</span></p>"
+        else:
+            yield "", *done(current)
+
+    def _submit_train(self, client: str, job: dict) -> str:
+        try:
+            return self.ui.service.submit_train(client, job).id
+        except JobError as exc:
+            raise gr.Error(str(exc)) from None
+
+    def _model(self) -> str:
+        from ..models.errors import ModelNotFoundError
+
+        try:
+            return self.ui.service.engine.registry.checkpoint(self.ui.settings.get("sd_model_checkpoint") or None).title
+        except ModelNotFoundError as exc:
+            raise gr.Error(str(exc)) from None
+
+    def run_create_embedding(self, client: str, name: str, init_text: str, nvpt, overwrite) -> Iterator[tuple]:
+        if not (name or "").strip():
+            raise gr.Error("name is empty")
+        job = {"what": "create_embedding", "model": self._model(),
+               "kwargs": {"name": name.strip(), "num_vectors_per_token": int(nvpt or 1),
+                          "overwrite_old": bool(overwrite), "init_text": init_text or ""}}
+        job_id = self._submit_train(client, job)
+        yield from self.follow(client, job_id, lambda j: (f"Created: {j.result.get('filename', '')}", ""))
+
+    def run_create_hypernetwork(self, name, sizes, layers, activation, weight_init, layer_norm, dropout,
+                                dropout_structure, overwrite) -> tuple:
+        engine = self.ui.service.engine
+        try:
+            path = hn_training.create_hypernetwork(
+                str(name or ""), [int(s) for s in sizes or []], layers or "1, 2, 1", activation or "linear",
+                weight_init or "Normal", bool(layer_norm), bool(dropout), dropout_structure or None, bool(overwrite),
+                folder=engine.paths.hypernetwork_dir)
+        except (StudioError, ValueError) as exc:
+            return "", _error(str(exc)), gr.skip()
+        engine.registry.refresh()
+        return f"Created: {path}", "", gr.Dropdown(choices=self.hypernetwork_names(), value=path.stem)
+
+    def run_train(self, client: str, which: str, embedding_name, hypernetwork_name, emb_lr, hn_lr, clip_grad_mode,
+                  clip_grad_value, batch_size, gradient_step, data_root, log_directory, template, width, height,
+                  varsize, steps, image_every, save_every, use_weight, save_with_embedding, shuffle_tags,
+                  tag_drop_out, latent_sampling) -> Iterator[tuple]:
+        """Train Embedding / Train Hypernetwork (``which``): A1111's fields, checked as its routes check them
+        (``save_with_embedding`` is taken, as A1111's route takes it, and not used by our trainer)."""
+        from ..api.train import FieldError, train_kwargs
+
+        hypernetwork = which == "hypernetwork"
+        name = hypernetwork_name if hypernetwork else embedding_name
+        if not name:
+            raise gr.Error(f"{which} not selected")
+        args = {"learn_rate": hn_lr if hypernetwork else emb_lr, "batch_size": batch_size,
+                "gradient_step": gradient_step, "data_root": data_root, "log_directory": log_directory,
+                "training_width": width, "training_height": height, "varsize": varsize, "steps": steps,
+                "clip_grad_mode": clip_grad_mode, "clip_grad_value": clip_grad_value, "shuffle_tags": shuffle_tags,
+                "tag_drop_out": tag_drop_out, "latent_sampling_method": latent_sampling, "use_weight": use_weight,
+                "create_image_every": image_every, "template_filename": template,
+                "save_hypernetwork_every" if hypernetwork else "save_embedding_every": save_every}
+        try:
+            kwargs = train_kwargs(args, self.ui.service.engine.paths.data_dir, hypernetwork=hypernetwork)
+        except FieldError as exc:
+            raise gr.Error(str(exc)) from None
+        except HTTPException as exc:
+            raise gr.Error(str(exc.detail)) from None
+        kwargs[f"{which}_name"] = str(name)
+        job_id = self._submit_train(client, {"what": which, "model": self._model(), "kwargs": kwargs})
+
+        def done(job):
+            filename = job.result.get("filename") or ""
+            return f"Training finished at step {job.result.get('step', '')}".rstrip() if not filename else \
+                f"Training finished: {filename}", ""
+
+        yield from self.follow(client, job_id, done)
+
+    def run_train_lora(self, client: str, dataset, model, name, dim, alpha, steps, lr, resolution, batch,
+                       scheduler, flip, shuffle, resume) -> Iterator[tuple]:
+        """Train LoRA: the same checks and job as ``POST /sdstudio/v1/train/lora`` (the folder inside the data dir)."""
+        from ..api.common import inside
+
+        service = self.ui.service
+        if not (dataset or "").strip():
+            raise gr.Error("Dataset folder is empty")
+        try:
+            folder = inside(service.engine.paths.data_dir, dataset.strip(), "Dataset folder")
+        except HTTPException as exc:
+            raise gr.Error(str(exc.detail)) from None
+        res = int(resolution or 512)
+        try:
+            job = service.prepare_train_lora(
+                dataset=str(folder), model=model or None, output_name=(name or "").strip() or None,
+                resume=bool(resume),
+                dataset_options={"resolution": res, "min_bucket_reso": min(256, res),
+                                 "max_bucket_reso": max(1024, res), "caption_extension": ".caption",
+                                 "flip_aug": bool(flip), "shuffle_caption": bool(shuffle)},
+                config={"network_dim": int(dim or 1), "network_alpha": float(alpha or 0),
+                        "max_train_steps": int(steps or 1), "learning_rate": float(lr or 0) or -1.0,
+                        "batch_size": int(batch or 1), "lr_scheduler": scheduler or "constant"})
+            submitted = service.submit_train_lora(client, job)
+        except (JobError, ValueError, TypeError) as exc:
+            raise gr.Error(str(exc)) from None
+
+        def done(job):
+            r = job.result
+            skipped = "".join(f"<li>{html.escape(n)}: {html.escape(why)}</li>" for n, why in r.get("skipped_images", []))
+            extra = f'<ul class="sd-notranslate">{skipped}</ul>' if skipped else ""
+            if r.get("interrupted"):
+                return f"Stopped at step {r['steps']} of {r['total']}; state saved to {r['state_path']}", extra
+            return f"LoRA saved: {r['path']} ({r['steps']} steps, loss log {r['log_path']})", extra
+
+        yield from self.follow(client, submitted.id, done)
+
+    def stop(self, client: str) -> None:
+        self.ui.service.interrupt(client)
+
+    # ---- events -----------------------------------------------------------------------------------
+    def wire(self) -> None:
+        outputs = [self.progress, self.output, self.outcome]
+
+        def on_create_embedding(request: gr.Request, *values):
+            for progress, text, outcome in self.run_create_embedding(client_of(request), *values):
+                yield progress, text, outcome, gr.skip()
+            yield gr.skip(), gr.skip(), gr.skip(), gr.Dropdown(choices=self.embedding_names())
+
+        self.create_embedding.click(on_create_embedding, [self.emb_name, self.init_text, self.nvpt, self.emb_overwrite],
+                                    [*outputs, self.embedding], concurrency_limit=None, show_progress="hidden")
+        self.create_hypernetwork.click(
+            self.run_create_hypernetwork,
+            [self.hn_name, self.hn_sizes, self.hn_layers, self.hn_activation, self.hn_init, self.hn_layer_norm,
+             self.hn_dropout, self.hn_dropout_structure, self.hn_overwrite],
+            [self.output, self.outcome, self.hypernetwork], show_progress="hidden")
+        train_inputs = [self.embedding, self.hypernetwork, self.emb_lr, self.hn_lr, self.clip_grad_mode,
+                        self.clip_grad_value, self.batch_size, self.gradient_step, self.data_root, self.log_directory,
+                        self.template, self.width, self.height, self.varsize, self.steps, self.image_every,
+                        self.save_every, self.use_weight, self.save_with_embedding, self.shuffle_tags,
+                        self.tag_drop_out, self.latent_sampling]
+        for button, which in ((self.train_embedding, "embedding"), (self.train_hypernetwork, "hypernetwork")):
+            def on_train(request: gr.Request, *values, which=which):
+                yield from self.run_train(client_of(request), which, *values)
+
+            button.click(on_train, train_inputs, outputs, concurrency_limit=None, show_progress="hidden")
+
+        def on_lora(request: gr.Request, *values):
+            yield from self.run_train_lora(client_of(request), *values)
+
+        self.train_lora.click(on_lora, [self.lora_dataset, self.lora_model, self.lora_name, self.lora_dim,
+                                        self.lora_alpha, self.lora_steps, self.lora_lr, self.lora_resolution,
+                                        self.lora_batch, self.lora_scheduler, self.lora_flip, self.lora_shuffle,
+                                        self.lora_resume], outputs, concurrency_limit=None, show_progress="hidden")
+
+        def on_interrupt(request: gr.Request):
+            self.stop(client_of(request))
+
+        for button in (self.interrupt, self.lora_interrupt):
+            button.click(on_interrupt, None, None, show_progress="hidden")
+
+        def refresh():
+            self.ui.service.engine.registry.refresh()
+            return (gr.Dropdown(choices=self.embedding_names()), gr.Dropdown(choices=self.hypernetwork_names()),
+                    gr.Dropdown(choices=self.template_names()))
+
+        self.refresh_lists.click(refresh, None, [self.embedding, self.hypernetwork, self.template],
+                                 show_progress="hidden")
+
