@@ -58,12 +58,12 @@ def encode_file(path: str | Path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode()
 
 
-def inside(base: Path, requested: str | None, field: str) -> Path | None:
+def inside(base: Path, requested: str | None, field: str, what: str = "the outputs folder") -> Path | None:
     """A folder a request names, which must lie inside ``base`` (relative paths are taken from it)."""
     if not requested:
         return None
     base = Path(base).resolve()
     target = (base / requested).resolve()
     if target != base and base not in target.parents:
-        raise HTTPException(403, f"{field}: {requested!r} is outside the outputs folder {base}")
+        raise HTTPException(403, f"{field}: {requested!r} is outside {what} {base}")
     return target

@@ -45,6 +45,7 @@ def make_router(service: JobService, options: dict, limits: dict | None = None) 
         if running is not None and running.id == job.id:
             p = service.progress(None, job.id)
             out["progress"], out["eta_relative"], out["state"] = p["progress"], p["eta_relative"], p["state"]
+            out["textinfo"] = p.get("textinfo")  # e.g. a training job's "Step i of N, loss x"
         else:
             out["progress"] = 1.0 if job.status in FINISHED else 0.0
         return out
@@ -120,10 +121,10 @@ def make_router(service: JobService, options: dict, limits: dict | None = None) 
         """Server-sent events: a ``progress`` event whenever the job's state changes, ``end`` when done."""
         found(job_id)
 
-        def stream():
+        async def stream():  # async: a waiting stream holds no server thread (50 streams would fill the pool)
             version, last = -1, None
             while True:
-                version = service.wait_for_change(version, 15.0)
+                version = await service.wait_for_change_async(version, 15.0)
                 job = service.queue.get(job_id)
                 state = describe(job)
                 if state != last:

@@ -105,7 +105,7 @@ def train_kwargs(args: dict, data_dir: Path, *, hypernetwork: bool) -> dict:
               "use_weight": _bool(args, "use_weight"), "create_image_every": _int(args, "create_image_every", 0),
               "template_file": str(template), "templates_dir": str(data_dir / "textual_inversion_templates"),
               "log_directory": str(inside(data_dir, str(args.get("log_directory") or "textual_inversion"),
-                                          "log_directory"))}
+                                          "log_directory", "the data folder"))}
     every = "save_hypernetwork_every" if hypernetwork else "save_embedding_every"
     kwargs["save_hypernetwork_every" if hypernetwork else "save_embedding_every"] = _int(args, every, 0)
     if args.get("seed") not in (None, "", -1):
@@ -234,7 +234,7 @@ def _lora_router(service: JobService, options: dict) -> APIRouter:
     @r.post("/train/lora", status_code=202)
     def train_lora(body: LoraTrainBody, request: Request):
         try:
-            folder = inside(data_dir, body.train_data_dir, "train_data_dir")
+            folder = inside(data_dir, body.train_data_dir, "train_data_dir", "the data folder")
         except (ValueError, OSError) as exc:  # a NUL byte, a name too long for the file system
             raise HTTPException(422, f"train_data_dir: {exc}") from None
         if folder is None:
