@@ -258,7 +258,7 @@ class DeforumRun:
         mode = s["animation_mode"]
         cadence = 1 if mode in ("Video Input", "Interpolation", "None") else max(1, int(s["diffusion_cadence"]))
         inputs = self._video_inputs() if mode == "Video Input" else None
-        state = {"frame": 0, "turbo_prev_frame": 0, "turbo_next_frame": 0, "written": 0}
+        state = {"frame": 0, "turbo_prev_frame": 0, "turbo_next_frame": 0}
         pics: dict[str, np.ndarray | None] = {"prev": None, "turbo_prev": None, "turbo_next": None, "color": None}
         stored = self._load_state()
         if stored is not None:
