@@ -626,8 +626,55 @@ def create_embedding(name: str, num_vectors_per_token: int, init_text: str = "*"
     return write_embedding(path, init_vectors(model, init_text, n), name, 0)
 
 
-def _optim_path(path: Path) -> Path:
+def optim_path(path: Path) -> Path:
+    """Where A1111 keeps a trained file's optimizer state: ``<file>.optim`` beside it."""
     return path.with_name(path.name + ".optim")
+
+
+def read_optim(path: Path) -> dict | None:
+    """The ``.optim`` beside ``path``, read safely; None when there is none or it cannot be read."""
+    optim = optim_path(path)
+    if not optim.is_file():
+        return None
+    try:
+        return load_pickle(optim)
+    except Exception as exc:  # noqa: BLE001 - a damaged .optim only costs the optimizer's momentum
+        log.warning("%s: not read (%s); starting a new optimizer", optim.name, exc)
+        return None
+
+
+@dataclass
+class TrainingData:
+    """What both trainers (embedding, hypernetwork) make of the data folder before their loop: the images,
+    their latents, the prompt template's lines, and how many items an epoch has (images x repeats)."""
+
+    images: list[TrainImage]
+    skipped: list
+    latents: list[Latent]
+    lines: list[str]
+    n_items: int
+
+    def captions(self, name: str, seed: int, step: int, part: int, batch_size: int, gradient_step: int, *,
+                 shuffle_tags: bool, tag_drop_out: float) -> tuple[list[int], list[str]]:
+        """The images of one batch and their captions (a template line with ``name`` and the filewords),
+        drawn from (seed, step, part) alone: a resumed run draws the same."""
+        rng = random.Random(_mix(seed, 3, step, part))
+        idx = [i % len(self.images) for i in batch_indices(self.n_items, batch_size, gradient_step, seed, step, part)]
+        texts = [make_caption(rng.choice(self.lines), name, self.images[i].filewords, shuffle_tags=shuffle_tags,
+                              tag_drop_out=tag_drop_out, rng=rng) for i in idx]
+        return idx, texts
+
+
+def prepare_data(model: LoadedModel, data_root: str | Path, *, template_file: str | Path, templates_dir,
+                 width: int, height: int, varsize: bool, use_weight: bool, latent_sampling_method: str, seed: int,
+                 repeats: int, batch_size: int, device: torch.device) -> TrainingData:
+    lines = template_lines(template_file, templates_dir)
+    images, skipped = load_images(data_root, width, height, varsize=varsize, use_weight=use_weight)
+    latents = encode_latents(model.vae, images, device, latent_sampling_method, seed, use_weight)
+    n_items = len(images) * max(1, int(repeats))
+    if batch_size > n_items:
+        raise TrainingError(f"batch size {batch_size} is larger than the dataset ({n_items} images)")
+    return TrainingData(images, skipped, latents, lines, n_items)
 
 
 def train_embedding(embedding_name: str, model: LoadedModel, data_root: str | Path, *, folder: str | Path,
@@ -668,13 +715,11 @@ def train_embedding(embedding_name: str, model: LoadedModel, data_root: str | Pa
     seed = _seed(seed, optim_saved)
     result.seed = seed
     device = device or next(model.unet.parameters()).device
-    lines = template_lines(template_file, templates_dir)
-    images, result.skipped_images = load_images(data_root, training_width, training_height, varsize=varsize,
-                                                use_weight=use_weight)
-    latents = encode_latents(model.vae, images, device, latent_sampling_method, seed, use_weight)
-    n_items = len(images) * max(1, int(repeats))
-    if batch_size > n_items:
-        raise TrainingError(f"batch size {batch_size} is larger than the dataset ({n_items} images)")
+    data = prepare_data(model, data_root, template_file=template_file, templates_dir=templates_dir,
+                        width=training_width, height=training_height, varsize=varsize, use_weight=use_weight,
+                        latent_sampling_method=latent_sampling_method, seed=seed, repeats=repeats,
+                        batch_size=batch_size, device=device)
+    result.skipped_images = data.skipped
 
     params = [torch.nn.Parameter(v.clone().to(device)) for v in vectors]
     emb = Embedding(embedding_name, path, tuple(params))
@@ -689,13 +734,11 @@ def train_embedding(embedding_name: str, model: LoadedModel, data_root: str | Pa
     sd_name = model_name(checkpoint) if checkpoint is not None else fields.get("sd_checkpoint_name")
 
     def batch_loss(step: int, part: int) -> tuple[torch.Tensor, str]:
-        rng = random.Random(_mix(seed, 3, step, part))
-        idx = [i % len(images) for i in batch_indices(n_items, batch_size, gradient_step, seed, step, part)]
-        texts = [make_caption(rng.choice(lines), embedding_name, images[i].filewords, shuffle_tags=shuffle_tags,
-                              tag_drop_out=tag_drop_out, rng=rng) for i in idx]
+        idx, texts = data.captions(embedding_name, seed, step, part, batch_size, gradient_step,
+                                   shuffle_tags=shuffle_tags, tag_drop_out=tag_drop_out)
         cond = encode_captions(conditioner, texts, grad=True, clip_skip=clip_skip)
-        w, h = images[idx[0]].pixels.shape[2], images[idx[0]].pixels.shape[1]
-        loss = diffusion_loss(model, [latents[i] for i in idx], cond, generator(seed, 4, step, part),
+        w, h = data.images[idx[0]].pixels.shape[2], data.images[idx[0]].pixels.shape[1]
+        loss = diffusion_loss(model, [data.latents[i] for i in idx], cond, generator(seed, 4, step, part),
                               schedule=noise_schedule, device=device, width=w, height=h)
         return loss, texts[0]
 
@@ -703,7 +746,7 @@ def train_embedding(embedding_name: str, model: LoadedModel, data_root: str | Pa
         out = target.with_suffix(path.suffix) if target is not None else path
         write_embedding(out, [p.detach() for p in params], name, step, sd_hash, sd_name)
         if save_optimizer_state:
-            _atomic(_optim_path(out), lambda f: torch.save(
+            _atomic(optim_path(out), lambda f: torch.save(
                 {"hash": checksum(torch.cat([p.detach().cpu() for p in params], dim=-1)),
                  "optimizer_state_dict": optimizer.state_dict(), "seed": seed}, f))
         return out
@@ -717,7 +760,7 @@ def train_embedding(embedding_name: str, model: LoadedModel, data_root: str | Pa
 
     spec = LoopSpec(embedding_name, "embedding", params, optimizer, initial_step, int(steps), learn_rate,
                     clip_grad_mode, clip_grad_value, int(gradient_step),
-                    steps_per_epoch(n_items, batch_size, gradient_step), batch_loss, save, make, log_dir,
+                    steps_per_epoch(data.n_items, batch_size, gradient_step), batch_loss, save, make, log_dir,
                     int(save_embedding_every or 0), int(create_image_every or 0), "textual_inversion_loss.csv",
                     on_progress, should_stop)
     return run_loop(spec, result)
@@ -738,16 +781,9 @@ def _check_counts(batch_size, gradient_step, steps, save_every, image_every, var
 
 def _load_optim(path: Path, expected_hash: str) -> dict | None:
     """The saved optimizer state (and seed) beside ``path``, if it belongs to the vectors in the file."""
-    optim = _optim_path(path)
-    if not optim.is_file():
-        return None
-    try:
-        saved = load_pickle(optim)
-    except Exception as exc:  # noqa: BLE001 - a damaged .optim only costs the optimizer's momentum
-        log.warning("%s: not read (%s); starting a new optimizer", optim.name, exc)
-        return None
-    if saved.get("hash") != expected_hash:
-        log.info("%s belongs to other vectors; starting a new optimizer", optim.name)
+    saved = read_optim(path)
+    if saved is not None and saved.get("hash") != expected_hash:
+        log.info("%s belongs to other vectors; starting a new optimizer", optim_path(path).name)
         return None
     return saved
 

@@ -46,21 +46,19 @@ from .embedding import (
     _check_counts,
     _mix,
     _seed,
-    batch_indices,
     check_base_model,
     clean_name,
     diffusion_loss,
     encode_captions,
-    encode_latents,
     generator,
-    load_images,
     log_folder,
-    make_caption,
     make_preview,
     model_name,
+    optim_path,
+    prepare_data,
+    read_optim,
     run_loop,
     steps_per_epoch,
-    template_lines,
 )
 
 log = logging.getLogger(__name__)
@@ -192,10 +190,6 @@ def _attention_widths(unet: torch.nn.Module) -> set[int]:
     return {m.to_k.in_features for n, m in unet.named_modules() if n.endswith((".attn1", ".attn2")) and hasattr(m, "to_k")}
 
 
-def _optim_path(path: Path) -> Path:
-    return path.with_name(path.name + ".optim")
-
-
 def train_hypernetwork(hypernetwork_name: str, model: LoadedModel, data_root: str | Path, *, folder: str | Path,
                        checkpoint: ModelFile | None = None, learn_rate: str | float = "0.00001", batch_size: int = 1,
                        gradient_step: int = 1, training_width: int = 512, training_height: int = 512,
@@ -237,13 +231,11 @@ def train_hypernetwork(hypernetwork_name: str, model: LoadedModel, data_root: st
     seed = _seed(seed, saved)
     result.seed = seed
     device = device or next(model.unet.parameters()).device
-    lines = template_lines(template_file, templates_dir)
-    images, result.skipped_images = load_images(data_root, training_width, training_height, varsize=varsize,
-                                                use_weight=use_weight)
-    latents = encode_latents(model.vae, images, device, latent_sampling_method, seed, use_weight)
-    n_items = len(images) * max(1, int(repeats))
-    if batch_size > n_items:
-        raise TrainingError(f"batch size {batch_size} is larger than the dataset ({n_items} images)")
+    data = prepare_data(model, data_root, template_file=template_file, templates_dir=templates_dir,
+                        width=training_width, height=training_height, varsize=varsize, use_weight=use_weight,
+                        latent_sampling_method=latent_sampling_method, seed=seed, repeats=repeats,
+                        batch_size=batch_size, device=device)
+    result.skipped_images = data.skipped
 
     modules = [m for pair in hn.layers.values() for m in pair]
     for m in modules:
@@ -259,7 +251,7 @@ def train_hypernetwork(hypernetwork_name: str, model: LoadedModel, data_root: st
         try:
             optimizer.load_state_dict(saved["optimizer_state_dict"])
         except (ValueError, RuntimeError, KeyError) as exc:
-            log.warning("%s: cannot resume the optimizer (%s)", _optim_path(path).name, exc)
+            log.warning("%s: cannot resume the optimizer (%s)", optim_path(path).name, exc)
     embeddings = library.usable([e.config.hidden_size for e in model.text_encoders]) if library is not None else {}
     conditioner = TextConditioner(model, device, embeddings)
     noise_schedule = schedule or DiscreteSchedule()
@@ -267,16 +259,14 @@ def train_hypernetwork(hypernetwork_name: str, model: LoadedModel, data_root: st
     sd_name = model_name(checkpoint) if checkpoint is not None else raw.get("sd_checkpoint_name")
 
     def batch_loss(step: int, part: int) -> tuple[torch.Tensor, str]:
-        rng = random.Random(_mix(seed, 3, step, part))
-        idx = [i % len(images) for i in batch_indices(n_items, batch_size, gradient_step, seed, step, part)]
-        texts = [make_caption(rng.choice(lines), name, images[i].filewords, shuffle_tags=shuffle_tags,
-                              tag_drop_out=tag_drop_out, rng=rng) for i in idx]
+        idx, texts = data.captions(name, seed, step, part, batch_size, gradient_step, shuffle_tags=shuffle_tags,
+                                   tag_drop_out=tag_drop_out)
         with torch.no_grad():
             cond = encode_captions(conditioner, texts, grad=False, clip_skip=clip_skip)
-        w, h = images[idx[0]].pixels.shape[2], images[idx[0]].pixels.shape[1]
+        w, h = data.images[idx[0]].pixels.shape[2], data.images[idx[0]].pixels.shape[1]
         with torch.random.fork_rng(devices=[]), hypernetwork_ops.applied(model.unet, [(hn, strength)]):
             torch.manual_seed(_mix(seed, 5, step, part))  # the dropout masks, the same on a resumed run
-            loss = diffusion_loss(model, [latents[i] for i in idx], cond, generator(seed, 4, step, part),
+            loss = diffusion_loss(model, [data.latents[i] for i in idx], cond, generator(seed, 4, step, part),
                                   schedule=noise_schedule, device=device, width=w, height=h)
         return loss, texts[0]
 
@@ -289,7 +279,7 @@ def train_hypernetwork(hypernetwork_name: str, model: LoadedModel, data_root: st
         out.parent.mkdir(parents=True, exist_ok=True)
         _atomic(out, lambda f: torch.save(data, f))
         if save_optimizer_state:
-            _atomic(_optim_path(out), lambda f: torch.save(
+            _atomic(optim_path(out), lambda f: torch.save(
                 {"optimizer_name": optimizer_name, "hash": legacy_model_hash(out),
                  "optimizer_state_dict": optimizer.state_dict(), "seed": seed, "step": step}, f))
         return out
@@ -306,7 +296,7 @@ def train_hypernetwork(hypernetwork_name: str, model: LoadedModel, data_root: st
                                 log_dir / "images", f"{name}-{step}")
 
     spec = LoopSpec(name, "hypernetwork", params, optimizer, initial_step, int(steps), learn_rate, clip_grad_mode,
-                    clip_grad_value, int(gradient_step), steps_per_epoch(n_items, batch_size, gradient_step),
+                    clip_grad_value, int(gradient_step), steps_per_epoch(data.n_items, batch_size, gradient_step),
                     batch_loss, save, make, log_dir, int(save_hypernetwork_every or 0), int(create_image_every or 0),
                     "hypernetwork_loss.csv", on_progress, should_stop)
     try:
@@ -319,15 +309,8 @@ def train_hypernetwork(hypernetwork_name: str, model: LoadedModel, data_root: st
 def _load_optim(path: Path, step: int) -> dict | None:
     """The saved optimizer state beside ``path`` if it was saved with the file as it is (A1111's ``hash`` is
     the old 8-digit file hash, which small files share, so the step is checked too)."""
-    optim = _optim_path(path)
-    if not optim.is_file():
-        return None
-    try:
-        saved = load_pickle(optim)
-    except Exception as exc:  # noqa: BLE001 - a damaged .optim only costs the optimizer's momentum
-        log.warning("%s: not read (%s); starting a new optimizer", optim.name, exc)
-        return None
-    if saved.get("hash") != legacy_model_hash(path) or saved.get("step", step) != step:
+    saved = read_optim(path)
+    if saved is not None and (saved.get("hash") != legacy_model_hash(path) or saved.get("step", step) != step):
         return None
     return saved
 
