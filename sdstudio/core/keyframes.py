@@ -38,7 +38,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from .errors import RequestError
@@ -463,9 +463,11 @@ def _unquote(text: str) -> tuple[str, int]:
     return text, 0
 
 
-def _split_items(text: str) -> list[tuple[str, int]]:
-    """Split on the commas outside parentheses and quotes; each item with its 0-based start offset."""
-    items, depth, quote, start = [], 0, "", 0
+def _top_level(text: str) -> Iterator[tuple[int, str]]:
+    """The characters outside parentheses and quotes, with their offsets (a schedule's separators are only
+    those: ``where(t>5, 1, 2)`` and ``"a:b"`` hold theirs). A stray ``)`` is an error here; what is left
+    open at the end is for the caller to say (a key's ``:`` search stops before the end)."""
+    depth, quote = 0, ""
     for i, ch in enumerate(text):
         if quote:
             if ch == quote:
@@ -478,13 +480,21 @@ def _split_items(text: str) -> list[tuple[str, int]]:
             depth -= 1
             if depth < 0:
                 raise ExpressionError("')' without its '('", i + 1)
-        elif ch == "," and depth == 0:
-            items.append((text[start:i], start))
-            start = i + 1
+        elif depth == 0:
+            yield i, ch
     if quote:
         raise ExpressionError(f"unclosed quote {quote}", len(text) + 1)
     if depth > 0:
         raise ExpressionError("'(' without its ')'", len(text) + 1)
+
+
+def _split_items(text: str) -> list[tuple[str, int]]:
+    """Split on the commas outside parentheses and quotes; each item with its 0-based start offset."""
+    items, start = [], 0
+    for i, ch in _top_level(text):
+        if ch == ",":
+            items.append((text[start:i], start))
+            start = i + 1
     items.append((text[start:], start))
     return items
 
@@ -543,21 +553,9 @@ def _items(name: str, text: str) -> list[_Item]:
 
 
 def _top_colon(item: str) -> int:
-    """The first ':' outside parentheses and quotes (a key may be ``(max_f-1)``; a value may hold ':')."""
-    quote, depth = "", 0
-    for i, ch in enumerate(item):
-        if quote:
-            if ch == quote:
-                quote = ""
-        elif ch in "\"'":
-            quote = ch
-        elif ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-        elif ch == ":" and depth == 0:
-            return i
-    return -1
+    """The first ':' outside parentheses and quotes (a key may be ``(max_f-1)``; a value may hold ':'). The
+    item comes from :func:`_split_items`, so its brackets and quotes are balanced."""
+    return next((i for i, ch in _top_level(item) if ch == ":"), -1)
 
 
 def _key_frame(label: str, item: _Item, max_frames: int, seed: int) -> int:
