@@ -7,8 +7,10 @@ Errors print one line naming the problem and exit with status 2 (bad input) or 1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -609,8 +611,26 @@ def deforum_settings_from_args(args: argparse.Namespace):
     return changed
 
 
+@contextlib.contextmanager
+def stop_on_ctrl_c(unit: str):
+    """While inside: the first Ctrl+C asks to stop after the ``unit`` under way (``stop["asked"]``, for a
+    ``should_stop``), the second quits at once."""
+    stop = {"asked": False}
+
+    def on_sigint(*_) -> None:
+        if stop["asked"]:
+            raise KeyboardInterrupt
+        stop["asked"] = True
+        print(f"\nstopping after this {unit} (Ctrl+C again to quit at once)", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def cmd_deforum(args: argparse.Namespace) -> int:
-    import signal
 
     from .core import deforum as spec
     from .engine.generate import Engine
@@ -627,25 +647,17 @@ def cmd_deforum(args: argparse.Namespace) -> int:
     engine = Engine(paths, device_options_from(args))
     studio, _ = studio_from(args, engine)
     model = engine.registry.checkpoint(args.model).title if args.model else None
-    stop = {"asked": False}
 
     def on_frame(p) -> None:
         print(f"\rframe {p.frame}/{p.frames}", end="", file=sys.stderr, flush=True)
 
-    def on_sigint(*_) -> None:  # the first Ctrl+C stops after the frame under way (frames and state kept)
-        if stop["asked"]:
-            raise KeyboardInterrupt
-        stop["asked"] = True
-        print("\nstopping after this frame (Ctrl+C again to quit at once)", file=sys.stderr, flush=True)
-
-    run = DeforumRun(studio, settings, paths.outputs_dir, outdir=Path(args.outdir) if args.outdir else None,
-                     options={"ffmpeg_crf": args.ffmpeg_crf, "ffmpeg_preset": args.ffmpeg_preset}, model=model,
-                     on_frame=on_frame, should_stop=lambda: stop["asked"])
-    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        result = run.run()
+        with stop_on_ctrl_c("frame") as stop:  # frames and state are kept: --resume carries on
+            run = DeforumRun(studio, settings, paths.outputs_dir, outdir=Path(args.outdir) if args.outdir else None,
+                             options={"ffmpeg_crf": args.ffmpeg_crf, "ffmpeg_preset": args.ffmpeg_preset},
+                             model=model, on_frame=on_frame, should_stop=lambda: stop["asked"])
+            result = run.run()
     finally:
-        signal.signal(signal.SIGINT, previous)
         print(file=sys.stderr)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -768,8 +780,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """``sdstudio train lora DATASET --model NAME``: a kohya-format LoRA into models/Lora. Ctrl+C stops after
     the current step and saves the state; ``--resume`` carries on with the same weights."""
-    import signal
-
     from .models.registry import ModelRegistry
     from .training import DatasetError, TrainingDataset, TrainingError, train_lora
 
@@ -786,32 +796,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise RequestError(str(exc)) from None
     for name, why in dataset.skipped:
         print(f"warning: {name} skipped: {why}", file=sys.stderr)
-    stop = {"asked": False}
-
     def progress(p) -> None:
         print(f"\rstep {p.step}/{p.total}  loss {p.loss:.4f}  eta {p.eta:.0f} s", end="", file=sys.stderr, flush=True)
 
-    def on_sigint(*_) -> None:  # the first Ctrl+C stops after the step under way (the state is saved)
-        if stop["asked"]:
-            raise KeyboardInterrupt
-        stop["asked"] = True
-        print("\nstopping after this step (Ctrl+C again to quit at once)", file=sys.stderr, flush=True)
-
     name = args.name or Path(args.dataset).resolve().name
-    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        result = train_lora(
-            checkpoint.path, dataset, resume=args.resume, on_progress=progress, should_stop=lambda: stop["asked"],
-            network_dim=args.dim, network_alpha=args.alpha, conv_dim=args.dim if args.locon else None,
-            conv_alpha=args.alpha if args.locon else None, learning_rate=args.lr, train_text_encoder=not args.unet_only,
-            lr_scheduler=args.scheduler, max_train_steps=args.steps, max_train_epochs=args.epochs,
-            batch_size=args.batch_size, min_snr_gamma=args.min_snr_gamma, noise_offset=args.noise_offset,
-            mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-            save_every_n_steps=args.save_every, seed=args.seed, output_dir=paths.lora_dir, output_name=name)
+        with stop_on_ctrl_c("step") as stop:  # the state is saved: --resume carries on
+            result = train_lora(
+                checkpoint.path, dataset, resume=args.resume, on_progress=progress,
+                should_stop=lambda: stop["asked"], network_dim=args.dim, network_alpha=args.alpha,
+                conv_dim=args.dim if args.locon else None, conv_alpha=args.alpha if args.locon else None,
+                learning_rate=args.lr, train_text_encoder=not args.unet_only, lr_scheduler=args.scheduler,
+                max_train_steps=args.steps, max_train_epochs=args.epochs, batch_size=args.batch_size,
+                min_snr_gamma=args.min_snr_gamma, noise_offset=args.noise_offset,
+                mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+                save_every_n_steps=args.save_every, seed=args.seed, output_dir=paths.lora_dir, output_name=name)
     except TrainingError as exc:
         raise RequestError(str(exc)) from None
-    finally:
-        signal.signal(signal.SIGINT, previous)
     print(file=sys.stderr)
     if result.interrupted:
         print(f"stopped at step {result.steps}/{result.total}; --resume carries on", file=sys.stderr)
