@@ -103,17 +103,20 @@ class _FlowTable(DiscreteSchedule):
         self.log_sigmas = self.sigmas.log()
 
 
-class FlowSchedule:
-    """A flow model's noise schedule in the k-diffusion space the samplers use (duck-types
-    :class:`~sdstudio.engine.schedules.DiscreteSchedule`: ``sigmas``, ``sigma_min``/``sigma_max``,
-    ``sigma_to_t``/``t_to_sigma``, with t the table index 0..999). ``flow`` is the same table in flow σ;
-    :meth:`sigmas_for` builds the sampling schedules there, as A1111 / Forge do, and maps them to s."""
+class FlowSchedule(DiscreteSchedule):
+    """A flow model's noise schedule in the k-diffusion space the samplers use: a
+    :class:`~sdstudio.engine.schedules.DiscreteSchedule` (``sigmas``, ``sigma_min``/``sigma_max``) whose
+    ``sigma_to_t``/``t_to_sigma`` go through the flow table (t the table index 0..999). ``flow`` is the same
+    table in flow σ; :meth:`sigmas_for` builds the sampling schedules there, as A1111 / Forge do, and maps
+    them to s."""
 
     def __init__(self, shift: float = SD3_SHIFT, steps: int = 1000, max_sigma: float = MAX_FLOW_SIGMA):
+        # no DDPM betas (so no alphas_cumprod): the shifted flow table itself
         self.shift = shift
         self.max_sigma = max_sigma
         self.flow = _FlowTable(shift, steps)
         self.sigmas = to_ve(self.flow.sigmas, max_sigma)
+        self.log_sigmas = self.sigmas.log()
 
     @classmethod
     def sd3(cls, shift: float = SD3_SHIFT) -> FlowSchedule:
@@ -122,14 +125,6 @@ class FlowSchedule:
     @classmethod
     def flux(cls, width: int, height: int, *, schnell: bool = False, mu: float | None = None) -> FlowSchedule:
         return cls(flux_shift(width, height, schnell=schnell, mu=mu))
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.sigmas[0])
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         return self.flow.sigma_to_t(flow_timestep(sigma.float()))
