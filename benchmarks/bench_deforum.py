@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
 import statistics
 import tempfile
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import demo_data_root
 
 from sdstudio.core import deforum as spec
 from sdstudio.core.paths import Paths
@@ -38,10 +38,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        (root / "models" / "Stable-diffusion").mkdir(parents=True)
-        os.link(ROOT / "models" / "Stable-diffusion" / "sdstudio-demo.safetensors",
-                root / "models" / "Stable-diffusion" / "sdstudio-demo.safetensors")
+        root = demo_data_root(Path(tmp))
         studio = Studio(Engine(Paths(root)))
         times: dict[int, list[float]] = {1: [], 4: []}
         for r in range(a.repeats + 1):  # the first round warms up (model load, allocator)

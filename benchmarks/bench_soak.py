@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import socket
 import statistics
@@ -29,8 +28,7 @@ import urllib.request
 from pathlib import Path
 
 import psutil
-
-ROOT = Path(__file__).resolve().parents[1]
+from common import demo_data_root
 
 
 def _free_port() -> int:
@@ -63,9 +61,7 @@ def main() -> None:
     ap.add_argument("--pollers", type=int, default=3)
     a = ap.parse_args()
     data = Path(tempfile.mkdtemp(prefix="sdstudio-soak-"))
-    (data / "models" / "Stable-diffusion").mkdir(parents=True)
-    os.link(ROOT / "models" / "Stable-diffusion" / "sdstudio-demo.safetensors",
-            data / "models" / "Stable-diffusion" / "sdstudio-demo.safetensors")
+    demo_data_root(data)
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "sdstudio", "serve", "--data-dir", str(data), "--api",
                                "--nowebui", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

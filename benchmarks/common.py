@@ -11,6 +11,15 @@ from pathlib import Path
 import torch
 
 CACHE = Path(__file__).resolve().parent / "results" / "cache"
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "Stable-diffusion" / "sdstudio-demo.safetensors"
+
+
+def demo_data_root(root: Path) -> Path:
+    """``root`` as a data dir holding the bundled demo model (hard-linked: no copy)."""
+    folder = Path(root) / "models" / "Stable-diffusion"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.link(DEMO_MODEL, folder / DEMO_MODEL.name)
+    return Path(root)
 
 
 def full_sd15(dtype: torch.dtype = torch.float16) -> Path:
