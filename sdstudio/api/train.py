@@ -299,35 +299,28 @@ def _a1111_router(service: JobService, options: dict) -> APIRouter:
         engine.registry.refresh()
         return {"info": f"create hypernetwork filename: {path}"}
 
-    @r.post("/train/embedding")
-    async def train_embedding(request: Request, args: dict = ANY_BODY):
+    async def train(request: Request, args: dict, what: str, fields) -> dict:
+        """A1111's train routes: the named file trained as a queue job; errors are answered in ``info``."""
         try:
-            _unknown(args, EMBEDDING_TRAIN, "train_embedding")
-            if not args.get("embedding_name"):
-                raise FieldError("embedding not selected")
-            kwargs = {"embedding_name": str(args["embedding_name"]), **train_kwargs(args, data_dir, hypernetwork=False)}
-            job = {"what": "embedding", "model": await run_in_threadpool(current_model), "kwargs": kwargs}
+            _unknown(args, fields, f"train_{what}")
+            if not args.get(f"{what}_name"):
+                raise FieldError(f"{what} not selected")
+            kwargs = {f"{what}_name": str(args[f"{what}_name"]),
+                      **train_kwargs(args, data_dir, hypernetwork=what == "hypernetwork")}
+            job = {"what": what, "model": await run_in_threadpool(current_model), "kwargs": kwargs}
         except HTTPException:
             raise
         except (FieldError, StudioError, ModelNotFoundError) as exc:
-            return {"info": f"train embedding error: {exc}"}
+            return {"info": f"train {what} error: {exc}"}
         filename, error = await run(request, job)
-        return {"info": f"train embedding complete: filename: {filename} error: {error}"}
+        return {"info": f"train {what} complete: filename: {filename} error: {error}"}
+
+    @r.post("/train/embedding")
+    async def train_embedding(request: Request, args: dict = ANY_BODY):
+        return await train(request, args, "embedding", EMBEDDING_TRAIN)
 
     @r.post("/train/hypernetwork")
     async def train_hypernetwork(request: Request, args: dict = ANY_BODY):
-        try:
-            _unknown(args, HYPERNETWORK_TRAIN, "train_hypernetwork")
-            if not args.get("hypernetwork_name"):
-                raise FieldError("hypernetwork not selected")
-            kwargs = {"hypernetwork_name": str(args["hypernetwork_name"]),
-                      **train_kwargs(args, data_dir, hypernetwork=True)}
-            job = {"what": "hypernetwork", "model": await run_in_threadpool(current_model), "kwargs": kwargs}
-        except HTTPException:
-            raise
-        except (FieldError, StudioError, ModelNotFoundError) as exc:
-            return {"info": f"train hypernetwork error: {exc}"}
-        filename, error = await run(request, job)
-        return {"info": f"train hypernetwork complete: filename: {filename} error: {error}"}
+        return await train(request, args, "hypernetwork", HYPERNETWORK_TRAIN)
 
     return r
