@@ -9,15 +9,13 @@ names), ``lora_te_`` / SDXL ``lora_te1_`` ``lora_te2_`` + the transformers path;
 ``<name>.lora_down.weight``, ``<name>.lora_up.weight`` and ``<name>.alpha`` and the ``ss_*`` metadata, with
 ``sshs_model_hash`` / ``sshs_legacy_hash`` computed as ``train_util.precalculate_safetensors_hashes`` does.
 
-The loss is the usual one (noise or v at a uniform timestep of the model's 1000-step schedule, optional
-noise offset and min-SNR weighting). All randomness comes from one CPU generator (noise, timesteps, VAE
-samples) and the dataset's (seed, epoch, batch) generators, and the state file carries the generator, the
-optimiser and the scheduler: a run resumed at step k ends bit-identical to one that was never stopped.
+The loss, the precision and optimizer choices and the step loop are :mod:`sdstudio.training.loop`'s (shared
+with the Dreambooth trainer); the state file carries the network beside the loop's state (generator,
+optimiser, scheduler, loss log): a run resumed at step k ends bit-identical to one that was never stopped.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -28,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save as save_bytes
 from torch import nn
 
@@ -36,16 +33,26 @@ from ..engine.schedules import DiscreteSchedule
 from ..models.convert import unet_hf_to_ldm
 from ..models.loader import LoadedModel, load_checkpoint
 from .dataset import TrainingDataset
+from .loop import (
+    SCHEDULERS,
+    Steps,
+    TextEncoding,
+    TrainingError,
+    TrainProgress,
+    autocast_dtype,
+    batch_loss,
+    check_unet_model,
+    make_lr_scheduler,
+    make_optimizer,
+    set_checkpointing,
+    total_steps,
+    write_log,
+)
+from .loop import snr_weight as _snr_weight  # noqa: F401 - the name the tests know
 
 UNET_TARGETS = ("Transformer2DModel",)
 UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
-SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")
-
-
-class TrainingError(ValueError):
-    """A request the trainer cannot run (unfit base model, option this machine lacks)."""
-
 
 # ---- the network ---------------------------------------------------------------------------------------
 class LoRAModule(nn.Module):
@@ -233,15 +240,6 @@ class LoraConfig:
 
 
 @dataclass
-class TrainProgress:
-    step: int
-    total: int
-    loss: float
-    eta: float  # seconds
-    epoch: int
-
-
-@dataclass
 class TrainResult:
     path: Path | None  # the LoRA file (None when interrupted before the end: see state_path)
     steps: int
@@ -261,147 +259,6 @@ def base_model_version(model: LoadedModel) -> str:
         return "sdxl_base_v1-0"
     v = "_v" if model.spec.prediction == "v_prediction" else ""
     return ("sd_v2" if family == "sd2" else "sd_v1") + v
-
-
-def _check_model(model: LoadedModel) -> None:
-    if model.spec.is_flow:
-        raise TrainingError(f"{model.path.name}: LoRA training here supports SD 1.x, 2.x and SDXL UNets, "
-                            f"not {model.spec.describe()}")
-    if model.spec.family == "sdxl_refiner":
-        raise TrainingError(f"{model.path.name}: an SDXL refiner cannot be trained (train on the SDXL base)")
-    if model.spec.inpainting:
-        raise TrainingError(f"{model.path.name}: an inpainting UNet (9 input channels) cannot be trained here")
-
-
-def _autocast(device: torch.device, mixed_precision: str):
-    if mixed_precision in ("no", "", None):
-        return None
-    if mixed_precision == "bf16":
-        if device.type == "cpu" and not torch.cpu._is_avx512_bf16_supported():
-            raise TrainingError("bf16 mixed precision on the CPU needs avx512_bf16 (this CPU lacks it); "
-                                "use mixed_precision='no'")
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise TrainingError("this GPU has no bf16; use mixed_precision='fp16'")
-        return torch.bfloat16
-    if mixed_precision == "fp16":
-        if device.type != "cuda":
-            raise TrainingError("fp16 mixed precision needs a CUDA GPU; on the CPU use bf16 or 'no'")
-        return torch.float16
-    raise TrainingError(f"unknown mixed precision {mixed_precision!r} (no, fp16, bf16)")
-
-
-def _optimizer(name: str, groups: list[dict], cfg: LoraConfig, device: torch.device) -> torch.optim.Optimizer:
-    if name == "AdamW":
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    if name == "AdamW8bit":
-        if device.type != "cuda":
-            raise TrainingError("8-bit AdamW (bitsandbytes) runs on a CUDA GPU only; use optimizer='AdamW' on the CPU")
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise TrainingError("8-bit AdamW needs the bitsandbytes package (pip install bitsandbytes); "
-                                "or use optimizer='AdamW'") from None
-        return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    raise TrainingError(f"unknown optimizer {name!r} (AdamW, AdamW8bit)")
-
-
-class _TextEncoding:
-    """Captions -> (context, pooled) with the model's encoders directly (trainable when asked), as the
-    engine's conditioner does it for a single 75-token chunk: hidden layer per encoder spec (SD 1.x: clip
-    skip), the final layer norm where the family applies it, SDXL's encoders concatenated + pooled output."""
-
-    def __init__(self, model: LoadedModel, device: torch.device, clip_skip: int = 1):
-        self.model, self.device, self.clip_skip = model, device, clip_skip
-
-    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        zs, pooled = [], None
-        for spec, encoder, tokenizer in zip(self.model.spec.text_encoders, self.model.text_encoders,
-                                            self.model.tokenizers):
-            ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
-                            return_tensors="pt").input_ids.to(self.device)
-            layer = -self.clip_skip if self.model.spec.family == "sd1" else spec.hidden_layer
-            hidden = layer != -1 or not spec.final_norm  # last_hidden_state is the last layer, normed
-            out = encoder(input_ids=ids, output_hidden_states=hidden)
-            z = out.last_hidden_state
-            if hidden:
-                z = out.hidden_states[layer]
-                if spec.final_norm:
-                    inner = encoder.text_model if hasattr(encoder, "text_model") else encoder
-                    z = inner.final_layer_norm(z)
-            zs.append(z)
-            if getattr(out, "text_embeds", None) is not None:
-                pooled = out.text_embeds
-        return torch.cat(zs, dim=-1), pooled
-
-
-def _snr_weight(alphas: torch.Tensor, t: torch.Tensor, gamma: float, v: bool) -> torch.Tensor:
-    """kohya's ``apply_snr_weight``: min(SNR, gamma) / SNR (epsilon), / (SNR + 1) (v)."""
-    a = alphas[t]
-    snr = a / (1 - a)
-    w = torch.clamp(snr, max=gamma) / (snr + 1 if v else snr)
-    return w
-
-
-def batch_loss(model: LoadedModel, batch, gen: torch.Generator, *, device: torch.device | str = "cpu",
-               noise_offset: float | None = None, min_snr_gamma: float | None = None,
-               autocast: torch.dtype | None = None, train_text_encoder: bool = False, encode_text=None,
-               alphas: torch.Tensor | None = None) -> torch.Tensor:
-    """The training loss of one :class:`~sdstudio.training.dataset.Batch`: VAE latent sample, noise (plus
-    ``noise_offset`` x per-channel noise), a uniform timestep, noise or v as the target by the model's
-    prediction type, the MSE per picture (weighted by min-SNR when ``min_snr_gamma``), averaged. All random
-    draws come from ``gen`` in a fixed order (a fixed generator state gives the same loss)."""
-    device = torch.device(device)
-    unet, vae = model.unet, model.vae
-    alphas = DiscreteSchedule().alphas_cumprod.to(device) if alphas is None else alphas
-    encode_text = encode_text or _TextEncoding(model, device)
-    v_pred = model.spec.prediction == "v_prediction"
-    scaling = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    with torch.no_grad():
-        dist = vae.encode(batch.pixels.to(device, vae.dtype)).latent_dist
-        noise_vae = torch.randn(dist.mean.shape, generator=gen).to(device, dist.mean.dtype)
-        latents = ((dist.mean + dist.std * noise_vae).float() - shift) * scaling
-    n = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=gen).to(device)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn((n, latents.shape[1], 1, 1), generator=gen).to(device)
-    t = torch.randint(0, len(alphas), (n,), generator=gen).to(device)
-    a = alphas[t].view(-1, 1, 1, 1)
-    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-    target = a.sqrt() * noise - (1 - a).sqrt() * latents if v_pred else noise
-    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-        with torch.set_grad_enabled(train_text_encoder and torch.is_grad_enabled()):
-            context, pooled = encode_text(batch.captions)
-        extra = {}
-        if model.spec.is_sdxl:  # size conditioning: original (h, w), crop (top, left), target (h, w)
-            h, w = batch.pixels.shape[-2:]
-            time_ids = torch.tensor([[*size, *crop, h, w] for size, crop in zip(batch.original_sizes, batch.crops)],
-                                    dtype=torch.float32)
-            extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.to(device)}
-        pred = unet(noisy.to(unet.dtype), t, context.to(unet.dtype), **extra).sample
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if min_snr_gamma:
-        loss = loss * _snr_weight(alphas, t, min_snr_gamma, v_pred)
-    return loss.mean()
-
-
-def _checkpointing(module: nn.Module, on: bool) -> None:
-    """Gradient checkpointing on or off: diffusers' names, transformers 5's (``activation_checkpointing_*``) or
-    older transformers' (``gradient_checkpointing_*``)."""
-    for name in (("enable_gradient_checkpointing", "activation_checkpointing_enable", "gradient_checkpointing_enable")
-                 if on else ("disable_gradient_checkpointing", "activation_checkpointing_disable",
-                             "gradient_checkpointing_disable")):
-        if hasattr(module, name):
-            getattr(module, name)()
-            return
-
-
-def _total_steps(cfg: LoraConfig, per_epoch: int) -> int:
-    if cfg.max_train_steps:
-        return cfg.max_train_steps
-    if cfg.max_train_epochs:
-        return cfg.max_train_epochs * per_epoch
-    return 1600
 
 
 def _metadata(cfg: LoraConfig, model: LoadedModel, ds: TrainingDataset, total: int, per_epoch: int,
@@ -442,14 +299,6 @@ def _metadata(cfg: LoraConfig, model: LoadedModel, ds: TrainingDataset, total: i
     return {k: str(v) for k, v in meta.items()}
 
 
-def _write_log(path: Path, rows: list[tuple[int, int, float, float]]) -> None:
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["step", "epoch", "loss", "lr"])
-        for step, epoch, loss, lr in rows:
-            w.writerow([step, epoch, f"{loss:.6f}", f"{lr:.3e}"])
-
-
 def train_lora(model: LoadedModel | str | Path, dataset: TrainingDataset, config: LoraConfig | None = None, *,
                device: str | torch.device = "cpu", resume: bool | str | Path = False,
                on_progress: Callable[[TrainProgress], None] | None = None,
@@ -472,8 +321,8 @@ def train_lora(model: LoadedModel | str | Path, dataset: TrainingDataset, config
     device = torch.device(device)
     if not isinstance(model, LoadedModel):
         model = load_checkpoint(Path(model), torch.float32)
-    _check_model(model)
-    precision = _autocast(device, cfg.mixed_precision)
+    check_unet_model(model, "LoRA training")
+    precision = autocast_dtype(device, cfg.mixed_precision)
     if model.unet.dtype != torch.float32 and precision is None:
         raise TrainingError(f"the model is loaded in {model.unet.dtype}; load it in float32 or use mixed precision")
 
@@ -488,124 +337,81 @@ def train_lora(model: LoadedModel | str | Path, dataset: TrainingDataset, config
     network.to(device)
     unet_lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
     te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
-    optimizer = _optimizer(cfg.optimizer, network.param_groups(unet_lr, te_lr), cfg, device)
+    optimizer = make_optimizer(cfg.optimizer, network.param_groups(unet_lr, te_lr), cfg.learning_rate,
+                               cfg.weight_decay, device)
     per_epoch = dataset.batches_per_epoch(cfg.batch_size)
-    total = _total_steps(cfg, per_epoch)
-    from diffusers.optimization import get_scheduler
-
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                              num_training_steps=total, num_cycles=cfg.lr_scheduler_num_cycles,
-                              power=cfg.lr_scheduler_power)
+    total = total_steps(cfg.max_train_steps, cfg.max_train_epochs, per_epoch)
+    scheduler = make_lr_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=cfg.lr_warmup_steps, total=total,
+                                  num_cycles=cfg.lr_scheduler_num_cycles, power=cfg.lr_scheduler_power)
     scaler = torch.amp.GradScaler("cuda") if precision == torch.float16 else None
+    steps = Steps(optimizer, scheduler, gen, scaler=scaler, max_grad_norm=cfg.max_grad_norm)
 
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / f"{cfg.output_name}-state.pt"
     log_path = out / f"{cfg.output_name}-log.csv"
-    step, started, log_rows = 0, time.time(), []
     resume_from = Path(resume) if isinstance(resume, (str, Path)) else (state_path if resume else None)
     if resume_from is not None and resume_from.is_file():
         state = torch.load(resume_from, map_location="cpu", weights_only=False)  # our own file
         network.load_state_dict(state["network"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step, started, log_rows = state["step"], state["started_at"], [tuple(r) for r in state["log"]]
+        steps.load_state_dict(state)
     base_hashes = model_hash(model.path) if Path(model.path).is_file() else None
-    metadata = _metadata(cfg, model, dataset, total, per_epoch, started, base_hashes, optimizer,
+    metadata = _metadata(cfg, model, dataset, total, per_epoch, steps.started, base_hashes, optimizer,
                          cfg.mixed_precision)
 
     alphas = DiscreteSchedule().alphas_cumprod.to(device)
-    encode_text = _TextEncoding(model, device, cfg.clip_skip)
+    encode_text = TextEncoding(model, device, cfg.clip_skip)
 
     def save_state() -> None:
-        tmp = state_path.with_name(state_path.name + ".tmp")
-        torch.save({"step": step, "network": network.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
-                    "scaler": scaler.state_dict() if scaler else None, "started_at": started, "log": log_rows,
-                    "total": total}, tmp)
-        tmp.replace(state_path)
+        steps.save(state_path, network=network.state_dict(), total=total)
 
     def save_lora(path: Path, epoch: int) -> Path:
-        meta = dict(metadata, ss_training_finished_at=str(time.time()), ss_steps=str(step), ss_epoch=str(epoch))
+        meta = dict(metadata, ss_training_finished_at=str(time.time()), ss_steps=str(steps.step), ss_epoch=str(epoch))
         return save_network(network, path, meta, cfg.save_dtype)
+
+    def loss_of(batch, epoch: int, index: int) -> torch.Tensor:
+        return batch_loss(model, batch, gen, device=device, noise_offset=cfg.noise_offset,
+                          min_snr_gamma=cfg.min_snr_gamma, autocast=precision,
+                          train_text_encoder=cfg.train_text_encoder, encode_text=encode_text, alphas=alphas)
+
+    def after_step(step: int, epoch: int) -> None:
+        saved = None
+        if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
+            saved = save_lora(out / f"{cfg.output_name}-step{step:08d}.safetensors", epoch)
+            save_state()
+            write_log(log_path, steps.log)
+        if sampler is not None and cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
+            saved = saved or save_lora(out / f"{cfg.output_name}-step{step:08d}.safetensors", epoch)
+            network.set_multiplier(0.0)
+            try:
+                with torch.no_grad():
+                    sampler(saved, step)
+            finally:
+                network.set_multiplier(1.0)
 
     network.apply_to()
     trained = ([unet] if cfg.train_unet else []) + (list(encoders) if cfg.train_text_encoder else [])
     for m in trained:
         m.train()
         if cfg.gradient_checkpointing:
-            _checkpointing(m, True)
-    interrupted, path = False, None
-    losses = [r[2] for r in log_rows]
-    t0, step0 = time.time(), step
+            set_checkpointing(m, True)
+    path = None
     try:
-        while step < total:
-            epoch, index = divmod(step, per_epoch)
-            batches = dataset.epoch_batches(epoch, cfg.batch_size)
-            for b in range(index, len(batches)):
-                if step >= total:
-                    break
-                batch = dataset.load_batch(batches[b], epoch, b)
-                loss = batch_loss(model, batch, gen, device=device, noise_offset=cfg.noise_offset,
-                                  min_snr_gamma=cfg.min_snr_gamma, autocast=precision,
-                                  train_text_encoder=cfg.train_text_encoder, encode_text=encode_text, alphas=alphas)
-                optimizer.zero_grad(set_to_none=True)
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                    if cfg.max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    if cfg.max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer.step()
-                lr = scheduler.get_last_lr()[-1]
-                scheduler.step()
-                step += 1
-                value = float(loss.detach())
-                losses.append(value)
-                log_rows.append((step, epoch + 1, value, lr))
-                if on_progress is not None:
-                    rate = (time.time() - t0) / max(1, step - step0)
-                    on_progress(TrainProgress(step, total, value, rate * (total - step), epoch + 1))
-                saved = None
-                if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
-                    saved = save_lora(out / f"{cfg.output_name}-step{step:08d}.safetensors", epoch + 1)
-                    save_state()
-                    _write_log(log_path, log_rows)
-                if sampler is not None and cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
-                    saved = saved or save_lora(out / f"{cfg.output_name}-step{step:08d}.safetensors", epoch + 1)
-                    network.set_multiplier(0.0)
-                    try:
-                        with torch.no_grad():
-                            sampler(saved, step)
-                    finally:
-                        network.set_multiplier(1.0)
-                if should_stop is not None and step < total and should_stop():
-                    interrupted = True
-                    break
-            if interrupted:
-                break
+        interrupted = steps.run(dataset, cfg.batch_size, total, loss_of, after_step=after_step,
+                                on_progress=on_progress, should_stop=should_stop)
         if interrupted:
             save_state()
         else:
-            path = save_lora(out / f"{cfg.output_name}.safetensors", math.ceil(step / per_epoch))
-        _write_log(log_path, log_rows)
+            path = save_lora(out / f"{cfg.output_name}.safetensors", math.ceil(steps.step / per_epoch))
+        write_log(log_path, steps.log)
     finally:
         network.restore()
         for m in trained:
             m.eval()
             if cfg.gradient_checkpointing:
-                _checkpointing(m, False)
-    return TrainResult(path, step, total, interrupted, state_path, log_path, losses,
-                       dict(metadata, ss_steps=str(step)), list(dataset.skipped))
+                set_checkpointing(m, False)
+    return TrainResult(path, steps.step, total, interrupted, state_path, log_path, steps.losses,
+                       dict(metadata, ss_steps=str(steps.step)), list(dataset.skipped))
 
 
 def engine_sampler(engine, checkpoint: str, prompts: list[str], folder: str | Path, *, multiplier: float = 1.0,
