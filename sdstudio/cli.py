@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_flags(mg)
 
     tr = sub.add_parser("train", help="train a network on a folder of images (kohya's dataset layout)")
-    tr.add_argument("kind", choices=["lora"], help="what to train (embeddings and hypernetworks: the API's "
+    tr.add_argument("kind", choices=["lora", "dreambooth"], help="what to train: a LoRA into models/Lora, or a "
+                    "Dreambooth checkpoint into the checkpoint folder (embeddings and hypernetworks: the API's "
                     "/sdapi/v1/train/* routes)")
     tr.add_argument("dataset", help="a folder of N_name repeat folders (or images) with .caption/.txt captions")
     tr.add_argument("--model", required=True, help="the base checkpoint (name, title or hash)")
@@ -235,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--dim", type=int, default=4, help="network dim (rank)")
     tr.add_argument("--alpha", type=float, default=1.0, help="network alpha (scale = alpha / dim)")
     tr.add_argument("--locon", action="store_true", help="LoCon: conv layers too (conv dim = --dim)")
-    tr.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+    tr.add_argument("--lr", type=float, help="learning rate (default: LoRA 1e-4, Dreambooth 2e-6)")
     tr.add_argument("--unet-only", action="store_true", help="train the UNet only, not the text encoder")
     tr.add_argument("--scheduler", default="constant", help="constant, cosine, linear, cosine_with_restarts...")
     tr.add_argument("--batch-size", type=int, default=1)
@@ -251,6 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--save-every", type=int, help="also save every N steps")
     tr.add_argument("--seed", type=int, default=42)
     tr.add_argument("--resume", action="store_true", help="continue an interrupted run of the same name")
+    db = tr.add_argument_group("dreambooth")
+    db.add_argument("--class-dir", help="prior preservation: the class images (N_class folders or images)")
+    db.add_argument("--num-class-images", type=int, default=0,
+                    help="generate class images from --class-prompt until the folder holds this many")
+    db.add_argument("--class-prompt", help="the prompt of the generated class images (e.g. 'a photo of a dog')")
+    db.add_argument("--class-negative", default="", help="their negative prompt")
+    db.add_argument("--class-steps", type=int, default=20, help="their sampling steps")
+    db.add_argument("--prior-loss-weight", type=float, default=1.0, help="the class loss's weight")
+    db.add_argument("--train-text-encoder", action="store_true", help="fine-tune the text encoder(s) too")
+    db.add_argument("--fp16", action="store_true", help="save the checkpoint as float16")
+    db.add_argument("--sample-every", type=int, help="sample pictures every N steps (models/dreambooth/NAME/samples)")
+    db.add_argument("--sample-prompt", action="append", default=[], help="a sample prompt (repeatable)")
     add_common_flags(tr)
 
     m = sub.add_parser("models", help="list checkpoints and VAEs with their hashes")
@@ -777,27 +790,35 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_options(args: argparse.Namespace) -> dict:
+    """``sdstudio train``'s dataset flags as :meth:`TrainingDataset.from_folder` arguments."""
+    return {"resolution": args.resolution, "min_bucket_reso": min(256, args.resolution),
+            "max_bucket_reso": max(1024, args.resolution), "caption_extension": args.caption_extension,
+            "flip_aug": args.flip, "shuffle_caption": args.shuffle_caption, "keep_tokens": args.keep_tokens,
+            "seed": args.seed}
+
+
+def _train_progress(p) -> None:
+    print(f"\rstep {p.step}/{p.total}  loss {p.loss:.4f}  eta {p.eta:.0f} s", end="", file=sys.stderr, flush=True)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """``sdstudio train lora DATASET --model NAME``: a kohya-format LoRA into models/Lora. Ctrl+C stops after
     the current step and saves the state; ``--resume`` carries on with the same weights."""
+    if args.kind == "dreambooth":
+        return cmd_train_dreambooth(args)
     from .models.registry import ModelRegistry
     from .training import DatasetError, TrainingDataset, TrainingError, train_lora
 
     paths = paths_from(args)
     checkpoint = ModelRegistry(paths).checkpoint(args.model)
     try:
-        dataset = TrainingDataset.from_folder(args.dataset, resolution=args.resolution,
-                                              min_bucket_reso=min(256, args.resolution),
-                                              max_bucket_reso=max(1024, args.resolution),
-                                              caption_extension=args.caption_extension, flip_aug=args.flip,
-                                              shuffle_caption=args.shuffle_caption, keep_tokens=args.keep_tokens,
-                                              seed=args.seed)
+        dataset = TrainingDataset.from_folder(args.dataset, **_dataset_options(args))
     except DatasetError as exc:
         raise RequestError(str(exc)) from None
     for name, why in dataset.skipped:
         print(f"warning: {name} skipped: {why}", file=sys.stderr)
-    def progress(p) -> None:
-        print(f"\rstep {p.step}/{p.total}  loss {p.loss:.4f}  eta {p.eta:.0f} s", end="", file=sys.stderr, flush=True)
+    progress = _train_progress
 
     name = args.name or Path(args.dataset).resolve().name
     try:
@@ -806,7 +827,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 checkpoint.path, dataset, resume=args.resume, on_progress=progress,
                 should_stop=lambda: stop["asked"], network_dim=args.dim, network_alpha=args.alpha,
                 conv_dim=args.dim if args.locon else None, conv_alpha=args.alpha if args.locon else None,
-                learning_rate=args.lr, train_text_encoder=not args.unet_only, lr_scheduler=args.scheduler,
+                learning_rate=args.lr if args.lr is not None else 1e-4, train_text_encoder=not args.unet_only,
+                lr_scheduler=args.scheduler,
                 max_train_steps=args.steps, max_train_epochs=args.epochs, batch_size=args.batch_size,
                 min_snr_gamma=args.min_snr_gamma, noise_offset=args.noise_offset,
                 mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
@@ -817,6 +839,46 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.interrupted:
         print(f"stopped at step {result.steps}/{result.total}; --resume carries on", file=sys.stderr)
     print(f"{result.path}  ({result.steps} steps, loss log {result.log_path})")
+    return 0
+
+
+def cmd_train_dreambooth(args: argparse.Namespace) -> int:
+    """``sdstudio train dreambooth DATASET --model NAME [--class-dir DIR --num-class-images N --class-prompt P]``:
+    a fine-tuned checkpoint into the checkpoint folder (the same job the API queues, run here). Ctrl+C stops
+    after the step (or the class picture) and saves the state; ``--resume`` carries on."""
+    from .engine.generate import Engine
+    from .training import DatasetError, TrainingError
+    from .training.dreambooth import prepare_job, run_job
+
+    paths = paths_from(args)
+    engine = Engine(paths, device_options_from(args))  # loads a model only to generate class images / samples
+    config = {"learning_rate": args.lr, "lr_scheduler": args.scheduler, "max_train_steps": args.steps,
+              "max_train_epochs": args.epochs, "batch_size": args.batch_size, "min_snr_gamma": args.min_snr_gamma,
+              "noise_offset": args.noise_offset, "mixed_precision": args.mixed_precision,
+              "gradient_checkpointing": args.gradient_checkpointing, "save_every_n_steps": args.save_every,
+              "seed": args.seed, "train_text_encoder": args.train_text_encoder,
+              "prior_loss_weight": args.prior_loss_weight, "save_precision": "fp16" if args.fp16 else "float",
+              "sample_every_n_steps": args.sample_every}
+    class_options = {"num_class_images": args.num_class_images, "class_prompt": args.class_prompt,
+                     "class_negative_prompt": args.class_negative, "class_infer_steps": args.class_steps,
+                     "class_seed": max(0, args.seed)}
+    try:
+        job = prepare_job(engine.registry, dataset=str(Path(args.dataset).resolve()), model=args.model,
+                          output_name=args.name or None, resume=args.resume, dataset_options=_dataset_options(args),
+                          class_dir=str(Path(args.class_dir).resolve()) if args.class_dir else None,
+                          class_options=class_options, config=config, sample_prompts=args.sample_prompt)
+        for name, why in job["skipped_images"]:
+            print(f"warning: {name} skipped: {why}", file=sys.stderr)
+        with stop_on_ctrl_c("step") as stop:  # the state is saved: --resume carries on
+            result = run_job(engine, job, on_progress=_train_progress, should_stop=lambda: stop["asked"],
+                             on_text=lambda text: print(f"\r{text}", end="", file=sys.stderr, flush=True))
+    except (TrainingError, DatasetError) as exc:
+        raise RequestError(str(exc)) from None
+    print(file=sys.stderr)
+    if result["interrupted"]:
+        print(f"stopped at step {result['steps']}/{result['total']}; --resume carries on", file=sys.stderr)
+        return 0
+    print(f"{result['path']}  ({result['steps']} steps, loss log {result['log_path']})")
     return 0
 
 

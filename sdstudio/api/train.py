@@ -8,6 +8,9 @@ the current checkpoint (``sd_model_checkpoint``); the call blocks until it ends,
 ``/sdapi/v1/progress`` shows its step and loss (``textinfo``) and ``/sdapi/v1/interrupt`` stops it with the
 file saved at the step reached. Folders: ``data_root`` may be anywhere the server can read (relative paths
 from the data dir); ``log_directory`` must lie inside the data dir (default ``textual_inversion``).
+
+Our own routes (A1111 has none), with kohya's field names: ``POST /sdstudio/v1/train/lora`` and
+``POST /sdstudio/v1/train/dreambooth`` check the request, queue the run and answer 202 with the job.
 """
 
 from __future__ import annotations
@@ -126,25 +129,17 @@ def train_kwargs(args: dict, data_dir: Path, *, hypernetwork: bool) -> dict:
     return kwargs
 
 
-class LoraTrainBody(BaseModel):
-    """kohya sd-scripts' names (train_network.py's arguments) where they exist; unknown keys are refused."""
+class _TrainBody(BaseModel):
+    """What the LoRA and Dreambooth routes share: kohya sd-scripts' names (its training scripts' arguments)
+    where they exist; unknown keys are refused."""
 
     model_config = ConfigDict(extra="forbid")
 
     train_data_dir: str  # inside the data dir; kohya's "N_name" subfolders give repeats
     model: str | None = None  # a checkpoint title or name; None: the current one (sd_model_checkpoint)
-    output_name: str | None = None  # models/Lora/<output_name>.safetensors; None: the folder's name
+    output_name: str | None = None  # the output file's name; None: the folder's name
     resume: bool = False  # carry on from <output_name>-state.pt (left by an interrupted run)
-    network_module: Literal["networks.lora"] = "networks.lora"
-    network_dim: int = Field(4, ge=1, le=1024)
-    network_alpha: float = Field(1.0, ge=0)
-    conv_dim: int | None = Field(None, ge=1, le=1024)  # LoCon (kohya's network_args conv_dim / conv_alpha)
-    conv_alpha: float | None = Field(None, ge=0)
-    network_train_unet_only: bool = False
-    network_train_text_encoder_only: bool = False
     learning_rate: float = Field(1e-4, gt=0)
-    unet_lr: float | None = Field(None, gt=0)
-    text_encoder_lr: float | None = Field(None, gt=0)
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
     lr_scheduler_num_cycles: int = Field(1, ge=1)
@@ -173,7 +168,45 @@ class LoraTrainBody(BaseModel):
     seed: int = 42
     save_every_n_steps: int | None = Field(None, ge=1)
     clip_skip: int = Field(1, ge=1, le=12)
+
+
+class LoraTrainBody(_TrainBody):
+    """train_network.py's arguments."""
+
+    network_module: Literal["networks.lora"] = "networks.lora"
+    network_dim: int = Field(4, ge=1, le=1024)
+    network_alpha: float = Field(1.0, ge=0)
+    conv_dim: int | None = Field(None, ge=1, le=1024)  # LoCon (kohya's network_args conv_dim / conv_alpha)
+    conv_alpha: float | None = Field(None, ge=0)
+    network_train_unet_only: bool = False
+    network_train_text_encoder_only: bool = False
+    unet_lr: float | None = Field(None, gt=0)
+    text_encoder_lr: float | None = Field(None, gt=0)
     training_comment: str | None = None
+
+
+class DreamboothTrainBody(_TrainBody):
+    """train_db.py's arguments (``reg_data_dir``: the class images, kohya's ``N_class`` folders or plain
+    images, inside the data dir), plus the Dreambooth extension's class-image generation: with
+    ``num_class_images`` more than the folder holds, the rest are generated from ``class_prompt`` on the base
+    checkpoint first. The checkpoint goes to the checkpoint folder as ``<output_name>.safetensors``."""
+
+    learning_rate: float = Field(2e-6, gt=0)
+    learning_rate_te: float | None = Field(None, gt=0)  # the text encoder's (None: learning_rate)
+    train_text_encoder: bool = False
+    reg_data_dir: str | None = None
+    prior_loss_weight: float = Field(1.0, ge=0)
+    num_class_images: int = Field(0, ge=0, le=100000)
+    class_prompt: str | None = None
+    class_negative_prompt: str = ""
+    class_infer_steps: int = Field(20, ge=1, le=150)
+    class_guidance_scale: float = Field(7.5, ge=1, le=30)
+    class_sampler_name: str = "DPM++ 2M"
+    class_seed: int = Field(0, ge=0)
+    class_batch_size: int = Field(1, ge=1, le=64)
+    save_precision: Literal["float", "fp16", "bf16"] = "float"
+    sample_every_n_steps: int | None = Field(None, ge=1)
+    sample_prompts: list[str] = Field(default_factory=list)  # pictures every sample_every_n_steps
 
 
 def _resolution(value: int | str) -> tuple[int, int]:
@@ -187,32 +220,41 @@ def _resolution(value: int | str) -> tuple[int, int]:
     return (sizes[0], sizes[-1])
 
 
+def _dataset_options(body: _TrainBody) -> dict:
+    """The body's dataset fields -> :meth:`TrainingDataset.from_folder` arguments."""
+    width, height = _resolution(body.resolution)
+    return {"resolution": (width, height), "caption_extension": body.caption_extension,
+            "enable_bucket": body.enable_bucket, "min_bucket_reso": min(body.min_bucket_reso, width, height),
+            "max_bucket_reso": max(body.max_bucket_reso, width, height), "bucket_reso_steps": body.bucket_reso_steps,
+            "bucket_no_upscale": body.bucket_no_upscale, "flip_aug": body.flip_aug,
+            "shuffle_caption": body.shuffle_caption, "keep_tokens": body.keep_tokens,
+            "caption_tag_dropout_rate": body.caption_tag_dropout_rate,
+            "caption_dropout_rate": body.caption_dropout_rate, "seed": body.seed}
+
+
+def _run_config(body: _TrainBody) -> dict:
+    """The body's optimisation fields -> the trainers' shared config fields."""
+    return {"learning_rate": body.learning_rate, "lr_scheduler": body.lr_scheduler,
+            "lr_warmup_steps": body.lr_warmup_steps, "lr_scheduler_num_cycles": body.lr_scheduler_num_cycles,
+            "lr_scheduler_power": body.lr_scheduler_power, "max_train_steps": body.max_train_steps,
+            "max_train_epochs": body.max_train_epochs, "batch_size": body.train_batch_size,
+            "min_snr_gamma": body.min_snr_gamma, "noise_offset": body.noise_offset,
+            "mixed_precision": body.mixed_precision, "gradient_checkpointing": body.gradient_checkpointing,
+            "optimizer": body.optimizer_type, "max_grad_norm": body.max_grad_norm, "seed": body.seed,
+            "save_every_n_steps": body.save_every_n_steps, "clip_skip": body.clip_skip}
+
+
 def lora_job(service: JobService, body: LoraTrainBody, model: str | None) -> dict:
     """The body -> a checked ``train_lora`` job (:meth:`JobService.prepare_train_lora`); the folder is
     already known to lie inside the data dir."""
-    width, height = _resolution(body.resolution)
-    dataset = {"resolution": (width, height), "caption_extension": body.caption_extension,
-               "enable_bucket": body.enable_bucket, "min_bucket_reso": min(body.min_bucket_reso, width, height),
-               "max_bucket_reso": max(body.max_bucket_reso, width, height), "bucket_reso_steps": body.bucket_reso_steps,
-               "bucket_no_upscale": body.bucket_no_upscale, "flip_aug": body.flip_aug,
-               "shuffle_caption": body.shuffle_caption, "keep_tokens": body.keep_tokens,
-               "caption_tag_dropout_rate": body.caption_tag_dropout_rate,
-               "caption_dropout_rate": body.caption_dropout_rate, "seed": body.seed}
+    dataset = _dataset_options(body)
     if body.network_train_unet_only and body.network_train_text_encoder_only:
         raise HTTPException(422, "network_train_unet_only and network_train_text_encoder_only: nothing to train")
-    config = {"network_dim": body.network_dim, "network_alpha": body.network_alpha, "conv_dim": body.conv_dim,
-              "conv_alpha": body.conv_alpha if body.conv_dim else None,
+    config = {**_run_config(body), "network_dim": body.network_dim, "network_alpha": body.network_alpha,
+              "conv_dim": body.conv_dim, "conv_alpha": body.conv_alpha if body.conv_dim else None,
               "train_unet": not body.network_train_text_encoder_only,
-              "train_text_encoder": not body.network_train_unet_only, "learning_rate": body.learning_rate,
-              "unet_lr": body.unet_lr, "text_encoder_lr": body.text_encoder_lr, "lr_scheduler": body.lr_scheduler,
-              "lr_warmup_steps": body.lr_warmup_steps, "lr_scheduler_num_cycles": body.lr_scheduler_num_cycles,
-              "lr_scheduler_power": body.lr_scheduler_power, "max_train_steps": body.max_train_steps,
-              "max_train_epochs": body.max_train_epochs, "batch_size": body.train_batch_size,
-              "min_snr_gamma": body.min_snr_gamma, "noise_offset": body.noise_offset,
-              "mixed_precision": body.mixed_precision, "gradient_checkpointing": body.gradient_checkpointing,
-              "optimizer": body.optimizer_type, "max_grad_norm": body.max_grad_norm, "seed": body.seed,
-              "save_every_n_steps": body.save_every_n_steps, "clip_skip": body.clip_skip,
-              "training_comment": body.training_comment}
+              "train_text_encoder": not body.network_train_unet_only, "unet_lr": body.unet_lr,
+              "text_encoder_lr": body.text_encoder_lr, "training_comment": body.training_comment}
     try:
         return service.prepare_train_lora(dataset=body.train_data_dir, model=model, output_name=body.output_name,
                                           resume=body.resume, dataset_options=dataset, config=config)
@@ -220,32 +262,71 @@ def lora_job(service: JobService, body: LoraTrainBody, model: str | None) -> dic
         raise HTTPException(http_status(exc.kind), str(exc)) from None
 
 
+def dreambooth_job(service: JobService, body: DreamboothTrainBody, model: str | None) -> dict:
+    """The body -> a checked ``train_dreambooth`` job (:func:`sdstudio.training.dreambooth.prepare_job`); the
+    folders are already known to lie inside the data dir."""
+    from ..training import DatasetError, TrainingError
+    from ..training.dreambooth import prepare_job
+
+    config = {**_run_config(body), "train_text_encoder": body.train_text_encoder,
+              "text_encoder_lr": body.learning_rate_te, "prior_loss_weight": body.prior_loss_weight,
+              "save_precision": body.save_precision, "sample_every_n_steps": body.sample_every_n_steps}
+    class_options = {"num_class_images": body.num_class_images, "class_prompt": body.class_prompt,
+                     "class_negative_prompt": body.class_negative_prompt, "class_infer_steps": body.class_infer_steps,
+                     "class_guidance_scale": body.class_guidance_scale, "class_sampler_name": body.class_sampler_name,
+                     "class_seed": body.class_seed, "class_batch_size": body.class_batch_size}
+    try:
+        return prepare_job(service.engine.registry, dataset=body.train_data_dir, model=model,
+                           output_name=body.output_name, resume=body.resume, dataset_options=_dataset_options(body),
+                           class_dir=body.reg_data_dir, class_options=class_options, config=config,
+                           sample_prompts=body.sample_prompts)
+    except (TrainingError, DatasetError, ModelNotFoundError) as exc:
+        raise HTTPException(422, str(exc)) from None
+
+
 def make_router(service: JobService, options: dict) -> APIRouter:
     outer = APIRouter()
     outer.include_router(_a1111_router(service, options))
-    outer.include_router(_lora_router(service, options))
+    outer.include_router(_own_router(service, options))
     return outer
 
 
-def _lora_router(service: JobService, options: dict) -> APIRouter:
+def _own_router(service: JobService, options: dict) -> APIRouter:
     data_dir = service.engine.paths.data_dir
     r = APIRouter(prefix="/sdstudio/v1")
 
-    @r.post("/train/lora", status_code=202)
-    def train_lora(body: LoraTrainBody, request: Request):
+    def folder(value: str | None, name: str) -> str | None:
         try:
-            folder = inside(data_dir, body.train_data_dir, "train_data_dir", "the data folder")
+            found = inside(data_dir, value, name, "the data folder")
         except (ValueError, OSError) as exc:  # a NUL byte, a name too long for the file system
-            raise HTTPException(422, f"train_data_dir: {exc}") from None
-        if folder is None:
-            raise HTTPException(422, "train_data_dir is empty")
-        body = body.model_copy(update={"train_data_dir": str(folder)})
-        job = lora_job(service, body, body.model or options.get("sd_model_checkpoint") or None)
+            raise HTTPException(422, f"{name}: {exc}") from None
+        return None if found is None else str(found)
+
+    def queue(request: Request, job: dict, submit) -> dict:
         try:
-            submitted = service.submit_train_lora(client_id(request), job)
+            submitted = submit(client_id(request), job)
         except JobError as exc:
             raise HTTPException(http_status(exc.kind), str(exc)) from None
         return {**submitted.public(), "url": f"/sdstudio/v1/jobs/{submitted.id}"}
+
+    @r.post("/train/lora", status_code=202)
+    def train_lora(body: LoraTrainBody, request: Request):
+        train_dir = folder(body.train_data_dir, "train_data_dir")
+        if train_dir is None:
+            raise HTTPException(422, "train_data_dir is empty")
+        body = body.model_copy(update={"train_data_dir": train_dir})
+        job = lora_job(service, body, body.model or options.get("sd_model_checkpoint") or None)
+        return queue(request, job, service.submit_train_lora)
+
+    @r.post("/train/dreambooth", status_code=202)
+    def train_dreambooth(body: DreamboothTrainBody, request: Request):
+        train_dir = folder(body.train_data_dir, "train_data_dir")
+        if train_dir is None:
+            raise HTTPException(422, "train_data_dir is empty")
+        body = body.model_copy(update={"train_data_dir": train_dir, "reg_data_dir": folder(body.reg_data_dir,
+                                                                                           "reg_data_dir")})
+        job = dreambooth_job(service, body, body.model or options.get("sd_model_checkpoint") or None)
+        return queue(request, job, service.submit_train_dreambooth)
 
     return r
 

@@ -377,7 +377,8 @@ class JobService:
                                                                 "deforum": self._run_deforum,
                                                                 "merge": self._run_merge,
                                                                 "train": self._run_train,
-                                                                "train_lora": self._run_train_lora}
+                                                                "train_lora": self._run_train_lora,
+                                                                "train_dreambooth": self._run_train_dreambooth}
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> JobService:
@@ -542,6 +543,13 @@ class JobService:
         """Queue a LoRA training (made by :meth:`prepare_train_lora`) for ``client``."""
         self._check_room(client)
         submitted = self.queue.submit(client, "train_lora", job)
+        self._notify()
+        return submitted
+
+    def submit_train_dreambooth(self, client: str, job: dict) -> Job:
+        """Queue a Dreambooth run (made by :func:`sdstudio.training.dreambooth.prepare_job`) for ``client``."""
+        self._check_room(client)
+        submitted = self.queue.submit(client, "train_dreambooth", job)
         self._notify()
         return submitted
 
@@ -926,6 +934,27 @@ class JobService:
         except DatasetError as exc:
             self._fail(job, exc, f"dataset: {exc}")
             return
+        on_progress, should_stop = self._train_callbacks(job, live, result)
+        try:
+            out = train_lora(checkpoint.path, ds, device=self.engine.plan.device,
+                             resume=bool(spec.get("resume")) or job.batches_done > 0, on_progress=on_progress,
+                             should_stop=should_stop, output_dir=self.engine.paths.lora_dir,
+                             output_name=spec["output_name"], **spec["config"])
+        except TrainingError as exc:
+            self._fail(job, exc, str(exc))
+            return
+        self.engine.registry.refresh()
+        result.update({"path": str(out.path) if out.path else None, "steps": out.steps, "total": out.total,
+                       "interrupted": out.interrupted, "state_path": str(out.state_path),
+                       "log_path": str(out.log_path), "losses": out.losses,
+                       "skipped_images": [list(s) for s in out.skipped_images]})
+        result.pop("eta", None)
+        cancelled = self.queue.get(job.id).cancel_requested
+        self.queue.finish(job.id, CANCELLED if cancelled else DONE, result, error="cancelled" if cancelled else None)
+
+    def _train_callbacks(self, job: Job, live: Live, result: dict):
+        """(on_progress, should_stop) of a LoRA / Dreambooth run: step, loss and ETA in /progress (``textinfo``)
+        and, once a second, in the job's result; interrupt or cancel stops it."""
         last = {"saved": 0.0}
 
         def on_progress(p) -> None:
@@ -944,19 +973,31 @@ class JobService:
             current = self.queue.get(job.id)
             return current is not None and current.cancel_requested
 
+        return on_progress, should_stop
+
+    def _run_train_dreambooth(self, job: Job, live: Live) -> None:
+        """A Dreambooth checkpoint into the checkpoint folder (:func:`sdstudio.training.dreambooth.run_job`): the
+        missing class images generated first, then as :meth:`_run_train_lora` (progress, interrupt, resume);
+        the checkpoint is in the model list when the job ends."""
+        from ..training import DatasetError, TrainingError
+        from ..training.dreambooth import run_job
+
+        live.job_count, live.textinfo = 1, "Initializing training..."
+        self._notify()
+        result = {**job.result, "output_name": job.request["output_name"]}
+        on_progress, should_stop = self._train_callbacks(job, live, result)
+
+        def on_text(text: str) -> None:
+            live.textinfo = text
+            self._notify()
+
         try:
-            out = train_lora(checkpoint.path, ds, device=self.engine.plan.device,
-                             resume=bool(spec.get("resume")) or job.batches_done > 0, on_progress=on_progress,
-                             should_stop=should_stop, output_dir=self.engine.paths.lora_dir,
-                             output_name=spec["output_name"], **spec["config"])
-        except TrainingError as exc:
+            out = run_job(self.engine, job.request, resume=job.batches_done > 0, on_progress=on_progress,
+                          should_stop=should_stop, on_text=on_text)
+        except (DatasetError, TrainingError) as exc:
             self._fail(job, exc, str(exc))
             return
-        self.engine.registry.refresh()
-        result.update({"path": str(out.path) if out.path else None, "steps": out.steps, "total": out.total,
-                       "interrupted": out.interrupted, "state_path": str(out.state_path),
-                       "log_path": str(out.log_path), "losses": out.losses,
-                       "skipped_images": [list(s) for s in out.skipped_images]})
+        result.update(out)
         result.pop("eta", None)
         cancelled = self.queue.get(job.id).cancel_requested
         self.queue.finish(job.id, CANCELLED if cancelled else DONE, result, error="cancelled" if cancelled else None)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.schedules import DiscreteSchedule
+from ..models.detect import ModelSpec
 from ..models.loader import LoadedModel
 from .dataset import Batch, TrainingDataset
 
@@ -40,15 +41,19 @@ class TrainProgress:
     epoch: int
 
 
+def check_unet_spec(spec: ModelSpec, name: str, what: str) -> None:
+    """Refuse the base models these trainers cannot train (``name``: the file's, ``what``: the trainer's, for
+    the message)."""
+    if spec.is_flow:
+        raise TrainingError(f"{name}: {what} here supports SD 1.x, 2.x and SDXL UNets, not {spec.describe()}")
+    if spec.family == "sdxl_refiner":
+        raise TrainingError(f"{name}: an SDXL refiner cannot be trained (train on the SDXL base)")
+    if spec.inpainting:
+        raise TrainingError(f"{name}: an inpainting UNet (9 input channels) cannot be trained here")
+
+
 def check_unet_model(model: LoadedModel, what: str) -> None:
-    """Refuse the base models these trainers cannot train (``what`` names the trainer in the message)."""
-    if model.spec.is_flow:
-        raise TrainingError(f"{model.path.name}: {what} here supports SD 1.x, 2.x and SDXL UNets, "
-                            f"not {model.spec.describe()}")
-    if model.spec.family == "sdxl_refiner":
-        raise TrainingError(f"{model.path.name}: an SDXL refiner cannot be trained (train on the SDXL base)")
-    if model.spec.inpainting:
-        raise TrainingError(f"{model.path.name}: an inpainting UNet (9 input channels) cannot be trained here")
+    check_unet_spec(model.spec, model.path.name, what)
 
 
 def autocast_dtype(device: torch.device, mixed_precision: str | None) -> torch.dtype | None:

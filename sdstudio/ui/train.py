@@ -1,8 +1,10 @@
 """The Train tab: A1111's Create embedding, Create hypernetwork and Train sub-tabs (its labels, defaults and
-element ids), plus a LoRA sub-tab (kohya-format, :meth:`JobService.prepare_train_lora`). Every button but
-Create hypernetwork (a small file write, as A1111's route does it) queues a job as the window's; the tab shows
-its progress bar and step/loss text while it runs, then the file written. Interrupt stops the window's job:
-a textual inversion or hypernetwork is saved at the step reached, a LoRA keeps its state for Resume."""
+element ids), plus a LoRA sub-tab (kohya-format, :meth:`JobService.prepare_train_lora`) and a Dreambooth one
+(a fine-tuned checkpoint, :func:`sdstudio.training.dreambooth.prepare_job`). Every button but Create
+hypernetwork (a small file write, as A1111's route does it) queues a job as the window's; the tab shows its
+progress bar and step/loss text while it runs, then the file written. Interrupt stops the window's job: a
+textual inversion or hypernetwork is saved at the step reached, a LoRA or Dreambooth run keeps its state for
+Resume."""
 
 from __future__ import annotations
 
@@ -186,6 +188,49 @@ class TrainTab:
                     with gr.Row():
                         self.train_lora = gr.Button("Train LoRA", variant="primary", elem_id="train_train_lora")
                         self.lora_interrupt = gr.Button("Interrupt", elem_id="train_lora_interrupt")
+                with gr.Tab("Dreambooth", id="train_dreambooth", elem_id="train_dreambooth_tab"):
+                    self.db_dataset = gr.Textbox(label="Dataset folder",
+                                                 placeholder="A folder inside the data dir; kohya's N_name "
+                                                             "subfolders repeat their images N times",
+                                                 elem_id="train_dreambooth_dataset")
+                    self.db_class_dir = gr.Textbox(label="Class images folder",
+                                                   placeholder="A folder inside the data dir for prior "
+                                                               "preservation; empty: none",
+                                                   elem_id="train_dreambooth_class_dir")
+                    with gr.Row():
+                        self.db_class_prompt = gr.Textbox(label="Class prompt", placeholder="e.g. a photo of a dog",
+                                                          elem_id="train_dreambooth_class_prompt")
+                        self.db_num_class = gr.Number(0, label="Number of class images", precision=0,
+                                                      elem_id="train_dreambooth_num_class_images")
+                        self.db_prior_weight = gr.Slider(0, 2, value=1, step=0.05, label="Prior loss weight",
+                                                         elem_id="train_dreambooth_prior_loss_weight")
+                    self.db_model = gr.Dropdown(ui.checkpoint_titles(), value=ui.settings.get("sd_model_checkpoint"),
+                                                label="Model", elem_id="train_dreambooth_model")
+                    self.db_name = gr.Textbox(label="Output name", placeholder="The dataset folder's name",
+                                              elem_id="train_dreambooth_output_name")
+                    with gr.Row():
+                        self.db_steps = gr.Number(1600, label="Max train steps", precision=0,
+                                                  elem_id="train_dreambooth_max_train_steps")
+                        self.db_lr = gr.Number(2e-6, label="Learning rate", elem_id="train_dreambooth_learning_rate")
+                    with gr.Row():
+                        self.db_resolution = gr.Slider(64, 2048, value=512, step=64, label="Resolution",
+                                                       elem_id="train_dreambooth_resolution")
+                        self.db_batch = gr.Number(1, label="Batch size", precision=0,
+                                                  elem_id="train_dreambooth_batch_size")
+                    self.db_scheduler = gr.Dropdown(list(SCHEDULERS), value="constant", label="Learning rate scheduler",
+                                                    elem_id="train_dreambooth_lr_scheduler")
+                    with gr.Row():
+                        self.db_text_encoder = gr.Checkbox(False, label="Train text encoder",
+                                                           elem_id="train_dreambooth_train_text_encoder")
+                        self.db_fp16 = gr.Checkbox(False, label="Save as float16", elem_id="train_dreambooth_fp16")
+                        self.db_flip = gr.Checkbox(False, label="Flip images (augmentation)",
+                                                   elem_id="train_dreambooth_flip_aug")
+                        self.db_resume = gr.Checkbox(False, label="Resume from the saved state",
+                                                     elem_id="train_dreambooth_resume")
+                    with gr.Row():
+                        self.train_dreambooth = gr.Button("Train Dreambooth", variant="primary",
+                                                          elem_id="train_train_dreambooth")
+                        self.db_interrupt = gr.Button("Interrupt", elem_id="train_dreambooth_interrupt")
             with gr.Column(elem_id="ti_gallery_container"):
                 self.progress = gr.HTML("", elem_id="ti_progressbar")
                 self.output = gr.Textbox("", show_label=False, elem_id="ti_output")
@@ -324,6 +369,52 @@ class TrainTab:
 
         yield from self.follow(client, submitted.id, done)
 
+    def run_train_dreambooth(self, client: str, dataset, class_dir, class_prompt, num_class, prior_weight, model,
+                             name, steps, lr, resolution, batch, scheduler, text_encoder, fp16, flip,
+                             resume) -> Iterator[tuple]:
+        """Train Dreambooth: the same checks and job as ``POST /sdstudio/v1/train/dreambooth`` (both folders
+        inside the data dir)."""
+        from ..api.common import inside
+        from ..models.errors import ModelNotFoundError
+        from ..training import DatasetError, TrainingError
+        from ..training.dreambooth import prepare_job
+
+        service = self.ui.service
+        data_dir = service.engine.paths.data_dir
+        if not (dataset or "").strip():
+            raise gr.Error("Dataset folder is empty")
+        try:
+            folder = inside(data_dir, dataset.strip(), "Dataset folder")
+            classes = inside(data_dir, (class_dir or "").strip(), "Class images folder")
+        except HTTPException as exc:
+            raise gr.Error(str(exc.detail)) from None
+        res = int(resolution or 512)
+        try:
+            job = prepare_job(
+                service.engine.registry, dataset=str(folder), model=model or None,
+                output_name=(name or "").strip() or None, resume=bool(resume),
+                dataset_options={"resolution": res, "min_bucket_reso": min(256, res), "max_bucket_reso": max(1024, res),
+                                 "caption_extension": ".caption", "flip_aug": bool(flip)},
+                class_dir=str(classes) if classes else None,
+                class_options={"num_class_images": int(num_class or 0), "class_prompt": (class_prompt or "").strip()},
+                config={"max_train_steps": int(steps or 1), "learning_rate": float(lr or 0) or -1.0,
+                        "batch_size": int(batch or 1), "lr_scheduler": scheduler or "constant",
+                        "prior_loss_weight": float(prior_weight if prior_weight is not None else 1.0),
+                        "train_text_encoder": bool(text_encoder), "save_precision": "fp16" if fp16 else "float"})
+            submitted = service.submit_train_dreambooth(client, job)
+        except (JobError, TrainingError, DatasetError, ModelNotFoundError, ValueError, TypeError) as exc:
+            raise gr.Error(str(exc)) from None
+
+        def done(job):
+            r = job.result
+            skipped = "".join(f"<li>{html.escape(n)}: {html.escape(why)}</li>" for n, why in r.get("skipped_images", []))
+            extra = f'<ul class="sd-notranslate">{skipped}</ul>' if skipped else ""
+            if r.get("interrupted"):
+                return f"Stopped at step {r['steps']} of {r['total']}; state saved to {r['state_path']}", extra
+            return f"Checkpoint saved: {r['path']} ({r['steps']} steps, loss log {r['log_path']})", extra
+
+        yield from self.follow(client, submitted.id, done)
+
     def stop(self, client: str) -> None:
         self.ui.service.interrupt(client)
 
@@ -362,10 +453,20 @@ class TrainTab:
                                         self.lora_batch, self.lora_scheduler, self.lora_flip, self.lora_shuffle,
                                         self.lora_resume], outputs, concurrency_limit=None, show_progress="hidden")
 
+        def on_dreambooth(request: gr.Request, *values):
+            yield from self.run_train_dreambooth(client_of(request), *values)
+
+        self.train_dreambooth.click(on_dreambooth, [self.db_dataset, self.db_class_dir, self.db_class_prompt,
+                                                    self.db_num_class, self.db_prior_weight, self.db_model, self.db_name,
+                                                    self.db_steps, self.db_lr, self.db_resolution, self.db_batch,
+                                                    self.db_scheduler, self.db_text_encoder, self.db_fp16, self.db_flip,
+                                                    self.db_resume], outputs, concurrency_limit=None,
+                                    show_progress="hidden")
+
         def on_interrupt(request: gr.Request):
             self.stop(client_of(request))
 
-        for button in (self.interrupt, self.lora_interrupt):
+        for button in (self.interrupt, self.lora_interrupt, self.db_interrupt):
             button.click(on_interrupt, None, None, show_progress="hidden")
 
         def refresh():
