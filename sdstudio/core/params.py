@@ -94,6 +94,14 @@ class Txt2ImgRequest:
     sdxl_refiner_high_aesthetic_score: float = 6.0
     hires_fix_refiner_pass: str = "second pass"  # with Hires. fix: "first pass", "second pass", "both passes"
     refiner_switch_by_sample_steps: bool = False  # switch by steps done instead of by noise level
+    # A1111's speed options (its settings of the same names; sdstudio.engine.speed)
+    s_min_uncond: float = 0.0  # "Negative Guidance minimum sigma": skip the negative prompt below it (0: off)
+    s_min_uncond_all: bool = False  # ... at every step below it, not every other one
+    pad_cond_uncond: bool = False  # pad prompt / negative prompt to one token length (one UNet batch)
+    pad_cond_uncond_v0: bool = False  # the pre-1.6 DDIM padding (repeat / cut the negative prompt)
+    token_merging_ratio: float = 0.0  # ToMe: share of the full-resolution self-attention tokens merged
+    token_merging_ratio_hr: float = 0.0  # the Hires. fix pass's (0: the same as the first pass)
+    token_merging_ratio_img2img: float = 0.0  # img2img's (0: token_merging_ratio)
     script_name: str = ""  # a selectable script (sdstudio.core.scripts) for this kind of request; "" = none
     script_args: dict[str, Any] = field(default_factory=dict)
     # always-on scripts (dynamic thresholding, CFG rescale, a plug-in's...): {script name: {argument: value}}
@@ -123,6 +131,11 @@ class Txt2ImgRequest:
             raise RequestError(f"distilled_cfg_scale must be between 0 and 100, got {self.distilled_cfg_scale!r}")
         if not 0.0 <= self.cfg_scale <= 100.0:
             raise RequestError(f"cfg_scale must be between 0 and 100, got {self.cfg_scale!r}")
+        if not 0.0 <= self.s_min_uncond <= 1000.0:
+            raise RequestError(f"s_min_uncond must be between 0 (off) and 1000, got {self.s_min_uncond!r}")
+        for name in ("token_merging_ratio", "token_merging_ratio_hr", "token_merging_ratio_img2img"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise RequestError(f"{name} must be from 0 (off) to below 1, got {getattr(self, name)!r}")
         if not 0.0 <= self.code_former_weight <= 1.0:
             raise RequestError(f"code_former_weight must be between 0 and 1, got {self.code_former_weight!r}")
         if self.face_restoration_model not in FACE_RESTORERS:
@@ -250,7 +263,9 @@ MAX_SEED = 4294967294
 
 # A1111 options that are request fields of the same name: a job keeps the values set when it was made.
 OPTION_FIELDS = ("sdxl_crop_top", "sdxl_crop_left", "sdxl_refiner_low_aesthetic_score",
-                 "sdxl_refiner_high_aesthetic_score", "hires_fix_refiner_pass", "refiner_switch_by_sample_steps")
+                 "sdxl_refiner_high_aesthetic_score", "hires_fix_refiner_pass", "refiner_switch_by_sample_steps",
+                 "s_min_uncond", "s_min_uncond_all", "pad_cond_uncond", "pad_cond_uncond_v0", "token_merging_ratio",
+                 "token_merging_ratio_hr", "token_merging_ratio_img2img")
 
 
 def option_fields(options) -> dict[str, Any]:
@@ -258,6 +273,16 @@ def option_fields(options) -> dict[str, Any]:
     from .settings import BY_KEY
 
     return {key: BY_KEY[key].convert(value) for key in OPTION_FIELDS if (value := options.get(key)) is not None}
+
+
+def token_merging_ratio(req: Txt2ImgRequest, hires: bool = False) -> float:
+    """A1111's ``get_token_merging_ratio``: the Hires. fix pass's own ratio if set, else the first pass's;
+    an img2img job's own ratio if set, else the general one."""
+    if hires:
+        return req.token_merging_ratio_hr or req.token_merging_ratio
+    if isinstance(req, Img2ImgRequest):
+        return req.token_merging_ratio_img2img or req.token_merging_ratio
+    return req.token_merging_ratio
 
 
 def check_model_name(name: str | None, field_name: str) -> None:
@@ -451,6 +476,17 @@ INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
     InfotextField("Extra noise", lambda r: _fmt_float(r.extra_noise) if r.extra_noise and r.uses_denoising() else None,
                   lambda t: {"extra_noise": float(t)}),
     _simple("Tiled VAE", "tiled_vae", _read_bool, skip=lambda v: not v),
+    # A1111's speed options: the ratios in effect; "NGMS all steps" and "Pad conds" are written by the engine,
+    # as A1111 does, only when they acted
+    InfotextField("Token merging ratio", lambda r: _fmt_float(token_merging_ratio(r)) if token_merging_ratio(r)
+                  else None, lambda t: {"token_merging_ratio": float(t), "token_merging_ratio_img2img": 0.0}),
+    InfotextField("Token merging ratio hr", lambda r: _fmt_float(token_merging_ratio(r, hires=True))
+                  if r.enable_hr and token_merging_ratio(r, hires=True) else None,
+                  lambda t: {"token_merging_ratio_hr": float(t)}),
+    _simple("NGMS", "s_min_uncond", float, skip=lambda v: not v, show=_fmt_float),
+    InfotextField("NGMS all steps", lambda r: None, lambda t: {"s_min_uncond_all": _read_bool(t)}),
+    InfotextField("Pad conds", lambda r: None, lambda t: {"pad_cond_uncond": _read_bool(t)}),
+    InfotextField("Pad conds v0", lambda r: None, lambda t: {"pad_cond_uncond_v0": _read_bool(t)}),
     # img2img, and txt2img's Hires. fix
     InfotextField("Denoising strength", lambda r: _fmt_float(r.denoising_strength) if r.uses_denoising() else None,
                   lambda t: {"denoising_strength": float(t)}),
@@ -505,6 +541,7 @@ KEY_ORDER = (
     "Hires resize", "Hires steps", "Hires upscaler", "Hires sampler", "Hires schedule type", "Hires prompt",
     "Hires negative prompt", "Hires CFG Scale", "Tiled VAE", "Lora hashes", "TI hashes", "Refiner", "Refiner switch at",
     "Hires refiner", "Refiner switch by sampling steps", "Emphasis",
+    "Token merging ratio", "Token merging ratio hr", "NGMS", "NGMS all steps", "Pad conds", "Pad conds v0",
 )
 # Keys that describe the result rather than the request: never turned into request fields.
 _RESULT_KEYS = {"VAE hash", "Version"}
@@ -547,6 +584,8 @@ def from_infotext(text_or_params: str | dict[str, str], base: Txt2ImgRequest | N
         "emphasis": "Original", "novelai_braces": False, "tiled_vae": False, "enable_hr": False,
         "always_discard_next_to_last_sigma": False, "extra_noise": 0.0,
         "refiner_checkpoint": "", "hires_fix_refiner_pass": "second pass", "refiner_switch_by_sample_steps": False,
+        "s_min_uncond": 0.0, "s_min_uncond_all": False, "pad_cond_uncond": False, "pad_cond_uncond_v0": False,
+        "token_merging_ratio": 0.0, "token_merging_ratio_hr": 0.0, "token_merging_ratio_img2img": 0.0,
     }
     extra: dict[str, str] = {}
     own = {f.name for f in dataclasses.fields(req)}
@@ -568,7 +607,7 @@ def from_infotext(text_or_params: str | dict[str, str], base: Txt2ImgRequest | N
                     extra[key] = value
             elif key not in _RESULT_KEYS:
                 extra[key] = value
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:  # OverflowError: Steps: 1e999
             raise RequestError(f"infotext field {key}: cannot read {value!r} ({exc})") from None
     changes["extra"] = extra
     # A1111's rule: Hires. fix was on when the text has a denoising strength and a hires key

@@ -213,3 +213,14 @@ class TextConditioner:
                     z = z * (original_mean / z.mean())
             zs.append(z)
         return Conditioning(torch.cat(zs, dim=1), pooled)
+
+
+def empty_prompt(model: LoadedModel, device: torch.device, clip_skip: int = 1) -> Conditioning:
+    """The empty prompt's encoding, the filler of A1111's "Pad prompt/negative prompt" (its
+    ``cond_stage_model_empty_prompt``). A1111 encodes it once, when the model loads; it is kept with the
+    loaded model here too (per clip skip), so a LoRA active in a later job does not change it. The text
+    encoders must be where ``device`` says."""
+    cache = model.extras.setdefault("empty_prompt", {})
+    if clip_skip not in cache:
+        cache[clip_skip] = TextConditioner(model, device).encode("", clip_skip)
+    return cache[clip_skip]

@@ -46,6 +46,7 @@ from .rng import BrownianNoise, NoiseGenerator, image_noise
 from .samplers import SAMPLER_FUNCTIONS
 from .schedules import DiscreteSchedule, ddim_timesteps, get_sigmas
 from .soft_inpaint import SoftInpainting
+from .speed import SpeedJob
 from .tiling import circular_padding
 from .upscalers import Upscalers
 
@@ -209,6 +210,9 @@ class Engine:
             vae, vae_file = self.vae_module(file, model, req.vae)
             self.placement.prepare(model.unet, *model.text_encoders, vae)  # before LoRA swaps any weight
             refiner = self._refiner(req, file, model)
+            # A1111's speed options; the padding's empty prompt is encoded now, before any LoRA applies
+            speed = SpeedJob.prepare(req, [model, refiner.model if refiner is not None else None], self.plan.device,
+                                     self.placement)
             if model.spec.is_flow:
                 self._check_flow(model, req, sampler, hooks)
             resolved = {"Model hash": file.short_hash, "Model": file.name, "Version": VERSION}
@@ -259,7 +263,8 @@ class Engine:
                         # A1111's hires_fix_refiner_pass: by default the refiner joins in the second pass only
                         first_refiner = refiner if hires is None or req.hires_fix_refiner_pass != "second pass" else None
                         latents = self._sample(model, vae, req, sampler, schedule.name, conds, seeds, subseeds, n,
-                                               on_progress, stop_batch, inits, span, hooks, refiner=first_refiner)
+                                               on_progress, stop_batch, inits, span, hooks, refiner=first_refiner,
+                                               speed=speed)
                         now_model, now_vae = model, vae
                         if refiner is not None and refiner.switched:  # once it took over, it stays for the job
                             now_model, now_vae = refiner.model, refiner.vae
@@ -269,7 +274,7 @@ class Engine:
                             run = hires if now_model is model else dataclasses.replace(hires, conds=refiner.hires_conds)
                             latents = self._run_hires(run, now_model, now_vae, latents, seeds, subseeds, n, on_progress,
                                                       stop_batch, hooks if now_model is model else off_the_unet(hooks),
-                                                      late)
+                                                      late, speed)
                             if refiner is not None and refiner.switched:
                                 now_model, now_vae = refiner.model, refiner.vae
                     except Interrupted:
@@ -285,6 +290,7 @@ class Engine:
                     if refiner is not None and refiner.switched:
                         resolved.update(self._refiner_infotext(req, refiner, hires is not None))
                         refiner.switched = False  # the next batch starts with the first model again
+                    resolved.update(speed.infotext())
                     for j, (image, s, ss) in enumerate(zip(vae_ops.to_pil(self._decode(now_vae, latents, req.tiled_vae)),
                                                            seeds, subseeds)):
                         if req.restore_faces:
@@ -351,7 +357,8 @@ class Engine:
                          (up_w, up_h), (cut_x, cut_y), first, steps, req.tiled_vae)
 
     def _run_hires(self, hires: HiresPass, model, vae, latents: torch.Tensor, seeds, subseeds, batch_no, on_progress,
-                   should_stop, hooks: Sequence[StepHook] = (), refiner: RefinerUse | None = None) -> torch.Tensor:
+                   should_stop, hooks: Sequence[StepHook] = (), refiner: RefinerUse | None = None,
+                   speed: SpeedJob | None = None) -> torch.Tensor:
         """Upscale a batch's first-pass latents (in latent space, or decoded, upscaled and re-encoded) and
         run the img2img pass over them, as A1111's ``sample_hr_pass``."""
         (up_w, up_h), (cut_x, cut_y) = hires.upscale_to, hires.truncate
@@ -383,7 +390,7 @@ class Engine:
             inits.append(img2img_ops.Prepared(None, big[i:i + 1].cpu(), None, None, None, None, image_cond))
         return self._sample(model, vae, hires.request, hires.sampler, hires.schedule, hires.conds, seeds, subseeds,
                             batch_no, on_progress, should_stop, inits, (hires.first_steps, hires.first_steps + hires.steps),
-                            hooks, "hires", refiner=refiner)
+                            hooks, "hires", refiner=refiner, speed=speed)
 
     # ---- the refiner --------------------------------------------------------------------------------
     def _refiner(self, req: Txt2ImgRequest, file: ModelFile, model: LoadedModel) -> RefinerUse | None:
@@ -555,7 +562,8 @@ class Engine:
     def _sample(self, model, vae, req, sampler, schedule_name, conds, seeds, subseeds, batch_no, on_progress,
                 should_stop, inits: list[img2img_ops.Prepared] | None = None,
                 progress_span: tuple[int, int] | None = None, hooks: Sequence[StepHook] = (),
-                pass_name: str = "first", refiner: RefinerUse | None = None) -> torch.Tensor:
+                pass_name: str = "first", refiner: RefinerUse | None = None,
+                speed: SpeedJob | None = None) -> torch.Tensor:
         """One sampling pass for one batch. ``progress_span`` = (steps reported before this pass, steps of
         the whole job's passes), so a Hires. fix job counts its two passes as one run of steps."""
         h, w = req.height // 8, req.width // 8
@@ -597,13 +605,15 @@ class Engine:
             with self.placement.use(vae):
                 image_cond = img2img_ops.txt2img_conditioning(vae, self.plan.device, len(seeds), req.height, req.width)
         schedule = self._schedule(model, req)
+        speed_hooks, guidance_options = speed.for_pass(pass_name, model, refiner.model if refiner else None, seeds) \
+            if speed is not None else ([], None)
         plan = SamplingPlan(self._model_call(model, req), schedule, model.spec.prediction, [cond] * len(seeds),
                             [uncond] * len(seeds), req.cfg_scale * sampler.cfg_scale_multiplier, self.plan.dtype,
                             self.plan.device,
                             steps=len(sigmas) - 1, pass_name=pass_name, add_time_ids=time_ids[0],
                             add_time_ids_uncond=time_ids[1], should_stop=should_stop,
                             batch_invariant=self.plan.device.type == "cpu", image_cond=image_cond,
-                            latent_mask=latent_mask, hooks=list(hooks))
+                            latent_mask=latent_mask, hooks=[*hooks, *speed_hooks])
         if refiner is not None:
             r_spec, n = refiner.model.spec, len(seeds)
             r_cond, r_uncond = refiner.hires_conds if pass_name == "hires" else refiner.conds
@@ -616,7 +626,7 @@ class Engine:
 
             plan.switch = RefinerSwitch(req.refiner_switch_at, schedule, len(sigmas) - 1, target,
                                         by_steps=req.refiner_switch_by_sample_steps)
-        denoiser = CFGDenoiser(plan)
+        denoiser = CFGDenoiser(plan, guidance_options)
         offset, n_steps = progress_span or (0, len(sigmas) - 1)
 
         def callback(d: dict) -> None:
@@ -638,6 +648,8 @@ class Engine:
                 plan.applied():
             latents = fn(denoiser, start, sigmas, noise=noise_fn, callback=callback, after_step=denoiser.after_step,
                          **options)
+        if speed is not None:
+            speed.record(denoiser)
         if sampler.timesteps:
             latents = latents / (sigmas[-1] ** 2 + 1) ** 0.5
         if latent_mask is not None:
