@@ -1,7 +1,9 @@
-"""Training: kohya-style datasets and the LoRA / LoCon trainer (queue jobs, CLI and UI build on these)."""
+"""Training: kohya-style datasets, the LoRA / LoCon and Dreambooth trainers (queue jobs, CLI and UI build
+on these); textual inversion and hypernetworks live in their own modules."""
 
 from .dataset import DatasetError, TrainingDataset
+from .dreambooth import DreamboothConfig, train_dreambooth
 from .lora import LoraConfig, TrainingError, TrainProgress, TrainResult, engine_sampler, train_lora
 
-__all__ = ["DatasetError", "LoraConfig", "TrainProgress", "TrainResult", "TrainingDataset", "TrainingError",
-           "engine_sampler", "train_lora"]
+__all__ = ["DatasetError", "DreamboothConfig", "LoraConfig", "TrainProgress", "TrainResult", "TrainingDataset",
+           "TrainingError", "engine_sampler", "train_dreambooth", "train_lora"]
