@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from .core.paths import DeviceOptions, Paths
+from .core.paths import DeviceOptions, Paths, default_precision
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
@@ -34,8 +34,11 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                                               "(default: models/text_encoder; models/clip is read too)")
     g.add_argument("--styles-file", help="prompt styles CSV (default: styles.csv in the data dir)")
     d = parser.add_argument_group("device")
-    d.add_argument("--precision", choices=["full", "autocast", "half"], default="autocast")
-    d.add_argument("--no-half", action="store_true", help="run the model in float32 on the GPU")
+    d.add_argument("--precision", choices=["full", "autocast", "half"], default=default_precision(),
+                   help="full: float32 everywhere; autocast/half: float16 on a GPU, bfloat16 on a CPU with "
+                        "native bfloat16 (avx512_bf16, amx_bf16), float32 on other CPUs (default: autocast, "
+                        "or SDSTUDIO_PRECISION)")
+    d.add_argument("--no-half", action="store_true", help="run the model in float32 (GPU, or a bfloat16 CPU)")
     d.add_argument("--no-half-vae", action="store_true", help="run the VAE in float32 on the GPU")
     d.add_argument("--medvram", action="store_true", help="keep only the component in use on the GPU")
     d.add_argument("--lowvram", action="store_true", help="stream UNet blocks to the GPU one by one")

@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# float32 everywhere unless a test asks for another precision: the reference comparisons are float32
+# (on a CPU with native bfloat16 the default would be bfloat16). Servers the tests start inherit it.
+os.environ.setdefault("SDSTUDIO_PRECISION", "full")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Several workers share the cores: one math thread each, or OpenMP threads spin against each other

@@ -621,7 +621,11 @@ def make_router(service: JobService, settings: Settings, cmd_flags: dict, limits
             cuda = {"system": {"free": free, "used": total - free, "total": total},
                     "active": {"current": stats.get("active_bytes.all.current", 0),
                                "peak": stats.get("active_bytes.all.peak", 0)}}
-        return {"ram": ram, "cuda": cuda, "platform": platform.platform()}
+        plan = engine.plan  # sdstudio: where the model runs and in which precision (and why)
+        device = {"type": plan.device.type, "dtype": str(plan.dtype).removeprefix("torch."),
+                  "vae_dtype": str(plan.vae_dtype).removeprefix("torch."), "reason": plan.reason,
+                  "description": plan.describe()}
+        return {"ram": ram, "cuda": cuda, "platform": platform.platform(), "device": device}
 
     @r.post("/interrogate")
     def interrogate(body: InterrogateBody):

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+
+def default_precision() -> str:
+    """``--precision``'s default: ``SDSTUDIO_PRECISION`` from the environment, else ``autocast``."""
+    value = os.environ.get("SDSTUDIO_PRECISION", "autocast")
+    return value if value in ("full", "autocast", "half") else "autocast"
 
 
 @dataclass
@@ -80,7 +87,7 @@ class DeviceOptions:
     """Launch flags about the device: ``--precision full``, ``--no-half``, ``--no-half-vae``,
     ``--medvram``, ``--lowvram``, ``--xformers``, ``--use-cpu``."""
 
-    precision: str = "autocast"
+    precision: str = field(default_factory=default_precision)
     no_half: bool = False
     no_half_vae: bool = False
     medvram: bool = False

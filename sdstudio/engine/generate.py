@@ -142,9 +142,9 @@ class Engine:
         self._hypernets: dict[tuple, hypernetwork_ops.Hypernetwork] = {}
         self.embeddings = EmbeddingLibrary(paths.embeddings_dir)
         self.schedule = DiscreteSchedule()
-        self.upscalers = Upscalers(paths.upscaler_dirs, self.plan.device, self.plan.dtype)
-        self.faces = FaceRestorers(paths.face_restorer_dirs, self.plan.device, self.plan.dtype)
-        self.interrogators = Interrogators(paths.models_dir, self.plan.device, self.plan.dtype)
+        self.upscalers = Upscalers(paths.upscaler_dirs, self.plan.device, self.plan.aux_dtype)
+        self.faces = FaceRestorers(paths.face_restorer_dirs, self.plan.device, self.plan.aux_dtype)
+        self.interrogators = Interrogators(paths.models_dir, self.plan.device, self.plan.aux_dtype)
         self.controlnets = ControlNets(self.registry, paths.annotators_dir, self.plan.device, self.plan.dtype,
                                        placement=self.placement)
         self.lock = threading.Lock()  # one generation at a time per device

@@ -168,12 +168,25 @@ class StudioUI:
                     self.settings_tab = SettingsTab(self).build()
                 with gr.Tab("Extensions", id="extensions", elem_id="tab_extensions"):
                     self.extensions = ExtensionsTab(self).build()
+            gr.HTML(self.footer_html(), elem_id="footer")
             self.txt2img.wire()
             self.img2img.wire()
             self._wire_top()
             self._wire_send_to()
             page.load(self._current_settings, None, self._settings_outputs(), show_progress="hidden")
         return page
+
+    def footer_html(self) -> str:
+        """A1111's footer line: versions, and where the model runs in which precision (and why)."""
+        import html
+
+        import torch
+
+        from .. import __version__
+
+        return (f'<div class="versions">sdstudio {__version__} • python {sys.version.split()[0]} • '
+                f'torch {torch.__version__} • gradio {gr.__version__} • '
+                f'device: {html.escape(self.service.engine.plan.describe())}</div>')
 
     def _settings_outputs(self) -> list:
         sizes = [tab.form.controls[k] for tab in (self.txt2img, self.img2img) for k in ("width", "height")]
