@@ -359,7 +359,7 @@ def _typed(key: str, value: Any, default: Any, max_frames: int, notes: list[str]
             value = new
             break
     m = _CN_KEY.fullmatch(key)
-    if m and m.group(2) == "resize_mode" and value in _OLD_CN_RESIZE:
+    if m and m.group(2) == "resize_mode" and isinstance(value, str) and value in _OLD_CN_RESIZE:
         notes.append(f"{key}: the old value {value!r} is read as {_OLD_CN_RESIZE[value]!r}")
         value = _OLD_CN_RESIZE[value]
     if key == "fill" and isinstance(value, int) and not isinstance(value, bool):
@@ -472,10 +472,13 @@ def load_settings(source: str | bytes | Mapping[str, Any] | os.PathLike, *,
     Missing keys take :data:`DEFORUM_DEFAULTS`, except ``legacy_colormatch``: the extension reads it as True
     for a file that lacks it (files older than the option; ``legacy_colormatch_default``)."""
     if isinstance(source, os.PathLike):
-        with open(source, encoding="utf-8") as f:
+        with open(source, "rb") as f:
             source = f.read()
     if isinstance(source, bytes):
-        source = source.decode("utf-8-sig")
+        try:
+            source = source.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise DeforumSettingsError(f"settings: not UTF-8 text (byte {exc.start})") from None
     if isinstance(source, str):
         try:
             data = json.loads(source.lstrip("\ufeff"))
@@ -626,7 +629,10 @@ def expand_backticks(text: str, frame: int, max_frames: int, seed: int = -1) -> 
                                        f"(at frame {frame})") from None
         if isinstance(result, float) and not math.isfinite(result):
             raise DeforumSettingsError(f"prompts: `{expr}` is {result} at frame {frame}")
-        return format_number(result)
+        try:
+            return format_number(result)
+        except ValueError:  # a whole number of more than 4300 digits
+            raise DeforumSettingsError(f"prompts: `{expr}` is too large a number to write at frame {frame}") from None
     return re.sub(r"`(.*?)`", value, text)
 
 

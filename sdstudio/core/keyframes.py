@@ -332,7 +332,10 @@ class _Parser:
     def atom(self) -> Node:
         kind, text, col = self.take()
         if kind == "number":
-            value: Number = float(text) if any(c in text for c in ".eE") else int(text)
+            try:
+                value: Number = float(text) if any(c in text for c in ".eE") else int(text)
+            except ValueError:  # Python reads at most 4300 digits into an int
+                raise ExpressionError(f"a number of {len(text)} digits is too long", col) from None
             return lambda env: value
         if kind == "op" and text == "(":
             node = self.comparison()
@@ -397,6 +400,13 @@ def _guarded(node: Node, col: int) -> Node:
     return run
 
 
+def _to_float(v: Number) -> float:
+    try:
+        return float(v)
+    except OverflowError:
+        return _INF if v > 0 else -_INF
+
+
 def _binary(op: str, left: Node, right: Node, col: int) -> Node:
     fn = _BINARY[op]
     if op in ("+", "-", "*"):
@@ -404,8 +414,8 @@ def _binary(op: str, left: Node, right: Node, col: int) -> Node:
             a, b = left(env), right(env)
             try:
                 return fn(a, b)
-            except OverflowError:
-                return fn(float(a), float(b))
+            except OverflowError:  # a whole number beyond any float, with a float
+                return fn(_to_float(a), _to_float(b))
         return arith
     return _guarded(lambda env: fn(left(env), right(env)), col)
 
@@ -422,13 +432,19 @@ class Expression:
         missing = self.names - variables.keys()
         if missing:
             raise ExpressionError(f"no value for {', '.join(sorted(missing))}", 1)
-        return self._node(variables)
+        try:
+            return self._node(variables)
+        except RecursionError:  # a chain of thousands of operators is evaluated by as many nested calls
+            raise ExpressionError("the expression is too long or nested too deeply to evaluate", 1) from None
 
 
 def compile_expression(text: str, names: tuple[str, ...] = SCHEDULE_NAMES) -> Expression:
     """Parse ``text`` once; :class:`ExpressionError` (with a 1-based column) when it is not valid."""
     parser = _Parser(text, names)
-    node = parser.parse()
+    try:
+        node = parser.parse()
+    except RecursionError:  # thousands of nested brackets, signs or calls
+        raise ExpressionError("the expression is nested too deeply", 1) from None
     return Expression(text, frozenset(parser.used), node)
 
 
@@ -562,6 +578,8 @@ def _key_frame(label: str, item: _Item, max_frames: int, seed: int) -> int:
     text, shift = _unquote(item.key_text)
     plain = _plain_number(text) if not re.search(r"[()]", text) else None
     if plain is not None:
+        if not math.isfinite(plain):  # hundreds of digits
+            raise ScheduleError(f"{label}, key {item.key_text}, column {item.key_column}: the key's frame is {plain}")
         return int(plain)
     try:
         value = compile_expression(text, KEY_NAMES).evaluate(max_f=max_frames - 1, s=seed)
@@ -619,6 +637,10 @@ class Schedule:
                 slope = (vb - va) / (b - a)  # numpy.interp's form, which pandas' linear interpolate calls
                 for i in range(a + 1, b):
                     out[i] = slope * (i - a) + va
+        for i, v in enumerate(out):
+            if not math.isfinite(v):  # between two huge number keys, the slope overflows
+                raise ScheduleError(f"schedule {self.name!r}: the value at frame {i} is {v} (interpolating "
+                                    "between keys too large for a number)")
         return [float(v) for v in out]
 
     def _evaluate(self, key: Key, frame: int, max_f: int, seed: int) -> float:
@@ -628,7 +650,10 @@ class Schedule:
         except ExpressionError as exc:
             raise ScheduleError(f"schedule {self.name!r}, key {key.key_text}, column {key.column + exc.column - 1}:"
                                 f" {exc.message} (at frame {frame})") from None
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # a whole number beyond any float
+            value = math.inf if value > 0 else -math.inf
         if not math.isfinite(value):
             raise ScheduleError(f"schedule {self.name!r}, key {key.key_text}, column {key.column}: "
                                 f"{key.value_text} is {value} at frame {frame}")
@@ -654,6 +679,9 @@ def parse_schedule(text: str, max_frames: int, name: str = "schedule", seed: int
         frame = _key_frame(f"schedule {name!r}", item, max_frames, seed)
         number = _plain_number(item.value_text)
         expression = None
+        if number is not None and not math.isfinite(number):  # hundreds of digits
+            raise ScheduleError(f"schedule {name!r}, key {item.key_text}, column {item.value_column}: "
+                                f"{item.value_text} is {number}")
         if number is None:
             try:
                 expression = compile_expression(item.value_text)

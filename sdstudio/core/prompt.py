@@ -13,6 +13,7 @@ Pure Python; the engine turns the results into conditioning.
 
 from __future__ import annotations
 
+import math
 import re
 from functools import lru_cache
 
@@ -73,6 +74,8 @@ def parse_attention(text: str, *, novelai_braces: bool = False) -> list[tuple[st
         elif weight is not None and open_round:
             try:
                 factor = float(weight)
+                if not math.isfinite(factor):  # hundreds of digits: no more a weight than "0.1.5"
+                    raise ValueError(weight)
             except ValueError:  # "(a:0.1.5)": not a number, so it stays text and the bracket closes plainly
                 runs.append([token[:token.rindex(")")], 1.0])
                 factor = ROUND
@@ -143,7 +146,8 @@ class _Steps(lark.Visitor):
             value = (value - self.float_offset) * self.steps
         else:
             value = value - self.int_offset
-        tree.children[-2] = min(self.steps, int(value))
+        # clamped before int(): "1e999" is a float's infinity (never switches), and any when below 1 acts alike
+        tree.children[-2] = int(max(-1.0, min(float(self.steps), value)))
         if tree.children[-2] >= 1:
             self.found.add(tree.children[-2])
 

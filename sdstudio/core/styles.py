@@ -8,11 +8,16 @@ the infotext records the styled prompt, so an image re-creates without the style
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .params import RequestError
+
+
+class StylesError(RequestError):
+    """A styles file that cannot be read well enough to be rewritten; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -41,18 +46,36 @@ def merge(style_text: str, prompt: str) -> str:
     return ", ".join(p for p in (prompt.strip(), style_text.strip()) if p)
 
 
-def load(path: Path) -> dict[str, Style]:
-    """Styles by name, in file order; a missing file is no styles. Bad rows are skipped."""
+def load(path: Path, *, strict: bool = False) -> dict[str, Style]:
+    """Styles by name, in file order; a missing file is no styles. Bad rows are skipped, bytes that are not
+    UTF-8 read as U+FFFD; with ``strict`` (before the file is rewritten) either is a :class:`StylesError`
+    naming the file, so what could not be read is never overwritten."""
     path = Path(path)
     if not path.is_file():
         return {}
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        if strict:
+            raise StylesError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8 before changing "
+                              "styles") from None
+        text = raw.decode("utf-8-sig", errors="replace")
     styles: dict[str, Style] = {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        for row in csv.DictReader(f, skipinitialspace=True):
-            name = (row.get("name") or "").strip()
-            if name:
-                styles[name] = Style(name, row.get("prompt") or "", row.get("negative_prompt") or "",
-                                     row.get("description") or "")
+    reader = csv.DictReader(io.StringIO(text, newline=""), skipinitialspace=True)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # a field over the csv module's size limit
+            if strict:
+                raise StylesError(f"{path}, line {reader.line_num}: {exc}") from None
+            continue
+        name = (row.get("name") or "").strip()
+        if name:
+            styles[name] = Style(name, row.get("prompt") or "", row.get("negative_prompt") or "",
+                                 row.get("description") or "")
     return styles
 
 
@@ -61,7 +84,7 @@ def save(path: Path, styles: dict[str, Style]) -> None:
     path = Path(path)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, quoting=csv.QUOTE_ALL)  # quoted, so a field's leading spaces read back
         writer.writerow(["name", "prompt", "negative_prompt", "description"])
         for s in styles.values():
             writer.writerow([s.name, s.prompt, s.negative_prompt, s.description])
@@ -70,13 +93,13 @@ def save(path: Path, styles: dict[str, Style]) -> None:
 
 def upsert(path: Path, style: Style) -> None:
     """Add or replace one style in the file."""
-    current = load(path)
+    current = load(path, strict=True)
     current[style.name] = style
     save(path, current)
 
 
 def delete(path: Path, name: str) -> None:
-    current = load(path)
+    current = load(path, strict=True)
     if name not in current:
         raise RequestError(f"no style named {name!r}; available: {', '.join(current) or '(none)'}")
     del current[name]

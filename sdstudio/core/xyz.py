@@ -40,7 +40,10 @@ class AxisError(ValueError):
 
 def csv_list(text: str) -> list[str]:
     """A1111's comma list: CSV quoting, each item stripped."""
-    return [item.strip() for row in csv.reader(io.StringIO(text), skipinitialspace=True) for item in row]
+    try:
+        return [item.strip() for row in csv.reader(io.StringIO(text), skipinitialspace=True) for item in row]
+    except csv.Error as exc:  # a lone carriage return inside an item
+        raise AxisError(f"cannot read {text!r} as a comma list ({exc})") from None
 
 
 def _number(text: str, kind: type) -> int | float:
@@ -48,6 +51,8 @@ def _number(text: str, kind: type) -> int | float:
 
 
 def _linspace(start: float, stop: float, num: int) -> list[float]:
+    if num > MAX_VALUES:
+        raise AxisError(f"more than {MAX_VALUES} values")
     if num <= 0:
         return []
     if num == 1:
@@ -60,7 +65,10 @@ def _arange(start: float, stop: float, step: float) -> list[float]:
     # numpy.arange(start, stop, step): ceil((stop - start) / step) values start + i * step
     if step == 0:
         raise AxisError("a range step of 0 never ends")
-    count = max(0, math.ceil((stop - start) / step))
+    span = (stop - start) / step
+    if not math.isfinite(span) or span > MAX_VALUES:
+        raise AxisError(f"the range from {start:g} to {stop:g} in steps of {step:g} has more than {MAX_VALUES} values")
+    count = max(0, math.ceil(span))
     return [start + i * step for i in range(count)]
 
 
@@ -81,6 +89,8 @@ def expand_values(text: str, kind: type) -> list:
                     step = int(m.group(3)) if m.group(3) is not None else 1
                     if step == 0:
                         raise AxisError(f"{item!r}: a range step of 0 never ends")
+                    if (end - start) // step > MAX_VALUES:  # counted before it is made
+                        raise AxisError(f"{item!r} has more than {MAX_VALUES} values")
                     out += list(range(start, end, step))
                 elif m := RE_RANGE_COUNT.fullmatch(item):
                     start, end = _number(m.group(1), int), _number(m.group(2), int)
@@ -92,14 +102,17 @@ def expand_values(text: str, kind: type) -> list:
                 if m := RE_RANGE_FLOAT.fullmatch(item):
                     start, end = _number(m.group(1), float), _number(m.group(2), float)
                     step = float(m.group(3)) if m.group(3) is not None else 1.0
-                    out += _arange(start, end + step, step)
+                    values = _arange(start, end + step, step)
                 elif m := RE_RANGE_COUNT_FLOAT.fullmatch(item):
                     start, end = _number(m.group(1), float), _number(m.group(2), float)
-                    num = int(float(m.group(3))) if m.group(3) is not None else 1
-                    out += _linspace(start, end, num)
+                    num = float(m.group(3)) if m.group(3) is not None else 1
+                    values = _linspace(start, end, int(min(num, MAX_VALUES + 1)))
                 else:
-                    out.append(float(item))
-        except ValueError as exc:
+                    values = [float(item)]
+                if not all(math.isfinite(v) for v in values):  # "nan", "inf", hundreds of digits
+                    raise AxisError(f"{item!r} is not a finite number")
+                out += values
+        except (ValueError, OverflowError) as exc:
             if isinstance(exc, AxisError):
                 raise
             raise AxisError(f"{item!r} is not {'an integer' if kind is int else 'a number'} or a range") from None
@@ -262,7 +275,13 @@ def axis_values(ax: Axis, text: str, keep_random_seeds: bool = False) -> list:
     if ax.label == "Nothing":
         return [None]
     if ax.kind is tuple:
-        values = list(itertools.permutations(csv_list(text)))
+        words = csv_list(text)
+        orders = 1
+        for n in range(2, len(words) + 1):  # n! orders, refused before they are made
+            orders *= n
+            if orders > MAX_VALUES:
+                raise AxisError(f"{ax.label}: {len(words)} words have more than {MAX_VALUES} orders")
+        values = list(itertools.permutations(words))
     else:
         try:
             values = expand_values(text, ax.kind)
