@@ -38,6 +38,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -402,7 +403,7 @@ def main() -> None:
         if runs and not row.error:
             row.result = {k: (statistics.median(r[k] for r in runs) if isinstance(runs[0][k], float) else runs[0][k])
                           for k in runs[0]}
-    (data / "models" / "Stable-diffusion" / ckpt.name).unlink()
+    shutil.rmtree(data)  # the link only: the checkpoint stays in the cache
 
     cuda = gpu_name(env)
     base = rows[0].result
