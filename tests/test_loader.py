@@ -185,3 +185,36 @@ def test_fp8_weights_upcast_on_load(tmp_path):
     assert w.dtype == torch.float32
     assert torch.equal(w, ref.unet.conv_in.weight.to(torch.float8_e4m3fn).float())  # exactly the stored values
     assert not torch.equal(w, ref.unet.conv_in.weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8,
+                                   torch.float8_e4m3fn])
+def test_mapped_views_read_the_same_tensors_as_safetensors(dtype, tmp_path):
+    from safetensors import safe_open
+
+    from sdstudio.models.safe_load import open_state_dict
+
+    # odd sizes put later tensors at offsets that are not multiples of 8 bytes (the fallback path)
+    tensors = {f"t{i}": torch.randn(n, 3).to(dtype) if dtype.is_floating_point else torch.arange(n * 3).reshape(n, 3).to(dtype)
+               for i, n in enumerate((5, 1, 7, 0, 64))}
+    tensors["odd"] = torch.zeros(3, dtype=torch.uint8)
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, path)
+    views, plain = open_state_dict(path, mapped=True), safe_open(str(path), framework="pt")
+    for key in tensors:
+        got, want = views[key], plain.get_tensor(key)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), key
+
+
+def test_loaded_weights_are_not_views_of_the_file(tmp_path):
+    # A model must not point into the file's map: a file rewritten in place would change its weights.
+    path = write_checkpoint(tmp_path / "m.safetensors", "sd1", "tiny", seed=1)
+    model = load_checkpoint(path, torch.float32)
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    other = write_checkpoint(tmp_path / "other.safetensors", "sd1", "tiny", seed=2)
+    with open(path, "r+b") as f:  # same size and layout, other values, written into the same inode
+        f.write(other.read_bytes())
+    after = model.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(load_checkpoint(path, torch.float32).unet.conv_in.weight, before["conv_in.weight"])

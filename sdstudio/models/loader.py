@@ -66,8 +66,9 @@ def _materialize(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype:
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise ModelFileError(f"{what}: {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}")
-    # .to(dtype) also upcasts fp8 (float8_e4m3fn / e5m2) files to the compute precision
-    module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    # One pass from the file's map into the module's own memory (copy=True: a view of the map must not
+    # become a weight, see safe_load); .to(dtype) also upcasts fp8 (float8_e4m3fn / e5m2) files.
+    module.load_state_dict({k: v.to(dtype, copy=True) for k, v in state.items()}, strict=True, assign=True)
     # Buffers that are not saved (e.g. CLIP's position ids) were created on the real device already.
     module.eval().requires_grad_(False)
 
@@ -135,7 +136,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, vae_dt
     path = Path(path)
     if path.suffix.lower() == ".gguf":  # Forge's / ComfyUI-GGUF's quantized transformers
         return _load_flow(path, dtype, vae_dtype, text_encoder_dirs, vae_dirs)
-    source = open_state_dict(path)
+    source = open_state_dict(path, mapped=True)
     try:
         spec = detect(source.shapes, v_prediction=_v_prediction_hint(path))
     except ModelFileError as exc:
@@ -173,7 +174,7 @@ def _load_flow(path: Path, dtype: torch.dtype, vae_dtype: torch.dtype | None, te
 def load_vae_file(path: str | Path, like: AutoencoderKL, dtype: torch.dtype) -> AutoencoderKL:
     """A stand-alone VAE (``models/VAE``), built with the checkpoint's latent scaling factor."""
     path = Path(path)
-    source = open_state_dict(path)
+    source = open_state_dict(path, mapped=True)
     try:
         prefix, config, levels = detect_vae(source.shapes)
         config["scaling_factor"] = like.config.scaling_factor

@@ -1,7 +1,10 @@
 """Reading tensors from model files without running code from them.
 
 ``.safetensors`` files are opened lazily (memory-mapped; nothing is read until a tensor is asked
-for). ``.ckpt``/``.pt``/``.pth``/``.bin`` files are pickles: they are read with torch's
+for). With ``mapped=True`` a tensor is a view into a private (copy-on-write) map of the file: reading
+it costs no copy, and converting it to the model's dtype reads the file's pages once (the checkpoint
+loader does so). Whoever asks for views copies what it keeps (``Tensor.to(dtype, copy=True)``): a
+file replaced in place under a live map would change, or fault, weights that still point into it. ``.ckpt``/``.pt``/``.pth``/``.bin`` files are pickles: they are read with torch's
 ``weights_only`` unpickler, which builds tensors and plain containers and refuses everything else,
 so a file that tries to run code is refused before anything runs. Old SD 1.x checkpoints pickle a
 pytorch-lightning ``ModelCheckpoint`` object in their training state; an inert stand-in is allowed
@@ -11,6 +14,7 @@ under that one name so those files still load.
 from __future__ import annotations
 
 import json
+import mmap
 import pickle
 import struct
 import zipfile
@@ -60,7 +64,37 @@ class LazyStateDict(Mapping):
         return len(self.shapes)
 
 
-def _check_safetensors_header(path: Path) -> None:
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _mapped_views(path: Path, header: dict, header_len: int):
+    """``name -> tensor`` getter reading views of a private map of the file; names it cannot view
+    (an unknown dtype, a misaligned offset) return None and are read by safetensors instead."""
+    with open(path, "rb") as f:
+        try:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError):  # an empty file, or a file system without mmap
+            return lambda key: None
+    data = torch.frombuffer(mapped, dtype=torch.uint8)
+    base = 8 + header_len
+
+    def view(key: str) -> torch.Tensor | None:
+        info = header[key]
+        dtype = _ST_DTYPES.get(info.get("dtype"))
+        start, end = info["data_offsets"]
+        if dtype is None or (base + start) % dtype.itemsize:
+            return None
+        try:
+            return data[base + start: base + end].view(dtype).view(info["shape"])
+        except (RuntimeError, TypeError, ValueError):  # offsets that do not fit the shape: safetensors says why
+            return None
+
+    return view
+
+
+def _check_safetensors_header(path: Path) -> tuple[dict, int]:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -77,17 +111,26 @@ def _check_safetensors_header(path: Path) -> None:
     if 8 + header_len + end > size:
         raise ModelFileError(
             f"{path.name}: file is truncated ({size} bytes, the header needs {8 + header_len + end})")
+    return header, header_len
 
 
-def open_safetensors(path: Path) -> LazyStateDict:
-    _check_safetensors_header(path)
+def open_safetensors(path: Path, mapped: bool = False) -> LazyStateDict:
+    header, header_len = _check_safetensors_header(path)
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")
         shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118 - not a dict
         metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(f"{path.name}: cannot read safetensors file ({exc})") from None
-    return LazyStateDict(path, shapes, handle.get_tensor, metadata)
+    if not mapped:
+        return LazyStateDict(path, shapes, handle.get_tensor, metadata)
+    view = _mapped_views(path, header, header_len)
+
+    def get(key: str) -> torch.Tensor:
+        tensor = view(key)
+        return handle.get_tensor(key) if tensor is None else tensor
+
+    return LazyStateDict(path, shapes, get, metadata)
 
 
 def load_pickle(path: Path) -> dict:
@@ -117,14 +160,15 @@ def _flatten_tensors(obj: dict) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
-def open_state_dict(path: str | Path) -> LazyStateDict:
-    """Open any supported weights file as a lazy ``name -> tensor`` mapping."""
+def open_state_dict(path: str | Path, mapped: bool = False) -> LazyStateDict:
+    """Open any supported weights file as a lazy ``name -> tensor`` mapping (``mapped``: tensors of a
+    ``.safetensors`` file are views into its map, see the module's notes; pickles are always maps)."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        return open_safetensors(path)
+        return open_safetensors(path, mapped)
     if suffix in PICKLE_SUFFIXES:
         tensors = _flatten_tensors(load_pickle(path))
         return LazyStateDict(path, {k: tuple(v.shape) for k, v in tensors.items()}, tensors.__getitem__, {})
