@@ -18,6 +18,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                    help="base folder holding models/, embeddings/, outputs/ (default: current folder)")
     g.add_argument("--ckpt-dir", action="append", default=[], help="extra folder with checkpoints")
     g.add_argument("--vae-dir", help="folder with VAE files (default: models/VAE)")
+    g.add_argument("--vae-approx-dir", help="folder with live preview decoders: TAESD, Approx NN (default: "
+                   "models/VAE-approx)")
     g.add_argument("--lora-dir", help="folder with LoRA files (default: models/Lora)")
     g.add_argument("--embeddings-dir", help="folder with textual inversion embeddings (default: embeddings)")
     g.add_argument("--hypernetwork-dir", help="folder with hypernetworks (default: models/hypernetworks)")
@@ -54,6 +56,7 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 
 def paths_from(args: argparse.Namespace) -> Paths:
     return Paths(Path(args.data_dir), ckpt_dirs=[Path(p) for p in args.ckpt_dir], vae_dir=args.vae_dir,
+                 vae_approx_dir=getattr(args, "vae_approx_dir", None),
                  lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, hypernetwork_dir=args.hypernetwork_dir,
                  esrgan_dir=args.esrgan_models_path,
                  realesrgan_dir=args.realesrgan_models_path, swinir_dir=args.swinir_models_path,

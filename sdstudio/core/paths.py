@@ -32,6 +32,7 @@ class Paths:
     text_encoder_dir: Path | None = None  # SD 3.x / Flux text encoders (CLIP-L, CLIP-G, T5-XXL), Forge's folder
     outputs_dir: Path | None = None
     styles_file: Path | None = None
+    vae_approx_dir: Path | None = None  # live preview decoders: TAESD, A1111's Approx NN (models/VAE-approx)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().resolve()
@@ -39,6 +40,7 @@ class Paths:
         default_ckpt = models / "Stable-diffusion"
         self.ckpt_dirs = [Path(p).expanduser() for p in self.ckpt_dirs] + [default_ckpt]
         self.vae_dir = Path(self.vae_dir or models / "VAE").expanduser()
+        self.vae_approx_dir = Path(self.vae_approx_dir or models / "VAE-approx").expanduser()
         self.lora_dir = Path(self.lora_dir or models / "Lora").expanduser()
         self.embeddings_dir = Path(self.embeddings_dir or self.data_dir / "embeddings").expanduser()
         self.hypernetwork_dir = Path(self.hypernetwork_dir or models / "hypernetworks").expanduser()
@@ -78,7 +80,8 @@ class Paths:
     def create_layout(self) -> None:
         """Make the folders a user drops files into, as A1111 does on first start."""
         for d in (self.ckpt_dirs[-1], self.vae_dir, self.lora_dir, self.embeddings_dir, self.hypernetwork_dir,
-                  self.esrgan_dir, self.gfpgan_dir, self.codeformer_dir, self.controlnet_dir, self.text_encoder_dir):
+                  self.esrgan_dir, self.gfpgan_dir, self.codeformer_dir, self.controlnet_dir, self.text_encoder_dir,
+                  self.vae_approx_dir):
             d.mkdir(parents=True, exist_ok=True)
 
 

@@ -100,7 +100,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("show_progress_every_n_steps", 1, "Live preview display period (steps)", "Live previews",
             minimum=1, maximum=32),
     Setting("show_progress_type", "Approx cheap", "Live preview method", "Live previews",
-            choices=("Approx cheap", "Full")),
+            choices=("Full", "Approx NN", "Approx cheap", "TAESD")),  # TAESD, Approx NN: models/VAE-approx
     Setting("live_preview_refresh_period", 1000, "Preview picture update period (ms)", "Live previews",
             minimum=100, maximum=60000),
     Setting("localization", "None", "Localization", "User interface"),

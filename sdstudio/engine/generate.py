@@ -41,6 +41,7 @@ from .devices import Placement, plan_devices
 from .faces import FaceRestorers
 from .hooks import SamplingPlan, StepHook, calling, off_the_unet
 from .interrogate import Interrogators
+from .preview import PreviewDecoders
 from .refiner import RefinerSwitch, SwitchTarget, sdxl_time_ids
 from .rng import BrownianNoise, NoiseGenerator, image_noise
 from .samplers import SAMPLER_FUNCTIONS
@@ -63,6 +64,8 @@ class Progress:
     latent: torch.Tensor | None = None  # current denoised estimate, for live previews
     sdxl: bool = False  # which latent space ``latent`` is in (previews map it to RGB differently)
     decode: Callable[[torch.Tensor], Image.Image] | None = None  # the real VAE (call on the worker thread only)
+    # (method, latent) -> a TAESD / Approx NN preview, None without a file for it (engine.preview; worker thread)
+    approx: Callable[[str, torch.Tensor], Image.Image | None] | None = None
 
 
 @dataclass
@@ -147,6 +150,7 @@ class Engine:
         self.interrogators = Interrogators(paths.models_dir, self.plan.device, self.plan.aux_dtype)
         self.controlnets = ControlNets(self.registry, paths.annotators_dir, self.plan.device, self.plan.dtype,
                                        placement=self.placement)
+        self.previews = PreviewDecoders(paths.vae_approx_dir, self.plan.device, self.plan.dtype)  # live previews
         self.lock = threading.Lock()  # one generation at a time per device
 
     # ---- models -----------------------------------------------------------------------------------
@@ -632,7 +636,8 @@ class Engine:
         def callback(d: dict) -> None:
             if on_progress is not None:
                 on_progress(Progress(batch_no, req.n_iter, offset + d["i"] + 1, n_steps, d["denoised"],
-                                     model.spec.is_sdxl, lambda latent: self._preview(vae, latent)))
+                                     model.spec.is_sdxl, lambda latent: self._preview(vae, latent),
+                                     lambda method, latent: self.previews.decode(method, model.spec, vae, latent)))
 
         # Timestep samplers (DDIM, PLMS) start from unit-variance noise in the model's own space.
         scale = (sigmas[0] ** 2 + 1) ** 0.5 if sampler.timesteps else sigmas[0]

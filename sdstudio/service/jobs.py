@@ -739,9 +739,9 @@ class JobService:
             live.job_no, live.step, live.steps = p.job_no, p.step, p.steps
             method, every = self.preview_settings()
             if p.latent is not None and (p.step % max(1, every) == 0 or p.step == p.steps):
-                from ..engine.preview import cheap_preview
+                from ..engine.preview import live_preview
 
-                live.preview = p.decode(p.latent) if method == "Full" and p.decode else cheap_preview(p.latent, p.sdxl)
+                live.preview = live_preview(method, p)  # Full, TAESD, Approx NN; Approx cheap without their files
                 live.preview_no += 1
             self._notify()
 
