@@ -7,13 +7,16 @@ import binascii
 import io
 from pathlib import Path
 
+import numpy as np
 from fastapi import HTTPException
-from PIL import Image
+from PIL import Image, ImageOps
 from starlette.requests import Request
 
 CLIENT_HEADER = "x-sdstudio-client"
 MAX_INPUT_PIXELS = 64 * 1024 * 1024  # an uploaded image larger than 64 MP is refused before decoding
 MAX_B64_CHARS = 96 * 1024 * 1024
+# The formats an upload may be in. PIL reads many more, some through outside programs (EPS runs Ghostscript).
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")  # JPEG includes MPO (phones)
 
 
 def client_id(request: Request) -> str:
@@ -40,17 +43,49 @@ def decode_image(data: str, field: str = "image") -> Image.Image:
         raw = base64.b64decode(data, validate=False)
     except (binascii.Error, ValueError):
         raise HTTPException(422, f"{field}: not valid base64") from None
+    limit = f"the limit of {MAX_INPUT_PIXELS // 2**20} megapixels"
+    Image.init()  # registers every plugin: open() given a format list looks only among those registered
     try:
-        image = Image.open(io.BytesIO(raw))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        raise HTTPException(422, f"{field}: not an image PIL can read") from None
+        image = Image.open(io.BytesIO(raw), formats=UPLOAD_FORMATS)
+    except Image.DecompressionBombError as exc:  # PIL's own check, on the size the header claims
+        raise HTTPException(413, f"{field}: the image is over {limit} ({exc})") from None
+    except Exception:  # noqa: BLE001 - a decoder fed hostile bytes may raise anything; the client hears why
+        raise HTTPException(422, f"{field}: not a {', '.join(UPLOAD_FORMATS[:-1])} or {UPLOAD_FORMATS[-1]} "
+                                 "image (or damaged at its start)") from None
     w, h = image.size
     if w * h > MAX_INPUT_PIXELS:
-        raise HTTPException(413, f"{field}: {w}x{h} is over the limit of {MAX_INPUT_PIXELS // 2**20} megapixels")
+        raise HTTPException(413, f"{field}: {w}x{h} is over {limit}")
     try:
         image.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return upright(image)
+    except MemoryError:
+        raise HTTPException(413, f"{field}: {w}x{h} is too large to decode in this server's memory") from None
+    except Exception as exc:  # noqa: BLE001 - as above
         raise HTTPException(422, f"{field}: the image is damaged ({exc})") from None
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """A decoded upload as A1111's ``images.read`` gives it (turned as its EXIF orientation says; a PNG's
+    transparent colour made alpha), and in a mode the queue can store and the engine can convert: CMYK, YCbCr,
+    LAB, HSV to RGB; 16- and 32-bit grey and float to 8-bit grey, scaled (not clipped to white); PA to RGBA.
+    The text chunks (its infotext) are kept."""
+    image = ImageOps.exif_transpose(image)
+    info = dict(image.info)  # after turning: its EXIF no longer says to turn
+    mode = image.mode
+    if mode in ("P", "RGB") and isinstance(image.info.get("transparency"), bytes) or mode in ("PA", "RGBa", "La"):
+        image = image.convert("RGBA")
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        image = image.convert("RGB")
+    elif mode == "F" or mode.startswith("I"):
+        arr = np.asarray(image, dtype=np.float64)
+        top = float(np.nanmax(arr)) if arr.size else 0.0
+        if mode == "F" and top <= 1.0:
+            arr = arr * 255.0  # floats in 0..1
+        elif mode.startswith("I;16") or top > 255:
+            arr = arr / 257.0  # 16-bit samples: 65535 is white
+        image = Image.fromarray(np.clip(np.rint(np.nan_to_num(arr)), 0, 255).astype(np.uint8), "L")
+    for key, value in info.items():
+        image.info.setdefault(key, value)
     return image
 
 

@@ -49,6 +49,14 @@ def open_image(path: str | Image.Image, what: str) -> Image.Image:
         raise RequestError(f"{what}: cannot read the image ({exc})") from None
 
 
+def flatten(image: Image.Image) -> Image.Image:
+    """A1111's ``images.flatten``: an RGBA picture on white (its ``img2img_background_color``), then RGB; other
+    modes are converted as they are."""
+    if image.mode == "RGBA":
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
+    return image.convert("RGB")
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """A PIL image -> 1×3×H×W in [-1, 1] (what the VAE encodes)."""
     arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
@@ -63,7 +71,7 @@ def prepare(req: Img2ImgRequest, vae, device: torch.device, inpainting_model: bo
             mask_src = ImageOps.invert(mask_src)
     out = []
     for n, path in enumerate(req.init_images):
-        original = open_image(path, f"init image {n + 1}").convert("RGB")
+        original = flatten(open_image(path, f"init image {n + 1}"))
         region = overlay_base = overlay_mask = None
         if mask_src is not None:
             mask = mask_src if mask_src.size == original.size else mask_src.resize(original.size, Image.Resampling.LANCZOS)
