@@ -20,8 +20,8 @@ from sdstudio.engine.conditioning import Conditioning, TextConditioner
 from sdstudio.engine.denoiser import (
     CFGDenoiser,
     ComposedConditioning,
-    GuidanceOptions,
     ScheduledConditioning,
+    SpeedOptions,
     pad_cond_uncond,
     pad_cond_uncond_v0,
 )
@@ -122,7 +122,7 @@ def test_a_skipped_call_is_the_first_parts_prediction_guided_at_scale_one():
     uncond = ScheduledConditioning([(99, u)])
     x, sigma = _x(), 3.0
     d1, d2, du = (_direct(unet, x, sigma, c.crossattn) for c in (c1, c2, u))
-    ngms = CFGDenoiser(_plan(unet, cond, uncond), GuidanceOptions(s_min_uncond=100.0))
+    ngms = CFGDenoiser(_plan(unet, cond, uncond), SpeedOptions(s_min_uncond=100.0))
     with torch.no_grad():
         first = ngms(x, torch.tensor([sigma]))  # call 0: even, not skipped
         second = ngms(x, torch.tensor([sigma]))  # call 1: odd, skipped
@@ -196,7 +196,7 @@ def test_padded_guidance_equals_cfg_over_the_padded_unet_calls():
     plan = _plan(unet, ComposedConditioning([(ScheduledConditioning([(99, c)]), 1.0)]), ScheduledConditioning([(99, u)]))
     x, sigma = _x(), 2.0
     with torch.no_grad():
-        out = CFGDenoiser(plan, GuidanceOptions(pad_cond_uncond=True, empty=empty))(x, torch.tensor([sigma]))
+        out = CFGDenoiser(plan, SpeedOptions(pad_cond_uncond=True, empty=empty))(x, torch.tensor([sigma]))
     dc = _direct(unet, x, sigma, torch.cat([c.crossattn, empty.crossattn], dim=1))
     du = _direct(unet, x, sigma, u.crossattn)
     assert torch.allclose(out, du + (dc - du) * 5.0, atol=1e-4)
@@ -388,3 +388,48 @@ def test_bad_values_are_refused_by_name(field, value):
 
     with pytest.raises(RequestError, match=field):
         Txt2ImgRequest(**{field: value}).validate()
+
+
+# ---- DeepCache (ours) -------------------------------------------------------------------------------------
+def _count_calls(module: torch.nn.Module) -> tuple[list[int], object]:
+    seen: list[int] = []
+    return seen, module.register_forward_hook(lambda *_: seen.append(1))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a_shallow_call_on_its_own_kept_features_is_the_full_call(family):
+    from sdstudio.engine.deepcache import DeepCache
+
+    unet = tiny_unet(family, seed=1)
+    g = torch.Generator().manual_seed(13)
+    width = 64 if family == "sd1" else 192
+    x, hidden = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, width, generator=g)
+    t = torch.full((2,), 400.0)
+    extra = {} if family == "sd1" else {"added_cond_kwargs": {
+        "text_embeds": torch.randn(2, 128, generator=g), "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]] * 2)}}
+    cache = DeepCache(2)
+    mid, handle = _count_calls(unet.mid_block)
+    with torch.no_grad():
+        full = cache(unet, 0, 1, x, t, hidden, **extra).sample
+        shallow = cache(unet, 1, 1, x, t, hidden, **extra).sample  # odd call: the outer level on the kept features
+        other_slot = cache(unet, 1, 2, x, t, hidden, **extra).sample  # nothing kept for that place: full
+    handle.remove()
+    assert torch.equal(shallow, full) and torch.equal(other_slot, full)
+    assert (cache.full_calls, cache.shallow_calls, len(mid)) == (2, 1, 2)  # the shallow call skipped the middle
+
+
+def test_deepcache_in_a_job(session_engine):
+    _, model = session_engine.load("tiny-sd1")
+    plain = session_engine.generate(Txt2ImgRequest(**BASE))
+    req = Txt2ImgRequest(**{**BASE, "deepcache_interval": 3})
+    mid, handle = _count_calls(model.unet.mid_block)
+    calls = UNetCalls()
+    try:
+        first = session_engine.generate(req, hooks=[calls])
+    finally:
+        handle.remove()
+    assert len(calls.calls) == BASE["steps"] and len(mid) == 3  # the whole UNet at calls 0, 3 and 6 of 8
+    again = session_engine.generate(req)
+    assert np.array_equal(px(first), px(again)) and not np.array_equal(px(first), px(plain))
+    assert params(first)["DeepCache interval"] == "3" and "DeepCache interval" not in params(plain)
+    assert np.array_equal(px(session_engine.generate(from_infotext(first.images[0].infotext))), px(first))

@@ -102,6 +102,7 @@ class Txt2ImgRequest:
     token_merging_ratio: float = 0.0  # ToMe: share of the full-resolution self-attention tokens merged
     token_merging_ratio_hr: float = 0.0  # the Hires. fix pass's (0: the same as the first pass)
     token_merging_ratio_img2img: float = 0.0  # img2img's (0: token_merging_ratio)
+    deepcache_interval: int = 0  # ours: the whole UNet every N-th step, its outer level only between (0/1: off)
     script_name: str = ""  # a selectable script (sdstudio.core.scripts) for this kind of request; "" = none
     script_args: dict[str, Any] = field(default_factory=dict)
     # always-on scripts (dynamic thresholding, CFG rescale, a plug-in's...): {script name: {argument: value}}
@@ -133,6 +134,9 @@ class Txt2ImgRequest:
             raise RequestError(f"cfg_scale must be between 0 and 100, got {self.cfg_scale!r}")
         if not 0.0 <= self.s_min_uncond <= 1000.0:
             raise RequestError(f"s_min_uncond must be between 0 (off) and 1000, got {self.s_min_uncond!r}")
+        if not isinstance(self.deepcache_interval, int) or not 0 <= self.deepcache_interval <= 1000:
+            raise RequestError(f"deepcache_interval must be an integer from 0 (off) to 1000, got "
+                               f"{self.deepcache_interval!r}")
         for name in ("token_merging_ratio", "token_merging_ratio_hr", "token_merging_ratio_img2img"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise RequestError(f"{name} must be from 0 (off) to below 1, got {getattr(self, name)!r}")
@@ -265,7 +269,7 @@ MAX_SEED = 4294967294
 OPTION_FIELDS = ("sdxl_crop_top", "sdxl_crop_left", "sdxl_refiner_low_aesthetic_score",
                  "sdxl_refiner_high_aesthetic_score", "hires_fix_refiner_pass", "refiner_switch_by_sample_steps",
                  "s_min_uncond", "s_min_uncond_all", "pad_cond_uncond", "pad_cond_uncond_v0", "token_merging_ratio",
-                 "token_merging_ratio_hr", "token_merging_ratio_img2img")
+                 "token_merging_ratio_hr", "token_merging_ratio_img2img", "deepcache_interval")
 
 
 def option_fields(options) -> dict[str, Any]:
@@ -487,6 +491,7 @@ INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
     InfotextField("NGMS all steps", lambda r: None, lambda t: {"s_min_uncond_all": _read_bool(t)}),
     InfotextField("Pad conds", lambda r: None, lambda t: {"pad_cond_uncond": _read_bool(t)}),
     InfotextField("Pad conds v0", lambda r: None, lambda t: {"pad_cond_uncond_v0": _read_bool(t)}),
+    _simple("DeepCache interval", "deepcache_interval", _read_int, skip=lambda v: v <= 1),  # ours
     # img2img, and txt2img's Hires. fix
     InfotextField("Denoising strength", lambda r: _fmt_float(r.denoising_strength) if r.uses_denoising() else None,
                   lambda t: {"denoising_strength": float(t)}),
@@ -542,6 +547,7 @@ KEY_ORDER = (
     "Hires negative prompt", "Hires CFG Scale", "Tiled VAE", "Lora hashes", "TI hashes", "Refiner", "Refiner switch at",
     "Hires refiner", "Refiner switch by sampling steps", "Emphasis",
     "Token merging ratio", "Token merging ratio hr", "NGMS", "NGMS all steps", "Pad conds", "Pad conds v0",
+    "DeepCache interval",
 )
 # Keys that describe the result rather than the request: never turned into request fields.
 _RESULT_KEYS = {"VAE hash", "Version"}
@@ -586,6 +592,7 @@ def from_infotext(text_or_params: str | dict[str, str], base: Txt2ImgRequest | N
         "refiner_checkpoint": "", "hires_fix_refiner_pass": "second pass", "refiner_switch_by_sample_steps": False,
         "s_min_uncond": 0.0, "s_min_uncond_all": False, "pad_cond_uncond": False, "pad_cond_uncond_v0": False,
         "token_merging_ratio": 0.0, "token_merging_ratio_hr": 0.0, "token_merging_ratio_img2img": 0.0,
+        "deepcache_interval": 0,
     }
     extra: dict[str, str] = {}
     own = {f.name for f in dataclasses.fields(req)}

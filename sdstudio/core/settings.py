@@ -76,6 +76,8 @@ SETTINGS: tuple[Setting, ...] = (
             minimum=0.0, maximum=0.9),
     Setting("pad_cond_uncond", False, "Pad prompt/negative prompt", "Optimizations"),
     Setting("pad_cond_uncond_v0", False, "Pad prompt/negative prompt (v0)", "Optimizations"),
+    Setting("deepcache_interval", 0, "DeepCache interval (ours: the whole UNet every N steps; 0 = off)",
+            "Optimizations", minimum=0, maximum=1000),
     Setting("img2img_fix_steps", False, "With img2img, do exactly the amount of steps the slider specifies",
             "img2img"),
     Setting("initial_noise_multiplier", 1.0, "Noise multiplier for img2img", "img2img", minimum=0.0, maximum=1.5),

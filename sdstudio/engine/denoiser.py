@@ -5,8 +5,8 @@ It wraps the UNet with the model's parametrisation (epsilon or v), classifier-fr
 condition per step. Always-on scripts hook in through the sampling plan's per-step hooks
 (:mod:`sdstudio.engine.hooks`), so samplers never change when they arrive.
 
-A1111's two guidance speed options (:class:`GuidanceOptions`) act here, as in A1111's
-``sd_samplers_cfg_denoiser``:
+A1111's two guidance speed options (:class:`SpeedOptions`) act here, as in A1111's
+``sd_samplers_cfg_denoiser``, and our DeepCache-style feature reuse (:mod:`sdstudio.engine.deepcache`):
 
 - "Negative Guidance minimum sigma" (``s_min_uncond``, infotext ``NGMS``): at a denoiser call whose first
   image's sigma is below it, and whose call count (Heun's two calls a step count twice) is odd, the
@@ -17,7 +17,9 @@ A1111's two guidance speed options (:class:`GuidanceOptions`) act here, as in A1
   negative prompt encode to different token lengths (75-token chunks), the shorter side is padded with
   chunks of the empty prompt's encoding so both go through the UNet in one batch; the "v0" variant
   (``pad_cond_uncond_v0``, A1111's DDIM/PLMS padding before 1.6) pads the negative prompt by repeating
-  its last vector, or cuts it to the prompt's length. Without either, the two run as separate UNet calls.
+  its last vector, or cuts it to the prompt's length. Without either, the two run as separate UNet calls;
+- DeepCache (``deepcache_interval``, ours): every N-th denoiser call runs the whole UNet, the calls between
+  reuse its deep features and run only the outer level.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .conditioning import Conditioning
+from .deepcache import DeepCache
 from .flow import flow_c_in, flow_denoised, flow_timestep
 from .hooks import Guidance, SamplingPlan, Step, UNetCall
 
@@ -57,8 +60,8 @@ class ComposedConditioning:
 
 
 @dataclass(frozen=True)
-class GuidanceOptions:
-    """A1111's guidance speed options for one sampling pass (see the module's docstring)."""
+class SpeedOptions:
+    """The speed options of one sampling pass (see the module's docstring)."""
 
     s_min_uncond: float = 0.0  # "Negative Guidance minimum sigma"; 0: off
     s_min_uncond_all: bool = False  # skip at every call below it, not every other one
@@ -66,6 +69,7 @@ class GuidanceOptions:
     pad_cond_uncond_v0: bool = False  # wins over pad_cond_uncond, as in A1111
     empty: Conditioning | None = None  # the empty prompt's encoding (pad_cond_uncond's filler)
     empty_after_switch: Conditioning | None = None  # the refiner's, once it takes over
+    deepcache_interval: int = 0  # the whole UNet every N-th denoiser call, the outer level in between; 0/1: off
 
     def skips_uncond(self, call: int, sigma: float) -> bool:
         """A1111's rule: odd denoiser calls (or all of them) below ``s_min_uncond`` skip the negative pass."""
@@ -128,13 +132,15 @@ class CFGDenoiser:
     ``denoised = uncond + sum_i w_i * cfg * (cond_i - uncond)``, with the plan's hooks around it
     (:mod:`sdstudio.engine.hooks`)."""
 
-    def __init__(self, plan: SamplingPlan, options: GuidanceOptions | None = None):
+    def __init__(self, plan: SamplingPlan, options: SpeedOptions | None = None):
         self.plan = plan
-        self.options = options or GuidanceOptions()
+        self.options = options or SpeedOptions()
         self.step = 0  # counts denoiser calls, as A1111 does for prompt editing (Heun advances it twice)
         self.sampling_step = 0  # the sampler's step, advanced by ``after_step`` (hook windows use it)
         self.uncond_denoised: torch.Tensor | None = None  # the last call's unguided predictions (CFG++)
         self._empty = self.options.empty
+        self.deepcache = DeepCache(self.options.deepcache_interval) if self.options.deepcache_interval > 1 else None
+        self._slot = 0  # UNet calls so far in this denoiser call (DeepCache keeps features per place)
         # for the infotext, as A1111 records them: whether the last call padded ("Pad conds" / "Pad conds
         # v0"), and whether any call skipped the negative pass under "NGMS all steps"
         self.padded = self.padded_v0 = False
@@ -162,6 +168,9 @@ class CFGDenoiser:
         x, t = x.to(plan.dtype), t.to(plan.device)
         if plan.hooks:
             extra.update(plan.unet_inputs(UNetCall(x, t, hidden, owners, uncond, step, extra.get("added_cond_kwargs"))))
+        if self.deepcache is not None:
+            self._slot += 1
+            return self.deepcache(plan.unet, self.step, self._slot, x, t, hidden, **extra).sample.float()
         return plan.unet(x, t, encoder_hidden_states=hidden, **extra).sample.float()
 
     def _pad(self, conds: list[Conditioning], unconds: list[Conditioning]):
@@ -235,6 +244,7 @@ class CFGDenoiser:
             x_in = torch.cat([x_in, plan.image_cond.to(x_in.device, x_in.dtype)], dim=1)
         groups = [range(i, i + 1) for i in range(batch)] if plan.batch_invariant else [range(batch)]
         skip_uncond = self.options.skips_uncond(self.step, float(sigma[0]))
+        self._slot = 0
         self.padded = self.padded_v0 = False
         self.skipped_all_steps |= skip_uncond and self.options.s_min_uncond_all
         results, unguided = [], []

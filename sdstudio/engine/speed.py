@@ -2,8 +2,9 @@
 
 The request carries the options (A1111's settings of the same names, copied when the job is made):
 ``s_min_uncond`` / ``s_min_uncond_all`` and ``pad_cond_uncond`` / ``pad_cond_uncond_v0`` act in the
-denoiser (:class:`sdstudio.engine.denoiser.GuidanceOptions`), the token merging ratios through a hook
-(:class:`sdstudio.engine.tome.TokenMerging`). The infotext keys A1111 writes only when the option
+denoiser (:class:`sdstudio.engine.denoiser.SpeedOptions`), the token merging ratios through a hook
+(:class:`sdstudio.engine.tome.TokenMerging`); so does our ``deepcache_interval``
+(:mod:`sdstudio.engine.deepcache`), in the denoiser. The infotext keys A1111 writes only when the option
 actually did something (``Pad conds``, ``Pad conds v0``, ``NGMS all steps``) are collected from the
 passes' denoisers here; the others (``NGMS``, ``Token merging ratio``...) are written from the request.
 """
@@ -18,7 +19,7 @@ import torch
 from ..core.params import Txt2ImgRequest, token_merging_ratio
 from ..models.loader import LoadedModel
 from .conditioning import Conditioning, empty_prompt
-from .denoiser import CFGDenoiser, GuidanceOptions
+from .denoiser import CFGDenoiser, SpeedOptions
 from .hooks import StepHook
 from .tome import TokenMerging
 
@@ -44,12 +45,13 @@ class SpeedJob:
         return job
 
     def for_pass(self, pass_name: str, model: LoadedModel, refiner: LoadedModel | None = None,
-                 seeds: Sequence[int] = ()) -> tuple[list[StepHook], GuidanceOptions]:
+                 seeds: Sequence[int] = ()) -> tuple[list[StepHook], SpeedOptions]:
         """The hooks and the denoiser's options of one pass ("first" or "hires") on ``model``."""
         r, flow = self.req, model.spec.is_flow
-        options = GuidanceOptions(r.s_min_uncond, r.s_min_uncond_all, r.pad_cond_uncond and not flow,
+        options = SpeedOptions(r.s_min_uncond, r.s_min_uncond_all, r.pad_cond_uncond and not flow,
                                   r.pad_cond_uncond_v0 and not flow, self.empty.get(id(model.unet)),
-                                  self.empty.get(id(refiner.unet)) if refiner is not None else None)
+                                  self.empty.get(id(refiner.unet)) if refiner is not None else None,
+                                  deepcache_interval=r.deepcache_interval)
         ratio = token_merging_ratio(r, hires=pass_name == "hires")
         # SD 3.x / Flux.1 are transformers without the UNet's grid blocks: the ratio does nothing there
         # (A1111 has no such models; on SDXL it does nothing either, no attention at full resolution)
