@@ -89,6 +89,26 @@ def upright(image: Image.Image) -> Image.Image:
     return image
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def from_this_machine(request: Request) -> bool:
+    """The caller runs on the server's machine (a server started without --listen has no other callers)."""
+    host = request.client.host if request.client else ""
+    return host in LOOPBACK or host.startswith("127.")
+
+
+def server_file(request: Request, data_dir: Path, path: str, field: str) -> str:
+    """A server file a request names for reading (a Deforum init video, a training folder): anywhere for a
+    caller on this machine, as in A1111; for one from the network, an absolute path inside the data dir."""
+    if from_this_machine(request):
+        return path
+    if not Path(path).is_absolute():
+        raise HTTPException(403, f"{field}: {path!r}: give the file's full path inside the data folder "
+                                 f"{Path(data_dir).resolve()} (this server is shared over the network)")
+    return str(inside(data_dir, path, field, "the data folder (this server is shared over the network)"))
+
+
 def encode_file(path: str | Path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode()
 
@@ -98,7 +118,10 @@ def inside(base: Path, requested: str | None, field: str, what: str = "the outpu
     if not requested:
         return None
     base = Path(base).resolve()
-    target = (base / requested).resolve()
+    try:
+        target = (base / requested).resolve()
+    except (ValueError, OSError) as exc:  # a NUL byte, a name too long for the file system
+        raise HTTPException(422, f"{field}: {requested!r} is not a usable path ({exc})") from None
     if target != base and base not in target.parents:
         raise HTTPException(403, f"{field}: {requested!r} is outside {what} {base}")
     return target

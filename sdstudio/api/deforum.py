@@ -27,10 +27,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.requests import Request
 
+from ..core import deforum as spec
 from ..core.errors import BAD_REQUEST, INTERNAL, http_status
 from ..service.jobs import DeforumJob, JobError, JobService
 from ..service.queue import CANCELLED, DONE, QUEUED, RUNNING, Job
-from .common import client_id
+from .common import client_id, server_file
 
 ACCEPTED, SUCCEEDED = "ACCEPTED", "SUCCEEDED"
 
@@ -133,6 +134,9 @@ def make_router(service: JobService, options: dict, limits: dict | None = None) 
         try:
             jobs = prepare_batch(service, settings, batch.options_overrides, limits=limits,
                                  model=options.get("sd_model_checkpoint") or None)
+            for job in jobs:  # the files a run reads: inside the data dir for a caller from the network
+                for key, path in spec.check_files(spec.load_settings(job.settings)).items():
+                    server_file(request, service.engine.paths.data_dir, path, key)
             submitted = [service.submit_deforum(client_id(request), job) for job in jobs]
         except JobError as exc:  # 422 naming the key, 429 when the caller's queue is full
             raise HTTPException(http_status(exc.kind), str(exc)) from None

@@ -7,7 +7,9 @@ unknown key is an error there too); answers are ``{"info": "..."}`` with A1111's
 the current checkpoint (``sd_model_checkpoint``); the call blocks until it ends, as A1111's does, while
 ``/sdapi/v1/progress`` shows its step and loss (``textinfo``) and ``/sdapi/v1/interrupt`` stops it with the
 file saved at the step reached. Folders: ``data_root`` may be anywhere the server can read (relative paths
-from the data dir); ``log_directory`` must lie inside the data dir (default ``textual_inversion``).
+from the data dir), and so may an absolute ``template_filename``, for a caller on the server's machine; for a
+caller from the network both must lie inside the data dir; ``log_directory`` must lie inside the data dir
+(default ``textual_inversion``).
 
 Our own routes (A1111 has none), with kohya's field names: ``POST /sdstudio/v1/train/lora`` and
 ``POST /sdstudio/v1/train/dreambooth`` check the request, queue the run and answer 202 with the job.
@@ -27,7 +29,7 @@ from ..models.errors import ModelNotFoundError
 from ..service.jobs import JobError, JobService
 from ..service.queue import DONE
 from ..training import hypernetwork as hn_training
-from .common import client_id, inside
+from .common import client_id, inside, server_file
 
 PREVIEW_FIELDS = ("preview_from_txt2img", "preview_prompt", "preview_negative_prompt", "preview_steps",
                   "preview_sampler_name", "preview_sampler_index", "preview_cfg_scale", "preview_seed",
@@ -388,6 +390,9 @@ def _a1111_router(service: JobService, options: dict) -> APIRouter:
                 raise FieldError(f"{what} not selected")
             kwargs = {f"{what}_name": str(args[f"{what}_name"]),
                       **train_kwargs(args, data_dir, hypernetwork=what == "hypernetwork")}
+            kwargs["data_root"] = server_file(request, data_dir, kwargs["data_root"], "data_root")
+            if Path(kwargs["template_file"]).is_absolute():  # else one of the listed templates
+                kwargs["template_file"] = server_file(request, data_dir, kwargs["template_file"], "template_filename")
             job = {"what": what, "model": await run_in_threadpool(current_model), "kwargs": kwargs}
         except HTTPException:
             raise

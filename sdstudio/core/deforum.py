@@ -542,6 +542,8 @@ def load_settings(source: str | bytes | Mapping[str, Any] | os.PathLike, *,
         values["strength"] = clamped
     if not values["prompts"]:
         raise DeforumSettingsError('prompts: no prompt; give at least {"0": "a prompt"}')
+    if values["resume_from_timestring"]:
+        run_timestring(DeforumSettings(values))  # a resume_timestring that is a path is refused here
     if unknown:
         notes.append("unknown keys kept as given: " + ", ".join(sorted(unknown)))
     return DeforumSettings(values, unknown, notes)
@@ -723,7 +725,11 @@ def make_timestring(now: float | None = None) -> str:
 def run_timestring(settings: DeforumSettings, now: float | None = None) -> str:
     """The resumed run's timestring when resuming, else a new one."""
     if settings["resume_from_timestring"] and str(settings["resume_timestring"]).strip():
-        return str(settings["resume_timestring"]).strip()
+        timestring = str(settings["resume_timestring"]).strip()
+        if not re.fullmatch(r"[\w-]+", timestring):  # it names the run's files: never a path
+            raise DeforumSettingsError(f"resume_timestring: {timestring!r} is not a run's timestring (such as "
+                                       "20240101120000)")
+        return timestring
     return make_timestring(now)
 
 
@@ -745,7 +751,8 @@ def format_batch_name(settings: DeforumSettings, timestring: str, seed: int) -> 
         return str(value)[:50]
 
     name = re.sub(r"{(\w+)}", sub, settings["batch_name"])
-    return re.sub(r'[<>:"/\\|?*\s,]', "_", name)
+    name = re.sub(r'[<>:"/\\|?*\s,]', "_", name)
+    return "_" if name in ("", ".", "..") else name  # a folder's name: never its parent or itself
 
 
 def frame_filename(timestring: str, frame: int) -> str:
