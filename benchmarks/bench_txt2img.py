@@ -1,7 +1,8 @@
 """Per-step time and peak memory of sdstudio's txt2img vs a plain diffusers StableDiffusionPipeline.
 
 Same weights (a full-size SD 1.5-layout random checkpoint), same sampler (Euler / EulerDiscreteScheduler,
-uniform "leading" timesteps), same size, CFG on, batch 1, float32 on the CPU (fp16 on CUDA). Each side
+uniform "leading" timesteps), same size, CFG on, batch 1, float32 on the CPU (fp16 on CUDA): sdstudio runs
+with ``--precision full`` here, like for like (its CPU bfloat16 default is measured by bench_bf16.py). Each side
 runs in a fresh process, alternating which goes first, median of the repeats: per-step time = (T(steps_hi) - T(steps_lo)) / (steps_hi - steps_lo), which
 cancels text encoding and VAE decoding; peak RSS is the process maximum.
 It also times both loops inside one process (same memory state), which separates the cost of the
@@ -22,10 +23,10 @@ from common import config_folder, full_sd15, in_fresh_process
 
 OURS = """
 import time, json, resource, torch
-from sdstudio.core.paths import Paths
+from sdstudio.core.paths import DeviceOptions, Paths
 from sdstudio.core.params import Txt2ImgRequest
 from sdstudio.engine.generate import Engine
-engine = Engine(Paths({data!r}))
+engine = Engine(Paths({data!r}), DeviceOptions(precision={precision!r}))
 req = Txt2ImgRequest(prompt="a red circle on a blue background", negative_prompt="blurry", sampler_name="Euler",
                      scheduler="Uniform", width={size}, height={size}, seed=1, cfg_scale=7)
 engine.generate(req.replace(steps=1))  # load and warm up
@@ -59,10 +60,10 @@ print(json.dumps({{"per_step": (times[{hi}] - times[{lo}]) / ({hi} - {lo}),
 SAME_PROCESS = """
 import time, json, torch
 from diffusers import StableDiffusionPipeline, EulerDiscreteScheduler
-from sdstudio.core.paths import Paths
+from sdstudio.core.paths import DeviceOptions, Paths
 from sdstudio.core.params import Txt2ImgRequest
 from sdstudio.engine.generate import Engine
-engine = Engine(Paths({data!r}))
+engine = Engine(Paths({data!r}), DeviceOptions(precision="full"))
 req = Txt2ImgRequest(prompt="a red circle on a blue background", negative_prompt="blurry", sampler_name="Euler",
                      scheduler="Uniform", width={size}, height={size}, seed=1, cfg_scale=7)
 engine.generate(req.replace(steps=1))
@@ -80,9 +81,13 @@ def per_step(run):
         s = time.perf_counter(); run(n); t[n] = time.perf_counter() - s
     return (t[{hi}] - t[{lo}]) / ({hi} - {lo})
 ours, theirs = [], []
-for _ in range({repeat}):
-    ours.append(per_step(lambda n: engine.generate(req.replace(steps=n))))
-    theirs.append(per_step(lambda n: pipe(num_inference_steps=n, **kw)))
+for i in range({repeat}):  # alternate which loop runs first: neither gets the warmer allocator every time
+    first, second = (ours, theirs) if i % 2 == 0 else (theirs, ours)
+    for side in (first, second):
+        if side is ours:
+            ours.append(per_step(lambda n: engine.generate(req.replace(steps=n))))
+        else:
+            theirs.append(per_step(lambda n: pipe(num_inference_steps=n, **kw)))
 print(json.dumps({{"ours": sorted(ours)[len(ours) // 2], "theirs": sorted(theirs)[len(theirs) // 2]}}))
 """
 
@@ -101,7 +106,7 @@ def main() -> None:
     fmt = {"size": args.size, "lo": args.lo, "hi": args.hi}
     ours, theirs = [], []
     for i in range(args.repeat):  # alternate which side runs first: page cache and memory state favour neither
-        runs = [("ours", OURS.format(data=str(data), **fmt)),
+        runs = [("ours", OURS.format(data=str(data), precision="full", **fmt)),
                 ("theirs", THEIRS.format(path=str(path), config=str(config_folder(path)), **fmt))]
         for side, code in (runs if i % 2 == 0 else runs[::-1]):
             (ours if side == "ours" else theirs).append(in_fresh_process(code))

@@ -69,11 +69,30 @@ BASE = {"prompt": "a red circle", "negative_prompt": "blue", "steps": 6, "width"
         "cfg_scale": 6, "sampler_name": "DPM++ 2M"}
 
 
+def test_narrow_unets_stay_float32_under_autocast_and_half_forces_bfloat16():
+    auto = plan_devices(DeviceOptions(precision="autocast", **CPU), X86_BF16)
+    half = plan_devices(DeviceOptions(precision="half", **CPU), X86_BF16)
+    assert auto.dtype_for(320) == auto.dtype_for(None) == torch.bfloat16  # SD 1.x/2.x/XL; DiT files
+    assert auto.dtype_for(32) == torch.float32  # the demo model: too narrow for bfloat16 to pay
+    assert half.dtype_for(32) == torch.bfloat16
+    assert plan_devices(DeviceOptions(precision="full", **CPU), X86_BF16).dtype_for(320) == torch.float32
+
+
 @pytest.fixture(scope="module")
 def engines(make_data_root):
+    """float32, and bfloat16 forced (``--precision half``: the tiny models are too narrow for autocast's)."""
     root = make_data_root("precision", {"tiny-sd1": "sd1", "tiny-sdxl": "sdxl"})
     return (Engine(Paths(root), DeviceOptions(precision="full", **CPU)),
-            Engine(Paths(root), DeviceOptions(precision="autocast", **CPU)))
+            Engine(Paths(root), DeviceOptions(precision="half", **CPU)))
+
+
+@needs_bf16
+def test_autocast_loads_a_narrow_checkpoint_in_float32(make_data_root):
+    engine = Engine(Paths(make_data_root("precision-auto")), DeviceOptions(precision="autocast", **CPU))
+    assert engine.plan.dtype == torch.bfloat16
+    _, model = engine.load(None)
+    assert model.unet.dtype == model.dtype == torch.float32
+    assert engine.generate(Txt2ImgRequest(**BASE)).images[0].image.size == (64, 64)
 
 
 def pixels(result) -> np.ndarray:
@@ -109,3 +128,45 @@ def test_bfloat16_pictures_repeat_exactly_and_img2img_and_hires_work(engines, tm
                                          denoising_strength=0.5, hr_second_pass_steps=2))
     assert hires.images[0].image.size == (128, 128)
     assert np.asarray(hires.images[0].image).std() > 0
+
+
+@needs_bf16
+def test_the_bfloat16_unet_runs_in_channels_last_memory(engines):
+    _, half = engines
+    assert half.plan.channels_last and not engines[0].plan.channels_last
+    half.generate(Txt2ImgRequest(**BASE))
+    _, loaded = half.load("tiny-sd1")
+    convs = [m.weight for m in loaded.unet.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert loaded.vae.decoder.conv_in.weight.is_contiguous()  # the VAE keeps the default layout
+
+
+@needs_bf16
+@pytest.mark.parametrize("precision", ["half", "autocast"])
+def test_controlnet_and_ip_adapter_follow_the_unets_dtype(make_data_root, precision):
+    # a bfloat16 UNet gets bfloat16 add-ons; autocast's float32 narrow UNet gets float32 ones
+    import base64
+    import io
+
+    from PIL import Image, ImageDraw
+
+    from sdstudio.scripts import Studio
+    from sdstudio.testing.controlnet_files import write_controlnet
+    from sdstudio.testing.ip_adapter_files import write_clip_vision, write_ip_adapter
+
+    root = make_data_root(f"precision-cn-{precision}")
+    write_controlnet(root / "models" / "ControlNet" / "tiny-canny.safetensors", "sd1", "tiny", seed=3)
+    write_ip_adapter(root / "models" / "ControlNet" / "ip-adapter_tiny.safetensors")
+    write_clip_vision(root / "models" / "clip_vision" / "clip_h.safetensors")
+    picture = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(picture).rectangle((16, 16, 48, 48), outline="white", width=2)
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    studio = Studio(Engine(Paths(root), DeviceOptions(precision=precision, **CPU)))
+    units = [{"enabled": True, "module": "none", "model": "tiny-canny", "image": image},
+             {"enabled": True, "module": "ip-adapter_clip_h", "model": "ip-adapter_tiny", "image": image}]
+    out = studio.generate(Txt2ImgRequest(**BASE, alwayson_scripts={"ControlNet": {"units": units}}))
+    assert out.images[0].image.size == (64, 64)
+    _, model = studio.engine.load(None)
+    assert model.dtype == (torch.bfloat16 if precision == "half" else torch.float32)

@@ -290,7 +290,7 @@ class ControlNets:
             if self._preprocessors is not None:
                 self._preprocessors.add(p)
 
-    def model(self, title: str, base_unet=None):
+    def model(self, title: str, base_unet=None, dtype: torch.dtype | None = None):
         """The loaded model a unit names (the extension's lookup: "name [hash]", name, closest), and its title.
         ``base_unet()`` gives the checkpoint's UNet, which difference ControlNets and Control-LoRAs complete."""
         from ..models.controlnet import ControlModelCache, detect_control_file
@@ -300,16 +300,17 @@ class ControlNets:
         with self._lock:
             if self._cache is None:
                 self._cache = ControlModelCache()
-        title = file.title
+        title, dtype = file.title, dtype or self.dtype
         try:
-            return title, self._cache.get(file.path, self.dtype)
+            return title, self._cache.get(file.path, dtype)
         except ModelFileError:
             if base_unet is None or not detect_control_file(file.path).needs_unet:
                 raise
-        return title, self._cache.get(file.path, self.dtype, unet=base_unet())
+        return title, self._cache.get(file.path, dtype, unet=base_unet())
 
     # ---- a job's units ----------------------------------------------------------------------------------
-    def prepare(self, index: int, unit: ControlUnit, req, base_unet=None) -> PreparedUnit:
+    def prepare(self, index: int, unit: ControlUnit, req, base_unet=None, dtype: torch.dtype | None = None
+                ) -> PreparedUnit:
         """Run a unit's preprocessor on its image (see the module's docstring); bad fields and missing images
         or models are a :class:`ControlNetError` naming the unit."""
         from .preprocessors import detect, numpy_seed, pixel_perfect_resolution
@@ -327,7 +328,7 @@ class ControlNets:
             return PreparedUnit(index, used, pre, detected, None, file.path)
         model = title = None
         if unit.model and unit.model != "None" and not pre.model_free:
-            title, model = self.model(unit.model, base_unet)
+            title, model = self.model(unit.model, base_unet, dtype)
         elif not pre.model_free:
             raise ControlNetError(f"{where}: no ControlNet model chosen (model is 'None'); pick one of the files in "
                                   f"{self.registry.paths.controlnet_dir}")
@@ -396,15 +397,18 @@ class ControlNets:
         hires_job = bool(getattr(req, "enable_hr", False)) and req.kind == "txt2img"
         base_unet = (lambda: base()[0].unet) if base is not None else None
         out = []
+        dtype = None  # the job's UNet's (a narrow UNet stays float32 where others run in bfloat16)
         for i, unit in enumerate(units):
             if not unit.enabled:
                 continue
-            prepared = self.prepare(i, unit, req, base_unet)
+            if dtype is None:
+                dtype = base()[0].dtype if base is not None else self.dtype
+            prepared = self.prepare(i, unit, req, base_unet, dtype)
             if prepared.kind == "ip-adapter":  # no map to show: the extension appends none
                 from .ip_adapter import ip_adapter_hook
 
                 hook = ip_adapter_hook(prepared, prepared.path, self.registry.paths.models_dir / "clip_vision",
-                                       self.device, self.dtype)
+                                       self.device, dtype)
                 hook.prepared = prepared  # the unit as used (its model's title) for the infotext
                 out.append(hook)
                 continue
@@ -413,7 +417,7 @@ class ControlNets:
             if prepared.kind == "reference":
                 out.append(self._reference_hook(prepared, base, hires_job))
             else:
-                out.append(ControlHook(prepared, self.device, self.dtype, hires_job))
+                out.append(ControlHook(prepared, self.device, dtype, hires_job))
         return out
 
     def _reference_hook(self, prepared: PreparedUnit, base, hires_job: bool):
@@ -431,7 +435,7 @@ class ControlNets:
             with torch.no_grad(), (placement.use(vae) if placement is not None else _nothing()):
                 return vae_ops.encode(vae, pixels, self.device)
 
-        return reference_hook(prepared, encode, DiscreteSchedule(), self.device, self.dtype, model.spec.is_sdxl,
+        return reference_hook(prepared, encode, DiscreteSchedule(), self.device, model.dtype, model.spec.is_sdxl,
                               hires_job=hires_job)
 
 

@@ -27,7 +27,7 @@ from ..core.prompt import prompt_schedule, split_and
 from ..models.embeddings import EmbeddingLibrary
 from ..models.errors import ModelFileError, ModelNotFoundError
 from ..models.files import ModelFile
-from ..models.loader import LoadedModel, ModelCache, load_vae_file
+from ..models.loader import LoadedModel, ModelCache, load_vae_file, unet_width
 from ..models.registry import ModelRegistry
 from . import flow as flow_ops
 from . import hypernetwork as hypernetwork_ops
@@ -165,7 +165,7 @@ class Engine:
         return file, self._get(file)
 
     def _get(self, file: ModelFile) -> LoadedModel:
-        return self.models.get(file.path, self.plan.dtype, self.plan.vae_dtype,
+        return self.models.get(file.path, self.plan.dtype_for(unet_width(file.path)), self.plan.vae_dtype,
                                text_encoder_dirs=tuple(self.paths.text_encoder_dirs), vae_dirs=(self.paths.vae_dir,))
 
     def vae_module(self, file: ModelFile, model: LoadedModel, choice: str):
@@ -612,7 +612,7 @@ class Engine:
         speed_hooks, guidance_options = speed.for_pass(pass_name, model, refiner.model if refiner else None, seeds) \
             if speed is not None else ([], None)
         plan = SamplingPlan(self._model_call(model, req), schedule, model.spec.prediction, [cond] * len(seeds),
-                            [uncond] * len(seeds), req.cfg_scale * sampler.cfg_scale_multiplier, self.plan.dtype,
+                            [uncond] * len(seeds), req.cfg_scale * sampler.cfg_scale_multiplier, model.dtype,
                             self.plan.device,
                             steps=len(sigmas) - 1, pass_name=pass_name, add_time_ids=time_ids[0],
                             add_time_ids_uncond=time_ids[1], should_stop=should_stop,

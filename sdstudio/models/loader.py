@@ -183,6 +183,19 @@ def load_vae_file(path: str | Path, like: AutoencoderKL, dtype: torch.dtype) -> 
         raise ModelFileError(f"{path.name}: {exc}") from None
 
 
+def unet_width(path: str | Path) -> int | None:
+    """The channels of a single-file checkpoint's first UNet block (320 for SD 1.x/2.x/XL), read from the
+    header alone; None for other layouts (DiT transformers, folders), pickles (reading one means loading it)
+    or unreadable files."""
+    if Path(path).suffix.lower() != ".safetensors":
+        return None
+    try:
+        shape = open_state_dict(path).shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    except (ModelFileError, OSError):
+        return None
+    return int(shape[0]) if shape else None
+
+
 class ModelCache:
     """Recently loaded checkpoints, keyed by (path, size, mtime, dtype); least recently used evicted."""
 
