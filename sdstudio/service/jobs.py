@@ -353,7 +353,7 @@ def _stored_units(records: dict) -> dict:
 class JobService:
     def __init__(self, engine, queue: JobQueue, *, resume: bool = False, jobs_dir: Path | None = None,
                  preview_settings: Callable[[], tuple[str, int]] | None = None, studio=None, plugins=None,
-                 max_queued: Callable[[], int] | None = None):
+                 max_queued: Callable[[], int] | None = None, workers=None, catalog=None):
         from ..plugins import Plugins
         from ..scripts import Studio
 
@@ -371,6 +371,9 @@ class JobService:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.recovered = queue.recover(resume=resume)
+        # a WorkerPool (sdstudio.service.workers): jobs run on its workers (Ray actors...) instead of this
+        # process's thread; a ModelCatalog: submitted requests are checked against it (no engine asked)
+        self.pool, self.catalog = workers, catalog
         self.runners: dict[str, Callable[[Job, Live], None]] = {"txt2img": self._run_generate,
                                                                 "img2img": self._run_generate,
                                                                 "load": self._run_load,
@@ -382,6 +385,9 @@ class JobService:
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> JobService:
+        if self.pool is not None:
+            self.pool.start(self)
+            return self
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="sdstudio-worker", daemon=True)
             self._thread.start()
@@ -392,6 +398,8 @@ class JobService:
         if self.live is not None:
             self.live.interrupted = True
         self._notify()
+        if self.pool is not None:
+            self.pool.stop(timeout)
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -417,7 +425,9 @@ class JobService:
         """Queue a generation job (an :class:`Img2ImgRequest` makes it an img2img job) for ``client``."""
         try:
             job.request = self.studio.validate(job.request.with_concrete_seeds())
-        except RequestError as exc:
+            if self.catalog is not None:
+                self.catalog.check(job.request)
+        except (RequestError, ModelNotFoundError) as exc:
             raise JobError(str(exc)) from None
         self._check_room(client)
         submitted = self.queue.submit(client, job.kind, job.to_dict())
@@ -622,8 +632,7 @@ class JobService:
     def interrupt(self, client: str | None) -> list[str]:
         """Stop the caller's running job (its finished images are kept) and end its parked ones."""
         touched = []
-        live = self._live_of(client, None)
-        if live is not None:
+        for live in self._lives_of(client):
             live.interrupted = True
             touched.append(live.job.id)
         for job in self.queue.list(client=client, statuses=(QUEUED,), limit=1000):
@@ -634,16 +643,16 @@ class JobService:
         return touched
 
     def skip(self, client: str | None) -> list[str]:
-        live = self._live_of(client, None)
-        if live is not None:
+        touched = []
+        for live in self._lives_of(client):
             live.skip = True
-            return [live.job.id]
-        return []
+            touched.append(live.job.id)
+        return touched
 
     def cancel(self, job_id: str, client: str | None) -> Job | None:
         job = self.queue.cancel(job_id, client)
-        live = self.live
-        if job is not None and live is not None and live.job.id == job_id:
+        live = self._live_of(None, job_id)
+        if job is not None and live is not None:
             live.interrupted = True
         self._notify()
         return job
@@ -686,11 +695,18 @@ class JobService:
 
     def _live_of(self, client: str | None, job_id: str | None) -> Live | None:
         """The running job's live state if it is ``client``'s and ``job_id`` (None: any)."""
-        live = self.live
-        if live is None or (client is not None and live.job.client != client) or \
-                (job_id is not None and live.job.id != job_id):
-            return None
-        return live
+        return next((live for live in self._lives_of(client) if job_id is None or live.job.id == job_id), None)
+
+    def _lives_of(self, client: str | None) -> list[Live]:
+        """The live state of every running job (``client``'s only, unless None): this process's and the pool's."""
+        lives = [self.live] if self.live is not None else []
+        if self.pool is not None:
+            lives += [live for live in self.pool.lives() if live is not self.live]
+        return [live for live in lives if client is None or live.job.client == client]
+
+    def running_jobs(self) -> list[Job]:
+        """Every running job (one per busy worker)."""
+        return [live.job for live in self._lives_of(None)]
 
     # ---- the worker -------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -702,8 +718,8 @@ class JobService:
                 continue
             self._run(job)
 
-    def _run(self, job: Job) -> None:
-        live = Live(job)
+    def _run(self, job: Job, live: Live | None = None) -> None:
+        live = live or Live(job)  # a worker pool passes the live state it shows
         self.live = live
         self._notify()
         try:
@@ -1026,6 +1042,6 @@ class JobService:
                                   fmt=spec.samples_format)
 
     def running_job(self) -> Job | None:
-        live = self.live
-        return live.job if live is not None else None
+        lives = self._lives_of(None)
+        return lives[0].job if lives else None
 
