@@ -170,3 +170,15 @@ def test_controlnet_and_ip_adapter_follow_the_unets_dtype(make_data_root, precis
     assert out.images[0].image.size == (64, 64)
     _, model = studio.engine.load(None)
     assert model.dtype == (torch.bfloat16 if precision == "half" else torch.float32)
+
+
+@pytest.mark.full
+def test_compile_gives_the_same_picture(make_data_root):
+    # --compile: the UNet runs through torch.compile (minutes of compiling on a CPU: behind --full)
+    root = make_data_root("compile")
+    plain = Engine(Paths(root), DeviceOptions(precision="full", **CPU))
+    compiled = Engine(Paths(root), DeviceOptions(precision="full", compile=True, **CPU))
+    req = Txt2ImgRequest(**{**BASE, "steps": 2})
+    a, b = pixels(plain.generate(req)), pixels(compiled.generate(req))
+    assert compiled.load(None)[1].unet._compiled_call_impl is not None
+    assert np.abs(a - b).max() <= 2  # compiled kernels may round differently in the last bit

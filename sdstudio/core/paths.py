@@ -88,7 +88,7 @@ class Paths:
 @dataclass(frozen=True)
 class DeviceOptions:
     """Launch flags about the device: ``--precision full``, ``--no-half``, ``--no-half-vae``,
-    ``--medvram``, ``--lowvram``, ``--xformers``, ``--use-cpu``."""
+    ``--medvram``, ``--lowvram``, ``--xformers``, ``--use-cpu``, ``--compile``."""
 
     precision: str = field(default_factory=default_precision)
     no_half: bool = False
@@ -96,4 +96,5 @@ class DeviceOptions:
     medvram: bool = False
     lowvram: bool = False
     xformers: bool = False
+    compile: bool = False
     use_cpu: bool = False

@@ -47,6 +47,7 @@ class DevicePlan:
     reason: str = ""  # why these dtypes, for /sdapi/v1/memory and the footer
     channels_last: bool = False  # UNets and ControlNets in channels-last memory (oneDNN's bfloat16 convolutions)
     bf16_min_width: int = 0  # CPU bfloat16: UNets narrower than this (first block's channels) stay float32
+    compile: bool = False  # --compile: UNets (and ControlNets) through torch.compile, in place
 
     def dtype_for(self, unet_width: int | None) -> torch.dtype:
         """The dtype a checkpoint runs in, given its UNet's first block width (None: unknown, or not a UNet)."""
@@ -111,7 +112,8 @@ def plan_devices(opts: DeviceOptions | None = None, cpuinfo: str | None = None) 
             use_xformers = device.type == "cuda"
     channels_last = device.type == "cpu" and dtype == torch.bfloat16  # measured: 5 % a step at 512², no loss below
     min_width = BF16_MIN_WIDTH if dtype == torch.bfloat16 and opts.precision == "autocast" else 0
-    return DevicePlan(device, dtype, vae_dtype, offload, use_xformers, aux_dtype, reason, channels_last, min_width)
+    return DevicePlan(device, dtype, vae_dtype, offload, use_xformers, aux_dtype, reason, channels_last, min_width,
+                      opts.compile)
 
 
 class Placement:
@@ -139,6 +141,11 @@ class Placement:
                 _stream_blocks(module, self.plan.device)
             if self.plan.xformers and hasattr(module, "enable_xformers_memory_efficient_attention"):
                 module.enable_xformers_memory_efficient_attention()
+            if self.plan.compile and hasattr(module, "down_blocks"):
+                # nn.Module.compile: the module's own call goes through torch.compile (compiled on the first
+                # step; a new size or a changed attention processor compiles again). Weights stay ordinary
+                # parameters, so LoRA's swaps and the offload policies work as without it.
+                module.compile(dynamic=False)
 
     def _streamed(self, module: torch.nn.Module) -> bool:
         return self.plan.offload == "sequential" and hasattr(module, "down_blocks")
