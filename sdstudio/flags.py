@@ -127,3 +127,35 @@ def activate(plugins) -> None:
             owner_failed(info.label, exc)
             continue
         schedules.SCHEDULE_FUNCTIONS[info.name] = lambda n, model, sdxl=False, f=function: f(n, model, sdxl)
+
+
+def add_worker_flags(g) -> None:
+    """Where generation runs: this process (default) or Ray workers; where outputs are kept."""
+    g.add_argument("--ray", action="store_true",
+                   help="start a local Ray and run generation on Ray workers: one per GPU (or --ray-cpu-workers)")
+    g.add_argument("--workers", metavar="ADDRESS",
+                   help="run generation on the Ray cluster at ADDRESS (ray://HEAD:10001, HEAD:6379, or auto): "
+                        "one worker per GPU of the cluster (or --ray-cpu-workers)")
+    g.add_argument("--ray-cpu-workers", type=int, metavar="N",
+                   help="with --ray / --workers: N CPU workers (one core each) instead of one per GPU")
+    g.add_argument("--output-store", metavar="URL",
+                   help="also keep every output file in this fsspec URL (s3://bucket/path, file:///srv/out...); "
+                        "jobs record its URLs and the API serves files from there when they are not local")
+
+
+def worker_pool_from(args: argparse.Namespace, engine, catalog):
+    """The Ray worker pool ``--ray`` / ``--workers`` ask for (None: jobs run in this process). Each worker
+    builds its engine from the same folders, device flags and plug-ins as this process."""
+    if not getattr(args, "ray", False) and not getattr(args, "workers", None):
+        if getattr(args, "ray_cpu_workers", None):
+            raise ValueError("--ray-cpu-workers needs --ray or --workers")
+        return None
+    from .service.ray_workers import WorkerSpec, start_ray_pool
+
+    address = None if args.ray else args.workers
+    plugin_flags = {"extensions_dir": getattr(args, "extensions_dir", None),
+                    "disable_all_extensions": getattr(args, "disable_all_extensions", False),
+                    "disable_extra_extensions": getattr(args, "disable_extra_extensions", False)}
+    spec = WorkerSpec(engine.paths, device_options_from(args), plugin_flags=plugin_flags,
+                      store_url=getattr(args, "output_store", None))
+    return start_ray_pool(spec, address=address, cpu_workers=args.ray_cpu_workers, catalog=catalog)

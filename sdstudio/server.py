@@ -38,6 +38,9 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--queue-db", help="the job queue's SQLite file (default: jobs.sqlite3 in the data dir)")
     g.add_argument("--resume-queue", action="store_true",
                    help="re-run jobs that were running when the server stopped (default: mark them failed)")
+    from .flags import add_worker_flags
+
+    add_worker_flags(g)  # --ray, --workers, --ray-cpu-workers, --output-store
     g.add_argument("--limit-steps", type=int, default=1000, help="most sampling steps one request may ask for")
     g.add_argument("--limit-pixels", type=int, default=4096 * 4096, help="largest width x height a request may ask for")
     g.add_argument("--limit-images", type=int, default=10000, help="most images (batch count x size) per request")
@@ -145,9 +148,11 @@ def create_app(args: argparse.Namespace):
     from .api.a1111 import make_router
     from .core.errors import StudioError, http_status
     from .engine.generate import Engine
-    from .flags import device_options_from, paths_from, studio_from
+    from .flags import device_options_from, paths_from, studio_from, worker_pool_from
+    from .service.catalog import ModelCatalog
     from .service.jobs import JobService
     from .service.queue import SQLiteJobQueue
+    from .service.store import PublishingQueue, open_store
 
     paths = paths_from(args)
     paths.create_layout()
@@ -158,11 +163,22 @@ def create_app(args: argparse.Namespace):
     for info in plugins.infos:
         if info.status == "failed":
             print(f"sdstudio: plug-in {info.name} ({info.path}) left out: {info.error}", file=sys.stderr)
+    # --ray / --workers: generation on Ray workers, requests checked against the model catalogue here
+    catalog = ModelCatalog(engine.registry)
+    pool = worker_pool_from(args, engine, catalog)
+    store = open_store(getattr(args, "output_store", None), paths.data_dir)
+    if store is not None and pool is None:  # the Ray workers copy their own files into the store
+        queue = PublishingQueue(queue, store)
+    if pool is not None:
+        import atexit
+
+        atexit.register(pool.stop)
     # live previews follow the Settings (also without the UI: /sdapi/v1/progress's current_image)
     service = JobService(engine, queue, resume=args.resume_queue, studio=studio, plugins=plugins,
                          preview_settings=lambda: (settings.get("show_progress_type", "Approx cheap"),
                                                    int(settings.get("show_progress_every_n_steps", 1))),
-                         max_queued=lambda: int(settings.get("sdstudio_max_queued_per_client", 50)))
+                         max_queued=lambda: int(settings.get("sdstudio_max_queued_per_client", 50)),
+                         workers=pool, catalog=catalog if pool is not None else None)
     if service.recovered:
         what = "queued again" if args.resume_queue else "marked failed (use --resume-queue to re-run them)"
         print(f"sdstudio: {len(service.recovered)} job(s) were running when the server stopped: {what}",
@@ -287,10 +303,12 @@ def serve(args: argparse.Namespace) -> int:
     port = args.port or (7861 if args.nowebui else 7860)
     from .core.settings import SettingError
     from .service.jobs import JobError
+    from .service.ray_workers import WorkerSetupError
+    from .service.store import StoreError
 
     try:
         app = create_app(args)
-    except (SettingError, JobError) as exc:
+    except (SettingError, JobError, WorkerSetupError, StoreError, ValueError) as exc:
         print(f"sdstudio: {exc}", file=sys.stderr)
         return 2
     what = "API" if args.nowebui else "UI" + (" and API" if args.api else "")

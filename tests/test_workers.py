@@ -30,8 +30,8 @@ def small(**kw) -> Txt2ImgRequest:
 
 
 def test_the_catalog_and_store_import_no_torch():
-    code = ("import sys; import sdstudio.service.catalog, sdstudio.service.store, sdstudio.service.workers; "
-            "print('torch' in sys.modules, 'ray' in sys.modules)")
+    code = ("import sys; import sdstudio.service.catalog, sdstudio.service.store, sdstudio.service.workers, "
+            "sdstudio.service.ray_workers; print('torch' in sys.modules, 'ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 

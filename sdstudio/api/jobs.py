@@ -13,14 +13,15 @@ from pathlib import Path
 from typing import Literal
 
 from fastapi import APIRouter, HTTPException, Query
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.requests import Request
 
 from ..core.errors import http_status
 from ..core.params import RequestError, Txt2ImgRequest
-from ..service.jobs import JobError, JobService, grid_paths
+from ..service.jobs import JobError, JobService, grid_entries, grid_paths
 from ..service.queue import FINISHED, QUEUED
+from ..service.store import read_output
 from .a1111 import Txt2ImgBody, queue_job, script_fields, to_request
 from .common import client_id
 
@@ -33,6 +34,16 @@ class JobBody(BaseModel):
     sdstudio_request: dict | None = None
 
 
+def serve_file(path: str, url: str | None, what: str):
+    """A job's file from this machine's disk, else from the output store (a worker on another machine)."""
+    if Path(path).is_file():
+        return FileResponse(path)
+    found = read_output(None, url) if url else None
+    if found is None:
+        raise HTTPException(410, f"the {what} file is gone: {Path(path).name}")
+    return Response(found[0], media_type=found[1])
+
+
 def make_router(service: JobService, options: dict, limits: dict | None = None) -> APIRouter:
     r = APIRouter(prefix="/sdstudio/v1")
 
@@ -41,8 +52,7 @@ def make_router(service: JobService, options: dict, limits: dict | None = None) 
         out["queue_position"] = service.queue.position(job.id) if job.status == QUEUED else -1
         out["images"] = [f"/sdstudio/v1/jobs/{job.id}/images/{i}" for i in range(len(job.result.get("images", [])))]
         out["grids"] = [f"/sdstudio/v1/jobs/{job.id}/grids/{i}" for i in range(len(grid_paths(job.result)))]
-        running = service.running_job()
-        if running is not None and running.id == job.id:
+        if any(running.id == job.id for running in service.running_jobs()):  # on any worker
             p = service.progress(None, job.id)
             out["progress"], out["eta_relative"], out["state"] = p["progress"], p["eta_relative"], p["state"]
             out["textinfo"] = p.get("textinfo")  # e.g. a training job's "Step i of N, loss x"
@@ -101,20 +111,16 @@ def make_router(service: JobService, options: dict, limits: dict | None = None) 
         images = found(job_id).result.get("images", [])
         if not 0 <= n < len(images):
             raise HTTPException(404, f"job {job_id} has {len(images)} image(s); no image {n}")
-        path = Path(images[n]["path"])
-        if not path.is_file():
-            raise HTTPException(410, f"the image file is gone: {path.name}")
-        return FileResponse(path)
+        return serve_file(images[n]["path"], images[n].get("url"), "image")
 
     @r.get("/jobs/{job_id}/grids/{n}")
     def grid(job_id: str, n: int):
-        grids = grid_paths(found(job_id).result)
+        result = found(job_id).result
+        grids = grid_entries(result)
         if not 0 <= n < len(grids):
             raise HTTPException(404, f"job {job_id} has {len(grids)} grid(s); no grid {n}")
-        path = Path(grids[n])
-        if not path.is_file():
-            raise HTTPException(410, f"the grid file is gone: {path.name}")
-        return FileResponse(path)
+        url = grids[n].get("url") or (result.get("grid_url") if not result.get("grids") else None)
+        return serve_file(grids[n]["path"], url, "grid")
 
     @r.get("/jobs/{job_id}/events")
     def events(job_id: str):
@@ -143,8 +149,12 @@ def make_router(service: JobService, options: dict, limits: dict | None = None) 
     def queue_summary(request: Request):
         mine = client_id(request)
         waiting = service.queue.list(statuses=(QUEUED,), limit=10000)
-        running = service.running_job()
-        return {"queued": len(waiting), "queued_mine": sum(j.client == mine for j in waiting),
-                "running": running is not None, "running_mine": running is not None and running.client == mine}
+        running = service.running_jobs()
+        out = {"queued": len(waiting), "queued_mine": sum(j.client == mine for j in waiting),
+               "running": bool(running), "running_mine": any(j.client == mine for j in running),
+               "running_count": len(running)}
+        if service.pool is not None:  # --ray / --workers: each worker, what it runs and what it has loaded
+            out["workers"] = service.pool.describe()
+        return out
 
     return r

@@ -131,14 +131,16 @@ class _Slot:
 class WorkerPool:
     """Runs a service's queue on several workers. ``catalog`` (a :class:`~sdstudio.service.catalog.
     ModelCatalog`) names each job's model files for the affinity; without it jobs go to the least loaded
-    worker. ``on_close`` runs after the workers are closed (a local Ray cluster's shutdown)."""
+    worker. ``respawn`` makes a new worker in place of one that died (None: the pool goes on with fewer).
+    ``on_close`` runs after the workers are closed (a local Ray cluster's shutdown)."""
 
     def __init__(self, workers: list[Worker], *, catalog=None, capacity: int = 1,
-                 on_close: Callable[[], None] | None = None):
+                 on_close: Callable[[], None] | None = None, respawn: Callable[[Worker], Worker] | None = None):
         if not workers:
             raise ValueError("a worker pool needs at least one worker")
         self.slots = [_Slot(w) for w in workers]
-        self.catalog, self.capacity, self.on_close = catalog, capacity, on_close
+        self.catalog, self.capacity, self.on_close, self.respawn = catalog, capacity, on_close, respawn
+        self.replaced: list[tuple[str, str]] = []  # (dead worker, its replacement)
         self.placements: list[tuple[str, str]] = []  # (job id, worker name), in dispatch order
         self.losses: dict[str, str] = {}  # job id -> the worker that died running it (re-queued once)
         self._service = None
@@ -146,6 +148,7 @@ class WorkerPool:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._dispatcher: threading.Thread | None = None
+        self._closed = False
 
     @property
     def workers(self) -> list[Worker]:
@@ -174,7 +177,8 @@ class WorkerPool:
         end = time.monotonic() + timeout
         for t in list(self._threads):
             t.join(max(0.0, end - time.monotonic()))
-        if close:
+        if close and not self._closed:
+            self._closed = True
             for w in self.workers:
                 try:
                     w.close()
@@ -234,7 +238,8 @@ class WorkerPool:
             slot.worker.run(job, live, link)
         except WorkerLost as exc:
             log.warning("worker %s died running job %s: %s", slot.worker.name, job.id, exc)
-            slot.worker.check()
+            if not slot.worker.check():
+                self._replace(slot)
             self._lost(job, slot.worker)
         except Exception as exc:
             log.exception("job %s on worker %s", job.id, slot.worker.name)
@@ -251,6 +256,29 @@ class WorkerPool:
                 slot.done += 1
                 slot.resources = resources
             service._notify()
+
+    def _replace(self, slot: _Slot) -> None:
+        """A new worker in the dead one's place, made on a thread of its own (loading takes a while)."""
+        if self.respawn is None or self._stop.is_set():
+            return
+        dead = slot.worker
+
+        def make() -> None:
+            try:
+                new = self.respawn(dead)
+            except Exception:
+                log.exception("no replacement for worker %s", dead.name)
+                return
+            if self._stop.is_set():
+                new.close()
+                return
+            with self._lock:
+                slot.worker, slot.resources = new, set()
+                self.replaced.append((dead.name, new.name))
+            log.warning("worker %s replaces %s", new.name, dead.name)
+            self._service._notify()
+
+        threading.Thread(target=make, name=f"sdstudio-respawn-{dead.name}", daemon=True).start()
 
     def _lost(self, job: Job, worker: Worker) -> None:
         """The worker died mid-job: queue it again (keeping its finished batches) once; a second time, fail it."""

@@ -1,0 +1,252 @@
+"""Generation on Ray actors: a local Ray cluster with 2 CPU workers (one core, one math thread each) on tiny SD1
+checkpoints, fed by one SQLite queue of record. Affinity, progress and previews from a remote worker,
+interrupt / skip / cancel reaching it, a worker killed mid-job (its job runs again exactly once, from its
+last recorded batch, on the other worker; a replacement worker comes up) and every picture identical to the
+one a single process makes from the same seeds; the files also land in a file:// output store."""
+
+from __future__ import annotations
+
+import functools
+import io
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import step_hold
+import torch
+from PIL import Image
+from step_hold import StepHold, wait_for_file
+
+from sdstudio.core.params import Txt2ImgRequest
+from sdstudio.core.paths import DeviceOptions, Paths
+from sdstudio.engine.generate import Engine
+from sdstudio.service.catalog import ModelCatalog
+from sdstudio.service.jobs import JobService, Txt2ImgJob
+from sdstudio.service.queue import CANCELLED, DONE, SQLiteJobQueue
+from sdstudio.service.ray_workers import WorkerSpec, start_ray_pool
+
+pytestmark = pytest.mark.xdist_group("ray")  # one Ray cluster: every test here on one test worker
+
+# a job whose prompt is one of these is held on whichever worker runs it, once per worker, at (batch, step)
+HOLDS = {"hold interrupt": (0, 2), "hold cancel": (0, 1), "hold skip": (0, 1), "hold kill": (1, 1),
+         "hold kill full": (1, 1)}
+
+
+def install_holds(folder: Path, service) -> None:
+    """The workers' setup: a file hold (step_hold.py) per prompt; the test reads ``held``, writes ``release``."""
+    for prompt, (batch, step) in HOLDS.items():
+        StepHold(service, batch=batch, step=step, prompt=prompt, folder=hold_dir(folder, prompt))
+
+
+def hold_dir(folder: Path, prompt: str) -> Path:
+    path = folder / prompt.replace(" ", "-")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def small(**kw) -> Txt2ImgRequest:
+    return Txt2ImgRequest(**{"prompt": "a red circle", "steps": 3, "width": 64, "height": 64, "seed": 3,
+                             "sampler_name": "Euler", **kw})
+
+
+@dataclass
+class Cluster:
+    service: JobService
+    root: Path
+    holds: Path
+    store: Path
+
+    @property
+    def pool(self):
+        return self.service.pool
+
+    def worker_of(self, job_id: str):
+        name = [w for j, w in self.pool.placements if j == job_id][-1]
+        return next(w for w in self.pool.workers if w.name == name)
+
+
+@pytest.fixture(scope="module")
+def cluster(make_data_root, tmp_path_factory):
+    # the hold helpers travel to the workers by value (the workers need not import the tests)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.cloudpickle.register_pickle_by_value(step_hold)
+    root = make_data_root("ray", {"alpha": "sd1", "beta": "sd1"})
+    holds = tmp_path_factory.mktemp("holds")
+    store = tmp_path_factory.mktemp("store")
+    paths = Paths(root)
+    spec = WorkerSpec(paths, DeviceOptions(precision="full"), store_url=f"file://{store}",
+                      setup=functools.partial(install_holds, holds))
+    service = None
+    try:
+        # a small Ray: 3 cores' worth of slots (2 workers, and 1 for the server test's own), no dashboard
+        ray.init(num_cpus=3, include_dashboard=False, object_store_memory=80 * 1024 * 1024, log_to_driver=False)
+        pool = start_ray_pool(spec, cpu_workers=2, catalog=ModelCatalog(paths))
+        service = JobService(Engine(paths), SQLiteJobQueue(root / "jobs.sqlite3"), workers=pool,
+                             catalog=pool.catalog).start()
+        yield Cluster(service, root, holds, store)
+    finally:
+        for prompt in HOLDS:  # a failed test must not leave a worker held
+            (hold_dir(holds, prompt) / "release").touch()
+        if service is not None:
+            service.stop()
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def reference(root: Path, req: Txt2ImgRequest) -> list[np.ndarray]:
+    """The pictures one process makes from the same request (one math thread, as each worker has)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [np.asarray(g.image) for g in Engine(Paths(root), DeviceOptions(precision="full")).txt2img(req).images]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def until(condition, what: str, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_affinity_puts_each_checkpoint_on_its_own_worker(cluster):
+    svc = cluster.service
+    for model in ("alpha", "beta", "alpha", "beta"):
+        job = svc.submit("aff", Txt2ImgJob(small(model=model, steps=2), save_images=False))
+        assert svc.wait(job.id, 300).status == DONE
+    names = [w for _, w in cluster.pool.placements[-4:]]
+    assert names[0] != names[1] and names[2] == names[0] and names[3] == names[1]
+    loaded = {w.name: {Path(p).name for p in w.resources()} for w in cluster.pool.workers}
+    assert loaded == {names[0]: {"alpha.safetensors"}, names[1]: {"beta.safetensors"}}
+
+
+def test_progress_previews_interrupt_skip_and_cancel_reach_remote_workers(cluster):
+    svc, holds = cluster.service, cluster.holds
+    job = svc.submit("i", Txt2ImgJob(small(prompt="hold interrupt", steps=4, n_iter=2), save_images=False))
+    folder = hold_dir(holds, "hold interrupt")
+    assert wait_for_file(folder / "held") == job.id
+    # the API side's view of the remote job: its step, its batch and the preview made on the worker
+    until(lambda: svc.progress("i")["state"]["sampling_step"] == 2 and svc.preview_png("i"), "the remote progress")
+    p = svc.progress("i")
+    assert p["job_id"] == job.id and p["state"]["sampling_steps"] == 4 and p["state"]["job_count"] == 2
+    assert p["progress"] == pytest.approx(2 / 8) and svc.progress("other")["job_id"] is None
+    assert svc.interrupt("other") == [] and svc.interrupt("i") == [job.id]
+    actor = cluster.worker_of(job.id).actor
+    until(lambda: ray.get(actor.state.remote(job.id)).get("interrupted"), "the interrupt on the worker")
+    (folder / "release").touch()
+    done = svc.wait(job.id, 300)
+    assert done.status == DONE and done.result["interrupted"] and done.result["images"] == []
+
+    job = svc.submit("s", Txt2ImgJob(small(prompt="hold skip", n_iter=2, seed=50), save_images=False))
+    folder = hold_dir(holds, "hold skip")
+    assert wait_for_file(folder / "held") == job.id
+    actor = cluster.worker_of(job.id).actor
+    assert svc.skip("s") == [job.id]
+    until(lambda: ray.get(actor.state.remote(job.id)).get("skip"), "the skip on the worker")
+    (folder / "release").touch()
+    done = svc.wait(job.id, 300)
+    assert done.status == DONE and [im["seed"] for im in done.result["images"]] == [51]
+
+    job = svc.submit("c", Txt2ImgJob(small(prompt="hold cancel", n_iter=2), save_images=False))
+    folder = hold_dir(holds, "hold cancel")
+    assert wait_for_file(folder / "held") == job.id
+    actor = cluster.worker_of(job.id).actor
+    assert svc.cancel(job.id, "someone else") is None and svc.cancel(job.id, "c") is not None
+    until(lambda: ray.get(actor.state.remote(job.id)).get("interrupted"), "the cancel on the worker")
+    (folder / "release").touch()
+    assert svc.wait(job.id, 300).status == CANCELLED
+
+
+def test_the_server_runs_its_jobs_on_ray_workers_behind_the_same_api(cluster, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from sdstudio.cli import build_parser
+    from sdstudio.server import create_app
+
+    store = tmp_path / "store"
+    args = build_parser().parse_args(["serve", "--data-dir", str(cluster.root), "--api", "--nowebui",
+                                      "--queue-db", str(tmp_path / "q.sqlite3"), "--workers", "auto",
+                                      "--ray-cpu-workers", "1", "--output-store", f"file://{store}"])
+    app = create_app(args)  # joins the running Ray: one more CPU worker
+    service = app.state.service
+    try:
+        with TestClient(app) as http:
+            body = {"prompt": "a red circle", "steps": 2, "width": 64, "height": 64, "seed": 9, "sampler_name": "Euler"}
+            a1111 = http.post("/sdapi/v1/txt2img", json=body)  # A1111's blocking route, unchanged
+            assert a1111.status_code == 200 and len(a1111.json()["images"]) == 1
+            job = http.post("/sdstudio/v1/jobs", json={"request": {**body, "save_images": True}}).json()
+            until(lambda: http.get(f"/sdstudio/v1/jobs/{job['id']}").json()["status"] == "done", "the job")
+            done = http.get(f"/sdstudio/v1/jobs/{job['id']}").json()
+            entry = done["result"]["images"][0]
+            assert entry["url"].startswith(f"file://{store}/outputs/txt2img-images/")
+            local = http.get(done["images"][0]).content
+            Path(entry["path"]).unlink()  # as on an API server that is not the worker's machine
+            assert http.get(done["images"][0]).content == local  # served from the store
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(local)).convert("RGB")),
+                                  reference(cluster.root, small(**body))[0])
+            summary = http.get("/sdstudio/v1/queue").json()
+            assert [w["name"] for w in summary["workers"]] == ["ray-0"] and summary["workers"][0]["alive"]
+            bad = http.post("/sdstudio/v1/jobs",
+                            json={"request": {**body, "override_settings": {"sd_model_checkpoint": "gamma"}}})
+            assert bad.status_code == 404 and "no checkpoint named 'gamma'" in bad.json()["detail"]
+    finally:
+        service.stop()
+
+
+def run_with_a_kill(cluster, count: int, kill_prompt: str):
+    """``count`` jobs of two clients (one of them held at its second batch); the worker holding it is killed."""
+    svc, pool = cluster.service, cluster.pool
+    lost_before = dict(pool.losses)
+    reqs = []
+    for i in range(count):
+        prompt = kill_prompt if i == 2 else f"job {i}"
+        reqs.append(small(prompt=prompt, seed=100 + 10 * i, n_iter=3 if i == 2 else 1 + i % 2,
+                          batch_size=2 if i % 3 == 0 else 1))
+    jobs = [svc.submit("ab"[i % 2], Txt2ImgJob(r, save_images=False)) for i, r in enumerate(reqs)]
+    folder = hold_dir(cluster.holds, kill_prompt)
+    held = wait_for_file(folder / "held")
+    assert held == jobs[2].id
+    victim = cluster.worker_of(held)
+    assert svc.queue.get(held).batches_done == 1  # its first batch is recorded before the second begins
+    ray.kill(victim.actor)
+    (folder / "release").touch()  # the job's second run (another worker) passes the hold
+    done = [svc.wait(j.id, 900) for j in jobs]
+    assert [d.status for d in done] == [DONE] * count
+    assert {k: v for k, v in pool.losses.items() if k not in lost_before} == {held: victim.name}
+    assert [w for j, w in pool.placements if j == held][-1] != victim.name
+    jobs_dir = cluster.root / "cache" / "jobs"
+    for d, req in zip(done, reqs, strict=True):
+        images = d.result["images"]
+        assert [im["seed"] for im in images] == [req.seed + k for k in range(req.n_iter * req.batch_size)]
+        # exactly once: the job's folder holds its pictures and nothing else (no batch written twice)
+        assert sorted(p.name for p in (jobs_dir / d.id).glob("*.png")) == sorted(Path(im["path"]).name for im in images)
+        for im, ref in zip(images, reference(cluster.root, req), strict=True):
+            assert np.array_equal(pixels(im["path"]), ref)
+            # and the same file in the output store, under its place in the data dir
+            stored = Path(im["url"].removeprefix("file://"))
+            assert stored == cluster.store / Path(im["path"]).relative_to(cluster.root)
+            assert stored.read_bytes() == Path(im["path"]).read_bytes()
+    # the dead worker is replaced: two workers answer again
+    until(lambda: sum(w.alive for w in cluster.pool.workers) == 2, "a replacement worker", timeout=600)
+    return done
+
+
+def test_a_killed_worker_s_job_runs_again_once_and_every_job_finishes_once(cluster):
+    run_with_a_kill(cluster, 8, "hold kill")
+
+
+@pytest.mark.full
+def test_thirty_jobs_with_a_killed_worker(cluster):
+    run_with_a_kill(cluster, 30, "hold kill full")
