@@ -202,6 +202,31 @@ def test_padded_guidance_equals_cfg_over_the_padded_unet_calls():
     assert torch.allclose(out, du + (dc - du) * 5.0, atol=1e-4)
 
 
+def test_padding_the_empty_negative_prompt_with_itself_changes_nothing():
+    """The common case: a long prompt and an empty negative prompt. The negative side gets a second copy of
+    the empty prompt's chunk; attending over keys that are all there twice gives the same result, so the one
+    padded batch matches the two separate calls (to float rounding)."""
+    unet = tiny_unet("sd1", seed=2)
+    g = torch.Generator().manual_seed(14)
+    c, empty = Conditioning(torch.randn(1, 154, 64, generator=g)), Conditioning(torch.randn(1, 77, 64, generator=g))
+
+    def denoised(options):
+        plan = _plan(unet, ComposedConditioning([(ScheduledConditioning([(99, c)]), 1.0)]),
+                     ScheduledConditioning([(99, empty)]))
+        calls = UNetCalls()
+        plan = SamplingPlan(plan.unet, plan.schedule, "epsilon", plan.cond, plan.uncond, 5.0, torch.float32, CPU,
+                            steps=10, hooks=[calls])
+        with torch.no_grad():
+            return CFGDenoiser(plan, options)(_x(), torch.tensor([2.0])), len(calls.calls)
+
+    (unpadded, two), (padded, one) = denoised(None), denoised(SpeedOptions(pad_cond_uncond=True, empty=empty))
+    assert (two, one) == (2, 1)
+    other = Conditioning(torch.randn(1, 77, 64, generator=g))  # a filler that is not the negative prompt itself
+    changed, _ = denoised(SpeedOptions(pad_cond_uncond=True, empty=other))
+    assert float((padded - unpadded).abs().max()) < 1e-4  # measured 2e-5 (float rounding, times CFG 5)
+    assert float((changed - unpadded).abs().max()) > 1e-2  # measured 0.3
+
+
 def test_pad_functions_follow_a1111():
     g = torch.Generator().manual_seed(6)
     a, b, e = (Conditioning(torch.randn(1, n, 8, generator=g)) for n in (77, 231, 77))
