@@ -35,7 +35,8 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gradio-auth-path", help="file with user:password lines (or comma-separated) for the UI")
     g.add_argument("--cors-allow-origins", help="comma-separated origins allowed to call the API from a browser")
     g.add_argument("--cors-allow-origins-regex", help="regular expression of origins allowed (CORS)")
-    g.add_argument("--queue-db", help="the job queue's SQLite file (default: jobs.sqlite3 in the data dir)")
+    g.add_argument("--queue-db", help="the job queue's SQLite file (default: jobs.sqlite3 in the data dir), or a "
+                                      "postgresql://user@host/db URL shared by several API servers")
     g.add_argument("--resume-queue", action="store_true",
                    help="re-run jobs that were running when the server stopped (default: mark them failed)")
     from .flags import add_worker_flags
@@ -151,13 +152,13 @@ def create_app(args: argparse.Namespace):
     from .flags import device_options_from, paths_from, studio_from, worker_pool_from
     from .service.catalog import ModelCatalog
     from .service.jobs import JobService
-    from .service.queue import SQLiteJobQueue
+    from .service.pgqueue import open_queue
     from .service.store import PublishingQueue, open_store
 
     paths = paths_from(args)
     paths.create_layout()
     engine = Engine(paths, device_options_from(args))
-    queue = SQLiteJobQueue(args.queue_db or paths.data_dir / "jobs.sqlite3")
+    queue = open_queue(args.queue_db, paths.data_dir / "jobs.sqlite3")
     settings = make_settings(engine, paths.data_dir / "config.json", args)
     studio, plugins = studio_from(args, engine, list(settings.get("disabled_extensions") or []))
     for info in plugins.infos:
@@ -303,12 +304,13 @@ def serve(args: argparse.Namespace) -> int:
     port = args.port or (7861 if args.nowebui else 7860)
     from .core.settings import SettingError
     from .service.jobs import JobError
+    from .service.pgqueue import QueueDatabaseError
     from .service.ray_workers import WorkerSetupError
     from .service.store import StoreError
 
     try:
         app = create_app(args)
-    except (SettingError, JobError, WorkerSetupError, StoreError, ValueError) as exc:
+    except (SettingError, JobError, WorkerSetupError, StoreError, QueueDatabaseError, ValueError) as exc:
         print(f"sdstudio: {exc}", file=sys.stderr)
         return 2
     what = "API" if args.nowebui else "UI" + (" and API" if args.api else "")
