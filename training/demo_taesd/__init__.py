@@ -1,0 +1,1 @@
+"""The demo model's TAESD-class live preview decoder (see :mod:`.train`)."""
