@@ -458,3 +458,19 @@ def test_deepcache_in_a_job(session_engine):
     assert np.array_equal(px(first), px(again)) and not np.array_equal(px(first), px(plain))
     assert params(first)["DeepCache interval"] == "3" and "DeepCache interval" not in params(plain)
     assert np.array_equal(px(session_engine.generate(from_infotext(first.images[0].infotext))), px(first))
+
+
+def test_each_pass_gets_its_own_ratio_and_options(session_engine):
+    from sdstudio.engine.speed import SpeedJob
+
+    _, model = session_engine.load("tiny-sd1")
+    req = Txt2ImgRequest(token_merging_ratio=0.3, token_merging_ratio_hr=0.6, s_min_uncond=2.0, deepcache_interval=2,
+                         enable_hr=True)
+    job = SpeedJob.prepare(req, [model], CPU, session_engine.placement)
+    (first,), options = job.for_pass("first", model, seeds=[5])
+    (hires,), _ = job.for_pass("hires", model, seeds=[5])
+    assert (first.ratio, hires.ratio) == (0.3, 0.6)
+    assert (options.s_min_uncond, options.deepcache_interval, options.empty) == (2.0, 2, None)
+    assert job.for_pass("first", model)[0][0].generators == []  # no seeds given: no generators to draw from
+    padded = SpeedJob.prepare(req.replace(pad_cond_uncond=True), [model], CPU, session_engine.placement)
+    assert torch.equal(padded.for_pass("first", model)[1].empty.crossattn, _empty(session_engine).crossattn)
