@@ -191,6 +191,7 @@ class GenerationActor:
         self.controls: dict[str, dict] = {}  # job id -> the API side's last flags (may come before run)
         self.lives: dict[str, object] = {}
         self.running: str | None = None
+        self.ended: list[str] = []  # the last jobs run here (an events call for one returns at once)
         if spec.setup is not None:
             spec.setup(self.service)
 
@@ -223,6 +224,7 @@ class GenerationActor:
             self.service._run(job, live)
         finally:
             self.running = None
+            self.ended = [*self.ended[-99:], job.id]
             self.lives.pop(job.id, None)
             self.controls.pop(job.id, None)
             self.service._notify()
@@ -259,7 +261,7 @@ class GenerationActor:
         version = svc.version
         while True:
             now = time.monotonic()
-            if self.relay.pending(since) or now >= deadline:
+            if self.relay.pending(since) or now >= deadline or job_id in self.ended:
                 break
             if self.running == job_id and svc.version != version and now - start >= 0.05:
                 break  # the live state changed (a step): at most 20 replies a second
@@ -320,6 +322,8 @@ class RayWorker(Worker):
             link.notify()
             if ready and not reply["events"]:
                 break
+            if not reply["running"] and not reply["events"]:  # it ended here: its return is on the way
+                ray.wait([ref], timeout=self.poll)
         try:
             ray.get(ref)
         except RayActorError as exc:
