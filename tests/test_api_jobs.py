@@ -233,7 +233,9 @@ def test_the_cli_server_body_carries_every_request_field(client):
                    hr_negative_prompt="hn", hr_cfg=4.0, distilled_cfg_scale=2.5, refiner_checkpoint="tiny-sd1",
                    refiner_switch_at=0.6, sdxl_crop_top=8, sdxl_crop_left=16, sdxl_refiner_low_aesthetic_score=2.0,
                    sdxl_refiner_high_aesthetic_score=6.5, hires_fix_refiner_pass="both passes",
-                   refiner_switch_by_sample_steps=True, script_name="X/Y/Z plot",
+                   refiner_switch_by_sample_steps=True, s_min_uncond=0.5, s_min_uncond_all=True,
+                   pad_cond_uncond=True, pad_cond_uncond_v0=True, token_merging_ratio=0.3, token_merging_ratio_hr=0.4,
+                   token_merging_ratio_img2img=0.2, deepcache_interval=3, script_name="X/Y/Z plot",
                    script_args={"x_type": "Steps", "x_values": "1,2"},
                    alwayson_scripts={}, extra={"Some key": "kept"})
     assert set(changed) == {f.name for f in dataclasses.fields(Txt2ImgRequest)}  # a new field must be listed here

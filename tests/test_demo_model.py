@@ -20,7 +20,8 @@ from sdstudio.eval import harness, shapes
 
 REPO = Path(__file__).parents[1]
 SHIPPED = ["models/Stable-diffusion/sdstudio-demo.safetensors", "models/Stable-diffusion/sdstudio-inpainting.safetensors",
-           "models/Lora/demo-zebra.safetensors", "embeddings/demo-red.safetensors"]
+           "models/Lora/demo-zebra.safetensors", "embeddings/demo-red.safetensors",
+           "models/VAE-approx/sdstudio-demo-taesd.safetensors"]
 SIZE, STEPS, CFG, SAMPLER = 128, 10, 7.0, "Euler a"
 N = 8
 

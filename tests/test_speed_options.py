@@ -474,3 +474,12 @@ def test_each_pass_gets_its_own_ratio_and_options(session_engine):
     assert job.for_pass("first", model)[0][0].generators == []  # no seeds given: no generators to draw from
     padded = SpeedJob.prepare(req.replace(pad_cond_uncond=True), [model], CPU, session_engine.placement)
     assert torch.equal(padded.for_pass("first", model)[1].empty.crossattn, _empty(session_engine).crossattn)
+
+
+def test_a1111s_top_level_s_min_uncond_beats_the_setting():
+    from sdstudio.api.a1111 import Txt2ImgBody, to_request
+
+    assert to_request(Txt2ImgBody(prompt="x", s_min_uncond=0.7), {}).s_min_uncond == 0.7
+    assert to_request(Txt2ImgBody(prompt="x", s_min_uncond=0.7), {"s_min_uncond": 0.2}).s_min_uncond == 0.7
+    assert to_request(Txt2ImgBody(prompt="x"), {"s_min_uncond": 0.2}).s_min_uncond == 0.2
+    assert to_request(Txt2ImgBody(prompt="x"), {}).s_min_uncond == 0

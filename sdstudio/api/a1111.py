@@ -62,6 +62,7 @@ class Txt2ImgBody(BaseModel):
     s_tmin: float = 0.0
     s_tmax: float | None = None
     s_noise: float = 1.0
+    s_min_uncond: float | None = None  # A1111's top-level NGMS (beats the setting when given)
     override_settings: dict = Field(default_factory=dict)
     override_settings_restore_afterwards: bool = True
     send_images: bool = True
@@ -199,7 +200,7 @@ def to_request(body: Txt2ImgBody, options: dict, request_type=Txt2ImgRequest, **
         model=settings.get("sd_model_checkpoint") or None, vae=settings.get("sd_vae", "Automatic"),
         distilled_cfg_scale=body.distilled_cfg_scale, refiner_checkpoint=body.refiner_checkpoint or "",
         refiner_switch_at=0.8 if body.refiner_switch_at is None else body.refiner_switch_at,
-        **_options(settings),
+        **{**_options(settings), **({"s_min_uncond": body.s_min_uncond} if body.s_min_uncond is not None else {})},
     )
 
 

@@ -15,6 +15,7 @@ are not given again, so the result is that of an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -98,8 +99,6 @@ class Passes:
         self.first = None  # the first pass's result: its infotext describes the script's output
 
     def run(self, req: Txt2ImgRequest):
-        from ..engine.generate import Progress
-
         ctx = self.ctx
         number, index = ctx.unit_no, self.done
         ctx.unit_no += 1
@@ -112,7 +111,7 @@ class Passes:
 
             def progress(p):
                 if ctx.on_progress is not None:
-                    ctx.on_progress(Progress(index, self.total, p.step, p.steps, p.latent, p.sdxl, p.decode))
+                    ctx.on_progress(dataclasses.replace(p, job_no=index, job_count=self.total))
 
             result = ctx.studio.generate(req, on_progress=progress, should_stop=ctx.should_stop,
                                          should_skip=ctx.should_skip)
