@@ -187,8 +187,18 @@ def unet_width(path: str | Path) -> int | None:
     """The channels of a single-file checkpoint's first UNet block (320 for SD 1.x/2.x/XL), read from the
     header alone; None for other layouts (DiT transformers, folders), pickles (reading one means loading it)
     or unreadable files."""
-    if Path(path).suffix.lower() != ".safetensors":
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
         return None
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return _unet_width(str(path), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _unet_width(path: str, _size: int, _mtime: int) -> int | None:  # keyed by the file's identity
     try:
         shape = open_state_dict(path).shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
     except (ModelFileError, OSError):
