@@ -150,9 +150,9 @@ def test_names_of_written_files_stay_in_their_folder(world):
                                                     "custom_name": name, "multiplier": 0.5}),
                             ("/sdstudio/v1/train/lora", {"train_data_dir": "inside", "output_name": name,
                                                         "max_train_steps": 1}),
-                            ("/sdapi/v1/prompt-styles", {"name": name, "prompt": "a"})):
+                            ("/sdstudio/v1/styles", {"name": name, "prompt": "a"})):
             no_secret(net.post(route, json=body))
-        no_secret(net.delete("/sdapi/v1/prompt-styles/" + urllib.parse.quote(name, safe="")))
+        no_secret(net.delete("/sdstudio/v1/styles/" + urllib.parse.quote(name, safe="")))
     service = world["app"].state.service
     for job in service.queue.list(limit=1000):  # the merges and trainings queued: none may have run outside
         service.cancel(job.id, job.client)

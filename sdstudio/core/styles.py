@@ -13,11 +13,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import StudioError
 from .params import RequestError
 
 
 class StylesError(RequestError):
     """A styles file that cannot be read well enough to be rewritten; the message names the file."""
+
+
+class StylesSaveError(StudioError):
+    """The styles file could not be written (a full disk); it is unchanged. A server error (500), not the request's."""
 
 
 @dataclass(frozen=True)
@@ -83,11 +88,15 @@ def save(path: Path, styles: dict[str, Style]) -> None:
     """Write all styles (atomically: a crash never leaves half a file)."""
     path = Path(path)
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, quoting=csv.QUOTE_ALL)  # quoted, so a field's leading spaces read back
-        writer.writerow(["name", "prompt", "negative_prompt", "description"])
-        for s in styles.values():
-            writer.writerow([s.name, s.prompt, s.negative_prompt, s.description])
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, quoting=csv.QUOTE_ALL)  # quoted, so a field's leading spaces read back
+            writer.writerow(["name", "prompt", "negative_prompt", "description"])
+            for s in styles.values():
+                writer.writerow([s.name, s.prompt, s.negative_prompt, s.description])
+    except OSError as exc:  # the disk is full: the old file stays as it was, no half-written copy beside it
+        tmp.unlink(missing_ok=True)
+        raise StylesSaveError(f"{path}: could not save the styles ({exc.strerror or exc}); the file is unchanged") from None
     os.replace(tmp, path)
 
 

@@ -12,6 +12,7 @@ file, fsync, rename) before the queue records them; a job is marked done after i
 from __future__ import annotations
 
 import base64
+import errno
 import io
 import logging
 import threading
@@ -23,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..core import outputs
-from ..core.errors import BAD_REQUEST, TOO_MANY, kind_of
+from ..core.errors import BAD_REQUEST, TOO_LARGE, TOO_MANY, StudioError, kind_of
 from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest
 from ..engine.hooks import HookError
 from ..models.errors import ModelFileError, ModelNotFoundError
@@ -348,6 +349,26 @@ def _stored_units(records: dict) -> dict:
                 loaded.append(GeneratedImage(f.copy(), r["seed"], r["subseed"], r["infotext"], r.get("grid", False)))
         units[int(number)] = UnitResult(loaded)
     return units
+
+
+class OutOfMemory(StudioError):
+    """A job that ran out of memory (CPU or GPU): the request is too large for this machine (HTTP 413)."""
+
+    kind = TOO_LARGE
+    ADVICE = ("try a smaller size or batch, Tiled VAE (tiled_vae), or start the server with --medvram "
+              "(or --lowvram) to keep less on the GPU")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Python's MemoryError, torch's OutOfMemoryError (CUDA, MPS) or its CPU allocator's failure."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or \
+        "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def disk_full(exc: BaseException) -> bool:
+    """A write that found no room: a full disk, a quota, a file-size limit."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 class JobService:
@@ -731,8 +752,17 @@ class JobService:
             self.plugins.report(exc.owner, str(exc))
             self._fail(job, exc, f"{exc} (the job was stopped; other jobs go on)")
         except Exception as exc:  # noqa: BLE001 - a bug: the job fails with a message, the worker lives on
-            log.error("job %s failed:\n%s", job.id, traceback.format_exc())
-            self._fail(job, exc, f"{type(exc).__name__}: {exc}")
+            if out_of_memory(exc):  # the request is too large for this machine: said with what helps
+                log.warning("job %s ran out of memory: %s", job.id, exc)
+                self._fail(job, OutOfMemory(), f"out of memory ({type(exc).__name__}: {exc}); {OutOfMemory.ADVICE}")
+            elif disk_full(exc):  # files already written stay; the one being written was a temporary file
+                log.error("job %s could not write a file: %s", job.id, exc)
+                where = f" {Path(exc.filename).name}" if getattr(exc, "filename", None) else ""
+                self._fail(job, exc, f"could not write{where}: {exc.strerror} (the disk is full, or the file is over "
+                                     "a size limit); the files written before are kept")
+            else:
+                log.error("job %s failed:\n%s", job.id, traceback.format_exc())
+                self._fail(job, exc, f"{type(exc).__name__}: {exc}")
         finally:
             self.live = None
             self._notify()
