@@ -33,7 +33,7 @@ pytestmark = pytest.mark.xdist_group("ray")  # one Ray cluster: every test here 
 
 # a job whose prompt is one of these is held on whichever worker runs it, once per worker, at (batch, step)
 HOLDS = {"hold interrupt": (0, 2), "hold cancel": (0, 1), "hold skip": (0, 1), "hold kill": (1, 1),
-         "hold kill full": (1, 1)}
+         "hold kill full": (1, 1), "hold split kill": (1, 1)}
 
 
 def install_holds(folder: Path, service) -> None:
@@ -133,6 +133,14 @@ def test_affinity_puts_each_checkpoint_on_its_own_worker(cluster):
 
 
 def test_progress_previews_interrupt_skip_and_cancel_reach_remote_workers(cluster):
+    cluster.pool.split_batches = False  # each job on one worker here (split jobs: the tests below)
+    try:
+        remote_controls(cluster)
+    finally:
+        cluster.pool.split_batches = True
+
+
+def remote_controls(cluster):
     svc, holds = cluster.service, cluster.holds
     job = svc.submit("i", Txt2ImgJob(small(prompt="hold interrupt", steps=4, n_iter=2), save_images=False))
     folder = hold_dir(holds, "hold interrupt")
@@ -167,6 +175,34 @@ def test_progress_previews_interrupt_skip_and_cancel_reach_remote_workers(cluste
     until(lambda: ray.get(actor.state.remote(job.id)).get("interrupted"), "the cancel on the worker")
     (folder / "release").touch()
     assert svc.wait(job.id, 300).status == CANCELLED
+
+
+def test_a_jobs_batches_split_across_the_workers_give_one_workers_pictures(cluster):
+    from sdstudio.core import outputs
+
+    svc = cluster.service
+    req = small(seed=500, n_iter=4, batch_size=2)
+    # a worker is free a moment after its last job is recorded
+    until(lambda: all(w["running"] == [] for w in cluster.pool.describe()), "both workers free")
+    job = svc.submit("split", Txt2ImgJob(req))  # both workers free: batches 0-1 on one, 2-3 on the other
+    done = svc.wait(job.id, 300)
+    assert done.status == DONE
+    assert len({w for j, w in cluster.pool.placements if j == job.id}) == 2
+    images = done.result["images"]
+    assert [im["seed"] for im in images] == list(range(500, 508)) and done.result["all_seeds"] == list(range(500, 508))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = Engine(Paths(cluster.root), DeviceOptions(precision="full")).txt2img(req).images
+    finally:
+        torch.set_num_threads(threads)
+    for im, r in zip(images, ref, strict=True):
+        assert np.array_equal(pixels(im["path"]), np.asarray(r.image)) and im["infotext"] == r.infotext
+    # one grid of all eight, in order, as one worker makes it
+    grid = pixels(done.result["grid"])
+    assert np.array_equal(grid, np.asarray(outputs.image_grid([Image.open(im["path"]).convert("RGB")
+                                                                  for im in images], 2)))
+    assert Path(done.result["grid_url"].removeprefix("file://")).read_bytes() == Path(done.result["grid"]).read_bytes()
 
 
 def test_the_server_runs_its_jobs_on_ray_workers_behind_the_same_api(cluster, tmp_path):
@@ -205,6 +241,37 @@ def test_the_server_runs_its_jobs_on_ray_workers_behind_the_same_api(cluster, tm
         service.stop()
 
 
+def holder(cluster, job_id: str, batch: int, step: int):
+    """The worker whose run of ``job_id`` is held at (batch, step)."""
+    return next(w for w in cluster.pool.workers if w.alive and
+                {k: v for k, v in ray.get(w.actor.state.remote(job_id)).items() if k in ("job_no", "step")}
+                == {"job_no": batch, "step": step})
+
+
+def test_a_split_jobs_lost_shard_runs_again_elsewhere_and_no_batch_twice(cluster):
+    svc, pool = cluster.service, cluster.pool
+    until(lambda: all(w["running"] == [] for w in pool.describe()), "both workers free")
+    req = small(prompt="hold split kill", seed=700, n_iter=4)
+    job = svc.submit("sk", Txt2ImgJob(req, save_images=False))  # batches 0-1 on one worker, 2-3 on the other
+    folder = hold_dir(cluster.holds, "hold split kill")
+    assert wait_for_file(folder / "held") == job.id
+    victim = holder(cluster, job.id, 1, 1)
+    other = next(w for w in pool.workers if w is not victim)
+    until(lambda: ray.get(other.actor.state.remote(job.id)) == {}, "the other half done")
+    assert svc.queue.get(job.id).batches_done == 1  # the prefix: batch 0 (2 and 3 wait for 1)
+    ray.kill(victim.actor)
+    (folder / "release").touch()
+    done = svc.wait(job.id, 600)
+    assert done.status == DONE and pool.losses[job.id] == victim.name
+    images = done.result["images"]
+    assert [im["seed"] for im in images] == [700, 701, 702, 703]
+    jobs_dir = cluster.root / "cache" / "jobs" / job.id
+    assert sorted(p.name for p in jobs_dir.glob("*.png")) == sorted(Path(im["path"]).name for im in images)
+    for im, ref in zip(images, reference(cluster.root, req), strict=True):
+        assert np.array_equal(pixels(im["path"]), ref)
+    until(lambda: sum(w.alive for w in pool.workers) == 2, "a replacement worker", timeout=600)
+
+
 def run_with_a_kill(cluster, count: int, kill_prompt: str):
     """``count`` jobs of two clients (one of them held at its second batch); the worker holding it is killed."""
     svc, pool = cluster.service, cluster.pool
@@ -218,7 +285,7 @@ def run_with_a_kill(cluster, count: int, kill_prompt: str):
     folder = hold_dir(cluster.holds, kill_prompt)
     held = wait_for_file(folder / "held")
     assert held == jobs[2].id
-    victim = cluster.worker_of(held)
+    victim = holder(cluster, held, 1, 1)  # its second batch's worker (the job may be split)
     assert svc.queue.get(held).batches_done == 1  # its first batch is recorded before the second begins
     ray.kill(victim.actor)
     (folder / "release").touch()  # the job's second run (another worker) passes the hold

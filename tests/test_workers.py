@@ -214,3 +214,12 @@ def test_pool_results_match_the_single_process_run(data_dir):
         for im, r in zip(d.result["images"], ref, strict=True):
             assert np.array_equal(np.asarray(Image.open(im["path"]).convert("RGB")), np.asarray(r.image))
     assert sorted({w for _, w in service.pool.placements}) == ["w0", "w1"]
+
+
+def test_split_ranges_are_contiguous_and_even():
+    from sdstudio.service.shards import split_ranges
+
+    assert split_ranges(0, 8, 2) == [(0, 4), (4, 8)]
+    assert split_ranges(1, 8, 3) == [(1, 4), (4, 6), (6, 8)]
+    assert split_ranges(0, 2, 5) == [(0, 1), (1, 2)]  # never an empty range
+    assert split_ranges(3, 4, 2) == [(3, 4)]

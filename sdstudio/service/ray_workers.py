@@ -281,6 +281,8 @@ class GenerationActor:
 class RayWorker(Worker):
     """The API side of one :class:`GenerationActor`."""
 
+    shardable = True  # its writes are applied to link.queue
+
     def __init__(self, actor, name: str, poll: float = 0.25):
         self.actor, self.name, self.poll = actor, name, poll
         self.info: dict = {}
@@ -337,6 +339,8 @@ class RayWorker(Worker):
         for key in ("job_no", "job_count", "step", "steps", "phase", "textinfo", "paused_for_others"):
             if key in state:
                 setattr(live, key, state[key])
+        if live.job.kind in ("txt2img", "img2img"):  # a shard runs up to its own end: the job's count shows
+            live.job_count = int(live.job.request.get("request", {}).get("n_iter", live.job_count))
 
     def resources(self) -> set[str]:
         return set(self._resources)
@@ -385,10 +389,12 @@ def worker_env(threads: int = 1) -> dict[str, str]:
 
 
 def start_ray_pool(spec: WorkerSpec, *, address: str | None = None, cpu_workers: int | None = None,
-                   catalog=None, object_store_mb: int = 128, poll: float = 0.25) -> WorkerPool:
+                   catalog=None, object_store_mb: int = 128, poll: float = 0.25,
+                   split_batches: bool = True) -> WorkerPool:
     """A pool of :class:`GenerationActor` workers. ``address`` None: a local Ray started here (shut down when
     the pool closes); ``ray://HEAD:10001`` (Ray Client) or ``HEAD:6379`` / ``auto``: an existing cluster.
-    One worker per GPU of the cluster, or ``cpu_workers`` CPU workers (one core and one math thread each)."""
+    One worker per GPU of the cluster, or ``cpu_workers`` CPU workers (one core and one math thread each).
+    ``split_batches``: a job of several batches runs on every free worker at once (:mod:`.shards`)."""
     try:
         import ray
     except ImportError:
@@ -445,4 +451,7 @@ def start_ray_pool(spec: WorkerSpec, *, address: str | None = None, cpu_workers:
         raise WorkerSetupError(f"the Ray workers did not start: {type(exc).__name__}: {exc}") from None
     for w, info in zip(workers, infos):
         w.info = info
-    return WorkerPool(workers, catalog=catalog, on_close=ray.shutdown if started else None, respawn=respawn)
+    from .store import open_store
+
+    return WorkerPool(workers, catalog=catalog, on_close=ray.shutdown if started else None, respawn=respawn,
+                      split_batches=split_batches, store=open_store(spec.store_url, spec.paths.data_dir))

@@ -54,6 +54,7 @@ class Worker(ABC):
 
     name: str = "worker"
     alive: bool = True
+    shardable: bool = False  # whether its queue writes go where ``link.queue`` says (a job's batches can split)
 
     @abstractmethod
     def run(self, job: Job, live, link: Link) -> None:
@@ -135,11 +136,15 @@ class WorkerPool:
     ``on_close`` runs after the workers are closed (a local Ray cluster's shutdown)."""
 
     def __init__(self, workers: list[Worker], *, catalog=None, capacity: int = 1,
-                 on_close: Callable[[], None] | None = None, respawn: Callable[[Worker], Worker] | None = None):
+                 on_close: Callable[[], None] | None = None, respawn: Callable[[Worker], Worker] | None = None,
+                 split_batches: bool = False, store=None):
         if not workers:
             raise ValueError("a worker pool needs at least one worker")
         self.slots = [_Slot(w) for w in workers]
         self.catalog, self.capacity, self.on_close, self.respawn = catalog, capacity, on_close, respawn
+        # split_batches: a job of several batches runs on every free (shardable) worker at once (shards.py);
+        # store: where the pool's own files (a split job's grid) are published
+        self.split_batches, self.store = split_batches, store
         self.replaced: list[tuple[str, str]] = []  # (dead worker, its replacement)
         self.placements: list[tuple[str, str]] = []  # (job id, worker name), in dispatch order
         self.losses: dict[str, str] = {}  # job id -> the worker that died running it (re-queued once)
@@ -200,9 +205,13 @@ class WorkerPool:
     # ---- dispatching ----------------------------------------------------------------------------
     def choose(self, job: Job, free: list[_Slot]) -> _Slot:
         """The free worker for ``job``: most of its model files loaded, then fewest running, then fewest done."""
+        return self.ranked(job, free)[0]
+
+    def ranked(self, job: Job, free: list[_Slot]) -> list[_Slot]:
+        """``free`` best first for ``job`` (see :meth:`choose`)."""
         needs = self.catalog.resources(job.kind, job.request) if self.catalog is not None else set()
         order = {id(s): i for i, s in enumerate(self.slots)}
-        return min(free, key=lambda s: (-len(needs & s.resources), len(s.running), s.done, order[id(s)]))
+        return sorted(free, key=lambda s: (-len(needs & s.resources), len(s.running), s.done, order[id(s)]))
 
     def _free(self) -> list[_Slot]:
         with self._lock:
@@ -220,6 +229,8 @@ class WorkerPool:
                     if not self._stop.is_set():
                         service.changed.wait(0.5)
                 continue
+            if self._split(job, free):
+                continue
             slot = self.choose(job, free)
             live = Live(job)
             with self._lock:
@@ -230,6 +241,112 @@ class WorkerPool:
             self._threads = [x for x in self._threads if x.is_alive()] + [t]
             t.start()
             service._notify()
+
+    def _split(self, job: Job, free: list[_Slot]) -> bool:
+        """Start ``job`` as shards over the free workers when it splits (several batches, workers free)."""
+        from .jobs import Live
+        from .shards import Shard, split_ranges, splittable
+
+        left = splittable(job) if self.split_batches else 0
+        usable = [s for s in free if s.worker.shardable]
+        if left < 2 or len(usable) < 2:
+            return False
+        n_iter = job.batches_done + left
+        slots = self.ranked(job, usable)[:left]
+        assignments = [(slot, Shard(a, b)) for slot, (a, b) in zip(slots, split_ranges(job.batches_done, n_iter,
+                                                                                      len(slots)))]
+        with self._lock:
+            for slot, shard in assignments:
+                slot.running[job.id] = Live(job)
+                shard.worker = slot.worker.name
+                self.placements.append((job.id, slot.worker.name))
+        t = threading.Thread(target=self._run_sharded, args=(job, assignments), daemon=True,
+                             name=f"sdstudio-split-{job.id[:8]}")
+        self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        t.start()
+        self._service._notify()
+        return True
+
+    def _run_sharded(self, job: Job, assignments) -> None:
+        from .shards import ShardedRun, ShardQueue, shard_job
+
+        service = self._service
+        run = ShardedRun(self, job, [shard for _, shard in assignments])
+        lost: list = []
+
+        def one(slot: _Slot, shard) -> None:
+            link = Link(ShardQueue(service.queue, shard, run.record), service._notify, service.preview_settings)
+            try:
+                slot.worker.run(shard_job(job, shard), slot.running[job.id], link)
+            except WorkerLost as exc:
+                log.warning("worker %s died running batches %d-%d of job %s: %s", slot.worker.name, shard.done,
+                            shard.end - 1, job.id, exc)
+                if not slot.worker.check():
+                    self._replace(slot)
+                lost.append((shard, slot.worker))
+            except Exception as exc:
+                log.exception("job %s (batches %d-%d) on worker %s", job.id, shard.start, shard.end - 1,
+                              slot.worker.name)
+                shard.status, shard.error = FAILED, f"{type(exc).__name__}: {exc}"
+            finally:
+                self._release(slot, job.id)
+
+        try:
+            threads = [threading.Thread(target=one, args=a, daemon=True) for a in assignments]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            lost_worker = None
+            while lost:
+                shard, worker = lost.pop(0)
+                if job.id in self.losses:  # the job's second loss: it fails (finish -> _lost)
+                    lost_worker = worker
+                    break
+                self.losses[job.id] = worker.name
+                slot = self._take_slot(job)
+                if slot is None:  # the pool is stopping: what is done is kept, the job waits for a restart
+                    run.record()
+                    service.queue.park(job.id)
+                    return
+                shard.worker = slot.worker.name
+                one(slot, shard)  # its remaining batches, elsewhere
+            run.finish(lost_worker)
+        except Exception as exc:
+            log.exception("split job %s", job.id)
+            current = service.queue.get(job.id)
+            if current is not None and current.status == RUNNING:
+                service.queue.finish(job.id, FAILED, current.result, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            service._notify()
+
+    def _take_slot(self, job: Job) -> _Slot | None:
+        """A free worker for ``job`` (waiting for one), marked busy with it; None when the pool stops."""
+        from .jobs import Live
+
+        while not self._stop.is_set():
+            free = [s for s in self._free() if s.worker.shardable]
+            if free:
+                slot = self.choose(job, free)
+                with self._lock:
+                    if len(slot.running) < self.capacity and slot.worker.alive:
+                        slot.running[job.id] = Live(job)
+                        self.placements.append((job.id, slot.worker.name))
+                        return slot
+            with self._service.changed:
+                self._service.changed.wait(0.5)
+        return None
+
+    def _release(self, slot: _Slot, job_id: str) -> None:
+        try:
+            resources = slot.worker.resources() if slot.worker.alive else set()
+        except Exception:  # noqa: BLE001 - a worker that cannot say has nothing we can count on
+            resources = set()
+        with self._lock:
+            slot.running.pop(job_id, None)
+            slot.done += 1
+            slot.resources = resources
+        self._service._notify()
 
     def _run_on(self, slot: _Slot, job: Job, live) -> None:
         service = self._service
@@ -247,15 +364,7 @@ class WorkerPool:
             if current is not None and current.status == RUNNING:
                 service.queue.finish(job.id, FAILED, current.result, error=f"{type(exc).__name__}: {exc}")
         finally:
-            try:
-                resources = slot.worker.resources() if slot.worker.alive else set()
-            except Exception:  # noqa: BLE001 - a worker that cannot say has nothing we can count on
-                resources = set()
-            with self._lock:
-                slot.running.pop(job.id, None)
-                slot.done += 1
-                slot.resources = resources
-            service._notify()
+            self._release(slot, job.id)
 
     def _replace(self, slot: _Slot) -> None:
         """A new worker in the dead one's place, made on a thread of its own (loading takes a while)."""

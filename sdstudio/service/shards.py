@@ -1,0 +1,187 @@
+"""One job's batches on several workers at once: a txt2img / img2img job of batch count > 1 that a pool finds
+with several free workers is split into contiguous batch ranges, one per worker, and reassembled in order.
+
+Each batch's seeds follow from its index (``seed + index``), and a worker runs a range as a resumed job does
+(``first_batch`` = the range's start, batch count = its end), so the pictures are those one worker makes.
+A shard's queue writes go to its :class:`ShardQueue`, not the queue of record; the coordinator records the
+job's contiguous prefix of finished batches as they come (a restart resumes from there) and, when every
+range is done, the whole result (images in batch order, the grid of them all, the seeds of the whole job).
+
+A shard whose worker dies is run again from its own last finished batch on another free worker, once per
+job (the pool's rule); the other ranges' pictures are kept, so no batch is made twice. Jobs with a
+selectable script (X/Y/Z plot, prompts from file...) are not split: their units depend on each other's order.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from .queue import CANCELLED, DONE, FAILED, RUNNING, Job, JobQueue
+
+log = logging.getLogger(__name__)
+
+
+def split_ranges(start: int, end: int, parts: int) -> list[tuple[int, int]]:
+    """``[start, end)`` in ``parts`` contiguous ranges as even as can be (earlier ones a batch longer)."""
+    parts = max(1, min(parts, end - start))
+    size, extra = divmod(end - start, parts)
+    out, at = [], start
+    for i in range(parts):
+        n = size + (1 if i < extra else 0)
+        out.append((at, at + n))
+        at += n
+    return out
+
+
+def splittable(job: Job) -> int:
+    """How many batches of ``job`` are left to split (0: not a job that splits)."""
+    if job.kind not in ("txt2img", "img2img"):
+        return 0
+    req = job.request.get("request", {})
+    if req.get("script_name"):
+        return 0
+    return max(0, int(req.get("n_iter", 1)) - job.batches_done)
+
+
+@dataclass
+class Shard:
+    start: int
+    end: int
+    done: int = 0  # batches finished (absolute index: start..end)
+    result: dict = field(default_factory=dict)
+    status: str | None = None
+    error: str | None = None
+    worker: str = ""
+
+    def __post_init__(self) -> None:
+        self.done = self.start
+
+
+class ShardQueue(JobQueue):
+    """What one shard's worker writes to: its own progress; reads of the job go to the queue of record."""
+
+    def __init__(self, real: JobQueue, shard: Shard, on_change):
+        self.real, self.shard, self.on_change = real, shard, on_change
+
+    def submit(self, client, kind, request):
+        raise RuntimeError("a shard queues no jobs")
+
+    def get(self, job_id):
+        return self.real.get(job_id)
+
+    def list(self, client=None, offset=0, limit=50, statuses=None):
+        return self.real.list(client, offset, limit, statuses)
+
+    def claim(self):
+        return None
+
+    def save_progress(self, job_id, batches_done, result):
+        self.shard.done, self.shard.result = batches_done, result
+        self.on_change()
+
+    def park(self, job_id):  # a shard never waits for other clients (others_waiting is False)
+        self.shard.status = "parked"
+
+    def finish(self, job_id, status, result=None, error=None):
+        if result is not None:
+            self.shard.result = result
+        self.shard.status, self.shard.error = status, error
+        self.on_change()
+
+    def cancel(self, job_id, client):
+        return self.real.cancel(job_id, client)
+
+    def queued_count(self, client):
+        return self.real.queued_count(client)
+
+    def others_waiting(self, client):
+        return False
+
+    def position(self, job_id):
+        return -1
+
+    def recover(self, resume=False):
+        return []
+
+
+def shard_job(job: Job, shard: Shard) -> Job:
+    """The job a worker runs for ``shard``: batches ``shard.done`` .. ``shard.end``, no grid of its own; a shard
+    run again carries on from its own recorded result."""
+    request = copy.deepcopy(job.request)
+    request["request"]["n_iter"] = shard.end
+    request["save_grid"] = False
+    return dataclasses.replace(job, request=request, batches_done=shard.done, result=copy.deepcopy(shard.result))
+
+
+class ShardedRun:
+    """Runs ``job``'s shards on the pool's slots and records the job in the queue of record."""
+
+    def __init__(self, pool, job: Job, shards: list[Shard]):
+        self.pool, self.job, self.shards = pool, job, shards
+        self.queue = pool._service.queue
+        self.base = dict(job.result) or {}
+        self.lock = threading.Lock()
+
+    def images(self, prefix_only: bool) -> tuple[int, list[dict]]:
+        """(batches done from the job's start, their images in order): the contiguous prefix, or all."""
+        batches, images = self.job.batches_done, list(self.base.get("images", []))
+        for s in self.shards:
+            images += s.result.get("images", [])
+            batches = s.done
+            if s.done < s.end and prefix_only:
+                break
+        return batches, images
+
+    def record(self) -> None:
+        with self.lock:
+            batches, images = self.images(prefix_only=True)
+            first = next((s.result for s in self.shards if s.result), {})
+            result = {**self.base, "images": images,
+                      "warnings": sorted({w for s in self.shards for w in s.result.get("warnings", [])}
+                                         | set(self.base.get("warnings", []))),
+                      "job_timestamp": self.base.get("job_timestamp") or first.get("job_timestamp", "")}
+            self.queue.save_progress(self.job.id, batches, result)
+
+    def finish(self, lost_worker) -> None:
+        """Every shard has ended: the job's outcome in the queue of record."""
+        job, service = self.job, self.pool._service
+        current = self.queue.get(job.id)
+        if current is None or current.status != RUNNING:
+            return
+        failed = next((s for s in self.shards if s.status == FAILED), None)
+        if failed is not None:
+            self.record()
+            self.queue.finish(job.id, FAILED, {**self.queue.get(job.id).result,
+                                               "error_kind": failed.result.get("error_kind", "error")},
+                              error=failed.error)
+            return
+        if lost_worker is not None or any(s.status is None or s.status == "parked" for s in self.shards):
+            self.record()  # what is done is kept; the rest runs again from there
+            if lost_worker is not None:
+                self.pool._lost(job, lost_worker)
+            else:
+                self.queue.park(job.id)
+            return
+        last = self.shards[-1].result
+        _, images = self.images(prefix_only=False)
+        result = {**self.base, **{k: v for k, v in last.items() if k not in ("images", "grid", "extras", "units")},
+                  "images": images, "job_timestamp": self.base.get("job_timestamp")
+                  or self.shards[0].result.get("job_timestamp", "")}
+        result["warnings"] = sorted({w for s in self.shards for w in s.result.get("warnings", [])})
+        result["interrupted"] = any(s.result.get("interrupted") for s in self.shards)
+        extras = next((s.result["extras"] for s in self.shards if s.result.get("extras")), None)
+        if extras:
+            result["extras"] = extras
+        from .jobs import Txt2ImgJob
+
+        spec = Txt2ImgJob.from_dict(job.request, job.kind)
+        if spec.save_images and spec.save_grid and len(images) > 1:
+            result["grid"] = str(service._grid(images, spec.request, spec, f"{job.kind}-grids"))
+        if self.pool.store is not None:
+            self.pool.store.publish(job.id, result)
+        cancelled = self.queue.get(job.id).cancel_requested
+        self.queue.finish(job.id, CANCELLED if cancelled else DONE, result, error="cancelled" if cancelled else None)
