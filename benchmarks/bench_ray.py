@@ -6,7 +6,8 @@ Each configuration runs the same ``--jobs`` txt2img jobs (distinct seeds) throug
 cluster with N CPU workers (one core and one math thread each). Printed: jobs/s, the ratio to in-process,
 scaling efficiency (throughput(N) / (N x throughput(1))), and the overhead per job: ``load`` jobs of a
 checkpoint that is loaded already (no work but the round trip: claim, dispatch, actor calls, recording),
-in-process vs on a Ray worker. The pictures of every configuration are compared with the in-process ones.
+in-process vs on a Ray worker; and one job of ``--jobs`` batches, which the pool splits across its free
+workers. The pictures of every configuration are compared with the in-process ones.
 
 On this machine the cores are few and shared: efficiency beyond the core count, or under other load, says
 little about a GPU box, where each worker has its own GPU.
@@ -59,6 +60,20 @@ def run_jobs(service, count: int, size: int, steps: int) -> tuple[float, list[st
     return wall, digests
 
 
+def one_split_job(service, batches: int, size: int, steps: int) -> tuple[float, str]:
+    """Wall time of one job of ``batches`` batches (split across the free workers), and its pictures' digest."""
+    from sdstudio.core.params import Txt2ImgRequest
+    from sdstudio.service.jobs import Txt2ImgJob
+
+    start = time.perf_counter()
+    job = service.submit("bench", Txt2ImgJob(Txt2ImgRequest(prompt="a red circle", steps=steps, width=size,
+                                                            height=size, seed=2000, n_iter=batches), save_images=False))
+    done = service.wait(job.id, 3600)
+    assert done.status == "done", done.error
+    digest = hashlib.sha256(b"".join(Path(im["path"]).read_bytes() for im in done.result["images"])).hexdigest()
+    return time.perf_counter() - start, digest[:16]
+
+
 def overhead(service, count: int) -> float:
     """Seconds per ``load`` job of the loaded checkpoint (the scheduling round trip alone)."""
     title = service.engine.registry.checkpoints[0].title
@@ -101,8 +116,10 @@ def main() -> None:
         run_jobs(svc, 1, a.size, a.steps)
         base_wall, base_digests = run_jobs(svc, a.jobs, a.size, a.steps)
         base_overhead = overhead(svc, a.overhead_jobs)
+        split_base, split_digest = one_split_job(svc, a.jobs, a.size, a.steps)
         svc.stop()
         rows.append(("in-process", base_wall, base_overhead, True))
+        splits = [("in-process", split_base, True)]
         ray.init(num_cpus=max(counts), include_dashboard=False, object_store_memory=80 * 1024 * 1024,
                  log_to_driver=False)
         for n in counts:
@@ -113,8 +130,10 @@ def main() -> None:
             run_jobs(svc, n, a.size, a.steps)  # every worker loads the model once
             wall, digests = run_jobs(svc, a.jobs, a.size, a.steps)
             per_job = overhead(svc, a.overhead_jobs)
+            split_wall, digest = one_split_job(svc, a.jobs, a.size, a.steps)
             svc.stop()
             rows.append((f"ray x{n}", wall, per_job, digests == base_digests))
+            splits.append((f"ray x{n}", split_wall, digest == split_digest))
             print(f"  ray x{n}: workers up in {startup:.1f} s")
     finally:
         if ray.is_initialized():
@@ -130,6 +149,9 @@ def main() -> None:
             n = int(name[5:])
             eff = f"{tput / (n * a.jobs / one[1]):.2f}"
         print(f"{name:<12} {tput:8.2f} {ratio:10.2f} {eff:>11} {per_job * 1000:10.1f} ms  {same}")
+    print(f"one job of {a.jobs} batches (split across the free workers):")
+    for name, wall, same in splits:
+        print(f"  {name:<12} {wall:6.2f} s  x{split_base / wall:.2f} vs in-process  same pictures: {same}")
     print("(efficiency = throughput(N) / (N x throughput(1)); this machine's cores are shared with other work)")
 
 
