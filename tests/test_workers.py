@@ -223,3 +223,16 @@ def test_split_ranges_are_contiguous_and_even():
     assert split_ranges(1, 8, 3) == [(1, 4), (4, 6), (6, 8)]
     assert split_ranges(0, 2, 5) == [(0, 1), (1, 2)]  # never an empty range
     assert split_ranges(3, 4, 2) == [(3, 4)]
+
+
+def test_worker_flags_parse_and_a_lone_cpu_worker_count_is_refused():
+    from sdstudio.cli import build_parser
+    from sdstudio.flags import worker_pool_from
+
+    args = build_parser().parse_args(["serve", "--workers", "ray://head:10001", "--ray-cpu-workers", "3",
+                                      "--output-store", "s3://bucket/out"])
+    assert (args.workers, args.ray_cpu_workers, args.output_store, args.ray) == ("ray://head:10001", 3,
+                                                                                 "s3://bucket/out", False)
+    assert worker_pool_from(build_parser().parse_args(["serve"]), None, None) is None  # in-process
+    with pytest.raises(ValueError, match="--ray-cpu-workers needs --ray or --workers"):
+        worker_pool_from(build_parser().parse_args(["serve", "--ray-cpu-workers", "2"]), None, None)
