@@ -247,7 +247,7 @@ def test_out_of_memory_fails_the_job_with_advice(data_dir, free_port):
     1 GiB above what it uses after a small job, that allocation really fails. The job fails with a 413 that says
     what to do (smaller size, Tiled VAE, --medvram), the server stays up and the next job runs."""
     port = free_port()
-    proc = start(data_dir, port)
+    proc = start(data_dir, port, "--use-cpu", "all")  # the limit is on host memory (a GPU's own is not limited)
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (10, 100, 200)).save(buf, "PNG")
     body = {"prompt": "x", "steps": 1, "width": 64, "height": 64, "denoising_strength": 0.5,
