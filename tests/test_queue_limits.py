@@ -4,6 +4,8 @@ and the client's running job are not counted."""
 
 from __future__ import annotations
 
+import contextlib
+
 from fastapi.testclient import TestClient
 
 from sdstudio.cli import build_parser
@@ -34,12 +36,22 @@ def test_the_limit_counts_a_clients_waiting_jobs(data_dir):
     assert BY_KEY["sdstudio_max_queued_per_client"].default == 50
 
 
+@contextlib.contextmanager
+def _stopped_after(service):
+    """The app's job thread must not outlive the test: one still inside torch at interpreter exit can abort
+    the process after every test passed."""
+    try:
+        yield
+    finally:
+        service.stop()
+
+
 def test_the_api_answers_429_and_the_running_job_does_not_count(data_dir):
     args = build_parser().parse_args(["serve", "--data-dir", str(data_dir), "--api", "--nowebui"])
     with TestClient(create_app(args)) as client:
         assert client.post("/sdapi/v1/options", json={"sdstudio_max_queued_per_client": 1}).status_code == 200
         service = client.app.state.service
-        with StepHold(service, batch=0, step=1) as hold:
+        with _stopped_after(service), StepHold(service, batch=0, step=1) as hold:
             first = client.post("/sdstudio/v1/jobs", json={"request": SMALL})
             assert first.status_code == 202
             hold.wait()  # running, not waiting
