@@ -105,8 +105,17 @@ def _check_safetensors_header(path: Path) -> tuple[dict, int]:
             raise ModelFileError(f"{path.name}: corrupt safetensors header (claims {header_len} bytes)")
         try:
             header = json.loads(f.read(header_len))
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ModelFileError(f"{path.name}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path.name}: corrupt safetensors header (a {type(header).__name__}, not a table of tensors)")
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise ModelFileError(f"{path.name}: corrupt safetensors header ({key[:80]!r} has no valid data_offsets)")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + end > size:
         raise ModelFileError(
