@@ -47,8 +47,7 @@ class MergeBody(BaseModel):
 def describe(service: JobService, job) -> dict:
     out = job.public()
     out["queue_position"] = service.queue.position(job.id) if job.status == QUEUED else -1
-    running = service.running_job()
-    if running is not None and running.id == job.id:
+    if any(running.id == job.id for running in service.running_jobs()):  # on any worker
         p = service.progress(None, job.id)
         out["progress"], out["eta_relative"] = p["progress"], p["eta_relative"]
     else:
