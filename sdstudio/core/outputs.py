@@ -62,16 +62,34 @@ def save_image(image: Image.Image, folder: Path, *, infotext: str | None, basena
     folder.mkdir(parents=True, exist_ok=True)
     with _number_lock:
         number = next_number(folder, basename)
-        while True:
-            stem = f"{basename}-{number:04}" if basename else f"{number:05}"
-            path = folder / f"{stem}{'-' + suffix if suffix else ''}.{fmt}"
-            if not path.exists():
-                break
-            number += 1
-        tmp = folder / f".{path.name}.tmp"
-        write_image(image, tmp, infotext=infotext, fmt=fmt)
-        os.replace(tmp, path)
+        tmp = folder / f".{basename or 'image'}-{os.getpid()}-{threading.get_ident()}.{fmt}.tmp"
+        try:
+            write_image(image, tmp, infotext=infotext, fmt=fmt)
+            while True:
+                stem = f"{basename}-{number:04}" if basename else f"{number:05}"
+                path = folder / f"{stem}{'-' + suffix if suffix else ''}.{fmt}"
+                if _claim(tmp, path):
+                    break
+                number += 1  # taken: by an earlier file, or by another process writing the same folder
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed write leaves no partial file behind
     return path
+
+
+def _claim(tmp: Path, path: Path) -> bool:
+    """Give the written file ``tmp`` the name ``path`` unless that name exists. A hard link claims the name
+    atomically, so two processes (two workers writing one outputs folder) never take the same number;
+    file systems without links fall back to check-then-rename."""
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        if path.exists():
+            return False
+        os.replace(tmp, path)
+        return True
 
 
 def write_image(image: Image.Image, path: Path, *, infotext: str | None, fmt: str = "png") -> None:
