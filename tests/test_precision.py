@@ -182,3 +182,16 @@ def test_compile_gives_the_same_picture(make_data_root):
     a, b = pixels(plain.generate(req)), pixels(compiled.generate(req))
     assert compiled.load(None)[1].unet._compiled_call_impl is not None
     assert np.abs(a - b).max() <= 2  # compiled kernels may round differently in the last bit
+
+
+def test_a_vae_that_gives_nans_is_a_model_error_not_a_crash(tiny_sd1):
+    from sdstudio.core.errors import MODEL_UNFIT, kind_of
+    from sdstudio.engine import vae as vae_ops
+    from sdstudio.models.loader import load_checkpoint
+
+    broken = load_checkpoint(tiny_sd1, torch.float32).vae
+    with torch.no_grad():
+        broken.decoder.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(vae_ops.VAENaNError) as info:
+        vae_ops.decode(broken, torch.zeros(1, 4, 8, 8), torch.device("cpu"))
+    assert kind_of(info.value) == MODEL_UNFIT

@@ -12,13 +12,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..core.errors import MODEL_UNFIT, StudioError
 from . import tiled_vae
 
 log = logging.getLogger(__name__)
 
 
-class VAENaNError(RuntimeError):
-    pass
+class VAENaNError(StudioError, RuntimeError):
+    """The VAE gives NaNs even in float32: the checkpoint or VAE file is unusable (a 422, not a crash)."""
+
+    kind = MODEL_UNFIT
 
 
 def _decode(vae, scaled: torch.Tensor, tiled: bool) -> torch.Tensor:
