@@ -266,3 +266,15 @@ def test_bombs_are_413_through_the_server(client):
                        ("/sdapi/v1/extra-single-image", {"image": raw}), ("/sdapi/v1/png-info", {"image": raw})):
         r = client.post(path, json=body)
         assert r.status_code == 413 and "megapixels" in r.json()["detail"], (path, r.text)
+
+
+def test_controlnet_unit_images_use_the_upload_formats():
+    # a unit's image sent in a job body skips the API's decoder: the engine's own must refuse EPS & co. too
+    import base64
+
+    from sdstudio.core.controlnet import ControlNetError
+    from sdstudio.engine.controlnet import decode_image
+
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    with pytest.raises(ControlNetError, match="unit 0 image: not an image that can be read"):
+        decode_image(base64.b64encode(eps).decode(), "unit 0 image")

@@ -12,11 +12,11 @@ from fastapi import HTTPException
 from PIL import Image, ImageOps
 from starlette.requests import Request
 
+from ..core.imageops import UPLOAD_FORMATS
+
 CLIENT_HEADER = "x-sdstudio-client"
 MAX_INPUT_PIXELS = 64 * 1024 * 1024  # an uploaded image larger than 64 MP is refused before decoding
 MAX_B64_CHARS = 96 * 1024 * 1024
-# The formats an upload may be in. PIL reads many more, some through outside programs (EPS runs Ghostscript).
-UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")  # JPEG includes MPO (phones)
 
 
 def client_id(request: Request) -> str:

@@ -35,6 +35,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..core.controlnet import SCRIPT_NAME, ControlNetError, ControlUnit, Preprocessor
+from ..core.imageops import UPLOAD_FORMATS
 from .hooks import StepHook, UNetCall
 
 MAX_CONTROL_PIXELS = 64 * 1024 * 1024
@@ -54,14 +55,14 @@ def decode_image(data: str | Image.Image, what: str) -> Image.Image:
     except (binascii.Error, ValueError):
         raise ControlNetError(f"{what}: not valid base64") from None
     try:
-        image = Image.open(io.BytesIO(raw))
+        image = Image.open(io.BytesIO(raw), formats=UPLOAD_FORMATS)  # the API's formats: no EPS via Ghostscript
         w, h = image.size
         if w * h > MAX_CONTROL_PIXELS:
             raise ControlNetError(f"{what}: {w}x{h} is over the limit of {MAX_CONTROL_PIXELS // 2**20} megapixels")
         image.load()
     except ControlNetError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is this unit's bad image, never a crash
         raise ControlNetError(f"{what}: not an image that can be read ({type(exc).__name__})") from None
     return ImageOps.exif_transpose(image)
 
