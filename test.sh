@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 ./scripts/setup.sh
 ./scripts/setup-browser.sh
+./scripts/setup-postgres.sh
 export HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 # dependency audit (pip-audit over what .venv holds): fails on a known vulnerability with a fix; skips, saying
 # why, when its vulnerability source cannot be reached (SDSTUDIO_AUDIT=0 skips it on purpose)
