@@ -6,8 +6,9 @@ it costs no copy, and converting it to the model's dtype reads the file's pages 
 loader does so). Whoever asks for views copies what it keeps (``Tensor.to(dtype, copy=True)``): a
 file replaced in place under a live map would change, or fault, weights that still point into it.
 
-``.ckpt``/``.pt``/``.pth``/``.bin`` files are pickles: they are read with torch's ``weights_only`` unpickler, which builds tensors and plain containers and refuses everything else,
-so a file that tries to run code is refused before anything runs. Old SD 1.x checkpoints pickle a
+``.ckpt``/``.pt``/``.pth``/``.bin`` files are pickles: they are read with torch's ``weights_only``
+unpickler, which builds tensors and plain containers and refuses everything else, so a file that
+tries to run code is refused before anything runs. Old SD 1.x checkpoints pickle a
 pytorch-lightning ``ModelCheckpoint`` object in their training state; an inert stand-in is allowed
 under that one name so those files still load.
 """
