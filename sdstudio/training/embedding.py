@@ -51,6 +51,7 @@ from ..models.embeddings import Embedding, EmbeddingLibrary
 from ..models.files import ModelFile
 from ..models.loader import LoadedModel
 from ..models.safe_load import load_pickle
+from .loop import noised
 
 log = logging.getLogger(__name__)
 
@@ -288,9 +289,8 @@ def diffusion_loss(model: LoadedModel, latents: list[Latent], cond: Conditioning
     b = x0.shape[0]
     t = torch.randint(0, len(schedule.alphas_cumprod), (b,), generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
-    acp = schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
-    noisy = acp.sqrt() * x0 + (1 - acp).sqrt() * noise
-    target = acp.sqrt() * noise - (1 - acp).sqrt() * x0 if model.spec.prediction == "v_prediction" else noise
+    noisy, target = noised(x0, noise, schedule.alphas_cumprod[t].view(-1, 1, 1, 1),
+                           model.spec.prediction == "v_prediction")
     dtype = model.unet.dtype
     extra = {}
     if model.spec.is_sdxl:

@@ -147,6 +147,15 @@ def snr_weight(alphas: torch.Tensor, t: torch.Tensor, gamma: float, v: bool) -> 
     return w
 
 
+def noised(latents: torch.Tensor, noise: torch.Tensor, a: torch.Tensor, v_pred: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward diffusion of ``latents`` at cumulative alpha ``a`` (broadcastable) and the UNet's training
+    target there: the noise, or v = sqrt(a)·noise − sqrt(1−a)·latents. Every trainer here (LoRA, Dreambooth,
+    textual inversion, hypernetworks, the demo model's recipe) noises through this one function."""
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    target = a.sqrt() * noise - (1 - a).sqrt() * latents if v_pred else noise
+    return noisy, target
+
+
 def batch_loss(model: LoadedModel, batch, gen: torch.Generator, *, device: torch.device | str = "cpu",
                noise_offset: float | None = None, min_snr_gamma: float | None = None,
                autocast: torch.dtype | None = None, train_text_encoder: bool = False, encode_text=None,
@@ -171,9 +180,7 @@ def batch_loss(model: LoadedModel, batch, gen: torch.Generator, *, device: torch
     if noise_offset:
         noise = noise + noise_offset * torch.randn((n, latents.shape[1], 1, 1), generator=gen).to(device)
     t = torch.randint(0, len(alphas), (n,), generator=gen).to(device)
-    a = alphas[t].view(-1, 1, 1, 1)
-    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-    target = a.sqrt() * noise - (1 - a).sqrt() * latents if v_pred else noise
+    noisy, target = noised(latents, noise, alphas[t].view(-1, 1, 1, 1), v_pred)
     with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
         with torch.set_grad_enabled(train_text_encoder and torch.is_grad_enabled()):
             context, pooled = encode_text(batch.captions)

@@ -35,9 +35,11 @@ from torch import nn
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from sdstudio.engine.schedules import DiscreteSchedule
 from sdstudio.eval import shapes
 from sdstudio.models.loader import clip_tokenizer
 from sdstudio.testing.synthetic import ldm_state_dict
+from sdstudio.training.loop import noised
 
 SCALING = 0.18215
 
@@ -173,17 +175,15 @@ def noise_loss(unet, latents: torch.Tensor, context: torch.Tensor, alphas: torch
     mask and masked-image latent)."""
     t = torch.randint(0, 1000, (latents.shape[0],))
     noise = torch.randn_like(latents)
-    a = alphas[t].view(-1, 1, 1, 1)
-    x = a.sqrt() * latents + (1 - a).sqrt() * noise
-    target = a.sqrt() * noise - (1 - a).sqrt() * latents if prediction == "v_prediction" else noise
+    x, target = noised(latents, noise, alphas[t].view(-1, 1, 1, 1), prediction == "v_prediction")
     if extra is not None:
         x = torch.cat([x, extra], dim=1)
     return F.mse_loss(unet(x, t, context).sample, target)
 
 
 def _alphas_cumprod() -> torch.Tensor:
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0).float()
+    """The SD noise schedule the engine samples with (scaled-linear betas 0.00085-0.012, 1000 steps)."""
+    return DiscreteSchedule().alphas_cumprod
 
 
 class Run:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from sdstudio.eval import shapes
+from sdstudio.training.lora import LoRAModule
 
 from .train import SCALING, Config, Run, _alphas_cumprod, noise_loss, render_batch, warmup_cosine
 
@@ -73,46 +73,21 @@ def _optimise(params, steps: int, lr: float, loss_fn, desc: str) -> None:
 
 
 # ---- LoRA ---------------------------------------------------------------------------------------------
-class LoRA(nn.Module):
-    """``base(x) + up(down(x)) * alpha / rank`` around a Linear, or (LoCon) a Conv2d: ``down`` with the
-    base's kernel, ``up`` 1×1. ``up`` starts at zero, so the adapter starts as a no-op."""
-
-    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float):
-        super().__init__()
-        self.base, self.rank, self.alpha = base, rank, alpha
-        if isinstance(base, nn.Conv2d):
-            self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
-            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
-        else:
-            self.down = nn.Linear(base.in_features, rank, bias=False)
-            self.up = nn.Linear(rank, base.out_features, bias=False)
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.up.weight)
-
-    def forward(self, x):
-        return self.base(x) + self.up(self.down(x)) * (self.alpha / self.rank)
-
-
-def _attach(root: nn.Module, prefix: str, names: tuple[str, ...], rank: int, alpha: float) -> dict[str, LoRA]:
-    """Wrap the Linear and Conv2d layers whose name ends in one of ``names``; returns kohya key → adapter."""
+# The adapters are the LoRA trainer's modules (sdstudio.training.lora.LoRAModule: ``org(x) + up(down(x)) *
+# alpha / rank``, ``up`` starting at zero, kohya's file layout); this recipe only picks its own targets.
+def _attach(root: nn.Module, prefix: str, names: tuple[str, ...], rank: int, alpha: float) -> dict[str, LoRAModule]:
+    """An adapter on each Linear and Conv2d whose name ends in one of ``names``; returns kohya key → adapter."""
     found = {}
     for name, module in list(root.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if isinstance(child, (nn.Linear, nn.Conv2d)) and any(full.endswith(n) for n in names):
-                adapter = LoRA(child, rank, alpha)
-                setattr(module, child_name, adapter)
                 if prefix == "lora_te_" and not full.startswith("text_model."):
                     full = "text_model." + full  # kohya names count from CLIPTextModel.text_model
-                found[prefix + full.replace(".", "_")] = adapter
+                key = prefix + full.replace(".", "_")
+                found[key] = LoRAModule(key, child, rank, alpha)
+                found[key].apply_to()
     return found
-
-
-def _detach(root: nn.Module) -> None:
-    for module in list(root.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, LoRA):
-                setattr(module, child_name, child.base)
 
 
 def train_lora(run: Run, out: Path, steps: int = 500, rank: int = 4, seed: int = 1, lr: float = 3e-3) -> Path:
@@ -122,7 +97,7 @@ def train_lora(run: Run, out: Path, steps: int = 500, rank: int = 4, seed: int =
     # attention projections, and (LoCon) the resnets' 3×3 convolutions: stripes are a spatial pattern
     adapters = {**_attach(run.unet, "lora_unet_", ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"), rank, rank),
                 **_attach(run.text, "lora_te_", ("q_proj", "k_proj", "v_proj", "out_proj"), rank, rank)}
-    params = [p for a in adapters.values() for p in (*a.down.parameters(), *a.up.parameters())]
+    params = [p for a in adapters.values() for p in (*a.lora_down.parameters(), *a.lora_up.parameters())]
 
     def loss():
         scenes = _scenes(rng, run.cfg.batch, stripes=1.0)
@@ -135,11 +110,10 @@ def train_lora(run: Run, out: Path, steps: int = 500, rank: int = 4, seed: int =
     _optimise(params, steps, lr, loss, "LoRA")
     tensors = {}
     for key, a in adapters.items():
-        tensors[f"{key}.lora_down.weight"] = a.down.weight.detach().half().contiguous()
-        tensors[f"{key}.lora_up.weight"] = a.up.weight.detach().half().contiguous()
-        tensors[f"{key}.alpha"] = torch.tensor(float(a.alpha)).half()
-    _detach(run.unet)
-    _detach(run.text)
+        tensors[f"{key}.lora_down.weight"] = a.lora_down.weight.detach().half().contiguous()
+        tensors[f"{key}.lora_up.weight"] = a.lora_up.weight.detach().half().contiguous()
+        tensors[f"{key}.alpha"] = a.alpha.detach().half()
+        a.restore()
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata={"ss_output_name": out.stem, "ss_network_dim": str(rank),
                                            "ss_network_alpha": str(rank), "ss_base_model_version": "sd_v1",
