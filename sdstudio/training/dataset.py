@@ -13,11 +13,18 @@ resolution² pixels, and its bucket is its own size floored to the step).
 Everything random (epoch order, flips, caption shuffles and dropouts) is drawn from generators seeded with
 ``(seed, epoch[, batch])``, so batch ``b`` of epoch ``e`` is the same whenever it is asked for: a resumed
 run sees exactly the batches an uninterrupted one would.
+
+Latent caching (kohya's ``cache_latents``): :meth:`TrainingDataset.cache_latents` encodes every picture once
+(and its mirror image when flipping is on, as kohya caches ``latents_flipped``) and keeps the VAE's latent
+distribution, mean and spread; batches then carry those instead of pixels. The trainer still draws a new
+latent sample from that distribution at each step, as it does from a fresh encoding, so a cached run computes
+the losses an uncached one does (up to float rounding of one-by-one against batched encoding).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,12 +52,14 @@ class ImageItem:
 
 @dataclass
 class Batch:
-    pixels: torch.Tensor  # [B, 3, H, W] in [-1, 1]
+    pixels: torch.Tensor | None  # [B, 3, H, W] in [-1, 1]; None when the latents are cached
     captions: list[str]
     original_sizes: list[tuple[int, int]]  # (height, width), as SDXL's size conditioning takes them
     crops: list[tuple[int, int]]  # (top, left) of the crop, in the resized image
     flipped: list[bool]
     paths: list[Path]
+    latents: tuple[torch.Tensor, torch.Tensor] | None = None  # cached: the VAE's (mean, std), [B, C, h, w] each
+    size: tuple[int, int] = (0, 0)  # (height, width) of the pictures (the bucket)
 
 
 def bucket_resolutions(resolution: tuple[int, int], min_size: int = 256, max_size: int = 1024,
@@ -188,6 +197,7 @@ class TrainingDataset:
     folders: dict[str, tuple[int, int]] = field(default_factory=dict)  # folder -> (repeats, image count)
     cache_images: bool = True
     _cache: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    _latents: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_folder(cls, root: str | Path, *, resolution: int | tuple[int, int] = 512,
@@ -307,21 +317,46 @@ class TrainingDataset:
             self._cache[index] = arr
         return arr, (top, left)
 
+    def picture(self, index: int, flip: bool = False) -> torch.Tensor:
+        """Item ``index`` as the trainer sees it ([3, H, W] in [-1, 1]), mirrored when ``flip``."""
+        arr = self._pixels(index)[0]
+        arr = arr[:, ::-1] if flip else arr
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1
+
+    @property
+    def latents_cached(self) -> bool:
+        return bool(self._latents)
+
+    def cache_latents(self, encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Encode every picture once (its mirror image too when flipping is on): ``encode(pixels [1, 3, H, W])``
+        gives the VAE's latent (mean, std); they are kept on the CPU and the pictures are dropped."""
+        latents = {}
+        for i in range(len(self.items)):
+            for flip in (False, True) if self.flip_aug else (False,):
+                mean, std = encode(self.picture(i, flip)[None])
+                latents[(i, flip)] = (mean[0].detach().cpu(), std[0].detach().cpu())
+        self._latents = latents
+        self._cache.clear()
+
     def load_batch(self, indices: list[int], epoch: int, batch: int) -> Batch:
-        """One batch with its augmentations (flips, caption processing) drawn for (seed, epoch, batch)."""
+        """One batch with its augmentations (flips, caption processing) drawn for (seed, epoch, batch); with
+        cached latents it carries them instead of the pixels (the same draws either way)."""
         rng = np.random.default_rng([self.seed, epoch, batch, 1])
         pictures, captions, sizes, crops, flips, paths = [], [], [], [], [], []
         for i in indices:
-            arr, crop = self._pixels(i)
+            item = self.items[i]
+            bw, bh = item.bucket
+            rw, rh = item.resized
             flip = bool(self.flip_aug and rng.random() < 0.5)
-            if flip:
-                arr = arr[:, ::-1]
-            pictures.append(torch.from_numpy(np.ascontiguousarray(arr)))
-            captions.append(process_caption(self.items[i].caption, self.captions, rng))
-            w, h = self.items[i].size
+            pictures.append(self._latents[(i, flip)] if self._latents else self.picture(i, flip))
+            captions.append(process_caption(item.caption, self.captions, rng))
+            w, h = item.size
             sizes.append((h, w))
-            crops.append(crop)
+            crops.append(((rh - bh) // 2, (rw - bw) // 2))
             flips.append(flip)
-            paths.append(self.items[i].path)
-        pixels = torch.stack(pictures).permute(0, 3, 1, 2).float() / 127.5 - 1
-        return Batch(pixels, captions, sizes, crops, flips, paths)
+            paths.append(item.path)
+        size = (self.items[indices[0]].bucket[1], self.items[indices[0]].bucket[0])
+        if self._latents:
+            latents = (torch.stack([m for m, _ in pictures]), torch.stack([s for _, s in pictures]))
+            return Batch(None, captions, sizes, crops, flips, paths, latents, size)
+        return Batch(torch.stack(pictures), captions, sizes, crops, flips, paths, None, size)

@@ -62,6 +62,7 @@ from .loop import (
     make_optimizer,
     set_checkpointing,
     total_steps,
+    vae_encoder,
     write_log,
 )
 from .lora import TrainResult, base_model_version, model_hash
@@ -98,6 +99,7 @@ class DreamboothConfig:
     output_name: str = "last"
     save_precision: str = "float"  # "float" (float32), "fp16", "bf16"
     clip_skip: int = 1
+    cache_latents: bool = False  # kohya's cache_latents: instance and class pictures through the VAE once
 
 
 CONFIG_FIELDS = tuple(f.name for f in fields(DreamboothConfig))
@@ -326,7 +328,7 @@ def _metadata(cfg: DreamboothConfig, model: LoadedModel, ds: TrainingDataset, cl
                 "prior_loss_weight": cfg.prior_loss_weight if class_ds is not None else None,
                 "num_reg_images": class_ds.num_train_images if class_ds is not None else 0,
                 "mixed_precision": cfg.mixed_precision, "min_snr_gamma": cfg.min_snr_gamma,
-                "noise_offset": cfg.noise_offset, "save_precision": cfg.save_precision,
+                "noise_offset": cfg.noise_offset, "save_precision": cfg.save_precision, "cache_latents": cfg.cache_latents,
                 "training_started_at": started}
     if base_hashes:
         training["base_model_hash"], training["base_model_sha256"] = base_hashes
@@ -372,6 +374,9 @@ def train_dreambooth(model: LoadedModel | str | Path, dataset: TrainingDataset, 
     unet, vae, encoders = model.unet, model.vae, list(model.text_encoders)
     for m in [unet, vae, *encoders]:
         m.to(device)
+    if cfg.cache_latents:
+        for ds in (dataset, class_dataset) if class_dataset is not None else (dataset,):
+            ds.cache_latents(vae_encoder(vae, device))
     trained = [unet] + (encoders if cfg.train_text_encoder else [])
     groups = [{"params": list(unet.parameters()), "lr": cfg.learning_rate}]
     if cfg.train_text_encoder:

@@ -172,9 +172,13 @@ def batch_loss(model: LoadedModel, batch, gen: torch.Generator, *, device: torch
     scaling = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     with torch.no_grad():
-        dist = vae.encode(batch.pixels.to(device, vae.dtype)).latent_dist
-        noise_vae = torch.randn(dist.mean.shape, generator=gen).to(device, dist.mean.dtype)
-        latents = ((dist.mean + dist.std * noise_vae).float() - shift) * scaling
+        if batch.latents is not None:  # cached (TrainingDataset.cache_latents): the same distribution
+            mean, std = (t.to(device) for t in batch.latents)
+        else:
+            dist = vae.encode(batch.pixels.to(device, vae.dtype)).latent_dist
+            mean, std = dist.mean, dist.std
+        noise_vae = torch.randn(mean.shape, generator=gen).to(device, mean.dtype)
+        latents = ((mean + std * noise_vae).float() - shift) * scaling
     n = latents.shape[0]
     noise = torch.randn(latents.shape, generator=gen).to(device)
     if noise_offset:
@@ -186,7 +190,7 @@ def batch_loss(model: LoadedModel, batch, gen: torch.Generator, *, device: torch
             context, pooled = encode_text(batch.captions)
         extra = {}
         if model.spec.is_sdxl:  # size conditioning: original (h, w), crop (top, left), target (h, w)
-            h, w = batch.pixels.shape[-2:]
+            h, w = batch.size
             time_ids = torch.tensor([[*size, *crop, h, w] for size, crop in zip(batch.original_sizes, batch.crops)],
                                     dtype=torch.float32)
             extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.to(device)}
@@ -195,6 +199,19 @@ def batch_loss(model: LoadedModel, batch, gen: torch.Generator, *, device: torch
     if min_snr_gamma:
         loss = loss * snr_weight(alphas, t, min_snr_gamma, v_pred)
     return loss.mean()
+
+
+def vae_encoder(vae, device: torch.device | str = "cpu") -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``pixels -> (mean, std)`` of the VAE's latent distribution, for :meth:`TrainingDataset.cache_latents`
+    (the encoding :func:`batch_loss` does when nothing is cached)."""
+    device = torch.device(device)
+
+    @torch.no_grad()
+    def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
+        return dist.mean, dist.std
+
+    return encode
 
 
 def set_checkpointing(module: nn.Module, on: bool) -> None:

@@ -46,6 +46,7 @@ from .loop import (
     make_optimizer,
     set_checkpointing,
     total_steps,
+    vae_encoder,
     write_log,
 )
 from .loop import snr_weight as _snr_weight  # noqa: F401 - the name the tests know
@@ -237,6 +238,7 @@ class LoraConfig:
     save_dtype: torch.dtype = torch.float32
     clip_skip: int = 1
     training_comment: str | None = None
+    cache_latents: bool = False  # kohya's cache_latents: every picture (and its mirror) through the VAE once
 
 
 @dataclass
@@ -277,7 +279,7 @@ def _metadata(cfg: LoraConfig, model: LoadedModel, ds: TrainingDataset, total: i
         "ss_network_dim": cfg.network_dim, "ss_network_alpha": cfg.network_alpha, "ss_network_dropout": None,
         "ss_mixed_precision": precision, "ss_full_fp16": False, "ss_v2": model.spec.family == "sd2",
         "ss_base_model_version": base_model_version(model), "ss_clip_skip": cfg.clip_skip if cfg.clip_skip > 1 else None,
-        "ss_max_token_length": None, "ss_cache_latents": False, "ss_seed": cfg.seed, "ss_lowram": False,
+        "ss_max_token_length": None, "ss_cache_latents": cfg.cache_latents, "ss_seed": cfg.seed, "ss_lowram": False,
         "ss_noise_offset": cfg.noise_offset, "ss_training_comment": cfg.training_comment,
         "ss_optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
         "ss_max_grad_norm": cfg.max_grad_norm, "ss_caption_dropout_rate": ds.captions.dropout,
@@ -329,6 +331,8 @@ def train_lora(model: LoadedModel | str | Path, dataset: TrainingDataset, config
     unet, vae, encoders = model.unet, model.vae, model.text_encoders
     for m in [unet, vae, *encoders]:
         m.to(device)
+    if cfg.cache_latents:
+        dataset.cache_latents(vae_encoder(vae, device))
     gen = torch.Generator().manual_seed(cfg.seed)
     with torch.random.fork_rng(devices=[]):  # lora_down's kaiming init, seeded (kohya: set_seed) without
         torch.manual_seed(cfg.seed)           # touching the caller's global generator
