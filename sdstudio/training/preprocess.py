@@ -1,0 +1,200 @@
+"""Preparing a training folder: A1111's "Preprocess images" (resize, flipped copies, split oversized pictures,
+captions by BLIP and/or DeepBooru) and auto-captioning a kohya folder in place.
+
+:func:`preprocess_images` follows A1111's ``textual_inversion/preprocess.py``: every file of the source folder
+(sorted, case-insensitively) that opens as a picture is brought to width x height by "Crop and resize"
+(or kept at its size, or cut into overlapping tiles when it is much longer than the target's shape), saved
+as ``<index:05>-<subindex>-<name>.png`` in the destination with a ``.txt`` caption: the captioners' text
+(BLIP's caption, then the DeepBooru tags after ", "), combined with an existing ``<name>.txt`` beside the
+source as ``txt_action`` says (``ignore``, ``copy``, ``prepend``, ``append``); with ``flip`` a mirrored copy
+follows each picture. Files that are not pictures are reported by name and skipped, never fatal.
+
+:func:`caption_folder` writes a caption file beside every picture of a kohya folder (``N_name`` sub-folders
+included) that has none, as kohya's ``make_captions.py`` / ``tag_images_by_wd14_tagger.py`` do.
+
+Captioners are plain ``picture -> text`` callables; :func:`interrogator_captioners` makes them from the
+engine's interrogators (:mod:`sdstudio.engine.interrogate`), and says clearly which model folder is missing
+when their weights are not installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from ..core.imageops import resize_image
+from .dataset import IMAGE_EXTENSIONS, _repeats_folder
+from .loop import TrainingError
+
+log = logging.getLogger(__name__)
+
+TXT_ACTIONS = ("ignore", "copy", "prepend", "append")
+CAPTION_SUFFIXES = (".txt", ".caption")
+Captioner = Callable[[Image.Image], str]
+
+
+@dataclass
+class PreprocessResult:
+    written: list[Path] = field(default_factory=list)  # the pictures saved (their captions lie beside them)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file name, why) of unusable files
+    interrupted: bool = False
+
+    @property
+    def info(self) -> str:
+        """A1111's reply, with what was skipped."""
+        text = "Preprocess finished" if not self.interrupted else "Preprocess interrupted"
+        if self.skipped:
+            text += f"; skipped {len(self.skipped)}: " + "; ".join(f"{n} ({why})" for n, why in self.skipped)
+        return text
+
+
+def interrogator_captioners(interrogators, *, blip: bool = False, deepbooru: bool = False) -> list[Captioner]:
+    """A1111's "Use BLIP for caption" / "Use deepbooru for caption" as captioners, loaded now: a model that is
+    not installed raises :class:`TrainingError` naming the option and the folder to fill."""
+    from ..models.errors import ModelFileError, ModelNotFoundError
+
+    out: list[Captioner] = []
+    for wanted, backend, option in ((blip, "clip", "Use BLIP for caption"),
+                                    (deepbooru, "deepdanbooru", "Use deepbooru for caption")):
+        if not wanted:
+            continue
+        try:
+            model = interrogators.get(backend)
+        except (ModelNotFoundError, ModelFileError) as exc:
+            raise TrainingError(f"{option}: {exc}") from None
+        out.append(model.caption if backend == "clip" else model.interrogate)
+    return out
+
+
+def _caption(picture: Image.Image, captioners: list[Captioner]) -> str:
+    return ", ".join(t for t in (c(picture).strip() for c in captioners) if t)
+
+
+def combine_caption(caption: str, existing: str | None, action: str) -> str:
+    """A1111's "Existing Caption txt Action" on the generated caption and the source's ``.txt``."""
+    if existing:
+        if action == "prepend":
+            caption = f"{existing} {caption}"
+        elif action == "append":
+            caption = f"{caption} {existing}"
+        elif action == "copy":
+            caption = existing
+    return caption.strip()
+
+
+def split_picture(image: Image.Image, width: int, height: int, overlap_ratio: float) -> Iterator[Image.Image]:
+    """A1111's ``split_pic``: a picture much longer than the target's shape, scaled to the target's short side
+    and cut along its long side into tiles of the target's size that overlap by about ``overlap_ratio``."""
+    inverse = image.height <= image.width  # landscape: cut along x
+    from_w, from_h = (image.height, image.width) if inverse else (image.width, image.height)
+    to_w, to_h = (height, width) if inverse else (width, height)
+    h = from_h * to_w // from_w
+    image = image.resize((h, to_w) if inverse else (to_w, h))
+    count = max(2, math.ceil((h - to_h * overlap_ratio) / (to_h * (1.0 - overlap_ratio))))
+    step = (h - to_h) / (count - 1)
+    for i in range(count):
+        y = int(step * i)
+        yield image.crop((y, 0, y + to_h, to_w) if inverse else (0, y, to_w, y + to_h))
+
+
+def _listing(folder: Path) -> list[Path]:
+    """A1111's ``listfiles``: the folder's files, sorted case-insensitively, dot-files left out."""
+    return [p for p in sorted(folder.iterdir(), key=lambda p: p.name.lower())
+            if p.is_file() and not p.name.startswith(".")]
+
+
+def preprocess_images(src: str | Path, dst: str | Path, width: int = 512, height: int = 512, *,
+                      txt_action: str = "ignore", keep_original_size: bool = False, flip: bool = False,
+                      split: bool = False, split_threshold: float = 0.5, overlap_ratio: float = 0.2,
+                      captioners: list[Captioner] | None = None,
+                      on_progress: Callable[[int, int, str], None] | None = None,
+                      should_stop: Callable[[], bool] | None = None) -> PreprocessResult:
+    """A1111's Preprocess images from ``src`` into ``dst`` (see the module's text). ``on_progress(i, n, name)``
+    before each file; ``should_stop`` ends the run after the current file."""
+    src, dst = Path(src), Path(dst)
+    if not str(src) or not src.is_dir():
+        raise TrainingError(f"Preprocess: source directory {src} does not exist")
+    if src.resolve() == dst.resolve():
+        raise TrainingError("Preprocess: the destination must differ from the source")
+    if txt_action not in TXT_ACTIONS:
+        raise TrainingError(f"Preprocess: existing caption action {txt_action!r} is not one of {', '.join(TXT_ACTIONS)}")
+    if not (64 <= int(width) <= 8192 and 64 <= int(height) <= 8192):
+        raise TrainingError(f"Preprocess: width and height must be 64 to 8192, got {width}x{height}")
+    if not 0 <= overlap_ratio < 1 or not 0 < split_threshold <= 1:
+        raise TrainingError("Preprocess: split threshold must be in (0, 1] and overlap ratio in [0, 1)")
+    dst.mkdir(parents=True, exist_ok=True)
+    captioners = captioners or []
+    result = PreprocessResult()
+    files = _listing(src)
+    for index, path in enumerate(files):
+        if path.suffix.lower() in CAPTION_SUFFIXES:
+            continue
+        if should_stop is not None and should_stop():
+            result.interrupted = True
+            break
+        if on_progress is not None:
+            on_progress(index, len(files), path.name)
+        try:
+            with Image.open(path) as im:
+                img = ImageOps.exif_transpose(im).convert("RGB")
+        except Exception as exc:  # noqa: BLE001 - any file that is not a readable picture is reported and skipped
+            result.skipped.append((path.name, f"not a readable picture ({type(exc).__name__}: {exc})"))
+            log.warning("preprocess: skipping %s (%s)", path.name, exc)
+            continue
+        txt = path.with_suffix(".txt")
+        existing = txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else None
+        if img.height > img.width:
+            ratio = (img.width * height) / (img.height * width)
+        else:
+            ratio = (img.height * width) / (img.width * height)
+        pictures: list[Image.Image] = []
+        if split and ratio < 1.0 and ratio <= split_threshold:
+            pictures += split_picture(img, width, height, overlap_ratio)
+        if keep_original_size:
+            pictures.append(img)
+        if not pictures:
+            pictures.append(resize_image(1, img, int(width), int(height)))
+        if flip:
+            pictures = [p for pic in pictures for p in (pic, ImageOps.mirror(pic))]
+        for subindex, pic in enumerate(pictures):
+            base = dst / f"{index:05}-{subindex}-{path.stem}"
+            pic.save(base.with_suffix(".png"))
+            caption = combine_caption(_caption(pic, captioners), existing, txt_action)
+            if caption:
+                base.with_suffix(".txt").write_text(caption, encoding="utf-8")
+            result.written.append(base.with_suffix(".png"))
+    return result
+
+
+def caption_folder(root: str | Path, captioners: list[Captioner], *, extension: str = ".caption",
+                   overwrite: bool = False) -> PreprocessResult:
+    """A caption file (``<stem><extension>``, the first line kohya reads) beside each picture of a training
+    folder, and of its ``N_name`` sub-folders, that has none (every picture with ``overwrite``); pictures that
+    cannot be read are reported by name and skipped. ``written`` lists the captioned pictures."""
+    root = Path(root)
+    if not root.is_dir():
+        raise TrainingError(f"{root}: not a folder")
+    if not captioners:
+        raise TrainingError("captioning needs at least one captioner (BLIP or DeepBooru)")
+    extension = extension if extension.startswith(".") else "." + extension
+    folders = [root] + [p for p in sorted(root.iterdir()) if p.is_dir() and _repeats_folder(p.name)]
+    result = PreprocessResult()
+    for folder in folders:
+        for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
+            target = path.with_suffix(extension)
+            if target.exists() and not overwrite:
+                continue
+            try:
+                with Image.open(path) as im:
+                    picture = ImageOps.exif_transpose(im).convert("RGB")
+            except Exception as exc:  # noqa: BLE001 - reported and skipped, as the dataset does
+                result.skipped.append((str(path.relative_to(root)), f"{type(exc).__name__}: {exc}"))
+                continue
+            target.write_text(_caption(picture, captioners) + "\n", encoding="utf-8")
+            result.written.append(path)
+    return result
