@@ -104,3 +104,19 @@ def test_cached_dreambooth_run_has_the_losses_of_an_uncached_one(tiny_sd1, data,
                                        output_name="db", cache_latents=cache, **kw)
     assert np.allclose(runs[False].losses, runs[True].losses, rtol=1e-4), (runs[False].losses, runs[True].losses)
     assert '"cache_latents": true' in runs[True].metadata["sdstudio_training"]
+
+
+def test_a_cached_run_resumes_bit_identically(sd1, data, tmp_path):
+    kw = {"max_train_steps": 4, "batch_size": 2, "learning_rate": 1e-3, "seed": 7, "cache_latents": True,
+          "output_name": "r"}
+    whole = train_lora(sd1, _ds(data / "instance", flip_aug=True), output_dir=tmp_path / "a", **kw)
+    seen = []
+    stopped = train_lora(sd1, _ds(data / "instance", flip_aug=True), output_dir=tmp_path / "b",
+                         on_progress=seen.append, should_stop=lambda: len(seen) == 2, **kw)
+    assert stopped.interrupted and stopped.steps == 2
+    resumed = train_lora(sd1, _ds(data / "instance", flip_aug=True), output_dir=tmp_path / "b", resume=True, **kw)
+    assert resumed.losses == whole.losses
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(whole.path)), load_file(str(resumed.path))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
