@@ -283,13 +283,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", default="Euler a")
     parser.add_argument("--cfg", type=float, default=7.0)
     parser.add_argument("--out", default=str(RESULTS), help="where the table is written ('-': nowhere)")
-    parser.add_argument("--only", choices=["controlnet"], help="compute only these rows and print them")
+    parser.add_argument("--only", choices=["controlnet", "training"], help="compute only these rows and print them "
+                        "(training: a LoRA and an embedding trained with our trainers on rendered scenes, minutes)")
     args = parser.parse_args(argv)
     engine = Engine(Paths(Path(args.data_dir)))
     file = engine.registry.checkpoint(args.model)
     args.model = file.name
     if args.only == "controlnet":
         print(table(controlnet_rows(engine, args, log=lambda m: print(m, file=sys.stderr))))
+        return 0
+    if args.only == "training":
+        import tempfile
+
+        from .training import training_rows
+
+        with tempfile.TemporaryDirectory() as work:  # the trained files and their data: thrown away after
+            print(table(training_rows(file.path, Path(work), lambda paths: Engine(paths), size=args.size,
+                                      steps=args.steps, sampler=args.sampler, cfg=args.cfg,
+                                      log=lambda m: print(m, file=sys.stderr))))
         return 0
     rows = evaluate(engine, args, log=lambda m: print(m, file=sys.stderr))
     rows += controlnet_rows(engine, args, log=lambda m: print(m, file=sys.stderr))
