@@ -1,9 +1,10 @@
 """Stop a server in the middle of writing a file, so a test can kill -9 it exactly there.
 
 Every file sdstudio must never leave half-written (output images, LoRA files, training states, settings) is
-written to a temporary file and moved into place with ``os.replace``. Run as the server command
+written to a temporary file and then given its name: moved into place with ``os.replace``, or, for output
+pictures, hard-linked with ``os.link`` (which claims the name atomically). Run as the server command
 (``python tests/fault_hold.py --hold-dir D --hold-write SUFFIX:N -- <sdstudio serve flags>``), this file makes
-the N-th such move onto a name ending in ``SUFFIX`` the moment the server dies: the temporary file is first cut
+the N-th such naming of a file ending in ``SUFFIX`` the moment the server dies: the temporary file is first cut
 to half its length (the write was under way when the power went), ``D/held`` gets the destination's path, and
 the process waits there to be killed. Only this process is affected; the server is otherwise the one
 ``sdstudio serve`` builds from those flags.
@@ -19,20 +20,22 @@ from pathlib import Path
 
 
 def hold_on_write(folder: Path, suffix: str, nth: int) -> None:
-    real = os.replace
     seen = [0]
 
-    def replace(src, dst, *args, **kwargs):
-        if str(dst).endswith(suffix):
-            seen[0] += 1
-            if seen[0] == nth:
-                os.truncate(src, os.path.getsize(src) // 2)
-                (folder / "held").write_text(str(dst))
-                while True:
-                    time.sleep(1)
-        return real(src, dst, *args, **kwargs)
+    def holding(real):
+        def name(src, dst, *args, **kwargs):
+            if str(dst).endswith(suffix):
+                seen[0] += 1
+                if seen[0] == nth:
+                    os.truncate(src, os.path.getsize(src) // 2)
+                    (folder / "held").write_text(f"{dst}\n{src}")
+                    while True:
+                        time.sleep(1)
+            return real(src, dst, *args, **kwargs)
+        return name
 
-    os.replace = replace
+    os.replace = holding(os.replace)
+    os.link = holding(os.link)
 
 
 def main(argv: list[str]) -> None:

@@ -126,9 +126,9 @@ def test_killed_while_writing_an_image(data_dir, free_port, tmp_path, resume):
                            "save_images": True}},
               {"request": {"prompt": "second", "steps": 2, "width": 64, "height": 64, "seed": 20, "save_images": True}}]
     ids = [call(port, "/sdstudio/v1/jobs", body)[1]["id"] for body in bodies]
-    held = Path(wait_for_file(tmp_path / "held", proc))
+    held, temporary = map(Path, wait_for_file(tmp_path / "held", proc).splitlines())
     kill(proc)
-    assert not held.exists() and (held.parent / f".{held.name}.tmp").is_file()  # the cut write is only a temporary
+    assert not held.exists() and temporary.is_file() and temporary.name.startswith(".")  # the cut write is only a temporary
 
     proc = start(data_dir, port := free_port(), *(["--resume-queue"] if resume else []))
     try:
@@ -174,7 +174,7 @@ def test_killed_while_saving_a_training_checkpoint(data_dir, free_port, tmp_path
     proc = start(data_dir, port, hold=["--hold-dir", str(tmp_path), "--hold-write=-state.pt:2"])
     status, job = call(port, "/sdstudio/v1/train/lora", LORA)
     assert status == 202, job
-    held = Path(wait_for_file(tmp_path / "held", proc, timeout=600))
+    held = Path(wait_for_file(tmp_path / "held", proc, timeout=600).splitlines()[0])
     kill(proc)
     lora_dir = data_dir / "models" / "Lora"
     assert held == lora_dir / "sks-state.pt"
