@@ -76,7 +76,7 @@ def check_limits(settings: dict, limits: dict, label: str) -> None:
 def job_status(service: JobService, job: Job) -> dict:
     """A queue job in the extension's ``DeforumJobStatus`` shape (and sdstudio's extra fields)."""
     result, request = job.result, job.request
-    live = service._live_of(None, job.id)  # this process's worker or a pool's
+    live = service.live_state(job.id)  # this process's worker or a pool's
     frames, total = int(result.get("frames_done", 0)), int(result.get("max_frames") or request["settings"]["max_frames"])
     error_type, message = "NONE", None
     if job.status in (QUEUED, RUNNING):

@@ -714,6 +714,11 @@ class JobService:
         live = self._live_of(None, job_id)
         return live.preview_no if live is not None and live.preview is not None else None
 
+    def live_state(self, job_id: str, client: str | None = None) -> Live | None:
+        """The live state (step, batch, preview, phase) of the running job ``job_id`` on whichever worker runs
+        it, or None when it is not running (with ``client``: only when it is that client's)."""
+        return self._live_of(client, job_id)
+
     def _live_of(self, client: str | None, job_id: str | None) -> Live | None:
         """The running job's live state if it is ``client``'s and ``job_id`` (None: any)."""
         return next((live for live in self._lives_of(client) if job_id is None or live.job.id == job_id), None)

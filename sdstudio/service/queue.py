@@ -1,8 +1,9 @@
 """The job queue: every job from the UI, the API and the CLI goes through it.
 
-:class:`JobQueue` is the interface the service uses; :class:`SQLiteJobQueue` backs it with an
-embedded SQLite file in the data dir (a later backend hands jobs to Ray workers behind the same
-methods). A job is a kind (``txt2img``...), the caller's request as JSON and, when it ends, its result
+:class:`JobQueue` is the interface the service uses. :class:`SQLJobQueue` writes its rules once in SQL;
+:class:`SQLiteJobQueue` runs them on an embedded SQLite file in the data dir and
+:class:`~sdstudio.service.pgqueue.PostgresJobQueue` on a PostgreSQL server that several API servers share
+(each only a dialect: placeholders, table names, column types, locking). A job is a kind (``txt2img``...), the caller's request as JSON and, when it ends, its result
 as JSON (paths of the written images, infotexts, seeds).
 
 Order: jobs of one client run first-in first-out; between clients the queue goes round-robin, so a
@@ -18,20 +19,21 @@ resume from its last finished batch when asked to (``--resume-queue``).
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
 import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)
 INTERRUPTED_BY_RESTART = "interrupted: the server stopped while this job ran"
 
-
-SQLITE_MAX = 2**63 - 1  # SQLite's INTEGER range; a larger offset would raise OverflowError
 
 
 @dataclass
@@ -105,56 +107,100 @@ class JobQueue(ABC):
         """After a restart: jobs left ``running`` become failed-interrupted, or queued again."""
 
 
+# One schema and one set of statements for every SQL backend: ``{jobs}`` / ``{clients}`` are the backend's
+# table names, ``{serial}``... its column types, and ``?`` its placeholder (see SQLJobQueue._sql).
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+CREATE TABLE IF NOT EXISTS {jobs} (
+    seq {serial},
     id TEXT UNIQUE NOT NULL,
     client TEXT NOT NULL,
     kind TEXT NOT NULL,
     status TEXT NOT NULL,
     request TEXT NOT NULL,
-    result TEXT NOT NULL DEFAULT '{}',
+    result TEXT NOT NULL DEFAULT '{{}}',
     error TEXT,
-    created REAL NOT NULL,
-    started REAL,
-    finished REAL,
+    created {real} NOT NULL,
+    started {real},
+    finished {real},
     batches_done INTEGER NOT NULL DEFAULT 0,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested {bool} NOT NULL DEFAULT {false},
+    owner TEXT
 );
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
-CREATE INDEX IF NOT EXISTS jobs_client ON jobs(client, seq);
-CREATE TABLE IF NOT EXISTS clients (
+CREATE INDEX IF NOT EXISTS {jobs}_status ON {jobs}(status, seq);
+CREATE INDEX IF NOT EXISTS {jobs}_client ON {jobs}(client, seq);
+CREATE TABLE IF NOT EXISTS {clients} (
     client TEXT PRIMARY KEY,
-    last_served INTEGER NOT NULL
-);
+    last_served {bigint} NOT NULL
+)
 """
 
+# columns added since the first schema: a queue file made before gets them when it opens (name, type)
+_ADDED_COLUMNS = (("owner", "TEXT"),)
 
-class SQLiteJobQueue(JobQueue):
-    """The queue in one SQLite file (WAL mode: readers never wait for the worker)."""
 
-    def __init__(self, path: Path | str):
-        self.path = Path(path)
-        if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._lock = threading.RLock()  # one connection, used from the worker and the request threads
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
+class SQLJobQueue(JobQueue):
+    """The queue's rules in SQL that SQLite and PostgreSQL both run. A backend gives the connection
+    (``self._db``, whose ``execute`` returns rows readable by column name), its transactions (:meth:`_begin`),
+    and its dialect: the placeholder, the table names, the column types, row locking, and whether
+    :meth:`recover` touches only the jobs this server claimed (several servers sharing one database)."""
+
+    placeholder = "?"
+    tables: ClassVar[dict[str, str]] = {"jobs": "jobs", "clients": "clients"}
+    types: ClassVar[dict[str, str]] = {"serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "real": "REAL",
+                                       "bool": "INTEGER", "false": "0", "bigint": "INTEGER"}
+    for_update = ""  # appended to a SELECT that reads a row before changing it (PostgreSQL: FOR UPDATE)
+    own_jobs_only = False  # recover(): only the jobs whose owner is this server
+    max_int = 2**63 - 1  # the databases' BIGINT range; a larger LIMIT / OFFSET would overflow
+    owner: str | None = None  # who claims (recorded on every claimed job)
+
+    _lock: threading.RLock
+    _db: object
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    # ---- helpers ----------------------------------------------------------------------------------
-    def _tx(self):
-        return _Transaction(self._db, self._lock)
+    # ---- the dialect ------------------------------------------------------------------------------
+    def _sql(self, text: str) -> str:
+        """``text`` in this backend's dialect (cached: every statement is translated once)."""
+        cache = self.__dict__.setdefault("_sql_cache", {})
+        if text not in cache:
+            cache[text] = text.format(**self.tables, **self.types).replace("?", self.placeholder)
+        return cache[text]
 
+    def _run(self, db, text: str, args: tuple = ()):
+        return db.execute(self._sql(text), args)
+
+    def _begin(self):
+        """A context manager: one transaction on ``self._db``, committed on success (the lock is held)."""
+        raise NotImplementedError
+
+    @contextmanager
+    def _tx(self):
+        with self._lock, self._begin() as db:
+            yield db
+
+    def _columns(self, db) -> set[str]:
+        """The jobs table's column names now."""
+        raise NotImplementedError
+
+    def _create(self) -> None:
+        """The tables (and any column a queue made by an older version lacks)."""
+        with self._tx() as db:
+            self._lock_claims(db)  # two servers creating them at once
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                self._run(db, statement)
+            have = self._columns(db)
+            for name, kind in _ADDED_COLUMNS:
+                if name not in have:
+                    self._run(db, f"ALTER TABLE {{jobs}} ADD COLUMN {name} {kind}")
+
+    def _lock_claims(self, db) -> None:
+        """Inside a transaction: make every other claimer wait for its end (one connection: nothing to do)."""
+
+    # ---- helpers ----------------------------------------------------------------------------------
     @staticmethod
-    def _job(row: sqlite3.Row | None) -> Job | None:
+    def _job(row) -> Job | None:
         if row is None:
             return None
         return Job(id=row["id"], client=row["client"], kind=row["kind"], status=row["status"],
@@ -162,17 +208,24 @@ class SQLiteJobQueue(JobQueue):
                    created=row["created"], started=row["started"], finished=row["finished"],
                    batches_done=row["batches_done"], cancel_requested=bool(row["cancel_requested"]))
 
+    def _one(self, db, job_id: str, lock: bool = False) -> Job | None:
+        sql = "SELECT * FROM {jobs} WHERE id = ?" + (self.for_update if lock else "")
+        return self._job(self._run(db, sql, (job_id,)).fetchone())
+
+    def _bounded(self, n: int) -> int:
+        return min(max(0, n), self.max_int)
+
     # ---- interface --------------------------------------------------------------------------------
     def submit(self, client: str, kind: str, request: dict) -> Job:
         job_id = uuid.uuid4().hex
         with self._tx() as db:
-            db.execute("INSERT INTO jobs (id, client, kind, status, request, created) VALUES (?, ?, ?, ?, ?, ?)",
-                       (job_id, client, kind, QUEUED, json.dumps(request), time.time()))
-            return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            self._run(db, "INSERT INTO {jobs} (id, client, kind, status, request, created) VALUES (?, ?, ?, ?, ?, ?)",
+                      (job_id, client, kind, QUEUED, json.dumps(request), time.time()))
+            return self._one(db, job_id)
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
-            return self._job(self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            return self._one(self._db, job_id)
 
     def list(self, client: str | None = None, offset: int = 0, limit: int = 50,
              statuses: tuple[str, ...] | None = None) -> list[Job]:
@@ -183,71 +236,69 @@ class SQLiteJobQueue(JobQueue):
         if statuses:
             where.append(f"status IN ({', '.join('?' * len(statuses))})")
             args.extend(statuses)
-        sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+        sql = "SELECT * FROM {jobs}" + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY seq DESC LIMIT ? OFFSET ?"
         with self._lock:
-            rows = self._db.execute(sql, (*args, min(max(0, limit), SQLITE_MAX), min(max(0, offset), SQLITE_MAX)))
+            rows = self._run(self._db, sql, (*args, self._bounded(limit), self._bounded(offset))).fetchall()
             return [self._job(r) for r in rows]
-
-    def _next_row(self, db) -> sqlite3.Row | None:
-        # the client served longest ago (never = first) goes next; within a client, oldest job first
-        return db.execute(
-            "SELECT j.* FROM jobs j LEFT JOIN clients c ON c.client = j.client WHERE j.status = ? "
-            "ORDER BY COALESCE(c.last_served, 0), j.seq LIMIT 1", (QUEUED,)).fetchone()
 
     def claim(self) -> Job | None:
         with self._tx() as db:
-            row = self._next_row(db)
+            self._lock_claims(db)  # one claimer at a time (all servers): the round-robin turn is computed once
+            # the client served longest ago (never = first) goes next; within a client, oldest job first
+            row = self._run(db, "SELECT j.* FROM {jobs} j LEFT JOIN {clients} c ON c.client = j.client "
+                                "WHERE j.status = ? ORDER BY COALESCE(c.last_served, 0), j.seq LIMIT 1",
+                            (QUEUED,)).fetchone()
             if row is None:
                 return None
-            turn = db.execute("SELECT COALESCE(MAX(last_served), 0) + 1 FROM clients").fetchone()[0]
-            db.execute("INSERT INTO clients (client, last_served) VALUES (?, ?) "
-                       "ON CONFLICT(client) DO UPDATE SET last_served = excluded.last_served", (row["client"], turn))
-            db.execute("UPDATE jobs SET status = ?, started = COALESCE(started, ?) WHERE id = ?",
-                       (RUNNING, time.time(), row["id"]))
-            return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
+            turn = self._run(db, "SELECT COALESCE(MAX(last_served), 0) + 1 AS turn FROM {clients}").fetchone()["turn"]
+            self._run(db, "INSERT INTO {clients} (client, last_served) VALUES (?, ?) "
+                          "ON CONFLICT (client) DO UPDATE SET last_served = excluded.last_served", (row["client"], turn))
+            self._run(db, "UPDATE {jobs} SET status = ?, started = COALESCE(started, ?), owner = ? WHERE id = ?",
+                      (RUNNING, time.time(), self.owner, row["id"]))
+            return self._one(db, row["id"])
 
     def save_progress(self, job_id: str, batches_done: int, result: dict) -> None:
         with self._tx() as db:
-            db.execute("UPDATE jobs SET batches_done = ?, result = ? WHERE id = ?",
-                       (batches_done, json.dumps(result), job_id))
+            self._run(db, "UPDATE {jobs} SET batches_done = ?, result = ? WHERE id = ?",
+                      (batches_done, json.dumps(result), job_id))
 
     def park(self, job_id: str) -> None:
         with self._tx() as db:
-            db.execute("UPDATE jobs SET status = ? WHERE id = ? AND status = ?", (QUEUED, job_id, RUNNING))
+            self._run(db, "UPDATE {jobs} SET status = ? WHERE id = ? AND status = ?", (QUEUED, job_id, RUNNING))
 
     def finish(self, job_id: str, status: str, result: dict | None = None, error: str | None = None) -> None:
         if status not in FINISHED:
             raise ValueError(f"not a final status: {status}")
         with self._tx() as db:
             if result is None:
-                db.execute("UPDATE jobs SET status = ?, error = ?, finished = ? WHERE id = ?",
-                           (status, error, time.time(), job_id))
+                self._run(db, "UPDATE {jobs} SET status = ?, error = ?, finished = ? WHERE id = ?",
+                          (status, error, time.time(), job_id))
             else:
-                db.execute("UPDATE jobs SET status = ?, error = ?, finished = ?, result = ? WHERE id = ?",
-                           (status, error, time.time(), json.dumps(result), job_id))
+                self._run(db, "UPDATE {jobs} SET status = ?, error = ?, finished = ?, result = ? WHERE id = ?",
+                          (status, error, time.time(), json.dumps(result), job_id))
 
     def cancel(self, job_id: str, client: str | None) -> Job | None:
         with self._tx() as db:
-            job = self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            job = self._one(db, job_id, lock=True)
             if job is None or (client is not None and job.client != client):
                 return None
             if job.status == QUEUED:
-                db.execute("UPDATE jobs SET status = ?, finished = ?, error = ? WHERE id = ?",
-                           (CANCELLED, time.time(), "cancelled", job_id))
+                self._run(db, "UPDATE {jobs} SET status = ?, finished = ?, error = ? WHERE id = ?",
+                          (CANCELLED, time.time(), "cancelled", job_id))
             elif job.status == RUNNING:
-                db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
-            return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+                self._run(db, "UPDATE {jobs} SET cancel_requested = TRUE WHERE id = ?", (job_id,))
+            return self._one(db, job_id)
 
     def queued_count(self, client: str) -> int:
         with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = ? AND client = ?",
-                                    (QUEUED, client)).fetchone()[0]
+            return self._run(self._db, "SELECT COUNT(*) AS n FROM {jobs} WHERE status = ? AND client = ?",
+                             (QUEUED, client)).fetchone()["n"]
 
     def others_waiting(self, client: str) -> bool:
         with self._lock:
-            return self._db.execute("SELECT 1 FROM jobs WHERE status = ? AND client != ? LIMIT 1",
-                                    (QUEUED, client)).fetchone() is not None
+            return self._run(self._db, "SELECT 1 AS one FROM {jobs} WHERE status = ? AND client != ? LIMIT 1",
+                             (QUEUED, client)).fetchone() is not None
 
     def position(self, job_id: str) -> int:
         with self._lock:
@@ -255,9 +306,9 @@ class SQLiteJobQueue(JobQueue):
             if job is None or job.status != QUEUED:
                 return -1
             # simulate the round-robin rule over what is queued now
-            rows = self._db.execute(
-                "SELECT j.id, j.client, COALESCE(c.last_served, 0) AS served FROM jobs j "
-                "LEFT JOIN clients c ON c.client = j.client WHERE j.status = ? ORDER BY j.seq", (QUEUED,)).fetchall()
+            rows = self._run(self._db, "SELECT j.id, j.client, COALESCE(c.last_served, 0) AS served FROM {jobs} j "
+                                       "LEFT JOIN {clients} c ON c.client = j.client WHERE j.status = ? ORDER BY j.seq",
+                             (QUEUED,)).fetchall()
         pending: dict[str, list[str]] = {}
         served: dict[str, int] = {}
         for r in rows:
@@ -278,28 +329,45 @@ class SQLiteJobQueue(JobQueue):
         return -1
 
     def recover(self, resume: bool = False) -> list[str]:
+        """The jobs left ``running`` (with :attr:`own_jobs_only`, this server's only: another live server's
+        running jobs are its own business) become failed-interrupted, or queued again."""
+        mine, args = (" AND owner = ?", (self.owner,)) if self.own_jobs_only else ("", ())
         with self._tx() as db:
-            ids = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE status = ?", (RUNNING,))]
+            ids = [r["id"] for r in self._run(db, "SELECT id FROM {jobs} WHERE status = ?" + mine,
+                                              (RUNNING, *args)).fetchall()]
             if resume:
-                db.execute("UPDATE jobs SET status = ? WHERE status = ? AND cancel_requested = 0", (QUEUED, RUNNING))
-            db.execute("UPDATE jobs SET status = ?, error = ?, finished = ? WHERE status = ?",
-                       (FAILED, INTERRUPTED_BY_RESTART, time.time(), RUNNING))
+                self._run(db, "UPDATE {jobs} SET status = ? WHERE status = ? AND NOT cancel_requested" + mine,
+                          (QUEUED, RUNNING, *args))
+            self._run(db, "UPDATE {jobs} SET status = ?, error = ?, finished = ? WHERE status = ?" + mine,
+                      (FAILED, INTERRUPTED_BY_RESTART, time.time(), RUNNING, *args))
             return ids
 
 
-class _Transaction:
-    """``with`` block = one ``BEGIN IMMEDIATE`` transaction, committed on success."""
+class SQLiteJobQueue(SQLJobQueue):
+    """The queue in one SQLite file (WAL mode: readers never wait for the worker)."""
 
-    def __init__(self, db: sqlite3.Connection, lock: threading.RLock):
-        self.db, self.lock = db, lock
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.owner = socket.gethostname()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()  # one connection, used from the worker and the request threads
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+        self._create()
 
-    def __enter__(self) -> sqlite3.Connection:
-        self.lock.acquire()
-        self.db.execute("BEGIN IMMEDIATE")
-        return self.db
-
-    def __exit__(self, exc_type, exc, tb) -> None:
+    @contextmanager
+    def _begin(self):
+        self._db.execute("BEGIN IMMEDIATE")  # the write lock now: no other process writes in between
         try:
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
-        finally:
-            self.lock.release()
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _columns(self, db) -> set[str]:
+        return {r["name"] for r in db.execute("SELECT name FROM pragma_table_info('jobs')")}
