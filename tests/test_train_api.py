@@ -8,32 +8,10 @@ from __future__ import annotations
 import csv
 import time
 
-import numpy as np
-from PIL import Image
 from safetensors import safe_open
+from train_fixtures import api_client, squares, wait_job
 
-from tests.test_server import AUTH, make_client
-
-
-def _pictures(folder, n=2):
-    folder.mkdir(parents=True)
-    for i in range(n):
-        a = np.full((64, 64, 3), 30, np.uint8)
-        a[8:40, 8 + 8 * i:40 + 8 * i] = (200, 40 * i, 40)
-        Image.fromarray(a).save(folder / f"{i}.png")
-        (folder / f"{i}.caption").write_text(f"sks square {i}")
-    (folder / "broken.png").write_bytes(b"not a png")
-
-
-def _wait(client, job_id, timeout=60.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        job = client.get(f"/sdstudio/v1/jobs/{job_id}", headers=AUTH).json()
-        if job["status"] in ("done", "failed", "cancelled"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
-
+from tests.test_server import AUTH
 
 BODY = {"train_data_dir": "lora-set", "output_name": "sks", "network_dim": 2, "network_alpha": 1,
         "learning_rate": 1e-3, "train_batch_size": 2, "resolution": 64, "caption_extension": ".caption",
@@ -41,13 +19,13 @@ BODY = {"train_data_dir": "lora-set", "output_name": "sks", "network_dim": 2, "n
 
 
 def test_lora_route_trains_lists_refuses_and_resumes(data_dir):
-    client = make_client(data_dir, "--api", "--nowebui", "--api-auth", "u:p")
-    _pictures(data_dir / "lora-set")
+    client = api_client(data_dir)
+    squares(data_dir / "lora-set", [(200, 0, 40), (200, 40, 40)], [f"sks square {i}" for i in range(2)], broken=True)
     assert client.get("/sdapi/v1/loras", headers=AUTH).json() == []
 
     r = client.post("/sdstudio/v1/train/lora", headers=AUTH, json={**BODY, "max_train_steps": 3})
     assert r.status_code == 202, r.text
-    job = _wait(client, r.json()["id"])
+    job = wait_job(client, r.json()["id"], AUTH)
     assert job["status"] == "done", job
     result = job["result"]
     path = data_dir / "models" / "Lora" / "sks.safetensors"
@@ -95,7 +73,7 @@ def test_lora_route_trains_lists_refuses_and_resumes(data_dir):
     assert running["status"] == "running" and running["result"]["total"] == 100000
     assert running["result"]["step"] >= 1 and running["result"]["loss"] > 0 and "eta" in running["result"]
     assert client.post("/sdapi/v1/interrupt", headers=AUTH).json()["interrupted"]
-    stopped = _wait(client, job_id)
+    stopped = wait_job(client, job_id, AUTH)
     assert stopped["status"] == "done" and stopped["result"]["interrupted"] and stopped["result"]["path"] is None
     reached = stopped["result"]["steps"]
     assert 2 <= reached < 100000
@@ -106,7 +84,7 @@ def test_lora_route_trains_lists_refuses_and_resumes(data_dir):
     again = client.post("/sdstudio/v1/train/lora", headers=AUTH,
                         json={**long, "max_train_steps": reached + 2, "resume": True})
     assert again.status_code == 202
-    done = _wait(client, again.json()["id"])
+    done = wait_job(client, again.json()["id"], AUTH)
     assert done["status"] == "done" and done["result"]["steps"] == reached + 2 and not done["result"]["interrupted"]
     assert done["result"]["losses"][:reached] == stopped["result"]["losses"]  # the run carried on, not restarted
     with open(done["result"]["log_path"], newline="") as f:

@@ -7,7 +7,6 @@ models and empty folders are refused clearly."""
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from train_fixtures import api_client, fixed_loss, squares, wait_job
 
 from sdstudio.models.diffusers_layout import write_config_folder
 from sdstudio.models.loader import load_checkpoint
@@ -33,22 +33,12 @@ torch.set_num_threads(1)
 DS = {"resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 128}
 
 
-def _pictures(folder, colours, caption=None, background=30):
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, c in enumerate(colours):
-        a = np.full((64, 64, 3), background, np.uint8)
-        a[12 + 4 * i:44, 16:48] = c
-        Image.fromarray(a).save(folder / f"{i}.png")
-        if caption:
-            (folder / f"{i}.caption").write_text(caption)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Instance images (``2_sks shape``: the class tokens are the caption) and class images (``1_shape``)."""
     root = tmp_path_factory.mktemp("db-data")
-    _pictures(root / "instance" / "2_sks shape", [(220, 40, 40), (230, 60, 30)])
-    _pictures(root / "class" / "1_shape", [(40, 40, 220), (40, 200, 40)], background=120)
+    squares(root / "instance" / "2_sks shape", [(220, 40, 40), (230, 60, 30)])
+    squares(root / "class" / "1_shape", [(40, 40, 220), (40, 200, 40)], background=120)
     return root
 
 
@@ -106,24 +96,12 @@ def test_checkpoint_is_a1111_single_file_that_our_loader_and_diffusers_read(sd1,
     assert all(torch.equal(loaded.unet.state_dict()[k], v.half()) for k, v in trained_unet.items())
 
 
-def _fixed_loss(model, ds) -> float:
-    """The loss of epoch 0's batches with fixed noise draws."""
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for draw in range(3):
-            gen = torch.Generator().manual_seed(100 + draw)
-            for b, indices in enumerate(ds.epoch_batches(0, 4)):
-                total += float(batch_loss(model, ds.load_batch(indices, 0, b), gen))
-                n += 1
-    return total / n
-
-
 def test_training_lowers_the_loss_on_a_fixed_batch(sd1, data, tmp_path):
     ds = _ds(data / "instance")
-    before = _fixed_loss(sd1, ds)
+    before = fixed_loss(sd1, ds)
     result = train_dreambooth(sd1, ds, max_train_steps=8, batch_size=4, learning_rate=1e-3, seed=1,
                               output_dir=tmp_path, output_name="fit")
-    after = _fixed_loss(sd1, ds)
+    after = fixed_loss(sd1, ds)
     assert after < 0.8 * before, (before, after)
     assert len(result.losses) == 8 and (tmp_path / "fit-log.csv").read_text().count("\n") == 9
 
@@ -226,7 +204,7 @@ def test_missing_class_images_are_generated_with_the_engine(make_data_root, data
 
     engine = Engine(Paths(make_data_root("db-gen")))
     folder = tmp_path / "classes"
-    _pictures(folder / "1_shape", [(40, 40, 220)])
+    squares(folder / "1_shape", [(40, 40, 220)])
     generate = engine_class_generator(engine, "tiny-sd1", "a shape", width=64, height=64, steps=2, seed=7)
     written = ensure_class_images(folder, 3, "a shape", generate, batch_size=2, **DS)
     assert [p.name for p in written] == ["class-00000.png", "class-00001.png"]
@@ -237,30 +215,19 @@ def test_missing_class_images_are_generated_with_the_engine(make_data_root, data
 
 
 # ---- interfaces -------------------------------------------------------------------------------------------
-def _wait(client, job_id, auth, timeout=90.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        job = client.get(f"/sdstudio/v1/jobs/{job_id}", headers=auth).json()
-        if job["status"] in ("done", "failed", "cancelled"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
-
-
 def test_api_route_queues_the_job_and_lists_the_checkpoint(data_dir, tiny_dir):
-    from tests.test_server import AUTH, make_client
+    from tests.test_server import AUTH
 
     os.link(tiny_dir / "tiny-sdxl_refiner.safetensors", data_dir / "models" / "Stable-diffusion" / "refiner.safetensors")
-    client = make_client(data_dir, "--api", "--nowebui", "--api-auth", "u:p")
-    _pictures(data_dir / "set" / "2_sks shape", [(220, 40, 40), (40, 200, 40)])
-    (data_dir / "set" / "2_sks shape" / "broken.png").write_bytes(b"not a png")
+    client = api_client(data_dir)
+    squares(data_dir / "set" / "2_sks shape", [(220, 40, 40), (40, 200, 40)], broken=True)
     body = {"train_data_dir": "set", "reg_data_dir": "classes", "num_class_images": 2, "class_prompt": "a shape",
             "class_infer_steps": 2, "model": "tiny-sd1", "output_name": "sks", "max_train_steps": 2,
             "resolution": 64, "learning_rate": 1e-4, "save_precision": "fp16", "sample_every_n_steps": 2,
             "sample_prompts": ["sks shape"]}
     r = client.post("/sdstudio/v1/train/dreambooth", headers=AUTH, json=body)
     assert r.status_code == 202, r.text
-    job = _wait(client, r.json()["id"], AUTH)
+    job = wait_job(client, r.json()["id"], AUTH)
     assert job["status"] == "done", job
     result = job["result"]
     path = data_dir / "models" / "Stable-diffusion" / "sks.safetensors"
@@ -330,7 +297,7 @@ def test_the_tab_queues_a_dreambooth_job(service, data_dir):
     ids = {getattr(b, "elem_id", None) for b in page.blocks.values()}
     assert {"train_dreambooth_tab", "train_train_dreambooth", "train_dreambooth_class_dir",
             "train_dreambooth_prior_loss_weight", "train_dreambooth_interrupt"} <= ids
-    _pictures(data_dir / "set", [(220, 40, 40)], caption="sks shape")
+    squares(data_dir / "set", [(220, 40, 40)], "sks shape")
     args = {"dataset": "set", "class_dir": "", "class_prompt": "", "num_class": 0, "prior_weight": 1.0,
             "model": title, "name": "tab", "steps": 2, "lr": 1e-4, "resolution": 64, "batch": 1,
             "scheduler": "constant", "text_encoder": False, "fp16": False, "flip": False, "resume": False}

@@ -13,18 +13,14 @@ import os
 import shutil
 import threading
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_fixtures import api_client, demo_engine, demo_root, plain_colours, red_circles
 
-from sdstudio.core.paths import Paths
 from sdstudio.engine.conditioning import TextConditioner
-from sdstudio.engine.generate import Engine
 from sdstudio.engine.schedules import DiscreteSchedule
-from sdstudio.eval import shapes
 from sdstudio.models.embeddings import EmbeddingLibrary, load_embedding
 from sdstudio.models.loader import load_checkpoint
 from sdstudio.training.embedding import (
@@ -43,29 +39,16 @@ from sdstudio.training.embedding import (
     train_embedding,
 )
 
-REPO = Path(__file__).parents[1]
-DEMO = REPO / "models" / "Stable-diffusion" / "sdstudio-demo.safetensors"
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """An engine over a data dir holding the demo model, the model itself, its file, and red-circle pictures."""
-    root = tmp_path_factory.mktemp("ti-demo")
-    (root / "models" / "Stable-diffusion").mkdir(parents=True)
-    try:
-        os.link(DEMO, root / "models" / "Stable-diffusion" / DEMO.name)
-    except OSError:
-        shutil.copy(DEMO, root / "models" / "Stable-diffusion" / DEMO.name)
-    data = root / "data"
-    data.mkdir()
-    for i, place in enumerate(["center", "left", "right", "top"]):
-        scene = shapes.Scene("white", (shapes.Thing("red", "circle", "large", place),))
-        shapes.render(scene, 64).save(data / f"{i:03d}-red circle.png")
+    root = demo_root(tmp_path_factory, "ti-demo")
+    data = red_circles(root / "data", [f"{i:03d}-red circle.png" for i in range(4)])
     (root / "zz.txt").write_text("[name]\n")
-    engine = Engine(Paths(root))
-    file, model = engine.load("sdstudio-demo")
-    return engine, file, model, data, root
+    return (*demo_engine(root), data, root)
 
 
 def probe_loss(model, data, path) -> float:
@@ -225,16 +208,10 @@ def test_resume_after_interrupt_gives_the_same_vectors(demo, tmp_path):
 
 
 def test_routes(data_dir):
-    from tests.test_server import AUTH, make_client
+    from tests.test_server import AUTH
 
-    client = make_client(data_dir, "--api", "--nowebui", "--api-auth", "u:p")
-    pics = data_dir / "pics"
-    pics.mkdir()
-    for i in range(2):
-        arr = np.zeros((64, 64, 3), np.uint8)
-        arr[:, :, i] = 200
-        Image.fromarray(arr).save(pics / f"{i}.png")
-        (pics / f"{i}.txt").write_text("a plain colour")
+    client = api_client(data_dir)
+    pics = plain_colours(data_dir / "pics", ["0.png", "1.png"], "a plain colour")
     r = client.post("/sdapi/v1/create/embedding", headers=AUTH,
                     json={"name": "tiny-emb", "num_vectors_per_token": 2, "overwrite_old": False, "init_text": "cat"})
     assert r.status_code == 200

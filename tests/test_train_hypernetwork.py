@@ -7,22 +7,16 @@ pictures at 8 fixed (timestep, noise) draws, with and without training.
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_fixtures import api_client, demo_engine, demo_root, plain_colours, red_circles
 
 from sdstudio.core.params import Txt2ImgRequest
-from sdstudio.core.paths import Paths
 from sdstudio.engine.conditioning import TextConditioner
-from sdstudio.engine.generate import Engine
 from sdstudio.engine.hypernetwork import Hypernetwork, applied
 from sdstudio.engine.schedules import DiscreteSchedule
-from sdstudio.eval import shapes
 from sdstudio.models.loader import load_checkpoint
 from sdstudio.training.embedding import (
     TrainingError,
@@ -34,29 +28,15 @@ from sdstudio.training.embedding import (
 )
 from sdstudio.training.hypernetwork import create_hypernetwork, train_hypernetwork
 
-REPO = Path(__file__).parents[1]
-DEMO = REPO / "models" / "Stable-diffusion" / "sdstudio-demo.safetensors"
 CPU = torch.device("cpu")
 GEN = {"prompt": "a red circle", "steps": 3, "width": 64, "height": 64, "seed": 42}
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hn-demo")
-    (root / "models" / "Stable-diffusion").mkdir(parents=True)
-    try:
-        os.link(DEMO, root / "models" / "Stable-diffusion" / DEMO.name)
-    except OSError:
-        shutil.copy(DEMO, root / "models" / "Stable-diffusion" / DEMO.name)
-    data = root / "data"
-    data.mkdir()
-    for i, place in enumerate(["center", "left", "right", "top"]):
-        scene = shapes.Scene("white", (shapes.Thing("red", "circle", "large", place),))
-        shapes.render(scene, 64).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text("a circle")
-    engine = Engine(Paths(root))
-    file, model = engine.load("sdstudio-demo")
-    return engine, file, model, data, root
+    root = demo_root(tmp_path_factory, "hn-demo")
+    data = red_circles(root / "data", [f"{i}.png" for i in range(4)], "a circle")
+    return (*demo_engine(root), data, root)
 
 
 def probe_loss(model, data, path) -> float:
@@ -153,15 +133,10 @@ def test_unfit_sizes_are_refused(tiny_sd1, tmp_path):
 
 
 def test_routes(data_dir):
-    from tests.test_server import AUTH, make_client
+    from tests.test_server import AUTH
 
-    client = make_client(data_dir, "--api", "--nowebui", "--api-auth", "u:p")
-    pics = data_dir / "pics"
-    pics.mkdir()
-    for i in range(2):
-        arr = np.zeros((64, 64, 3), np.uint8)
-        arr[:, :, i] = 200
-        Image.fromarray(arr).save(pics / f"{i}-plain colour.png")
+    client = api_client(data_dir)
+    pics = plain_colours(data_dir / "pics", ["0-plain colour.png", "1-plain colour.png"])
     r = client.post("/sdapi/v1/create/hypernetwork", headers=AUTH,
                     json={"name": "tiny-hn", "enable_sizes": [32, 64], "overwrite_old": False,
                           "layer_structure": "1, 2, 1", "activation_func": "relu", "weight_init": "Normal",

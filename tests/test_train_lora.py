@@ -10,15 +10,15 @@ import peft  # noqa: F401 - diffusers' load_lora_weights needs it; a missing one
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from train_fixtures import fixed_loss, squares
 
 from sdstudio.engine import lora as lora_ops
 from sdstudio.models.diffusers_layout import write_config_folder
 from sdstudio.models.loader import load_checkpoint
 from sdstudio.training import TrainingDataset, TrainingError, train_lora
-from sdstudio.training.lora import _snr_weight, batch_loss, safetensors_hashes
+from sdstudio.training.lora import _snr_weight, safetensors_hashes
 
 torch.set_num_threads(1)
 
@@ -27,14 +27,8 @@ torch.set_num_threads(1)
 def data(tmp_path_factory):
     """4 synthetic 64² pictures (a coloured square on a background) with captions, 2 repeats."""
     root = tmp_path_factory.mktemp("lora-data")
-    folder = root / "2_sks shape"
-    folder.mkdir()
-    colours = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (230, 230, 30)]
-    for i, c in enumerate(colours):
-        a = np.full((64, 64, 3), 30, np.uint8)
-        a[12 + 4 * i:44, 16:48] = c
-        Image.fromarray(a).save(folder / f"{i}.png")
-        (folder / f"{i}.caption").write_text(f"sks shape, {['red', 'green', 'blue', 'yellow'][i]}")
+    squares(root / "2_sks shape", [(220, 40, 40), (40, 200, 40), (40, 40, 220), (230, 230, 30)],
+            [f"sks shape, {c}" for c in ("red", "green", "blue", "yellow")])
     return root
 
 
@@ -47,19 +41,6 @@ def sd1(tiny_dir):
     return load_checkpoint(tiny_dir / "tiny-sd1.safetensors")
 
 
-def _fixed_loss(model, ds, lora_file=None) -> float:
-    """The loss over every batch of epoch 0 with fixed noise (several draws), the LoRA file applied."""
-    total, n = 0.0, 0
-    nets = [(lora_ops.LoraFile(lora_file, model), 1.0, 1.0)] if lora_file else []
-    with torch.no_grad(), lora_ops.applied(model, nets):
-        for draw in range(4):
-            gen = torch.Generator().manual_seed(100 + draw)
-            for b, indices in enumerate(ds.epoch_batches(0, 4)):
-                total += float(batch_loss(model, ds.load_batch(indices, 0, b), gen))
-                n += 1
-    return total / n
-
-
 def test_training_reduces_the_loss_and_writes_a_kohya_file(sd1, data, tmp_path):
     ds = _dataset(data)
     before = {k: v.clone() for k, v in sd1.unet.state_dict().items()}
@@ -69,7 +50,7 @@ def test_training_reduces_the_loss_and_writes_a_kohya_file(sd1, data, tmp_path):
     # the base model is left as it was: weights and forwards
     assert all(torch.equal(before[k], v) for k, v in sd1.unet.state_dict().items())
     assert not any("forward" in vars(m) for m in sd1.unet.modules())
-    loss0, loss1 = _fixed_loss(sd1, ds), _fixed_loss(sd1, ds, result.path)
+    loss0, loss1 = fixed_loss(sd1, ds, 4), fixed_loss(sd1, ds, 4, result.path)
     assert loss1 < 0.9 * loss0, (loss0, loss1)
 
     state = load_file(str(result.path))

@@ -25,7 +25,6 @@ state, at each save and on interrupt) and ``<name>-log.csv``.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -36,7 +35,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..engine.schedules import DiscreteSchedule
 from ..models.convert import (
     canonical_text_state,
     clip_hf_ldm_to_hf,
@@ -51,19 +49,19 @@ from ..models.merge import _Source, write_safetensors
 from .dataset import Batch, DatasetError, TrainingDataset, _repeats_folder
 from .loop import (
     SCHEDULERS,
+    RunConfig,
     Steps,
-    TextEncoding,
     TrainingError,
     TrainProgress,
     autocast_dtype,
     batch_loss,
     check_unet_spec,
-    make_lr_scheduler,
+    loss_options,
     make_optimizer,
-    set_checkpointing,
+    resume_state,
+    run_to_end,
     total_steps,
     vae_encoder,
-    write_log,
 )
 from .lora import TrainResult, base_model_version, model_hash
 
@@ -72,34 +70,17 @@ WHAT = "Dreambooth training"
 
 
 @dataclass
-class DreamboothConfig:
-    train_text_encoder: bool = False  # the UNet always trains; the text encoder(s) too when asked
+class DreamboothConfig(RunConfig):
+    """kohya's train_db.py options (the shared ones: :class:`~sdstudio.training.loop.RunConfig`). The UNet
+    always trains; the text encoder(s) too when asked. ``batch_size``: instance images per step (and as many
+    class images with prior preservation); ``output_dir``: the checkpoints (the checkpoint folder: they are
+    listed at once); ``work_dir``: the resume state and the loss log (None: ``output_dir``)."""
+
+    train_text_encoder: bool = False
     learning_rate: float = 2e-6  # kohya's train_db default
-    text_encoder_lr: float | None = None  # None: learning_rate
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    lr_scheduler_num_cycles: int = 1
-    lr_scheduler_power: float = 1.0
-    max_train_steps: int | None = None  # one of these two (steps win); neither: 1600 as kohya
-    max_train_epochs: int | None = None
-    batch_size: int = 1  # instance images per step (and as many class images with prior preservation)
     prior_loss_weight: float = 1.0
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "no"  # "no", "fp16" (CUDA), "bf16"
-    min_snr_gamma: float | None = None
-    noise_offset: float | None = None
-    optimizer: str = "AdamW"  # or "AdamW8bit" (bitsandbytes on CUDA)
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    save_every_n_steps: int | None = None
-    sample_every_n_steps: int | None = None
-    output_dir: Path = Path("output")  # the checkpoints (the checkpoint folder: they are listed at once)
-    work_dir: Path | None = None  # the resume state and the loss log; None: output_dir
-    output_name: str = "last"
+    work_dir: Path | None = None
     save_precision: str = "float"  # "float" (float32), "fp16", "bf16"
-    clip_skip: int = 1
-    cache_latents: bool = False  # kohya's cache_latents: instance and class pictures through the VAE once
 
 
 CONFIG_FIELDS = tuple(f.name for f in fields(DreamboothConfig))
@@ -385,11 +366,7 @@ def train_dreambooth(model: LoadedModel | str | Path, dataset: TrainingDataset, 
     optimizer = make_optimizer(cfg.optimizer, groups, cfg.learning_rate, cfg.weight_decay, device)
     per_epoch = dataset.batches_per_epoch(cfg.batch_size)
     total = total_steps(cfg.max_train_steps, cfg.max_train_epochs, per_epoch)
-    scheduler = make_lr_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=cfg.lr_warmup_steps, total=total,
-                                  num_cycles=cfg.lr_scheduler_num_cycles, power=cfg.lr_scheduler_power)
-    scaler = torch.amp.GradScaler("cuda") if precision == torch.float16 else None
-    gen = torch.Generator().manual_seed(cfg.seed)
-    steps = Steps(optimizer, scheduler, gen, scaler=scaler, max_grad_norm=cfg.max_grad_norm)
+    steps = Steps.for_run(optimizer, cfg, total, precision)
 
     out = cfg.output_dir
     if (out / f"{cfg.output_name}.safetensors").resolve() == Path(model.path).resolve():
@@ -398,21 +375,19 @@ def train_dreambooth(model: LoadedModel | str | Path, dataset: TrainingDataset, 
     work.mkdir(parents=True, exist_ok=True)
     state_path = work / f"{cfg.output_name}-state.pt"
     log_path = work / f"{cfg.output_name}-log.csv"
-    resume_from = Path(resume) if isinstance(resume, (str, Path)) else (state_path if resume else None)
-    if resume_from is not None and resume_from.is_file():
-        state = torch.load(resume_from, map_location="cpu", weights_only=False)  # our own file
+    saved = resume_state(resume, state_path)
+    if saved is not None:
+        resume_from, state = saved
         if bool(state.get("text_encoders")) != cfg.train_text_encoder:
             raise TrainingError(f"{resume_from.name}: the saved run was made with train_text_encoder="
                                 f"{not cfg.train_text_encoder}; resume it with the same setting")
         unet.load_state_dict(state["unet"])
-        for encoder, saved in zip(encoders, state.get("text_encoders") or []):
-            encoder.load_state_dict(saved)
+        for encoder, weights in zip(encoders, state.get("text_encoders") or []):
+            encoder.load_state_dict(weights)
         steps.load_state_dict(state)
     base_hashes = model_hash(model.path) if Path(model.path).is_file() else None
     metadata = _metadata(cfg, model, dataset, class_dataset, total, steps.started, base_hashes)
-
-    alphas = DiscreteSchedule().alphas_cumprod.to(device)
-    encode_text = TextEncoding(model, device, cfg.clip_skip)
+    options = loss_options(model, cfg, device, precision)
     classes = ClassBatches(class_dataset, cfg.batch_size) if class_dataset is not None else None
 
     def save_state() -> None:
@@ -427,48 +402,14 @@ def train_dreambooth(model: LoadedModel | str | Path, dataset: TrainingDataset, 
 
     def loss_of(batch: Batch, epoch: int, index: int) -> torch.Tensor:
         class_batch = classes.at(steps.step) if classes is not None else None
-        return dreambooth_loss(model, batch, class_batch, gen, cfg.prior_loss_weight, device=device,
-                               noise_offset=cfg.noise_offset, min_snr_gamma=cfg.min_snr_gamma, autocast=precision,
-                               train_text_encoder=cfg.train_text_encoder, encode_text=encode_text, alphas=alphas)
+        return dreambooth_loss(model, batch, class_batch, steps.gen, cfg.prior_loss_weight, **options)
 
-    def after_step(step: int, epoch: int) -> None:
-        saved = None
-        if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
-            saved = save(out / f"{cfg.output_name}-step{step:08d}.safetensors", epoch)
-            save_state()
-            write_log(log_path, steps.log)
-        if sample_due(step) and step < total:  # the last step samples from the final checkpoint
-            saved = saved or save(out / f"{cfg.output_name}-step{step:08d}.safetensors", epoch)
-            with torch.no_grad():
-                sampler(saved, step)
-
-    def sample_due(step: int) -> bool:
-        return sampler is not None and bool(cfg.sample_every_n_steps) and step % cfg.sample_every_n_steps == 0
-
-    for m in trained:
-        m.requires_grad_(True)
-        m.train()
-        if cfg.gradient_checkpointing:
-            set_checkpointing(m, True)
-    path = None
-    try:
-        interrupted = steps.run(dataset, cfg.batch_size, total, loss_of, after_step=after_step,
-                                on_progress=on_progress, should_stop=should_stop)
-        if interrupted:
-            save_state()
-        else:
-            path = save(out / f"{cfg.output_name}.safetensors", math.ceil(steps.step / per_epoch))
-        write_log(log_path, steps.log)
-        if path is not None and sample_due(steps.step):
-            with torch.no_grad():
-                sampler(path, steps.step)
-    finally:
-        for m in trained:
-            m.requires_grad_(False)
-            m.eval()
-            if cfg.gradient_checkpointing:
-                set_checkpointing(m, False)
-        optimizer.zero_grad(set_to_none=True)  # the gradients' memory back
+    path = run_to_end(steps, dataset, cfg.batch_size, total, loss_of, trained=trained, save=save,
+                      save_state=save_state, output_dir=out, output_name=cfg.output_name, log_path=log_path,
+                      save_every=cfg.save_every_n_steps, sample_every=cfg.sample_every_n_steps, sampler=sampler,
+                      gradient_checkpointing=cfg.gradient_checkpointing, train_weights=True,
+                      on_progress=on_progress, should_stop=should_stop)
+    interrupted = path is None
     skipped = list(dataset.skipped) + [(f"class images: {n}", why) for n, why in
                                        (class_dataset.skipped if class_dataset is not None else [])]
     return TrainResult(path, steps.step, total, interrupted, state_path, log_path, steps.losses, metadata, skipped)

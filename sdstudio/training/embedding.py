@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..core.errors import RequestError
 from ..engine.conditioning import Conditioning, TextConditioner
 from ..engine.refiner import sdxl_time_ids
 from ..engine.schedules import DiscreteSchedule
@@ -51,7 +50,7 @@ from ..models.embeddings import Embedding, EmbeddingLibrary
 from ..models.files import ModelFile
 from ..models.loader import LoadedModel
 from ..models.safe_load import load_pickle
-from .loop import noised
+from .loop import TrainingError, noised
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +60,6 @@ LATENT_SAMPLING = ("once", "deterministic", "random")
 CLIP_GRAD_MODES = ("disabled", "value", "norm")
 _LEADING_NUMBERS = re.compile(r"^[-\d]+\s*")  # "00012-a cat.png" -> "a cat", as A1111 reads file names
 _ENCODE_WITH_GRAD = inspect.unwrap(TextConditioner.encode)  # the engine's encoder, without its no_grad
-
-
-class TrainingError(RequestError):
-    """A training request that cannot run (missing dataset, bad learning rate, unfit model...)."""
 
 
 # ---- prompt templates ---------------------------------------------------------------------------------

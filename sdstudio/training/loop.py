@@ -1,5 +1,6 @@
 """What the LoRA and Dreambooth trainers share: the diffusion loss of a batch, the text encoding, precision and
-optimizer choices, and the step loop with its resumable state.
+optimizer choices, the step loop with its resumable state, and the run around it (:func:`run_to_end`: saves
+every N steps, samples, the final file, the state on interrupt, the modules put back as they were).
 
 The loss is the usual one (noise or v at a uniform timestep of the model's 1000-step schedule, optional
 noise offset and min-SNR weighting). All randomness comes from one CPU generator (noise, timesteps, VAE
@@ -10,7 +11,9 @@ one that was never stopped (the trainer adds its own weights to the state).
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.errors import RequestError
 from ..engine.schedules import DiscreteSchedule
 from ..models.detect import ModelSpec
 from ..models.loader import LoadedModel
@@ -28,8 +32,39 @@ from .dataset import Batch, TrainingDataset
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")
 
 
-class TrainingError(ValueError):
-    """A request the trainer cannot run (unfit base model, option this machine lacks)."""
+class TrainingError(RequestError):
+    """A training request that cannot run (unfit base model, missing dataset, bad learning rate, an option this
+    machine lacks): the one error class of every trainer here."""
+
+
+@dataclass
+class RunConfig:
+    """The options every LoRA / Dreambooth run has (kohya's names); each trainer's config adds its own."""
+
+    train_text_encoder: bool = True
+    learning_rate: float = 1e-4
+    text_encoder_lr: float | None = None  # None: learning_rate
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    max_train_steps: int | None = None  # one of these two (steps win); neither: 1600 as kohya
+    max_train_epochs: int | None = None
+    batch_size: int = 1
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"  # "no", "fp16" (CUDA), "bf16"
+    min_snr_gamma: float | None = None
+    noise_offset: float | None = None
+    optimizer: str = "AdamW"  # or "AdamW8bit" (bitsandbytes on CUDA)
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    save_every_n_steps: int | None = None
+    sample_every_n_steps: int | None = None
+    output_dir: Path = Path("output")
+    output_name: str = "last"
+    clip_skip: int = 1
+    cache_latents: bool = False  # kohya's cache_latents: every picture (and its mirror) through the VAE once
 
 
 @dataclass
@@ -321,3 +356,93 @@ class Steps:
                 if should_stop is not None and self.step < total and should_stop():
                     return True
         return False
+
+
+    @classmethod
+    def for_run(cls, optimizer: torch.optim.Optimizer, cfg: RunConfig, total: int, precision: torch.dtype | None) -> Steps:
+        """The state of a LoRA / Dreambooth run: ``cfg``'s LR scheduler over ``total`` steps, its seed's
+        generator, a loss scaler under fp16 autocast, its gradient clipping."""
+        scheduler = make_lr_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=cfg.lr_warmup_steps, total=total,
+                                      num_cycles=cfg.lr_scheduler_num_cycles, power=cfg.lr_scheduler_power)
+        scaler = torch.amp.GradScaler("cuda") if precision == torch.float16 else None
+        return cls(optimizer, scheduler, torch.Generator().manual_seed(cfg.seed), scaler=scaler,
+                   max_grad_norm=cfg.max_grad_norm)
+
+
+def loss_options(model: LoadedModel, cfg: RunConfig, device: torch.device, precision: torch.dtype | None) -> dict:
+    """:func:`batch_loss`'s keyword arguments for a run with ``cfg`` (a LoRA or Dreambooth config)."""
+    return {"device": device, "noise_offset": cfg.noise_offset, "min_snr_gamma": cfg.min_snr_gamma,
+            "autocast": precision, "train_text_encoder": cfg.train_text_encoder,
+            "encode_text": TextEncoding(model, device, cfg.clip_skip),
+            "alphas": DiscreteSchedule().alphas_cumprod.to(device)}
+
+
+def resume_state(resume: bool | str | Path, state_path: Path) -> tuple[Path, dict] | None:
+    """The saved run to carry on from, (its file, its state): ``resume`` True takes ``state_path`` when it
+    exists, a path names a state file; None when there is none."""
+    path = Path(resume) if isinstance(resume, (str, Path)) else (state_path if resume else None)
+    if path is None or not path.is_file():
+        return None
+    return path, torch.load(path, map_location="cpu", weights_only=False)  # our own file
+
+
+def run_to_end(steps: Steps, dataset: TrainingDataset, batch_size: int, total: int,
+               loss_of: Callable[[Batch, int, int], torch.Tensor], *, trained: list[nn.Module],
+               save: Callable[[Path, int], Path], save_state: Callable[[], None], output_dir: Path,
+               output_name: str, log_path: Path, save_every: int | None = None, sample_every: int | None = None,
+               sampler: Callable[[Path, int], object] | None = None,
+               sampling: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+               gradient_checkpointing: bool = False, train_weights: bool = False,
+               on_progress: Callable[[TrainProgress], None] | None = None,
+               should_stop: Callable[[], bool] | None = None) -> Path | None:
+    """:meth:`Steps.run` from the step reached to ``total``, and what a trainer does around it: the
+    ``trained`` modules in training mode (with gradient checkpointing; their own weights set to learn
+    when ``train_weights``) and put back as the loader leaves them afterwards, whatever happens;
+    ``save(path, epoch)`` writes ``<output_name>-step00000050.safetensors`` every ``save_every`` steps
+    (with the state and the loss log) and ``<output_name>.safetensors`` at the end; ``sampler(file, step)``
+    runs every ``sample_every`` steps on that step's file (the last step's: the final file) inside
+    ``sampling()``; on interrupt the state is saved. The final file, or None when interrupted."""
+
+    def step_file(step: int) -> Path:
+        return output_dir / f"{output_name}-step{step:08d}.safetensors"
+
+    def sample(path: Path, step: int) -> None:
+        with sampling(), torch.no_grad():
+            sampler(path, step)
+
+    def sample_due(step: int) -> bool:
+        return sampler is not None and bool(sample_every) and step % sample_every == 0
+
+    def after_step(step: int, epoch: int) -> None:
+        saved = None
+        if save_every and step % save_every == 0 and step < total:
+            saved = save(step_file(step), epoch)
+            save_state()
+            write_log(log_path, steps.log)
+        if sample_due(step) and step < total:  # the last step samples from the final file
+            sample(saved or save(step_file(step), epoch), step)
+
+    def training_mode(on: bool) -> None:
+        for m in trained:
+            if train_weights:
+                m.requires_grad_(on)
+            m.train(on)
+            if gradient_checkpointing:
+                set_checkpointing(m, on)
+
+    training_mode(True)
+    path = None
+    try:
+        if steps.run(dataset, batch_size, total, loss_of, after_step=after_step, on_progress=on_progress,
+                     should_stop=should_stop):
+            save_state()
+        else:
+            path = save(output_dir / f"{output_name}.safetensors",
+                        math.ceil(steps.step / dataset.batches_per_epoch(batch_size)))
+        write_log(log_path, steps.log)
+        if path is not None and sample_due(steps.step):
+            sample(path, steps.step)
+    finally:
+        training_mode(False)
+        steps.optimizer.zero_grad(set_to_none=True)  # the gradients' memory back
+    return path

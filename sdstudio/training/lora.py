@@ -16,12 +16,13 @@ optimiser, scheduler, loss log): a run resumed at step k ends bit-identical to o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,25 +30,24 @@ import torch
 from safetensors.torch import save as save_bytes
 from torch import nn
 
-from ..engine.schedules import DiscreteSchedule
 from ..models.convert import unet_hf_to_ldm
 from ..models.loader import LoadedModel, load_checkpoint
 from .dataset import TrainingDataset
 from .loop import (
     SCHEDULERS,
+    RunConfig,
     Steps,
-    TextEncoding,
     TrainingError,
     TrainProgress,
     autocast_dtype,
     batch_loss,
     check_unet_model,
-    make_lr_scheduler,
+    loss_options,
     make_optimizer,
-    set_checkpointing,
+    resume_state,
+    run_to_end,
     total_steps,
     vae_encoder,
-    write_log,
 )
 from .loop import snr_weight as _snr_weight  # noqa: F401 - the name the tests know
 
@@ -156,6 +156,24 @@ class LoRANetwork(nn.ModuleDict):
         for m in self.values():
             m.multiplier = value
 
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[LoRANetwork]:
+        """The network in its model's forwards meanwhile (the model as it was afterwards)."""
+        self.apply_to()
+        try:
+            yield self
+        finally:
+            self.restore()
+
+    @contextlib.contextmanager
+    def switched_off(self) -> Iterator[None]:
+        """Multiplier 0 meanwhile (a sampler loading the saved file through the engine sees the base model)."""
+        self.set_multiplier(0.0)
+        try:
+            yield
+        finally:
+            self.set_multiplier(1.0)
+
     def param_groups(self, unet_lr: float, te_lr: float) -> list[dict]:
         groups = []
         for names, lr in ((self.te_names, te_lr), (self.unet_names, unet_lr)):
@@ -205,40 +223,18 @@ def model_hash(path: Path) -> tuple[str, str]:
 
 # ---- the run --------------------------------------------------------------------------------------------
 @dataclass
-class LoraConfig:
+class LoraConfig(RunConfig):
+    """kohya's train_network.py options (the shared ones: :class:`~sdstudio.training.loop.RunConfig`)."""
+
     network_dim: int = 4
     network_alpha: float = 1.0
     network_module: str = "networks.lora"
     conv_dim: int | None = None  # LoCon: also the 3x3 convs (kohya's network_args conv_dim / conv_alpha)
     conv_alpha: float | None = None
     train_unet: bool = True
-    train_text_encoder: bool = True
-    learning_rate: float = 1e-4
     unet_lr: float | None = None  # None: learning_rate
-    text_encoder_lr: float | None = None
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    lr_scheduler_num_cycles: int = 1
-    lr_scheduler_power: float = 1.0
-    max_train_steps: int | None = None  # one of these two (steps win); neither: 1600 as kohya
-    max_train_epochs: int | None = None
-    batch_size: int = 1
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "no"  # "no", "fp16" (CUDA), "bf16"
-    min_snr_gamma: float | None = None
-    noise_offset: float | None = None
-    optimizer: str = "AdamW"  # or "AdamW8bit" (bitsandbytes on CUDA)
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    save_every_n_steps: int | None = None
-    sample_every_n_steps: int | None = None
-    output_dir: Path = Path("output")
-    output_name: str = "last"
     save_dtype: torch.dtype = torch.float32
-    clip_skip: int = 1
     training_comment: str | None = None
-    cache_latents: bool = False  # kohya's cache_latents: every picture (and its mirror) through the VAE once
 
 
 @dataclass
@@ -312,8 +308,8 @@ def train_lora(model: LoadedModel | str | Path, dataset: TrainingDataset, config
     ``<name>-state.pt`` (resume state: at each save and on interrupt), ``<name>-log.csv`` (loss per step).
     ``resume``: True continues from ``<name>-state.pt`` when there is one, a path names a state file.
     ``should_stop`` (checked after each step) saves the state and returns (``interrupted``).
-    ``sampler(lora_file, step)`` runs every ``sample_every_n_steps`` with that step's saved file (see
-    :func:`engine_sampler`); the network in training is switched off meanwhile."""
+    ``sampler(lora_file, step)`` runs every ``sample_every_n_steps`` with that step's saved file (the last
+    step's: the final file; see :func:`engine_sampler`); the network in training is switched off meanwhile."""
     cfg = LoraConfig(**{**(config.__dict__ if config else {}), **overrides})
     cfg.output_dir = Path(cfg.output_dir)
     if cfg.lr_scheduler not in SCHEDULERS:
@@ -333,7 +329,6 @@ def train_lora(model: LoadedModel | str | Path, dataset: TrainingDataset, config
         m.to(device)
     if cfg.cache_latents:
         dataset.cache_latents(vae_encoder(vae, device))
-    gen = torch.Generator().manual_seed(cfg.seed)
     with torch.random.fork_rng(devices=[]):  # lora_down's kaiming init, seeded (kohya: set_seed) without
         torch.manual_seed(cfg.seed)           # touching the caller's global generator
         network = LoRANetwork(model, cfg.network_dim, cfg.network_alpha, conv_dim=cfg.conv_dim,
@@ -345,26 +340,20 @@ def train_lora(model: LoadedModel | str | Path, dataset: TrainingDataset, config
                                cfg.weight_decay, device)
     per_epoch = dataset.batches_per_epoch(cfg.batch_size)
     total = total_steps(cfg.max_train_steps, cfg.max_train_epochs, per_epoch)
-    scheduler = make_lr_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=cfg.lr_warmup_steps, total=total,
-                                  num_cycles=cfg.lr_scheduler_num_cycles, power=cfg.lr_scheduler_power)
-    scaler = torch.amp.GradScaler("cuda") if precision == torch.float16 else None
-    steps = Steps(optimizer, scheduler, gen, scaler=scaler, max_grad_norm=cfg.max_grad_norm)
+    steps = Steps.for_run(optimizer, cfg, total, precision)
 
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / f"{cfg.output_name}-state.pt"
     log_path = out / f"{cfg.output_name}-log.csv"
-    resume_from = Path(resume) if isinstance(resume, (str, Path)) else (state_path if resume else None)
-    if resume_from is not None and resume_from.is_file():
-        state = torch.load(resume_from, map_location="cpu", weights_only=False)  # our own file
-        network.load_state_dict(state["network"])
-        steps.load_state_dict(state)
+    saved = resume_state(resume, state_path)
+    if saved is not None:
+        network.load_state_dict(saved[1]["network"])
+        steps.load_state_dict(saved[1])
     base_hashes = model_hash(model.path) if Path(model.path).is_file() else None
     metadata = _metadata(cfg, model, dataset, total, per_epoch, steps.started, base_hashes, optimizer,
                          cfg.mixed_precision)
-
-    alphas = DiscreteSchedule().alphas_cumprod.to(device)
-    encode_text = TextEncoding(model, device, cfg.clip_skip)
+    options = loss_options(model, cfg, device, precision)
 
     def save_state() -> None:
         steps.save(state_path, network=network.state_dict(), total=total)
@@ -374,46 +363,16 @@ def train_lora(model: LoadedModel | str | Path, dataset: TrainingDataset, config
         return save_network(network, path, meta, cfg.save_dtype)
 
     def loss_of(batch, epoch: int, index: int) -> torch.Tensor:
-        return batch_loss(model, batch, gen, device=device, noise_offset=cfg.noise_offset,
-                          min_snr_gamma=cfg.min_snr_gamma, autocast=precision,
-                          train_text_encoder=cfg.train_text_encoder, encode_text=encode_text, alphas=alphas)
+        return batch_loss(model, batch, steps.gen, **options)
 
-    def after_step(step: int, epoch: int) -> None:
-        saved = None
-        if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
-            saved = save_lora(out / f"{cfg.output_name}-step{step:08d}.safetensors", epoch)
-            save_state()
-            write_log(log_path, steps.log)
-        if sampler is not None and cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
-            saved = saved or save_lora(out / f"{cfg.output_name}-step{step:08d}.safetensors", epoch)
-            network.set_multiplier(0.0)
-            try:
-                with torch.no_grad():
-                    sampler(saved, step)
-            finally:
-                network.set_multiplier(1.0)
-
-    network.apply_to()
     trained = ([unet] if cfg.train_unet else []) + (list(encoders) if cfg.train_text_encoder else [])
-    for m in trained:
-        m.train()
-        if cfg.gradient_checkpointing:
-            set_checkpointing(m, True)
-    path = None
-    try:
-        interrupted = steps.run(dataset, cfg.batch_size, total, loss_of, after_step=after_step,
-                                on_progress=on_progress, should_stop=should_stop)
-        if interrupted:
-            save_state()
-        else:
-            path = save_lora(out / f"{cfg.output_name}.safetensors", math.ceil(steps.step / per_epoch))
-        write_log(log_path, steps.log)
-    finally:
-        network.restore()
-        for m in trained:
-            m.eval()
-            if cfg.gradient_checkpointing:
-                set_checkpointing(m, False)
+    with network.applied():
+        path = run_to_end(steps, dataset, cfg.batch_size, total, loss_of, trained=trained, save=save_lora,
+                          save_state=save_state, output_dir=out, output_name=cfg.output_name, log_path=log_path,
+                          save_every=cfg.save_every_n_steps, sample_every=cfg.sample_every_n_steps, sampler=sampler,
+                          sampling=network.switched_off, gradient_checkpointing=cfg.gradient_checkpointing,
+                          on_progress=on_progress, should_stop=should_stop)
+    interrupted = path is None
     return TrainResult(path, steps.step, total, interrupted, state_path, log_path, steps.losses,
                        dict(metadata, ss_steps=str(steps.step)), list(dataset.skipped))
 
