@@ -87,6 +87,12 @@ def queue(pg_url):
     q.close()
 
 
+@pytest.fixture
+def reopen(pg_url):
+    """Opens the queue again, as a restarted server does."""
+    return lambda: PostgresJobQueue(pg_url)
+
+
 # the SQLite queue's behaviour, on PostgreSQL
 test_fifo_for_one_client = test_queue.test_fifo_for_one_client
 test_round_robin_between_clients = test_queue.test_round_robin_between_clients
@@ -96,6 +102,8 @@ test_park_keeps_progress_and_serves_the_next_client = test_queue.test_park_keeps
 test_cancel = test_queue.test_cancel
 test_list_pages_and_filters = test_queue.test_list_pages_and_filters
 test_many_threads_submit_at_once = test_queue.test_many_threads_submit_at_once
+test_a_lost_workers_job_is_queued_again_once_and_a_restart_remembers = \
+    test_queue.test_a_lost_workers_job_is_queued_again_once_and_a_restart_remembers
 
 
 def test_several_servers_claim_each_job_exactly_once(queue, pg_url):
@@ -148,6 +156,15 @@ def test_recover_touches_only_the_restarted_servers_jobs(queue, pg_url):
     assert third.get(resumed.id).status == QUEUED and third.get(waiting.id).status == QUEUED
     for q in (b, third):
         q.close()
+
+
+def test_a_table_of_the_first_schema_gets_the_new_columns(queue, pg_url):
+    with queue._tx() as db:
+        db.execute("ALTER TABLE sdstudio_jobs DROP COLUMN requeues, DROP COLUMN lost_worker")
+    again = PostgresJobQueue(pg_url)  # as a server of this version opens a queue an older one made
+    job = again.submit("a", "txt2img", {"name": "x"})
+    assert (again.get(job.id).requeues, again.get(job.id).lost_worker) == (0, None)
+    again.close()
 
 
 def test_open_queue_picks_the_backend_and_names_a_bad_server(pg_url, tmp_path):

@@ -24,6 +24,12 @@ def queue(tmp_path):
     q.close()
 
 
+@pytest.fixture
+def reopen(tmp_path):
+    """Opens the ``queue`` fixture's database again, as a restarted server does."""
+    return lambda: SQLiteJobQueue(tmp_path / "jobs.sqlite3")
+
+
 def drain(q) -> list[str]:
     order = []
     while (job := q.claim()) is not None:
@@ -145,3 +151,47 @@ def test_many_threads_submit_at_once(queue):
         assert [x for x in order if x[0] == client] == [f"{client}{n}" for n in range(25)]
     # round robin: in any window of 4 consecutive jobs, all 4 clients appear
     assert all(len({x[0] for x in order[i:i + 4]}) == 4 for i in range(0, 100, 4))
+
+
+def test_a_lost_workers_job_is_queued_again_once_and_a_restart_remembers(queue, reopen):
+    job = queue.submit("a", "txt2img", {"name": "x"})
+    queue.claim()
+    queue.save_progress(job.id, 1, {"images": ["kept"]})
+    assert queue.worker_lost(job.id, "w1") is None  # the first loss: queued again, its progress kept
+    again = queue.get(job.id)
+    assert (again.status, again.batches_done, again.result) == (QUEUED, 1, {"images": ["kept"]})
+    assert (again.requeues, again.lost_worker) == (1, "w1") and again.public()["requeues"] == 1
+    queue.close()
+    restarted = reopen()  # the API server restarts: the count is the queue's, not the old process's
+    assert restarted.recover() == []
+    assert restarted.claim().id == job.id
+    assert restarted.worker_lost(job.id, "w2") == "w1"  # the second loss: not queued again
+    assert restarted.get(job.id).status == RUNNING and restarted.get(job.id).requeues == 1
+    other = restarted.submit("a", "txt2img", {"name": "y"})
+    restarted.claim()
+    assert restarted.worker_lost(other.id, "w2", requeue=False) is None  # a split job's shard runs elsewhere
+    assert restarted.get(other.id).status == RUNNING and restarted.get(other.id).lost_worker == "w2"
+    assert restarted.worker_lost("no-such-id", "w2") is None
+    restarted.close()
+
+
+def test_a_queue_file_of_the_first_schema_opens_with_the_new_columns(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, client TEXT NOT NULL,
+            kind TEXT NOT NULL, status TEXT NOT NULL, request TEXT NOT NULL, result TEXT NOT NULL DEFAULT '{}',
+            error TEXT, created REAL NOT NULL, started REAL, finished REAL,
+            batches_done INTEGER NOT NULL DEFAULT 0, cancel_requested INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE clients (client TEXT PRIMARY KEY, last_served INTEGER NOT NULL);
+        INSERT INTO jobs (id, client, kind, status, request, created) VALUES ('old', 'a', 'txt2img', 'queued',
+            '{"name": "old"}', 1.0);
+    """)
+    db.close()
+    q = SQLiteJobQueue(path)
+    job = q.get("old")
+    assert (job.status, job.requeues, job.lost_worker) == (QUEUED, 0, None)
+    assert q.claim().id == "old" and q.worker_lost("old", "w") is None and q.get("old").lost_worker == "w"
+    q.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,44 @@ def test_a_lost_workers_job_runs_again_once_then_fails(data_dir):
         assert failed.result["error_kind"] == "worker_lost"
     finally:
         service2.stop()
+
+
+class DiesOnce(Dying):
+    """A :class:`Dying` worker that, once dead, answers no more (the pool gives it no jobs)."""
+
+    def run(self, job, live, link):
+        try:
+            super().run(job, live, link)
+        except WorkerLost:
+            self.alive = False
+            raise
+
+
+def test_a_restarted_server_does_not_queue_a_lost_job_again(data_dir):
+    """The job's loss is the queue's record: after a restart its second loss fails it (not a third run)."""
+    path = data_dir / "jobs.sqlite3"
+    queue = SQLiteJobQueue(path)
+    x = JobService(Engine(Paths(data_dir)), queue)
+    pool = WorkerPool([DiesOnce(x, "first", deaths=1)])
+    service = JobService(x.engine, queue, workers=pool).start()
+    job = service.submit("a", Txt2ImgJob(small(), save_images=False))
+    try:
+        deadline = time.monotonic() + 120
+        while (waiting := queue.get(job.id)).requeues == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert waiting.status == "queued" and waiting.lost_worker == "first"  # its only worker is gone
+    finally:
+        service.stop()
+    queue.close()
+    queue = SQLiteJobQueue(path)  # the API server restarts, with a new worker that dies too
+    x = JobService(Engine(Paths(data_dir)), queue)
+    service = JobService(x.engine, queue, workers=WorkerPool([DiesOnce(x, "second", deaths=1)])).start()
+    try:
+        failed = service.wait(job.id, 120)
+    finally:
+        service.stop()
+    assert failed.status == FAILED and failed.error == LOST_TWICE.format(first="first", second="second")
+    assert failed.requeues == 1
 
 
 def test_progress_interrupt_and_cancel_reach_a_pool_worker(two_models):

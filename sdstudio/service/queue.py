@@ -50,12 +50,15 @@ class Job:
     finished: float | None = None
     batches_done: int = 0
     cancel_requested: bool = False
+    requeues: int = 0  # times a worker died running it and it was queued again (at most once)
+    lost_worker: str | None = None  # the worker whose death queued it again
 
     def public(self) -> dict:
         """The job as the API shows it (without the request's large fields such as init images)."""
         return {"id": self.id, "client": self.client, "kind": self.kind, "status": self.status,
                 "error": self.error, "created": self.created, "started": self.started, "finished": self.finished,
-                "batches_done": self.batches_done, "result": self.result}
+                "batches_done": self.batches_done, "requeues": self.requeues, "lost_worker": self.lost_worker,
+                "result": self.result}
 
 
 class JobQueue(ABC):
@@ -106,6 +109,13 @@ class JobQueue(ABC):
     def recover(self, resume: bool = False) -> list[str]:
         """After a restart: jobs left ``running`` become failed-interrupted, or queued again."""
 
+    @abstractmethod
+    def worker_lost(self, job_id: str, worker: str, requeue: bool = True) -> str | None:
+        """A worker died running ``job_id``. The first time: the loss is recorded with the job (a restart of
+        the API server keeps it) and, with ``requeue``, the job goes back to ``queued`` keeping its progress;
+        returns None. Any later time: returns the worker recorded the first time and changes nothing (the
+        caller fails the job: it is queued again exactly once)."""
+
 
 # One schema and one set of statements for every SQL backend: ``{jobs}`` / ``{clients}`` are the backend's
 # table names, ``{serial}``... its column types, and ``?`` its placeholder (see SQLJobQueue._sql).
@@ -124,7 +134,9 @@ CREATE TABLE IF NOT EXISTS {jobs} (
     finished {real},
     batches_done INTEGER NOT NULL DEFAULT 0,
     cancel_requested {bool} NOT NULL DEFAULT {false},
-    owner TEXT
+    owner TEXT,
+    requeues INTEGER NOT NULL DEFAULT 0,
+    lost_worker TEXT
 );
 CREATE INDEX IF NOT EXISTS {jobs}_status ON {jobs}(status, seq);
 CREATE INDEX IF NOT EXISTS {jobs}_client ON {jobs}(client, seq);
@@ -135,7 +147,7 @@ CREATE TABLE IF NOT EXISTS {clients} (
 """
 
 # columns added since the first schema: a queue file made before gets them when it opens (name, type)
-_ADDED_COLUMNS = (("owner", "TEXT"),)
+_ADDED_COLUMNS = (("owner", "TEXT"), ("requeues", "INTEGER NOT NULL DEFAULT 0"), ("lost_worker", "TEXT"))
 
 
 class SQLJobQueue(JobQueue):
@@ -206,7 +218,8 @@ class SQLJobQueue(JobQueue):
         return Job(id=row["id"], client=row["client"], kind=row["kind"], status=row["status"],
                    request=json.loads(row["request"]), result=json.loads(row["result"]), error=row["error"],
                    created=row["created"], started=row["started"], finished=row["finished"],
-                   batches_done=row["batches_done"], cancel_requested=bool(row["cancel_requested"]))
+                   batches_done=row["batches_done"], cancel_requested=bool(row["cancel_requested"]),
+                   requeues=row["requeues"], lost_worker=row["lost_worker"])
 
     def _one(self, db, job_id: str, lock: bool = False) -> Job | None:
         sql = "SELECT * FROM {jobs} WHERE id = ?" + (self.for_update if lock else "")
@@ -341,6 +354,18 @@ class SQLJobQueue(JobQueue):
             self._run(db, "UPDATE {jobs} SET status = ?, error = ?, finished = ? WHERE status = ?" + mine,
                       (FAILED, INTERRUPTED_BY_RESTART, time.time(), RUNNING, *args))
             return ids
+
+    def worker_lost(self, job_id: str, worker: str, requeue: bool = True) -> str | None:
+        with self._tx() as db:
+            job = self._one(db, job_id, lock=True)
+            if job is None:
+                return None
+            if job.requeues:
+                return job.lost_worker or "a worker"
+            self._run(db, "UPDATE {jobs} SET requeues = requeues + 1, lost_worker = ? WHERE id = ?", (worker, job_id))
+            if requeue:
+                self._run(db, "UPDATE {jobs} SET status = ? WHERE id = ? AND status = ?", (QUEUED, job_id, RUNNING))
+            return None
 
 
 class SQLiteJobQueue(SQLJobQueue):

@@ -155,6 +155,9 @@ class RelayQueue(JobQueue):
     def recover(self, resume=False):
         return []
 
+    def worker_lost(self, job_id, worker, requeue=True):
+        raise RuntimeError("a worker's loss is recorded by the API process")
+
 
 def _snapshot(live) -> dict:
     if live is None:

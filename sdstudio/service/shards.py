@@ -107,6 +107,9 @@ class ShardQueue(JobQueue):
     def recover(self, resume=False):
         return []
 
+    def worker_lost(self, job_id, worker, requeue=True):
+        return self.real.worker_lost(job_id, worker, requeue)
+
 
 def shard_job(job: Job, shard: Shard) -> Job:
     """The job a worker runs for ``shard``: batches ``shard.done`` .. ``shard.end``, no grid of its own; a shard

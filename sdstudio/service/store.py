@@ -154,3 +154,6 @@ class PublishingQueue(JobQueue):
 
     def recover(self, resume=False):
         return self.inner.recover(resume)
+
+    def worker_lost(self, job_id, worker, requeue=True):
+        return self.inner.worker_lost(job_id, worker, requeue)

@@ -16,7 +16,9 @@ A worker is anything that can run one claimed job to its end and report as it go
 The pool keeps one :class:`~sdstudio.service.jobs.Live` per running job: the service's progress, previews,
 interrupt, skip and cancel read and set it whichever worker runs the job. A worker that dies mid-job
 (:class:`WorkerLost`) has its job queued again exactly once, to resume from its last recorded batch on
-another worker; a second loss fails the job, naming both workers.
+another worker; a second loss fails the job, naming both workers. The count is the queue of record's
+(:meth:`~sdstudio.service.queue.JobQueue.worker_lost`), so a restarted API server, or another one sharing a
+PostgreSQL queue, does not queue a job again that was queued again once already.
 """
 
 from __future__ import annotations
@@ -147,7 +149,8 @@ class WorkerPool:
         self.split_batches, self.store = split_batches, store
         self.replaced: list[tuple[str, str]] = []  # (dead worker, its replacement)
         self.placements: list[tuple[str, str]] = []  # (job id, worker name), in dispatch order
-        self.losses: dict[str, str] = {}  # job id -> the worker that died running it (re-queued once)
+        # job id -> the worker that died running it here (the durable record is the queue's: Job.lost_worker)
+        self.losses: dict[str, str] = {}
         self._service = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -300,8 +303,8 @@ class WorkerPool:
             lost_worker = None
             while lost:
                 shard, worker = lost.pop(0)
-                if job.id in self.losses:  # the job's second loss: it fails (finish -> _lost)
-                    lost_worker = worker
+                if service.queue.worker_lost(job.id, worker.name, requeue=False) is not None:
+                    lost_worker = worker  # the job's second loss: it fails (finish -> _lost)
                     break
                 self.losses[job.id] = worker.name
                 slot = self._take_slot(job)
@@ -398,10 +401,9 @@ class WorkerPool:
         if current.cancel_requested:
             queue.finish(job.id, CANCELLED, current.result, error="cancelled")
             return
-        first = self.losses.get(job.id)
+        first = queue.worker_lost(job.id, worker.name)  # the first time: back to queued, batches_done kept
         if first is not None:
             queue.finish(job.id, FAILED, {**current.result, "error_kind": "worker_lost"},
                          error=LOST_TWICE.format(first=first, second=worker.name))
             return
-        self.losses[job.id] = worker.name
-        queue.park(job.id)  # back to queued with batches_done kept: resumes from there on another worker
+        self.losses[job.id] = worker.name  # it resumes from its last recorded batch on another worker
