@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--noise-offset", type=float)
     tr.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
     tr.add_argument("--gradient-checkpointing", action="store_true")
+    tr.add_argument("--cache-latents", action="store_true",
+                    help="encode every picture (and its mirror with --flip) through the VAE once, before training")
     tr.add_argument("--save-every", type=int, help="also save every N steps")
     tr.add_argument("--seed", type=int, default=42)
     tr.add_argument("--resume", action="store_true", help="continue an interrupted run of the same name")
@@ -832,7 +834,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 max_train_steps=args.steps, max_train_epochs=args.epochs, batch_size=args.batch_size,
                 min_snr_gamma=args.min_snr_gamma, noise_offset=args.noise_offset,
                 mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-                save_every_n_steps=args.save_every, seed=args.seed, output_dir=paths.lora_dir, output_name=name)
+                cache_latents=args.cache_latents, save_every_n_steps=args.save_every, seed=args.seed,
+                output_dir=paths.lora_dir, output_name=name)
     except TrainingError as exc:
         raise RequestError(str(exc)) from None
     print(file=sys.stderr)
@@ -855,7 +858,8 @@ def cmd_train_dreambooth(args: argparse.Namespace) -> int:
     config = {"learning_rate": args.lr, "lr_scheduler": args.scheduler, "max_train_steps": args.steps,
               "max_train_epochs": args.epochs, "batch_size": args.batch_size, "min_snr_gamma": args.min_snr_gamma,
               "noise_offset": args.noise_offset, "mixed_precision": args.mixed_precision,
-              "gradient_checkpointing": args.gradient_checkpointing, "save_every_n_steps": args.save_every,
+              "gradient_checkpointing": args.gradient_checkpointing, "cache_latents": args.cache_latents,
+              "save_every_n_steps": args.save_every,
               "seed": args.seed, "train_text_encoder": args.train_text_encoder,
               "prior_loss_weight": args.prior_loss_weight, "save_precision": "fp16" if args.fp16 else "float",
               "sample_every_n_steps": args.sample_every}

@@ -1,5 +1,5 @@
 """LoRA training as a queue job through ``POST /sdstudio/v1/train/lora`` (kohya's field names), on the tiny SD1
-checkpoint: a 3-step job writes a kohya file that /sdapi/v1/loras lists at once; a folder outside the data dir
+checkpoint: a 3-step job (latents cached) writes a kohya file that /sdapi/v1/loras lists at once; a folder outside the data dir
 and unknown fields are refused; /progress and the job show step, loss and ETA; interrupt saves the state and
 a re-submitted job with ``resume`` carries on to the end."""
 
@@ -23,7 +23,7 @@ def test_lora_route_trains_lists_refuses_and_resumes(data_dir):
     squares(data_dir / "lora-set", [(200, 0, 40), (200, 40, 40)], [f"sks square {i}" for i in range(2)], broken=True)
     assert client.get("/sdapi/v1/loras", headers=AUTH).json() == []
 
-    r = client.post("/sdstudio/v1/train/lora", headers=AUTH, json={**BODY, "max_train_steps": 3})
+    r = client.post("/sdstudio/v1/train/lora", headers=AUTH, json={**BODY, "max_train_steps": 3, "cache_latents": True})
     assert r.status_code == 202, r.text
     job = wait_job(client, r.json()["id"], AUTH)
     assert job["status"] == "done", job
@@ -36,7 +36,7 @@ def test_lora_route_trains_lists_refuses_and_resumes(data_dir):
         assert [row[0] for row in csv.reader(f)][1:] == ["1", "2", "3"]
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-        assert meta["ss_network_dim"] == "2" and meta["ss_steps"] == "3"
+        assert meta["ss_network_dim"] == "2" and meta["ss_steps"] == "3" and meta["ss_cache_latents"] == "True"
         assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in f.keys())  # noqa: SIM118 - safe_open is not iterable
     listed = {m["name"]: m for m in client.get("/sdapi/v1/loras", headers=AUTH).json()}
     assert listed["sks"]["path"] == str(path)  # no restart, no refresh call
@@ -91,4 +91,5 @@ def test_lora_route_trains_lists_refuses_and_resumes(data_dir):
         assert [int(row[0]) for row in csv.reader(f) if row[0].isdigit()] == list(range(1, reached + 3))
     with safe_open(done["result"]["path"], "pt") as f:  # the first run's start: carried on, not begun again
         assert float(f.metadata()["ss_training_started_at"]) < resubmitted_at
+        assert f.metadata()["ss_cache_latents"] == "False"  # not asked: the pictures went through the VAE each step
     assert "long" in {m["name"] for m in client.get("/sdapi/v1/loras", headers=AUTH).json()}

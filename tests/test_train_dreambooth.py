@@ -224,7 +224,7 @@ def test_api_route_queues_the_job_and_lists_the_checkpoint(data_dir, tiny_dir):
     body = {"train_data_dir": "set", "reg_data_dir": "classes", "num_class_images": 2, "class_prompt": "a shape",
             "class_infer_steps": 2, "model": "tiny-sd1", "output_name": "sks", "max_train_steps": 2,
             "resolution": 64, "learning_rate": 1e-4, "save_precision": "fp16", "sample_every_n_steps": 2,
-            "sample_prompts": ["sks shape"]}
+            "sample_prompts": ["sks shape"], "cache_latents": True}
     r = client.post("/sdstudio/v1/train/dreambooth", headers=AUTH, json=body)
     assert r.status_code == 202, r.text
     job = wait_job(client, r.json()["id"], AUTH)
@@ -239,6 +239,7 @@ def test_api_route_queues_the_job_and_lists_the_checkpoint(data_dir, tiny_dir):
     assert (work / "sks-log.csv").is_file() and [p.name for p in (work / "samples").iterdir()] == ["00000002-0-0.png"]
     with safe_open(str(path), "pt") as f:
         assert f.get_tensor("model.diffusion_model.out.2.weight").dtype == torch.float16
+        assert '"cache_latents": true' in f.metadata()["sdstudio_training"]  # instance and class pictures
     titles = [m["model_name"] for m in client.get("/sdapi/v1/sd-models", headers=AUTH).json()]
     assert "sks" in titles  # no restart, no refresh call
 
@@ -265,10 +266,13 @@ def test_cli_trains_a_checkpoint_that_generates(data_dir, data, capsys, tmp_path
         return code, out.out, out.err
 
     code, out, err = run("train", "dreambooth", str(data / "instance"), "--model", "tiny-sd1", "--steps", "2",
-                         "--resolution", "64", "--name", "clidb", "--class-dir", str(data / "class"), "--fp16")
+                         "--resolution", "64", "--name", "clidb", "--class-dir", str(data / "class"), "--fp16",
+                         "--cache-latents")
     assert code == 0, err
     path = data_dir / "models" / "Stable-diffusion" / "clidb.safetensors"
     assert str(path) in out and path.is_file()
+    with safe_open(str(path), "pt") as f:
+        assert '"cache_latents": true' in f.metadata()["sdstudio_training"]
     code, out, err = run("txt2img", "sks shape", "--model", "clidb", "--steps", "2", "--size", "64x64")
     assert code == 0, err
     (tmp_path / "empty").mkdir()
@@ -296,14 +300,18 @@ def test_the_tab_queues_a_dreambooth_job(service, data_dir):
         tab = TrainTab(shell).build()
     ids = {getattr(b, "elem_id", None) for b in page.blocks.values()}
     assert {"train_dreambooth_tab", "train_train_dreambooth", "train_dreambooth_class_dir",
-            "train_dreambooth_prior_loss_weight", "train_dreambooth_interrupt"} <= ids
+            "train_dreambooth_prior_loss_weight", "train_dreambooth_interrupt", "train_dreambooth_cache_latents",
+            "train_lora_cache_latents"} <= ids
     squares(data_dir / "set", [(220, 40, 40)], "sks shape")
     args = {"dataset": "set", "class_dir": "", "class_prompt": "", "num_class": 0, "prior_weight": 1.0,
             "model": title, "name": "tab", "steps": 2, "lr": 1e-4, "resolution": 64, "batch": 1,
-            "scheduler": "constant", "text_encoder": False, "fp16": False, "flip": False, "resume": False}
+            "scheduler": "constant", "text_encoder": False, "fp16": False, "flip": False, "resume": False,
+            "cache_latents": True}
     *_, (_, text, _) = tab.run_train_dreambooth("ui:test", *args.values())
     path = data_dir / "models" / "Stable-diffusion" / "tab.safetensors"
     assert text.startswith(f"Checkpoint saved: {path} (2 steps") and path.is_file()
+    with safe_open(str(path), "pt") as f:
+        assert '"cache_latents": true' in f.metadata()["sdstudio_training"]
     assert "tab" in {m.name for m in service.engine.registry.checkpoints}
     with pytest.raises(gr.Error, match="outside"):
         next(tab.run_train_dreambooth("ui:test", *{**args, "class_dir": "/tmp"}.values()))

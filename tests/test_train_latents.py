@@ -120,3 +120,16 @@ def test_a_cached_run_resumes_bit_identically(sd1, data, tmp_path):
 
     a, b = load_file(str(whole.path)), load_file(str(resumed.path))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_cli_caches_latents_when_asked(data_dir, data, capsys):
+    """``sdstudio train lora --cache-latents`` reaches the trainer: the file records it (kohya's ss_cache_latents),
+    and a run without the flag records its absence."""
+    from sdstudio.cli import main
+
+    for flag, name in ((["--cache-latents"], "cached"), ([], "plain")):
+        code = main(["train", "lora", str(data / "instance"), "--model", "tiny-sd1", "--steps", "2", "--resolution",
+                     "64", "--flip", "--name", name, *flag, "--data-dir", str(data_dir)])
+        assert code == 0, capsys.readouterr().err
+        with safe_open(str(data_dir / "models" / "Lora" / f"{name}.safetensors"), "pt") as f:
+            assert f.metadata()["ss_cache_latents"] == str(bool(flag))

@@ -170,6 +170,7 @@ class _TrainBody(BaseModel):
     seed: int = 42
     save_every_n_steps: int | None = Field(None, ge=1)
     clip_skip: int = Field(1, ge=1, le=12)
+    cache_latents: bool = False  # every picture (and its mirror with flip_aug) through the VAE once, up front
 
 
 class LoraTrainBody(_TrainBody):
@@ -243,7 +244,8 @@ def _run_config(body: _TrainBody) -> dict:
             "min_snr_gamma": body.min_snr_gamma, "noise_offset": body.noise_offset,
             "mixed_precision": body.mixed_precision, "gradient_checkpointing": body.gradient_checkpointing,
             "optimizer": body.optimizer_type, "max_grad_norm": body.max_grad_norm, "seed": body.seed,
-            "save_every_n_steps": body.save_every_n_steps, "clip_skip": body.clip_skip}
+            "save_every_n_steps": body.save_every_n_steps, "clip_skip": body.clip_skip,
+            "cache_latents": body.cache_latents}
 
 
 def lora_job(service: JobService, body: LoraTrainBody, model: str | None) -> dict:
@@ -341,15 +343,18 @@ def _a1111_router(service: JobService, options: dict) -> APIRouter:
     def current_model() -> str:
         return engine.registry.checkpoint(options.get("sd_model_checkpoint") or None).title
 
-    async def run(request: Request, job: dict) -> tuple[str, str | None]:
-        """Queue a ``train`` job and wait for it: (file written or "", error text or None)."""
+    async def wait(request: Request, job: dict) -> tuple[dict, str | None]:
+        """Queue a ``train`` job and wait for it: (its result, error text or None)."""
         submitted = await run_in_threadpool(service.submit_train, client_id(request), job)
         done = await service.wait_async(submitted.id)
         if done is None:
-            return "", "the job was removed"
-        if done.status == DONE:
-            return str(done.result.get("filename") or ""), None
-        return str((done.result or {}).get("filename") or ""), done.error or done.status
+            return {}, "the job was removed"
+        return done.result or {}, None if done.status == DONE else done.error or done.status
+
+    async def run(request: Request, job: dict) -> tuple[str, str | None]:
+        """Queue a ``train`` job and wait for it: (file written or "", error text or None)."""
+        result, error = await wait(request, job)
+        return str(result.get("filename") or ""), error
 
     @r.post("/create/embedding")
     async def create_embedding(request: Request, args: dict = ANY_BODY):

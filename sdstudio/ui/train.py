@@ -1,16 +1,17 @@
-"""The Train tab: A1111's Create embedding, Create hypernetwork and Train sub-tabs (its labels, defaults and
-element ids), plus a LoRA sub-tab (kohya-format, :meth:`JobService.prepare_train_lora`) and a Dreambooth one
-(a fine-tuned checkpoint, :func:`sdstudio.training.dreambooth.prepare_job`). Every button but Create
-hypernetwork (a small file write, as A1111's route does it) queues a job as the window's; the tab shows its
-progress bar and step/loss text while it runs, then the file written. Interrupt stops the window's job: a
-textual inversion or hypernetwork is saved at the step reached, a LoRA or Dreambooth run keeps its state for
-Resume."""
+"""The Train tab: A1111's Create embedding, Create hypernetwork and Train sub-tabs (its
+labels, defaults and element ids), plus a LoRA sub-tab (kohya-format, :meth:`JobService.prepare_train_lora`)
+and a Dreambooth one (a fine-tuned checkpoint, :func:`sdstudio.training.dreambooth.prepare_job`), both built by
+one builder. Every button but Create hypernetwork (a small file write, as A1111's route does it) queues a job
+as the window's; the tab shows its progress bar and step/loss text while it runs, then the file written.
+Interrupt stops the window's job: a textual inversion or hypernetwork is saved at the step reached, a LoRA or
+Dreambooth run keeps its state for Resume."""
 
 from __future__ import annotations
 
 import html
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import gradio as gr
 from fastapi import HTTPException
@@ -48,7 +49,6 @@ class TrainTab:
 
     # ---- the tab ----------------------------------------------------------------------------------
     def build(self) -> TrainTab:
-        ui = self.ui
         with gr.Row(equal_height=False):
             with gr.Column(variant="compact"), gr.Tabs(elem_id="train_tabs"):
                 with gr.Tab("Create embedding", id="create_embedding", elem_id="train_create_embedding_tab"):
@@ -152,91 +152,84 @@ class TrainTab:
                         self.interrupt = gr.Button("Interrupt", elem_id="train_interrupt_training")
                         self.train_hypernetwork = gr.Button("Train Hypernetwork", variant="primary",
                                                             elem_id="train_train_hypernetwork")
-                with gr.Tab("LoRA", id="train_lora", elem_id="train_lora_tab"):
-                    self.lora_dataset = gr.Textbox(label="Dataset folder",
-                                                   placeholder="A folder inside the data dir; kohya's N_name "
-                                                               "subfolders repeat their images N times",
-                                                   elem_id="train_lora_dataset")
-                    self.lora_model = gr.Dropdown(ui.checkpoint_titles(), value=ui.settings.get("sd_model_checkpoint"),
-                                                  label="Model", elem_id="train_lora_model")
-                    self.lora_name = gr.Textbox(label="Output name", placeholder="The dataset folder's name",
-                                                elem_id="train_lora_output_name")
-                    with gr.Row():
-                        self.lora_dim = gr.Slider(1, 128, value=8, step=1, label="Network dim",
-                                                  elem_id="train_lora_network_dim")
-                        self.lora_alpha = gr.Slider(0, 128, value=4, step=0.5, label="Network alpha",
-                                                    elem_id="train_lora_network_alpha")
-                    with gr.Row():
-                        self.lora_steps = gr.Number(1600, label="Max train steps", precision=0,
-                                                    elem_id="train_lora_max_train_steps")
-                        self.lora_lr = gr.Number(1e-4, label="Learning rate", elem_id="train_lora_learning_rate")
-                    with gr.Row():
-                        self.lora_resolution = gr.Slider(64, 2048, value=512, step=64, label="Resolution",
-                                                         elem_id="train_lora_resolution")
-                        self.lora_batch = gr.Number(1, label="Batch size", precision=0,
-                                                    elem_id="train_lora_batch_size")
-                    self.lora_scheduler = gr.Dropdown(list(SCHEDULERS), value="constant",
-                                                      label="Learning rate scheduler",
-                                                      elem_id="train_lora_lr_scheduler")
-                    with gr.Row():
-                        self.lora_flip = gr.Checkbox(False, label="Flip images (augmentation)",
-                                                     elem_id="train_lora_flip_aug")
-                        self.lora_shuffle = gr.Checkbox(False, label="Shuffle caption tags",
-                                                        elem_id="train_lora_shuffle_caption")
-                        self.lora_resume = gr.Checkbox(False, label="Resume from the saved state",
-                                                       elem_id="train_lora_resume")
-                    with gr.Row():
-                        self.train_lora = gr.Button("Train LoRA", variant="primary", elem_id="train_train_lora")
-                        self.lora_interrupt = gr.Button("Interrupt", elem_id="train_lora_interrupt")
-                with gr.Tab("Dreambooth", id="train_dreambooth", elem_id="train_dreambooth_tab"):
-                    self.db_dataset = gr.Textbox(label="Dataset folder",
-                                                 placeholder="A folder inside the data dir; kohya's N_name "
-                                                             "subfolders repeat their images N times",
-                                                 elem_id="train_dreambooth_dataset")
-                    self.db_class_dir = gr.Textbox(label="Class images folder",
-                                                   placeholder="A folder inside the data dir for prior "
-                                                               "preservation; empty: none",
-                                                   elem_id="train_dreambooth_class_dir")
-                    with gr.Row():
-                        self.db_class_prompt = gr.Textbox(label="Class prompt", placeholder="e.g. a photo of a dog",
-                                                          elem_id="train_dreambooth_class_prompt")
-                        self.db_num_class = gr.Number(0, label="Number of class images", precision=0,
-                                                      elem_id="train_dreambooth_num_class_images")
-                        self.db_prior_weight = gr.Slider(0, 2, value=1, step=0.05, label="Prior loss weight",
-                                                         elem_id="train_dreambooth_prior_loss_weight")
-                    self.db_model = gr.Dropdown(ui.checkpoint_titles(), value=ui.settings.get("sd_model_checkpoint"),
-                                                label="Model", elem_id="train_dreambooth_model")
-                    self.db_name = gr.Textbox(label="Output name", placeholder="The dataset folder's name",
-                                              elem_id="train_dreambooth_output_name")
-                    with gr.Row():
-                        self.db_steps = gr.Number(1600, label="Max train steps", precision=0,
-                                                  elem_id="train_dreambooth_max_train_steps")
-                        self.db_lr = gr.Number(2e-6, label="Learning rate", elem_id="train_dreambooth_learning_rate")
-                    with gr.Row():
-                        self.db_resolution = gr.Slider(64, 2048, value=512, step=64, label="Resolution",
-                                                       elem_id="train_dreambooth_resolution")
-                        self.db_batch = gr.Number(1, label="Batch size", precision=0,
-                                                  elem_id="train_dreambooth_batch_size")
-                    self.db_scheduler = gr.Dropdown(list(SCHEDULERS), value="constant", label="Learning rate scheduler",
-                                                    elem_id="train_dreambooth_lr_scheduler")
-                    with gr.Row():
-                        self.db_text_encoder = gr.Checkbox(False, label="Train text encoder",
-                                                           elem_id="train_dreambooth_train_text_encoder")
-                        self.db_fp16 = gr.Checkbox(False, label="Save as float16", elem_id="train_dreambooth_fp16")
-                        self.db_flip = gr.Checkbox(False, label="Flip images (augmentation)",
-                                                   elem_id="train_dreambooth_flip_aug")
-                        self.db_resume = gr.Checkbox(False, label="Resume from the saved state",
-                                                     elem_id="train_dreambooth_resume")
-                    with gr.Row():
-                        self.train_dreambooth = gr.Button("Train Dreambooth", variant="primary",
-                                                          elem_id="train_train_dreambooth")
-                        self.db_interrupt = gr.Button("Interrupt", elem_id="train_dreambooth_interrupt")
+                self.lora = self._run_tab("lora", "LoRA", "Train LoRA", 1e-4, after_name=self._lora_network,
+                                          checks=self._lora_checks)
+                self.db = self._run_tab("dreambooth", "Dreambooth", "Train Dreambooth", 2e-6,
+                                        before_model=self._class_images, checks=self._dreambooth_checks)
             with gr.Column(elem_id="ti_gallery_container"):
                 self.progress = gr.HTML("", elem_id="ti_progressbar")
                 self.output = gr.Textbox("", show_label=False, elem_id="ti_output")
                 self.outcome = gr.HTML("", elem_id="ti_error")
         self.wire()
         return self
+
+    def _run_tab(self, kind: str, title: str, button: str, lr: float, *, before_model=None, after_name=None,
+                 checks=None) -> SimpleNamespace:
+        """The LoRA / Dreambooth sub-tab (ids ``train_<kind>_...``): the dataset, model, output name, steps,
+        learning rate, resolution, batch, scheduler, flip / cache latents / resume checkboxes, its button and
+        Interrupt; ``before_model``, ``after_name`` and ``checks`` add the trainer's own controls to the
+        namespace returned (in the place their names say)."""
+        ui = self.ui
+        c = SimpleNamespace()
+        with gr.Tab(title, id=f"train_{kind}", elem_id=f"train_{kind}_tab"):
+            c.dataset = gr.Textbox(label="Dataset folder", placeholder="A folder inside the data dir; kohya's N_name "
+                                                                       "subfolders repeat their images N times",
+                                   elem_id=f"train_{kind}_dataset")
+            if before_model is not None:
+                before_model(c)
+            c.model = gr.Dropdown(ui.checkpoint_titles(), value=ui.settings.get("sd_model_checkpoint"), label="Model",
+                                  elem_id=f"train_{kind}_model")
+            c.name = gr.Textbox(label="Output name", placeholder="The dataset folder's name",
+                                elem_id=f"train_{kind}_output_name")
+            if after_name is not None:
+                after_name(c)
+            with gr.Row():
+                c.steps = gr.Number(1600, label="Max train steps", precision=0, elem_id=f"train_{kind}_max_train_steps")
+                c.lr = gr.Number(lr, label="Learning rate", elem_id=f"train_{kind}_learning_rate")
+            with gr.Row():
+                c.resolution = gr.Slider(64, 2048, value=512, step=64, label="Resolution",
+                                         elem_id=f"train_{kind}_resolution")
+                c.batch = gr.Number(1, label="Batch size", precision=0, elem_id=f"train_{kind}_batch_size")
+            c.scheduler = gr.Dropdown(list(SCHEDULERS), value="constant", label="Learning rate scheduler",
+                                      elem_id=f"train_{kind}_lr_scheduler")
+            with gr.Row():
+                if checks is not None:
+                    checks(c)
+                c.flip = gr.Checkbox(False, label="Flip images (augmentation)", elem_id=f"train_{kind}_flip_aug")
+                c.cache_latents = gr.Checkbox(False, label="Cache latents", elem_id=f"train_{kind}_cache_latents")
+                c.resume = gr.Checkbox(False, label="Resume from the saved state", elem_id=f"train_{kind}_resume")
+            with gr.Row():
+                c.button = gr.Button(button, variant="primary", elem_id=f"train_train_{kind}")
+                c.interrupt = gr.Button("Interrupt", elem_id=f"train_{kind}_interrupt")
+        return c
+
+    @staticmethod
+    def _lora_network(c: SimpleNamespace) -> None:
+        with gr.Row():
+            c.dim = gr.Slider(1, 128, value=8, step=1, label="Network dim", elem_id="train_lora_network_dim")
+            c.alpha = gr.Slider(0, 128, value=4, step=0.5, label="Network alpha", elem_id="train_lora_network_alpha")
+
+    @staticmethod
+    def _lora_checks(c: SimpleNamespace) -> None:
+        c.shuffle = gr.Checkbox(False, label="Shuffle caption tags", elem_id="train_lora_shuffle_caption")
+
+    @staticmethod
+    def _class_images(c: SimpleNamespace) -> None:
+        c.class_dir = gr.Textbox(label="Class images folder",
+                                 placeholder="A folder inside the data dir for prior preservation; empty: none",
+                                 elem_id="train_dreambooth_class_dir")
+        with gr.Row():
+            c.class_prompt = gr.Textbox(label="Class prompt", placeholder="e.g. a photo of a dog",
+                                        elem_id="train_dreambooth_class_prompt")
+            c.num_class = gr.Number(0, label="Number of class images", precision=0,
+                                    elem_id="train_dreambooth_num_class_images")
+            c.prior_weight = gr.Slider(0, 2, value=1, step=0.05, label="Prior loss weight",
+                                       elem_id="train_dreambooth_prior_loss_weight")
+
+    @staticmethod
+    def _dreambooth_checks(c: SimpleNamespace) -> None:
+        c.text_encoder = gr.Checkbox(False, label="Train text encoder", elem_id="train_dreambooth_train_text_encoder")
+        c.fp16 = gr.Checkbox(False, label="Save as float16", elem_id="train_dreambooth_fp16")
 
     # ---- actions (plain functions: the page's events call them, and so do the tests) --------------
     def follow(self, client: str, job_id: str, done) -> Iterator[tuple]:
@@ -332,88 +325,89 @@ class TrainTab:
 
         yield from self.follow(client, job_id, done)
 
-    def run_train_lora(self, client: str, dataset, model, name, dim, alpha, steps, lr, resolution, batch,
-                       scheduler, flip, shuffle, resume) -> Iterator[tuple]:
-        """Train LoRA: the same checks and job as ``POST /sdstudio/v1/train/lora`` (the folder inside the data dir)."""
+    def _folders(self, **folders: tuple[str, str | None]) -> dict:
+        """Each ``key=(label, value)`` as a folder inside the data dir (None when empty), refused with the
+        label named when it lies outside."""
         from ..api.common import inside
 
-        service = self.ui.service
-        if not (dataset or "").strip():
-            raise gr.Error("Dataset folder is empty")
+        data_dir = self.ui.service.engine.paths.data_dir
         try:
-            folder = inside(service.engine.paths.data_dir, dataset.strip(), "Dataset folder")
+            return {key: inside(data_dir, (value or "").strip(), label) for key, (label, value) in folders.items()}
         except HTTPException as exc:
             raise gr.Error(str(exc.detail)) from None
-        res = int(resolution or 512)
-        try:
-            job = service.prepare_train_lora(
-                dataset=str(folder), model=model or None, output_name=(name or "").strip() or None,
-                resume=bool(resume),
-                dataset_options={"resolution": res, "min_bucket_reso": min(256, res),
-                                 "max_bucket_reso": max(1024, res), "caption_extension": ".caption",
-                                 "flip_aug": bool(flip), "shuffle_caption": bool(shuffle)},
-                config={"network_dim": int(dim or 1), "network_alpha": float(alpha or 0),
-                        "max_train_steps": int(steps or 1), "learning_rate": float(lr or 0) or -1.0,
-                        "batch_size": int(batch or 1), "lr_scheduler": scheduler or "constant"})
-            submitted = service.submit_train_lora(client, job)
-        except (JobError, ValueError, TypeError) as exc:
-            raise gr.Error(str(exc)) from None
 
+    @staticmethod
+    def _dataset_options(resolution, flip) -> dict:
+        res = int(resolution or 512)
+        return {"resolution": res, "min_bucket_reso": min(256, res), "max_bucket_reso": max(1024, res),
+                "caption_extension": ".caption", "flip_aug": bool(flip)}
+
+    @staticmethod
+    def _run_config(steps, lr, batch, scheduler, cache_latents) -> dict:
+        return {"max_train_steps": int(steps or 1), "learning_rate": float(lr or 0) or -1.0,
+                "batch_size": int(batch or 1), "lr_scheduler": scheduler or "constant",
+                "cache_latents": bool(cache_latents)}
+
+    @staticmethod
+    def _finished(what: str):
+        """The outcome of a LoRA / Dreambooth job: the file (``what`` saved) or the state kept for Resume, and
+        the pictures skipped."""
         def done(job):
             r = job.result
             skipped = "".join(f"<li>{html.escape(n)}: {html.escape(why)}</li>" for n, why in r.get("skipped_images", []))
             extra = f'<ul class="sd-notranslate">{skipped}</ul>' if skipped else ""
             if r.get("interrupted"):
                 return f"Stopped at step {r['steps']} of {r['total']}; state saved to {r['state_path']}", extra
-            return f"LoRA saved: {r['path']} ({r['steps']} steps, loss log {r['log_path']})", extra
+            return f"{what} saved: {r['path']} ({r['steps']} steps, loss log {r['log_path']})", extra
 
-        yield from self.follow(client, submitted.id, done)
+        return done
+
+    def run_train_lora(self, client: str, dataset, model, name, dim, alpha, steps, lr, resolution, batch,
+                       scheduler, flip, shuffle, resume, cache_latents=False) -> Iterator[tuple]:
+        """Train LoRA: the same checks and job as ``POST /sdstudio/v1/train/lora`` (the folder inside the data dir)."""
+        service = self.ui.service
+        if not (dataset or "").strip():
+            raise gr.Error("Dataset folder is empty")
+        folder = self._folders(dataset=("Dataset folder", dataset))["dataset"]
+        try:
+            job = service.prepare_train_lora(
+                dataset=str(folder), model=model or None, output_name=(name or "").strip() or None,
+                resume=bool(resume), dataset_options={**self._dataset_options(resolution, flip),
+                                                      "shuffle_caption": bool(shuffle)},
+                config={**self._run_config(steps, lr, batch, scheduler, cache_latents),
+                        "network_dim": int(dim or 1), "network_alpha": float(alpha or 0)})
+            submitted = service.submit_train_lora(client, job)
+        except (JobError, ValueError, TypeError) as exc:
+            raise gr.Error(str(exc)) from None
+        yield from self.follow(client, submitted.id, self._finished("LoRA"))
 
     def run_train_dreambooth(self, client: str, dataset, class_dir, class_prompt, num_class, prior_weight, model,
                              name, steps, lr, resolution, batch, scheduler, text_encoder, fp16, flip,
-                             resume) -> Iterator[tuple]:
+                             resume, cache_latents=False) -> Iterator[tuple]:
         """Train Dreambooth: the same checks and job as ``POST /sdstudio/v1/train/dreambooth`` (both folders
         inside the data dir)."""
-        from ..api.common import inside
         from ..models.errors import ModelNotFoundError
         from ..training import DatasetError, TrainingError
         from ..training.dreambooth import prepare_job
 
         service = self.ui.service
-        data_dir = service.engine.paths.data_dir
         if not (dataset or "").strip():
             raise gr.Error("Dataset folder is empty")
-        try:
-            folder = inside(data_dir, dataset.strip(), "Dataset folder")
-            classes = inside(data_dir, (class_dir or "").strip(), "Class images folder")
-        except HTTPException as exc:
-            raise gr.Error(str(exc.detail)) from None
-        res = int(resolution or 512)
+        folders = self._folders(dataset=("Dataset folder", dataset), classes=("Class images folder", class_dir))
         try:
             job = prepare_job(
-                service.engine.registry, dataset=str(folder), model=model or None,
+                service.engine.registry, dataset=str(folders["dataset"]), model=model or None,
                 output_name=(name or "").strip() or None, resume=bool(resume),
-                dataset_options={"resolution": res, "min_bucket_reso": min(256, res), "max_bucket_reso": max(1024, res),
-                                 "caption_extension": ".caption", "flip_aug": bool(flip)},
-                class_dir=str(classes) if classes else None,
+                dataset_options=self._dataset_options(resolution, flip),
+                class_dir=str(folders["classes"]) if folders["classes"] else None,
                 class_options={"num_class_images": int(num_class or 0), "class_prompt": (class_prompt or "").strip()},
-                config={"max_train_steps": int(steps or 1), "learning_rate": float(lr or 0) or -1.0,
-                        "batch_size": int(batch or 1), "lr_scheduler": scheduler or "constant",
+                config={**self._run_config(steps, lr, batch, scheduler, cache_latents),
                         "prior_loss_weight": float(prior_weight if prior_weight is not None else 1.0),
                         "train_text_encoder": bool(text_encoder), "save_precision": "fp16" if fp16 else "float"})
             submitted = service.submit_train_dreambooth(client, job)
         except (JobError, TrainingError, DatasetError, ModelNotFoundError, ValueError, TypeError) as exc:
             raise gr.Error(str(exc)) from None
-
-        def done(job):
-            r = job.result
-            skipped = "".join(f"<li>{html.escape(n)}: {html.escape(why)}</li>" for n, why in r.get("skipped_images", []))
-            extra = f'<ul class="sd-notranslate">{skipped}</ul>' if skipped else ""
-            if r.get("interrupted"):
-                return f"Stopped at step {r['steps']} of {r['total']}; state saved to {r['state_path']}", extra
-            return f"Checkpoint saved: {r['path']} ({r['steps']} steps, loss log {r['log_path']})", extra
-
-        yield from self.follow(client, submitted.id, done)
+        yield from self.follow(client, submitted.id, self._finished("Checkpoint"))
 
     def stop(self, client: str) -> None:
         self.ui.service.interrupt(client)
@@ -445,28 +439,24 @@ class TrainTab:
 
             button.click(on_train, train_inputs, outputs, concurrency_limit=None, show_progress="hidden")
 
-        def on_lora(request: gr.Request, *values):
-            yield from self.run_train_lora(client_of(request), *values)
+        lora, db = self.lora, self.db
+        for run, c, inputs in (
+                (self.run_train_lora, lora, [lora.dataset, lora.model, lora.name, lora.dim, lora.alpha, lora.steps,
+                                             lora.lr, lora.resolution, lora.batch, lora.scheduler, lora.flip,
+                                             lora.shuffle, lora.resume, lora.cache_latents]),
+                (self.run_train_dreambooth, db, [db.dataset, db.class_dir, db.class_prompt, db.num_class,
+                                                 db.prior_weight, db.model, db.name, db.steps, db.lr, db.resolution,
+                                                 db.batch, db.scheduler, db.text_encoder, db.fp16, db.flip, db.resume,
+                                                 db.cache_latents])):
+            def on_run(request: gr.Request, *values, run=run):
+                yield from run(client_of(request), *values)
 
-        self.train_lora.click(on_lora, [self.lora_dataset, self.lora_model, self.lora_name, self.lora_dim,
-                                        self.lora_alpha, self.lora_steps, self.lora_lr, self.lora_resolution,
-                                        self.lora_batch, self.lora_scheduler, self.lora_flip, self.lora_shuffle,
-                                        self.lora_resume], outputs, concurrency_limit=None, show_progress="hidden")
-
-        def on_dreambooth(request: gr.Request, *values):
-            yield from self.run_train_dreambooth(client_of(request), *values)
-
-        self.train_dreambooth.click(on_dreambooth, [self.db_dataset, self.db_class_dir, self.db_class_prompt,
-                                                    self.db_num_class, self.db_prior_weight, self.db_model, self.db_name,
-                                                    self.db_steps, self.db_lr, self.db_resolution, self.db_batch,
-                                                    self.db_scheduler, self.db_text_encoder, self.db_fp16, self.db_flip,
-                                                    self.db_resume], outputs, concurrency_limit=None,
-                                    show_progress="hidden")
+            c.button.click(on_run, inputs, outputs, concurrency_limit=None, show_progress="hidden")
 
         def on_interrupt(request: gr.Request):
             self.stop(client_of(request))
 
-        for button in (self.interrupt, self.lora_interrupt, self.db_interrupt):
+        for button in (self.interrupt, self.lora.interrupt, self.db.interrupt):
             button.click(on_interrupt, None, None, show_progress="hidden")
 
         def refresh():
