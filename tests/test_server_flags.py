@@ -151,7 +151,8 @@ def ui_server(data_dir, free_port):
     def start(*flags):
         app = build(data_dir, *flags)
         port = free_port()
-        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                            timeout_graceful_shutdown=2))
         thread = threading.Thread(target=srv.run, daemon=True)
         thread.start()
         started.append((srv, thread, app))
@@ -159,9 +160,14 @@ def ui_server(data_dir, free_port):
         while not srv.started:
             assert thread.is_alive() and time.time() < deadline, "the server did not come up"
             time.sleep(0.05)
-        return Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
+        clients.append(client)
+        return client
 
+    clients = []
     yield start
+    for client in clients:
+        client.close()  # its open event stream would hold the server's shutdown
     for srv, thread, app in started:
         srv.should_exit = True
         thread.join(30)
