@@ -13,11 +13,9 @@ Pure Python; the engine turns the results into conditioning.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
-from functools import lru_cache
-
-import lark
 
 ROUND = 1.1
 SQUARE = 1 / 1.1
@@ -109,79 +107,208 @@ def parse_attention(text: str, *, novelai_braces: bool = False) -> list[tuple[st
 
 
 # ---- prompt editing and alternation ---------------------------------------------------------------
+#
+# One left-to-right pass over the prompt with a stack of open brackets (linear in its length). A1111
+# parses this language with an Earley grammar (groups "(x)" "(x:y)" "[x]", edits "[a:b:when]" "[b:when]"
+# "[a::when]", cycles "[a|b|...]", and brackets or colons that fit none of them kept at the top level as
+# text); these are that grammar's rules read off directly:
+# - an opening bracket has only one possible closing bracket, the first one at which its nesting closes,
+#   and it forms a group only when everything between forms groups too, so the brackets that form groups
+#   nest and are all found by the stack; a closing bracket of the wrong kind (or a "|" inside round
+#   brackets) spoils every bracket still open, which then stay text;
+# - "[...]" with top-level "|"s and no top-level ":" is a cycle; with one or two top-level ":" and a
+#   number (an optional sign, digits with an optional ".", an optional exponent, spaces either side)
+#   after the last, an edit; with neither, a plain group; anything else is text;
+# - a "|" outside every cycle, a backslash at the very end or before a newline: the grammar has no
+#   reading, so the whole prompt is text (A1111's fallback);
+# - where brackets can form groups they do. A1111's parser picks that reading too, with one exception:
+#   when an edit's closing "]" is followed by brackets or colons that form nothing, its choice among the
+#   readings depends on how many there are ("[a:b:2]:" keeps the edit, "[a:b:2]::" is all text, "[a:b:2]:::"
+#   keeps it again); here the edit is always kept.
 
-# The language of prompt editing. Brackets that do not form a group, an edit or a cycle are kept as
-# text (``root`` accepts stray brackets), which is how A1111 treats malformed prompts.
-_GRAMMAR = r"""
-!root: (body | /[][():]/+)*
-body: (group | edit | cycle | words | SPACE)*
-!group: "(" body ")"
-      | "(" body ":" body ")"
-      | "[" body "]"
-edit: "[" [body ":"] body ":" [SPACE] NUMBER [SPACE] "]"
-cycle: "[" body ("|" [body])+ "]"
-SPACE: /\s+/
-words: /([^\\\[\]():|]|\\.)+/
-%import common.SIGNED_NUMBER -> NUMBER
-"""
-
-
-@lru_cache(maxsize=1)
-def _parser() -> lark.Lark:
-    return lark.Lark(_GRAMMAR, start="root")
-
-
-class _Steps(lark.Visitor):
-    """Collects the steps at which the text changes; rewrites each ``when`` to a step number."""
-
-    def __init__(self, steps: int, int_offset: int, float_offset: float):
-        super().__init__()
-        self.steps, self.int_offset, self.float_offset = steps, int_offset, float_offset
-        self.found: set[int] = {steps}
-
-    def edit(self, tree):
-        raw = tree.children[-2]
-        value = float(raw)
-        if "." in raw:
-            value = (value - self.float_offset) * self.steps
-        else:
-            value = value - self.int_offset
-        # clamped before int(): "1e999" is a float's infinity (never switches), and any when below 1 acts alike
-        tree.children[-2] = int(max(-1.0, min(float(self.steps), value)))
-        if tree.children[-2] >= 1:
-            self.found.add(tree.children[-2])
-
-    def cycle(self, tree):
-        self.found.update(range(1, self.steps + 1))
+_WHEN = re.compile(r"\s*([+-]?(?:[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?|\.[0-9]+(?:[eE][+-]?[0-9]+)?))\s*")
+_SPECIAL = re.compile(r"[][()|:\\]")
+_CLOSES = {"]": "[", ")": "("}
 
 
-def _text_at(step: int, tree) -> str:
-    class AtStep(lark.Transformer):
-        def edit(self, args):
-            before, after, _, when, _ = args
-            yield before or () if step <= when else after
+class _Pieces:
+    """A run of text and edits/cycles; ``dynamic`` when it holds an edit or a cycle somewhere."""
 
-        def cycle(self, args):
-            options = ["" if not a else a for a in args]
-            yield options[(step - 1) % len(options)]
+    __slots__ = ("_text", "dynamic", "items")
 
-        def root(self, args):
-            def flatten(x):
-                if isinstance(x, str):
-                    yield x
+    def __init__(self, items: list, dynamic: bool):
+        self.items, self.dynamic, self._text = items, dynamic, None
+
+    def text(self) -> str:
+        """The text of a static run (no edits or cycles), joined once."""
+        if self._text is None:
+            out: list[str] = []
+            stack = [self]
+            while stack:
+                x = stack.pop()
+                if type(x) is str:
+                    out.append(x)
                 else:
-                    for part in x:
-                        yield from flatten(part)
+                    stack.extend(reversed(x.items))
+            self._text = "".join(out)
+        return self._text
 
-            return "".join(flatten(args))
 
-        def words(self, args):
-            yield args[0].value
+class _Edit:
+    __slots__ = ("after", "before", "when")
 
-        def __default__(self, data, children, meta):
-            yield from children
+    def __init__(self, before: _Pieces, after: _Pieces, when: int):
+        self.before, self.after, self.when = before, after, when
 
-    return AtStep().transform(tree)
+
+class _Cycle:
+    __slots__ = ("options",)
+
+    def __init__(self, options: list[_Pieces]):
+        self.options = options
+
+
+class _Open:
+    """A bracket still open while reading: what came after it, its top-level ":" and "|"."""
+
+    __slots__ = ("bars", "char", "colons", "dynamic", "items")
+
+    def __init__(self, char: str):
+        self.char, self.items, self.dynamic, self.colons, self.bars = char, [], False, [], []
+
+
+class _Schedule:
+    """A parsed prompt: its pieces, the steps at which its text changes, and how much work reading took."""
+
+    def __init__(self, pieces: _Pieces | None, changes: set[int], work: int):
+        self.pieces, self.changes, self.work = pieces, changes, work
+
+    def text_at(self, step: int) -> str:
+        out: list[str] = []
+        stack: list = [self.pieces]
+        while stack:
+            x = stack.pop()
+            if type(x) is str:
+                out.append(x)
+            elif type(x) is _Pieces:
+                if x.dynamic:
+                    stack.extend(reversed(x.items))
+                else:
+                    out.append(x.text())
+            elif type(x) is _Edit:
+                stack.append(x.before if step <= x.when else x.after)
+            else:
+                stack.append(x.options[(step - 1) % len(x.options)])
+        return "".join(out)
+
+
+def _when(raw: str, steps: int, int_offset: int, float_offset: float) -> int:
+    value = float(raw)
+    value = (value - float_offset) * steps if "." in raw else value - int_offset
+    # clamped before int(): "1e999" is a float's infinity (never switches), and any when below 1 acts alike
+    return int(max(-1.0, min(float(steps), value)))
+
+
+def _read_schedule(prompt: str, steps: int, int_offset: int = 0, float_offset: float = 0.0) -> _Schedule:
+    """Read ``prompt`` once; ``pieces`` is None when it has no reading (it is then plain text)."""
+    root = _Open("")
+    stack: list[_Open] = []
+    valid_from = 0  # the open brackets below this depth can no longer form groups
+    changes = {steps}
+    work = 0
+    pos, end = 0, len(prompt)
+    while pos < end:
+        work += 1
+        top = stack[-1] if stack else root
+        m = _SPECIAL.search(prompt, pos)
+        if m is None or m.start() > pos:  # plain text up to the next special character
+            stop = end if m is None else m.start()
+            top.items.append(prompt[pos:stop])
+            pos = stop
+            continue
+        c = prompt[pos]
+        if c == "\\":
+            if pos + 1 >= end or prompt[pos + 1] == "\n":
+                return _Schedule(None, {steps}, work)
+            top.items.append(prompt[pos:pos + 2])
+            pos += 2
+            continue
+        pos += 1
+        if c in "[(":
+            stack.append(_Open(c))
+        elif c == ":":
+            if stack:
+                top.colons.append((len(top.items), pos))
+            top.items.append(":")
+        elif c == "|":
+            if not stack or top.char != "[":
+                return _Schedule(None, {steps}, work)  # a "|" outside every cycle: no reading
+            top.bars.append(len(top.items))
+            top.items.append("|")
+        elif not stack or _CLOSES[c] != top.char:  # a closing bracket that closes nothing here
+            top.items.append(c)
+            valid_from = len(stack)
+        else:
+            group = stack.pop()
+            parent = stack[-1] if stack else root
+            node = None
+            if len(stack) >= valid_from:
+                node = _group(group, prompt, pos, steps, int_offset, float_offset, changes)
+            valid_from = min(valid_from, len(stack))
+            if node is None:
+                if group.bars:
+                    return _Schedule(None, {steps}, work)
+                node = _Pieces([group.char, _Pieces(group.items, group.dynamic), c], group.dynamic)
+                valid_from = len(stack)
+            parent.items.append(node)
+            parent.dynamic = parent.dynamic or type(node) is not _Pieces or node.dynamic
+    for group in stack:  # never closed: text
+        if group.bars:
+            return _Schedule(None, {steps}, work)
+        root.items.append(group.char)
+        root.items.append(_Pieces(group.items, group.dynamic))
+        root.dynamic = root.dynamic or group.dynamic
+        work += 1
+    return _Schedule(_Pieces(root.items, root.dynamic), changes, work)
+
+
+def _slice(items: list, start: int, stop: int, dynamic: bool) -> _Pieces:
+    """``items[start:stop]`` as a run, static unless it holds an edit or a cycle itself."""
+    part = items[start:stop]
+    if dynamic:
+        dynamic = any(type(x) is _Edit or type(x) is _Cycle or (type(x) is _Pieces and x.dynamic) for x in part)
+    return _Pieces(part, dynamic)
+
+
+def _group(group: _Open, prompt: str, close: int, steps: int, int_offset: int, float_offset: float,
+           changes: set[int]):
+    """The node for a bracket closed at ``close`` (just past it) whose contents all formed groups; None
+    when these contents make no group (then the brackets are text)."""
+    items, colons = group.items, group.colons
+    if group.char == "(":
+        return _Pieces(["(", _Pieces(items, group.dynamic), ")"], group.dynamic) if len(colons) <= 1 else None
+    if group.bars:
+        if colons:
+            return None
+        cuts = [-1, *group.bars, len(items)]
+        changes.update(range(1, steps + 1))
+        return _Cycle([_slice(items, a + 1, b, group.dynamic) for a, b in itertools.pairwise(cuts)])
+    if not colons:
+        return _Pieces(["[", _Pieces(items, group.dynamic), "]"], group.dynamic)
+    if len(colons) > 2:
+        return None
+    m = _WHEN.fullmatch(prompt, colons[-1][1], close - 1)
+    if m is None:
+        return None
+    when = _when(m.group(1), steps, int_offset, float_offset)
+    if when >= 1:
+        changes.add(when)
+    cut = colons[0][0]
+    if len(colons) == 2:
+        before, after = _slice(items, 0, cut, group.dynamic), _slice(items, cut + 1, colons[1][0], group.dynamic)
+    else:
+        before, after = _Pieces([], False), _slice(items, 0, cut, group.dynamic)
+    return _Edit(before, after, when)
 
 
 def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None) -> list[tuple[int, str]]:
@@ -191,13 +318,10 @@ def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None) -> 
     the first pass and fractions from 1.0, as A1111 does; the schedule covers the hires steps.
     """
     int_offset, float_offset, total = (0, 0.0, steps) if hires_steps is None else (steps, 1.0, hires_steps)
-    try:
-        tree = _parser().parse(prompt)
-    except lark.exceptions.LarkError:
-        return [(total, prompt)]  # malformed schedules are plain text
-    collector = _Steps(total, int_offset, float_offset)
-    collector.visit(tree)
-    return [(t, _text_at(t, tree)) for t in sorted(collector.found)]
+    parsed = _read_schedule(prompt, total, int_offset, float_offset)
+    if parsed.pieces is None or not parsed.pieces.dynamic:
+        return [(total, prompt)]  # no edits or cycles (or no reading): the prompt as it is
+    return [(t, parsed.text_at(t)) for t in sorted(parsed.changes)]
 
 
 # ---- AND -------------------------------------------------------------------------------------------
