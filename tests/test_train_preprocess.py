@@ -1,20 +1,25 @@
 """Preparing training folders: A1111's Preprocess images (crop and resize, flipped copies, split oversized
-pictures, BLIP / DeepBooru captions combined with existing ones, bad files reported by name) and captioning a
-kohya folder in place, with the tiny random-weight interrogators; a clear message when their weights are
-missing."""
+pictures, auto-sized crop, BLIP / DeepBooru captions combined with existing ones, bad files reported by name)
+as a library, as ``POST /sdapi/v1/preprocess`` and as the Train tab's sub-tab, and captioning a kohya folder in
+place, with the tiny random-weight interrogators; a clear message when their weights are missing."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from train_fixtures import api_client
 
 from sdstudio.engine.interrogate import Interrogators
 from sdstudio.testing.synthetic import _CAPTION_WORDS, _TAGGER_TAGS, write_interrogators
 from sdstudio.training import TrainingDataset, TrainingError
 from sdstudio.training.preprocess import (
+    AutoCrop,
     caption_folder,
+    center_crop,
     combine_caption,
     interrogator_captioners,
     preprocess_images,
@@ -139,3 +144,126 @@ def test_caption_folder_fills_missing_captions_the_dataset_reads(tmp_path, inter
     assert len(caption_folder(root, tagger, overwrite=True).written) == 2
     with pytest.raises(TrainingError, match="at least one captioner"):
         caption_folder(root, [])
+
+
+# ---- Auto-sized crop ------------------------------------------------------------------------------------
+def test_auto_sized_crop_picks_the_size_a1111_picks():
+    crop = AutoCrop(mindim=64, maxdim=256, minarea=64 * 64, maxarea=256 * 256, objective="Maximize area", threshold=0.1)
+    # 145x100 (1.45): 192x128 (1.5, error 0.033) and 256x192 (1.33, error 0.081) are within 0.1
+    assert crop.size(145, 100) == (256, 192)
+    assert dataclasses.replace(crop, objective="Minimize error").size(145, 100) == (192, 128)
+    assert dataclasses.replace(crop, maxarea=30000).size(145, 100) == (192, 128)  # the larger is over the area
+    assert crop.size(256, 64) == (256, 64) and crop.size(96, 96) == (256, 256)
+    assert dataclasses.replace(crop, threshold=0.01).size(145, 100) is None
+    with pytest.raises(TrainingError, match="resizing objective"):
+        AutoCrop(objective="Biggest")
+
+
+def test_center_crop_keeps_the_middle_of_the_picture():
+    a = np.zeros((100, 300, 3), np.uint8)
+    a[:, :100] = (250, 0, 0)
+    a[:, 100:150] = (0, 250, 0)
+    a[:, 150:200] = (0, 0, 250)
+    a[:, 200:] = (250, 250, 250)
+    out = np.asarray(center_crop(Image.fromarray(a), 64, 64), np.int16)
+    assert out.shape == (64, 64, 3)
+    assert tuple(out[32, 8]) == (0, 250, 0) and tuple(out[32, 56]) == (0, 0, 250)  # the middle 100x100: green | blue
+
+
+def test_preprocess_with_auto_sized_crop_reports_the_misses(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _picture(145, 100).save(src / "a.png")
+    _picture(100, 500).save(src / "b.png")  # 1:5: 64x256 (1:4) is the closest, error 0.2
+    crop = AutoCrop(mindim=64, maxdim=256, minarea=64 * 64, maxarea=256 * 256, threshold=0.1)
+    result = preprocess_images(src, tmp_path / "dst", 64, 64, multicrop=crop)
+    assert [p.name for p in result.written] == ["00000-0-a.png"]
+    assert Image.open(tmp_path / "dst" / "00000-0-a.png").size == (256, 192)
+    assert result.skipped == [("b.png", "auto-sized crop: no size within the error threshold for 100x500")]
+
+
+# ---- the route and the tab ------------------------------------------------------------------------------
+PREPROCESS_BODY = {"id_task": "task(1)", "process_width": 64, "process_height": 64, "preprocess_txt_action": "append",
+                   "process_keep_original_size": False, "process_flip": True, "process_split": False,
+                   "process_caption": True, "process_caption_deepbooru": True}
+
+
+def test_the_a1111_preprocess_route(data_dir, source):
+    """``POST /sdapi/v1/preprocess`` with A1111's fields runs as a queue job: pictures, flips and captions in the
+    destination, A1111's answer; bad fields, the focal point crop we lack and folders outside the data dir (for
+    a caller from the network) are refused."""
+    from tests.test_server import AUTH
+
+    write_interrogators(data_dir / "models")
+    client = api_client(data_dir)
+    body = {**PREPROCESS_BODY, "process_src": str(source), "process_dst": str(data_dir / "out")}
+    r = client.post("/sdapi/v1/preprocess", headers=AUTH, json=body)
+    assert r.status_code == 200
+    info = r.json()["info"]
+    assert info.startswith("preprocess complete; skipped 2: c-broken.png") and "d-notes.md" in info
+    out = data_dir / "out"
+    assert sorted(p.name for p in out.glob("*.png")) == ["00000-0-a-wide.png", "00000-1-a-wide.png",
+                                                         "00001-0-b-square.png", "00001-1-b-square.png"]
+    caption = (out / "00001-1-b-square.txt").read_text()
+    assert caption.endswith(" old words")  # BLIP's caption, the tags, then the source's .txt (append)
+    blip = caption.removesuffix(" old words").partition(", ")[0]
+    assert blip and set(blip.split()) <= set(_CAPTION_WORDS)
+
+    def info_of(**change) -> str:
+        reply = client.post("/sdapi/v1/preprocess", headers=AUTH, json={**body, **change})
+        assert reply.status_code == 200
+        return reply.json()["info"]
+
+    assert info_of(bogus=1) == "preprocess error: preprocess() got an unexpected keyword argument 'bogus'"
+    assert info_of(process_focal_crop=True).startswith("preprocess error: Auto focal point crop is not available")
+    assert info_of(process_src=str(data_dir / "nowhere")).startswith("preprocess error: Preprocess: source directory")
+    assert info_of(process_multicrop=True, process_multicrop_objective="x").startswith(
+        "preprocess error: Preprocess: resizing objective")
+    outside = client.post("/sdapi/v1/preprocess", headers=AUTH, json={**body, "process_dst": "/tmp/elsewhere"})
+    assert outside.status_code == 403 and "data folder" in outside.text  # TestClient is a caller from the network
+
+
+A1111_PREPROCESS_IDS = {"train_process_src", "train_process_dst", "train_process_width", "train_process_height",
+                        "train_preprocess_txt_action", "train_process_keep_original_size", "train_process_flip",
+                        "train_process_split", "train_process_focal_crop", "train_process_multicrop",
+                        "train_process_caption", "train_process_caption_deepbooru", "train_process_split_threshold",
+                        "train_process_overlap_ratio", "train_process_focal_crop_face_weight",
+                        "train_process_focal_crop_entropy_weight", "train_process_focal_crop_edges_weight",
+                        "train_process_focal_crop_debug", "train_process_multicrop_mindim",
+                        "train_process_multicrop_maxdim", "train_process_multicrop_minarea",
+                        "train_process_multicrop_maxarea", "train_process_multicrop_objective",
+                        "train_process_multicrop_threshold", "train_interrupt_preprocessing", "train_run_preprocess"}
+
+
+def test_the_tab_preprocesses_and_refuses_folders_when_shared(service, data_dir, source):
+    """The Preprocess images sub-tab (A1111's ids), its button's function queueing the job (a relative
+    destination from the data dir); refused when the server is shared over the network."""
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    from sdstudio.core.settings import Settings
+    from sdstudio.ui.train import TrainTab
+
+    title = service.engine.registry.checkpoint(None).title
+    shell = SimpleNamespace(service=service, checkpoint_titles=lambda: [title], allow_folders=True,
+                            settings=Settings(data_dir / "config.json", {"sd_model_checkpoint": title}))
+    with gr.Blocks() as page:
+        tab = TrainTab(shell).build()
+    ids = {getattr(b, "elem_id", None) for b in page.blocks.values()}
+    assert A1111_PREPROCESS_IDS <= ids, sorted(A1111_PREPROCESS_IDS - ids)
+    values = {"src": str(source), "dst": "tab-out", "width": 64, "height": 64, "txt_action": "copy", "keep": False,
+              "flip": False, "split": True, "caption": False, "deepbooru": False, "split_threshold": 0.5,
+              "overlap": 0.2, "focal": False, "face": 0.9, "entropy": 0.15, "edges": 0.5, "debug": False,
+              "multicrop": False, "mindim": 384, "maxdim": 768, "minarea": 4096, "maxarea": 409600,
+              "objective": "Maximize area", "threshold": 0.1}
+    *_, (_, text, extra) = tab.run_preprocess("ui:test", *values.values())
+    assert text == "Preprocessing finished." and "c-broken.png" in extra and "d-notes.md" in extra
+    out = data_dir / "tab-out"
+    assert len(list(out.glob("00000-*-a-wide.png"))) == 5  # split into A1111's overlapping tiles
+    assert (out / "00001-0-b-square.txt").read_text() == "old words"
+    with pytest.raises(gr.Error, match="focal point"):
+        next(tab.run_preprocess("ui:test", *{**values, "focal": True}.values()))
+    shell.allow_folders = False
+    with pytest.raises(gr.Error, match="--listen"):
+        next(tab.run_preprocess("ui:test", *values.values()))

@@ -1,5 +1,6 @@
 """A1111's training routes: ``/sdapi/v1/create/embedding``, ``/sdapi/v1/train/embedding``,
-``/sdapi/v1/create/hypernetwork``, ``/sdapi/v1/train/hypernetwork``.
+``/sdapi/v1/create/hypernetwork``, ``/sdapi/v1/train/hypernetwork`` and ``/sdapi/v1/preprocess`` (A1111 1.x's
+Preprocess images; ``{"info": "preprocess complete"}``).
 
 Bodies carry A1111's keyword arguments (its routes pass the JSON object straight to its functions, so an
 unknown key is an error there too); answers are ``{"info": "..."}`` with A1111's wording, errors included
@@ -9,7 +10,9 @@ the current checkpoint (``sd_model_checkpoint``); the call blocks until it ends,
 file saved at the step reached. Folders: ``data_root`` may be anywhere the server can read (relative paths
 from the data dir), and so may an absolute ``template_filename``, for a caller on the server's machine; for a
 caller from the network both must lie inside the data dir; ``log_directory`` must lie inside the data dir
-(default ``textual_inversion``).
+(default ``textual_inversion``). Preprocess's ``process_src`` and ``process_dst`` follow ``data_root``'s rule
+(the destination is written: from the network, only inside the data dir); Auto focal point crop is refused
+(not implemented here).
 
 Our own routes (A1111 has none), with kohya's field names: ``POST /sdstudio/v1/train/lora`` and
 ``POST /sdstudio/v1/train/dreambooth`` check the request, queue the run and answer 202 with the job.
@@ -43,6 +46,15 @@ HYPERNETWORK_TRAIN = ("hypernetwork_name", "save_hypernetwork_every", *COMMON_TR
 CREATE_EMBEDDING = ("name", "num_vectors_per_token", "overwrite_old", "init_text")
 CREATE_HYPERNETWORK = ("name", "enable_sizes", "overwrite_old", "layer_structure", "activation_func", "weight_init",
                        "add_layer_norm", "use_dropout", "dropout_structure")
+
+
+PREPROCESS = ("id_task", "process_src", "process_dst", "process_width", "process_height", "preprocess_txt_action",
+              "process_keep_original_size", "process_flip", "process_split", "process_caption",
+              "process_caption_deepbooru", "split_threshold", "overlap_ratio", "process_focal_crop",
+              "process_focal_crop_face_weight", "process_focal_crop_entropy_weight",
+              "process_focal_crop_edges_weight", "process_focal_crop_debug", "process_multicrop",
+              "process_multicrop_mindim", "process_multicrop_maxdim", "process_multicrop_minarea",
+              "process_multicrop_maxarea", "process_multicrop_objective", "process_multicrop_threshold")
 
 
 ANY_BODY = Body(default_factory=dict)  # A1111 takes any JSON object and passes it on as keyword arguments
@@ -128,6 +140,42 @@ def train_kwargs(args: dict, data_dir: Path, *, hypernetwork: bool) -> dict:
             continue
         if isinstance(value, int) and not isinstance(value, bool) and value < 0 and name != "seed":
             raise FieldError(f"{name} must be positive, got {value}")
+    return kwargs
+
+
+def _folder_arg(args: dict, key: str, data_dir: Path, what: str) -> str:
+    value = str(args.get(key) or "")
+    if not value:
+        raise FieldError(f"{what} is empty")
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else data_dir / path)
+
+
+def preprocess_kwargs(args: dict, data_dir: Path) -> dict:
+    """A1111's ``preprocess()`` keyword arguments -> a ``preprocess`` job's (JSON): unknown keys refused as
+    its function refuses them, its defaults, its clamping of the split threshold (0..1) and overlap (0..0.9);
+    relative folders from the data dir. Auto focal point crop (A1111's face-detection crop) is refused."""
+    _unknown(args, PREPROCESS, "preprocess")
+    if _bool(args, "process_focal_crop"):
+        raise FieldError("Auto focal point crop is not available here (it needs A1111's face-detection crop); "
+                         "use Auto-sized crop or Split oversized images instead")
+    kwargs = {"src": _folder_arg(args, "process_src", data_dir, "Source directory"),
+              "dst": _folder_arg(args, "process_dst", data_dir, "Destination directory"),
+              "width": _int(args, "process_width", 512), "height": _int(args, "process_height", 512),
+              "txt_action": str(args.get("preprocess_txt_action") or "ignore"),
+              "keep_original_size": _bool(args, "process_keep_original_size"), "flip": _bool(args, "process_flip"),
+              "split": _bool(args, "process_split"),
+              "split_threshold": max(0.0, min(1.0, _float(args, "split_threshold", 0.5))),
+              "overlap_ratio": max(0.0, min(0.9, _float(args, "overlap_ratio", 0.2))),
+              "blip": _bool(args, "process_caption"), "deepbooru": _bool(args, "process_caption_deepbooru"),
+              "multicrop": None}
+    if _bool(args, "process_multicrop"):
+        kwargs["multicrop"] = {"mindim": _int(args, "process_multicrop_mindim", 384),
+                               "maxdim": _int(args, "process_multicrop_maxdim", 768),
+                               "minarea": _int(args, "process_multicrop_minarea", 64 * 64),
+                               "maxarea": _int(args, "process_multicrop_maxarea", 640 * 640),
+                               "objective": str(args.get("process_multicrop_objective") or "Maximize area"),
+                               "threshold": _float(args, "process_multicrop_threshold", 0.1)}
     return kwargs
 
 
@@ -405,6 +453,27 @@ def _a1111_router(service: JobService, options: dict) -> APIRouter:
             return {"info": f"train {what} error: {exc}"}
         filename, error = await run(request, job)
         return {"info": f"train {what} complete: filename: {filename} error: {error}"}
+
+    @r.post("/preprocess")
+    async def preprocess(request: Request, args: dict = ANY_BODY):
+        """A1111 1.x's Preprocess images as a ``train`` queue job (captioners on the worker's device);
+        /progress shows "Preprocessing [Image i/n]", interrupt stops after the current picture."""
+        try:
+            kwargs = preprocess_kwargs(args, data_dir)
+            for key, field in (("src", "process_src"), ("dst", "process_dst")):
+                kwargs[key] = server_file(request, data_dir, kwargs[key], field)
+        except HTTPException:
+            raise
+        except (FieldError, StudioError) as exc:
+            return {"info": f"preprocess error: {exc}"}
+        result, error = await wait(request, {"what": "preprocess", "model": None, "kwargs": kwargs})
+        if error is not None:
+            return {"info": f"preprocess error: {error}"}
+        skipped = result.get("skipped") or []
+        info = "preprocess complete"
+        if skipped:
+            info += f"; skipped {len(skipped)}: " + "; ".join(f"{n} ({why})" for n, why in skipped)
+        return {"info": info}
 
     @r.post("/train/embedding")
     async def train_embedding(request: Request, args: dict = ANY_BODY):

@@ -794,14 +794,18 @@ def _seed(seed: int | None, saved: dict | None) -> int:
 # ---- queue jobs ---------------------------------------------------------------------------------------
 def run_job(engine, request: dict, *, on_progress: Callable[[TrainProgress], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> dict:
-    """A ``train`` queue job: ``request`` = {"what": "create_embedding" | "embedding" | "hypernetwork",
-    "model": checkpoint title or None, "kwargs": the function's keyword arguments}."""
+    """A ``train`` queue job: ``request`` = {"what": "create_embedding" | "embedding" | "hypernetwork" |
+    "preprocess", "model": checkpoint title or None, "kwargs": the function's keyword arguments}."""
     what = request["what"]
     kwargs = dict(request.get("kwargs") or {})
     if what == "hypernetwork":
         from . import hypernetwork
 
         return hypernetwork.run_job(engine, request, on_progress=on_progress, should_stop=should_stop)
+    if what == "preprocess":  # A1111's Preprocess images: no checkpoint needed
+        from . import preprocess
+
+        return preprocess.run_job(engine, request, on_progress=on_progress, should_stop=should_stop)
     file, model = engine.load(request.get("model"))
     if what == "create_embedding":
         with engine.placement.use(*model.text_encoders):

@@ -102,6 +102,58 @@ def split_picture(image: Image.Image, width: int, height: int, overlap_ratio: fl
         yield image.crop((y, 0, y + to_h, to_w) if inverse else (0, y, to_w, y + to_h))
 
 
+MULTICROP_OBJECTIVES = ("Maximize area", "Minimize error")
+
+
+@dataclass
+class AutoCrop:
+    """A1111's "Auto-sized crop": each picture centre-cropped to the size (multiples of 64 from ``mindim`` to
+    ``maxdim``, area from ``minarea`` to ``maxarea``) whose shape is closest to the picture's, the error
+    ``1 - min(r, 1/r)`` of the aspect ratios' ratio at most ``threshold``: of those the largest
+    (``Maximize area``) or the closest in shape (``Minimize error``)."""
+
+    mindim: int = 384
+    maxdim: int = 768
+    minarea: int = 64 * 64
+    maxarea: int = 640 * 640
+    objective: str = "Maximize area"
+    threshold: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.objective not in MULTICROP_OBJECTIVES:
+            raise TrainingError(f"Preprocess: resizing objective {self.objective!r} is not one of "
+                                f"{', '.join(MULTICROP_OBJECTIVES)}")
+        if not 64 <= self.mindim <= self.maxdim:
+            raise TrainingError(f"Preprocess: dimension bounds must be 64 <= lower <= upper, got {self.mindim}, "
+                                f"{self.maxdim}")
+
+    def size(self, width: int, height: int) -> tuple[int, int] | None:
+        """The crop's (width, height) for a ``width`` x ``height`` picture, None when no size is close enough."""
+        def error(w: int, h: int) -> float:
+            r = (width / height) / (w / h)
+            return 1 - (r if r < 1 else 1 / r)
+
+        sizes = [(w, h) for w in range(self.mindim, self.maxdim + 1, 64) for h in range(self.mindim, self.maxdim + 1, 64)
+                 if self.minarea <= w * h <= self.maxarea and error(w, h) <= self.threshold]
+        if not sizes:
+            return None
+        if self.objective == "Maximize area":
+            return max(sizes, key=lambda wh: (wh[0] * wh[1], -error(*wh)))
+        return max(sizes, key=lambda wh: (-error(*wh), wh[0] * wh[1]))
+
+
+def center_crop(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The largest centred region of ``width:height`` shape (fractional edges), resized to that size (Lanczos)."""
+    iw, ih = image.size
+    if ih / height < iw / width:  # wider than the target: the sides go
+        w = width * ih / height
+        box = ((iw - w) / 2, 0, (iw + w) / 2, ih)
+    else:
+        h = height * iw / width
+        box = (0, (ih - h) / 2, iw, (ih + h) / 2)
+    return image.resize((width, height), Image.Resampling.LANCZOS, box)
+
+
 def _listing(folder: Path) -> list[Path]:
     """A1111's ``listfiles``: the folder's files, sorted case-insensitively, dot-files left out."""
     return [p for p in sorted(folder.iterdir(), key=lambda p: p.name.lower())
@@ -111,11 +163,13 @@ def _listing(folder: Path) -> list[Path]:
 def preprocess_images(src: str | Path, dst: str | Path, width: int = 512, height: int = 512, *,
                       txt_action: str = "ignore", keep_original_size: bool = False, flip: bool = False,
                       split: bool = False, split_threshold: float = 0.5, overlap_ratio: float = 0.2,
-                      captioners: list[Captioner] | None = None,
+                      multicrop: AutoCrop | None = None, captioners: list[Captioner] | None = None,
                       on_progress: Callable[[int, int, str], None] | None = None,
                       should_stop: Callable[[], bool] | None = None) -> PreprocessResult:
-    """A1111's Preprocess images from ``src`` into ``dst`` (see the module's text). ``on_progress(i, n, name)``
-    before each file; ``should_stop`` ends the run after the current file."""
+    """A1111's Preprocess images from ``src`` into ``dst`` (see the module's text), in its order: split
+    oversized pictures, the auto-sized crop (``multicrop``), the original size; the crop and resize when none of
+    these applied. ``on_progress(i, n, name)`` before each file; ``should_stop`` ends the run after the
+    current file."""
     src, dst = Path(src), Path(dst)
     if not str(src) or not src.is_dir():
         raise TrainingError(f"Preprocess: source directory {src} does not exist")
@@ -125,8 +179,8 @@ def preprocess_images(src: str | Path, dst: str | Path, width: int = 512, height
         raise TrainingError(f"Preprocess: existing caption action {txt_action!r} is not one of {', '.join(TXT_ACTIONS)}")
     if not (64 <= int(width) <= 8192 and 64 <= int(height) <= 8192):
         raise TrainingError(f"Preprocess: width and height must be 64 to 8192, got {width}x{height}")
-    if not 0 <= overlap_ratio < 1 or not 0 < split_threshold <= 1:
-        raise TrainingError("Preprocess: split threshold must be in (0, 1] and overlap ratio in [0, 1)")
+    if not 0 <= overlap_ratio < 1 or not 0 <= split_threshold <= 1:
+        raise TrainingError("Preprocess: split threshold must be in [0, 1] and overlap ratio in [0, 1)")
     dst.mkdir(parents=True, exist_ok=True)
     captioners = captioners or []
     result = PreprocessResult()
@@ -153,11 +207,22 @@ def preprocess_images(src: str | Path, dst: str | Path, width: int = 512, height
         else:
             ratio = (img.height * width) / (img.width * height)
         pictures: list[Image.Image] = []
+        resize = True  # A1111: the plain crop and resize only when no other way applied
         if split and ratio < 1.0 and ratio <= split_threshold:
             pictures += split_picture(img, width, height, overlap_ratio)
+            resize = False
+        if multicrop is not None:
+            size = multicrop.size(img.width, img.height)
+            if size is None:
+                why = f"auto-sized crop: no size within the error threshold for {img.width}x{img.height}"
+                result.skipped.append((path.name, why))
+            else:
+                pictures.append(center_crop(img, *size))
+            resize = False
         if keep_original_size:
             pictures.append(img)
-        if not pictures:
+            resize = False
+        if resize:
             pictures.append(resize_image(1, img, int(width), int(height)))
         if flip:
             pictures = [p for pic in pictures for p in (pic, ImageOps.mirror(pic))]
@@ -198,3 +263,35 @@ def caption_folder(root: str | Path, captioners: list[Captioner], *, extension: 
             target.write_text(_caption(picture, captioners) + "\n", encoding="utf-8")
             result.written.append(path)
     return result
+
+
+# ---- queue jobs -----------------------------------------------------------------------------------------
+@dataclass
+class PreprocessProgress:
+    """A preprocess job's progress, as the ``train`` job's worker reads it (step, steps, textinfo, preview)."""
+
+    step: int  # the file being read, 0-based as A1111 counts it
+    steps: int
+    name: str
+    preview: Image.Image | None = None
+
+    @property
+    def textinfo(self) -> str:
+        return f"Preprocessing [Image {self.step}/{self.steps}]"
+
+
+def run_job(engine, request: dict, *, on_progress: Callable[[PreprocessProgress], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> dict:
+    """A ``train`` job with ``what`` "preprocess": ``kwargs`` are :func:`preprocess_images`' (folders
+    already checked by the caller), with ``blip`` / ``deepbooru`` for the captioners (the engine's
+    interrogators, loaded now) and ``multicrop`` an :class:`AutoCrop`'s fields or None."""
+    kwargs = dict(request.get("kwargs") or {})
+    captioners = interrogator_captioners(engine.interrogators, blip=bool(kwargs.pop("blip", False)),
+                                         deepbooru=bool(kwargs.pop("deepbooru", False)))
+    multicrop = kwargs.pop("multicrop", None)
+    progress = None if on_progress is None else (lambda i, n, name: on_progress(PreprocessProgress(i, n, name)))
+    result = preprocess_images(kwargs.pop("src"), kwargs.pop("dst"), captioners=captioners,
+                               multicrop=AutoCrop(**multicrop) if multicrop else None, on_progress=progress,
+                               should_stop=should_stop, **kwargs)
+    return {"info": result.info, "written": [str(p) for p in result.written],
+            "skipped": [list(s) for s in result.skipped], "interrupted": result.interrupted}

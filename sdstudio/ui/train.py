@@ -1,10 +1,10 @@
-"""The Train tab: A1111's Create embedding, Create hypernetwork and Train sub-tabs (its
+"""The Train tab: A1111's Create embedding, Create hypernetwork, Preprocess images and Train sub-tabs (its
 labels, defaults and element ids), plus a LoRA sub-tab (kohya-format, :meth:`JobService.prepare_train_lora`)
 and a Dreambooth one (a fine-tuned checkpoint, :func:`sdstudio.training.dreambooth.prepare_job`), both built by
 one builder. Every button but Create hypernetwork (a small file write, as A1111's route does it) queues a job
 as the window's; the tab shows its progress bar and step/loss text while it runs, then the file written.
 Interrupt stops the window's job: a textual inversion or hypernetwork is saved at the step reached, a LoRA or
-Dreambooth run keeps its state for Resume."""
+Dreambooth run keeps its state for Resume, a preprocess stops after its current picture."""
 
 from __future__ import annotations
 
@@ -89,6 +89,7 @@ class TrainTab:
                                                     elem_id="train_overwrite_old_hypernetwork")
                     self.create_hypernetwork = gr.Button("Create hypernetwork", variant="primary",
                                                          elem_id="train_create_hypernetwork")
+                self._preprocess_tab()
                 with gr.Tab("Train", id="train", elem_id="train_train_tab"):
                     gr.Markdown("Train an embedding or Hypernetwork; you must specify a directory with a set of "
                                 "1:1 ratio images")
@@ -162,6 +163,72 @@ class TrainTab:
                 self.outcome = gr.HTML("", elem_id="ti_error")
         self.wire()
         return self
+
+    def _preprocess_tab(self) -> None:
+        """A1111 1.x's Preprocess images sub-tab: its labels, defaults and element ids."""
+        with gr.Tab("Preprocess images", id="preprocess_images", elem_id="train_preprocess_images_tab"):
+            self.process_src = gr.Textbox(label="Source directory", elem_id="train_process_src")
+            self.process_dst = gr.Textbox(label="Destination directory", elem_id="train_process_dst")
+            self.process_width = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="train_process_width")
+            self.process_height = gr.Slider(64, 2048, value=512, step=8, label="Height",
+                                            elem_id="train_process_height")
+            self.process_txt_action = gr.Dropdown(["ignore", "copy", "prepend", "append"], value="ignore",
+                                                  label="Existing Caption txt Action",
+                                                  elem_id="train_preprocess_txt_action")
+            with gr.Row():
+                self.process_keep_original_size = gr.Checkbox(False, label="Keep original size",
+                                                              elem_id="train_process_keep_original_size")
+                self.process_flip = gr.Checkbox(False, label="Create flipped copies", elem_id="train_process_flip")
+                self.process_split = gr.Checkbox(False, label="Split oversized images", elem_id="train_process_split")
+                self.process_focal_crop = gr.Checkbox(False, label="Auto focal point crop",
+                                                      elem_id="train_process_focal_crop")
+                self.process_multicrop = gr.Checkbox(False, label="Auto-sized crop", elem_id="train_process_multicrop")
+                self.process_caption = gr.Checkbox(False, label="Use BLIP for caption", elem_id="train_process_caption")
+                self.process_caption_deepbooru = gr.Checkbox(False, label="Use deepbooru for caption",
+                                                             elem_id="train_process_caption_deepbooru")
+            with gr.Row(visible=False) as split_row:
+                self.process_split_threshold = gr.Slider(0, 1, value=0.5, step=0.05, label="Split image threshold",
+                                                         elem_id="train_process_split_threshold")
+                self.process_overlap_ratio = gr.Slider(0, 0.9, value=0.2, step=0.05, label="Split image overlap ratio",
+                                                       elem_id="train_process_overlap_ratio")
+            with gr.Row(visible=False) as focal_row:
+                self.process_focal_crop_face_weight = gr.Slider(0, 1, value=0.9, step=0.05,
+                                                                label="Focal point face weight",
+                                                                elem_id="train_process_focal_crop_face_weight")
+                self.process_focal_crop_entropy_weight = gr.Slider(0, 1, value=0.15, step=0.05,
+                                                                   label="Focal point entropy weight",
+                                                                   elem_id="train_process_focal_crop_entropy_weight")
+                self.process_focal_crop_edges_weight = gr.Slider(0, 1, value=0.5, step=0.05,
+                                                                 label="Focal point edges weight",
+                                                                 elem_id="train_process_focal_crop_edges_weight")
+                self.process_focal_crop_debug = gr.Checkbox(False, label="Create debug image",
+                                                            elem_id="train_process_focal_crop_debug")
+            with gr.Column(visible=False) as multicrop_column:
+                gr.Markdown("Each image is center-cropped with an automatically chosen width and height.")
+                with gr.Row():
+                    self.process_multicrop_mindim = gr.Slider(64, 2048, value=384, step=8, label="Dimension lower bound",
+                                                              elem_id="train_process_multicrop_mindim")
+                    self.process_multicrop_maxdim = gr.Slider(64, 2048, value=768, step=8, label="Dimension upper bound",
+                                                              elem_id="train_process_multicrop_maxdim")
+                with gr.Row():
+                    self.process_multicrop_minarea = gr.Slider(64 * 64, 2048 * 2048, value=64 * 64, step=1,
+                                                               label="Area lower bound",
+                                                               elem_id="train_process_multicrop_minarea")
+                    self.process_multicrop_maxarea = gr.Slider(64 * 64, 2048 * 2048, value=640 * 640, step=1,
+                                                               label="Area upper bound",
+                                                               elem_id="train_process_multicrop_maxarea")
+                with gr.Row():
+                    self.process_multicrop_objective = gr.Radio(["Maximize area", "Minimize error"],
+                                                                value="Maximize area", label="Resizing objective",
+                                                                elem_id="train_process_multicrop_objective")
+                    self.process_multicrop_threshold = gr.Slider(0, 1, value=0.1, step=0.01, label="Error threshold",
+                                                                 elem_id="train_process_multicrop_threshold")
+            with gr.Row():
+                self.interrupt_preprocessing = gr.Button("Interrupt", elem_id="train_interrupt_preprocessing")
+                self.run_preprocess_button = gr.Button("Preprocess", variant="primary", elem_id="train_run_preprocess")
+        for box, shown in ((self.process_split, split_row), (self.process_focal_crop, focal_row),
+                           (self.process_multicrop, multicrop_column)):
+            box.change(lambda on: gr.update(visible=bool(on)), box, shown, show_progress="hidden")
 
     def _run_tab(self, kind: str, title: str, button: str, lr: float, *, before_model=None, after_name=None,
                  checks=None) -> SimpleNamespace:
@@ -409,6 +476,30 @@ class TrainTab:
             raise gr.Error(str(exc)) from None
         yield from self.follow(client, submitted.id, self._finished("Checkpoint"))
 
+    def run_preprocess(self, client: str, *values) -> Iterator[tuple]:
+        """Preprocess: A1111's fields in its order (``process_src`` ... ``process_multicrop_threshold``), checked
+        as ``POST /sdapi/v1/preprocess`` checks them, queued as a ``train`` job. It reads and writes folders on
+        the server's disk: refused when the server is shared over the network (--listen), as batch folders are."""
+        from ..api.train import PREPROCESS, FieldError, preprocess_kwargs
+
+        if not self.ui.allow_folders:
+            raise gr.Error("Preprocess images reads and writes folders on the server: only available when the "
+                           "server is not shared over the network (started without --listen)")
+        args = dict(zip(PREPROCESS[1:], values, strict=True))
+        try:
+            kwargs = preprocess_kwargs(args, self.ui.service.engine.paths.data_dir)
+        except FieldError as exc:
+            raise gr.Error(str(exc)) from None
+        job_id = self._submit_train(client, {"what": "preprocess", "model": None, "kwargs": kwargs})
+
+        def done(job):
+            r = job.result
+            skipped = "".join(f"<li>{html.escape(n)}: {html.escape(why)}</li>" for n, why in r.get("skipped", []))
+            text = "Preprocessing interrupted." if r.get("interrupted") else "Preprocessing finished."
+            return text, f'<ul class="sd-notranslate">{skipped}</ul>' if skipped else ""
+
+        yield from self.follow(client, job_id, done)
+
     def stop(self, client: str) -> None:
         self.ui.service.interrupt(client)
 
@@ -453,10 +544,26 @@ class TrainTab:
 
             c.button.click(on_run, inputs, outputs, concurrency_limit=None, show_progress="hidden")
 
+        preprocess_inputs = [self.process_src, self.process_dst, self.process_width, self.process_height,
+                             self.process_txt_action, self.process_keep_original_size, self.process_flip,
+                             self.process_split, self.process_caption, self.process_caption_deepbooru,
+                             self.process_split_threshold, self.process_overlap_ratio, self.process_focal_crop,
+                             self.process_focal_crop_face_weight, self.process_focal_crop_entropy_weight,
+                             self.process_focal_crop_edges_weight, self.process_focal_crop_debug,
+                             self.process_multicrop, self.process_multicrop_mindim, self.process_multicrop_maxdim,
+                             self.process_multicrop_minarea, self.process_multicrop_maxarea,
+                             self.process_multicrop_objective, self.process_multicrop_threshold]
+
+        def on_preprocess(request: gr.Request, *values):
+            yield from self.run_preprocess(client_of(request), *values)
+
+        self.run_preprocess_button.click(on_preprocess, preprocess_inputs, outputs, concurrency_limit=None,
+                                         show_progress="hidden")
+
         def on_interrupt(request: gr.Request):
             self.stop(client_of(request))
 
-        for button in (self.interrupt, self.lora.interrupt, self.db.interrupt):
+        for button in (self.interrupt, self.interrupt_preprocessing, self.lora.interrupt, self.db.interrupt):
             button.click(on_interrupt, None, None, show_progress="hidden")
 
         def refresh():
