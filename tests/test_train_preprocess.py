@@ -267,3 +267,21 @@ def test_the_tab_preprocesses_and_refuses_folders_when_shared(service, data_dir,
     shell.allow_folders = False
     with pytest.raises(gr.Error, match="--listen"):
         next(tab.run_preprocess("ui:test", *values.values()))
+
+
+def test_blip_captions_load_the_blip_model_alone(tmp_path, interrogators):
+    """Use BLIP for caption takes BLIP's caption, not the CLIP interrogation: it works without a CLIP folder,
+    gives the caption the CLIP interrogator starts with (the same BLIP weights), and one BLIP model serves both."""
+    import shutil
+
+    from sdstudio.models.errors import ModelNotFoundError
+
+    models = write_interrogators(tmp_path / "models")  # seed 0: the weights of the module's interrogators
+    shutil.rmtree(models / "CLIP")
+    blip_only = Interrogators(models, CPU)
+    [caption] = interrogator_captioners(blip_only, blip=True)
+    picture = _picture(64, 64)
+    assert caption(picture) and caption(picture) == interrogators.get("clip").caption(picture)
+    with pytest.raises(ModelNotFoundError, match="CLIP"):
+        blip_only.get("clip")
+    assert interrogators.get("clip").captioner is interrogators.get("blip")

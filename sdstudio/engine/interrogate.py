@@ -11,6 +11,10 @@
 
 Both load from local folders only; a missing folder is a :class:`ModelNotFoundError` saying what to put
 where. Everything runs under ``torch.no_grad`` on the engine's device.
+
+Training's captions (A1111's "Use BLIP for caption" in Preprocess images, auto-captioning a kohya folder) take
+the BLIP caption alone: :meth:`Interrogators.get` ``("blip")`` loads the BLIP model only (no CLIP folder
+needed), and shares it with the ``clip`` backend when both are used.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from ..core.interrogate_terms import CATEGORIES
 from ..models.errors import ModelFileError, ModelNotFoundError
 
 BACKENDS = ("clip", "deepdanbooru")
+CAPTIONER = "blip"  # the BLIP caption alone (not an interrogation backend of the API)
 
 
 def _folder(path: Path, what: str, hint: str) -> Path:
@@ -40,26 +45,40 @@ def _load(cls, folder: Path, what: str):
         raise ModelFileError(f"{what} in {folder} could not be loaded: {str(exc).splitlines()[0][:300]}") from None
 
 
+class BlipCaptioner:
+    """A BLIP caption of a picture, BLIP's model and processor only."""
+
+    def __init__(self, blip_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32):
+        from transformers import AutoProcessor, BlipForConditionalGeneration
+
+        blip = _folder(blip_dir, "the BLIP caption model", "BLIP image-captioning")
+        self.device, self.dtype = device, dtype
+        self.model = _load(BlipForConditionalGeneration, blip, "the BLIP model").to(device, dtype)
+        try:
+            self.processor = AutoProcessor.from_pretrained(str(blip), local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ModelFileError(f"the BLIP folder {blip} lacks its processor/tokenizer files ({exc})") from None
+
+    @torch.no_grad()
+    def caption(self, image: Image.Image) -> str:
+        inputs = self.processor(images=image.convert("RGB"), return_tensors="pt").to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        out = self.model.generate(**inputs, num_beams=1, min_length=5, max_length=30, do_sample=False)
+        return self.processor.decode(out[0], skip_special_tokens=True).strip()
+
+    interrogate = caption
+
+
 class ClipInterrogator:
-    def __init__(self, blip_dir: Path, clip_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32):
-        from transformers import (
-            AutoProcessor,
-            BlipForConditionalGeneration,
-            CLIPImageProcessor,
-            CLIPModel,
-            CLIPTokenizer,
-        )
+    def __init__(self, blip_dir: Path, clip_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32,
+                 captioner: BlipCaptioner | None = None):
+        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
         from ..models.loader import clip_tokenizer
 
-        blip = _folder(blip_dir, "the BLIP caption model", "BLIP image-captioning")
+        self.captioner = captioner or BlipCaptioner(blip_dir, device, dtype)
         clip = _folder(clip_dir, "the CLIP model", "CLIP")
         self.device, self.dtype = device, dtype
-        self.blip = _load(BlipForConditionalGeneration, blip, "the BLIP model").to(device, dtype)
-        try:
-            self.blip_processor = AutoProcessor.from_pretrained(str(blip), local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise ModelFileError(f"the BLIP folder {blip} lacks its processor/tokenizer files ({exc})") from None
         self.clip = _load(CLIPModel, clip, "the CLIP model").to(device, dtype)
         self.clip_images = CLIPImageProcessor.from_pretrained(str(clip), local_files_only=True) \
             if (clip / "preprocessor_config.json").is_file() else CLIPImageProcessor()
@@ -67,12 +86,8 @@ class ClipInterrogator:
             if (clip / "vocab.json").is_file() else clip_tokenizer()
         self._terms: dict[str, torch.Tensor] = {}
 
-    @torch.no_grad()
     def caption(self, image: Image.Image) -> str:
-        inputs = self.blip_processor(images=image.convert("RGB"), return_tensors="pt").to(self.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        out = self.blip.generate(**inputs, num_beams=1, min_length=5, max_length=30, do_sample=False)
-        return self.blip_processor.decode(out[0], skip_special_tokens=True).strip()
+        return self.captioner.caption(image)
 
     @torch.no_grad()
     def _text_features(self, name: str, terms: tuple[str, ...]) -> torch.Tensor:
@@ -139,13 +154,20 @@ class Interrogators:
         self._lock = threading.Lock()
 
     def get(self, backend: str):
-        if backend not in BACKENDS:
+        """The loaded backend: ``clip``, ``deepdanbooru``, or ``blip`` (:class:`BlipCaptioner`: the caption
+        alone, BLIP's model shared with ``clip``'s)."""
+        if backend not in BACKENDS and backend != CAPTIONER:
             raise ModelNotFoundError(f"unknown interrogator {backend!r}; use one of {', '.join(BACKENDS)}")
         with self._lock:
             if backend not in self._loaded:
-                if backend == "clip":
+                clip = self._loaded.get("clip")
+                if backend == CAPTIONER:
+                    self._loaded[backend] = clip.captioner if clip is not None else \
+                        BlipCaptioner(self.models_dir / "BLIP", self.device, self.dtype)
+                elif backend == "clip":
                     self._loaded[backend] = ClipInterrogator(self.models_dir / "BLIP", self.models_dir / "CLIP",
-                                                             self.device, self.dtype)
+                                                             self.device, self.dtype,
+                                                             captioner=self._loaded.get(CAPTIONER))
                 else:
                     self._loaded[backend] = Tagger(self.models_dir / "deepbooru", self.device, self.dtype)
             return self._loaded[backend]

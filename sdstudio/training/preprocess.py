@@ -59,15 +59,15 @@ def interrogator_captioners(interrogators, *, blip: bool = False, deepbooru: boo
     from ..models.errors import ModelFileError, ModelNotFoundError
 
     out: list[Captioner] = []
-    for wanted, backend, option in ((blip, "clip", "Use BLIP for caption"),
+    for wanted, backend, option in ((blip, "blip", "Use BLIP for caption"),
                                     (deepbooru, "deepdanbooru", "Use deepbooru for caption")):
         if not wanted:
             continue
         try:
-            model = interrogators.get(backend)
+            model = interrogators.get(backend)  # "blip": the BLIP caption model alone, not CLIP's ranking
         except (ModelNotFoundError, ModelFileError) as exc:
             raise TrainingError(f"{option}: {exc}") from None
-        out.append(model.caption if backend == "clip" else model.interrogate)
+        out.append(model.interrogate)
     return out
 
 
