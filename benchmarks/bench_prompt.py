@@ -5,7 +5,8 @@ sdstudio/core/prompt.py) and needs the ``lark`` package, which sdstudio no longe
 new times print. Prompts: random bracket-heavy pieces of A1111's syntax (edits, cycles, weights, strays), one per
 length, the same seed for both. Each old parse runs under a time limit (``--limit``, default 60 s).
 
-Usage: python benchmarks/bench_prompt.py [--lengths 100,300,600,900,5000] [--steps 20] [--limit 60]
+Usage: python benchmarks/bench_prompt.py [--lengths 100,300,600,900,5000] [--shapes soup,nested,strays] [--steps 20]
+       [--limit 60]
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ def bracket_heavy(length: int, seed: int = 0) -> str:
     while len(out) < length:
         out += rng.choice(PIECES)
     return out[:length]
+
+
+SHAPES = {
+    "soup": bracket_heavy,  # random pieces of the syntax
+    "nested": lambda n: "[(" * (n // 4) + ")]" * (n // 4),  # groups nested n/2 deep
+    "strays": lambda n: ("]:" * n)[:n],  # brackets and colons that form nothing
+}
 
 
 def old_module():
@@ -74,6 +82,8 @@ def timed(fn, *args, limit: float | None = None) -> tuple[float | None, object]:
         return time.perf_counter() - start, result
     except _Late:
         return None, None
+    except Exception as exc:  # the old parser overflows Python's stack on deep nesting  # noqa: BLE001
+        return time.perf_counter() - start, exc
     finally:
         if limit:
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -84,21 +94,24 @@ def main() -> None:
     ap.add_argument("--lengths", default="100,300,600,900,5000")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--limit", type=float, default=60.0)
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="of " + ", ".join(SHAPES))
     args = ap.parse_args()
     old = old_module()
     if old is None:
         print("old lark parser unavailable (no lark or no git history): new times only")
-    print(f"{'chars':>6} {'old s':>9} {'new s':>9} {'old/new':>9}")
-    for length in (int(n) for n in args.lengths.split(",")):
-        text = bracket_heavy(length)
+    print(f"{'shape':>7} {'chars':>6} {'old s':>9} {'new s':>9} {'old/new':>9}")
+    for shape, length in ((s, int(n)) for s in args.shapes.split(",") for n in args.lengths.split(",")):
+        text = SHAPES[shape](length)
         runs = [timed(new.prompt_schedule, text, args.steps) for _ in range(3)]
         t_new, result = min(t for t, _ in runs), runs[0][1]
         t_old, old_result = timed(old.prompt_schedule, text, args.steps, limit=args.limit) if old else (None, None)
-        if t_old is not None and old_result != result:
-            print(f"{length:>6} (readings differ: stray brackets right after an edit, see core/prompt.py)")
+        if isinstance(old_result, Exception):
+            print(f"{shape:>7} {length:>6} (the old parser raised {type(old_result).__name__})")
+        elif t_old is not None and old_result != result:
+            print(f"{shape:>7} {length:>6} (readings differ: stray brackets right after an edit, see core/prompt.py)")
         old_s = "-" if old is None else (f">{args.limit:.0f}" if t_old is None else f"{t_old:.3f}")
         ratio = f"{t_old / t_new:.0f}x" if t_old else ("-" if old is None else f">{args.limit / t_new:.0f}x")
-        print(f"{length:>6} {old_s:>9} {t_new:>9.4f} {ratio:>9}", flush=True)
+        print(f"{shape:>7} {length:>6} {old_s:>9} {t_new:>9.4f} {ratio:>9}", flush=True)
 
 
 if __name__ == "__main__":
