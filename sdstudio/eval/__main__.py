@@ -3,7 +3,8 @@
 Every number comes from generating pictures with the engine and reading them back with the harness's
 reader (:mod:`.harness`): prompt adherence against the renderer (upper bound) and random pictures (lower
 bound), the response to CFG, negative prompts and emphasis, img2img strength and inpainting, and a
-Fréchet distance between generated and rendered pictures in the reader's feature space.
+Fréchet distance between generated and rendered pictures in the reader's feature space. ``--precision``
+picks the engine's precision as sdstudio's own flag does; the table's header says what ran (device, dtype).
 """
 
 from __future__ import annotations
@@ -271,7 +272,7 @@ def controlnet_rows(engine, args, n: int = 24, log=print) -> list[tuple[str, str
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..core.paths import Paths
+    from ..core.paths import DeviceOptions, Paths, default_precision
     from ..engine.generate import Engine
 
     parser = argparse.ArgumentParser(prog="python -m sdstudio.eval", description=__doc__.splitlines()[0])
@@ -282,11 +283,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--sampler", default="Euler a")
     parser.add_argument("--cfg", type=float, default=7.0)
+    parser.add_argument("--precision", choices=["full", "autocast", "half"], default=default_precision(),
+                        help="the engine's precision, as sdstudio's --precision (full: float32; autocast/half: float16 "
+                             "on a GPU, bfloat16 on a bfloat16 CPU; default: autocast, or SDSTUDIO_PRECISION)")
     parser.add_argument("--out", default=str(RESULTS), help="where the table is written ('-': nowhere)")
     parser.add_argument("--only", choices=["controlnet", "training"], help="compute only these rows and print them "
                         "(training: a LoRA and an embedding trained with our trainers on rendered scenes, minutes)")
     args = parser.parse_args(argv)
-    engine = Engine(Paths(Path(args.data_dir)))
+    options = DeviceOptions(precision=args.precision)
+    engine = Engine(Paths(Path(args.data_dir)), options)
     file = engine.registry.checkpoint(args.model)
     args.model = file.name
     if args.only == "controlnet":
@@ -298,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         from .training import training_rows
 
         with tempfile.TemporaryDirectory() as work:  # the trained files and their data: thrown away after
-            print(table(training_rows(file.path, Path(work), lambda paths: Engine(paths), size=args.size,
+            print(table(training_rows(file.path, Path(work), lambda paths: Engine(paths, options), size=args.size,
                                       steps=args.steps, sampler=args.sampler, cfg=args.cfg,
                                       log=lambda m: print(m, file=sys.stderr))))
         return 0
@@ -311,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(f"# Quality harness results\n\n{datetime.date.today().isoformat()}, model `{file.name}` "
                        f"[{file.short_hash}], {args.n} prompts × seeds, {args.size}×{args.size}, {args.steps} steps, "
-                       f"{args.sampler}, CFG {args.cfg:g}; `python -m sdstudio.eval`.\n\n{text}\n")
+                       f"{args.sampler}, CFG {args.cfg:g}, {engine.plan.describe()}; `python -m sdstudio.eval "
+                       f"--precision {args.precision}`.\n\n{text}\n")
     return 0
 
 
