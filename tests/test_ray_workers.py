@@ -205,6 +205,34 @@ def test_a_jobs_batches_split_across_the_workers_give_one_workers_pictures(clust
     assert Path(done.result["grid_url"].removeprefix("file://")).read_bytes() == Path(done.result["grid"]).read_bytes()
 
 
+def test_x_y_z_cells_and_prompt_lines_split_across_the_workers_give_one_workers_outputs(cluster):
+    from sdstudio.scripts import Studio
+
+    svc = cluster.service
+    plot = small(seed=800, subseed=5, steps=2, script_name="X/Y/Z plot",
+                 script_args={"x_type": "Seed", "x_values": "-1, 801", "y_type": "Steps", "y_values": "1, 2",
+                              "include_lone_images": True})
+    lines = small(seed=900, subseed=6, steps=2, script_name="Prompts from file or textbox",
+                  script_args={"prompt_txt": 'a blue square\n--prompt "a green dot" --steps 1\na star'})
+    for req in (plot, lines):
+        until(lambda: all(w["running"] == [] for w in cluster.pool.describe()), "both workers free")
+        job = svc.submit("units", Txt2ImgJob(req))  # its cells / lines in two ranges, one per worker
+        done = svc.wait(job.id, 300)
+        assert done.status == DONE and len({w for j, w in cluster.pool.placements if j == job.id}) == 2
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            ref = Studio(Engine(Paths(cluster.root), DeviceOptions(precision="full"))).generate(req).images
+        finally:
+            torch.set_num_threads(threads)
+        made = done.result.get("grids", []) + done.result["images"]  # as one worker gives them: grid first
+        assert len(made) == len(ref) and [m["infotext"] for m in made] == [r.infotext for r in ref]
+        for m, r in zip(made, ref, strict=True):
+            assert np.array_equal(pixels(m["path"]), np.asarray(r.image))
+            assert m["url"].startswith(f"file://{cluster.store}/outputs/")  # put together here, then stored
+        assert "units" not in done.result and not (cluster.root / "cache" / "jobs" / job.id / "units").exists()
+
+
 def test_the_server_runs_its_jobs_on_ray_workers_behind_the_same_api(cluster, tmp_path):
     from fastapi.testclient import TestClient
 

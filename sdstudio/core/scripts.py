@@ -133,6 +133,9 @@ class Script:
     from_a1111: Callable[[list, dict], dict] | None = None  # a positional list that needs more than positions
     axes: tuple = ()  # X/Y/Z axes it adds (sdstudio.core.xyz.Axis)
     draws_seeds: bool = False  # the runner makes the seeds concrete itself (prompts from file: per line)
+    # each unit's request is known without the earlier units' pictures (X/Y/Z cells, prompt-file lines, not
+    # Loopback's loops): a job's units may be made on several workers and put together (sdstudio.scripts.studio)
+    independent_units: bool = False
     request_fields: bool = False  # its parameters are request fields (A1111's soft inpainting), not script args
     aliases: tuple[str, ...] = ()  # short names for the CLI's --script / --alwayson
     owner: str = "sdstudio"  # sdstudio, or the plug-in that declared it

@@ -269,9 +269,10 @@ def script_axis(label: str, kind: type, script: str, param: str, enabled: str | 
     return Axis(label, kind, apply, **kw)
 
 
-def axis_values(ax: Axis, text: str, keep_random_seeds: bool = False) -> list:
+def axis_values(ax: Axis, text: str, keep_random_seeds: bool = False, rng: random.Random | None = None) -> list:
     """The values of an axis as the plot uses them: expanded, typed, permuted (Prompt order), and -1
-    seeds made concrete unless ``keep_random_seeds`` ("Keep -1 for seeds")."""
+    seeds made concrete (drawn from ``rng``, default the module's) unless ``keep_random_seeds`` ("Keep -1
+    for seeds")."""
     if ax.label == "Nothing":
         return [None]
     if ax.kind is tuple:
@@ -290,7 +291,7 @@ def axis_values(ax: Axis, text: str, keep_random_seeds: bool = False) -> list:
     if not values:
         raise AxisError(f"{ax.label}: no values")
     if ax.label in ("Seed", "Var. seed") and not keep_random_seeds:
-        values = [random.randrange(4294967294) if v == -1 else v for v in values]
+        values = [(rng or random).randrange(4294967294) if v == -1 else v for v in values]
     if ax.label == "Prompt S/R" and len(values) < 1:
         raise AxisError("Prompt S/R needs the text to search for as its first value")
     return values

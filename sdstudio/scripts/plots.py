@@ -103,12 +103,17 @@ def _confirm(ctx, ax: xyz.Axis, values: list, kind: str) -> None:
 
 def _xyz_plan(ctx, req: Txt2ImgRequest, args: Args):
     """Axes, their values, and every cell's checked request in the order they are made."""
+    import random
+
     catalog = ctx.studio.catalog
     values, axes = [], []
+    # -1 seeds on an axis are drawn from the job's seed: every run of this job (a resume, each worker of a split
+    # one) plots the same seeds
+    draw = random.Random(f"xyz {req.seed} {req.subseed}")
     for kind, text in _xyz_axes(args):
         try:
             ax = xyz.axis(kind, catalog.axes())
-            values.append(xyz.axis_values(ax, text, args.no_fixed_seeds))
+            values.append(xyz.axis_values(ax, text, args.no_fixed_seeds, rng=draw))
         except xyz.AxisError as exc:
             raise RequestError(f"X/Y/Z plot: {exc}") from None
         axes.append(ax)
@@ -197,6 +202,7 @@ XYZ_PLOT = Script(
         Param("margin_size", 0, infotext="XYZ margin", minimum=0, maximum=500, a1111=16, omit_default=True),
     ),
     run=_xyz, check=_xyz_check, precheck=_xyz_precheck, from_a1111=_xyz_from_a1111, aliases=("xyz", "x/y/z"),
+    independent_units=True,
     description="A grid of images, one per combination of up to three axes' values.",
 )
 
@@ -247,7 +253,7 @@ PROMPT_MATRIX = Script(
         Param("variations_delimiter", "comma", infotext="Matrix delimiter", choices=("comma", "space"), a1111=3),
         Param("margin_size", 0, infotext="Matrix margin", minimum=0, maximum=500, a1111=4, omit_default=True),
     ),
-    run=_prompt_matrix, aliases=("prompt-matrix",),
+    run=_prompt_matrix, aliases=("prompt-matrix",), independent_units=True,
     description="``a cat|in a hat|wearing boots``: every combination of the parts after the first, in a "
                 "labelled grid.",
 )
@@ -312,6 +318,7 @@ PROMPTS_FROM_FILE = Script(
         Param("prompt_txt", "", label="List of prompt inputs", lines=6, a1111=3),
     ),  # no infotext keys: the lines are the job, not repeated in every image's infotext
     run=_prompts_from_file, check=_file_check, precheck=_file_jobs, draws_seeds=True, aliases=("prompts-from-file",),
+    independent_units=True,
     description="One job per line of the text; a line may set fields the A1111 way: "
                 '``--steps 30 --prompt "..."``.',
 )

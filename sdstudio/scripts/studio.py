@@ -11,6 +11,13 @@ another client's image goes next. Each finished unit's images are handed to ``on
 stores them); resuming runs the script again with those stored ``units``: the finished units are not
 recomputed, the script's own code runs the same way, and the outputs already given (``first_batch``)
 are not given again, so the result is that of an uninterrupted run.
+
+The same seam splits a script whose units do not depend on each other (``Script.independent_units``: X/Y/Z
+cells, prompt-file lines) across workers: :meth:`Studio.count_units` says how many units a request has,
+a run with ``unit_range=(start, end)`` makes only those units (the earlier ones, not stored, are blank
+stand-ins the script passes over; it stops after the last unit of the range and gives no outputs), and a
+run with every unit stored and ``make_units=False`` is the script's own run, computing nothing: its grid
+and outputs are those of one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -27,6 +34,16 @@ from ..core.scripts import Args, ScriptCatalog, ScriptError, builtin
 
 class Paused(Exception):
     """Raised between units when the queue wants the worker for someone else."""
+
+
+class RangeDone(Paused):
+    """Raised after the last unit of a run's ``unit_range``: the rest is another worker's."""
+
+
+class _Counted(Exception):
+    def __init__(self, total: int):
+        super().__init__(total)
+        self.total = total
 
 
 @dataclass
@@ -51,9 +68,14 @@ class ScriptContext:
     on_unit: Callable[[int, list], None] | None = None
     unit_no: int = 0  # the next unit's number
     ran: int = 0  # units computed (not replayed) by this run
+    unit_range: tuple[int, int] | None = None  # make only these units (a shard of a split job)
+    make_units: bool = True  # False: a unit that is not stored is not made (counts as interrupted)
+    counting: bool = False  # count_units: stop at the first passes() call
 
     def passes(self, total: int) -> Passes:
         """A series of ``total`` generation passes shown as the jobs of one progress bar."""
+        if self.counting:
+            raise _Counted(total)
         return Passes(self, total)
 
     def with_script(self, text: str, name: str, args: dict) -> str:
@@ -103,8 +125,15 @@ class Passes:
         number, index = ctx.unit_no, self.done
         ctx.unit_no += 1
         self.done += 1
+        span = ctx.unit_range
+        if span is not None and number >= span[1]:
+            raise RangeDone
         if number in ctx.units:
             result = ctx.units[number]
+        elif span is not None and number < span[0]:
+            result = _stand_in(req)  # another worker's unit: the script passes over it to this range
+        elif not ctx.make_units or (ctx.should_stop is not None and ctx.should_stop()):
+            result = UnitResult([], interrupted=True)
         else:
             if ctx.ran and ctx.should_pause is not None and ctx.should_pause():
                 raise Paused
@@ -122,7 +151,19 @@ class Passes:
                     ctx.on_unit(number, list(result.images))
         if self.first is None:
             self.first = result
+        if span is not None and number + 1 >= span[1]:
+            raise RangeDone
         return result
+
+
+def _stand_in(req: Txt2ImgRequest) -> UnitResult:
+    """Blank pictures in place of a unit this run does not make (its outputs are not given)."""
+    from PIL import Image
+
+    from ..engine.generate import GeneratedImage
+
+    blank = Image.new("RGB", (req.width, req.height))
+    return UnitResult([GeneratedImage(blank, req.seed + i, req.subseed, "") for i in range(req.n_iter * req.batch_size)])
 
 
 class Studio:
@@ -164,6 +205,27 @@ class Studio:
             args = self.catalog.parse(script.name, req.script_args, req.kind)
             script.precheck(ScriptContext(self.engine, self), req.replace(script_name="", script_args={}), args)
 
+    def count_units(self, req: Txt2ImgRequest) -> int:
+        """How many units ``req``'s script makes (0: no script, or one whose units depend on each other's
+        pictures, so they cannot be made apart); nothing is generated."""
+        req = self.validate(req)
+        if not req.script_name:
+            return 0
+        script = self.catalog.get(req.script_name, req.kind, alwayson=False)
+        if not script.independent_units:
+            return 0
+        args = self.catalog.parse(script.name, req.script_args, req.kind)
+        inner = req.replace(script_name="", script_args={})
+        if not script.draws_seeds:
+            inner = inner.with_concrete_seeds()
+        ctx = ScriptContext(self.engine, self, counting=True)
+        try:
+            for _ in script.run(ctx, inner, args):
+                pass
+        except _Counted as counted:
+            return counted.total
+        return 0
+
     def alwayson(self, req: Txt2ImgRequest, context: HookContext | None = None) -> tuple[list, dict[str, object]]:
         """The per-step hooks and infotext pairs of the request's always-on scripts, in catalog order."""
         hooks, pairs = [], {}
@@ -191,9 +253,11 @@ class Studio:
     # ---- running ------------------------------------------------------------------------------------
     def generate(self, req: Txt2ImgRequest, *, on_progress=None, should_stop=None, on_image=None, should_skip=None,
                  should_pause=None, first_batch: int = 0, on_batch=None, keep_images: bool = True,
-                 units: dict[int, UnitResult] | None = None, on_unit=None):
+                 units: dict[int, UnitResult] | None = None, on_unit=None,
+                 unit_range: tuple[int, int] | None = None, make_units: bool = True):
         """Generate ``req`` (see :meth:`sdstudio.engine.generate.Engine.generate` for the callbacks). With a
-        script, ``units``/``on_unit`` carry its finished units across a pause (module docstring)."""
+        script, ``units``/``on_unit`` carry its finished units across a pause, ``unit_range`` makes only some
+        of them and ``make_units=False`` assembles stored ones (module docstring)."""
         req = self.validate(req)
         if not req.script_name:
             req = req.with_concrete_seeds()  # hooks see the seeds the images get (ControlNet's shuffle field)
@@ -215,7 +279,7 @@ class Studio:
         except ScriptError as exc:
             raise RequestError(str(exc)) from None
         ctx = ScriptContext(self.engine, self, on_progress, should_stop, should_skip, should_pause,
-                            dict(units or {}), on_unit)
+                            dict(units or {}), on_unit, unit_range=unit_range, make_units=make_units)
         return self._run_script(ctx, req, first_batch, on_image, on_batch, keep_images)
 
     txt2img = generate
@@ -266,8 +330,8 @@ class Studio:
                     text = text if kind else ctx.with_script(text, script.name, args)
                     batch.append(GeneratedImage(image, seed, inner.subseed, text, grid=kind == ["grid"]))
                 batches += 1
-                if batches <= first_batch:  # given before a pause
-                    continue
+                if batches <= first_batch or ctx.unit_range is not None:  # given before a pause; a shard's
+                    continue  # outputs are its units
                 for g in batch:
                     if on_image is not None:
                         on_image(g)

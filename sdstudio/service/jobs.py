@@ -340,12 +340,17 @@ def _stored_units(records: dict) -> dict:
 
     from ..engine.generate import GeneratedImage
     from ..scripts import UnitResult
+    from .store import read_output
 
     units = {}
     for number, images in records.items():
         loaded = []
         for r in images:
-            with Image.open(r["path"]) as f:
+            found = read_output(r["path"], r.get("url"))  # another worker's unit: its file, or the store's copy
+            if found is None:
+                raise FileNotFoundError(f"a finished unit's picture is gone: {r['path']} (the workers need one "
+                                        "jobs folder, or an output store)")
+            with Image.open(io.BytesIO(found[0])) as f:
                 loaded.append(GeneratedImage(f.copy(), r["seed"], r["subseed"], r["infotext"], r.get("grid", False)))
         units[int(number)] = UnitResult(loaded)
     return units
@@ -747,9 +752,22 @@ class JobService:
     def _run(self, job: Job, live: Live | None = None) -> None:
         live = live or Live(job)  # a worker pool passes the live state it shows
         self.live = live
+        try:
+            self._guarded(job, live, self.runners[job.kind])
+        finally:
+            self.live = None
+            self._notify()
+
+    def assemble(self, job: Job, live: Live, queue: JobQueue) -> None:
+        """Put a split script job together here from the units its shards made (``job.result["units"]``): the
+        script's own run over them, making none, its grid and outputs recorded in ``queue`` (:mod:`.shards`)."""
+        self._guarded(job, live, lambda j, lv: self._run_generate(j, lv, queue=queue, make_units=False))
+
+    def _guarded(self, job: Job, live: Live, runner: Callable[[Job, Live], None]) -> None:
+        """Run ``job``; whatever it raises fails it with a message naming the problem."""
         self._notify()
         try:
-            self.runners[job.kind](job, live)
+            runner(job, live)
         except (RequestError, ModelNotFoundError, ModelFileError) as exc:
             self._fail(job, exc, str(exc))
         except HookError as exc:  # a script's or plug-in's hook raised: this job fails, naming it
@@ -768,9 +786,6 @@ class JobService:
             else:
                 log.error("job %s failed:\n%s", job.id, traceback.format_exc())
                 self._fail(job, exc, f"{type(exc).__name__}: {exc}")
-        finally:
-            self.live = None
-            self._notify()
 
     def _fail(self, job: Job, exc: BaseException, message: str) -> None:
         """The job failed: its message, and its error's kind (``result["error_kind"]``) for the API's status."""
@@ -778,12 +793,17 @@ class JobService:
         result = {**(current.result if current is not None else {}), "error_kind": kind_of(exc)}
         self.queue.finish(job.id, FAILED, result, error=message)
 
-    def _run_generate(self, job: Job, live: Live) -> None:
+    def _run_generate(self, job: Job, live: Live, queue: JobQueue | None = None, make_units: bool = True) -> None:
+        """A txt2img / img2img job; its writes go to ``queue`` (default the service's). A split script job's
+        shard (``unit_range`` in the request, :mod:`.shards`) makes its units only and records them as its
+        result; ``make_units=False`` makes none: the script's run over the units the result holds."""
+        queue = queue or self.queue
         spec = Txt2ImgJob.from_dict(job.request, job.kind)
         req = spec.request
+        unit_range = job.request.get("unit_range")
         live.job_count, live.steps = req.n_iter, req.steps
-        result = dict(job.result) or {"images": [], "warnings": [],
-                                      "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S")}
+        result = {"images": [], "warnings": [], "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"),
+                  **job.result}
         folder = self._folder(job, spec, f"{job.kind}-images")
 
         def on_progress(p) -> None:
@@ -816,7 +836,7 @@ class JobService:
                 path = outputs.save_image(g.image, folder, infotext=g.infotext, suffix=str(g.seed), fmt=fmt)
                 result["images"].append({"path": str(path), "seed": g.seed, "subseed": g.subseed,
                                          "infotext": g.infotext})
-            self.queue.save_progress(job.id, batches_done, result)  # after the files are on disk
+            queue.save_progress(job.id, batches_done, result)  # after the files are on disk
 
         def should_skip() -> bool:
             if live.skip:
@@ -825,7 +845,7 @@ class JobService:
             return False
 
         def should_pause() -> bool:
-            if self.queue.others_waiting(job.client):
+            if queue.others_waiting(job.client):
                 live.paused_for_others = True
             return live.paused_for_others
 
@@ -839,17 +859,26 @@ class JobService:
                 records.append({"path": str(path), "seed": g.seed, "subseed": g.subseed, "infotext": g.infotext,
                                 "grid": g.grid})
             result.setdefault("units", {})[str(number)] = records
+            if unit_range is not None:  # a shard's progress is its units
+                queue.save_progress(job.id, job.batches_done, result)
 
         out = self.studio.generate(req, on_progress=on_progress, should_stop=lambda: live.interrupted,
                                    should_skip=should_skip, should_pause=should_pause,
                                    first_batch=job.batches_done, on_batch=on_batch, keep_images=False,
-                                   units=_stored_units(result.get("units", {})), on_unit=on_unit)
+                                   units=_stored_units(result.get("units", {})), on_unit=on_unit,
+                                   unit_range=tuple(unit_range) if unit_range is not None else None,
+                                   make_units=make_units)
         result.update({"all_seeds": out.all_seeds, "all_subseeds": out.all_subseeds, "model_name": out.model_name,
                        "model_hash": out.model_hash, "inpainting_model": out.inpainting_model})
         result["warnings"] = sorted(set(result["warnings"]) | set(out.warnings))
+        if unit_range is not None:  # a shard: done when its range is (its units are the result, no outputs)
+            result["interrupted"] = out.interrupted
+            cancelled = queue.get(job.id).cancel_requested
+            queue.finish(job.id, CANCELLED if cancelled else DONE, result, error="cancelled" if cancelled else None)
+            return
         if out.paused:
-            self.queue.save_progress(job.id, out.batches_done, result)
-            self.queue.park(job.id)
+            queue.save_progress(job.id, out.batches_done, result)
+            queue.park(job.id)
             return
         if result.pop("units", None):  # only a paused script needs them
             import shutil
@@ -858,8 +887,8 @@ class JobService:
         result["interrupted"] = out.interrupted
         if spec.save_images and spec.save_grid and len(result["images"]) > 1 and not result.get("grids"):
             result["grid"] = str(self._grid(result["images"], req, spec, f"{job.kind}-grids"))
-        cancelled = self.queue.get(job.id).cancel_requested
-        self.queue.finish(job.id, CANCELLED if cancelled else DONE, result, error="cancelled" if cancelled else None)
+        cancelled = queue.get(job.id).cancel_requested
+        queue.finish(job.id, CANCELLED if cancelled else DONE, result, error="cancelled" if cancelled else None)
 
     def _deforum_timestring(self, settings, spec_job: DeforumJob) -> str:
         """A new run's timestring: now, moved on a second while another Deforum job holds it or its folder

@@ -342,8 +342,9 @@ class RayWorker(Worker):
         for key in ("job_no", "job_count", "step", "steps", "phase", "textinfo", "paused_for_others"):
             if key in state:
                 setattr(live, key, state[key])
-        if live.job.kind in ("txt2img", "img2img"):  # a shard runs up to its own end: the job's count shows
-            live.job_count = int(live.job.request.get("request", {}).get("n_iter", live.job_count))
+        request = live.job.request.get("request", {}) if live.job.kind in ("txt2img", "img2img") else {}
+        if request and not request.get("script_name"):  # a shard runs up to its own end: the job's count shows
+            live.job_count = int(request.get("n_iter", live.job_count))
 
     def resources(self) -> set[str]:
         return set(self._resources)

@@ -1,5 +1,9 @@
-"""One job's batches on several workers at once: a txt2img / img2img job of batch count > 1 that a pool finds
-with several free workers is split into contiguous batch ranges, one per worker, and reassembled in order.
+"""One job on several workers at once: a txt2img / img2img job that a pool finds with several free workers is
+split into contiguous ranges, one per worker, and reassembled in order: its batches (batch count > 1), or the
+units of its script when they do not depend on each other (X/Y/Z cells, prompt-file lines, prompt-matrix
+combinations: ``Script.independent_units``).
+
+Batches:
 
 Each batch's seeds follow from its index (``seed + index``), and a worker runs a range as a resumed job does
 (``first_batch`` = the range's start, batch count = its end), so the pictures are those one worker makes.
@@ -8,8 +12,16 @@ job's contiguous prefix of finished batches as they come (a restart resumes from
 range is done, the whole result (images in batch order, the grid of them all, the seeds of the whole job).
 
 A shard whose worker dies is run again from its own last finished batch on another free worker, once per
-job (the pool's rule); the other ranges' pictures are kept, so no batch is made twice. Jobs with a
-selectable script (X/Y/Z plot, prompts from file...) are not split: their units depend on each other's order.
+job (the pool's rule); the other ranges' pictures are kept, so no batch is made twice.
+
+Script units: a shard is the job run with ``unit_range`` (:meth:`sdstudio.scripts.Studio.generate`): its worker
+makes those units only, each stored as the pause / resume mechanism stores a unit (a picture file per image,
+``result["units"]``), and reports them as they finish; the coordinator records all units made so far in the
+queue of record. When every range is done, the API process runs the script once over the stored units
+(:meth:`~sdstudio.service.jobs.JobService.assemble`): it makes no picture, and draws the grid and gives the
+outputs exactly as one worker's uninterrupted run does. The unit files must be readable where the job is put
+together: one jobs folder shared by the workers and the API server (a local cluster, NFS), or an output store
+(``--output-store``), which gets a copy of each. Scripts whose units depend on each other (Loopback) are not split.
 """
 
 from __future__ import annotations
@@ -37,14 +49,36 @@ def split_ranges(start: int, end: int, parts: int) -> list[tuple[int, int]]:
     return out
 
 
-def splittable(job: Job) -> int:
-    """How many batches of ``job`` are left to split (0: not a job that splits)."""
+@dataclass
+class Split:
+    """What of a job splits: ``mode`` "batches" or "units", numbered ``start`` to ``end`` (exclusive)."""
+
+    mode: str
+    start: int
+    end: int
+
+
+def split_of(job: Job, studio=None) -> Split | None:
+    """The part of ``job`` left to split (None: it does not split, or has fewer than two left). A script job's
+    units are counted by ``studio`` (:meth:`~sdstudio.scripts.Studio.count_units`; none without it)."""
     if job.kind not in ("txt2img", "img2img"):
-        return 0
+        return None
     req = job.request.get("request", {})
-    if req.get("script_name"):
-        return 0
-    return max(0, int(req.get("n_iter", 1)) - job.batches_done)
+    if not req.get("script_name"):
+        end = int(req.get("n_iter", 1))
+        return Split("batches", job.batches_done, end) if end - job.batches_done >= 2 else None
+    if studio is None:
+        return None
+    from .jobs import Txt2ImgJob
+
+    try:
+        total = studio.count_units(Txt2ImgJob.from_dict(job.request, job.kind).request)
+    except Exception as exc:  # noqa: BLE001 - a request the script refuses fails on its worker, saying why
+        log.debug("job %s: not split: %s", job.id, exc)
+        return None
+    stored = {int(n) for n in job.result.get("units", {})}
+    left = [n for n in range(total) if n not in stored]
+    return Split("units", left[0], total) if len(left) >= 2 else None
 
 
 @dataclass
@@ -121,13 +155,16 @@ def shard_job(job: Job, shard: Shard) -> Job:
 
 
 class ShardedRun:
-    """Runs ``job``'s shards on the pool's slots and records the job in the queue of record."""
+    """Runs ``job``'s batch shards on the pool's slots and records the job in the queue of record."""
 
     def __init__(self, pool, job: Job, shards: list[Shard]):
         self.pool, self.job, self.shards = pool, job, shards
         self.queue = pool._service.queue
         self.base = dict(job.result) or {}
         self.lock = threading.Lock()
+
+    def job_for(self, shard: Shard) -> Job:
+        return shard_job(self.job, shard)
 
     def images(self, prefix_only: bool) -> tuple[int, list[dict]]:
         """(batches done from the job's start, their images in order): the contiguous prefix, or all."""
@@ -188,3 +225,66 @@ class ShardedRun:
             self.pool.store.publish(job.id, result)
         cancelled = self.queue.get(job.id).cancel_requested
         self.queue.finish(job.id, CANCELLED if cancelled else DONE, result, error="cancelled" if cancelled else None)
+
+
+def unit_shard_job(job: Job, shard: Shard) -> Job:
+    """The job a worker runs for a script shard: units ``shard.start`` .. ``shard.end`` only, with those of them
+    already made (the job's before a pause, or the shard's own before its worker died) stored."""
+    request = copy.deepcopy(job.request)
+    request["unit_range"] = [shard.start, shard.end]
+    request["save_grid"] = False
+    made = shard.result.get("units") or {n: r for n, r in job.result.get("units", {}).items()
+                                         if shard.start <= int(n) < shard.end}
+    return dataclasses.replace(job, request=request, result={"units": copy.deepcopy(made)})
+
+
+class UnitRun(ShardedRun):
+    """Runs a script job's unit shards, then puts the job together in the API process."""
+
+    def job_for(self, shard: Shard) -> Job:
+        return unit_shard_job(self.job, shard)
+
+    def record(self) -> None:
+        """Every unit made so far, in the queue of record (a restart or a park resumes from them)."""
+        with self.lock:
+            units = dict(self.base.get("units", {}))
+            for s in self.shards:
+                units.update(s.result.get("units", {}))
+            first = next((s.result for s in self.shards if s.result.get("job_timestamp")), {})
+            result = {**self.base, "units": units,
+                      "warnings": sorted({w for s in self.shards for w in s.result.get("warnings", [])}
+                                         | set(self.base.get("warnings", []))),
+                      "job_timestamp": self.base.get("job_timestamp") or first.get("job_timestamp", "")}
+            self.queue.save_progress(self.job.id, self.job.batches_done, result)
+
+    def finish(self, lost_worker) -> None:
+        job, pool = self.job, self.pool
+        current = self.queue.get(job.id)
+        if current is None or current.status != RUNNING:
+            return
+        self.record()
+        failed = next((s for s in self.shards if s.status == FAILED), None)
+        if failed is not None:
+            self.queue.finish(job.id, FAILED, {**self.queue.get(job.id).result,
+                                               "error_kind": failed.result.get("error_kind", "error")},
+                              error=failed.error)
+            return
+        if lost_worker is not None or any(s.status is None or s.status == "parked" for s in self.shards):
+            if lost_worker is not None:  # what is made is kept; the rest is made when it runs again
+                pool._lost(job, lost_worker)
+            else:
+                self.queue.park(job.id)
+            return
+        from .jobs import Live
+        from .store import PublishingQueue
+
+        whole = self.queue.get(job.id)  # its units all recorded: the script's own run over them, here
+        live = Live(whole)
+        queue = PublishingQueue(self.queue, pool.store) if pool.store is not None else self.queue
+        with pool._lock:
+            pool.assembling[job.id] = live
+        try:
+            pool._service.assemble(whole, live, queue)
+        finally:
+            with pool._lock:
+                pool.assembling.pop(job.id, None)

@@ -82,6 +82,10 @@ def _file_entries(result: dict) -> Iterator[dict]:
         for entry in result.get(name) or []:
             if isinstance(entry, dict):
                 yield entry
+    for records in (result.get("units") or {}).values():  # a script's finished units (a split job's shards')
+        for entry in records:
+            if isinstance(entry, dict):
+                yield entry
 
 
 def open_store(url: str | None, root: Path | str) -> OutputStore | None:

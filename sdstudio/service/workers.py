@@ -144,13 +144,15 @@ class WorkerPool:
             raise ValueError("a worker pool needs at least one worker")
         self.slots = [_Slot(w) for w in workers]
         self.catalog, self.capacity, self.on_close, self.respawn = catalog, capacity, on_close, respawn
-        # split_batches: a job of several batches runs on every free (shardable) worker at once (shards.py);
+        # split_batches: a job of several batches, or a script's independent units (X/Y/Z cells, prompt-file
+        # lines), runs on every free (shardable) worker at once (shards.py);
         # store: where the pool's own files (a split job's grid) are published
         self.split_batches, self.store = split_batches, store
         self.replaced: list[tuple[str, str]] = []  # (dead worker, its replacement)
         self.placements: list[tuple[str, str]] = []  # (job id, worker name), in dispatch order
         # job id -> the worker that died running it here (the durable record is the queue's: Job.lost_worker)
         self.losses: dict[str, str] = {}
+        self.assembling: dict[str, object] = {}  # job id -> Live: split script jobs being put together here
         self._service = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -199,7 +201,7 @@ class WorkerPool:
     # ---- what the service reads -----------------------------------------------------------------
     def lives(self) -> list:
         with self._lock:
-            return [live for s in self.slots for live in s.running.values()]
+            return [live for s in self.slots for live in s.running.values()] + list(self.assembling.values())
 
     def describe(self) -> list[dict]:
         with self._lock:
@@ -246,41 +248,44 @@ class WorkerPool:
             service._notify()
 
     def _split(self, job: Job, free: list[_Slot]) -> bool:
-        """Start ``job`` as shards over the free workers when it splits (several batches, workers free)."""
+        """Start ``job`` as shards over the free workers when it splits (several batches or independent script
+        units left, several workers free)."""
         from .jobs import Live
-        from .shards import Shard, split_ranges, splittable
+        from .shards import Shard, ShardedRun, UnitRun, split_of, split_ranges
 
-        left = splittable(job) if self.split_batches else 0
         usable = [s for s in free if s.worker.shardable]
-        if left < 2 or len(usable) < 2:
+        if not self.split_batches or len(usable) < 2:
             return False
-        n_iter = job.batches_done + left
-        slots = self.ranked(job, usable)[:left]
-        assignments = [(slot, Shard(a, b)) for slot, (a, b) in zip(slots, split_ranges(job.batches_done, n_iter,
+        split = split_of(job, self._service.studio)
+        if split is None:
+            return False
+        slots = self.ranked(job, usable)[:split.end - split.start]
+        assignments = [(slot, Shard(a, b)) for slot, (a, b) in zip(slots, split_ranges(split.start, split.end,
                                                                                       len(slots)))]
+        run_type = UnitRun if split.mode == "units" else ShardedRun
         with self._lock:
             for slot, shard in assignments:
                 slot.running[job.id] = Live(job)
                 shard.worker = slot.worker.name
                 self.placements.append((job.id, slot.worker.name))
-        t = threading.Thread(target=self._run_sharded, args=(job, assignments), daemon=True,
+        t = threading.Thread(target=self._run_sharded, args=(job, assignments, run_type), daemon=True,
                              name=f"sdstudio-split-{job.id[:8]}")
         self._threads = [x for x in self._threads if x.is_alive()] + [t]
         t.start()
         self._service._notify()
         return True
 
-    def _run_sharded(self, job: Job, assignments) -> None:
-        from .shards import ShardedRun, ShardQueue, shard_job
+    def _run_sharded(self, job: Job, assignments, run_type) -> None:
+        from .shards import ShardQueue
 
         service = self._service
-        run = ShardedRun(self, job, [shard for _, shard in assignments])
+        run = run_type(self, job, [shard for _, shard in assignments])
         lost: list = []
 
         def one(slot: _Slot, shard) -> None:
             link = Link(ShardQueue(service.queue, shard, run.record), service._notify, service.preview_settings)
             try:
-                slot.worker.run(shard_job(job, shard), slot.running[job.id], link)
+                slot.worker.run(run.job_for(shard), slot.running[job.id], link)
             except WorkerLost as exc:
                 log.warning("worker %s died running batches %d-%d of job %s: %s", slot.worker.name, shard.done,
                             shard.end - 1, job.id, exc)
