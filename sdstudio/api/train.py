@@ -106,7 +106,10 @@ def train_kwargs(args: dict, data_dir: Path, *, hypernetwork: bool) -> dict:
     data_root = str(args.get("data_root") or "")
     if not data_root:
         raise FieldError("Dataset directory is empty")
-    root = Path(data_root).expanduser()
+    try:
+        root = Path(data_root).expanduser()
+    except RuntimeError as exc:  # "~nobody": no such home folder
+        raise FieldError(f"data_root: {data_root!r}: {exc}") from None
     root = root if root.is_absolute() else data_dir / root
     if not root.is_dir():
         raise FieldError("Dataset directory doesn't exist")
@@ -147,7 +150,10 @@ def _folder_arg(args: dict, key: str, data_dir: Path, what: str) -> str:
     value = str(args.get(key) or "")
     if not value:
         raise FieldError(f"{what} is empty")
-    path = Path(value).expanduser()
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError as exc:  # "~nobody": no such home folder
+        raise FieldError(f"{what}: {value!r}: {exc}") from None
     return str(path if path.is_absolute() else data_dir / path)
 
 

@@ -123,9 +123,9 @@ class AutoCrop:
         if self.objective not in MULTICROP_OBJECTIVES:
             raise TrainingError(f"Preprocess: resizing objective {self.objective!r} is not one of "
                                 f"{', '.join(MULTICROP_OBJECTIVES)}")
-        if not 64 <= self.mindim <= self.maxdim:
-            raise TrainingError(f"Preprocess: dimension bounds must be 64 <= lower <= upper, got {self.mindim}, "
-                                f"{self.maxdim}")
+        if not 64 <= self.mindim <= self.maxdim <= 8192:
+            raise TrainingError(f"Preprocess: dimension bounds must be 64 <= lower <= upper <= 8192, got "
+                                f"{self.mindim}, {self.maxdim}")
 
     def size(self, width: int, height: int) -> tuple[int, int] | None:
         """The crop's (width, height) for a ``width`` x ``height`` picture, None when no size is close enough."""
