@@ -307,7 +307,8 @@ def test_the_tab_queues_a_dreambooth_job(service, data_dir):
             "model": title, "name": "tab", "steps": 2, "lr": 1e-4, "resolution": 64, "batch": 1,
             "scheduler": "constant", "text_encoder": False, "fp16": False, "flip": False, "resume": False,
             "cache_latents": True}
-    *_, (_, text, _) = tab.run_train_dreambooth("ui:test", *args.values())
+    *_, (plot, text, _) = tab.run_train_dreambooth("ui:test", *args.values())
+    assert "<polyline" in plot and "<span>Step</span> 1–2" in plot  # the run's loss curve, at the end
     path = data_dir / "models" / "Stable-diffusion" / "tab.safetensors"
     assert text.startswith(f"Checkpoint saved: {path} (2 steps") and path.is_file()
     with safe_open(str(path), "pt") as f:
@@ -317,3 +318,19 @@ def test_the_tab_queues_a_dreambooth_job(service, data_dir):
         next(tab.run_train_dreambooth("ui:test", *{**args, "class_dir": "/tmp"}.values()))
     with pytest.raises(gr.Error, match="class prompt"):
         next(tab.run_train_dreambooth("ui:test", *{**args, "class_dir": "set", "num_class": 5}.values()))
+
+
+def test_the_loss_plot_draws_each_step_or_bucket_means():
+    from sdstudio.ui.train import loss_plot
+
+    def points(svg: str) -> list[tuple[float, float]]:
+        line = svg.split('points="')[1].split('"')[0]
+        return [tuple(map(float, p.split(","))) for p in line.split()]
+
+    drawn = points(loss_plot([0.5, 0.25, 1.0]))  # floats: steps 1, 2, 3
+    assert drawn == [(4.0, 78.7), (160.0, 116.0), (316.0, 4.0)]  # x over the steps, y: the highest loss on top
+    assert "loss 0.5000 → 1.0000 (min 0.2500)" in loss_plot([0.5, 0.25, 1.0])
+    pairs = loss_plot([[10, 0.2], [20, float("nan")], [30, 0.1]])  # (step, loss) pairs; a NaN left out
+    assert len(points(pairs)) == 2 and "<span>Step</span> 10–30" in pairs
+    assert len(points(loss_plot([float(i % 7) for i in range(1000)], most=100))) == 100
+    assert loss_plot([0.3]) == "" and loss_plot(None) == ""

@@ -2,13 +2,15 @@
 labels, defaults and element ids), plus a LoRA sub-tab (kohya-format, :meth:`JobService.prepare_train_lora`)
 and a Dreambooth one (a fine-tuned checkpoint, :func:`sdstudio.training.dreambooth.prepare_job`), both built by
 one builder. Every button but Create hypernetwork (a small file write, as A1111's route does it) queues a job
-as the window's; the tab shows its progress bar and step/loss text while it runs, then the file written.
+as the window's; the tab shows its progress bar and step/loss text while it runs, then the file written and
+the run's loss curve.
 Interrupt stops the window's job: a textual inversion or hypernetwork is saved at the step reached, a LoRA or
 Dreambooth run keeps its state for Resume, a preprocess stops after its current picture."""
 
 from __future__ import annotations
 
 import html
+import math
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -25,6 +27,31 @@ from ..training.lora import SCHEDULERS
 from .progress import client_of, progress_html
 
 SIZES = [str(s) for s in (768, 1024, 320, 640, 1280)]
+
+
+def loss_plot(losses, most: int = 400) -> str:
+    """A finished run's loss per step as a small inline SVG line (what the progress area shows at the end):
+    ``losses`` are floats (step 1, 2, ...: LoRA, Dreambooth) or ``[step, loss]`` pairs (textual inversion,
+    hypernetworks); a long run is drawn as ``most`` bucket means. Empty for fewer than two steps."""
+    points = [(float(x[0]), float(x[1])) if isinstance(x, (list, tuple)) else (float(i + 1), float(x))
+              for i, x in enumerate(losses or [])]
+    points = [(step, value) for step, value in points if math.isfinite(value)]
+    if len(points) < 2:
+        return ""
+    if len(points) > most:  # bucket means: the curve's shape without a point per step
+        size = math.ceil(len(points) / most)
+        points = [(sum(s for s, _ in b) / len(b), sum(v for _, v in b) / len(b))
+                  for b in (points[i:i + size] for i in range(0, len(points), size))]
+    width, height, pad = 320, 120, 4
+    first, last = points[0][0], points[-1][0]
+    low, high = min(v for _, v in points), max(v for _, v in points)
+    xs, ys = (last - first) or 1.0, (high - low) or 1.0
+    line = " ".join(f"{pad + (s - first) / xs * (width - 2 * pad):.1f},{height - pad - (v - low) / ys * (height - 2 * pad):.1f}"
+                    for s, v in points)
+    return (f'<figure class="sd-loss-plot"><svg viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+            f'role="img" aria-label="loss"><polyline fill="none" stroke="currentColor" stroke-width="1.5" '
+            f'points="{line}"/></svg><figcaption>loss {points[0][1]:.4f} → {points[-1][1]:.4f} (min {low:.4f}), '
+            f'<span>Step</span> {first:.0f}–{last:.0f}</figcaption></figure>')
 
 
 def _error(text: str) -> str:
@@ -319,7 +346,7 @@ class TrainTab:
         elif current.status == CANCELLED:
             yield "", "", "<p><span>Interrupted</span></p>"
         else:
-            yield "", *done(current)
+            yield loss_plot((current.result or {}).get("losses")), *done(current)
 
     def _submit_train(self, client: str, job: dict) -> str:
         try:
