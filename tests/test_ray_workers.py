@@ -233,6 +233,34 @@ def test_x_y_z_cells_and_prompt_lines_split_across_the_workers_give_one_workers_
         assert "units" not in done.result and not (cluster.root / "cache" / "jobs" / job.id / "units").exists()
 
 
+def test_an_img2img_jobs_uploads_reach_a_worker_from_the_output_store(cluster):
+    from sdstudio.core.params import Img2ImgRequest
+
+    svc = cluster.service
+    picture = Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (8, 8, 40, 40))
+    init, stored_mask = svc.store_inputs([picture]) + svc.store_inputs([mask], "mask")
+    req = Img2ImgRequest(**{**small(seed=31, subseed=4).to_dict(), "denoising_strength": 0.5}, init_images=[init],
+                         mask=stored_mask)
+    urls = svc._publish_inputs(req)  # what submit records: the uploads' copies in the store
+    assert sorted(urls) == sorted([init, stored_mask])
+    for path in urls:  # the worker does not see the API server's jobs folder
+        Path(path).unlink()
+    job = svc.queue.submit("up", "img2img", {**Txt2ImgJob(req, save_images=False).to_dict(), "inputs": urls})
+    svc._notify()
+    done = svc.wait(job.id, 300)
+    assert done.status == DONE, done.error
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = Engine(Paths(cluster.root), DeviceOptions(precision="full")).img2img(
+            req.replace(init_images=[picture], mask=mask)).images[0].image
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(pixels(done.result["images"][0]["path"]), np.asarray(ref))
+
+
 def test_the_server_runs_its_jobs_on_ray_workers_behind_the_same_api(cluster, tmp_path):
     from fastapi.testclient import TestClient
 

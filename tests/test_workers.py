@@ -255,6 +255,37 @@ def test_pool_results_match_the_single_process_run(data_dir):
     assert sorted({w for _, w in service.pool.placements}) == ["w0", "w1"]
 
 
+def test_uploads_reach_a_worker_that_lacks_the_api_servers_jobs_folder(data_dir):
+    """An img2img job's init image and mask are files in the API server's jobs folder; with a pool and an
+    output store they are copied into the store at submit, and a worker without the file fetches it."""
+    from sdstudio.core.params import Img2ImgRequest
+
+    store = OutputStore("memory://sdstudio-test-inputs", data_dir)
+    queue = SQLiteJobQueue(data_dir / "jobs.sqlite3")
+    x = JobService(Engine(Paths(data_dir)), queue, jobs_dir=data_dir / "worker-jobs")  # the worker's own folder
+    service = JobService(x.engine, queue, workers=WorkerPool([LocalWorker(x, "w")], store=store))
+    picture = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (16, 16, 48, 48))
+    init, stored_mask = service.store_inputs([picture]) + service.store_inputs([mask], "mask")
+    req = Img2ImgRequest(**{**small().to_dict(), "denoising_strength": 0.6}, init_images=[init], mask=stored_mask)
+    job = service.submit("a", Txt2ImgJob(req, save_images=False))
+    assert set(job.request["inputs"]) == {init, stored_mask}
+    assert all(u.startswith("memory://sdstudio-test-inputs/cache/jobs/inputs/") for u in job.request["inputs"].values())
+    Path(init).unlink()  # as on a worker on another machine
+    Path(stored_mask).unlink()
+    service.start()
+    try:
+        done = service.wait(job.id, 120)
+    finally:
+        service.stop()
+    assert done.status == DONE, done.error
+    assert sorted(p.name for p in (data_dir / "worker-jobs" / "inputs").iterdir()) == sorted(
+        Path(p).name for p in (init, stored_mask))
+    ref = Engine(Paths(data_dir)).img2img(req.replace(init_images=[picture], mask=mask)).images[0].image
+    assert np.array_equal(np.asarray(Image.open(done.result["images"][0]["path"]).convert("RGB")), np.asarray(ref))
+
+
 def test_split_ranges_are_contiguous_and_even():
     from sdstudio.service.shards import split_ranges
 

@@ -456,7 +456,11 @@ class JobService:
         except (RequestError, ModelNotFoundError) as exc:
             raise JobError(str(exc)) from None
         self._check_room(client)
-        submitted = self.queue.submit(client, job.kind, job.to_dict())
+        data = job.to_dict()
+        inputs = self._publish_inputs(job.request)
+        if inputs:
+            data["inputs"] = inputs
+        submitted = self.queue.submit(client, job.kind, data)
         self._notify()
         return submitted
 
@@ -610,6 +614,47 @@ class JobService:
             outputs.write_image(image, path, infotext=image.info.get("parameters"))
             paths.append(str(path))
         return paths
+
+    def _publish_inputs(self, req) -> dict[str, str]:
+        """With a worker pool and an output store: the request's uploads (init images, mask) copied into the
+        store, ``{path: url}``, so a worker on another machine fetches them (:meth:`_fetch_inputs`). ControlNet
+        unit images travel inside the request (base64) and need nothing."""
+        store = self.pool.store if self.pool is not None else None
+        if store is None:
+            return {}
+        paths = [p for p in [*getattr(req, "init_images", []), getattr(req, "mask", None)] if isinstance(p, str)]
+        inputs = (self.jobs_dir / "inputs").resolve()
+        return {p: store.put(p, "inputs") for p in paths if Path(p).resolve().parent == inputs and Path(p).is_file()}
+
+    def _fetch_inputs(self, data: dict) -> dict:
+        """A generation job's stored request with its uploads on this machine: one this worker does not have
+        (the API server's jobs folder is not shared with it) is fetched from its output-store copy into this
+        worker's own jobs folder."""
+        missing = {p: u for p, u in (data.get("inputs") or {}).items() if not Path(p).is_file()}
+        if not missing:
+            return data
+        from .store import read_output
+
+        folder = self.jobs_dir / "inputs"
+        folder.mkdir(parents=True, exist_ok=True)
+        local = {}
+        for path, url in missing.items():
+            target = folder / Path(path).name
+            if not target.is_file():
+                found = read_output(None, url)
+                if found is None:
+                    raise RequestError(f"the uploaded picture {Path(path).name} is neither on this worker nor in "
+                                       f"the output store ({url})")
+                partial = target.with_name(target.name + ".part")
+                partial.write_bytes(found[0])
+                partial.replace(target)
+            local[path] = str(target)
+        request = dict(data["request"])
+        if "init_images" in request:
+            request["init_images"] = [local.get(p, p) if isinstance(p, str) else p for p in request["init_images"]]
+        if isinstance(request.get("mask"), str):
+            request["mask"] = local.get(request["mask"], request["mask"])
+        return {**data, "request": request}
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Block until the job has finished (or ``timeout`` seconds passed); returns its last state."""
@@ -798,7 +843,7 @@ class JobService:
         shard (``unit_range`` in the request, :mod:`.shards`) makes its units only and records them as its
         result; ``make_units=False`` makes none: the script's run over the units the result holds."""
         queue = queue or self.queue
-        spec = Txt2ImgJob.from_dict(job.request, job.kind)
+        spec = Txt2ImgJob.from_dict(self._fetch_inputs(job.request), job.kind)
         req = spec.request
         unit_range = job.request.get("unit_range")
         live.job_count, live.steps = req.n_iter, req.steps
