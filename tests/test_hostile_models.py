@@ -81,10 +81,62 @@ def test_unusable_weights(tmp_path):
         load_checkpoint(made["shape"])
 
 
-@pytest.mark.xfail(strict=True, reason="the loader takes integer/bool weights (converting them) and NaN/Inf ones; "
-                                       "the change is in the issue-17 helper's report")
-@pytest.mark.parametrize("kind", ["nan", "inf", "int64", "bool"])
-def test_weights_that_cannot_make_a_picture_are_refused_naming_the_file(tmp_path, kind):
+@pytest.mark.parametrize("kind, problem", [("nan", "holds NaN or infinite values"),
+                                           ("inf", "holds NaN or infinite values"),
+                                           ("int64", "holds int64 data where the model has floating-point weights"),
+                                           ("bool", "holds bool data where the model has floating-point weights")])
+def test_weights_that_cannot_make_a_picture_are_refused_naming_the_file(tmp_path, kind, problem):
     path = unusable_checkpoints(tmp_path)[kind]
-    with pytest.raises(ModelFileError, match=path.name):
+    with pytest.raises(ModelFileError) as info:
         load_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(f"{path.name}: UNet: conv_in.weight {problem}") and "\n" not in message, message
+
+
+def _edited(tiny_sd1: Path, folder: Path, name: str, change) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(tiny_sd1))
+    change(sd)
+    path = folder / name
+    save_file(sd, str(path))
+    return path
+
+
+def test_legitimately_integer_tensors_still_load(tmp_path, tiny_sd1):
+    """CLIP's position-ids buffer is int64 in real SD 1.x files (float in some): never a weight, it still loads."""
+    import torch
+
+    key = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+    for dtype in (torch.int64, torch.float32):
+        path = _edited(tiny_sd1, tmp_path, f"ids-{dtype}.safetensors",
+                       lambda sd, dtype=dtype: sd.__setitem__(key, torch.arange(77, dtype=dtype)[None]))
+        model = load_checkpoint(path)
+        assert model.text_encoders[0].get_input_embeddings().weight.isfinite().all()
+
+
+def test_a_nan_anywhere_is_found_and_named(tmp_path, tiny_sd1):
+    """One NaN deep in a VAE or text-encoder tensor is enough; the message names the component and tensor."""
+    import torch
+
+    def poison(key, index):
+        def change(sd):
+            sd[key].view(-1)[index] = float("nan")
+        return change
+
+    vae = "first_stage_model.decoder.conv_out.weight"
+    te = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
+    for key, expected in ((vae, "VAE: decoder.conv_out.weight"), (te, "text encoder: final_layer_norm.weight")):
+        path = _edited(tiny_sd1, tmp_path, "one-nan.safetensors", poison(key, -1))
+        with pytest.raises(ModelFileError, match=rf"^one-nan.safetensors: {expected} holds NaN"):
+            load_checkpoint(path, torch.float32)
+
+
+def test_values_beyond_half_precision_say_to_load_in_float32(tmp_path, tiny_sd1):
+    import torch
+
+    key = "model.diffusion_model.out.2.weight"
+    path = _edited(tiny_sd1, tmp_path, "big.safetensors", lambda sd: sd[key].view(-1).__setitem__(0, 1e6))
+    with pytest.raises(ModelFileError, match=r"^big.safetensors: UNet: conv_out.weight has values beyond float16's range"):
+        load_checkpoint(path, torch.float16)
+    assert load_checkpoint(path, torch.float32).unet.conv_out.weight.view(-1)[0] == 1e6

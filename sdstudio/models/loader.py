@@ -35,7 +35,7 @@ from .detect import (
     optional_tensors,
 )
 from .errors import ModelFileError
-from .safe_load import open_state_dict
+from .safe_load import open_state_dict, usable_weight
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,11 @@ def _materialize(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype:
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise ModelFileError(f"{what}: {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}")
-    # One pass from the file's map into the module's own memory (copy=True: a view of the map must not
-    # become a weight, see safe_load); .to(dtype) also upcasts fp8 (float8_e4m3fn / e5m2) files.
-    module.load_state_dict({k: v.to(dtype, copy=True) for k, v in state.items()}, strict=True, assign=True)
+    # One pass from the file's map into the module's own memory (a copy: a view of the map must not become
+    # a weight, see safe_load), which also upcasts fp8 (float8_e4m3fn / e5m2) files and refuses integer, bool,
+    # NaN or infinite weights naming the tensor.
+    module.load_state_dict({k: usable_weight(what, k, v, expected[k], dtype) for k, v in state.items()},
+                           strict=True, assign=True)
     # Buffers that are not saved (e.g. CLIP's position ids) were created on the real device already.
     module.eval().requires_grad_(False)
 

@@ -171,6 +171,35 @@ def _flatten_tensors(obj: dict) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
+def _finite(tensor: torch.Tensor) -> bool:
+    """No NaN or infinity in ``tensor``. Its sum is non-finite whenever it holds one (the quick test, one
+    reduction); a sum that overflowed on finite values is told apart by the exact minimum and maximum."""
+    return bool(torch.isfinite(tensor.sum())) or (tensor.numel() > 0 and all(
+        bool(torch.isfinite(x)) for x in torch.aminmax(tensor)))
+
+
+def usable_weight(what: str, key: str, tensor: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` from a file, converted for the module tensor ``like`` (a copy: see the module's notes): to
+    ``dtype`` where ``like`` is floating point, to ``like``'s own dtype where it is not (integer buffers).
+
+    Refused (ModelFileError naming ``what`` and ``key``): integer or bool data where the module holds
+    floating-point weights, and NaN or infinite values. The finiteness check is one sum over the converted
+    copy, which the conversion has just brought into memory."""
+    if not like.is_floating_point():
+        return tensor.to(like.dtype, copy=True)
+    if not tensor.is_floating_point():
+        raise ModelFileError(f"{what}: {key} holds {str(tensor.dtype).removeprefix('torch.')} data where the model "
+                             "has floating-point weights (a damaged or mislabelled file)")
+    out = tensor.to(dtype, copy=True)
+    if not _finite(out):
+        if tensor.dtype != dtype and _finite(tensor):
+            raise ModelFileError(f"{what}: {key} has values beyond {str(dtype).removeprefix('torch.')}'s range "
+                                 "(load it in float32: --no-half / --precision full)")
+        raise ModelFileError(f"{what}: {key} holds NaN or infinite values (the file is damaged; it cannot make a "
+                             "picture)")
+    return out
+
+
 def open_state_dict(path: str | Path, mapped: bool = False) -> LazyStateDict:
     """Open any supported weights file as a lazy ``name -> tensor`` mapping (``mapped``: tensors of a
     ``.safetensors`` file are views into its map, see the module's notes; pickles are always maps)."""
