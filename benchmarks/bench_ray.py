@@ -6,8 +6,9 @@ Each configuration runs the same ``--jobs`` txt2img jobs (distinct seeds) throug
 cluster with N CPU workers (one core and one math thread each). Printed: jobs/s, the ratio to in-process,
 scaling efficiency (throughput(N) / (N x throughput(1))), and the overhead per job: ``load`` jobs of a
 checkpoint that is loaded already (no work but the round trip: claim, dispatch, actor calls, recording),
-in-process vs on a Ray worker; and one job of ``--jobs`` batches, which the pool splits across its free
-workers. The pictures of every configuration are compared with the in-process ones.
+in-process vs on a Ray worker; one job of ``--jobs`` batches, and one X/Y/Z plot of ``--jobs`` cells, which
+the pool splits across its free workers (the plot put together in the API process). The pictures of every
+configuration are compared with the in-process ones.
 
 On this machine the cores are few and shared: efficiency beyond the core count, or under other load, says
 little about a GPU box, where each worker has its own GPU.
@@ -60,18 +61,51 @@ def run_jobs(service, count: int, size: int, steps: int) -> tuple[float, list[st
     return wall, digests
 
 
-def one_split_job(service, batches: int, size: int, steps: int) -> tuple[float, str]:
-    """Wall time of one job of ``batches`` batches (split across the free workers), and its pictures' digest."""
+def workers_free(service) -> None:
+    """Wait until every worker of the service's pool is free (a job splits over the free ones)."""
+    while service.pool is not None and any(w["running"] for w in service.pool.describe()):
+        time.sleep(0.02)
+
+
+def workers_used(service, job_id: str) -> int:
+    return len({w for j, w in service.pool.placements if j == job_id}) if service.pool is not None else 1
+
+
+def one_split_job(service, batches: int, size: int, steps: int) -> tuple[float, str, int]:
+    """Wall time of one job of ``batches`` batches (split across the free workers), its pictures' digest and
+    how many workers ran it."""
     from sdstudio.core.params import Txt2ImgRequest
     from sdstudio.service.jobs import Txt2ImgJob
 
+    workers_free(service)
     start = time.perf_counter()
     job = service.submit("bench", Txt2ImgJob(Txt2ImgRequest(prompt="a red circle", steps=steps, width=size,
                                                             height=size, seed=2000, n_iter=batches), save_images=False))
     done = service.wait(job.id, 3600)
     assert done.status == "done", done.error
     digest = hashlib.sha256(b"".join(Path(im["path"]).read_bytes() for im in done.result["images"])).hexdigest()
-    return time.perf_counter() - start, digest[:16]
+    return time.perf_counter() - start, digest[:16], workers_used(service, job.id)
+
+
+def one_plot_job(service, cells: int, size: int, steps: int) -> tuple[float, str, int]:
+    """Wall time of one X/Y/Z plot of ``cells`` cells (split across the free workers), its outputs' digest and
+    how many workers ran it."""
+    from PIL import Image
+
+    from sdstudio.core.params import Txt2ImgRequest
+    from sdstudio.service.jobs import Txt2ImgJob
+
+    args = {"x_type": "Seed", "x_values": ", ".join(str(3000 + i) for i in range(cells)), "include_lone_images": True}
+    workers_free(service)
+    start = time.perf_counter()
+    job = service.submit("bench", Txt2ImgJob(Txt2ImgRequest(prompt="a red circle", steps=steps, width=size,
+                                                            height=size, seed=3000, subseed=1, script_name="X/Y/Z plot",
+                                                            script_args=args), save_images=False))
+    done = service.wait(job.id, 3600)
+    assert done.status == "done", done.error
+    files = [g["path"] for g in done.result["grids"]] + [im["path"] for im in done.result["images"]]
+    digest = hashlib.sha256(b"".join(Image.open(f).convert("RGB").tobytes() for f in files)).hexdigest()
+    return time.perf_counter() - start, digest[:16], workers_used(service, job.id)
 
 
 def overhead(service, count: int) -> float:
@@ -116,10 +150,12 @@ def main() -> None:
         run_jobs(svc, 1, a.size, a.steps)
         base_wall, base_digests = run_jobs(svc, a.jobs, a.size, a.steps)
         base_overhead = overhead(svc, a.overhead_jobs)
-        split_base, split_digest = one_split_job(svc, a.jobs, a.size, a.steps)
+        split_base, split_digest, _ = one_split_job(svc, a.jobs, a.size, a.steps)
+        plot_base, plot_digest, _ = one_plot_job(svc, a.jobs, a.size, a.steps)
         svc.stop()
         rows.append(("in-process", base_wall, base_overhead, True))
-        splits = [("in-process", split_base, True)]
+        splits = [("in-process", split_base, True, 1)]
+        plots = [("in-process", plot_base, True, 1)]
         ray.init(num_cpus=max(counts), include_dashboard=False, object_store_memory=80 * 1024 * 1024,
                  log_to_driver=False)
         for n in counts:
@@ -130,10 +166,12 @@ def main() -> None:
             run_jobs(svc, n, a.size, a.steps)  # every worker loads the model once
             wall, digests = run_jobs(svc, a.jobs, a.size, a.steps)
             per_job = overhead(svc, a.overhead_jobs)
-            split_wall, digest = one_split_job(svc, a.jobs, a.size, a.steps)
+            split_wall, digest, used = one_split_job(svc, a.jobs, a.size, a.steps)
+            plot_wall, got, plot_used = one_plot_job(svc, a.jobs, a.size, a.steps)
+            plots.append((f"ray x{n}", plot_wall, got == plot_digest, plot_used))
             svc.stop()
             rows.append((f"ray x{n}", wall, per_job, digests == base_digests))
-            splits.append((f"ray x{n}", split_wall, digest == split_digest))
+            splits.append((f"ray x{n}", split_wall, digest == split_digest, used))
             print(f"  ray x{n}: workers up in {startup:.1f} s")
     finally:
         if ray.is_initialized():
@@ -150,8 +188,13 @@ def main() -> None:
             eff = f"{tput / (n * a.jobs / one[1]):.2f}"
         print(f"{name:<12} {tput:8.2f} {ratio:10.2f} {eff:>11} {per_job * 1000:10.1f} ms  {same}")
     print(f"one job of {a.jobs} batches (split across the free workers):")
-    for name, wall, same in splits:
-        print(f"  {name:<12} {wall:6.2f} s  x{split_base / wall:.2f} vs in-process  same pictures: {same}")
+    for name, wall, same, used in splits:
+        print(f"  {name:<12} {wall:6.2f} s  x{split_base / wall:.2f} vs in-process  on {used} worker(s)  "
+              f"same pictures: {same}")
+    print(f"one X/Y/Z plot of {a.jobs} cells (split across the free workers, put together here):")
+    for name, wall, same, used in plots:
+        print(f"  {name:<12} {wall:6.2f} s  x{plot_base / wall:.2f} vs in-process  on {used} worker(s)  "
+              f"same grid and pictures: {same}")
     print("(efficiency = throughput(N) / (N x throughput(1)); this machine's cores are shared with other work)")
 
 
