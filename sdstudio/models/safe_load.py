@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import ModelFileError
+from .pickle_scan import STANDIN_GLOBALS
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -39,10 +40,7 @@ class _InertObject:
         self.state = state
 
 
-_ALLOWED_STANDINS = [
-    (_InertObject, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
-    (_InertObject, "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint"),
-]
+_ALLOWED_STANDINS = [(_InertObject, name) for name in STANDIN_GLOBALS]  # pickle_scan's allow-list names them too
 
 
 class LazyStateDict(Mapping):
@@ -156,8 +154,9 @@ def load_pickle(path: Path) -> dict:
         raise ModelFileError(
             f"{path.name}: refused to load: the pickle asks to run code or build objects that are not "
             f"model weights ({detail[:200]}). Convert it to .safetensors from a source you trust.") from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
-        raise ModelFileError(f"{path.name}: corrupt or truncated checkpoint ({str(exc).splitlines()[0][:200]})") from None
+    except Exception as exc:  # noqa: BLE001 - the unpickler meets garbage with KeyError, IndexError, struct.error...
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelFileError(f"{path.name}: corrupt or truncated checkpoint ({detail})") from None
 
 
 def _flatten_tensors(obj: dict) -> dict[str, torch.Tensor]:
