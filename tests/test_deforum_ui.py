@@ -117,7 +117,7 @@ def _chromium():
 
 
 @pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (./test.sh installs it)")
-@pytest.mark.xdist_group("browser")
+@pytest.mark.xdist_group("browser-deforum")  # its own server: runs beside test_ui_browser
 def test_the_tab_in_a_browser_loads_a_file_and_shows_the_video(tmp_path, free_port, settings_file):
     import playwright.sync_api
     from step_hold import held_server

@@ -115,13 +115,13 @@ def test_generate_shows_progress_then_the_image(server, browser):
     page = open_page(browser, server)
     shot(page, "txt2img-empty")
     # (a job long enough to be seen running: the page polls its progress every 250 ms)
-    seen, info = generate(page, "txt2img", "a red circle on a blue background", steps=30, size=192,
+    seen, info = generate(page, "txt2img", "a red circle on a blue background", steps=30, size=128,
                           running_shot="txt2img-running")
     assert any(state == "running" and "Step" in text and "%" in text for state, text, _ in seen), seen[:10]
     assert any(state == "running" and preview for state, _, preview in seen), seen[:10]  # the live preview
     steps = [int(text.split("Step")[1].split("/")[0]) for state, text, _ in seen if state == "running"]
     assert steps == sorted(steps) and len(set(steps)) > 1, steps  # the bar moved forwards
-    assert "Steps: 30" in info and "Size: 192x192" in info and "Model: tiny-sd1" in info
+    assert "Steps: 30" in info and "Size: 128x128" in info and "Model: tiny-sd1" in info
     assert page.inner_text("#txt2img_token_counter").strip() == "7/75"
     shot(page, "txt2img")
     # send to img2img: the picture and its parameters arrive, the img2img tab opens
@@ -211,10 +211,10 @@ def test_three_windows_share_the_queue(server, browser, hold_dir):
     prompts = [FIRST, "second window: a blue square", "third window: a star"]
     for page, prompt in zip(pages, prompts):
         page.locator("#txt2img_prompt textarea").fill(prompt)
-        set_number(page, "txt2img_width", 128)
-        set_number(page, "txt2img_height", 128)
-        set_number(page, "txt2img_steps", 6)
-    set_number(pages[0], "txt2img_batch_count", 3)
+        set_number(page, "txt2img_width", 64)
+        set_number(page, "txt2img_height", 64)
+        set_number(page, "txt2img_steps", 3)
+    set_number(pages[0], "txt2img_batch_count", 2)
     pages[0].click("#txt2img_generate")
     # the server holds the first window's job at its first step until the other two are queued and seen
     wait_for_file(hold_dir / "held")
@@ -225,7 +225,7 @@ def test_three_windows_share_the_queue(server, browser, hold_dir):
         page.wait_for_selector("#txt2img_queue_list table.sd-queue", timeout=60_000)  # its job listed, waiting
     shot(pages[1], "queue-panel")
     (hold_dir / "release").touch()
-    for page, prompt, count in zip(pages, prompts, (3, 1, 1)):
+    for page, prompt, count in zip(pages, prompts, (2, 1, 1)):
         page.wait_for_function(f"document.querySelectorAll('#txt2img_gallery img').length >= {count}",
                                timeout=180_000)
         info = page.locator("#txt2img_html_info textarea").input_value()

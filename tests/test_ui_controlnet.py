@@ -327,7 +327,7 @@ def server(data_root, free_port, tmp_path_factory):
 
 
 @pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (./test.sh installs it)")
-@pytest.mark.xdist_group("browser")
+@pytest.mark.xdist_group("browser-controlnet")  # its own server: runs beside test_ui_browser
 def test_controlnet_accordion_in_the_browser(server, tmp_path):
     import playwright.sync_api
 
