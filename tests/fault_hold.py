@@ -8,6 +8,10 @@ the N-th such naming of a file ending in ``SUFFIX`` the moment the server dies: 
 to half its length (the write was under way when the power went), ``D/held`` gets the destination's path, and
 the process waits there to be killed. Only this process is affected; the server is otherwise the one
 ``sdstudio serve`` builds from those flags.
+
+``--hold-load N`` stops a model load instead: the checkpoint loader hands every tensor it reads from the file's
+map to ``sdstudio.models.loader.usable_weight`` as it builds the model; at the N-th, ``D/held`` gets the model
+files the process has mapped at that moment (from /proc/self/maps) and the load waits there, half done.
 """
 
 from __future__ import annotations
@@ -38,6 +42,26 @@ def hold_on_write(folder: Path, suffix: str, nth: int) -> None:
     os.link = holding(os.link)
 
 
+def hold_on_load(folder: Path, nth: int) -> None:
+    from sdstudio.models import loader
+
+    seen = [0]
+    real = loader.usable_weight
+
+    def weight(*args, **kwargs):
+        seen[0] += 1
+        if seen[0] == nth:
+            maps = Path("/proc/self/maps").read_text().splitlines()
+            mapped = sorted({line.split(maxsplit=5)[5] for line in maps
+                             if len(line.split(maxsplit=5)) == 6 and line.endswith(".safetensors")})
+            (folder / "held").write_text("\n".join(mapped))
+            while True:
+                time.sleep(1)
+        return real(*args, **kwargs)
+
+    loader.usable_weight = weight
+
+
 def main(argv: list[str]) -> None:
     import uvicorn
 
@@ -46,10 +70,14 @@ def main(argv: list[str]) -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--hold-dir", type=Path, required=True)
-    parser.add_argument("--hold-write", required=True, help="SUFFIX:N")
+    parser.add_argument("--hold-write", help="SUFFIX:N")
+    parser.add_argument("--hold-load", type=int, help="N: the N-th tensor a checkpoint load reads")
     own, rest = parser.parse_known_args(argv)
-    suffix, nth = own.hold_write.rsplit(":", 1)
-    hold_on_write(own.hold_dir, suffix, int(nth))
+    if own.hold_write:
+        suffix, nth = own.hold_write.rsplit(":", 1)
+        hold_on_write(own.hold_dir, suffix, int(nth))
+    if own.hold_load:
+        hold_on_load(own.hold_dir, own.hold_load)
     args = build_parser().parse_args(["serve", *[a for a in rest if a != "--"]])
     uvicorn.run(create_app(args), host="127.0.0.1", port=args.port, log_level="warning")
 

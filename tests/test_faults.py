@@ -1,9 +1,9 @@
-"""Faults a server meets: killed (kill -9) while writing an output image or a training checkpoint, a disk with no
-room for a file, a job that runs out of memory. After each: nothing on disk is corrupt, every job is accounted
-for (failed with its finished images kept, or re-run once with --resume-queue), the server answers and the next
-job runs. (A kill in the middle of sampling: tests/test_crash_recovery.py.)
+"""Faults a server meets: killed (kill -9) while loading a model or writing an output image or a training checkpoint,
+a disk with no room for a file, a job that runs out of memory. After each: nothing on disk is corrupt, every job is
+accounted for (failed with its finished images kept, or re-run once with --resume-queue), the server answers and
+the next job runs. (A kill in the middle of sampling: tests/test_crash_recovery.py.)
 
-Each server is a real ``sdstudio serve`` process on the tiny SD1 checkpoint. The kill lands inside a write
+Each server is a real ``sdstudio serve`` process on the tiny SD1 checkpoint. The kill lands inside a write or a load
 through tests/fault_hold.py; the full disk is a file-size limit (RLIMIT_FSIZE, its signal ignored, so a write
 past it fails with EFBIG as one on a full disk fails with ENOSPC); the memory is an address-space limit
 (RLIMIT_AS) set on the running server a little above what it uses, so a large request's allocation really fails.
@@ -146,6 +146,51 @@ def test_killed_while_writing_an_image(data_dir, free_port, tmp_path, resume):
     listed = sorted(Path(im["path"]) for j in jobs for im in j["result"]["images"])
     check_pictures(data_dir / "outputs")  # the grid too, when the job ended
     assert check_pictures(data_dir / "outputs" / "txt2img-images") == listed
+
+
+# ---- kill -9 while a model loads ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["default", "resume-queue"])
+def test_killed_while_loading_a_model(data_dir, free_port, tmp_path, resume):
+    """The server dies with the checkpoint half read into the first job's model (its file open and mapped). The file
+    is untouched (same bytes, same time); restarted, the job is failed (default) or run once (--resume-queue), the
+    next job runs, and the model loads and generates."""
+    import hashlib
+
+    models = data_dir / "models" / "Stable-diffusion"
+    ckpt = models / "tiny-sd1.safetensors"
+
+    def identity() -> tuple:
+        st = ckpt.stat()
+        return hashlib.sha256(ckpt.read_bytes()).hexdigest(), st.st_size, st.st_mtime_ns, sorted(os.listdir(models))
+
+    before = identity()
+    port = free_port()
+    proc = start(data_dir, port, hold=["--hold-dir", str(tmp_path), "--hold-load", "40"])
+    bodies = [{"request": {"prompt": "first", "steps": 2, "width": 64, "height": 64, "seed": 10, "save_images": True}},
+              {"request": {"prompt": "second", "steps": 2, "width": 64, "height": 64, "seed": 20, "save_images": True}}]
+    ids = [call(port, "/sdstudio/v1/jobs", body)[1]["id"] for body in bodies]
+    mapped = wait_for_file(tmp_path / "held", proc).splitlines()
+    assert str(ckpt.resolve()) in mapped or str(ckpt) in mapped, mapped  # held mid-load, the file mapped
+    assert call(port, f"/sdstudio/v1/jobs/{ids[0]}")[1]["status"] == "running"
+    kill(proc)
+    assert identity() == before
+
+    proc = start(data_dir, port := free_port(), *(["--resume-queue"] if resume else []))
+    try:
+        first, second = wait_done(port, ids)
+        status, again = call(port, "/sdapi/v1/txt2img", {"prompt": "after", "steps": 1, "width": 64, "height": 64})
+    finally:
+        log = stop(proc)
+    if resume:
+        assert first["status"] == "done" and [im["seed"] for im in first["result"]["images"]] == [10], first
+    else:
+        assert first["status"] == "failed" and "interrupted" in first["error"], first
+        assert "1 job(s) were running when the server stopped" in log
+    assert second["status"] == "done" and status == 200 and len(again["images"]) == 1
+    assert identity() == before
+    check_pictures(data_dir / "outputs")
 
 
 # ---- kill -9 while a training checkpoint is saved -------------------------------------------------------
