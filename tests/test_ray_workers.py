@@ -48,6 +48,12 @@ def hold_dir(folder: Path, prompt: str) -> Path:
     return path
 
 
+def held_job(folder: Path) -> str:
+    """The id of the job held in ``folder`` (``held`` exists a moment before its text is written)."""
+    wait_for_file(folder / "held")
+    return until(lambda: (folder / "held").read_text(), "the held job's id")
+
+
 def small(**kw) -> Txt2ImgRequest:
     return Txt2ImgRequest(**{"prompt": "a red circle", "steps": 3, "width": 64, "height": 64, "seed": 3,
                              "sampler_name": "Euler", **kw})
@@ -144,7 +150,7 @@ def remote_controls(cluster):
     svc, holds = cluster.service, cluster.holds
     job = svc.submit("i", Txt2ImgJob(small(prompt="hold interrupt", steps=4, n_iter=2), save_images=False))
     folder = hold_dir(holds, "hold interrupt")
-    assert wait_for_file(folder / "held") == job.id
+    assert held_job(folder) == job.id
     # the API side's view of the remote job: its step, its batch and the preview made on the worker
     until(lambda: svc.progress("i")["state"]["sampling_step"] == 2 and svc.preview_png("i"), "the remote progress")
     p = svc.progress("i")
@@ -159,7 +165,7 @@ def remote_controls(cluster):
 
     job = svc.submit("s", Txt2ImgJob(small(prompt="hold skip", n_iter=2, seed=50), save_images=False))
     folder = hold_dir(holds, "hold skip")
-    assert wait_for_file(folder / "held") == job.id
+    assert held_job(folder) == job.id
     actor = cluster.worker_of(job.id).actor
     assert svc.skip("s") == [job.id]
     until(lambda: ray.get(actor.state.remote(job.id)).get("skip"), "the skip on the worker")
@@ -169,7 +175,7 @@ def remote_controls(cluster):
 
     job = svc.submit("c", Txt2ImgJob(small(prompt="hold cancel", n_iter=2), save_images=False))
     folder = hold_dir(holds, "hold cancel")
-    assert wait_for_file(folder / "held") == job.id
+    assert held_job(folder) == job.id
     actor = cluster.worker_of(job.id).actor
     assert svc.cancel(job.id, "someone else") is None and svc.cancel(job.id, "c") is not None
     until(lambda: ray.get(actor.state.remote(job.id)).get("interrupted"), "the cancel on the worker")
@@ -310,7 +316,7 @@ def test_a_split_jobs_lost_shard_runs_again_elsewhere_and_no_batch_twice(cluster
     req = small(prompt="hold split kill", seed=700, n_iter=4)
     job = svc.submit("sk", Txt2ImgJob(req, save_images=False))  # batches 0-1 on one worker, 2-3 on the other
     folder = hold_dir(cluster.holds, "hold split kill")
-    assert wait_for_file(folder / "held") == job.id
+    assert held_job(folder) == job.id
     victim = holder(cluster, job.id, 1, 1)
     other = next(w for w in pool.workers if w is not victim)
     until(lambda: ray.get(other.actor.state.remote(job.id)) == {}, "the other half done")
@@ -339,7 +345,7 @@ def run_with_a_kill(cluster, count: int, kill_prompt: str):
                           batch_size=2 if i % 3 == 0 else 1))
     jobs = [svc.submit("ab"[i % 2], Txt2ImgJob(r, save_images=False)) for i, r in enumerate(reqs)]
     folder = hold_dir(cluster.holds, kill_prompt)
-    held = wait_for_file(folder / "held")
+    held = held_job(folder)
     assert held == jobs[2].id
     victim = holder(cluster, held, 1, 1)  # its second batch's worker (the job may be split)
     assert svc.queue.get(held).batches_done == 1  # its first batch is recorded before the second begins
