@@ -38,7 +38,8 @@ class StepHold:
             self.job = live.job
             self.reached.set()
             if self.folder is not None:
-                (self.folder / "held").write_text(live.job.id)
+                (self.folder / "held.tmp").write_text(live.job.id)
+                (self.folder / "held.tmp").replace(self.folder / "held")  # appears whole: never read empty
                 while not (self.folder / "release").exists():
                     time.sleep(0.02)
             else:
