@@ -225,13 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_flags(mg)
 
     tr = sub.add_parser("train", help="train a network on a folder of images (kohya's dataset layout)")
-    tr.add_argument("kind", choices=["lora", "dreambooth"], help="what to train: a LoRA into models/Lora, or a "
-                    "Dreambooth checkpoint into the checkpoint folder (embeddings and hypernetworks: the API's "
-                    "/sdapi/v1/train/* routes)")
-    tr.add_argument("dataset", help="a folder of N_name repeat folders (or images) with .caption/.txt captions")
+    tr.add_argument("kind", choices=["lora", "embedding", "hypernetwork", "dreambooth"],
+                    help="what to train: a LoRA into models/Lora, a textual-inversion embedding into embeddings/, a "
+                    "hypernetwork into models/hypernetworks (both as A1111's Train tab; made first, as its Create "
+                    "tabs make them, when there is none of that name), or a Dreambooth checkpoint into the "
+                    "checkpoint folder")
+    tr.add_argument("dataset", help="a folder of N_name repeat folders (or images) with .caption/.txt captions "
+                    "(embedding, hypernetwork: A1111's folder of images, [filewords] from a .txt or the file name)")
     tr.add_argument("--model", required=True, help="the base checkpoint (name, title or hash)")
     tr.add_argument("--name", default="", help="the output's name (default: the dataset folder's)")
-    tr.add_argument("--steps", type=int, help="training steps (default: kohya's 1600, or --epochs)")
+    tr.add_argument("--steps", type=int, help="training steps (default: kohya's 1600, or --epochs; embedding and "
+                    "hypernetwork: A1111's Max steps, 100000, the step to train up to)")
     tr.add_argument("--epochs", type=int)
     tr.add_argument("--dim", type=int, default=4, help="network dim (rank)")
     tr.add_argument("--alpha", type=float, default=1.0, help="network alpha (scale = alpha / dim)")
@@ -266,6 +270,24 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--fp16", action="store_true", help="save the checkpoint as float16")
     db.add_argument("--sample-every", type=int, help="sample pictures every N steps (models/dreambooth/NAME/samples)")
     db.add_argument("--sample-prompt", action="append", default=[], help="a sample prompt (repeatable)")
+    ti = tr.add_argument_group("embedding and hypernetwork (A1111's Train tab; --batch-size, --steps, --seed, "
+                               "--save-every and --resume too)")
+    ti.add_argument("--template", help="the prompt template file (A1111's names: style_filewords.txt, "
+                    "subject_filewords.txt, hypernetwork.txt...; also textual_inversion_templates/ in the data dir); "
+                    "default: style_filewords.txt, hypernetwork.txt")
+    ti.add_argument("--learn-rate", help="A1111's learning rate: 0.005, or a schedule like '0.005:100, 1e-3:1000, "
+                    "1e-5' (default: embedding 0.005, hypernetwork 0.00001)")
+    ti.add_argument("--width", type=int, help="training width (default: --resolution)")
+    ti.add_argument("--height", type=int, help="training height (default: --resolution)")
+    ti.add_argument("--gradient-step", type=int, default=1, help="gradient accumulation steps")
+    ti.add_argument("--vectors", type=int, default=1, help="new embedding: vectors per token (1-75)")
+    ti.add_argument("--init-text", default="*", help="new embedding: the text its vectors start from")
+    ti.add_argument("--sizes", default="768,320,640,1280",
+                    help="new hypernetwork: the attention widths it acts on (A1111's Create tab: 768,320,640,1280)")
+    ti.add_argument("--layer-structure", default="1, 2, 1", help="new hypernetwork: its layer structure")
+    ti.add_argument("--activation", default="linear", help="new hypernetwork: its activation function")
+    ti.add_argument("--overwrite", action="store_true",
+                    help="make the embedding / hypernetwork anew when one of that name exists (its training is lost)")
     add_common_flags(tr)
 
     m = sub.add_parser("models", help="list checkpoints and VAEs with their hashes")
@@ -804,11 +826,29 @@ def _train_progress(p) -> None:
     print(f"\rstep {p.step}/{p.total}  loss {p.loss:.4f}  eta {p.eta:.0f} s", end="", file=sys.stderr, flush=True)
 
 
+def _sizes(text: str, widths: set[int]) -> list[int]:
+    """``--sizes 768,320`` -> [768, 320], refused when none of them is one of the model's attention ``widths``."""
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise RequestError(f"--sizes: {text!r} is not a list of widths like 768,320,640,1280") from None
+    if not set(sizes) & widths:
+        raise RequestError(f"--sizes {text}: none is an attention width of this model; its widths are "
+                           f"{','.join(map(str, sorted(widths)))}")
+    return sizes
+
+
+def _textual_progress(p) -> None:
+    print(f"\rstep {p.step}/{p.steps}  loss {p.loss:.4f}", end="", file=sys.stderr, flush=True)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """``sdstudio train lora DATASET --model NAME``: a kohya-format LoRA into models/Lora. Ctrl+C stops after
     the current step and saves the state; ``--resume`` carries on with the same weights."""
     if args.kind == "dreambooth":
         return cmd_train_dreambooth(args)
+    if args.kind in ("embedding", "hypernetwork"):
+        return cmd_train_textual(args)
     from .models.registry import ModelRegistry
     from .training import DatasetError, TrainingDataset, TrainingError, train_lora
 
@@ -883,6 +923,78 @@ def cmd_train_dreambooth(args: argparse.Namespace) -> int:
         print(f"stopped at step {result['steps']}/{result['total']}; --resume carries on", file=sys.stderr)
         return 0
     print(f"{result['path']}  ({result['steps']} steps, loss log {result['log_path']})")
+    return 0
+
+
+def cmd_train_textual(args: argparse.Namespace) -> int:
+    """``sdstudio train embedding|hypernetwork DATASET --model NAME [--name N]``: A1111's Train Embedding / Train
+    Hypernetwork on the file ``--name`` (default: the dataset folder's), with its fields checked as its routes
+    check them (:func:`sdstudio.api.train.train_kwargs`) and the queue job's function run here. When there is no
+    file of that name it is made first, as A1111's Create embedding / Create hypernetwork tabs make one (their
+    defaults); an existing one is trained on only with ``--resume`` (from the step it records up to
+    ``--steps``) or made anew with ``--overwrite``. Ctrl+C stops after the step with the file saved."""
+    from fastapi import HTTPException
+
+    from .api.train import FieldError, train_kwargs
+    from .engine.generate import Engine
+    from .training import TrainingError
+    from .training import embedding as ti
+    from .training import hypernetwork as hn
+
+    kind = args.kind
+    paths = paths_from(args)
+    engine = Engine(paths, device_options_from(args))
+    title = engine.registry.checkpoint(args.model).title
+    name = ti.clean_name(args.name or Path(args.dataset).resolve().name)
+    folder = paths.hypernetwork_dir if kind == "hypernetwork" else paths.embeddings_dir
+    existing = folder / f"{name}.pt" if kind == "hypernetwork" else ti.find_embedding(folder, name)
+    existing = existing if existing is not None and existing.is_file() else None
+    if existing is not None and not (args.resume or args.overwrite):
+        raise RequestError(f"{kind} {name!r} already exists ({existing}): --resume trains on from the step it "
+                           f"records, --overwrite makes it anew, or choose another --name")
+    fields = {"batch_size": args.batch_size, "gradient_step": args.gradient_step,
+              "data_root": str(Path(args.dataset).expanduser().resolve()),
+              "training_width": args.width or args.resolution, "training_height": args.height or args.resolution,
+              "steps": args.steps or 100000, "shuffle_tags": args.shuffle_caption, "seed": args.seed,
+              "save_hypernetwork_every" if kind == "hypernetwork" else "save_embedding_every": args.save_every or 0}
+    if args.learn_rate or args.lr:
+        fields["learn_rate"] = args.learn_rate or str(args.lr)
+    if args.template:
+        template = Path(args.template).expanduser()
+        fields["template_filename"] = str(template.resolve()) if template.is_file() else args.template
+    try:
+        kwargs = train_kwargs(fields, paths.data_dir, hypernetwork=kind == "hypernetwork")
+    except FieldError as exc:
+        raise RequestError(str(exc)) from None
+    except HTTPException as exc:
+        raise RequestError(str(exc.detail)) from None
+    try:
+        ti.template_lines(kwargs["template_file"], Path(kwargs["templates_dir"]))  # refused before a file is made
+        if existing is None or args.overwrite:
+            if kind == "hypernetwork":
+                sizes = _sizes(args.sizes, hn.attention_widths(engine.load(title)[1].unet))
+                made = hn.create_hypernetwork(name, sizes, args.layer_structure, args.activation, "Normal",
+                                              overwrite_old=args.overwrite, folder=folder,
+                                              seed=args.seed if args.seed >= 0 else None)
+                engine.registry.refresh()
+            else:
+                made = ti.run_job(engine, {"what": "create_embedding", "model": title, "kwargs": {
+                    "name": name, "num_vectors_per_token": args.vectors, "init_text": args.init_text,
+                    "overwrite_old": args.overwrite}})["filename"]
+            print(f"created {made}", file=sys.stderr)
+        with stop_on_ctrl_c("step") as stop:  # the file is saved at the step reached: --resume carries on
+            result = ti.run_job(engine, {"what": kind, "model": title, "kwargs": {f"{kind}_name": name, **kwargs}},
+                                on_progress=_textual_progress, should_stop=lambda: stop["asked"])
+    except TrainingError as exc:
+        raise RequestError(str(exc)) from None
+    print(file=sys.stderr)
+    for skipped in result["skipped_images"]:
+        print(f"warning: skipped {skipped}", file=sys.stderr)
+    if result["note"]:
+        print(result["note"], file=sys.stderr)
+    if result["interrupted"]:
+        print(f"stopped at step {result['step']}; --resume carries on", file=sys.stderr)
+    print(f"{result['filename']}  (step {result['step']})")
     return 0
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sdstudio.cli import main
@@ -282,3 +283,58 @@ def test_train_lora_then_use_it(data_dir, capsys, tmp_path):
     assert code == 0 and 'Lora hashes: "shape: ' in read_infotext(out.split()[0])
     code, _, err = run(["train", "lora", str(tmp_path / "set"), "--model", "no-such"], data_dir, capsys)
     assert code != 0 and "no-such" in err and "Traceback" not in err
+
+
+def test_train_embedding_creates_trains_resumes_and_is_used(data_dir, capsys, tmp_path):
+    """``train embedding``: made as A1111's Create embedding makes one (vectors, init text), trained a few steps,
+    trained on with --resume only; the prompt that names it records its hash."""
+    from train_fixtures import plain_colours
+
+    from sdstudio.models.embeddings import load_embedding
+
+    pics = plain_colours(tmp_path / "pics", ["a.png", "b.png"], "a plain colour")
+    small = ["--width", "64", "--height", "64", "--model", "tiny-sd1"]
+    code, out, err = run(["train", "embedding", str(pics), "--name", "cli-emb", "--vectors", "2", "--init-text", "cat",
+                          "--steps", "2", "--learn-rate", "0.01", *small], data_dir, capsys)
+    path = data_dir / "embeddings" / "cli-emb.pt"
+    assert code == 0, err
+    assert f"created {path}" in err and out.strip() == f"{path}  (step 2)"
+    data = torch.load(path, weights_only=True)
+    assert data["step"] == 2 and data["string_to_param"]["*"].shape[0] == 2 and data["sd_checkpoint"]
+    assert load_embedding(path).vectors[0].shape[0] == 2  # the engine's loader reads it
+    code, _, err = run(["train", "embedding", str(pics), "--name", "cli-emb", "--steps", "3", *small], data_dir, capsys)
+    assert code == 2 and "already exists" in err and "--resume" in err
+    code, out, err = run(["train", "embedding", str(pics), "--name", "cli-emb", "--steps", "3", "--resume", *small],
+                         data_dir, capsys)
+    assert code == 0 and out.strip() == f"{path}  (step 3)" and "created" not in err
+    code, out, _ = run(["txt2img", "a cli-emb picture", *SMALL], data_dir, capsys)
+    assert code == 0 and 'TI hashes: "cli-emb: ' in read_infotext(out.split()[0])
+    code, _, err = run(["train", "embedding", str(pics), "--name", "x", "--template", "nope.txt", *small],
+                       data_dir, capsys)
+    assert code == 2 and "nope.txt not found; available: hypernetwork.txt" in err
+    assert not (data_dir / "embeddings" / "x.pt").exists()  # refused before the file was made
+
+
+def test_train_hypernetwork_creates_trains_and_is_used(data_dir, capsys, tmp_path):
+    from train_fixtures import plain_colours
+
+    from sdstudio.engine.hypernetwork import Hypernetwork
+
+    pics = plain_colours(tmp_path / "pics", ["a.png", "b.png"], "a plain colour")
+    small = ["--width", "64", "--height", "64", "--model", "tiny-sd1"]
+    code, _, err = run(["train", "hypernetwork", str(pics), "--name", "cli-hn", "--steps", "2", *small],
+                       data_dir, capsys)
+    assert code == 2 and "--sizes 768,320,640,1280: none is an attention width" in err and "32,64" in err
+    code, out, err = run(["train", "hypernetwork", str(pics), "--name", "cli-hn", "--sizes", "32,64", "--steps", "2",
+                          "--template", "style.txt", *small], data_dir, capsys)
+    path = data_dir / "models" / "hypernetworks" / "cli-hn.pt"
+    assert code == 0, err
+    assert out.strip() == f"{path}  (step 2)"
+    data = torch.load(path, weights_only=True)
+    assert data["step"] == 2 and data["layer_structure"] == [1.0, 2.0, 1.0] and {32, 64} <= set(data)
+    assert set(Hypernetwork(path).layers) == {32, 64}
+    run(["txt2img", "x", *SMALL, "--outdir", str(tmp_path / "plain")], data_dir, capsys)
+    code, out, err = run(["txt2img", "x <hypernet:cli-hn:1>", *SMALL, "--outdir", str(tmp_path / "hn")], data_dir, capsys)
+    assert code == 0 and "left out" not in err
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "plain" / "00000-42.png")),
+                              np.asarray(Image.open(tmp_path / "hn" / "00000-42.png")))

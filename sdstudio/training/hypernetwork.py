@@ -186,7 +186,8 @@ def create_hypernetwork(name: str, enable_sizes: Sequence[int] = DEFAULT_SIZES, 
     return path
 
 
-def _attention_widths(unet: torch.nn.Module) -> set[int]:
+def attention_widths(unet: torch.nn.Module) -> set[int]:
+    """The widths of a UNet's attention layers: the sizes a hypernetwork of it can act on."""
     return {m.to_k.in_features for n, m in unet.named_modules() if n.endswith((".attn1", ".attn2")) and hasattr(m, "to_k")}
 
 
@@ -218,7 +219,7 @@ def train_hypernetwork(hypernetwork_name: str, model: LoadedModel, data_root: st
         hn = hypernetwork_ops.Hypernetwork(path)
     except ModelFileError as exc:
         raise TrainingError(str(exc)) from None
-    widths = _attention_widths(model.unet)
+    widths = attention_widths(model.unet)
     if not set(hn.layers) & widths:
         raise TrainingError(f"{path.name}: none of its sizes {sorted(hn.layers)} is an attention width of this model "
                             f"({sorted(widths)}); create it with enable_sizes among those")
