@@ -273,11 +273,31 @@ class DeforumTab:
         path.write_text(settings.to_json(), encoding="utf-8")
         return str(path)
 
-    def run(self, client: str, crf, preset, *values):
-        """Generate: queue the run as ``client``'s job, then (progress, current frame, video, info) as it goes."""
+    def check_files(self, settings: spec.DeforumSettings, request) -> None:
+        """The files the run reads (init image, video init, mask, soundtrack, colour-coherence image, ControlNet
+        videos, guided images) under the API's rule: anywhere for a page opened on this machine, as in A1111; for
+        one from the network, a full path inside the data dir (gr.Error naming the field otherwise). ``request``
+        None: an in-process caller, on this machine."""
+        if request is None:
+            return
+        from fastapi import HTTPException
+
+        from ..api.common import server_file
+
+        data_dir = self.ui.service.engine.paths.data_dir
+        for key, path in spec.check_files(settings).items():
+            try:
+                server_file(request, data_dir, path, key)
+            except HTTPException as exc:
+                raise gr.Error(str(exc.detail)) from None
+
+    def run(self, client: str, crf, preset, *values, request=None):
+        """Generate: queue the run as ``client``'s job, then (progress, current frame, video, info) as it goes;
+        ``request`` (the page's gr.Request) decides where the files it reads may lie (:meth:`check_files`)."""
         ui, service = self.ui, self.ui.service
         try:
             settings = self.settings_from(*values)
+            self.check_files(settings, request)
             job = service.prepare_deforum(settings, model=ui.settings.get("sd_model_checkpoint") or None,
                                           options_overrides={"deforum_ffmpeg_crf": int(crf),
                                                              "deforum_ffmpeg_preset": preset})
@@ -315,7 +335,7 @@ class DeforumTab:
                         show_progress="hidden")
 
         def on_generate(request: gr.Request, crf, preset, *values):  # gradio passes the request positionally only
-            yield from self.run(client_of(request), crf, preset, *values)
+            yield from self.run(client_of(request), crf, preset, *values, request=request)
 
         self.generate.click(on_generate, [self.crf, self.preset, *inputs],
                             [self.progress, self.frame, self.video, self.info], concurrency_limit=None,
