@@ -365,6 +365,7 @@ EXPECTED = {  # module name: (UI label, control types) as the extension declares
     "openpose_full": ("openpose_full", ("OpenPose",)), "mlsd": ("mlsd", ("MLSD",)),
     "depth_leres": ("depth_leres", ("Depth",)), "depth_anything": ("depth_anything", ("Depth",)),
     "normal_bae": ("normal_bae", ("NormalMap",)),
+    "depth": ("depth_midas", ("Depth",)), "normal_map": ("normal_midas", ("NormalMap",)),  # test_annotators_depth
 }
 
 

@@ -16,7 +16,8 @@ pidinet_scribble / pidinet_sketch (table5_pidinet.pth, pidinet); lineart, linear
 sk_model2.pth, lineart); lineart_anime (netG.pth, lineart_anime); openpose, openpose_hand, openpose_face,
 openpose_faceonly, openpose_full (body_pose_model.pth, hand_pose_model.pth, facenet.pth, openpose); mlsd
 (mlsd_large_512_fp32.pth, mlsd); depth_leres (res101.pth, leres); depth_anything (depth_anything_vitl14.pth,
-depth_anything); normal_bae (scannet.pt, normal_bae).
+depth_anything); normal_bae (scannet.pt, normal_bae); depth (depth_midas) and normal_map (normal_midas)
+(dpt_hybrid-midas-501f0c75.pt, midas).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ...core.controlnet import Preprocessor, Slider
-from . import depth_anything, hed, leres, lineart, mlsd, normalbae, openpose, pidinet
+from . import depth_anything, hed, leres, lineart, midas, mlsd, normalbae, openpose, pidinet
 from .common import AnnotatorFile, clear_cache, hwc3, resize_with_pad, scribble
 
 RESOLUTION = Slider("Resolution", 512, 64, 2048, 8)
@@ -35,11 +36,12 @@ MLSD_VALUE = Slider("MLSD Value Threshold", 0.1, 0.01, 2.0, 0.01)
 MLSD_DISTANCE = Slider("MLSD Distance Threshold", 0.1, 0.01, 20.0, 0.01)
 REMOVE_NEAR = Slider("Remove Near %", 0, 0, 100, 0.1)
 REMOVE_BACKGROUND = Slider("Remove Background %", 0, 0, 100, 0.1)
+NORMAL_BACKGROUND = Slider("Normal Background Threshold", 0.4, 0.0, 1.0, 0.01)
 
 # every file a preprocessor here may read, for listings and messages
 FILES: tuple[AnnotatorFile, ...] = (hed.FILE, pidinet.FILE, lineart.REALISTIC, lineart.COARSE, lineart.ANIME,
                                     openpose.BODY, openpose.HAND, openpose.FACE, mlsd.FILE, leres.FILE,
-                                    depth_anything.FILE, normalbae.FILE)
+                                    depth_anything.FILE, normalbae.FILE, midas.FILE)
 
 Run = Callable[..., np.ndarray]
 
@@ -130,6 +132,14 @@ def _depth_anything(folder: Path, label: str) -> Run:
     return _at_resolution(label, step)
 
 
+def _midas(folder: Path, label: str, normal: bool = False) -> Run:
+    def step(img: np.ndarray, a: float, b: float) -> np.ndarray:
+        raw = midas.predict(midas.load(midas.FILE.locate(folder, label)), img)
+        return midas.normal_map(raw, a) if normal else midas.depth_map(raw)
+
+    return _at_resolution(label, step)
+
+
 def _normal_bae(folder: Path, label: str) -> Run:
     def step(img: np.ndarray, a: float, b: float) -> np.ndarray:
         return normalbae.detect(normalbae.load(normalbae.FILE.locate(folder, label)), img)
@@ -167,6 +177,8 @@ def preprocessors(annotators_dir: Path | None) -> list[Preprocessor]:
     add("openpose_full", "openpose_full", _openpose(folder, "openpose_full", hands=True, face=True), ("OpenPose",))
     add("mlsd", "mlsd", _mlsd(folder, "mlsd"), ("MLSD",), MLSD_VALUE, MLSD_DISTANCE)
     add("depth_leres", "depth_leres", _leres(folder, "depth_leres"), ("Depth",), REMOVE_NEAR, REMOVE_BACKGROUND)
+    add("depth", "depth_midas", _midas(folder, "depth_midas"), ("Depth",))
+    add("normal_map", "normal_midas", _midas(folder, "normal_midas", normal=True), ("NormalMap",), NORMAL_BACKGROUND)
     add("depth_anything", "depth_anything", _depth_anything(folder, "depth_anything"), ("Depth",))
     add("normal_bae", "normal_bae", _normal_bae(folder, "normal_bae"), ("NormalMap",))
     return out

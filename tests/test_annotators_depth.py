@@ -1,0 +1,211 @@
+"""The depth preprocessors added after the first set: MiDaS DPT-Hybrid (depth_midas, normal_midas), ZoeDepth
+(depth_zoe) and Depth Anything v2. Each loads a file written in the published layout (key names and shapes as
+the extension's network code defines them, written out here independently of our modules), runs through the
+extension's frame, and its post-processing matches the extension's formulas; missing files say which file to
+put where.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from sdstudio.core.controlnet import ControlNetError
+from sdstudio.engine import annotators
+from sdstudio.engine.annotators import common, midas
+from sdstudio.models.errors import ModelFileError
+from tests.test_annotators import picture, random_weights, write
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    common.clear_cache()
+    yield
+    common.clear_cache()
+
+
+def by_name(folder) -> dict:
+    return {p.name: p for p in annotators.preprocessors(folder)}
+
+
+def _conv(out: dict, name: str, cout: int, cin: int, k: int, bias: bool = True) -> None:
+    out[f"{name}.weight"] = (cout, cin, k, k)
+    if bias:
+        out[f"{name}.bias"] = (cout,)
+
+
+def _vit_blocks(out: dict, prefix: str, dim: int, blocks: int, mlp: int) -> None:
+    """timm ViT blocks: norm1, fused qkv, proj, norm2, mlp.fc1/fc2."""
+    for b in range(blocks):
+        p = f"{prefix}blocks.{b}"
+        for norm in ("norm1", "norm2"):
+            out[f"{p}.{norm}.weight"], out[f"{p}.{norm}.bias"] = (dim,), (dim,)
+        out[f"{p}.attn.qkv.weight"], out[f"{p}.attn.qkv.bias"] = (3 * dim, dim), (3 * dim,)
+        out[f"{p}.attn.proj.weight"], out[f"{p}.attn.proj.bias"] = (dim, dim), (dim,)
+        out[f"{p}.mlp.fc1.weight"], out[f"{p}.mlp.fc1.bias"] = (mlp, dim), (mlp,)
+        out[f"{p}.mlp.fc2.weight"], out[f"{p}.mlp.fc2.bias"] = (dim, mlp), (dim,)
+
+
+def _dpt_decoder(out: dict, prefix: str, neck, features: int) -> None:
+    """MiDaS's scratch: layerN_rn (no bias), four refinenets (out_conv, two residual units) and output_conv."""
+    for i, c in enumerate(neck, 1):
+        out[f"{prefix}layer{i}_rn.weight"] = (features, c, 3, 3)
+    for i in range(1, 5):
+        r = f"{prefix}refinenet{i}"
+        _conv(out, f"{r}.out_conv", features, features, 1)
+        for unit in ("resConfUnit1", "resConfUnit2"):
+            _conv(out, f"{r}.{unit}.conv1", features, features, 3)
+            _conv(out, f"{r}.{unit}.conv2", features, features, 3)
+    _conv(out, f"{prefix}output_conv.0", features // 2, features, 3)
+    _conv(out, f"{prefix}output_conv.2", 32, features // 2, 3)
+    _conv(out, f"{prefix}output_conv.4", 1, 32, 1)
+
+
+def midas_hybrid_layout(dim: int = 768, blocks: int = 12, depths=(3, 4, 9), features: int = 256,
+                        classes: int = 1000) -> dict:
+    """dpt_hybrid-midas-501f0c75.pt: timm's vit_base_resnet50_384 under "pretrained.model." (ResNetV2 stem and
+    three stages of bottlenecks with StdConv + GroupNorm, patch projection 1024 → dim, 24×24 position grid,
+    the ImageNet head), the readout projections and reassemble convolutions of act_postprocess3/4 (1 and 2 are
+    identities in the hybrid) and the decoder under "scratch." (defaults: the published sizes)."""
+    out: dict = {}
+    r = "pretrained.model.patch_embed.backbone."
+    out[f"{r}stem.conv.weight"] = (64, 3, 7, 7)
+    out[f"{r}stem.norm.weight"], out[f"{r}stem.norm.bias"] = (64,), (64,)
+    cin = 64
+    for s, (n, width) in enumerate(zip(depths, (256, 512, 1024))):
+        mid = width // 4
+        for b in range(n):
+            p = f"{r}stages.{s}.blocks.{b}"
+            if b == 0:
+                out[f"{p}.downsample.conv.weight"] = (width, cin, 1, 1)
+                out[f"{p}.downsample.norm.weight"], out[f"{p}.downsample.norm.bias"] = (width,), (width,)
+            for name, shape in (("conv1", (mid, cin if b == 0 else width, 1, 1)), ("conv2", (mid, mid, 3, 3)),
+                                ("conv3", (width, mid, 1, 1))):
+                out[f"{p}.{name}.weight"] = shape
+            for name, c in (("norm1", mid), ("norm2", mid), ("norm3", width)):
+                out[f"{p}.{name}.weight"], out[f"{p}.{name}.bias"] = (c,), (c,)
+        cin = width
+    v = "pretrained.model."
+    out[f"{v}cls_token"], out[f"{v}pos_embed"] = (1, 1, dim), (1, 1 + 24 * 24, dim)
+    _conv(out, f"{v}patch_embed.proj", dim, 1024, 1)
+    _vit_blocks(out, v, dim, blocks, 4 * dim)
+    out[f"{v}norm.weight"], out[f"{v}norm.bias"] = (dim,), (dim,)
+    out[f"{v}head.weight"], out[f"{v}head.bias"] = (classes, dim), (classes,)
+    for k in (3, 4):
+        out[f"pretrained.act_postprocess{k}.0.project.0.weight"] = (dim, 2 * dim)
+        out[f"pretrained.act_postprocess{k}.0.project.0.bias"] = (dim,)
+        _conv(out, f"pretrained.act_postprocess{k}.3", dim, dim, 1)
+    _conv(out, "pretrained.act_postprocess4.4", dim, dim, 3)
+    _dpt_decoder(out, "scratch.", (256, 512, dim, dim), features)
+    return out
+
+
+SMALL_MIDAS = {"dim": 64, "blocks": 4, "depths": (1, 1, 1), "features": 32, "classes": 10}
+
+
+# --- MiDaS ----------------------------------------------------------------------------------------------------
+
+def test_midas_keys_convert_to_transformers_for_the_published_sizes():
+    from transformers import DPTForDepthEstimation
+
+    weights = {k: torch.empty(v, device="meta") for k, v in midas_hybrid_layout().items()}  # shapes only
+    config = midas.config_for(weights)
+    assert config.backbone_out_indices == [0, 1, 8, 11] and config.num_attention_heads == 12
+    assert config.backbone_config.depths == [3, 4, 9] and config.neck_hidden_sizes == [256, 512, 768, 768]
+    with torch.device("meta"):
+        reference = DPTForDepthEstimation(config).state_dict()
+    converted = midas.to_transformers(weights)
+    assert set(converted) == set(reference)  # the ImageNet head is dropped, nothing else
+    assert all(tuple(converted[k].shape) == tuple(reference[k].shape) for k in reference)
+
+
+def _midas_file(folder, seed: int = 3):
+    return write(folder / "midas" / "dpt_hybrid-midas-501f0c75.pt",
+                 random_weights(midas_hybrid_layout(**SMALL_MIDAS), seed=seed))
+
+
+def test_midas_runs_on_the_padded_picture_as_it_is(tmp_path):
+    path = _midas_file(tmp_path)
+    net = midas.load(path)
+    seen = []
+    handle = net.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    image = picture()
+    try:
+        out = by_name(tmp_path)["depth"].run(image, 64, -1, -1)
+    finally:
+        handle.remove()
+    assert out.shape == (64, 80, 3) and out.dtype == np.uint8
+    padded, _ = common.resize_with_pad(image, 64)  # 64×128: not square, not 384
+    assert tuple(seen[0].shape) == (1, 3, 64, 128)
+    assert torch.allclose(seen[0][0], torch.from_numpy(padded).permute(2, 0, 1).float() / 127.5 - 1.0)
+    raw = midas.predict(net, padded)
+    assert raw.shape == (64, 128)
+    expected = midas.depth_map(raw)[:64, :80]
+    assert np.array_equal(out[:, :, 0], expected) and np.array_equal(out[:, :, 1], expected)
+
+
+def test_midas_forward_is_the_hybrid_dpt_of_the_file(tmp_path):
+    """Our forward over transformers' modules gives transformers' own output where that one runs (384×384), and
+    at other sizes reads the position grid resized to the picture's grid."""
+    net = midas.load(_midas_file(tmp_path, seed=5))
+    x = torch.randn(1, 3, 384, 384) * 0.5
+    with torch.no_grad():
+        ours = net(x)
+        theirs = net.model(pixel_values=x).predicted_depth
+    assert ours.shape == (1, 384, 384) and torch.allclose(ours, theirs, atol=1e-5)
+    with torch.no_grad():
+        wide = net(torch.randn(1, 3, 64, 192))
+    assert wide.shape == (1, 64, 192) and torch.isfinite(wide).all() and (wide >= 0).all()  # ReLU'd head
+
+
+def test_midas_depth_and_normal_formulas():
+    depth = np.array([[0.0, 1.0, 2.0, 3.0]] * 4, np.float32) * np.array([[1], [1], [1], [2]], np.float32)
+    d8 = midas.depth_map(depth)
+    assert d8.dtype == np.uint8 and d8.max() == 255 and d8.min() == 0
+    assert d8[0, 1] == int(1.0 / 6.0 * 255.0)  # (d - min) / max(d - min) × 255, truncated
+    n = midas.normal_map(depth, background=0.4)
+    x = cv2.Sobel(depth, cv2.CV_32F, 1, 0, ksize=3)
+    y = cv2.Sobel(depth, cv2.CV_32F, 0, 1, ksize=3)
+    flat = (depth - depth.min()) / (depth - depth.min()).max() < 0.4
+    x[flat], y[flat] = 0, 0
+    v = np.stack([x, y, np.full_like(x, 2 * np.pi)], axis=2)
+    v /= np.linalg.norm(v, axis=2, keepdims=True)
+    expected = (v * 127.5 + 127.5).clip(0, 255).astype(np.uint8)[:, :, ::-1]
+    assert np.array_equal(n, expected)
+    assert (n[flat] == [255, 127, 127]).all()  # flat: (z, y, x) = (1, 0, 0) → 255, 127, 127
+    assert np.array_equal(midas.depth_map(np.ones((3, 3), np.float32)), np.zeros((3, 3), np.uint8))
+
+
+def test_normal_midas_uses_the_background_threshold_slider(tmp_path):
+    _midas_file(tmp_path)
+    found, image = by_name(tmp_path), picture()
+    p = found["normal_map"]
+    assert p.aliases == ("normal_midas",) and p.control_types == ("NormalMap",)
+    assert p.threshold_a.detail() == {"name": "Normal Background Threshold", "value": 0.4, "min": 0.0, "max": 1.0,
+                                      "step": 0.01}
+    padded, _ = common.resize_with_pad(image, 64)
+    raw = midas.predict(midas.load(tmp_path / "midas" / "dpt_hybrid-midas-501f0c75.pt"), padded)
+    for threshold in (0.0, 0.4, 1.0):
+        out = p.run(image, 64, threshold, -1)
+        assert np.array_equal(out, midas.normal_map(raw, threshold)[:64, :80])
+    assert (p.run(image, 64, 1.0, -1) == [255, 127, 127]).all()  # everything under the threshold: flat
+
+
+def test_midas_file_of_another_network_is_refused(tmp_path):
+    layout = midas_hybrid_layout(**SMALL_MIDAS)
+    del layout["scratch.layer1_rn.weight"]
+    write(tmp_path / "midas" / "dpt_hybrid-midas-501f0c75.pt", random_weights(layout))
+    with pytest.raises(ModelFileError, match="dpt_hybrid-midas-501f0c75.pt: not a MiDaS DPT-Hybrid"):
+        by_name(tmp_path)["depth"].run(picture(), 64, -1, -1)
+
+
+@pytest.mark.parametrize("name, file, sub", [("depth", "dpt_hybrid-midas-501f0c75.pt", "midas"),
+                                             ("normal_map", "dpt_hybrid-midas-501f0c75.pt", "midas")])
+def test_missing_file_names_the_file_and_the_folder(tmp_path, name, file, sub):
+    with pytest.raises(ControlNetError) as err:
+        by_name(tmp_path)[name].run(picture(), 64, -1, -1)
+    assert f"put {file} in {tmp_path / sub}" in str(err.value)
