@@ -14,9 +14,9 @@ import torch
 
 from sdstudio.core.controlnet import ControlNetError
 from sdstudio.engine import annotators
-from sdstudio.engine.annotators import common, midas
+from sdstudio.engine.annotators import common, depth_anything, midas
 from sdstudio.models.errors import ModelFileError
-from tests.test_annotators import picture, random_weights, write
+from tests.test_annotators import depth_anything_layout, picture, random_weights, write
 
 torch.set_num_threads(1)
 
@@ -209,3 +209,53 @@ def test_missing_file_names_the_file_and_the_folder(tmp_path, name, file, sub):
     with pytest.raises(ControlNetError) as err:
         by_name(tmp_path)[name].run(picture(), 64, -1, -1)
     assert f"put {file} in {tmp_path / sub}" in str(err.value)
+
+
+# --- Depth Anything v2 ----------------------------------------------------------------------------------------
+
+def test_depth_anything_v2_reads_the_blocks_v2_fixes_per_encoder():
+    from transformers import DepthAnythingForDepthEstimation
+
+    weights = {k: torch.empty(v, device="meta") for k, v in depth_anything_layout().items()}  # ViT-L, as published
+    config = depth_anything.config_for(weights, version=2)
+    assert config.backbone_config.out_indices == [5, 12, 18, 24]  # blocks 4, 11, 17, 23 (transformers counts from 1)
+    assert depth_anything.config_for(weights).backbone_config.out_indices == [21, 22, 23, 24]  # v1: the last four
+    with torch.device("meta"):
+        reference = DepthAnythingForDepthEstimation(config).state_dict()
+    converted = depth_anything.to_transformers(weights)
+    assert set(converted) == set(reference)
+    assert depth_anything.feature_blocks(12, 2) == [2, 5, 8, 11] and depth_anything.feature_blocks(40, 2)[0] == 9
+    with pytest.raises(ModelFileError, match="not a Depth Anything v2 checkpoint"):
+        depth_anything.feature_blocks(4, 2)
+
+
+SMALL_DA2 = {"dim": 64, "blocks": 12, "neck": (16, 32, 64, 64), "features": 32}  # a ViT-S/B depth, test width
+
+
+def test_depth_anything_v2_loads_the_safetensors_file_and_runs(tmp_path):
+    from safetensors.torch import save_file
+
+    weights = random_weights(depth_anything_layout(**SMALL_DA2), seed=4)
+    path = tmp_path / "depth_anything_v2" / "depth_anything_v2_vitl.safetensors"
+    path.parent.mkdir(parents=True)
+    save_file(weights, str(path))
+    found, image = by_name(tmp_path), picture()
+    p = found["depth_anything_v2"]
+    assert p.aliases == () and p.control_types == ("Depth",) and p.resolution.value == 512
+    out = p.run(image, 64, -1, -1)
+    assert out.shape == (64, 80, 3) and out.dtype == np.uint8
+    net = depth_anything.load(path, 2)
+    assert net.model.config.backbone_config.out_indices == [3, 6, 9, 12]
+    padded, _ = common.resize_with_pad(image, 64)
+    assert np.array_equal(out[:, :, 0], depth_anything.detect(net, padded)[:64, :80])
+    v1 = depth_anything.load(path, 1)  # the same weights read as v1 (the last four blocks) give another map
+    assert v1 is not net and not np.array_equal(depth_anything.detect(v1, padded), depth_anything.detect(net, padded))
+
+
+def test_depth_anything_v2_takes_the_original_pth_too(tmp_path):
+    write(tmp_path / "depth_anything_v2" / "depth_anything_v2_vitl.pth",
+          random_weights(depth_anything_layout(**SMALL_DA2), seed=4))
+    assert by_name(tmp_path)["depth_anything_v2"].run(picture(), 64, -1, -1).shape == (64, 80, 3)
+    with pytest.raises(ControlNetError) as err:
+        by_name(tmp_path / "empty")["depth_anything_v2"].run(picture(), 64, -1, -1)
+    assert f"put depth_anything_v2_vitl.safetensors in {tmp_path / 'empty' / 'depth_anything_v2'}" in str(err.value)

@@ -17,7 +17,8 @@ sk_model2.pth, lineart); lineart_anime (netG.pth, lineart_anime); openpose, open
 openpose_faceonly, openpose_full (body_pose_model.pth, hand_pose_model.pth, facenet.pth, openpose); mlsd
 (mlsd_large_512_fp32.pth, mlsd); depth_leres (res101.pth, leres); depth_anything (depth_anything_vitl14.pth,
 depth_anything); normal_bae (scannet.pt, normal_bae); depth (depth_midas) and normal_map (normal_midas)
-(dpt_hybrid-midas-501f0c75.pt, midas).
+(dpt_hybrid-midas-501f0c75.pt, midas); depth_anything_v2 (depth_anything_v2_vitl.safetensors or .pth,
+depth_anything_v2).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ NORMAL_BACKGROUND = Slider("Normal Background Threshold", 0.4, 0.0, 1.0, 0.01)
 # every file a preprocessor here may read, for listings and messages
 FILES: tuple[AnnotatorFile, ...] = (hed.FILE, pidinet.FILE, lineart.REALISTIC, lineart.COARSE, lineart.ANIME,
                                     openpose.BODY, openpose.HAND, openpose.FACE, mlsd.FILE, leres.FILE,
-                                    depth_anything.FILE, normalbae.FILE, midas.FILE)
+                                    depth_anything.FILE, depth_anything.FILE_V2, normalbae.FILE,
+                                    midas.FILE)
 
 Run = Callable[..., np.ndarray]
 
@@ -125,9 +127,11 @@ def _leres(folder: Path, label: str) -> Run:
     return _at_resolution(label, step)
 
 
-def _depth_anything(folder: Path, label: str) -> Run:
+def _depth_anything(folder: Path, label: str, version: int = 1) -> Run:
+    file = depth_anything.FILE if version == 1 else depth_anything.FILE_V2
+
     def step(img: np.ndarray, a: float, b: float) -> np.ndarray:
-        return depth_anything.detect(depth_anything.load(depth_anything.FILE.locate(folder, label)), img)
+        return depth_anything.detect(depth_anything.load(file.locate(folder, label), version), img)
 
     return _at_resolution(label, step)
 
@@ -180,6 +184,7 @@ def preprocessors(annotators_dir: Path | None) -> list[Preprocessor]:
     add("depth", "depth_midas", _midas(folder, "depth_midas"), ("Depth",))
     add("normal_map", "normal_midas", _midas(folder, "normal_midas", normal=True), ("NormalMap",), NORMAL_BACKGROUND)
     add("depth_anything", "depth_anything", _depth_anything(folder, "depth_anything"), ("Depth",))
+    add("depth_anything_v2", "depth_anything_v2", _depth_anything(folder, "depth_anything_v2", version=2), ("Depth",))
     add("normal_bae", "normal_bae", _normal_bae(folder, "normal_bae"), ("NormalMap",))
     return out
 

@@ -36,12 +36,15 @@ class AnnotatorFile:
     name: str
     subfolder: str
     source: str = HUB
+    also: tuple[str, ...] = ()  # other published names of the same weights (e.g. the original .pth)
 
     def candidates(self, folder: Path) -> list[Path]:
-        stem = Path(self.name).stem
         out = []
         for base in (folder / self.subfolder, folder):
-            out += [base / self.name, base / f"{stem}.safetensors"]
+            for name in (self.name, *self.also):
+                for path in (base / name, base / f"{Path(name).stem}.safetensors"):
+                    if path not in out:
+                        out.append(path)
         return out
 
     def locate(self, folder: Path, module: str) -> Path:

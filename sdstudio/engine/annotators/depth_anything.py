@@ -1,8 +1,10 @@
-"""Depth Anything (v1) relative depth, the extension's ``depth_anything``: the published
-``depth_anything_vitl14.pth`` (a DINOv2 ViT-L/14 under ``pretrained.`` and a DPT head under ``depth_head.``) is
-converted to transformers' ``DepthAnythingForDepthEstimation`` when it loads. The sizes come from the file's
-shapes (ViT-S/B/L files all load; heads are width / 64 as in DINOv2), the features are the last four blocks'
-as Depth Anything v1 reads them.
+"""Depth Anything relative depth, the extension's ``depth_anything`` (v1) and ``depth_anything_v2``: the
+published ``depth_anything_vitl14.pth`` / ``depth_anything_v2_vitl.safetensors`` (a DINOv2 ViT-L/14 under
+``pretrained.`` and a DPT head under ``depth_head.``, the same names in both versions) is converted to
+transformers' ``DepthAnythingForDepthEstimation`` when it loads. The sizes come from the file's shapes (ViT-S/B/L
+files all load; heads are width / 64 as in DINOv2); the features are the last four blocks' in v1, and in v2 the
+blocks v2 fixes per encoder (ViT-L: 4, 11, 17, 23). Pre- and post-processing are the same for both versions in
+the extension.
 
 Two details follow the original rather than transformers: the position embeddings are interpolated with
 DINOv2's 0.1 offset on the scale factors (transformers interpolates to the size), and the picture reaches the
@@ -28,6 +30,11 @@ from .common import AnnotatorFile, cached_network
 
 FILE = AnnotatorFile("depth_anything_vitl14.pth", "depth_anything",
                      "the LiheYoung/Depth-Anything space (checkpoints/) on the Hugging Face hub")
+FILE_V2 = AnnotatorFile("depth_anything_v2_vitl.safetensors", "depth_anything_v2",
+                        "MackinationsAi/Depth-Anything-V2_Safetensors (or depth-anything/Depth-Anything-V2-Large, "
+                        "the .pth) on the Hugging Face hub", also=("depth_anything_v2_vitl.pth",))
+# v2 reads these blocks (0-based) per encoder depth: vits/vitb 12, vitl 24, vitg 40 (v1: the last four)
+V2_BLOCKS = {12: (2, 5, 8, 11), 24: (4, 11, 17, 23), 40: (9, 19, 29, 39)}
 SIZE = 518
 PATCH = 14
 MEAN = (0.485, 0.456, 0.406)
@@ -102,8 +109,19 @@ def to_transformers(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def config_for(weights: dict[str, torch.Tensor]):
-    """The transformers config the published file's shapes describe."""
+def feature_blocks(blocks: int, version: int = 1) -> list[int]:
+    """The 0-based blocks whose outputs the head reads: v1 the last four, v2 fixed ones per encoder size."""
+    if version == 1:
+        return list(range(blocks - 4, blocks))
+    if blocks not in V2_BLOCKS:
+        raise ModelFileError(f"{FILE_V2.name}: not a Depth Anything v2 checkpoint ({blocks} blocks; v2 encoders have "
+                             f"{', '.join(map(str, V2_BLOCKS))})")
+    return list(V2_BLOCKS[blocks])
+
+
+def config_for(weights: dict[str, torch.Tensor], version: int = 1):
+    """The transformers config the published file's shapes describe (``version`` 2: Depth Anything v2, which
+    differs only in the blocks it reads)."""
     from transformers import DepthAnythingConfig, Dinov2Config
 
     try:
@@ -115,11 +133,12 @@ def config_for(weights: dict[str, torch.Tensor]):
         features = weights["depth_head.scratch.layer1_rn.weight"].shape[0]
         head_hidden = weights["depth_head.scratch.output_conv2.0.weight"].shape[0]
     except (KeyError, ValueError, IndexError) as exc:
-        raise ModelFileError(f"{FILE.name}: not a Depth Anything (v1) checkpoint ({exc})") from None
+        name = FILE.name if version == 1 else FILE_V2.name
+        raise ModelFileError(f"{name}: not a Depth Anything (v{version}) checkpoint ({exc})") from None
     grid = math.isqrt(pos.shape[1] - 1)
     backbone = Dinov2Config(image_size=grid * PATCH, patch_size=PATCH, hidden_size=hidden, num_hidden_layers=blocks,
                             num_attention_heads=max(1, hidden // 64), mlp_ratio=mlp // hidden,
-                            out_indices=list(range(blocks - 3, blocks + 1)), apply_layernorm=True,
+                            out_indices=[i + 1 for i in feature_blocks(blocks, version)], apply_layernorm=True,
                             reshape_hidden_states=False)
     return DepthAnythingConfig(backbone_config=backbone, patch_size=PATCH, reassemble_hidden_size=hidden,
                                neck_hidden_sizes=neck, fusion_hidden_size=features, head_hidden_size=head_hidden,
@@ -161,9 +180,9 @@ def _converted(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"model.{k}": v for k, v in to_transformers(weights).items()}
 
 
-def load(path) -> DepthAnything:
-    return cached_network(path, "depth_anything", lambda weights: DepthAnything(config_for(weights)),
-                          convert=_converted)
+def load(path, version: int = 1) -> DepthAnything:
+    return cached_network(path, f"depth_anything_v{version}",
+                          lambda weights: DepthAnything(config_for(weights, version)), convert=_converted)
 
 
 def input_size(height: int, width: int) -> tuple[int, int]:
