@@ -258,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--save-every", type=int, help="also save every N steps")
     tr.add_argument("--seed", type=int, default=42)
     tr.add_argument("--resume", action="store_true", help="continue an interrupted run of the same name")
+    tr.add_argument("--caption-missing", choices=["blip", "deepbooru", "both"],
+                    help="lora, dreambooth: first caption every picture that has no caption file (BLIP's caption, "
+                         "DeepBooru's tags, or both), written beside it with --caption-extension; needs the "
+                         "interrogators' weights in models/BLIP, models/deepbooru")
     db = tr.add_argument_group("dreambooth")
     db.add_argument("--class-dir", help="prior preservation: the class images (N_class folders or images)")
     db.add_argument("--num-class-images", type=int, default=0,
@@ -268,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--prior-loss-weight", type=float, default=1.0, help="the class loss's weight")
     db.add_argument("--train-text-encoder", action="store_true", help="fine-tune the text encoder(s) too")
     db.add_argument("--fp16", action="store_true", help="save the checkpoint as float16")
-    db.add_argument("--sample-every", type=int, help="sample pictures every N steps (models/dreambooth/NAME/samples)")
-    db.add_argument("--sample-prompt", action="append", default=[], help="a sample prompt (repeatable)")
+    tr.add_argument("--sample-every", type=int, help="lora, dreambooth: sample pictures every N steps "
+                    "(models/Lora/sample/NAME, models/dreambooth/NAME/samples)")
+    tr.add_argument("--sample-prompt", action="append", default=[], help="a sample prompt (repeatable)")
     ti = tr.add_argument_group("embedding and hypernetwork (A1111's Train tab; --batch-size, --steps, --seed, "
                                "--save-every and --resume too)")
     ti.add_argument("--template", help="the prompt template file (A1111's names: style_filewords.txt, "
@@ -843,45 +848,53 @@ def _textual_progress(p) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """``sdstudio train lora DATASET --model NAME``: a kohya-format LoRA into models/Lora. Ctrl+C stops after
-    the current step and saves the state; ``--resume`` carries on with the same weights."""
+    """``sdstudio train lora DATASET --model NAME``: a kohya-format LoRA into models/Lora (the job the API
+    queues, run here). Ctrl+C stops after the current step and saves the state; ``--resume`` carries on with
+    the same weights."""
     if args.kind == "dreambooth":
         return cmd_train_dreambooth(args)
     if args.kind in ("embedding", "hypernetwork"):
         return cmd_train_textual(args)
-    from .models.registry import ModelRegistry
-    from .training import DatasetError, TrainingDataset, TrainingError, train_lora
+    from .engine.generate import Engine
+    from .training import DatasetError, TrainingError
+    from .training.lora import run_job
+    from .training.preprocess import check_caption_missing
 
-    paths = paths_from(args)
-    checkpoint = ModelRegistry(paths).checkpoint(args.model)
+    engine = Engine(paths_from(args), device_options_from(args))
+    config = {"network_dim": args.dim, "network_alpha": args.alpha, "conv_dim": args.dim if args.locon else None,
+              "conv_alpha": args.alpha if args.locon else None,
+              "learning_rate": args.lr if args.lr is not None else 1e-4, "train_text_encoder": not args.unet_only,
+              "lr_scheduler": args.scheduler, "max_train_steps": args.steps, "max_train_epochs": args.epochs,
+              "batch_size": args.batch_size, "min_snr_gamma": args.min_snr_gamma, "noise_offset": args.noise_offset,
+              "mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
+              "cache_latents": args.cache_latents, "save_every_n_steps": args.save_every, "seed": args.seed,
+              "sample_every_n_steps": args.sample_every}
     try:
-        dataset = TrainingDataset.from_folder(args.dataset, **_dataset_options(args))
-    except DatasetError as exc:
-        raise RequestError(str(exc)) from None
-    for name, why in dataset.skipped:
-        print(f"warning: {name} skipped: {why}", file=sys.stderr)
-    progress = _train_progress
-
-    name = args.name or Path(args.dataset).resolve().name
-    try:
+        job = {"model": engine.registry.checkpoint(args.model).title,
+               "dataset": {"root": str(Path(args.dataset).resolve()), **_dataset_options(args)},
+               "output_name": args.name or Path(args.dataset).resolve().name, "resume": args.resume,
+               "config": config, "caption_missing": check_caption_missing(args.caption_missing),
+               "sample_prompts": args.sample_prompt}
         with stop_on_ctrl_c("step") as stop:  # the state is saved: --resume carries on
-            result = train_lora(
-                checkpoint.path, dataset, resume=args.resume, on_progress=progress,
-                should_stop=lambda: stop["asked"], network_dim=args.dim, network_alpha=args.alpha,
-                conv_dim=args.dim if args.locon else None, conv_alpha=args.alpha if args.locon else None,
-                learning_rate=args.lr if args.lr is not None else 1e-4, train_text_encoder=not args.unet_only,
-                lr_scheduler=args.scheduler,
-                max_train_steps=args.steps, max_train_epochs=args.epochs, batch_size=args.batch_size,
-                min_snr_gamma=args.min_snr_gamma, noise_offset=args.noise_offset,
-                mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-                cache_latents=args.cache_latents, save_every_n_steps=args.save_every, seed=args.seed,
-                output_dir=paths.lora_dir, output_name=name)
-    except TrainingError as exc:
+            result = run_job(engine, job, on_progress=_train_progress, should_stop=lambda: stop["asked"],
+                             on_text=lambda text: print(f"\r{text}", end="", file=sys.stderr, flush=True))
+    except (TrainingError, DatasetError) as exc:
         raise RequestError(str(exc)) from None
+    return _train_done(result)
+
+
+def _train_done(result: dict) -> int:
+    """What a LoRA / Dreambooth run tells at its end: the pictures captioned and skipped, the file or the step
+    it stopped at."""
     print(file=sys.stderr)
-    if result.interrupted:
-        print(f"stopped at step {result.steps}/{result.total}; --resume carries on", file=sys.stderr)
-    print(f"{result.path}  ({result.steps} steps, loss log {result.log_path})")
+    if result.get("captioned"):
+        print(f"captioned {len(result['captioned'])} pictures: {', '.join(result['captioned'])}", file=sys.stderr)
+    for name, why in result["skipped_images"]:
+        print(f"warning: {name} skipped: {why}", file=sys.stderr)
+    if result["interrupted"]:
+        print(f"stopped at step {result['steps']}/{result['total']}; --resume carries on", file=sys.stderr)
+        return 0
+    print(f"{result['path']}  ({result['steps']} steps, loss log {result['log_path']})")
     return 0
 
 
@@ -910,20 +923,14 @@ def cmd_train_dreambooth(args: argparse.Namespace) -> int:
         job = prepare_job(engine.registry, dataset=str(Path(args.dataset).resolve()), model=args.model,
                           output_name=args.name or None, resume=args.resume, dataset_options=_dataset_options(args),
                           class_dir=str(Path(args.class_dir).resolve()) if args.class_dir else None,
-                          class_options=class_options, config=config, sample_prompts=args.sample_prompt)
-        for name, why in job["skipped_images"]:
-            print(f"warning: {name} skipped: {why}", file=sys.stderr)
+                          class_options=class_options, config=config, sample_prompts=args.sample_prompt,
+                          caption_missing=args.caption_missing)
         with stop_on_ctrl_c("step") as stop:  # the state is saved: --resume carries on
             result = run_job(engine, job, on_progress=_train_progress, should_stop=lambda: stop["asked"],
                              on_text=lambda text: print(f"\r{text}", end="", file=sys.stderr, flush=True))
     except (TrainingError, DatasetError) as exc:
         raise RequestError(str(exc)) from None
-    print(file=sys.stderr)
-    if result["interrupted"]:
-        print(f"stopped at step {result['steps']}/{result['total']}; --resume carries on", file=sys.stderr)
-        return 0
-    print(f"{result['path']}  ({result['steps']} steps, loss log {result['log_path']})")
-    return 0
+    return _train_done(result)
 
 
 def cmd_train_textual(args: argparse.Namespace) -> int:

@@ -264,16 +264,10 @@ def test_controlnet_units_from_the_cli(data_dir, capsys, tmp_path):
 
 
 def test_train_lora_then_use_it(data_dir, capsys, tmp_path):
-    import numpy as np
+    from train_fixtures import squares
 
-    folder = tmp_path / "set" / "3_sks shape"
-    folder.mkdir(parents=True)
-    for i, colour in enumerate([(220, 40, 40), (40, 40, 220)]):
-        a = np.full((64, 64, 3), 30, np.uint8)
-        a[16:48, 16:48] = colour
-        Image.fromarray(a).save(folder / f"{i}.png")
-        (folder / f"{i}.caption").write_text(f"sks shape, {['red', 'blue'][i]}")
-    (folder / "broken.png").write_bytes(b"not an image")
+    squares(tmp_path / "set" / "3_sks shape", [(220, 40, 40), (40, 40, 220)], ["sks shape, red", "sks shape, blue"],
+            broken=True)
     code, out, err = run(["train", "lora", str(tmp_path / "set"), "--model", "tiny-sd1", "--steps", "3",
                           "--resolution", "64", "--name", "shape"], data_dir, capsys)
     assert code == 0, err
@@ -338,3 +332,25 @@ def test_train_hypernetwork_creates_trains_and_is_used(data_dir, capsys, tmp_pat
     assert code == 0 and "left out" not in err
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "plain" / "00000-42.png")),
                               np.asarray(Image.open(tmp_path / "hn" / "00000-42.png")))
+
+
+def test_train_lora_captions_the_pictures_without_captions(data_dir, capsys, tmp_path):
+    """``--caption-missing``: the tagger's caption beside the picture that had none, before the run; without the
+    interrogators' weights a one-line error naming the folder."""
+    from train_fixtures import squares
+
+    from sdstudio.testing.synthetic import write_interrogators
+
+    folder = squares(tmp_path / "set" / "2_sks", [(220, 40, 40), (40, 40, 220)])
+    (folder / "1.caption").write_text("blue square")
+    args = ["train", "lora", str(tmp_path / "set"), "--model", "tiny-sd1", "--steps", "1", "--resolution", "64",
+            "--name", "tagged", "--caption-missing", "deepbooru"]
+    code, _, err = run(args, data_dir, capsys)
+    assert code == 2 and "caption_missing (deepbooru)" in err and str(data_dir / "models" / "deepbooru") in err
+    assert err.count("\n") <= 2 and not (folder / "0.caption").exists()
+    write_interrogators(data_dir / "models")
+    code, out, err = run(args, data_dir, capsys)
+    assert code == 0, err
+    assert str(data_dir / "models" / "Lora" / "tagged.safetensors") in out
+    assert "captioned 1 pictures: 2_sks/0.png" in err and (data_dir / "models" / "Lora" / "tagged.safetensors").is_file()
+    assert (folder / "0.caption").read_text().strip() and (folder / "1.caption").read_text() == "blue square"

@@ -285,3 +285,90 @@ def test_blip_captions_load_the_blip_model_alone(tmp_path, interrogators):
     with pytest.raises(ModelNotFoundError, match="CLIP"):
         blip_only.get("clip")
     assert interrogators.get("clip").captioner is interrogators.get("blip")
+
+
+# ---- captions at training time (caption_missing) ---------------------------------------------------------
+def test_caption_missing_loads_nothing_when_all_are_captioned_and_names_the_folder(tmp_path, interrogators):
+    from sdstudio.training.preprocess import caption_missing, check_caption_missing
+
+    root = tmp_path / "set"
+    sub = root / "2_sks dog"
+    sub.mkdir(parents=True)
+    _picture(64, 64).save(sub / "0.png")
+    (sub / "0.caption").write_text("has one")
+    empty = Interrogators(tmp_path / "no-models", CPU)
+    assert caption_missing(empty, root, "both").written == []  # nothing to caption: no weights needed
+    _picture(64, 64, (30, 30, 200)).save(sub / "1.png")
+    with pytest.raises(TrainingError, match=r"caption_missing \(blip\): .*BLIP.* in .*no-models/BLIP"):
+        caption_missing(empty, root, "blip")
+    with pytest.raises(TrainingError, match=r"caption_missing \(deepbooru\): .*no-models/deepbooru"):
+        caption_missing(empty, root, "deepbooru")
+    assert not (sub / "1.caption").exists()
+    seen = []
+    result = caption_missing(interrogators, root, "both", on_text=seen.append)
+    assert result.written == [sub / "1.png"] and seen == ["Captioning [1/1]: 2_sks dog/1.png"]
+    caption = (sub / "1.caption").read_text().strip()
+    blip = interrogators.get("blip").interrogate(Image.open(sub / "1.png").convert("RGB"))
+    assert caption.startswith(blip)  # BLIP's caption, then the tags
+    assert (sub / "0.caption").read_text() == "has one"
+    assert check_caption_missing("") is None and check_caption_missing("both") == "both"
+    with pytest.raises(TrainingError, match="caption_missing: 'clip' is not one of blip, deepbooru, both"):
+        check_caption_missing("clip")
+
+
+def test_a_lora_job_captions_the_pictures_without_captions_first(service, data_dir):
+    """The LoRA route's body with ``caption_missing`` -> its job -> the run: the uncaptioned picture gets the
+    tagger's caption before training reads it (kohya's ss_tag_frequency counts its tags)."""
+    import json
+
+    from safetensors import safe_open
+
+    from sdstudio.api.train import LoraTrainBody, lora_job
+    from sdstudio.training.lora import run_job
+
+    write_interrogators(data_dir / "models")
+    sub = data_dir / "set" / "2_sks"
+    sub.mkdir(parents=True)
+    _picture(64, 64).save(sub / "0.png")
+    _picture(64, 64, (30, 30, 200)).save(sub / "1.png")
+    (sub / "1.caption").write_text("blue, kept")
+    body = LoraTrainBody(train_data_dir=str(data_dir / "set"), output_name="cap", network_dim=2, max_train_steps=2,
+                         resolution=64, caption_missing="deepbooru")
+    job = lora_job(service, body, None)
+    assert job["caption_missing"] == "deepbooru"
+    texts = []
+    result = run_job(service.engine, job, on_text=texts.append)
+    assert result["captioned"] == ["2_sks/0.png"] and texts[0] == "Captioning [1/1]: 2_sks/0.png"
+    tags = (sub / "0.caption").read_text().strip()
+    assert tags == service.engine.interrogators.get("deepdanbooru").interrogate(Image.open(sub / "0.png").convert("RGB"))
+    assert (sub / "1.caption").read_text() == "blue, kept"
+    with safe_open(result["path"], "pt") as f:
+        frequency = json.loads(f.metadata()["ss_tag_frequency"])["2_sks"]
+    assert frequency["kept"] == 1 and all(frequency[t.strip().lower()] >= 1 for t in tags.split(",") if t.strip())
+    assert "cap" in {m.name for m in service.engine.registry.loras}
+
+
+def test_the_dreambooth_route_captions_first_and_fails_clearly_without_weights(data_dir):
+    from train_fixtures import wait_job
+
+    from tests.test_server import AUTH
+
+    client = api_client(data_dir)
+    sub = data_dir / "set" / "1_sks"
+    sub.mkdir(parents=True)
+    _picture(64, 64).save(sub / "0.png")
+    body = {"train_data_dir": "set", "model": "tiny-sd1", "output_name": "capdb", "max_train_steps": 1,
+            "resolution": 64, "caption_missing": "blip"}
+    r = client.post("/sdstudio/v1/train/dreambooth", headers=AUTH, json=body)
+    assert r.status_code == 202, r.text
+    failed = wait_job(client, r.json()["id"], AUTH)
+    assert failed["status"] == "failed" and "caption_missing (blip)" in failed["error"]
+    assert str(data_dir / "models" / "BLIP") in failed["error"] and not (sub / "0.caption").exists()
+    bad = client.post("/sdstudio/v1/train/dreambooth", headers=AUTH, json={**body, "caption_missing": "clip"})
+    assert bad.status_code == 422 and "caption_missing" in bad.text
+    write_interrogators(data_dir / "models")
+    r = client.post("/sdstudio/v1/train/dreambooth", headers=AUTH, json=body)
+    done = wait_job(client, r.json()["id"], AUTH)
+    assert done["status"] == "done", done
+    assert done["result"]["captioned"] == ["1_sks/0.png"] and (sub / "0.caption").read_text().strip()
+    assert (data_dir / "models" / "Stable-diffusion" / "capdb.safetensors").is_file()

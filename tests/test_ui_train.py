@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_fixtures import squares
 
 from sdstudio.core.settings import Settings
 from sdstudio.ui import localization
@@ -111,3 +112,24 @@ def test_an_embedding_is_created_and_trained_from_the_tab(ui, data_dir):
                                                             False, False, "", False)
     assert output == f"Created: {data_dir / 'models' / 'hypernetworks' / 'tab-hn.pt'}" and outcome == ""
     assert "tab-hn" in tab.hypernetwork_names() and dropdown.value == "tab-hn"
+
+
+def test_the_caption_checkbox_captions_before_a_dreambooth_run(ui, data_dir):
+    """"Caption pictures that have no caption" (with its captioner) makes the job caption them first; the
+    outcome counts them."""
+    from sdstudio.testing.synthetic import write_interrogators
+
+    ids = {getattr(b, "elem_id", None) for b in ui.page.blocks.values()}
+    assert {"train_lora_caption_missing", "train_lora_captioner", "train_dreambooth_caption_missing",
+            "train_dreambooth_captioner"} <= ids
+    write_interrogators(data_dir / "models")
+    folder = squares(data_dir / "db" / "1_sks", [(220, 40, 40)])
+    args = {"dataset": "db", "class_dir": "", "class_prompt": "", "num_class": 0, "prior_weight": 1.0,
+            "model": ui.settings.get("sd_model_checkpoint"), "name": "captioned", "steps": 1, "lr": 1e-4,
+            "resolution": 64, "batch": 1, "scheduler": "constant", "text_encoder": False, "fp16": False,
+            "flip": False, "resume": False, "cache_latents": False, "caption_missing": True,
+            "captioner": "DeepBooru"}
+    *_, (_, text, _) = ui.train.run_train_dreambooth("ui:test", *args.values())
+    assert text.startswith("Checkpoint saved: ") and text.endswith("; 1 pictures captioned"), text
+    tags = ui.service.engine.interrogators.get("deepdanbooru").interrogate(Image.open(folder / "0.png").convert("RGB"))
+    assert (folder / "0.caption").read_text().strip() == tags

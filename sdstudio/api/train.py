@@ -15,7 +15,10 @@ caller from the network both must lie inside the data dir; ``log_directory`` mus
 (not implemented here).
 
 Our own routes (A1111 has none), with kohya's field names: ``POST /sdstudio/v1/train/lora`` and
-``POST /sdstudio/v1/train/dreambooth`` check the request, queue the run and answer 202 with the job.
+``POST /sdstudio/v1/train/dreambooth`` check the request, queue the run and answer 202 with the job. Both take
+``caption_missing`` (``blip``, ``deepbooru`` or ``both``): the job first writes a caption file (the
+``caption_extension``) beside every picture of the dataset folder that has none, with the interrogators in
+models/BLIP and models/deepbooru (missing weights fail the job, naming the folder to fill).
 """
 
 from __future__ import annotations
@@ -225,6 +228,10 @@ class _TrainBody(BaseModel):
     save_every_n_steps: int | None = Field(None, ge=1)
     clip_skip: int = Field(1, ge=1, le=12)
     cache_latents: bool = False  # every picture (and its mirror with flip_aug) through the VAE once, up front
+    # pictures without a caption file captioned first, the caption written beside them (kohya's make_captions)
+    caption_missing: Literal["blip", "deepbooru", "both"] | None = None
+    sample_every_n_steps: int | None = Field(None, ge=1)
+    sample_prompts: list[str] = Field(default_factory=list)  # pictures every sample_every_n_steps
 
 
 class LoraTrainBody(_TrainBody):
@@ -262,8 +269,6 @@ class DreamboothTrainBody(_TrainBody):
     class_seed: int = Field(0, ge=0)
     class_batch_size: int = Field(1, ge=1, le=64)
     save_precision: Literal["float", "fp16", "bf16"] = "float"
-    sample_every_n_steps: int | None = Field(None, ge=1)
-    sample_prompts: list[str] = Field(default_factory=list)  # pictures every sample_every_n_steps
 
 
 def _resolution(value: int | str) -> tuple[int, int]:
@@ -299,7 +304,7 @@ def _run_config(body: _TrainBody) -> dict:
             "mixed_precision": body.mixed_precision, "gradient_checkpointing": body.gradient_checkpointing,
             "optimizer": body.optimizer_type, "max_grad_norm": body.max_grad_norm, "seed": body.seed,
             "save_every_n_steps": body.save_every_n_steps, "clip_skip": body.clip_skip,
-            "cache_latents": body.cache_latents}
+            "cache_latents": body.cache_latents, "sample_every_n_steps": body.sample_every_n_steps}
 
 
 def lora_job(service: JobService, body: LoraTrainBody, model: str | None) -> dict:
@@ -314,10 +319,12 @@ def lora_job(service: JobService, body: LoraTrainBody, model: str | None) -> dic
               "train_text_encoder": not body.network_train_unet_only, "unet_lr": body.unet_lr,
               "text_encoder_lr": body.text_encoder_lr, "training_comment": body.training_comment}
     try:
-        return service.prepare_train_lora(dataset=body.train_data_dir, model=model, output_name=body.output_name,
-                                          resume=body.resume, dataset_options=dataset, config=config)
+        job = service.prepare_train_lora(dataset=body.train_data_dir, model=model, output_name=body.output_name,
+                                         resume=body.resume, dataset_options=dataset, config=config)
     except JobError as exc:
         raise HTTPException(http_status(exc.kind), str(exc)) from None
+    return {**job, "caption_missing": body.caption_missing,
+            "sample_prompts": [p for p in body.sample_prompts if p.strip()]}
 
 
 def dreambooth_job(service: JobService, body: DreamboothTrainBody, model: str | None) -> dict:
@@ -328,7 +335,7 @@ def dreambooth_job(service: JobService, body: DreamboothTrainBody, model: str | 
 
     config = {**_run_config(body), "train_text_encoder": body.train_text_encoder,
               "text_encoder_lr": body.learning_rate_te, "prior_loss_weight": body.prior_loss_weight,
-              "save_precision": body.save_precision, "sample_every_n_steps": body.sample_every_n_steps}
+              "save_precision": body.save_precision}
     class_options = {"num_class_images": body.num_class_images, "class_prompt": body.class_prompt,
                      "class_negative_prompt": body.class_negative_prompt, "class_infer_steps": body.class_infer_steps,
                      "class_guidance_scale": body.class_guidance_scale, "class_sampler_name": body.class_sampler_name,
@@ -337,7 +344,7 @@ def dreambooth_job(service: JobService, body: DreamboothTrainBody, model: str | 
         return prepare_job(service.engine.registry, dataset=body.train_data_dir, model=model,
                            output_name=body.output_name, resume=body.resume, dataset_options=_dataset_options(body),
                            class_dir=body.reg_data_dir, class_options=class_options, config=config,
-                           sample_prompts=body.sample_prompts)
+                           sample_prompts=body.sample_prompts, caption_missing=body.caption_missing)
     except (TrainingError, DatasetError, ModelNotFoundError) as exc:
         raise HTTPException(422, str(exc)) from None
 

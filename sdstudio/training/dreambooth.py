@@ -64,6 +64,7 @@ from .loop import (
     vae_encoder,
 )
 from .lora import TrainResult, base_model_version, model_hash
+from .preprocess import caption_job_dataset, check_caption_missing
 
 SAVE_PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WHAT = "Dreambooth training"
@@ -451,14 +452,16 @@ CLASS_FIELDS = ("num_class_images", "class_prompt", "class_negative_prompt", "cl
 def prepare_job(registry, *, dataset: str | Path, model: str | None = None, output_name: str | None = None,
                 resume: bool = False, dataset_options: dict | None = None, class_dir: str | Path | None = None,
                 class_options: dict | None = None, config: dict | None = None,
-                sample_prompts: list[str] | None = None) -> dict:
+                sample_prompts: list[str] | None = None, caption_missing: str | None = None) -> dict:
     """A ``train_dreambooth`` job (JSON) after the checks the run would make: the checkpoint exists and can be
     fine-tuned, the folder holds usable images, the class folder holds its images or a class prompt to
     generate the missing ones, every option is a :class:`DreamboothConfig` field (``class_options``: the
     Dreambooth extension's ``num_class_images``, ``class_prompt``, ``class_negative_prompt``,
     ``class_infer_steps``, ``class_guidance_scale``, plus ``class_sampler_name``, ``class_seed``,
-    ``class_batch_size``). Errors are :class:`TrainingError` / :class:`~sdstudio.training.dataset.DatasetError`;
-    an unknown checkpoint raises the registry's ModelNotFoundError."""
+    ``class_batch_size``). ``caption_missing`` (``blip``, ``deepbooru``, ``both``): the instance pictures without a
+    caption are captioned by the run first (:func:`sdstudio.training.preprocess.caption_job_dataset`). Errors are
+    :class:`TrainingError` / :class:`~sdstudio.training.dataset.DatasetError`; an unknown checkpoint raises the
+    registry's ModelNotFoundError."""
     config = {k: v for k, v in (config or {}).items() if v is not None}
     dataset_options = {k: v for k, v in (dataset_options or {}).items() if v is not None}
     class_options = {k: v for k, v in (class_options or {}).items() if v is not None}
@@ -494,7 +497,8 @@ def prepare_job(registry, *, dataset: str | Path, model: str | None = None, outp
     job = {"model": checkpoint.title, "dataset": {"root": str(folder), **dataset_options}, "output_name": name,
            "resume": bool(resume), "config": config, "images": len(ds.items),
            "skipped_images": [list(s) for s in ds.skipped], "class_dataset": None, "class_options": {},
-           "sample_prompts": [str(p) for p in sample_prompts or [] if str(p).strip()]}
+           "sample_prompts": [str(p) for p in sample_prompts or [] if str(p).strip()],
+           "caption_missing": check_caption_missing(caption_missing)}
     if class_dir:
         have = count_images(class_dir, **dataset_options)
         wanted = int(class_options.get("num_class_images", 0))
@@ -522,6 +526,7 @@ def run_job(engine, spec: dict, *, resume: bool = False, on_progress: Callable[[
     checkpoint = engine.registry.checkpoint(spec["model"])
     name = spec["output_name"]
     work = engine.paths.models_dir / "dreambooth" / name
+    captioned = caption_job_dataset(engine, spec, on_text)
     ds = TrainingDataset.from_folder(**spec["dataset"])
     config = dict(spec["config"])
     class_ds = None
@@ -542,7 +547,8 @@ def run_job(engine, spec: dict, *, resume: bool = False, on_progress: Callable[[
                                 **{k: v for k, v in data.items() if k != "root"})
             if should_stop is not None and should_stop():
                 return {"path": None, "steps": 0, "total": 0, "interrupted": True, "state_path": None,
-                        "log_path": None, "losses": [], "skipped_images": [list(s) for s in ds.skipped]}
+                        "log_path": None, "losses": [], "skipped_images": [list(s) for s in ds.skipped],
+                        "captioned": captioned}
         class_ds = TrainingDataset.from_folder(**data)
     sampler = None
     if spec.get("sample_prompts") and config.get("sample_every_n_steps"):
@@ -559,4 +565,4 @@ def run_job(engine, spec: dict, *, resume: bool = False, on_progress: Callable[[
     return {"path": str(out.path) if out.path else None, "steps": out.steps, "total": out.total,
             "interrupted": out.interrupted, "state_path": str(out.state_path), "log_path": str(out.log_path),
             "losses": out.losses, "skipped_images": [list(s) for s in out.skipped_images],
-            "class_images": class_ds.num_train_images if class_ds is not None else 0}
+            "class_images": class_ds.num_train_images if class_ds is not None else 0, "captioned": captioned}

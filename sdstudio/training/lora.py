@@ -401,3 +401,36 @@ def engine_sampler(engine, checkpoint: str, prompts: list[str], folder: str | Pa
         return images
 
     return sample
+
+
+def run_job(engine, spec: dict, *, resume: bool = False, on_progress: Callable[[TrainProgress], None] | None = None,
+            should_stop: Callable[[], bool] | None = None, on_text: Callable[[str], None] | None = None) -> dict:
+    """A ``train_lora`` job (:meth:`~sdstudio.service.jobs.JobService.prepare_train_lora`'s JSON: ``model``,
+    ``dataset``, ``output_name``, ``resume``, ``config``; optional ``caption_missing`` and ``sample_prompts``) on
+    the engine's device: the pictures without a caption captioned first (``caption_missing``: ``blip``,
+    ``deepbooru`` or ``both``, :func:`sdstudio.training.preprocess.caption_job_dataset`), then the run, its file
+    into the engine's LoRA folder (listed at once); with ``sample_prompts`` and ``sample_every_n_steps`` the
+    step's LoRA generates them through the engine (:func:`engine_sampler`) into ``models/Lora/sample/<name>/``,
+    kohya's ``sample`` folder. ``resume``: carry on from the saved state (a job restarted after a crash)."""
+    from .preprocess import caption_job_dataset
+
+    checkpoint = engine.registry.checkpoint(spec["model"])
+    name = spec["output_name"]
+    captioned = caption_job_dataset(engine, spec, on_text)
+    ds = TrainingDataset.from_folder(**spec["dataset"])
+    config = dict(spec["config"])
+    sampler = None
+    if spec.get("sample_prompts") and config.get("sample_every_n_steps"):
+        res = spec["dataset"].get("resolution", 512)
+        w, h = (res, res) if isinstance(res, int) else res
+        sampler = engine_sampler(engine, checkpoint.title, list(spec["sample_prompts"]),
+                                 engine.paths.lora_dir / "sample" / name, width=w, height=h)
+    if on_text is not None:
+        on_text("Initializing training...")
+    out = train_lora(checkpoint.path, ds, device=engine.plan.device, resume=bool(spec.get("resume")) or resume,
+                     on_progress=on_progress, should_stop=should_stop, sampler=sampler,
+                     output_dir=engine.paths.lora_dir, output_name=name, **config)
+    engine.registry.refresh()
+    return {"path": str(out.path) if out.path else None, "steps": out.steps, "total": out.total,
+            "interrupted": out.interrupted, "state_path": str(out.state_path), "log_path": str(out.log_path),
+            "losses": out.losses, "skipped_images": [list(s) for s in out.skipped_images], "captioned": captioned}

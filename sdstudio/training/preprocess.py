@@ -10,7 +10,9 @@ source as ``txt_action`` says (``ignore``, ``copy``, ``prepend``, ``append``); w
 follows each picture. Files that are not pictures are reported by name and skipped, never fatal.
 
 :func:`caption_folder` writes a caption file beside every picture of a kohya folder (``N_name`` sub-folders
-included) that has none, as kohya's ``make_captions.py`` / ``tag_images_by_wd14_tagger.py`` do.
+included) that has none, as kohya's ``make_captions.py`` / ``tag_images_by_wd14_tagger.py`` do; the LoRA and
+Dreambooth jobs' ``caption_missing`` option (``blip``, ``deepbooru`` or ``both``) runs it on the dataset folder
+before training (:func:`caption_job_dataset`).
 
 Captioners are plain ``picture -> text`` callables; :func:`interrogator_captioners` makes them from the
 engine's interrogators (:mod:`sdstudio.engine.interrogate`), and says clearly which model folder is missing
@@ -53,20 +55,22 @@ class PreprocessResult:
         return text
 
 
-def interrogator_captioners(interrogators, *, blip: bool = False, deepbooru: bool = False) -> list[Captioner]:
+def interrogator_captioners(interrogators, *, blip: bool = False, deepbooru: bool = False,
+                            option: str | None = None) -> list[Captioner]:
     """A1111's "Use BLIP for caption" / "Use deepbooru for caption" as captioners, loaded now: a model that is
-    not installed raises :class:`TrainingError` naming the option and the folder to fill."""
+    not installed raises :class:`TrainingError` naming the option (A1111's label, or ``option``) and the folder
+    to fill."""
     from ..models.errors import ModelFileError, ModelNotFoundError
 
     out: list[Captioner] = []
-    for wanted, backend, option in ((blip, "blip", "Use BLIP for caption"),
-                                    (deepbooru, "deepdanbooru", "Use deepbooru for caption")):
+    for wanted, backend, label in ((blip, "blip", "Use BLIP for caption"),
+                                   (deepbooru, "deepdanbooru", "Use deepbooru for caption")):
         if not wanted:
             continue
         try:
             model = interrogators.get(backend)  # "blip": the BLIP caption model alone, not CLIP's ranking
         except (ModelNotFoundError, ModelFileError) as exc:
-            raise TrainingError(f"{option}: {exc}") from None
+            raise TrainingError(f"{option or label}: {exc}") from None
         out.append(model.interrogate)
     return out
 
@@ -236,33 +240,89 @@ def preprocess_images(src: str | Path, dst: str | Path, width: int = 512, height
     return result
 
 
-def caption_folder(root: str | Path, captioners: list[Captioner], *, extension: str = ".caption",
-                   overwrite: bool = False) -> PreprocessResult:
-    """A caption file (``<stem><extension>``, the first line kohya reads) beside each picture of a training
-    folder, and of its ``N_name`` sub-folders, that has none (every picture with ``overwrite``); pictures that
-    cannot be read are reported by name and skipped. ``written`` lists the captioned pictures."""
+def uncaptioned(root: str | Path, extension: str = ".caption", *, overwrite: bool = False) -> list[Path]:
+    """The pictures of a training folder, and of its ``N_name`` sub-folders, without a ``<stem><extension>``
+    caption beside them (all of them with ``overwrite``)."""
     root = Path(root)
     if not root.is_dir():
         raise TrainingError(f"{root}: not a folder")
+    extension = extension if extension.startswith(".") else "." + extension
+    folders = [root] + [p for p in sorted(root.iterdir()) if p.is_dir() and _repeats_folder(p.name)]
+    return [path for folder in folders
+            for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if overwrite or not path.with_suffix(extension).exists()]
+
+
+def caption_folder(root: str | Path, captioners: list[Captioner], *, extension: str = ".caption",
+                   overwrite: bool = False, on_progress: Callable[[int, int, str], None] | None = None
+                   ) -> PreprocessResult:
+    """A caption file (``<stem><extension>``, the first line kohya reads) beside each picture of a training
+    folder, and of its ``N_name`` sub-folders, that has none (every picture with ``overwrite``); pictures that
+    cannot be read are reported by name and skipped. ``written`` lists the captioned pictures;
+    ``on_progress(i, n, name)`` comes before each."""
+    root = Path(root)
     if not captioners:
         raise TrainingError("captioning needs at least one captioner (BLIP or DeepBooru)")
     extension = extension if extension.startswith(".") else "." + extension
-    folders = [root] + [p for p in sorted(root.iterdir()) if p.is_dir() and _repeats_folder(p.name)]
     result = PreprocessResult()
-    for folder in folders:
-        for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
-            target = path.with_suffix(extension)
-            if target.exists() and not overwrite:
-                continue
-            try:
-                with Image.open(path) as im:
-                    picture = ImageOps.exif_transpose(im).convert("RGB")
-            except Exception as exc:  # noqa: BLE001 - reported and skipped, as the dataset does
-                result.skipped.append((str(path.relative_to(root)), f"{type(exc).__name__}: {exc}"))
-                continue
-            target.write_text(_caption(picture, captioners) + "\n", encoding="utf-8")
-            result.written.append(path)
+    pictures = uncaptioned(root, extension, overwrite=overwrite)
+    for i, path in enumerate(pictures):
+        name = str(path.relative_to(root))
+        if on_progress is not None:
+            on_progress(i, len(pictures), name)
+        try:
+            with Image.open(path) as im:
+                picture = ImageOps.exif_transpose(im).convert("RGB")
+        except Exception as exc:  # noqa: BLE001 - reported and skipped, as the dataset does
+            result.skipped.append((name, f"{type(exc).__name__}: {exc}"))
+            continue
+        path.with_suffix(extension).write_text(_caption(picture, captioners) + "\n", encoding="utf-8")
+        result.written.append(path)
     return result
+
+
+# ---- captions at training time (the LoRA and Dreambooth jobs' caption_missing) ---------------------------
+CAPTION_MISSING = {"blip": (True, False), "deepbooru": (False, True), "both": (True, True)}
+
+
+def check_caption_missing(value: str | None) -> str | None:
+    """The ``caption_missing`` training option: None or "" (off), ``blip`` (BLIP's caption), ``deepbooru``
+    (DeepBooru's tags) or ``both`` (the caption, then the tags)."""
+    if value in (None, ""):
+        return None
+    if value not in CAPTION_MISSING:
+        raise TrainingError(f"caption_missing: {value!r} is not one of {', '.join(CAPTION_MISSING)} (or empty: off)")
+    return value
+
+
+def caption_missing(interrogators, root: str | Path, which: str, *, extension: str = ".caption",
+                    on_text: Callable[[str], None] | None = None) -> PreprocessResult:
+    """Training-time auto-captioning: a caption written beside each picture of the training folder (and its
+    ``N_name`` sub-folders) that has none, by BLIP, DeepBooru or both (``which``, see
+    :func:`check_caption_missing`), as kohya's ``make_captions.py`` writes them before a run. The
+    interrogators load only when some picture lacks a caption; their weights missing is a
+    :class:`TrainingError` naming the folder to fill. ``on_text`` hears "Captioning [i/n]: name"."""
+    which = check_caption_missing(which)
+    if which is None or not uncaptioned(root, extension):
+        return PreprocessResult()
+    blip, deepbooru = CAPTION_MISSING[which]
+    captioners = interrogator_captioners(interrogators, blip=blip, deepbooru=deepbooru,
+                                         option=f"caption_missing ({which})")
+    progress = None if on_text is None else (lambda i, n, name: on_text(f"Captioning [{i + 1}/{n}]: {name}"))
+    return caption_folder(root, captioners, extension=extension, on_progress=progress)
+
+
+def caption_job_dataset(engine, spec: dict, on_text: Callable[[str], None] | None = None) -> list[str]:
+    """A LoRA / Dreambooth job's ``caption_missing`` done on its dataset folder with the engine's
+    interrogators, before the run reads the captions: the pictures captioned (paths inside the folder)."""
+    which = spec.get("caption_missing")
+    if not which:
+        return []
+    dataset = spec["dataset"]
+    root = Path(dataset["root"])
+    result = caption_missing(engine.interrogators, root, which, extension=dataset.get("caption_extension", ".caption"),
+                             on_text=on_text)
+    return [str(p.relative_to(root)) for p in result.written]
 
 
 # ---- queue jobs -----------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from ..training.lora import SCHEDULERS
 from .progress import client_of, progress_html
 
 SIZES = [str(s) for s in (768, 1024, 320, 640, 1280)]
+CAPTIONERS = {"BLIP": "blip", "DeepBooru": "deepbooru", "BLIP + DeepBooru": "both"}  # caption_missing's values
 
 
 def loss_plot(losses, most: int = 400) -> str:
@@ -293,6 +294,13 @@ class TrainTab:
                 c.cache_latents = gr.Checkbox(False, label="Cache latents", elem_id=f"train_{kind}_cache_latents")
                 c.resume = gr.Checkbox(False, label="Resume from the saved state", elem_id=f"train_{kind}_resume")
             with gr.Row():
+                c.caption_missing = gr.Checkbox(False, label="Caption pictures that have no caption",
+                                                elem_id=f"train_{kind}_caption_missing")
+                c.captioner = gr.Radio(list(CAPTIONERS), value="BLIP", label="Captioner", visible=False,
+                                       elem_id=f"train_{kind}_captioner")
+            c.caption_missing.change(lambda on: gr.update(visible=bool(on)), c.caption_missing, c.captioner,
+                                     show_progress="hidden")
+            with gr.Row():
                 c.button = gr.Button(button, variant="primary", elem_id=f"train_train_{kind}")
                 c.interrupt = gr.Button("Interrupt", elem_id=f"train_{kind}_interrupt")
         return c
@@ -450,15 +458,24 @@ class TrainTab:
             r = job.result
             skipped = "".join(f"<li>{html.escape(n)}: {html.escape(why)}</li>" for n, why in r.get("skipped_images", []))
             extra = f'<ul class="sd-notranslate">{skipped}</ul>' if skipped else ""
+            captioned = f"; {len(r['captioned'])} pictures captioned" if r.get("captioned") else ""
             if r.get("interrupted"):
-                return f"Stopped at step {r['steps']} of {r['total']}; state saved to {r['state_path']}", extra
-            return f"{what} saved: {r['path']} ({r['steps']} steps, loss log {r['log_path']})", extra
+                return (f"Stopped at step {r['steps']} of {r['total']}; state saved to {r['state_path']}{captioned}",
+                        extra)
+            return f"{what} saved: {r['path']} ({r['steps']} steps, loss log {r['log_path']}){captioned}", extra
 
         return done
 
+    @staticmethod
+    def _caption_missing(on, captioner) -> str | None:
+        """The "Caption pictures that have no caption" checkbox and its captioner -> ``caption_missing``."""
+        return CAPTIONERS.get(captioner or "BLIP", "blip") if on else None
+
     def run_train_lora(self, client: str, dataset, model, name, dim, alpha, steps, lr, resolution, batch,
-                       scheduler, flip, shuffle, resume, cache_latents=False) -> Iterator[tuple]:
-        """Train LoRA: the same checks and job as ``POST /sdstudio/v1/train/lora`` (the folder inside the data dir)."""
+                       scheduler, flip, shuffle, resume, cache_latents=False, caption_missing=False,
+                       captioner="BLIP") -> Iterator[tuple]:
+        """Train LoRA: the same checks and job as ``POST /sdstudio/v1/train/lora`` (the folder inside the data dir);
+        with ``caption_missing`` the job captions the pictures that have no caption first."""
         service = self.ui.service
         if not (dataset or "").strip():
             raise gr.Error("Dataset folder is empty")
@@ -470,6 +487,7 @@ class TrainTab:
                                                       "shuffle_caption": bool(shuffle)},
                 config={**self._run_config(steps, lr, batch, scheduler, cache_latents),
                         "network_dim": int(dim or 1), "network_alpha": float(alpha or 0)})
+            job["caption_missing"] = self._caption_missing(caption_missing, captioner)
             submitted = service.submit_train_lora(client, job)
         except (JobError, ValueError, TypeError) as exc:
             raise gr.Error(str(exc)) from None
@@ -477,7 +495,7 @@ class TrainTab:
 
     def run_train_dreambooth(self, client: str, dataset, class_dir, class_prompt, num_class, prior_weight, model,
                              name, steps, lr, resolution, batch, scheduler, text_encoder, fp16, flip,
-                             resume, cache_latents=False) -> Iterator[tuple]:
+                             resume, cache_latents=False, caption_missing=False, captioner="BLIP") -> Iterator[tuple]:
         """Train Dreambooth: the same checks and job as ``POST /sdstudio/v1/train/dreambooth`` (both folders
         inside the data dir)."""
         from ..models.errors import ModelNotFoundError
@@ -497,7 +515,8 @@ class TrainTab:
                 class_options={"num_class_images": int(num_class or 0), "class_prompt": (class_prompt or "").strip()},
                 config={**self._run_config(steps, lr, batch, scheduler, cache_latents),
                         "prior_loss_weight": float(prior_weight if prior_weight is not None else 1.0),
-                        "train_text_encoder": bool(text_encoder), "save_precision": "fp16" if fp16 else "float"})
+                        "train_text_encoder": bool(text_encoder), "save_precision": "fp16" if fp16 else "float"},
+                caption_missing=self._caption_missing(caption_missing, captioner))
             submitted = service.submit_train_dreambooth(client, job)
         except (JobError, TrainingError, DatasetError, ModelNotFoundError, ValueError, TypeError) as exc:
             raise gr.Error(str(exc)) from None
@@ -561,11 +580,12 @@ class TrainTab:
         for run, c, inputs in (
                 (self.run_train_lora, lora, [lora.dataset, lora.model, lora.name, lora.dim, lora.alpha, lora.steps,
                                              lora.lr, lora.resolution, lora.batch, lora.scheduler, lora.flip,
-                                             lora.shuffle, lora.resume, lora.cache_latents]),
+                                             lora.shuffle, lora.resume, lora.cache_latents, lora.caption_missing,
+                                             lora.captioner]),
                 (self.run_train_dreambooth, db, [db.dataset, db.class_dir, db.class_prompt, db.num_class,
                                                  db.prior_weight, db.model, db.name, db.steps, db.lr, db.resolution,
                                                  db.batch, db.scheduler, db.text_encoder, db.fp16, db.flip, db.resume,
-                                                 db.cache_latents])):
+                                                 db.cache_latents, db.caption_missing, db.captioner])):
             def on_run(request: gr.Request, *values, run=run):
                 yield from run(client_of(request), *values)
 
