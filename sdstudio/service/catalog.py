@@ -13,7 +13,8 @@ from pathlib import Path
 from ..core.extra_networks import extract, lora_uses
 from ..core.params import RequestError
 from ..core.paths import Paths
-from ..models.errors import ModelNotFoundError
+from ..models.errors import ModelFileError, ModelNotFoundError
+from ..models.pickle_scan import unsafe_warning
 from ..models.registry import ModelRegistry
 
 
@@ -33,9 +34,12 @@ class ModelCatalog:
 
     def check(self, req) -> None:
         """The request's checkpoint, VAE and refiner exist (an unknown one: :class:`ModelNotFoundError`
-        naming it, as the engine's lookup would say on the worker). LoRA tags are not checked: a missing
+        naming it, as the engine's lookup would say on the worker), and the checkpoint is no pickle the
+        worker's safe loader would refuse (:class:`ModelFileError`, A1111's picklescan words). LoRA tags are not checked: a missing
         LoRA is a warning in A1111, and so on the worker."""
         file = self.registry.checkpoint(req.model)
+        if warning := unsafe_warning(file.path):  # the worker's safe loader would refuse it: say so now
+            raise ModelFileError(warning)
         self.registry.vae_for(file, req.vae)
         refiner = getattr(req, "refiner_checkpoint", None)
         if refiner and refiner != "None":

@@ -453,7 +453,7 @@ class JobService:
             job.request = self.studio.validate(job.request.with_concrete_seeds())
             if self.catalog is not None:
                 self.catalog.check(job.request)
-        except (RequestError, ModelNotFoundError) as exc:
+        except (RequestError, ModelNotFoundError, ModelFileError) as exc:
             raise JobError(str(exc)) from None
         self._check_room(client)
         data = job.to_dict()

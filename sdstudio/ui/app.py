@@ -79,6 +79,14 @@ class StudioUI:
     def checkpoint_titles(self) -> list[str]:
         return [m.title for m in self.service.engine.registry.checkpoints]
 
+    def checkpoint_choices(self) -> list[tuple[str, str]]:
+        """The checkpoint dropdown's (label, title) pairs: a pickle the safe loader would refuse is labelled
+        as A1111's picklescan warns (:func:`sdstudio.models.pickle_scan.unsafe_warning`)."""
+        from ..models.pickle_scan import unsafe_warning
+
+        return [(f"{m.title} ⚠ may be malicious" if unsafe_warning(m.path) else m.title, m.title)
+                for m in self.service.engine.registry.checkpoints]
+
     def vae_names(self) -> list[str]:
         return ["Automatic", "None", *[v.name for v in self.service.engine.registry.vaes]]
 
@@ -138,7 +146,7 @@ class StudioUI:
         with gr.Blocks(title="sdstudio", analytics_enabled=False) as page:
             self.timer = gr.Timer(2.0)
             with gr.Row(elem_id="quicksettings"):
-                self.checkpoint = gr.Dropdown(self.checkpoint_titles(), value=settings.get("sd_model_checkpoint"),
+                self.checkpoint = gr.Dropdown(self.checkpoint_choices(), value=settings.get("sd_model_checkpoint"),
                                               label="Stable Diffusion checkpoint", elem_id="setting_sd_model_checkpoint",
                                               scale=4)
                 self.refresh = gr.Button("🔄", elem_id="refresh_sd_model_checkpoint", size="sm", min_width=40, scale=0)
@@ -202,7 +210,7 @@ class StudioUI:
         fresh = [values.get("sd_vae", "Automatic"), values.get("CLIP_stop_at_last_layers", 1),
                  *[values.get(key) for key in self.settings_tab.controls], w, h, w, h]
         controls = self._settings_outputs()[1:]
-        return [gr.Dropdown(choices=self.checkpoint_titles(), value=values.get("sd_model_checkpoint")),
+        return [gr.Dropdown(choices=self.checkpoint_choices(), value=values.get("sd_model_checkpoint")),
                 *[gr.skip() if value == control.value else value for control, value in zip(controls, fresh)]]
 
     def model_size(self) -> tuple[int, int]:
@@ -254,7 +262,7 @@ class StudioUI:
 
         def refresh():
             self.service.engine.registry.refresh()
-            return (gr.Dropdown(choices=self.checkpoint_titles(), value=settings.get("sd_model_checkpoint")),
+            return (gr.Dropdown(choices=self.checkpoint_choices(), value=settings.get("sd_model_checkpoint")),
                     gr.Dropdown(choices=self.vae_names()))
 
         self.refresh.click(refresh, None, [self.checkpoint, self.vae], show_progress="hidden")
