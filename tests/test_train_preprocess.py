@@ -190,8 +190,8 @@ PREPROCESS_BODY = {"id_task": "task(1)", "process_width": 64, "process_height": 
 
 def test_the_a1111_preprocess_route(data_dir, source):
     """``POST /sdapi/v1/preprocess`` with A1111's fields runs as a queue job: pictures, flips and captions in the
-    destination, A1111's answer; bad fields, the focal point crop we lack and folders outside the data dir (for
-    a caller from the network) are refused."""
+    destination, A1111's answer; bad fields and folders outside the data dir (for a caller from the network) are
+    refused (the focal point crop itself: test_train_focal)."""
     from tests.test_server import AUTH
 
     write_interrogators(data_dir / "models")
@@ -215,7 +215,8 @@ def test_the_a1111_preprocess_route(data_dir, source):
         return reply.json()["info"]
 
     assert info_of(bogus=1) == "preprocess error: preprocess() got an unexpected keyword argument 'bogus'"
-    assert info_of(process_focal_crop=True).startswith("preprocess error: Auto focal point crop is not available")
+    assert info_of(process_focal_crop=True, process_focal_crop_face_weight="x") == \
+        "preprocess error: process_focal_crop_face_weight must be a number, got 'x'"
     assert info_of(process_src=str(data_dir / "nowhere")).startswith("preprocess error: Preprocess: source directory")
     assert info_of(process_multicrop=True, process_multicrop_objective="x").startswith(
         "preprocess error: Preprocess: resizing objective")
@@ -262,8 +263,8 @@ def test_the_tab_preprocesses_and_refuses_folders_when_shared(service, data_dir,
     out = data_dir / "tab-out"
     assert len(list(out.glob("00000-*-a-wide.png"))) == 5  # split into A1111's overlapping tiles
     assert (out / "00001-0-b-square.txt").read_text() == "old words"
-    with pytest.raises(gr.Error, match="focal point"):
-        next(tab.run_preprocess("ui:test", *{**values, "focal": True}.values()))
+    with pytest.raises(gr.Error, match="process_focal_crop_edges_weight: must be 0 or more"):
+        next(tab.run_preprocess("ui:test", *{**values, "focal": True, "edges": -0.5}.values()))
     shell.allow_folders = False
     with pytest.raises(gr.Error, match="--listen"):
         next(tab.run_preprocess("ui:test", *values.values()))

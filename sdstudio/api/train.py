@@ -11,8 +11,8 @@ file saved at the step reached. Folders: ``data_root`` may be anywhere the serve
 from the data dir), and so may an absolute ``template_filename``, for a caller on the server's machine; for a
 caller from the network both must lie inside the data dir; ``log_directory`` must lie inside the data dir
 (default ``textual_inversion``). Preprocess's ``process_src`` and ``process_dst`` follow ``data_root``'s rule
-(the destination is written: from the network, only inside the data dir); Auto focal point crop is refused
-(not implemented here).
+(the destination is written: from the network, only inside the data dir); Auto focal point crop scores
+faces with face restoration's RetinaFace file when installed (:mod:`sdstudio.training.focal`).
 
 Our own routes (A1111 has none), with kohya's field names: ``POST /sdstudio/v1/train/lora`` and
 ``POST /sdstudio/v1/train/dreambooth`` check the request, queue the run and answer 202 with the job. Both take
@@ -163,11 +163,18 @@ def _folder_arg(args: dict, key: str, data_dir: Path, what: str) -> str:
 def preprocess_kwargs(args: dict, data_dir: Path) -> dict:
     """A1111's ``preprocess()`` keyword arguments -> a ``preprocess`` job's (JSON): unknown keys refused as
     its function refuses them, its defaults, its clamping of the split threshold (0..1) and overlap (0..0.9);
-    relative folders from the data dir. Auto focal point crop (A1111's face-detection crop) is refused."""
+    relative folders from the data dir. Auto focal point crop takes its function's default weights (face 0.9,
+    entropy 0.3, edges 0.5; its tab's entropy slider starts at 0.15)."""
     _unknown(args, PREPROCESS, "preprocess")
+    focal = None
     if _bool(args, "process_focal_crop"):
-        raise FieldError("Auto focal point crop is not available here (it needs A1111's face-detection crop); "
-                         "use Auto-sized crop or Split oversized images instead")
+        focal = {"face_weight": _float(args, "process_focal_crop_face_weight", 0.9),
+                 "entropy_weight": _float(args, "process_focal_crop_entropy_weight", 0.3),
+                 "edges_weight": _float(args, "process_focal_crop_edges_weight", 0.5),
+                 "debug": _bool(args, "process_focal_crop_debug")}
+        for key, value in focal.items():
+            if key != "debug" and value < 0:
+                raise FieldError(f"process_focal_crop_{key}: must be 0 or more, got {value}")
     kwargs = {"src": _folder_arg(args, "process_src", data_dir, "Source directory"),
               "dst": _folder_arg(args, "process_dst", data_dir, "Destination directory"),
               "width": _int(args, "process_width", 512), "height": _int(args, "process_height", 512),
@@ -177,7 +184,7 @@ def preprocess_kwargs(args: dict, data_dir: Path) -> dict:
               "split_threshold": max(0.0, min(1.0, _float(args, "split_threshold", 0.5))),
               "overlap_ratio": max(0.0, min(0.9, _float(args, "overlap_ratio", 0.2))),
               "blip": _bool(args, "process_caption"), "deepbooru": _bool(args, "process_caption_deepbooru"),
-              "multicrop": None}
+              "focal": focal, "multicrop": None}
     if _bool(args, "process_multicrop"):
         kwargs["multicrop"] = {"mindim": _int(args, "process_multicrop_mindim", 384),
                                "maxdim": _int(args, "process_multicrop_maxdim", 768),
@@ -486,6 +493,8 @@ def _a1111_router(service: JobService, options: dict) -> APIRouter:
         info = "preprocess complete"
         if skipped:
             info += f"; skipped {len(skipped)}: " + "; ".join(f"{n} ({why})" for n, why in skipped)
+        if result.get("note"):
+            info += f"; {result['note']}"
         return {"info": info}
 
     @r.post("/train/embedding")

@@ -1,5 +1,6 @@
 """Preparing a training folder: A1111's "Preprocess images" (resize, flipped copies, split oversized pictures,
-captions by BLIP and/or DeepBooru) and auto-captioning a kohya folder in place.
+focal point and auto-sized crops, captions by BLIP and/or DeepBooru) and auto-captioning a kohya folder in
+place.
 
 :func:`preprocess_images` follows A1111's ``textual_inversion/preprocess.py``: every file of the source folder
 (sorted, case-insensitively) that opens as a picture is brought to width x height by "Crop and resize"
@@ -31,6 +32,7 @@ from PIL import Image, ImageOps
 
 from ..core.imageops import resize_image
 from .dataset import IMAGE_EXTENSIONS, _repeats_folder
+from .focal import FocalCrop, retinaface_detector
 from .loop import TrainingError
 
 log = logging.getLogger(__name__)
@@ -167,12 +169,14 @@ def _listing(folder: Path) -> list[Path]:
 def preprocess_images(src: str | Path, dst: str | Path, width: int = 512, height: int = 512, *,
                       txt_action: str = "ignore", keep_original_size: bool = False, flip: bool = False,
                       split: bool = False, split_threshold: float = 0.5, overlap_ratio: float = 0.2,
-                      multicrop: AutoCrop | None = None, captioners: list[Captioner] | None = None,
+                      focal: FocalCrop | None = None, multicrop: AutoCrop | None = None,
+                      captioners: list[Captioner] | None = None,
                       on_progress: Callable[[int, int, str], None] | None = None,
                       should_stop: Callable[[], bool] | None = None) -> PreprocessResult:
     """A1111's Preprocess images from ``src`` into ``dst`` (see the module's text), in its order: split
-    oversized pictures, the auto-sized crop (``multicrop``), the original size; the crop and resize when none of
-    these applied. ``on_progress(i, n, name)`` before each file; ``should_stop`` ends the run after the
+    oversized pictures, the focal point crop of a picture that is not square (``focal``, to width x height:
+    :mod:`sdstudio.training.focal`; its debug picture follows the crop), the auto-sized crop (``multicrop``),
+    the original size; the crop and resize when none of these applied. ``on_progress(i, n, name)`` before each file; ``should_stop`` ends the run after the
     current file."""
     src, dst = Path(src), Path(dst)
     if not str(src) or not src.is_dir():
@@ -214,6 +218,9 @@ def preprocess_images(src: str | Path, dst: str | Path, width: int = 512, height
         resize = True  # A1111: the plain crop and resize only when no other way applied
         if split and ratio < 1.0 and ratio <= split_threshold:
             pictures += split_picture(img, width, height, overlap_ratio)
+            resize = False
+        if focal is not None and img.height != img.width:
+            pictures += focal.crop(img)
             resize = False
         if multicrop is not None:
             size = multicrop.size(img.width, img.height)
@@ -344,14 +351,40 @@ def run_job(engine, request: dict, *, on_progress: Callable[[PreprocessProgress]
             should_stop: Callable[[], bool] | None = None) -> dict:
     """A ``train`` job with ``what`` "preprocess": ``kwargs`` are :func:`preprocess_images`' (folders
     already checked by the caller), with ``blip`` / ``deepbooru`` for the captioners (the engine's
-    interrogators, loaded now) and ``multicrop`` an :class:`AutoCrop`'s fields or None."""
+    interrogators, loaded now), ``multicrop`` an :class:`AutoCrop`'s fields or None and ``focal`` a
+    :class:`~sdstudio.training.focal.FocalCrop`'s weights and ``debug`` or None (faces by face restoration's
+    RetinaFace file when installed; ``note`` says when it is not)."""
     kwargs = dict(request.get("kwargs") or {})
     captioners = interrogator_captioners(engine.interrogators, blip=bool(kwargs.pop("blip", False)),
                                          deepbooru=bool(kwargs.pop("deepbooru", False)))
     multicrop = kwargs.pop("multicrop", None)
+    focal, note = focal_crop(engine, kwargs.pop("focal", None), int(kwargs.get("width", 512)),
+                             int(kwargs.get("height", 512)))
     progress = None if on_progress is None else (lambda i, n, name: on_progress(PreprocessProgress(i, n, name)))
-    result = preprocess_images(kwargs.pop("src"), kwargs.pop("dst"), captioners=captioners,
+    result = preprocess_images(kwargs.pop("src"), kwargs.pop("dst"), captioners=captioners, focal=focal,
                                multicrop=AutoCrop(**multicrop) if multicrop else None, on_progress=progress,
                                should_stop=should_stop, **kwargs)
     return {"info": result.info, "written": [str(p) for p in result.written],
-            "skipped": [list(s) for s in result.skipped], "interrupted": result.interrupted}
+            "skipped": [list(s) for s in result.skipped], "interrupted": result.interrupted, "note": note}
+
+
+def focal_crop(engine, options: dict | None, width: int, height: int) -> tuple[FocalCrop | None, str]:
+    """The job's focal point crop (``options``: ``face_weight``, ``entropy_weight``, ``edges_weight``,
+    ``debug``) with the engine's face detector, and a note when faces count but no detector is installed."""
+    if not options:
+        return None, ""
+    crop = FocalCrop(width, height, **options)
+    if crop.face_weight <= 0:
+        return crop, ""
+    from ..models.errors import ModelFileError
+
+    detector = engine.faces.detector_file("CodeFormer")  # either face restoration folder
+    if detector is None:
+        folders = " or ".join(str(p) for p in engine.paths.face_restorer_dirs.values())
+        return crop, (f"Auto focal point crop: faces not scored (no face detector: put facexlib's "
+                      f"detection_Resnet50_Final.pth in {folders})")
+    try:
+        crop.faces = retinaface_detector(detector, engine.plan.device)
+    except ModelFileError as exc:
+        raise TrainingError(f"Auto focal point crop: {exc}") from None
+    return crop, ""

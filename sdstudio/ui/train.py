@@ -542,7 +542,8 @@ class TrainTab:
             r = job.result
             skipped = "".join(f"<li>{html.escape(n)}: {html.escape(why)}</li>" for n, why in r.get("skipped", []))
             text = "Preprocessing interrupted." if r.get("interrupted") else "Preprocessing finished."
-            return text, f'<ul class="sd-notranslate">{skipped}</ul>' if skipped else ""
+            note = f"<p>{html.escape(r['note'])}</p>" if r.get("note") else ""
+            return text, (f'<ul class="sd-notranslate">{skipped}</ul>' if skipped else "") + note
 
         yield from self.follow(client, job_id, done)
 
