@@ -559,3 +559,19 @@ def test_empty_registry(tmp_path):
     assert reg.controlnets == [] and reg.controlnet_titles() == []
     with pytest.raises(ModelNotFoundError, match=r"available: \(none\); put ControlNet models in .*ControlNet"):
         reg.controlnet("canny")
+
+
+def test_nan_and_integer_weights_are_named(tmp_path):
+    """As for checkpoints: weights that cannot make a picture are refused naming the file and the tensor."""
+    from safetensors.torch import load_file
+
+    good = tmp_path / "control_v11p_sd15_good.safetensors"
+    write_controlnet(good, "sd1", "tiny", "ldm_prefixed")
+    key = "control_model.input_hint_block.0.weight"
+    for name, change, problem in (("nan", lambda t: t.fill_(float("nan")), "NaN or infinite"),
+                                  ("int", lambda t: t.to(torch.int32), "int32 data")):
+        state = load_file(str(good))
+        state[key] = change(state[key])
+        path = tmp_path / f"control_v11p_sd15_{name}.safetensors"
+        save_file(state, str(path))
+        _one_line_error(path, rf"{re.escape(key)} holds {problem}")

@@ -556,3 +556,16 @@ def test_hostile_pickle_is_refused(tmp_path):
     with pytest.raises(ModelFileError, match="refused"):
         dit.load_text_encoder(path)
     assert not marker.exists()
+
+
+def test_nan_weights_are_named(tmp_path):
+    """As for checkpoints: a transformer weight holding NaN is refused naming the file and the tensor."""
+    state = DF.with_prefix(tiny_sd3(), P) | DF.dit_vae_state(prefix="first_stage_model.")
+    for kind in ("clip_l", "clip_g", "t5xxl"):
+        state |= DF.with_prefix(DF.encoder_state(kind, vocab=1000), f"text_encoders.{kind}.transformer.")
+    key = next(k for k in state if k.startswith(P) and k.endswith(".weight"))
+    state[key] = torch.full_like(state[key], float("nan"))
+    path = DF.save(state, tmp_path / "sd3_nan.safetensors")
+    with pytest.raises(ModelFileError, match=r"sd3_nan.safetensors.*holds NaN or infinite") as info:
+        dit.load_dit(path)
+    assert "\n" not in str(info.value)

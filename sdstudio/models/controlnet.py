@@ -37,7 +37,7 @@ from diffusers import ControlNetModel, T2IAdapter
 
 from .convert import component_to_ldm, unet_hf_to_ldm, unet_ldm_to_hf
 from .errors import ModelFileError
-from .safe_load import open_state_dict
+from .safe_load import open_state_dict, usable_weight
 
 CONTROL_PREFIX = "control_model."
 Shapes = Mapping[str, tuple[int, ...]]
@@ -576,7 +576,8 @@ def _check_and_load(module: torch.nn.Module, state: dict[str, torch.Tensor], spe
     for key in missing:  # optional and absent: the value a fresh layer has
         state[key] = _default_value(module, key, tuple(expected[key].shape))
     try:
-        module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+        module.load_state_dict({k: usable_weight(file_label, spec.prefix + names.get(k, k), v, expected[k], dtype)
+                                for k, v in state.items()}, strict=True, assign=True)
     except RuntimeError as exc:
         raise ModelFileError(f"{file_label}: weights do not fit ({str(exc).splitlines()[0][:200]})") from None
     module.eval().requires_grad_(False)

@@ -32,7 +32,7 @@ from .convert import convert_component
 from .detect import TextEncoderSpec, _vae_config
 from .errors import ModelFileError
 from .loader import build_vae
-from .safe_load import open_state_dict
+from .safe_load import open_state_dict, usable_weight
 
 log = logging.getLogger(__name__)
 Shapes = dict[str, tuple[int, ...]]
@@ -603,8 +603,9 @@ def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torc
     for key, tensor in expected.items():
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise ModelFileError(f"{what}: {key} has shape {tuple(state[key].shape)}, expected {tuple(tensor.shape)}")
-    module.load_state_dict({k: state[k].to(torch.float32 if any(f in k.split(".") for f in keep_fp32) else dtype)
-                            for k in expected}, strict=True, assign=True)
+    module.load_state_dict({k: usable_weight(what, k, state[k], tensor,
+                                             torch.float32 if any(f in k.split(".") for f in keep_fp32) else dtype)
+                            for k, tensor in expected.items()}, strict=True, assign=True)
     module.eval().requires_grad_(False)
 
 
