@@ -12,7 +12,7 @@
 # 2. On the lent GPU machine (device tool `run`, carry [".whl"], timeout_s 600; about 5-7 minutes on an H200):
 #        bash benchmarks/gpu_check.sh
 #    That machine has python3 with CUDA torch (and accelerate, safetensors, tokenizers, scipy, opencv,
-#    pytest, pytest-xdist, hypothesis...) but no internet and no diffusers / torchsde / lark / spandrel, and an
+#    pytest, pytest-xdist, hypothesis...) but no internet and no diffusers / torchsde / spandrel, and an
 #    older transformers: the wheels are installed into /tmp/site and put first on PYTHONPATH with the
 #    checkout itself (no venv, no `pip install -e .` needed: the package runs from the source tree).
 # 3. Results come back from $OUT: gpu.txt (machine and versions), bench_families.log, families.jsonl,
@@ -31,7 +31,7 @@
 # of the script itself, e.g. here: ALLOW_CPU=1 SIZE=tiny STEPS=families PATH=$PWD/.venv/bin:$PATH bash ...).
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 1
-WHEELS="diffusers==0.42.1 transformers==5.24.0 torchsde==0.2.6 trampoline==0.1.2 lark==1.3.1 spandrel==0.4.2"
+WHEELS="diffusers==0.42.1 transformers==5.24.0 torchsde==0.2.6 trampoline==0.1.2 spandrel==0.4.2"
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
   mkdir -p .git/info
@@ -56,7 +56,7 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"; } 2>&1 | tee "$OUT/gpu.txt"
-if ! python3 -c "import torch, diffusers, torchsde, lark; assert torch.cuda.is_available() or '${ALLOW_CPU:-}'" \
+if ! python3 -c "import torch, diffusers, torchsde; assert torch.cuda.is_available() or '${ALLOW_CPU:-}'" \
     2>/dev/null; then
   echo "missing CUDA or packages: carry .whl (made here by 'bash benchmarks/gpu_check.sh --fetch-wheels')" | tee -a "$OUT/gpu.txt"
   exit 2
