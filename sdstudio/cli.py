@@ -828,7 +828,8 @@ def _dataset_options(args: argparse.Namespace) -> dict:
 
 
 def _train_progress(p) -> None:
-    print(f"\rstep {p.step}/{p.total}  loss {p.loss:.4f}  eta {p.eta:.0f} s", end="", file=sys.stderr, flush=True)
+    eta = f"  eta {p.eta:.0f} s" if p.eta is not None else ""
+    print(f"\rstep {p.step}/{p.total}  loss {p.loss:.4f}{eta}", end="", file=sys.stderr, flush=True)
 
 
 def _sizes(text: str, widths: set[int]) -> list[int]:
@@ -841,10 +842,6 @@ def _sizes(text: str, widths: set[int]) -> list[int]:
         raise RequestError(f"--sizes {text}: none is an attention width of this model; its widths are "
                            f"{','.join(map(str, sorted(widths)))}")
     return sizes
-
-
-def _textual_progress(p) -> None:
-    print(f"\rstep {p.step}/{p.steps}  loss {p.loss:.4f}", end="", file=sys.stderr, flush=True)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -987,21 +984,21 @@ def cmd_train_textual(args: argparse.Namespace) -> int:
             else:
                 made = ti.run_job(engine, {"what": "create_embedding", "model": title, "kwargs": {
                     "name": name, "num_vectors_per_token": args.vectors, "init_text": args.init_text,
-                    "overwrite_old": args.overwrite}})["filename"]
+                    "overwrite_old": args.overwrite}})["path"]
             print(f"created {made}", file=sys.stderr)
         with stop_on_ctrl_c("step") as stop:  # the file is saved at the step reached: --resume carries on
             result = ti.run_job(engine, {"what": kind, "model": title, "kwargs": {f"{kind}_name": name, **kwargs}},
-                                on_progress=_textual_progress, should_stop=lambda: stop["asked"])
+                                on_progress=_train_progress, should_stop=lambda: stop["asked"])
     except TrainingError as exc:
         raise RequestError(str(exc)) from None
     print(file=sys.stderr)
-    for skipped in result["skipped_images"]:
-        print(f"warning: skipped {skipped}", file=sys.stderr)
+    for name, why in result["skipped_images"]:
+        print(f"warning: {name} skipped: {why}", file=sys.stderr)
     if result["note"]:
         print(result["note"], file=sys.stderr)
     if result["interrupted"]:
-        print(f"stopped at step {result['step']}; --resume carries on", file=sys.stderr)
-    print(f"{result['filename']}  (step {result['step']})")
+        print(f"stopped at step {result['steps']}; --resume carries on", file=sys.stderr)
+    print(f"{result['path']}  (step {result['steps']})")
     return 0
 
 

@@ -113,7 +113,7 @@ def test_resume_after_interrupt_gives_the_same_weights(demo, tmp_path):
     seen = []
     first = train_hypernetwork("hh", model, data, folder=tmp_path / "resumed", on_progress=seen.append,
                                should_stop=lambda: len(seen) >= 2, **kwargs)
-    assert first.interrupted and first.step == 2
+    assert first.interrupted and first.steps == 2
     again = train_hypernetwork("hh", model, data, folder=tmp_path / "resumed", **kwargs)
     assert again.initial_step == 2 and again.losses == straight.losses[2:]
     a = torch.load(tmp_path / "straight" / "hh.pt", weights_only=True)

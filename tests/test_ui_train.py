@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 
 import gradio as gr
-import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_fixtures import squares
+from train_fixtures import plain_colours, squares
 
 from sdstudio.core.settings import Settings
 from sdstudio.ui import localization
@@ -39,16 +38,6 @@ def ui(service, data_dir):
     return studio_ui
 
 
-def _pictures(folder):
-    folder.mkdir(parents=True)
-    for i in range(2):
-        a = np.full((64, 64, 3), 20, np.uint8)
-        a[16:48, 8 + 16 * i:40 + 8 * i] = (30, 200, 60)
-        Image.fromarray(a).save(folder / f"{i}.png")
-        (folder / f"{i}.caption").write_text("a green block")
-        (folder / f"{i}.txt").write_text("a green block")
-
-
 def test_the_tab_builds_with_a1111_ids_in_both_languages(ui):
     ids = {getattr(b, "elem_id", None) for b in ui.page.blocks.values()}
     assert A1111_IDS <= ids, sorted(A1111_IDS - ids)
@@ -65,7 +54,7 @@ def test_a_lora_job_runs_from_the_tab(ui, data_dir):
     """A long run shows "Step i of N, loss ..." as it goes; Interrupt stops it with the state saved; Resume carries
     on to the file, which is in the LoRA list at once."""
     tab = ui.train
-    _pictures(data_dir / "set")
+    squares(data_dir / "set", [(30, 200, 60), (30, 180, 90)], "a green block")
     args = {"dataset": "set", "model": ui.settings.get("sd_model_checkpoint"), "name": "green", "dim": 2, "alpha": 1,
                 "steps": 100000, "lr": 1e-3, "resolution": 64, "batch": 2, "scheduler": "constant", "flip": True, "shuffle": False,
                 "resume": False}
@@ -93,7 +82,7 @@ def test_a_lora_job_runs_from_the_tab(ui, data_dir):
 
 def test_an_embedding_is_created_and_trained_from_the_tab(ui, data_dir):
     tab = ui.train
-    _pictures(data_dir / "pics")
+    plain_colours(data_dir / "pics", ["0.png", "1.png"], "a green block")
     *_, (_, text, outcome) = tab.run_create_embedding("ui:test", "tab-emb", "cat", 2, False)
     path = data_dir / "embeddings" / "tab-emb.pt"
     assert text == f"Created: {path}" and outcome == "" and path.is_file()

@@ -422,7 +422,7 @@ def _a1111_router(service: JobService, options: dict) -> APIRouter:
     async def run(request: Request, job: dict) -> tuple[str, str | None]:
         """Queue a ``train`` job and wait for it: (file written or "", error text or None)."""
         result, error = await wait(request, job)
-        return str(result.get("filename") or ""), error
+        return str(result.get("path") or ""), error
 
     @r.post("/create/embedding")
     async def create_embedding(request: Request, args: dict = ANY_BODY):

@@ -3,8 +3,8 @@ on these); textual inversion and hypernetworks live in their own modules."""
 
 from .dataset import DatasetError, TrainingDataset
 from .dreambooth import DreamboothConfig, train_dreambooth
-from .loop import TrainingError
-from .lora import LoraConfig, TrainProgress, TrainResult, engine_sampler, train_lora
+from .loop import TrainingError, TrainProgress, TrainResult
+from .lora import LoraConfig, engine_sampler, train_lora
 
 __all__ = ["DatasetError", "DreamboothConfig", "LoraConfig", "TrainProgress", "TrainResult", "TrainingDataset",
            "TrainingError", "engine_sampler", "train_dreambooth", "train_lora"]

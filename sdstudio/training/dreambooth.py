@@ -53,6 +53,7 @@ from .loop import (
     Steps,
     TrainingError,
     TrainProgress,
+    TrainResult,
     autocast_dtype,
     batch_loss,
     check_unet_spec,
@@ -63,7 +64,7 @@ from .loop import (
     total_steps,
     vae_encoder,
 )
-from .lora import TrainResult, base_model_version, model_hash
+from .lora import base_model_version, model_hash
 from .preprocess import caption_job_dataset, check_caption_missing
 
 SAVE_PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -546,8 +547,7 @@ def run_job(engine, spec: dict, *, resume: bool = False, on_progress: Callable[[
                                 should_stop=should_stop,
                                 **{k: v for k, v in data.items() if k != "root"})
             if should_stop is not None and should_stop():
-                return {"path": None, "steps": 0, "total": 0, "interrupted": True, "state_path": None,
-                        "log_path": None, "losses": [], "skipped_images": [list(s) for s in ds.skipped],
+                return {**TrainResult(None, 0, interrupted=True, skipped_images=ds.skipped).to_dict(),
                         "captioned": captioned}
         class_ds = TrainingDataset.from_folder(**data)
     sampler = None
@@ -562,7 +562,5 @@ def run_job(engine, spec: dict, *, resume: bool = False, on_progress: Callable[[
                            should_stop=should_stop, sampler=sampler, output_dir=engine.paths.ckpt_dirs[0],
                            work_dir=work, output_name=name, **config)
     engine.registry.refresh()
-    return {"path": str(out.path) if out.path else None, "steps": out.steps, "total": out.total,
-            "interrupted": out.interrupted, "state_path": str(out.state_path), "log_path": str(out.log_path),
-            "losses": out.losses, "skipped_images": [list(s) for s in out.skipped_images],
-            "class_images": class_ds.num_train_images if class_ds is not None else 0, "captioned": captioned}
+    return {**out.to_dict(), "class_images": class_ds.num_train_images if class_ds is not None else 0,
+            "captioned": captioned}

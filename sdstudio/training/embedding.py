@@ -26,7 +26,6 @@ until a step, the last one to the end); the clip-gradient value takes the same s
 from __future__ import annotations
 
 import csv
-import html
 import inspect
 import json
 import logging
@@ -34,7 +33,7 @@ import os
 import random
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -50,7 +49,7 @@ from ..models.embeddings import Embedding, EmbeddingLibrary
 from ..models.files import ModelFile
 from ..models.loader import LoadedModel
 from ..models.safe_load import load_pickle
-from .loop import TrainingError, noised
+from .loop import TrainingError, TrainProgress, TrainResult, noised
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +158,7 @@ def filewords_of(path: Path, word_regex: str = "", join: str = " ") -> str:
 
 
 def load_images(data_root: str | Path, width: int, height: int, *, varsize: bool = False, use_weight: bool = False,
-                word_regex: str = "", join: str = " ") -> tuple[list[TrainImage], list[str]]:
+                word_regex: str = "", join: str = " ") -> tuple[list[TrainImage], list[tuple[str, str]]]:
     """The folder's images at the training size (``varsize``: each at its own size, cut to multiples of 8),
     and the files that could not be read (named, with why): those are skipped."""
     root = Path(data_root)
@@ -173,7 +172,7 @@ def load_images(data_root: str | Path, width: int, height: int, *, varsize: bool
                 alpha = im.getchannel("A") if use_weight and "A" in im.getbands() else None
                 rgb = im.convert("RGB")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            skipped.append(f"{path.name}: {exc}")
+            skipped.append((path.name, str(exc)))
             log.warning("training data: skipping %s (%s)", path.name, exc)
             continue
         size = (max(8, rgb.width // 8 * 8), max(8, rgb.height // 8 * 8)) if varsize else (int(width), int(height))
@@ -185,7 +184,7 @@ def load_images(data_root: str | Path, width: int, height: int, *, varsize: bool
             weight = torch.from_numpy(np.asarray(alpha.resize(size, Image.BICUBIC), dtype=np.float32) / 255.0)
         images.append(TrainImage(path, filewords_of(path, word_regex, join), pixels, weight))
     if not images:
-        detail = f" ({'; '.join(skipped)})" if skipped else ""
+        detail = f" ({'; '.join(f'{name}: {why}' for name, why in skipped)})" if skipped else ""
         raise TrainingError(f"Dataset directory {root} has no images that can be read{detail}")
     return images, skipped
 
@@ -299,49 +298,7 @@ def diffusion_loss(model: LoadedModel, latents: list[Latent], cond: Conditioning
     return err.mean()
 
 
-# ---- progress and results -----------------------------------------------------------------------------
-@dataclass
-class TrainProgress:
-    step: int  # optimizer steps done
-    steps: int  # the run's last step
-    loss: float
-    learn_rate: float
-    epoch: int
-    epoch_step: int
-    steps_per_epoch: int
-    prompt: str
-    last_saved_file: str = "<none>"
-    last_saved_image: str = "<none>"
-    preview: Image.Image | None = None  # the picture made at this step (create_image_every), if any
-    kind: str = "embedding"
-
-    @property
-    def textinfo(self) -> str:
-        """What A1111 shows under the progress bar while training (its state.textinfo)."""
-        return (f"<p>\nLoss: {self.loss:.7f}<br/>\nStep: {self.step}<br/>\nLast prompt: {html.escape(self.prompt)}<br/>\n"
-                f"Last saved {self.kind}: {html.escape(self.last_saved_file)}<br/>\n"
-                f"Last saved image: {html.escape(self.last_saved_image)}<br/>\n</p>\n")
-
-
-@dataclass
-class TrainResult:
-    path: Path  # the trained file (in the embeddings / hypernetworks folder)
-    step: int
-    initial_step: int
-    seed: int
-    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of each optimizer step
-    interrupted: bool = False
-    saved: list[Path] = field(default_factory=list)  # the every-N-steps copies in the log folder
-    images: list[Path] = field(default_factory=list)
-    skipped_images: list[str] = field(default_factory=list)
-    note: str = ""
-
-    def to_dict(self) -> dict:
-        return {"filename": str(self.path), "step": self.step, "initial_step": self.initial_step, "seed": self.seed,
-                "losses": self.losses, "interrupted": self.interrupted, "saved": [str(p) for p in self.saved],
-                "images": [str(p) for p in self.images], "skipped_images": self.skipped_images, "note": self.note}
-
-
+# ---- previews and logs -------------------------------------------------------------------------------
 @dataclass
 class PreviewOptions:
     """The picture made every ``create_image_every`` steps: A1111's "Read parameters (prompt, etc...) from
@@ -472,7 +429,7 @@ def run_loop(spec: LoopSpec, result: TrainResult) -> TrainResult:
             spec.optimizer.step()
             spec.optimizer.zero_grad(set_to_none=True)
             step += 1
-            result.step = step
+            result.steps = step
             result.losses.append((step, total))
             preview = None
             if spec.log_dir is not None:
@@ -487,9 +444,9 @@ def run_loop(spec: LoopSpec, result: TrainResult) -> TrainResult:
                 result.images.append(image_path)
                 last_image = f"{image_path}, prompt: {prompt}"
             if spec.on_progress is not None:
-                spec.on_progress(TrainProgress(step, spec.steps, total, rate, (step - 1) // spec.per_epoch,
-                                               (step - 1) % spec.per_epoch + 1, spec.per_epoch, prompt, last_file,
-                                               last_image, preview, spec.kind))
+                spec.on_progress(TrainProgress(step, spec.steps, total, None, (step - 1) // spec.per_epoch,
+                                               (step - 1) % spec.per_epoch + 1, spec.per_epoch, rate, prompt,
+                                               last_file, last_image, preview, spec.kind))
     finally:
         if step > spec.initial_step or result.interrupted:
             result.path = spec.save(step, None, spec.name)
@@ -644,10 +601,11 @@ class TrainingData:
     their latents, the prompt template's lines, and how many items an epoch has (images x repeats)."""
 
     images: list[TrainImage]
-    skipped: list
+    skipped: list[tuple[str, str]]
     latents: list[Latent]
     lines: list[str]
     n_items: int
+    device: torch.device  # where the latents go and the run trains
 
     def captions(self, name: str, seed: int, step: int, part: int, batch_size: int, gradient_step: int, *,
                  shuffle_tags: bool, tag_drop_out: float) -> tuple[list[int], list[str]]:
@@ -669,7 +627,24 @@ def prepare_data(model: LoadedModel, data_root: str | Path, *, template_file: st
     n_items = len(images) * max(1, int(repeats))
     if batch_size > n_items:
         raise TrainingError(f"batch size {batch_size} is larger than the dataset ({n_items} images)")
-    return TrainingData(images, skipped, latents, lines, n_items)
+    return TrainingData(images, skipped, latents, lines, n_items, device)
+
+
+def start_run(model: LoadedModel, path: Path, initial_step: int, steps: int, optim_saved: dict | None,
+              seed: int | None, device: torch.device | None, data_root: str | Path,
+              **data_options) -> tuple[TrainResult, TrainingData | None]:
+    """What both trainers (embedding, hypernetwork) do before their loop: the result so far and, unless the
+    file is already trained up to ``steps`` (A1111's note; no data then), the run's seed (a resumed run's
+    saved one, in ``result.seed``) and its data on the device (the model's when None)."""
+    result = TrainResult(path, initial_step, int(steps), initial_step=initial_step)
+    if initial_step >= steps:
+        result.note = "Model has already been trained beyond specified max steps"
+        return result, None
+    result.seed = _seed(seed, optim_saved)
+    device = device or next(model.unet.parameters()).device
+    data = prepare_data(model, data_root, seed=result.seed, device=device, **data_options)
+    result.skipped_images = data.skipped
+    return result, data
 
 
 def train_embedding(embedding_name: str, model: LoadedModel, data_root: str | Path, *, folder: str | Path,
@@ -702,19 +677,14 @@ def train_embedding(embedding_name: str, model: LoadedModel, data_root: str | Pa
         raise TrainingError(f"{path.name}: its vectors are {[v.shape[-1] for v in vectors]} wide; this model's text "
                             f"encoder{'s are' if len(widths) > 1 else ' is'} {widths} wide")
     initial_step = int(fields["step"] or 0) if resume else 0
-    result = TrainResult(path, initial_step, initial_step, 0)
-    if initial_step >= steps:
-        result.note = "Model has already been trained beyond specified max steps"
-        return result
     optim_saved = _load_optim(path, checksum(torch.cat(vectors, dim=-1))) if resume else None
-    seed = _seed(seed, optim_saved)
-    result.seed = seed
-    device = device or next(model.unet.parameters()).device
-    data = prepare_data(model, data_root, template_file=template_file, templates_dir=templates_dir,
-                        width=training_width, height=training_height, varsize=varsize, use_weight=use_weight,
-                        latent_sampling_method=latent_sampling_method, seed=seed, repeats=repeats,
-                        batch_size=batch_size, device=device)
-    result.skipped_images = data.skipped
+    result, data = start_run(model, path, initial_step, steps,
+                             optim_saved, seed, device, data_root, template_file=template_file, templates_dir=templates_dir, width=training_width, height=training_height, varsize=varsize,
+                             use_weight=use_weight, latent_sampling_method=latent_sampling_method, repeats=repeats,
+                             batch_size=batch_size)
+    if data is None:
+        return result
+    seed, device = result.seed, data.device
 
     params = [torch.nn.Parameter(v.clone().to(device)) for v in vectors]
     emb = Embedding(embedding_name, path, tuple(params))
@@ -812,7 +782,7 @@ def run_job(engine, request: dict, *, on_progress: Callable[[TrainProgress], Non
             path = create_embedding(kwargs.pop("name"), kwargs.pop("num_vectors_per_token"), model=model,
                                     folder=engine.paths.embeddings_dir, **kwargs)
         engine.embeddings.refresh()
-        return {"filename": str(path)}
+        return {"path": str(path)}
     if what != "embedding":
         raise TrainingError(f"unknown training job {what!r}")
     if isinstance(kwargs.get("preview"), dict):

@@ -40,12 +40,9 @@ from .embedding import (
     LoopSpec,
     PreviewOptions,
     TrainingError,
-    TrainProgress,
-    TrainResult,
     _atomic,
     _check_counts,
     _mix,
-    _seed,
     check_base_model,
     clean_name,
     diffusion_loss,
@@ -55,11 +52,12 @@ from .embedding import (
     make_preview,
     model_name,
     optim_path,
-    prepare_data,
     read_optim,
     run_loop,
+    start_run,
     steps_per_epoch,
 )
+from .loop import TrainProgress, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -224,19 +222,14 @@ def train_hypernetwork(hypernetwork_name: str, model: LoadedModel, data_root: st
         raise TrainingError(f"{path.name}: none of its sizes {sorted(hn.layers)} is an attention width of this model "
                             f"({sorted(widths)}); create it with enable_sizes among those")
     initial_step = int(raw.get("step") or 0) if resume else 0
-    result = TrainResult(path, initial_step, initial_step, 0)
-    if initial_step >= steps:
-        result.note = "Model has already been trained beyond specified max steps"
-        return result
     saved = _load_optim(path, initial_step) if resume else None
-    seed = _seed(seed, saved)
-    result.seed = seed
-    device = device or next(model.unet.parameters()).device
-    data = prepare_data(model, data_root, template_file=template_file, templates_dir=templates_dir,
-                        width=training_width, height=training_height, varsize=varsize, use_weight=use_weight,
-                        latent_sampling_method=latent_sampling_method, seed=seed, repeats=repeats,
-                        batch_size=batch_size, device=device)
-    result.skipped_images = data.skipped
+    result, data = start_run(model, path, initial_step, steps,
+                             saved, seed, device, data_root, template_file=template_file, templates_dir=templates_dir, width=training_width, height=training_height, varsize=varsize,
+                             use_weight=use_weight, latent_sampling_method=latent_sampling_method, repeats=repeats,
+                             batch_size=batch_size)
+    if data is None:
+        return result
+    seed, device = result.seed, data.device
 
     modules = [m for pair in hn.layers.values() for m in pair]
     for m in modules:

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import html
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from ..core.errors import RequestError
@@ -69,11 +71,67 @@ class RunConfig:
 
 @dataclass
 class TrainProgress:
-    step: int
-    total: int
+    """A finished optimizer step, of any trainer here: what progress bars, /progress and the CLI show."""
+
+    step: int  # optimizer steps done
+    total: int  # the step the run ends at
     loss: float
-    eta: float  # seconds
-    epoch: int
+    eta: float | None = None  # seconds left (LoRA, Dreambooth)
+    epoch: int = 0  # LoRA, Dreambooth: 1-based; textual inversion, hypernetworks: A1111's 0-based
+    epoch_step: int = 0  # textual inversion, hypernetworks: the step within the epoch (1-based)
+    steps_per_epoch: int = 0
+    learn_rate: float | None = None
+    prompt: str = ""  # textual inversion, hypernetworks: the step's first caption
+    last_saved_file: str = "<none>"
+    last_saved_image: str = "<none>"
+    preview: Image.Image | None = None  # the picture made at this step (create_image_every), if any
+    kind: str = "embedding"  # what is trained, for A1111's textinfo
+
+    @property
+    def steps(self) -> int:
+        """A1111's name of :attr:`total` (the ``train`` job's progress and the quality harness read it)."""
+        return self.total
+
+    @property
+    def textinfo(self) -> str:
+        """What A1111 shows under the progress bar while training an embedding or hypernetwork (state.textinfo)."""
+        return (f"<p>\nLoss: {self.loss:.7f}<br/>\nStep: {self.step}<br/>\nLast prompt: {html.escape(self.prompt)}<br/>\n"
+                f"Last saved {self.kind}: {html.escape(self.last_saved_file)}<br/>\n"
+                f"Last saved image: {html.escape(self.last_saved_image)}<br/>\n</p>\n")
+
+
+@dataclass
+class TrainResult:
+    """How a run of any trainer here ended."""
+
+    path: Path | None  # the trained file; LoRA / Dreambooth: None when interrupted (the state is in state_path)
+    steps: int  # the step reached
+    total: int = 0  # the step the run was to end at
+    interrupted: bool = False
+    state_path: Path | None = None  # LoRA / Dreambooth's resume state (the others resume from the file + .optim)
+    log_path: Path | None = None  # the loss log (CSV)
+    # LoRA / Dreambooth: the loss of every step from the first (a resumed run's too); textual inversion and
+    # hypernetworks: (step, loss) of this run's steps
+    losses: list = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)  # what the file's header records
+    skipped_images: list[tuple[str, str]] = field(default_factory=list)  # (file name, why) of unreadable pictures
+    initial_step: int = 0  # the step the run started from
+    seed: int = 0
+    saved: list[Path] = field(default_factory=list)  # textual inversion, hypernetworks: the every-N-steps copies
+    images: list[Path] = field(default_factory=list)  # ... and pictures (create_image_every)
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        """The run as a queue job's JSON result (``metadata`` left out: it is in the file)."""
+        def text(p: Path | None) -> str | None:
+            return None if p is None else str(p)
+
+        return {"path": text(self.path), "steps": self.steps, "total": self.total, "interrupted": self.interrupted,
+                "state_path": text(self.state_path), "log_path": text(self.log_path),
+                "losses": [list(x) if isinstance(x, tuple) else x for x in self.losses],
+                "skipped_images": [list(s) for s in self.skipped_images], "initial_step": self.initial_step,
+                "seed": self.seed, "saved": [str(p) for p in self.saved], "images": [str(p) for p in self.images],
+                "note": self.note}
 
 
 def check_unet_spec(spec: ModelSpec, name: str, what: str) -> None:
@@ -350,7 +408,8 @@ class Steps:
                 self.log.append((self.step, epoch + 1, value, lr))
                 if on_progress is not None:
                     rate = (time.time() - t0) / max(1, self.step - step0)
-                    on_progress(TrainProgress(self.step, total, value, rate * (total - self.step), epoch + 1))
+                    on_progress(TrainProgress(self.step, total, value, rate * (total - self.step), epoch + 1,
+                                              b + 1, per_epoch, lr))
                 if after_step is not None:
                     after_step(self.step, epoch + 1)
                 if should_stop is not None and self.step < total and should_stop():

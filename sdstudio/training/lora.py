@@ -23,7 +23,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ from .loop import (
     Steps,
     TrainingError,
     TrainProgress,
+    TrainResult,
     autocast_dtype,
     batch_loss,
     check_unet_model,
@@ -237,19 +238,6 @@ class LoraConfig(RunConfig):
     training_comment: str | None = None
 
 
-@dataclass
-class TrainResult:
-    path: Path | None  # the LoRA file (None when interrupted before the end: see state_path)
-    steps: int
-    total: int
-    interrupted: bool
-    state_path: Path
-    log_path: Path
-    losses: list[float] = field(default_factory=list)
-    metadata: dict[str, str] = field(default_factory=dict)
-    skipped_images: list[tuple[str, str]] = field(default_factory=list)
-
-
 def base_model_version(model: LoadedModel) -> str:
     """kohya's ``ss_base_model_version``."""
     family = model.spec.family
@@ -431,6 +419,4 @@ def run_job(engine, spec: dict, *, resume: bool = False, on_progress: Callable[[
                      on_progress=on_progress, should_stop=should_stop, sampler=sampler,
                      output_dir=engine.paths.lora_dir, output_name=name, **config)
     engine.registry.refresh()
-    return {"path": str(out.path) if out.path else None, "steps": out.steps, "total": out.total,
-            "interrupted": out.interrupted, "state_path": str(out.state_path), "log_path": str(out.log_path),
-            "losses": out.losses, "skipped_images": [list(s) for s in out.skipped_images], "captioned": captioned}
+    return {**out.to_dict(), "captioned": captioned}

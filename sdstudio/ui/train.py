@@ -377,7 +377,7 @@ class TrainTab:
                "kwargs": {"name": name.strip(), "num_vectors_per_token": int(nvpt or 1),
                           "overwrite_old": bool(overwrite), "init_text": init_text or ""}}
         job_id = self._submit_train(client, job)
-        yield from self.follow(client, job_id, lambda j: (f"Created: {j.result.get('filename', '')}", ""))
+        yield from self.follow(client, job_id, lambda j: (f"Created: {j.result.get('path', '')}", ""))
 
     def run_create_hypernetwork(self, name, sizes, layers, activation, weight_init, layer_norm, dropout,
                                 dropout_structure, overwrite) -> tuple:
@@ -421,9 +421,9 @@ class TrainTab:
         job_id = self._submit_train(client, {"what": which, "model": self._model(), "kwargs": kwargs})
 
         def done(job):
-            filename = job.result.get("filename") or ""
-            return f"Training finished at step {job.result.get('step', '')}".rstrip() if not filename else \
-                f"Training finished: {filename}", ""
+            path = job.result.get("path") or ""
+            return f"Training finished at step {job.result.get('steps', '')}".rstrip() if not path else \
+                f"Training finished: {path}", ""
 
         yield from self.follow(client, job_id, done)
 
