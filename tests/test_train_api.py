@@ -93,3 +93,30 @@ def test_lora_route_trains_lists_refuses_and_resumes(data_dir):
         assert float(f.metadata()["ss_training_started_at"]) < resubmitted_at
         assert f.metadata()["ss_cache_latents"] == "False"  # not asked: the pictures went through the VAE each step
     assert "long" in {m["name"] for m in client.get("/sdapi/v1/loras", headers=AUTH).json()}
+
+
+def test_lora_route_captions_missing_pictures_and_samples_through_the_queue(data_dir):
+    """The queue worker runs the route's whole job: ``caption_missing`` captions the picture that has none
+    before training (its tags in ss_tag_frequency), and ``sample_prompts`` every ``sample_every_n_steps`` go
+    into kohya's sample folder."""
+    import json
+
+    from sdstudio.testing.synthetic import write_interrogators
+
+    write_interrogators(data_dir / "models")
+    client = api_client(data_dir)
+    squares(data_dir / "lora-set", [(200, 0, 40), (200, 40, 40)], "sks square")
+    (data_dir / "lora-set" / "1.caption").unlink()  # this picture has no caption
+    r = client.post("/sdstudio/v1/train/lora", headers=AUTH,
+                    json={**BODY, "max_train_steps": 2, "caption_missing": "deepbooru", "sample_every_n_steps": 2,
+                          "sample_prompts": ["a sks square"]})
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["id"], AUTH, timeout=180)
+    assert job["status"] == "done", job
+    written = data_dir / "lora-set" / "1.caption"
+    assert written.is_file() and written.read_text().strip()
+    with safe_open(job["result"]["path"], "pt") as f:
+        tags = json.loads(f.metadata()["ss_tag_frequency"])
+    assert any(tag in counts for counts in tags.values() for tag in written.read_text().split(", "))
+    samples = sorted((data_dir / "models" / "Lora" / "sample" / "sks").glob("*.png"))
+    assert len(samples) == 1 and samples[0].name.startswith("00000002")

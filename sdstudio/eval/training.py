@@ -150,7 +150,7 @@ def train_colour_embedding(model, file, work: Path, run: TrainingRun, log=print)
                              learn_rate=run.embedding_lr, batch_size=run.batch, steps=run.embedding_steps,
                              training_width=run.size, training_height=run.size, template_file=template,
                              seed=run.seed, save_optimizer_state=False,
-                             on_progress=lambda p: p.step % 20 == 0 and log(f"embedding step {p.step}/{p.steps}, "
+                             on_progress=lambda p: p.step % 20 == 0 and log(f"embedding step {p.step}/{p.total}, "
                                                                             f"loss {p.loss:.4f}"))
     return result.path, initial, time.perf_counter() - started
 

@@ -1034,7 +1034,7 @@ class JobService:
         self._notify()
 
         def on_progress(p) -> None:
-            live.step, live.steps, live.textinfo = p.step, p.steps, p.textinfo
+            live.step, live.steps, live.textinfo = p.step, p.total, p.textinfo
             if p.preview is not None:
                 live.preview, live.preview_no = p.preview, live.preview_no + 1
             self._notify()
@@ -1043,36 +1043,38 @@ class JobService:
         self.queue.finish(job.id, DONE, result)
 
     def _run_train_lora(self, job: Job, live: Live) -> None:
-        """A kohya-format LoRA into models/Lora (:func:`sdstudio.training.train_lora`) on the engine's device:
-        step, loss and ETA in /progress (``textinfo``) and in the job's result as it goes; interrupt (or
-        cancel) saves the state, a job with ``resume`` (or one restarted after a crash) carries on from it.
-        The new file is in the LoRA list when the job ends."""
-        from ..training import DatasetError, TrainingDataset, TrainingError, train_lora
+        """A kohya-format LoRA into models/Lora (:func:`sdstudio.training.lora.run_job`: pictures without a
+        caption captioned first when asked, sample pictures every N steps) on the engine's device: step, loss
+        and ETA in /progress (``textinfo``) and in the job's result as it goes; interrupt (or cancel) saves the
+        state, a job with ``resume`` (or one restarted after a crash) carries on from it. The new file is in
+        the LoRA list when the job ends."""
+        from ..training import DatasetError, TrainingError
+        from ..training.lora import run_job
 
-        spec = job.request
         live.job_count, live.textinfo = 1, "Initializing training..."
         self._notify()
-        result = {**job.result, "output_name": spec["output_name"]}
+        result = {**job.result, "output_name": job.request["output_name"]}
+        on_progress, should_stop = self._train_callbacks(job, live, result)
         try:
-            ds = TrainingDataset.from_folder(**spec["dataset"])
-            checkpoint = self.engine.registry.checkpoint(spec["model"])
+            out = run_job(self.engine, job.request, resume=job.batches_done > 0, on_progress=on_progress,
+                          should_stop=should_stop, on_text=self._text_setter(live))
         except DatasetError as exc:
             self._fail(job, exc, f"dataset: {exc}")
             return
-        on_progress, should_stop = self._train_callbacks(job, live, result)
-        try:
-            out = train_lora(checkpoint.path, ds, device=self.engine.plan.device,
-                             resume=bool(spec.get("resume")) or job.batches_done > 0, on_progress=on_progress,
-                             should_stop=should_stop, output_dir=self.engine.paths.lora_dir,
-                             output_name=spec["output_name"], **spec["config"])
-        except TrainingError as exc:
+        except (ModelNotFoundError, TrainingError) as exc:
             self._fail(job, exc, str(exc))
             return
-        self.engine.registry.refresh()
-        result.update({"path": str(out.path) if out.path else None, "steps": out.steps, "total": out.total,
-                       "interrupted": out.interrupted, "state_path": str(out.state_path),
-                       "log_path": str(out.log_path), "losses": out.losses,
-                       "skipped_images": [list(s) for s in out.skipped_images]})
+        self._finish_training(job, result, out)
+
+    def _text_setter(self, live: Live) -> Callable[[str], None]:
+        """A trainer's ``on_text``: its phase (captioning, class images...) shown in /progress."""
+        def on_text(text: str) -> None:
+            live.textinfo = text
+            self._notify()
+        return on_text
+
+    def _finish_training(self, job: Job, result: dict, out: dict) -> None:
+        result.update(out)
         result.pop("eta", None)
         cancelled = self.queue.get(job.id).cancel_requested
         self.queue.finish(job.id, CANCELLED if cancelled else DONE, result, error="cancelled" if cancelled else None)
@@ -1111,21 +1113,13 @@ class JobService:
         self._notify()
         result = {**job.result, "output_name": job.request["output_name"]}
         on_progress, should_stop = self._train_callbacks(job, live, result)
-
-        def on_text(text: str) -> None:
-            live.textinfo = text
-            self._notify()
-
         try:
             out = run_job(self.engine, job.request, resume=job.batches_done > 0, on_progress=on_progress,
-                          should_stop=should_stop, on_text=on_text)
+                          should_stop=should_stop, on_text=self._text_setter(live))
         except (DatasetError, TrainingError) as exc:
             self._fail(job, exc, str(exc))
             return
-        result.update(out)
-        result.pop("eta", None)
-        cancelled = self.queue.get(job.id).cancel_requested
-        self.queue.finish(job.id, CANCELLED if cancelled else DONE, result, error="cancelled" if cancelled else None)
+        self._finish_training(job, result, out)
 
     def _run_load(self, job: Job, live: Live) -> None:
         file, _ = self.engine.load(job.request["model"])

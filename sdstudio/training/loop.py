@@ -88,11 +88,6 @@ class TrainProgress:
     kind: str = "embedding"  # what is trained, for A1111's textinfo
 
     @property
-    def steps(self) -> int:
-        """A1111's name of :attr:`total` (the ``train`` job's progress and the quality harness read it)."""
-        return self.total
-
-    @property
     def textinfo(self) -> str:
         """What A1111 shows under the progress bar while training an embedding or hypernetwork (state.textinfo)."""
         return (f"<p>\nLoss: {self.loss:.7f}<br/>\nStep: {self.step}<br/>\nLast prompt: {html.escape(self.prompt)}<br/>\n"
