@@ -485,9 +485,11 @@ def make_router(service: JobService, settings: Settings, cmd_flags: dict, limits
     def skip(request: Request):
         return {"skipped": service.skip(client_id(request))}
 
+    # the status and listing routes below only read memory: run on the event loop, never queued behind the
+    # thread pool's blocking handlers (issue 17's soak: /options p99 289 ms as a thread-pool route)
     @r.get("/options")
-    def get_options():
-        return options
+    async def get_options():
+        return dict(options)  # a copy: a POST /options may update it meanwhile
 
     @r.post("/options")
     def set_options(body: OptionsBody):
@@ -499,16 +501,16 @@ def make_router(service: JobService, settings: Settings, cmd_flags: dict, limits
             raise HTTPException(422, str(exc)) from None
 
     @r.get("/cmd-flags")
-    def get_cmd_flags():
+    async def get_cmd_flags():
         return cmd_flags
 
     @r.get("/samplers")
-    def samplers():
+    async def samplers():
         return [{"name": s.label, "aliases": list(s.aliases), "options": {"scheduler": s.scheduler}}
                 for s in map(get_sampler, sampler_labels())]  # plug-ins' samplers too
 
     @r.get("/schedulers")
-    def schedulers():
+    async def schedulers():
         return [{"name": s.name, "label": s.label, "aliases": list(s.aliases) or None}
                 for s in map(get_schedule, schedule_labels())]
 
