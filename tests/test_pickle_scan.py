@@ -23,7 +23,7 @@ from sdstudio.models.pickle_scan import (
     scan_file,
 )
 from sdstudio.models.safe_load import load_pickle
-from sdstudio.testing.hostile import payloads, torch_zip, write_corpus
+from sdstudio.testing.hostile import payloads, save_lightning_checkpoint, torch_zip, write_corpus
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -80,25 +80,9 @@ def test_the_names_in_the_warning(corpus):
     assert scan_file(files["empty .ckpt"].path).status == "unreadable"
 
 
-def _lightning_class():
-    import types
-
-    mod = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
-
-    class ModelCheckpoint:
-        def __init__(self):
-            self.monitor = "val/loss"
-
-    ModelCheckpoint.__module__ = mod.__name__
-    ModelCheckpoint.__qualname__ = "ModelCheckpoint"
-    mod.ModelCheckpoint = ModelCheckpoint
-    return mod, ModelCheckpoint
-
-
 def test_real_checkpoints_are_safe(tmp_path):
     """torch.save's zip and legacy formats, every dtype, parameters, nested dicts, an old SD 1.x file's
     training state with its pytorch_lightning callback: safe, and they load."""
-    import types
 
     sd = {f"w.{d}": torch.ones(2, 3, dtype=getattr(torch, d)) for d in ("float32", "float16", "bfloat16", "int64",
                                                                         "bool", "uint8", "float64")}
@@ -109,17 +93,7 @@ def test_real_checkpoints_are_safe(tmp_path):
         path = tmp_path / f"real-{zipped}.ckpt"
         torch.save(obj, path, _use_new_zipfile_serialization=zipped)
         made.append(path)
-    mod, cls = _lightning_class()
-    names = ("pytorch_lightning", "pytorch_lightning.callbacks", mod.__name__)
-    for name in names:
-        sys.modules.setdefault(name, types.ModuleType(name))
-    sys.modules[mod.__name__] = mod
-    try:
-        torch.save({"state_dict": sd, "callbacks": {cls: cls()}, "global_step": 470000}, tmp_path / "old.ckpt")
-    finally:
-        for name in names:
-            sys.modules.pop(name, None)
-    made.append(tmp_path / "old.ckpt")
+    made.append(save_lightning_checkpoint(tmp_path / "old.ckpt", sd))
     for path in made:
         assert scan_file(path).status == "safe", (path.name, scan_file(path))
         assert _loads(path), path.name

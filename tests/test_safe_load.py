@@ -37,28 +37,9 @@ def test_raw_pickle_with_code_is_refused(tmp_path):
 
 def test_old_checkpoint_with_lightning_callback_state_loads(tmp_path):
     """SD 1.x .ckpt files pickle a pytorch_lightning ModelCheckpoint; it is allowed as inert data."""
-    import sys
-    import types
+    from sdstudio.testing.hostile import save_lightning_checkpoint
 
-    mod = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
-
-    class ModelCheckpoint:
-        def __init__(self):
-            self.monitor = "val/loss"
-
-    ModelCheckpoint.__module__ = mod.__name__
-    ModelCheckpoint.__qualname__ = "ModelCheckpoint"
-    mod.ModelCheckpoint = ModelCheckpoint
-    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", mod.__name__):
-        sys.modules.setdefault(name, types.ModuleType(name))
-    sys.modules[mod.__name__] = mod
-    try:
-        path = tmp_path / "old.ckpt"
-        torch.save({"state_dict": make_checkpoint("sd1", "tiny"), "callbacks": {ModelCheckpoint: ModelCheckpoint()},
-                    "global_step": 470000}, path)
-    finally:
-        for name in ("pytorch_lightning", "pytorch_lightning.callbacks", mod.__name__):
-            sys.modules.pop(name, None)
+    path = save_lightning_checkpoint(tmp_path / "old.ckpt", make_checkpoint("sd1", "tiny"))
     assert load_checkpoint(path).spec.family == "sd1"
 
 

@@ -185,3 +185,34 @@ def unusable_checkpoints(folder: Path, family: str = "sd1") -> dict[str, Path]:
         save_file(sd, str(path))
         out[name] = path
     return out
+
+
+def save_lightning_checkpoint(path: Path, state_dict: dict) -> Path:
+    """A harmless real-world pickle: an SD 1.x ``.ckpt`` as the original training code saved it, with a
+    pytorch_lightning ``ModelCheckpoint`` callback pickled beside the weights (a class our loaders allow as
+    inert data). pytorch_lightning need not be installed: a stand-in module is registered while saving."""
+    import sys
+    import types
+
+    import torch
+
+    mod = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+
+    class ModelCheckpoint:
+        def __init__(self):
+            self.monitor = "val/loss"
+
+    ModelCheckpoint.__module__ = mod.__name__
+    ModelCheckpoint.__qualname__ = "ModelCheckpoint"
+    mod.ModelCheckpoint = ModelCheckpoint
+    names = ("pytorch_lightning", "pytorch_lightning.callbacks", mod.__name__)
+    for name in names:
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules[mod.__name__] = mod
+    try:
+        torch.save({"state_dict": state_dict, "callbacks": {ModelCheckpoint: ModelCheckpoint()},
+                    "global_step": 470000}, path)
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+    return path
