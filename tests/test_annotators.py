@@ -366,7 +366,7 @@ EXPECTED = {  # module name: (UI label, control types) as the extension declares
     "depth_leres": ("depth_leres", ("Depth",)), "depth_anything": ("depth_anything", ("Depth",)),
     "normal_bae": ("normal_bae", ("NormalMap",)),
     "depth": ("depth_midas", ("Depth",)), "normal_map": ("normal_midas", ("NormalMap",)),  # test_annotators_depth
-    "depth_anything_v2": ("depth_anything_v2", ("Depth",)),
+    "depth_anything_v2": ("depth_anything_v2", ("Depth",)), "depth_zoe": ("depth_zoe", ("Depth",)),
 }
 
 

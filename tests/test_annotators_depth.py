@@ -11,10 +11,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sdstudio.core.controlnet import ControlNetError
 from sdstudio.engine import annotators
-from sdstudio.engine.annotators import common, depth_anything, midas
+from sdstudio.engine.annotators import common, depth_anything, midas, zoe
 from sdstudio.models.errors import ModelFileError
 from tests.test_annotators import depth_anything_layout, picture, random_weights, write
 
@@ -259,3 +260,148 @@ def test_depth_anything_v2_takes_the_original_pth_too(tmp_path):
     with pytest.raises(ControlNetError) as err:
         by_name(tmp_path / "empty")["depth_anything_v2"].run(picture(), 64, -1, -1)
     assert f"put depth_anything_v2_vitl.safetensors in {tmp_path / 'empty' / 'depth_anything_v2'}" in str(err.value)
+
+
+# --- ZoeDepth -------------------------------------------------------------------------------------------------
+
+def zoe_layout(dim: int = 1024, blocks: int = 24, heads: int = 16, window: int = 24, neck=(256, 512, 1024, 1024),
+               features: int = 256, bins: int = 64, attractors=(16, 8, 4, 1)) -> dict:
+    """ZoeD_M12_N.pt's "model": MiDaS v3.1 DPT_BEiT_L_384 under "core.core." (timm's beit_large_patch16_384:
+    no absolute positions, per-block relative position tables and indices, q/v biases, layer scales gamma_1/2,
+    the mean-pooling fc_norm and the ImageNet head), the four reassemble layers (readout projections, 1×1
+    projections, ConvTranspose ×4 / ×2 and a stride-2 convolution), the decoder, then ZoeDepth's metric head
+    (defaults: the published sizes)."""
+    out: dict = {}
+    b = "core.core.pretrained.model."
+    out[f"{b}cls_token"] = (1, 1, dim)
+    _conv(out, f"{b}patch_embed.proj", dim, 3, 16)
+    rows = (2 * window - 1) ** 2 + 3
+    for i in range(blocks):
+        p = f"{b}blocks.{i}"
+        out[f"{p}.gamma_1"], out[f"{p}.gamma_2"] = (dim,), (dim,)
+        for norm in ("norm1", "norm2"):
+            out[f"{p}.{norm}.weight"], out[f"{p}.{norm}.bias"] = (dim,), (dim,)
+        out[f"{p}.attn.q_bias"], out[f"{p}.attn.v_bias"] = (dim,), (dim,)
+        out[f"{p}.attn.relative_position_bias_table"] = (rows, heads)
+        out[f"{p}.attn.relative_position_index"] = (window * window + 1, window * window + 1)
+        out[f"{p}.attn.qkv.weight"] = (3 * dim, dim)
+        out[f"{p}.attn.proj.weight"], out[f"{p}.attn.proj.bias"] = (dim, dim), (dim,)
+        out[f"{p}.mlp.fc1.weight"], out[f"{p}.mlp.fc1.bias"] = (4 * dim, dim), (4 * dim,)
+        out[f"{p}.mlp.fc2.weight"], out[f"{p}.mlp.fc2.bias"] = (dim, 4 * dim), (dim,)
+    out[f"{b}fc_norm.weight"], out[f"{b}fc_norm.bias"] = (dim,), (dim,)
+    out[f"{b}head.weight"], out[f"{b}head.bias"] = (1000, dim), (1000,)
+    a = "core.core.pretrained.act_postprocess"
+    for k, c in enumerate(neck, 1):
+        out[f"{a}{k}.0.project.0.weight"], out[f"{a}{k}.0.project.0.bias"] = (dim, 2 * dim), (dim,)
+        _conv(out, f"{a}{k}.3", c, dim, 1)
+    out[f"{a}1.4.weight"], out[f"{a}1.4.bias"] = (neck[0], neck[0], 4, 4), (neck[0],)  # ConvTranspose: (in, out)
+    out[f"{a}2.4.weight"], out[f"{a}2.4.bias"] = (neck[1], neck[1], 2, 2), (neck[1],)
+    _conv(out, f"{a}4.4", neck[3], neck[3], 3)
+    _dpt_decoder(out, "core.core.scratch.", neck, features)
+    _conv(out, "conv2", features, features, 1)
+    _conv(out, "seed_bin_regressor._net.0", 256, features, 1)
+    _conv(out, "seed_bin_regressor._net.2", bins, 256, 1)
+    _conv(out, "seed_projector._net.0", 128, features, 1)
+    _conv(out, "seed_projector._net.2", 128, 128, 1)
+    for i, n in enumerate(attractors):
+        _conv(out, f"projectors.{i}._net.0", 128, features, 1)
+        _conv(out, f"projectors.{i}._net.2", 128, 128, 1)
+        _conv(out, f"attractors.{i}._net.0", 128, 128, 1)
+        _conv(out, f"attractors.{i}._net.2", n, 128, 1)
+    _conv(out, "conditional_log_binomial.mlp.0", (33 + 128) // 2, 33 + 128, 1)
+    _conv(out, "conditional_log_binomial.mlp.2", 4, (33 + 128) // 2, 1)
+    out["conditional_log_binomial.log_binomial_transform.k_idx"] = (1, bins, 1, 1)
+    out["conditional_log_binomial.log_binomial_transform.K_minus_1"] = (1, 1, 1, 1)
+    return out
+
+
+SMALL_ZOE = {"dim": 64, "blocks": 4, "heads": 1, "neck": (16, 32, 64, 64), "features": 32}
+
+
+def test_zoe_keys_convert_to_transformers_for_the_published_sizes():
+    from transformers import ZoeDepthForDepthEstimation
+
+    weights = {k: torch.empty(v, device="meta") for k, v in zoe_layout().items()}  # shapes only
+    config = zoe.config_for(weights)
+    beit = config.backbone_config
+    assert beit.out_features == ["stage6", "stage12", "stage18", "stage24"] and beit.image_size == 384
+    assert beit.num_attention_heads == 16 and config.num_attractors == [16, 8, 4, 1]
+    assert config.bin_configurations[0]["n_bins"] == 64 and config.bin_centers_type == "softplus"
+    with torch.device("meta"):
+        reference = ZoeDepthForDepthEstimation(config).state_dict()
+    converted = zoe.to_transformers(weights)
+    assert set(converted) == set(reference)  # indices, k_idx, fc_norm and the ImageNet head dropped
+    assert all(tuple(converted[k].shape) == tuple(reference[k].shape) for k in reference)
+
+
+def _zoe_file(folder, seed: int = 7):
+    layout = zoe_layout(**SMALL_ZOE)
+    weights = random_weights(layout, seed=seed)
+    weights["conditional_log_binomial.log_binomial_transform.k_idx"] = torch.arange(64).view(1, -1, 1, 1)
+    weights["conditional_log_binomial.log_binomial_transform.K_minus_1"] = torch.tensor([63.0]).view(1, 1, 1, 1)
+    return write(folder / "zoedepth" / "ZoeD_M12_N.pt", weights, wrap="model")
+
+
+@pytest.mark.parametrize("h, w, expected", [(384, 512, (384, 512)), (64, 128, (256, 512)), (512, 512, (512, 512)),
+                                            (512, 768, (384, 576)), (600, 500, (608, 512)), (96, 176, (288, 512)),
+                                            (64, 2048, (32, 512))])
+def test_zoe_network_size_is_midas_minimal_resize(h, w, expected):
+    # both sides scale by the factor (384/h or 512/w) nearer 1, then round to a multiple of 32:
+    # 64×128: 6 or 4 → 4; 512×512: 0.75 or 1 → 1; 512×768: 0.75 or 0.667 → 0.75 → 384×576;
+    # 600×500: 0.64 or 1.024 → 1.024 → 614.4 → 608; 96×176: 4 or 2.91 → 279.3 → 288; 64×2048: 0.25 → 16 → 32 (the floor)
+    assert zoe.net_size(h, w) == expected
+
+
+def test_zoe_padding():
+    assert zoe.padding(64, 128) == (16, 24)  # int(sqrt(32) × 3) = 16, int(sqrt(64) × 3) = 24
+    assert zoe.padding(512, 704) == (48, 56)
+
+
+def test_zoe_loads_and_runs_the_extensions_inference(tmp_path):
+    path = _zoe_file(tmp_path)
+    net = zoe.load(path)
+    seen = []
+    handle = net.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["pixel_values"]),
+                                                 with_kwargs=True)
+    image = picture()
+    try:
+        out = by_name(tmp_path)["depth_zoe"].run(image, 64, -1, -1)
+    finally:
+        handle.remove()
+    assert out.shape == (64, 80, 3) and out.dtype == np.uint8
+    padded, _ = common.resize_with_pad(image, 64)  # 64×128
+    # two passes (the picture and its mirror), each reflect-padded by 16 / 24 to 96×176, resized to 288×512
+    assert [tuple(s.shape) for s in seen] == [(1, 3, 288, 512)] * 2
+    x = torch.from_numpy(padded).permute(2, 0, 1)[None].float() / 255.0
+    for got, source in zip(seen, (x, torch.flip(x, dims=[3]))):
+        big = F.pad(source, [24, 24, 16, 16], mode="reflect")
+        assert torch.allclose(got, (F.interpolate(big, (288, 512), mode="bilinear", align_corners=True) - 0.5) / 0.5,
+                              atol=1e-6)
+    with torch.no_grad():
+        one = net.model(pixel_values=seen[0]).predicted_depth[:, None]
+        two = net.model(pixel_values=seen[1]).predicted_depth[:, None]
+    back = [F.interpolate(o, (96, 176), mode="bicubic", align_corners=False)[:, :, 16:-16, 24:-24] for o in (one, two)]
+    depth = ((back[0] + torch.flip(back[1], dims=[3])) / 2)[0, 0].numpy()
+    assert np.allclose(zoe.predict(net, padded), depth, atol=1e-5)
+    assert np.array_equal(out[:, :, 0], zoe.depth_map(zoe.predict(net, padded))[:64, :80])
+
+
+def test_zoe_depth_map_formula():
+    depth = np.linspace(1.0, 5.0, 100, dtype=np.float32).reshape(10, 10)
+    low, high = np.percentile(depth, 2), np.percentile(depth, 85)
+    expected = ((1.0 - (depth - np.float32(low)) / np.float32(high - low)) * 255.0).clip(0, 255).astype(np.uint8)
+    got = zoe.depth_map(depth)
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1 and (got == expected).mean() > 0.95
+    assert got[0, 0] == 255 and got[-1, -1] == 0  # near (small metric depth) is bright; beyond the 85th: 0
+    assert np.array_equal(zoe.depth_map(np.full((4, 4), 2.0, np.float32)), np.zeros((4, 4), np.uint8))
+
+
+def test_zoe_refuses_other_files(tmp_path):
+    layout = zoe_layout(**SMALL_ZOE)
+    layout["patch_transformer.embedding_convPxP.weight"] = (128, 32, 1, 1)
+    write(tmp_path / "zoedepth" / "ZoeD_M12_N.pt", random_weights(layout), wrap="model")
+    with pytest.raises(ModelFileError, match="ZoeD_M12_N.pt"):
+        by_name(tmp_path)["depth_zoe"].run(picture(), 64, -1, -1)
+    with pytest.raises(ControlNetError) as err:
+        by_name(tmp_path / "empty")["depth_zoe"].run(picture(), 64, -1, -1)
+    assert f"put ZoeD_M12_N.pt in {tmp_path / 'empty' / 'zoedepth'}" in str(err.value)

@@ -18,7 +18,7 @@ openpose_faceonly, openpose_full (body_pose_model.pth, hand_pose_model.pth, face
 (mlsd_large_512_fp32.pth, mlsd); depth_leres (res101.pth, leres); depth_anything (depth_anything_vitl14.pth,
 depth_anything); normal_bae (scannet.pt, normal_bae); depth (depth_midas) and normal_map (normal_midas)
 (dpt_hybrid-midas-501f0c75.pt, midas); depth_anything_v2 (depth_anything_v2_vitl.safetensors or .pth,
-depth_anything_v2).
+depth_anything_v2); depth_zoe (ZoeD_M12_N.pt, zoedepth).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ...core.controlnet import Preprocessor, Slider
-from . import depth_anything, hed, leres, lineart, midas, mlsd, normalbae, openpose, pidinet
+from . import depth_anything, hed, leres, lineart, midas, mlsd, normalbae, openpose, pidinet, zoe
 from .common import AnnotatorFile, clear_cache, hwc3, resize_with_pad, scribble
 
 RESOLUTION = Slider("Resolution", 512, 64, 2048, 8)
@@ -43,7 +43,7 @@ NORMAL_BACKGROUND = Slider("Normal Background Threshold", 0.4, 0.0, 1.0, 0.01)
 FILES: tuple[AnnotatorFile, ...] = (hed.FILE, pidinet.FILE, lineart.REALISTIC, lineart.COARSE, lineart.ANIME,
                                     openpose.BODY, openpose.HAND, openpose.FACE, mlsd.FILE, leres.FILE,
                                     depth_anything.FILE, depth_anything.FILE_V2, normalbae.FILE,
-                                    midas.FILE)
+                                    midas.FILE, zoe.FILE)
 
 Run = Callable[..., np.ndarray]
 
@@ -144,6 +144,13 @@ def _midas(folder: Path, label: str, normal: bool = False) -> Run:
     return _at_resolution(label, step)
 
 
+def _zoe(folder: Path, label: str) -> Run:
+    def step(img: np.ndarray, a: float, b: float) -> np.ndarray:
+        return zoe.detect(zoe.load(zoe.FILE.locate(folder, label)), img)
+
+    return _at_resolution(label, step)
+
+
 def _normal_bae(folder: Path, label: str) -> Run:
     def step(img: np.ndarray, a: float, b: float) -> np.ndarray:
         return normalbae.detect(normalbae.load(normalbae.FILE.locate(folder, label)), img)
@@ -183,6 +190,7 @@ def preprocessors(annotators_dir: Path | None) -> list[Preprocessor]:
     add("depth_leres", "depth_leres", _leres(folder, "depth_leres"), ("Depth",), REMOVE_NEAR, REMOVE_BACKGROUND)
     add("depth", "depth_midas", _midas(folder, "depth_midas"), ("Depth",))
     add("normal_map", "normal_midas", _midas(folder, "normal_midas", normal=True), ("NormalMap",), NORMAL_BACKGROUND)
+    add("depth_zoe", "depth_zoe", _zoe(folder, "depth_zoe"), ("Depth",))
     add("depth_anything", "depth_anything", _depth_anything(folder, "depth_anything"), ("Depth",))
     add("depth_anything_v2", "depth_anything_v2", _depth_anything(folder, "depth_anything_v2", version=2), ("Depth",))
     add("normal_bae", "normal_bae", _normal_bae(folder, "normal_bae"), ("NormalMap",))

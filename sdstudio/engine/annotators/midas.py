@@ -48,6 +48,23 @@ def _fail(detail: str) -> ModelFileError:
     return ModelFileError(f"{FILE.name}: not a MiDaS DPT-Hybrid checkpoint ({detail})")
 
 
+def decoder_name(rest: str) -> str | None:
+    """transformers' name (under ``neck.``) for a MiDaS decoder key after ``scratch.`` (``layerN_rn``, the
+    refinenets); None for anything else. MiDaS v2.1 and v3.1 (ZoeDepth's core) share these names."""
+    m = re.fullmatch(r"layer(\d)_rn\.weight", rest)
+    if m:
+        return f"neck.convs.{int(m[1]) - 1}.weight"
+    m = re.fullmatch(r"refinenet(\d)\.(.+)", rest)
+    if m:
+        layer = f"neck.fusion_stage.layers.{4 - int(m[1])}"  # refinenet4 fuses first
+        if m[2].startswith("out_conv."):
+            return f"{layer}.projection.{m[2][len('out_conv.'):]}"
+        parts = m[2].split(".")
+        if len(parts) == 3 and parts[0] in _UNIT and parts[1] in _CONV:
+            return f"{layer}.{_UNIT[parts[0]]}.{_CONV[parts[1]]}.{parts[2]}"
+    return None
+
+
 def _rename(key: str) -> str | list[str] | None:
     """The transformers name of a published key (a list of three for the fused q/k/v projection; None for the
     ImageNet classifier the file still carries)."""
@@ -87,17 +104,9 @@ def _rename(key: str) -> str | list[str] | None:
             return f"neck.reassemble_stage.layers.{stage}.{'projection' if part == '3' else 'resize'}.{kind}"
     elif key.startswith("scratch."):
         rest = key[len("scratch."):]
-        m = re.fullmatch(r"layer(\d)_rn\.weight", rest)
-        if m:
-            return f"neck.convs.{int(m[1]) - 1}.weight"
-        m = re.fullmatch(r"refinenet(\d)\.(.+)", rest)
-        if m:
-            layer = f"neck.fusion_stage.layers.{4 - int(m[1])}"  # refinenet4 fuses first
-            if m[2].startswith("out_conv."):
-                return f"{layer}.projection.{m[2][len('out_conv.'):]}"
-            parts = m[2].split(".")
-            if len(parts) == 3 and parts[0] in _UNIT and parts[1] in _CONV:
-                return f"{layer}.{_UNIT[parts[0]]}.{_CONV[parts[1]]}.{parts[2]}"
+        name = decoder_name(rest)
+        if name is not None:
+            return name
         m = re.fullmatch(r"output_conv\.([024])\.(weight|bias)", rest)
         if m:
             return f"head.head.{m[1]}.{m[2]}"
