@@ -367,6 +367,7 @@ EXPECTED = {  # module name: (UI label, control types) as the extension declares
     "normal_bae": ("normal_bae", ("NormalMap",)),
     "depth": ("depth_midas", ("Depth",)), "normal_map": ("normal_midas", ("NormalMap",)),  # test_annotators_depth
     "depth_anything_v2": ("depth_anything_v2", ("Depth",)), "depth_zoe": ("depth_zoe", ("Depth",)),
+    "dw_openpose_full": ("dw_openpose_full", ("OpenPose",)),  # test_annotators_dwpose
 }
 
 

@@ -18,7 +18,8 @@ openpose_faceonly, openpose_full (body_pose_model.pth, hand_pose_model.pth, face
 (mlsd_large_512_fp32.pth, mlsd); depth_leres (res101.pth, leres); depth_anything (depth_anything_vitl14.pth,
 depth_anything); normal_bae (scannet.pt, normal_bae); depth (depth_midas) and normal_map (normal_midas)
 (dpt_hybrid-midas-501f0c75.pt, midas); depth_anything_v2 (depth_anything_v2_vitl.safetensors or .pth,
-depth_anything_v2); depth_zoe (ZoeD_M12_N.pt, zoedepth).
+depth_anything_v2); depth_zoe (ZoeD_M12_N.pt, zoedepth); dw_openpose_full (yolox_l.onnx and
+dw-ll_ucoco_384.onnx, openpose; run by onnxruntime, or OpenCV's dnn without it).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ...core.controlnet import Preprocessor, Slider
-from . import depth_anything, hed, leres, lineart, midas, mlsd, normalbae, openpose, pidinet, zoe
+from . import depth_anything, dwpose, hed, leres, lineart, midas, mlsd, normalbae, openpose, pidinet, zoe
 from .common import AnnotatorFile, clear_cache, hwc3, resize_with_pad, scribble
 
 RESOLUTION = Slider("Resolution", 512, 64, 2048, 8)
@@ -43,7 +44,7 @@ NORMAL_BACKGROUND = Slider("Normal Background Threshold", 0.4, 0.0, 1.0, 0.01)
 FILES: tuple[AnnotatorFile, ...] = (hed.FILE, pidinet.FILE, lineart.REALISTIC, lineart.COARSE, lineart.ANIME,
                                     openpose.BODY, openpose.HAND, openpose.FACE, mlsd.FILE, leres.FILE,
                                     depth_anything.FILE, depth_anything.FILE_V2, normalbae.FILE,
-                                    midas.FILE, zoe.FILE)
+                                    midas.FILE, zoe.FILE, dwpose.DETECTOR, dwpose.POSE)
 
 Run = Callable[..., np.ndarray]
 
@@ -106,6 +107,15 @@ def _openpose(folder: Path, label: str, body: bool = True, hands: bool = False, 
                                       openpose.load_hand(paths[1]) if hands else None,
                                       openpose.load_face(paths[2]) if face else None)
         return openpose.draw_poses(poses, img.shape[0], img.shape[1], body=body, hands=hands, face=face)
+
+    return _at_resolution(label, step)
+
+
+def _dwpose(folder: Path, label: str) -> Run:
+    def step(img: np.ndarray, a: float, b: float) -> np.ndarray:
+        detector, pose = dwpose.DETECTOR.locate(folder, label), dwpose.POSE.locate(folder, label)
+        people = dwpose.detect(dwpose.load(detector), dwpose.load(pose), img)
+        return openpose.draw_poses(people, img.shape[0], img.shape[1], body=True, hands=True, face=True)
 
     return _at_resolution(label, step)
 
@@ -186,6 +196,7 @@ def preprocessors(annotators_dir: Path | None) -> list[Preprocessor]:
     add("openpose_faceonly", "openpose_faceonly", _openpose(folder, "openpose_faceonly", body=False, face=True),
         ("OpenPose",))
     add("openpose_full", "openpose_full", _openpose(folder, "openpose_full", hands=True, face=True), ("OpenPose",))
+    add("dw_openpose_full", "dw_openpose_full", _dwpose(folder, "dw_openpose_full"), ("OpenPose",))
     add("mlsd", "mlsd", _mlsd(folder, "mlsd"), ("MLSD",), MLSD_VALUE, MLSD_DISTANCE)
     add("depth_leres", "depth_leres", _leres(folder, "depth_leres"), ("Depth",), REMOVE_NEAR, REMOVE_BACKGROUND)
     add("depth", "depth_midas", _midas(folder, "depth_midas"), ("Depth",))

@@ -37,14 +37,14 @@ class AnnotatorFile:
     subfolder: str
     source: str = HUB
     also: tuple[str, ...] = ()  # other published names of the same weights (e.g. the original .pth)
+    safetensors: bool = True  # a .safetensors copy under the same stem is accepted (not for ONNX graphs)
 
     def candidates(self, folder: Path) -> list[Path]:
         out = []
         for base in (folder / self.subfolder, folder):
             for name in (self.name, *self.also):
-                for path in (base / name, base / f"{Path(name).stem}.safetensors"):
-                    if path not in out:
-                        out.append(path)
+                paths = [base / name] + ([base / f"{Path(name).stem}.safetensors"] if self.safetensors else [])
+                out += [path for path in paths if path not in out]
         return out
 
     def locate(self, folder: Path, module: str) -> Path:
@@ -102,8 +102,22 @@ def load_into(net: nn.Module, weights: dict[str, torch.Tensor], path: Path) -> n
     return net.eval()
 
 
-_CACHE: dict[tuple, nn.Module] = {}
+_CACHE: dict[tuple, object] = {}
 _LOCK = threading.Lock()
+
+
+def cached(path: Path, kind: str, build: Callable[[Path], object]) -> object:
+    """``build(path)`` on first use, then kept for the process (a file replaced on disk is built again), for
+    what is not a torch network of weights (an ONNX session)."""
+    stat = path.stat()
+    key = (kind, str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    with _LOCK:
+        found = _CACHE.get(key)
+        if found is None:
+            for old in [k for k in _CACHE if k[:2] == key[:2]]:
+                del _CACHE[old]
+            found = _CACHE[key] = build(path)
+        return found
 
 
 def cached_network(path: Path, kind: str, build: Callable[[dict[str, torch.Tensor]], nn.Module],
