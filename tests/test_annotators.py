@@ -368,6 +368,7 @@ EXPECTED = {  # module name: (UI label, control types) as the extension declares
     "depth": ("depth_midas", ("Depth",)), "normal_map": ("normal_midas", ("NormalMap",)),  # test_annotators_depth
     "depth_anything_v2": ("depth_anything_v2", ("Depth",)), "depth_zoe": ("depth_zoe", ("Depth",)),
     "dw_openpose_full": ("dw_openpose_full", ("OpenPose",)),  # test_annotators_dwpose
+    "anime_face_segment": ("seg_anime_face", ("Segmentation",)),  # test_annotators_segment
 }
 
 

@@ -19,7 +19,8 @@ openpose_faceonly, openpose_full (body_pose_model.pth, hand_pose_model.pth, face
 depth_anything); normal_bae (scannet.pt, normal_bae); depth (depth_midas) and normal_map (normal_midas)
 (dpt_hybrid-midas-501f0c75.pt, midas); depth_anything_v2 (depth_anything_v2_vitl.safetensors or .pth,
 depth_anything_v2); depth_zoe (ZoeD_M12_N.pt, zoedepth); dw_openpose_full (yolox_l.onnx and
-dw-ll_ucoco_384.onnx, openpose; run by onnxruntime, or OpenCV's dnn without it).
+dw-ll_ucoco_384.onnx, openpose; run by onnxruntime, or OpenCV's dnn without it); anime_face_segment (seg_anime_face)
+(UNet.pth, anime_face_segment).
 """
 
 from __future__ import annotations
@@ -30,7 +31,20 @@ from pathlib import Path
 import numpy as np
 
 from ...core.controlnet import Preprocessor, Slider
-from . import depth_anything, dwpose, hed, leres, lineart, midas, mlsd, normalbae, openpose, pidinet, zoe
+from . import (
+    anime_face,
+    depth_anything,
+    dwpose,
+    hed,
+    leres,
+    lineart,
+    midas,
+    mlsd,
+    normalbae,
+    openpose,
+    pidinet,
+    zoe,
+)
 from .common import AnnotatorFile, clear_cache, hwc3, resize_with_pad, scribble
 
 RESOLUTION = Slider("Resolution", 512, 64, 2048, 8)
@@ -44,7 +58,7 @@ NORMAL_BACKGROUND = Slider("Normal Background Threshold", 0.4, 0.0, 1.0, 0.01)
 FILES: tuple[AnnotatorFile, ...] = (hed.FILE, pidinet.FILE, lineart.REALISTIC, lineart.COARSE, lineart.ANIME,
                                     openpose.BODY, openpose.HAND, openpose.FACE, mlsd.FILE, leres.FILE,
                                     depth_anything.FILE, depth_anything.FILE_V2, normalbae.FILE,
-                                    midas.FILE, zoe.FILE, dwpose.DETECTOR, dwpose.POSE)
+                                    midas.FILE, zoe.FILE, dwpose.DETECTOR, dwpose.POSE, anime_face.FILE)
 
 Run = Callable[..., np.ndarray]
 
@@ -161,6 +175,13 @@ def _zoe(folder: Path, label: str) -> Run:
     return _at_resolution(label, step)
 
 
+def _anime_face(folder: Path, label: str) -> Run:
+    def step(img: np.ndarray, a: float, b: float) -> np.ndarray:
+        return anime_face.detect(anime_face.load(anime_face.FILE.locate(folder, label)), img)
+
+    return _at_resolution(label, step)
+
+
 def _normal_bae(folder: Path, label: str) -> Run:
     def step(img: np.ndarray, a: float, b: float) -> np.ndarray:
         return normalbae.detect(normalbae.load(normalbae.FILE.locate(folder, label)), img)
@@ -204,6 +225,7 @@ def preprocessors(annotators_dir: Path | None) -> list[Preprocessor]:
     add("depth_zoe", "depth_zoe", _zoe(folder, "depth_zoe"), ("Depth",))
     add("depth_anything", "depth_anything", _depth_anything(folder, "depth_anything"), ("Depth",))
     add("depth_anything_v2", "depth_anything_v2", _depth_anything(folder, "depth_anything_v2", version=2), ("Depth",))
+    add("anime_face_segment", "seg_anime_face", _anime_face(folder, "seg_anime_face"), ("Segmentation",))
     add("normal_bae", "normal_bae", _normal_bae(folder, "normal_bae"), ("NormalMap",))
     return out
 
