@@ -172,7 +172,10 @@ def _flatten_tensors(obj: dict) -> dict[str, torch.Tensor]:
 
 def _finite(tensor: torch.Tensor) -> bool:
     """No NaN or infinity in ``tensor``. Its sum is non-finite whenever it holds one (the quick test, one
-    reduction); a sum that overflowed on finite values is told apart by the exact minimum and maximum."""
+    reduction); a sum that overflowed on finite values is told apart by the exact minimum and maximum. A meta
+    tensor (a layout built without data) has no values to check."""
+    if tensor.is_meta:
+        return True
     return bool(torch.isfinite(tensor.sum())) or (tensor.numel() > 0 and all(
         bool(torch.isfinite(x)) for x in torch.aminmax(tensor)))
 

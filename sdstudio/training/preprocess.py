@@ -335,16 +335,17 @@ def caption_job_dataset(engine, spec: dict, on_text: Callable[[str], None] | Non
 # ---- queue jobs -----------------------------------------------------------------------------------------
 @dataclass
 class PreprocessProgress:
-    """A preprocess job's progress, as the ``train`` job's worker reads it (step, steps, textinfo, preview)."""
+    """A preprocess job's progress, as the ``train`` job's worker reads it (step, total, textinfo, preview:
+    :class:`~sdstudio.training.loop.TrainProgress`'s names)."""
 
     step: int  # the file being read, 0-based as A1111 counts it
-    steps: int
+    total: int
     name: str
     preview: Image.Image | None = None
 
     @property
     def textinfo(self) -> str:
-        return f"Preprocessing [Image {self.step}/{self.steps}]"
+        return f"Preprocessing [Image {self.step}/{self.total}]"
 
 
 def run_job(engine, request: dict, *, on_progress: Callable[[PreprocessProgress], None] | None = None,
