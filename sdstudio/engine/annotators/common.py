@@ -11,6 +11,7 @@ Networks run on CUDA when it is there, else on the CPU, in float32 (the extensio
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -188,3 +189,28 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
     """H×W×C numpy → 1×C×H×W float32 on the compute device (values unchanged)."""
     t = torch.from_numpy(np.ascontiguousarray(image)).float()
     return t.permute(2, 0, 1)[None].to(compute_device())
+
+
+def renamed_weights(weights: dict[str, torch.Tensor], rename) -> dict[str, torch.Tensor]:
+    """A published state dict in another library's names: ``rename(key)`` gives the new name, None (a
+    tensor the other layout does not keep) or a list of three names (a fused q/k/v projection, split in
+    thirds along its first dimension)."""
+    out = {}
+    for key, value in weights.items():
+        name = rename(key)
+        if name is None:
+            continue
+        if isinstance(name, list):
+            for part, chunk in zip(name, value.chunk(3, dim=0)):
+                out[part] = chunk
+        else:
+            out[name] = value
+    return out
+
+
+def count_indexed(weights: dict, pattern: str) -> int:
+    """How many numbered modules (blocks, stages...) the keys hold: one more than the largest number that
+    ``pattern``'s first group matches, 0 when no key matches."""
+    found = {int(m[1]) for k in weights if (m := re.match(pattern, k))}
+    return 1 + max(found) if found else 0
+

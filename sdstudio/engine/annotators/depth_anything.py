@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...models.errors import ModelFileError
-from .common import AnnotatorFile, cached_network
+from .common import AnnotatorFile, cached_network, renamed_weights
 
 FILE = AnnotatorFile("depth_anything_vitl14.pth", "depth_anything",
                      "the LiheYoung/Depth-Anything space (checkpoints/) on the Hugging Face hub")
@@ -98,15 +98,7 @@ def _rename(key: str) -> list[str] | str:
 
 def to_transformers(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The published state dict in transformers' names (q, k and v split from DINOv2's fused projection)."""
-    out = {}
-    for key, value in weights.items():
-        name = _rename(key)
-        if isinstance(name, list):
-            for part, chunk in zip(name, value.chunk(3, dim=0)):
-                out[part] = chunk
-        else:
-            out[name] = value
-    return out
+    return renamed_weights(weights, _rename)
 
 
 def feature_blocks(blocks: int, version: int = 1) -> list[int]:

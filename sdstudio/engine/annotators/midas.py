@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ...models.errors import ModelFileError
-from .common import AnnotatorFile, cached_network
+from .common import AnnotatorFile, cached_network, count_indexed, renamed_weights
 
 FILE = AnnotatorFile("dpt_hybrid-midas-501f0c75.pt", "midas",
                      "lllyasviel/ControlNet (annotator/ckpts/) or lllyasviel/Annotators on the Hugging Face hub")
@@ -115,22 +115,7 @@ def _rename(key: str) -> str | list[str] | None:
 
 def to_transformers(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The published state dict in transformers' names (q, k and v split from timm's fused projection)."""
-    out = {}
-    for key, value in weights.items():
-        name = _rename(key)
-        if name is None:
-            continue
-        if isinstance(name, list):
-            for part, chunk in zip(name, value.chunk(3, dim=0)):
-                out[part] = chunk
-        else:
-            out[name] = value
-    return out
-
-
-def _count(weights: dict, pattern: str) -> int:
-    found = {int(m[1]) for k in weights if (m := re.match(pattern, k))}
-    return 1 + max(found) if found else 0
+    return renamed_weights(weights, _rename)
 
 
 def feature_blocks(blocks: int) -> tuple[int, int]:
@@ -146,11 +131,11 @@ def config_for(weights: dict[str, torch.Tensor]):
     try:
         pos = weights[_VIT + "pos_embed"]
         hidden = pos.shape[-1]
-        blocks = _count(weights, re.escape(_VIT) + r"blocks\.(\d+)\.")
+        blocks = count_indexed(weights, re.escape(_VIT) + r"blocks\.(\d+)\.")
         mlp = weights[_VIT + "blocks.0.mlp.fc1.weight"].shape[0]
         stem = weights[_RESNET + "stem.conv.weight"].shape[0]
-        stages = _count(weights, re.escape(_RESNET) + r"stages\.(\d+)\.")
-        depths = [_count(weights, re.escape(_RESNET) + rf"stages\.{s}\.blocks\.(\d+)\.") for s in range(stages)]
+        stages = count_indexed(weights, re.escape(_RESNET) + r"stages\.(\d+)\.")
+        depths = [count_indexed(weights, re.escape(_RESNET) + rf"stages\.{s}\.blocks\.(\d+)\.") for s in range(stages)]
         widths = [weights[f"{_RESNET}stages.{s}.blocks.0.conv3.weight"].shape[0] for s in range(stages)]
         token_in = weights[_VIT + "patch_embed.proj.weight"].shape[1]
         neck = [weights[f"scratch.layer{i}_rn.weight"].shape[1] for i in range(1, 5)]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...models.errors import ModelFileError
-from .common import AnnotatorFile, cached_network
+from .common import AnnotatorFile, cached_network, count_indexed, renamed_weights
 from .midas import decoder_name
 
 FILE = AnnotatorFile("ZoeD_M12_N.pt", "zoedepth")
@@ -99,22 +99,7 @@ def _rename(key: str) -> str | list[str] | None:
 def to_transformers(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The published state dict in transformers' names (q, k and v split from timm's fused projection; timm's
     key bias is zero, transformers' key projection has none)."""
-    out = {}
-    for key, value in weights.items():
-        name = _rename(key)
-        if name is None:
-            continue
-        if isinstance(name, list):
-            for part, chunk in zip(name, value.chunk(3, dim=0)):
-                out[part] = chunk
-        else:
-            out[name] = value
-    return out
-
-
-def _count(weights: dict, pattern: str) -> int:
-    found = {int(m[1]) for k in weights if (m := re.match(pattern, k))}
-    return 1 + max(found) if found else 0
+    return renamed_weights(weights, _rename)
 
 
 def feature_blocks(blocks: int) -> list[int]:
@@ -130,7 +115,7 @@ def config_for(weights: dict[str, torch.Tensor]):
     try:
         hidden = weights[_BEIT + "cls_token"].shape[-1]
         patch = weights[_BEIT + "patch_embed.proj.weight"].shape[-1]
-        blocks = _count(weights, re.escape(_BEIT) + r"blocks\.(\d+)\.")
+        blocks = count_indexed(weights, re.escape(_BEIT) + r"blocks\.(\d+)\.")
         table = weights[_BEIT + "blocks.0.attn.relative_position_bias_table"]
         mlp = weights[_BEIT + "blocks.0.mlp.fc1.weight"].shape[0]
         neck = [weights[f"{_CORE}pretrained.act_postprocess{i}.3.weight"].shape[0] for i in range(1, 5)]
