@@ -227,6 +227,19 @@ def leres_layout() -> dict:
     return out
 
 
+def dpt_refinenets(out: dict, prefix: str, neck, features: int) -> None:
+    """A DPT decoder's scratch as MiDaS and Depth Anything publish it: layerN_rn (no bias) and four
+    refinenets (out_conv, two residual units)."""
+    for i, c in enumerate(neck, 1):
+        out[f"{prefix}layer{i}_rn.weight"] = (features, c, 3, 3)
+    for i in range(1, 5):
+        r = f"{prefix}refinenet{i}"
+        _conv(out, f"{r}.out_conv", features, features, 1)
+        for unit in ("resConfUnit1", "resConfUnit2"):
+            _conv(out, f"{r}.{unit}.conv1", features, features, 3)
+            _conv(out, f"{r}.{unit}.conv2", features, features, 3)
+
+
 def depth_anything_layout(dim: int = 1024, blocks: int = 24, neck=(256, 512, 1024, 1024), features: int = 256) -> dict:
     """depth_anything_vitl14.pth: DINOv2 (torch hub names) under "pretrained.", the DPT head under "depth_head."
     (defaults: the published ViT-L sizes)."""
@@ -249,14 +262,7 @@ def depth_anything_layout(dim: int = 1024, blocks: int = 24, neck=(256, 512, 102
     out[f"{h}.resize_layers.0.weight"], out[f"{h}.resize_layers.0.bias"] = (neck[0], neck[0], 4, 4), (neck[0],)
     out[f"{h}.resize_layers.1.weight"], out[f"{h}.resize_layers.1.bias"] = (neck[1], neck[1], 2, 2), (neck[1],)
     _conv(out, f"{h}.resize_layers.3", neck[3], neck[3], 3)
-    for i, c in enumerate(neck, 1):
-        out[f"{h}.scratch.layer{i}_rn.weight"] = (features, c, 3, 3)
-    for i in range(1, 5):
-        r = f"{h}.scratch.refinenet{i}"
-        _conv(out, f"{r}.out_conv", features, features, 1)
-        for unit in ("resConfUnit1", "resConfUnit2"):
-            _conv(out, f"{r}.{unit}.conv1", features, features, 3)
-            _conv(out, f"{r}.{unit}.conv2", features, features, 3)
+    dpt_refinenets(out, f"{h}.scratch.", neck, features)
     _conv(out, f"{h}.scratch.output_conv1", features // 2, features, 3)
     _conv(out, f"{h}.scratch.output_conv2.0", 32, features // 2, 3)
     _conv(out, f"{h}.scratch.output_conv2.2", 1, 32, 1)
@@ -333,7 +339,8 @@ def write(path: Path, tensors: dict, wrap: str | None = None, prefix: str = "") 
 
 
 @pytest.fixture(autouse=True)
-def _fresh_cache():
+def fresh_annotator_cache():
+    """Every test loads its networks afresh (the other annotator test files import this autouse fixture)."""
     common.clear_cache()
     yield
     common.clear_cache()

@@ -17,26 +17,21 @@ from sdstudio.core.controlnet import ControlNetError
 from sdstudio.engine import annotators
 from sdstudio.engine.annotators import common, depth_anything, midas, zoe
 from sdstudio.models.errors import ModelFileError
-from tests.test_annotators import depth_anything_layout, picture, random_weights, write
+from tests.test_annotators import (  # noqa: F401 (fresh_annotator_cache: an autouse fixture)
+    _conv,
+    depth_anything_layout,
+    dpt_refinenets,
+    fresh_annotator_cache,
+    picture,
+    random_weights,
+    write,
+)
 
 torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    common.clear_cache()
-    yield
-    common.clear_cache()
-
-
 def by_name(folder) -> dict:
     return {p.name: p for p in annotators.preprocessors(folder)}
-
-
-def _conv(out: dict, name: str, cout: int, cin: int, k: int, bias: bool = True) -> None:
-    out[f"{name}.weight"] = (cout, cin, k, k)
-    if bias:
-        out[f"{name}.bias"] = (cout,)
 
 
 def _vit_blocks(out: dict, prefix: str, dim: int, blocks: int, mlp: int) -> None:
@@ -53,14 +48,7 @@ def _vit_blocks(out: dict, prefix: str, dim: int, blocks: int, mlp: int) -> None
 
 def _dpt_decoder(out: dict, prefix: str, neck, features: int) -> None:
     """MiDaS's scratch: layerN_rn (no bias), four refinenets (out_conv, two residual units) and output_conv."""
-    for i, c in enumerate(neck, 1):
-        out[f"{prefix}layer{i}_rn.weight"] = (features, c, 3, 3)
-    for i in range(1, 5):
-        r = f"{prefix}refinenet{i}"
-        _conv(out, f"{r}.out_conv", features, features, 1)
-        for unit in ("resConfUnit1", "resConfUnit2"):
-            _conv(out, f"{r}.{unit}.conv1", features, features, 3)
-            _conv(out, f"{r}.{unit}.conv2", features, features, 3)
+    dpt_refinenets(out, prefix, neck, features)
     _conv(out, f"{prefix}output_conv.0", features // 2, features, 3)
     _conv(out, f"{prefix}output_conv.2", 32, features // 2, 3)
     _conv(out, f"{prefix}output_conv.4", 1, 32, 1)

@@ -19,7 +19,7 @@ from sdstudio.core.controlnet import ControlNetError
 from sdstudio.engine import annotators
 from sdstudio.engine.annotators import common, dwpose, openpose
 from sdstudio.models.errors import ModelFileError
-from tests.test_annotators import picture
+from tests.test_annotators import fresh_annotator_cache, picture  # noqa: F401 (autouse)
 
 torch.set_num_threads(1)
 
@@ -83,13 +83,6 @@ def write_graphs(folder, boxes, points):
            ["images"], ["output"])
     export(folder / "openpose" / "dw-ll_ucoco_384.onnx", _Constant(*simcc(points)), (1, 3, 384, 288),
            ["input"], ["simcc_x", "simcc_y"])
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    common.clear_cache()
-    yield
-    common.clear_cache()
 
 
 def run(folder, image=None):

@@ -15,16 +15,9 @@ import torch.nn.functional as F
 from sdstudio.core.controlnet import ControlNetError
 from sdstudio.engine import annotators
 from sdstudio.engine.annotators import anime_face, common
-from tests.test_annotators import picture, random_weights, write
+from tests.test_annotators import fresh_annotator_cache, picture, random_weights, write  # noqa: F401 (autouse)
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    common.clear_cache()
-    yield
-    common.clear_cache()
 
 
 def _bn(out: dict, name: str, c: int) -> None:
