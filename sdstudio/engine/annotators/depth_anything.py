@@ -27,6 +27,7 @@ from torch import nn
 
 from ...models.errors import ModelFileError
 from .common import AnnotatorFile, cached_network, renamed_weights
+from .midas import decoder_name
 
 FILE = AnnotatorFile("depth_anything_vitl14.pth", "depth_anything",
                      "the LiheYoung/Depth-Anything space (checkpoints/) on the Hugging Face hub")
@@ -47,8 +48,6 @@ _BLOCK = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.o_proj", "
 _EMBEDDINGS = {"cls_token": "cls_token", "mask_token": "mask_token", "pos_embed": "position_embeddings",
                "patch_embed.proj.weight": "patch_embeddings.projection.weight",
                "patch_embed.proj.bias": "patch_embeddings.projection.bias"}
-_UNIT = {"resConfUnit1": "residual_layer1", "resConfUnit2": "residual_layer2"}
-_CONV = {"conv1": "convolution1", "conv2": "convolution2"}
 
 
 def _rename(key: str) -> list[str] | str:
@@ -77,17 +76,8 @@ def _rename(key: str) -> list[str] | str:
         m = re.fullmatch(r"resize_layers\.(\d)\.(weight|bias)", rest)
         if m:
             return f"neck.reassemble_stage.layers.{m[1]}.resize.{m[2]}"
-        m = re.fullmatch(r"scratch\.layer(\d)_rn\.weight", rest)
-        if m:
-            return f"neck.convs.{int(m[1]) - 1}.weight"
-        m = re.fullmatch(r"scratch\.refinenet(\d)\.(.+)", rest)
-        if m:
-            layer = f"neck.fusion_stage.layers.{4 - int(m[1])}"  # refinenet4 fuses first
-            inner = m[2]
-            if inner.startswith("out_conv."):
-                return f"{layer}.projection.{inner[len('out_conv.'):]}"
-            unit, conv, kind = inner.split(".")
-            return f"{layer}.{_UNIT[unit]}.{_CONV[conv]}.{kind}"
+        if rest.startswith("scratch.") and (name := decoder_name(rest[len("scratch."):])) is not None:
+            return name  # MiDaS's decoder names (layerN_rn, the refinenets)
         head = {"scratch.output_conv1": "head.conv1", "scratch.output_conv2.0": "head.conv2",
                 "scratch.output_conv2.2": "head.conv3"}
         base, _, kind = rest.rpartition(".")
