@@ -237,6 +237,7 @@ def test_x_y_z_cells_and_prompt_lines_split_across_the_workers_give_one_workers_
             assert np.array_equal(pixels(m["path"]), np.asarray(r.image))
             assert m["url"].startswith(f"file://{cluster.store}/outputs/")  # put together here, then stored
         assert "units" not in done.result and not (cluster.root / "cache" / "jobs" / job.id / "units").exists()
+        assert not list((cluster.store / "cache" / "jobs" / job.id).glob("units/*"))  # nor the store's copies
 
 
 def test_an_img2img_jobs_uploads_reach_a_worker_from_the_output_store(cluster):

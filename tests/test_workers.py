@@ -98,6 +98,22 @@ def test_a_store_url_without_its_driver_is_refused_naming_it(tmp_path):
         OutputStore("nosuchproto://x", tmp_path)
 
 
+def test_the_store_removes_its_own_copies_only(tmp_path):
+    from sdstudio.service.store import unit_urls
+
+    store = OutputStore(f"file://{tmp_path / 'store'}", tmp_path)
+    (tmp_path / "cache").mkdir()
+    kept, gone = tmp_path / "kept.txt", tmp_path / "cache" / "0-0.png"
+    for p in (kept, gone):
+        p.write_text(p.name)
+    urls = [store.put(kept, "j"), store.put(gone, "j")]
+    result = {"units": {"0": [{"path": str(gone), "url": urls[1]}, {"path": "no url"}]}}
+    assert unit_urls(result) == [urls[1]]
+    store.remove([*unit_urls(result), urls[1], "file:///etc/hostname", f"{store.url}-other/kept.txt"])
+    assert (tmp_path / "store" / "kept.txt").read_text() == "kept.txt"
+    assert not (tmp_path / "store" / "cache" / "0-0.png").exists() and Path("/etc/hostname").exists()
+
+
 def pool_service(data_root: Path, workers: int, **kw):
     """A head service over one SQLite queue and ``workers`` in-process workers (each its own engine)."""
     queue = SQLiteJobQueue(data_root / "jobs.sqlite3")

@@ -276,7 +276,7 @@ class UnitRun(ShardedRun):
                 self.queue.park(job.id)
             return
         from .jobs import Live
-        from .store import PublishingQueue
+        from .store import PublishingQueue, unit_urls
 
         whole = self.queue.get(job.id)  # its units all recorded: the script's own run over them, here
         live = Live(whole)
@@ -288,3 +288,6 @@ class UnitRun(ShardedRun):
         finally:
             with pool._lock:
                 pool.assembling.pop(job.id, None)
+        ended = self.queue.get(job.id)
+        if pool.store is not None and ended is not None and ended.status in (DONE, CANCELLED, FAILED):
+            pool.store.remove(unit_urls(whole.result))  # the store's unit copies: the job's files replace them

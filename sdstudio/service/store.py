@@ -5,7 +5,8 @@ A worker writes its pictures to its local outputs folder first (temp file, fsync
 does. With a store URL it then copies each new file into the store *before* the queue records the file, and
 the job's result says where: ``result["store"]`` is the store's URL and every image / grid entry gets a
 ``url`` beside its ``path``. The API serves a file from its ``path`` when that is on its own disk, else from
-its ``url`` (an API server on another machine than the worker). Keys inside the store mirror the worker's
+its ``url`` (an API server on another machine than the worker). The copies of a split script job's units are
+deleted from the store once the job is put together (its outputs are then the job's files). Keys inside the store mirror the worker's
 data dir (``outputs/txt2img-images/2026-01-01/00001-3.png``), so a store shared by many workers keeps
 A1111's layout; a file outside the data dir goes under ``jobs/<job id>/``.
 
@@ -14,12 +15,15 @@ No torch here: the API process uses this module.
 
 from __future__ import annotations
 
+import logging
 import mimetypes
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .queue import Job, JobQueue
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(Exception):
@@ -75,6 +79,23 @@ class OutputStore:
             same = next((g for g in result.get("grids", []) if g.get("path") == grid and g.get("url")), None)
             result["grid_url"] = same["url"] if same else self.put(grid, job_id)
         return result
+
+    def remove(self, urls: Iterable[str]) -> None:
+        """Delete the store's copies at ``urls`` (those of this store; one already gone is no error)."""
+        for url in urls:
+            if url.startswith(self.url + "/"):
+                try:
+                    self.fs.rm_file(posixpath.join(self.base, url[len(self.url) + 1:]))
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:  # the job's outputs are fine: a copy left behind is only disk space
+                    log.warning("output store: could not remove %s: %s", url, exc)
+
+
+def unit_urls(result: dict) -> list[str]:
+    """The store URLs of a split script job's unit files (``result["units"]``)."""
+    return [e["url"] for records in (result.get("units") or {}).values() for e in records
+            if isinstance(e, dict) and e.get("url")]
 
 
 def _file_entries(result: dict) -> Iterator[dict]:
