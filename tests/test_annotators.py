@@ -376,6 +376,7 @@ EXPECTED = {  # module name: (UI label, control types) as the extension declares
     "depth_anything_v2": ("depth_anything_v2", ("Depth",)), "depth_zoe": ("depth_zoe", ("Depth",)),
     "dw_openpose_full": ("dw_openpose_full", ("OpenPose",)),  # test_annotators_dwpose
     "anime_face_segment": ("seg_anime_face", ("Segmentation",)),  # test_annotators_segment
+    "softedge_teed": ("softedge_teed", ("SoftEdge",)),  # test_annotators_teed
 }
 
 
@@ -482,7 +483,7 @@ def test_hed_soft_edge_formula(logits, soft, safe):
     assert int(255 / (1 + math.exp(-np.mean(logits)))) == soft
     out = hed.soft_edges(maps)
     assert out.shape == (16, 20) and (out == soft).all()
-    assert (hed.soft_edges(maps, safe=True) == safe).all()
+    assert (hed.soft_edges(maps, safe_steps=2) == safe).all()
 
 
 def test_hed_loads_the_published_layout_and_runs(tmp_path):

@@ -20,7 +20,7 @@ depth_anything); normal_bae (scannet.pt, normal_bae); depth (depth_midas) and no
 (dpt_hybrid-midas-501f0c75.pt, midas); depth_anything_v2 (depth_anything_v2_vitl.safetensors or .pth,
 depth_anything_v2); depth_zoe (ZoeD_M12_N.pt, zoedepth); dw_openpose_full (yolox_l.onnx and
 dw-ll_ucoco_384.onnx, openpose; run by onnxruntime, or OpenCV's dnn without it); anime_face_segment (seg_anime_face)
-(UNet.pth, anime_face_segment).
+(UNet.pth, anime_face_segment); softedge_teed (7_model.pth, TEED).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from . import (
     normalbae,
     openpose,
     pidinet,
+    teed,
     zoe,
 )
 from .common import AnnotatorFile, clear_cache, hwc3, resize_with_pad, scribble
@@ -53,12 +54,14 @@ MLSD_DISTANCE = Slider("MLSD Distance Threshold", 0.1, 0.01, 20.0, 0.01)
 REMOVE_NEAR = Slider("Remove Near %", 0, 0, 100, 0.1)
 REMOVE_BACKGROUND = Slider("Remove Background %", 0, 0, 100, 0.1)
 NORMAL_BACKGROUND = Slider("Normal Background Threshold", 0.4, 0.0, 1.0, 0.01)
+SAFE_STEPS = Slider("Safe Steps", 2, 0, 10, 1)
 
 # every file a preprocessor here may read, for listings and messages
 FILES: tuple[AnnotatorFile, ...] = (hed.FILE, pidinet.FILE, lineart.REALISTIC, lineart.COARSE, lineart.ANIME,
                                     openpose.BODY, openpose.HAND, openpose.FACE, mlsd.FILE, leres.FILE,
                                     depth_anything.FILE, depth_anything.FILE_V2, normalbae.FILE,
-                                    midas.FILE, zoe.FILE, dwpose.DETECTOR, dwpose.POSE, anime_face.FILE)
+                                    midas.FILE, zoe.FILE, dwpose.DETECTOR, dwpose.POSE, anime_face.FILE,
+                                    teed.FILE)
 
 Run = Callable[..., np.ndarray]
 
@@ -78,6 +81,14 @@ def _at_resolution(label: str, step: Callable[[np.ndarray, float, float], np.nda
 
 def _hed(folder: Path, label: str, safe: bool = False) -> Run:
     return _at_resolution(label, lambda img, a, b: hed.detect(hed.load(hed.FILE.locate(folder, label)), img, safe))
+
+
+def _teed(folder: Path, label: str) -> Run:
+    def step(img: np.ndarray, a: float, b: float) -> np.ndarray:  # a: Safe Steps (the unit's -1: its default)
+        steps = int(SAFE_STEPS.value if a < 0 else a)
+        return teed.detect(teed.load(teed.FILE.locate(folder, label)), img, steps)
+
+    return _at_resolution(label, step)
 
 
 def _scribble(soft: Run) -> Run:
@@ -202,6 +213,7 @@ def preprocessors(annotators_dir: Path | None) -> list[Preprocessor]:
 
     add("hed", "softedge_hed", _hed(folder, "softedge_hed"), ("SoftEdge",))
     add("hed_safe", "softedge_hedsafe", _hed(folder, "softedge_hedsafe", safe=True), ("SoftEdge",))
+    add("softedge_teed", "softedge_teed", _teed(folder, "softedge_teed"), ("SoftEdge",), SAFE_STEPS)
     add("scribble_hed", "scribble_hed", _scribble(_hed(folder, "scribble_hed")), ("Scribble", "SparseCtrl"))
     add("pidinet", "softedge_pidinet", _pidinet(folder, "softedge_pidinet"), ("SoftEdge",))
     add("pidinet_safe", "softedge_pidisafe", _pidinet(folder, "softedge_pidisafe", safe=True), ("SoftEdge",))

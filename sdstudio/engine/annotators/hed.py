@@ -53,14 +53,14 @@ class HED(nn.Module):
         return maps
 
 
-def soft_edges(maps: list[np.ndarray], safe: bool = False) -> np.ndarray:
-    """The five logit maps (any sizes) to the uint8 edge map at the first one's size: bilinear resize, mean,
-    sigmoid (float64), optionally the safe step, ×255."""
+def soft_edges(maps: list[np.ndarray], safe_steps: int = 0) -> np.ndarray:
+    """The logit maps (any sizes) to the uint8 edge map at the first one's size: bilinear resize, mean,
+    sigmoid (float64), the safe step with ``safe_steps`` (0: none; HED's safe variant: 2), ×255."""
     h, w = maps[0].shape
     stacked = np.stack([cv2.resize(m.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) for m in maps], 2)
     edge = 1.0 / (1.0 + np.exp(-np.mean(stacked, axis=2).astype(np.float64)))
-    if safe:
-        edge = safe_step(edge)
+    if safe_steps:
+        edge = safe_step(edge, safe_steps)
     return to_uint8(edge)
 
 
@@ -73,4 +73,4 @@ def detect(net: HED, image: np.ndarray, safe: bool = False) -> np.ndarray:
     """H×W uint8 soft edges of an H×W×3 RGB uint8 picture."""
     param = next(net.parameters())
     maps = net(image_tensor(image).to(param.device, param.dtype))
-    return soft_edges([m[0, 0].float().cpu().numpy() for m in maps], safe)
+    return soft_edges([m[0, 0].float().cpu().numpy() for m in maps], 2 if safe else 0)
