@@ -30,7 +30,8 @@ QUICK = int(os.environ.get("SDSTUDIO_FUZZ_PARSER_EXAMPLES", "150"))
 FIXED = "SDSTUDIO_FUZZ_PARSER_EXAMPLES" not in os.environ  # the normal run tries the same examples every time
 FULL, SHARDS = 1_000_000, 20
 SIZES = [pytest.param((QUICK, None), id="quick"),
-         *(pytest.param((FULL // SHARDS, shard), id=f"1e6-{shard:02d}", marks=pytest.mark.full) for shard in range(SHARDS))]
+         *(pytest.param((FULL // SHARDS, shard), id=f"1e6-{shard:02d}", marks=pytest.mark.full)
+           for shard in range(SHARDS))]
 
 
 def run(size: tuple[int, int | None], test) -> None:

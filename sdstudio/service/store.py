@@ -5,10 +5,10 @@ A worker writes its pictures to its local outputs folder first (temp file, fsync
 does. With a store URL it then copies each new file into the store *before* the queue records the file, and
 the job's result says where: ``result["store"]`` is the store's URL and every image / grid entry gets a
 ``url`` beside its ``path``. The API serves a file from its ``path`` when that is on its own disk, else from
-its ``url`` (an API server on another machine than the worker). The copies of a split script job's units are
-deleted from the store once the job is put together (its outputs are then the job's files). Keys inside the store mirror the worker's
+its ``url`` (an API server on another machine than the worker). Keys inside the store mirror the worker's
 data dir (``outputs/txt2img-images/2026-01-01/00001-3.png``), so a store shared by many workers keeps
-A1111's layout; a file outside the data dir goes under ``jobs/<job id>/``.
+A1111's layout; a file outside the data dir goes under ``jobs/<job id>/``. The copies of a split script job's
+units are deleted from the store once the job is put together (its outputs are then the job's files).
 
 No torch here: the API process uses this module.
 """
