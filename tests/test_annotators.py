@@ -377,6 +377,7 @@ EXPECTED = {  # module name: (UI label, control types) as the extension declares
     "dw_openpose_full": ("dw_openpose_full", ("OpenPose",)),  # test_annotators_dwpose
     "anime_face_segment": ("seg_anime_face", ("Segmentation",)),  # test_annotators_segment
     "softedge_teed": ("softedge_teed", ("SoftEdge",)),  # test_annotators_teed
+    "softedge_anyline": ("softedge_anyline", ("SoftEdge",)),
 }
 
 
@@ -387,7 +388,8 @@ def test_declarations_are_the_extensions_and_cost_nothing(tmp_path):
         p = found[name]
         assert p.aliases == (() if label == name else (label,))
         assert p.control_types == kinds
-        assert p.resolution.detail() == {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}
+        start = 1280 if name == "softedge_anyline" else 512  # the extension's Anyline starts higher
+        assert p.resolution.detail() == {"name": "Resolution", "value": start, "min": 64, "max": 2048, "step": 8}
         assert not p.model_free and callable(p.run)
     assert [s.detail() for s in found["mlsd"].sliders()][1:] == [
         {"name": "MLSD Value Threshold", "value": 0.1, "min": 0.01, "max": 2.0, "step": 0.01},

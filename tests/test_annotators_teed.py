@@ -1,19 +1,21 @@
 """TEED soft edges (softedge_teed): 7_model.pth written in the published layout (TEED's module names and shapes,
 written out here), loaded, run through the extension's frame, and checked against a functional forward pass
-written here from the paper's description; Safe Steps quantizes as the extension does.
+written here from the paper's description; Safe Steps quantizes as the extension does. softedge_anyline
+(MTEED.pth, the same network) merges in lineart_standard's faint lines as the extension does on uint8 maps.
 """
 
 from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from sdstudio.core.controlnet import ControlNetError
-from sdstudio.engine import annotators
+from sdstudio.engine import annotators, preprocessors
 from sdstudio.engine.annotators import common, teed
 from tests.test_annotators import fresh_annotator_cache, picture, random_weights, write  # noqa: F401 (autouse)
 
@@ -103,4 +105,64 @@ def test_loads_the_published_layout_and_matches_the_papers_forward_pass(tmp_path
         quantized = crop(((np.floor(sigma * (steps + 1)) / steps) * 255).clip(0, 255).astype(np.uint8))
         got = run(image, 64, steps, -1)[:, :, 0]
         assert np.mean(got == quantized) > 0.99 and len(np.unique(got)) <= steps + 1
-    assert (run(image, 64, -1, -1) == run(image, 64, 2, -1)).all()  # the unit's -1: the default, 2
+    p = {p.name: p for p in annotators.preprocessors(tmp_path)}["softedge_teed"]
+    assert (preprocessors.detect(p, image, 64, -1, -1) == run(image, 64, 2, -1)).all()  # the unit's -1: 2
+
+
+# --- softedge_anyline -----------------------------------------------------------------------------------------
+
+def extension_anyline_merge(edges: np.ndarray, lines: np.ndarray) -> np.ndarray:
+    """The extension's steps, literally, on its H×W×3 uint8 maps: keep the line map's values in [0, 1], drop
+    6-connected 3-D groups under 36 voxels (scipy's labelling, as skimage's remove_small_objects does), then
+    the screen blend 1 − (1 − top)(1 − base) where the top is set, in uint8 arithmetic."""
+    from scipy import ndimage
+
+    base, top = np.repeat(edges[:, :, None], 3, 2), np.repeat(lines[:, :, None], 3, 2)
+    top = np.where(top <= 1, top, 0).astype(np.uint8)
+    labels, _ = ndimage.label(top.astype(bool), structure=ndimage.generate_binary_structure(3, 1))
+    sizes = np.bincount(labels.ravel())
+    keep = (sizes >= 36)[labels] & (labels > 0)
+    top = top * keep
+    mask = top.astype(bool)
+    screened = (np.uint8(1) - (np.uint8(1) - top) * (np.uint8(1) - base)).astype(np.uint8)
+    return (base * ~mask + screened * mask).astype(np.uint8)[:, :, 0]
+
+
+def test_anyline_merge_matches_the_extensions_uint8_steps():
+    rng = np.random.default_rng(5)
+    edges = rng.integers(0, 256, (60, 70)).astype(np.uint8)
+    lines = np.zeros((60, 70), np.uint8)
+    lines[5:9, 5:8] = 1  # 12 pixels: 36 voxels over three channels, kept
+    lines[20:22, 30:35] = 1  # 10 pixels: dropped
+    lines[40, 10:60] = 1  # a long faint line: kept
+    lines[41, 10:60] = 2  # brighter lines are not "faint": untouched
+    lines[50:55, 50:55] = rng.integers(0, 3, (5, 5)).astype(np.uint8)
+    merged = teed.anyline_merge(edges, lines)
+    assert (merged == extension_anyline_merge(edges, lines)).all()
+    assert (merged[5:9, 5:8] == 1).all() and (merged[40, 10:60] == 1).all()
+    assert (merged[20:22, 30:35] == edges[20:22, 30:35]).all() and (merged[41] == edges[41]).all()
+
+
+def test_anyline_runs_mteed_at_its_resolution_and_merges_the_faint_lines(tmp_path):
+    p = {p.name: p for p in annotators.preprocessors(tmp_path)}["softedge_anyline"]
+    assert p.control_types == ("SoftEdge",) and p.resolution.value == 1280
+    assert [s.detail() for s in p.sliders()][1:] == [{"name": "Safe Steps", "value": 2, "min": 0, "max": 10, "step": 1}]
+    write(tmp_path / "TEED" / "7_model.pth", random_weights(teed_layout(), seed=3))
+    with pytest.raises(ControlNetError, match=f"put MTEED.pth in {tmp_path / 'TEED'}.*TheMistoAI/MistoLine"):
+        p.run(picture(), 64, 2, -1)  # TEED's own file is not MTEED's
+    write(tmp_path / "TEED" / "MTEED.pth", random_weights(teed_layout(), seed=4))
+    image = np.full((96, 128, 3), 200, np.uint8)  # two black lines, and a patch 3 levels darker: faint lines
+    cv2.line(image, (10, 10), (120, 80), (0, 0, 0), 1)
+    cv2.line(image, (10, 80), (120, 15), (0, 0, 0), 1)
+    image[40:90, 20:70] = 197
+    padded, crop = common.resize_with_pad(image, 96)
+    net = teed.load(tmp_path / "TEED" / "MTEED.pth")
+    for steps in (0, 2):
+        expected = crop(extension_anyline_merge(teed.detect(net, padded, steps),
+                                                preprocessors.lineart_standard_map(padded)))
+        got = p.run(image, 96, steps, -1)
+        assert got.shape == (96, 128, 3) and (got[:, :, 0] == expected).all()
+        assert (expected != crop(teed.detect(net, padded, steps))).sum() > 12  # the lines did change the map
+    assert not (teed.detect(net, padded, 2) == teed.detect(teed.load(tmp_path / "TEED" / "7_model.pth"), padded, 2)).all()
+    default = preprocessors.detect(p, image, -1, -1, -1)  # the unit's -1s: 1280 and 2 Safe Steps
+    assert default.shape == (1280, 1707, 3)  # 1280 × 128/96

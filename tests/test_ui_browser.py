@@ -197,7 +197,8 @@ def test_switch_language_in_settings(server, browser):
         page.wait_for_selector("#txt2img_extra_networks button:has-text('Lora')", timeout=20_000)
         assert page.evaluate("1 + 1") == 2  # the page still answers
         shot(page, "txt2img-zh_CN")
-        seen, _info = generate(page, "txt2img", "a red circle", steps=30, size=128)  # long enough to be seen running
+        # long enough to be seen running (30 steps at 128² took under one 250 ms poll on a warm model)
+        seen, _info = generate(page, "txt2img", "a red circle", steps=150, size=128)
         assert any("步" in text for state, text, _ in seen if state == "running"), seen[:5]
     finally:
         body = json.dumps({"localization": "None"}).encode()

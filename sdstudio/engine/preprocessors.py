@@ -368,15 +368,21 @@ def _blur_gaussian(image, resolution, sigma, _b=None, mask=None):
     return cv2.GaussianBlur(unpad(padded), (0, 0), float(sigma))
 
 
-def _lineart_standard(image, resolution, _a=None, _b=None, mask=None):
-    padded, unpad = resize_with_pad(image, _working_resolution(resolution))
-    x = padded.astype(np.float32)
+def lineart_standard_map(rgb: np.ndarray) -> np.ndarray:
+    """H×W uint8 dark lines of an H×W×3 picture, as it is: how far each pixel lies below its blurred
+    surroundings (σ 6), scaled so the median line (values above 8) is 127."""
+    x = rgb.astype(np.float32)
     blurred = cv2.GaussianBlur(x, (0, 0), 6.0)
     intensity = np.min(blurred - x, axis=2).clip(0, 255)
     lit = intensity[intensity > 8]
     intensity /= max(16.0, float(np.median(lit))) if lit.size else 16.0
     intensity *= 127
-    return hwc3(unpad(intensity.clip(0, 255).astype(np.uint8)))
+    return intensity.clip(0, 255).astype(np.uint8)
+
+
+def _lineart_standard(image, resolution, _a=None, _b=None, mask=None):
+    padded, unpad = resize_with_pad(image, _working_resolution(resolution))
+    return hwc3(unpad(lineart_standard_map(padded)))
 
 
 def _recolor(conversion: int) -> Callable:

@@ -20,7 +20,8 @@ depth_anything); normal_bae (scannet.pt, normal_bae); depth (depth_midas) and no
 (dpt_hybrid-midas-501f0c75.pt, midas); depth_anything_v2 (depth_anything_v2_vitl.safetensors or .pth,
 depth_anything_v2); depth_zoe (ZoeD_M12_N.pt, zoedepth); dw_openpose_full (yolox_l.onnx and
 dw-ll_ucoco_384.onnx, openpose; run by onnxruntime, or OpenCV's dnn without it); anime_face_segment (seg_anime_face)
-(UNet.pth, anime_face_segment); softedge_teed (7_model.pth, TEED).
+(UNet.pth, anime_face_segment); softedge_teed (7_model.pth, TEED); softedge_anyline (MTEED.pth, TEED; its
+resolution slider starts at 1280, as the extension's).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from . import (
     teed,
     zoe,
 )
+from ..preprocessors import lineart_standard_map
 from .common import AnnotatorFile, clear_cache, hwc3, resize_with_pad, scribble
 
 RESOLUTION = Slider("Resolution", 512, 64, 2048, 8)
@@ -55,13 +57,14 @@ REMOVE_NEAR = Slider("Remove Near %", 0, 0, 100, 0.1)
 REMOVE_BACKGROUND = Slider("Remove Background %", 0, 0, 100, 0.1)
 NORMAL_BACKGROUND = Slider("Normal Background Threshold", 0.4, 0.0, 1.0, 0.01)
 SAFE_STEPS = Slider("Safe Steps", 2, 0, 10, 1)
+ANYLINE_RESOLUTION = Slider("Resolution", 1280, 64, 2048, 8)
 
 # every file a preprocessor here may read, for listings and messages
 FILES: tuple[AnnotatorFile, ...] = (hed.FILE, pidinet.FILE, lineart.REALISTIC, lineart.COARSE, lineart.ANIME,
                                     openpose.BODY, openpose.HAND, openpose.FACE, mlsd.FILE, leres.FILE,
                                     depth_anything.FILE, depth_anything.FILE_V2, normalbae.FILE,
                                     midas.FILE, zoe.FILE, dwpose.DETECTOR, dwpose.POSE, anime_face.FILE,
-                                    teed.FILE)
+                                    teed.FILE, teed.MTEED_FILE)
 
 Run = Callable[..., np.ndarray]
 
@@ -84,9 +87,18 @@ def _hed(folder: Path, label: str, safe: bool = False) -> Run:
 
 
 def _teed(folder: Path, label: str) -> Run:
-    def step(img: np.ndarray, a: float, b: float) -> np.ndarray:  # a: Safe Steps (the unit's -1: its default)
-        steps = int(SAFE_STEPS.value if a < 0 else a)
-        return teed.detect(teed.load(teed.FILE.locate(folder, label)), img, steps)
+    def step(img: np.ndarray, a: float, b: float) -> np.ndarray:  # a: Safe Steps
+        return teed.detect(teed.load(teed.FILE.locate(folder, label)), img, int(a))
+
+    return _at_resolution(label, step)
+
+
+def _anyline(folder: Path, label: str) -> Run:
+    """MTEED's soft edges with ``lineart_standard``'s faint lines of the same padded picture merged in."""
+
+    def step(img: np.ndarray, a: float, b: float) -> np.ndarray:  # a: Safe Steps
+        edges = teed.detect(teed.load(teed.MTEED_FILE.locate(folder, label)), img, int(a))
+        return teed.anyline_merge(edges, lineart_standard_map(img))
 
     return _at_resolution(label, step)
 
@@ -207,13 +219,15 @@ def preprocessors(annotators_dir: Path | None) -> list[Preprocessor]:
     out: list[Preprocessor] = []
 
     def add(name: str, label: str, run: Run, types: tuple[str, ...], a: Slider | None = None,
-            b: Slider | None = None) -> None:
-        out.append(Preprocessor(name=name, run=run, resolution=RESOLUTION, threshold_a=a, threshold_b=b,
+            b: Slider | None = None, resolution: Slider = RESOLUTION) -> None:
+        out.append(Preprocessor(name=name, run=run, resolution=resolution, threshold_a=a, threshold_b=b,
                                 control_types=types, aliases=(label,) if label != name else ()))
 
     add("hed", "softedge_hed", _hed(folder, "softedge_hed"), ("SoftEdge",))
     add("hed_safe", "softedge_hedsafe", _hed(folder, "softedge_hedsafe", safe=True), ("SoftEdge",))
     add("softedge_teed", "softedge_teed", _teed(folder, "softedge_teed"), ("SoftEdge",), SAFE_STEPS)
+    add("softedge_anyline", "softedge_anyline", _anyline(folder, "softedge_anyline"), ("SoftEdge",), SAFE_STEPS,
+        resolution=ANYLINE_RESOLUTION)
     add("scribble_hed", "scribble_hed", _scribble(_hed(folder, "scribble_hed")), ("Scribble", "SparseCtrl"))
     add("pidinet", "softedge_pidinet", _pidinet(folder, "softedge_pidinet"), ("SoftEdge",))
     add("pidinet_safe", "softedge_pidisafe", _pidinet(folder, "softedge_pidisafe", safe=True), ("SoftEdge",))

@@ -7,10 +7,15 @@ each stage is brought back to full size by 1×1 convolutions and transposed conv
 "double fusion" of depthwise convolutions over the three maps makes the fourth. All four maps are averaged
 and passed through a sigmoid as for HED (:func:`hed.soft_edges`); "Safe Steps" (threshold A, default 2, 0 to
 turn it off) quantizes the result. The activation is Smish, ``x · tanh(ln(1 + sigmoid(x)))``.
+
+MTEED (``MTEED.pth``, TheMistoAI's retraining of the same network for their "Anyline") drives the extension's
+``softedge_anyline``: its soft edges, merged by :func:`anyline_merge` with the faintest lines of
+``lineart_standard``.
 """
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -19,6 +24,8 @@ from .common import AnnotatorFile, cached_network, image_tensor
 from .hed import soft_edges
 
 FILE = AnnotatorFile("7_model.pth", "TEED")
+MTEED_FILE = AnnotatorFile("MTEED.pth", "TEED", source="TheMistoAI/MistoLine (Anyline/MTEED.pth) on the Hugging Face hub")
+ANYLINE_MIN_PIXELS = 36  # the extension's remove_small_objects(min_size=36, connectivity=1)
 
 
 def smish(x: torch.Tensor) -> torch.Tensor:
@@ -137,3 +144,21 @@ def detect(net: TEED, image: np.ndarray, safe_steps: int = 2) -> np.ndarray:
     param = next(net.parameters())
     maps = net(image_tensor(image).to(param.device, param.dtype))
     return soft_edges([m[0, 0].float().cpu().numpy() for m in maps], max(0, int(safe_steps)))
+
+
+def anyline_merge(edges: np.ndarray, lines: np.ndarray) -> np.ndarray:
+    """The extension's Anyline merge of an H×W uint8 MTEED map with an H×W uint8 ``lineart_standard`` map.
+
+    As the extension computes it on uint8 pictures: the line map's pixels of value 0..1 are kept (so only
+    the value-1 ones count), those in 4-connected groups too small are dropped, and the rest are "screened"
+    over the edges, which on uint8 sets those pixels to 1. The extension labels the three identical channels
+    of its RGB map together, so a group counts three times: groups of ``ANYLINE_MIN_PIXELS / 3`` pixels or
+    more stay. Everywhere else the MTEED map is unchanged.
+    """
+    faint = lines == 1
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(faint.astype(np.uint8), connectivity=4)
+    big = np.zeros(count, dtype=bool)
+    big[1:] = 3 * stats[1:, cv2.CC_STAT_AREA] >= ANYLINE_MIN_PIXELS
+    out = edges.copy()
+    out[big[labels] & faint] = 1
+    return out
