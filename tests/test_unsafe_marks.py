@@ -30,7 +30,7 @@ def test_the_dropdown_labels_an_unsafe_checkpoint(with_unsafe):
     data_dir, marker = with_unsafe
     service = JobService(Engine(Paths(data_dir)), SQLiteJobQueue(":memory:"))
     ui = StudioUI(service, Settings(data_dir / "config.json", {}))
-    choices = dict((title, label) for label, title in ui.checkpoint_choices())
+    choices = {title: label for label, title in ui.checkpoint_choices()}
     evil = next(t for t in choices if t.startswith("evil.ckpt"))
     good = next(t for t in choices if t.startswith("tiny-sd1"))
     assert choices[evil] == f"{evil} ⚠ may be malicious" and choices[good] == good

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ...core.controlnet import Preprocessor, Slider
+from ..preprocessors import lineart_standard_map
 from . import (
     anime_face,
     depth_anything,
@@ -47,7 +48,6 @@ from . import (
     teed,
     zoe,
 )
-from ..preprocessors import lineart_standard_map
 from .common import AnnotatorFile, clear_cache, hwc3, resize_with_pad, scribble
 
 RESOLUTION = Slider("Resolution", 512, 64, 2048, 8)
