@@ -230,3 +230,66 @@ def test_colour_coherence_to_the_video(engine, tmp_path):
     plain, _ = run(engine, tmp_path, "lab", diffusion_cadence=1, max_frames=3, color_coherence="LAB",
                    video_init_path=str(clip), hybrid_composite="Normal", hybrid_comp_alpha_schedule="0:(0.1)")
     assert not np.array_equal(pixels(r.frames)[2], pixels(plain.frames)[2])
+
+
+# --- a run made in ranges (a split job's shards), then finished --------------------------------------------
+
+def made_in_ranges(engine, tmp_path, name, ranges, settings):
+    """Each range made by its own DeforumRun (as shards on several workers make them), in one folder."""
+    parts = []
+    for start, end in ranges:
+        studio = Recording(engine)
+        r = DeforumRun(studio, settings, tmp_path, outdir=tmp_path / name, timestring="20261203000000",
+                       frame_range=(start, end)).run()
+        assert r.video is None and not r.interrupted and not (r.outdir / r.settings_file.name).exists()
+        parts.append((r, studio.requests))
+    return parts
+
+
+def clip_of(tmp_path, frames: int) -> Path:
+    source = tmp_path / "src"
+    source.mkdir(exist_ok=True)
+    for i in range(frames):
+        Image.new("RGB", (96, 96), (40 * i, 100, 200 - 30 * i)).save(source / f"v_{i:09d}.png")
+    return video.stitch(video.frame_pattern(source, "v"), tmp_path / "clip.mp4", 10, preset="ultrafast")
+
+
+@pytest.mark.parametrize("mode", ["Interpolation", "Video Input"])
+def test_frames_made_in_ranges_then_finished_are_one_runs(engine, tmp_path, mode):
+    changes = {"animation_mode": mode, "max_frames": 5, "diffusion_cadence": 1, "color_coherence": "None",
+               "steps": 2}
+    if mode == "Video Input":  # 6 frames of video, max_frames 10: the video's count wins
+        changes.update(video_init_path=str(clip_of(tmp_path, 6)), max_frames=10)
+    settings = spec.load_settings({**BASE, **changes})
+    assert spec.independent_frames(settings) == changes["max_frames"]
+    whole, _ = run(engine, tmp_path, "whole", **changes)
+    n = len(whole.frames)
+    parts = made_in_ranges(engine, tmp_path, "split", [(0, 2), (2, 4), (4, changes["max_frames"])], settings)
+    assert [len(requests) for _, requests in parts] == [2, 2, n - 4]
+    assert [p.name for r, _ in parts for p in r.frames] == [p.name.replace(whole.timestring, "20261203000000")
+                                                           for p in whole.frames]
+    out = tmp_path / "split"
+    assert not list(out.glob("*inputframes*"))  # each range's own copy of the video's frames is gone
+    again = made_in_ranges(engine, tmp_path, "split", [(1, 3)], settings)
+    assert again[0][1] == [] and len(again[0][0].frames) == 2  # frames already there are not made again
+    end = DeforumRun(Recording(engine), settings, tmp_path, outdir=out, timestring="20261203000000",
+                     options={"ffmpeg_preset": "ultrafast"}).finish(frames=n)
+    assert pixels(end.frames) and all(np.array_equal(a, b) for a, b in zip(pixels(end.frames),
+                                                                           pixels(whole.frames), strict=True))
+    assert video.probe(end.video).frames == n and end.settings_file.is_file()
+    (out / "20261203000000_000000001.png").unlink()
+    with pytest.raises(RequestError, match=r"frames 1 of 20261203000000 are not in .*shared"):
+        DeforumRun(Recording(engine), settings, tmp_path, outdir=out, timestring="20261203000000").finish(frames=n)
+
+
+def test_only_runs_whose_frames_stand_alone_are_made_in_ranges(engine, tmp_path):
+    for changes in ({"animation_mode": "2D"}, {"animation_mode": "3D"},
+                    {"animation_mode": "Interpolation", "color_coherence": "LAB"},
+                    {"animation_mode": "Video Input", "color_coherence": "HSV"}):
+        settings = spec.load_settings({**BASE, **changes})
+        assert spec.independent_frames(settings) == 0
+        with pytest.raises(RequestError, match="depend on the ones before"):
+            DeforumRun(Recording(engine), settings, tmp_path, outdir=tmp_path / "x", frame_range=(0, 2))
+    for colour in ("None", "Image", "Video Input"):
+        settings = spec.load_settings({**BASE, "animation_mode": "Interpolation", "color_coherence": colour})
+        assert spec.independent_frames(settings) == BASE["max_frames"]

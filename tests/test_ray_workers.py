@@ -2,7 +2,8 @@
 checkpoints, fed by one SQLite queue of record. Affinity, progress and previews from a remote worker,
 interrupt / skip / cancel reaching it, a worker killed mid-job (its job runs again exactly once, from its
 last recorded batch, on the other worker; a replacement worker comes up) and every picture identical to the
-one a single process makes from the same seeds; the files also land in a file:// output store."""
+one a single process makes from the same seeds (batches, script units and animation frames split across the
+workers included); the files also land in a file:// output store."""
 
 from __future__ import annotations
 
@@ -238,6 +239,37 @@ def test_x_y_z_cells_and_prompt_lines_split_across_the_workers_give_one_workers_
             assert m["url"].startswith(f"file://{cluster.store}/outputs/")  # put together here, then stored
         assert "units" not in done.result and not (cluster.root / "cache" / "jobs" / job.id / "units").exists()
         assert not list((cluster.store / "cache" / "jobs" / job.id).glob("units/*"))  # nor the store's copies
+
+
+def test_an_animations_frames_split_across_the_workers_give_one_runs_frames_and_video(cluster, tmp_path):
+    from sdstudio.core import deforum as spec
+    from sdstudio.engine import video
+    from sdstudio.scripts import Studio
+    from sdstudio.scripts.deforum import DeforumRun
+
+    svc = cluster.service
+    settings = {"animation_mode": "Interpolation", "max_frames": 5, "W": 64, "H": 64, "steps": 2, "seed": 21,
+                "sampler": "Euler", "prompts": {"0": "a red circle", "3": "a blue square"}, "negative_prompts": "",
+                "fps": 10, "color_coherence": "None"}
+    until(lambda: all(w["running"] == [] for w in cluster.pool.describe()), "both workers free")
+    job = svc.submit_deforum("anim", svc.prepare_deforum(settings, model="alpha",
+                                                         options_overrides={"deforum_ffmpeg_preset": "ultrafast"}))
+    done = svc.wait(job.id, 300)
+    assert done.status == DONE, done.error
+    assert len({w for j, w in cluster.pool.placements if j == job.id}) == 2  # frames 0-2 on one, 3-4 on the other
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = DeforumRun(Studio(Engine(Paths(cluster.root), DeviceOptions(precision="full"))),
+                         spec.load_settings(settings), tmp_path, outdir=tmp_path / "one", model=job.request["model"],
+                         options={"ffmpeg_preset": "ultrafast"}).run()
+    finally:
+        torch.set_num_threads(threads)
+    assert len(done.result["frames"]) == 5 and done.result["frames_done"] == 5
+    for made, one in zip(done.result["frames"], ref.frames, strict=True):
+        assert np.array_equal(pixels(made), pixels(one))
+    assert video.probe(done.result["video"]).frames == 5 and Path(done.result["settings_file"]).is_file()
+    assert done.result["phase"] == "DONE" and not done.result["interrupted"]
 
 
 def test_an_img2img_jobs_uploads_reach_a_worker_from_the_output_store(cluster):

@@ -755,6 +755,19 @@ def format_batch_name(settings: DeforumSettings, timestring: str, seed: int) -> 
     return "_" if name in ("", ".", "..") else name  # a folder's name: never its parent or itself
 
 
+def independent_frames(settings: DeforumSettings) -> int:
+    """How many frames of the run can be made apart from each other (in ranges, on several workers): 0 when
+    a frame starts from or is colour-matched to an earlier one. Video Input and Interpolation frames start
+    from the video's frame or from noise, so they are apart unless colour coherence matches each to the one
+    before (RGB / HSV / LAB; None, Image and Video Input match nothing there, or one fixed picture). Video
+    Input's count is ``max_frames``, an upper bound until the video is read."""
+    if settings["animation_mode"] not in ("Video Input", "Interpolation"):
+        return 0
+    if settings["color_coherence"] not in ("None", "Image", "Video Input"):
+        return 0
+    return max(0, int(settings["max_frames"]))
+
+
 def frame_filename(timestring: str, frame: int) -> str:
     return f"{timestring}_{frame:09d}.png"
 

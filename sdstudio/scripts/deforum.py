@@ -70,7 +70,10 @@ def _rgb(image: Image.Image) -> np.ndarray:
 
 
 def _png(array: np.ndarray, path: Path) -> None:
-    Image.fromarray(array).save(path)
+    """Written beside and then moved into place: a frame file that exists is whole (a range run skips it)."""
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(array).save(tmp, format="PNG")
+    tmp.replace(path)
 
 
 def _base64_png(array: np.ndarray) -> str:
@@ -85,7 +88,7 @@ class DeforumRun:
 
     def __init__(self, studio, settings: spec.DeforumSettings, outputs_dir: Path, *, outdir: Path | None = None,
                  options: dict | None = None, model: str | None = None, now: float | None = None,
-                 timestring: str | None = None,
+                 timestring: str | None = None, frame_range: tuple[int, int] | None = None,
                  on_frame: Callable[[FrameProgress], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, should_pause: Callable[[], bool] | None = None):
         self.studio, self.s = studio, settings
@@ -109,6 +112,14 @@ class DeforumRun:
         self._depth_model = None
         self._cn_frames: dict[int, list[Path]] = {}
         self._hybrid: list[Path] | None = None
+        self.frame_range = None if frame_range is None else (int(frame_range[0]), int(frame_range[1]))
+        if self.frame_range is not None and not spec.independent_frames(self.s):
+            raise RequestError(f"frames {self.frame_range[0]}-{self.frame_range[1] - 1} alone: this run's frames "
+                               f"depend on the ones before ({self.s['animation_mode']} mode, colour coherence "
+                               f"{self.s['color_coherence']}); only Video Input and Interpolation runs without "
+                               f"frame-to-frame colour matching are made in ranges")
+        # a range run reads its videos into folders of its own (several ranges may run at once)
+        self._scratch = "" if self.frame_range is None else f"_{self.frame_range[0]}-{self.frame_range[1]}"
         get_sampler(self.s["sampler"])  # an unknown sampler is said before any frame
 
     # ---- per-frame values ----------------------------------------------------------------------------
@@ -207,7 +218,8 @@ class DeforumRun:
             if Path(path).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
                 self._cn_frames[unit] = [Path(path)]
             else:
-                self._cn_frames[unit] = video.extract_frames(path, self.outdir / f"controlnet_{unit}_inputframes")
+                self._cn_frames[unit] = video.extract_frames(
+                    path, self.outdir / f"controlnet_{unit}_inputframes{self._scratch}")
         return self._cn_frames[unit]
 
     def _generate(self, frame: int, init: np.ndarray | None, strength: float) -> np.ndarray:
@@ -248,6 +260,8 @@ class DeforumRun:
 
     # ---- the loop -----------------------------------------------------------------------------------
     def run(self) -> DeforumResult:
+        if self.frame_range is not None:
+            return self._run_range(*self.frame_range)
         s = self.s
         self.outdir.mkdir(parents=True, exist_ok=True)
         settings_file = self.outdir / spec.settings_filename(self.timestring)
@@ -307,6 +321,65 @@ class DeforumRun:
         result.warnings = self.warnings
         if not (result.interrupted or result.paused):
             self._finish(result)
+        return result
+
+    def _run_range(self, start: int, end: int) -> DeforumResult:
+        """Frames ``start`` .. ``end - 1`` only (a shard of a split run; :func:`spec.independent_frames`): each
+        made as the whole run makes it, a frame whose file is there already skipped (made before a pause or
+        by a shard whose worker died). No video, no saved state: :meth:`finish` makes the video once every
+        range is done."""
+        s = self.s
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        spec.check_files(s)
+        inputs = self._video_inputs() if s["animation_mode"] == "Video Input" else None
+        pics: dict[str, np.ndarray | None] = {"prev": None, "turbo_prev": None, "turbo_next": None,
+                                              "color": self._color_reference()}
+        result = DeforumResult(self.outdir, self.timestring, [], settings_file=self.outdir /
+                               spec.settings_filename(self.timestring))
+        try:
+            for frame in range(start, min(end, self.max_frames)):
+                if self.should_stop is not None and self.should_stop():
+                    result.interrupted = True
+                    break
+                if (self.outdir / spec.frame_filename(self.timestring, frame)).is_file():
+                    if self.on_frame is not None:
+                        self.on_frame(FrameProgress(frame + 1, self.max_frames, None))
+                    continue
+                init, strength = self._init(frame, pics, inputs)
+                image = self._generate(frame, init, strength)
+                self._write(frame, self._after_generation(image, frame, pics, init is not None, strength))
+        except _Stopped:
+            result.interrupted = True
+        finally:
+            for folder in self.outdir.glob(f"*inputframes{self._scratch}"):
+                shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(self.outdir / f"hybridframes{self._scratch}", ignore_errors=True)
+        paths = (self.outdir / spec.frame_filename(self.timestring, f) for f in range(start, min(end, self.max_frames)))
+        result.frames = [p for p in paths if p.is_file()]
+        result.warnings = self.warnings
+        return result
+
+    def finish(self, frames: int | None = None) -> DeforumResult:
+        """The end of a run made in ranges: its settings file, then the video (and GIF, upscaled and
+        interpolated videos) from every frame in the folder, as a whole run ends. ``frames``: how many the
+        ranges made (Video Input: the video's count, which the ranges read), else ``max_frames``. A frame
+        missing (a folder the workers do not share) is an error naming it."""
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        settings_file = self.outdir / spec.settings_filename(self.timestring)
+        settings_file.write_text(self.s.to_json())
+        paths = sorted(self.outdir.glob(f"{self.timestring}_[0-9]*.png"))
+        made = {int(p.stem.rsplit("_", 1)[1]) for p in paths}
+        expected = self.max_frames if frames is None else min(int(frames), self.max_frames)
+        missing = sorted(set(range(expected)) - made)
+        if missing:
+            shown = ", ".join(map(str, missing[:8])) + (" …" if len(missing) > 8 else "")
+            raise RequestError(f"frames {shown} of {self.timestring} are not in {self.outdir}: a run split across "
+                               f"workers needs its output folder shared by them and this server")
+        if self.s["r_upscale_video"]:
+            self._upscaler()
+        result = DeforumResult(self.outdir, self.timestring, paths, settings_file=settings_file)
+        self._finish(result)
+        result.warnings = self.warnings
         return result
 
     def _tweens(self, state: dict, pics: dict, frame: int, cadence: int) -> None:
@@ -405,7 +478,8 @@ class DeforumRun:
             if not path:
                 raise RequestError("hybrid video: give video_init_path (a local video file)")
             s = self.s
-            self._hybrid = video.extract_frames(path, self.outdir / "hybridframes", every=int(s["extract_nth_frame"]),
+            self._hybrid = video.extract_frames(path, self.outdir / f"hybridframes{self._scratch}",
+                                                every=int(s["extract_nth_frame"]),
                                                 start=int(s["extract_from_frame"]), end=int(s["extract_to_frame"]))
             if not self._hybrid:
                 raise RequestError(f"video_init_path {path}: no frames in the range asked for")
@@ -451,7 +525,8 @@ class DeforumRun:
         path = spec.local_path(s, "video_init_path")
         if not path:
             raise RequestError("Video Input mode: give video_init_path (a local video file)")
-        frames = video.extract_frames(path, self.outdir / "inputframes", every=int(s["extract_nth_frame"]),
+        frames = video.extract_frames(path, self.outdir / f"inputframes{self._scratch}",
+                                      every=int(s["extract_nth_frame"]),
                                       start=int(s["extract_from_frame"]), end=int(s["extract_to_frame"]))
         if not frames:
             raise RequestError(f"video_init_path {path}: no frames in the range asked for")

@@ -129,19 +129,20 @@ class DeforumJob:
     options_overrides: dict = field(default_factory=dict)
     outdir: str | None = None  # the run's own folder (else outputs/img2img-images/<batch name>)
     notes: list[str] = field(default_factory=list)  # what the settings file said differently (unknown keys...)
+    frame_range: list[int] | None = None  # a split run's shard: these frames only (start, end), no video
 
     kind = "deforum"
 
     def to_dict(self) -> dict:
         return {"settings": self.settings, "options": self.options, "model": self.model, "batch_id": self.batch_id,
                 "given": self.given, "options_overrides": self.options_overrides, "outdir": self.outdir,
-                "notes": self.notes}
+                "notes": self.notes, **({"frame_range": self.frame_range} if self.frame_range else {})}
 
     @classmethod
     def from_dict(cls, data: dict) -> DeforumJob:
         return cls(data["settings"], dict(data.get("options") or {}), data.get("model"), data.get("batch_id"),
                    data.get("given"), dict(data.get("options_overrides") or {}), data.get("outdir"),
-                   list(data.get("notes") or []))
+                   list(data.get("notes") or []), data.get("frame_range"))
 
 
 @dataclass
@@ -305,6 +306,18 @@ def run_merge(spec: MergeJob, registry, progress=None) -> dict:
 
 # the extension's options_overrides that change how the run's video is made -> DeforumRun's options
 _DEFORUM_OPTION_NAMES = {"deforum_ffmpeg_crf": "ffmpeg_crf", "deforum_ffmpeg_preset": "ffmpeg_preset"}
+
+
+def _deforum_outputs(result: dict, out, phase: str | None = None) -> None:
+    """A Deforum run's files and warnings in its job's result (``phase``: the extension's status to show)."""
+    result.update({"frames": [str(p) for p in out.frames], "video": str(out.video) if out.video else None,
+                   "gif": str(out.gif) if out.gif else None, "settings_file": str(out.settings_file),
+                   "interrupted": out.interrupted})
+    result["warnings"] = list(dict.fromkeys([*result.get("warnings", []), *out.warnings]))
+    if phase is not None:
+        now = time.time()
+        result["update_interval_time"] = now - result.get("last_updated", now)
+        result["last_updated"], result["updates"], result["phase"] = now, result.get("updates", 0) + 1, phase
 
 
 def _next_second(timestring: str) -> str:
@@ -935,6 +948,34 @@ class JobService:
         cancelled = queue.get(job.id).cancel_requested
         queue.finish(job.id, CANCELLED if cancelled else DONE, result, error="cancelled" if cancelled else None)
 
+    def deforum_timestring(self, job: Job) -> str:
+        """The timestring a Deforum job's run will have (a split job's is chosen before its shards start)."""
+        from ..core import deforum as spec
+
+        spec_job = DeforumJob.from_dict(job.request)
+        return job.result.get("timestring") or self._deforum_timestring(spec.load_settings(spec_job.settings),
+                                                                        spec_job)
+
+    def finish_deforum(self, job: Job, live: Live, queue: JobQueue) -> None:
+        """A split Deforum job's end, here, once its shards made every frame (:class:`.shards.FrameRun`): the
+        settings file and the video as a whole run makes them, recorded in ``queue``."""
+        self._guarded(job, live, lambda j, lv: self._finish_deforum(j, lv, queue))
+
+    def _finish_deforum(self, job: Job, live: Live, queue: JobQueue) -> None:
+        from ..core import deforum as spec
+        from ..scripts.deforum import DeforumRun
+
+        spec_job = DeforumJob.from_dict(job.request)
+        result = dict(job.result)
+        live.phase = "POST_PROCESSING"
+        run = DeforumRun(self.studio, spec.load_settings(spec_job.settings), self.engine.paths.outputs_dir,
+                         outdir=spec_job.outdir, options=spec_job.options, model=spec_job.model,
+                         timestring=result["timestring"])
+        out = run.finish(result.get("max_frames"))
+        _deforum_outputs(result, out, "DONE")
+        cancelled = queue.get(job.id).cancel_requested
+        queue.finish(job.id, CANCELLED if cancelled else DONE, result, error="cancelled" if cancelled else None)
+
     def _deforum_timestring(self, settings, spec_job: DeforumJob) -> str:
         """A new run's timestring: now, moved on a second while another Deforum job holds it or its folder
         already has a run of that name (two jobs started in one second must not share frames)."""
@@ -987,7 +1028,7 @@ class JobService:
 
         run = DeforumRun(self.studio, settings, self.engine.paths.outputs_dir, outdir=spec_job.outdir,
                          options=spec_job.options, model=spec_job.model, timestring=result["timestring"],
-                         on_frame=on_frame, should_stop=lambda: live.interrupted, should_pause=should_pause)
+                         frame_range=spec_job.frame_range, on_frame=on_frame, should_stop=lambda: live.interrupted, should_pause=should_pause)
         live.job_count, live.steps, live.step = 1, run.max_frames, int(result.get("frames_done", 0))
         result["outdir"], result["max_frames"] = str(run.outdir), run.max_frames
         live.phase = "GENERATING"
@@ -995,10 +1036,7 @@ class JobService:
         self.queue.save_progress(job.id, job.batches_done, result)
         self._notify()
         out = run.run()
-        result.update({"frames": [str(p) for p in out.frames], "video": str(out.video) if out.video else None,
-                       "gif": str(out.gif) if out.gif else None, "settings_file": str(out.settings_file),
-                       "interrupted": out.interrupted})
-        result["warnings"] = list(dict.fromkeys([*result.get("warnings", []), *out.warnings]))
+        _deforum_outputs(result, out)
         if out.paused:
             touch("GENERATING")
             self.queue.save_progress(job.id, max(1, len(out.frames)), result)

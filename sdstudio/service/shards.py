@@ -1,7 +1,8 @@
 """One job on several workers at once: a txt2img / img2img job that a pool finds with several free workers is
 split into contiguous ranges, one per worker, and reassembled in order: its batches (batch count > 1), or the
 units of its script when they do not depend on each other (X/Y/Z cells, prompt-file lines, prompt-matrix
-combinations: ``Script.independent_units``).
+combinations: ``Script.independent_units``); a Deforum job, its frames when they stand alone (Video Input and
+Interpolation runs without frame-to-frame colour matching).
 
 Batches:
 
@@ -22,6 +23,12 @@ queue of record. When every range is done, the API process runs the script once 
 outputs exactly as one worker's uninterrupted run does. The unit files must be readable where the job is put
 together: one jobs folder shared by the workers and the API server (a local cluster, NFS), or an output store
 (``--output-store``), which gets a copy of each. Scripts whose units depend on each other (Loopback) are not split.
+
+Deforum frames: a shard is the run with ``frame_range`` (:class:`sdstudio.scripts.deforum.DeforumRun`): its
+worker writes those frames into the run's folder (the timestring is chosen before the shards start), skipping
+any already there, and makes no video. When every range is done the API process makes the video from the
+folder, as a whole run's end does; so that folder must be shared by the workers and the API server (a local
+cluster, NFS). A frame missing there fails the job, saying so.
 """
 
 from __future__ import annotations
@@ -60,7 +67,17 @@ class Split:
 
 def split_of(job: Job, studio=None) -> Split | None:
     """The part of ``job`` left to split (None: it does not split, or has fewer than two left). A script job's
-    units are counted by ``studio`` (:meth:`~sdstudio.scripts.Studio.count_units`; none without it)."""
+    units are counted by ``studio`` (:meth:`~sdstudio.scripts.Studio.count_units`; none without it); a
+    Deforum job's frames split when they stand alone (:func:`sdstudio.core.deforum.independent_frames`)."""
+    if job.kind == "deforum":
+        from ..core import deforum
+
+        try:
+            total = deforum.independent_frames(deforum.load_settings(job.request["settings"]))
+        except Exception as exc:  # noqa: BLE001 - settings the run refuses fail on its worker, saying why
+            log.debug("job %s: not split: %s", job.id, exc)
+            return None
+        return Split("frames", job.batches_done, total) if total - job.batches_done >= 2 else None
     if job.kind not in ("txt2img", "img2img"):
         return None
     req = job.request.get("request", {})
@@ -278,16 +295,69 @@ class UnitRun(ShardedRun):
         from .jobs import Live
         from .store import PublishingQueue, unit_urls
 
-        whole = self.queue.get(job.id)  # its units all recorded: the script's own run over them, here
+        whole = self.queue.get(job.id)  # its units all recorded: put together here
         live = Live(whole)
         queue = PublishingQueue(self.queue, pool.store) if pool.store is not None else self.queue
         with pool._lock:
             pool.assembling[job.id] = live
         try:
-            pool._service.assemble(whole, live, queue)
+            self.put_together(whole, live, queue)
         finally:
             with pool._lock:
                 pool.assembling.pop(job.id, None)
         ended = self.queue.get(job.id)
         if pool.store is not None and ended is not None and ended.status in (DONE, CANCELLED, FAILED):
             pool.store.remove(unit_urls(whole.result))  # the store's unit copies: the job's files replace them
+
+    def put_together(self, whole: Job, live, queue: JobQueue) -> None:
+        """The script's own run over the recorded units, making none."""
+        self.pool._service.assemble(whole, live, queue)
+
+
+def frame_shard_job(job: Job, shard: Shard, timestring: str) -> Job:
+    """The job a worker runs for a Deforum shard: frames ``shard.done`` .. ``shard.end`` of the run named by
+    ``timestring``, into its folder (frames already there are skipped)."""
+    request = copy.deepcopy(job.request)
+    request["frame_range"] = [shard.done, shard.end]
+    return dataclasses.replace(job, request=request, batches_done=shard.done, result={"timestring": timestring})
+
+
+class FrameRun(UnitRun):
+    """Runs a Deforum job's frame ranges, then makes its video in the API process (:meth:`~sdstudio.service.
+    jobs.JobService.finish_deforum`). The frames folder must be one the workers and this server share."""
+
+    def __init__(self, pool, job: Job, shards: list[Shard]):
+        super().__init__(pool, job, shards)
+        if not self.base.get("timestring"):  # every shard writes into the same run
+            self.base["timestring"] = pool._service.deforum_timestring(job)
+            self.queue.save_progress(job.id, job.batches_done, dict(self.base))
+
+    def job_for(self, shard: Shard) -> Job:
+        return frame_shard_job(self.job, shard, self.base["timestring"])
+
+    def record(self) -> None:
+        """Frames made so far, and the contiguous prefix as the job's progress (a restart resumes there)."""
+        with self.lock:
+            prefix = self.job.batches_done
+            for s in self.shards:
+                prefix = s.done
+                if s.done < s.end:
+                    break
+            counts = [s.result["max_frames"] for s in self.shards if s.result.get("max_frames") is not None]
+            result = {**self.base, "frames_done": self.job.batches_done + sum(s.done - s.start for s in self.shards),
+                      "warnings": sorted({w for s in self.shards for w in s.result.get("warnings", [])}
+                                         | set(self.base.get("warnings", [])))}
+            if counts:  # Video Input: the shards read the video's length; the fewest is right
+                result["max_frames"] = min(counts)
+            outdir = next((s.result["outdir"] for s in self.shards if s.result.get("outdir")), None)
+            if outdir:
+                result["outdir"] = outdir
+            self.queue.save_progress(self.job.id, prefix, result)
+
+    def put_together(self, whole: Job, live, queue: JobQueue) -> None:
+        if any(s.result.get("interrupted") for s in self.shards):  # interrupted: its frames, no video
+            cancelled = self.queue.get(whole.id).cancel_requested
+            queue.finish(whole.id, CANCELLED if cancelled else DONE, {**whole.result, "interrupted": True},
+                         error="cancelled" if cancelled else None)
+            return
+        self.pool._service.finish_deforum(whole, live, queue)

@@ -251,7 +251,7 @@ class WorkerPool:
         """Start ``job`` as shards over the free workers when it splits (several batches or independent script
         units left, several workers free)."""
         from .jobs import Live
-        from .shards import Shard, ShardedRun, UnitRun, split_of, split_ranges
+        from .shards import FrameRun, Shard, ShardedRun, UnitRun, split_of, split_ranges
 
         usable = [s for s in free if s.worker.shardable]
         if not self.split_batches or len(usable) < 2:
@@ -262,7 +262,7 @@ class WorkerPool:
         slots = self.ranked(job, usable)[:split.end - split.start]
         assignments = [(slot, Shard(a, b)) for slot, (a, b) in zip(slots, split_ranges(split.start, split.end,
                                                                                       len(slots)))]
-        run_type = UnitRun if split.mode == "units" else ShardedRun
+        run_type = {"units": UnitRun, "frames": FrameRun}.get(split.mode, ShardedRun)
         with self._lock:
             for slot, shard in assignments:
                 slot.running[job.id] = Live(job)
