@@ -39,6 +39,11 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
                                       "postgresql://user@host/db URL shared by several API servers")
     g.add_argument("--resume-queue", action="store_true",
                    help="re-run jobs that were running when the server stopped (default: mark them failed)")
+    g.add_argument("--queue-owner", help="this server's name in a shared queue (default: the host name; give each "
+                                         "server on one host its own)")
+    g.add_argument("--queue-lease", type=float, default=60.0,
+                   help="seconds after which a shared queue's running job whose server stopped renewing it is "
+                        "queued again by another server (once; default 60, 0: never)")
     from .flags import add_worker_flags
 
     add_worker_flags(g)  # --ray, --workers, --ray-cpu-workers, --output-store
@@ -158,7 +163,7 @@ def create_app(args: argparse.Namespace):
     paths = paths_from(args)
     paths.create_layout()
     engine = Engine(paths, device_options_from(args))
-    queue = open_queue(args.queue_db, paths.data_dir / "jobs.sqlite3")
+    queue = open_queue(args.queue_db, paths.data_dir / "jobs.sqlite3", owner=args.queue_owner)
     settings = make_settings(engine, paths.data_dir / "config.json", args)
     studio, plugins = studio_from(args, engine, list(settings.get("disabled_extensions") or []))
     for info in plugins.infos:
@@ -179,7 +184,7 @@ def create_app(args: argparse.Namespace):
                          preview_settings=lambda: (settings.get("show_progress_type", "Approx cheap"),
                                                    int(settings.get("show_progress_every_n_steps", 1))),
                          max_queued=lambda: int(settings.get("sdstudio_max_queued_per_client", 50)),
-                         workers=pool, catalog=catalog if pool is not None else None)
+                         workers=pool, catalog=catalog if pool is not None else None, lease=args.queue_lease)
     if service.recovered:
         what = "queued again" if args.resume_queue else "marked failed (use --resume-queue to re-run them)"
         print(f"sdstudio: {len(service.recovered)} job(s) were running when the server stopped: {what}",

@@ -191,3 +191,66 @@ def test_a_server_runs_its_jobs_from_a_postgres_queue(pg_url, data_dir):
         jobs = http.get("/sdstudio/v1/jobs").json()["jobs"]
         assert [j["status"] for j in jobs] == [DONE] and jobs[0]["result"]["all_seeds"] == [5, 6]
         http.app.state.service.stop()
+
+
+def test_a_dead_servers_running_job_is_taken_over_once_when_its_lease_runs_out(queue, pg_url):
+    import time
+
+    a, b, c = (PostgresJobQueue(pg_url, owner=name) for name in ("a", "b", "c"))
+    job = a.submit("x", "txt2img", {"name": "long"})
+    assert a.claim().id == job.id
+    a.save_progress(job.id, 2, {"images": ["0.png", "1.png"]})
+    alive = a.submit("x", "txt2img", {"name": "a's other"})
+    assert b.take_over(60) == []  # fresh: a is alive
+    time.sleep(0.3)
+    a.renew_leases()
+    assert b.take_over(0.25) == []  # renewed just now
+    time.sleep(0.3)
+    assert a.take_over(0.25) == []  # a server never takes over its own jobs
+    assert b.take_over(0.25) == [(job.id, QUEUED)]  # a stopped renewing: queued again, progress kept
+    again = b.get(job.id)
+    assert (again.status, again.batches_done, again.requeues, again.lost_worker) == (QUEUED, 2, 1, "server a")
+    assert a.recover() == []  # a's restart: the job is not a's any more
+    assert b.claim().id == job.id and b.get(alive.id).status == QUEUED
+    time.sleep(0.3)  # now b dies too
+    assert c.take_over(0.25) == [(job.id, FAILED)]
+    failed = c.get(job.id)
+    assert failed.status == FAILED and "server a, then server b" in failed.error and "not queued again" in failed.error
+    assert failed.result == {"images": ["0.png", "1.png"]}  # what was made is kept
+    for q in (a, b, c):
+        q.close()
+
+
+def test_the_service_renews_its_leases_and_takes_over_a_dead_servers_jobs(queue, pg_url, data_dir):
+    import time
+
+    from sdstudio.core.paths import Paths
+    from sdstudio.engine.generate import Engine
+    from sdstudio.service.jobs import JobService
+
+    dead = PostgresJobQueue(pg_url, owner="dead")
+    orphan = dead.submit("x", "load", {"model": "nothing"})
+    dead.claim()
+    dead.close()
+    mine = PostgresJobQueue(pg_url, owner="mine")
+    service = JobService(Engine(Paths(data_dir)), mine, lease=0.4)  # (its start-up recovery: nothing of its own)
+    running = mine.submit("y", "load", {"model": "nothing"})
+    assert mine.claim().id == running.id  # this server's own (as if its worker ran it)
+    with mine._tx() as db:
+        db.execute("UPDATE sdstudio_jobs SET heartbeat = 0")  # both leases long expired
+    thread = threading.Thread(target=service._keep_leases, daemon=True)
+    thread.start()  # the lease keeper alone (no dispatcher to run what it queues again)
+    try:
+        deadline = time.monotonic() + 10
+        while mine.get(orphan.id).status != QUEUED:
+            assert time.monotonic() < deadline, "the dead server's job was not taken over"
+            time.sleep(0.05)
+        assert mine.get(orphan.id).lost_worker == "server dead"
+        assert mine.get(running.id).status == RUNNING  # its own: renewed, not taken over
+        with mine._tx() as db:
+            beat = db.execute("SELECT heartbeat FROM sdstudio_jobs WHERE id = %s", (running.id,)).fetchone()
+        assert beat["heartbeat"] > time.time() - 5
+    finally:
+        service._stop.set()
+        thread.join(5)
+        mine.close()

@@ -392,7 +392,7 @@ def disk_full(exc: BaseException) -> bool:
 class JobService:
     def __init__(self, engine, queue: JobQueue, *, resume: bool = False, jobs_dir: Path | None = None,
                  preview_settings: Callable[[], tuple[str, int]] | None = None, studio=None, plugins=None,
-                 max_queued: Callable[[], int] | None = None, workers=None, catalog=None):
+                 max_queued: Callable[[], int] | None = None, workers=None, catalog=None, lease: float = 60.0):
         from ..plugins import Plugins
         from ..scripts import Studio
 
@@ -409,6 +409,10 @@ class JobService:
         self.live: Live | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # a queue shared by several servers: this one's running jobs' lease, renewed every lease / 4 seconds;
+        # another server's expired ones are taken over (queued again once); 0: no leases
+        self.lease = float(lease)
+        self._lease_thread: threading.Thread | None = None
         self.recovered = queue.recover(resume=resume)
         # a WorkerPool (sdstudio.service.workers): jobs run on its workers (Ray actors...) instead of this
         # process's thread; a ModelCatalog: submitted requests are checked against it (no engine asked)
@@ -424,6 +428,9 @@ class JobService:
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> JobService:
+        if self.lease > 0 and self._lease_thread is None:
+            self._lease_thread = threading.Thread(target=self._keep_leases, name="sdstudio-lease", daemon=True)
+            self._lease_thread.start()
         if self.pool is not None:
             self.pool.start(self)
             return self
@@ -442,6 +449,26 @@ class JobService:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._lease_thread is not None:
+            self._lease_thread.join(timeout)
+            self._lease_thread = None
+
+    def _keep_leases(self) -> None:
+        """Renew this server's leases; queue again (once) the jobs of servers whose leases ran out."""
+        while True:
+            try:
+                self.queue.renew_leases()
+                taken = self.queue.take_over(self.lease)
+            except Exception:  # the database away for a moment: the next round tries again
+                log.exception("renewing the queue's leases")
+                taken = []
+            for job_id, status in taken:
+                what = "queued again" if status == QUEUED else "failed (its second lost server)"
+                log.warning("job %s: the server running it stopped renewing its lease; %s", job_id, what)
+            if taken:
+                self._notify()
+            if self._stop.wait(self.lease / 4):
+                return
 
     def _notify(self) -> None:
         with self.changed:

@@ -4,8 +4,10 @@ round-robin between clients, parking, cancel, recovery).
 
 Several servers: every claim takes a transaction-scoped advisory lock, so the round-robin turn is computed
 by one claimer at a time and a job is claimed exactly once however many servers (and their workers) claim.
-A job records which server claimed it (``owner``, default the host name): at start, :meth:`recover` touches
-only the jobs *this* server left running, never another live server's.
+A job records which server claimed it (``owner``, default the host name, ``--queue-owner``): at start,
+:meth:`recover` touches only the jobs *this* server left running, never another live server's. A running
+server renews its jobs' leases; one that dies and stays away has its running jobs queued again (once) by
+another server after ``--queue-lease`` seconds (:meth:`~sdstudio.service.queue.JobQueue.take_over`).
 
 Needs psycopg 3 (``pip install 'sdstudio[postgres]'``).
 """
@@ -66,10 +68,11 @@ class PostgresJobQueue(SQLJobQueue):
             "SELECT column_name FROM information_schema.columns WHERE table_name = %s", (self.tables["jobs"],))}
 
 
-def open_queue(spec: str | None, default_path) -> JobQueue:
-    """``--queue-db``: a ``postgresql://`` (or ``postgres://``) URL, else an SQLite file (default: in the data dir)."""
+def open_queue(spec: str | None, default_path, owner: str | None = None) -> JobQueue:
+    """``--queue-db``: a ``postgresql://`` (or ``postgres://``) URL, else an SQLite file (default: in the data
+    dir). ``owner`` (``--queue-owner``): this server's name in a shared queue (default: the host name)."""
     from .queue import SQLiteJobQueue
 
     if spec and spec.split("://", 1)[0] in ("postgresql", "postgres"):
-        return PostgresJobQueue(spec)
+        return PostgresJobQueue(spec, owner=owner)
     return SQLiteJobQueue(spec or default_path)

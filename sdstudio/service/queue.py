@@ -14,6 +14,12 @@ is served, and it resumes where it stopped.
 Durability: every change is a committed transaction. A job found ``running`` when the queue opens
 was cut off by a crash: :meth:`recover` marks it ``failed`` ("interrupted"), or queues it again to
 resume from its last finished batch when asked to (``--resume-queue``).
+
+Leases (a queue several API servers share): a server renews the lease of the jobs it runs every few
+seconds (:meth:`JobQueue.renew_leases`); a running job whose lease another server finds expired
+(:meth:`JobQueue.take_over`) belonged to a server that died and is not coming back soon: it is queued
+again, once, to resume from its last finished batch, as when one of its workers dies; a second time it
+fails, naming both servers.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from typing import ClassVar
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)
 INTERRUPTED_BY_RESTART = "interrupted: the server stopped while this job ran"
+SERVER_LOST_TWICE = ("the servers running this job stopped renewing its lease twice ({first}, then {second}); "
+                     "it is not queued again")
 
 
 
@@ -109,6 +117,14 @@ class JobQueue(ABC):
     def recover(self, resume: bool = False) -> list[str]:
         """After a restart: jobs left ``running`` become failed-interrupted, or queued again."""
 
+    def renew_leases(self) -> None:
+        """This server still runs its running jobs (a queue only one server uses needs no leases)."""
+
+    def take_over(self, lease: float) -> list[tuple[str, str]]:
+        """Running jobs of other servers whose lease is older than ``lease`` seconds: each queued again once
+        (the first time) or failed; returns (job id, new status) pairs."""
+        return []
+
     @abstractmethod
     def worker_lost(self, job_id: str, worker: str, requeue: bool = True) -> str | None:
         """A worker died running ``job_id``. The first time: the loss is recorded with the job (a restart of
@@ -136,7 +152,8 @@ CREATE TABLE IF NOT EXISTS {jobs} (
     cancel_requested {bool} NOT NULL DEFAULT {false},
     owner TEXT,
     requeues INTEGER NOT NULL DEFAULT 0,
-    lost_worker TEXT
+    lost_worker TEXT,
+    heartbeat {real}
 );
 CREATE INDEX IF NOT EXISTS {jobs}_status ON {jobs}(status, seq);
 CREATE INDEX IF NOT EXISTS {jobs}_client ON {jobs}(client, seq);
@@ -147,7 +164,8 @@ CREATE TABLE IF NOT EXISTS {clients} (
 """
 
 # columns added since the first schema: a queue file made before gets them when it opens (name, type)
-_ADDED_COLUMNS = (("owner", "TEXT"), ("requeues", "INTEGER NOT NULL DEFAULT 0"), ("lost_worker", "TEXT"))
+_ADDED_COLUMNS = (("owner", "TEXT"), ("requeues", "INTEGER NOT NULL DEFAULT 0"), ("lost_worker", "TEXT"),
+                  ("heartbeat", "{real}"))
 
 
 class SQLJobQueue(JobQueue):
@@ -267,8 +285,9 @@ class SQLJobQueue(JobQueue):
             turn = self._run(db, "SELECT COALESCE(MAX(last_served), 0) + 1 AS turn FROM {clients}").fetchone()["turn"]
             self._run(db, "INSERT INTO {clients} (client, last_served) VALUES (?, ?) "
                           "ON CONFLICT (client) DO UPDATE SET last_served = excluded.last_served", (row["client"], turn))
-            self._run(db, "UPDATE {jobs} SET status = ?, started = COALESCE(started, ?), owner = ? WHERE id = ?",
-                      (RUNNING, time.time(), self.owner, row["id"]))
+            now = time.time()
+            self._run(db, "UPDATE {jobs} SET status = ?, started = COALESCE(started, ?), owner = ?, heartbeat = ? "
+                          "WHERE id = ?", (RUNNING, now, self.owner, now, row["id"]))
             return self._one(db, row["id"])
 
     def save_progress(self, job_id: str, batches_done: int, result: dict) -> None:
@@ -354,6 +373,34 @@ class SQLJobQueue(JobQueue):
             self._run(db, "UPDATE {jobs} SET status = ?, error = ?, finished = ? WHERE status = ?" + mine,
                       (FAILED, INTERRUPTED_BY_RESTART, time.time(), RUNNING, *args))
             return ids
+
+    def renew_leases(self) -> None:
+        if not self.own_jobs_only:
+            return
+        with self._tx() as db:
+            self._run(db, "UPDATE {jobs} SET heartbeat = ? WHERE status = ? AND owner = ?",
+                      (time.time(), RUNNING, self.owner))
+
+    def take_over(self, lease: float) -> list[tuple[str, str]]:
+        if not self.own_jobs_only:  # one server: its restart recovers its jobs (recover)
+            return []
+        out = []
+        with self._tx() as db:
+            rows = self._run(db, "SELECT * FROM {jobs} WHERE status = ? AND (owner IS NULL OR owner != ?) "
+                                 "AND COALESCE(heartbeat, started, created) < ?" + self.for_update,
+                             (RUNNING, self.owner, time.time() - lease)).fetchall()
+            for row in rows:
+                job, server = self._job(row), f"server {row['owner'] or '?'}"
+                if job.requeues:
+                    error = SERVER_LOST_TWICE.format(first=job.lost_worker or "a server", second=server)
+                    self._run(db, "UPDATE {jobs} SET status = ?, error = ?, finished = ? WHERE id = ?",
+                              (FAILED, error, time.time(), job.id))
+                    out.append((job.id, FAILED))
+                else:
+                    self._run(db, "UPDATE {jobs} SET status = ?, requeues = requeues + 1, lost_worker = ?, "
+                                  "owner = NULL WHERE id = ?", (QUEUED, server, job.id))
+                    out.append((job.id, QUEUED))
+        return out
 
     def worker_lost(self, job_id: str, worker: str, requeue: bool = True) -> str | None:
         with self._tx() as db:

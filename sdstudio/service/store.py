@@ -182,3 +182,9 @@ class PublishingQueue(JobQueue):
 
     def worker_lost(self, job_id, worker, requeue=True):
         return self.inner.worker_lost(job_id, worker, requeue)
+
+    def renew_leases(self):
+        self.inner.renew_leases()
+
+    def take_over(self, lease):
+        return self.inner.take_over(lease)
