@@ -272,6 +272,38 @@ def test_an_animations_frames_split_across_the_workers_give_one_runs_frames_and_
     assert done.result["phase"] == "DONE" and not done.result["interrupted"]
 
 
+def test_a_split_animation_parks_for_another_client_and_goes_on_with_the_same_frames(cluster, tmp_path):
+    from sdstudio.core import deforum as spec
+    from sdstudio.scripts import Studio
+    from sdstudio.scripts.deforum import DeforumRun
+
+    svc = cluster.service
+    settings = {"animation_mode": "Interpolation", "max_frames": 12, "W": 64, "H": 64, "steps": 3, "seed": 31,
+                "sampler": "Euler", "prompts": {"0": "a green field"}, "negative_prompts": "", "fps": 10,
+                "color_coherence": "None", "skip_video_creation": True}
+    until(lambda: all(w["running"] == [] for w in cluster.pool.describe()), "both workers free")
+    job = svc.submit_deforum("film", svc.prepare_deforum(settings, model="alpha"))
+    until(lambda: svc.queue.get(job.id).result.get("frames_done", 0) >= 1, "the animation under way")
+    other = svc.submit("someone else", Txt2ImgJob(small(seed=41, steps=2), save_images=False))
+    assert svc.wait(other.id, 300).status == DONE
+    done = svc.wait(job.id, 600)
+    assert done.status == DONE, done.error
+    assert done.finished > svc.queue.get(other.id).finished  # the other client's picture came first
+    placed = [w for j, w in cluster.pool.placements if j == job.id]
+    assert len(placed) >= 3  # split over both, parked between frames, then claimed again
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = DeforumRun(Studio(Engine(Paths(cluster.root), DeviceOptions(precision="full"))),
+                         spec.load_settings(settings), tmp_path, outdir=tmp_path / "one",
+                         model=job.request["model"]).run()
+    finally:
+        torch.set_num_threads(threads)
+    assert len(done.result["frames"]) == 12 and done.result["video"] is None
+    for made, one in zip(done.result["frames"], ref.frames, strict=True):
+        assert np.array_equal(pixels(made), pixels(one))
+
+
 def test_an_img2img_jobs_uploads_reach_a_worker_from_the_output_store(cluster):
     from sdstudio.core.params import Img2ImgRequest
 

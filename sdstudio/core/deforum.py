@@ -755,6 +755,9 @@ def format_batch_name(settings: DeforumSettings, timestring: str, seed: int) -> 
     return "_" if name in ("", ".", "..") else name  # a folder's name: never its parent or itself
 
 
+MAX_FRAMES_AT_ALL = 1 << 31  # an open end for a range of frames (a run's own count ends it)
+
+
 def independent_frames(settings: DeforumSettings) -> int:
     """How many frames of the run can be made apart from each other (in ranges, on several workers): 0 when
     a frame starts from or is colour-matched to an earlier one. Video Input and Interpolation frames start

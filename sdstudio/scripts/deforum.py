@@ -326,8 +326,8 @@ class DeforumRun:
     def _run_range(self, start: int, end: int) -> DeforumResult:
         """Frames ``start`` .. ``end - 1`` only (a shard of a split run; :func:`spec.independent_frames`): each
         made as the whole run makes it, a frame whose file is there already skipped (made before a pause or
-        by a shard whose worker died). No video, no saved state: :meth:`finish` makes the video once every
-        range is done."""
+        by a shard whose worker died); ``should_pause`` is asked after each frame made. No video, no saved
+        state: :meth:`finish` makes the video once every range is done."""
         s = self.s
         self.outdir.mkdir(parents=True, exist_ok=True)
         spec.check_files(s)
@@ -336,10 +336,14 @@ class DeforumRun:
                                               "color": self._color_reference()}
         result = DeforumResult(self.outdir, self.timestring, [], settings_file=self.outdir /
                                spec.settings_filename(self.timestring))
+        made = 0
         try:
             for frame in range(start, min(end, self.max_frames)):
                 if self.should_stop is not None and self.should_stop():
                     result.interrupted = True
+                    break
+                if made and self.should_pause is not None and self.should_pause():
+                    result.paused = True  # another client's turn; the frames on disk are kept
                     break
                 if (self.outdir / spec.frame_filename(self.timestring, frame)).is_file():
                     if self.on_frame is not None:
@@ -348,6 +352,7 @@ class DeforumRun:
                 init, strength = self._init(frame, pics, inputs)
                 image = self._generate(frame, init, strength)
                 self._write(frame, self._after_generation(image, frame, pics, init is not None, strength))
+                made += 1
         except _Stopped:
             result.interrupted = True
         finally:

@@ -1053,9 +1053,13 @@ class JobService:
                 live.paused_for_others = True
             return live.paused_for_others
 
+        # a split run (FrameRun) goes on by frames on one worker too, its frames on disk kept; then its video
+        whole_range = spec_job.frame_range is None and result.get("split")
+        frame_range = (0, spec.MAX_FRAMES_AT_ALL) if whole_range else spec_job.frame_range
         run = DeforumRun(self.studio, settings, self.engine.paths.outputs_dir, outdir=spec_job.outdir,
                          options=spec_job.options, model=spec_job.model, timestring=result["timestring"],
-                         frame_range=spec_job.frame_range, on_frame=on_frame, should_stop=lambda: live.interrupted, should_pause=should_pause)
+                         frame_range=frame_range, on_frame=on_frame, should_stop=lambda: live.interrupted,
+                         should_pause=should_pause)
         live.job_count, live.steps, live.step = 1, run.max_frames, int(result.get("frames_done", 0))
         result["outdir"], result["max_frames"] = str(run.outdir), run.max_frames
         live.phase = "GENERATING"
@@ -1066,9 +1070,13 @@ class JobService:
         _deforum_outputs(result, out)
         if out.paused:
             touch("GENERATING")
-            self.queue.save_progress(job.id, max(1, len(out.frames)), result)
+            # by frames: the next frame to make (the frames after it on disk are skipped when it goes on)
+            done = result.get("frames_done", job.batches_done) if frame_range else max(1, len(out.frames))
+            self.queue.save_progress(job.id, done, result)
             self.queue.park(job.id)
             return
+        if whole_range and not out.interrupted:
+            _deforum_outputs(result, run.finish(result.get("max_frames")))
         cancelled = self.queue.get(job.id).cancel_requested
         touch("DONE" if not (cancelled or out.interrupted) else result.get("phase", "GENERATING"))
         self.queue.finish(job.id, CANCELLED if cancelled else DONE, result, error="cancelled" if cancelled else None)

@@ -115,8 +115,9 @@ class Shard:
 class ShardQueue(JobQueue):
     """What one shard's worker writes to: its own progress; reads of the job go to the queue of record."""
 
-    def __init__(self, real: JobQueue, shard: Shard, on_change):
-        self.real, self.shard, self.on_change = real, shard, on_change
+    def __init__(self, real: JobQueue, shard: Shard, on_change, parks: bool = False):
+        # parks: its worker stops between units or frames when another client waits (they are kept)
+        self.real, self.shard, self.on_change, self.parks = real, shard, on_change, parks
 
     def submit(self, client, kind, request):
         raise RuntimeError("a shard queues no jobs")
@@ -134,7 +135,7 @@ class ShardQueue(JobQueue):
         self.shard.done, self.shard.result = batches_done, result
         self.on_change()
 
-    def park(self, job_id):  # a shard never waits for other clients (others_waiting is False)
+    def park(self, job_id):  # stopped for another client: the coordinator parks the job when all have ended
         self.shard.status = "parked"
 
     def finish(self, job_id, status, result=None, error=None):
@@ -150,7 +151,7 @@ class ShardQueue(JobQueue):
         return self.real.queued_count(client)
 
     def others_waiting(self, client):
-        return False
+        return self.parks and self.real.others_waiting(client)
 
     def position(self, job_id):
         return -1
@@ -172,7 +173,11 @@ def shard_job(job: Job, shard: Shard) -> Job:
 
 
 class ShardedRun:
-    """Runs ``job``'s batch shards on the pool's slots and records the job in the queue of record."""
+    """Runs ``job``'s batch shards on the pool's slots and records the job in the queue of record. Batch shards
+    do not park for other clients (only the contiguous prefix of batches is kept, so a park would make the
+    later ranges' batches again)."""
+
+    parks = False
 
     def __init__(self, pool, job: Job, shards: list[Shard]):
         self.pool, self.job, self.shards = pool, job, shards
@@ -256,7 +261,10 @@ def unit_shard_job(job: Job, shard: Shard) -> Job:
 
 
 class UnitRun(ShardedRun):
-    """Runs a script job's unit shards, then puts the job together in the API process."""
+    """Runs a script job's unit shards, then puts the job together in the API process. Its shards stop between
+    units when another client waits: every unit made is kept, the job is parked and split again later."""
+
+    parks = True
 
     def job_for(self, shard: Shard) -> Job:
         return unit_shard_job(self.job, shard)
@@ -330,7 +338,8 @@ class FrameRun(UnitRun):
         super().__init__(pool, job, shards)
         if not self.base.get("timestring"):  # every shard writes into the same run
             self.base["timestring"] = pool._service.deforum_timestring(job)
-            self.queue.save_progress(job.id, job.batches_done, dict(self.base))
+        self.base["split"] = True  # run again on one worker, it goes on by frames (those on disk are kept)
+        self.queue.save_progress(job.id, job.batches_done, dict(self.base))
 
     def job_for(self, shard: Shard) -> Job:
         return frame_shard_job(self.job, shard, self.base["timestring"])

@@ -283,7 +283,8 @@ class WorkerPool:
         lost: list = []
 
         def one(slot: _Slot, shard) -> None:
-            link = Link(ShardQueue(service.queue, shard, run.record), service._notify, service.preview_settings)
+            link = Link(ShardQueue(service.queue, shard, run.record, parks=run.parks), service._notify,
+                        service.preview_settings)
             try:
                 slot.worker.run(run.job_for(shard), slot.running[job.id], link)
             except WorkerLost as exc:
