@@ -378,6 +378,7 @@ EXPECTED = {  # module name: (UI label, control types) as the extension declares
     "anime_face_segment": ("seg_anime_face", ("Segmentation",)),  # test_annotators_segment
     "softedge_teed": ("softedge_teed", ("SoftEdge",)),  # test_annotators_teed
     "softedge_anyline": ("softedge_anyline", ("SoftEdge",)),
+    "inpaint_only+lama": ("inpaint_only+lama", ("Inpaint",)),  # test_annotators_lama
 }
 
 
@@ -389,7 +390,10 @@ def test_declarations_are_the_extensions_and_cost_nothing(tmp_path):
         assert p.aliases == (() if label == name else (label,))
         assert p.control_types == kinds
         start = 1280 if name == "softedge_anyline" else 512  # the extension's Anyline starts higher
-        assert p.resolution.detail() == {"name": "Resolution", "value": start, "min": 64, "max": 2048, "step": 8}
+        if name == "inpaint_only+lama":  # LaMa runs at 256 whatever the unit says: no slider
+            assert p.resolution is None and p.needs_mask
+        else:
+            assert p.resolution.detail() == {"name": "Resolution", "value": start, "min": 64, "max": 2048, "step": 8}
         assert not p.model_free and callable(p.run)
     assert [s.detail() for s in found["mlsd"].sliders()][1:] == [
         {"name": "MLSD Value Threshold", "value": 0.1, "min": 0.01, "max": 2.0, "step": 0.01},

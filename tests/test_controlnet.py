@@ -315,6 +315,63 @@ def test_inpaint_only_pastes_the_unmasked_input_back(studio):
     assert np.abs(_pixels(unmasked) - np.array([200, 30, 30])).max() <= 1
 
 
+def test_inpaint_only_lama_fills_the_hole_then_works_as_inpaint_only(studio, cn_root):
+    from test_annotators_lama import checkpoint
+
+    folder = cn_root / "models" / "ControlNet" / "annotators" / "lama"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint(1, seed=9)[1], folder / "ControlNetLama.pth")
+    source = Image.new("RGB", (64, 64), (200, 30, 30))
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((40, 0, 63, 63), fill=255)
+    units = [_unit(module="inpaint_only+lama", image=_b64(source), mask=_b64(mask))]
+    result = studio.generate(_with(units))
+    out = np.asarray(result.images[0].image, dtype=np.int16)
+    assert np.abs(out[:, :28] - np.array([200, 30, 30])).max() <= 1  # pasted back, as inpaint_only
+    plain = _pixels(studio.generate(_with([_unit(module="inpaint_only", image=_b64(source), mask=_b64(mask))])))
+    assert np.abs(out[:, 44:] - plain[:, 44:]).max() > 0  # it started from LaMa's fill (the hint masks the hole)
+    wide = studio.generate(_with([{**units[0], "resize_mode": "Resize and Fill"}], width=96))  # outpainting
+    assert wide.images[0].image.size == (96, 64)
+    from sdstudio.engine.controlnet import _outpaint_canvas
+
+    rgb, hole = _outpaint_canvas(np.asarray(source), np.asarray(mask), _req(width=96, enable_hr=True, hr_scale=2))
+    assert rgb.shape == (128, 192, 3) and (hole[:, :32] == 255).all() and (hole[:, -32:] == 255).all()
+    assert (hole[:, 32:112] == 0).all() and (hole[:, 112:160] == 255).all()  # the given mask, scaled, plus the border
+
+
+def test_the_inpaint_only_hook_pulls_the_unmasked_latent_and_lama_starts_from_its_fill():
+    from sdstudio.engine.controlnet import InpaintOnlyHook, PreparedUnit
+    from sdstudio.engine.schedules import DiscreteSchedule
+
+    detected = np.zeros((64, 64, 4), np.uint8)
+    detected[:, :, :3] = 100
+    detected[:, 32:, 3] = 255  # the right half masked
+    shapes = []
+
+    def encode(rgb):  # the VAE's part: a latent of 0.5 everywhere, an eighth of the size
+        shapes.append(rgb.shape)
+        return torch.full((1, 4, rgb.shape[0] // 8, rgb.shape[1] // 8), 0.5)
+
+    alphas = DiscreteSchedule().alphas_cumprod
+    for module in ("inpaint_only", "inpaint_only+lama"):
+        unit = cn.ControlUnit(enabled=True, module=module, weight=0.6, resize_mode="Just Resize")
+        hook = InpaintOnlyHook(PreparedUnit(0, unit, cn.Preprocessor(module), detected, None), encode, alphas, False)
+        d = torch.full((4, 8, 8), -1.0)
+        out = hook.after_cfg(None, d)
+        # the mask max-pooled by 10×10 windows at stride 8 (padding 1): latent columns 0-2 are unmasked
+        torch.testing.assert_close(out[:, :, :3], torch.full((4, 8, 3), 0.6 * 0.5 + 0.4 * -1.0))
+        assert (out[:, :, 3:] == -1.0).all()  # the masked part is the model's
+        noise = torch.randn(1, 4, 8, 8)
+        started = hook.initial_noise(noise, "first")
+        if module == "inpaint_only":
+            assert started is noise
+        else:  # the latent at timestep 999 of the filled picture, in unit-noise terms
+            a = float(alphas[999])
+            torch.testing.assert_close(started, a ** 0.5 * 0.5 + (1 - a) ** 0.5 * noise)
+            assert hook.initial_noise(noise, "hires") is noise
+    assert shapes == [(64, 64, 3)] * 2  # encoded once per unit and size
+
+
 @pytest.mark.parametrize("model", ["t2iadapter_tiny_sd14v1", "tiny-control-lora"])
 def test_t2i_adapters_and_control_loras_run_as_units(studio, model):
     plain = _pixels(studio.generate(_req()))

@@ -36,12 +36,14 @@ from PIL import Image, ImageOps
 
 from ..core.controlnet import SCRIPT_NAME, ControlNetError, ControlUnit, Preprocessor
 from ..core.imageops import UPLOAD_FORMATS
+from . import preprocessors
 from .hooks import StepHook, UNetCall
 
 MAX_CONTROL_PIXELS = 64 * 1024 * 1024
 SOFT_DECAY = 0.825
 ADAPTER_SOFT = (0.25, 0.62, 0.825, 1.0)
 HIRES_SOFT_MODULES = ("canny", "mlsd")  # their maps get soft injection in the Hires. fix pass
+LAMA = "inpaint_only+lama"
 
 
 def decode_image(data: str | Image.Image, what: str) -> Image.Image:
@@ -334,6 +336,8 @@ class ControlNets:
             raise ControlNetError(f"{where}: no ControlNet model chosen (model is 'None'); pick one of the files in "
                                   f"{self.registry.paths.controlnet_dir}")
         res, a, b = pre.resolved(unit.processor_res, unit.threshold_a, unit.threshold_b)
+        if pre.name == LAMA and preprocessors.resize_mode_of(unit.resize_mode) == "Resize and Fill":
+            source, mask = _outpaint_canvas(source, mask, req)  # LaMa fills the new border too
         if unit.pixel_perfect:  # after the range check, as the extension does
             res = pixel_perfect_resolution(source.shape[:2], req.width, req.height, unit.resize_mode)
         try:
@@ -419,16 +423,15 @@ class ControlNets:
                 out.append(self._reference_hook(prepared, base, hires_job))
             else:
                 out.append(ControlHook(prepared, self.device, dtype, hires_job))
+                if prepared.preprocessor.name.startswith("inpaint_only") and prepared.detected.shape[2] == 4:
+                    out.append(self._inpaint_only_hook(prepared, base, hires_job))
         return out
 
-    def _reference_hook(self, prepared: PreparedUnit, base, hires_job: bool):
+    def _vae_encoder(self, base):
+        """``encode(rgb)``: an H×W×3 uint8 picture's latent (1, C, h, w) by the job's VAE."""
         from . import vae as vae_ops
-        from .reference import reference_hook
-        from .schedules import DiscreteSchedule
 
-        if base is None:
-            raise ControlNetError(f"{SCRIPT_NAME} unit {prepared.index}: reference units need the job's model")
-        model, vae = base()
+        _, vae = base()
         placement = self.placement
 
         def encode(rgb: np.ndarray) -> torch.Tensor:
@@ -436,8 +439,95 @@ class ControlNets:
             with torch.no_grad(), (placement.use(vae) if placement is not None else _nothing()):
                 return vae_ops.encode(vae, pixels, self.device)
 
-        return reference_hook(prepared, encode, DiscreteSchedule(), self.device, model.dtype, model.spec.is_sdxl,
-                              hires_job=hires_job)
+        return encode
+
+    def _inpaint_only_hook(self, prepared: PreparedUnit, base, hires_job: bool) -> InpaintOnlyHook:
+        from .schedules import DiscreteSchedule
+
+        if base is None:
+            raise ControlNetError(f"{SCRIPT_NAME} unit {prepared.index}: {prepared.preprocessor.name} needs the "
+                                  f"job's model")
+        return InpaintOnlyHook(prepared, self._vae_encoder(base), DiscreteSchedule().alphas_cumprod, hires_job)
+
+    def _reference_hook(self, prepared: PreparedUnit, base, hires_job: bool):
+        from .reference import reference_hook
+        from .schedules import DiscreteSchedule
+
+        if base is None:
+            raise ControlNetError(f"{SCRIPT_NAME} unit {prepared.index}: reference units need the job's model")
+        model, _ = base()
+        return reference_hook(prepared, self._vae_encoder(base), DiscreteSchedule(), self.device, model.dtype,
+                              model.spec.is_sdxl, hires_job=hires_job)
+
+
+def _outpaint_canvas(source: np.ndarray, mask: np.ndarray | None, req) -> tuple[np.ndarray, np.ndarray]:
+    """inpaint_only+lama with Resize and Fill (the extension's "outpaint fix"): the picture and its mask fitted
+    into the job's final size first (the Hires. fix size when it has one), the new border masked, so that
+    LaMa paints the border before the unit sees the map."""
+    from .preprocessors import fit_to
+
+    width, height = req.width, req.height
+    if bool(getattr(req, "enable_hr", False)) and req.kind == "txt2img":
+        (up_w, up_h), (cut_x, cut_y) = req.hires_size()
+        width, height = (up_w // 8 - cut_x) * 8, (up_h // 8 - cut_y) * 8
+    width, height = width // 8 * 8, height // 8 * 8
+    rgba = np.concatenate([source, (mask if mask is not None else np.zeros(source.shape[:2], np.uint8))[:, :, None]],
+                          axis=2)
+    fitted = fit_to(rgba, width, height, "Resize and Fill")
+    return np.ascontiguousarray(fitted[:, :, :3]), np.ascontiguousarray(fitted[:, :, 3])
+
+
+class InpaintOnlyHook(StepHook):
+    """What inpaint_only (and inpaint_only+lama) add to their unit, as the extension's UNet hook does:
+
+    * at every step, outside the mask the prediction is pulled to the control picture's own latent: the
+      denoised latent becomes ``d + w (1 - m) (x0 - d)`` with ``w`` the unit's weight (clamped to 0..1),
+      ``x0`` the VAE latent of the map's picture at the pass's size and ``m`` the pixel mask max-pooled to
+      the latent (10×10 windows, stride 8, padding 1). The extension mixes noise predictions the same way
+      (``eps' w + eps (1 - w)`` from that x0); in the denoised prediction it is this affine blend, so it
+      commutes with CFG and holds for v-prediction models as well;
+    * inpaint_only+lama: the first pass starts from the filled picture, as the extension's initial-noise
+      hack does: the unit noise becomes ``√ᾱ₉₉₉ x0 + √(1 - ᾱ₉₉₉) noise`` (the latent at timestep 999).
+    """
+
+    def __init__(self, prepared: PreparedUnit, vae_encode, alphas_cumprod: torch.Tensor, hires_job: bool):
+        self.prepared, self.unit = prepared, prepared.unit
+        self.owner = f"{SCRIPT_NAME} unit {prepared.index}"
+        self.vae_encode, self.hires_job = vae_encode, hires_job
+        self.alpha_999 = float(alphas_cumprod[-1])
+        self._latents: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def active(self, step) -> bool:  # every step (the extension's restore ignores guidance start / end)
+        if self.hires_job:
+            hires = step.pass_name == "hires"
+            if self.unit.hr_option == "Low res only" and hires or self.unit.hr_option == "High res only" and not hires:
+                return False
+        return True
+
+    def _at(self, height: int, width: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0 (C, h, w), the latent mask (1, h, w)) at a latent size."""
+        key = (height, width)
+        if key not in self._latents:
+            from .preprocessors import fit_to
+
+            fitted = fit_to(self.prepared.detected, width * 8, height * 8, self.unit.resize_mode)
+            x0 = self.vae_encode(fitted[:, :, :3])[0]
+            m = torch.from_numpy(fitted[:, :, 3].astype(np.float32) / 255.0)[None, None]
+            m = torch.nn.functional.max_pool2d(m, (10, 10), stride=(8, 8), padding=1)[0]
+            self._latents = {key: (x0, m[:, :height, :width])}  # one pass size at a time
+        x0, m = self._latents[key]
+        return x0.to(like.device, like.dtype), m.to(like.device, like.dtype)
+
+    def after_cfg(self, guidance, denoised: torch.Tensor) -> torch.Tensor:
+        x0, m = self._at(denoised.shape[-2], denoised.shape[-1], denoised)
+        w = max(0.0, min(1.0, float(self.unit.weight)))
+        return denoised + w * (1 - m) * (x0 - denoised)
+
+    def initial_noise(self, noise: torch.Tensor, pass_name: str) -> torch.Tensor:
+        if self.prepared.preprocessor.name != LAMA or pass_name != "first":
+            return noise
+        x0, _ = self._at(noise.shape[-2], noise.shape[-1], noise)
+        return self.alpha_999 ** 0.5 * x0[None] + (1 - self.alpha_999) ** 0.5 * noise
 
 
 def _nothing():

@@ -648,6 +648,7 @@ class Engine:
             options.update(order=req.uni_pc_order, variant=req.uni_pc_variant,
                            lower_order_final=req.uni_pc_lower_order_final)
         fn = SAMPLER_FUNCTIONS[sampler.function]
+        x = plan.initial_noise(x)
         start = x * scale if init is None else init + x * (req.initial_noise_multiplier * sigmas[0] + req.extra_noise)
         with torch.no_grad(), self.placement.use(model.unet, *([refiner.model.unet] if refiner else [])), \
                 plan.applied():

@@ -11,7 +11,9 @@ given:
 - ``after_cfg(guidance, denoised)``: adjusts the guided prediction (CFG rescale), each hook in turn;
 - ``after_step(step, x)``: the latent after each sampling step, before the next one.
 
-``applied(unet)`` is a context manager entered around the whole pass (FreeU's backbone scales), and
+``applied(unet)`` is a context manager entered around the whole pass (FreeU's backbone scales),
+``initial_noise(noise, pass_name)`` may change the unit-variance noise a pass starts from (before the
+sampler scales it; ControlNet's inpaint_only+lama starts from its filled picture), and
 ``finish_image(image, index)`` sees each decoded picture before it is given out.
 
 Windows (``start``/``end``, fractions of the pass) are by sampling step, as ControlNet's guidance
@@ -130,13 +132,18 @@ class StepHook:
     def after_step(self, step: Step, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def initial_noise(self, noise: torch.Tensor, pass_name: str) -> torch.Tensor:
+        """The unit-variance noise (B, C, H, W) the pass ``pass_name`` starts from, before the sampler
+        scales it (txt2img) or adds it to the init latent (img2img)."""
+        return noise
+
     def finish_image(self, image, index: int):
         """The decoded picture ``index`` (of the job) before it is given out (ControlNet's inpaint_only pastes
         the unmasked input back); a PIL image in, one out."""
         return image
 
 
-_METHODS = ("unet_inputs", "combine", "after_cfg", "after_step")
+_METHODS = ("unet_inputs", "combine", "after_cfg", "after_step", "initial_noise")
 _SUMMED = ("down_block_additional_residuals", "mid_block_additional_residual",
            "down_intrablock_additional_residuals")
 
@@ -232,6 +239,13 @@ class SamplingPlan:
             with calling(hook):
                 x = hook.after_step(step, x)
         return x
+
+    def initial_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """The pass's starting noise through every hook's ``initial_noise`` (windows do not apply)."""
+        for hook in self._by_method["initial_noise"]:
+            with calling(hook):
+                noise = hook.initial_noise(noise, self.pass_name)
+        return noise
 
 
 def off_the_unet(hooks: Sequence[StepHook]) -> list[StepHook]:

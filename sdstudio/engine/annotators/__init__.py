@@ -21,7 +21,8 @@ depth_anything); normal_bae (scannet.pt, normal_bae); depth (depth_midas) and no
 depth_anything_v2); depth_zoe (ZoeD_M12_N.pt, zoedepth); dw_openpose_full (yolox_l.onnx and
 dw-ll_ucoco_384.onnx, openpose; run by onnxruntime, or OpenCV's dnn without it); anime_face_segment (seg_anime_face)
 (UNet.pth, anime_face_segment); softedge_teed (7_model.pth, TEED); softedge_anyline (MTEED.pth, TEED; its
-resolution slider starts at 1280, as the extension's).
+resolution slider starts at 1280, as the extension's); inpaint_only+lama (ControlNetLama.pth, lama: the masked
+part filled by LaMa at 256, then the unit works as inpaint_only).
 """
 
 from __future__ import annotations
@@ -29,15 +30,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
 import numpy as np
 
-from ...core.controlnet import Preprocessor, Slider
+from ...core.controlnet import ControlNetError, Preprocessor, Slider
 from ..preprocessors import lineart_standard_map
 from . import (
     anime_face,
     depth_anything,
     dwpose,
     hed,
+    lama,
     leres,
     lineart,
     midas,
@@ -64,7 +67,7 @@ FILES: tuple[AnnotatorFile, ...] = (hed.FILE, pidinet.FILE, lineart.REALISTIC, l
                                     openpose.BODY, openpose.HAND, openpose.FACE, mlsd.FILE, leres.FILE,
                                     depth_anything.FILE, depth_anything.FILE_V2, normalbae.FILE,
                                     midas.FILE, zoe.FILE, dwpose.DETECTOR, dwpose.POSE, anime_face.FILE,
-                                    teed.FILE, teed.MTEED_FILE)
+                                    teed.FILE, teed.MTEED_FILE, lama.FILE)
 
 Run = Callable[..., np.ndarray]
 
@@ -212,6 +215,28 @@ def _normal_bae(folder: Path, label: str) -> Run:
     return _at_resolution(label, step)
 
 
+def _lama(folder: Path, label: str) -> Run:
+    """The extension's ``inpaint_only+lama``: LaMa fills the masked part at 256 (the short side, padded as
+    for every network), the result is brought back to the picture's size and blended in by the mask, and
+    the map is that picture with the mask (H×W×4, as inpaint_only's)."""
+
+    def run(image: np.ndarray, resolution: float = 512, threshold_a: float = -1, threshold_b: float = -1,
+            mask: np.ndarray | None = None) -> np.ndarray:
+        picture = np.ascontiguousarray(hwc3(image, f"ControlNet {label}"))
+        if mask is None:
+            raise ControlNetError(f"ControlNet {label} needs a mask")
+        h, w = picture.shape[:2]
+        padded, crop = resize_with_pad(np.concatenate([picture, mask[:, :, None]], axis=2), lama.RESOLUTION)
+        filled = crop(lama.inpaint(lama.load(lama.FILE.locate(folder, label)), padded))
+        filled = cv2.resize(filled, (w, h)).astype(np.float32)
+        alpha = mask.astype(np.float32)[:, :, None] / 255.0
+        blended = (filled * alpha + picture.astype(np.float32) * (1 - alpha)).clip(0, 255).astype(np.uint8)
+        return np.concatenate([blended, mask[:, :, None]], axis=2)
+
+    run.__name__ = run.__qualname__ = label
+    return run
+
+
 def preprocessors(annotators_dir: Path | None) -> list[Preprocessor]:
     """The weight-based preprocessors reading their files from ``annotators_dir`` (None: the default folder,
     relative to the working directory); cheap: nothing is read until one runs."""
@@ -252,6 +277,8 @@ def preprocessors(annotators_dir: Path | None) -> list[Preprocessor]:
     add("depth_anything", "depth_anything", _depth_anything(folder, "depth_anything"), ("Depth",))
     add("depth_anything_v2", "depth_anything_v2", _depth_anything(folder, "depth_anything_v2", version=2), ("Depth",))
     add("anime_face_segment", "seg_anime_face", _anime_face(folder, "seg_anime_face"), ("Segmentation",))
+    out.append(Preprocessor(name="inpaint_only+lama", run=_lama(folder, "inpaint_only+lama"), control_types=("Inpaint",),
+                            needs_mask=True))
     add("normal_bae", "normal_bae", _normal_bae(folder, "normal_bae"), ("NormalMap",))
     return out
 
