@@ -426,3 +426,11 @@ def test_found_styles_files(tmp_path):
         styles.delete(path, "Ok")
     styles.save(path, {"Pad": styles.Style("Pad", "  {prompt}", " x")})
     assert styles.load(path)["Pad"] == styles.Style("Pad", "  {prompt}", " x")
+
+
+def test_found_xyz_size():
+    """A Size value with a number over Python's 4,300-digit int() limit raised ValueError (the 10⁶ run's find)."""
+    ax = xyz.axis("Size")
+    with pytest.raises(xyz.AxisError, match="not a size in pixels"):
+        ax.apply(Txt2ImgRequest(prompt="a"), "1" * 4403 + "x512", ["x"])
+    assert ax.apply(Txt2ImgRequest(prompt="a"), "640x384", ["x"]).width == 640

@@ -152,6 +152,8 @@ def _size(req, value: str, values):
     m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", value)
     if not m:
         raise AxisError(f"Size: {value!r} is not WxH")
+    if len(m.group(1)) > 6 or len(m.group(2)) > 6:  # (Python refuses int() of over 4300 digits)
+        raise AxisError(f"Size: {value[:40]!r} is not a size in pixels")
     return req.replace(width=int(m.group(1)), height=int(m.group(2)))
 
 
