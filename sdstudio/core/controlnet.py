@@ -81,6 +81,14 @@ class ControlUnit:
     def replace(self, **changes) -> ControlUnit:
         return dataclasses.replace(self, **changes)
 
+    def in_pass(self, pass_name: str, hires_job: bool) -> bool:
+        """Whether the unit acts in this pass ("first" or "hires") by its ``hr_option`` (a job without
+        Hires. fix has only its first pass, where every unit acts)."""
+        if not hires_job:
+            return True
+        hires = pass_name == "hires"
+        return not (self.hr_option == "Low res only" and hires or self.hr_option == "High res only" and not hires)
+
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         if self.advanced_weighting is not None:

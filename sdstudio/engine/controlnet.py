@@ -137,11 +137,7 @@ class ControlHook(StepHook):
     def active(self, step) -> bool:
         if self.module is None or not self.start <= step.fraction <= self.end:
             return False
-        if self.hires_job:
-            hires = step.pass_name == "hires"
-            if self.unit.hr_option == "Low res only" and hires or self.unit.hr_option == "High res only" and not hires:
-                return False
-        return True
+        return self.unit.in_pass(step.pass_name, self.hires_job)
 
     def applied(self, unet):
         import contextlib
@@ -384,12 +380,8 @@ class ControlNets:
         with the masked part half transparent."""
         from .preprocessors import fit_to, inpaint_display
 
-        sizes = [(req.width, req.height)]
-        if hires_job:
-            (up_w, up_h), (cut_x, cut_y) = req.hires_size()
-            sizes.append(((up_w // 8 - cut_x) * 8, (up_h // 8 - cut_y) * 8))
         out = []
-        for w, h in sizes:
+        for w, h in pass_sizes(req, hires_job):
             fitted = inpaint_display(fit_to(prepared.detected, w, h, prepared.unit.resize_mode))
             out.append((Image.fromarray(fitted), (f"{SCRIPT_NAME} {prepared.index}: detected map "
                                                  f"({prepared.unit.module}, {w}x{h})")))
@@ -460,16 +452,22 @@ class ControlNets:
                               model.spec.is_sdxl, hires_job=hires_job)
 
 
+def pass_sizes(req, hires_job: bool) -> list[tuple[int, int]]:
+    """The pixel sizes (width, height) of a job's passes: the generation size, then Hires. fix's."""
+    sizes = [(req.width, req.height)]
+    if hires_job:
+        (up_w, up_h), (cut_x, cut_y) = req.hires_size()
+        sizes.append(((up_w // 8 - cut_x) * 8, (up_h // 8 - cut_y) * 8))
+    return sizes
+
+
 def _outpaint_canvas(source: np.ndarray, mask: np.ndarray | None, req) -> tuple[np.ndarray, np.ndarray]:
     """inpaint_only+lama with Resize and Fill (the extension's "outpaint fix"): the picture and its mask fitted
     into the job's final size first (the Hires. fix size when it has one), the new border masked, so that
     LaMa paints the border before the unit sees the map."""
     from .preprocessors import fit_to
 
-    width, height = req.width, req.height
-    if bool(getattr(req, "enable_hr", False)) and req.kind == "txt2img":
-        (up_w, up_h), (cut_x, cut_y) = req.hires_size()
-        width, height = (up_w // 8 - cut_x) * 8, (up_h // 8 - cut_y) * 8
+    width, height = pass_sizes(req, bool(getattr(req, "enable_hr", False)) and req.kind == "txt2img")[-1]
     width, height = width // 8 * 8, height // 8 * 8
     rgba = np.concatenate([source, (mask if mask is not None else np.zeros(source.shape[:2], np.uint8))[:, :, None]],
                           axis=2)
@@ -498,11 +496,7 @@ class InpaintOnlyHook(StepHook):
         self._latents: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def active(self, step) -> bool:  # every step (the extension's restore ignores guidance start / end)
-        if self.hires_job:
-            hires = step.pass_name == "hires"
-            if self.unit.hr_option == "Low res only" and hires or self.unit.hr_option == "High res only" and not hires:
-                return False
-        return True
+        return self.unit.in_pass(step.pass_name, self.hires_job)
 
     def _at(self, height: int, width: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0 (C, h, w), the latent mask (1, h, w)) at a latent size."""

@@ -323,11 +323,7 @@ class ReferenceHook(StepHook):
     def active(self, step) -> bool:
         if not self.start <= step.fraction <= self.end:
             return False
-        if self.hires_job:
-            hires = step.pass_name == "hires"
-            if self.unit.hr_option == "Low res only" and hires or self.unit.hr_option == "High res only" and not hires:
-                return False
-        return True
+        return self.unit.in_pass(step.pass_name, self.hires_job)
 
     def fidelity(self, hires: bool) -> float:
         return style_fidelity(self.unit.threshold_a, is_sdxl=self.is_sdxl, cfg_injection=self.unit.cfg_injection,

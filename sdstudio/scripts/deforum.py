@@ -336,9 +336,9 @@ class DeforumRun:
                                               "color": self._color_reference()}
         result = DeforumResult(self.outdir, self.timestring, [], settings_file=self.outdir /
                                spec.settings_filename(self.timestring))
-        made = 0
+        made, frames = 0, range(start, min(end, self.max_frames))
         try:
-            for frame in range(start, min(end, self.max_frames)):
+            for frame in frames:
                 if self.should_stop is not None and self.should_stop():
                     result.interrupted = True
                     break
@@ -359,7 +359,7 @@ class DeforumRun:
             for folder in self.outdir.glob(f"*inputframes{self._scratch}"):
                 shutil.rmtree(folder, ignore_errors=True)
             shutil.rmtree(self.outdir / f"hybridframes{self._scratch}", ignore_errors=True)
-        paths = (self.outdir / spec.frame_filename(self.timestring, f) for f in range(start, min(end, self.max_frames)))
+        paths = (self.outdir / spec.frame_filename(self.timestring, f) for f in frames)
         result.frames = [p for p in paths if p.is_file()]
         result.warnings = self.warnings
         return result
@@ -381,7 +381,7 @@ class DeforumRun:
             raise RequestError(f"frames {shown} of {self.timestring} are not in {self.outdir}: a run split across "
                                f"workers needs its output folder shared by them and this server")
         if self.s["r_upscale_video"]:
-            self._upscaler()
+            self._upscaler()  # a missing upscaler is said before the video is made
         result = DeforumResult(self.outdir, self.timestring, paths, settings_file=settings_file)
         self._finish(result)
         result.warnings = self.warnings

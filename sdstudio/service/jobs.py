@@ -308,16 +308,19 @@ def run_merge(spec: MergeJob, registry, progress=None) -> dict:
 _DEFORUM_OPTION_NAMES = {"deforum_ffmpeg_crf": "ffmpeg_crf", "deforum_ffmpeg_preset": "ffmpeg_preset"}
 
 
-def _deforum_outputs(result: dict, out, phase: str | None = None) -> None:
-    """A Deforum run's files and warnings in its job's result (``phase``: the extension's status to show)."""
+def _deforum_outputs(result: dict, out) -> None:
+    """A Deforum run's files and warnings in its job's result."""
     result.update({"frames": [str(p) for p in out.frames], "video": str(out.video) if out.video else None,
                    "gif": str(out.gif) if out.gif else None, "settings_file": str(out.settings_file),
                    "interrupted": out.interrupted})
     result["warnings"] = list(dict.fromkeys([*result.get("warnings", []), *out.warnings]))
-    if phase is not None:
-        now = time.time()
-        result["update_interval_time"] = now - result.get("last_updated", now)
-        result["last_updated"], result["updates"], result["phase"] = now, result.get("updates", 0) + 1, phase
+
+
+def _deforum_touch(result: dict, phase: str, started: float | None) -> None:
+    """The extension's status bookkeeping in a Deforum job's result: last_updated, updates, phase."""
+    now = time.time()
+    result["update_interval_time"] = now - result.get("last_updated", started or now)
+    result["last_updated"], result["updates"], result["phase"] = now, result.get("updates", 0) + 1, phase
 
 
 def _next_second(timestring: str) -> str:
@@ -998,8 +1001,8 @@ class JobService:
         run = DeforumRun(self.studio, spec.load_settings(spec_job.settings), self.engine.paths.outputs_dir,
                          outdir=spec_job.outdir, options=spec_job.options, model=spec_job.model,
                          timestring=result["timestring"])
-        out = run.finish(result.get("max_frames"))
-        _deforum_outputs(result, out, "DONE")
+        _deforum_outputs(result, run.finish(result.get("max_frames")))
+        _deforum_touch(result, "DONE", job.started)
         cancelled = queue.get(job.id).cancel_requested
         queue.finish(job.id, CANCELLED if cancelled else DONE, result, error="cancelled" if cancelled else None)
 
@@ -1029,10 +1032,8 @@ class JobService:
         result = dict(job.result) or {"frames": [], "warnings": list(spec_job.notes), "updates": 0}
         live.phase = "PREPARING"
 
-        def touch(phase: str) -> None:  # the extension's status bookkeeping (last_updated, updates)
-            now = time.time()
-            result["update_interval_time"] = now - result.get("last_updated", job.started or now)
-            result["last_updated"], result["updates"], result["phase"] = now, result.get("updates", 0) + 1, phase
+        def touch(phase: str) -> None:
+            _deforum_touch(result, phase, job.started)
 
         if not result.get("timestring"):
             result["timestring"] = self._deforum_timestring(settings, spec_job)

@@ -188,6 +188,10 @@ class ShardedRun:
     def job_for(self, shard: Shard) -> Job:
         return shard_job(self.job, shard)
 
+    def warnings(self) -> list[str]:
+        """The warnings of the job so far and of every shard, once each."""
+        return sorted({w for s in self.shards for w in s.result.get("warnings", [])} | set(self.base.get("warnings", [])))
+
     def images(self, prefix_only: bool) -> tuple[int, list[dict]]:
         """(batches done from the job's start, their images in order): the contiguous prefix, or all."""
         batches, images = self.job.batches_done, list(self.base.get("images", []))
@@ -203,8 +207,7 @@ class ShardedRun:
             batches, images = self.images(prefix_only=True)
             first = next((s.result for s in self.shards if s.result), {})
             result = {**self.base, "images": images,
-                      "warnings": sorted({w for s in self.shards for w in s.result.get("warnings", [])}
-                                         | set(self.base.get("warnings", []))),
+                      "warnings": self.warnings(),
                       "job_timestamp": self.base.get("job_timestamp") or first.get("job_timestamp", "")}
             self.queue.save_progress(self.job.id, batches, result)
 
@@ -277,8 +280,7 @@ class UnitRun(ShardedRun):
                 units.update(s.result.get("units", {}))
             first = next((s.result for s in self.shards if s.result.get("job_timestamp")), {})
             result = {**self.base, "units": units,
-                      "warnings": sorted({w for s in self.shards for w in s.result.get("warnings", [])}
-                                         | set(self.base.get("warnings", []))),
+                      "warnings": self.warnings(),
                       "job_timestamp": self.base.get("job_timestamp") or first.get("job_timestamp", "")}
             self.queue.save_progress(self.job.id, self.job.batches_done, result)
 
@@ -354,8 +356,7 @@ class FrameRun(UnitRun):
                     break
             counts = [s.result["max_frames"] for s in self.shards if s.result.get("max_frames") is not None]
             result = {**self.base, "frames_done": self.job.batches_done + sum(s.done - s.start for s in self.shards),
-                      "warnings": sorted({w for s in self.shards for w in s.result.get("warnings", [])}
-                                         | set(self.base.get("warnings", [])))}
+                      "warnings": self.warnings()}
             if counts:  # Video Input: the shards read the video's length; the fewest is right
                 result["max_frames"] = min(counts)
             outdir = next((s.result["outdir"] for s in self.shards if s.result.get("outdir")), None)
