@@ -408,6 +408,13 @@ def test_found_deforum_settings():
     loaded = deforum.load_settings({"max_frames": 2, "prompts": {"0": "x `" + "<<".join(["2"] + ["1024"] * 16) + "`"}})
     with pytest.raises(deforum.DeforumSettingsError, match="too large a number to write"):
         deforum.prompts_by_frame(loaded)
+    # JSON text holding a number over Python's 4,300-digit limit, or nested past the recursion limit, raised
+    # ValueError / RecursionError (the 10^6-example run, shards 00/07/08/12/14/17)
+    for key, source in (("settings", LONG), ("prompts", {"max_frames": 2, "prompts": LONG}),
+                        ("settings", "[" * 100_000), ("init_images", {"use_looper": True, "init_images": "[1]"})):
+        with pytest.raises(deforum.DeforumSettingsError, match=f"^{key}: "):
+            loaded = deforum.load_settings(source)
+            deforum.guided_images(loaded)
 
 
 def test_found_styles_files(tmp_path):

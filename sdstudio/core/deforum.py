@@ -325,13 +325,23 @@ def _backticks(text: str) -> list[tuple[int, str]]:
     return [(m.start(), m.group(1)) for m in re.finditer(r"`(.*?)`", text)]
 
 
+def _read_json(text: str, key: str) -> Any:
+    """``text`` read as JSON; what json cannot read (bad syntax, a number over Python's 4,300-digit limit,
+    nesting too deep) is a DeforumSettingsError naming ``key``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DeforumSettingsError(f"{key}: not valid JSON ({exc.msg} at line {exc.lineno}, column "
+                                   f"{exc.colno})") from None
+    except ValueError as exc:  # an integer of more digits than int() takes
+        raise DeforumSettingsError(f"{key}: not readable JSON ({exc})") from None
+    except RecursionError:
+        raise DeforumSettingsError(f"{key}: not readable JSON (nested too deeply)") from None
+
+
 def _check_prompts(key: str, value: Any, max_frames: int) -> dict[str, str]:
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise DeforumSettingsError(f"{key}: not valid JSON ({exc.msg} at line {exc.lineno}, column "
-                                       f"{exc.colno})") from None
+        value = _read_json(value, key)
     if not isinstance(value, Mapping):
         raise _bad(key, value, 'a JSON object of frame -> prompt, e.g. {"0": "a forest", "30": "a city"}')
     out: dict[str, str] = {}
@@ -480,11 +490,7 @@ def load_settings(source: str | bytes | Mapping[str, Any] | os.PathLike, *,
         except UnicodeDecodeError as exc:
             raise DeforumSettingsError(f"settings: not UTF-8 text (byte {exc.start})") from None
     if isinstance(source, str):
-        try:
-            data = json.loads(source.lstrip("\ufeff"))
-        except json.JSONDecodeError as exc:
-            raise DeforumSettingsError(f"settings: not valid JSON ({exc.msg} at line {exc.lineno}, column "
-                                       f"{exc.colno})") from None
+        data = _read_json(source.lstrip("\ufeff"), "settings")
     else:
         data = dict(source)
     if not isinstance(data, dict):
@@ -831,10 +837,9 @@ def guided_images(settings: DeforumSettings) -> dict[int, str]:
     """``init_images`` (guided images mode): frame -> local path; the same URL rule as :func:`local_path`."""
     if not settings.get("use_looper"):
         return {}
-    try:
-        data = json.loads(settings["init_images"])
-    except json.JSONDecodeError as exc:
-        raise DeforumSettingsError(f"init_images: not valid JSON ({exc.msg})") from None
+    data = _read_json(settings["init_images"], "init_images")
+    if not isinstance(data, dict):
+        raise DeforumSettingsError(f"init_images: expected a JSON object of frame -> image, got {type(data).__name__}")
     out = {}
     for k, v in data.items():
         frame = frame_of_key(str(k), settings["max_frames"], label="init_images")
