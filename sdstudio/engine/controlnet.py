@@ -106,10 +106,13 @@ class PreparedUnit:
 
     @property
     def kind(self) -> str:
-        """What runs the unit: "ip-adapter", "reference" or "controlnet" (ControlNets, T2I-Adapters)."""
+        """What runs the unit: "ip-adapter", "revision", "reference" or "controlnet" (ControlNets,
+        T2I-Adapters)."""
         name = self.preprocessor.name
         if name.startswith("ip-adapter"):
             return "ip-adapter"
+        if name.startswith("revision"):
+            return "revision"
         if name.startswith("reference"):
             return "reference"
         return "controlnet"
@@ -394,6 +397,7 @@ class ControlNets:
         hires_job = bool(getattr(req, "enable_hr", False)) and req.kind == "txt2img"
         base_unet = (lambda: base()[0].unet) if base is not None else None
         out = []
+        revision = []
         dtype = None  # the job's UNet's (a narrow UNet stays float32 where others run in bfloat16)
         for i, unit in enumerate(units):
             if not unit.enabled:
@@ -401,6 +405,9 @@ class ControlNets:
             if dtype is None:
                 dtype = base()[0].dtype if base is not None else self.dtype
             prepared = self.prepare(i, unit, req, base_unet, dtype)
+            if prepared.kind == "revision":  # one hook for all, before the others (no map: the extension has none)
+                revision.append(prepared)
+                continue
             if prepared.kind == "ip-adapter":  # no map to show: the extension appends none
                 from .ip_adapter import ip_adapter_hook
 
@@ -417,7 +424,18 @@ class ControlNets:
                 out.append(ControlHook(prepared, self.device, dtype, hires_job))
                 if prepared.preprocessor.name.startswith("inpaint_only") and prepared.detected.shape[2] == 4:
                     out.append(self._inpaint_only_hook(prepared, base, hires_job))
+        if revision:
+            out.insert(0, self._revision_hook(revision, req, base))
         return out
+
+    def _revision_hook(self, prepared: list[PreparedUnit], req, base):
+        from .revision import revision_hook
+
+        if base is not None and not base()[0].spec.is_sdxl:
+            raise ControlNetError(f"{SCRIPT_NAME} unit {prepared[0].index}: {prepared[0].unit.module} works on SDXL "
+                                  f"checkpoints only; this one is {base()[0].spec.describe()}")
+        empty = req.prompt == "" and req.negative_prompt == ""
+        return revision_hook(prepared, self.registry.paths.models_dir / "clip_vision", self.device, req.seed, empty)
 
     def _vae_encoder(self, base):
         """``encode(rgb)``: an H×W×3 uint8 picture's latent (1, C, h, w) by the job's VAE."""
@@ -450,6 +468,16 @@ class ControlNets:
         model, _ = base()
         return reference_hook(prepared, self._vae_encoder(base), DiscreteSchedule(), self.device, model.dtype,
                               model.spec.is_sdxl, hires_job=hires_job)
+
+
+def units_used(hooks) -> dict:
+    """Unit index -> the unit as it ran (model titles, resolved sliders), for the infotext: every hook of
+    :meth:`ControlNets.hooks` carries its ``prepared`` unit, the one ReVision hook all of its ``prepared_units``."""
+    out = {}
+    for hook in hooks:
+        for prepared in getattr(hook, "prepared_units", None) or [hook.prepared]:
+            out[prepared.index] = prepared.unit
+    return out
 
 
 def pass_sizes(req, hires_job: bool) -> list[tuple[int, int]]:

@@ -168,6 +168,7 @@ class CFGDenoiser:
         x, t = x.to(plan.dtype), t.to(plan.device)
         if plan.hooks:
             extra.update(plan.unet_inputs(UNetCall(x, t, hidden, owners, uncond, step, extra.get("added_cond_kwargs"))))
+            hidden = extra.pop("encoder_hidden_states", hidden)
         if self.deepcache is not None:
             self._slot += 1
             return self.deepcache(plan.unet, self.step, self._slot, x, t, hidden, **extra).sample.float()

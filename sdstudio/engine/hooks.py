@@ -5,7 +5,9 @@ engine :class:`StepHook` objects. The denoiser calls them at four places, in the
 given:
 
 - ``unet_inputs(call)``: extra keyword inputs for the UNet call (ControlNet's residuals); residuals of
-  several hooks are summed, any other key may be given by one hook only;
+  several hooks are summed, any other key may be given by one hook only. ``encoder_hidden_states`` and
+  ``added_cond_kwargs`` replace the call's own (ReVision's image as the pooled prompt): hooks after that one
+  see the replaced values in their ``call``, as the UNet does;
 - ``combine(guidance)``: replaces classifier-free guidance for one image (the first hook returning a
   tensor wins; ``None`` leaves it to the next one, then to plain CFG);
 - ``after_cfg(guidance, denoised)``: adjusts the guided prediction (CFG rescale), each hook in turn;
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -146,6 +148,8 @@ class StepHook:
 _METHODS = ("unet_inputs", "combine", "after_cfg", "after_step", "initial_noise")
 _SUMMED = ("down_block_additional_residuals", "mid_block_additional_residual",
            "down_intrablock_additional_residuals")
+# inputs the denoiser gives itself that a hook may replace (later hooks' calls carry the replacement)
+_REPLACED = ("encoder_hidden_states", "added_cond_kwargs")
 
 
 def _overrides(hook: StepHook, name: str) -> bool:
@@ -218,6 +222,9 @@ class SamplingPlan:
                 else:
                     raise HookError(hook.owner or type(hook).__name__,
                                     ValueError(f"UNet input {key!r} is already given by another hook"))
+            replaced = {k: extra[k] for k in _REPLACED if k in extra}
+            if replaced:
+                call = replace(call, **replaced)
         return merged
 
     def combine(self, guidance: Guidance) -> torch.Tensor:

@@ -308,7 +308,7 @@ _FEATURES_LOCK = threading.Lock()
 FEATURE_CACHE_SIZE = 8
 
 
-def _features(encoder, encoder_key: tuple, pixels: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+def encoder_features(encoder, encoder_key: tuple, pixels: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
     """The encoder's features of ``pixels``, remembered by content (a grid or a batch count re-uses them);
     ``encoder_key`` names the encoder's file (empty: not remembered)."""
     key = (encoder_key, hashlib.blake2b(pixels.numpy().tobytes(), digest_size=16).hexdigest())
@@ -339,7 +339,7 @@ def image_prompt(model: IPAdapterModel, encoder, image: np.ndarray, device: torc
     spec = model.spec
     device = device or torch.device("cpu")
     pixels = clip_pixels(image)
-    feature = _features(encoder, encoder_key, pixels, device)[spec.feature]
+    feature = encoder_features(encoder, encoder_key, pixels, device)[spec.feature]
     if feature.shape[-1] != spec.clip_dim:
         what = "image embedding" if spec.feature == "image_embeds" else "hidden states"
         raise ControlNetError(f"{where}: the IP-Adapter {model.name} takes a {spec.clip_dim}-wide CLIP {what}; this "
@@ -348,7 +348,7 @@ def image_prompt(model: IPAdapterModel, encoder, image: np.ndarray, device: torc
     if spec.feature == "image_embeds":
         blank = torch.zeros_like(feature)
     else:
-        blank = _features(encoder, encoder_key, torch.zeros_like(pixels), device)["penultimate"]
+        blank = encoder_features(encoder, encoder_key, torch.zeros_like(pixels), device)["penultimate"]
     return ImagePrompt(model.project(feature).cpu(), model.project(blank).cpu())
 
 

@@ -404,6 +404,7 @@ RESOLUTION = Slider("Resolution", 512, 64, 2048, 8)
 _STYLE_FIDELITY = Slider("Style Fidelity (only for Balanced mode)", 0.5, 0.0, 1.0, 0.01)
 _GAMMA = Slider("Gamma Correction", 1.0, 0.1, 2.0, 0.001)
 _VARIATION = Slider("Variation", 8.0, 3.0, 32.0, 1.0)
+_NOISE_AUGMENTATION = Slider("Noise Augmentation", 0.0, 0.0, 1.0, 0.01)
 
 WEIGHT_FREE: tuple[Preprocessor, ...] = (
     Preprocessor("none", None, RESOLUTION, control_types=("InstructP2P",)),
@@ -436,12 +437,16 @@ WEIGHT_FREE: tuple[Preprocessor, ...] = (
                  control_types=("Tile",)),
 )
 
-# IP-Adapter modules: nothing to run on the image (the unit's hook runs the CLIP vision encoder)
+# IP-Adapter and ReVision modules: nothing to run on the image (the unit's hook runs the CLIP vision encoder)
 IMAGE_PROMPT: tuple[Preprocessor, ...] = (
     Preprocessor("ip-adapter-auto", None, control_types=("IP-Adapter",)),
     Preprocessor("ip-adapter_clip_sd15", None, control_types=("IP-Adapter",), aliases=("ip-adapter_clip_h",)),
     Preprocessor("ip-adapter_clip_sdxl", None, control_types=("IP-Adapter",), aliases=("ip-adapter_clip_g",)),
     Preprocessor("ip-adapter_clip_sdxl_plus_vith", None, control_types=("IP-Adapter",)),
+    # ReVision (SDXL): the CLIP image embedding as the pooled prompt (engine.revision); no model file
+    Preprocessor("revision_clipvision", None, None, _NOISE_AUGMENTATION, model_free=True, control_types=("Revision",)),
+    Preprocessor("revision_ignore_prompt", None, None, _NOISE_AUGMENTATION, model_free=True,
+                 control_types=("Revision",)),
 )
 
 # Every module of the extension: its UI label and sorting priority (higher first). The list order

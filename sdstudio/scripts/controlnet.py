@@ -44,6 +44,8 @@ def _read_infotext(params: dict) -> tuple[dict | None, set]:
 
 
 def _hooks(args: Args, req, ctx):
+    from ..engine.controlnet import units_used
+
     listed = units(args)
     if not any(u.enabled for u in listed):
         return []
@@ -54,7 +56,7 @@ def _hooks(args: Args, req, ctx):
         return model, engine.vae_module(file, model, req.vae)[0]
 
     hooks = engine.controlnets.hooks(listed, req, ctx.extra_images, base=base)
-    used = {hook.prepared.index: hook.prepared.unit for hook in hooks}
+    used = units_used(hooks)
     ctx.resolved[NAME] = Args(args, units=[used.get(i, u).to_dict() for i, u in enumerate(listed)])
     return hooks
 

@@ -27,10 +27,12 @@ TINY_CLIP = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 
 
 
 # ---- CLIP vision ---------------------------------------------------------------------------------------------
-def tiny_clip_vision(seed: int = 0) -> CLIPVisionModelWithProjection:
-    """A random tiny encoder whose LayerNorms are not the fresh 1/0 (trained ones are not)."""
+def tiny_clip_vision(seed: int = 0, projection_dim: int | None = None) -> CLIPVisionModelWithProjection:
+    """A random tiny encoder whose LayerNorms are not the fresh 1/0 (trained ones are not); ``projection_dim``:
+    the width of its ``image_embeds`` (default 48; a tiny SDXL's pooled prompt is 128 wide, for ReVision)."""
     torch.manual_seed(seed)
-    model = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP)).eval()
+    config = {**TINY_CLIP, **({"projection_dim": projection_dim} if projection_dim else {})}
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(**config)).eval()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.LayerNorm):
@@ -63,12 +65,14 @@ def hf_to_openclip_visual(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def write_clip_vision(path: str | Path, layout: str = "hf", seed: int = 0, with_text: bool = False) -> Path:
+def write_clip_vision(path: str | Path, layout: str = "hf", seed: int = 0, with_text: bool = False,
+                      projection_dim: int | None = None) -> Path:
     """A tiny encoder at ``path`` in ``layout`` ``"hf"`` or ``"openclip"``; ``with_text`` adds a few text-side
     tensors, as a whole CLIP model's file has (the loader skips them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().clone().contiguous() for k, v in tiny_clip_vision(seed).state_dict().items()}
+    model = tiny_clip_vision(seed, projection_dim)
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(seed + 1)
     if layout == "openclip":
         state = hf_to_openclip_visual(state)
