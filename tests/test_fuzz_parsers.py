@@ -415,6 +415,13 @@ def test_found_deforum_settings():
         with pytest.raises(deforum.DeforumSettingsError, match=f"^{key}: "):
             loaded = deforum.load_settings(source)
             deforum.guided_images(loaded)
+    # a 400-digit whole number raised OverflowError from math.isfinite (shard 07); where a number may be
+    # fractional it is refused, where it must be whole it is read
+    with pytest.raises(deforum.DeforumSettingsError, match="^strength: expected a finite number, got a 1329-bit"):
+        deforum.load_settings(json.dumps({"max_frames": 2, "strength": int(HUGE)}))
+    assert deforum.load_settings(f'{{"max_frames": 2, "seed": {HUGE}}}')["seed"] == int(HUGE)
+    with pytest.raises(deforum.DeforumSettingsError, match="^max_frames: at most 1,000,000 frames, got a 1329-bit"):
+        deforum.load_settings(f'{{"max_frames": {HUGE}}}')
 
 
 def test_found_styles_files(tmp_path):

@@ -277,8 +277,16 @@ def _choices_for(key: str) -> tuple[str, ...] | None:
 
 # ---- typing one value -------------------------------------------------------------------------------
 
+def _shown(value: Any) -> str:
+    """``value`` for a message, at most 80 characters (an int past Python's 4,300-digit limit has no repr)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** 80:
+        return f"a {value.bit_length()}-bit number"
+    text = repr(value)
+    return text if len(text) < 80 else text[:77] + "..."
+
+
 def _bad(key: str, value: Any, wanted: str) -> DeforumSettingsError:
-    shown = repr(value) if len(repr(value)) < 80 else repr(value)[:77] + "..."
+    shown = _shown(value)
     return DeforumSettingsError(f"{key}: expected {wanted}, got {shown}")
 
 
@@ -304,13 +312,16 @@ def _as_number(key: str, value: Any, whole: bool) -> int | float:
             raise _bad(key, given, wanted) from None
     if not isinstance(value, (int, float)):
         raise _bad(key, given, wanted)
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         raise _bad(key, given, "a finite number")
     if whole:
         if isinstance(value, float) and not value.is_integer():
             raise _bad(key, given, wanted)
         return int(value)
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int past float's range
+        raise _bad(key, given, "a finite number") from None
 
 
 def _as_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -522,6 +533,8 @@ def load_settings(source: str | bytes | Mapping[str, Any] | os.PathLike, *,
                      "before noise); set it to false for the newer colour coherence")
 
     max_frames = _typed("max_frames", given.get("max_frames", DEFORUM_DEFAULTS["max_frames"]), 120, 1, notes)
+    if max_frames > MAX_FRAMES:  # the extension has no limit; per-frame lists of more would not fit in memory
+        raise DeforumSettingsError(f"max_frames: at most {MAX_FRAMES:,} frames, got {_shown(max_frames)}")
     values: dict[str, Any] = {}
     unknown: dict[str, Any] = {}
     for key, default in DEFORUM_DEFAULTS.items():
@@ -761,6 +774,7 @@ def format_batch_name(settings: DeforumSettings, timestring: str, seed: int) -> 
     return "_" if name in ("", ".", "..") else name  # a folder's name: never its parent or itself
 
 
+MAX_FRAMES = 1_000_000  # 9 hours at 30 frames a second
 MAX_FRAMES_AT_ALL = 1 << 31  # an open end for a range of frames (a run's own count ends it)
 
 
