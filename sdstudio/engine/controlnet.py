@@ -106,8 +106,8 @@ class PreparedUnit:
 
     @property
     def kind(self) -> str:
-        """What runs the unit: "ip-adapter", "revision", "reference" or "controlnet" (ControlNets,
-        T2I-Adapters)."""
+        """What runs the unit: "ip-adapter", "revision", "reference", "t2i_style" (a style adapter's tokens) or
+        "controlnet" (ControlNets, T2I-Adapters)."""
         name = self.preprocessor.name
         if name.startswith("ip-adapter"):
             return "ip-adapter"
@@ -115,6 +115,8 @@ class PreparedUnit:
             return "revision"
         if name.startswith("reference"):
             return "reference"
+        if self.model is not None and self.model.spec.kind == "t2i_style":
+            return "t2i_style"
         return "controlnet"
 
 
@@ -396,7 +398,7 @@ class ControlNets:
         reference units encode their image with the VAE."""
         hires_job = bool(getattr(req, "enable_hr", False)) and req.kind == "txt2img"
         base_unet = (lambda: base()[0].unet) if base is not None else None
-        out = []
+        out, styles = [], []
         revision = []
         dtype = None  # the job's UNet's (a narrow UNet stays float32 where others run in bfloat16)
         for i, unit in enumerate(units):
@@ -416,6 +418,14 @@ class ControlNets:
                 hook.prepared = prepared  # the unit as used (its model's title) for the infotext
                 out.append(hook)
                 continue
+            _check_style_pairing(prepared)
+            if prepared.kind == "t2i_style":  # tokens, no map (the extension shows none)
+                from .t2i_style import style_hook
+
+                styles.append(style_hook(prepared, self.registry.paths.models_dir / "clip_vision", self.device,
+                                         hires_job))
+                styles[-1].prepared = prepared
+                continue
             if extra_images is not None and unit.save_detected_map:
                 extra_images += self.detected_maps(prepared, req, hires_job)
             if prepared.kind == "reference":
@@ -424,9 +434,8 @@ class ControlNets:
                 out.append(ControlHook(prepared, self.device, dtype, hires_job))
                 if prepared.preprocessor.name.startswith("inpaint_only") and prepared.detected.shape[2] == 4:
                     out.append(self._inpaint_only_hook(prepared, base, hires_job))
-        if revision:
-            out.insert(0, self._revision_hook(revision, req, base))
-        return out
+        # the hooks that replace the UNet's own inputs first, as the extension changes them before its ControlNets
+        return ([self._revision_hook(revision, req, base)] if revision else []) + styles + out
 
     def _revision_hook(self, prepared: list[PreparedUnit], req, base):
         from .revision import revision_hook
@@ -468,6 +477,20 @@ class ControlNets:
         model, _ = base()
         return reference_hook(prepared, self._vae_encoder(base), DiscreteSchedule(), self.device, model.dtype,
                               model.spec.is_sdxl, hires_job=hires_job)
+
+
+def _check_style_pairing(prepared: PreparedUnit) -> None:
+    """clip_vision gives a style adapter's input and nothing else takes it: a mismatch names both."""
+    from .t2i_style import MODULE
+
+    style_model = prepared.kind == "t2i_style"
+    if style_model != (prepared.preprocessor.name == MODULE):
+        where = f"{SCRIPT_NAME} unit {prepared.index}"
+        if style_model:
+            raise ControlNetError(f"{where}: {prepared.unit.model} is a T2I style adapter; it takes the "
+                                  f"t2ia_style_clipvision preprocessor (clip_vision), not {prepared.unit.module}")
+        raise ControlNetError(f"{where}: t2ia_style_clipvision (clip_vision) makes CLIP tokens for a T2I style adapter "
+                              f"(t2iadapter_style_sd14v1); {prepared.unit.model} is a {prepared.model.spec.describe()}")
 
 
 def units_used(hooks) -> dict:

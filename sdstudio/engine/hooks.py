@@ -6,8 +6,9 @@ given:
 
 - ``unet_inputs(call)``: extra keyword inputs for the UNet call (ControlNet's residuals); residuals of
   several hooks are summed, any other key may be given by one hook only. ``encoder_hidden_states`` and
-  ``added_cond_kwargs`` replace the call's own (ReVision's image as the pooled prompt): hooks after that one
-  see the replaced values in their ``call``, as the UNet does;
+  ``added_cond_kwargs`` replace the call's own (ReVision's image as the pooled prompt, the T2I style
+  adapter's tokens appended to the context): hooks after that one see the replaced values in their
+  ``call``, as the UNet does, and may replace them again;
 - ``combine(guidance)``: replaces classifier-free guidance for one image (the first hook returning a
   tensor wins; ``None`` leaves it to the next one, then to plain CFG);
 - ``after_cfg(guidance, denoised)``: adjusts the guided prediction (CFG rescale), each hook in turn;
@@ -213,7 +214,7 @@ class SamplingPlan:
             with calling(hook):
                 extra = hook.unet_inputs(call) or {}
             for key, value in extra.items():
-                if key not in merged:
+                if key not in merged or key in _REPLACED:  # a replacement saw the earlier one in its call
                     merged[key] = value
                 elif key in ("down_block_additional_residuals", "down_intrablock_additional_residuals"):
                     merged[key] = [a + b for a, b in zip(merged[key], value)]

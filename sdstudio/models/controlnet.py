@@ -38,11 +38,12 @@ from diffusers import ControlNetModel, T2IAdapter
 from .convert import component_to_ldm, unet_hf_to_ldm, unet_ldm_to_hf
 from .errors import ModelFileError
 from .safe_load import open_state_dict, usable_weight
+from .t2i_style import StyleAdapter, style_config
 
 CONTROL_PREFIX = "control_model."
 Shapes = Mapping[str, tuple[int, ...]]
 
-KINDS = ("controlnet", "t2i_adapter", "control_lora")
+KINDS = ("controlnet", "t2i_adapter", "control_lora", "t2i_style")
 BASES = ("sd1", "sd2", "sdxl")
 
 # Weight files a diffusers folder may hold, in the order diffusers itself prefers them.
@@ -68,6 +69,7 @@ TOLERATED: dict[str, dict[str, tuple[str, ...]]] = {
         "ignored": (r"(^|\.)num_batches_tracked$",),
         "optional": (),
     },
+    "t2i_style": {"ignored": (), "optional": ()},
 }
 
 # config.json values a diffusers folder may set that shapes cannot tell.
@@ -84,7 +86,7 @@ class ControlSpec:
     """What a control file holds. ``config`` is the keyword arguments of the diffusers module
     (``ControlNetModel`` or ``T2IAdapter``); ``prefix`` is where its keys live in the file."""
 
-    kind: str  # "controlnet" | "t2i_adapter" | "control_lora"
+    kind: str  # "controlnet" | "t2i_adapter" | "control_lora" | "t2i_style" (CLIP tokens, models.t2i_style)
     base: str  # "sd1" | "sd2" | "sdxl"
     layout: str  # "ldm" | "diffusers" (ControlNet); "tencentarc" | "tencentarc_light" | "diffusers" (T2I)
     config: dict
@@ -98,7 +100,8 @@ class ControlSpec:
 
     def describe(self) -> str:
         base = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}[self.base]
-        kind = {"controlnet": "ControlNet", "t2i_adapter": "T2I-Adapter", "control_lora": "Control-LoRA"}[self.kind]
+        kind = {"controlnet": "ControlNet", "t2i_adapter": "T2I-Adapter", "control_lora": "Control-LoRA",
+                "t2i_style": "T2I style adapter"}[self.kind]
         return f"{base} {kind}" + (" (difference)" if self.difference else "")
 
 
@@ -423,9 +426,11 @@ def _detect(shapes: Shapes) -> ControlSpec:
         return _t2i_spec(rel, "tencentarc")
     if "body.0.in_conv.weight" in rel and "body.0.out_conv.weight" in rel:
         return _t2i_spec(rel, "tencentarc_light")
-    keys = list(shapes)
     if "style_embedding" in rel:
-        raise ModelFileError("T2I style adapters (CLIP-vision tokens) are not supported")
+        config = style_config(rel)
+        return ControlSpec("t2i_style", _CONTEXT_WIDTH.get(config["context_dim"], "sd1"), "tencentarc_style", config,
+                           prefix)
+    keys = list(shapes)
     if any(k.startswith(("ip_adapter.", "image_proj.")) for k in keys):
         raise ModelFileError("this is an IP-Adapter, not a ControlNet; choose it with an ip-adapter preprocessor")
     if any("lllite" in k for k in keys):
@@ -456,8 +461,12 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(re.search(p, name) for p in patterns)
 
 
+def _module_class(spec: ControlSpec) -> type:
+    return {"t2i_adapter": T2IAdapter, "t2i_style": StyleAdapter}.get(spec.kind, ControlNetModel)
+
+
 def _build_module(spec: ControlSpec) -> torch.nn.Module:
-    cls = T2IAdapter if spec.kind == "t2i_adapter" else ControlNetModel
+    cls = _module_class(spec)
     try:
         with init_empty_weights(include_buffers=False):
             return cls(**spec.config)
@@ -479,7 +488,7 @@ def _convert(spec: ControlSpec, rel: Mapping[str, torch.Tensor]) -> tuple[dict[s
 
             def rule(n: str) -> str | None:
                 return t2i_key_tencentarc_to_hf(n, per, light)
-    elif spec.layout == "diffusers":
+    elif spec.layout in ("diffusers", "tencentarc_style"):  # the module has the file's names
         def rule(n: str) -> str | None:
             return n
     else:
@@ -506,7 +515,7 @@ def _file_name_of(spec: ControlSpec, hf: str, names: dict[str, str], lpb: int, h
     """A module key in the file's own naming, for messages about tensors the file lacks."""
     if hf in names:
         return spec.prefix + names[hf]
-    if spec.layout == "diffusers":
+    if spec.layout in ("diffusers", "tencentarc_style"):
         return spec.prefix + hf
     if spec.kind == "t2i_adapter":
         return t2i_key_hf_to_tencentarc(hf, spec.config["num_res_blocks"], spec.layout == "tencentarc_light") or hf
@@ -638,7 +647,7 @@ def load_control_model(path: str | Path, dtype: torch.dtype = torch.float32, *, 
     config = dict(spec.config)
     if folder_cfg:
         config.update({k: folder_cfg[k] for k in _FOLDER_CONFIG_KEYS if k in folder_cfg and k in _accepted(spec)})
-    if spec.kind != "t2i_adapter":
+    if spec.kind in ("controlnet", "control_lora"):
         if global_pool is None:
             global_pool = bool(folder_cfg.get("global_pool_conditions")) if folder_cfg else "shuffle" in path.stem.lower()
         config["global_pool_conditions"] = bool(global_pool)
@@ -671,8 +680,7 @@ def load_control_model(path: str | Path, dtype: torch.dtype = torch.float32, *, 
 
 
 def _accepted(spec: ControlSpec) -> set[str]:
-    cls = T2IAdapter if spec.kind == "t2i_adapter" else ControlNetModel
-    return set(inspect.signature(cls.__init__).parameters)
+    return set(inspect.signature(_module_class(spec).__init__).parameters)
 
 
 class ControlModelCache:

@@ -504,11 +504,13 @@ def clip_pixels(image: np.ndarray) -> torch.Tensor:
 
 @torch.no_grad()
 def clip_features(encoder: CLIPVisionModelWithProjection, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Both features an IP-Adapter may read: ``image_embeds`` (B×P) and ``penultimate`` (the hidden states
-    of the last layer but one, B×N×D, before the final LayerNorm), on the CPU in float32."""
+    """The features an adapter may read: ``image_embeds`` (B×P), ``penultimate`` (the hidden states of the
+    last layer but one, B×N×D, IP-Adapter plus) and ``last_hidden_state`` (the last layer's, B×N×D, before
+    the pooled output's LayerNorm: the T2I style adapter), on the CPU in float32."""
     param = next(encoder.parameters())
     out = encoder(pixel_values=pixels.to(param.device, param.dtype), output_hidden_states=True)
-    return {"image_embeds": out.image_embeds.float().cpu(), "penultimate": out.hidden_states[-2].float().cpu()}
+    return {"image_embeds": out.image_embeds.float().cpu(), "penultimate": out.hidden_states[-2].float().cpu(),
+            "last_hidden_state": out.last_hidden_state.float().cpu()}
 
 
 # ==== a small cache ======================================================================================

@@ -182,3 +182,36 @@ def write_t2i_adapter(path: str | Path, family: str = "sd1", size: str = "tiny",
         state = t2i_adapter_hf_to_tencentarc(state)
     _save(state, path)
     return adapter
+
+
+def t2i_style_state(width: int = 128, context_dim: int = 64, layers: int = 2, tokens: int = 4, *,
+                    seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random T2I style adapter's tensors under the published file's names and shapes, written name by name
+    (not through :class:`sdstudio.models.t2i_style.StyleAdapter`, so loading one tests that module's names).
+    The defaults fit the tiny SD 1.x checkpoint (64-wide context) and the tiny CLIP encoder (128 wide)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 0.05, mean: float = 0.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale + mean
+
+    w = width
+    state = {"style_embedding": rand(1, tokens, w, scale=w ** -0.5), "proj": rand(w, context_dim, scale=w ** -0.5)}
+    for norm in ("ln_pre", "ln_post"):
+        state |= {f"{norm}.weight": rand(w, scale=0.1, mean=1.0), f"{norm}.bias": rand(w, scale=0.1)}
+    for i in range(layers):
+        p = f"transformer_layes.{i}."
+        state |= {f"{p}attn.in_proj_weight": rand(3 * w, w), f"{p}attn.in_proj_bias": rand(3 * w),
+                  f"{p}attn.out_proj.weight": rand(w, w), f"{p}attn.out_proj.bias": rand(w),
+                  f"{p}mlp.c_fc.weight": rand(4 * w, w), f"{p}mlp.c_fc.bias": rand(4 * w),
+                  f"{p}mlp.c_proj.weight": rand(w, 4 * w), f"{p}mlp.c_proj.bias": rand(w)}
+        for norm in ("ln_1", "ln_2"):
+            state |= {f"{p}{norm}.weight": rand(w, scale=0.1, mean=1.0), f"{p}{norm}.bias": rand(w, scale=0.1)}
+    return state
+
+
+def write_t2i_style(path: str | Path, **kwargs) -> Path:
+    """:func:`t2i_style_state` saved at ``path`` (.pth as published, or .safetensors)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(t2i_style_state(**kwargs), path)
+    return path
