@@ -379,6 +379,7 @@ EXPECTED = {  # module name: (UI label, control types) as the extension declares
     "softedge_teed": ("softedge_teed", ("SoftEdge",)),  # test_annotators_teed
     "softedge_anyline": ("softedge_anyline", ("SoftEdge",)),
     "inpaint_only+lama": ("inpaint_only+lama", ("Inpaint",)),  # test_annotators_lama
+    "depth_leres++": ("depth_leres++", ("Depth",)),  # test_annotators_leres_boost
 }
 
 

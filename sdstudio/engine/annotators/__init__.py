@@ -15,7 +15,8 @@ Modules (file, subfolder): hed / hed_safe / scribble_hed (ControlNetHED.pth, hed
 pidinet_scribble / pidinet_sketch (table5_pidinet.pth, pidinet); lineart, lineart_coarse (sk_model.pth,
 sk_model2.pth, lineart); lineart_anime (netG.pth, lineart_anime); openpose, openpose_hand, openpose_face,
 openpose_faceonly, openpose_full (body_pose_model.pth, hand_pose_model.pth, facenet.pth, openpose); mlsd
-(mlsd_large_512_fp32.pth, mlsd); depth_leres (res101.pth, leres); depth_anything (depth_anything_vitl14.pth,
+(mlsd_large_512_fp32.pth, mlsd); depth_leres (res101.pth, leres); depth_leres++ (res101.pth and the boosting's
+merge network latest_net_G.pth, leres); depth_anything (depth_anything_vitl14.pth,
 depth_anything); normal_bae (scannet.pt, normal_bae); depth (depth_midas) and normal_map (normal_midas)
 (dpt_hybrid-midas-501f0c75.pt, midas); depth_anything_v2 (depth_anything_v2_vitl.safetensors or .pth,
 depth_anything_v2); depth_zoe (ZoeD_M12_N.pt, zoedepth); dw_openpose_full (yolox_l.onnx and
@@ -42,6 +43,7 @@ from . import (
     hed,
     lama,
     leres,
+    leres_boost,
     lineart,
     midas,
     mlsd,
@@ -67,7 +69,7 @@ FILES: tuple[AnnotatorFile, ...] = (hed.FILE, pidinet.FILE, lineart.REALISTIC, l
                                     openpose.BODY, openpose.HAND, openpose.FACE, mlsd.FILE, leres.FILE,
                                     depth_anything.FILE, depth_anything.FILE_V2, normalbae.FILE,
                                     midas.FILE, zoe.FILE, dwpose.DETECTOR, dwpose.POSE, anime_face.FILE,
-                                    teed.FILE, teed.MTEED_FILE, lama.FILE)
+                                    teed.FILE, teed.MTEED_FILE, lama.FILE, leres_boost.FILE)
 
 Run = Callable[..., np.ndarray]
 
@@ -177,6 +179,20 @@ def _leres(folder: Path, label: str) -> Run:
     return _at_resolution(label, step)
 
 
+def _leres_boosted(folder: Path, label: str) -> Run:
+    def step(img: np.ndarray, a: float, b: float) -> np.ndarray:
+        net = leres.load(leres.FILE.locate(folder, label))
+        merge_net = leres_boost.load(leres_boost.FILE.locate(folder, label))
+
+        def estimate(rgb: np.ndarray, size: int) -> np.ndarray:  # the extension's estimateleres at size²
+            depth = leres.predict(net, cv2.resize(rgb, (size, size)))
+            return cv2.resize(depth, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_CUBIC)
+
+        return leres.depth_map(leres_boost.boost(img, estimate, merge_net), a, b)
+
+    return _at_resolution(label, step)
+
+
 def _depth_anything(folder: Path, label: str, version: int = 1) -> Run:
     file = depth_anything.FILE if version == 1 else depth_anything.FILE_V2
 
@@ -271,6 +287,8 @@ def preprocessors(annotators_dir: Path | None) -> list[Preprocessor]:
     add("dw_openpose_full", "dw_openpose_full", _dwpose(folder, "dw_openpose_full"), ("OpenPose",))
     add("mlsd", "mlsd", _mlsd(folder, "mlsd"), ("MLSD",), MLSD_VALUE, MLSD_DISTANCE)
     add("depth_leres", "depth_leres", _leres(folder, "depth_leres"), ("Depth",), REMOVE_NEAR, REMOVE_BACKGROUND)
+    add("depth_leres++", "depth_leres++", _leres_boosted(folder, "depth_leres++"), ("Depth",), REMOVE_NEAR,
+        REMOVE_BACKGROUND)
     add("depth", "depth_midas", _midas(folder, "depth_midas"), ("Depth",))
     add("normal_map", "normal_midas", _midas(folder, "normal_midas", normal=True), ("NormalMap",), NORMAL_BACKGROUND)
     add("depth_zoe", "depth_zoe", _zoe(folder, "depth_zoe"), ("Depth",))
