@@ -257,14 +257,16 @@ def test_sliders_follow_the_preprocessor_and_the_filter_narrows_the_lists(ui):
     assert (res.visible, a.visible, b.visible) == (False, False, False)  # no sliders at all
     *_, model = acc.module_picked("reference_only", False)
     assert model.visible is False  # a model-free preprocessor hides the model
-    module, model, _res, low, _high = acc.type_picked("Canny", False)
+    module, model, _res, low, _high, union = acc.type_picked("Canny", False)
+    assert union == "Hard Edge"  # the union control type the filter stands for, as the extension sets it
     names = [c[1] for c in module.choices]
     assert names[0] == "none" and "canny" in names and "invert" in names and "reference_only" not in names
     assert module.value == "canny" and low.label == "Low Threshold"
     assert model.choices[0][0] == "None" and [c[0] for c in model.choices[1:]] == \
         [t for t in acc.model_titles() if "canny" in t]
     assert model.value.startswith(CANNY_FILE)  # the type's default model
-    module, model, *_ = acc.type_picked("All", False)
+    module, model, *_, union = acc.type_picked("All", False)
+    assert union == "Unknown"
     assert len(module.choices) == len(acc.preprocessors.sorted()) and len(model.choices) == 3
 
 

@@ -54,6 +54,29 @@ class Slider:
         return {"name": self.name, "value": self.value, "min": self.minimum, "max": self.maximum, "step": self.step}
 
 
+# ControlNet++ union models' control types, in the extension's order (their indices are the model's), and
+# the extension's filter tags that select them
+UNION_TYPES = ("OpenPose", "Depth", "Soft Edge", "Hard Edge", "Normal Map", "Segmentation", "Tile", "Inpaint")
+UNION_UNKNOWN = "Unknown"
+_UNION_TAGS = {"openpose": "OpenPose", "depth": "Depth", "scribble": "Soft Edge", "softedge": "Soft Edge",
+               "canny": "Hard Edge", "lineart": "Hard Edge", "mlsd": "Hard Edge", "normalmap": "Normal Map",
+               "segmentation": "Segmentation", "tile": "Tile", "blur": "Tile", "inpaint": "Inpaint"}
+
+
+def union_type(value: Any) -> str:
+    """The union control type ``value`` names: a type without regard to case, spaces or underscores, one of
+    the extension's tags ("canny" -> "Hard Edge"), or "Unknown" (none); anything else is a ValueError naming
+    the choices."""
+    text = str(value).strip()
+    squeezed = text.lower().replace(" ", "").replace("_", "")
+    for name in (*UNION_TYPES, UNION_UNKNOWN):
+        if squeezed == name.lower().replace(" ", ""):
+            return name
+    if squeezed in _UNION_TAGS:
+        return _UNION_TAGS[squeezed]
+    raise ValueError(f"{text!r} is not a union control type; one of {', '.join((*UNION_TYPES, UNION_UNKNOWN))}")
+
+
 @dataclass(frozen=True)
 class ControlUnit:
     """One ControlNet unit, with the extension's field names and defaults."""
@@ -77,6 +100,7 @@ class ControlUnit:
     hr_option: str = "Both"
     save_detected_map: bool = True
     advanced_weighting: tuple[float, ...] | None = None  # one weight per control output (13 SD 1.x, 10 SDXL)
+    union_control_type: str = "Unknown"  # what the map shows, for a ControlNet++ union model (UNION_TYPES)
 
     def replace(self, **changes) -> ControlUnit:
         return dataclasses.replace(self, **changes)
@@ -215,6 +239,11 @@ def unit_from_dict(values: Mapping[str, Any] | ControlUnit, index: int = 0) -> C
             out[name] = _choice(value, at, CONTROL_MODES)
         elif name == "hr_option":
             out[name] = _choice(value, at, HR_OPTIONS)
+        elif name == "union_control_type":
+            try:
+                out[name] = union_type(value)
+            except ValueError as exc:
+                raise ControlNetError(f"{at}: {exc}") from None
         elif name == "advanced_weighting":
             if value is None:
                 continue

@@ -37,6 +37,7 @@ from PIL import Image, ImageOps
 from ..core.controlnet import SCRIPT_NAME, ControlNetError, ControlUnit, Preprocessor
 from ..core.imageops import UPLOAD_FORMATS
 from . import preprocessors
+from .controlnet_union import type_index, union_forward
 from .hooks import StepHook, UNetCall
 
 MAX_CONTROL_PIXELS = 64 * 1024 * 1024
@@ -136,6 +137,7 @@ class ControlHook(StepHook):
         model = prepared.model
         # a Control-LoRA, once completed from the base UNet, is a ControlNet like the others
         self.kind = None if model is None else "t2i_adapter" if model.spec.kind == "t2i_adapter" else "controlnet"
+        self.union = model is not None and model.spec.kind == "controlnet_union"  # a control type per unit
         self.module = model.module if model is not None else None
 
     # ---- when -----------------------------------------------------------------------------------------
@@ -234,8 +236,13 @@ class ControlHook(StepHook):
             kwargs = {}
             if call.added_cond_kwargs is not None:
                 kwargs["added_cond_kwargs"] = call.added_cond_kwargs
-            down, mid = self.module(x.to(self.dtype), call.timestep, encoder_hidden_states=call.encoder_hidden_states,
-                                    controlnet_cond=hint, conditioning_scale=1.0, return_dict=False, **kwargs)
+            if self.union:
+                down, mid = union_forward(self.module, x.to(self.dtype), call.timestep, call.encoder_hidden_states,
+                                          hint, type_index(self.unit.union_control_type), call.added_cond_kwargs)
+            else:
+                down, mid = self.module(x.to(self.dtype), call.timestep,
+                                        encoder_hidden_states=call.encoder_hidden_states, controlnet_cond=hint,
+                                        conditioning_scale=1.0, return_dict=False, **kwargs)
         finally:
             if self.unit.low_vram:
                 self._place("cpu")

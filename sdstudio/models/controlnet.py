@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import ControlNetModel, T2IAdapter
+from diffusers import ControlNetModel, ControlNetUnionModel, T2IAdapter
 
 from .convert import component_to_ldm, unet_hf_to_ldm, unet_ldm_to_hf
 from .errors import ModelFileError
@@ -43,7 +43,7 @@ from .t2i_style import StyleAdapter, style_config
 CONTROL_PREFIX = "control_model."
 Shapes = Mapping[str, tuple[int, ...]]
 
-KINDS = ("controlnet", "t2i_adapter", "control_lora", "t2i_style")
+KINDS = ("controlnet", "t2i_adapter", "control_lora", "t2i_style", "controlnet_union")
 BASES = ("sd1", "sd2", "sdxl")
 
 # Weight files a diffusers folder may hold, in the order diffusers itself prefers them.
@@ -71,6 +71,10 @@ TOLERATED: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "t2i_style": {"ignored": (), "optional": ()},
 }
+TOLERATED["controlnet_union"] = TOLERATED["controlnet"]
+# ControlNet++ union models' own parts, under the same names in both layouts (models.controlnet_union)
+_UNION_KEYS = r"^(task_embedding$|transformer_layes\.|spatial_ch_projs\.|control_add_embedding\.)"
+
 
 # config.json values a diffusers folder may set that shapes cannot tell.
 _FOLDER_CONFIG_KEYS = ("attention_head_dim", "num_attention_heads", "global_pool_conditions", "upcast_attention",
@@ -86,7 +90,9 @@ class ControlSpec:
     """What a control file holds. ``config`` is the keyword arguments of the diffusers module
     (``ControlNetModel`` or ``T2IAdapter``); ``prefix`` is where its keys live in the file."""
 
-    kind: str  # "controlnet" | "t2i_adapter" | "control_lora" | "t2i_style" (CLIP tokens, models.t2i_style)
+    # "controlnet" | "t2i_adapter" | "control_lora" | "t2i_style" (CLIP tokens, models.t2i_style) |
+    # "controlnet_union" (ControlNet++: one model, a control type per unit; engine.controlnet_union)
+    kind: str
     base: str  # "sd1" | "sd2" | "sdxl"
     layout: str  # "ldm" | "diffusers" (ControlNet); "tencentarc" | "tencentarc_light" | "diffusers" (T2I)
     config: dict
@@ -101,7 +107,7 @@ class ControlSpec:
     def describe(self) -> str:
         base = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}[self.base]
         kind = {"controlnet": "ControlNet", "t2i_adapter": "T2I-Adapter", "control_lora": "Control-LoRA",
-                "t2i_style": "T2I style adapter"}[self.kind]
+                "t2i_style": "T2I style adapter", "controlnet_union": "ControlNet Union"}[self.kind]
         return f"{base} {kind}" + (" (difference)" if self.difference else "")
 
 
@@ -334,6 +340,20 @@ def _controlnet_config(shapes: Shapes, what: str = "ControlNet") -> tuple[str, d
     return base, config
 
 
+def _union_config(config: dict, shapes: Shapes) -> dict:
+    """ControlNetUnionModel kwargs: the ControlNet's, plus the union parts' sizes (heads are not in the shapes:
+    8, as every published union model and the extension have)."""
+    task = _need(shapes, "task_embedding", "ControlNet Union")
+    layers = _count(shapes, r"transformer_layes\.(\d+)\.")
+    out = {k: v for k, v in config.items() if k != "mid_block_type"}
+    out.update(num_control_type=task[0], num_trans_channel=task[1], num_trans_head=8, num_trans_layer=layers,
+               num_proj_channel=_need(shapes, "spatial_ch_projs.weight", "ControlNet Union")[0])
+    if "addition_time_embed_dim" not in out:  # the control-type embedding's width (SD 1.x union files)
+        out["addition_time_embed_dim"] = _need(shapes, "control_add_embedding.linear_1.weight",
+                                               "ControlNet Union")[1] // task[0]
+    return out
+
+
 def _hf_to_ldm_shapes(shapes: Shapes) -> dict[str, tuple[int, ...]]:
     lpb, blocks = _hf_layout(shapes)
     out = {}
@@ -414,11 +434,16 @@ def _detect(shapes: Shapes) -> ControlSpec:
     if "lora_controlnet" in markers:
         base, config = _controlnet_config(_lora_weight_shapes(rel), "Control-LoRA")
         return ControlSpec("control_lora", base, "control_lora", config, prefix)
+    union = "task_embedding" in rel and "control_add_embedding.linear_1.weight" in rel
     if "controlnet_cond_embedding.conv_in.weight" in rel:
         base, config = _controlnet_config(_hf_to_ldm_shapes(rel))
+        if union:
+            return ControlSpec("controlnet_union", base, "diffusers", _union_config(config, rel), prefix)
         return ControlSpec("controlnet", base, "diffusers", config, prefix)
     if "input_hint_block.0.weight" in rel:
         base, config = _controlnet_config(rel)
+        if union:
+            return ControlSpec("controlnet_union", base, "ldm", _union_config(config, rel), prefix)
         return ControlSpec("controlnet", base, "ldm", config, prefix, difference="difference" in markers)
     if "adapter.conv_in.weight" in rel or "adapter.body.0.in_conv.weight" in rel:
         return _t2i_spec(rel, "diffusers")
@@ -462,7 +487,8 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
 
 
 def _module_class(spec: ControlSpec) -> type:
-    return {"t2i_adapter": T2IAdapter, "t2i_style": StyleAdapter}.get(spec.kind, ControlNetModel)
+    return {"t2i_adapter": T2IAdapter, "t2i_style": StyleAdapter,
+            "controlnet_union": ControlNetUnionModel}.get(spec.kind, ControlNetModel)
 
 
 def _build_module(spec: ControlSpec) -> torch.nn.Module:
@@ -495,6 +521,8 @@ def _convert(spec: ControlSpec, rel: Mapping[str, torch.Tensor]) -> tuple[dict[s
         lpb, hint_last = _ldm_layout(rel)
 
         def rule(n: str) -> str | None:
+            if spec.kind == "controlnet_union" and re.match(_UNION_KEYS, n):
+                return n
             return controlnet_key_ldm_to_hf(n, lpb, hint_last)
     state: dict[str, torch.Tensor] = {}
     names: dict[str, str] = {}
@@ -519,6 +547,8 @@ def _file_name_of(spec: ControlSpec, hf: str, names: dict[str, str], lpb: int, h
         return spec.prefix + hf
     if spec.kind == "t2i_adapter":
         return t2i_key_hf_to_tencentarc(hf, spec.config["num_res_blocks"], spec.layout == "tencentarc_light") or hf
+    if re.match(_UNION_KEYS, hf):
+        return spec.prefix + hf
     return spec.prefix + (controlnet_key_hf_to_ldm(hf, lpb, hint_blocks) or hf)
 
 
@@ -647,7 +677,7 @@ def load_control_model(path: str | Path, dtype: torch.dtype = torch.float32, *, 
     config = dict(spec.config)
     if folder_cfg:
         config.update({k: folder_cfg[k] for k in _FOLDER_CONFIG_KEYS if k in folder_cfg and k in _accepted(spec)})
-    if spec.kind in ("controlnet", "control_lora"):
+    if spec.kind in ("controlnet", "control_lora", "controlnet_union"):
         if global_pool is None:
             global_pool = bool(folder_cfg.get("global_pool_conditions")) if folder_cfg else "shuffle" in path.stem.lower()
         config["global_pool_conditions"] = bool(global_pool)

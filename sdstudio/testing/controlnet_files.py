@@ -10,10 +10,11 @@ and folder; T2I-Adapters in TencentARC's and diffusers' names. Same seed, same b
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel, T2IAdapter, UNet2DConditionModel
+from diffusers import ControlNetModel, ControlNetUnionModel, T2IAdapter, UNet2DConditionModel
 from safetensors.torch import save_file
 
 from ..models.controlnet import (
@@ -215,3 +216,43 @@ def write_t2i_style(path: str | Path, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     _save(t2i_style_state(**kwargs), path)
     return path
+
+
+def controlnet_union_for(unet: UNet2DConditionModel, *, seed: int = 0, num_control_type: int = 8,
+                         trans_channels: int | None = None) -> ControlNetUnionModel:
+    """A ControlNet++ union model for ``unet``: its encoder copied, zero convolutions, the type projection and
+    the task embedding random (trained ones are not zero), the transformer's width the first level's (320 in
+    the published files) unless given."""
+    torch.manual_seed(seed)
+    width = trans_channels or unet.config.block_out_channels[0]
+    plain = ControlNetModel.from_unet(unet)  # the encoder copied; the union parts added around it
+    accepted = set(inspect.signature(ControlNetUnionModel.__init__).parameters)
+    config = {k: v for k, v in plain.config.items() if k in accepted}
+    config["addition_time_embed_dim"] = config.get("addition_time_embed_dim") or 32  # SD 1.x: its type embedding
+    union = ControlNetUnionModel(**config, num_control_type=num_control_type, num_trans_channel=width,
+                                 num_proj_channel=width, num_trans_head=8)
+    union.load_state_dict(plain.state_dict(), strict=False)
+    _randomize_zero_convs(union)
+    with torch.no_grad():
+        union.spatial_ch_projs.weight.normal_(0.0, 0.2)
+        union.spatial_ch_projs.bias.normal_(0.0, 0.2)
+        union.task_embedding.normal_(0.0, 1.0)
+    return union.eval()
+
+
+def write_controlnet_union(path: str | Path, family: str = "sdxl", size: str = "tiny", layout: str = "diffusers_file",
+                           *, seed: int = 0, union: ControlNetUnionModel | None = None) -> ControlNetUnionModel:
+    """A random union model in one file: ``diffusers_file`` (xinsir's published layout) or ``ldm`` (lllyasviel
+    names for the ControlNet part, the union parts under their own names, as converted files have them)."""
+    path = Path(path)
+    union = union or controlnet_union_for(_tiny_unet(family, size, seed), seed=seed)
+    state = union.state_dict()
+    if layout == "ldm":
+        union_parts = {k: v for k, v in state.items() if k.startswith(
+            ("task_embedding", "transformer_layes.", "spatial_ch_projs.", "control_add_embedding."))}
+        rest = {k: v for k, v in state.items() if k not in union_parts and not k.startswith("control_type_proj")}
+        state = {**controlnet_hf_to_ldm(rest), **union_parts}
+    elif layout != "diffusers_file":
+        raise ValueError("layout must be diffusers_file or ldm")
+    _save(state, path)
+    return union

@@ -32,7 +32,7 @@ CONTROL_TYPE_ALL = "All"
 # what the unit's fields are called in the tab's Form (kept out of the request fields' names)
 UNIT_FIELDS = ("enabled", "image", "low_vram", "pixel_perfect", "allow_preview", "type_filter", "module", "model",
                "weight", "guidance_start", "guidance_end", "processor_res", "threshold_a", "threshold_b",
-               "control_mode", "resize_mode", "hr_option")
+               "control_mode", "resize_mode", "hr_option", "union_control_type")
 SLIDER_FIELDS = ("processor_res", "threshold_a", "threshold_b")
 # the sliders' labels before a preprocessor names them (the extension's)
 SLIDER_LABELS = {"processor_res": "Preprocessor resolution", "threshold_a": "Threshold A",
@@ -239,6 +239,10 @@ class ControlNetAccordion:
         c["hr_option"] = gr.Radio(list(cn.HR_OPTIONS), value=defaults.hr_option, label="Hires-Fix Option",
                                   elem_id=f"{p}_controlnet_hr_option_radio",
                                   elem_classes=["controlnet_hr_option_radio"], visible=False)
+        # the extension keeps this hidden and sets it from the quick filter; shown here so it can be checked
+        c["union_control_type"] = gr.Dropdown([*cn.UNION_TYPES, cn.UNION_UNKNOWN], value=defaults.union_control_type,
+                                              label="Union Control Type",
+                                              elem_id=f"{p}_controlnet_union_control_type_dropdown")
         unit.controls = c
         return unit
 
@@ -263,7 +267,7 @@ class ControlNetAccordion:
         c["pixel_perfect"].change(self.pixel_perfect_changed, [c["module"], c["pixel_perfect"]], c["processor_res"],
                                   show_progress="hidden")
         c["type_filter"].input(self.type_picked, [c["type_filter"], c["pixel_perfect"]],
-                               [c["module"], c["model"], *sliders], show_progress="hidden")
+                               [c["module"], c["model"], *sliders, c["union_control_type"]], show_progress="hidden")
         unit.refresh.click(self.refresh_models, [c["type_filter"], c["model"]], c["model"], show_progress="hidden")
         c["allow_preview"].change(lambda on: gr.Group(visible=bool(on)), c["allow_preview"], unit.preview_group,
                                   show_progress="hidden")
@@ -291,7 +295,8 @@ class ControlNetAccordion:
         return gr.Slider(visible=bool(pre and pre.resolution is not None and not pixel_perfect))
 
     def type_picked(self, control_type: str, pixel_perfect: bool) -> list:
-        """The quick filter narrows both lists to the type and picks its default preprocessor and model."""
+        """The quick filter narrows both lists to the type and picks its default preprocessor and model, and
+        the union control type it stands for (the extension's ``from_str`` of the type: Canny -> Hard Edge)."""
         types = self.control_types()
         entry = types.get(control_type) or types[CONTROL_TYPE_ALL]
         default = self.find_preprocessor(entry["default_option"])
@@ -299,7 +304,7 @@ class ControlNetAccordion:
         return [gr.Dropdown(choices=self.module_choices(entry["module_list"]), value=module),
                 gr.Dropdown(choices=entry["model_list"], value=entry["default_model"],
                             visible=not (default and default.model_free)),
-                *slider_updates(default, pixel_perfect)]
+                *slider_updates(default, pixel_perfect), union_of_filter(control_type)]
 
     def refresh_models(self, control_type: str, model: str):
         """🔄: the ControlNet folder read again; the model kept when it is still there."""
@@ -339,7 +344,7 @@ class ControlNetAccordion:
             "model": v["model"] or "None", "weight": v["weight"], "low_vram": v["low_vram"],
             "pixel_perfect": v["pixel_perfect"], "guidance_start": v["guidance_start"],
             "guidance_end": v["guidance_end"], "control_mode": v["control_mode"], "resize_mode": v["resize_mode"],
-            "hr_option": v["hr_option"]}
+            "hr_option": v["hr_option"], "union_control_type": v["union_control_type"]}
         for name, slider in zip(SLIDER_FIELDS, _sliders(pre), strict=True):
             # a slider the preprocessor does not have is sent as -1 (its default), as the API's default unit
             fields[name] = values.get(unit_key(index, name)) if pre is None or slider is not None else -1
@@ -375,7 +380,7 @@ class ControlNetAccordion:
                       "weight": unit.weight, "guidance_start": unit.guidance_start,
                       "guidance_end": unit.guidance_end, "control_mode": unit.control_mode,
                       "resize_mode": unit.resize_mode, "hr_option": unit.hr_option,
-                      "type_filter": CONTROL_TYPE_ALL,
+                      "union_control_type": unit.union_control_type, "type_filter": CONTROL_TYPE_ALL,
                       "module": gr.Dropdown(choices=self.module_choices(), value=module, allow_custom_value=True),
                       "model": gr.Dropdown(choices=["None", *self.model_titles()], value=unit.model,
                                            allow_custom_value=True, visible=not (pre and pre.model_free))}
@@ -384,6 +389,14 @@ class ControlNetAccordion:
                 values[name] = update
             out.update({unit_key(i, name): value for name, value in values.items()})
         return out
+
+
+def union_of_filter(control_type: str) -> str:
+    """The union control type a quick-filter type stands for ("Canny" -> "Hard Edge"; others, "Unknown")."""
+    try:
+        return cn.union_type(str(control_type).replace(" ", "").replace("-", ""))
+    except ValueError:
+        return cn.UNION_UNKNOWN
 
 
 def _sliders(pre: cn.Preprocessor | None) -> tuple:
