@@ -107,8 +107,8 @@ class PreparedUnit:
 
     @property
     def kind(self) -> str:
-        """What runs the unit: "ip-adapter", "revision", "reference", "t2i_style" (a style adapter's tokens) or
-        "controlnet" (ControlNets, T2I-Adapters)."""
+        """What runs the unit: "ip-adapter", "revision", "reference", "t2i_style" (a style adapter's tokens),
+        "lllite" (ControlNet-LLLite) or "controlnet" (ControlNets, T2I-Adapters)."""
         name = self.preprocessor.name
         if name.startswith("ip-adapter"):
             return "ip-adapter"
@@ -116,8 +116,8 @@ class PreparedUnit:
             return "revision"
         if name.startswith("reference"):
             return "reference"
-        if self.model is not None and self.model.spec.kind == "t2i_style":
-            return "t2i_style"
+        if self.model is not None and self.model.spec.kind in ("t2i_style", "lllite"):
+            return self.model.spec.kind
         return "controlnet"
 
 
@@ -405,7 +405,7 @@ class ControlNets:
         reference units encode their image with the VAE."""
         hires_job = bool(getattr(req, "enable_hr", False)) and req.kind == "txt2img"
         base_unet = (lambda: base()[0].unet) if base is not None else None
-        out, styles = [], []
+        out, styles, lllites = [], [], []
         revision = []
         dtype = None  # the job's UNet's (a narrow UNet stays float32 where others run in bfloat16)
         for i, unit in enumerate(units):
@@ -435,12 +435,18 @@ class ControlNets:
                 continue
             if extra_images is not None and unit.save_detected_map:
                 extra_images += self.detected_maps(prepared, req, hires_job)
-            if prepared.kind == "reference":
+            if prepared.kind == "lllite":  # one hook for all (their nudges add up per projection)
+                lllites.append(prepared)
+            elif prepared.kind == "reference":
                 out.append(self._reference_hook(prepared, base, hires_job))
             else:
                 out.append(ControlHook(prepared, self.device, dtype, hires_job))
                 if prepared.preprocessor.name.startswith("inpaint_only") and prepared.detected.shape[2] == 4:
                     out.append(self._inpaint_only_hook(prepared, base, hires_job))
+        if lllites:
+            from .lllite import lllite_hook
+
+            out.append(lllite_hook(lllites, self.device, dtype, *pass_sizes(req, hires_job)[0]))
         # the hooks that replace the UNet's own inputs first, as the extension changes them before its ControlNets
         return ([self._revision_hook(revision, req, base)] if revision else []) + styles + out
 

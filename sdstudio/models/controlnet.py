@@ -35,6 +35,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import ControlNetModel, ControlNetUnionModel, T2IAdapter
 
+from . import lllite
 from .convert import component_to_ldm, unet_hf_to_ldm, unet_ldm_to_hf
 from .errors import ModelFileError
 from .safe_load import open_state_dict, usable_weight
@@ -43,7 +44,7 @@ from .t2i_style import StyleAdapter, style_config
 CONTROL_PREFIX = "control_model."
 Shapes = Mapping[str, tuple[int, ...]]
 
-KINDS = ("controlnet", "t2i_adapter", "control_lora", "t2i_style", "controlnet_union")
+KINDS = ("controlnet", "t2i_adapter", "control_lora", "t2i_style", "controlnet_union", "lllite")
 BASES = ("sd1", "sd2", "sdxl")
 
 # Weight files a diffusers folder may hold, in the order diffusers itself prefers them.
@@ -72,6 +73,7 @@ TOLERATED: dict[str, dict[str, tuple[str, ...]]] = {
     "t2i_style": {"ignored": (), "optional": ()},
 }
 TOLERATED["controlnet_union"] = TOLERATED["controlnet"]
+TOLERATED["lllite"] = {"ignored": (), "optional": ()}
 # ControlNet++ union models' own parts, under the same names in both layouts (models.controlnet_union)
 _UNION_KEYS = r"^(task_embedding$|transformer_layes\.|spatial_ch_projs\.|control_add_embedding\.)"
 
@@ -91,7 +93,8 @@ class ControlSpec:
     (``ControlNetModel`` or ``T2IAdapter``); ``prefix`` is where its keys live in the file."""
 
     # "controlnet" | "t2i_adapter" | "control_lora" | "t2i_style" (CLIP tokens, models.t2i_style) |
-    # "controlnet_union" (ControlNet++: one model, a control type per unit; engine.controlnet_union)
+    # "controlnet_union" (ControlNet++: one model, a control type per unit; engine.controlnet_union) |
+    # "lllite" (kohya's ControlNet-LLLite: per-projection nudges, models.lllite / engine.lllite)
     kind: str
     base: str  # "sd1" | "sd2" | "sdxl"
     layout: str  # "ldm" | "diffusers" (ControlNet); "tencentarc" | "tencentarc_light" | "diffusers" (T2I)
@@ -107,7 +110,8 @@ class ControlSpec:
     def describe(self) -> str:
         base = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}[self.base]
         kind = {"controlnet": "ControlNet", "t2i_adapter": "T2I-Adapter", "control_lora": "Control-LoRA",
-                "t2i_style": "T2I style adapter", "controlnet_union": "ControlNet Union"}[self.kind]
+                "t2i_style": "T2I style adapter", "controlnet_union": "ControlNet Union",
+                "lllite": "ControlNet-LLLite"}[self.kind]
         return f"{base} {kind}" + (" (difference)" if self.difference else "")
 
 
@@ -458,8 +462,9 @@ def _detect(shapes: Shapes) -> ControlSpec:
     keys = list(shapes)
     if any(k.startswith(("ip_adapter.", "image_proj.")) for k in keys):
         raise ModelFileError("this is an IP-Adapter, not a ControlNet; choose it with an ip-adapter preprocessor")
-    if any("lllite" in k for k in keys):
-        raise ModelFileError("ControlNet-LLLite files are not supported")
+    if lllite.is_lllite(keys):
+        widths = {v[1] for k, v in shapes.items() if k.endswith(".down.0.weight")}
+        return ControlSpec("lllite", "sd1" if 320 in widths else "sdxl", "kohya", {}, "")
     if any(k.startswith("model.diffusion_model.") for k in keys):
         raise ModelFileError("this is a Stable Diffusion checkpoint, not a ControlNet: put it in models/Stable-diffusion")
     if any("lora_" in k or ".lora." in k for k in keys[:50]):
@@ -491,7 +496,9 @@ def _module_class(spec: ControlSpec) -> type:
             "controlnet_union": ControlNetUnionModel}.get(spec.kind, ControlNetModel)
 
 
-def _build_module(spec: ControlSpec) -> torch.nn.Module:
+def _build_module(spec: ControlSpec, shapes: Shapes | None = None) -> torch.nn.Module:
+    if spec.kind == "lllite":  # one small network per projection: built from the file's shapes
+        return lllite.build(shapes or {})
     cls = _module_class(spec)
     try:
         with init_empty_weights(include_buffers=False):
@@ -514,7 +521,7 @@ def _convert(spec: ControlSpec, rel: Mapping[str, torch.Tensor]) -> tuple[dict[s
 
             def rule(n: str) -> str | None:
                 return t2i_key_tencentarc_to_hf(n, per, light)
-    elif spec.layout in ("diffusers", "tencentarc_style"):  # the module has the file's names
+    elif spec.layout in ("diffusers", "tencentarc_style", "kohya"):  # the module has the file's names
         def rule(n: str) -> str | None:
             return n
     else:
@@ -543,7 +550,7 @@ def _file_name_of(spec: ControlSpec, hf: str, names: dict[str, str], lpb: int, h
     """A module key in the file's own naming, for messages about tensors the file lacks."""
     if hf in names:
         return spec.prefix + names[hf]
-    if spec.layout in ("diffusers", "tencentarc_style"):
+    if spec.layout in ("diffusers", "tencentarc_style", "kohya"):
         return spec.prefix + hf
     if spec.kind == "t2i_adapter":
         return t2i_key_hf_to_tencentarc(hf, spec.config["num_res_blocks"], spec.layout == "tencentarc_light") or hf
@@ -688,7 +695,7 @@ def load_control_model(path: str | Path, dtype: torch.dtype = torch.float32, *, 
                              f"use it with a {family} checkpoint loaded")
     rel = {k[len(spec.prefix):]: source[k] for k in source.shapes if k.startswith(spec.prefix)}
     try:
-        module = _build_module(spec)
+        module = _build_module(spec, {k: tuple(v.shape) for k, v in rel.items()})
     except ModelFileError as exc:
         raise ModelFileError(f"{label}: {exc}") from None
     lpb = spec.config.get("layers_per_block", 0)

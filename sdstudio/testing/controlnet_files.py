@@ -256,3 +256,60 @@ def write_controlnet_union(path: str | Path, family: str = "sdxl", size: str = "
         raise ValueError("layout must be diffusers_file or ldm")
     _save(state, path)
     return union
+
+
+def lllite_state(layers: dict[str, int], *, depth: int = 1, cond_emb_dim: int = 16, mlp_dim: int = 8,
+                 seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random ControlNet-LLLite file's tensors for ``layers`` (kohya module name -> the projection's input
+    width), written name by name in the published layout (linear modules; ``depth`` 1-3 picks the
+    conditioning convs), so loading one tests the loader's reading of the shapes."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 0.2) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    half = cond_emb_dim // 2
+    state: dict[str, torch.Tensor] = {}
+    for name, width in layers.items():
+        convs = {"conditioning1.0": (half, 3, 4, 4)}
+        if depth == 1:
+            convs["conditioning1.2"] = (cond_emb_dim, half, 2, 2)
+        elif depth == 2:
+            convs["conditioning1.2"] = (cond_emb_dim, half, 4, 4)
+        else:
+            convs |= {"conditioning1.2": (half, half, 4, 4), "conditioning1.4": (cond_emb_dim, half, 2, 2)}
+        for key, shape in convs.items():
+            state |= {f"{name}.{key}.weight": rand(*shape), f"{name}.{key}.bias": rand(shape[0])}
+        for key, (out, cin) in {"down.0": (mlp_dim, width), "mid.0": (mlp_dim, mlp_dim + cond_emb_dim),
+                                "up.0": (width, mlp_dim)}.items():
+            state |= {f"{name}.{key}.weight": rand(out, cin), f"{name}.{key}.bias": rand(out)}
+    return state
+
+
+def lllite_layers(unet: UNet2DConditionModel, projections: tuple[str, ...] = ("attn1_to_q", "attn2_to_q")
+                  ) -> dict[str, int]:
+    """Kohya module names for every transformer block of an SDXL-layout ``unet`` (LDM numbering) and the given
+    projections, with each projection's input width."""
+    from ..models.convert import unet_hf_to_ldm
+
+    lpb = unet.config.layers_per_block
+    up_attn = [hasattr(b, "attentions") for b in unet.up_blocks]
+    out = {}
+    for path, layer in unet.named_modules():
+        for proj in projections:
+            attn, to = proj.split("_to_")
+            if not path.endswith(f".{attn}.to_{to}"):
+                continue
+            ldm = unet_hf_to_ldm(path + ".weight", lpb, up_attn)
+            if ldm is None:
+                continue
+            name = "lllite_unet_" + ldm.removesuffix(".weight").replace(".", "_")
+            out[name] = layer.in_features
+    return out
+
+
+def write_lllite(path: str | Path, unet: UNet2DConditionModel, **kwargs) -> Path:
+    """:func:`lllite_state` for every transformer block of ``unet`` saved at ``path`` (.safetensors)."""
+    path = Path(path)
+    _save(lllite_state(lllite_layers(unet), **kwargs), path)
+    return path
