@@ -16,7 +16,7 @@ Sampler Euler, CFG on, batch 1, one prompt / negative / seed for all. Measured p
 - load: seconds from after the imports until the model is ready to sample (each peer's own loader)
 - first: seconds of a first 1-step image (any deferred loading or casting shows up here)
 - s/step: (T(hi steps) - T(lo steps)) / (hi - lo), which cancels prompt encoding and VAE decoding
-- peak RSS: the process's maximum resident memory (from wait4, the same way for every peer)
+- peak RSS: the process's maximum resident memory (its VmHWM, read the same way for every peer)
 - on CUDA also it/s (1 / s/step) and peak VRAM (torch's max reserved; sd.cpp's CPU build: n/a)
 
 Printed as ratios to the "sdstudio (default)" row. A peer that is not set up is skipped with the reason.
@@ -262,13 +262,32 @@ def probe(python: str | None, check: str, what: str, env: dict) -> str | None:
     return None
 
 
+def _high_water_mb(pid: int) -> float | None:
+    """The process's peak resident memory so far (``VmHWM`` in /proc; None where there is none)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def run_fresh(python: str, code: str, settings: dict, env: dict, timeout: float) -> tuple[dict, float]:
-    """Run a driver in a new process; its JSON result and the process's peak RSS in MB (wait4's ru_maxrss)."""
+    """Run a driver in a new process; its JSON result and the process's peak RSS in MB: the largest ``VmHWM``
+    read while it runs (every 0.2 s; the memory map's own high-water mark, so nothing between reads is
+    missed but the last 0.2 s). wait4's ``ru_maxrss`` is the fallback only: Linux carries it across exec, so
+    it starts at this (large) process's size and hides any peer that stays below it."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([python, "-c", code, json.dumps(settings)], stdout=out, stderr=err, env=env,
                                 cwd=tempfile.gettempdir())
         deadline = time.monotonic() + timeout
+        peak = None
         while True:
+            seen = _high_water_mb(proc.pid)
+            if seen is not None:
+                peak = max(peak or 0.0, seen)
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
@@ -284,7 +303,7 @@ def run_fresh(python: str, code: str, settings: dict, env: dict, timeout: float)
         if proc.returncode or not lines:
             tail = err.read().strip().splitlines()[-3:]
             raise RuntimeError(f"exit {proc.returncode}: " + " | ".join(tail))
-        return json.loads(lines[-1]), usage.ru_maxrss / 1024
+        return json.loads(lines[-1]), peak if peak is not None else usage.ru_maxrss / 1024
 
 
 def diffusers_folder(ckpt: Path, config: Path) -> Path:

@@ -19,6 +19,11 @@ scaled as sd-webui-controlnet scales them:
 The unit is active at sampling step ``i`` of ``n`` when ``guidance_start <= i / n <= guidance_end``, and,
 in a job with Hires. fix, in the passes its ``hr_option`` names. Residuals of several units are summed
 by the sampling plan.
+
+Other kinds of unit (:attr:`PreparedUnit.kind`) have their own modules: IP-Adapter (:mod:`.ip_adapter`),
+reference (:mod:`.reference`), ReVision (:mod:`.revision`), the T2I style adapter (:mod:`.t2i_style`) and
+ControlNet-LLLite (:mod:`.lllite`); a ControlNet++ union model runs in :class:`ControlHook` through
+:mod:`.controlnet_union`; inpaint_only adds :class:`InpaintOnlyHook`.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from .controlnet_union import type_index, union_forward
 from .hooks import StepHook, UNetCall
 
 MAX_CONTROL_PIXELS = 64 * 1024 * 1024
+# the unit kinds (PreparedUnit.kind) whose input is a picture map, shown after the images when asked
+MAP_KINDS = ("controlnet", "reference", "lllite")
 SOFT_DECAY = 0.825
 ADAPTER_SOFT = (0.25, 0.62, 0.825, 1.0)
 HIRES_SOFT_MODULES = ("canny", "mlsd")  # their maps get soft injection in the Hires. fix pass
@@ -400,55 +407,60 @@ class ControlNets:
         return out
 
     def hooks(self, units: Sequence[ControlUnit], req, extra_images: list | None = None, base=None) -> list:
-        """The hooks of a request's enabled units; their detected maps go to ``extra_images``. ``base()`` gives
-        the job's (LoadedModel, VAE): difference ControlNets and Control-LoRAs complete the UNet's weights,
-        reference units encode their image with the VAE."""
+        """The hooks of a request's enabled units; their detected maps go to ``extra_images`` (not for the kinds
+        whose input is no picture map: IP-Adapter, ReVision, the style adapter, as in the extension).
+        ``base()`` gives the job's (LoadedModel, VAE): difference ControlNets and Control-LoRAs complete the
+        UNet's weights, reference units encode their image with the VAE.
+
+        Order: the hooks that replace the UNet's own inputs first (ReVision's pooled prompt, then the style
+        adapters' tokens), as the extension changes them before its ControlNets run; then the other units in
+        their order; ReVision and LLLite units share one hook each."""
         hires_job = bool(getattr(req, "enable_hr", False)) and req.kind == "txt2img"
         base_unet = (lambda: base()[0].unet) if base is not None else None
-        out, styles, lllites = [], [], []
-        revision = []
         dtype = None  # the job's UNet's (a narrow UNet stays float32 where others run in bfloat16)
+        prepared_units: list[PreparedUnit] = []
         for i, unit in enumerate(units):
             if not unit.enabled:
                 continue
             if dtype is None:
                 dtype = base()[0].dtype if base is not None else self.dtype
             prepared = self.prepare(i, unit, req, base_unet, dtype)
-            if prepared.kind == "revision":  # one hook for all, before the others (no map: the extension has none)
-                revision.append(prepared)
-                continue
-            if prepared.kind == "ip-adapter":  # no map to show: the extension appends none
-                from .ip_adapter import ip_adapter_hook
-
-                hook = ip_adapter_hook(prepared, prepared.path, self.registry.paths.models_dir / "clip_vision",
-                                       self.device, dtype)
-                hook.prepared = prepared  # the unit as used (its model's title) for the infotext
-                out.append(hook)
-                continue
             _check_style_pairing(prepared)
-            if prepared.kind == "t2i_style":  # tokens, no map (the extension shows none)
-                from .t2i_style import style_hook
-
-                styles.append(style_hook(prepared, self.registry.paths.models_dir / "clip_vision", self.device,
-                                         hires_job))
-                styles[-1].prepared = prepared
-                continue
-            if extra_images is not None and unit.save_detected_map:
+            if extra_images is not None and unit.save_detected_map and prepared.kind in MAP_KINDS:
                 extra_images += self.detected_maps(prepared, req, hires_job)
-            if prepared.kind == "lllite":  # one hook for all (their nudges add up per projection)
-                lllites.append(prepared)
+            prepared_units.append(prepared)
+        of_kind = {kind: [p for p in prepared_units if p.kind == kind] for kind in ("revision", "t2i_style", "lllite")}
+        out = [self._revision_hook(of_kind["revision"], req, base)] if of_kind["revision"] else []
+        out += [self._style_hook(p, hires_job) for p in of_kind["t2i_style"]]
+        for prepared in prepared_units:
+            if prepared.kind == "ip-adapter":
+                out.append(self._ip_adapter_hook(prepared, dtype))
             elif prepared.kind == "reference":
                 out.append(self._reference_hook(prepared, base, hires_job))
-            else:
+            elif prepared.kind == "controlnet":
                 out.append(ControlHook(prepared, self.device, dtype, hires_job))
                 if prepared.preprocessor.name.startswith("inpaint_only") and prepared.detected.shape[2] == 4:
                     out.append(self._inpaint_only_hook(prepared, base, hires_job))
-        if lllites:
+        if of_kind["lllite"]:  # their nudges add up per projection
             from .lllite import lllite_hook
 
-            out.append(lllite_hook(lllites, self.device, dtype, *pass_sizes(req, hires_job)[0]))
-        # the hooks that replace the UNet's own inputs first, as the extension changes them before its ControlNets
-        return ([self._revision_hook(revision, req, base)] if revision else []) + styles + out
+            out.append(lllite_hook(of_kind["lllite"], self.device, dtype, *pass_sizes(req, hires_job)[0]))
+        return out
+
+    def _ip_adapter_hook(self, prepared: PreparedUnit, dtype: torch.dtype):
+        from .ip_adapter import ip_adapter_hook
+
+        hook = ip_adapter_hook(prepared, prepared.path, self.registry.paths.models_dir / "clip_vision", self.device,
+                               dtype)
+        hook.prepared = prepared  # the unit as used (its model's title) for the infotext
+        return hook
+
+    def _style_hook(self, prepared: PreparedUnit, hires_job: bool):
+        from .t2i_style import style_hook
+
+        hook = style_hook(prepared, self.registry.paths.models_dir / "clip_vision", self.device, hires_job)
+        hook.prepared = prepared
+        return hook
 
     def _revision_hook(self, prepared: list[PreparedUnit], req, base):
         from .revision import revision_hook
