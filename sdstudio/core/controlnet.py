@@ -101,6 +101,9 @@ class ControlUnit:
     save_detected_map: bool = True
     advanced_weighting: tuple[float, ...] | None = None  # one weight per control output (13 SD 1.x, 10 SDXL)
     union_control_type: str = "Unknown"  # what the map shows, for a ControlNet++ union model (UNION_TYPES)
+    # a picture (base64) whose first channel (0-255 -> 0-1) scales where the unit acts: its ControlNet's
+    # residuals, or its IP-Adapter's attention, are multiplied by it (the extension's field)
+    effective_region_mask: str | None = None
 
     def replace(self, **changes) -> ControlUnit:
         return dataclasses.replace(self, **changes)
@@ -239,6 +242,10 @@ def unit_from_dict(values: Mapping[str, Any] | ControlUnit, index: int = 0) -> C
             out[name] = _choice(value, at, CONTROL_MODES)
         elif name == "hr_option":
             out[name] = _choice(value, at, HR_OPTIONS)
+        elif name == "effective_region_mask":
+            if not isinstance(value, str):
+                raise ControlNetError(f"{at}: expected a base64-encoded image, got {type(value).__name__}")
+            out[name] = value or None
         elif name == "union_control_type":
             try:
                 out[name] = union_type(value)

@@ -111,6 +111,7 @@ class PreparedUnit:
     detected: np.ndarray  # H×W×3 (×4 for inpaint: RGB and the mask) uint8, before fitting to a pass size
     model: object | None  # sdstudio.models.controlnet.ControlModel
     path: object = None  # the model file (IP-Adapter units, whose hooks load it themselves)
+    region: np.ndarray | None = None  # the effective region mask, H×W float32 in 0-1 (None: everywhere)
 
     @property
     def kind(self) -> str:
@@ -145,6 +146,7 @@ class ControlHook(StepHook):
         # a Control-LoRA, once completed from the base UNet, is a ControlNet like the others
         self.kind = None if model is None else "t2i_adapter" if model.spec.kind == "t2i_adapter" else "controlnet"
         self.union = model is not None and model.spec.kind == "controlnet_union"  # a control type per unit
+        self.region = region_tensor(prepared.region)
         self.module = model.module if model is not None else None
 
     # ---- when -----------------------------------------------------------------------------------------
@@ -254,8 +256,8 @@ class ControlHook(StepHook):
             if self.unit.low_vram:
                 self._place("cpu")
         scales = self.scales(len(down) + 1, hires)
-        down = [d * s for d, s in zip(down, scales[:-1])]
-        mid = mid * scales[-1]
+        down = [in_region(d * s, self.region) for d, s in zip(down, scales[:-1])]
+        mid = in_region(mid * scales[-1], self.region)
         mask = self._rows_mask(call, mid)
         if mask is not None:
             down, mid = [d * mask for d in down], mid * mask
@@ -270,7 +272,7 @@ class ControlHook(StepHook):
             self._adapter = {key: list(self.module(hint))}
         features = self._adapter[key]
         scales = self.scales(len(features), hires)
-        out = [f.expand(x.shape[0], -1, -1, -1) * s for f, s in zip(features, scales)]
+        out = [in_region(f.expand(x.shape[0], -1, -1, -1) * s, self.region) for f, s in zip(features, scales)]
         mask = self._rows_mask(call, out[0])
         if mask is not None:
             out = [f * mask for f in out]
@@ -343,7 +345,7 @@ class ControlNets:
             file = self.registry.controlnet(unit.model)
             detected = source if mask is None else np.concatenate([source, mask[:, :, None]], axis=2)
             used = unit.replace(module=pre.name, model=file.title)
-            return PreparedUnit(index, used, pre, detected, None, file.path)
+            return _with_region(PreparedUnit(index, used, pre, detected, None, file.path))
         model = title = None
         if unit.model and unit.model != "None" and not pre.model_free:
             title, model = self.model(unit.model, base_unet, dtype)
@@ -365,7 +367,7 @@ class ControlNets:
             used = used.replace(model=title)
         elif pre.model_free:
             used = used.replace(model="None")
-        return PreparedUnit(index, used, pre, detected, model)
+        return _with_region(PreparedUnit(index, used, pre, detected, model))
 
     def _source(self, index: int, unit: ControlUnit, req, pre: Preprocessor):
         where = f"{SCRIPT_NAME} unit {index}"
@@ -502,6 +504,38 @@ class ControlNets:
         model, _ = base()
         return reference_hook(prepared, self._vae_encoder(base), DiscreteSchedule(), self.device, model.dtype,
                               model.spec.is_sdxl, hires_job=hires_job)
+
+
+REGION_KINDS = ("controlnet", "ip-adapter")  # the kinds the extension's effective_region_mask works with
+
+
+def _with_region(prepared: PreparedUnit) -> PreparedUnit:
+    """``prepared`` with its unit's effective region mask read (first channel / 255); a kind that cannot use
+    one is an error naming the unit, as the extension refuses it."""
+    data = prepared.unit.effective_region_mask
+    if not data:
+        return prepared
+    where = f"{SCRIPT_NAME} unit {prepared.index}"
+    if prepared.kind not in REGION_KINDS:
+        raise ControlNetError(f"{where}: effective_region_mask works with ControlNet, T2I-Adapter and IP-Adapter "
+                              f"units, not with {prepared.unit.module} ({prepared.kind})")
+    image = decode_image(data, f"{where}.effective_region_mask").convert("RGB")
+    prepared.region = np.asarray(image, np.float32)[:, :, 0] / 255.0
+    return prepared
+
+
+def region_tensor(region: np.ndarray | None) -> torch.Tensor | None:
+    """A region mask as (1, 1, H, W) float32, or None."""
+    return None if region is None else torch.from_numpy(np.ascontiguousarray(region))[None, None]
+
+
+def in_region(x: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
+    """``x`` (B, C, h, w) times the region mask brought to h × w bilinearly (the extension's
+    ``apply_effective_region_mask``)."""
+    if region is None:
+        return x
+    mask = torch.nn.functional.interpolate(region.to(x.device, x.dtype), size=tuple(x.shape[-2:]), mode="bilinear")
+    return x * mask
 
 
 def _check_style_pairing(prepared: PreparedUnit) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -125,14 +126,31 @@ class ImagePrompt:
         self.on = False
         self.rows: tuple[bool, ...] | None = None  # per row of the current call: True = negative prompt
         self._tokens: dict[tuple, torch.Tensor] = {}
+        self.region: torch.Tensor | None = None  # the unit's effective region mask (1, 1, H, W), or None
+        self.latent: tuple[int, int] = (0, 0)  # the current call's latent size (for the region's resolution)
 
     @property
     def count(self) -> int:
         return self.cond.shape[1]
 
-    def begin_call(self, uncond_rows: Sequence[bool], on: bool) -> None:
-        self.rows, self.on = tuple(bool(u) for u in uncond_rows), on
+    def begin_call(self, uncond_rows: Sequence[bool], on: bool, latent: tuple[int, int] = (0, 0)) -> None:
+        self.rows, self.on, self.latent = tuple(bool(u) for u in uncond_rows), on, tuple(latent)
         self._tokens = {}
+
+    def region_weights(self, queries: int, like: torch.Tensor) -> torch.Tensor | None:
+        """(1, queries, 1): the region mask at a layer of ``queries`` positions, as the extension sizes it
+        (latent size × sqrt(queries / latent area), bilinear); None without a region."""
+        if self.region is None:
+            return None
+        h, w = self.latent
+        if h * w == 0:
+            raise ValueError("an effective region mask needs the call's latent size")
+        factor = math.sqrt(queries / (h * w))
+        size = (int(h * factor), int(w * factor))
+        if size[0] * size[1] != queries:
+            raise ValueError(f"a layer of {queries} positions does not fit the latent's {h}x{w}")
+        mask = torch.nn.functional.interpolate(self.region.to(like.device, like.dtype), size=size, mode="bilinear")
+        return mask.reshape(1, queries, 1)
 
     def end_pass(self) -> None:
         self.rows, self.on, self._tokens = None, False, {}
@@ -183,7 +201,51 @@ class ImagePromptAttnProcessor(IPAdapterAttnProcessor2_0):
         batch = hidden_states.shape[0]
         self.scale = [w if p.on else 0.0 for p, w in zip(self.prompts, self.weights)]
         tokens = [p.tokens(batch, hidden_states.device, hidden_states.dtype) for p in self.prompts]
+        if any(p.region is not None for p in self.prompts):
+            return self._regional(attn, hidden_states, encoder_hidden_states, tokens, attention_mask, temb)
         return super().__call__(attn, hidden_states, (encoder_hidden_states, tokens), attention_mask, temb)
+
+    def _regional(self, attn, hidden_states, context, tokens, attention_mask, temb):
+        """diffusers' IP-Adapter attention, each unit's image attention × scale × its region mask (the
+        extension's ``apply_effective_region_mask(ip_out * weight)``)."""
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        four_d = hidden_states.ndim == 4
+        if four_d:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        query = attn.to_q(hidden_states)
+        heads = attn.heads
+
+        def attend(keys: torch.Tensor, values: torch.Tensor, mask=None) -> torch.Tensor:
+            dim = keys.shape[-1] // heads
+            q = query.view(batch, -1, heads, dim).transpose(1, 2)
+            k, v = (t.view(batch, -1, heads, dim).transpose(1, 2) for t in (keys, values))
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
+            return out.transpose(1, 2).reshape(batch, -1, heads * dim).to(query.dtype)
+
+        out = attend(attn.to_k(context), attn.to_v(context), attention_mask)
+        for prompt, scale, to_k, to_v, image in zip(self.prompts, self.scale, self.to_k_ip, self.to_v_ip, tokens):
+            if scale == 0:
+                continue
+            image_out = attend(to_k(image), to_v(image)) * scale
+            region = prompt.region_weights(image_out.shape[1], image_out)
+            out = out + (image_out if region is None else image_out * region)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if four_d:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
 
 
 # ---- the UNet's cross-attention layers ---------------------------------------------------------------------
@@ -298,8 +360,8 @@ class IPAdapterHook(StepHook):
                     attn.set_processor(before)
             self.prompt.end_pass()
 
-    def unet_inputs(self, call: UNetCall):
-        self.prompt.begin_call(call.uncond, self.in_window(call.step))  # no UNet inputs: the processors read it
+    def unet_inputs(self, call: UNetCall):  # no UNet inputs: the processors read the prompt's state
+        self.prompt.begin_call(call.uncond, self.in_window(call.step), tuple(call.x.shape[-2:]))
 
 
 # ---- making one ---------------------------------------------------------------------------------------------
@@ -380,5 +442,7 @@ def ip_adapter_hook(prepared, path_of_model: str | Path, clip_vision_dir: str | 
     st = clip_file.stat()
     encoder_device = torch.device("cpu") if unit.low_vram else torch.device(device)
     prompt = image_prompt(model, encoder, image, encoder_device, (str(clip_file.resolve()), st.st_mtime_ns), where)
+    if prepared.region is not None:
+        prompt.region = torch.from_numpy(np.ascontiguousarray(prepared.region))[None, None]
     return IPAdapterHook(where, model, prompt, unit.weight, unit.advanced_weighting, unit.guidance_start,
                          unit.guidance_end, torch.device(device), dtype)
