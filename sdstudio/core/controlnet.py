@@ -31,6 +31,8 @@ RESIZE_ALIASES = {"Inner Fit (Scale to Fit)": "Crop and Resize", "Scale to Fit (
                   "Outer Fit (Shrink to Fit)": "Resize and Fill", "Envelope (Outer Fit)": "Resize and Fill"}
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 HR_OPTIONS = ("Both", "Low res only", "High res only")
+# the extension's input modes: one picture, a folder per generation (not here), several pictures merged
+INPUT_MODES = ("simple", "batch", "merge")
 INFOTEXT_FIELDS = ("module", "model", "weight", "resize_mode", "processor_res", "threshold_a", "threshold_b",
                    "guidance_start", "guidance_end", "pixel_perfect", "control_mode")
 ALIASES = {"guidance": "guidance_end", "lowvram": "low_vram", "input_image": "image", "mask_image": "mask"}
@@ -104,6 +106,9 @@ class ControlUnit:
     # a picture (base64) whose first channel (0-255 -> 0-1) scales where the unit acts: its ControlNet's
     # residuals, or its IP-Adapter's attention, are multiplied by it (the extension's field)
     effective_region_mask: str | None = None
+    # the extension's Multi-Inputs beyond the first (image, mask): an IP-Adapter unit averages their tokens
+    more_images: tuple[tuple[str, str | None], ...] = ()
+    input_mode: str = "simple"  # INPUT_MODES; "merge" is unfolded by units_from (see there)
 
     def replace(self, **changes) -> ControlUnit:
         return dataclasses.replace(self, **changes)
@@ -120,6 +125,7 @@ class ControlUnit:
         out = dataclasses.asdict(self)
         if self.advanced_weighting is not None:
             out["advanced_weighting"] = list(self.advanced_weighting)
+        out["more_images"] = [list(pair) for pair in self.more_images]
         return out
 
     @property
@@ -193,16 +199,24 @@ def _choice(value: Any, where: str, choices: tuple[str, ...], aliases: Mapping[s
     raise ControlNetError(f"{where}: must be one of {', '.join(choices)}, got {value!r}")
 
 
-def _image_fields(values: dict, where: str) -> tuple[str | None, str | None]:
-    """The extension's image forms: a string, ``{"image", "mask"}``, ``[image, mask]`` (or a list of such
-    dicts, of which the first is used); ``mask`` / ``mask_image`` beside it."""
+def _image_fields(values: dict, where: str) -> tuple[str | None, str | None, tuple[tuple[str, str | None], ...]]:
+    """The extension's image forms: a string, ``{"image", "mask"}``, ``[image, mask]``, or a list of such dicts
+    (its Multi-Inputs: the first is ``image``/``mask``, the others come back as the third item);
+    ``mask`` / ``mask_image`` beside it."""
     image, mask = values.get("image"), values.get("mask")
+    more: list[tuple[str, str | None]] = []
     if isinstance(image, Mapping):
         image, mask = image.get("image"), image.get("mask", mask)
     elif isinstance(image, (list, tuple)):
         if not image:
             image = None
         elif isinstance(image[0], Mapping):
+            for i, item in enumerate(image[1:], 1):
+                extra = (item.get("image"), item.get("mask")) if isinstance(item, Mapping) else (None, None)
+                if not isinstance(extra[0], str) or not extra[0] or not isinstance(extra[1], (str, type(None))):
+                    raise ControlNetError(f"{where}.image[{i}]: expected {{\"image\": base64, \"mask\": base64 or "
+                                          f"null}}")
+                more.append((extra[0], extra[1] or None))
             image, mask = image[0].get("image"), image[0].get("mask", mask)
         elif len(image) == 2:
             image, mask = image
@@ -211,7 +225,20 @@ def _image_fields(values: dict, where: str) -> tuple[str | None, str | None]:
     for name, value in (("image", image), ("mask", mask)):
         if value is not None and not isinstance(value, str):
             raise ControlNetError(f"{where}.{name}: expected a base64-encoded image, got {type(value).__name__}")
-    return image or None, mask or None
+    return image or None, mask or None, tuple(more)
+
+
+def _more_images(value: Any, where: str) -> tuple[tuple[str, str | None], ...]:
+    """``more_images`` as :meth:`ControlUnit.to_dict` writes it: a list of [image, mask or null]."""
+    if not isinstance(value, (list, tuple)):
+        raise ControlNetError(f"{where}: expected a list of [image, mask] pairs, got {type(value).__name__}")
+    out = []
+    for pair in value:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], str) or \
+                not isinstance(pair[1], (str, type(None))):
+            raise ControlNetError(f"{where}: expected [image, mask] pairs of base64 strings")
+        out.append((pair[0], pair[1]))
+    return tuple(out)
 
 
 def unit_from_dict(values: Mapping[str, Any] | ControlUnit, index: int = 0) -> ControlUnit:
@@ -230,8 +257,8 @@ def unit_from_dict(values: Mapping[str, Any] | ControlUnit, index: int = 0) -> C
             value = values.pop(alias)
             if values.get(name) is None:
                 values[name] = value
-    image, mask = _image_fields(values, where)
-    out: dict[str, Any] = {"image": image, "mask": mask}
+    image, mask, more = _image_fields(values, where)
+    out: dict[str, Any] = {"image": image, "mask": mask, **({"more_images": more} if more else {})}
     for name, f in FIELDS.items():
         if name in ("image", "mask") or name not in values or values[name] is None and name != "advanced_weighting":
             continue
@@ -242,6 +269,15 @@ def unit_from_dict(values: Mapping[str, Any] | ControlUnit, index: int = 0) -> C
             out[name] = _choice(value, at, CONTROL_MODES)
         elif name == "hr_option":
             out[name] = _choice(value, at, HR_OPTIONS)
+        elif name == "input_mode":
+            out[name] = _choice(value, at, INPUT_MODES)
+            if out[name] == "batch":
+                raise ControlNetError(f"{at}: batch (a folder of control pictures, one per generation) is not "
+                                      f"supported; send the pictures as the unit's image list or one request each")
+        elif name == "more_images":
+            if values[name] and more:
+                raise ControlNetError(f"{where}: give several images as an image list or as more_images, not both")
+            out[name] = _more_images(values[name], f"{where}.more_images") or out.get(name, ())
         elif name == "effective_region_mask":
             if not isinstance(value, str):
                 raise ControlNetError(f"{at}: expected a base64-encoded image, got {type(value).__name__}")
@@ -296,7 +332,20 @@ def units_from(values: Any, limit: int = MAX_UNIT_COUNT) -> list[ControlUnit]:
         raise ControlNetError(f"{SCRIPT_NAME}: expected a list of units, got {type(values).__name__}")
     if len(values) > limit:
         raise ControlNetError(f"{SCRIPT_NAME}: {len(values)} units given; at most {limit}")
-    return [unit_from_dict(v, i) for i, v in enumerate(values)]
+    return [u for i, v in enumerate(values) for u in unfold_merged(unit_from_dict(v, i))]
+
+
+def unfold_merged(unit: ControlUnit) -> list[ControlUnit]:
+    """The extension's "merge" input mode: an IP-Adapter unit keeps its pictures (it averages them); any other
+    unit becomes one unit per picture, each at weight / N, in the unit's place (so the infotext numbers them
+    one after another, as the extension's does)."""
+    if unit.input_mode != "merge":
+        return [unit]
+    if unit.module.lower().startswith("ip-adapter") or not unit.more_images:
+        return [unit.replace(input_mode="simple")]
+    pictures = [(unit.image, unit.mask), *unit.more_images]
+    return [unit.replace(image=image, mask=mask, more_images=(), weight=unit.weight / len(pictures),
+                         input_mode="simple") for image, mask in pictures]
 
 
 def _parse_value(text: str) -> Any:

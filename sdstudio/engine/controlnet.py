@@ -112,6 +112,7 @@ class PreparedUnit:
     model: object | None  # sdstudio.models.controlnet.ControlModel
     path: object = None  # the model file (IP-Adapter units, whose hooks load it themselves)
     region: np.ndarray | None = None  # the effective region mask, H×W float32 in 0-1 (None: everywhere)
+    more: tuple[np.ndarray, ...] = ()  # an IP-Adapter unit's further images (the extension's Multi-Inputs)
 
     @property
     def kind(self) -> str:
@@ -343,9 +344,13 @@ class ControlNets:
                 raise ControlNetError(f"{where}: an IP-Adapter unit needs its model (an ip-adapter_*.safetensors or "
                                       f".bin file in {self.registry.paths.controlnet_dir})")
             file = self.registry.controlnet(unit.model)
-            detected = source if mask is None else np.concatenate([source, mask[:, :, None]], axis=2)
+            detected, *more = [rgb if m is None else np.concatenate([rgb, m[:, :, None]], axis=2)
+                               for rgb, m in [(source, mask), *self._more_sources(index, unit, pre)]]
             used = unit.replace(module=pre.name, model=file.title)
-            return _with_region(PreparedUnit(index, used, pre, detected, None, file.path))
+            return _with_region(PreparedUnit(index, used, pre, detected, None, file.path, more=tuple(more)))
+        if unit.more_images:
+            raise ControlNetError(f"{where}: several images (the extension's Multi-Inputs) are for IP-Adapter units; "
+                                  f"for {pre.name}, give one unit per image")
         model = title = None
         if unit.model and unit.model != "None" and not pre.model_free:
             title, model = self.model(unit.model, base_unet, dtype)
@@ -369,13 +374,18 @@ class ControlNets:
             used = used.replace(model="None")
         return _with_region(PreparedUnit(index, used, pre, detected, model))
 
-    def _source(self, index: int, unit: ControlUnit, req, pre: Preprocessor):
+    def _more_sources(self, index: int, unit: ControlUnit, pre: Preprocessor) -> list[tuple]:
+        """The (RGB, mask) arrays of the unit's further images."""
+        return [self._source(index, unit.replace(image=image, mask=mask, more_images=()), None, pre, f"image[{i}]")
+                for i, (image, mask) in enumerate(unit.more_images, 1)]
+
+    def _source(self, index: int, unit: ControlUnit, req, pre: Preprocessor, field: str = "image"):
         where = f"{SCRIPT_NAME} unit {index}"
         mask_image = None
         if unit.image is not None:
-            image = decode_image(unit.image, f"{where}.image")
+            image = decode_image(unit.image, f"{where}.{field}")
             if unit.mask is not None:
-                mask_image = decode_image(unit.mask, f"{where}.mask")
+                mask_image = decode_image(unit.mask, f"{where}.{field}.mask" if field != "image" else f"{where}.mask")
         elif getattr(req, "init_images", None):
             from .img2img import open_image
 

@@ -436,12 +436,17 @@ def ip_adapter_hook(prepared, path_of_model: str | Path, clip_vision_dir: str | 
         encoder = ENCODERS.get(clip_file, load_clip_vision)
     except ModelFileError as exc:
         raise ControlNetError(f"{where}: {exc}") from None
-    image = np.asarray(prepared.detected)
-    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
-        raise ControlNetError(f"{where}: the IP-Adapter needs an RGB image, got {image.dtype} {image.shape}")
+    images = [np.asarray(x) for x in (prepared.detected, *prepared.more)]
+    for image in images:
+        if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+            raise ControlNetError(f"{where}: the IP-Adapter needs an RGB image, got {image.dtype} {image.shape}")
     st = clip_file.stat()
     encoder_device = torch.device("cpu") if unit.low_vram else torch.device(device)
-    prompt = image_prompt(model, encoder, image, encoder_device, (str(clip_file.resolve()), st.st_mtime_ns), where)
+    key = (str(clip_file.resolve()), st.st_mtime_ns)
+    prompts = [image_prompt(model, encoder, image, encoder_device, key, where) for image in images]
+    # several images (the extension's Multi-Inputs): their tokens averaged, the blank prompt's too
+    prompt = prompts[0] if len(prompts) == 1 else ImagePrompt(torch.stack([p.cond for p in prompts]).mean(0),
+                                                              torch.stack([p.uncond for p in prompts]).mean(0))
     if prepared.region is not None:
         prompt.region = torch.from_numpy(np.ascontiguousarray(prepared.region))[None, None]
     return IPAdapterHook(where, model, prompt, unit.weight, unit.advanced_weighting, unit.guidance_start,
