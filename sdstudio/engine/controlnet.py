@@ -350,7 +350,8 @@ class ControlNets:
             return _with_region(PreparedUnit(index, used, pre, detected, None, file.path, more=tuple(more)))
         if unit.more_images:
             raise ControlNetError(f"{where}: several images (the extension's Multi-Inputs) are for IP-Adapter units; "
-                                  f"for {pre.name}, give one unit per image")
+                                  f"for {pre.name}, give one unit per image, or input_mode \"merge\" (one unit per "
+                                  f"picture at weight / N, as the extension's Multi-Inputs tab)")
         model = title = None
         if unit.model and unit.model != "None" and not pre.model_free:
             title, model = self.model(unit.model, base_unet, dtype)
