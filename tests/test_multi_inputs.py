@@ -101,3 +101,9 @@ def test_merge_mode_unfolds_a_controlnet_unit_per_picture(studio):
     assert "ControlNet 1" in result.images[0].infotext  # two units numbered, as the extension writes them
     with pytest.raises(cn.ControlNetError, match="unit 0.input_mode: batch .* is not supported"):
         cn.units_from([{**base, "input_mode": "batch"}])
+
+
+def test_pickled_ip_adapter_inputs_are_refused_not_ignored():
+    with pytest.raises(cn.ControlNetError, match="unit 2.ipadapter_input: not read .* a torch pickle"):
+        cn.unit_from_dict({"module": "ip-adapter_clip_sd15", "ipadapter_input": ["gASVAAAA"]}, 2)
+    assert cn.unit_from_dict({"ipadapter_input": None}).module == "none"

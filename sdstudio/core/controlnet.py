@@ -257,6 +257,9 @@ def unit_from_dict(values: Mapping[str, Any] | ControlUnit, index: int = 0) -> C
             value = values.pop(alias)
             if values.get(name) is None:
                 values[name] = value
+    if values.get("ipadapter_input") not in (None, [], ""):
+        raise ControlNetError(f"{where}.ipadapter_input: not read (it is a torch pickle, which can run code when "
+                              f"loaded); send the picture as the unit's image instead")
     image, mask, more = _image_fields(values, where)
     out: dict[str, Any] = {"image": image, "mask": mask, **({"more_images": more} if more else {})}
     for name, f in FIELDS.items():
