@@ -414,6 +414,24 @@ def image_prompt(model: IPAdapterModel, encoder, image: np.ndarray, device: torc
     return ImagePrompt(model.project(feature).cpu(), model.project(blank).cpu())
 
 
+def clip_encoder(clip_vision_dir: str | Path, name: str, where: str, needs: str = "the IP-Adapter"
+                 ) -> tuple[object, tuple]:
+    """The CLIP vision encoder ``name`` (``clip_h``, ``clip_g``, ``clip_vitl``) from ``models/clip_vision``,
+    loaded once for the process (:data:`ENCODERS`), and the key its features are remembered under; a missing
+    or unusable file is a :class:`ControlNetError` starting with ``where`` and saying what ``needs`` it."""
+    try:
+        clip_file = find_clip_vision(clip_vision_dir, name, needs)
+        encoder = ENCODERS.get(clip_file, load_clip_vision)
+    except ModelFileError as exc:
+        raise ControlNetError(f"{where}: {exc}") from None
+    return encoder, (str(clip_file.resolve()), clip_file.stat().st_mtime_ns)
+
+
+def encoder_device(unit, device: torch.device) -> torch.device:
+    """Where a unit's CLIP encoder runs: the CPU for a ``low_vram`` unit, else the job's device."""
+    return torch.device("cpu") if unit.low_vram else torch.device(device)
+
+
 def ip_adapter_hook(prepared, path_of_model: str | Path, clip_vision_dir: str | Path, device: torch.device,
                     dtype: torch.dtype) -> IPAdapterHook:
     """The hook of one prepared IP-Adapter unit.
@@ -431,19 +449,12 @@ def ip_adapter_hook(prepared, path_of_model: str | Path, clip_vision_dir: str | 
     except ModelFileError as exc:
         raise ControlNetError(f"{where}: {exc}") from None
     name = encoder_for(unit.module, unit.model or Path(path_of_model).stem, model.spec, where)
-    try:
-        clip_file = find_clip_vision(clip_vision_dir, name)
-        encoder = ENCODERS.get(clip_file, load_clip_vision)
-    except ModelFileError as exc:
-        raise ControlNetError(f"{where}: {exc}") from None
+    encoder, key = clip_encoder(clip_vision_dir, name, where)
     images = [np.asarray(x) for x in (prepared.detected, *prepared.more)]
     for image in images:
         if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
             raise ControlNetError(f"{where}: the IP-Adapter needs an RGB image, got {image.dtype} {image.shape}")
-    st = clip_file.stat()
-    encoder_device = torch.device("cpu") if unit.low_vram else torch.device(device)
-    key = (str(clip_file.resolve()), st.st_mtime_ns)
-    prompts = [image_prompt(model, encoder, image, encoder_device, key, where) for image in images]
+    prompts = [image_prompt(model, encoder, image, encoder_device(unit, device), key, where) for image in images]
     # several images (the extension's Multi-Inputs): their tokens averaged, the blank prompt's too
     prompt = prompts[0] if len(prompts) == 1 else ImagePrompt(torch.stack([p.cond for p in prompts]).mean(0),
                                                               torch.stack([p.uncond for p in prompts]).mean(0))

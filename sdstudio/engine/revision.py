@@ -29,10 +29,9 @@ import numpy as np
 import torch
 
 from ..core.controlnet import SCRIPT_NAME, ControlNetError
-from ..models.errors import ModelFileError
-from ..models.ip_adapter import clip_pixels, find_clip_vision, load_clip_vision
+from ..models.ip_adapter import clip_pixels
 from .hooks import StepHook, UNetCall
-from .ip_adapter import ENCODERS, encoder_features
+from .ip_adapter import clip_encoder, encoder_device, encoder_features
 
 MODULES = ("revision_clipvision", "revision_ignore_prompt")
 IGNORE_PROMPT = "revision_ignore_prompt"
@@ -120,19 +119,12 @@ def revision_hook(prepared: Sequence, clip_vision_dir: str | Path, device: torch
     ``seed``: the job's, for the noise augmentation; ``empty_prompts``: the prompt and the negative prompt are
     both empty (the context is zeroed, as with ``revision_ignore_prompt``). A missing clip_g file is a
     :class:`ControlNetError` naming the unit, the file and the folder."""
-    first = f"{SCRIPT_NAME} unit {prepared[0].index}"
-    try:
-        clip_file = find_clip_vision(clip_vision_dir, ENCODER)
-        encoder = ENCODERS.get(clip_file, load_clip_vision)
-    except ModelFileError as exc:
-        raise ControlNetError(f"{first}: {str(exc).replace('the IP-Adapter needs', 'ReVision needs')}") from None
-    key = (str(clip_file.resolve()), clip_file.stat().st_mtime_ns)
+    encoder, key = clip_encoder(clip_vision_dir, ENCODER, f"{SCRIPT_NAME} unit {prepared[0].index}", "ReVision")
     generator = torch.Generator().manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
     units = []
     for p in prepared:
         unit = p.unit
-        encoder_device = torch.device("cpu") if unit.low_vram else torch.device(device)
-        embeds = image_embeds(encoder, np.asarray(p.detected)[:, :, :3], encoder_device, key)
+        embeds = image_embeds(encoder, np.asarray(p.detected)[:, :, :3], encoder_device(unit, device), key)
         units.append(RevisionUnit(p.index, augmented(embeds, unit.threshold_a, generator), unit.weight,
                                   unit.guidance_start, unit.guidance_end))
     ignore = empty_prompts or any(p.unit.module == IGNORE_PROMPT for p in prepared)

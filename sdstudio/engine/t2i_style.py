@@ -20,10 +20,9 @@ import numpy as np
 import torch
 
 from ..core.controlnet import SCRIPT_NAME, ControlNetError
-from ..models.errors import ModelFileError
-from ..models.ip_adapter import clip_pixels, find_clip_vision, load_clip_vision
+from ..models.ip_adapter import clip_pixels
 from .hooks import StepHook, UNetCall
-from .ip_adapter import ENCODERS, encoder_features
+from .ip_adapter import clip_encoder, encoder_device, encoder_features
 
 MODULE = "clip_vision"
 ENCODER = "clip_vitl"
@@ -72,17 +71,11 @@ def style_hook(prepared, clip_vision_dir: str | Path, device: torch.device, hire
     unit's image). A missing clip_vitl file is a :class:`ControlNetError` naming the unit, file and folder."""
     unit = prepared.unit
     where = f"{SCRIPT_NAME} unit {prepared.index}"
-    try:
-        clip_file = find_clip_vision(clip_vision_dir, ENCODER)
-        encoder = ENCODERS.get(clip_file, load_clip_vision)
-    except ModelFileError as exc:
-        raise ControlNetError(f"{where}: {str(exc).replace('the IP-Adapter needs', 'the T2I style adapter needs')}"
-                              ) from None
-    key = (str(clip_file.resolve()), clip_file.stat().st_mtime_ns)
-    encoder_device = torch.device("cpu") if unit.low_vram else torch.device(device)
+    encoder, key = clip_encoder(clip_vision_dir, ENCODER, where, "the T2I style adapter")
     adapter = prepared.model.module
     try:
-        tokens = style_tokens(adapter, encoder, np.asarray(prepared.detected)[:, :, :3], encoder_device, key)
+        tokens = style_tokens(adapter, encoder, np.asarray(prepared.detected)[:, :, :3],
+                              encoder_device(unit, device), key)
     except ControlNetError as exc:
         raise ControlNetError(f"{where}: {exc}") from None
     return StyleHook(where, tokens, unit.weight, unit.guidance_start, unit.guidance_end, unit, hires_job)

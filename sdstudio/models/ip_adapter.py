@@ -470,9 +470,9 @@ def load_clip_vision(path: str | Path) -> CLIPVisionModelWithProjection:
     return model
 
 
-def find_clip_vision(folder: str | Path, name: str) -> Path:
+def find_clip_vision(folder: str | Path, name: str, needs: str = "the IP-Adapter") -> Path:
     """``models/clip_vision/clip_h.pth`` (or ``clip_h.safetensors``...) for ``name`` (``clip_h``, ``clip_g``,
-    ``clip_vitl``); missing: a :class:`ModelFileError` saying which file to put where."""
+    ``clip_vitl``); missing: a :class:`ModelFileError` saying what ``needs`` it and which file to put where."""
     folder = Path(folder)
     want = CLIP_VISION_FILES.get(name, f"{name}.pth")
     stem = Path(want).stem
@@ -482,7 +482,7 @@ def find_clip_vision(folder: str | Path, name: str) -> Path:
             return candidate
     hint = {"clip_h": "the OpenCLIP ViT-H/14 image encoder", "clip_g": "the OpenCLIP ViT-bigG/14 image encoder",
             "clip_vitl": "the OpenAI ViT-L/14 image encoder"}.get(name, "the CLIP image encoder")
-    raise ModelFileError(f"the IP-Adapter needs {hint}: put {want} in {folder}")
+    raise ModelFileError(f"{needs} needs {hint}: put {want} in {folder}")
 
 
 def clip_pixels(image: np.ndarray) -> torch.Tensor:
