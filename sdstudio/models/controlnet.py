@@ -496,9 +496,9 @@ def _module_class(spec: ControlSpec) -> type:
             "controlnet_union": ControlNetUnionModel}.get(spec.kind, ControlNetModel)
 
 
-def _build_module(spec: ControlSpec, shapes: Shapes | None = None) -> torch.nn.Module:
+def _build_module(spec: ControlSpec, tensors: Mapping[str, torch.Tensor]) -> torch.nn.Module:
     if spec.kind == "lllite":  # one small network per projection: built from the file's shapes
-        return lllite.build(shapes or {})
+        return lllite.build({k: tuple(v.shape) for k, v in tensors.items()})
     cls = _module_class(spec)
     try:
         with init_empty_weights(include_buffers=False):
@@ -695,7 +695,7 @@ def load_control_model(path: str | Path, dtype: torch.dtype = torch.float32, *, 
                              f"use it with a {family} checkpoint loaded")
     rel = {k[len(spec.prefix):]: source[k] for k in source.shapes if k.startswith(spec.prefix)}
     try:
-        module = _build_module(spec, {k: tuple(v.shape) for k, v in rel.items()})
+        module = _build_module(spec, rel)
     except ModelFileError as exc:
         raise ModelFileError(f"{label}: {exc}") from None
     lpb = spec.config.get("layers_per_block", 0)

@@ -242,9 +242,8 @@ def boost(rgb: np.ndarray, estimate: Estimate, net: MergeNet, max_res: int | Non
     large = cv2.resize(rgb, (b, a), interpolation=cv2.INTER_CUBIC)
     patches = select_patches(large, factor)
     scale = height / large.shape[0]
-    picture = cv2.resize(large, (round(large.shape[1] * scale), round(large.shape[0] * scale)),
-                         interpolation=cv2.INTER_CUBIC)
     size = (round(large.shape[1] * scale), round(large.shape[0] * scale))
+    picture = cv2.resize(large, size, interpolation=cv2.INTER_CUBIC)
     base = cv2.resize(whole, size, interpolation=cv2.INTER_CUBIC)
     updated = base.copy()
     mask = None
