@@ -71,6 +71,24 @@ def session_engine(make_data_root):
     return Engine(Paths(make_data_root("engine")))
 
 
+@pytest.fixture(scope="session")
+def controlnet_studio(make_data_root):
+    """A Studio over a read-only data dir with the tiny SD 1.x checkpoint, a tiny ControlNet (``tiny-canny``),
+    a tiny IP-Adapter (``ip-adapter_tiny``) and its CLIP vision encoder, for tests that only generate."""
+    from sdstudio.core.paths import Paths
+    from sdstudio.engine.generate import Engine
+    from sdstudio.scripts import Studio
+    from sdstudio.testing.controlnet_files import write_controlnet
+    from sdstudio.testing.ip_adapter_files import write_clip_vision, write_ip_adapter
+
+    root = make_data_root("controlnet-units")
+    folder = root / "models" / "ControlNet"
+    write_controlnet(folder / "tiny-canny.safetensors", "sd1", "tiny", seed=3)
+    write_ip_adapter(folder / "ip-adapter_tiny.safetensors")
+    write_clip_vision(root / "models" / "clip_vision" / "clip_h.safetensors")
+    return Studio(Engine(Paths(root)))
+
+
 @pytest.fixture
 def service(data_dir):
     """A running job service (queue in the data dir, one worker) on the tiny SD1 checkpoint."""

@@ -14,13 +14,9 @@ from PIL import Image
 
 from sdstudio.core import controlnet as cn
 from sdstudio.core.params import Txt2ImgRequest
-from sdstudio.core.paths import Paths
 from sdstudio.engine import ip_adapter as ipa
 from sdstudio.engine.controlnet import PreparedUnit
-from sdstudio.engine.generate import Engine
 from sdstudio.models import ip_adapter as files
-from sdstudio.scripts import Studio
-from sdstudio.testing.controlnet_files import write_controlnet
 from sdstudio.testing.ip_adapter_files import tiny_clip_vision, write_clip_vision, write_ip_adapter
 
 torch.set_num_threads(1)
@@ -55,23 +51,14 @@ def test_an_ip_adapter_unit_averages_the_images_tokens(tmp_path):
     assert torch.allclose(hook.prompt.uncond, sum(p.uncond for p in each) / 3, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def studio(make_data_root):
-    root = make_data_root("multi-inputs")
-    folder = root / "models" / "ControlNet"
-    write_controlnet(folder / "tiny-canny.safetensors", "sd1", "tiny", seed=3)
-    write_ip_adapter(folder / "ip-adapter_tiny.safetensors")
-    write_clip_vision(root / "models" / "clip_vision" / "clip_h.safetensors")
-    return Studio(Engine(Paths(root)))
-
-
 def _pixels(studio, unit) -> np.ndarray:
     req = Txt2ImgRequest(prompt="a cat", seed=2, steps=2, width=64, height=64, sampler_name="Euler",
                          alwayson_scripts={"ControlNet": {"units": [unit]}})
     return np.asarray(studio.generate(req).images[0].image.convert("RGB"), np.int16)
 
 
-def test_requests_with_several_images(studio):
+def test_requests_with_several_images(controlnet_studio):
+    studio = controlnet_studio
     ip = {"enabled": True, "module": "ip-adapter_clip_sd15", "model": "ip-adapter_tiny"}
     one = _pixels(studio, {**ip, "image": _b64("red")})
     two = _pixels(studio, {**ip, "image": [{"image": _b64("red")}, {"image": _b64("blue")}]})
@@ -83,7 +70,8 @@ def test_requests_with_several_images(studio):
                          "image": [{"image": _b64("red")}, {"image": _b64("blue")}]})
 
 
-def test_merge_mode_unfolds_a_controlnet_unit_per_picture(studio):
+def test_merge_mode_unfolds_a_controlnet_unit_per_picture(controlnet_studio):
+    studio = controlnet_studio
     red, blue = _b64("red"), _b64("blue")
     base = {"enabled": True, "module": "none", "model": "tiny-canny", "weight": 0.9, "input_mode": "merge",
             "image": [{"image": red}, {"image": blue}]}

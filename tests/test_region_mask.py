@@ -14,14 +14,10 @@ from PIL import Image, ImageDraw
 
 from sdstudio.core import controlnet as cn
 from sdstudio.core.params import Txt2ImgRequest
-from sdstudio.core.paths import Paths
 from sdstudio.engine import ip_adapter as ipa
 from sdstudio.engine.controlnet import in_region
-from sdstudio.engine.generate import Engine
 from sdstudio.models import ip_adapter as files
-from sdstudio.scripts import Studio
-from sdstudio.testing.controlnet_files import write_controlnet
-from sdstudio.testing.ip_adapter_files import tiny_clip_vision, write_clip_vision, write_ip_adapter
+from sdstudio.testing.ip_adapter_files import tiny_clip_vision, write_ip_adapter
 from sdstudio.testing.synthetic import tiny_unet
 
 torch.set_num_threads(1)
@@ -95,16 +91,6 @@ def test_the_regional_attention_path_against_diffusers(adapter):
 
 
 # ---- whole requests ----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def studio(make_data_root):
-    root = make_data_root("region")
-    folder = root / "models" / "ControlNet"
-    write_controlnet(folder / "tiny-canny.safetensors", "sd1", "tiny", seed=3)
-    write_ip_adapter(folder / "ip-adapter_tiny.safetensors")
-    write_clip_vision(root / "models" / "clip_vision" / "clip_h.safetensors")
-    return Studio(Engine(Paths(root)))
-
-
 def _edges() -> str:
     im = Image.new("RGB", (64, 64), "black")
     ImageDraw.Draw(im).rectangle((16, 16, 48, 48), outline="white", width=2)
@@ -122,7 +108,8 @@ def _pixels(studio, units=()) -> np.ndarray:
     {"module": "none", "model": "tiny-canny", "image": None},
     {"module": "ip-adapter_clip_sd15", "model": "ip-adapter_tiny", "image": None},
 ], ids=["controlnet", "ip-adapter"])
-def test_requests_with_a_region(studio, unit):
+def test_requests_with_a_region(controlnet_studio, unit):
+    studio = controlnet_studio
     unit = {**unit, "enabled": True, "image": _edges()}
     plain, on = _pixels(studio), _pixels(studio, [unit])
     assert np.abs(on - plain).mean() > 0.2
@@ -132,7 +119,8 @@ def test_requests_with_a_region(studio, unit):
     assert not np.array_equal(half, on) and not np.array_equal(half, plain)
 
 
-def test_kinds_without_regions_refuse_one(studio):
+def test_kinds_without_regions_refuse_one(controlnet_studio):
+    studio = controlnet_studio
     unit = {"enabled": True, "module": "reference_only", "model": "None", "image": _edges(),
             "effective_region_mask": _mask("half")}
     with pytest.raises(cn.ControlNetError, match="unit 0: effective_region_mask works with ControlNet, T2I-Adapter "
