@@ -87,8 +87,6 @@ def test_merge_mode_unfolds_a_controlnet_unit_per_picture(controlnet_studio):
     result = studio.generate(halves)
     assert np.array_equal(merged, np.asarray(result.images[0].image.convert("RGB"), np.int16))
     assert "ControlNet 1" in result.images[0].infotext  # two units numbered, as the extension writes them
-    with pytest.raises(cn.ControlNetError, match="unit 0.input_mode: batch .* is not supported"):
-        cn.units_from([{**base, "input_mode": "batch"}])
 
 
 def test_pickled_ip_adapter_inputs_are_refused_not_ignored():

@@ -204,6 +204,27 @@ def test_the_tabs_values_become_alwayson_scripts(ui):
         tab.form.request(values, {})
 
 
+def test_the_batch_tab_sends_a_folder_and_is_refused_when_shared(ui, tmp_path):
+    blocks = {getattr(b, "elem_id", None): b for b in ui.page.blocks.values()}
+    p = "img2img_controlnet_ControlNet-1"
+    assert blocks[f"{p}_batch_image_dir"].label == "Input Directory"
+    loop = blocks[f"{p}_controlnet_automatically_send_generated_images_checkbox"]
+    assert loop.label.startswith("[Batch Loopback]") and loop.visible is False  # shown on the Batch tab only
+    tab = ui.txt2img
+    values = values_of(tab)
+    values.update({unit_key(0, "enabled"): True, unit_key(0, "module"): "canny", unit_key(0, "input_mode"): "batch",
+                   unit_key(0, "batch_images"): f" {tmp_path} ", unit_key(0, "loopback"): True})
+    unit = tab.form.request(values, {}).alwayson_scripts["ControlNet"]["units"][0]
+    assert (unit["input_mode"], unit["batch_images"], unit["loopback"], unit["image"]) == \
+        ("batch", str(tmp_path), True, None)
+    ui.allow_folders = False  # served with --listen: the page may not name the server's folders
+    try:
+        with pytest.raises(RequestError, match="only available when the server is not shared"):
+            tab.form.request(values, {})
+    finally:
+        ui.allow_folders = True
+
+
 def test_strokes_on_an_empty_canvas_are_the_image():
     strokes = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
     strokes.paste((0, 0, 0, 255), (10, 0, 12, 32))
@@ -349,7 +370,7 @@ def test_controlnet_accordion_in_the_browser(server, tmp_path):
             page.locator("#txt2img_prompt textarea").fill(PASTED)
             page.click("#paste")
             page.click("#txt2img_script_controlnet .label-wrap")
-            page.wait_for_function(f"document.querySelector('#{p}_controlnet_enable_checkbox input').checked",
+            page.wait_for_function(f"document.querySelector('#{p}_controlnet_enable_checkbox input')?.checked",
                                    timeout=20_000)
             assert page.locator(f"#{p}_tab-button").inner_text().strip() == "ControlNet Unit 0"
             assert page.locator(f"#{p}_controlnet_preprocessor_dropdown input").input_value() == "canny"
@@ -416,6 +437,26 @@ def test_controlnet_accordion_in_the_browser(server, tmp_path):
                 assert time.time() < deadline, info.input_value()
                 time.sleep(0.2)
             assert "Module: canny" in info.input_value() and f"Model: {CANNY_FILE} [" in info.input_value()
+            # the Batch tab: a folder of two control pictures gives two images
+            folder = tmp_path / "batch"
+            folder.mkdir()
+            square(64, 16).save(folder / "one.png")
+            square(64, 40).save(folder / "two.png")
+            loopback = page.locator(f"#{p}_controlnet_automatically_send_generated_images_checkbox")
+            assert not loopback.is_visible()
+            page.locator(f"#{p}_tab .cnet-input-tabs button[role=tab]:has-text('Batch')").click()
+            page.locator(f"#{p}_batch_image_dir textarea").fill(str(folder))
+            loopback.wait_for(state="visible", timeout=20_000)
+            page.locator("#txt2img_script_controlnet").screenshot(path=str(SHOTS / "txt2img-controlnet-batch.png"))
+            before = page.locator("#txt2img_gallery img").count()
+            page.click("#txt2img_generate")
+            deadline = time.time() + 180
+            while page.locator("#txt2img_gallery img").count() < 2 or info.input_value().count("ControlNet 0") != 1 \
+                    or page.locator("#txt2img_gallery img").count() == before:
+                errors = page.locator(".toast-body").all_inner_texts()
+                assert not errors, f"the job failed: {errors}"
+                assert time.time() < deadline, (page.locator("#txt2img_gallery img").count(), info.input_value())
+                time.sleep(0.2)
         finally:
             browser.close()
 

@@ -33,7 +33,7 @@ from ..models.errors import ModelFileError, ModelNotFoundError
 from ..models.network_info import network_info
 from ..service.jobs import JobError, JobService, Txt2ImgJob, a1111_info, grid_paths
 from ..service.queue import QUEUED
-from .common import client_id, decode_image, encode_file, inside
+from .common import client_id, decode_image, encode_file, inside, server_file
 
 
 class Txt2ImgBody(BaseModel):
@@ -307,14 +307,21 @@ def check_limits(req: Txt2ImgRequest, limits: dict | None) -> None:
                                  f"limit of {limits['images']} (--limit-images)")
 
 
-def queue_job(body: Txt2ImgBody, req: Txt2ImgRequest, options: dict, service: JobService, limits=None) -> Txt2ImgJob:
+def queue_job(body: Txt2ImgBody, req: Txt2ImgRequest, options: dict, service: JobService, limits=None,
+              request: Request | None = None) -> Txt2ImgJob:
     """The queue job an A1111 txt2img or img2img request asks for, checked before it may wait in the
-    queue: bad fields, the server's limits, paths and unknown models are an HTTP 4xx naming them."""
+    queue: bad fields, the server's limits, paths and unknown models are an HTTP 4xx naming them. The server
+    folders its scripts name (ControlNet's batch folders) may be anywhere for a caller on this machine, only
+    inside the data dir for one from the network (``request``: who asks; None: an in-process caller)."""
     engine = service.engine
     try:
         req = service.studio.validate(req)
+        named = service.studio.server_paths(req)
     except RequestError as exc:
         raise HTTPException(422, str(exc)) from None
+    if request is not None:
+        for field, path in named.items():
+            server_file(request, engine.paths.data_dir, path, field)
     check_limits(req, limits)
     outdir = inside(engine.paths.outputs_dir, body.outpath_samples, "outpath_samples")
     inside(engine.paths.outputs_dir, body.outpath_grids, "outpath_grids")
@@ -432,7 +439,7 @@ def make_router(service: JobService, settings: Settings, cmd_flags: dict, limits
     async def txt2img(body: Txt2ImgBody, request: Request):
         def prepare():
             req = to_request(body, options, **script_fields(body, catalog, [], "txt2img"))
-            return queue_job(body, req, options, service, limits)
+            return queue_job(body, req, options, service, limits, request)
 
         return await run_blocking(service, client_id(request), prepare, body, options, request)
 
@@ -441,7 +448,7 @@ def make_router(service: JobService, settings: Settings, cmd_flags: dict, limits
         def prepare():
             upscalers = [u.name for u in engine.upscalers.available()]
             req, inits, mask = img2img_request(body, options, upscalers, catalog)
-            job = queue_job(body, req, options, service, limits)
+            job = queue_job(body, req, options, service, limits, request)
             store_uploads(service, job, inits, mask)
             return job
 

@@ -76,7 +76,7 @@ def make_router(service: JobService, options: dict, limits: dict | None = None) 
         else:
             req = to_request(body.request, options,
                              **script_fields(body.request, service.studio.catalog, [], "txt2img"))
-        job = queue_job(body.request, req, options, service, limits)
+        job = queue_job(body.request, req, options, service, limits, request)
         try:
             submitted = service.submit(client_id(request), job)
         except JobError as exc:  # 422 for a bad request, 429 when the client's queue is full

@@ -31,8 +31,10 @@ RESIZE_ALIASES = {"Inner Fit (Scale to Fit)": "Crop and Resize", "Scale to Fit (
                   "Outer Fit (Shrink to Fit)": "Resize and Fill", "Envelope (Outer Fit)": "Resize and Fill"}
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 HR_OPTIONS = ("Both", "Low res only", "High res only")
-# the extension's input modes: one picture, a folder per generation (not here), several pictures merged
+# the extension's input modes: one picture, a folder of pictures (one generation each), several pictures merged
 INPUT_MODES = ("simple", "batch", "merge")
+# the batch tab's pictures: what the extension's folder listing finds that a picture reader reads
+BATCH_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 INFOTEXT_FIELDS = ("module", "model", "weight", "resize_mode", "processor_res", "threshold_a", "threshold_b",
                    "guidance_start", "guidance_end", "pixel_perfect", "control_mode")
 ALIASES = {"guidance": "guidance_end", "lowvram": "low_vram", "input_image": "image", "mask_image": "mask"}
@@ -109,6 +111,14 @@ class ControlUnit:
     # the extension's Multi-Inputs beyond the first (image, mask): an IP-Adapter unit averages their tokens
     more_images: tuple[tuple[str, str | None], ...] = ()
     input_mode: str = "simple"  # INPUT_MODES; "merge" is unfolded by units_from (see there)
+    # the batch tab (input_mode "batch"): a server folder of control pictures (or a list of their paths), one
+    # generation each (sdstudio.scripts.controlnet); masks from batch_mask_dir (the i-th, or the first when
+    # there are fewer); output_dir: where the pictures are also saved, named as their control pictures;
+    # loopback: from the second generation on, the unit's picture is the previous generation's first image
+    batch_images: str | tuple[str, ...] | None = None
+    batch_mask_dir: str | None = None
+    output_dir: str = ""
+    loopback: bool = False
 
     def replace(self, **changes) -> ControlUnit:
         return dataclasses.replace(self, **changes)
@@ -126,6 +136,8 @@ class ControlUnit:
         if self.advanced_weighting is not None:
             out["advanced_weighting"] = list(self.advanced_weighting)
         out["more_images"] = [list(pair) for pair in self.more_images]
+        if isinstance(self.batch_images, tuple):
+            out["batch_images"] = list(self.batch_images)
         return out
 
     @property
@@ -241,6 +253,48 @@ def _more_images(value: Any, where: str) -> tuple[tuple[str, str | None], ...]:
     return tuple(out)
 
 
+def _batch_images(value: Any, where: str) -> str | tuple[str, ...] | None:
+    """The batch tab's pictures: a folder (the extension's text box), or a list of picture paths."""
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v.strip() for v in value):
+        return tuple(v.strip() for v in value) or None
+    raise ControlNetError(f"{where}: expected a folder of control pictures or a list of their paths, got "
+                          f"{type(value).__name__}")
+
+
+def batch_files(unit: ControlUnit, index: int = 0) -> list[tuple[str, str | None]]:
+    """A batch unit's (picture, mask or None) paths, in the order the generations use them: the folder's
+    pictures sorted by name (hidden files left out, as A1111's ``listfiles``), masks from ``batch_mask_dir``
+    likewise, the i-th mask with the i-th picture, the first with all when there are fewer. Reads only the
+    folder listing; a missing or empty folder is a :class:`ControlNetError` naming it."""
+    where = f"{SCRIPT_NAME} unit {index}"
+    pictures = _listed(unit.batch_images, f"{where}.batch_images")
+    masks = _listed(unit.batch_mask_dir, f"{where}.batch_mask_dir") if unit.batch_mask_dir else []
+    if not masks:
+        return [(p, None) for p in pictures]
+    return [(p, masks[i] if len(masks) >= len(pictures) else masks[0]) for i, p in enumerate(pictures)]
+
+
+def _listed(source: str | tuple[str, ...] | None, where: str) -> list[str]:
+    import os
+
+    if isinstance(source, tuple):
+        return list(source)
+    if not source:
+        raise ControlNetError(f"{where}: no folder given")
+    try:
+        names = sorted(n for n in os.listdir(source) if not n.startswith("."))
+    except OSError as exc:
+        raise ControlNetError(f"{where}: cannot read the folder {source!r} ({exc.strerror or exc})") from None
+    found = [os.path.join(source, n) for n in names
+             if n.lower().endswith(BATCH_SUFFIXES) and os.path.isfile(os.path.join(source, n))]
+    if not found:
+        raise ControlNetError(f"{where}: the folder {source!r} holds no pictures "
+                              f"({', '.join(s[1:] for s in BATCH_SUFFIXES)})")
+    return found
+
+
 def unit_from_dict(values: Mapping[str, Any] | ControlUnit, index: int = 0) -> ControlUnit:
     """A unit from an API/UI dict (aliases, old spellings, positions for enums); raises
     :class:`ControlNetError` naming ``unit {index}`` and the field."""
@@ -274,9 +328,8 @@ def unit_from_dict(values: Mapping[str, Any] | ControlUnit, index: int = 0) -> C
             out[name] = _choice(value, at, HR_OPTIONS)
         elif name == "input_mode":
             out[name] = _choice(value, at, INPUT_MODES)
-            if out[name] == "batch":
-                raise ControlNetError(f"{at}: batch (a folder of control pictures, one per generation) is not "
-                                      f"supported; send the pictures as the unit's image list or one request each")
+        elif name == "batch_images":
+            out[name] = _batch_images(value, at)
         elif name == "more_images":
             if values[name] and more:
                 raise ControlNetError(f"{where}: give several images as an image list or as more_images, not both")
@@ -313,6 +366,9 @@ def unit_from_dict(values: Mapping[str, Any] | ControlUnit, index: int = 0) -> C
     if unit.guidance_start > unit.guidance_end:
         raise ControlNetError(f"{where}: guidance_start ({unit.guidance_start:g}) is after guidance_end "
                               f"({unit.guidance_end:g})")
+    if unit.input_mode == "batch" and unit.enabled and not unit.batch_images:
+        raise ControlNetError(f"{where}.batch_images: input_mode batch needs the folder of control pictures "
+                              f"(or a list of their paths)")
     if not unit.module:
         unit = unit.replace(module="none")
     if not unit.model:

@@ -127,9 +127,17 @@ class Script:
     # (sdstudio.engine.hooks); ctx (sdstudio.scripts.studio.HookContext) gives the engine and takes extra
     # output images (ControlNet's detected maps)
     hooks: Callable | None = None
+    # always-on scripts that may make a job as a series of generations (ControlNet's batch tab: one per
+    # control picture of a folder): series(args) -> None (the job is one generation, with the hooks) or a
+    # run(ctx, req, args) as a selectable script's, whose passes' requests no longer ask for a series
+    series: Callable | None = None
+    # the server files and folders its arguments name (read or written): server_paths(args) -> {field: path};
+    # the API lets a caller from the network name only paths inside the data dir
+    server_paths: Callable[[Args], dict[str, str]] | None = None
     enabled: str | None = None  # always-on: the parameter that switches it on (None: on when given)
     check: Callable[[Args, ScriptCatalog], None] | None = None  # checks across parameters (raise ScriptError)
-    precheck: Callable | None = None  # precheck(ctx, req, args): against the real models, before queueing
+    # precheck(ctx, req, args): against the real models and files, before queueing (always-on scripts too)
+    precheck: Callable | None = None
     from_a1111: Callable[[list, dict], dict] | None = None  # a positional list that needs more than positions
     axes: tuple = ()  # X/Y/Z axes it adds (sdstudio.core.xyz.Axis)
     draws_seeds: bool = False  # the runner makes the seeds concrete itself (prompts from file: per line)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from ..core import infotext
 from ..core.errors import StudioError
 from ..core.params import RequestError, Txt2ImgRequest
-from ..core.scripts import Args, ScriptCatalog, ScriptError, builtin
+from ..core.scripts import ScriptCatalog, ScriptError, builtin
 
 
 class Paused(Exception):
@@ -198,12 +198,41 @@ class Studio:
         """What a script would refuse, found before the job queues (X/Y/Z values against the real
         samplers, checkpoints and upscalers; every prompt-file line's request)."""
         req = self.validate(req)
+        for script, args in self._alwayson_args(req):
+            if script.precheck is not None:
+                script.precheck(ScriptContext(self.engine, self), req, args)
         if not req.script_name:
             return
         script = self.catalog.get(req.script_name, req.kind, alwayson=False)
         if script.precheck is not None:
             args = self.catalog.parse(script.name, req.script_args, req.kind)
             script.precheck(ScriptContext(self.engine, self), req.replace(script_name="", script_args={}), args)
+
+    def server_paths(self, req: Txt2ImgRequest) -> dict[str, str]:
+        """The server files and folders ``req``'s always-on scripts name (``Script.server_paths``), by field."""
+        found: dict[str, str] = {}
+        for script, args in self._alwayson_args(self.validate(req)):
+            if script.server_paths is not None:
+                found.update(script.server_paths(args))
+        return found
+
+    def _alwayson_args(self, req: Txt2ImgRequest) -> list[tuple]:
+        """(script, parsed arguments) of ``req``'s always-on scripts that are on, in catalog order."""
+        out = []
+        for script in self.catalog:
+            if script.alwayson and not script.request_fields and script.name in req.alwayson_scripts:
+                args = self.catalog.parse(script.name, req.alwayson_scripts[script.name], req.kind, alwayson=True)
+                if script.is_on(args):
+                    out.append((script, args))
+        return out
+
+    def _series(self, req: Txt2ImgRequest) -> tuple | None:
+        """(script, run, args) of the first always-on script that makes ``req`` a series (``Script.series``)."""
+        for script, args in self._alwayson_args(req):
+            run = script.series(args) if script.series is not None else None
+            if run is not None:
+                return script, run, args
+        return None
 
     def count_units(self, req: Txt2ImgRequest) -> int:
         """How many units ``req``'s script makes (0: no script, or one whose units depend on each other's
@@ -230,12 +259,7 @@ class Studio:
         """The per-step hooks and infotext pairs of the request's always-on scripts, in catalog order."""
         hooks, pairs = [], {}
         context = context if context is not None else HookContext(self.engine)
-        for script in self.catalog:
-            if not script.alwayson or script.request_fields or script.name not in req.alwayson_scripts:
-                continue
-            args = self.catalog.parse(script.name, req.alwayson_scripts[script.name], req.kind, alwayson=True)
-            if not script.is_on(args):
-                continue
+        for script, args in self._alwayson_args(req):
             if script.hooks is not None:
                 try:
                     made = list(script.hooks(args, req, context) if _takes_context(script.hooks)
@@ -259,6 +283,14 @@ class Studio:
         script, ``units``/``on_unit`` carry its finished units across a pause, ``unit_range`` makes only some
         of them and ``make_units=False`` assembles stored ones (module docstring)."""
         req = self.validate(req)
+        try:
+            series = None if req.script_name else self._series(req)
+        except ScriptError as exc:
+            raise RequestError(str(exc)) from None
+        if series is not None:  # one generation after another (ControlNet's batch tab), each a unit
+            ctx = ScriptContext(self.engine, self, on_progress, should_stop, should_skip, should_pause,
+                                dict(units or {}), on_unit, make_units=make_units)
+            return self._run_script(ctx, req, first_batch, on_image, on_batch, keep_images, series)
         if not req.script_name:
             req = req.with_concrete_seeds()  # hooks see the seeds the images get (ControlNet's shuffle field)
             context = HookContext(self.engine)
@@ -273,9 +305,7 @@ class Studio:
             return self._with_extras(result, context, on_image, on_batch, keep_images)
         try:  # a bad always-on argument fails now, before the script's first pass (parsed only: building the
             # hooks would run their preparation, ControlNet's preprocessors, once more than the passes do)
-            for script in self.catalog:
-                if script.alwayson and not script.request_fields and script.name in req.alwayson_scripts:
-                    self.catalog.parse(script.name, req.alwayson_scripts[script.name], req.kind, alwayson=True)
+            self._alwayson_args(req)
         except ScriptError as exc:
             raise RequestError(str(exc)) from None
         ctx = ScriptContext(self.engine, self, on_progress, should_stop, should_skip, should_pause,
@@ -305,19 +335,24 @@ class Studio:
         return result
 
     def _run_script(self, ctx: ScriptContext, req: Txt2ImgRequest, first_batch: int, on_image, on_batch,
-                    keep_images: bool):
+                    keep_images: bool, series: tuple | None = None):
+        """The request's selectable script, or an always-on script's ``series`` (script, run, args)."""
         from ..engine.generate import GeneratedImage, Txt2ImgResult
 
-        script = self.catalog.get(req.script_name, req.kind, alwayson=False)
-        args: Args = self.catalog.parse(script.name, req.script_args, req.kind)
-        inner = req.replace(script_name="", script_args={})
-        if not script.draws_seeds:  # prompts from file draws a seed per line unless told otherwise
-            inner = inner.with_concrete_seeds()
+        if series is not None:
+            script, run, args = series
+            inner = req.with_concrete_seeds()
+        else:
+            script = self.catalog.get(req.script_name, req.kind, alwayson=False)
+            run, args = script.run, self.catalog.parse(script.name, req.script_args, req.kind)
+            inner = req.replace(script_name="", script_args={})
+            if not script.draws_seeds:  # prompts from file draws a seed per line unless told otherwise
+                inner = inner.with_concrete_seeds()
         images: list = []
         interrupted = paused = False
         batches = 0
         try:
-            for seed, outputs in script.run(ctx, inner, args):
+            for seed, outputs in run(ctx, inner, args):
                 if outputs is None:
                     interrupted = True
                     break

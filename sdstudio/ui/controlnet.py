@@ -32,7 +32,8 @@ CONTROL_TYPE_ALL = "All"
 # what the unit's fields are called in the tab's Form (kept out of the request fields' names)
 UNIT_FIELDS = ("enabled", "image", "low_vram", "pixel_perfect", "allow_preview", "type_filter", "module", "model",
                "weight", "guidance_start", "guidance_end", "processor_res", "threshold_a", "threshold_b",
-               "control_mode", "resize_mode", "hr_option", "union_control_type")
+               "control_mode", "resize_mode", "hr_option", "union_control_type", "input_mode", "batch_images",
+               "loopback")
 SLIDER_FIELDS = ("processor_res", "threshold_a", "threshold_b")
 # the sliders' labels before a preprocessor names them (the extension's)
 SLIDER_LABELS = {"processor_res": "Preprocessor resolution", "threshold_a": "Threshold A",
@@ -179,15 +180,28 @@ class ControlNetAccordion:
         unit, c = UnitTab(index, p), {}
         defaults = cn.ControlUnit()
         img2img = self.kind == "img2img"
-        with gr.Row(elem_classes=["cnet-image-row"], equal_height=True):
-            c["image"] = gr.ImageEditor(
-                label="Image (leave empty to use the img2img image)" if img2img else "Image", type="pil",
-                elem_id=f"{p}_input_image", elem_classes=["cnet-image"], height=300,
-                sources=["upload", "clipboard"], brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
-                eraser=gr.Eraser(), layers=False)
-            with gr.Group(visible=False, elem_classes=["cnet-generated-image-group"]) as unit.preview_group:
-                unit.preview = gr.Image(label="Preprocessor Preview", type="numpy", interactive=False,
-                                        elem_id=f"{p}_generated_image", elem_classes=["cnet-image"], height=300)
+        c["input_mode"] = gr.State(defaults.input_mode)  # which input tab is open, as the extension keeps it
+        with gr.Tabs(elem_classes=["cnet-input-tabs"]):
+            with gr.Tab("Single Image", elem_classes=["cnet-unit-image"]) as single, \
+                    gr.Row(elem_classes=["cnet-image-row"], equal_height=True):
+                c["image"] = gr.ImageEditor(
+                    label="Image (leave empty to use the img2img image)" if img2img else "Image", type="pil",
+                    elem_id=f"{p}_input_image", elem_classes=["cnet-image"], height=300,
+                    sources=["upload", "clipboard"], brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                    eraser=gr.Eraser(), layers=False)
+                with gr.Group(visible=False, elem_classes=["cnet-generated-image-group"]) as unit.preview_group:
+                    unit.preview = gr.Image(label="Preprocessor Preview", type="numpy", interactive=False,
+                                            elem_id=f"{p}_generated_image", elem_classes=["cnet-image"], height=300)
+            with gr.Tab("Batch", elem_classes=["cnet-unit-batch"]) as batch:
+                c["batch_images"] = gr.Textbox(label="Input Directory", elem_id=f"{p}_batch_image_dir",
+                                               placeholder="A folder on the server: one generation per picture")
+        c["loopback"] = gr.Checkbox(False, label="[Batch Loopback] Automatically send generated images to this "
+                                                 "ControlNet unit in batch generation", visible=False,
+                                    elem_id=f"{p}_controlnet_automatically_send_generated_images_checkbox",
+                                    elem_classes=["controlnet_loopback_checkbox"])
+        for tab, mode in ((single, "simple"), (batch, "batch")):
+            tab.select(lambda m=mode: (m, gr.Checkbox(visible=m == "batch")), None,
+                       [c["input_mode"], c["loopback"]], show_progress="hidden")
         with gr.Row(elem_classes=["controlnet_main_options"]):
             c["enabled"] = gr.Checkbox(defaults.enabled, label="Enable", elem_id=f"{p}_controlnet_enable_checkbox",
                                        elem_classes=["cnet-unit-enabled"])
@@ -352,7 +366,11 @@ class ControlNetAccordion:
                 fields[name] = round(float(fields[name]))
         if pre is not None and pre.model_free:
             fields["model"] = "None"
-        if enabled:  # a switched-off unit's picture is not needed by the job
+        if enabled and v["input_mode"] == "batch":  # a folder on the server's disk (refused when it is shared)
+            self.ui.require_folders()
+            fields.update(input_mode="batch", batch_images=(v["batch_images"] or "").strip(),
+                          loopback=bool(v["loopback"]))
+        elif enabled:  # a switched-off unit's picture is not needed by the job
             image, mask = image_and_mask(v["image"])
             fields["image"] = encode_png(image) if image is not None else None
             fields["mask"] = encode_png(mask) if mask is not None else None
