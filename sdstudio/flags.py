@@ -41,7 +41,7 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                         "native bfloat16 (avx512_bf16, amx_bf16), float32 on other CPUs (default: autocast, "
                         "or SDSTUDIO_PRECISION)")
     d.add_argument("--no-half", action="store_true", help="run the model in float32 (GPU, or a bfloat16 CPU)")
-    d.add_argument("--no-half-vae", action="store_true", help="run the VAE in float32 on the GPU")
+    d.add_argument("--no-half-vae", action="store_true", help="run the VAE in float32 (on the GPU, and on a CPU with native bfloat16)")
     d.add_argument("--medvram", action="store_true", help="keep only the component in use on the GPU")
     d.add_argument("--lowvram", action="store_true", help="stream UNet blocks to the GPU one by one")
     d.add_argument("--xformers", action="store_true", help="use xformers attention when installed")

@@ -30,7 +30,10 @@ def test_the_cpu_feature_giving_native_bfloat16_is_read_from_cpuinfo():
 @pytest.mark.parametrize("cpuinfo", [X86_BF16, X86_AMX])
 def test_bfloat16_is_the_default_on_such_cpus_and_float32_on_request(cpuinfo):
     plan = plan_devices(DeviceOptions(precision="autocast", **CPU), cpuinfo)
-    assert (plan.dtype, plan.vae_dtype, plan.aux_dtype) == (torch.bfloat16, torch.float32, torch.float32)
+    assert (plan.dtype, plan.vae_dtype, plan.aux_dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+    assert plan.vae_dtype_for(320) == torch.bfloat16 and plan.vae_dtype_for(32) == torch.float32  # narrow: float32
+    kept = plan_devices(DeviceOptions(precision="autocast", no_half_vae=True, **CPU), cpuinfo)
+    assert (kept.dtype, kept.vae_dtype, kept.vae_dtype_for(320)) == (torch.bfloat16, torch.float32, torch.float32)
     assert plan.describe().startswith("cpu, bfloat16 (the CPU has ") and cpu_bf16_feature(cpuinfo) in plan.describe()
     assert plan_devices(DeviceOptions(precision="half", **CPU), cpuinfo).dtype == torch.bfloat16
     for flags in ({"precision": "full"}, {"precision": "autocast", "no_half": True}):
@@ -101,18 +104,36 @@ def pixels(result) -> np.ndarray:
 
 @needs_bf16
 @pytest.mark.parametrize("model", ["tiny-sd1", "tiny-sdxl"])
-def test_bfloat16_runs_the_unet_and_text_encoders_and_keeps_the_vae_in_float32(engines, model):
+def test_bfloat16_runs_the_unet_text_encoders_and_vae(engines, model):
     full, half = engines
     _, loaded = half.load(model)
     assert loaded.unet.dtype == torch.bfloat16
     assert all(te.dtype == torch.bfloat16 for te in loaded.text_encoders)
-    assert loaded.vae.dtype == torch.float32
+    assert loaded.vae.dtype == torch.bfloat16
     a, b = full.generate(Txt2ImgRequest(**BASE, model=model)), half.generate(Txt2ImgRequest(**BASE, model=model))
     diff = np.abs(pixels(a) - pixels(b))
     assert diff.max() > 0, "bfloat16 gave bit-identical pixels: it did not run in bfloat16"
     assert diff.mean() < 4, f"bfloat16 strays from float32 by {diff.mean():.2f} of 255 on average"
     # the same parameters re-create the picture: the precision is not part of the infotext
     assert a.images[0].infotext == b.images[0].infotext
+
+
+@needs_bf16
+def test_the_vae_decodes_in_bfloat16_close_to_float32_and_no_half_vae_keeps_float32(engines, make_data_root):
+    """The decode alone: the same latents through the float32 and the bfloat16 VAE (PSNR over 40 dB), and
+    --no-half-vae loading the VAE in float32 beside a bfloat16 UNet."""
+    from sdstudio.engine.vae import decode
+
+    full, half = engines
+    vae32, vae16 = full.load("tiny-sd1")[1].vae, half.load("tiny-sd1")[1].vae
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    a, b = (decode(v, latents, torch.device("cpu")) * 255 for v in (vae32, vae16))
+    assert b.dtype == torch.float32 and not torch.equal(a, b)
+    psnr = 10 * torch.log10(255 ** 2 / ((a - b) ** 2).mean())
+    assert psnr > 40, f"the bfloat16 decode is {psnr:.1f} dB from float32"
+    kept = Engine(Paths(make_data_root("precision-vae")), DeviceOptions(precision="half", no_half_vae=True, **CPU))
+    _, loaded = kept.load(None)
+    assert loaded.unet.dtype == torch.bfloat16 and loaded.vae.dtype == torch.float32
 
 
 @needs_bf16

@@ -165,7 +165,8 @@ class Engine:
         return file, self._get(file)
 
     def _get(self, file: ModelFile) -> LoadedModel:
-        return self.models.get(file.path, self.plan.dtype_for(unet_width(file.path)), self.plan.vae_dtype,
+        width = unet_width(file.path)
+        return self.models.get(file.path, self.plan.dtype_for(width), self.plan.vae_dtype_for(width),
                                text_encoder_dirs=tuple(self.paths.text_encoder_dirs), vae_dirs=(self.paths.vae_dir,))
 
     def vae_module(self, file: ModelFile, model: LoadedModel, choice: str):
@@ -174,7 +175,7 @@ class Engine:
             return model.vae, None
         key = str(vae_file.path)
         if key not in self._vaes:
-            self._vaes = {key: load_vae_file(vae_file.path, model.vae, self.plan.vae_dtype)}
+            self._vaes = {key: load_vae_file(vae_file.path, model.vae, self.plan.vae_dtype_for(unet_width(file.path)))}
         return self._vaes[key], vae_file
 
     # ---- generation --------------------------------------------------------------------------------
