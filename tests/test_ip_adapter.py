@@ -605,7 +605,7 @@ def test_factory_errors_name_the_unit(root, tmp_path):
         ipa.ip_adapter_hook(_prepared(), path, tmp_path, CPU, torch.float32)
     with pytest.raises(ControlNetError, match="unit 0: .*put clip_g.pth"):
         ipa.ip_adapter_hook(_prepared(module="ip-adapter_clip_sdxl"), path, tmp_path, CPU, torch.float32)
-    with pytest.raises(ControlNetError, match="InsightFace"):
+    with pytest.raises(ControlNetError, match="gives a face embedding for FaceID adapters"):
         ipa.ip_adapter_hook(_prepared(module="ip-adapter_face_id"), path, root / "clip_vision", CPU, torch.float32)
     with pytest.raises(ControlNetError, match="not an IP-Adapter preprocessor"):
         ipa.ip_adapter_hook(_prepared(module="canny"), path, root / "clip_vision", CPU, torch.float32)

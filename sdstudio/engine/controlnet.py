@@ -463,8 +463,9 @@ class ControlNets:
     def _ip_adapter_hook(self, prepared: PreparedUnit, dtype: torch.dtype):
         from .ip_adapter import ip_adapter_hook
 
-        hook = ip_adapter_hook(prepared, prepared.path, self.registry.paths.models_dir / "clip_vision", self.device,
-                               dtype)
+        paths = self.registry.paths
+        hook = ip_adapter_hook(prepared, prepared.path, paths.models_dir / "clip_vision", self.device, dtype,
+                               face_dirs=(paths.models_dir, self.annotators_dir))
         hook.prepared = prepared  # the unit as used (its model's title) for the infotext
         return hook
 

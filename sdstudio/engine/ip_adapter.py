@@ -64,9 +64,11 @@ ENCODER_OF_MODULE = {
     "ip-adapter_clip_sdxl": "clip_g", "ip-adapter_clip_g": "clip_g",
     "ip-adapter_clip_sdxl_plus_vith": "clip_h",
 }
+# the face modules: an InsightFace pack's face embedding instead of a CLIP feature (FaceID adapters)
+FACE_MODULES = {"ip-adapter_face_id": "buffalo_l"}
+FACE = "face"
 UNSUPPORTED_MODULES = {
-    "ip-adapter_face_id": "needs an InsightFace face embedding",
-    "ip-adapter_face_id_plus": "needs an InsightFace face embedding",
+    "ip-adapter_face_id_plus": "needs both a face embedding and CLIP hidden states (FaceID Plus)",
     "ip-adapter_pulid": "needs PuLID's face encoders",
 }
 # ip-adapter-auto: the extension's presets, model file name -> encoder (the CLIP-based ones)
@@ -77,6 +79,8 @@ PRESET_ENCODERS = {
     "ip-adapter-full-face_sd15": "clip_h", "ip-adapter_sdxl": "clip_g", "ip-adapter_sdxl_vit-h": "clip_h",
     "ip-adapter-plus_sdxl_vit-h": "clip_h", "ip-adapter_plus_composition_sdxl": "clip_h",
     "ip-adapter-plus-face_sdxl_vit-h": "clip_h",
+    "ip-adapter-faceid_sd15": FACE, "ip-adapter-faceid_sdxl": FACE, "ip-adapter-faceid-portrait_sd15": FACE,
+    "ip-adapter-faceid-portrait-v11_sd15": FACE, "ip-adapter-faceid-portrait_sdxl": FACE,
 }
 # the published encoders' widths: (image_embeds width, hidden width) -> name, for files no preset names
 _ENCODER_WIDTHS = {"clip_h": (1024, 1280), "clip_g": (1280, 1664)}
@@ -92,19 +96,31 @@ def _model_stem(title: str) -> str:
 
 
 def encoder_for(module: str, model_title: str, spec: IPAdapterSpec, where: str = SCRIPT_NAME) -> str:
-    """The CLIP vision encoder (``clip_h`` / ``clip_g``) a unit runs: its module's, or for ``ip-adapter-auto``
-    the extension's preset for the model's name, else the published encoder whose width the adapter takes."""
+    """The encoder a unit runs: a CLIP vision encoder (``clip_h`` / ``clip_g``) by its module, or for
+    ``ip-adapter-auto`` by the extension's preset for the model's name, else the published encoder whose width
+    the adapter takes; ``face`` (InsightFace) for a FaceID adapter. A module that does not fit the adapter's
+    input is a :class:`ControlNetError` naming the one that does."""
     key = module.strip()
+    stem = _model_stem(model_title)
     if key in UNSUPPORTED_MODULES:
         raise ControlNetError(f"{where}: the {key} preprocessor {UNSUPPORTED_MODULES[key]}, which is not "
-                              f"supported; use ip-adapter_clip_sd15 / ip-adapter_clip_sdxl with a CLIP IP-Adapter")
+                              f"supported; use ip-adapter_face_id with an ip-adapter-faceid file, or "
+                              f"ip-adapter_clip_sd15 / ip-adapter_clip_sdxl with a CLIP IP-Adapter")
+    face_model = spec.kind == "faceid"
+    if (key in FACE_MODULES) != face_model and key != AUTO:
+        if face_model:
+            raise ControlNetError(f"{where}: the IP-Adapter {stem} is a FaceID adapter: it takes an InsightFace "
+                                  f"face embedding; pick the ip-adapter_face_id preprocessor (or ip-adapter-auto)")
+        raise ControlNetError(f"{where}: the {key} preprocessor gives a face embedding for FaceID adapters; {stem} "
+                              f"takes a CLIP feature: pick ip-adapter_clip_sd15 / ip-adapter_clip_sdxl")
+    if face_model:
+        return FACE
     if key in ENCODER_OF_MODULE:
         return ENCODER_OF_MODULE[key]
     if key != AUTO:
         raise ControlNetError(f"{where}: {module!r} is not an IP-Adapter preprocessor "
-                              f"({', '.join([*ENCODER_OF_MODULE, AUTO])})")
-    stem = _model_stem(model_title)
-    if stem in PRESET_ENCODERS:
+                              f"({', '.join([*ENCODER_OF_MODULE, *FACE_MODULES, AUTO])})")
+    if PRESET_ENCODERS.get(stem, FACE) != FACE:
         return PRESET_ENCODERS[stem]
     index = 0 if spec.feature == "image_embeds" else 1
     for name, widths in _ENCODER_WIDTHS.items():
@@ -432,14 +448,28 @@ def encoder_device(unit, device: torch.device) -> torch.device:
     return torch.device("cpu") if unit.low_vram else torch.device(device)
 
 
+def face_prompt(model: IPAdapterModel, faces, image: np.ndarray, where: str = SCRIPT_NAME) -> ImagePrompt:
+    """A FaceID adapter's tokens: the projection of the largest face's normed InsightFace embedding, and of
+    zeros for the negative prompt (the extension's ``_get_image_embeds_faceid``)."""
+    from .annotators.insightface import largest_face
+
+    face = largest_face(faces.faces(np.asarray(image)[:, :, :3]), where)
+    embedding = torch.from_numpy(face.normed_embedding).float()[None]
+    if embedding.shape[-1] != model.spec.clip_dim:
+        raise ControlNetError(f"{where}: the IP-Adapter {model.name} takes a {model.spec.clip_dim}-wide face "
+                              f"embedding; this face recognizer gives {embedding.shape[-1]}")
+    return ImagePrompt(model.project(embedding).cpu(), model.project(torch.zeros_like(embedding)).cpu())
+
+
 def ip_adapter_hook(prepared, path_of_model: str | Path, clip_vision_dir: str | Path, device: torch.device,
-                    dtype: torch.dtype) -> IPAdapterHook:
+                    dtype: torch.dtype, face_dirs: tuple[Path, Path] | None = None) -> IPAdapterHook:
     """The hook of one prepared IP-Adapter unit.
 
     ``prepared``: a :class:`~sdstudio.engine.controlnet.PreparedUnit` whose ``detected`` is the unit's image
     (H×W×3 RGB uint8; H×W×4 with the unit's mask as fourth channel, 255 = masked, for the extension's CLIP
     mask) and whose unit names the module (``ip-adapter_clip_sd15``...) and the model's title.
-    ``path_of_model``: the IP-Adapter file; ``clip_vision_dir``: ``models/clip_vision``. Files missing, unfit
+    ``path_of_model``: the IP-Adapter file; ``clip_vision_dir``: ``models/clip_vision``; ``face_dirs``: the
+    models and annotators folders InsightFace's packs are found under (FaceID adapters). Files missing, unfit
     or of the wrong family are a :class:`ControlNetError` naming the unit (the CLIP file: "put FILE in
     FOLDER")."""
     unit = prepared.unit
@@ -449,12 +479,20 @@ def ip_adapter_hook(prepared, path_of_model: str | Path, clip_vision_dir: str | 
     except ModelFileError as exc:
         raise ControlNetError(f"{where}: {exc}") from None
     name = encoder_for(unit.module, unit.model or Path(path_of_model).stem, model.spec, where)
-    encoder, key = clip_encoder(clip_vision_dir, name, where)
     images = [np.asarray(x) for x in (prepared.detected, *prepared.more)]
     for image in images:
         if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
             raise ControlNetError(f"{where}: the IP-Adapter needs an RGB image, got {image.dtype} {image.shape}")
-    prompts = [image_prompt(model, encoder, image, encoder_device(unit, device), key, where) for image in images]
+    if name == FACE:
+        from .annotators.insightface import face_analysis
+
+        if face_dirs is None:
+            raise ControlNetError(f"{where}: the FaceID adapter needs InsightFace's buffalo_l pack's folder")
+        faces = face_analysis(*face_dirs, FACE_MODULES["ip-adapter_face_id"], f"{where} (ip-adapter_face_id)")
+        prompts = [face_prompt(model, faces, image, where) for image in images]
+    else:
+        encoder, key = clip_encoder(clip_vision_dir, name, where)
+        prompts = [image_prompt(model, encoder, image, encoder_device(unit, device), key, where) for image in images]
     # several images (the extension's Multi-Inputs): their tokens averaged, the blank prompt's too
     prompt = prompts[0] if len(prompts) == 1 else ImagePrompt(torch.stack([p.cond for p in prompts]).mean(0),
                                                               torch.stack([p.uncond for p in prompts]).mean(0))

@@ -443,6 +443,8 @@ IMAGE_PROMPT: tuple[Preprocessor, ...] = (
     Preprocessor("ip-adapter_clip_sd15", None, control_types=("IP-Adapter",), aliases=("ip-adapter_clip_h",)),
     Preprocessor("ip-adapter_clip_sdxl", None, control_types=("IP-Adapter",), aliases=("ip-adapter_clip_g",)),
     Preprocessor("ip-adapter_clip_sdxl_plus_vith", None, control_types=("IP-Adapter",)),
+    # FaceID adapters: InsightFace's face embedding (engine.annotators.insightface, buffalo_l)
+    Preprocessor("ip-adapter_face_id", None, control_types=("IP-Adapter",)),
     # the T2I style adapter's input (engine.t2i_style): CLIP ViT-L hidden states, turned into tokens by the model
     Preprocessor("clip_vision", None, control_types=("T2I-Adapter",), aliases=("t2ia_style_clipvision",)),
     # ReVision (SDXL): the CLIP image embedding as the pooled prompt (engine.revision); no model file

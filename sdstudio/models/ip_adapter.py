@@ -45,6 +45,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers.models.embeddings import (
     ImageProjection,
+    IPAdapterFaceIDImageProjection,
     IPAdapterFullImageProjection,
     IPAdapterPlusImageProjection,
 )
@@ -81,7 +82,7 @@ class IPAdapterSpec:
     ``full``. ``widths`` is each cross-attention layer's inner width, in the file's (and diffusers') order.
     """
 
-    kind: str  # "plain" | "plus" | "full"
+    kind: str  # "plain" | "plus" | "full" | "faceid" (an InsightFace face embedding in, not a CLIP feature)
     cross_attention_dim: int  # the UNet's context width (768 SD 1.x, 2048 SDXL)
     clip_dim: int
     widths: tuple[int, ...]
@@ -93,8 +94,9 @@ class IPAdapterSpec:
 
     @property
     def feature(self) -> str:
-        """Which CLIP output the projection reads: ``image_embeds`` or ``penultimate`` hidden states."""
-        return "image_embeds" if self.kind == "plain" else "penultimate"
+        """What the projection reads: the CLIP ``image_embeds`` or ``penultimate`` hidden states, or an
+        InsightFace ``face`` embedding."""
+        return {"plain": "image_embeds", "faceid": "face"}.get(self.kind, "penultimate")
 
     @property
     def layers(self) -> int:
@@ -102,7 +104,8 @@ class IPAdapterSpec:
 
     def describe(self) -> str:
         family = _CONTEXT_WIDTH.get(self.cross_attention_dim, f"{self.cross_attention_dim}-wide context")
-        kind = {"plain": "IP-Adapter", "plus": "IP-Adapter Plus", "full": "IP-Adapter Full Face"}[self.kind]
+        kind = {"plain": "IP-Adapter", "plus": "IP-Adapter Plus", "full": "IP-Adapter Full Face",
+                "faceid": "IP-Adapter FaceID"}[self.kind]
         return f"{family} {kind}"
 
 
@@ -136,10 +139,21 @@ def detect_ip_adapter(shapes: Shapes) -> IPAdapterSpec:
             raise ModelFileError(f"IP-Adapter: ip_adapter.{n} has shapes {k} and {v}; expected two equal "
                                  f"(width, {cross}) matrices")
         widths.append(k[0])
-    if any(k.startswith("perceiver_resampler.") for k in proj) or (
-            "norm.weight" in proj and "proj.0.weight" in proj and "proj.3.weight" not in proj):
-        raise ModelFileError("this is an IP-Adapter FaceID file: it needs an InsightFace face embedding, which "
-                             "is not supported; use an ip-adapter_sd15 / plus / full-face file")
+    if any(k.startswith("perceiver_resampler.") for k in proj):
+        raise ModelFileError("this is an IP-Adapter FaceID Plus file (a face embedding and CLIP hidden states), "
+                             "which is not supported; use ip-adapter-faceid_sd15 / sdxl (FaceID) or a CLIP "
+                             "IP-Adapter")
+    if "norm.weight" in proj and "proj.0.weight" in proj and "proj.3.weight" not in proj:
+        need = ("proj.0.bias", "proj.2.weight", "proj.2.bias", "norm.bias")
+        if any(n not in proj for n in need):
+            raise ModelFileError(f"IP-Adapter FaceID: incomplete projection (needs image_proj.{', image_proj.'.join(need)})")
+        inner, face = proj["proj.0.weight"]
+        rows = proj["proj.2.weight"][0]
+        tokens, rest = divmod(rows, cross)
+        if rest or not tokens or proj["proj.2.weight"][1] != inner or inner % face or proj["norm.weight"][0] != cross:
+            raise ModelFileError(f"IP-Adapter FaceID: projection shapes {proj['proj.0.weight']} / "
+                                 f"{proj['proj.2.weight']} / {proj['norm.weight']} do not make {cross}-wide tokens")
+        return IPAdapterSpec("faceid", cross, face, tuple(widths), tokens, ffn_ratio=inner / face)
     if any(k.startswith(("body.", "mapping_", "id_adapter")) for k in proj):
         raise ModelFileError("this is a PuLID file, which is not supported")
     if "proj.3.weight" in proj:
@@ -244,7 +258,9 @@ _PLUS = (
     (r"layers\.(\d+)\.1\.1\.weight", r"layers.\1.ff.1.net.0.proj.weight"),  # Linear, GELU after it
     (r"layers\.(\d+)\.1\.3\.weight", r"layers.\1.ff.1.net.2.weight"),
 )
-PROJECTION_RULES = {"plain": _PLAIN, "full": _FULL, "plus": _PLUS}
+_FACEID = ((r"proj\.0\.(weight|bias)", r"ff.net.0.proj.\1"), (r"proj\.2\.(weight|bias)", r"ff.net.2.\1"),
+           (r"norm\.(weight|bias)", r"norm.\1"))
+PROJECTION_RULES = {"plain": _PLAIN, "full": _FULL, "plus": _PLUS, "faceid": _FACEID}
 
 
 def projection_to_diffusers(spec: IPAdapterSpec, proj: Mapping[str, torch.Tensor]
@@ -277,6 +293,10 @@ def build_projection(spec: IPAdapterSpec) -> torch.nn.Module:
         if spec.kind == "plain":
             return ImageProjection(image_embed_dim=spec.clip_dim, cross_attention_dim=spec.cross_attention_dim,
                                    num_image_text_embeds=spec.tokens)
+        if spec.kind == "faceid":
+            return IPAdapterFaceIDImageProjection(image_embed_dim=spec.clip_dim,
+                                                  cross_attention_dim=spec.cross_attention_dim,
+                                                  mult=int(spec.ffn_ratio), num_tokens=spec.tokens)
         if spec.kind == "full":
             return IPAdapterFullImageProjection(image_embed_dim=spec.clip_dim,
                                                 cross_attention_dim=spec.cross_attention_dim)

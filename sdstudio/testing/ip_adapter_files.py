@@ -106,7 +106,7 @@ def ip_adapter_state(kind: str = "plain", config: dict | None = None, clip_dim: 
                      tokens: int | None = None, heads: int = 2, depth: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     """Flat published keys of a random IP-Adapter for the UNet ``config`` (default: the tiny SD 1.x UNet).
     ``clip_dim``: the CLIP feature width it takes (default: the tiny encoder's projection width for ``plain``,
-    its hidden width for ``plus`` / ``full``)."""
+    its hidden width for ``plus`` / ``full``; for ``faceid`` the face embedding's, 512)."""
     config = config or unet_config("sd1", "tiny")
     cross = config["cross_attention_dim"]
     g = torch.Generator().manual_seed(seed)
@@ -144,6 +144,12 @@ def ip_adapter_state(kind: str = "plain", config: dict | None = None, clip_dim: 
                    a + "to_out.weight": lin(hidden, inner),
                    f + "0.weight": vec(hidden, 1.0), f + "0.bias": vec(hidden),
                    f + "1.weight": lin(4 * hidden, hidden), f + "3.weight": lin(hidden, 4 * hidden)}
+    elif kind == "faceid":  # the published MLPProjModelFaceId: 512 -> 1024 -> tokens x context, LayerNorm
+        clip_dim = clip_dim or 512
+        tokens = tokens or 4
+        sd |= {"proj.0.weight": lin(2 * clip_dim, clip_dim), "proj.0.bias": vec(2 * clip_dim),
+               "proj.2.weight": lin(tokens * cross, 2 * clip_dim), "proj.2.bias": vec(tokens * cross),
+               "norm.weight": vec(cross, 1.0), "norm.bias": vec(cross)}
     else:
         raise ValueError(f"unknown IP-Adapter kind {kind!r}")
     out = {f"image_proj.{k}": v for k, v in sd.items()}
