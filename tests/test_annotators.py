@@ -380,6 +380,7 @@ EXPECTED = {  # module name: (UI label, control types) as the extension declares
     "softedge_anyline": ("softedge_anyline", ("SoftEdge",)),
     "inpaint_only+lama": ("inpaint_only+lama", ("Inpaint",)),  # test_annotators_lama
     "depth_leres++": ("depth_leres++", ("Depth",)),  # test_annotators_leres_boost
+    "instant_id_face_keypoints": ("instant_id_face_keypoints", ("Instant-ID",)),  # test_faceid
 }
 
 
@@ -393,6 +394,8 @@ def test_declarations_are_the_extensions_and_cost_nothing(tmp_path):
         start = 1280 if name == "softedge_anyline" else 512  # the extension's Anyline starts higher
         if name == "inpaint_only+lama":  # LaMa runs at 256 whatever the unit says: no slider
             assert p.resolution is None and p.needs_mask
+        elif name == "instant_id_face_keypoints":  # at 512 always, as the extension's (no slider)
+            assert p.resolution is None
         else:
             assert p.resolution.detail() == {"name": "Resolution", "value": start, "min": 64, "max": 2048, "step": 8}
         assert not p.model_free and callable(p.run)

@@ -220,11 +220,175 @@ def test_faceid_refusals_name_what_fits(faceid_studio, tmp_path):
     with pytest.raises(ControlNetError, match="gives a face embedding for FaceID adapters; ip-adapter_tiny takes a "
                                               "CLIP feature"):
         _generate(studio, {**face, "model": "ip-adapter_tiny"})
-    from sdstudio.engine.ip_adapter import encoder_for
+    with pytest.raises(ControlNetError, match="is a FaceID adapter: .* pick the ip-adapter_face_id preprocessor"):
+        _generate(studio, {**face, "module": "ip-adapter_face_id_plus"})  # a plain FaceID file
+    with pytest.raises(ControlNetError, match="ip-adapter_pulid preprocessor needs PuLID's face encoders"):
+        from sdstudio.engine.ip_adapter import encoder_for
 
-    spec = files.load_ip_adapter(write_ip_adapter(tmp_path / "f.bin", "faceid")).spec
-    with pytest.raises(ControlNetError, match=r"ip-adapter_face_id_plus preprocessor needs both .* \(FaceID Plus\)"):
-        encoder_for("ip-adapter_face_id_plus", "ip-adapter-faceid-plusv2_sd15", spec)
+        encoder_for("ip-adapter_pulid", "ip-adapter_pulid_sdxl_fp16", files.load_ip_adapter(
+            write_ip_adapter(tmp_path / "f.bin", "faceid")).spec)
     with pytest.raises(ControlNetError, match=r"needs InsightFace's buffalo_l pack: put det_10g.onnx .* in "
                                               r".*models/insightface/models/buffalo_l"):
         ins.find_pack(tmp_path / "models", tmp_path / "annotators", "buffalo_l", "ip-adapter_face_id")
+
+
+# ---- InstantID ------------------------------------------------------------------------------------------------
+
+def write_antelope(models_dir):
+    """The antelopev2 pack: the same stand-in detector and recognizer under its file names."""
+    pack, _ = write_pack(models_dir)
+    antelope = pack.parent / "antelopev2"
+    antelope.mkdir()
+    (pack / "det_10g.onnx").rename(antelope / "scrfd_10g_bnkps.onnx")
+    (pack / "w600k_r50.onnx").rename(antelope / "glintr100.onnx")
+    pack.rmdir()
+    return antelope
+
+
+def test_an_instant_id_adapter_is_a_resampler_over_the_face_embedding(tmp_path):
+    from sdstudio.testing.synthetic import unet_config
+
+    path = write_ip_adapter(tmp_path / "ip-adapter_instant_id_sdxl.bin", "plus", clip_dim=512,
+                            config=unet_config("sdxl", "tiny"))
+    spec = files.load_ip_adapter(path).spec
+    assert (spec.kind, spec.feature, spec.clip_dim, spec.tokens) == ("instantid", "face", 512, 16)
+    assert spec.describe().endswith("InstantID IP-Adapter")
+
+
+def test_the_keypoint_map_is_the_extensions_drawing():
+    kps = np.array([[40.0, 50.0], [90.0, 52.0], [65.0, 80.0], [45.0, 110.0], [85.0, 108.0]])
+    out = ins.draw_kps((160, 130), kps)
+    assert out.shape == (160, 130, 3) and out.dtype == np.uint8
+    for (x, y), color in zip(kps.astype(int), ins.KPS_COLORS, strict=True):
+        assert tuple(out[y, x]) == color  # a full-colour dot of radius 10 on each point
+    # half-way from the left eye (0) to the nose (2): the left eye's colour at 60 %
+    mid = ((kps[0] + kps[2]) / 2).astype(int)
+    assert tuple(out[mid[1], mid[0]]) == (153, 0, 0)
+    assert not out[5, 5].any() and not out[150, 120].any()  # black elsewhere
+
+
+def test_instant_id_keypoints_preprocessor_runs_on_the_picture_at_512(tmp_path):
+    from sdstudio.engine.preprocessors import builtin, detect
+
+    write_antelope(tmp_path / "models")
+    registry = builtin(tmp_path / "annotators", tmp_path / "models")
+    pre = registry.get("instant_id_face_keypoints")
+    picture = np.random.default_rng(5).integers(0, 255, (200, 300, 3)).astype(np.uint8)
+    out = detect(pre, picture, -1, -1, -1)
+    assert out.shape == (512, 768, 3)  # the short side at 512, the padding cut off
+    analysis = ins.face_analysis(tmp_path / "models", tmp_path / "annotators", "antelopev2", "x")
+    face, size, _ = ins.instant_id_face(analysis, picture, "x")
+    assert size == (512, 768) and np.array_equal(out, ins.draw_kps((512, 768), face.kps))
+    with pytest.raises(ControlNetError, match="needs InsightFace's antelopev2 pack: put scrfd_10g_bnkps.onnx"):
+        detect(builtin(tmp_path / "elsewhere", tmp_path / "nowhere").get("instant_id_face_keypoints"),
+               picture, -1, -1, -1)
+
+
+@pytest.fixture(scope="module")
+def instant_id_studio(make_data_root):
+    from sdstudio.core.paths import Paths
+    from sdstudio.engine.generate import Engine
+    from sdstudio.scripts import Studio
+    from sdstudio.testing.controlnet_files import write_controlnet
+    from sdstudio.testing.synthetic import unet_config
+
+    root = make_data_root("instant-id", {"tiny-sdxl": "sdxl"})
+    folder = root / "models" / "ControlNet"
+    write_ip_adapter(folder / "ip-adapter_instant_id_sdxl.bin", "plus", clip_dim=512, config=unet_config("sdxl", "tiny"))
+    write_controlnet(folder / "control_instant_id_sdxl.safetensors", "sdxl", "tiny", seed=5)
+    write_controlnet(folder / "control_plain_sdxl.safetensors", "sdxl", "tiny", seed=5)  # the same weights
+    write_antelope(root / "models")
+    return Studio(Engine(Paths(root)))
+
+
+EMBED = {"enabled": True, "module": "instant_id_face_embedding", "model": "ip-adapter_instant_id_sdxl",
+         "image": _b64(FACE_PICTURE)}
+KEYPOINTS = {"enabled": True, "module": "instant_id_face_keypoints", "model": "control_instant_id_sdxl",
+             "image": _b64(FACE_PICTURE)}
+
+
+def test_instant_id_runs_its_controlnet_on_the_image_prompt(instant_id_studio):
+    studio = instant_id_studio
+    both = _generate(studio, EMBED, KEYPOINTS)
+    assert np.abs(both - _generate(studio)).mean() > 1
+    # the same ControlNet weights under another name take the text as context (a plain ControlNet): other pixels
+    plain = _generate(studio, EMBED, {**KEYPOINTS, "model": "control_plain_sdxl"})
+    assert np.abs(both - plain).max() > 0
+    with pytest.raises(ControlNetError, match="unit 0: the InstantID ControlNet control_instant_id_sdxl .* must be an "
+                                              "InstantID IP-Adapter unit"):
+        _generate(studio, KEYPOINTS)
+    with pytest.raises(ControlNetError, match="is an InstantID adapter: .* pick the instant_id_face_embedding"):
+        _generate(studio, {**EMBED, "module": "ip-adapter_face_id"})
+
+
+def test_the_image_prompt_per_row():
+    from sdstudio.engine.ip_adapter import ImagePrompt
+
+    cond, uncond = torch.ones(1, 3, 4), torch.zeros(1, 3, 4)
+    prompt = ImagePrompt(cond, uncond)
+    rows = prompt.for_rows([False, True, False], 3, torch.device("cpu"), torch.float32)
+    assert rows.shape == (3, 3, 4) and rows[0].eq(1).all() and rows[1].eq(0).all() and rows[2].eq(1).all()
+    assert prompt.for_rows([], 2, torch.device("cpu"), torch.float32).eq(1).all()  # unannounced: the prompt's
+
+
+# ---- FaceID Plus ----------------------------------------------------------------------------------------------
+
+def _face_plus_reference(state: dict, face: torch.Tensor, hidden: torch.Tensor, heads: int, shortcut: bool):
+    """ProjModelFaceIdPlus written out from the IP-Adapter authors' formulas (PerceiverAttention with its
+    1/sqrt(sqrt(d)) scaling on both sides, the bias-free FeedForward), on the file's own tensors."""
+    F = torch.nn.functional
+    cross = state["norm.weight"].shape[0]
+    x = F.gelu(face @ state["proj.0.weight"].T + state["proj.0.bias"]) @ state["proj.2.weight"].T + state["proj.2.bias"]
+    ids = F.layer_norm(x.reshape(1, -1, cross), (cross,), state["norm.weight"], state["norm.bias"])
+    r = "perceiver_resampler."
+    ctx = hidden @ state[r + "proj_in.weight"].T + state[r + "proj_in.bias"]
+    latents = ids
+    depth = len({k.split(".")[2] for k in state if k.startswith(r + "layers.")})
+    for i in range(depth):
+        a, f = f"{r}layers.{i}.0.", f"{r}layers.{i}.1."
+        xn = F.layer_norm(ctx, (cross,), state[a + "norm1.weight"], state[a + "norm1.bias"])
+        ln = F.layer_norm(latents, (cross,), state[a + "norm2.weight"], state[a + "norm2.bias"])
+        q = ln @ state[a + "to_q.weight"].T
+        k, v = (torch.cat([xn, ln], dim=1) @ state[a + "to_kv.weight"].T).chunk(2, dim=-1)
+        d = q.shape[-1] // heads
+        q, k, v = (t.reshape(1, t.shape[1], heads, d).transpose(1, 2) for t in (q, k, v))
+        scale = 1 / d ** 0.25
+        w = torch.softmax((q * scale) @ (k * scale).transpose(-2, -1), dim=-1)
+        out = (w @ v).transpose(1, 2).reshape(1, latents.shape[1], -1) @ state[a + "to_out.weight"].T
+        latents = out + latents
+        h = F.layer_norm(latents, (cross,), state[f + "0.weight"], state[f + "0.bias"])
+        latents = F.gelu(h @ state[f + "1.weight"].T) @ state[f + "3.weight"].T + latents
+    out = F.layer_norm(latents @ state[r + "proj_out.weight"].T + state[r + "proj_out.bias"], (cross,),
+                       state[r + "norm_out.weight"], state[r + "norm_out.bias"])
+    return ids + out if shortcut else out
+
+
+def test_a_faceid_plus_file_projects_as_the_authors_model(tmp_path):
+    path = write_ip_adapter(tmp_path / "ip-adapter-faceid-plusv2_sd15.bin", "faceid_plus", seed=6)
+    model = files.load_ip_adapter(path)
+    spec = model.spec
+    assert (spec.kind, spec.feature, spec.face_dim, spec.clip_dim, spec.tokens, spec.heads, spec.depth) == \
+        ("faceid_plus", "face+penultimate", 512, 128, 4, 2, 4)
+    state = torch.load(path, weights_only=True)["image_proj"]
+    g = torch.Generator().manual_seed(1)
+    face, hidden = torch.randn(1, 512, generator=g), torch.randn(1, 257, 128, generator=g)
+    for shortcut in (False, True):
+        expected = _face_plus_reference(state, face, hidden, spec.heads, shortcut)
+        assert torch.allclose(model.project(face, hidden, shortcut), expected, atol=1e-4), shortcut
+
+
+def test_a_faceid_plus_unit_uses_the_face_and_clip(faceid_studio, tmp_path_factory):
+    studio = faceid_studio
+    folder = studio.engine.paths.controlnet_dir
+    write_ip_adapter(folder / "ip-adapter-faceid-plusv2_sd15.bin", "faceid_plus", seed=7)
+    write_ip_adapter(folder / "ip-adapter-faceid-plus_sd15.bin", "faceid_plus", seed=7)  # v1: no shortcut
+    studio.engine.registry.refresh()
+    unit = {"enabled": True, "module": "ip-adapter_face_id_plus", "model": "ip-adapter-faceid-plusv2_sd15",
+            "image": _b64(FACE_PICTURE)}
+    plain, v2 = _generate(studio), _generate(studio, unit)
+    assert np.abs(v2 - plain).mean() > 1
+    v1 = _generate(studio, {**unit, "model": "ip-adapter-faceid-plus_sd15"})
+    assert np.abs(v1 - v2).max() > 0  # the same weights, v2's shortcut
+    assert np.array_equal(_generate(studio, {**unit, "module": "ip-adapter-auto"}), v2)
+    with pytest.raises(ControlNetError, match="is a FaceID Plus adapter: .* pick the ip-adapter_face_id_plus"):
+        _generate(studio, {**unit, "module": "ip-adapter_face_id"})

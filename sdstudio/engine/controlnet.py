@@ -103,6 +103,16 @@ def _mask_array(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     return np.where(np.asarray(gray) > 127, 255, 0).astype(np.uint8)
 
 
+def is_image_prompt_module(name: str) -> bool:
+    """An IP-Adapter unit's preprocessor (CLIP or face embedding: the unit's hook encodes the picture)."""
+    return name.startswith("ip-adapter") or name == "instant_id_face_embedding"
+
+
+def is_instant_id(title: str) -> bool:
+    """An InstantID ControlNet, told by its name as the extension tells it (its layout is a plain SDXL one)."""
+    return "instant_id" in str(title).lower()
+
+
 @dataclass
 class PreparedUnit:
     index: int
@@ -119,7 +129,7 @@ class PreparedUnit:
         """What runs the unit: "ip-adapter", "revision", "reference", "t2i_style" (a style adapter's tokens),
         "lllite" (ControlNet-LLLite) or "controlnet" (ControlNets, T2I-Adapters)."""
         name = self.preprocessor.name
-        if name.startswith("ip-adapter"):
+        if is_image_prompt_module(name):
             return "ip-adapter"
         if name.startswith("revision"):
             return "revision"
@@ -149,6 +159,8 @@ class ControlHook(StepHook):
         self.union = model is not None and model.spec.kind == "controlnet_union"  # a control type per unit
         self.region = region_tensor(prepared.region)
         self.module = model.module if model is not None else None
+        # InstantID: the ControlNet's context is the previous IP-Adapter unit's image prompt, not the text
+        self.context_prompt = None
 
     # ---- when -----------------------------------------------------------------------------------------
     def active(self, step) -> bool:
@@ -246,13 +258,15 @@ class ControlHook(StepHook):
             kwargs = {}
             if call.added_cond_kwargs is not None:
                 kwargs["added_cond_kwargs"] = call.added_cond_kwargs
+            context = call.encoder_hidden_states
+            if self.context_prompt is not None:  # each row's image prompt (the negative rows' blank one)
+                context = self.context_prompt.for_rows(call.uncond, rows, x.device, self.dtype)
             if self.union:
-                down, mid = union_forward(self.module, x.to(self.dtype), call.timestep, call.encoder_hidden_states,
+                down, mid = union_forward(self.module, x.to(self.dtype), call.timestep, context,
                                           hint, type_index(self.unit.union_control_type), call.added_cond_kwargs)
             else:
-                down, mid = self.module(x.to(self.dtype), call.timestep,
-                                        encoder_hidden_states=call.encoder_hidden_states, controlnet_cond=hint,
-                                        conditioning_scale=1.0, return_dict=False, **kwargs)
+                down, mid = self.module(x.to(self.dtype), call.timestep, encoder_hidden_states=context,
+                                        controlnet_cond=hint, conditioning_scale=1.0, return_dict=False, **kwargs)
         finally:
             if self.unit.low_vram:
                 self._place("cpu")
@@ -280,6 +294,22 @@ class ControlHook(StepHook):
         return {"down_intrablock_additional_residuals": out}
 
 
+def _pair_instant_id(hooks: list) -> None:
+    """An InstantID ControlNet takes the image prompt of the IP-Adapter unit right before it (the extension's
+    rule: the embedding unit, then the keypoints unit); anything else before it is an error naming both."""
+    from .ip_adapter import IPAdapterHook
+
+    units = [h for h in hooks if isinstance(h, (ControlHook, IPAdapterHook))]
+    for before, hook in zip([None, *units], units):
+        if not isinstance(hook, ControlHook) or hook.module is None or not is_instant_id(hook.unit.model):
+            continue
+        if not isinstance(before, IPAdapterHook):
+            raise ControlNetError(f"{hook.owner}: the InstantID ControlNet {hook.unit.model} takes its context from "
+                                  f"the unit before it, which must be an InstantID IP-Adapter unit "
+                                  f"(instant_id_face_embedding with ip-adapter_instant_id_sdxl)")
+        hook.context_prompt = before.prompt
+
+
 class ControlNets:
     """What the engine holds for ControlNet: the preprocessors and a small cache of loaded models."""
 
@@ -298,7 +328,7 @@ class ControlNets:
             if self._preprocessors is None:
                 from .preprocessors import builtin
 
-                registry = builtin(self.annotators_dir)
+                registry = builtin(self.annotators_dir, self.registry.paths.models_dir)
                 for p in self._extra:
                     registry.add(p)
                 self._preprocessors = registry
@@ -339,7 +369,7 @@ class ControlNets:
         where = f"{SCRIPT_NAME} unit {index}"
         pre = self.preprocessors.get(unit.module)
         source, mask = self._source(index, unit, req, pre)
-        if pre.name.startswith("ip-adapter"):  # the hook encodes the image itself; the mask rides along
+        if is_image_prompt_module(pre.name):  # the hook encodes the image itself; the mask rides along
             if not unit.model or unit.model == "None":
                 raise ControlNetError(f"{where}: an IP-Adapter unit needs its model (an ip-adapter_*.safetensors or "
                                       f".bin file in {self.registry.paths.controlnet_dir})")
@@ -458,6 +488,7 @@ class ControlNets:
             from .lllite import lllite_hook
 
             out.append(lllite_hook(of_kind["lllite"], self.device, dtype, *pass_sizes(req, hires_job)[0]))
+        _pair_instant_id(out)
         return out
 
     def _ip_adapter_hook(self, prepared: PreparedUnit, dtype: torch.dtype):

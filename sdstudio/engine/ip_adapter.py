@@ -64,13 +64,14 @@ ENCODER_OF_MODULE = {
     "ip-adapter_clip_sdxl": "clip_g", "ip-adapter_clip_g": "clip_g",
     "ip-adapter_clip_sdxl_plus_vith": "clip_h",
 }
-# the face modules: an InsightFace pack's face embedding instead of a CLIP feature (FaceID adapters)
-FACE_MODULES = {"ip-adapter_face_id": "buffalo_l"}
+# the face modules: an InsightFace pack's face embedding instead of a CLIP feature, and the adapter kind that
+# takes it (FaceID: buffalo_l, normed; InstantID: antelopev2 at 512, as it comes)
+FACE_MODULES = {"ip-adapter_face_id": ("buffalo_l", "faceid"), "ip-adapter_face_id_plus": ("buffalo_l", "faceid_plus"),
+                "instant_id_face_embedding": ("antelopev2", "instantid")}
+FACE_KINDS = {kind: module for module, (_, kind) in FACE_MODULES.items()}
+FACE_NAMES = {"faceid": "a FaceID", "faceid_plus": "a FaceID Plus", "instantid": "an InstantID"}
 FACE = "face"
-UNSUPPORTED_MODULES = {
-    "ip-adapter_face_id_plus": "needs both a face embedding and CLIP hidden states (FaceID Plus)",
-    "ip-adapter_pulid": "needs PuLID's face encoders",
-}
+UNSUPPORTED_MODULES = {"ip-adapter_pulid": "needs PuLID's face encoders"}
 # ip-adapter-auto: the extension's presets, model file name -> encoder (the CLIP-based ones)
 PRESET_ENCODERS = {
     "ip-adapter_sd15_light": "clip_h", "ip-adapter_sd15_light_v11": "clip_h", "ip-adapter_sd15_vit-G": "clip_g",
@@ -106,14 +107,15 @@ def encoder_for(module: str, model_title: str, spec: IPAdapterSpec, where: str =
         raise ControlNetError(f"{where}: the {key} preprocessor {UNSUPPORTED_MODULES[key]}, which is not "
                               f"supported; use ip-adapter_face_id with an ip-adapter-faceid file, or "
                               f"ip-adapter_clip_sd15 / ip-adapter_clip_sdxl with a CLIP IP-Adapter")
-    face_model = spec.kind == "faceid"
-    if (key in FACE_MODULES) != face_model and key != AUTO:
-        if face_model:
-            raise ControlNetError(f"{where}: the IP-Adapter {stem} is a FaceID adapter: it takes an InsightFace "
-                                  f"face embedding; pick the ip-adapter_face_id preprocessor (or ip-adapter-auto)")
-        raise ControlNetError(f"{where}: the {key} preprocessor gives a face embedding for FaceID adapters; {stem} "
-                              f"takes a CLIP feature: pick ip-adapter_clip_sd15 / ip-adapter_clip_sdxl")
-    if face_model:
+    fitting = FACE_KINDS.get(spec.kind)  # the face module the adapter takes (None: a CLIP adapter)
+    if key != AUTO and (key in FACE_MODULES or fitting) and key != fitting:
+        if fitting:
+            raise ControlNetError(f"{where}: the IP-Adapter {stem} is {FACE_NAMES[spec.kind]} adapter: it takes an "
+                                  f"InsightFace face embedding; pick the {fitting} preprocessor (or ip-adapter-auto)")
+        raise ControlNetError(f"{where}: the {key} preprocessor gives a face embedding for "
+                              f"{FACE_NAMES[FACE_MODULES[key][1]].split(' ', 1)[1]} adapters; {stem} takes a CLIP "
+                              f"feature: pick ip-adapter_clip_sd15 / ip-adapter_clip_sdxl")
+    if fitting:
         return FACE
     if key in ENCODER_OF_MODULE:
         return ENCODER_OF_MODULE[key]
@@ -170,6 +172,15 @@ class ImagePrompt:
 
     def end_pass(self) -> None:
         self.rows, self.on, self._tokens = None, False, {}
+
+    def for_rows(self, uncond_rows: Sequence[bool], batch: int, device: torch.device, dtype: torch.dtype
+                 ) -> torch.Tensor:
+        """batch×T×C for a call's rows given directly (an InstantID ControlNet's context); rows the call does
+        not announce get the prompt's tokens."""
+        rows = tuple(bool(u) for u in uncond_rows)
+        rows = rows if len(rows) == batch else (False,) * batch
+        c, u = self.cond.to(device, dtype), self.uncond.to(device, dtype)
+        return torch.cat([u if negative else c for negative in rows])
 
     def tokens(self, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """batch×T×C: each row's tokens (rows of an unannounced call: the prompt's)."""
@@ -448,17 +459,39 @@ def encoder_device(unit, device: torch.device) -> torch.device:
     return torch.device("cpu") if unit.low_vram else torch.device(device)
 
 
-def face_prompt(model: IPAdapterModel, faces, image: np.ndarray, where: str = SCRIPT_NAME) -> ImagePrompt:
-    """A FaceID adapter's tokens: the projection of the largest face's normed InsightFace embedding, and of
-    zeros for the negative prompt (the extension's ``_get_image_embeds_faceid``)."""
-    from .annotators.insightface import largest_face
+def face_prompt(model: IPAdapterModel, faces, image: np.ndarray, where: str = SCRIPT_NAME, clip=None
+                ) -> ImagePrompt:
+    """A face adapter's tokens, and the projection of zeros for the negative prompt: FaceID projects the
+    largest face's normed InsightFace embedding (the extension's ``_get_image_embeds_faceid``), InstantID's
+    resampler the embedding as it comes, of the face in the picture at 512 (``_get_image_embeds_instantid``).
+    FaceID Plus also refines them with CLIP ViT-H's penultimate hidden states of the picture (``clip``:
+    (encoder, key, device); the negative prompt's: of an all-zero input), v2 (its name says so) adding the
+    face tokens back, as the extension's ``_get_image_embeds_faceid_plus``."""
+    from .annotators.insightface import instant_id_face, largest_face
 
-    face = largest_face(faces.faces(np.asarray(image)[:, :, :3]), where)
-    embedding = torch.from_numpy(face.normed_embedding).float()[None]
-    if embedding.shape[-1] != model.spec.clip_dim:
-        raise ControlNetError(f"{where}: the IP-Adapter {model.name} takes a {model.spec.clip_dim}-wide face "
+    spec = model.spec
+    if spec.kind == "instantid":
+        face = instant_id_face(faces, image, where)[0]
+        embedding = torch.from_numpy(face.embedding).float()[None, None]
+    else:
+        face = largest_face(faces.faces(np.asarray(image)[:, :, :3]), where)
+        embedding = torch.from_numpy(face.normed_embedding).float()[None]
+    width = spec.face_dim if spec.kind == "faceid_plus" else spec.clip_dim
+    if embedding.shape[-1] != width:
+        raise ControlNetError(f"{where}: the IP-Adapter {model.name} takes a {width}-wide face "
                               f"embedding; this face recognizer gives {embedding.shape[-1]}")
-    return ImagePrompt(model.project(embedding).cpu(), model.project(torch.zeros_like(embedding)).cpu())
+    if spec.kind != "faceid_plus":
+        return ImagePrompt(model.project(embedding).cpu(), model.project(torch.zeros_like(embedding)).cpu())
+    encoder, key, device = clip
+    pixels = clip_pixels(image)
+    hidden = encoder_features(encoder, key, pixels, device)["penultimate"]
+    if hidden.shape[-1] != spec.clip_dim:
+        raise ControlNetError(f"{where}: the IP-Adapter {model.name} takes {spec.clip_dim}-wide CLIP hidden states; "
+                              f"this image encoder gives {hidden.shape[-1]}")
+    blank = encoder_features(encoder, key, torch.zeros_like(pixels), device)["penultimate"]
+    v2 = "v2" in model.name
+    return ImagePrompt(model.project(embedding, hidden, v2).cpu(),
+                       model.project(torch.zeros_like(embedding), blank, v2).cpu())
 
 
 def ip_adapter_hook(prepared, path_of_model: str | Path, clip_vision_dir: str | Path, device: torch.device,
@@ -487,9 +520,13 @@ def ip_adapter_hook(prepared, path_of_model: str | Path, clip_vision_dir: str | 
         from .annotators.insightface import face_analysis
 
         if face_dirs is None:
-            raise ControlNetError(f"{where}: the FaceID adapter needs InsightFace's buffalo_l pack's folder")
-        faces = face_analysis(*face_dirs, FACE_MODULES["ip-adapter_face_id"], f"{where} (ip-adapter_face_id)")
-        prompts = [face_prompt(model, faces, image, where) for image in images]
+            raise ControlNetError(f"{where}: a face adapter needs the folders of InsightFace's packs")
+        module = FACE_KINDS[model.spec.kind]
+        faces = face_analysis(*face_dirs, FACE_MODULES[module][0], f"{where} ({module})")
+        clip = None
+        if model.spec.kind == "faceid_plus":  # and CLIP ViT-H of the picture
+            clip = (*clip_encoder(clip_vision_dir, "clip_h", where, "FaceID Plus"), encoder_device(unit, device))
+        prompts = [face_prompt(model, faces, image, where, clip) for image in images]
     else:
         encoder, key = clip_encoder(clip_vision_dir, name, where)
         prompts = [image_prompt(model, encoder, image, encoder_device(unit, device), key, where) for image in images]

@@ -445,6 +445,9 @@ IMAGE_PROMPT: tuple[Preprocessor, ...] = (
     Preprocessor("ip-adapter_clip_sdxl_plus_vith", None, control_types=("IP-Adapter",)),
     # FaceID adapters: InsightFace's face embedding (engine.annotators.insightface, buffalo_l)
     Preprocessor("ip-adapter_face_id", None, control_types=("IP-Adapter",)),
+    Preprocessor("ip-adapter_face_id_plus", None, control_types=("IP-Adapter",)),  # and CLIP ViT-H
+    # InstantID's image prompt: the antelopev2 face embedding for its IP-Adapter (the keypoints: annotators)
+    Preprocessor("instant_id_face_embedding", None, control_types=("Instant-ID",)),
     # the T2I style adapter's input (engine.t2i_style): CLIP ViT-L hidden states, turned into tokens by the model
     Preprocessor("clip_vision", None, control_types=("T2I-Adapter",), aliases=("t2ia_style_clipvision",)),
     # ReVision (SDXL): the CLIP image embedding as the pooled prompt (engine.revision); no model file
@@ -615,9 +618,9 @@ class Preprocessors:
         return {"control_types": out}
 
 
-def builtin(annotators_dir: Path | None = None) -> Preprocessors:
+def builtin(annotators_dir: Path | None = None, models_dir: Path | None = None) -> Preprocessors:
     """The weight-free preprocessors and, when :mod:`sdstudio.engine.annotators` offers them, the ones that
-    run networks from ``annotators_dir``."""
+    run networks from ``annotators_dir`` (InsightFace's packs also from ``models_dir``)."""
     registry = Preprocessors(WEIGHT_FREE + IMAGE_PROMPT)
     try:
         from . import annotators
@@ -625,7 +628,7 @@ def builtin(annotators_dir: Path | None = None) -> Preprocessors:
         return registry
     declare = getattr(annotators, "preprocessors", None)
     if callable(declare):
-        for p in declare(annotators_dir):
+        for p in declare(annotators_dir, models_dir):
             registry.add(p)
     return registry
 

@@ -48,6 +48,7 @@ from diffusers.models.embeddings import (
     IPAdapterFaceIDImageProjection,
     IPAdapterFullImageProjection,
     IPAdapterPlusImageProjection,
+    IPAdapterPlusImageProjectionBlock,
 )
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -82,7 +83,9 @@ class IPAdapterSpec:
     ``full``. ``widths`` is each cross-attention layer's inner width, in the file's (and diffusers') order.
     """
 
-    kind: str  # "plain" | "plus" | "full" | "faceid" (an InsightFace face embedding in, not a CLIP feature)
+    # "plain" | "plus" | "full" | "faceid" / "instantid" (an InsightFace face embedding in, not a CLIP feature;
+    # InstantID's projection is a resampler like "plus") | "faceid_plus" (a face embedding and CLIP hidden states)
+    kind: str
     cross_attention_dim: int  # the UNet's context width (768 SD 1.x, 2048 SDXL)
     clip_dim: int
     widths: tuple[int, ...]
@@ -91,12 +94,15 @@ class IPAdapterSpec:
     heads: int = 0
     depth: int = 0
     ffn_ratio: float = 4.0
+    face_dim: int = 0  # faceid_plus: the face embedding's width, and its MLP's widening
+    face_ratio: int = 2
 
     @property
     def feature(self) -> str:
         """What the projection reads: the CLIP ``image_embeds`` or ``penultimate`` hidden states, or an
         InsightFace ``face`` embedding."""
-        return {"plain": "image_embeds", "faceid": "face"}.get(self.kind, "penultimate")
+        return {"plain": "image_embeds", "faceid": "face", "instantid": "face",
+                "faceid_plus": "face+penultimate"}.get(self.kind, "penultimate")
 
     @property
     def layers(self) -> int:
@@ -105,7 +111,8 @@ class IPAdapterSpec:
     def describe(self) -> str:
         family = _CONTEXT_WIDTH.get(self.cross_attention_dim, f"{self.cross_attention_dim}-wide context")
         kind = {"plain": "IP-Adapter", "plus": "IP-Adapter Plus", "full": "IP-Adapter Full Face",
-                "faceid": "IP-Adapter FaceID"}[self.kind]
+                "faceid": "IP-Adapter FaceID", "instantid": "InstantID IP-Adapter",
+                "faceid_plus": "IP-Adapter FaceID Plus"}[self.kind]
         return f"{family} {kind}"
 
 
@@ -140,9 +147,7 @@ def detect_ip_adapter(shapes: Shapes) -> IPAdapterSpec:
                                  f"(width, {cross}) matrices")
         widths.append(k[0])
     if any(k.startswith("perceiver_resampler.") for k in proj):
-        raise ModelFileError("this is an IP-Adapter FaceID Plus file (a face embedding and CLIP hidden states), "
-                             "which is not supported; use ip-adapter-faceid_sd15 / sdxl (FaceID) or a CLIP "
-                             "IP-Adapter")
+        return _faceid_plus_spec(proj, cross, tuple(widths))
     if "norm.weight" in proj and "proj.0.weight" in proj and "proj.3.weight" not in proj:
         need = ("proj.0.bias", "proj.2.weight", "proj.2.bias", "norm.bias")
         if any(n not in proj for n in need):
@@ -170,9 +175,7 @@ def detect_ip_adapter(shapes: Shapes) -> IPAdapterSpec:
             raise ModelFileError(f"IP-Adapter Plus: incomplete resampler (needs image_proj.{', image_proj.'.join(need)})")
         latents = proj["latents"]
         clip_dim = proj["proj_in.weight"][1]
-        if clip_dim == 512:
-            raise ModelFileError("this is an InstantID adapter (it takes a 512-wide face embedding), which is not "
-                                 "supported")
+        kind = "instantid" if clip_dim == 512 else "plus"  # InstantID's resampler takes the face embedding
         hidden = latents[2]
         heads, rest = divmod(proj["layers.0.0.to_q.weight"][0], DIM_HEAD)
         if len(latents) != 3 or rest or not heads:
@@ -183,7 +186,7 @@ def detect_ip_adapter(shapes: Shapes) -> IPAdapterSpec:
                                  f"layers take {cross}")
         depth = len({k.split(".")[1] for k in proj if k.startswith("layers.")})
         ffn = proj["layers.0.1.1.weight"][0] / hidden
-        return IPAdapterSpec("plus", cross, clip_dim, tuple(widths), latents[1], hidden, heads, depth, ffn)
+        return IPAdapterSpec(kind, cross, clip_dim, tuple(widths), latents[1], hidden, heads, depth, ffn)
     if "proj.weight" in proj:
         rows, clip_dim = proj["proj.weight"]
         tokens, rest = divmod(rows, cross)
@@ -192,6 +195,58 @@ def detect_ip_adapter(shapes: Shapes) -> IPAdapterSpec:
                                  f"{cross}-wide tokens")
         return IPAdapterSpec("plain", cross, clip_dim, tuple(widths), tokens)
     raise ModelFileError(f"IP-Adapter with an unknown image projection ({', '.join(sorted(proj)[:4])}...)")
+
+
+def _faceid_plus_spec(proj: dict[str, tuple[int, ...]], cross: int, widths: tuple[int, ...]) -> IPAdapterSpec:
+    """FaceID Plus (v1 and v2 share the layout): the face embedding's MLP (``proj.0`` / ``proj.2``, ``norm``) makes
+    the tokens a Perceiver resampler (``perceiver_resampler.*``) refines with CLIP's penultimate hidden states."""
+    r = "perceiver_resampler."
+    need = ("proj.0.weight", "proj.2.weight", "norm.weight", r + "proj_in.weight", r + "proj_out.weight",
+            r + "norm_out.weight", r + "layers.0.0.to_q.weight", r + "layers.0.1.1.weight")
+    if any(n not in proj for n in need):
+        raise ModelFileError(f"IP-Adapter FaceID Plus: incomplete projection (needs image_proj.{', image_proj.'.join(need)})")
+    inner, face = proj["proj.0.weight"]
+    tokens, rest = divmod(proj["proj.2.weight"][0], cross)
+    dim, clip_dim = proj[r + "proj_in.weight"]
+    heads, extra = divmod(proj[r + "layers.0.0.to_q.weight"][0], DIM_HEAD)
+    if rest or not tokens or inner % face or dim != cross or extra or not heads or proj["norm.weight"][0] != cross \
+            or proj[r + "proj_out.weight"][0] != cross:
+        raise ModelFileError(f"IP-Adapter FaceID Plus: projection shapes (proj.0 {proj['proj.0.weight']}, proj.2 "
+                             f"{proj['proj.2.weight']}, resampler in {proj[r + 'proj_in.weight']}) do not make "
+                             f"{cross}-wide tokens")
+    depth = len({k.split(".")[2] for k in proj if k.startswith(r + "layers.")})
+    ffn = proj[r + "layers.0.1.1.weight"][0] / dim
+    return IPAdapterSpec("faceid_plus", cross, clip_dim, widths, tokens, dim, heads, depth, ffn,
+                         face_dim=face, face_ratio=inner // face)
+
+
+class FaceIDPlusProjection(torch.nn.Module):
+    """IP-Adapter FaceID Plus's projection, as the IP-Adapter authors' ``ProjModelFaceIdPlus``: the face
+    embedding through an MLP and LayerNorm into ``tokens`` tokens, refined by a Perceiver resampler over CLIP's
+    penultimate hidden states (diffusers' resampler blocks); v2 adds the MLP's tokens back (``shortcut``)."""
+
+    def __init__(self, spec: IPAdapterSpec):
+        super().__init__()
+        from diffusers.models.attention import FeedForward
+
+        self.tokens, self.width = spec.tokens, spec.cross_attention_dim
+        self.proj = FeedForward(spec.face_dim, spec.cross_attention_dim * spec.tokens, activation_fn="gelu",
+                                mult=spec.face_ratio)
+        self.norm = torch.nn.LayerNorm(spec.cross_attention_dim)
+        self.proj_in = torch.nn.Linear(spec.clip_dim, spec.hidden_dims)
+        self.layers = torch.nn.ModuleList([IPAdapterPlusImageProjectionBlock(spec.hidden_dims, DIM_HEAD, spec.heads,
+                                                                             spec.ffn_ratio) for _ in range(spec.depth)])
+        self.proj_out = torch.nn.Linear(spec.hidden_dims, spec.cross_attention_dim)
+        self.norm_out = torch.nn.LayerNorm(spec.cross_attention_dim)
+
+    def forward(self, face: torch.Tensor, hidden: torch.Tensor, shortcut: bool = False, scale: float = 1.0
+                ) -> torch.Tensor:
+        ids = self.norm(self.proj(face).reshape(-1, self.tokens, self.width))
+        x, latents = self.proj_in(hidden), ids
+        for block in self.layers:
+            latents = block(x, latents, latents)
+        out = self.norm_out(self.proj_out(latents))
+        return ids + scale * out if shortcut else out
 
 
 def _flatten_nested(obj: dict) -> dict[str, torch.Tensor]:
@@ -260,7 +315,14 @@ _PLUS = (
 )
 _FACEID = ((r"proj\.0\.(weight|bias)", r"ff.net.0.proj.\1"), (r"proj\.2\.(weight|bias)", r"ff.net.2.\1"),
            (r"norm\.(weight|bias)", r"norm.\1"))
-PROJECTION_RULES = {"plain": _PLAIN, "full": _FULL, "plus": _PLUS, "faceid": _FACEID}
+_FACEID_PLUS = (
+    (r"proj\.0\.(weight|bias)", r"proj.net.0.proj.\1"), (r"proj\.2\.(weight|bias)", r"proj.net.2.\1"),
+    (r"norm\.(weight|bias)", r"norm.\1"),
+    *((r"perceiver_resampler\." + pattern, target) for pattern, target in _PLUS if "latents" not in pattern),
+    (r"perceiver_resampler\.(proj_in|proj_out|norm_out)\.(weight|bias)", r"\1.\2"),
+)
+PROJECTION_RULES = {"plain": _PLAIN, "full": _FULL, "plus": _PLUS, "faceid": _FACEID, "instantid": _PLUS,
+                    "faceid_plus": _FACEID_PLUS}
 
 
 def projection_to_diffusers(spec: IPAdapterSpec, proj: Mapping[str, torch.Tensor]
@@ -293,6 +355,8 @@ def build_projection(spec: IPAdapterSpec) -> torch.nn.Module:
         if spec.kind == "plain":
             return ImageProjection(image_embed_dim=spec.clip_dim, cross_attention_dim=spec.cross_attention_dim,
                                    num_image_text_embeds=spec.tokens)
+        if spec.kind == "faceid_plus":
+            return FaceIDPlusProjection(spec)
         if spec.kind == "faceid":
             return IPAdapterFaceIDImageProjection(image_embed_dim=spec.clip_dim,
                                                   cross_attention_dim=spec.cross_attention_dim,
@@ -340,9 +404,14 @@ class IPAdapterModel:
     name: str
 
     @torch.no_grad()
-    def project(self, feature: torch.Tensor) -> torch.Tensor:
-        """CLIP feature (``image_embeds`` B×D, or hidden states B×N×D) -> image tokens B×T×C, in float32."""
+    def project(self, feature: torch.Tensor, hidden: torch.Tensor | None = None, shortcut: bool = False
+                ) -> torch.Tensor:
+        """CLIP feature (``image_embeds`` B×D, or hidden states B×N×D) or face embedding -> image tokens B×T×C,
+        in float32; FaceID Plus also takes CLIP's ``hidden`` states (and v2 its ``shortcut``)."""
         param = next(self.projection.parameters())
+        if self.spec.kind == "faceid_plus":
+            return self.projection(feature.to(param.device, torch.float32), hidden.to(param.device, torch.float32),
+                                   shortcut).float()
         return self.projection(feature.to(param.device, torch.float32)).float()
 
 

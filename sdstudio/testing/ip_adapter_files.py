@@ -150,6 +150,24 @@ def ip_adapter_state(kind: str = "plain", config: dict | None = None, clip_dim: 
         sd |= {"proj.0.weight": lin(2 * clip_dim, clip_dim), "proj.0.bias": vec(2 * clip_dim),
                "proj.2.weight": lin(tokens * cross, 2 * clip_dim), "proj.2.bias": vec(tokens * cross),
                "norm.weight": vec(cross, 1.0), "norm.bias": vec(cross)}
+    elif kind == "faceid_plus":  # ProjModelFaceIdPlus: the face MLP, then FacePerceiverResampler over CLIP
+        clip_dim = clip_dim or TINY_CLIP["hidden_size"]
+        tokens, inner = tokens or 4, 64 * heads
+        sd |= {"proj.0.weight": lin(1024, 512), "proj.0.bias": vec(1024),
+               "proj.2.weight": lin(tokens * cross, 1024), "proj.2.bias": vec(tokens * cross),
+               "norm.weight": vec(cross, 1.0), "norm.bias": vec(cross)}
+        r = "perceiver_resampler."
+        sd |= {r + "proj_in.weight": lin(cross, clip_dim), r + "proj_in.bias": vec(cross),
+               r + "proj_out.weight": lin(cross, cross), r + "proj_out.bias": vec(cross),
+               r + "norm_out.weight": vec(cross, 1.0), r + "norm_out.bias": vec(cross)}
+        for i in range(depth):
+            a, f = f"{r}layers.{i}.0.", f"{r}layers.{i}.1."
+            sd |= {a + "norm1.weight": vec(cross, 1.0), a + "norm1.bias": vec(cross),
+                   a + "norm2.weight": vec(cross, 1.0), a + "norm2.bias": vec(cross),
+                   a + "to_q.weight": lin(inner, cross), a + "to_kv.weight": lin(2 * inner, cross),
+                   a + "to_out.weight": lin(cross, inner),
+                   f + "0.weight": vec(cross, 1.0), f + "0.bias": vec(cross),
+                   f + "1.weight": lin(4 * cross, cross), f + "3.weight": lin(cross, 4 * cross)}
     else:
         raise ValueError(f"unknown IP-Adapter kind {kind!r}")
     out = {f"image_proj.{k}": v for k, v in sd.items()}

@@ -23,7 +23,8 @@ depth_anything_v2); depth_zoe (ZoeD_M12_N.pt, zoedepth); dw_openpose_full (yolox
 dw-ll_ucoco_384.onnx, openpose; run by onnxruntime, or OpenCV's dnn without it); anime_face_segment (seg_anime_face)
 (UNet.pth, anime_face_segment); softedge_teed (7_model.pth, TEED); softedge_anyline (MTEED.pth, TEED; its
 resolution slider starts at 1280, as the extension's); inpaint_only+lama (ControlNetLama.pth, lama: the masked
-part filled by LaMa at 256, then the unit works as inpaint_only).
+part filled by LaMa at 256, then the unit works as inpaint_only); instant_id_face_keypoints (InsightFace's
+antelopev2 pack, :mod:`.insightface`).
 """
 
 from __future__ import annotations
@@ -253,10 +254,22 @@ def _lama(folder: Path, label: str) -> Run:
     return run
 
 
-def preprocessors(annotators_dir: Path | None) -> list[Preprocessor]:
+def _instant_id_keypoints(folder: Path, models_dir: Path, label: str) -> Run:
+    from . import insightface
+
+    def run(img: np.ndarray, res: float, a: float, b: float, mask=None) -> np.ndarray:
+        analysis = insightface.face_analysis(models_dir, folder, "antelopev2", label)
+        return insightface.instant_id_keypoints(analysis, img, f"ControlNet preprocessor {label!r}")
+
+    return run
+
+
+def preprocessors(annotators_dir: Path | None, models_dir: Path | None = None) -> list[Preprocessor]:
     """The weight-based preprocessors reading their files from ``annotators_dir`` (None: the default folder,
-    relative to the working directory); cheap: nothing is read until one runs."""
+    relative to the working directory; InsightFace's packs also from ``models_dir``/insightface); cheap:
+    nothing is read until one runs."""
     folder = Path(annotators_dir) if annotators_dir is not None else DEFAULT_DIR
+    models = Path(models_dir) if models_dir is not None else folder.parent.parent
     out: list[Preprocessor] = []
 
     def add(name: str, label: str, run: Run, types: tuple[str, ...], a: Slider | None = None,
@@ -298,6 +311,10 @@ def preprocessors(annotators_dir: Path | None) -> list[Preprocessor]:
     out.append(Preprocessor(name="inpaint_only+lama", run=_lama(folder, "inpaint_only+lama"), control_types=("Inpaint",),
                             needs_mask=True))
     add("normal_bae", "normal_bae", _normal_bae(folder, "normal_bae"), ("NormalMap",))
+    # InstantID's keypoint map (InsightFace's antelopev2 pack; no resolution slider, as in the extension)
+    out.append(Preprocessor(name="instant_id_face_keypoints", run=_instant_id_keypoints(folder, models,
+                                                                                         "instant_id_face_keypoints"),
+                            control_types=("Instant-ID",)))
     return out
 
 

@@ -22,6 +22,11 @@ Steps, as insightface 0.7's ``FaceAnalysis`` with ``det_size=(640, 640)``:
   ``embedding``; ``normed_embedding`` is it over its length.
 
 The extension keeps the largest face (by box area) when there are several, and fails when there is none.
+InstantID's two preprocessors first bring the picture's short side to 512 (and pad it to multiples of 64, as
+the other annotators): ``instant_id_face_embedding`` gives that face's embedding (not normed), and
+``instant_id_face_keypoints`` draws its five keypoints as the extension's ``draw_kps`` does (four sticks from
+the nose to the eyes and the mouth corners at 60 % of their colour, then a dot of radius 10 for each point, on
+black), the padding cut off again.
 """
 
 from __future__ import annotations
@@ -66,6 +71,13 @@ class Face:
     @property
     def normed_embedding(self) -> np.ndarray:
         return self.embedding / np.linalg.norm(self.embedding)
+
+
+INSTANT_ID_RESOLUTION = 512
+KPS_COLORS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255))
+KPS_LIMBS = ((0, 2), (1, 2), (3, 2), (4, 2))
+KPS_STICK = 4
+KPS_RADIUS = 10
 
 
 def pack_folders(models_dir: Path, annotators_dir: Path, pack: str) -> list[Path]:
@@ -226,3 +238,36 @@ def largest_face(faces: list[Face], where: str) -> Face:
 
 def face_analysis(models_dir: Path, annotators_dir: Path, pack: str, module: str) -> FaceAnalysis:
     return FaceAnalysis(*find_pack(models_dir, annotators_dir, pack, module))
+
+
+# ---- InstantID's preprocessors -------------------------------------------------------------------------------
+
+def draw_kps(size: tuple[int, int], kps: np.ndarray) -> np.ndarray:
+    """The extension's InstantID keypoint map (``draw_kps``) on a black H×W canvas, RGB uint8."""
+    h, w = size
+    out = np.zeros((h, w, 3), np.float64)
+    kps = np.asarray(kps, np.float64)
+    for a, b in KPS_LIMBS:
+        x, y = kps[[a, b], 0], kps[[a, b], 1]
+        length = float(np.hypot(x[0] - x[1], y[0] - y[1]))
+        angle = int(np.degrees(np.arctan2(y[0] - y[1], x[0] - x[1])))
+        polygon = cv2.ellipse2Poly((int(np.mean(x)), int(np.mean(y))), (int(length / 2), KPS_STICK), angle, 0, 360, 1)
+        out = cv2.fillConvexPoly(out.copy(), polygon, KPS_COLORS[a])
+    out = (out * 0.6).astype(np.uint8)
+    for (x, y), color in zip(kps, KPS_COLORS, strict=False):
+        out = cv2.circle(out.copy(), (int(x), int(y)), KPS_RADIUS, color, -1)
+    return out
+
+
+def instant_id_face(analysis: FaceAnalysis, image_rgb: np.ndarray, where: str) -> tuple[Face, tuple, object]:
+    """The largest face of the picture as InstantID's preprocessors see it (short side at 512, padded), the
+    padded size and the function cutting the padding off."""
+    from ..preprocessors import resize_with_pad
+
+    padded, remove_pad = resize_with_pad(np.asarray(image_rgb)[:, :, :3], INSTANT_ID_RESOLUTION)
+    return largest_face(analysis.faces(padded), where), padded.shape[:2], remove_pad
+
+
+def instant_id_keypoints(analysis: FaceAnalysis, image_rgb: np.ndarray, where: str) -> np.ndarray:
+    face, size, remove_pad = instant_id_face(analysis, image_rgb, where)
+    return remove_pad(draw_kps(size, face.kps))
