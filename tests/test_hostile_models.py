@@ -140,3 +140,31 @@ def test_values_beyond_half_precision_say_to_load_in_float32(tmp_path, tiny_sd1)
     with pytest.raises(ModelFileError, match=r"^big.safetensors: UNet: conv_out.weight has values beyond float16's range"):
         load_checkpoint(path, torch.float16)
     assert load_checkpoint(path, torch.float32).unet.conv_out.weight.view(-1)[0] == 1e6
+
+
+def test_half_to_half_conversion_is_exact_and_still_finds_bad_values(tmp_path, tiny_sd1):
+    """float16 <-> bfloat16 goes through float32 in chunks (a faster path): the same bits as PyTorch's direct
+    conversion, a NaN or infinity in a later chunk is still found, and bfloat16 values beyond float16's range
+    are still refused for a float16 model."""
+    import torch
+
+    from sdstudio.models import safe_load
+
+    g = torch.Generator().manual_seed(0)
+    half = (torch.randn(3 * safe_load._CHUNK + 17, generator=g) * 100).half()
+    for src, dst in ((half, torch.bfloat16), (half.bfloat16(), torch.float16)):
+        out, _ = safe_load._converted(src, dst)
+        assert out.dtype == dst and torch.equal(out.view(torch.int16), src.to(dst).view(torch.int16))
+    for bad in (float("nan"), float("inf")):
+        poisoned = half.clone()
+        poisoned[2 * safe_load._CHUNK + 5] = bad
+        assert safe_load._converted(poisoned, torch.bfloat16)[1] is False
+    assert safe_load._converted(half, torch.bfloat16)[1] is True
+    big = torch.tensor([1.0, 3e5]).bfloat16()
+    with pytest.raises(ModelFileError, match="has values beyond float16's range"):
+        safe_load.usable_weight("x", "w", big, torch.empty(2), torch.float16)
+    key = "model.diffusion_model.out.2.weight"
+    path = _edited(tiny_sd1, tmp_path, "nan16.safetensors",
+                   lambda sd: sd.__setitem__(key, sd[key].half()) or sd[key].view(-1).__setitem__(-1, float("nan")))
+    with pytest.raises(ModelFileError, match=r"^nan16.safetensors: UNet: conv_out.weight holds NaN"):
+        load_checkpoint(path, torch.bfloat16)

