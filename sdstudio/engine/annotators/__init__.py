@@ -24,7 +24,8 @@ dw-ll_ucoco_384.onnx, openpose; run by onnxruntime, or OpenCV's dnn without it);
 (UNet.pth, anime_face_segment); softedge_teed (7_model.pth, TEED); softedge_anyline (MTEED.pth, TEED; its
 resolution slider starts at 1280, as the extension's); inpaint_only+lama (ControlNetLama.pth, lama: the masked
 part filled by LaMa at 256, then the unit works as inpaint_only); instant_id_face_keypoints (InsightFace's
-antelopev2 pack, :mod:`.insightface`).
+antelopev2 pack, :mod:`.insightface`); densepose / densepose_parula (densepose_r50_fpn_dl.torchscript, densepose;
+torchvision's two operators it calls defined by :mod:`.densepose`).
 """
 
 from __future__ import annotations
@@ -254,6 +255,15 @@ def _lama(folder: Path, label: str) -> Run:
     return run
 
 
+def _densepose(folder: Path, label: str, cmap: str) -> Run:
+    from . import densepose
+
+    def step(img: np.ndarray, a: float, b: float) -> np.ndarray:
+        return densepose.detect(densepose.load(densepose.FILE.locate(folder, label)), img, cmap)
+
+    return _at_resolution(label, step)
+
+
 def _instant_id_keypoints(folder: Path, models_dir: Path, label: str) -> Run:
     from . import insightface
 
@@ -311,6 +321,9 @@ def preprocessors(annotators_dir: Path | None, models_dir: Path | None = None) -
     out.append(Preprocessor(name="inpaint_only+lama", run=_lama(folder, "inpaint_only+lama"), control_types=("Inpaint",),
                             needs_mask=True))
     add("normal_bae", "normal_bae", _normal_bae(folder, "normal_bae"), ("NormalMap",))
+    add("densepose", "densepose (pruple bg & purple torso)", _densepose(folder, "densepose", "viridis"), ("OpenPose",))
+    add("densepose_parula", "densepose_parula (black bg & blue torso)",
+        _densepose(folder, "densepose_parula", "parula"), ("OpenPose",))
     # InstantID's keypoint map (InsightFace's antelopev2 pack; no resolution slider, as in the extension)
     out.append(Preprocessor(name="instant_id_face_keypoints", run=_instant_id_keypoints(folder, models,
                                                                                          "instant_id_face_keypoints"),
