@@ -72,9 +72,10 @@ def test_cached_lora_run_trains_the_same_weights(sd1, data, tmp_path):
     plain = train_lora(sd1, _ds(data / "instance"), output_dir=tmp_path / "a", output_name="x", **kw)
     cached = train_lora(sd1, _ds(data / "instance"), output_dir=tmp_path / "b", output_name="x", cache_latents=True,
                         **kw)
-    # the first step's loss is the same to the bit; then Adam's normalised steps turn rounding-level differences
-    # of the gradients (pictures encoded one by one, not batched) into small differences of the weights
-    assert plain.losses[0] == cached.losses[0]
+    # the first step's loss is the same but for rounding (pictures encoded one by one, not batched: on some CPUs,
+    # an AMX Xeon's among them, oneDNN's kernels round a batch of two differently, 2e-7 of the loss); then Adam's
+    # normalised steps turn rounding-level differences of the gradients into small differences of the weights
+    assert plain.losses[0] == pytest.approx(cached.losses[0], rel=1e-6, abs=0)
     assert np.allclose(plain.losses, cached.losses, rtol=1e-3), (plain.losses, cached.losses)
     # and the two files do the same: the loss on fixed batches with each applied
     ds = _ds(data / "instance")
@@ -88,7 +89,8 @@ def test_cached_lora_run_trains_the_same_weights(sd1, data, tmp_path):
                 for b, ix in enumerate(ds.epoch_batches(0, 2))]
     a, b = fixed[plain.path], fixed[cached.path]
     assert np.allclose(a, b, rtol=2e-3), (a, b)
-    assert np.abs(np.array(a) - base).max() > 20 * np.abs(np.array(a) - b).max()  # training moved it far more
+    # training moved it far more (9x on an AMX Xeon, whose batch-dependent rounding grows over the steps; more elsewhere)
+    assert np.abs(np.array(a) - base).max() > 5 * np.abs(np.array(a) - b).max()
     with safe_open(str(cached.path), "pt") as f:
         assert f.metadata()["ss_cache_latents"] == "True"
     with safe_open(str(plain.path), "pt") as f:

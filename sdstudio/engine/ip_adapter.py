@@ -80,8 +80,6 @@ PRESET_ENCODERS = {
     "ip-adapter-full-face_sd15": "clip_h", "ip-adapter_sdxl": "clip_g", "ip-adapter_sdxl_vit-h": "clip_h",
     "ip-adapter-plus_sdxl_vit-h": "clip_h", "ip-adapter_plus_composition_sdxl": "clip_h",
     "ip-adapter-plus-face_sdxl_vit-h": "clip_h",
-    "ip-adapter-faceid_sd15": FACE, "ip-adapter-faceid_sdxl": FACE, "ip-adapter-faceid-portrait_sd15": FACE,
-    "ip-adapter-faceid-portrait-v11_sd15": FACE, "ip-adapter-faceid-portrait_sdxl": FACE,
 }
 # the published encoders' widths: (image_embeds width, hidden width) -> name, for files no preset names
 _ENCODER_WIDTHS = {"clip_h": (1024, 1280), "clip_g": (1280, 1664)}
@@ -99,8 +97,9 @@ def _model_stem(title: str) -> str:
 def encoder_for(module: str, model_title: str, spec: IPAdapterSpec, where: str = SCRIPT_NAME) -> str:
     """The encoder a unit runs: a CLIP vision encoder (``clip_h`` / ``clip_g``) by its module, or for
     ``ip-adapter-auto`` by the extension's preset for the model's name, else the published encoder whose width
-    the adapter takes; ``face`` (InsightFace) for a FaceID adapter. A module that does not fit the adapter's
-    input is a :class:`ControlNetError` naming the one that does."""
+    the adapter takes; ``face`` (InsightFace) for a face adapter (FaceID, FaceID Plus, InstantID: told by
+    its shapes, so ``ip-adapter-auto`` needs no preset). A module that does not fit the adapter's input is a
+    :class:`ControlNetError` naming the one that does."""
     key = module.strip()
     stem = _model_stem(model_title)
     if key in UNSUPPORTED_MODULES:
@@ -122,7 +121,7 @@ def encoder_for(module: str, model_title: str, spec: IPAdapterSpec, where: str =
     if key != AUTO:
         raise ControlNetError(f"{where}: {module!r} is not an IP-Adapter preprocessor "
                               f"({', '.join([*ENCODER_OF_MODULE, *FACE_MODULES, AUTO])})")
-    if PRESET_ENCODERS.get(stem, FACE) != FACE:
+    if stem in PRESET_ENCODERS:
         return PRESET_ENCODERS[stem]
     index = 0 if spec.feature == "image_embeds" else 1
     for name, widths in _ENCODER_WIDTHS.items():
