@@ -49,8 +49,9 @@ UNIT = {"enabled": True, "module": "none", "model": "tiny-canny", "weight": 1.0}
 
 
 def _req(*units, **fields) -> Txt2ImgRequest:
-    return Txt2ImgRequest(prompt="a cat", seed=5, steps=2, width=64, height=64, sampler_name="Euler",
-                          alwayson_scripts={"ControlNet": {"units": list(units)}}, **fields)
+    return Txt2ImgRequest(**{"prompt": "a cat", "seed": 5, "steps": 2, "width": 64, "height": 64,
+                             "sampler_name": "Euler", "alwayson_scripts": {"ControlNet": {"units": list(units)}},
+                             **fields})
 
 
 def _pixels(result) -> list[np.ndarray]:
@@ -210,3 +211,20 @@ def write_tiny_controlnet(root) -> None:
     from sdstudio.testing.controlnet_files import write_controlnet
 
     write_controlnet(root / "models" / "ControlNet" / "tiny-canny.safetensors", "sd1", "tiny", seed=3)
+
+
+def test_the_seed_moves_on_per_picture_with_the_extensions_setting(controlnet_studio, folder):
+    studio = controlnet_studio
+    unit = {**UNIT, "input_mode": "batch", "batch_images": str(folder)}
+    same = studio.generate(_req(unit, batch_size=2))
+    assert [g.seed for g in same.images] == [5, 6] * 3
+    moved = studio.generate(_req(unit, batch_size=2, controlnet_increment_seed_during_batch=True))
+    assert [g.seed for g in moved.images] == [5, 6, 7, 8, 9, 10]
+    assert np.array_equal(_pixels(moved)[0], _pixels(same)[0])  # the first picture is unchanged
+    alone = studio.generate(_req({**UNIT, "image": _b64(Image.open(folder / "b-blue.png").convert("RGB"))},
+                                 seed=7, batch_size=2))
+    assert np.array_equal(_pixels(moved)[2], _pixels(alone)[0])  # the second picture, seeds 7 and 8
+    from sdstudio.core.params import option_fields
+
+    assert option_fields({"controlnet_increment_seed_during_batch": True}) == \
+        {"controlnet_increment_seed_during_batch": True}  # the setting reaches the job

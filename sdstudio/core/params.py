@@ -103,6 +103,9 @@ class Txt2ImgRequest:
     token_merging_ratio_hr: float = 0.0  # the Hires. fix pass's (0: the same as the first pass)
     token_merging_ratio_img2img: float = 0.0  # img2img's (0: token_merging_ratio)
     deepcache_interval: int = 0  # ours: the whole UNet every N-th step, its outer level only between (0/1: off)
+    # sd-webui-controlnet's setting of that name: its batch tab moves the seed on by the job's image count after
+    # each control picture (off: every picture gets the same seeds)
+    controlnet_increment_seed_during_batch: bool = False
     script_name: str = ""  # a selectable script (sdstudio.core.scripts) for this kind of request; "" = none
     script_args: dict[str, Any] = field(default_factory=dict)
     # always-on scripts (dynamic thresholding, CFG rescale, a plug-in's...): {script name: {argument: value}}
@@ -269,7 +272,8 @@ MAX_SEED = 4294967294
 OPTION_FIELDS = ("sdxl_crop_top", "sdxl_crop_left", "sdxl_refiner_low_aesthetic_score",
                  "sdxl_refiner_high_aesthetic_score", "hires_fix_refiner_pass", "refiner_switch_by_sample_steps",
                  "s_min_uncond", "s_min_uncond_all", "pad_cond_uncond", "pad_cond_uncond_v0", "token_merging_ratio",
-                 "token_merging_ratio_hr", "token_merging_ratio_img2img", "deepcache_interval")
+                 "token_merging_ratio_hr", "token_merging_ratio_img2img", "deepcache_interval",
+                 "controlnet_increment_seed_during_batch")
 
 
 def option_fields(options) -> dict[str, Any]:
@@ -592,7 +596,7 @@ def from_infotext(text_or_params: str | dict[str, str], base: Txt2ImgRequest | N
         "refiner_checkpoint": "", "hires_fix_refiner_pass": "second pass", "refiner_switch_by_sample_steps": False,
         "s_min_uncond": 0.0, "s_min_uncond_all": False, "pad_cond_uncond": False, "pad_cond_uncond_v0": False,
         "token_merging_ratio": 0.0, "token_merging_ratio_hr": 0.0, "token_merging_ratio_img2img": 0.0,
-        "deepcache_interval": 0,
+        "deepcache_interval": 0, "controlnet_increment_seed_during_batch": False,
     }
     extra: dict[str, str] = {}
     own = {f.name for f in dataclasses.fields(req)}

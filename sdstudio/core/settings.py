@@ -113,6 +113,8 @@ SETTINGS: tuple[Setting, ...] = (
             minimum=1, maximum=10),
     Setting("control_net_no_detectmap", False, "Do not append detectmap to output", "ControlNet"),
     Setting("control_net_detectmap_autosaving", False, "Allow detectmap auto saving", "ControlNet"),
+    Setting("controlnet_increment_seed_during_batch", False, "Increment seed after each controlnet batch iteration",
+            "ControlNet"),
 )
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
 

@@ -143,7 +143,8 @@ def _save_batch_output(image, folder: str, picture: str, n: int, infotext: str) 
 
 def _batch_run(ctx, req, args: Args):
     """One generation per control picture of the batch units' folders (as many as the shortest has), each
-    unit given its next picture (and mask); the same seed each time, as the extension runs it. A loopback
+    unit given its next picture (and mask); the same seed each time, as the extension runs it (moved on by the
+    job's image count after each picture with ``controlnet_increment_seed_during_batch``). A loopback
     unit gets the previous generation's first image from the second on. Detected maps are not appended (the
     extension turns them off in batch), and the pictures are also saved into the last batch unit's
     ``output_dir`` when it names one. Every generation is a unit of the job: paused and resumed between."""
@@ -154,6 +155,7 @@ def _batch_run(ctx, req, args: Args):
     names = batch[max(batch)]
     passes = ctx.passes(count)
     previous = None
+    step = req.n_iter * req.batch_size if req.controlnet_increment_seed_during_batch else 0
     for k in range(count):
         current = []
         for i, u in enumerate(listed):
@@ -167,7 +169,8 @@ def _batch_run(ctx, req, args: Args):
             current.append(u.replace(input_mode="simple" if u.input_mode == "batch" else u.input_mode,
                                      batch_images=None, batch_mask_dir=None))
         inner = req.replace(alwayson_scripts={**req.alwayson_scripts,
-                                              NAME: Args(args, units=[u.to_dict() for u in current])})
+                                              NAME: Args(args, units=[u.to_dict() for u in current])},
+                            seed=req.seed + k * step, subseed=req.subseed + k * step)
         result = passes.run(inner)
         if result.interrupted:
             yield req.seed, None
@@ -177,7 +180,7 @@ def _batch_run(ctx, req, args: Args):
             for n, g in enumerate(own):
                 _save_batch_output(g.image, output, names[k][0], n, g.infotext)
         previous = own[0] if own else previous
-        yield req.seed, own
+        yield inner.seed, own
 
 
 def _unit_axis(label: str, kind: type, field: str, choices: str | None = None) -> xyz.Axis:
