@@ -117,6 +117,22 @@ def ip_adapter_state(kind: str = "plain", config: dict | None = None, clip_dim: 
     def vec(n: int, around: float = 0.0) -> torch.Tensor:
         return around + 0.1 * torch.randn(n, generator=g)
 
+    def resampler(prefix: str, hidden: int, inner: int, clip_dim: int) -> dict[str, torch.Tensor]:
+        """A Perceiver resampler's tensors (the published names; no latents): proj_in / proj_out / norm_out and
+        ``depth`` attention + feed-forward layers of ``inner``-wide attention."""
+        out = {prefix + "proj_in.weight": lin(hidden, clip_dim), prefix + "proj_in.bias": vec(hidden),
+               prefix + "proj_out.weight": lin(cross, hidden), prefix + "proj_out.bias": vec(cross),
+               prefix + "norm_out.weight": vec(cross, 1.0), prefix + "norm_out.bias": vec(cross)}
+        for i in range(depth):
+            a, f = f"{prefix}layers.{i}.0.", f"{prefix}layers.{i}.1."
+            out |= {a + "norm1.weight": vec(hidden, 1.0), a + "norm1.bias": vec(hidden),
+                    a + "norm2.weight": vec(hidden, 1.0), a + "norm2.bias": vec(hidden),
+                    a + "to_q.weight": lin(inner, hidden), a + "to_kv.weight": lin(2 * inner, hidden),
+                    a + "to_out.weight": lin(hidden, inner),
+                    f + "0.weight": vec(hidden, 1.0), f + "0.bias": vec(hidden),
+                    f + "1.weight": lin(4 * hidden, hidden), f + "3.weight": lin(hidden, 4 * hidden)}
+        return out
+
     sd: dict[str, torch.Tensor] = {}
     if kind == "plain":
         clip_dim = clip_dim or TINY_CLIP["projection_dim"]
@@ -133,17 +149,7 @@ def ip_adapter_state(kind: str = "plain", config: dict | None = None, clip_dim: 
         tokens = tokens or 16
         hidden, inner = cross, 64 * heads  # SD 1.5 plus: the resampler is as wide as the context
         sd |= {"latents": torch.randn(1, tokens, hidden, generator=g) / hidden ** 0.5,
-               "proj_in.weight": lin(hidden, clip_dim), "proj_in.bias": vec(hidden),
-               "proj_out.weight": lin(cross, hidden), "proj_out.bias": vec(cross),
-               "norm_out.weight": vec(cross, 1.0), "norm_out.bias": vec(cross)}
-        for i in range(depth):
-            a, f = f"layers.{i}.0.", f"layers.{i}.1."
-            sd |= {a + "norm1.weight": vec(hidden, 1.0), a + "norm1.bias": vec(hidden),
-                   a + "norm2.weight": vec(hidden, 1.0), a + "norm2.bias": vec(hidden),
-                   a + "to_q.weight": lin(inner, hidden), a + "to_kv.weight": lin(2 * inner, hidden),
-                   a + "to_out.weight": lin(hidden, inner),
-                   f + "0.weight": vec(hidden, 1.0), f + "0.bias": vec(hidden),
-                   f + "1.weight": lin(4 * hidden, hidden), f + "3.weight": lin(hidden, 4 * hidden)}
+               **resampler("", hidden, inner, clip_dim)}
     elif kind == "faceid":  # the published MLPProjModelFaceId: 512 -> 1024 -> tokens x context, LayerNorm
         clip_dim = clip_dim or 512
         tokens = tokens or 4
@@ -156,18 +162,7 @@ def ip_adapter_state(kind: str = "plain", config: dict | None = None, clip_dim: 
         sd |= {"proj.0.weight": lin(1024, 512), "proj.0.bias": vec(1024),
                "proj.2.weight": lin(tokens * cross, 1024), "proj.2.bias": vec(tokens * cross),
                "norm.weight": vec(cross, 1.0), "norm.bias": vec(cross)}
-        r = "perceiver_resampler."
-        sd |= {r + "proj_in.weight": lin(cross, clip_dim), r + "proj_in.bias": vec(cross),
-               r + "proj_out.weight": lin(cross, cross), r + "proj_out.bias": vec(cross),
-               r + "norm_out.weight": vec(cross, 1.0), r + "norm_out.bias": vec(cross)}
-        for i in range(depth):
-            a, f = f"{r}layers.{i}.0.", f"{r}layers.{i}.1."
-            sd |= {a + "norm1.weight": vec(cross, 1.0), a + "norm1.bias": vec(cross),
-                   a + "norm2.weight": vec(cross, 1.0), a + "norm2.bias": vec(cross),
-                   a + "to_q.weight": lin(inner, cross), a + "to_kv.weight": lin(2 * inner, cross),
-                   a + "to_out.weight": lin(cross, inner),
-                   f + "0.weight": vec(cross, 1.0), f + "0.bias": vec(cross),
-                   f + "1.weight": lin(4 * cross, cross), f + "3.weight": lin(cross, 4 * cross)}
+        sd |= resampler("perceiver_resampler.", cross, inner, clip_dim)
     else:
         raise ValueError(f"unknown IP-Adapter kind {kind!r}")
     out = {f"image_proj.{k}": v for k, v in sd.items()}
