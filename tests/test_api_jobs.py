@@ -235,7 +235,8 @@ def test_the_cli_server_body_carries_every_request_field(client):
                    sdxl_refiner_high_aesthetic_score=6.5, hires_fix_refiner_pass="both passes",
                    refiner_switch_by_sample_steps=True, s_min_uncond=0.5, s_min_uncond_all=True,
                    pad_cond_uncond=True, pad_cond_uncond_v0=True, token_merging_ratio=0.3, token_merging_ratio_hr=0.4,
-                   token_merging_ratio_img2img=0.2, deepcache_interval=3, script_name="X/Y/Z plot",
+                   token_merging_ratio_img2img=0.2, deepcache_interval=3, controlnet_increment_seed_during_batch=True,
+                   script_name="X/Y/Z plot",
                    script_args={"x_type": "Steps", "x_values": "1,2"},
                    alwayson_scripts={}, extra={"Some key": "kept"})
     assert set(changed) == {f.name for f in dataclasses.fields(Txt2ImgRequest)}  # a new field must be listed here
