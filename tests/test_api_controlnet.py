@@ -316,6 +316,31 @@ def test_detected_maps_follow_the_setting_and_save_detected_map(server):
     assert np.array_equal(unb64(two[2]), 255 - np.asarray(shapes()))
 
 
+def test_the_batch_tab_over_http(server, tmp_path):
+    """A webuiapi unit switched to the batch tab: one image per control picture, each the one its picture gives
+    alone (same seed), no detected maps, and the output folder named after the pictures."""
+    folder, out = tmp_path / "pictures", tmp_path / "made"
+    folder.mkdir()
+    shapes(64, 64).save(folder / "a.png")
+    shapes(64, 64).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / "b.png")
+    unit = {**webuiapi.ControlNetUnit(module="canny", model=server["title"], processor_res=64).to_dict(),
+            "input_mode": "batch", "batch_images": str(folder), "output_dir": str(out)}
+    body = {"prompt": "shapes", "seed": 11, "width": 64, "height": 64, "steps": 2, "sampler_name": "Euler"}
+    url = server["url"] + "/sdapi/v1/txt2img"
+    r = requests.post(url, json={**body, "alwayson_scripts": {"controlnet": {"args": [unit]}}}, timeout=300)
+    assert r.status_code == 200, r.text
+    images = r.json()["images"]
+    assert len(images) == 2 and sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    single = {**unit, "input_mode": "simple", "image": b64(Image.open(folder / "b.png")), "batch_images": None,
+              "output_dir": ""}
+    r = requests.post(url, json={**body, "alwayson_scripts": {"controlnet": {"args": [single]}}}, timeout=300)
+    assert r.status_code == 200, r.text
+    assert np.array_equal(unb64(images[1]), unb64(r.json()["images"][0]))
+    r = requests.post(url, json={**body, "alwayson_scripts": {"controlnet": {"args": [
+        {**unit, "batch_images": str(tmp_path / "nowhere")}]}}}, timeout=60)
+    assert r.status_code == 422 and "unit 0.batch_images: cannot read the folder" in r.text
+
+
 def test_webuiapi_controlnet_unit_img2img_uses_the_init_image(server, api):
     init = shapes()
     unit = webuiapi.ControlNetUnit(module="canny", model=server["title"], processor_res=64, threshold_a=100,
