@@ -381,6 +381,7 @@ EXPECTED = {  # module name: (UI label, control types) as the extension declares
     "inpaint_only+lama": ("inpaint_only+lama", ("Inpaint",)),  # test_annotators_lama
     "depth_leres++": ("depth_leres++", ("Depth",)),  # test_annotators_leres_boost
     "instant_id_face_keypoints": ("instant_id_face_keypoints", ("Instant-ID",)),  # test_faceid
+    "normal_dsine": ("normal_dsine", ("NormalMap",)),  # test_annotators_dsine
     "densepose": ("densepose (pruple bg & purple torso)", ("OpenPose",)),  # test_annotators_densepose
     "densepose_parula": ("densepose_parula (black bg & blue torso)", ("OpenPose",)),
 }

@@ -25,7 +25,8 @@ dw-ll_ucoco_384.onnx, openpose; run by onnxruntime, or OpenCV's dnn without it);
 resolution slider starts at 1280, as the extension's); inpaint_only+lama (ControlNetLama.pth, lama: the masked
 part filled by LaMa at 256, then the unit works as inpaint_only); instant_id_face_keypoints (InsightFace's
 antelopev2 pack, :mod:`.insightface`); densepose / densepose_parula (densepose_r50_fpn_dl.torchscript, densepose;
-torchvision's two operators it calls defined by :mod:`.densepose`).
+torchvision's two operators it calls defined by :mod:`.densepose`); normal_dsine (dsine.pt, normal_dsine;
+:mod:`.dsine`, its Fov and Iterations sliders).
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ from .common import AnnotatorFile, clear_cache, hwc3, resize_with_pad, scribble
 
 RESOLUTION = Slider("Resolution", 512, 64, 2048, 8)
 MLSD_VALUE = Slider("MLSD Value Threshold", 0.1, 0.01, 2.0, 0.01)
+DSINE_FOV = Slider("Fov", 60.0, 0.0, 360.0, 0.1)
+DSINE_ITERATIONS = Slider("Iterations", 5, 1, 20, 1)
 MLSD_DISTANCE = Slider("MLSD Distance Threshold", 0.1, 0.01, 20.0, 0.01)
 REMOVE_NEAR = Slider("Remove Near %", 0, 0, 100, 0.1)
 REMOVE_BACKGROUND = Slider("Remove Background %", 0, 0, 100, 0.1)
@@ -255,6 +258,20 @@ def _lama(folder: Path, label: str) -> Run:
     return run
 
 
+def _dsine(folder: Path, label: str) -> Run:
+    from . import dsine
+
+    def run(image: np.ndarray, resolution: float = 512, fov: float = dsine.FOV, iterations: float = dsine.ITERATIONS,
+            mask: np.ndarray | None = None) -> np.ndarray:
+        picture = np.ascontiguousarray(hwc3(image, f"ControlNet {label}"))
+        padded, crop = resize_with_pad(picture, int(resolution))
+        model = dsine.load(dsine.FILE.locate(folder, label))
+        return hwc3(crop(dsine.detect(model, padded, picture.shape[:2], fov, int(iterations))))
+
+    run.__name__ = run.__qualname__ = label
+    return run
+
+
 def _densepose(folder: Path, label: str, cmap: str) -> Run:
     from . import densepose
 
@@ -321,6 +338,7 @@ def preprocessors(annotators_dir: Path | None, models_dir: Path | None = None) -
     out.append(Preprocessor(name="inpaint_only+lama", run=_lama(folder, "inpaint_only+lama"), control_types=("Inpaint",),
                             needs_mask=True))
     add("normal_bae", "normal_bae", _normal_bae(folder, "normal_bae"), ("NormalMap",))
+    add("normal_dsine", "normal_dsine", _dsine(folder, "normal_dsine"), ("NormalMap",), DSINE_FOV, DSINE_ITERATIONS)
     add("densepose", "densepose (pruple bg & purple torso)", _densepose(folder, "densepose", "viridis"), ("OpenPose",))
     add("densepose_parula", "densepose_parula (black bg & blue torso)",
         _densepose(folder, "densepose_parula", "parula"), ("OpenPose",))
