@@ -7,8 +7,8 @@ encoding and VAE decoding):
   Goal: <= 2.5 s a step at 512² on the project's 2-core machine, >= 3x diffusers float32.
 - the bundled demo model at its own size (128²): bfloat16 vs float32 per step, and the quality harness's
   attribute accuracy in both precisions (goal: within 1 point).
-- the VAE decode of a 512² picture in float32 and bfloat16: time and the PSNR between them (why the VAE
-  stays in float32 on the CPU).
+- the VAE decode of a 512² picture in float32 and bfloat16: time and the PSNR between them (the VAE runs in
+  bfloat16 by default on such CPUs, float32 with ``--no-half-vae``).
 ``--cpu-time`` times each side by its process's CPU time (run with OMP_NUM_THREADS=1): a fair figure
 when other work shares the cores, which wall time is not.
 Usage: python benchmarks/bench_bf16.py [--size 512] [--small 128] [--lo 1] [--hi 3] [--n 60] [--skip-quality]
