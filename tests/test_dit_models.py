@@ -492,7 +492,8 @@ def test_optional_keys_are_silent_and_unknown_ones_warned(tmp_path, caplog):
              "vision_model.embeddings.patch_embedding.weight": torch.zeros(4, 3, 2, 2)}
     with caplog.at_level(logging.WARNING, logger="sdstudio.models.dit"):
         model, _ = dit.load_text_encoder(DF.save(clip | extra, tmp_path / "a.safetensors"), projection=False)
-        assert not caplog.records
+        # ours only: transformers may warn about the tiny vocabulary's token ids, when its logging propagates
+        assert not [r for r in caplog.records if r.name.startswith("sdstudio")]
         dit.load_text_encoder(DF.save(clip | {"text_model.mystery.weight": torch.zeros(2)}, tmp_path / "b.safetensors"))
         assert "not used (text_model.mystery.weight)" in caplog.text
         caplog.clear()
