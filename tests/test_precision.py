@@ -216,3 +216,35 @@ def test_a_vae_that_gives_nans_is_a_model_error_not_a_crash(tiny_sd1):
     with pytest.raises(vae_ops.VAENaNError) as info:
         vae_ops.decode(broken, torch.zeros(1, 4, 8, 8), torch.device("cpu"))
     assert kind_of(info.value) == MODEL_UNFIT
+
+
+def test_fp8_stores_the_unet_weights_in_float8_and_lora_leaves_them_as_they_were(make_data_root):
+    """--fp8: the UNet's Linear / Conv weights kept in float8 e4m3fn (diffusers' layerwise casting), each layer
+    computed in the model's dtype; pictures close to float32's, not equal; a LoRA job runs and gives the
+    stored weights back bit for bit."""
+    from tests.test_lora import make_lora
+
+    root = make_data_root("fp8")
+    full = Engine(Paths(root), DeviceOptions(precision="full", **CPU))
+    fp8 = Engine(Paths(root), DeviceOptions(precision="full", fp8=True, **CPU))
+    assert "--fp8" in fp8.plan.describe() and fp8.plan.fp8 and not full.plan.fp8
+    a, b = full.generate(Txt2ImgRequest(**BASE)), fp8.generate(Txt2ImgRequest(**BASE))
+    _, model = fp8.load(None)
+    convs = [m for m in model.unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert convs and all(m.weight.dtype == torch.float8_e4m3fn for m in convs)
+    norms = [m for m in model.unet.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.weight.dtype == torch.float32 for m in norms)  # norms are not stored in float8
+    assert all(te.dtype == torch.float32 for te in model.text_encoders)  # only the diffusion model
+    diff = np.abs(pixels(a) - pixels(b))
+    assert 0 < diff.mean() < 6, diff.mean()
+    assert a.images[0].infotext == b.images[0].infotext
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    (root / "models" / "Lora").mkdir(parents=True, exist_ok=True)
+    make_lora(fp8, root / "models" / "Lora" / "net.safetensors", te=False)
+    fp8.registry.refresh()
+    styled = fp8.generate(Txt2ImgRequest(**{**BASE, "prompt": "a red circle <lora:net:1>"}))
+    assert not np.array_equal(pixels(styled), pixels(b))
+    after = model.unet.state_dict()
+    assert all(torch.equal(before[k].view(torch.uint8) if before[k].dtype == torch.float8_e4m3fn else before[k],
+                           after[k].view(torch.uint8) if after[k].dtype == torch.float8_e4m3fn else after[k])
+               for k in before)

@@ -88,7 +88,7 @@ class Paths:
 @dataclass(frozen=True)
 class DeviceOptions:
     """Launch flags about the device: ``--precision full``, ``--no-half``, ``--no-half-vae``,
-    ``--medvram``, ``--lowvram``, ``--xformers``, ``--use-cpu``, ``--compile``."""
+    ``--medvram``, ``--lowvram``, ``--xformers``, ``--use-cpu``, ``--compile``, ``--fp8``."""
 
     precision: str = field(default_factory=default_precision)
     no_half: bool = False
@@ -98,3 +98,4 @@ class DeviceOptions:
     xformers: bool = False
     compile: bool = False
     use_cpu: bool = False
+    fp8: bool = False  # the diffusion model's weights stored in float8 (e4m3fn), cast per layer when it runs

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 
 BF16_MIN_WIDTH = 128  # SD 1.x/2.x/XL start at 320; the demo model at 32
+FP8_MODULES = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")  # what --fp8 stores
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class DevicePlan:
     channels_last: bool = False  # UNets and ControlNets in channels-last memory (oneDNN's bfloat16 convolutions)
     bf16_min_width: int = 0  # CPU bfloat16: UNets narrower than this (first block's channels) stay float32
     compile: bool = False  # --compile: UNets (and ControlNets) through torch.compile, in place
+    fp8: bool = False  # --fp8: the diffusion model's weights stored in float8 e4m3fn (diffusers' layerwise casting)
 
     def dtype_for(self, unet_width: int | None) -> torch.dtype:
         """The dtype a checkpoint runs in, given its UNet's first block width (None: unknown, or not a UNet)."""
@@ -125,8 +127,10 @@ def plan_devices(opts: DeviceOptions | None = None, cpuinfo: str | None = None) 
     min_width = BF16_MIN_WIDTH if dtype == torch.bfloat16 and opts.precision == "autocast" else 0
     if min_width:
         reason += f"; UNets under {min_width} channels stay float32"
+    if opts.fp8:
+        reason += ("; " if reason else "") + "weights stored in float8 (--fp8)"
     return DevicePlan(device, dtype, vae_dtype, offload, use_xformers, aux_dtype, reason, channels_last, min_width,
-                      opts.compile)
+                      opts.compile, opts.fp8)
 
 
 class Placement:
@@ -152,6 +156,10 @@ class Placement:
                 module.to(self.plan.device)
             elif self._streamed(module):
                 _stream_blocks(module, self.plan.device)
+            if self.plan.fp8 and type(module).__name__ in FP8_MODULES:
+                # diffusers' layerwise casting: Linear / Conv weights kept in float8, each layer cast to the
+                # module's own dtype for its forward and back after (norms and embeddings stay as they are)
+                module.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=module.dtype)
             if self.plan.xformers and hasattr(module, "enable_xformers_memory_efficient_attention"):
                 module.enable_xformers_memory_efficient_attention()
             if self.plan.compile and hasattr(module, "down_blocks"):
