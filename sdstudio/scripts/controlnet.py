@@ -66,13 +66,13 @@ def _series(args: Args):
     return _batch_run if any(u.enabled and u.input_mode == "batch" for u in units(args)) else None
 
 
-def _batch_units(args: Args) -> dict[int, list[tuple[str, str | None]]]:
-    return {i: cn.batch_files(u, i) for i, u in enumerate(units(args)) if u.enabled and u.input_mode == "batch"}
+def _batch_units(listed: list[cn.ControlUnit]) -> dict[int, list[tuple[str, str | None]]]:
+    return {i: cn.batch_files(u, i) for i, u in enumerate(listed) if u.enabled and u.input_mode == "batch"}
 
 
 def _batch_precheck(ctx, req, args: Args) -> None:
     try:
-        _batch_units(args)  # the folders are there and hold pictures
+        _batch_units(units(args))  # the folders are there and hold pictures
     except cn.ControlNetError as exc:
         raise ScriptError(str(exc)) from None
 
@@ -149,7 +149,7 @@ def _batch_run(ctx, req, args: Args):
     extension turns them off in batch), and the pictures are also saved into the last batch unit's
     ``output_dir`` when it names one. Every generation is a unit of the job: paused and resumed between."""
     listed = units(args)
-    batch = _batch_units(args)
+    batch = _batch_units(listed)
     count = min(len(files) for files in batch.values())
     output = next((listed[i].output_dir for i in sorted(batch, reverse=True) if listed[i].output_dir), "")
     names = batch[max(batch)]

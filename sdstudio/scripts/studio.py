@@ -209,9 +209,10 @@ class Studio:
             script.precheck(ScriptContext(self.engine, self), req.replace(script_name="", script_args={}), args)
 
     def server_paths(self, req: Txt2ImgRequest) -> dict[str, str]:
-        """The server files and folders ``req``'s always-on scripts name (``Script.server_paths``), by field."""
+        """The server files and folders the always-on scripts of ``req`` (as :meth:`validate` gave it back)
+        name (``Script.server_paths``), by field."""
         found: dict[str, str] = {}
-        for script, args in self._alwayson_args(self.validate(req)):
+        for script, args in self._alwayson_args(req):
             if script.server_paths is not None:
                 found.update(script.server_paths(args))
         return found
@@ -226,9 +227,11 @@ class Studio:
                     out.append((script, args))
         return out
 
-    def _series(self, req: Txt2ImgRequest) -> tuple | None:
-        """(script, run, args) of the first always-on script that makes ``req`` a series (``Script.series``)."""
-        for script, args in self._alwayson_args(req):
+    @staticmethod
+    def _series(active: list[tuple]) -> tuple | None:
+        """(script, run, args) of the first always-on script (of ``active``: :meth:`_alwayson_args`) that makes
+        the job a series (``Script.series``)."""
+        for script, args in active:
             run = script.series(args) if script.series is not None else None
             if run is not None:
                 return script, run, args
@@ -255,11 +258,13 @@ class Studio:
             return counted.total
         return 0
 
-    def alwayson(self, req: Txt2ImgRequest, context: HookContext | None = None) -> tuple[list, dict[str, object]]:
-        """The per-step hooks and infotext pairs of the request's always-on scripts, in catalog order."""
+    def alwayson(self, req: Txt2ImgRequest, context: HookContext | None = None, active: list[tuple] | None = None
+                 ) -> tuple[list, dict[str, object]]:
+        """The per-step hooks and infotext pairs of the request's always-on scripts, in catalog order
+        (``active``: their parsed arguments when the caller has them, :meth:`_alwayson_args`)."""
         hooks, pairs = [], {}
         context = context if context is not None else HookContext(self.engine)
-        for script, args in self._alwayson_args(req):
+        for script, args in active if active is not None else self._alwayson_args(req):
             if script.hooks is not None:
                 try:
                     made = list(script.hooks(args, req, context) if _takes_context(script.hooks)
@@ -283,10 +288,12 @@ class Studio:
         script, ``units``/``on_unit`` carry its finished units across a pause, ``unit_range`` makes only some
         of them and ``make_units=False`` assembles stored ones (module docstring)."""
         req = self.validate(req)
-        try:
-            series = None if req.script_name else self._series(req)
+        try:  # a bad always-on argument fails now, before any pass (parsed only: building a selectable script's
+            # hooks here would run their preparation, ControlNet's preprocessors, once more than its passes do)
+            active = self._alwayson_args(req)
         except ScriptError as exc:
             raise RequestError(str(exc)) from None
+        series = None if req.script_name else self._series(active)
         if series is not None:  # one generation after another (ControlNet's batch tab), each a unit
             ctx = ScriptContext(self.engine, self, on_progress, should_stop, should_skip, should_pause,
                                 dict(units or {}), on_unit, make_units=make_units)
@@ -295,7 +302,7 @@ class Studio:
             req = req.with_concrete_seeds()  # hooks see the seeds the images get (ControlNet's shuffle field)
             context = HookContext(self.engine)
             try:
-                hooks, pairs = self.alwayson(req, context)
+                hooks, pairs = self.alwayson(req, context, active)
             except ScriptError as exc:
                 raise RequestError(str(exc)) from None
             result = self.engine.generate(req, on_progress=on_progress, should_stop=should_stop, on_image=on_image,
@@ -303,11 +310,6 @@ class Studio:
                                           on_batch=on_batch, keep_images=keep_images, hooks=hooks,
                                           infotext_extra=pairs)
             return self._with_extras(result, context, on_image, on_batch, keep_images)
-        try:  # a bad always-on argument fails now, before the script's first pass (parsed only: building the
-            # hooks would run their preparation, ControlNet's preprocessors, once more than the passes do)
-            self._alwayson_args(req)
-        except ScriptError as exc:
-            raise RequestError(str(exc)) from None
         ctx = ScriptContext(self.engine, self, on_progress, should_stop, should_skip, should_pause,
                             dict(units or {}), on_unit, unit_range=unit_range, make_units=make_units)
         return self._run_script(ctx, req, first_batch, on_image, on_batch, keep_images)
