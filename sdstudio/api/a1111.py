@@ -8,8 +8,6 @@ of the job: the model, VAE and options of one request never change under another
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import platform
@@ -23,7 +21,7 @@ from starlette.requests import Request
 from ..core import infotext, styles
 from ..core.errors import http_status
 from ..core.names import LATENT_UPSCALE_MODES, get_sampler, get_schedule, sampler_labels, schedule_labels
-from ..core.outputs import NotAnImageError, read_infotext
+from ..core.outputs import NotAnImageError, png_base64, read_infotext
 from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest, option_fields
 from ..core.scripts import ScriptCatalog, ScriptError
 from ..core.settings import SettingError, Settings
@@ -133,12 +131,6 @@ class FileData(BaseModel):
 
 class ExtrasBatchBody(ExtrasBody):
     imageList: list[FileData] = Field(default_factory=list)  # A1111 spells it so
-
-
-def png_b64(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 class PngInfoBody(BaseModel):
@@ -456,14 +448,14 @@ def make_router(service: JobService, settings: Settings, cmd_flags: dict, limits
 
     @r.post("/extra-single-image")
     def extra_single_image(body: ExtrasBody):
-        return {"html_info": "", "image": png_b64(extras_upscale(decode_image(body.image), body, engine))}
+        return {"html_info": "", "image": png_base64(extras_upscale(decode_image(body.image), body, engine))}
 
     @r.post("/extra-batch-images")
     def extra_batch_images(body: ExtrasBatchBody):
         if len(body.imageList) > 256:
             raise HTTPException(413, "imageList: at most 256 images per request")
         images = [decode_image(item.data, f"imageList[{i}]") for i, item in enumerate(body.imageList)]
-        return {"html_info": "", "images": [png_b64(extras_upscale(im, body, engine)) for im in images]}
+        return {"html_info": "", "images": [png_base64(extras_upscale(im, body, engine)) for im in images]}
 
     @r.post("/png-info")
     def png_info(body: PngInfoBody):

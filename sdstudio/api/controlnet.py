@@ -30,8 +30,8 @@ from starlette.concurrency import run_in_threadpool
 
 from ..core.controlnet import DEFAULT_UNIT_COUNT, VERSION
 from ..core.errors import StudioError, http_status
+from ..core.outputs import png_base64
 from ..service.jobs import JobService
-from .a1111 import png_b64
 from .common import decode_image
 
 MAX_DETECT_IMAGES = 64
@@ -169,7 +169,7 @@ def make_router(service: JobService, options: dict) -> APIRouter:
                 detected = run_preprocessor(pre, source, res, a, b, mask)
             except StudioError as exc:  # a missing annotator file, a damaged one: the status its kind says
                 raise HTTPException(http_status(exc), f"{field}[{i}]: {exc}") from None
-            out.append(png_b64(Image.fromarray(inpaint_display(detected))))
+            out.append(png_base64(Image.fromarray(inpaint_display(detected))))
         return {"info": "Success", "images": out}
 
     @r.post("/detect")

@@ -9,7 +9,9 @@ flushed and renamed, so a crash never leaves a half-written image under a real n
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
+import io
 import math
 import os
 import threading
@@ -112,6 +114,13 @@ def write_image(image: Image.Image, path: Path, *, infotext: str | None, fmt: st
 
 class NotAnImageError(ValueError):
     pass
+
+
+def png_base64(image: Image.Image) -> str:
+    """A picture as base64 PNG text: what the API answers with and what a ControlNet unit's ``image`` carries."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def read_infotext(path) -> str | None:

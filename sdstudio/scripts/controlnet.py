@@ -11,7 +11,7 @@ and switch that unit on. Importing this module imports no torch.
 from __future__ import annotations
 
 from ..core import controlnet as cn
-from ..core import xyz
+from ..core import outputs, xyz
 from ..core.scripts import Args, Param, Script, ScriptError
 
 NAME = cn.SCRIPT_NAME
@@ -111,22 +111,11 @@ def _read_picture(path: str, where: str) -> str:
     return data
 
 
-def _png_text(image) -> str:
-    import base64
-    import io
-
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def _save_batch_output(image, folder: str, picture: str, n: int, infotext: str) -> None:
     """The extension's batch output: named as the control picture (``name-N.ext`` for the N-th image after
     the first), in RGB, written whole under that name."""
     import os
     from pathlib import Path
-
-    from ..core import outputs
 
     stem, suffix = os.path.splitext(os.path.basename(picture))
     name = f"{stem}-{n}{suffix}" if n else f"{stem}{suffix}"
@@ -161,7 +150,7 @@ def _batch_run(ctx, req, args: Args):
         for i, u in enumerate(listed):
             where = f"{NAME} unit {i}"
             if u.enabled and u.loopback and k > 0 and previous is not None:
-                u = u.replace(image=_png_text(previous.image), mask=None, more_images=())
+                u = u.replace(image=outputs.png_base64(previous.image), mask=None, more_images=())
             elif i in batch:
                 picture, mask = batch[i][k]
                 u = u.replace(image=_read_picture(picture, where),

@@ -16,8 +16,6 @@ in the tabs, leaving the images as they are: an infotext does not carry them.
 
 from __future__ import annotations
 
-import base64
-import io
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +25,7 @@ from PIL import Image
 
 from ..core import controlnet as cn
 from ..core.errors import RequestError
+from ..core.outputs import png_base64
 
 CONTROL_TYPE_ALL = "All"
 # what the unit's fields are called in the tab's Form (kept out of the request fields' names)
@@ -58,13 +57,6 @@ def unit_count(settings: dict) -> int:
     except (TypeError, ValueError):
         count = cn.DEFAULT_UNIT_COUNT
     return max(1, min(cn.MAX_UNIT_COUNT, count))
-
-
-def encode_png(image: Image.Image) -> str:
-    """A picture as the base64 PNG text a unit's ``image`` / ``mask`` carries."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def image_and_mask(value: Any) -> tuple[Image.Image | None, Image.Image | None]:
@@ -372,8 +364,8 @@ class ControlNetAccordion:
                           loopback=bool(v["loopback"]))
         elif enabled:  # a switched-off unit's picture is not needed by the job
             image, mask = image_and_mask(v["image"])
-            fields["image"] = encode_png(image) if image is not None else None
-            fields["mask"] = encode_png(mask) if mask is not None else None
+            fields["image"] = png_base64(image) if image is not None else None
+            fields["mask"] = png_base64(mask) if mask is not None else None
         return cn.unit_from_dict({k: val for k, val in fields.items() if val is not None}, index).to_dict()
 
     def args(self, values: dict[str, Any]) -> dict[str, Any] | None:
