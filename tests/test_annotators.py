@@ -384,6 +384,7 @@ EXPECTED = {  # module name: (UI label, control types) as the extension declares
     "normal_dsine": ("normal_dsine", ("NormalMap",)),  # test_annotators_dsine
     "densepose": ("densepose (pruple bg & purple torso)", ("OpenPose",)),  # test_annotators_densepose
     "densepose_parula": ("densepose_parula (black bg & blue torso)", ("OpenPose",)),
+    "segmentation": ("seg_ufade20k", ("Segmentation",)),  # test_annotators_uniformer
 }
 
 

@@ -26,7 +26,8 @@ resolution slider starts at 1280, as the extension's); inpaint_only+lama (Contro
 part filled by LaMa at 256, then the unit works as inpaint_only); instant_id_face_keypoints (InsightFace's
 antelopev2 pack, :mod:`.insightface`); densepose / densepose_parula (densepose_r50_fpn_dl.torchscript, densepose;
 torchvision's two operators it calls defined by :mod:`.densepose`); normal_dsine (dsine.pt, normal_dsine;
-:mod:`.dsine`, its Fov and Iterations sliders).
+:mod:`.dsine`, its Fov and Iterations sliders); segmentation (seg_ufade20k) (upernet_global_small.pth, uniformer;
+:mod:`.uniformer`).
 """
 
 from __future__ import annotations
@@ -229,6 +230,15 @@ def _anime_face(folder: Path, label: str) -> Run:
     return _at_resolution(label, step)
 
 
+def _uniformer(folder: Path, label: str) -> Run:
+    from . import uniformer
+
+    def step(img: np.ndarray, a: float, b: float) -> np.ndarray:
+        return uniformer.detect(uniformer.load(uniformer.FILE.locate(folder, label)), img)
+
+    return _at_resolution(label, step)
+
+
 def _normal_bae(folder: Path, label: str) -> Run:
     def step(img: np.ndarray, a: float, b: float) -> np.ndarray:
         return normalbae.detect(normalbae.load(normalbae.FILE.locate(folder, label)), img)
@@ -334,6 +344,7 @@ def preprocessors(annotators_dir: Path | None, models_dir: Path | None = None) -
     add("depth_zoe", "depth_zoe", _zoe(folder, "depth_zoe"), ("Depth",))
     add("depth_anything", "depth_anything", _depth_anything(folder, "depth_anything"), ("Depth",))
     add("depth_anything_v2", "depth_anything_v2", _depth_anything(folder, "depth_anything_v2", version=2), ("Depth",))
+    add("segmentation", "seg_ufade20k", _uniformer(folder, "seg_ufade20k"), ("Segmentation",))
     add("anime_face_segment", "seg_anime_face", _anime_face(folder, "seg_anime_face"), ("Segmentation",))
     out.append(Preprocessor(name="inpaint_only+lama", run=_lama(folder, "inpaint_only+lama"), control_types=("Inpaint",),
                             needs_mask=True))

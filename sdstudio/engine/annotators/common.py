@@ -135,7 +135,11 @@ def cached_network(path: Path, kind: str, build: Callable[[dict[str, torch.Tenso
             for old in [k for k in _CACHE if k[:2] == key[:2]]:
                 del _CACHE[old]
             weights = read_weights(path, wrappers)
-            net = build(weights)
+            try:
+                net = build(weights)
+            except ModelFileError as exc:  # the builder read the shapes: say which file they came from
+                message = str(exc)
+                raise ModelFileError(message if message.startswith(path.name) else f"{path.name}: {message}") from None
             if convert is not None:
                 weights = convert(weights)
             net = load_into(net, weights, path).to(compute_device(), torch.float32)
