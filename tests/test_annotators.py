@@ -385,6 +385,7 @@ EXPECTED = {  # module name: (UI label, control types) as the extension declares
     "densepose": ("densepose (pruple bg & purple torso)", ("OpenPose",)),  # test_annotators_densepose
     "densepose_parula": ("densepose_parula (black bg & blue torso)", ("OpenPose",)),
     "segmentation": ("seg_ufade20k", ("Segmentation",)),  # test_annotators_uniformer
+    "mobile_sam": ("mobile_sam", ("Segmentation",)),  # test_annotators_mobile_sam
 }
 
 

@@ -27,7 +27,8 @@ part filled by LaMa at 256, then the unit works as inpaint_only); instant_id_fac
 antelopev2 pack, :mod:`.insightface`); densepose / densepose_parula (densepose_r50_fpn_dl.torchscript, densepose;
 torchvision's two operators it calls defined by :mod:`.densepose`); normal_dsine (dsine.pt, normal_dsine;
 :mod:`.dsine`, its Fov and Iterations sliders); segmentation (seg_ufade20k) (upernet_global_small.pth, uniformer;
-:mod:`.uniformer`).
+:mod:`.uniformer`); mobile_sam (mobile_sam.pt, mobile_sam; :mod:`.mobile_sam`: SAM's automatic mask generator
+over MobileSAM's TinyViT, in controlnet_aux's frame).
 """
 
 from __future__ import annotations
@@ -239,6 +240,20 @@ def _uniformer(folder: Path, label: str) -> Run:
     return _at_resolution(label, step)
 
 
+def _mobile_sam(folder: Path, label: str) -> Run:
+    """SAM's automatic masks in controlnet_aux's frame (its own resize, not the pad-to-64 one); the colours
+    drawn from the job's seed, as the extension seeds numpy before every preprocessor."""
+    from . import mobile_sam
+
+    def run(image: np.ndarray, resolution: float = 512, threshold_a: float = -1, threshold_b: float = -1,
+            mask: np.ndarray | None = None, seed: int | None = None) -> np.ndarray:
+        model = mobile_sam.load(mobile_sam.FILE.locate(folder, label))
+        return mobile_sam.run(model, image, resolution, seed=seed)
+
+    run.__name__ = run.__qualname__ = label
+    return run
+
+
 def _normal_bae(folder: Path, label: str) -> Run:
     def step(img: np.ndarray, a: float, b: float) -> np.ndarray:
         return normalbae.detect(normalbae.load(normalbae.FILE.locate(folder, label)), img)
@@ -346,6 +361,7 @@ def preprocessors(annotators_dir: Path | None, models_dir: Path | None = None) -
     add("depth_anything_v2", "depth_anything_v2", _depth_anything(folder, "depth_anything_v2", version=2), ("Depth",))
     add("segmentation", "seg_ufade20k", _uniformer(folder, "seg_ufade20k"), ("Segmentation",))
     add("anime_face_segment", "seg_anime_face", _anime_face(folder, "seg_anime_face"), ("Segmentation",))
+    add("mobile_sam", "mobile_sam", _mobile_sam(folder, "mobile_sam"), ("Segmentation",))
     out.append(Preprocessor(name="inpaint_only+lama", run=_lama(folder, "inpaint_only+lama"), control_types=("Inpaint",),
                             needs_mask=True))
     add("normal_bae", "normal_bae", _normal_bae(folder, "normal_bae"), ("NormalMap",))
