@@ -386,6 +386,8 @@ EXPECTED = {  # module name: (UI label, control types) as the extension declares
     "densepose_parula": ("densepose_parula (black bg & blue torso)", ("OpenPose",)),
     "segmentation": ("seg_ufade20k", ("Segmentation",)),  # test_annotators_uniformer
     "mobile_sam": ("mobile_sam", ("Segmentation",)),  # test_annotators_mobile_sam
+    "oneformer_ade20k": ("seg_ofade20k", ("Segmentation",)),  # test_annotators_oneformer
+    "oneformer_coco": ("seg_ofcoco", ("Segmentation",)),
 }
 
 
@@ -399,8 +401,8 @@ def test_declarations_are_the_extensions_and_cost_nothing(tmp_path):
         start = 1280 if name == "softedge_anyline" else 512  # the extension's Anyline starts higher
         if name == "inpaint_only+lama":  # LaMa runs at 256 whatever the unit says: no slider
             assert p.resolution is None and p.needs_mask
-        elif name == "instant_id_face_keypoints":  # at 512 always, as the extension's (no slider)
-            assert p.resolution is None
+        elif name in ("instant_id_face_keypoints", "oneformer_ade20k", "oneformer_coco"):  # no slider, as the
+            assert p.resolution is None  # extension's (InstantID at 512 always, OneFormer framed at 512)
         else:
             assert p.resolution.detail() == {"name": "Resolution", "value": start, "min": 64, "max": 2048, "step": 8}
         assert not p.model_free and callable(p.run)

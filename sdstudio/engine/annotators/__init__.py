@@ -28,7 +28,9 @@ antelopev2 pack, :mod:`.insightface`); densepose / densepose_parula (densepose_r
 torchvision's two operators it calls defined by :mod:`.densepose`); normal_dsine (dsine.pt, normal_dsine;
 :mod:`.dsine`, its Fov and Iterations sliders); segmentation (seg_ufade20k) (upernet_global_small.pth, uniformer;
 :mod:`.uniformer`); mobile_sam (mobile_sam.pt, mobile_sam; :mod:`.mobile_sam`: SAM's automatic mask generator
-over MobileSAM's TinyViT, in controlnet_aux's frame).
+over MobileSAM's TinyViT, in controlnet_aux's frame); oneformer_ade20k (seg_ofade20k) and oneformer_coco (seg_ofcoco)
+(250_16_swin_l_oneformer_ade20k_160k.pth, 150_16_swin_l_oneformer_coco_100ep.pth, oneformer; :mod:`.oneformer`:
+transformers' OneFormer).
 """
 
 from __future__ import annotations
@@ -240,6 +242,26 @@ def _uniformer(folder: Path, label: str) -> Run:
     return _at_resolution(label, step)
 
 
+def _oneformer(folder: Path, label: str, dataset: str) -> Run:
+    """OneFormer in the extension's frame. Its slider is hidden, not absent: a resolution out of the
+    slider's range (the unit's -1) frames the picture at the default, 512, as the extension's bound check."""
+    from . import oneformer
+
+    def step(img: np.ndarray, a: float, b: float) -> np.ndarray:
+        file = oneformer.DATASETS[dataset].file
+        return oneformer.detect(oneformer.load(file.locate(folder, label), dataset), img)
+
+    framed = _at_resolution(label, step)
+
+    def run(image: np.ndarray, resolution: float = 512, threshold_a: float = -1, threshold_b: float = -1,
+            mask: np.ndarray | None = None) -> np.ndarray:
+        inside = RESOLUTION.minimum <= resolution <= RESOLUTION.maximum
+        return framed(image, resolution if inside else RESOLUTION.value, threshold_a, threshold_b, mask)
+
+    run.__name__ = run.__qualname__ = label
+    return run
+
+
 def _mobile_sam(folder: Path, label: str) -> Run:
     """SAM's automatic masks in controlnet_aux's frame (its own resize, not the pad-to-64 one); the colours
     drawn from the job's seed, as the extension seeds numpy before every preprocessor."""
@@ -359,6 +381,10 @@ def preprocessors(annotators_dir: Path | None, models_dir: Path | None = None) -
     add("depth_zoe", "depth_zoe", _zoe(folder, "depth_zoe"), ("Depth",))
     add("depth_anything", "depth_anything", _depth_anything(folder, "depth_anything"), ("Depth",))
     add("depth_anything_v2", "depth_anything_v2", _depth_anything(folder, "depth_anything_v2", version=2), ("Depth",))
+    # OneFormer: no resolution slider in the extension (the unit's resolution still frames the picture)
+    for name, label, dataset in (("oneformer_ade20k", "seg_ofade20k", "ade20k"), ("oneformer_coco", "seg_ofcoco", "coco")):
+        out.append(Preprocessor(name=name, run=_oneformer(folder, label, dataset), control_types=("Segmentation",),
+                                aliases=(label,)))
     add("segmentation", "seg_ufade20k", _uniformer(folder, "seg_ufade20k"), ("Segmentation",))
     add("anime_face_segment", "seg_anime_face", _anime_face(folder, "seg_anime_face"), ("Segmentation",))
     add("mobile_sam", "mobile_sam", _mobile_sam(folder, "mobile_sam"), ("Segmentation",))
