@@ -388,6 +388,7 @@ EXPECTED = {  # module name: (UI label, control types) as the extension declares
     "mobile_sam": ("mobile_sam", ("Segmentation",)),  # test_annotators_mobile_sam
     "oneformer_ade20k": ("seg_ofade20k", ("Segmentation",)),  # test_annotators_oneformer
     "oneformer_coco": ("seg_ofcoco", ("Segmentation",)),
+    "facexlib": ("facexlib", ()),  # test_annotators_face_parsing (PuLID's face features)
 }
 
 
@@ -401,7 +402,7 @@ def test_declarations_are_the_extensions_and_cost_nothing(tmp_path):
         start = 1280 if name == "softedge_anyline" else 512  # the extension's Anyline starts higher
         if name == "inpaint_only+lama":  # LaMa runs at 256 whatever the unit says: no slider
             assert p.resolution is None and p.needs_mask
-        elif name in ("instant_id_face_keypoints", "oneformer_ade20k", "oneformer_coco"):  # no slider, as the
+        elif name in ("instant_id_face_keypoints", "oneformer_ade20k", "oneformer_coco", "facexlib"):  # no slider, as the
             assert p.resolution is None  # extension's (InstantID at 512 always, OneFormer framed at 512)
         else:
             assert p.resolution.detail() == {"name": "Resolution", "value": start, "min": 64, "max": 2048, "step": 8}

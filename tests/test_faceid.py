@@ -222,10 +222,11 @@ def test_faceid_refusals_name_what_fits(faceid_studio, tmp_path):
         _generate(studio, {**face, "model": "ip-adapter_tiny"})
     with pytest.raises(ControlNetError, match="is a FaceID adapter: .* pick the ip-adapter_face_id preprocessor"):
         _generate(studio, {**face, "module": "ip-adapter_face_id_plus"})  # a plain FaceID file
-    with pytest.raises(ControlNetError, match="ip-adapter_pulid preprocessor needs PuLID's face encoders"):
+    with pytest.raises(ControlNetError, match="ip-adapter-faceid_sd15 is a FaceID adapter: .* pick the "
+                                              "ip-adapter_face_id preprocessor"):
         from sdstudio.engine.ip_adapter import encoder_for
 
-        encoder_for("ip-adapter_pulid", "ip-adapter_pulid_sdxl_fp16", files.load_ip_adapter(
+        encoder_for("ip-adapter_pulid", "ip-adapter-faceid_sd15", files.load_ip_adapter(
             write_ip_adapter(tmp_path / "f.bin", "faceid")).spec)
     with pytest.raises(ControlNetError, match=r"needs InsightFace's buffalo_l pack: put det_10g.onnx .* in "
                                               r".*models/insightface/models/buffalo_l"):

@@ -104,6 +104,10 @@ def values_of(tab) -> dict:
     return {name: getattr(c, "value", None) for name, c in tab.form.controls.items()}
 
 
+def blocks_by_id(ui) -> dict:
+    return {getattr(b, "elem_id", None): b for b in ui.page.blocks.values()}
+
+
 def test_unit_tabs_have_the_extensions_element_ids_and_translations(ui):
     page = ui.page
     blocks = {getattr(b, "elem_id", None): b for b in page.blocks.values()}
@@ -124,6 +128,7 @@ def test_unit_tabs_have_the_extensions_element_ids_and_translations(ui):
                                   ("controlnet_control_mode_radio", "Control Mode"),
                                   ("controlnet_resize_mode_radio", "Resize Mode"),
                                   ("controlnet_hr_option_radio", "Hires-Fix Option"),
+                                  ("controlnet_pulid_mode_radio", "PuLID Mode"),
                                   ("generated_image", "Preprocessor Preview")):
                 assert blocks[f"{p}_{suffix}"].label == label, (p, suffix)
             for suffix in ("input_image", "controlnet_trigger_preprocessor", "controlnet_refresh_models",
@@ -202,6 +207,14 @@ def test_the_tabs_values_become_alwayson_scripts(ui):
     values[unit_key(1, "weight")] = 2.5
     with pytest.raises(RequestError, match=r"unit 1\.weight"):
         tab.form.request(values, {})
+    # PuLID Mode: sent as chosen, and shown only while the model is a PuLID one (the extension's rule)
+    values.update({unit_key(1, "weight"): 1.0, unit_key(1, "module"): "ip-adapter_pulid",
+                   unit_key(1, "model"): "ip-adapter_pulid_sdxl_fp16 [x]", unit_key(1, "pulid_mode"): "Extremely style"})
+    assert tab.form.request(values, {}).alwayson_scripts["ControlNet"]["units"][1]["pulid_mode"] == "Extremely style"
+    pulid = blocks_by_id(ui)["txt2img_controlnet_ControlNet-1_controlnet_pulid_mode_radio"]
+    assert pulid.visible is False and pulid.value == "Fidelity"
+    from sdstudio.ui.controlnet import is_pulid
+    assert is_pulid("ip-adapter_PuLID_sdxl_fp16 [abc]") and not is_pulid("ip-adapter_sd15") and not is_pulid(None)
 
 
 def test_the_batch_tab_sends_a_folder_and_is_refused_when_shared(ui, tmp_path):

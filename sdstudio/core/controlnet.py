@@ -33,6 +33,7 @@ CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more 
 HR_OPTIONS = ("Both", "Low res only", "High res only")
 # the extension's input modes: one picture, a folder of pictures (one generation each), several pictures merged
 INPUT_MODES = ("simple", "batch", "merge")
+PULID_MODES = ("Fidelity", "Extremely style")  # the extension's PuLIDMode values
 # the batch tab's pictures: what the extension's folder listing finds that a picture reader reads
 BATCH_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 INFOTEXT_FIELDS = ("module", "model", "weight", "resize_mode", "processor_res", "threshold_a", "threshold_b",
@@ -119,6 +120,7 @@ class ControlUnit:
     batch_mask_dir: str | None = None
     output_dir: str = ""
     loopback: bool = False
+    pulid_mode: str = "Fidelity"  # a PuLID unit's attention (PULID_MODES; see engine.ip_adapter.PULID_ATTENTION)
 
     def replace(self, **changes) -> ControlUnit:
         return dataclasses.replace(self, **changes)
@@ -328,6 +330,8 @@ def unit_from_dict(values: Mapping[str, Any] | ControlUnit, index: int = 0) -> C
             out[name] = _choice(value, at, HR_OPTIONS)
         elif name == "input_mode":
             out[name] = _choice(value, at, INPUT_MODES)
+        elif name == "pulid_mode":
+            out[name] = _choice(value, at, PULID_MODES)
         elif name == "batch_images":
             out[name] = _batch_images(value, at)
         elif name == "more_images":

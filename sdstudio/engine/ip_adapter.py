@@ -22,6 +22,10 @@ inputs pass untouched. The UNet's processors are given back after the pass, also
 IP-Adapter units stack: a later unit's processor carries the earlier units' adapters too, as the
 extension's list of patches does.
 
+PuLID units (:func:`pulid_prompt`) make their tokens from the face's antelopev2 embedding and EVA02-CLIP of its
+facexlib "features", and their processors compute the image attention as PuLID does (:class:`PuLIDAttention`,
+by the unit's ``pulid_mode``) instead of diffusers' plain one.
+
 The unit is active at sampling step ``i`` of ``n`` when ``guidance_start <= i / n <= guidance_end``; in
 both passes of Hires. fix (the extension's IP-Adapter patch does not read ``hr_option``). Weight 0 installs
 nothing. UNet calls made by other hooks with rows the denoiser did not announce (PAG's extra evaluation of
@@ -67,11 +71,10 @@ ENCODER_OF_MODULE = {
 # the face modules: an InsightFace pack's face embedding instead of a CLIP feature, and the adapter kind that
 # takes it (FaceID: buffalo_l, normed; InstantID: antelopev2 at 512, as it comes)
 FACE_MODULES = {"ip-adapter_face_id": ("buffalo_l", "faceid"), "ip-adapter_face_id_plus": ("buffalo_l", "faceid_plus"),
-                "instant_id_face_embedding": ("antelopev2", "instantid")}
+                "instant_id_face_embedding": ("antelopev2", "instantid"), "ip-adapter_pulid": ("antelopev2", "pulid")}
 FACE_KINDS = {kind: module for module, (_, kind) in FACE_MODULES.items()}
-FACE_NAMES = {"faceid": "a FaceID", "faceid_plus": "a FaceID Plus", "instantid": "an InstantID"}
+FACE_NAMES = {"faceid": "a FaceID", "faceid_plus": "a FaceID Plus", "instantid": "an InstantID", "pulid": "a PuLID"}
 FACE = "face"
-UNSUPPORTED_MODULES = {"ip-adapter_pulid": "needs PuLID's face encoders"}
 # ip-adapter-auto: the extension's presets, model file name -> encoder (the CLIP-based ones)
 PRESET_ENCODERS = {
     "ip-adapter_sd15_light": "clip_h", "ip-adapter_sd15_light_v11": "clip_h", "ip-adapter_sd15_vit-G": "clip_g",
@@ -102,10 +105,6 @@ def encoder_for(module: str, model_title: str, spec: IPAdapterSpec, where: str =
     :class:`ControlNetError` naming the one that does."""
     key = module.strip()
     stem = _model_stem(model_title)
-    if key in UNSUPPORTED_MODULES:
-        raise ControlNetError(f"{where}: the {key} preprocessor {UNSUPPORTED_MODULES[key]}, which is not "
-                              f"supported; use ip-adapter_face_id with an ip-adapter-faceid file, or "
-                              f"ip-adapter_clip_sd15 / ip-adapter_clip_sdxl with a CLIP IP-Adapter")
     fitting = FACE_KINDS.get(spec.kind)  # the face module the adapter takes (None: a CLIP adapter)
     if key != AUTO and (key in FACE_MODULES or fitting) and key != fitting:
         if fitting:
@@ -132,6 +131,45 @@ def encoder_for(module: str, model_title: str, spec: IPAdapterSpec, where: str =
 
 
 # ---- the image prompt ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PuLIDAttention:
+    """How a PuLID unit's image attention is computed (its authors' two settings, the extension's
+    ``PuLIDAttnSetting``): ``zeros`` all-zero tokens are appended to the ID tokens before their key and value
+    projections (their keys and values are 0: they only take attention weight), then
+
+    * ``ortho`` ("Extremely style"): the part of the ID attention's output parallel to the layer's input
+      ``h`` is taken away: ``o - (Σ h·o / Σ h·h) h``, the sums over the positions (per channel);
+    * ``ortho_v2`` ("Fidelity"): that part is scaled by the attention weight the ID encoder's first five tokens
+      get, averaged over the heads (``a``): ``o + (a - 1) (Σ h·o / Σ h·h) h``.
+
+    Both in float32 (the extension's ``attn_map`` is in the query's dtype; the same in float32)."""
+
+    zeros: int
+    ortho: bool = False
+    ortho_v2: bool = False
+
+    def __call__(self, hidden: torch.Tensor, query: torch.Tensor, tokens: torch.Tensor, to_k, to_v) -> torch.Tensor:
+        """``hidden``: the layer's input (B×N×C); ``query``: B×heads×N×d; ``tokens``: B×T×context."""
+        batch, heads, _, dim = query.shape
+        if self.zeros:
+            tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], self.zeros, tokens.shape[2])], dim=1)
+        key, value = (f(tokens).view(batch, -1, heads, dim).transpose(1, 2) for f in (to_k, to_v))
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * dim)
+        if not (self.ortho or self.ortho_v2):
+            return out
+        h, o = hidden.float(), out.float()
+        parallel = (h * o).sum(dim=-2, keepdim=True) / (h * h).sum(dim=-2, keepdim=True) * h
+        if self.ortho_v2:
+            weights = (query.float() @ key.float().transpose(-2, -1)).softmax(dim=-1).mean(dim=1)
+            share = weights[:, :, :5].sum(dim=-1, keepdim=True)
+            return (o + (share - 1) * parallel).to(out.dtype)
+        return (o - parallel).to(out.dtype)
+
+
+PULID_ATTENTION = {"Fidelity": PuLIDAttention(8, ortho_v2=True), "Extremely style": PuLIDAttention(16, ortho=True)}
+
+
 class ImagePrompt:
     """One unit's image tokens (1×T×C, float32) for the prompt's rows (``cond``) and the negative prompt's
     (``uncond``), and what the current UNet call needs: which rows are negative, and whether it is on."""
@@ -145,6 +183,7 @@ class ImagePrompt:
         self._tokens: dict[tuple, torch.Tensor] = {}
         self.region: torch.Tensor | None = None  # the unit's effective region mask (1, 1, H, W), or None
         self.latent: tuple[int, int] = (0, 0)  # the current call's latent size (for the region's resolution)
+        self.pulid: PuLIDAttention | None = None  # a PuLID unit's attention (else IP-Adapter's plain one)
 
     @property
     def count(self) -> int:
@@ -227,13 +266,13 @@ class ImagePromptAttnProcessor(IPAdapterAttnProcessor2_0):
         batch = hidden_states.shape[0]
         self.scale = [w if p.on else 0.0 for p, w in zip(self.prompts, self.weights)]
         tokens = [p.tokens(batch, hidden_states.device, hidden_states.dtype) for p in self.prompts]
-        if any(p.region is not None for p in self.prompts):
-            return self._regional(attn, hidden_states, encoder_hidden_states, tokens, attention_mask, temb)
+        if any(p.region is not None or p.pulid is not None for p in self.prompts):
+            return self._own(attn, hidden_states, encoder_hidden_states, tokens, attention_mask, temb)
         return super().__call__(attn, hidden_states, (encoder_hidden_states, tokens), attention_mask, temb)
 
-    def _regional(self, attn, hidden_states, context, tokens, attention_mask, temb):
-        """diffusers' IP-Adapter attention, each unit's image attention × scale × its region mask (the
-        extension's ``apply_effective_region_mask(ip_out * weight)``)."""
+    def _own(self, attn, hidden_states, context, tokens, attention_mask, temb):
+        """diffusers' IP-Adapter attention, each unit's image attention (PuLID's for a PuLID unit) × scale × its
+        region mask (the extension's ``apply_effective_region_mask(ip_out * weight)``)."""
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -251,19 +290,21 @@ class ImagePromptAttnProcessor(IPAdapterAttnProcessor2_0):
             context = attn.norm_encoder_hidden_states(context)
         query = attn.to_q(hidden_states)
         heads = attn.heads
+        q = query.view(batch, -1, heads, query.shape[-1] // heads).transpose(1, 2)
 
         def attend(keys: torch.Tensor, values: torch.Tensor, mask=None) -> torch.Tensor:
-            dim = keys.shape[-1] // heads
-            q = query.view(batch, -1, heads, dim).transpose(1, 2)
-            k, v = (t.view(batch, -1, heads, dim).transpose(1, 2) for t in (keys, values))
+            k, v = (t.view(batch, -1, heads, q.shape[-1]).transpose(1, 2) for t in (keys, values))
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
-            return out.transpose(1, 2).reshape(batch, -1, heads * dim).to(query.dtype)
+            return out.transpose(1, 2).reshape(batch, -1, heads * q.shape[-1]).to(query.dtype)
 
         out = attend(attn.to_k(context), attn.to_v(context), attention_mask)
         for prompt, scale, to_k, to_v, image in zip(self.prompts, self.scale, self.to_k_ip, self.to_v_ip, tokens):
             if scale == 0:
                 continue
-            image_out = attend(to_k(image), to_v(image)) * scale
+            if prompt.pulid is not None:
+                image_out = prompt.pulid(hidden_states, q, image, to_k, to_v).to(query.dtype) * scale
+            else:
+                image_out = attend(to_k(image), to_v(image)) * scale
             region = prompt.region_weights(image_out.shape[1], image_out)
             out = out + (image_out if region is None else image_out * region)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -493,6 +534,32 @@ def face_prompt(model: IPAdapterModel, faces, image: np.ndarray, where: str = SC
                        model.project(torch.zeros_like(embedding), blank, v2).cpu())
 
 
+def pulid_prompt(model: IPAdapterModel, faces, image: np.ndarray, annotators_dir: Path, clip_vision_dir: Path,
+                 where: str = SCRIPT_NAME) -> ImagePrompt:
+    """PuLID's tokens, as the extension's ``ip-adapter_pulid`` makes them: the antelopev2 embedding of the largest
+    face in the picture at 512 (``instant_id_face_embedding``'s, not normed), then EVA02-CLIP-L-14-336 of the
+    centre face's "features" (facexlib's RetinaFace, alignment to 512 and BiSeNet parsing: the face gray on
+    white), its normalized embedding concatenated to the face embedding and its five hidden states, through the
+    ID encoder; the negative prompt's tokens are the encoder's of zeros. The EVA-CLIP file is looked for in
+    ``clip_vision_dir`` too."""
+    from .annotators import eva_clip, face_parsing
+    from .annotators.insightface import instant_id_face
+
+    face = instant_id_face(faces, image, where)[0]
+    embedding = torch.from_numpy(face.embedding).float()[None]
+    features = face_parsing.run(annotators_dir, np.ascontiguousarray(image[:, :, :3]), where=f"{where} (facexlib)")
+    vit = eva_clip.run(annotators_dir, features, Path(clip_vision_dir), where=f"{where} (EVA02-CLIP-L-14-336)")
+    id_cond = torch.cat([embedding, vit.id_cond_vit.float().cpu()], dim=-1)
+    hidden = [h.float().cpu() for h in vit.id_vit_hidden]
+    spec = model.spec
+    if id_cond.shape[-1] != spec.clip_dim or len(hidden) != spec.depth or hidden[0].shape[-1] != spec.hidden_dims:
+        raise ControlNetError(f"{where}: the PuLID model {model.name} takes a {spec.clip_dim}-wide face and EVA-CLIP "
+                              f"embedding and {spec.depth} {spec.hidden_dims}-wide hidden states; these encoders give "
+                              f"{id_cond.shape[-1]}, {len(hidden)} of {hidden[0].shape[-1]}")
+    return ImagePrompt(model.project(id_cond, hidden).cpu(),
+                       model.project(torch.zeros_like(id_cond), [torch.zeros_like(h) for h in hidden]).cpu())
+
+
 def ip_adapter_hook(prepared, path_of_model: str | Path, clip_vision_dir: str | Path, device: torch.device,
                     dtype: torch.dtype, face_dirs: tuple[Path, Path] | None = None) -> IPAdapterHook:
     """The hook of one prepared IP-Adapter unit.
@@ -525,7 +592,10 @@ def ip_adapter_hook(prepared, path_of_model: str | Path, clip_vision_dir: str | 
         clip = None
         if model.spec.kind == "faceid_plus":  # and CLIP ViT-H of the picture
             clip = (*clip_encoder(clip_vision_dir, "clip_h", where, "FaceID Plus"), encoder_device(unit, device))
-        prompts = [face_prompt(model, faces, image, where, clip) for image in images]
+        if model.spec.kind == "pulid":
+            prompts = [pulid_prompt(model, faces, image, face_dirs[1], Path(clip_vision_dir), where) for image in images]
+        else:
+            prompts = [face_prompt(model, faces, image, where, clip) for image in images]
     else:
         encoder, key = clip_encoder(clip_vision_dir, name, where)
         prompts = [image_prompt(model, encoder, image, encoder_device(unit, device), key, where) for image in images]
@@ -534,5 +604,7 @@ def ip_adapter_hook(prepared, path_of_model: str | Path, clip_vision_dir: str | 
                                                               torch.stack([p.uncond for p in prompts]).mean(0))
     if prepared.region is not None:
         prompt.region = torch.from_numpy(np.ascontiguousarray(prepared.region))[None, None]
+    if model.spec.kind == "pulid":
+        prompt.pulid = PULID_ATTENTION[unit.pulid_mode]
     return IPAdapterHook(where, model, prompt, unit.weight, unit.advanced_weighting, unit.guidance_start,
                          unit.guidance_end, torch.device(device), dtype)

@@ -448,6 +448,8 @@ IMAGE_PROMPT: tuple[Preprocessor, ...] = (
     Preprocessor("ip-adapter_face_id_plus", None, control_types=("IP-Adapter",)),  # and CLIP ViT-H
     # InstantID's image prompt: the antelopev2 face embedding for its IP-Adapter (the keypoints: annotators)
     Preprocessor("instant_id_face_embedding", None, control_types=("Instant-ID",)),
+    # PuLID: the antelopev2 embedding and EVA02-CLIP of the facexlib face features (engine.ip_adapter.pulid_prompt)
+    Preprocessor("ip-adapter_pulid", None, control_types=("IP-Adapter",)),
     # the T2I style adapter's input (engine.t2i_style): CLIP ViT-L hidden states, turned into tokens by the model
     Preprocessor("clip_vision", None, control_types=("T2I-Adapter",), aliases=("t2ia_style_clipvision",)),
     # ReVision (SDXL): the CLIP image embedding as the pooled prompt (engine.revision); no model file

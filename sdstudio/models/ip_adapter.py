@@ -13,6 +13,10 @@ is not a ControlNet. It holds two parts, under two prefixes:
   layers in diffusers' ``attn_processors`` order (down blocks, up blocks, middle block) -- the order the
   adapters were trained with, and the order sd-webui-controlnet patches them in.
 
+PuLID's file (``ip-adapter_pulid_sdxl_fp16.safetensors``, the extension's conversion of PuLID's weights) has
+the same two parts; its projection is PuLID's ID encoder (``body.*``, ``mapping_i.*``, ``mapping_patch_i.*``),
+built here as :class:`PuLIDProjection` under the file's names.
+
 ``.safetensors`` files keep both parts flat under the prefixes; the published ``.bin`` files nest them
 (``{"image_proj": {...}, "ip_adapter": {...}}``). Both are read without running code from the file
 (:mod:`.safe_load`), and both come out flat here.
@@ -32,10 +36,11 @@ architecture comes from the shapes; nothing is downloaded.
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +90,8 @@ class IPAdapterSpec:
 
     # "plain" | "plus" | "full" | "faceid" / "instantid" (an InsightFace face embedding in, not a CLIP feature;
     # InstantID's projection is a resampler like "plus") | "faceid_plus" (a face embedding and CLIP hidden states)
+    # | "pulid" (a face embedding with EVA-CLIP's embedding, and EVA-CLIP's hidden states: clip_dim is their
+    # concatenation's width, hidden_dims the hidden states', depth how many, tokens the tokens it makes)
     kind: str
     cross_attention_dim: int  # the UNet's context width (768 SD 1.x, 2048 SDXL)
     clip_dim: int
@@ -96,13 +103,14 @@ class IPAdapterSpec:
     ffn_ratio: float = 4.0
     face_dim: int = 0  # faceid_plus: the face embedding's width, and its MLP's widening
     face_ratio: int = 2
+    body: tuple[int, ...] = ()  # pulid: the hidden widths of its ID encoder's body MLP
 
     @property
     def feature(self) -> str:
         """What the projection reads: the CLIP ``image_embeds`` or ``penultimate`` hidden states, or an
         InsightFace ``face`` embedding."""
         return {"plain": "image_embeds", "faceid": "face", "instantid": "face",
-                "faceid_plus": "face+penultimate"}.get(self.kind, "penultimate")
+                "faceid_plus": "face+penultimate", "pulid": "pulid"}.get(self.kind, "penultimate")
 
     @property
     def layers(self) -> int:
@@ -112,7 +120,7 @@ class IPAdapterSpec:
         family = _CONTEXT_WIDTH.get(self.cross_attention_dim, f"{self.cross_attention_dim}-wide context")
         kind = {"plain": "IP-Adapter", "plus": "IP-Adapter Plus", "full": "IP-Adapter Full Face",
                 "faceid": "IP-Adapter FaceID", "instantid": "InstantID IP-Adapter",
-                "faceid_plus": "IP-Adapter FaceID Plus"}[self.kind]
+                "faceid_plus": "IP-Adapter FaceID Plus", "pulid": "PuLID"}[self.kind]
         return f"{family} {kind}"
 
 
@@ -159,8 +167,8 @@ def detect_ip_adapter(shapes: Shapes) -> IPAdapterSpec:
             raise ModelFileError(f"IP-Adapter FaceID: projection shapes {proj['proj.0.weight']} / "
                                  f"{proj['proj.2.weight']} / {proj['norm.weight']} do not make {cross}-wide tokens")
         return IPAdapterSpec("faceid", cross, face, tuple(widths), tokens, ffn_ratio=inner / face)
-    if any(k.startswith(("body.", "mapping_", "id_adapter")) for k in proj):
-        raise ModelFileError("this is a PuLID file, which is not supported")
+    if "body.0.weight" in proj or any(k.startswith("mapping_") for k in proj):
+        return _pulid_spec(proj, cross, tuple(widths))
     if "proj.3.weight" in proj:
         need = ("proj.0.weight", "proj.2.weight")
         if any(n not in proj for n in need):
@@ -218,6 +226,62 @@ def _faceid_plus_spec(proj: dict[str, tuple[int, ...]], cross: int, widths: tupl
     ffn = proj[r + "layers.0.1.1.weight"][0] / dim
     return IPAdapterSpec("faceid_plus", cross, clip_dim, widths, tokens, dim, heads, depth, ffn,
                          face_dim=face, face_ratio=inner // face)
+
+
+def _pulid_spec(proj: dict[str, tuple[int, ...]], cross: int, widths: tuple[int, ...]) -> IPAdapterSpec:
+    """PuLID (the extension's ``ip-adapter_pulid_sdxl_fp16.safetensors``): an MLP (``body.0`` / ``body.3`` /
+    ``body.6``, LayerNorms between) turns the face embedding and EVA-CLIP's embedding, concatenated, into
+    ``tokens`` tokens; one pair of MLPs per EVA-CLIP hidden state (``mapping_i`` for its class token,
+    ``mapping_patch_i`` for the mean of its patch tokens) adds one token each."""
+    need = ("body.0.weight", "body.3.weight", "body.6.weight", "mapping_0.0.weight", "mapping_0.6.weight",
+            "mapping_patch_0.0.weight")
+    if any(n not in proj for n in need):
+        raise ModelFileError(f"PuLID: incomplete projection (needs image_proj.{', image_proj.'.join(need)})")
+    inner, width = proj["body.0.weight"]  # inner: PuLID's min(tokens x width / 4, 1024)
+    tokens, rest = divmod(proj["body.6.weight"][0], cross)
+    maps = len({k.split(".")[0] for k in proj if re.match(r"mapping_\d+\.", k)})
+    hidden = proj["mapping_0.0.weight"][1]
+    if rest or not tokens or proj["mapping_0.6.weight"][0] != cross or maps != len(
+            {k.split(".")[0] for k in proj if k.startswith("mapping_patch_")}):
+        raise ModelFileError(f"PuLID: projection shapes (body.6 {proj['body.6.weight']}, mapping_0.6 "
+                             f"{proj['mapping_0.6.weight']}) do not make {cross}-wide tokens")
+    return IPAdapterSpec("pulid", cross, width, widths, tokens + maps, hidden, depth=maps,
+                         body=(inner, proj["body.3.weight"][0]))
+
+
+def _mlp(widths: Sequence[int]) -> torch.nn.Sequential:
+    """Linear, LayerNorm, LeakyReLU between each width and the next; a Linear last."""
+    layers: list[torch.nn.Module] = []
+    for a, b in itertools.pairwise(widths[:-1]):
+        layers += [torch.nn.Linear(a, b), torch.nn.LayerNorm(b), torch.nn.LeakyReLU()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(widths[-2], widths[-1]))
+
+
+class PuLIDProjection(torch.nn.Module):
+    """PuLID's ID encoder (its authors' ``IDEncoder``, the extension's ``PuLIDEncoder``), in the file's names:
+    ``id_cond`` (B×width: the antelopev2 face embedding, then EVA-CLIP's normalized embedding) through ``body``
+    into ``tokens - depth`` tokens, then for each EVA-CLIP hidden state (B×N×hidden) ``mapping_i`` of its first
+    (class) token plus the mean of ``mapping_patch_i`` over the others: one token each."""
+
+    def __init__(self, spec: IPAdapterSpec):
+        super().__init__()
+        self.width = spec.cross_attention_dim
+        self.body_tokens = spec.tokens - spec.depth
+        self.body = _mlp((spec.clip_dim, *spec.body, self.width * self.body_tokens))
+        for i in range(spec.depth):
+            widths = (spec.hidden_dims, spec.hidden_dims, spec.hidden_dims, self.width)
+            setattr(self, f"mapping_{i}", _mlp(widths))
+            setattr(self, f"mapping_patch_{i}", _mlp(widths))
+        self.depth = spec.depth
+
+    def forward(self, id_cond: torch.Tensor, hidden: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(hidden) != self.depth:
+            raise ValueError(f"PuLID takes {self.depth} EVA-CLIP hidden states, got {len(hidden)}")
+        tokens = [self.body(id_cond).reshape(-1, self.body_tokens, self.width)]
+        for i, state in enumerate(hidden):
+            tokens.append(getattr(self, f"mapping_{i}")(state[:, :1])
+                          + getattr(self, f"mapping_patch_{i}")(state[:, 1:]).mean(dim=1, keepdim=True))
+        return torch.cat(tokens, dim=1)
 
 
 class FaceIDPlusProjection(torch.nn.Module):
@@ -322,7 +386,7 @@ _FACEID_PLUS = (
     (r"perceiver_resampler\.(proj_in|proj_out|norm_out)\.(weight|bias)", r"\1.\2"),
 )
 PROJECTION_RULES = {"plain": _PLAIN, "full": _FULL, "plus": _PLUS, "faceid": _FACEID, "instantid": _PLUS,
-                    "faceid_plus": _FACEID_PLUS}
+                    "faceid_plus": _FACEID_PLUS, "pulid": ((r"(.*)", r"\1"),)}  # PuLID: our module, its names
 
 
 def projection_to_diffusers(spec: IPAdapterSpec, proj: Mapping[str, torch.Tensor]
@@ -357,6 +421,8 @@ def build_projection(spec: IPAdapterSpec) -> torch.nn.Module:
                                    num_image_text_embeds=spec.tokens)
         if spec.kind == "faceid_plus":
             return FaceIDPlusProjection(spec)
+        if spec.kind == "pulid":
+            return PuLIDProjection(spec)
         if spec.kind == "faceid":
             return IPAdapterFaceIDImageProjection(image_embed_dim=spec.clip_dim,
                                                   cross_attention_dim=spec.cross_attention_dim,
@@ -404,11 +470,15 @@ class IPAdapterModel:
     name: str
 
     @torch.no_grad()
-    def project(self, feature: torch.Tensor, hidden: torch.Tensor | None = None, shortcut: bool = False
-                ) -> torch.Tensor:
+    def project(self, feature: torch.Tensor, hidden: torch.Tensor | Sequence[torch.Tensor] | None = None,
+                shortcut: bool = False) -> torch.Tensor:
         """CLIP feature (``image_embeds`` B×D, or hidden states B×N×D) or face embedding -> image tokens B×T×C,
-        in float32; FaceID Plus also takes CLIP's ``hidden`` states (and v2 its ``shortcut``)."""
+        in float32; FaceID Plus also takes CLIP's ``hidden`` states (and v2 its ``shortcut``), PuLID its face
+        and EVA-CLIP embeddings concatenated and the list of EVA-CLIP's ``hidden`` states."""
         param = next(self.projection.parameters())
+        if self.spec.kind == "pulid":
+            return self.projection(feature.to(param.device, torch.float32),
+                                   [h.to(param.device, torch.float32) for h in hidden]).float()
         if self.spec.kind == "faceid_plus":
             return self.projection(feature.to(param.device, torch.float32), hidden.to(param.device, torch.float32),
                                    shortcut).float()

@@ -32,12 +32,17 @@ CONTROL_TYPE_ALL = "All"
 UNIT_FIELDS = ("enabled", "image", "low_vram", "pixel_perfect", "allow_preview", "type_filter", "module", "model",
                "weight", "guidance_start", "guidance_end", "processor_res", "threshold_a", "threshold_b",
                "control_mode", "resize_mode", "hr_option", "union_control_type", "input_mode", "batch_images",
-               "loopback")
+               "loopback", "pulid_mode")
 SLIDER_FIELDS = ("processor_res", "threshold_a", "threshold_b")
 # the sliders' labels before a preprocessor names them (the extension's)
 SLIDER_LABELS = {"processor_res": "Preprocessor resolution", "threshold_a": "Threshold A",
                  "threshold_b": "Threshold B"}
 RUN_SYMBOL, REFRESH_SYMBOL = "\U0001f4a5", "\U0001f504"  # 💥 🔄, the extension's tool buttons
+
+
+def is_pulid(model: str | None) -> bool:
+    """Whether a model's title names a PuLID file (the extension shows PuLID Mode by the name)."""
+    return "pulid" in str(model or "").lower()
 
 
 def unit_key(index: int, name: str) -> str:
@@ -245,6 +250,10 @@ class ControlNetAccordion:
         c["hr_option"] = gr.Radio(list(cn.HR_OPTIONS), value=defaults.hr_option, label="Hires-Fix Option",
                                   elem_id=f"{p}_controlnet_hr_option_radio",
                                   elem_classes=["controlnet_hr_option_radio"], visible=False)
+        # the extension's PuLID Mode, shown while the model is a PuLID one (by its name, as the extension)
+        c["pulid_mode"] = gr.Radio(list(cn.PULID_MODES), value=defaults.pulid_mode, label="PuLID Mode",
+                                   elem_id=f"{p}_controlnet_pulid_mode_radio", elem_classes=["controlnet_pulid_mode_radio"],
+                                   visible=is_pulid(defaults.model))
         # the extension keeps this hidden and sets it from the quick filter; shown here so it can be checked
         c["union_control_type"] = gr.Dropdown([*cn.UNION_TYPES, cn.UNION_UNKNOWN], value=defaults.union_control_type,
                                               label="Union Control Type",
@@ -277,6 +286,8 @@ class ControlNetAccordion:
         unit.refresh.click(self.refresh_models, [c["type_filter"], c["model"]], c["model"], show_progress="hidden")
         c["allow_preview"].change(lambda on: gr.Group(visible=bool(on)), c["allow_preview"], unit.preview_group,
                                   show_progress="hidden")
+        c["model"].change(lambda model: gr.Radio(visible=is_pulid(model)), c["model"], c["pulid_mode"],
+                          show_progress="hidden")
 
         def on_run(*values):
             try:
@@ -350,7 +361,7 @@ class ControlNetAccordion:
             "model": v["model"] or "None", "weight": v["weight"], "low_vram": v["low_vram"],
             "pixel_perfect": v["pixel_perfect"], "guidance_start": v["guidance_start"],
             "guidance_end": v["guidance_end"], "control_mode": v["control_mode"], "resize_mode": v["resize_mode"],
-            "hr_option": v["hr_option"], "union_control_type": v["union_control_type"]}
+            "hr_option": v["hr_option"], "union_control_type": v["union_control_type"], "pulid_mode": v["pulid_mode"]}
         for name, slider in zip(SLIDER_FIELDS, _sliders(pre), strict=True):
             # a slider the preprocessor does not have is sent as -1 (its default), as the API's default unit
             fields[name] = values.get(unit_key(index, name)) if pre is None or slider is not None else -1
@@ -391,6 +402,7 @@ class ControlNetAccordion:
                       "guidance_end": unit.guidance_end, "control_mode": unit.control_mode,
                       "resize_mode": unit.resize_mode, "hr_option": unit.hr_option,
                       "union_control_type": unit.union_control_type, "type_filter": CONTROL_TYPE_ALL,
+                      "pulid_mode": gr.Radio(value=unit.pulid_mode, visible=is_pulid(unit.model)),
                       "module": gr.Dropdown(choices=self.module_choices(), value=module, allow_custom_value=True),
                       "model": gr.Dropdown(choices=["None", *self.model_titles()], value=unit.model,
                                            allow_custom_value=True, visible=not (pre and pre.model_free))}

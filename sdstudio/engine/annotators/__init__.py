@@ -30,7 +30,8 @@ torchvision's two operators it calls defined by :mod:`.densepose`); normal_dsine
 :mod:`.uniformer`); mobile_sam (mobile_sam.pt, mobile_sam; :mod:`.mobile_sam`: SAM's automatic mask generator
 over MobileSAM's TinyViT, in controlnet_aux's frame); oneformer_ade20k (seg_ofade20k) and oneformer_coco (seg_ofcoco)
 (250_16_swin_l_oneformer_ade20k_160k.pth, 150_16_swin_l_oneformer_coco_100ep.pth, oneformer; :mod:`.oneformer`:
-transformers' OneFormer).
+transformers' OneFormer); facexlib (parsing_bisenet.pth and detection_Resnet50_Final.pth, facexlib;
+:mod:`.face_parsing`: PuLID's face features, the centre face gray on white).
 """
 
 from __future__ import annotations
@@ -262,6 +263,21 @@ def _oneformer(folder: Path, label: str, dataset: str) -> Run:
     return run
 
 
+def _facexlib(folder: Path, label: str) -> Run:
+    """PuLID's face features as a picture: the centre face aligned to 512, gray on white (its slider hidden:
+    the unit's resolution frames the picture, out of range the default 512)."""
+    from . import face_parsing
+
+    def run(image: np.ndarray, resolution: float = 512, threshold_a: float = -1, threshold_b: float = -1,
+            mask: np.ndarray | None = None) -> np.ndarray:
+        inside = RESOLUTION.minimum <= resolution <= RESOLUTION.maximum
+        features = face_parsing.run(folder, image, resolution if inside else RESOLUTION.value, label)
+        return face_parsing.to_image(features)
+
+    run.__name__ = run.__qualname__ = label
+    return run
+
+
 def _mobile_sam(folder: Path, label: str) -> Run:
     """SAM's automatic masks in controlnet_aux's frame (its own resize, not the pad-to-64 one); the colours
     drawn from the job's seed, as the extension seeds numpy before every preprocessor."""
@@ -395,6 +411,7 @@ def preprocessors(annotators_dir: Path | None, models_dir: Path | None = None) -
     add("densepose", "densepose (pruple bg & purple torso)", _densepose(folder, "densepose", "viridis"), ("OpenPose",))
     add("densepose_parula", "densepose_parula (black bg & blue torso)",
         _densepose(folder, "densepose_parula", "parula"), ("OpenPose",))
+    out.append(Preprocessor(name="facexlib", run=_facexlib(folder, "facexlib")))  # PuLID's face features
     # InstantID's keypoint map (InsightFace's antelopev2 pack; no resolution slider, as in the extension)
     out.append(Preprocessor(name="instant_id_face_keypoints", run=_instant_id_keypoints(folder, models,
                                                                                          "instant_id_face_keypoints"),
