@@ -160,18 +160,6 @@ def test_half_to_half_conversion_is_exact_and_still_finds_bad_values(tmp_path, t
         poisoned[2 * safe_load._CHUNK + 5] = bad
         assert safe_load._converted(poisoned, torch.bfloat16)[1] is False
     assert safe_load._converted(half, torch.bfloat16)[1] is True
-    # every conversion checks its chunks as it writes them: float16 -> float32, float32 -> float32 (a copy),
-    # whose sums may overflow on finite values (the extremes then decide), and a bad value in a later chunk
-    for src, dst in ((half, torch.float32), (half.float(), torch.float32), (half.float(), torch.float16)):
-        out, finite = safe_load._converted(src, dst)
-        assert finite is True and torch.equal(out, src.to(dst))
-        poisoned = src.clone()
-        poisoned[2 * safe_load._CHUNK + 5] = float("nan")
-        assert safe_load._converted(poisoned, dst)[1] is False
-    huge = torch.full((safe_load._CHUNK + 3,), 3e38)
-    assert safe_load._converted(huge, torch.float32)[1] is True  # the sum overflows, every value is finite
-    huge[-1] = float("inf")
-    assert safe_load._converted(huge, torch.float32)[1] is False
     big = torch.tensor([1.0, 3e5]).bfloat16()
     with pytest.raises(ModelFileError, match="has values beyond float16's range"):
         safe_load.usable_weight("x", "w", big, torch.empty(2), torch.float16)

@@ -181,35 +181,30 @@ def _finite(tensor: torch.Tensor) -> bool:
 
 
 _HALVES = (torch.float16, torch.bfloat16)
-_CHUNK = 1 << 18  # elements per step of a conversion (a 1 MB float32 chunk, measured best)
+_CHUNK = 1 << 18  # elements per step of a half -> half conversion (a 1 MB float32 scratch, measured best)
 
 
-def _finite_chunk(chunk: torch.Tensor) -> bool:
-    """:func:`_finite` for a chunk just written: half types are summed in float32 (a chunk of float16 values
-    cannot overflow it), wider ones fall back on the exact extremes when their sum overflowed."""
-    total = chunk.sum(dtype=torch.float32) if chunk.dtype in _HALVES else chunk.sum()
-    return bool(torch.isfinite(total)) or all(bool(torch.isfinite(x)) for x in torch.aminmax(chunk))
+def _converted(tensor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, bool | None]:
+    """A copy of ``tensor`` in ``dtype``, and whether it is all finite when that came for free (else None).
 
-
-def _converted(tensor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
-    """A copy of floating-point ``tensor`` in floating-point ``dtype``, and whether the copy is all finite.
-
-    The copy is made a chunk at a time, each chunk checked while it is still in cache (one pass over the
-    memory instead of a second one for the check: float16 -> float32 writes 4 GB for an SD 1.5 file).
-    float16 <-> bfloat16 goes through float32, since PyTorch's direct conversion between the two half types is
-    scalar and the two halves of the detour are vectorized (the same bits)."""
-    if tensor.is_meta:
-        return tensor.to(dtype, copy=True), True
+    float16 <-> bfloat16 goes through float32 a chunk at a time: PyTorch's direct conversion between the two
+    half types is scalar, the two halves of the detour are vectorized (an SD 1.5 file loads in 0.83 s instead
+    of 1.26 s, page faults included) and round the same way (the same bits). From float16 each float32 chunk's
+    sum, which cannot overflow for float16 values in chunks of this size, tells whether the copy is finite
+    while the chunk is in cache (bfloat16's range holds every float16); from bfloat16 the copy may overflow,
+    so it is checked as it comes out."""
+    if tensor.dtype not in _HALVES or dtype not in _HALVES or tensor.dtype == dtype or tensor.is_meta:
+        return tensor.to(dtype, copy=True), None
     out = torch.empty(tensor.shape, dtype=dtype)
     src, dst = tensor.reshape(-1), out.view(-1)
-    detour = tensor.dtype in _HALVES and dtype in _HALVES and tensor.dtype != dtype
+    widening = tensor.dtype == torch.float16
     finite = True
     for start in range(0, src.numel(), _CHUNK):
-        piece = dst[start:start + _CHUNK]
-        part = src[start:start + _CHUNK]
-        piece.copy_(part.float() if detour else part)
-        finite = finite and _finite_chunk(piece)
-    return out, finite
+        chunk = src[start:start + _CHUNK].float()
+        if widening:
+            finite = finite and bool(torch.isfinite(chunk.sum()))
+        dst[start:start + _CHUNK].copy_(chunk)
+    return out, finite if widening else None
 
 
 def usable_weight(what: str, key: str, tensor: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -217,14 +212,15 @@ def usable_weight(what: str, key: str, tensor: torch.Tensor, like: torch.Tensor,
     ``dtype`` where ``like`` is floating point, to ``like``'s own dtype where it is not (integer buffers).
 
     Refused (ModelFileError naming ``what`` and ``key``): integer or bool data where the module holds
-    floating-point weights, and NaN or infinite values (checked chunk by chunk as the copy is made)."""
+    floating-point weights, and NaN or infinite values. The finiteness check is one sum over the converted
+    copy, which the conversion has just brought into memory."""
     if not like.is_floating_point():
         return tensor.to(like.dtype, copy=True)
     if not tensor.is_floating_point():
         raise ModelFileError(f"{what}: {key} holds {str(tensor.dtype).removeprefix('torch.')} data where the model "
                              "has floating-point weights (a damaged or mislabelled file)")
     out, finite = _converted(tensor, dtype)
-    if not finite:
+    if not (finite if finite is not None else _finite(out)):
         if tensor.dtype != dtype and _finite(tensor):
             raise ModelFileError(f"{what}: {key} has values beyond {str(dtype).removeprefix('torch.')}'s range "
                                  "(load it in float32: --no-half / --precision full)")
