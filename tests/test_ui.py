@@ -223,6 +223,49 @@ def test_the_page_follows_a_generation_through_its_own_route(service, ui):
     service.wait(api_job.id)
 
 
+def test_the_page_has_no_timer(page):
+    """A gr.Timer's every tick re-sends the loading status of each component the page has updated: once a
+    picture has been sent to img2img, a 2 s timer kept a core of Chromium busy and took it from the job
+    (the page's own script polls instead: progress.py)."""
+    import gradio as gr
+
+    assert not [b for b in page.blocks.values() if isinstance(b, gr.Timer)]
+
+
+def test_the_queue_panel_polls_and_cancels_through_its_own_route(service, ui):
+    """What the page's script does with a window's queue panel: the token names that window only; the panel
+    is busy while it has jobs; a row's ✕ cancels its job; another window's token cannot touch it."""
+    from step_hold import StepHold
+
+    app = FastAPI()
+    app.include_router(ui.router())
+    http = TestClient(app)
+    req = Txt2ImgRequest(prompt="a queued circle", steps=3, width=64, height=64, seed=5, model="tiny-sd1")
+    assert 'data-busy="0"' in ui.queue_panel(None) and "data-token" not in ui.queue_panel(None)
+    with StepHold(service, batch=0, step=1) as hold:
+        running = service.submit("ui:one", Txt2ImgJob(req))
+        hold.wait()
+        waiting = service.submit("ui:one", Txt2ImgJob(req))
+        token, other = ui.queue_token("ui:one"), ui.queue_token("ui:two")
+        panel = ui.queue_panel("ui:one")
+        assert f'data-token="{token}"' in panel and 'data-busy="1"' in panel
+        state = http.get(f"/sdstudio/queue/{token}").json()
+        assert state["busy"] and f'data-job="{waiting.id}"' in state["html"] and "a queued circle" in state["html"]
+        assert "No jobs waiting" in http.get(f"/sdstudio/queue/{other}").json()["html"]
+        # a made-up or altered token is refused; another window's token cancels nothing of this one's
+        name = token.partition(".")[0]
+        for forged in (f"{name}.0123", token[:-1] + ("0" if token[-1] != "0" else "1"), name, "!!.00"):
+            assert http.get(f"/sdstudio/queue/{forged}").status_code == 404
+        http.post(f"/sdstudio/queue/{other}/cancel/{waiting.id}")
+        assert service.queue.get(waiting.id).status == "queued"
+        state = http.post(f"/sdstudio/queue/{token}/cancel/{waiting.id}").json()
+        assert service.queue.get(waiting.id).status == "cancelled"
+        assert f'data-job="{waiting.id}"' not in state["html"] and f'data-job="{running.id}"' in state["html"]
+    assert finished(service, running).status == "done"
+    assert http.get(f"/sdstudio/queue/{token}").json() == {"html": queue_html(service, "ui:one"), "busy": False}
+    assert "No jobs waiting" in queue_html(service, "ui:one")
+
+
 def test_progress_html_words_are_translatable():
     running = {"progress": 0.5, "eta_relative": 3.2, "job_id": "x", "queue_position": 0,
                "state": {"sampling_step": 5, "sampling_steps": 10, "job_no": 0, "job_count": 1, "job": "txt2img"}}

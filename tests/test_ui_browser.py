@@ -225,6 +225,13 @@ def test_three_windows_share_the_queue(server, browser, hold_dir):
     for page in pages[1:]:
         page.wait_for_selector("#txt2img_queue_list table.sd-queue", timeout=60_000)  # its job listed, waiting
     shot(pages[1], "queue-panel")
+    # a fourth window queues a job and takes it back with its row's ✕: the panel empties, nothing is shown
+    fourth = open_page(browser, server)
+    fourth.locator("#txt2img_prompt textarea").fill("fourth window: never drawn")
+    fourth.click("#txt2img_generate")
+    fourth.wait_for_selector("#txt2img_queue_list .sd-queue-cancel", timeout=60_000)
+    fourth.click("#txt2img_queue_list .sd-queue-cancel")
+    fourth.wait_for_selector("#txt2img_queue_list .sd-queue-empty", timeout=30_000)
     (hold_dir / "release").touch()
     for page, prompt, count in zip(pages, prompts, (2, 1, 1)):
         page.wait_for_function(f"document.querySelectorAll('#txt2img_gallery img').length >= {count}",
@@ -232,3 +239,4 @@ def test_three_windows_share_the_queue(server, browser, hold_dir):
         info = page.locator("#txt2img_html_info textarea").input_value()
         assert info.startswith(prompt), (prompt, info)
         assert not any(other in info for other in prompts if other != prompt)
+    assert fourth.locator("#txt2img_gallery img").count() == 0 and fourth.locator(".toast-body").count() == 0

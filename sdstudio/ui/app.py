@@ -8,8 +8,12 @@ network preview pictures); :func:`page_assets` is the script and style the page 
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import io
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -55,11 +59,35 @@ class StudioUI:
         self.paths = service.engine.paths
         self.allow_folders = allow_folders  # batch folders typed in the page (off when served to the network)
         self.forever: set[str] = set()  # clients with "Generate forever" on
+        self._queue_key = secrets.token_bytes(32)  # signs the queue panels' tokens (queue_token)
         self._lookup = None  # (checked at, embedding names, lookup) for the token counters
 
     # ---- shared helpers ---------------------------------------------------------------------------
     def forever_has(self, client: str) -> bool:
         return client in self.forever
+
+    def queue_token(self, client: str) -> str:
+        """The token a window's queue panel polls with: its client id and a signature only this process
+        makes, so that one window cannot read or cancel another's jobs by guessing a gradio session."""
+        name = base64.urlsafe_b64encode(client.encode()).decode().rstrip("=")
+        return f"{name}.{self._queue_mac(client)}"
+
+    def _queue_mac(self, client: str) -> str:
+        return hmac.new(self._queue_key, client.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def client_of_token(self, token: str) -> str | None:
+        name, _, mac = token.partition(".")
+        try:
+            client = base64.urlsafe_b64decode(name + "=" * (-len(name) % 4)).decode()
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return client if hmac.compare_digest(self._queue_mac(client), mac) else None
+
+    def queue_panel(self, client: str | None) -> str:
+        """The queue panel of ``client``'s window (None: a new page's empty panel, which polls nothing)."""
+        if client is None:
+            return progress.queue_panel_empty()
+        return progress.queue_panel(self.service, client, self.queue_token(client))
 
     def require_folders(self) -> None:
         """Batch folders typed into the page read and write the server's disk: refused when it is shared."""
@@ -144,7 +172,6 @@ class StudioUI:
     def build(self) -> gr.Blocks:
         settings = self.settings
         with gr.Blocks(title="sdstudio", analytics_enabled=False) as page:
-            self.timer = gr.Timer(2.0)
             with gr.Row(elem_id="quicksettings"):
                 self.checkpoint = gr.Dropdown(self.checkpoint_choices(), value=settings.get("sd_model_checkpoint"),
                                               label="Stable Diffusion checkpoint", elem_id="setting_sd_model_checkpoint",
@@ -368,6 +395,26 @@ class StudioUI:
             buf = io.BytesIO()
             image.convert("RGB").save(buf, format="JPEG", quality=90)
             return Response(buf.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+        # The window's queue panel, polled by the page's script while it has jobs (progress.queue_panel).
+        def queue_client(token: str) -> str:
+            client = self.client_of_token(token)
+            if client is None:
+                raise HTTPException(404, "no such queue panel")
+            return client
+
+        def queue_state(client: str) -> dict:
+            return {"html": progress.queue_html(self.service, client), "busy": progress.queue_busy(self.service, client)}
+
+        @r.get("/queue/{token}")
+        def window_queue(token: str):
+            return queue_state(queue_client(token))
+
+        @r.post("/queue/{token}/cancel/{job_id}")
+        def cancel_job(token: str, job_id: str):
+            client = queue_client(token)
+            self.service.cancel(job_id, client)
+            return queue_state(client)
 
         return r
 

@@ -28,7 +28,7 @@ from ..service.queue import FAILED
 from . import networks
 from .controlnet import ControlNetAccordion
 from .forms import SAME_SAMPLER, SAME_SCHEDULER, Form, script_key
-from .progress import cancellable, client_of, finished, live_html, queue_html
+from .progress import client_of, finished, live_html
 
 INTERROGATE_NOTE = ("Interrogation needs weight files: BLIP and CLIP in models/BLIP and models/CLIP, the tagger in "
                     "models/deepbooru")
@@ -155,10 +155,8 @@ class GenerationTab:
                 self.info = gr.Textbox(label="Generation parameters", lines=4, interactive=False,
                                        elem_id=f"{t}_html_info")
                 with gr.Accordion("Queue", open=True, elem_id=f"{t}_queue"):
-                    self.queue_list = gr.HTML("", elem_id=f"{t}_queue_list")
-                    with gr.Row():
-                        self.queue_pick = gr.Dropdown([], label="Job", elem_id=f"{t}_queue_pick", scale=3)
-                        self.queue_cancel = gr.Button("Cancel", elem_id=f"{t}_queue_cancel", size="sm", scale=1)
+                    # filled by the page's events and then kept fresh by the page's script (progress.py)
+                    self.queue_list = gr.HTML(self.ui.queue_panel(None), elem_id=f"{t}_queue_list")
         self.results = gr.State([])  # [{"path", "infotext"}] parallel to the gallery
         self.selected = gr.State(0)
         return self
@@ -402,7 +400,7 @@ class GenerationTab:
     def wire(self) -> None:
         ui, f = self.ui, self.form
         service = ui.service
-        outputs_ = [self.progress, self.gallery, self.info, self.results, self.queue_list, self.queue_pick]
+        outputs_ = [self.progress, self.gallery, self.info, self.results, self.queue_list]
 
         image_inputs = self.image_inputs()
 
@@ -421,21 +419,23 @@ class GenerationTab:
                 previews = bool(ui.settings.get("live_previews_enable"))
                 period = float(ui.settings.get("live_preview_refresh_period", 1000)) / 1000
                 for job in jobs:  # the page's script shows the bar and preview (see progress.py)
-                    yield (live_html(self.kind, job, previews, period), gr.skip(), gr.skip(), gr.skip(), gr.skip(),
-                           gr.skip())
+                    yield (live_html(self.kind, job, previews, period), gr.skip(), gr.skip(), gr.skip(),
+                           ui.queue_panel(client))
                     done = finished(service, job)
                     if done is None or done.status == FAILED:
                         ui.forever.discard(client)
                         raise gr.Error((done.error if done else None) or "the job failed")
-                    found = gallery_entries(done.result, not ui.settings.get("control_net_no_detectmap"))
+                    # (a job cancelled from the queue panel has no pictures: the next job's follow)
+                    found = gallery_entries(done.result or {}, not ui.settings.get("control_net_no_detectmap"))
                     results = found + results if ui.forever_has(client) else results + found
                     gallery = [r["path"] for r in results]
                 if not ui.forever_has(client):
                     break
-                yield ("", gallery, _first_infotext(results), results, queue_html(service, client),
-                       gr.Dropdown(choices=cancellable(service, client)))
-            yield ("", gallery, _first_infotext(results), results, queue_html(service, client),
-                   gr.Dropdown(choices=cancellable(service, client)))
+                yield "", gallery, _first_infotext(results), results, ui.queue_panel(client)
+            if not results:  # all cancelled: the gallery keeps what it showed
+                yield "", gr.skip(), gr.skip(), gr.skip(), ui.queue_panel(client)
+                return
+            yield "", gallery, _first_infotext(results), results, ui.queue_panel(client)
 
         inputs = set(f.components + image_inputs)
         self.generate.click(on_generate, inputs, outputs_, concurrency_limit=None, show_progress="hidden")
@@ -525,21 +525,6 @@ class GenerationTab:
                         [self.results, self.selected], self.download, show_progress="hidden")
         self.zip.click(lambda results: gr.File(value=ui.zip_results(results), visible=True), self.results,
                        self.download, show_progress="hidden")
-
-        # queue panel
-        def refresh_queue(request: gr.Request):
-            client = client_of(request)
-            return queue_html(service, client), gr.Dropdown(choices=cancellable(service, client))
-
-        def cancel(job_id, request: gr.Request):
-            if job_id:
-                service.cancel(job_id, client_of(request))
-            return refresh_queue(request)
-
-        self.queue_cancel.click(cancel, self.queue_pick, [self.queue_list, self.queue_pick], show_progress="hidden",
-                                concurrency_limit=None)
-        ui.timer.tick(refresh_queue, None, [self.queue_list, self.queue_pick], show_progress="hidden",
-                      concurrency_limit=None)
 
         if self.kind == "img2img":
             def interrogate(backend, mode, init, sketch, inpaint, inpaint_sketch, up_base):

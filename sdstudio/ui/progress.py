@@ -8,6 +8,12 @@ update through gradio instead costs the browser tens of milliseconds of CPU (the
 on every output), which on a small machine is taken from the job. Short jobs (a model load) use
 :func:`follow`, which yields a :class:`Tick` at every change. Each browser window is its own queue client,
 so Interrupt, Skip and the queue panel act on that window's jobs only.
+
+The queue panel (:func:`queue_panel`) works the same way: while the window has jobs waiting or running,
+the page's script polls ``/sdstudio/queue/TOKEN`` every two seconds and swaps the table, and a row's ✕
+posts its cancel there. A ``gr.Timer`` did this before and cost more than the job it watched: each tick
+re-sends the loading status of every component the page has updated (hundreds once a picture has been
+sent to img2img), about a CPU core's worth in Chromium.
 """
 
 from __future__ import annotations
@@ -101,11 +107,15 @@ def snapshot(service: JobService, job_id: str) -> dict:
             "preview": service.preview_number(job_id)}
 
 
+EMPTY_QUEUE = '<div class="sd-queue sd-queue-empty"><span>No jobs waiting</span></div>'
+
+
 def queue_html(service: JobService, client: str) -> str:
-    """The window's own waiting and running jobs, with the number of other clients' jobs ahead."""
+    """The window's own waiting and running jobs, with the number of other clients' jobs ahead; each row's ✕
+    cancels its job (the page's script posts it)."""
     mine = service.queue.list(client=client, statuses=(QUEUED, RUNNING), limit=50)
     if not mine:
-        return '<div class="sd-queue sd-queue-empty"><span>No jobs waiting</span></div>'
+        return EMPTY_QUEUE
     rows = []
     for job in sorted(mine, key=lambda j: j.created):
         request = _request_of(job)
@@ -114,19 +124,28 @@ def queue_html(service: JobService, client: str) -> str:
         place = "" if job.status == RUNNING else f" ({max(service.queue.position(job.id), 0)} <span>ahead</span>)"
         rows.append(f'<tr data-job="{job.id}"><td class="sd-notranslate">{job.id[:8]}</td><td>{html.escape(job.kind)}'
                     f'</td><td><span>{job.status}</span>{place}</td><td class="sd-notranslate">{html.escape(prompt)}'
-                    f'</td><td>{size}</td></tr>')
+                    f'</td><td>{size}</td><td><button class="sd-queue-cancel" data-job="{job.id}" title="Cancel">'
+                    '✕</button></td></tr>')
     return ('<table class="sd-queue"><thead><tr><th>Job</th><th>Kind</th><th>Status</th><th>Prompt</th>'
-            '<th>Size</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
+            '<th>Size</th><th></th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
 
 
-def cancellable(service: JobService, client: str) -> list[tuple[str, str]]:
-    """(label, job id) of the window's jobs that Cancel can stop."""
-    jobs = service.queue.list(client=client, statuses=(QUEUED, RUNNING), limit=50)
-    out = []
-    for job in sorted(jobs, key=lambda j: j.created):
-        request = _request_of(job)
-        out.append((f'{job.id[:8]} · {job.kind} · {str(request.get("prompt", ""))[:30]}', job.id))
-    return out
+def queue_busy(service: JobService, client: str) -> bool:
+    """Whether the window has jobs waiting or running (the page polls its panel only then)."""
+    return bool(service.queue.list(client=client, statuses=(QUEUED, RUNNING), limit=1))
+
+
+def queue_panel_empty() -> str:
+    """A new page's panel: no jobs yet, nothing to poll (the first Generate fills in the window's panel)."""
+    return f'<div class="sd-queue-live" data-busy="0">{EMPTY_QUEUE}</div>'
+
+
+def queue_panel(service: JobService, client: str, token: str) -> str:
+    """The queue panel as a page event shows it: the table inside the element the page's script polls while
+    ``data-busy`` is 1. ``token`` names the window to ``/sdstudio/queue/TOKEN`` (see ``StudioUI.queue_token``)."""
+    busy = int(queue_busy(service, client))
+    return (f'<div class="sd-queue-live" data-token="{html.escape(token)}" data-busy="{busy}">'
+            f'{queue_html(service, client)}</div>')
 
 
 def _request_of(job: Job) -> dict:

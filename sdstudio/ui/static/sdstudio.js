@@ -108,6 +108,34 @@
     document.querySelectorAll(".sd-live[data-job]:not([data-polling])").forEach(followJob);
   }).observe(document.documentElement, { childList: true, subtree: true });
 
+  // The queue panel (progress.queue_panel): while one of the page's panels says its window has jobs
+  // (data-busy="1"), fetch /sdstudio/queue/TOKEN every two seconds and put the table in every panel of the
+  // page (both tabs show the window's queue); a row's ✕ posts that job's cancel. Nothing runs while idle.
+  const QUEUE_PERIOD_MS = 2000;
+  function showQueue(token, data) {
+    document.querySelectorAll(".sd-queue-live").forEach((panel) => {
+      panel.innerHTML = data.html;
+      panel.dataset.token = token;
+      panel.dataset.busy = data.busy ? "1" : "0";
+    });
+  }
+  async function queueCall(token, path = "", method = "GET") {
+    try {
+      const answer = await fetch(`/sdstudio/queue/${token}${path}`, { method, credentials: "same-origin",
+                                                                       cache: "no-store" });
+      if (answer.ok) showQueue(token, await answer.json());
+    } catch (e) { /* the server went away: the next event's panel starts over */ }
+  }
+  setInterval(() => {
+    const busy = document.querySelector('.sd-queue-live[data-busy="1"][data-token]');
+    if (busy) queueCall(busy.dataset.token);
+  }, QUEUE_PERIOD_MS);
+  document.addEventListener("click", (e) => {
+    const button = e.target.closest && e.target.closest(".sd-queue-cancel");
+    const panel = button && button.closest(".sd-queue-live[data-token]");
+    if (panel) queueCall(panel.dataset.token, `/cancel/${encodeURIComponent(button.dataset.job)}`, "POST");
+  });
+
   // Extra-network cards: a click adds the card's prompt text to the tab's prompt (as A1111 does).
   window.sdstudioAddToPrompt = (tab, text) => {
     const area = document.querySelector(`#${tab}_prompt textarea`);
