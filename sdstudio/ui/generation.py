@@ -425,7 +425,7 @@ class GenerationTab:
                     if done is None or done.status == FAILED:
                         ui.forever.discard(client)
                         raise gr.Error((done.error if done else None) or "the job failed")
-                    # (a job cancelled from the queue panel has no pictures: the next job's follow)
+                    # (a job cancelled from the queue panel ends without pictures; the loop goes on to the next)
                     found = gallery_entries(done.result or {}, not ui.settings.get("control_net_no_detectmap"))
                     results = found + results if ui.forever_has(client) else results + found
                     gallery = [r["path"] for r in results]
