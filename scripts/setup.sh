@@ -21,10 +21,14 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "sdstudio: installing dependencies (first run takes a few minutes)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
-  "$VENV/bin/python" -m pip install -q -e ".[test]"
+  "$VENV/bin/python" -m pip install -q -e ".[test,mediapipe]"
   # spandrel, the upscaler tests' reference, without its dependencies: they pull torchvision, which has no
   # CPU build on PyPI and would replace the CPU torch (the tests load only its ESRGAN and compact networks)
   "$VENV/bin/python" -m pip install -q --no-deps "spandrel==0.4.2"
+  # mediapipe_face: the last mediapipe with the legacy face mesh, without its declared numpy<2 (the [mediapipe]
+  # extra above brings what it imports, protobuf 4.25 among them); its wheels stop at Python 3.12
+  "$VENV/bin/python" -m pip install -q --no-deps "mediapipe==0.10.21" ||
+    echo "sdstudio: mediapipe 0.10.21 has no wheel for this Python; the mediapipe_face preprocessor stays unavailable"
   echo "$WANT" > "$STAMP"
 fi
 # The bundled demo model ships in models/Stable-diffusion (trained by python -m training.demo_model).

@@ -389,6 +389,7 @@ EXPECTED = {  # module name: (UI label, control types) as the extension declares
     "oneformer_ade20k": ("seg_ofade20k", ("Segmentation",)),  # test_annotators_oneformer
     "oneformer_coco": ("seg_ofcoco", ("Segmentation",)),
     "facexlib": ("facexlib", ()),  # test_annotators_face_parsing (PuLID's face features)
+    "mediapipe_face": ("mediapipe_face", ()),  # test_annotators_mediapipe
 }
 
 

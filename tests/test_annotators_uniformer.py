@@ -185,6 +185,11 @@ def test_wrong_files_name_the_file_and_the_problem(tmp_path):
     write_file(path2, wrong)
     with pytest.raises(ModelFileError, match=r"wrong\.pth: .*wrong shape: head\.fpn_convs\.1\.conv\.weight"):
         uniformer.load(path2)
+    path3 = tmp_path / "cut.pth"  # a stage's blocks there, its first block's MLP not
+    write_file(path3, {k: v for k, v in weights.items() if not k.startswith("backbone.blocks2.0.mlp.fc1.")})
+    with pytest.raises(ModelFileError, match=r"cut\.pth: not a whole UperNet UniFormer checkpoint: "
+                                             r"backbone\.blocks2\.0\.mlp\.fc1\.weight is missing"):
+        uniformer.load(path3)
 
 
 def test_the_pipeline_rescales_swaps_and_normalizes_as_mmsegmentation():

@@ -31,7 +31,9 @@ torchvision's two operators it calls defined by :mod:`.densepose`); normal_dsine
 over MobileSAM's TinyViT, in controlnet_aux's frame); oneformer_ade20k (seg_ofade20k) and oneformer_coco (seg_ofcoco)
 (250_16_swin_l_oneformer_ade20k_160k.pth, 150_16_swin_l_oneformer_coco_100ep.pth, oneformer; :mod:`.oneformer`:
 transformers' OneFormer); facexlib (parsing_bisenet.pth and detection_Resnet50_Final.pth, facexlib;
-:mod:`.face_parsing`: PuLID's face features, the centre face gray on white).
+:mod:`.face_parsing`: PuLID's face features, the centre face gray on white); mediapipe_face (no file: the
+``mediapipe`` package's own face mesh and models, :mod:`.mediapipe_face`; its Max Faces and Min Face Confidence
+sliders).
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ REMOVE_BACKGROUND = Slider("Remove Background %", 0, 0, 100, 0.1)
 NORMAL_BACKGROUND = Slider("Normal Background Threshold", 0.4, 0.0, 1.0, 0.01)
 SAFE_STEPS = Slider("Safe Steps", 2, 0, 10, 1)
 ANYLINE_RESOLUTION = Slider("Resolution", 1280, 64, 2048, 8)
+MEDIAPIPE_MAX_FACES = Slider("Max Faces", 1, 1, 10, 1)
+MEDIAPIPE_MIN_CONFIDENCE = Slider("Min Face Confidence", 0.5, 0.01, 1.0, 0.01)
 
 # every file a preprocessor here may read, for listings and messages
 FILES: tuple[AnnotatorFile, ...] = (hed.FILE, pidinet.FILE, lineart.REALISTIC, lineart.COARSE, lineart.ANIME,
@@ -243,6 +247,12 @@ def _uniformer(folder: Path, label: str) -> Run:
     return _at_resolution(label, step)
 
 
+def _hidden_resolution(resolution: float) -> float:
+    """The extension's bound check on a hidden resolution slider: out of its range (the unit's -1), the
+    default 512."""
+    return resolution if RESOLUTION.minimum <= resolution <= RESOLUTION.maximum else RESOLUTION.value
+
+
 def _oneformer(folder: Path, label: str, dataset: str) -> Run:
     """OneFormer in the extension's frame. Its slider is hidden, not absent: a resolution out of the
     slider's range (the unit's -1) frames the picture at the default, 512, as the extension's bound check."""
@@ -256,8 +266,7 @@ def _oneformer(folder: Path, label: str, dataset: str) -> Run:
 
     def run(image: np.ndarray, resolution: float = 512, threshold_a: float = -1, threshold_b: float = -1,
             mask: np.ndarray | None = None) -> np.ndarray:
-        inside = RESOLUTION.minimum <= resolution <= RESOLUTION.maximum
-        return framed(image, resolution if inside else RESOLUTION.value, threshold_a, threshold_b, mask)
+        return framed(image, _hidden_resolution(resolution), threshold_a, threshold_b, mask)
 
     run.__name__ = run.__qualname__ = label
     return run
@@ -270,12 +279,20 @@ def _facexlib(folder: Path, label: str) -> Run:
 
     def run(image: np.ndarray, resolution: float = 512, threshold_a: float = -1, threshold_b: float = -1,
             mask: np.ndarray | None = None) -> np.ndarray:
-        inside = RESOLUTION.minimum <= resolution <= RESOLUTION.maximum
-        features = face_parsing.run(folder, image, resolution if inside else RESOLUTION.value, label)
+        features = face_parsing.run(folder, image, _hidden_resolution(resolution), label)
         return face_parsing.to_image(features)
 
     run.__name__ = run.__qualname__ = label
     return run
+
+
+def _mediapipe_face(label: str) -> Run:
+    from . import mediapipe_face
+
+    def step(img: np.ndarray, a: float, b: float) -> np.ndarray:  # a: Max Faces, b: Min Face Confidence
+        return mediapipe_face.detect(img, int(a), b, f"ControlNet preprocessor {label!r}")
+
+    return _at_resolution(label, step)
 
 
 def _mobile_sam(folder: Path, label: str) -> Run:
@@ -412,6 +429,8 @@ def preprocessors(annotators_dir: Path | None, models_dir: Path | None = None) -
     add("densepose_parula", "densepose_parula (black bg & blue torso)",
         _densepose(folder, "densepose_parula", "parula"), ("OpenPose",))
     out.append(Preprocessor(name="facexlib", run=_facexlib(folder, "facexlib")))  # PuLID's face features
+    add("mediapipe_face", "mediapipe_face", _mediapipe_face("mediapipe_face"), (), MEDIAPIPE_MAX_FACES,
+        MEDIAPIPE_MIN_CONFIDENCE)
     # InstantID's keypoint map (InsightFace's antelopev2 pack; no resolution slider, as in the extension)
     out.append(Preprocessor(name="instant_id_face_keypoints", run=_instant_id_keypoints(folder, models,
                                                                                          "instant_id_face_keypoints"),

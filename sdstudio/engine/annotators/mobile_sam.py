@@ -476,13 +476,19 @@ def detect(model: MobileSam, image: np.ndarray, seed: int | None = None, **gener
     return colour_masks(generate(model, image, **generator), image.shape[:2], seed)
 
 
-def aux_resize(image: np.ndarray, resolution: float) -> np.ndarray:
-    """controlnet_aux's ``resize_image``: the short side at ``resolution``, both sides rounded to multiples of 64
-    (Lanczos up, area down)."""
-    h, w = image.shape[:2]
+def aux_size(h: int, w: int, resolution: float) -> tuple[int, int]:
+    """The (height, width) controlnet_aux's ``resize_image`` gives: the short side at ``resolution``, both sides
+    rounded to multiples of 64 (at least 64; the original can give 0)."""
     k = float(resolution) / min(h, w)
-    th, tw = (max(1, int(np.round(side * k / 64.0))) * 64 for side in (h, w))  # at least 64 (the original: 0)
-    return cv2.resize(image, (tw, th), interpolation=cv2.INTER_LANCZOS4 if k > 1 else cv2.INTER_AREA)
+    th, tw = (max(1, int(np.round(side * k / 64.0))) * 64 for side in (h, w))
+    return th, tw
+
+
+def aux_resize(image: np.ndarray, resolution: float) -> np.ndarray:
+    """controlnet_aux's ``resize_image`` (:func:`aux_size`; Lanczos up, area down)."""
+    h, w = image.shape[:2]
+    th, tw = aux_size(h, w, resolution)
+    return cv2.resize(image, (tw, th), interpolation=cv2.INTER_LANCZOS4 if resolution > min(h, w) else cv2.INTER_AREA)
 
 
 def run(model: MobileSam, image: np.ndarray, resolution: float = 512, seed: int | None = None,
@@ -490,7 +496,7 @@ def run(model: MobileSam, image: np.ndarray, resolution: float = 512, seed: int 
     """The extension's ``mobile_sam`` map: the detector's frame around :func:`detect` (see the module)."""
     picture = aux_resize(hwc3(image, "ControlNet mobile_sam"), resolution)
     detected = detect(model, picture, seed, **generator)
-    th, tw = aux_resize(picture, resolution).shape[:2]
+    th, tw = aux_size(*picture.shape[:2], resolution)
     if detected.shape[:2] != (th, tw):
         detected = cv2.resize(detected, (tw, th), interpolation=cv2.INTER_LINEAR)
     return detected

@@ -172,10 +172,13 @@ class Segmentor(nn.Module):
         if stages < 1 or "decode_head.conv_seg.weight" not in weights:
             raise ModelFileError("not an UperNet UniFormer checkpoint (no backbone.patch_embed1 or "
                                  "decode_head.conv_seg)")
-        dims = [weights[f"backbone.patch_embed{i}.proj.weight"].shape[0] for i in range(1, stages + 1)]
-        depths = [count_indexed(weights, rf"backbone\.blocks{i}\.(\d+)\.") for i in range(1, stages + 1)]
-        hidden = [weights[f"backbone.blocks{i}.0.mlp.fc1.weight"].shape[0] if depths[i - 1] else dims[i - 1]
-                  for i in range(1, stages + 1)]
+        try:
+            dims = [weights[f"backbone.patch_embed{i}.proj.weight"].shape[0] for i in range(1, stages + 1)]
+            depths = [count_indexed(weights, rf"backbone\.blocks{i}\.(\d+)\.") for i in range(1, stages + 1)]
+            hidden = [weights[f"backbone.blocks{i}.0.mlp.fc1.weight"].shape[0] if depths[i - 1] else dims[i - 1]
+                      for i in range(1, stages + 1)]
+        except KeyError as exc:
+            raise ModelFileError(f"not a whole UperNet UniFormer checkpoint: {exc.args[0]} is missing") from None
         attends = [f"backbone.blocks{i}.0.attn.qkv.weight" in weights for i in range(1, stages + 1)]
         self.backbone = UniFormer(dims, depths, hidden, attends)
         classes, channels = weights["decode_head.conv_seg.weight"].shape[:2]
