@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -21,6 +23,7 @@ from sdstudio.service.jobs import JobService
 from sdstudio.service.queue import SQLiteJobQueue
 from sdstudio.ui import localization
 from sdstudio.ui.app import StudioUI
+from sdstudio.ui.progress import snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "Stable-diffusion" / "sdstudio-demo.safetensors"
@@ -90,11 +93,20 @@ def test_a_settings_file_goes_in_and_comes_back_whole(ui, settings_file):
 def test_generate_queues_a_run_and_shows_frames_then_the_video(ui, settings_file):
     tab = ui.deforum
     *inputs, _ = tab.load_file(str(settings_file))
-    updates = list(tab.run("ui:deforum-test", 17, "ultrafast", *inputs))
-    bars = [u[0] for u in updates if isinstance(u[0], str)]
-    pictures = [u[1] for u in updates if isinstance(u[1], Image.Image)]
+    run = tab.run("ui:deforum-test", 17, "ultrafast", *inputs)
+    live, *_ = next(run)  # the progress area the page's script polls: no gradio update until the run ends
+    job_id = re.search(r'class="sd-live" data-job="([^"]+)"', live).group(1)
+    assert 'class="sd-live-preview"' in live
+    bars, pictures = [], []
+    while not (state := snapshot(ui.service, job_id))["done"]:  # what /sdstudio/progress/JOB answers
+        bars.append(state["html"])
+        if state["preview"] is not None:
+            pictures.append(ui.service.preview_image(None, job_id))  # what .../preview sends
+        time.sleep(0.05)
     assert any("<span>Frame</span>" in b and "<span>of</span> 3" in b for b in bars), bars
-    assert pictures and pictures[-1].size == (128, 128)  # the frame just made, while the run goes on
+    assert pictures and isinstance(pictures[-1], Image.Image) and pictures[-1].size == (128, 128)  # the frame
+    updates = list(run)  # just made, while the run goes on
+    assert len(updates) == 1
     bar, last, mp4, info = updates[-1]
     assert bar == "" and "<span>Done</span>: 3 <span>frames</span>" in info
     assert Path(last).name.endswith("_000000002.png") and Path(mp4).parent == Path(last).parent
@@ -144,8 +156,13 @@ def test_the_tab_in_a_browser_loads_a_file_and_shows_the_video(tmp_path, free_po
                                    ".includes('a_key_from_the_future')", timeout=30_000)
             page.get_by_role("tab", name="Keyframes").click()
             assert page.locator("#deforum_max_frames input[type=number]").input_value() == "3"
+            # what the progress area shows while the run goes on (the page's script swaps it in)
+            page.evaluate("""() => { window.seenBars = []; new MutationObserver(() => window.seenBars.push(
+                document.querySelector('#deforum_progress')?.innerText || '')).observe(document.querySelector(
+                '#deforum_progress'), {childList: true, subtree: true, characterData: true}); }""")
             page.locator("#deforum_generate").click()
             page.wait_for_selector("#deforum_video video", timeout=120_000)
+            assert any("Frame" in text and "of 3" in text for text in page.evaluate("window.seenBars"))
             page.wait_for_function("() => document.querySelector('#deforum_info')?.innerText.includes('Done')",
                                    timeout=30_000)
             assert "3" in page.locator("#deforum_info").inner_text()

@@ -398,6 +398,7 @@ def test_the_tab_has_a1111s_ids_and_merge_shows_the_result(data_root):
         values = [titles[0], titles[1], None, "Weighted sum", 0.5, False, "from-tab", "safetensors", 0, "None", "",
                   True, True, True, "{}", "", ""]
         updates = list(tab.run("ui:merge-test", *values))
+        assert len(updates) == 2 and 'class="sd-live" data-job=' in updates[0][0]  # the bar the page's script polls
         bar, result, *lists = updates[-1]
         assert bar == "" and "from-tab.safetensors" in result
         assert any("from-tab.safetensors" in str(c) for c in lists[0].choices)  # the lists know the new model

@@ -214,7 +214,7 @@ def test_the_page_follows_a_generation_through_its_own_route(service, ui):
     assert finished(service, job).status == "done"
     assert any('data-state="running"' in b and "/40" in b for b in bars), bars[-3:]
     assert previews and previews[-1].size == (8, 8) and numbers == sorted(numbers)  # "Approx cheap": latent size
-    assert http.get(f"/sdstudio/progress/{job.id}").json() == {"done": True, "html": "", "preview": None}
+    assert http.get(f"/sdstudio/progress/{job.id}").json() == {"done": True, "html": "", "info": "", "preview": None}
     assert http.get(f"/sdstudio/progress/{job.id}/preview").status_code == 404
     # an API client's job and an unknown id are not the page's to read
     api_job = service.submit("api", Txt2ImgJob(req))
@@ -254,7 +254,8 @@ def test_the_queue_panel_polls_and_cancels_through_its_own_route(service, ui):
         assert "No jobs waiting" in http.get(f"/sdstudio/queue/{other}").json()["html"]
         # a made-up or altered token is refused; another window's token cancels nothing of this one's
         name = token.partition(".")[0]
-        for forged in (f"{name}.0123", token[:-1] + ("0" if token[-1] != "0" else "1"), name, "!!.00"):
+        for forged in (f"{name}.0123", token[:-1] + ("0" if token[-1] != "0" else "1"), name, "!!.00",
+                       f"{name}.{'é' * 32}", f"{name}.{token.partition('.')[2].upper()}"):
             assert http.get(f"/sdstudio/queue/{forged}").status_code == 404
         http.post(f"/sdstudio/queue/{other}/cancel/{waiting.id}")
         assert service.queue.get(waiting.id).status == "queued"

@@ -227,6 +227,11 @@ def test_three_windows_share_the_queue(server, browser, hold_dir):
     shot(pages[1], "queue-panel")
     # a fourth window queues a job and takes it back with its row's ✕: the panel empties, nothing is shown
     fourth = open_page(browser, server)
+    # the page's load gives both of its panels the window's token (so jobs other events queue show too)
+    fourth.wait_for_selector("#txt2img_queue_list .sd-queue-live[data-token]", state="attached", timeout=30_000)
+    fourth.get_by_role("tab", name="img2img", exact=True).click()  # (gradio draws a tab when it is first shown)
+    fourth.wait_for_selector("#img2img_queue_list .sd-queue-live[data-token]", state="attached", timeout=30_000)
+    fourth.get_by_role("tab", name="txt2img", exact=True).click()
     fourth.locator("#txt2img_prompt textarea").fill("fourth window: never drawn")
     fourth.click("#txt2img_generate")
     fourth.wait_for_selector("#txt2img_queue_list .sd-queue-cancel", timeout=60_000)

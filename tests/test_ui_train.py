@@ -5,6 +5,8 @@ listed at once) and an embedding (created, then trained a few steps); a folder o
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import gradio as gr
 import pytest
@@ -15,6 +17,7 @@ from train_fixtures import plain_colours, squares
 from sdstudio.core.settings import Settings
 from sdstudio.ui import localization
 from sdstudio.ui.app import StudioUI
+from sdstudio.ui.progress import snapshot
 
 A1111_IDS = {"tab_train", "train_tabs", "train_new_embedding_name", "train_initialization_text", "train_nvpt",
              "train_overwrite_old_embedding", "train_create_embedding", "train_new_hypernetwork_name",
@@ -59,9 +62,14 @@ def test_a_lora_job_runs_from_the_tab(ui, data_dir):
                 "steps": 100000, "lr": 1e-3, "resolution": 64, "batch": 2, "scheduler": "constant", "flip": True, "shuffle": False,
                 "resume": False}
     run = tab.run_train_lora("ui:test", *args.values())
-    for _, text, _ in run:
-        if isinstance(text, str) and text.startswith("Step ") and " of 100000, loss " in text and "ETA" in text:
+    live, *_ = next(run)  # the progress area the page's script polls, with a line for the step and loss
+    job_id = re.search(r'class="sd-live" data-job="([^"]+)"', live).group(1)
+    assert 'class="sd-live-info' in live
+    while not (state := snapshot(ui.service, job_id))["done"]:  # what /sdstudio/progress/JOB answers
+        text = state["info"]
+        if text.startswith("Step ") and " of 100000, loss " in text and "ETA" in text:
             break
+        time.sleep(0.05)
     else:
         raise AssertionError("no step shown")
     tab.stop("ui:test")

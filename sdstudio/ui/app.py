@@ -77,6 +77,8 @@ class StudioUI:
 
     def client_of_token(self, token: str) -> str | None:
         name, _, mac = token.partition(".")
+        if len(mac) != 32 or mac.strip("0123456789abcdef"):  # not one of our signatures (compare_digest
+            return None  # refuses non-ASCII text with a TypeError)
         try:
             client = base64.urlsafe_b64decode(name + "=" * (-len(name) % 4)).decode()
         except (ValueError, UnicodeDecodeError):
@@ -209,6 +211,14 @@ class StudioUI:
             self._wire_top()
             self._wire_send_to()
             page.load(self._current_settings, None, self._settings_outputs(), show_progress="hidden")
+            # the window's queue panels get its token at once, so that the page's script also shows the jobs
+            # that other events queue (a model load, Deforum, the merger, training)
+            panels = [self.txt2img.queue_list, self.img2img.queue_list]
+
+            def window_panels(request: gr.Request) -> list[str]:
+                return [self.queue_panel(client_of(request))] * len(panels)
+
+            page.load(window_panels, None, panels, show_progress="hidden")
         return page
 
     def footer_html(self) -> str:

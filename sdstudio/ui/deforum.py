@@ -4,7 +4,8 @@ Output), its settings file in and out, and Generate queueing the run as a job li
 The controls are kept by settings key (:attr:`DeforumTab.controls`), so a loaded file fills them and the page
 builds the settings back by the same names; the keys without a control of their own (and a file's unknown keys)
 ride along in the loaded settings (``self.base``), so "Load settings" → "Save settings" gives the file back. A
-run's progress is shown per frame ("Frame i of N", the frame just made), its video when done.
+run's progress is shown per frame ("Frame i of N", the frame just made) by the page's script, as a generation's
+(:func:`~sdstudio.ui.progress.live_html`: no gradio update while the run goes on), its video when done.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from ..core import deforum as spec
 from ..core.names import sampler_labels
 from ..core.params import RequestError
 from ..service.jobs import JobError
-from ..service.queue import CANCELLED, FAILED, FINISHED
-from .progress import client_of, progress_html
+from ..service.queue import CANCELLED, FAILED
+from .progress import client_of, finished, live_html
 
 CONTROLNET_NOTE = "ControlNet units per frame are read from the settings' cn_1_ … cn_5_ keys; edit them here as JSON."
 HYBRID_NOTE = "Hybrid video's keys, as JSON."
@@ -34,19 +35,6 @@ def _is_cn(key: str) -> bool:
 
 def _is_hybrid(key: str) -> bool:
     return key.startswith("hybrid_")
-
-
-def frame_html(service, job) -> str:
-    """The bar of a Deforum job: "Frame i of N" while it runs, its place in the queue before."""
-    p = service.progress(None, job.id)
-    state = p["state"]
-    if p.get("job_id") != job.id or not state["sampling_steps"]:
-        return progress_html(p)
-    done, total = state["sampling_step"], state["sampling_steps"]
-    percent = round(100 * done / total) if total else 0
-    return (f'<div class="sd-progress" data-state="running" data-percent="{percent}">'
-            f'<div class="sd-progress-bar" style="width:{percent}%"></div>'
-            f'<span class="sd-progress-text"><span>Frame</span> {done} <span>of</span> {total} · {percent}%</span></div>')
 
 
 class DeforumTab:
@@ -304,17 +292,8 @@ class DeforumTab:
             submitted = service.submit_deforum(client, job)
         except (RequestError, JobError) as exc:
             raise gr.Error(str(exc)) from None
-        yield frame_html(service, submitted), None, None, self.notes_html(settings)
-        shown = None
-        while True:
-            current = service.wait(submitted.id, timeout=0.5)
-            if current is None or current.status in FINISHED:
-                break
-            number = service.preview_number(submitted.id)
-            picture = service.preview_image(None, submitted.id) if number is not None and number != shown \
-                else gr.skip()
-            shown = number if number is not None else shown
-            yield frame_html(service, submitted), picture, gr.skip(), gr.skip()
+        yield live_html("deforum", submitted, previews=True), None, None, self.notes_html(settings)
+        current = finished(service, submitted)
         if current is None or current.status == FAILED:
             raise gr.Error((current.error if current else None) or "the run failed")
         result = current.result

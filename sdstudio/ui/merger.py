@@ -11,8 +11,8 @@ import gradio as gr
 
 from ..models.merge import CONFIG_SOURCES, METHODS
 from ..service.jobs import JobError
-from ..service.queue import CANCELLED, FAILED, FINISHED
-from .progress import client_of, progress_html
+from ..service.queue import CANCELLED, FAILED
+from .progress import client_of, finished, live_html
 
 DESCRIPTIONS = {
     "No interpolation": "No interpolation will be used. Requires one model; A. Allows for format conversion and "
@@ -126,13 +126,9 @@ class MergerTab:
             submitted = service.submit_merge(client, job)
         except JobError as exc:
             raise gr.Error(str(exc)) from None
-        skip = [gr.skip()] * 4
-        yield progress_html(service.progress(client, submitted.id)), "", *skip
-        while True:
-            current = service.wait(submitted.id, timeout=0.5)
-            if current is None or current.status in FINISHED:
-                break
-            yield progress_html(service.progress(client, submitted.id)), gr.skip(), *skip
+        # the bar is the page script's to update (progress.live_html): no gradio update until the merge ends
+        yield live_html("merger", submitted, previews=False), "", *[gr.skip()] * 4
+        current = finished(service, submitted)
         titles = self.ui.checkpoint_titles()
         lists = [gr.Dropdown(choices=titles)] * 4
         if current is None or current.status == FAILED:

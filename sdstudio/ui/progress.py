@@ -45,12 +45,19 @@ def _fmt_eta(seconds: float) -> str:
 
 
 def progress_html(p: dict, kind: str = "") -> str:
-    """A1111's progress bar: step, percent and ETA, or the place in the queue. Words are in their own
-    spans so the page's localization can translate them."""
+    """A1111's progress bar: step, percent and ETA ("Frame i of N" for a Deforum run), or the place in the
+    queue. Words are in their own spans so the page's localization can translate them."""
     state = p["state"]
     if kind == "load" or state.get("job") == "load":
         return ('<div class="sd-progress" data-state="loading"><span class="sd-progress-text">'
                 '<span>Loading model</span>…</span></div>')
+    if state["sampling_steps"] and kind == "deforum":  # a Deforum run counts its frames
+        done, total = state["sampling_step"], state["sampling_steps"]
+        percent = round(100 * done / total)
+        return (f'<div class="sd-progress" data-state="running" data-percent="{percent}">'
+                f'<div class="sd-progress-bar" style="width:{percent}%"></div>'
+                f'<span class="sd-progress-text"><span>Frame</span> {done} <span>of</span> {total} · {percent}%'
+                '</span></div>')
     if state["sampling_steps"]:
         percent = round(100 * p["progress"])
         return (f'<div class="sd-progress" data-state="running" data-percent="{percent}">'
@@ -89,21 +96,25 @@ def finished(service: JobService, job: Job) -> Job | None:
             return current
 
 
-def live_html(tab: str, job: Job, previews: bool, period: float = 1.0) -> str:
+def live_html(tab: str, job: Job, previews: bool, period: float = 1.0, info: bool = False) -> str:
     """The progress area of a running or queued job: the page's script polls it (see the module's text).
-    ``period``: seconds between preview pictures (A1111's "live preview refresh period")."""
+    ``period``: seconds between preview pictures (A1111's "live preview refresh period"); ``info``: a line
+    under the bar for the job's textinfo (a training run's step and loss)."""
     preview = (f'<div id="{tab}_preview" class="sd-live-preview"></div>' if previews else "")
+    line = '<div class="sd-live-info sd-notranslate"></div>' if info else ""
     return (f'<div class="sd-live" data-job="{html.escape(job.id)}" data-period="{period:g}">'
             '<div class="sd-progress" data-state="waiting"><span class="sd-progress-text"><span>Waiting</span>…'
-            f'</span></div>{preview}</div>')
+            f'</span></div>{line}{preview}</div>')
 
 
 def snapshot(service: JobService, job_id: str) -> dict:
-    """What the page's poll of a job shows: the bar, the number of the newest preview, and whether it is over."""
+    """What the page's poll of a job shows: the bar, its textinfo line, the number of the newest preview, and
+    whether it is over."""
     job = service.queue.get(job_id)
     if job is None or job.status in FINISHED:
-        return {"done": True, "html": "", "preview": None}
-    return {"done": False, "html": progress_html(service.progress(None, job_id), job.kind),
+        return {"done": True, "html": "", "info": "", "preview": None}
+    p = service.progress(None, job_id)
+    return {"done": False, "html": progress_html(p, job.kind), "info": p.get("textinfo") or "",
             "preview": service.preview_number(job_id)}
 
 

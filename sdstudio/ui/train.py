@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import html
 import math
-import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -24,7 +23,7 @@ from ..service.queue import CANCELLED, FAILED, FINISHED
 from ..training import hypernetwork as hn_training
 from ..training.embedding import list_templates
 from ..training.lora import SCHEDULERS
-from .progress import client_of, progress_html
+from .progress import client_of, finished, live_html
 
 SIZES = [str(s) for s in (768, 1024, 320, 640, 1280)]
 CAPTIONERS = {"BLIP": "blip", "DeepBooru": "deepbooru", "BLIP + DeepBooru": "both"}  # caption_missing's values
@@ -335,18 +334,14 @@ class TrainTab:
 
     # ---- actions (plain functions: the page's events call them, and so do the tests) --------------
     def follow(self, client: str, job_id: str, done) -> Iterator[tuple]:
-        """(progress bar, step/loss text, outcome) while the job runs, then ``done(job)``'s outcome."""
+        """(progress area, step/loss text, outcome): first the area the page's script keeps up to date with the
+        bar and the step/loss line (no gradio update while the job runs: each costs the page's CPU, taken from
+        a long run on a small machine), then ``done(job)``'s outcome."""
         service = self.ui.service
-        version, shown = -1, 0.0
-        while True:
-            current = service.queue.get(job_id)
-            if current is None or current.status in FINISHED:
-                break
-            if time.monotonic() - shown >= 0.2:  # at most 5 updates a second to the page
-                shown = time.monotonic()
-                p = service.progress(client, job_id)
-                yield progress_html(p), p.get("textinfo") or "", gr.skip()
-            version = service.wait_for_change(version, 0.5)
+        current = service.queue.get(job_id)
+        if current is not None and current.status not in FINISHED:
+            yield live_html("train", current, previews=False, info=True), "", gr.skip()
+            current = finished(service, current)
         if current is None:
             yield "", "", _error("the job was removed")
         elif current.status == FAILED:

@@ -64,8 +64,8 @@
   }
 
   // Live progress (sdstudio/ui/progress.py): a generation puts <div class="sd-live" data-job=ID> in its tab's
-  // progress area; this polls /sdstudio/progress/ID four times a second and swaps the bar and, at most once per
-  // data-period seconds, the preview picture. No gradio update is involved, so the browser's work per update
+  // progress area; this polls /sdstudio/progress/ID four times a second and swaps the bar, the textinfo line
+  // (training's step and loss) and, at most once per data-period seconds, the preview picture. No gradio update is involved, so the browser's work per update
   // is one small fetch and one element.
   const BAR_PERIOD_MS = 250;
   const FIRST_PREVIEW_POLL_MS = 100;
@@ -89,6 +89,8 @@
         html = data.html;
         bar.outerHTML = html;
       }
+      const line = area.querySelector(".sd-live-info");
+      if (line && typeof data.info === "string" && line.textContent !== data.info) line.textContent = data.info;
       const box = area.querySelector(".sd-live-preview");
       if (box && data.preview !== null && data.preview !== shown && performance.now() - shownAt >= period) {
         shown = data.preview;
@@ -108,15 +110,23 @@
     document.querySelectorAll(".sd-live[data-job]:not([data-polling])").forEach(followJob);
   }).observe(document.documentElement, { childList: true, subtree: true });
 
-  // The queue panel (progress.queue_panel): while one of the page's panels says its window has jobs
-  // (data-busy="1"), fetch /sdstudio/queue/TOKEN every two seconds and put the table in every panel of the
-  // page (both tabs show the window's queue); a row's ✕ posts that job's cancel. Nothing runs while idle.
+  // The queue panel (progress.queue_panel): the page's load gives each panel its window's token; while the
+  // window has jobs (data-busy="1") this fetches /sdstudio/queue/TOKEN every two seconds, and every six while
+  // idle (jobs queued by other events: a model load, Deforum, training), and puts the table in every panel of
+  // the page (both tabs show the window's queue) when it changed; a row's ✕ posts that job's cancel. A token
+  // the server no longer knows (it restarted) stops the polling.
   const QUEUE_PERIOD_MS = 2000;
+  const QUEUE_IDLE_EVERY = 3;
+  let queueTicks = 0;
   function showQueue(token, data) {
+    const busy = data.busy ? "1" : "0";
+    const shown = `${token} ${busy} ${data.html}`;
     document.querySelectorAll(".sd-queue-live").forEach((panel) => {
+      if (panel.sdShown === shown) return;  // this element already shows it (a gradio update makes a new one)
       panel.innerHTML = data.html;
       panel.dataset.token = token;
-      panel.dataset.busy = data.busy ? "1" : "0";
+      panel.dataset.busy = busy;
+      panel.sdShown = shown;
     });
   }
   async function queueCall(token, path = "", method = "GET") {
@@ -124,11 +134,19 @@
       const answer = await fetch(`/sdstudio/queue/${token}${path}`, { method, credentials: "same-origin",
                                                                        cache: "no-store" });
       if (answer.ok) showQueue(token, await answer.json());
-    } catch (e) { /* the server went away: the next event's panel starts over */ }
+      else if (answer.status === 404) {
+        document.querySelectorAll(".sd-queue-live").forEach((panel) => {
+          delete panel.dataset.token;
+          panel.dataset.busy = "0";
+        });
+      }
+    } catch (e) { /* the server went away for now: the next tick tries again */ }
   }
   setInterval(() => {
-    const busy = document.querySelector('.sd-queue-live[data-busy="1"][data-token]');
-    if (busy) queueCall(busy.dataset.token);
+    queueTicks += 1;
+    const panel = document.querySelector('.sd-queue-live[data-busy="1"][data-token]') ||
+      (queueTicks % QUEUE_IDLE_EVERY === 0 && document.querySelector(".sd-queue-live[data-token]"));
+    if (panel) queueCall(panel.dataset.token);
   }, QUEUE_PERIOD_MS);
   document.addEventListener("click", (e) => {
     const button = e.target.closest && e.target.closest(".sd-queue-cancel");
