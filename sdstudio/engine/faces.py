@@ -10,7 +10,9 @@ folder, all read with the safe loader. Without them the feature says which file 
 The steps follow facexlib's helper, which GFPGAN and CodeFormer use: detection at the picture's own size
 (score > 0.97, eyes ≥ 5 px apart); a similarity transform (rotation, uniform scale, shift; least squares)
 from the five landmarks to a fixed 512² template; bilinear warps with a grey border; the restored face
-warped back and blended through its footprint, eroded and blurred in proportion to the face's size.
+warped back and blended through facexlib's ParseNet mask of it when ``parsing_parsenet.pth`` is beside the
+detector (A1111's helper has ``use_parse`` on: skin and features pasted, hair, neck, clothes and background
+kept, the mask blurred), else through its footprint, eroded and blurred in proportion to the face's size.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..models.safe_load import open_state_dict
 from . import retinaface
 from .codeformer import CodeFormer
 from .gfpgan import GFPGAN
+from .parsenet import ParseNet
 
 FACE_SIZE = 512
 # where the five landmarks (eyes, nose, mouth corners) go in the 512² crop (facexlib's template)
@@ -37,6 +40,7 @@ TEMPLATE = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 
                      [201.26117, 371.41043], [313.08905, 371.15118]])
 BORDER = (132, 133, 135)  # RGB of the crop outside the picture
 DETECTORS = ("detection_Resnet50_Final", "detection_mobilenet0.25_Final")
+PARSER = "parsing_parsenet"  # facexlib's face parser (parsing_parsenet.pth), beside the detector
 MIN_EYE_DISTANCE = 5.0
 
 
@@ -81,11 +85,12 @@ def _erode(mask: torch.Tensor, k: int) -> torch.Tensor:
     return -F.max_pool2d(-padded, k, stride=1)[0, 0]
 
 
-def _blur(mask: torch.Tensor, k: int) -> torch.Tensor:
-    """Gaussian blur with a k-tap kernel, its sigma from k as OpenCV chooses it, borders mirrored."""
+def _blur(mask: torch.Tensor, k: int, sigma: float | None = None) -> torch.Tensor:
+    """Gaussian blur with a k-tap kernel (its sigma, when not given, from k as OpenCV chooses it), borders
+    mirrored (OpenCV's default BORDER_REFLECT_101)."""
     if k <= 1:
         return mask
-    sigma = 0.3 * ((k - 1) * 0.5 - 1) + 0.8
+    sigma = sigma if sigma is not None else 0.3 * ((k - 1) * 0.5 - 1) + 0.8
     x = torch.arange(k, dtype=torch.float32, device=mask.device) - (k - 1) / 2
     g = torch.exp(-x ** 2 / (2 * sigma ** 2))
     g = g / g.sum()
@@ -110,14 +115,36 @@ def paste_mask(matrix: np.ndarray, size: tuple[int, int],
     return footprint, _blur(_erode(footprint, 2 * edge), 2 * edge + 1)
 
 
+# facexlib's parse-mask colours: which of ParseNet's 19 classes the restored face is pasted over (0:
+# background, 14: neck, 16-18: cloth, hair, hat keep the picture)
+PARSE_KEEP = (0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 0, 0, 0)
+PARSE_BLUR, PARSE_SIGMA, PARSE_BORDER = 101, 11.0, 10
+
+
+def parse_mask(parser: ParseNet, restored: torch.Tensor) -> torch.Tensor:
+    """Where a restored face (3×512×512, 0..255) goes back, as facexlib's helper pastes with ``use_parse``
+    (A1111's): ParseNet's classes of the face, its skin and features 1 and the rest 0, blurred twice (101 taps,
+    sigma 11), the outer 10 pixels 0 (512×512 in 0..1)."""
+    dtype = next(parser.parameters()).dtype
+    device = next(parser.parameters()).device
+    labels = parser((restored / 127.5 - 1)[None].to(device, dtype)).float().argmax(1)[0]
+    keep = torch.tensor(PARSE_KEEP + (0,) * max(0, parser.out_mask_conv.conv2d.out_channels - len(PARSE_KEEP)),
+                        dtype=torch.float32, device=device)
+    mask = _blur(_blur(keep[labels], PARSE_BLUR, PARSE_SIGMA), PARSE_BLUR, PARSE_SIGMA)
+    b = PARSE_BORDER
+    mask[:b], mask[-b:], mask[:, :b], mask[:, -b:] = 0, 0, 0, 0
+    return mask.to(restored.device)
+
+
 @dataclass
 class FaceRestorer:
-    """A loaded restoration network and detector."""
+    """A loaded restoration network and detector, and (when its file is there) the face parser."""
 
     name: str
     network: GFPGAN | CodeFormer
     detector: retinaface.RetinaFace
     device: torch.device
+    parser: ParseNet | None = None
 
     def crops(self, picture: torch.Tensor, faces: list[retinaface.Face]) -> list[tuple[np.ndarray, torch.Tensor]]:
         """(matrix, 3×512×512 crop in 0..255) per face; ``picture`` 3×H×W in 0..255."""
@@ -160,8 +187,12 @@ class FaceRestorer:
         for i, (matrix, crop) in enumerate(self.crops(picture, faces)):
             restored = self.restore_crop(crop, seed + i, fidelity)
             back = warp(restored, invert(matrix), image.size)
-            footprint, soft = paste_mask(matrix, image.size)
-            out = soft * (footprint * back) + (1 - soft) * out
+            if self.parser is not None:  # facexlib's use_parse, as A1111 pastes
+                soft = warp(parse_mask(self.parser, restored)[None], invert(matrix), image.size)[0]
+                out = soft * back + (1 - soft) * out
+            else:
+                footprint, soft = paste_mask(matrix, image.size)
+                out = soft * (footprint * back) + (1 - soft) * out
         result = Image.fromarray(out.round().clamp(0, 255).permute(1, 2, 0).to(torch.uint8).numpy())
         return result if visibility >= 1 else Image.blend(image, result, visibility)
 
@@ -217,14 +248,22 @@ class FaceRestorers:
         found = [p for p in self._files(self.folders[kind.name]) if kind.match in p.name.lower()]
         return found[-1] if found else None  # the highest version: GFPGANv1.4 over v1.3
 
-    def detector_file(self, name: str) -> Path | None:
+    def _beside(self, name: str, stems: tuple[str, ...]) -> Path | None:
+        """The first of ``stems`` found in ``name``'s folder, then in the others."""
         folders = [self.folders[self._kind(name).name]] + list(self.folders.values())
         for folder in folders:
             by_stem = {p.stem: p for p in self._files(folder)}
-            found = next((by_stem[s] for s in DETECTORS if s in by_stem), None)
+            found = next((by_stem[s] for s in stems if s in by_stem), None)
             if found:
                 return found
         return None
+
+    def detector_file(self, name: str) -> Path | None:
+        return self._beside(name, DETECTORS)
+
+    def parser_file(self, name: str) -> Path | None:
+        """facexlib's ``parsing_parsenet.pth`` (optional: without it faces paste through their footprint)."""
+        return self._beside(name, (PARSER,))
 
     def available(self) -> list[str]:
         return [k.name for k in KINDS if self.network_file(k.name) and self.detector_file(k.name)]
@@ -261,14 +300,18 @@ class FaceRestorers:
         kind, net_path, det_path, problem = self._files_for(name)
         if problem:
             raise ModelNotFoundError(problem)
-        key = (net_path, net_path.stat().st_mtime, det_path, det_path.stat().st_mtime)
+        parser_path = self.parser_file(kind.name)
+        key = (net_path, net_path.stat().st_mtime, det_path, det_path.stat().st_mtime,
+               parser_path, parser_path.stat().st_mtime if parser_path else None)
         with self._lock:
             if self._loaded is None or self._loaded[0] != key:
                 self._loaded = None
                 network = _build(net_path, f"a {kind.name} network", kind.build)
                 detector = _build(det_path, "a RetinaFace detector", retinaface.RetinaFace.from_state_dict)
+                parser = (_build(parser_path, "a ParseNet face parser", ParseNet.from_state_dict)
+                          .to(self.device, self.dtype) if parser_path else None)
                 restorer = FaceRestorer(kind.name, network.to(self.device, self.dtype),
-                                        detector.to(self.device, self.dtype), self.device)
+                                        detector.to(self.device, self.dtype), self.device, parser)
                 self._loaded = (key, restorer)
             return self._loaded[1]
 
