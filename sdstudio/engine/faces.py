@@ -104,6 +104,15 @@ def _blur(mask: torch.Tensor, k: int, sigma: float | None = None) -> torch.Tenso
     return F.conv2d(m, g.view(1, 1, k, 1))[0, 0]
 
 
+def aligned_crop(picture: torch.Tensor, landmarks: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+    """(matrix, the 3×512×512 crop in 0..255 that puts ``landmarks`` on the template), grey outside the
+    picture; ``picture`` 3×H×W in 0..255."""
+    matrix = similarity(landmarks, TEMPLATE)
+    both = warp(torch.cat([picture, torch.ones_like(picture[:1])]), matrix, (FACE_SIZE, FACE_SIZE))
+    border = torch.tensor(BORDER, dtype=torch.float32, device=picture.device).view(3, 1, 1)
+    return matrix, both[:3] + (1 - both[3:]) * border
+
+
 def paste_mask(matrix: np.ndarray, size: tuple[int, int],
                device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Where a face crop made with ``matrix`` goes back into a ``size`` picture: (footprint, soft mask);
@@ -148,13 +157,7 @@ class FaceRestorer:
 
     def crops(self, picture: torch.Tensor, faces: list[retinaface.Face]) -> list[tuple[np.ndarray, torch.Tensor]]:
         """(matrix, 3×512×512 crop in 0..255) per face; ``picture`` 3×H×W in 0..255."""
-        out = []
-        for face in faces:
-            matrix = similarity(face.landmarks, TEMPLATE)
-            both = warp(torch.cat([picture, torch.ones_like(picture[:1])]), matrix, (FACE_SIZE, FACE_SIZE))
-            border = torch.tensor(BORDER, dtype=torch.float32, device=picture.device).view(3, 1, 1)
-            out.append((matrix, both[:3] + (1 - both[3:]) * border))
-        return out
+        return [aligned_crop(picture, face.landmarks) for face in faces]
 
     @torch.no_grad()
     def restore_crop(self, crop: torch.Tensor, seed: int = 0, fidelity: float = 0.5) -> torch.Tensor:

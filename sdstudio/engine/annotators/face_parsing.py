@@ -261,11 +261,8 @@ def align(picture: np.ndarray, landmarks: np.ndarray) -> torch.Tensor:
     the picture. ``picture``: H×W×3 RGB uint8."""
     device = compute_device()
     x = torch.from_numpy(np.ascontiguousarray(picture[:, :, :3])).to(device).permute(2, 0, 1).float()
-    matrix = faces.similarity(landmarks, faces.TEMPLATE)
-    both = faces.warp(torch.cat([x, torch.ones_like(x[:1])]), matrix, (FACE_SIZE, FACE_SIZE))
-    border = torch.tensor(faces.BORDER, dtype=torch.float32, device=device).view(3, 1, 1)
-    crop = (both[:3] + (1 - both[3:]) * border).round().clamp(0, 255)
-    return (crop / 255.0)[None]
+    _, crop = faces.aligned_crop(x, landmarks)
+    return (crop.round().clamp(0, 255) / 255.0)[None]
 
 
 def aligned_center_face(detector: retinaface.RetinaFace, picture: np.ndarray, where: str = "facexlib"
