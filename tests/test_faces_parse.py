@@ -20,6 +20,7 @@ from sdstudio.engine import faces as faces_ops
 from sdstudio.engine.gfpgan import GFPGAN, channels
 from sdstudio.engine.parsenet import ParseNet
 from sdstudio.models.errors import ModelFileError
+from tests.test_annotators import random_weights
 
 torch.set_num_threads(1)
 
@@ -50,22 +51,6 @@ def published_shapes(encoder=ENCODER, body=BODY, decoder=DECODER, base=64) -> di
             s |= conv(f"{p}.conv1", cin, cout, True) | conv(f"{p}.conv2", cout, cout, True)
     last = decoder[-1][1]
     return s | conv("out_img_conv", last, 3, False) | conv("out_mask_conv", last, 19, False)
-
-
-def random_weights(shapes: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, shape in shapes.items():
-        if k.endswith("num_batches_tracked"):
-            out[k] = torch.tensor(3)
-        elif k.endswith("running_var"):
-            out[k] = torch.rand(shape, generator=g) + 0.5
-        elif k.endswith("norm.norm.weight"):
-            out[k] = 1 + 0.1 * torch.randn(shape, generator=g)
-        else:
-            fan = int(np.prod(shape[1:])) if len(shape) > 1 else 10
-            out[k] = torch.randn(shape, generator=g) / fan ** 0.5
-    return out
 
 
 def reference(w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
