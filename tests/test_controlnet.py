@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from sdstudio.core import controlnet as cn
 from sdstudio.core import infotext
@@ -293,6 +293,45 @@ def test_xyz_weight_axis(studio):
     plain = _pixels(studio.generate(_req()))
     assert np.array_equal(np.asarray(cells[0].image, dtype=np.int16), plain)
     assert not np.array_equal(np.asarray(cells[1].image, dtype=np.int16), plain)
+
+
+@pytest.mark.parametrize("axis, values, field", [("[ControlNet] Preprocessor", ("none", "invert"), "module"),
+                                                 ("[ControlNet] Model", ("tiny-canny", "tiny-other"), "model"),
+                                                 ("[ControlNet] Guidance Start", (0.0, 0.75), "guidance_start")])
+def test_xyz_model_preprocessor_and_guidance_start_axes(studio, axis, values, field):
+    """Each cell is the picture of a request whose first unit has that value, run on its own."""
+    req = _with([_unit()]).replace(script_name="X/Y/Z plot", script_args={
+        "x_type": axis, "x_values": ", ".join(str(v) for v in values), "include_lone_images": True})
+    cells = [g for g in studio.generate(req).images if not g.grid and not g.extra]  # (not the detected maps)
+    assert len(cells) == 2
+    alone = [_pixels(studio.generate(_with([_unit(**{field: v})]))) for v in values]
+    assert not np.array_equal(alone[0], alone[1])  # the two values make two pictures
+    for cell, expected in zip(cells, alone):
+        assert np.array_equal(np.asarray(cell.image, dtype=np.int16), expected)
+
+
+def test_an_inpaint_unit_without_image_takes_the_requests_mask(studio, tmp_path):
+    """img2img inpaint: a unit with no image of its own takes the init image and the request's mask
+    (inverted with "Inpaint not masked"), the same as the unit given that image and mask itself."""
+    init, mask_file = tmp_path / "init.png", tmp_path / "mask.png"
+    _control_image().save(init)
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((32, 0, 63, 63), fill=255)
+    mask.save(mask_file)
+    base = {"prompt": "a square", "seed": 5, "steps": 4, "width": 64, "height": 64, "sampler_name": "Euler",
+            "init_images": [str(init)], "mask": str(mask_file), "denoising_strength": 0.9}
+    bare = {"enabled": True, "module": "inpaint_only", "model": "tiny-canny"}
+
+    def run(unit: dict, invert: int) -> np.ndarray:
+        return _pixels(studio.generate(Img2ImgRequest(**base, inpainting_mask_invert=invert,
+                                                      alwayson_scripts={"ControlNet": {"units": [unit]}})))
+
+    inverted = ImageOps.invert(mask)
+    for invert, meant, other in ((0, mask, inverted), (1, inverted, mask)):
+        given = {**bare, "image": _b64(_control_image())}
+        from_request = run(bare, invert)
+        assert np.array_equal(from_request, run({**given, "mask": _b64(meant)}, invert))
+        assert not np.array_equal(from_request, run({**given, "mask": _b64(other)}, invert))
 
 
 @pytest.mark.skipif(not os.path.exists("models/ControlNet/sdstudio-demo-canny.safetensors"),

@@ -143,3 +143,37 @@ def test_fp8_weights_on_cuda_keep_pictures_close_in_less_memory(root):
     _, m8 = fp8.load(None)
     size = lambda m: sum(p.numel() * p.element_size() for p in m.unet.parameters())
     assert size(m8) < 0.7 * size(m16)
+
+
+def test_a_low_vram_controlnet_unit_stays_on_the_cpu_between_steps(root):
+    """The extension's "Low VRAM": the ControlNet goes to the GPU for its own call only, the picture the same."""
+    import base64
+    import io
+
+    from PIL import Image, ImageDraw
+
+    from sdstudio.core.paths import Paths as _Paths
+    from sdstudio.testing.controlnet_files import write_controlnet
+
+    folder = _Paths(root).controlnet_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    write_controlnet(folder / "tiny-canny.safetensors", "sd1", "tiny", seed=3)
+    hint = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(hint).rectangle((16, 16, 48, 48), outline="white", width=2)
+    buf = io.BytesIO()
+    hint.save(buf, format="PNG")
+    e = engine(root, no_half=True)
+
+    def run(low_vram: bool) -> tuple[np.ndarray, str]:
+        unit = {"enabled": True, "module": "none", "model": "tiny-canny", "low_vram": low_vram,
+                "image": base64.b64encode(buf.getvalue()).decode()}
+        from sdstudio.scripts import Studio
+
+        out = Studio(e).generate(Txt2ImgRequest(**BASE, alwayson_scripts={"ControlNet": {"units": [unit]}}))
+        module = e.controlnets.model("tiny-canny")[1].module
+        return np.asarray(out.images[0].image).astype(np.int16), next(module.parameters()).device.type
+
+    low, where_low = run(True)
+    normal, where_normal = run(False)
+    assert (where_low, where_normal) == ("cpu", "cuda")
+    assert np.abs(low - normal).max() <= 1
