@@ -55,6 +55,7 @@ from . import (
     leres,
     leres_boost,
     lineart,
+    mediapipe_face,  # (cheap: mediapipe itself is imported on the first run)
     midas,
     mlsd,
     normalbae,
@@ -75,8 +76,8 @@ REMOVE_BACKGROUND = Slider("Remove Background %", 0, 0, 100, 0.1)
 NORMAL_BACKGROUND = Slider("Normal Background Threshold", 0.4, 0.0, 1.0, 0.01)
 SAFE_STEPS = Slider("Safe Steps", 2, 0, 10, 1)
 ANYLINE_RESOLUTION = Slider("Resolution", 1280, 64, 2048, 8)
-MEDIAPIPE_MAX_FACES = Slider("Max Faces", 1, 1, 10, 1)
-MEDIAPIPE_MIN_CONFIDENCE = Slider("Min Face Confidence", 0.5, 0.01, 1.0, 0.01)
+MEDIAPIPE_MAX_FACES = Slider("Max Faces", mediapipe_face.MAX_FACES, 1, 10, 1)
+MEDIAPIPE_MIN_CONFIDENCE = Slider("Min Face Confidence", mediapipe_face.MIN_CONFIDENCE, 0.01, 1.0, 0.01)
 
 # every file a preprocessor here may read, for listings and messages
 FILES: tuple[AnnotatorFile, ...] = (hed.FILE, pidinet.FILE, lineart.REALISTIC, lineart.COARSE, lineart.ANIME,
@@ -287,8 +288,6 @@ def _facexlib(folder: Path, label: str) -> Run:
 
 
 def _mediapipe_face(label: str) -> Run:
-    from . import mediapipe_face
-
     def step(img: np.ndarray, a: float, b: float) -> np.ndarray:  # a: Max Faces, b: Min Face Confidence
         return mediapipe_face.detect(img, int(a), b, f"ControlNet preprocessor {label!r}")
 

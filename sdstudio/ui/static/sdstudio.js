@@ -65,8 +65,8 @@
 
   // Live progress (sdstudio/ui/progress.py): a generation puts <div class="sd-live" data-job=ID> in its tab's
   // progress area; this polls /sdstudio/progress/ID four times a second and swaps the bar, the textinfo line
-  // (training's step and loss) and, at most once per data-period seconds, the preview picture. No gradio update is involved, so the browser's work per update
-  // is one small fetch and one element.
+  // (training's step and loss) and, at most once per data-period seconds, the preview picture. No gradio
+  // update is involved, so the browser's work per update is one small fetch and one element.
   const BAR_PERIOD_MS = 250;
   const FIRST_PREVIEW_POLL_MS = 100;
   async function followJob(area) {
