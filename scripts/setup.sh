@@ -25,6 +25,9 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   # spandrel, the upscaler tests' reference, without its dependencies: they pull torchvision, which has no
   # CPU build on PyPI and would replace the CPU torch (the tests load only its ESRGAN and compact networks)
   "$VENV/bin/python" -m pip install -q --no-deps "spandrel==0.4.2"
+  # controlnet_aux, the annotator tests' reference networks, without its dependencies for the same reason (its
+  # package __init__ needs torchvision; the tests import the network modules they compare one by one)
+  "$VENV/bin/python" -m pip install -q --no-deps "controlnet-aux==0.0.10"
   # mediapipe_face: the last mediapipe with the legacy face mesh, without its declared numpy<2 (the [mediapipe]
   # extra above brings what it imports, protobuf 4.25 among them); its wheels stop at Python 3.12
   "$VENV/bin/python" -m pip install -q --no-deps "mediapipe==0.10.21" ||
