@@ -1,6 +1,6 @@
 """Our annotator networks against the reference implementations in controlnet_aux 0.0.10 (Apache-2.0), whose
 network code is the sd-webui-controlnet extension's: HED, PiDiNet, M-LSD, the realistic and coarse line art
-generators, the anime line art U-Net and OpenPose's body and hand networks.
+generators, the anime line art U-Net, TEED and OpenPose's body and hand networks.
 
 Each reference network gets seeded random weights (fan-in scaled, batch norms with non-trivial scales and
 running statistics), written in the published file's layout (ControlNetHED.pth in half precision,
@@ -10,7 +10,7 @@ names...). The reference's own loading code and ours read that same file, and ev
 agree on the same input to float32 rounding, while the mirrored picture and a file of another seed give other
 outputs (so the agreement is neither between constants nor blind to the picture). Where controlnet_aux's frame
 is the extension's (a picture already at the resolution, sides multiples of 64, so that neither resizes nor
-pads), the whole detected maps of the HED, PiDiNet, line art and M-LSD preprocessors must be pixel-equal as
+pads), the whole detected maps of the HED, PiDiNet, line art, M-LSD and TEED preprocessors must be pixel-equal as
 well (OpenPose's detector cannot be imported: its package imports torchvision).
 """
 
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from sdstudio.engine import preprocessors
-from sdstudio.engine.annotators import hed, lineart, mlsd, openpose, pidinet
+from sdstudio.engine.annotators import hed, lineart, mlsd, openpose, pidinet, teed
 from sdstudio.engine.annotators.common import AnnotatorFile, compute_device
 from tests.test_annotators import by_name, fresh_annotator_cache, picture, write  # noqa: F401 (autouse)
 
@@ -56,11 +56,12 @@ def reference_modules() -> types.SimpleNamespace:
         sys.modules.setdefault(name, package)
     names = {"hed": "hed", "pidi": "pidi", "pidi_model": "pidi.model", "mlsd": "mlsd",
              "mlsd_large": "mlsd.models.mbv2_mlsd_large", "lineart": "lineart",
-             "lineart_anime": "lineart_anime",
+             "lineart_anime": "lineart_anime", "teed": "teed", "teed_net": "teed.ted",
              "pose_util": "open_pose.util",  # before body: util and body import each other, util first
              "body": "open_pose.body", "hand": "open_pose.hand", "pose_model": "open_pose.model"}
     with warnings.catch_warnings():  # its OpenPose modules import gaussian_filter by scipy's deprecated path
         warnings.filterwarnings("ignore", "Please import `gaussian_filter`", DeprecationWarning)
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)  # TEED's smish
         modules = {key: importlib.import_module(f"controlnet_aux.{name}") for key, name in names.items()}
     return types.SimpleNamespace(**modules)
 
@@ -205,6 +206,15 @@ def test_lineart_anime_unet_is_controlnet_auxs(tmp_path):
     assert_networks_agree(lineart.load_anime(path), reference, lineart.load_anime(other), x)
 
 
+def test_teed_network_is_controlnet_auxs(tmp_path):
+    def file(folder: Path, seed: int) -> Path:  # 7_model.pth (and Anyline's MTEED.pth): a plain state dict
+        return published(folder, teed.FILE, seeded_weights(AUX.teed_net.TED(), seed))
+
+    path, other = file(tmp_path, 0), file(tmp_path / "other", 1)
+    reference = AUX.teed.TEEDdetector.from_pretrained(str(path.parent), teed.FILE.name).model
+    assert_networks_agree(teed.load(path), reference, teed.load(other), pixels())  # RGB 0-255; all four maps
+
+
 @pytest.mark.parametrize("part", ["body", "hand"])
 def test_openpose_networks_are_controlnet_auxs(tmp_path, part):
     build, file_spec, load, detector = {
@@ -295,3 +305,11 @@ def test_mlsd_maps_are_controlnet_auxs(tmp_path):
     for value, distance in ((0.1, 0.1), (0.5, 2.0)):
         got = ours(tmp_path, "mlsd", value, distance)
         assert_maps_equal(got, theirs(detector, thr_v=value, thr_d=distance), f"mlsd {value} {distance}")
+
+
+def test_teed_maps_are_controlnet_auxs(tmp_path):
+    path = published(tmp_path, teed.FILE, seeded_weights(AUX.teed_net.TED(), 0))
+    detector = AUX.teed.TEEDdetector.from_pretrained(str(path.parent), teed.FILE.name).to(compute_device())
+    for steps in (0, 2):  # its Safe Steps slider (threshold A)
+        want = detector(frame_picture(), detect_resolution=RESOLUTION, safe_steps=steps, output_type="np")
+        assert_maps_equal(ours(tmp_path, "softedge_teed", steps), want, f"softedge_teed {steps}")
