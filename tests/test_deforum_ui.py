@@ -104,8 +104,9 @@ def test_generate_queues_a_run_and_shows_frames_then_the_video(ui, settings_file
             pictures.append(ui.service.preview_image(None, job_id))  # what .../preview sends
         time.sleep(0.05)
     assert any("<span>Frame</span>" in b and "<span>of</span> 3" in b for b in bars), bars
-    assert pictures and isinstance(pictures[-1], Image.Image) and pictures[-1].size == (128, 128)  # the frame
-    updates = list(run)  # just made, while the run goes on
+    # the frame just made, while the run goes on
+    assert pictures and isinstance(pictures[-1], Image.Image) and pictures[-1].size == (128, 128)
+    updates = list(run)
     assert len(updates) == 1
     bar, last, mp4, info = updates[-1]
     assert bar == "" and "<span>Done</span>: 3 <span>frames</span>" in info
