@@ -137,6 +137,23 @@ def inpaint_files():
 
 # The planted detector's one face on a 32² picture: the stride-32 cell's first anchor (256 px), landmarks
 # at these offsets (in anchor units: 0.1 × 256 px) from the picture's centre.
+REPO = Path(__file__).resolve().parents[1]
+
+
+def link_shipped(root: Path, files: list[str]) -> Path:
+    """A data dir holding the repository's shipped model files (paths relative to it), hard-linked where
+    the file system allows, copied otherwise."""
+    import shutil
+
+    for rel in files:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(REPO / rel, root / rel)
+        except OSError:
+            shutil.copy(REPO / rel, root / rel)
+    return root
+
+
 PLANTED_OFFSETS = [(-6, -4), (6, -4), (0, 1), (-4, 5), (4, 5)]
 
 

@@ -8,17 +8,13 @@ harness (``python -m sdstudio.eval``, README) measures the same things on 200 pr
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import link_shipped
 from PIL import Image
 
 from sdstudio.eval import harness, shapes
 
-REPO = Path(__file__).parents[1]
 SHIPPED = ["models/Stable-diffusion/sdstudio-demo.safetensors", "models/Stable-diffusion/sdstudio-inpainting.safetensors",
            "models/Lora/demo-zebra.safetensors", "embeddings/demo-red.safetensors",
            "models/VAE-approx/sdstudio-demo-taesd.safetensors"]
@@ -31,14 +27,7 @@ def engine(tmp_path_factory):
     from sdstudio.core.paths import Paths
     from sdstudio.engine.generate import Engine
 
-    root = tmp_path_factory.mktemp("demo")
-    for rel in SHIPPED:
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(REPO / rel, root / rel)
-        except OSError:
-            shutil.copy(REPO / rel, root / rel)
-    return Engine(Paths(root), cache_size=2)
+    return Engine(Paths(link_shipped(tmp_path_factory.mktemp("demo"), SHIPPED)), cache_size=2)
 
 
 @pytest.fixture(scope="module")
