@@ -414,7 +414,8 @@ class StudioUI:
             return client
 
         def queue_state(client: str) -> dict:
-            return {"html": progress.queue_html(self.service, client), "busy": progress.queue_busy(self.service, client)}
+            table, busy = progress.queue_state(self.service, client)
+            return {"html": table, "busy": busy}
 
         @r.get("/queue/{token}")
         def window_queue(token: str):

@@ -121,12 +121,13 @@ def snapshot(service: JobService, job_id: str) -> dict:
 EMPTY_QUEUE = '<div class="sd-queue sd-queue-empty"><span>No jobs waiting</span></div>'
 
 
-def queue_html(service: JobService, client: str) -> str:
-    """The window's own waiting and running jobs, with the number of other clients' jobs ahead; each row's ✕
-    cancels its job (the page's script posts it)."""
+def queue_state(service: JobService, client: str) -> tuple[str, bool]:
+    """The window's own waiting and running jobs as a table, with the number of other clients' jobs ahead
+    (each row's ✕ cancels its job: the page's script posts it), and whether there are any (the page polls its
+    panel more often then); one listing of the queue for both."""
     mine = service.queue.list(client=client, statuses=(QUEUED, RUNNING), limit=50)
     if not mine:
-        return EMPTY_QUEUE
+        return EMPTY_QUEUE, False
     rows = []
     for job in sorted(mine, key=lambda j: j.created):
         request = _request_of(job)
@@ -138,25 +139,25 @@ def queue_html(service: JobService, client: str) -> str:
                     f'</td><td>{size}</td><td><button class="sd-queue-cancel" data-job="{job.id}" title="Cancel">'
                     '✕</button></td></tr>')
     return ('<table class="sd-queue"><thead><tr><th>Job</th><th>Kind</th><th>Status</th><th>Prompt</th>'
-            '<th>Size</th><th></th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
+            '<th>Size</th><th></th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>"), True
 
 
-def queue_busy(service: JobService, client: str) -> bool:
-    """Whether the window has jobs waiting or running (the page polls its panel only then)."""
-    return bool(service.queue.list(client=client, statuses=(QUEUED, RUNNING), limit=1))
+def queue_html(service: JobService, client: str) -> str:
+    """The window's queue table (:func:`queue_state`)."""
+    return queue_state(service, client)[0]
 
 
 def queue_panel_empty() -> str:
-    """A new page's panel: no jobs yet, nothing to poll (the first Generate fills in the window's panel)."""
+    """A panel with no window yet: nothing to poll (the page's load gives it the window's token)."""
     return f'<div class="sd-queue-live" data-busy="0">{EMPTY_QUEUE}</div>'
 
 
 def queue_panel(service: JobService, client: str, token: str) -> str:
-    """The queue panel as a page event shows it: the table inside the element the page's script polls while
-    ``data-busy`` is 1. ``token`` names the window to ``/sdstudio/queue/TOKEN`` (see ``StudioUI.queue_token``)."""
-    busy = int(queue_busy(service, client))
-    return (f'<div class="sd-queue-live" data-token="{html.escape(token)}" data-busy="{busy}">'
-            f'{queue_html(service, client)}</div>')
+    """The queue panel as a page event shows it: the table inside the element the page's script polls.
+    ``token`` names the window to ``/sdstudio/queue/TOKEN`` (see ``StudioUI.queue_token``)."""
+    table, busy = queue_state(service, client)
+    return (f'<div class="sd-queue-live" data-token="{html.escape(token)}" data-busy="{int(busy)}">'
+            f'{table}</div>')
 
 
 def _request_of(job: Job) -> dict:
