@@ -406,7 +406,7 @@ class StudioUI:
             image.convert("RGB").save(buf, format="JPEG", quality=90)
             return Response(buf.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
-        # The window's queue panel, polled by the page's script while it has jobs (progress.queue_panel).
+        # The window's queue panel, polled by the page's script (progress.queue_panel; more often while busy).
         def queue_client(token: str) -> str:
             client = self.client_of_token(token)
             if client is None:
