@@ -133,3 +133,15 @@ def test_a_missing_mediapipe_is_named(monkeypatch, astronaut):
     with pytest.raises(ControlNetError, match=r"'mediapipe_face' needs the mediapipe package .*"
                                                r"pip install --no-deps mediapipe==0\.10\.21"):
         mf.detect(astronaut, 1, 0.5)
+
+
+def test_a_picture_too_elongated_for_mediapipe_is_refused_not_a_crash(tmp_path):
+    p = by_name(tmp_path)["mediapipe_face"]
+    strip = np.zeros((16, 1100, 3), np.uint8)  # at 480: 33000×480 (33024×512 padded), under the pixel limit, but a
+    # side where OpenCV inside mediapipe aborts the whole process
+    with pytest.raises(ControlNetError, match=r"'mediapipe_face': a 33024×512 picture is too large .* 32766"):
+        preprocessors.detect(p, strip, 480, -1, -1)
+    assert preprocessors.detect(p, strip, 64, -1, -1).shape == (64, 4400, 3)  # within the limit: a black map
+    with pytest.raises(ControlNetError, match=r"^ControlNet preprocessor 'mediapipe_face': a 1100×16 control "
+                                               r"picture at resolution 1024 would be 70400×1024 pixels"):
+        preprocessors.detect(p, strip, 1024, -1, -1)  # over the pixel limit for every preprocessor

@@ -86,6 +86,15 @@ def test_resize_with_pad_short_side_and_multiple_of_64():
     assert (padded[520:, :788] == core[519:520]).all()  # edge rows repeated
 
 
+def test_resize_with_pad_refuses_a_map_over_the_pixel_limit():
+    strip = np.zeros((4, 600, 3), np.uint8)  # at 512: 76800×512 = 37.5 megapixels
+    with pytest.raises(ControlNetError, match=r"a 600×4 control picture at resolution 512 would be 76800×512 "
+                                               r"pixels, over the limit of 16 megapixels"):
+        resize_with_pad(strip, 512)
+    assert resize_with_pad(strip, 64)[0].shape == (64, 9600, 3)  # 0.6 megapixels: fine
+    assert resize_with_pad(np.zeros((2048, 2048, 3), np.uint8), 4096)[0].shape == (4096, 4096, 3)  # the limit
+
+
 def test_resize_with_pad_area_down_and_pad_values():
     x = _image(100, 150, smooth=0)
     padded, unpad = resize_with_pad(x, 40)  # k = 0.4: 40 x 60, padded to 64 x 64

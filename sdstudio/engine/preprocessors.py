@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 
 from ..core.controlnet import RESIZE_ALIASES, RESIZE_MODES, ControlNetError, Preprocessor, Slider
+from ..core.params import MAX_PIXELS
 
 JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL = RESIZE_MODES
 HIDDEN_RESOLUTION = 512  # what preprocessors without a resolution slider work at (the extension's default)
@@ -71,6 +72,10 @@ def resize_with_pad(image: np.ndarray, resolution: float) -> tuple[np.ndarray, C
     k = float(resolution) / float(min(h, w))
     interpolation = cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA
     th, tw = max(1, round(h * k)), max(1, round(w * k))
+    if th * tw > MAX_PIXELS:  # an elongated picture at a high resolution: gigabytes, then a network on them
+        raise ControlNetError(f"a {w}×{h} control picture at resolution {resolution:g} would be {tw}×{th} pixels, "
+                              f"over the limit of {MAX_PIXELS // 2**20} megapixels; use a lower resolution or a "
+                              "less elongated picture")
     x = cv2.resize(x, (tw, th), interpolation=interpolation)
     if x.ndim == 2:  # opencv drops a single channel
         x = x[:, :, None]
@@ -680,6 +685,10 @@ def detect(p: Preprocessor, image: np.ndarray, processor_res: float, threshold_a
     extra = {"seed": seed} if _takes_seed(p.run) else {}
     try:
         out = p.run(x, res, a, b, mask, **extra)
+    except ControlNetError as exc:  # already says what: say where, once
+        if where in str(exc):
+            raise
+        raise ControlNetError(f"{where}: {exc}") from exc
     except (cv2.error, ValueError) as exc:
         raise ControlNetError(f"{where} failed on a {x.shape[1]}×{x.shape[0]} image: {exc}") from exc
     out = np.asarray(out)

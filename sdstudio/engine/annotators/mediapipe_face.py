@@ -27,6 +27,7 @@ from ...core.controlnet import ControlNetError
 MAX_FACES, MIN_CONFIDENCE = 1, 0.5  # the extension's slider defaults
 MIN_FACE_PIXELS = 64  # the extension's min_face_size_pixels
 PUPIL_HALF_WIDTH = 2
+MAX_SIDE = 32766  # OpenCV's remap, which mediapipe's image-to-tensor step calls, needs sides below SHRT_MAX
 
 # the extension's colours (BGR, as mediapipe draws), by the face mesh's connection groups
 HEAD = (10, 200, 10)
@@ -75,6 +76,11 @@ def face_landmarks(image: np.ndarray, max_faces: int, min_confidence: float,
                    where: str = "ControlNet preprocessor 'mediapipe_face'") -> list[np.ndarray]:
     """Each face's 478 refined landmarks as an N×3 float array (x, y relative to the picture's width and
     height, z relative depth), largest-first as mediapipe gives them; ``image`` is RGB uint8 H×W×3."""
+    height, width = image.shape[:2]
+    if max(height, width) > MAX_SIDE:  # OpenCV inside mediapipe aborts the whole process on such a picture
+        raise ControlNetError(f"{where}: a {width}×{height} picture is too large for mediapipe's face mesh "
+                              f"(at most {MAX_SIDE} pixels a side); use a lower resolution or a less elongated "
+                              "picture")
     mp = _mediapipe(where)
     picture = np.ascontiguousarray(image[:, :, :3], dtype=np.uint8)
     with mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=int(max_faces),
