@@ -72,10 +72,8 @@ def _connection_colours(mp) -> dict[tuple[int, int], tuple[int, int, int]]:
     return spec
 
 
-def face_landmarks(image: np.ndarray, max_faces: int, min_confidence: float,
-                   where: str = "ControlNet preprocessor 'mediapipe_face'") -> list[np.ndarray]:
-    """Each face's 478 refined landmarks as an N×3 float array (x, y relative to the picture's width and
-    height, z relative depth), largest-first as mediapipe gives them; ``image`` is RGB uint8 H×W×3."""
+def _faces(image: np.ndarray, max_faces: int, min_confidence: float, where: str) -> list:
+    """mediapipe's landmark lists of the picture's faces (its protobuf messages), largest first."""
     height, width = image.shape[:2]
     if max(height, width) > MAX_SIDE:  # OpenCV inside mediapipe aborts the whole process on such a picture
         raise ControlNetError(f"{where}: a {width}×{height} picture is too large for mediapipe's face mesh "
@@ -86,8 +84,18 @@ def face_landmarks(image: np.ndarray, max_faces: int, min_confidence: float,
     with mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=int(max_faces),
                                          refine_landmarks=True,
                                          min_detection_confidence=float(min_confidence)) as mesh:
-        found = mesh.process(picture).multi_face_landmarks or []
-    return [np.array([(p.x, p.y, p.z) for p in face.landmark], dtype=np.float64) for face in found]
+        return list(mesh.process(picture).multi_face_landmarks or [])
+
+
+def _points(face) -> np.ndarray:
+    return np.array([(p.x, p.y, p.z) for p in face.landmark], dtype=np.float64)
+
+
+def face_landmarks(image: np.ndarray, max_faces: int, min_confidence: float,
+                   where: str = "ControlNet preprocessor 'mediapipe_face'") -> list[np.ndarray]:
+    """Each face's 478 refined landmarks as an N×3 float array (x, y relative to the picture's width and
+    height, z relative depth), largest-first as mediapipe gives them; ``image`` is RGB uint8 H×W×3."""
+    return [_points(face) for face in _faces(image, max_faces, min_confidence, where)]
 
 
 def large_enough(points: np.ndarray, width: int, height: int, minimum: int = MIN_FACE_PIXELS) -> bool:
@@ -119,14 +127,11 @@ def detect(image: np.ndarray, max_faces: int = MAX_FACES, min_confidence: float 
     colours = _connection_colours(mp)
     specs = {edge: mp.solutions.drawing_utils.DrawingSpec(color=c, thickness=LINE_THICKNESS)
              for edge, c in colours.items()}
-    from mediapipe.framework.formats import landmark_pb2 as pb
-
-    for points in face_landmarks(image, max_faces, min_confidence, where):
+    for face in _faces(image, max_faces, min_confidence, where):
+        points = _points(face)
         if not large_enough(points, width, height):
             continue
-        landmarks = pb.NormalizedLandmarkList(
-            landmark=[pb.NormalizedLandmark(x=x, y=y, z=z) for x, y, z in points.tolist()])
-        mp.solutions.drawing_utils.draw_landmarks(canvas, landmarks, connections=specs.keys(),
+        mp.solutions.drawing_utils.draw_landmarks(canvas, face, connections=specs.keys(),
                                                   landmark_drawing_spec=None, connection_drawing_spec=specs)
         draw_pupils(canvas, points, PUPILS)
     return np.ascontiguousarray(canvas[:, :, ::-1])
