@@ -226,7 +226,7 @@ def test_the_cli_server_body_carries_every_request_field(client):
                    tiling=True, restore_faces=False, face_restoration_model="GFPGAN", code_former_weight=0.3,
                    clip_skip=2, emphasis="No norm", novelai_braces=True, rng="CPU", eta_noise_seed_delta=31337,
                    eta=0.5, s_churn=0.1, s_tmin=0.2, s_tmax=9.0, s_noise=0.9, always_discard_next_to_last_sigma=True,
-                   uni_pc_variant="bh2", uni_pc_order=2, uni_pc_lower_order_final=False,
+                   uni_pc_variant="bh2", uni_pc_skip_type="logSNR", uni_pc_order=2, uni_pc_lower_order_final=False,
                    extra_noise=0.1, model="tiny-sd1", model_hash="abc", vae="None", tiled_vae=True, enable_hr=False,
                    denoising_strength=0.6, hr_scale=1.5, hr_resize_x=0, hr_resize_y=0, hr_upscaler="Latent (bicubic)",
                    hr_second_pass_steps=3, hr_sampler_name="Heun", hr_scheduler="Exponential", hr_prompt="hp",

@@ -178,3 +178,52 @@ def test_dpmpp_2m_karras_matches_diffusers_scheduler_steps(engine, reference_mod
     for i, (g, w) in enumerate(zip(got, want)):
         assert_close(g, w, f"DPM++ 2M Karras, {prediction}, step {i}")
     assert_close(got[-1], x, f"DPM++ 2M Karras, {prediction}, final latent")
+
+
+UNIPC_STEPS = 26  # A1111's UniPC runs one step per DDIM timestep: range(0, 1000, 1000 // 26) holds 27 of them
+
+
+class FinalLatent:
+    """A step hook keeping the sampler's latent after its last step (k-diffusion space, x = x0 + sigma * eps)."""
+
+    def __new__(cls):
+        from sdstudio.engine.hooks import StepHook
+
+        class Keep(StepHook):
+            latent = None
+
+            def after_step(self, step, x):
+                if step.index == step.steps - 1:
+                    self.latent = x.detach().clone().float()
+                return x
+
+        return Keep()
+
+
+@pytest.mark.parametrize("variant", ["bh1", "bh2"])
+def test_unipc_matches_diffusers_on_a1111s_own_grid(engine, reference_models, variant):
+    """A1111's UniPC chooses its own noise levels: 27 steps uniform in UniPC's continuous time from timestep
+    999 to 0, ending at sigma_min (no final denoising). With 27 steps they fall on whole timesteps (999, 962,
+    ... 37, 0): diffusers' UniPC with "linspace" spacing and a sigma_min final step, the same grid."""
+    from diffusers import UniPCMultistepScheduler
+
+    from sdstudio.core.params import Txt2ImgRequest
+    from sdstudio.engine.schedules import ddim_timesteps
+
+    assert len(ddim_timesteps(UNIPC_STEPS)) == 27
+    model = reference_models["epsilon"]
+    scheduler = UniPCMultistepScheduler(**BETAS, solver_order=3, solver_type=variant, lower_order_final=True,
+                                        predict_x0=True, timestep_spacing="linspace", final_sigmas_type="sigma_min")
+    with torch.no_grad():
+        want = pipeline(model, scheduler)(prompt=PROMPT, negative_prompt=NEGATIVE, latents=start_noise(),
+                                          num_inference_steps=27, guidance_scale=CFG, height=SIZE, width=SIZE,
+                                          output_type="latent").images
+    assert scheduler.timesteps.tolist() == list(range(999, 0, -37))
+    keep = FinalLatent()
+    req = Txt2ImgRequest(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, steps=UNIPC_STEPS, cfg_scale=CFG,
+                         width=SIZE, height=SIZE, sampler_name="UniPC", rng="CPU", model=PREDICTIONS["epsilon"],
+                         uni_pc_variant=variant)
+    engine.generate(req, hooks=[keep])
+    sigma_min = float(scheduler.sigmas[-1])
+    assert sigma_min > 0.02
+    assert_close(keep.latent / (1 + sigma_min ** 2) ** 0.5, want, f"UniPC {variant}, 27 steps")

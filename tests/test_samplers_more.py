@@ -151,6 +151,85 @@ def test_unipc_rejects_an_unknown_variant():
         sample("unipc", X, sigmas_for(5), variant="bh3")
 
 
+def test_unipc_grid_is_a1111s():
+    """UniPC's own levels (A1111 gives it only a step count): on whole timesteps they are the table's sigmas;
+    every level maps back to its timestep (t - 1/1000) * 1000; logSNR is uniform in log sigma; all end at
+    sigma_min (timestep 0), not 0."""
+    from sdstudio.engine.schedules import unipc_sigmas
+
+    table = DiscreteSchedule()
+    uniform = unipc_sigmas(27, table)  # 999, 962, ..., 0: whole timesteps
+    assert torch.allclose(uniform, table.sigmas[list(range(999, -1, -37))], rtol=1e-5)
+    for skip, t_cont in (("time_uniform", np.linspace(1, 1e-3, 21)),
+                         ("time_quadratic", np.linspace(1, 1e-3 ** 0.5, 21) ** 2)):
+        sig = unipc_sigmas(20, table, skip)
+        assert len(sig) == 21 and float(sig[-1]) == pytest.approx(table.sigma_min, rel=1e-6)
+        back = table.sigma_to_t(sig.double()).numpy()  # log-sigma vs log-alpha interpolation: near 0 they part
+        assert np.allclose(back, (t_cont - 1e-3) * 1000, atol=0.05) and np.allclose(back[:10], (t_cont[:10] - 1e-3) * 1000,
+                                                                                   atol=2e-3), skip
+    log_snr = unipc_sigmas(20, table, "logSNR").double().log()
+    assert np.allclose(np.diff(log_snr.numpy()), float(log_snr[-1] - log_snr[0]) / 20, atol=1e-5)
+    assert float(log_snr[0].exp()) == pytest.approx(table.sigma_max, rel=1e-5)
+    start = unipc_sigmas(10, table, t_start=0.452)  # img2img: from timestep 451
+    assert float(start[0]) == pytest.approx(float(table.sigmas[451]), rel=1e-5)
+    with pytest.raises(ValueError, match="skip type"):
+        unipc_sigmas(5, table, "cosine")
+
+
+def test_unipc_steps_follow_a1111s_timestep_count(session_engine):
+    """A1111 runs UniPC for len(DDIM timesteps) steps: 30 requested steps are 31 (range(0, 1000, 33))."""
+    engine = session_engine
+    req = Txt2ImgRequest(prompt="x", steps=30, sampler_name="UniPC")
+    sampler = get_sampler("UniPC")
+    assert len(engine._timestep_sigmas(req, sampler, 30, None)) == 32
+    assert len(engine._timestep_sigmas(req, get_sampler("DDIM"), 30, None)) == 31  # DDIM: 30 steps between them
+    skipped = engine._timestep_sigmas(req.replace(uni_pc_skip_type="logSNR"), sampler, 30, None)
+    assert not torch.allclose(skipped, engine._timestep_sigmas(req, sampler, 30, None))
+
+
+def a1111_ddim_img2img(init, noise, eps, timesteps, t_enc, alphas):
+    """A1111's DDIM img2img in its own (variance-preserving, noise-prediction) form: the picture noised to
+    timesteps[t_enc], then DDIM over timesteps[:t_enc] from the top, whose first step reads it as if it were at
+    timesteps[t_enc - 1]."""
+    a = alphas[timesteps[t_enc]]
+    x = init * a.sqrt() + noise * (1 - a).sqrt()
+    sched = timesteps[:t_enc]
+    for index in range(len(sched) - 1, 0, -1):
+        a_t, a_prev = alphas[sched[index]], alphas[sched[index - 1]]
+        e = eps(x, a_t)
+        pred_x0 = (x - (1 - a_t).sqrt() * e) / a_t.sqrt()
+        x = a_prev.sqrt() * pred_x0 + (1 - a_prev).sqrt() * e
+    return x
+
+
+@pytest.mark.parametrize("strength, steps", [(0.5, 20), (0.3, 7), (0.75, 30)])
+def test_timestep_img2img_starts_as_a1111(session_engine, strength, steps):
+    """img2img with a timestep sampler: the noise level, the start and the levels the sampler runs over are
+    A1111's, so DDIM through our sampler function gives A1111's DDIM formula's result (the ideal denoiser of
+    N(MU, S^2) data stands in for the UNet)."""
+    from sdstudio.core.params import Img2ImgRequest
+
+    engine = session_engine
+    req = Img2ImgRequest(prompt="x", steps=steps, denoising_strength=strength, sampler_name="DDIM")
+    total, run = req.steps_to_run()
+    sampler = get_sampler("DDIM")
+    sigmas = engine._timestep_sigmas(req, sampler, total, run).double()
+    init, noise = X[:, :100] * 0.3 + MU, X[:, 100:200]
+    start = engine._timestep_img2img_start(req, total, run, init, noise, float(sigmas[0]))
+    got = SAMPLER_FUNCTIONS["ddim"](denoiser, start, sigmas) / (1 + sigmas[-1] ** 2) ** 0.5
+
+    alphas = engine.schedule.alphas_cumprod.double()
+
+    def eps(x_vp, a_t):  # the ideal denoiser, asked in A1111's space
+        sigma = ((1 - a_t) / a_t).sqrt()
+        x_ve = x_vp / a_t.sqrt()
+        return (x_ve - denoiser(x_ve, sigma)) / sigma
+
+    t_enc = int(min(strength, 0.999) * steps)
+    want = a1111_ddim_img2img(init, noise, eps, ddim_timesteps(steps), t_enc, alphas)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 # --- DPM fast / DPM adaptive -------------------------------------------------------------------------------
 
 def test_dpm_fast_solves_the_ode_at_third_order():

@@ -187,6 +187,7 @@ def to_request(body: Txt2ImgBody, options: dict, request_type=Txt2ImgRequest, **
         emphasis=settings.get("emphasis", "Original"),
         eta_noise_seed_delta=setting(settings, "eta_noise_seed_delta", 0, int),
         uni_pc_variant=setting(settings, "uni_pc_variant", "bh1", str),
+        uni_pc_skip_type=setting(settings, "uni_pc_skip_type", "time_uniform", str),
         uni_pc_order=setting(settings, "uni_pc_order", 3, int),
         uni_pc_lower_order_final=setting(settings, "uni_pc_lower_order_final", True, bool),
         model=settings.get("sd_model_checkpoint") or None, vae=settings.get("sd_vae", "Automatic"),

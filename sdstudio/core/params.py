@@ -23,6 +23,7 @@ RNG_SOURCES = ("GPU", "CPU", "NV")
 REFINER_PASSES = ("first pass", "second pass", "both passes")  # A1111's option hires_fix_refiner_pass
 EMPHASIS_MODES = ("Original", "No norm", "None")
 UNI_PC_VARIANTS = ("bh1", "bh2", "vary_coeff")
+UNI_PC_SKIP_TYPES = ("time_uniform", "time_quadratic", "logSNR")  # where its noise levels lie
 FACE_RESTORERS = ("", "CodeFormer", "GFPGAN")  # "": A1111's default, CodeFormer, when installed
 MAX_SIDE = 8192
 MAX_PIXELS = 4096 * 4096  # one image; more does not fit a VAE decode on any consumer machine
@@ -62,7 +63,8 @@ class Txt2ImgRequest:
     s_tmax: float = float("inf")
     s_noise: float = 1.0
     always_discard_next_to_last_sigma: bool = False  # A1111's option; some samplers always do it
-    uni_pc_variant: str = "bh1"  # UniPC's A1111 settings: variant (bh1, bh2, vary_coeff), order, lower order final
+    uni_pc_variant: str = "bh1"  # UniPC's A1111 settings: variant (bh1, bh2, vary_coeff), skip type, order, lower
+    uni_pc_skip_type: str = "time_uniform"  # order final
     uni_pc_order: int = 3
     uni_pc_lower_order_final: bool = True
     extra_noise: float = 0.0  # img2img / hires pass: noise added to the start on top of the schedule's (A1111's option)
@@ -163,6 +165,9 @@ class Txt2ImgRequest:
             raise RequestError(f"emphasis must be one of {', '.join(EMPHASIS_MODES)}, got {self.emphasis!r}")
         if self.uni_pc_variant not in UNI_PC_VARIANTS:
             raise RequestError(f"uni_pc_variant must be one of {', '.join(UNI_PC_VARIANTS)}, got {self.uni_pc_variant!r}")
+        if self.uni_pc_skip_type not in UNI_PC_SKIP_TYPES:
+            raise RequestError(f"uni_pc_skip_type must be one of {', '.join(UNI_PC_SKIP_TYPES)}, got "
+                               f"{self.uni_pc_skip_type!r}")
         if not isinstance(self.uni_pc_order, int) or not 1 <= self.uni_pc_order <= 50:
             raise RequestError(f"uni_pc_order must be an integer from 1 to 50, got {self.uni_pc_order!r}")
         if self.rng not in RNG_SOURCES:

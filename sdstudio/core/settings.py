@@ -64,6 +64,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("randn_source", "GPU", "Random number generator source", "Stable Diffusion", choices=("GPU", "CPU", "NV")),
     Setting("eta_noise_seed_delta", 0, "Eta noise seed delta", "Sampler parameters", minimum=0),
     Setting("uni_pc_variant", "bh1", "UniPC variant", "Sampler parameters", choices=("bh1", "bh2", "vary_coeff")),
+    Setting("uni_pc_skip_type", "time_uniform", "UniPC skip type", "Sampler parameters",
+            choices=("time_uniform", "time_quadratic", "logSNR")),
     Setting("uni_pc_order", 3, "UniPC order", "Sampler parameters", minimum=1, maximum=50),
     Setting("uni_pc_lower_order_final", True, "UniPC lower order final", "Sampler parameters"),
     # A1111's speed options, with its labels (request fields of the same names; sdstudio.engine.speed)

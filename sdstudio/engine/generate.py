@@ -45,7 +45,7 @@ from .preview import PreviewDecoders
 from .refiner import RefinerSwitch, SwitchTarget, sdxl_time_ids
 from .rng import BrownianNoise, NoiseGenerator, image_noise
 from .samplers import SAMPLER_FUNCTIONS
-from .schedules import DiscreteSchedule, ddim_timesteps, get_sigmas
+from .schedules import DiscreteSchedule, ddim_timesteps, get_sigmas, unipc_sigmas
 from .soft_inpaint import SoftInpainting
 from .speed import SpeedJob
 from .tiling import circular_padding
@@ -556,13 +556,42 @@ class Engine:
                 raise RequestError(f"scheduler: {exc}") from None
             return sigmas[len(sigmas) - run - 1:]
         if sampler.timesteps:
-            sigmas = self.schedule.sigmas[ddim_timesteps(total)].flip(0)
-        else:
-            sigmas = get_sigmas(schedule_name, total, self.schedule,
-                                discard_next_to_last=sampler.discard_next_to_last_sigma
-                                or req.always_discard_next_to_last_sigma, sdxl=model.spec.is_sdxl)
-        # img2img starts part-way down the schedule (timestep schedules have no trailing zero)
-        return sigmas[len(sigmas) - run - (0 if sampler.timesteps else 1):]
+            return self._timestep_sigmas(req, sampler, total, run if img2img else None)
+        sigmas = get_sigmas(schedule_name, total, self.schedule,
+                            discard_next_to_last=sampler.discard_next_to_last_sigma
+                            or req.always_discard_next_to_last_sigma, sdxl=model.spec.is_sdxl)
+        return sigmas[len(sigmas) - run - 1:]  # img2img starts part-way down the schedule
+
+    def _timesteps(self, req, total: int) -> torch.Tensor:
+        """A1111's DDIM-style timesteps (ascending); "Discard penultimate sigma" plans one more."""
+        return ddim_timesteps(total + (1 if req.always_discard_next_to_last_sigma else 0))
+
+    def _timestep_sigmas(self, req, sampler, total: int, run: int | None) -> torch.Tensor:
+        """The noise levels of a timestep sampler (DDIM, PLMS, UniPC, DDIM CFG++), as A1111 runs them: over its
+        timesteps, with no trailing zero; UniPC over its own levels (``unipc_sigmas``), as many steps as there
+        are timesteps. img2img (``run`` = A1111's t_enc + 1) runs over the first t_enc timesteps, from
+        timesteps[t_enc - 1], while the picture is noised to timesteps[t_enc] (see ``_timestep_img2img_start``)."""
+        timesteps = self._timesteps(req, total)
+        t_enc = None if run is None else max(run - 1, 0)
+        if t_enc == 0:  # nothing to run: A1111 hands back the picture as noised
+            return self.schedule.sigmas[timesteps[:1]]
+        if sampler.function == "unipc":
+            if t_enc is None:
+                return unipc_sigmas(len(timesteps), self.schedule, req.uni_pc_skip_type)
+            return unipc_sigmas(t_enc, self.schedule, req.uni_pc_skip_type,
+                                t_start=float(timesteps[t_enc - 1] + 1) / len(self.schedule.sigmas))
+        return self.schedule.sigmas[timesteps if t_enc is None else timesteps[:t_enc]].flip(0)
+
+    def _timestep_img2img_start(self, req, total: int, run: int, init: torch.Tensor, noise: torch.Tensor,
+                                first_sigma: float) -> torch.Tensor:
+        """A timestep sampler's img2img start, as A1111 makes it: the picture noised to timesteps[t_enc], one
+        timestep above the sampler's first, and handed over as it is (variance-preserving), so the sampler reads
+        it as a picture at its own first level: in sigma space (init + sigma_a * noise) *
+        sqrt((1 + sigma_first^2) / (1 + sigma_a^2))."""
+        t_enc = max(run - 1, 0)
+        level = float(self.schedule.sigmas[self._timesteps(req, total)[t_enc]])
+        start = init + noise * (req.initial_noise_multiplier * level + req.extra_noise)
+        return start * ((1 + first_sigma ** 2) / (1 + level ** 2)) ** 0.5
 
     def _sample(self, model, vae, req, sampler, schedule_name, conds, seeds, subseeds, batch_no, on_progress,
                 should_stop, inits: list[img2img_ops.Prepared] | None = None,
@@ -650,7 +679,12 @@ class Engine:
                            lower_order_final=req.uni_pc_lower_order_final)
         fn = SAMPLER_FUNCTIONS[sampler.function]
         x = plan.initial_noise(x)
-        start = x * scale if init is None else init + x * (req.initial_noise_multiplier * sigmas[0] + req.extra_noise)
+        if init is None:
+            start = x * scale
+        elif sampler.timesteps:
+            start = self._timestep_img2img_start(req, *req.steps_to_run(), init, x, float(sigmas[0]))
+        else:
+            start = init + x * (req.initial_noise_multiplier * sigmas[0] + req.extra_noise)
         with torch.no_grad(), self.placement.use(model.unet, *([refiner.model.unet] if refiner else [])), \
                 plan.applied():
             latents = fn(denoiser, start, sigmas, noise=noise_fn, callback=callback, after_step=denoiser.after_step,

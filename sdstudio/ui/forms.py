@@ -116,6 +116,7 @@ class Form:
             rng=settings.get("randn_source", "GPU"), emphasis=settings.get("emphasis", "Original"),
             eta_noise_seed_delta=int(settings.get("eta_noise_seed_delta", 0)),
             uni_pc_variant=str(settings.get("uni_pc_variant", "bh1")), uni_pc_order=int(settings.get("uni_pc_order", 3)),
+            uni_pc_skip_type=str(settings.get("uni_pc_skip_type", "time_uniform")),
             uni_pc_lower_order_final=bool(settings.get("uni_pc_lower_order_final", True)),
             face_restoration_model=settings.get("face_restoration_model", "CodeFormer"),
             code_former_weight=float(settings.get("code_former_weight", 0.5)),
