@@ -59,6 +59,21 @@ def test_request_to_infotext_and_back():
     assert (back.model, back.model_hash) == ("m", "0123456789")
 
 
+def test_unipc_settings_in_the_infotext():
+    """UniPC's settings, which A1111 reads back from these keys: written when UniPC samples a pass and the value
+    is not the default, read back into the request."""
+    req = Txt2ImgRequest(prompt="p", sampler_name="UniPC", uni_pc_variant="bh2", uni_pc_skip_type="logSNR",
+                         uni_pc_order=2, uni_pc_lower_order_final=False)
+    text = infotext.format(to_infotext_params(req))
+    assert "UniPC variant: bh2, UniPC skip type: logSNR, UniPC order: 2, UniPC lower order final: False" in text
+    assert from_infotext(text) == req
+    keys = ("UniPC variant", "UniPC skip type", "UniPC order", "UniPC lower order final")
+    for other in (req.replace(sampler_name="Euler"), Txt2ImgRequest(prompt="p", sampler_name="UniPC")):
+        assert not [k for k in keys if k in infotext.format(to_infotext_params(other))]
+    hires = req.replace(sampler_name="Euler", enable_hr=True, hr_sampler_name="UniPC")
+    assert "UniPC order: 2" in infotext.format(to_infotext_params(hires))
+
+
 def test_unreadable_value_is_a_clear_error():
     with pytest.raises(RequestError, match="Size"):
         from_infotext("p\nSteps: 5, Sampler: Euler, Size: big")

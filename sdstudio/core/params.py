@@ -424,6 +424,18 @@ def _simple(key: str, attr: str, conv: Callable[[str], Any], *, skip: Callable[[
     return InfotextField(key, write, lambda text: {attr: conv(text)})
 
 
+def _unipc(key: str, attr: str, conv: Callable[[str], Any], default: object) -> InfotextField:
+    """One of UniPC's A1111 settings, whose infotext key A1111 reads back as a setting: written when UniPC
+    samples a pass (first or hires) with a value other than the default."""
+    def write(req: Txt2ImgRequest) -> object | None:
+        uses = "UniPC" in (req.sampler_name, getattr(req, "hr_sampler_name", "") if getattr(req, "enable_hr", False)
+                           else "")
+        value = getattr(req, attr)
+        return value if uses and value != default else None
+
+    return InfotextField(key, write, lambda text: {attr: conv(text)})
+
+
 def _read_sampler(text: str) -> dict[str, Any]:
     sampler, schedule = split_legacy_sampler(text)
     return {"sampler_name": sampler, **({"scheduler": schedule} if schedule else {})}
@@ -486,6 +498,10 @@ INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
     _simple("Sigma tmin", "s_tmin", float, skip=lambda v: not v, show=_fmt_float),
     _simple("Sigma noise", "s_noise", float, skip=lambda v: v == 1.0, show=_fmt_float),
     _simple("Discard penultimate sigma", "always_discard_next_to_last_sigma", _read_bool, skip=lambda v: not v),
+    _unipc("UniPC variant", "uni_pc_variant", str, "bh1"),
+    _unipc("UniPC skip type", "uni_pc_skip_type", str, "time_uniform"),
+    _unipc("UniPC order", "uni_pc_order", _read_int, 3),
+    _unipc("UniPC lower order final", "uni_pc_lower_order_final", _read_bool, True),
     InfotextField("Extra noise", lambda r: _fmt_float(r.extra_noise) if r.extra_noise and r.uses_denoising() else None,
                   lambda t: {"extra_noise": float(t)}),
     _simple("Tiled VAE", "tiled_vae", _read_bool, skip=lambda v: not v),
