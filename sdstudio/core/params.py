@@ -63,8 +63,9 @@ class Txt2ImgRequest:
     s_tmax: float = float("inf")
     s_noise: float = 1.0
     always_discard_next_to_last_sigma: bool = False  # A1111's option; some samplers always do it
-    uni_pc_variant: str = "bh1"  # UniPC's A1111 settings: variant (bh1, bh2, vary_coeff), skip type, order, lower
-    uni_pc_skip_type: str = "time_uniform"  # order final
+    # UniPC's A1111 settings: variant (bh1, bh2, vary_coeff), skip type, order, lower order final
+    uni_pc_variant: str = "bh1"
+    uni_pc_skip_type: str = "time_uniform"
     uni_pc_order: int = 3
     uni_pc_lower_order_final: bool = True
     extra_noise: float = 0.0  # img2img / hires pass: noise added to the start on top of the schedule's (A1111's option)
@@ -428,8 +429,8 @@ def _unipc(key: str, attr: str, conv: Callable[[str], Any], default: object) -> 
     """One of UniPC's A1111 settings, whose infotext key A1111 reads back as a setting: written when UniPC
     samples a pass (first or hires) with a value other than the default."""
     def write(req: Txt2ImgRequest) -> object | None:
-        uses = "UniPC" in (req.sampler_name, getattr(req, "hr_sampler_name", "") if getattr(req, "enable_hr", False)
-                           else "")
+        hires = getattr(req, "hr_sampler_name", "") if getattr(req, "enable_hr", False) else ""
+        uses = "unipc" in (str(req.sampler_name).lower(), str(hires).lower())  # its label or its alias
         value = getattr(req, attr)
         return value if uses and value != default else None
 
