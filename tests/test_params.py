@@ -74,6 +74,43 @@ def test_unipc_settings_in_the_infotext():
     assert "UniPC order: 2" in infotext.format(to_infotext_params(hires))
 
 
+@pytest.mark.parametrize("sampler, eta, written", [
+    ("DDIM", 0.5, "Eta DDIM: 0.5"), ("DDIM", 0.0, None), ("UniPC", 0.3, "Eta DDIM: 0.3"),
+    ("Euler a", 0.5, "Eta: 0.5"), ("Euler a", 1.0, None), ("DPM++ 2M SDE", 0.0, "Eta: 0"), ("Euler a", None, None)])
+def test_eta_keys_as_a1111(sampler, eta, written):
+    """A1111 writes "Eta DDIM" for its DDIM-family samplers (unless 0) and "Eta" for the rest (unless 1), and
+    reads each back as its setting: a default is left out and reads back as the sampler's own default."""
+    text = infotext.format(to_infotext_params(Txt2ImgRequest(prompt="p", sampler_name=sampler, eta=eta)))
+    keys = [k for k in infotext.parse(text) if k.startswith("Eta")]
+    assert keys == ([written.split(":")[0]] if written else [])
+    if written:
+        assert written in text and from_infotext(text).eta == eta
+    else:
+        assert from_infotext(text).eta is None
+
+
+def test_eta_from_a1111_settings():
+    """Without an eta in the request, A1111's settings give it by the sampler's kind: "Eta for DDIM"
+    (eta_ddim) or "Eta for k-diffusion samplers" (eta_ancestral); the request's own wins."""
+    from fastapi import HTTPException
+
+    from sdstudio.api.a1111 import Txt2ImgBody, to_request
+
+    options = {"eta_ddim": 0.0, "eta_ancestral": 1.0}
+    def eta(sampler, override=None, **body):
+        return to_request(Txt2ImgBody(prompt="x", sampler_name=sampler, override_settings=override or {}, **body),
+                          options).eta
+
+    assert eta("DDIM") is None and eta("Euler a") is None  # the defaults: each sampler's own
+    assert eta("DDIM", {"eta_ddim": 0.4}) == 0.4 and eta("Euler a", {"eta_ddim": 0.4}) is None
+    assert eta("Euler a", {"eta_ancestral": 0.6}) == 0.6 and eta("UniPC", {"eta_ancestral": 0.6}) is None
+    assert eta("DDIM", {"eta_ddim": 0.4}, eta=0.2) == 0.2
+    with pytest.raises(HTTPException, match="eta_ddim"):
+        eta("DDIM", {"eta_ddim": "much"})
+    from_paste = from_infotext("p\nSteps: 5, Sampler: DDIM, Eta DDIM: 0.3, Seed: 1, Size: 64x64")
+    assert from_paste.eta == 0.3
+
+
 def test_unreadable_value_is_a_clear_error():
     with pytest.raises(RequestError, match="Size"):
         from_infotext("p\nSteps: 5, Sampler: Euler, Size: big")

@@ -24,7 +24,7 @@ from ..core.names import LATENT_UPSCALE_MODES, get_sampler, get_schedule, sample
 from ..core.outputs import NotAnImageError, png_base64, read_infotext
 from ..core.params import Img2ImgRequest, RequestError, Txt2ImgRequest, option_fields
 from ..core.scripts import ScriptCatalog, ScriptError
-from ..core.settings import SettingError, Settings
+from ..core.settings import SettingError, Settings, eta_for
 from ..engine import extras
 from ..engine.extras import ExtrasRequest
 from ..models.errors import ModelFileError, ModelNotFoundError
@@ -170,6 +170,11 @@ def _hires_fields(body: Txt2ImgBody) -> dict:
 
 def to_request(body: Txt2ImgBody, options: dict, request_type=Txt2ImgRequest, **more) -> Txt2ImgRequest:
     settings = {**options, **body.override_settings}
+    sampler = body.sampler_name or body.sampler_index or "Euler"
+    try:
+        eta = eta_for(settings, sampler, body.eta)
+    except SettingError as exc:
+        raise HTTPException(422, f"override_settings: {exc}") from None
     if request_type is Txt2ImgRequest:
         more = {**_hires_fields(body), **more}
     return request_type(**more, tiled_vae=bool(body.tiled_vae),
@@ -177,11 +182,11 @@ def to_request(body: Txt2ImgBody, options: dict, request_type=Txt2ImgRequest, **
         subseed=body.subseed,
         subseed_strength=body.subseed_strength, seed_resize_from_w=max(body.seed_resize_from_w, 0),
         seed_resize_from_h=max(body.seed_resize_from_h, 0),
-        sampler_name=body.sampler_name or body.sampler_index or "Euler", scheduler=body.scheduler or "Automatic",
+        sampler_name=sampler, scheduler=body.scheduler or "Automatic",
         batch_size=body.batch_size, n_iter=body.n_iter, steps=body.steps, cfg_scale=body.cfg_scale,
         width=body.width, height=body.height, tiling=bool(body.tiling),
         restore_faces=bool(body.restore_faces), face_restoration_model=settings.get("face_restoration_model", ""),
-        code_former_weight=setting(settings, "code_former_weight", 0.5, float), eta=body.eta, s_churn=body.s_churn,
+        code_former_weight=setting(settings, "code_former_weight", 0.5, float), eta=eta, s_churn=body.s_churn,
         s_tmin=body.s_tmin, s_tmax=body.s_tmax or float("inf"), s_noise=body.s_noise,
         clip_skip=setting(settings, "CLIP_stop_at_last_layers", 1, int), rng=settings.get("randn_source", "GPU"),
         emphasis=settings.get("emphasis", "Original"),

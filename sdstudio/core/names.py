@@ -131,6 +131,14 @@ def get_sampler(name: str) -> SamplerInfo:
             f"unknown sampler {name!r}; valid samplers: {', '.join(sampler_labels())}") from None
 
 
+def is_timestep_sampler(name: str) -> bool:
+    """DDIM-family (A1111's CompVis samplers: DDIM, DDIM CFG++, PLMS, UniPC); False for unknown names."""
+    try:
+        return get_sampler(name).timesteps
+    except UnknownNameError:
+        return False
+
+
 def get_schedule(name: str | None) -> ScheduleInfo:
     try:
         return _SCHEDULE_INDEX[_key(name or "automatic")]

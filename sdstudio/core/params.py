@@ -17,7 +17,7 @@ from typing import Any
 from . import infotext, scripts
 from .errors import RequestError
 from .imageops import MASKED_CONTENT, RESIZE_MODES
-from .names import get_sampler, get_schedule, split_legacy_sampler
+from .names import get_sampler, get_schedule, is_timestep_sampler, split_legacy_sampler
 
 RNG_SOURCES = ("GPU", "CPU", "NV")
 REFINER_PASSES = ("first pass", "second pass", "both passes")  # A1111's option hires_fix_refiner_pass
@@ -494,7 +494,11 @@ INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
                   lambda t: dict(zip(("seed_resize_from_w", "seed_resize_from_h"), _parse_size(t)))),
     _simple("RNG", "rng", str, skip=lambda v: v == "GPU"),
     _simple("ENSD", "eta_noise_seed_delta", _read_int, skip=lambda v: not v),
-    _simple("Eta", "eta", float, skip=lambda v: v is None, show=_fmt_float),
+    # A1111's two keys: "Eta DDIM" for DDIM-family samplers (default 0), "Eta" for the rest (default 1)
+    InfotextField("Eta", lambda r: _fmt_float(r.eta) if r.eta is not None and r.eta != 1.0
+                  and not is_timestep_sampler(r.sampler_name) else None, lambda t: {"eta": float(t)}),
+    InfotextField("Eta DDIM", lambda r: _fmt_float(r.eta) if r.eta is not None and r.eta != 0.0
+                  and is_timestep_sampler(r.sampler_name) else None, lambda t: {"eta": float(t)}),
     _simple("Sigma churn", "s_churn", float, skip=lambda v: not v, show=_fmt_float),
     _simple("Sigma tmin", "s_tmin", float, skip=lambda v: not v, show=_fmt_float),
     _simple("Sigma noise", "s_noise", float, skip=lambda v: v == 1.0, show=_fmt_float),

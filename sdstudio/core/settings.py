@@ -63,6 +63,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("emphasis", "Original", "Emphasis mode", "Stable Diffusion", choices=("Original", "No norm", "None")),
     Setting("randn_source", "GPU", "Random number generator source", "Stable Diffusion", choices=("GPU", "CPU", "NV")),
     Setting("eta_noise_seed_delta", 0, "Eta noise seed delta", "Sampler parameters", minimum=0),
+    Setting("eta_ddim", 0.0, "Eta for DDIM", "Sampler parameters", minimum=0.0, maximum=1.0),
+    Setting("eta_ancestral", 1.0, "Eta for k-diffusion samplers", "Sampler parameters", minimum=0.0, maximum=1.0),
     Setting("uni_pc_variant", "bh1", "UniPC variant", "Sampler parameters", choices=("bh1", "bh2", "vary_coeff")),
     Setting("uni_pc_skip_type", "time_uniform", "UniPC skip type", "Sampler parameters",
             choices=("time_uniform", "time_quadratic", "logSNR")),
@@ -119,6 +121,25 @@ SETTINGS: tuple[Setting, ...] = (
             "ControlNet"),
 )
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+
+
+def eta_for(settings: dict, sampler_name: str, eta: float | None) -> float | None:
+    """A1111's eta for a job: the request's own, else its setting for the sampler's kind ("Eta for DDIM",
+    ``eta_ddim``, for DDIM-family samplers; "Eta for k-diffusion samplers", ``eta_ancestral``, for the rest);
+    None where that setting is absent or at its default (0 and 1: what the samplers do by themselves). A value
+    that is not a number is a SettingError naming the key."""
+    if eta is not None:
+        return eta
+    from .names import is_timestep_sampler
+
+    key = "eta_ddim" if is_timestep_sampler(sampler_name) else "eta_ancestral"
+    if settings.get(key) is None:
+        return None
+    try:
+        value = float(settings[key])
+    except (TypeError, ValueError):
+        raise SettingError(f"{key}: {settings[key]!r} is not a number") from None
+    return None if value == BY_KEY[key].default else value
 
 
 def sections() -> list[tuple[str, list[Setting]]]:

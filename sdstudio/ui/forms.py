@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from ..core import scripts
 from ..core.params import Img2ImgRequest, Txt2ImgRequest, option_fields
+from ..core.settings import eta_for
 
 SAME_SAMPLER = "Use same sampler"
 SAME_SCHEDULER = "Use same scheduler"
@@ -111,6 +112,8 @@ class Form:
         if alwayson:
             fields["alwayson_scripts"] = alwayson
         request_type = Txt2ImgRequest if self.kind == "txt2img" else Img2ImgRequest
+        if "eta" not in fields and "eta" not in more:  # the tabs have no eta: A1111's settings give it
+            more = {**more, "eta": eta_for(settings, fields.get("sampler_name") or "Euler", None)}
         return request_type(
             **fields, **more, clip_skip=int(settings.get("CLIP_stop_at_last_layers", 1)),
             rng=settings.get("randn_source", "GPU"), emphasis=settings.get("emphasis", "Original"),
