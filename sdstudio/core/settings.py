@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .names import is_timestep_sampler
+
 
 class SettingError(ValueError):
     """A value a setting cannot take; the message names the setting."""
@@ -130,8 +132,6 @@ def eta_for(settings: dict, sampler_name: str, eta: float | None) -> float | Non
     that is not a number is a SettingError naming the key."""
     if eta is not None:
         return eta
-    from .names import is_timestep_sampler
-
     key = "eta_ddim" if is_timestep_sampler(sampler_name) else "eta_ancestral"
     if settings.get(key) is None:
         return None
