@@ -131,12 +131,22 @@ def get_sampler(name: str) -> SamplerInfo:
             f"unknown sampler {name!r}; valid samplers: {', '.join(sampler_labels())}") from None
 
 
+def find_sampler(name: str) -> SamplerInfo | None:
+    """The sampler a label or alias names, or None (an unknown name, "" for "the same sampler")."""
+    try:
+        return get_sampler(name)
+    except UnknownNameError:
+        return None
+
+
 def is_timestep_sampler(name: str) -> bool:
     """DDIM-family (A1111's CompVis samplers: DDIM, DDIM CFG++, PLMS, UniPC); False for unknown names."""
-    try:
-        return get_sampler(name).timesteps
-    except UnknownNameError:
-        return False
+    sampler = find_sampler(name)
+    return sampler is not None and sampler.timesteps
+
+
+UNI_PC_VARIANTS = ("bh1", "bh2", "vary_coeff")  # A1111's settings "UniPC variant" and "UniPC skip type"
+UNI_PC_SKIP_TYPES = ("time_uniform", "time_quadratic", "logSNR")  # where its noise levels lie
 
 
 def get_schedule(name: str | None) -> ScheduleInfo:

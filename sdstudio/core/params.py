@@ -17,13 +17,19 @@ from typing import Any
 from . import infotext, scripts
 from .errors import RequestError
 from .imageops import MASKED_CONTENT, RESIZE_MODES
-from .names import get_sampler, get_schedule, is_timestep_sampler, split_legacy_sampler
+from .names import (
+    UNI_PC_SKIP_TYPES,
+    UNI_PC_VARIANTS,
+    find_sampler,
+    get_sampler,
+    get_schedule,
+    is_timestep_sampler,
+    split_legacy_sampler,
+)
 
 RNG_SOURCES = ("GPU", "CPU", "NV")
 REFINER_PASSES = ("first pass", "second pass", "both passes")  # A1111's option hires_fix_refiner_pass
 EMPHASIS_MODES = ("Original", "No norm", "None")
-UNI_PC_VARIANTS = ("bh1", "bh2", "vary_coeff")
-UNI_PC_SKIP_TYPES = ("time_uniform", "time_quadratic", "logSNR")  # where its noise levels lie
 FACE_RESTORERS = ("", "CodeFormer", "GFPGAN")  # "": A1111's default, CodeFormer, when installed
 MAX_SIDE = 8192
 MAX_PIXELS = 4096 * 4096  # one image; more does not fit a VAE decode on any consumer machine
@@ -425,12 +431,14 @@ def _simple(key: str, attr: str, conv: Callable[[str], Any], *, skip: Callable[[
     return InfotextField(key, write, lambda text: {attr: conv(text)})
 
 
-def _unipc(key: str, attr: str, conv: Callable[[str], Any], default: object) -> InfotextField:
+def _unipc(key: str, attr: str, conv: Callable[[str], Any]) -> InfotextField:
     """One of UniPC's A1111 settings, whose infotext key A1111 reads back as a setting: written when UniPC
-    samples a pass (first or hires) with a value other than the default."""
+    samples a pass (first or hires) with a value other than the request field's default."""
+    default = Txt2ImgRequest.__dataclass_fields__[attr].default
+
     def write(req: Txt2ImgRequest) -> object | None:
         hires = getattr(req, "hr_sampler_name", "") if getattr(req, "enable_hr", False) else ""
-        uses = "unipc" in (str(req.sampler_name).lower(), str(hires).lower())  # its label or its alias
+        uses = any(s is not None and s.function == "unipc" for s in map(find_sampler, (req.sampler_name, hires)))
         value = getattr(req, attr)
         return value if uses and value != default else None
 
@@ -503,10 +511,10 @@ INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
     _simple("Sigma tmin", "s_tmin", float, skip=lambda v: not v, show=_fmt_float),
     _simple("Sigma noise", "s_noise", float, skip=lambda v: v == 1.0, show=_fmt_float),
     _simple("Discard penultimate sigma", "always_discard_next_to_last_sigma", _read_bool, skip=lambda v: not v),
-    _unipc("UniPC variant", "uni_pc_variant", str, "bh1"),
-    _unipc("UniPC skip type", "uni_pc_skip_type", str, "time_uniform"),
-    _unipc("UniPC order", "uni_pc_order", _read_int, 3),
-    _unipc("UniPC lower order final", "uni_pc_lower_order_final", _read_bool, True),
+    _unipc("UniPC variant", "uni_pc_variant", str),
+    _unipc("UniPC skip type", "uni_pc_skip_type", str),
+    _unipc("UniPC order", "uni_pc_order", _read_int),
+    _unipc("UniPC lower order final", "uni_pc_lower_order_final", _read_bool),
     InfotextField("Extra noise", lambda r: _fmt_float(r.extra_noise) if r.extra_noise and r.uses_denoising() else None,
                   lambda t: {"extra_noise": float(t)}),
     _simple("Tiled VAE", "tiled_vae", _read_bool, skip=lambda v: not v),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .names import is_timestep_sampler
+from .names import UNI_PC_SKIP_TYPES, UNI_PC_VARIANTS, is_timestep_sampler
 
 
 class SettingError(ValueError):
@@ -67,9 +67,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("eta_noise_seed_delta", 0, "Eta noise seed delta", "Sampler parameters", minimum=0),
     Setting("eta_ddim", 0.0, "Eta for DDIM", "Sampler parameters", minimum=0.0, maximum=1.0),
     Setting("eta_ancestral", 1.0, "Eta for k-diffusion samplers", "Sampler parameters", minimum=0.0, maximum=1.0),
-    Setting("uni_pc_variant", "bh1", "UniPC variant", "Sampler parameters", choices=("bh1", "bh2", "vary_coeff")),
-    Setting("uni_pc_skip_type", "time_uniform", "UniPC skip type", "Sampler parameters",
-            choices=("time_uniform", "time_quadratic", "logSNR")),
+    Setting("uni_pc_variant", "bh1", "UniPC variant", "Sampler parameters", choices=UNI_PC_VARIANTS),
+    Setting("uni_pc_skip_type", "time_uniform", "UniPC skip type", "Sampler parameters", choices=UNI_PC_SKIP_TYPES),
     Setting("uni_pc_order", 3, "UniPC order", "Sampler parameters", minimum=1, maximum=50),
     Setting("uni_pc_lower_order_final", True, "UniPC lower order final", "Sampler parameters"),
     # A1111's speed options, with its labels (request fields of the same names; sdstudio.engine.speed)

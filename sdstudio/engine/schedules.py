@@ -12,6 +12,8 @@ import math
 import numpy as np
 import torch
 
+from ..core.names import UNI_PC_SKIP_TYPES
+
 
 class DiscreteSchedule:
     """The 1000-step DDPM schedule of Stable Diffusion ("scaled linear" betas 0.00085 -> 0.012)."""
@@ -181,6 +183,6 @@ def unipc_sigmas(steps: int, model: DiscreteSchedule, skip_type: str = "time_uni
         elif skip_type == "time_quadratic":
             t = np.linspace(t_first ** 0.5, t_end ** 0.5, steps + 1) ** 2
         else:
-            raise ValueError(f"UniPC skip type must be time_uniform, time_quadratic or logSNR, not {skip_type!r}")
+            raise ValueError(f"UniPC skip type must be one of {', '.join(UNI_PC_SKIP_TYPES)}, not {skip_type!r}")
         sigmas = np.sqrt(np.exp(-2 * np.interp(t, grid, log_alpha)) - 1)
     return torch.tensor(sigmas, dtype=torch.float32)
